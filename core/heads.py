@@ -1,0 +1,52 @@
+"""Task heads on top of pooled features: classification (n labels) and reward (one scalar)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel as PydanticModel
+from pydantic import ConfigDict, Field, model_validator
+from torch import Tensor, nn
+
+TaskType = Literal["classification", "reward"]
+
+
+class HeadConfig(PydanticModel):
+    """Saved with the adapter: what the head predicts and how inputs are encoded."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    task: TaskType
+    label_names: list[str] = Field(default_factory=list)
+    # Classification: rows carry a second text. Reward: (prompt, response) encoded as a pair.
+    text_pair: bool = False
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _labels(self) -> HeadConfig:
+        if self.task == "classification" and len(self.label_names) < 2:
+            raise ValueError("classification needs at least two label names")
+        if len(set(self.label_names)) != len(self.label_names):
+            raise ValueError("label names must be unique")
+        return self
+
+    @property
+    def out_features(self) -> int:
+        return len(self.label_names) if self.task == "classification" else 1
+
+
+class Head(nn.Module):
+    """Dropout + linear, as in BertForSequenceClassification. Reward heads output one scalar."""
+
+    def __init__(self, config: HeadConfig, hidden_size: int) -> None:
+        super().__init__()
+        self.config = config
+        self.dropout = config.dropout
+        self.out = nn.Linear(hidden_size, config.out_features)
+        nn.init.normal_(self.out.weight, std=0.02)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, features: Tensor, dropout: bool = False) -> Tensor:
+        if dropout and self.dropout:
+            features = nn.functional.dropout(features, self.dropout, training=True)
+        y = self.out(features)
+        return y.squeeze(-1) if self.config.task == "reward" else y

@@ -1,0 +1,94 @@
+"""What every adaptation method provides.
+
+A method is two things: a validated config (pydantic, JSON round-trippable) and an
+``AdapterMethod`` module holding only that method's trainable tensors. The frozen base is never
+part of a method's state; methods change the forward pass through :class:`EncoderHooks`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, ClassVar
+
+from pydantic import BaseModel as PydanticModel
+from pydantic import ConfigDict, ValidationError
+from torch import Tensor, nn
+
+from core.base import BaseModel
+from core.encoder import NO_HOOKS, BertEncoder, EncoderHooks
+from core.errors import ConfigError
+
+
+class MethodConfig(PydanticModel):
+    """Base of every method config. ``type`` is the method's registry name."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    type: ClassVar[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.type, **self.model_dump(mode="json")}
+
+
+_LAYER_RE = re.compile(r"(?:^|\.)layer\.(\d+)\.")
+
+
+def layer_index(param_name: str) -> int | None:
+    """Transformer layer a parameter belongs to (``...layer.3....`` → 3), None if none."""
+    m = _LAYER_RE.search(param_name)
+    return int(m.group(1)) if m else None
+
+
+class AdapterMethod(nn.Module):
+    """Trainable part of an adapter. Subclasses keep the frozen base out of their state."""
+
+    config: MethodConfig
+    # Feature extraction trains only the head on cached base features.
+    frozen_features: ClassVar[bool] = False
+
+    def __init__(self, config: MethodConfig, base: BaseModel) -> None:
+        super().__init__()
+        self.config = config
+        self._base = [base]  # a list so nn.Module does not register the base as a submodule
+
+    @property
+    def base(self) -> BaseModel:
+        return self._base[0]
+
+    def encoder(self) -> BertEncoder:
+        """Encoder weights to run: the shared frozen base unless the method owns a copy."""
+        return self.base.encoder
+
+    def hooks(self, dropout: bool = False) -> EncoderHooks:
+        return NO_HOOKS
+
+    def saved_state(self) -> dict[str, Tensor]:
+        """Tensors stored with the adapter (names are stable across versions)."""
+        return {k: v.detach() for k, v in self.state_dict().items()}
+
+    def load_saved_state(self, state: dict[str, Tensor]) -> None:
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(
+                f"adapter state mismatch: missing={missing[:4]} unexpected={unexpected[:4]}"
+            )
+
+    def param_layer(self, name: str) -> int | None:
+        """Encoder layer of a parameter for layer-wise LR decay and unfreezing.
+
+        -1 means the embeddings (below layer 0); None means "top" (full learning rate).
+        """
+        if "embeddings" in name or "prompt" in name:
+            return -1
+        return layer_index(name)
+
+
+def parse_config(cls: type[MethodConfig], params: dict[str, Any] | None) -> MethodConfig:
+    """Validate ``params`` into ``cls``; raise :class:`ConfigError` naming the first bad field."""
+    try:
+        return cls(**(params or {}))
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join(str(p) for p in err["loc"]) or cls.type
+        raise ConfigError(field, err["msg"]) from None
+    except TypeError as e:
+        raise ConfigError(cls.type, str(e)) from None

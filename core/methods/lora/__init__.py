@@ -1,0 +1,12 @@
+from core.methods.lora.config import LoraConfig
+from core.methods.lora.layer import LoraHooks, MergedLoraHooks, lora_delta_weight
+from core.methods.lora.model import LoraModel, lora_key
+
+__all__ = [
+    "LoraConfig",
+    "LoraHooks",
+    "LoraModel",
+    "MergedLoraHooks",
+    "lora_delta_weight",
+    "lora_key",
+]

@@ -1,0 +1,84 @@
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from core.base import BaseModel
+from core.encoder import TARGET_PATHS, EncoderHooks
+from core.methods.base import AdapterMethod
+from core.methods.lora.config import LoraConfig
+from core.methods.lora.layer import LoraHooks, MergedLoraHooks, lora_delta_weight
+
+
+def lora_key(layer: int, target: str, which: str) -> str:
+    """State name of a LoRA matrix, PEFT's module path: ``encoder.layer.0.attention.self.query.lora_A.weight``."""
+    return f"encoder.layer.{layer}.{TARGET_PATHS[target]}.lora_{which}.weight"
+
+
+class LoraModel(AdapterMethod):
+    config: LoraConfig
+
+    def __init__(self, config: LoraConfig, base: BaseModel) -> None:
+        super().__init__(config, base)
+        enc_cfg = base.config
+        layers = config.layers if config.layers is not None else range(enc_cfg.num_hidden_layers)
+        bad = [i for i in layers if not 0 <= i < enc_cfg.num_hidden_layers]
+        if bad:
+            from core.errors import ConfigError
+
+            raise ConfigError("layers", f"layer index out of range: {bad}")
+        self.sites: list[tuple[int, str]] = [(i, t) for i in layers for t in config.target_modules]
+        # ParameterDict keys may not contain dots, so index parameters by position.
+        self.lora_A = nn.ParameterList()
+        self.lora_B = nn.ParameterList()
+        for _, target in self.sites:
+            n_in, n_out = enc_cfg.linear_shape(target)
+            a = torch.empty(config.r, n_in, device=base.device)
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # PEFT's default init for A
+            self.lora_A.append(nn.Parameter(a))
+            self.lora_B.append(nn.Parameter(torch.zeros(n_out, config.r, device=base.device)))
+
+    def pairs(self) -> dict[tuple[int, str], tuple[Tensor, Tensor]]:
+        return {s: (a, b) for s, a, b in zip(self.sites, self.lora_A, self.lora_B, strict=True)}
+
+    def hooks(self, dropout: bool = False) -> EncoderHooks:
+        return LoraHooks(self.pairs(), self.config.scaling, self.config.dropout if dropout else 0.0)
+
+    def merged_hooks(self) -> MergedLoraHooks:
+        """Hooks running ``W + scale·B@A`` for the targeted linears only (copies, base untouched)."""
+        enc = self.base.encoder
+        merged = {
+            (i, t): enc.target_linear(i, t).weight + lora_delta_weight(a, b, self.config.scaling)
+            for (i, t), (a, b) in self.pairs().items()
+        }
+        return MergedLoraHooks({k: v.detach() for k, v in merged.items()})
+
+    def saved_state(self) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        for (i, t), a, b in zip(self.sites, self.lora_A, self.lora_B, strict=True):
+            out[lora_key(i, t, "A")] = a.detach()
+            out[lora_key(i, t, "B")] = b.detach()
+        return out
+
+    def load_saved_state(self, state: dict[str, Tensor]) -> None:
+        expected = set(self.saved_state())
+        if set(state) != expected:
+            raise ValueError(
+                f"LoRA state mismatch: missing={sorted(expected - set(state))[:4]} "
+                f"unexpected={sorted(set(state) - expected)[:4]}"
+            )
+        with torch.no_grad():
+            for (i, t), a, b in zip(self.sites, self.lora_A, self.lora_B, strict=True):
+                for p, key in ((a, lora_key(i, t, "A")), (b, lora_key(i, t, "B"))):
+                    if state[key].shape != p.shape:
+                        raise ValueError(
+                            f"{key}: shape {tuple(state[key].shape)} != {tuple(p.shape)}"
+                        )
+                    p.copy_(state[key])
+
+    def param_layer(self, name: str) -> int | None:
+        # Parameter names are lora_A.<k>; map back through the site list.
+        idx = int(name.rsplit(".", 1)[-1])
+        return self.sites[idx][0]

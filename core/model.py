@@ -1,0 +1,46 @@
+"""An adapted model: the shared frozen base + one method + one head, for training and eval."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from core.base import BaseModel
+from core.encoder import EncoderHooks, pool
+from core.heads import Head
+from core.methods.base import AdapterMethod
+
+
+class AdaptedModel(nn.Module):
+    def __init__(self, base: BaseModel, method: AdapterMethod, head: Head) -> None:
+        super().__init__()
+        self._base = [base]  # not a submodule: its weights are shared and frozen
+        self.method = method
+        self.head = head
+
+    @property
+    def base(self) -> BaseModel:
+        return self._base[0]
+
+    def features(
+        self, batch: dict[str, Tensor], dropout: bool = False, hooks: EncoderHooks | None = None
+    ) -> Tensor:
+        """Pooled features of the adapted encoder (``hooks`` overrides, e.g. merged LoRA)."""
+        encoder = self.method.encoder()
+        hidden, mask = encoder(
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch.get("token_type_ids"),
+            hooks=hooks if hooks is not None else self.method.hooks(dropout),
+            dropout=dropout,
+        )
+        return pool(hidden, mask, self.base.pooling)
+
+    def forward(self, batch: dict[str, Tensor], dropout: bool = False) -> Tensor:
+        """Logits ``[B, n_labels]`` for classification, rewards ``[B]`` for reward heads."""
+        return self.head(self.features(batch, dropout), dropout)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def num_trainable(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
