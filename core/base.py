@@ -152,7 +152,7 @@ def load_base_model(
         raise BaseModelError(f"unsupported model_type {raw_cfg.get('model_type')!r} (BERT family)")
     cfg = EncoderConfig.from_hf_dict(raw_cfg)
     encoder = BertEncoder(cfg)
-    missing, unexpected = encoder.load_state_dict(_load_state_dict(model_dir), strict=False)
+    missing, _ = encoder.load_state_dict(_load_state_dict(model_dir), strict=False)
     if missing:
         raise BaseModelError(f"weights missing from {model_dir}: {missing[:5]}")
     dev = (

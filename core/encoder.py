@@ -221,7 +221,7 @@ class BertEncoder(nn.Module):
         c = self.config
         p_hidden = c.hidden_dropout_prob if dropout else 0.0
         p_attn = c.attention_probs_dropout_prob if dropout else 0.0
-        bsz, seq = input_ids.shape
+        seq = input_ids.shape[1]
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         positions = torch.arange(seq, device=input_ids.device).unsqueeze(0)

@@ -13,7 +13,8 @@ from core.methods.lora.layer import LoraHooks, MergedLoraHooks, lora_delta_weigh
 
 
 def lora_key(layer: int, target: str, which: str) -> str:
-    """State name of a LoRA matrix, PEFT's module path: ``encoder.layer.0.attention.self.query.lora_A.weight``."""
+    """State name of a LoRA matrix: PEFT's module path, e.g.
+    ``encoder.layer.0.attention.self.query.lora_A.weight``."""
     return f"encoder.layer.{layer}.{TARGET_PATHS[target]}.lora_{which}.weight"
 
 
@@ -47,7 +48,7 @@ class LoraModel(AdapterMethod):
         return LoraHooks(self.pairs(), self.config.scaling, self.config.dropout if dropout else 0.0)
 
     def merged_hooks(self) -> MergedLoraHooks:
-        """Hooks running ``W + scale·B@A`` for the targeted linears only (copies, base untouched)."""
+        """Hooks running ``W + scale·B@A`` on the targeted linears (copies; base untouched)."""
         enc = self.base.encoder
         merged = {
             (i, t): enc.target_linear(i, t).weight + lora_delta_weight(a, b, self.config.scaling)
