@@ -80,6 +80,14 @@ class EncoderHooks:
     a mixed multi-adapter batch decides per row.
     """
 
+    def position_ids(self, input_ids: Tensor) -> Tensor | None:
+        """Position ids of the real tokens (``[1, S]`` or ``[B, S]``); None means ``0..S-1``.
+
+        Prompt tuning returns ``n..n+S-1``: its ``n`` virtual tokens take positions ``0..n-1``,
+        exactly as PEFT's prompt tuning lays them out.
+        """
+        return None
+
     def embed(self, embeddings: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
         """Called on the embedding output; may prepend virtual tokens (prompt tuning)."""
         return embeddings, attention_mask
@@ -224,7 +232,9 @@ class BertEncoder(nn.Module):
         seq = input_ids.shape[1]
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        positions = torch.arange(seq, device=input_ids.device).unsqueeze(0)
+        positions = hooks.position_ids(input_ids)
+        if positions is None:
+            positions = torch.arange(seq, device=input_ids.device).unsqueeze(0)
         e = self.embeddings
         h = e.word_embeddings(input_ids) + e.token_type_embeddings(token_type_ids)
         h = h + e.position_embeddings(positions)

@@ -44,3 +44,10 @@ class AdaptedModel(nn.Module):
 
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+def trainable_parameter_count(model: AdaptedModel) -> tuple[int, float]:
+    """``(count, fraction)``: parameters the optimizer updates (method + head) and their share
+    of the frozen base's parameter count (full fine-tuning is a little above 1.0)."""
+    count = model.num_trainable()
+    return count, count / model.base.num_params

@@ -6,11 +6,21 @@ from typing import Any
 
 from core.base import BaseModel
 from core.errors import ConfigError
+from core.methods.adapter import BottleneckConfig, BottleneckModel
 from core.methods.base import AdapterMethod, MethodConfig, parse_config
+from core.methods.feature_extraction import FeatureExtractionConfig, FeatureExtractionModel
+from core.methods.full import FullConfig, FullModel
 from core.methods.lora import LoraConfig, LoraModel
+from core.methods.prompt_tuning import PromptTuningConfig, PromptTuningModel
+from core.methods.scratch import ScratchConfig, ScratchModel
 
 METHODS: dict[str, tuple[type[MethodConfig], type[AdapterMethod]]] = {
     "lora": (LoraConfig, LoraModel),
+    "adapter": (BottleneckConfig, BottleneckModel),
+    "prompt_tuning": (PromptTuningConfig, PromptTuningModel),
+    "feature_extraction": (FeatureExtractionConfig, FeatureExtractionModel),
+    "full": (FullConfig, FullModel),
+    "scratch": (ScratchConfig, ScratchModel),
 }
 
 

@@ -28,6 +28,14 @@ class MethodConfig(PydanticModel):
     def to_dict(self) -> dict[str, Any]:
         return {"type": self.type, **self.model_dump(mode="json")}
 
+    @property
+    def reserved_positions(self) -> int:
+        """Sequence positions the method occupies before the real tokens (prompt tuning's
+        virtual tokens). Whoever tokenizes for this method truncates real text to
+        ``base.max_length - reserved_positions`` (see :attr:`AdapterMethod.max_input_length`).
+        """
+        return 0
+
 
 _LAYER_RE = re.compile(r"(?:^|\.)layer\.(\d+)\.")
 
@@ -53,6 +61,11 @@ class AdapterMethod(nn.Module):
     @property
     def base(self) -> BaseModel:
         return self._base[0]
+
+    @property
+    def max_input_length(self) -> int:
+        """Most real tokens one input may have: the base's limit minus reserved positions."""
+        return self.base.max_length - self.config.reserved_positions
 
     def encoder(self) -> BertEncoder:
         """Encoder weights to run: the shared frozen base unless the method owns a copy."""

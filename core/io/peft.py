@@ -1,0 +1,189 @@
+"""PEFT interop: export our LoRA / prompt-tuning adapters as PEFT folders and import PEFT's.
+
+A PEFT adapter is a folder of two files, ``adapter_config.json`` and
+``adapter_model.safetensors``; both directions work on ``{file name: bytes}`` so the service
+can take uploads and serve downloads without touching disk. Our head (PEFT has no place for
+it) travels in ``loraplex_head.safetensors``, which PEFT ignores, with its config under a
+``loraplex`` key in ``adapter_config.json`` (PEFT warns about that unknown key and ignores it).
+
+Only safetensors and JSON are read: pickle files (``adapter_model.bin``) are refused.
+Methods without a PEFT equivalent (bottleneck adapters, full, scratch, feature extraction)
+cannot be exported. Prompt-tuning details: see :mod:`core.io.peft_prompt`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from torch import Tensor
+
+from core.adapter import Adapter
+from core.base import BaseModel
+from core.errors import AdapterFormatError
+from core.heads import Head, HeadConfig
+from core.io.peft_lora import export_lora, import_lora
+from core.io.peft_prompt import export_prompt, import_prompt
+from core.io.serialization import tensors_from_bytes, tensors_to_bytes
+from core.methods import MethodConfig
+from core.methods.lora import LoraConfig
+from core.methods.prompt_tuning import PromptTuningConfig
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+HEAD_FILE = "loraplex_head.safetensors"
+EXTRA_KEY = "loraplex"
+EXTRA_FORMAT = "loraplex.peft/1"
+# torch.save / pickle based files: loading them can execute code.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+def export_peft(adapter: Adapter, base: BaseModel) -> dict[str, bytes]:
+    """``{file name: bytes}`` of a PEFT adapter folder (plus our head file)."""
+    adapter.check_base(base)
+    method = adapter.method
+    if isinstance(method, LoraConfig):
+        config, tensors = export_lora(method, adapter.method_state, base)
+    elif isinstance(method, PromptTuningConfig):
+        config, tensors = export_prompt(method, adapter.method_state, base)
+    else:
+        raise AdapterFormatError(
+            f"method {method.type!r} has no PEFT equivalent; only lora and prompt_tuning export"
+        )
+    config["base_model_name_or_path"] = base.name
+    config[EXTRA_KEY] = {
+        "format": EXTRA_FORMAT,
+        "method": method.to_dict(),
+        "head": adapter.head.model_dump(mode="json"),
+        "head_file": HEAD_FILE,
+        "base_name": adapter.base_name,
+        "base_fingerprint": adapter.base_fingerprint,
+    }
+    return {
+        CONFIG_FILE: json.dumps(config, indent=2, sort_keys=True).encode(),
+        WEIGHTS_FILE: tensors_to_bytes(tensors),
+        HEAD_FILE: tensors_to_bytes(adapter.head_state),
+    }
+
+
+def import_peft(
+    files: dict[str, bytes], base: BaseModel, head: HeadConfig | None = None
+) -> Adapter:
+    """An :class:`Adapter` for ``base`` from a PEFT folder's files (LoRA or prompt tuning).
+
+    ``head``: the head to attach. None takes our head from a loraplex export; a PEFT adapter
+    from elsewhere has none, so a head config is required and the head starts untrained. A
+    given head equal to the exported one keeps its trained weights.
+    """
+    by_name = _by_file_name(files)
+    if CONFIG_FILE not in by_name:
+        raise AdapterFormatError(f"{CONFIG_FILE} is missing")
+    if WEIGHTS_FILE not in by_name:
+        raise AdapterFormatError(f"{WEIGHTS_FILE} is missing")
+    cfg = _parse_config(by_name[CONFIG_FILE])
+    extra = cfg.get(EXTRA_KEY) if isinstance(cfg.get(EXTRA_KEY), dict) else {}
+    _check_base(cfg, extra, base)
+    tensors = tensors_from_bytes(by_name[WEIGHTS_FILE])
+
+    peft_type = cfg.get("peft_type")
+    method: MethodConfig
+    if peft_type == "LORA":
+        method, state = import_lora(cfg, tensors, base)
+    elif peft_type == "PROMPT_TUNING":
+        method, state = import_prompt(cfg, tensors, base, extra.get("method"))
+    else:
+        raise AdapterFormatError(
+            f"unsupported peft_type {peft_type!r}; supported: 'LORA', 'PROMPT_TUNING'"
+        )
+    head_cfg, head_state = _resolve_head(head, extra, by_name.get(HEAD_FILE), base)
+    adapter = Adapter(
+        method=method,
+        head=head_cfg,
+        method_state={k: v.float().contiguous() for k, v in state.items()},
+        head_state=head_state,
+        base_name=base.name,
+        base_fingerprint=base.fingerprint,
+        trainable_params=sum(t.numel() for t in (*state.values(), *head_state.values())),
+        metrics={"imported_from": "peft"},
+    )
+    adapter.build(base)  # safety net: the weights must load into the method as built here
+    return adapter
+
+
+def _by_file_name(files: dict[str, bytes]) -> dict[str, bytes]:
+    """Files keyed by base name (uploads may carry folder paths); pickle files are refused."""
+    out: dict[str, bytes] = {}
+    for name, data in files.items():
+        base_name = PurePosixPath(name.replace("\\", "/")).name
+        if base_name.lower().endswith(PICKLE_SUFFIXES):
+            raise AdapterFormatError(
+                f"{base_name!r} is a pickle file, which is refused (loading it can run code); "
+                "save the adapter with safetensors (PEFT's default, safe_serialization=True)"
+            )
+        out[base_name] = data
+    return out
+
+
+def _parse_config(data: bytes) -> dict[str, Any]:
+    try:
+        cfg = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AdapterFormatError(f"{CONFIG_FILE} is not valid JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise AdapterFormatError(f"{CONFIG_FILE} must hold a JSON object")
+    return cfg
+
+
+def _tail(name: str) -> str:
+    return name.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1].lower()
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~", "\\")) or (len(name) > 1 and name[1] == ":")
+
+
+def _check_base(cfg: dict[str, Any], extra: dict[str, Any], base: BaseModel) -> None:
+    """Refuse adapters that say they belong to another base; shapes are checked later."""
+    fingerprint = extra.get("base_fingerprint")
+    if fingerprint and fingerprint != base.fingerprint:
+        raise AdapterFormatError(
+            f"adapter was exported from base {extra.get('base_name')!r} with other weights "
+            f"(fingerprint {str(fingerprint)[:12]}), not from the loaded {base.name!r}"
+        )
+    name = cfg.get("base_model_name_or_path")
+    if not name or not isinstance(name, str):
+        return
+    if _looks_like_path(name):
+        # A local path: the same folder is a match; a path we cannot see proves nothing.
+        path = Path(name).expanduser()
+        if not path.exists() or path.resolve() == base.path.resolve():
+            return
+    if _tail(name) == _tail(base.name):
+        return
+    raise AdapterFormatError(
+        f"adapter was trained on base model {name!r}, not on the loaded {base.name!r}"
+    )
+
+
+def _resolve_head(
+    head: HeadConfig | None, extra: dict[str, Any], head_file: bytes | None, base: BaseModel
+) -> tuple[HeadConfig, dict[str, Tensor]]:
+    saved_cfg: HeadConfig | None = None
+    if extra.get("head") is not None:
+        try:
+            saved_cfg = HeadConfig(**extra["head"])
+        except (TypeError, ValueError) as e:
+            raise AdapterFormatError(f"invalid head config under {EXTRA_KEY!r}: {e}") from None
+    if head is None:
+        if saved_cfg is None or head_file is None:
+            raise AdapterFormatError(
+                "this PEFT adapter has no loraplex head; pass a head config (task and labels)"
+            )
+        head = saved_cfg
+    if head == saved_cfg and head_file is not None:
+        state = tensors_from_bytes(head_file)
+    else:
+        # A new, untrained head (train it, e.g. with feature extraction on the imported base).
+        state = {k: v.detach().cpu() for k, v in Head(head, base.hidden_size).state_dict().items()}
+    return head, state

@@ -1,0 +1,184 @@
+"""LoRA in PEFT's ``adapter_config.json`` + ``adapter_model.safetensors`` layout.
+
+Our LoRA state names are already PEFT's module paths for a ``BertModel``
+(``encoder.layer.0.attention.self.query.lora_A.weight``); PEFT saves them under
+``base_model.model.`` without the adapter name.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from torch import Tensor
+
+from core.base import BaseModel
+from core.encoder import TARGET_MODULES, TARGET_PATHS
+from core.errors import AdapterFormatError, ConfigError
+from core.methods import parse_method_config
+from core.methods.lora import LoraConfig, lora_key
+
+PEFT_PREFIX = "base_model.model."
+_TARGET_BY_PATH = {path: target for target, path in TARGET_PATHS.items()}
+
+# base_model.model. + optional bert./model. (BertFor* or wrapped models) + encoder path +
+# lora_A/B + optional adapter name (in-memory state dicts carry ``.default``).
+_LORA_KEY = re.compile(
+    r"^(?:base_model\.model\.)?(?:bert\.|model\.)?encoder\.layer\.(?P<layer>\d+)\."
+    r"(?P<path>.+)\.lora_(?P<which>[AB])(?:\.[A-Za-z0-9_-]+)?\.weight$"
+)
+# PEFT's "all-linear" also wraps BERT's pooler, which loraplex never runs: such LoRA
+# matrices cannot change anything we compute, so they are dropped on import.
+_POOLER_KEY = re.compile(r"^(?:base_model\.model\.)?(?:bert\.|model\.)?pooler\.dense\.lora_")
+
+# PEFT features our LoRA does not implement; any truthy value is refused.
+_UNSUPPORTED = ("use_dora", "fan_in_fan_out", "lora_bias", "layer_replication", "target_parameters")
+
+
+def _peft_target_modules(cfg: LoraConfig, num_layers: int) -> tuple[list[str] | str, Any]:
+    """``(target_modules, layers_to_transform)`` that make PEFT wrap exactly our sites.
+
+    PEFT matches list entries as module-name suffixes, so ``output.dense`` would also hit
+    ``attention.output.dense``. Without the feed-forward output, full sub-paths
+    (``attention.self.query``) are unambiguous; with it, a regex (PEFT full-matches strings)
+    that also carries the layer list, since PEFT forbids ``layers_to_transform`` with a regex.
+    """
+    paths = [TARGET_PATHS[t] for t in cfg.target_modules]
+    if "output.dense" not in cfg.target_modules:
+        return paths, cfg.layers
+    layers = cfg.layers if cfg.layers is not None else range(num_layers)
+    layer_alt = "|".join(str(i) for i in layers)
+    path_alt = "|".join(re.escape(p) for p in paths)
+    return rf"(?:.*\.)?encoder\.layer\.(?:{layer_alt})\.(?:{path_alt})", None
+
+
+def _number(x: float) -> float | int:
+    return int(x) if float(x).is_integer() else x
+
+
+def export_lora(
+    cfg: LoraConfig, state: dict[str, Tensor], base: BaseModel
+) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    target_modules, layers = _peft_target_modules(cfg, base.num_layers)
+    config = {
+        "peft_type": "LORA",
+        "task_type": "FEATURE_EXTRACTION",
+        "r": cfg.r,
+        "lora_alpha": _number(cfg.alpha),
+        "lora_dropout": cfg.dropout,
+        "target_modules": target_modules,
+        "layers_to_transform": layers,
+        "use_rslora": cfg.use_rslora,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_dora": False,
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "inference_mode": True,
+    }
+    return config, {PEFT_PREFIX + k: v for k, v in state.items()}
+
+
+def _check_supported(cfg: dict[str, Any]) -> None:
+    for key in _UNSUPPORTED:
+        if cfg.get(key):
+            raise AdapterFormatError(f"PEFT option {key}={cfg[key]!r} is not supported")
+    if cfg.get("bias", "none") != "none":
+        raise AdapterFormatError(f"PEFT option bias={cfg['bias']!r} is not supported (only 'none')")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if cfg.get(key):
+            raise AdapterFormatError(f"PEFT option {key} (per-module ranks) is not supported")
+    if cfg.get("modules_to_save"):
+        raise AdapterFormatError(
+            f"PEFT modules_to_save {cfg['modules_to_save']} is not supported: only the encoder's "
+            "LoRA matrices are imported (pass a head config to train a new head)"
+        )
+
+
+def _parse_keys(
+    tensors: dict[str, Tensor],
+) -> dict[tuple[int, str], dict[str, tuple[str, Tensor]]]:
+    """``{(layer, target): {"A"|"B": (original key, tensor)}}``; unknown keys are errors."""
+    sites: dict[tuple[int, str], dict[str, tuple[str, Tensor]]] = {}
+    unknown: list[str] = []
+    for key, t in tensors.items():
+        m = _LORA_KEY.match(key)
+        if m is None or m["path"] not in _TARGET_BY_PATH:
+            if not _POOLER_KEY.match(key):
+                unknown.append(key)
+            continue
+        site = (int(m["layer"]), _TARGET_BY_PATH[m["path"]])
+        if m["which"] in sites.setdefault(site, {}):
+            raise AdapterFormatError(f"duplicate LoRA weights for {key!r}")
+        sites[site][m["which"]] = (key, t)
+    if unknown:
+        raise AdapterFormatError(
+            f"unsupported tensors in PEFT weights: {sorted(unknown)[:4]} (only LoRA matrices of "
+            f"the encoder's linear layers {list(TARGET_PATHS.values())} can be imported)"
+        )
+    if not sites:
+        raise AdapterFormatError("PEFT weights contain no LoRA matrices")
+    return sites
+
+
+def import_lora(
+    cfg: dict[str, Any], tensors: dict[str, Tensor], base: BaseModel
+) -> tuple[LoraConfig, dict[str, Tensor]]:
+    """Our LoRA config and state from a PEFT LoRA adapter, checked against ``base``."""
+    _check_supported(cfg)
+    sites = _parse_keys(tensors)
+    n_layers = base.num_layers
+    too_deep = sorted({i for i, _ in sites if i >= n_layers})
+    if too_deep:
+        raise AdapterFormatError(
+            f"adapter has LoRA weights for layer {too_deep[-1]} but base {base.name!r} has "
+            f"{n_layers} layers: it was trained for a different base model"
+        )
+    layers = sorted({i for i, _ in sites})
+    targets = sorted({t for _, t in sites}, key=TARGET_MODULES.index)
+    missing = [(i, t) for i in layers for t in targets if (i, t) not in sites]
+    if missing:
+        raise AdapterFormatError(
+            "LoRA sites must be the same target modules in every adapted layer; "
+            f"missing {missing[:4]}"
+        )
+
+    state: dict[str, Tensor] = {}
+    ranks: set[int] = set()
+    for (i, target), pair in sorted(sites.items()):
+        if set(pair) != {"A", "B"}:
+            raise AdapterFormatError(f"layer {i} {target}: lora_A and lora_B must both be present")
+        n_in, n_out = base.config.linear_shape(target)
+        (key_a, a), (key_b, b) = pair["A"], pair["B"]
+        r = a.shape[0]
+        ranks.add(r)
+        for key, t, want in ((key_a, a, (r, n_in)), (key_b, b, (n_out, r))):
+            if tuple(t.shape) != want:
+                raise AdapterFormatError(
+                    f"{key}: shape {tuple(t.shape)} does not fit base {base.name!r} (expects "
+                    f"{want}; hidden size {base.hidden_size}): the adapter was trained for a "
+                    "different base model"
+                )
+        state[lora_key(i, target, "A")] = a
+        state[lora_key(i, target, "B")] = b
+    if len(ranks) != 1 or ranks != {cfg.get("r", next(iter(ranks)))}:
+        raise AdapterFormatError(
+            f"LoRA ranks {sorted(ranks)} in the weights disagree with r={cfg.get('r')} "
+            "in the config"
+        )
+    params = {
+        "r": ranks.pop(),
+        "alpha": cfg.get("lora_alpha", 8),  # PEFT's default
+        "dropout": cfg.get("lora_dropout", 0.0),
+        "target_modules": targets,
+        "use_rslora": bool(cfg.get("use_rslora", False)),
+        "layers": None if layers == list(range(n_layers)) else layers,
+    }
+    try:
+        method = parse_method_config("lora", params)
+    except ConfigError as e:
+        raise AdapterFormatError(f"PEFT LoRA config not supported: {e}") from None
+    assert isinstance(method, LoraConfig)
+    return method, state

@@ -1,0 +1,37 @@
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field, ValidationInfo, field_validator
+
+from core.methods.base import MethodConfig
+
+
+class PromptTuningConfig(MethodConfig):
+    """Soft prompt tuning (Lester et al. 2021) laid out exactly like PEFT's ``PROMPT_TUNING``.
+
+    ``n_virtual_tokens`` learned embeddings are prepended to every input; they take positions
+    ``0..n-1`` and the real tokens shift to ``n..``, so real text is truncated to
+    ``base.max_length - n_virtual_tokens`` tokens (:attr:`reserved_positions`).
+    ``init="text"`` starts from the base's word embeddings of ``init_text``'s tokens (special
+    tokens excluded), repeated or truncated to ``n_virtual_tokens``.
+    """
+
+    type: ClassVar[str] = "prompt_tuning"
+    n_virtual_tokens: int = Field(20, ge=1, le=256)
+    init: Literal["random", "text"] = "random"
+    init_text: str | None = Field(None, validate_default=True)
+
+    @field_validator("init_text")
+    @classmethod
+    def _text_for_text_init(cls, v: str | None, info: ValidationInfo) -> str | None:
+        init = info.data.get("init")
+        if init == "text" and not (v and v.strip()):
+            raise ValueError("init='text' needs a non-empty init_text")
+        if init == "random" and v is not None:
+            raise ValueError("init_text is only used with init='text'")
+        return v
+
+    @property
+    def reserved_positions(self) -> int:
+        return self.n_virtual_tokens
