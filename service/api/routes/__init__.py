@@ -1,0 +1,12 @@
+"""One router per resource; ``api_router`` gathers them."""
+
+from fastapi import APIRouter
+
+from service.api.routes import adapters, datasets, health, jobs, tenants
+
+api_router = APIRouter()
+api_router.include_router(health.router)
+api_router.include_router(tenants.router)
+api_router.include_router(datasets.router)
+api_router.include_router(jobs.router)
+api_router.include_router(adapters.router)

@@ -1,0 +1,151 @@
+"""``/v1/fine_tuning/jobs``: create, list, get, events, checkpoints, cancel."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Query
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from service.api.deps import CurrentTenant, SessionDep, SettingsDep
+from service.api.errors import conflict, invalid, not_found
+from service.api.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery, keyset_page
+from service.api.schemas.common import ListResponse
+from service.api.schemas.jobs import (
+    CheckpointObject,
+    JobCreate,
+    JobEventObject,
+    JobObject,
+    parse_event_id,
+)
+from service.db.models import Checkpoint, Job, JobEvent, JobStatus
+from service.db.types import utcnow
+from service.jobs.create import create_job
+from service.jobs.queue import add_event
+
+router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
+
+
+def _get_owned(session: Session, tenant_id: str, job_id: str) -> Job:
+    job = session.scalar(select(Job).where(Job.id == job_id, Job.tenant_id == tenant_id))
+    if job is None:
+        raise not_found("job", job_id)
+    return job
+
+
+@router.post("", response_model=JobObject)
+def create_fine_tuning_job(
+    body: JobCreate, session: SessionDep, tenant: CurrentTenant, settings: SettingsDep
+) -> JobObject:
+    """Queue a fine-tuning job; its files are validated before this returns."""
+    return JobObject.from_row(create_job(session, tenant, body, settings))
+
+
+@router.get("", response_model=ListResponse[JobObject])
+def list_fine_tuning_jobs(
+    session: SessionDep,
+    tenant: CurrentTenant,
+    after: AfterQuery = None,
+    limit: LimitQuery = DEFAULT_LIMIT,
+) -> ListResponse[JobObject]:
+    rows, has_more = keyset_page(
+        session, Job, [Job.tenant_id == tenant.id], after=after, limit=limit
+    )
+    data = [JobObject.from_row(r) for r in rows]
+    return ListResponse(
+        data=data,
+        has_more=has_more,
+        first_id=data[0].id if data else None,
+        last_id=data[-1].id if data else None,
+    )
+
+
+@router.get("/{job_id}", response_model=JobObject)
+def get_fine_tuning_job(job_id: str, session: SessionDep, tenant: CurrentTenant) -> JobObject:
+    return JobObject.from_row(_get_owned(session, tenant.id, job_id))
+
+
+@router.get("/{job_id}/events", response_model=ListResponse[JobEventObject])
+def list_fine_tuning_events(
+    job_id: str,
+    session: SessionDep,
+    tenant: CurrentTenant,
+    after: AfterQuery = None,
+    limit: LimitQuery = DEFAULT_LIMIT,
+    order: Annotated[Literal["desc", "asc"], Query(description="desc = newest first")] = "desc",
+) -> ListResponse[JobEventObject]:
+    """Events newest first (as OpenAI); ``order=asc`` suits a client tailing a job."""
+    job = _get_owned(session, tenant.id, job_id)
+    stmt = select(JobEvent).where(JobEvent.job_id == job.id)
+    if after is not None:
+        cursor = parse_event_id(after)
+        if cursor is None:
+            raise invalid(f"Unknown cursor '{after}'.", "after", "invalid_cursor")
+        stmt = stmt.where(JobEvent.id < cursor if order == "desc" else JobEvent.id > cursor)
+    stmt = stmt.order_by(JobEvent.id.desc() if order == "desc" else JobEvent.id.asc())
+    rows = list(session.scalars(stmt.limit(limit + 1)))
+    data = [JobEventObject.from_row(r) for r in rows[:limit]]
+    return ListResponse(
+        data=data,
+        has_more=len(rows) > limit,
+        first_id=data[0].id if data else None,
+        last_id=data[-1].id if data else None,
+    )
+
+
+@router.get("/{job_id}/checkpoints", response_model=ListResponse[CheckpointObject])
+def list_fine_tuning_checkpoints(
+    job_id: str,
+    session: SessionDep,
+    tenant: CurrentTenant,
+    after: AfterQuery = None,
+    limit: LimitQuery = DEFAULT_LIMIT,
+) -> ListResponse[CheckpointObject]:
+    job = _get_owned(session, tenant.id, job_id)
+    rows, has_more = keyset_page(
+        session, Checkpoint, [Checkpoint.job_id == job.id], after=after, limit=limit
+    )
+    data = [CheckpointObject.from_row(r, job.adapter_name) for r in rows]
+    return ListResponse(
+        data=data,
+        has_more=has_more,
+        first_id=data[0].id if data else None,
+        last_id=data[-1].id if data else None,
+    )
+
+
+@router.post("/{job_id}/cancel", response_model=JobObject)
+def cancel_fine_tuning_job(job_id: str, session: SessionDep, tenant: CurrentTenant) -> JobObject:
+    """Queued jobs are cancelled at once; running ones are asked to stop at the next step."""
+    job = _get_owned(session, tenant.id, job_id)
+    # Conditional updates, not read-then-write: a worker may claim the job in between.
+    stopped = session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.status.in_([JobStatus.QUEUED, JobStatus.VALIDATING_FILES]))
+        .values(status=JobStatus.CANCELLED, finished_at=utcnow(), cancel_requested=True)
+        .execution_options(synchronize_session=False)
+    )
+    changed = stopped.rowcount == 1  # type: ignore[attr-defined]
+    if changed:
+        add_event(session, job, "Job cancelled before it started")
+    else:
+        asked = session.execute(
+            update(Job)
+            .where(Job.id == job.id, Job.status == JobStatus.RUNNING)
+            .values(status=JobStatus.CANCEL_REQUESTED, cancel_requested=True)
+            .execution_options(synchronize_session=False)
+        )
+        changed = asked.rowcount == 1  # type: ignore[attr-defined]
+        if changed:
+            add_event(session, job, "Cancellation requested; the job stops at its next step")
+    session.commit()
+    session.refresh(job)
+    # Asking twice is fine; cancelling a finished job (cancelled included) is not.
+    if changed or job.status == JobStatus.CANCEL_REQUESTED:
+        return JobObject.from_row(job)
+    raise conflict(
+        f"Job {job.id} is {job.status}; only queued or running jobs can be cancelled.",
+        None,
+        "job_not_cancellable",
+    )

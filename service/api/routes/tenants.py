@@ -1,0 +1,115 @@
+"""``/v1/tenants``: admin-only management of tenants and their API keys."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from service.api.deps import AdminDep, SessionDep
+from service.api.errors import conflict, not_found
+from service.api.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery, keyset_page
+from service.api.schemas.common import DeletedResponse, ListResponse
+from service.api.schemas.tenants import (
+    ApiKeyCreate,
+    ApiKeyCreated,
+    ApiKeyObject,
+    TenantCreate,
+    TenantCreated,
+    TenantObject,
+)
+from service.db.models import ApiKey, Tenant
+from service.tenants.keys import NewKey, create_api_key, create_tenant, revoke_key
+
+router = APIRouter(prefix="/v1/tenants", tags=["tenants (admin)"])
+
+
+def _created_key(new_key: NewKey) -> ApiKeyCreated:
+    return ApiKeyCreated(**ApiKeyObject.from_row(new_key.row).model_dump(), key=new_key.secret)
+
+
+def _get_tenant(session: Session, tenant_id: str) -> Tenant:
+    tenant = session.get(Tenant, tenant_id)
+    if tenant is None:
+        raise not_found("tenant", tenant_id)
+    return tenant
+
+
+@router.post("", response_model=TenantCreated)
+def create_tenant_route(body: TenantCreate, session: SessionDep, _admin: AdminDep) -> TenantCreated:
+    """Create a tenant and its first API key; the key's secret is shown only here."""
+    try:
+        tenant = create_tenant(session, body.name)
+        new_key = create_api_key(session, tenant, name="initial")
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        raise conflict(
+            f"A tenant named '{body.name}' already exists.", "name", "tenant_exists"
+        ) from None
+    return TenantCreated(
+        **TenantObject.from_row(tenant).model_dump(), api_key=_created_key(new_key)
+    )
+
+
+@router.get("", response_model=ListResponse[TenantObject])
+def list_tenants(
+    session: SessionDep,
+    _admin: AdminDep,
+    after: AfterQuery = None,
+    limit: LimitQuery = DEFAULT_LIMIT,
+) -> ListResponse[TenantObject]:
+    rows, has_more = keyset_page(session, Tenant, [], after=after, limit=limit)
+    data = [TenantObject.from_row(r) for r in rows]
+    return ListResponse(
+        data=data,
+        has_more=has_more,
+        first_id=data[0].id if data else None,
+        last_id=data[-1].id if data else None,
+    )
+
+
+@router.post("/{tenant_id}/keys", response_model=ApiKeyCreated)
+def create_key(
+    tenant_id: str, body: ApiKeyCreate, session: SessionDep, _admin: AdminDep
+) -> ApiKeyCreated:
+    tenant = _get_tenant(session, tenant_id)
+    new_key = create_api_key(session, tenant, is_admin=body.is_admin, name=body.name)
+    session.commit()
+    return _created_key(new_key)
+
+
+@router.get("/{tenant_id}/keys", response_model=ListResponse[ApiKeyObject])
+def list_keys(
+    tenant_id: str,
+    session: SessionDep,
+    _admin: AdminDep,
+    after: AfterQuery = None,
+    limit: LimitQuery = DEFAULT_LIMIT,
+) -> ListResponse[ApiKeyObject]:
+    """Keys without their secrets (only the visible prefix)."""
+    _get_tenant(session, tenant_id)
+    rows, has_more = keyset_page(
+        session, ApiKey, [ApiKey.tenant_id == tenant_id], after=after, limit=limit
+    )
+    data = [ApiKeyObject.from_row(r) for r in rows]
+    return ListResponse(
+        data=data,
+        has_more=has_more,
+        first_id=data[0].id if data else None,
+        last_id=data[-1].id if data else None,
+    )
+
+
+@router.delete("/{tenant_id}/keys/{key_id}", response_model=DeletedResponse)
+def revoke_key_route(
+    tenant_id: str, key_id: str, session: SessionDep, _admin: AdminDep
+) -> DeletedResponse:
+    """Revoke a key: it stops working at once; the row stays for the audit trail."""
+    key = session.scalar(select(ApiKey).where(ApiKey.id == key_id, ApiKey.tenant_id == tenant_id))
+    if key is None:
+        raise not_found("api_key", key_id)
+    revoke_key(key)
+    session.commit()
+    return DeletedResponse(id=key.id, object="api_key")

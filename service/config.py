@@ -1,0 +1,106 @@
+"""Process settings, read from ``LORAPLEX_*`` environment variables (and ``.env``)."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# The name jobs and adapters record as their base model until the lifespan hook that loads
+# the encoder reports the real one (see ``service.main``).
+DEFAULT_BASE_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+DEFAULT_TENANT_NAME = "default"
+DEFAULT_KEY_FILENAME = "default_api_key"
+
+_LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
+
+
+def is_loopback_host(host: str) -> bool:
+    """True when ``host`` only accepts connections from this machine."""
+    name = host.strip().strip("[]").lower()
+    if name in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="LORAPLEX_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+    )
+
+    # --- storage -----------------------------------------------------------------------
+    data_dir: Path = Path("./data")
+    # None means a SQLite file inside data_dir; filled in by the validator below.
+    database_url: str | None = None
+    sqlite_busy_timeout_ms: int = Field(default=5000, ge=0)
+
+    # --- base model ----------------------------------------------------------------------
+    # None = the encoder shipped by the default model wheel (resolved by ``core.base``).
+    base_model_path: Path | None = None
+    base_model_name: str = DEFAULT_BASE_MODEL_NAME
+
+    # --- HTTP ----------------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    max_upload_mb: int = Field(default=50, ge=1)
+    max_dataset_rows: int = Field(default=200_000, ge=1)
+    log_level: str = "INFO"
+
+    # --- auth ----------------------------------------------------------------------------
+    # Only allowed on a loopback host: with it, every request acts as the default tenant.
+    auth_disabled: bool = False
+    admin_key: SecretStr | None = None
+
+    # --- processes and threads -----------------------------------------------------------
+    embedded_worker: bool = True
+    torch_threads: int | None = Field(default=None, ge=1)  # serving; None = torch default
+    train_threads: int | None = Field(default=None, ge=1)
+    lease_seconds: float = Field(default=30.0, gt=0)
+    heartbeat_seconds: float = Field(default=10.0, gt=0)
+    # A job whose lease expired this many times is failed instead of requeued.
+    max_job_attempts: int = Field(default=3, ge=1)
+
+    # --- serving batcher -----------------------------------------------------------------
+    max_batch_size: int = Field(default=64, ge=1)
+    max_wait_ms: float = Field(default=5.0, ge=0)
+    max_queue_rows: int = Field(default=4096, ge=1)
+    adapter_cache_mb: int = Field(default=512, ge=0)
+
+    # --- quotas --------------------------------------------------------------------------
+    max_adapters_per_tenant: int = Field(default=1000, ge=1)
+    max_concurrent_jobs_per_tenant: int = Field(default=4, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.database_url is None:
+            self.database_url = f"sqlite:///{(self.data_dir / 'loraplex.db').as_posix()}"
+        if self.auth_disabled and not is_loopback_host(self.host):
+            raise ValueError(
+                f"auth_disabled is only allowed when host is a loopback address, not {self.host!r}"
+            )
+        if self.heartbeat_seconds >= self.lease_seconds:
+            # A heartbeat slower than the lease would let healthy jobs be requeued.
+            raise ValueError("heartbeat_seconds must be smaller than lease_seconds")
+        return self
+
+    @property
+    def db_url(self) -> str:
+        """``database_url``, always set after validation (typed as ``str`` for callers)."""
+        assert self.database_url is not None
+        return self.database_url
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return self.max_upload_mb * 1024 * 1024
+
+    @property
+    def default_key_path(self) -> Path:
+        return self.data_dir / DEFAULT_KEY_FILENAME

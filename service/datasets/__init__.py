@@ -1,0 +1,1 @@
+"""Datasets: edge validation (pure) and the stored row encoding."""

@@ -1,0 +1,351 @@
+"""Parse and validate uploaded datasets. Pure: bytes or records in, normalised rows out.
+
+Every problem raises :class:`DatasetError` naming where it is (line number for files, record
+index for JSON bodies) and which field (``param``), so the API can answer a precise 422.
+
+Normalised rows:
+- classification: ``{"text": str, "label": str}`` plus ``"text_pair": str`` when given;
+  integer labels become strings, so ``1`` and ``"1"`` are one class.
+- preference: ``{"chosen": str, "rejected": str}`` plus ``"prompt": str`` when given.
+Unknown fields (ids, metadata columns) are dropped.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+
+class DatasetKind(StrEnum):
+    CLASSIFICATION = "classification"
+    PREFERENCE = "preference"
+
+
+class DatasetFormat(StrEnum):
+    JSONL = "jsonl"
+    CSV = "csv"
+
+
+class DatasetError(ValueError):
+    def __init__(self, message: str, param: str | None = None, code: str = "invalid_dataset"):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_rows: int = 200_000
+    max_text_chars: int = 100_000
+    max_label_chars: int = 256
+    max_labels: int = 1_000
+
+
+@dataclass(frozen=True)
+class ParsedDataset:
+    kind: DatasetKind
+    rows: list[dict[str, str]]
+    # {label: count}, sorted by label; None for preference data.
+    label_counts: dict[str, int] | None
+
+    @property
+    def row_count(self) -> int:
+        return len(self.rows)
+
+
+REQUIRED_FIELDS: dict[DatasetKind, tuple[str, ...]] = {
+    DatasetKind.CLASSIFICATION: ("text", "label"),
+    DatasetKind.PREFERENCE: ("chosen", "rejected"),
+}
+OPTIONAL_FIELDS: dict[DatasetKind, tuple[str, ...]] = {
+    DatasetKind.CLASSIFICATION: ("text_pair",),
+    DatasetKind.PREFERENCE: ("prompt",),
+}
+
+
+# --- where a problem is --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Line:
+    """A row of an uploaded file: messages say ``line N``, ``param`` is the bare field."""
+
+    number: int
+
+    def error(self, message: str, field: str | None, code: str) -> DatasetError:
+        return DatasetError(f"line {self.number}: {message}", field or "file", code)
+
+
+@dataclass(frozen=True)
+class _Record:
+    """An item of a JSON body's ``records``: ``param`` is the dotted path to the field."""
+
+    index: int
+
+    def error(self, message: str, field: str | None, code: str) -> DatasetError:
+        path = f"records.{self.index}" + (f".{field}" if field else "")
+        return DatasetError(f"records[{self.index}]: {message}", path, code)
+
+
+_Where = _Line | _Record
+
+
+# --- row normalisation -----------------------------------------------------------------------
+
+
+def _type_name(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {
+        bool: "boolean",
+        int: "integer",
+        float: "number",
+        str: "string",
+        list: "array",
+        dict: "object",
+    }.get(type(value), type(value).__name__)
+
+
+def _text(
+    obj: Mapping[str, Any], field: str, where: _Where, limits: Limits, *, required: bool
+) -> str | None:
+    value = obj.get(field)
+    if value is None or (not required and value == ""):
+        if required:
+            raise where.error(f"missing required field '{field}'", field, "missing_field")
+        return None
+    if not isinstance(value, str):
+        raise where.error(
+            f"field '{field}' must be a string, got {_type_name(value)}", field, "invalid_type"
+        )
+    if not value.strip():
+        raise where.error(f"field '{field}' must not be empty", field, "empty_field")
+    if len(value) > limits.max_text_chars:
+        raise where.error(
+            f"field '{field}' is longer than {limits.max_text_chars} characters",
+            field,
+            "field_too_long",
+        )
+    return value
+
+
+def _label(obj: Mapping[str, Any], where: _Where, limits: Limits) -> str:
+    value = obj.get("label")
+    if value is None:
+        raise where.error("missing required field 'label'", "label", "missing_field")
+    # bool is an int subclass, but True is no class name anyone means.
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, str):
+        raise where.error(
+            f"field 'label' must be a string or an integer, got {_type_name(value)}",
+            "label",
+            "invalid_type",
+        )
+    label = value.strip()
+    if not label:
+        raise where.error("field 'label' must not be empty", "label", "empty_field")
+    if len(label) > limits.max_label_chars:
+        raise where.error(
+            f"field 'label' is longer than {limits.max_label_chars} characters",
+            "label",
+            "field_too_long",
+        )
+    return label
+
+
+def normalize_row(
+    kind: DatasetKind, obj: Mapping[str, Any], where: _Where, limits: Limits
+) -> dict[str, str]:
+    if kind is DatasetKind.CLASSIFICATION:
+        text = _text(obj, "text", where, limits, required=True)
+        assert text is not None
+        row = {"text": text, "label": _label(obj, where, limits)}
+        pair = _text(obj, "text_pair", where, limits, required=False)
+        if pair is not None:
+            row["text_pair"] = pair
+        return row
+    chosen = _text(obj, "chosen", where, limits, required=True)
+    rejected = _text(obj, "rejected", where, limits, required=True)
+    assert chosen is not None and rejected is not None
+    if chosen == rejected:
+        # Identical answers carry no preference signal (and a zero gradient).
+        raise where.error("'chosen' and 'rejected' are identical", "rejected", "identical_pair")
+    row = {"chosen": chosen, "rejected": rejected}
+    prompt = _text(obj, "prompt", where, limits, required=False)
+    if prompt is not None:
+        row["prompt"] = prompt
+    return row
+
+
+def _collect(
+    kind: DatasetKind,
+    items: Iterable[tuple[_Where, Mapping[str, Any]]],
+    limits: Limits,
+    *,
+    empty_param: str,
+) -> ParsedDataset:
+    rows: list[dict[str, str]] = []
+    for where, obj in items:
+        if len(rows) >= limits.max_rows:
+            raise DatasetError(
+                f"dataset has more than {limits.max_rows} rows", empty_param, "too_many_rows"
+            )
+        rows.append(normalize_row(kind, obj, where, limits))
+    if not rows:
+        raise DatasetError("dataset is empty: it has no rows", empty_param, "empty_file")
+    label_counts: dict[str, int] | None = None
+    if kind is DatasetKind.CLASSIFICATION:
+        counts = Counter(row["label"] for row in rows)
+        if len(counts) < 2:
+            only = next(iter(counts))
+            raise DatasetError(
+                f"a classification dataset needs at least 2 classes; every row has label '{only}'",
+                "label",
+                "single_class",
+            )
+        if len(counts) > limits.max_labels:
+            raise DatasetError(
+                f"dataset has {len(counts)} distinct labels; at most {limits.max_labels} "
+                "are supported",
+                "label",
+                "too_many_labels",
+            )
+        label_counts = dict(sorted(counts.items()))
+    return ParsedDataset(kind=kind, rows=rows, label_counts=label_counts)
+
+
+# --- files -----------------------------------------------------------------------------------
+
+
+def decode_utf8(data: bytes) -> str:
+    """Strict UTF-8 (a leading BOM is dropped); the error names the offending line."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise DatasetError(
+            f"line {line}: file is not valid UTF-8 (bad byte at offset {exc.start})",
+            "file",
+            "invalid_utf8",
+        ) from None
+
+
+def detect_format(filename: str | None, content_type: str | None, data: bytes) -> DatasetFormat:
+    name = (filename or "").lower()
+    if name.endswith(".csv"):
+        return DatasetFormat.CSV
+    if name.endswith((".jsonl", ".ndjson", ".json")):
+        return DatasetFormat.JSONL
+    ctype = (content_type or "").split(";")[0].strip().lower()
+    if ctype in ("text/csv", "application/csv"):
+        return DatasetFormat.CSV
+    if ctype in ("application/jsonl", "application/x-ndjson", "application/json"):
+        return DatasetFormat.JSONL
+    # Unknown name and type: a JSON Lines file starts with an object.
+    return DatasetFormat.JSONL if data.lstrip()[:1] == b"{" else DatasetFormat.CSV
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _jsonl_items(text: str) -> Iterator[tuple[_Where, Mapping[str, Any]]]:
+    # Split on "\n" only: str.splitlines() would also split on U+2028 and friends, which
+    # json.dumps leaves unescaped inside strings.
+    for number, raw in enumerate(text.split("\n"), start=1):
+        line = raw.rstrip("\r")
+        if not line.strip():
+            continue
+        where = _Line(number)
+        try:
+            obj = json.loads(line, parse_constant=_reject_constant)
+        except json.JSONDecodeError as exc:
+            raise where.error(
+                f"invalid JSON ({exc.msg} at column {exc.colno})", "file", "invalid_json"
+            ) from None
+        except (ValueError, RecursionError) as exc:
+            raise where.error(f"invalid JSON ({exc})", "file", "invalid_json") from None
+        if not isinstance(obj, dict):
+            raise where.error(
+                f"expected a JSON object, got {_type_name(obj)} (JSON Lines holds one object "
+                "per line)",
+                "file",
+                "invalid_json",
+            )
+        yield where, obj
+
+
+def _csv_items(text: str, kind: DatasetKind) -> Iterator[tuple[_Where, Mapping[str, Any]]]:
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    header: list[str] | None = None
+    try:
+        for cells in reader:
+            where = _Line(reader.line_num)
+            if not cells or all(not c.strip() for c in cells):
+                continue
+            if header is None:
+                header = _csv_header(cells, kind, where)
+                continue
+            if len(cells) != len(header):
+                raise where.error(
+                    f"expected {len(header)} fields as in the header, got {len(cells)}",
+                    "file",
+                    "invalid_csv",
+                )
+            yield where, dict(zip(header, cells, strict=True))
+    except csv.Error as exc:
+        raise _Line(reader.line_num).error(
+            f"malformed CSV ({exc})", "file", "invalid_csv"
+        ) from None
+
+
+def _csv_header(cells: Sequence[str], kind: DatasetKind, where: _Line) -> list[str]:
+    header = [c.strip().lower() for c in cells]
+    seen: set[str] = set()
+    for name in header:
+        if name in seen:
+            raise where.error(f"duplicate column '{name}' in header", name, "invalid_csv")
+        seen.add(name)
+    for name in REQUIRED_FIELDS[kind]:
+        if name not in seen:
+            expected = ", ".join(REQUIRED_FIELDS[kind])
+            raise where.error(
+                f"header has no '{name}' column (a {kind} CSV needs: {expected})",
+                name,
+                "missing_column",
+            )
+    return header
+
+
+def parse_file(
+    data: bytes, kind: DatasetKind, fmt: DatasetFormat, limits: Limits = Limits()
+) -> ParsedDataset:
+    """Validate an uploaded JSONL or CSV file."""
+    if not data.strip():
+        raise DatasetError("file is empty", "file", "empty_file")
+    text = decode_utf8(data)
+    items = _jsonl_items(text) if fmt is DatasetFormat.JSONL else _csv_items(text, kind)
+    return _collect(kind, items, limits, empty_param="file")
+
+
+def _record_items(records: Sequence[Any]) -> Iterator[tuple[_Where, Mapping[str, Any]]]:
+    for index, obj in enumerate(records):
+        where = _Record(index)
+        if not isinstance(obj, dict):
+            raise where.error(f"expected an object, got {_type_name(obj)}", None, "invalid_type")
+        yield where, obj
+
+
+def parse_records(
+    records: Sequence[Any], kind: DatasetKind, limits: Limits = Limits()
+) -> ParsedDataset:
+    """Validate rows sent inline as ``{"records": [...]}``."""
+    return _collect(kind, _record_items(records), limits, empty_param="records")

@@ -1,0 +1,72 @@
+"""Engine and session factory built from a database URL."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import create_engine, event
+from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+
+def _sqlite_file(url: URL) -> Path | None:
+    """The file behind a SQLite URL, or None for in-memory databases."""
+    if url.get_backend_name() != "sqlite":
+        return None
+    database = url.database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return Path(database)
+
+
+def ensure_sqlite_dir(url: str | URL) -> None:
+    """Create the folder of a SQLite file so a fresh ``data_dir`` just works."""
+    path = _sqlite_file(make_url(url))
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+
+def normalize_url(url: str | URL) -> URL:
+    """Accept plain ``postgresql://`` URLs: psycopg 3 is the driver we ship, not psycopg2."""
+    url = make_url(url)
+    if url.drivername in ("postgresql", "postgres"):
+        url = url.set(drivername="postgresql+psycopg")
+    return url
+
+
+def make_engine(url: str | URL, *, sqlite_busy_timeout_ms: int = 5000, **kwargs: Any) -> Engine:
+    url = normalize_url(url)
+    if url.get_backend_name() == "sqlite":
+        ensure_sqlite_dir(url)
+        # Sessions cross threads (FastAPI runs sync dependencies and routes in a pool).
+        kwargs.setdefault("connect_args", {}).setdefault("check_same_thread", False)
+        engine = create_engine(url, **kwargs)
+        _configure_sqlite(
+            engine, busy_timeout_ms=sqlite_busy_timeout_ms, wal=_sqlite_file(url) is not None
+        )
+        return engine
+    kwargs.setdefault("pool_pre_ping", True)
+    return create_engine(url, **kwargs)
+
+
+def _configure_sqlite(engine: Engine, *, busy_timeout_ms: int, wal: bool) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        try:
+            if wal:
+                # WAL: readers never block the writer, the API stays responsive while a
+                # worker writes checkpoints.
+                cursor.execute("PRAGMA journal_mode=WAL")
+                cursor.execute("PRAGMA synchronous=NORMAL")
+            # Wait for the write lock instead of failing at once with "database is locked".
+            cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+            cursor.execute("PRAGMA foreign_keys=ON")
+        finally:
+            cursor.close()
+
+
+def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
+    # expire_on_commit=False: routes serialise objects after committing them.
+    return sessionmaker(bind=engine, expire_on_commit=False, autoflush=True)

@@ -1,0 +1,1 @@
+"""Fine-tuning jobs: creation checks, the database-backed queue, method validation."""

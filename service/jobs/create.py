@@ -1,0 +1,172 @@
+"""Creating a fine-tuning job: every check that can fail fast happens here, synchronously.
+
+The job row is written as ``validating_files``, its files are checked inside the same
+transaction, and it is committed as ``queued``; if any check fails the transaction is rolled
+back, so a rejected request leaves no job behind.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from service import ids
+from service.api.errors import ApiError, conflict, invalid, not_found, quota_exceeded
+from service.api.schemas.jobs import JobCreate
+from service.config import Settings
+from service.db.models import ACTIVE_STATUSES, Adapter, Dataset, Job, JobStatus, Tenant
+from service.jobs.queue import active_job_count, add_event
+from service.jobs.validate import MethodConfigError, validate_method
+
+_SHOWN_LABELS = 5
+
+
+def _load_dataset(session: Session, tenant_id: str, dataset_id: str, param: str) -> Dataset:
+    dataset = session.scalar(
+        select(Dataset).where(Dataset.id == dataset_id, Dataset.tenant_id == tenant_id)
+    )
+    if dataset is None:
+        raise not_found("dataset", dataset_id, param)
+    return dataset
+
+
+def _check_files(training: Dataset, validation: Dataset | None) -> None:
+    if validation is None:
+        return
+    if validation.kind != training.kind:
+        raise invalid(
+            f"validation_file is a {validation.kind} dataset but training_file is "
+            f"{training.kind}; they must be of the same kind.",
+            "validation_file",
+            "dataset_kind_mismatch",
+        )
+    unknown = sorted(set(validation.label_counts or {}) - set(training.label_counts or {}))
+    if unknown:
+        shown = ", ".join(f"'{label}'" for label in unknown[:_SHOWN_LABELS])
+        more = f" and {len(unknown) - _SHOWN_LABELS} more" if len(unknown) > _SHOWN_LABELS else ""
+        raise invalid(
+            f"validation_file has labels the training_file does not: {shown}{more}.",
+            "validation_file",
+            "unknown_validation_labels",
+        )
+
+
+def _name_taken(session: Session, tenant_id: str, name: str) -> str | None:
+    """Why ``name`` cannot be used for a new adapter, or None if it is free."""
+    if session.scalar(
+        select(Adapter.id).where(Adapter.tenant_id == tenant_id, Adapter.name == name)
+    ):
+        return f"An adapter named '{name}' already exists."
+    job_id = session.scalar(
+        select(Job.id).where(
+            Job.tenant_id == tenant_id,
+            Job.adapter_name == name,
+            Job.status.in_(ACTIVE_STATUSES),
+        )
+    )
+    if job_id:
+        return f"Job {job_id} is already training an adapter named '{name}'."
+    return None
+
+
+def _adapter_name(session: Session, tenant_id: str, body: JobCreate) -> str:
+    if body.adapter_name is not None:
+        reason = _name_taken(session, tenant_id, body.adapter_name)
+        if reason:
+            raise conflict(reason, "adapter_name", "adapter_name_taken")
+        return body.adapter_name
+    stem = body.method.type.value + (f"-{body.suffix}" if body.suffix else "")
+    for _ in range(8):
+        name = f"{stem}-{ids.short_hex()}"
+        if _name_taken(session, tenant_id, name) is None:
+            return name
+    raise ApiError(500, "Could not generate a free adapter name.", code="name_generation_failed")
+
+
+def _check_quotas(session: Session, tenant_id: str, settings: Settings) -> None:
+    active = active_job_count(session, tenant_id)
+    if active >= settings.max_concurrent_jobs_per_tenant:
+        raise quota_exceeded(
+            f"This tenant already has {active} queued or running jobs (limit "
+            f"{settings.max_concurrent_jobs_per_tenant}); wait for one to finish.",
+            "concurrent_jobs_limit",
+        )
+    adapters = (
+        session.scalar(
+            select(func.count()).select_from(Adapter).where(Adapter.tenant_id == tenant_id)
+        )
+        or 0
+    )
+    # Active jobs will each add an adapter: count them, or the quota could be overshot.
+    if adapters + active >= settings.max_adapters_per_tenant:
+        raise quota_exceeded(
+            f"This tenant has {adapters} adapters and {active} jobs in progress (limit "
+            f"{settings.max_adapters_per_tenant} adapters); delete some adapters first.",
+            "adapter_limit",
+        )
+
+
+def create_job(session: Session, tenant: Tenant, body: JobCreate, settings: Settings) -> Job:
+    spec = body.method
+    method = {**spec.stored_method(), "hyperparameters": spec.stored_hyperparameters()}
+    try:
+        validate_method(method)
+    except MethodConfigError as exc:
+        param = f"method.{exc.param}" if exc.param else "method"
+        raise invalid(exc.message, param, "invalid_method") from exc
+
+    model = body.model or settings.base_model_name
+    if model != settings.base_model_name:
+        raise not_found("model", model, "model")
+
+    _check_quotas(session, tenant.id, settings)
+    adapter_name = _adapter_name(session, tenant.id, body)
+
+    job = Job(
+        tenant_id=tenant.id,
+        status=JobStatus.VALIDATING_FILES,
+        model=model,
+        method=spec.stored_method(),
+        hyperparameters=spec.stored_hyperparameters(),
+        training_file=body.training_file,
+        validation_file=body.validation_file,
+        adapter_name=adapter_name,
+        seed=body.seed if body.seed is not None else secrets.randbelow(2**31),
+    )
+    try:
+        session.add(job)
+        session.flush()
+        add_event(session, job, f"Validating training file: {body.training_file}")
+        training = _load_dataset(session, tenant.id, body.training_file, "training_file")
+        validation = (
+            _load_dataset(session, tenant.id, body.validation_file, "validation_file")
+            if body.validation_file
+            else None
+        )
+        _check_files(training, validation)
+        job.status = JobStatus.QUEUED
+        add_event(
+            session,
+            job,
+            "Files validated; job queued",
+            data={
+                "training_rows": training.row_count,
+                "validation_rows": validation.row_count if validation else None,
+            },
+        )
+        session.commit()
+    except IntegrityError:
+        # Another request reserved the same adapter name between our check and the insert.
+        session.rollback()
+        raise conflict(
+            f"An adapter or active job already uses the name '{adapter_name}'.",
+            "adapter_name",
+            "adapter_name_taken",
+        ) from None
+    except BaseException:
+        session.rollback()
+        raise
+    return job

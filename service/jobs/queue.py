@@ -1,0 +1,474 @@
+"""The job queue, in the database: claims, leases, events, checkpoints, outcomes.
+
+Pure SQLAlchemy, no HTTP and no core. A worker:
+
+1. ``claim_next_job`` — wins at most one queued job, atomically, with a lease;
+2. ``heartbeat`` / ``report_progress`` — extend the lease; ``False`` means it was lost (the
+   job was requeued or cancelled elsewhere) and the worker must stop without writing more;
+3. ``save_checkpoint`` / ``latest_checkpoint`` — resumable state, so a requeued job resumes;
+4. ``finish_success`` / ``finish_failure`` / ``finish_cancelled`` — the outcome.
+
+Any process may call ``requeue_expired`` (the embedded worker does, each poll) to return jobs
+whose worker died to the queue.
+
+Every function commits its own transaction, except ``add_event`` which joins the caller's.
+Worker-side writes name the ``worker_id`` explicitly and only apply while that worker still
+holds the lease; ``save_checkpoint`` and ``finish_*`` raise :class:`LeaseLostError` otherwise.
+
+SQLite note: call these with a session that has no transaction open. pysqlite begins the
+transaction at the first write, so each UPDATE below takes the write lock (waiting up to
+busy_timeout) and evaluates its WHERE clause against the latest committed state.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import ColumnElement, func, select, update
+from sqlalchemy.orm import Session, undefer
+
+from service.db.models import (
+    ACTIVE_STATUSES,
+    LEASED_STATUSES,
+    Adapter,
+    Checkpoint,
+    Job,
+    JobEvent,
+    JobStatus,
+    Tenant,
+)
+from service.db.types import utcnow
+
+
+class LeaseLostError(RuntimeError):
+    """The worker no longer holds this job's lease; it must drop the job silently."""
+
+
+# --- events ----------------------------------------------------------------------------------
+
+
+def add_event(
+    session: Session,
+    job: Job,
+    message: str,
+    *,
+    level: str = "info",
+    type: str = "message",
+    data: dict[str, Any] | None = None,
+) -> JobEvent:
+    """Add an event to the caller's transaction (no commit)."""
+    event = JobEvent(
+        job_id=job.id, tenant_id=job.tenant_id, message=message, level=level, type=type, data=data
+    )
+    session.add(event)
+    return event
+
+
+# --- claiming and leases ---------------------------------------------------------------------
+
+
+def _queued_oldest() -> Any:
+    return (
+        select(Job.id)
+        .where(Job.status == JobStatus.QUEUED)
+        .order_by(Job.created_at, Job.id)
+        .limit(1)
+    )
+
+
+def claim_next_job(
+    session: Session, worker_id: str, lease_seconds: float, *, now: datetime | None = None
+) -> Job | None:
+    """Move the oldest queued job to ``running`` under ``worker_id``'s lease, or None.
+
+    One statement decides the winner: ``UPDATE ... WHERE id = (oldest queued) AND status =
+    'queued'``. Concurrent workers serialise on the row (PostgreSQL) or the database write
+    lock (SQLite); the loser's ``status = 'queued'`` no longer holds and it updates nothing.
+    On PostgreSQL the candidate is picked with ``FOR UPDATE SKIP LOCKED`` so workers take
+    different jobs instead of queueing behind one row.
+    """
+    now = now or utcnow()
+    values = {
+        "status": JobStatus.RUNNING,
+        "worker_id": worker_id,
+        "lease_expires_at": now + timedelta(seconds=lease_seconds),
+        "started_at": func.coalesce(Job.started_at, now),
+        "cancel_requested": False,
+    }
+    if session.get_bind().dialect.name == "postgresql":
+        job_id = session.scalar(_queued_oldest().with_for_update(skip_locked=True))
+        if job_id is None:
+            session.rollback()
+            return None
+        where: ColumnElement[bool] = Job.id == job_id
+    else:
+        where = Job.id == _queued_oldest().scalar_subquery()
+    claimed = session.execute(
+        update(Job)
+        .where(where, Job.status == JobStatus.QUEUED)
+        .values(**values)
+        .returning(Job.id)
+        .execution_options(synchronize_session=False)
+    ).scalar_one_or_none()
+    if claimed is None:
+        session.rollback()
+        return None
+    job = session.get(Job, claimed, populate_existing=True)
+    assert job is not None
+    add_event(
+        session,
+        job,
+        f"Job started on worker {worker_id}" + (f" (retry {job.attempts})" if job.attempts else ""),
+        data={"worker_id": worker_id, "attempts": job.attempts},
+    )
+    session.commit()
+    return job
+
+
+def _owned(job_id: str, worker_id: str) -> tuple[ColumnElement[bool], ...]:
+    return (Job.id == job_id, Job.worker_id == worker_id, Job.status.in_(LEASED_STATUSES))
+
+
+def heartbeat(
+    session: Session,
+    job_id: str,
+    worker_id: str,
+    lease_seconds: float,
+    *,
+    now: datetime | None = None,
+) -> bool:
+    """Extend the lease; False if ``worker_id`` no longer holds it."""
+    now = now or utcnow()
+    result = session.execute(
+        update(Job)
+        .where(*_owned(job_id, worker_id))
+        .values(lease_expires_at=now + timedelta(seconds=lease_seconds))
+        .execution_options(synchronize_session=False)
+    )
+    session.commit()
+    return result.rowcount == 1  # type: ignore[attr-defined]
+
+
+def report_progress(
+    session: Session,
+    job_id: str,
+    worker_id: str,
+    lease_seconds: float,
+    *,
+    step: int,
+    total_steps: int | None = None,
+    epoch: float | None = None,
+    metrics: dict[str, Any] | None = None,
+    trained_tokens: int | None = None,
+    estimated_finish: datetime | None = None,
+    now: datetime | None = None,
+) -> bool:
+    """Record progress and extend the lease in one write; False if the lease was lost."""
+    now = now or utcnow()
+    values: dict[str, Any] = {
+        "step": step,
+        "lease_expires_at": now + timedelta(seconds=lease_seconds),
+    }
+    optional = {
+        "total_steps": total_steps,
+        "epoch": epoch,
+        "metrics": metrics,
+        "trained_tokens": trained_tokens,
+        "estimated_finish": estimated_finish,
+    }
+    values.update({k: v for k, v in optional.items() if v is not None})
+    result = session.execute(
+        update(Job)
+        .where(*_owned(job_id, worker_id))
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    session.commit()
+    return result.rowcount == 1  # type: ignore[attr-defined]
+
+
+def is_cancel_requested(session: Session, job_id: str) -> bool:
+    requested = session.scalar(select(Job.cancel_requested).where(Job.id == job_id))
+    # End the transaction: PostgreSQL would otherwise sit "idle in transaction" and SQLite
+    # keep an old snapshot until the worker's next write.
+    session.commit()
+    return bool(requested)
+
+
+def requeue_expired(
+    session: Session, *, max_attempts: int = 3, now: datetime | None = None
+) -> list[str]:
+    """Return jobs whose lease expired to the queue; the ids of the requeued jobs.
+
+    ``attempts`` counts expired leases. A job at ``max_attempts`` is failed instead (a job
+    that kills its worker every time must not loop forever), and one whose cancel was
+    requested is cancelled: its worker is gone, nobody else will honour the request.
+    """
+    now = now or utcnow()
+    expired = session.execute(
+        select(Job.id, Job.status, Job.attempts).where(
+            Job.status.in_(LEASED_STATUSES), Job.lease_expires_at < now
+        )
+    ).all()
+    requeued: list[str] = []
+    for job_id, status, attempts in expired:
+        attempts += 1
+        values: dict[str, Any] = {"worker_id": None, "lease_expires_at": None, "attempts": attempts}
+        if status == JobStatus.CANCEL_REQUESTED:
+            values |= {"status": JobStatus.CANCELLED, "finished_at": now}
+            level, message = "warning", "Worker lost while cancelling; job cancelled"
+        elif attempts >= max_attempts:
+            values |= {
+                "status": JobStatus.FAILED,
+                "finished_at": now,
+                "error": {
+                    "code": "worker_lost",
+                    "message": f"The worker running this job stopped responding {attempts} "
+                    "times; giving up.",
+                    "param": None,
+                },
+            }
+            level, message = "error", f"Worker lost {attempts} times; job failed"
+        else:
+            values["status"] = JobStatus.QUEUED
+            level, message = (
+                "warning",
+                f"Worker lost (lease expired); job requeued, retry {attempts}",
+            )
+        # Same conditions again: a heartbeat or another reaper may have got there first.
+        result = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status.in_(LEASED_STATUSES), Job.lease_expires_at < now)
+            .values(**values)
+            .execution_options(synchronize_session=False)
+        )
+        if result.rowcount != 1:  # type: ignore[attr-defined]
+            continue
+        job = session.get(Job, job_id, populate_existing=True)
+        assert job is not None
+        add_event(session, job, message, level=level, data={"attempts": attempts})
+        if values["status"] == JobStatus.QUEUED:
+            requeued.append(job_id)
+    session.commit()
+    return requeued
+
+
+def release_job(session: Session, job: Job, *, worker_id: str, reason: str) -> bool:
+    """Give a job back to the queue without counting an attempt (graceful shutdown)."""
+    result = session.execute(
+        update(Job)
+        .where(*_owned(job.id, worker_id), Job.status == JobStatus.RUNNING)
+        .values(status=JobStatus.QUEUED, worker_id=None, lease_expires_at=None)
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        session.rollback()
+        return False
+    add_event(session, job, f"Job requeued: {reason}", level="warning")
+    session.commit()
+    return True
+
+
+# --- checkpoints -----------------------------------------------------------------------------
+
+
+def _touch_owned(session: Session, job: Job, worker_id: str, **values: Any) -> None:
+    """Write ``values`` to the job if still leased by ``worker_id``; else roll back and raise."""
+    result = session.execute(
+        update(Job)
+        .where(*_owned(job.id, worker_id))
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        session.rollback()
+        raise LeaseLostError(f"worker {worker_id} no longer holds job {job.id}")
+
+
+def save_checkpoint(
+    session: Session,
+    job: Job,
+    *,
+    worker_id: str,
+    step: int,
+    state: bytes,
+    epoch: float | None = None,
+    metrics: dict[str, Any] | None = None,
+    keep_states: int = 2,
+) -> Checkpoint:
+    """Store a resumable checkpoint; older ones keep their metadata but drop their state.
+
+    ``keep_states`` bounds storage: only the newest few checkpoints keep their state blob.
+    """
+    _touch_owned(session, job, worker_id, step=step)
+    ckpt = Checkpoint(
+        job_id=job.id,
+        tenant_id=job.tenant_id,
+        step=step,
+        epoch=epoch,
+        metrics=metrics,
+        state=state,
+    )
+    session.add(ckpt)
+    session.flush()
+    keep = session.scalars(
+        select(Checkpoint.id)
+        .where(Checkpoint.job_id == job.id, Checkpoint.state.is_not(None))
+        .order_by(Checkpoint.step.desc(), Checkpoint.created_at.desc())
+        .limit(max(keep_states, 1))
+    ).all()
+    session.execute(
+        update(Checkpoint)
+        .where(
+            Checkpoint.job_id == job.id,
+            Checkpoint.state.is_not(None),
+            Checkpoint.id.not_in(keep),
+        )
+        .values(state=None)
+        .execution_options(synchronize_session=False)
+    )
+    add_event(
+        session,
+        job,
+        f"Checkpoint saved at step {step}",
+        type="checkpoint",
+        data={"checkpoint_id": ckpt.id, "step": step, "epoch": epoch},
+    )
+    session.commit()
+    return ckpt
+
+
+def latest_checkpoint(session: Session, job_id: str) -> Checkpoint | None:
+    """The newest checkpoint that still has its state (what a resumed run starts from)."""
+    return session.scalar(
+        select(Checkpoint)
+        .where(Checkpoint.job_id == job_id, Checkpoint.state.is_not(None))
+        .order_by(Checkpoint.step.desc(), Checkpoint.created_at.desc())
+        .limit(1)
+        .options(undefer(Checkpoint.state))
+    )
+
+
+def _refresh(session: Session, job: Job) -> None:
+    """Bring the caller's ``job`` object up to date after an outcome was written."""
+    if job in session:
+        session.refresh(job)
+
+
+# --- outcomes --------------------------------------------------------------------------------
+
+
+def next_adapter_version(session: Session, tenant_id: str) -> int:
+    """Bump and return the tenant's adapter counter (joins the caller's transaction)."""
+    version = session.execute(
+        update(Tenant)
+        .where(Tenant.id == tenant_id)
+        .values(adapter_seq=Tenant.adapter_seq + 1)
+        .returning(Tenant.adapter_seq)
+        .execution_options(synchronize_session=False)
+    ).scalar_one()
+    return int(version)
+
+
+def finish_success(
+    session: Session,
+    job: Job,
+    adapter_row: Adapter,
+    *,
+    worker_id: str,
+    metrics: dict[str, Any] | None = None,
+) -> Adapter:
+    """Insert the adapter and mark the job succeeded, in ONE transaction.
+
+    If the insert fails (e.g. the name was taken meanwhile) everything is rolled back, the
+    job stays running, and the ``IntegrityError`` propagates: the worker should then call
+    ``finish_failure``. Fields left unset on ``adapter_row`` (tenant, name, version, source
+    job, metrics) are filled from the job.
+    """
+    now = utcnow()
+    values: dict[str, Any] = {
+        "status": JobStatus.SUCCEEDED,
+        "fine_tuned_adapter": adapter_row.name or job.adapter_name,
+        "finished_at": now,
+        "lease_expires_at": None,
+        "estimated_finish": None,
+    }
+    if metrics is not None:
+        values["metrics"] = metrics
+    _touch_owned(session, job, worker_id, **values)
+    try:
+        adapter_row.tenant_id = adapter_row.tenant_id or job.tenant_id
+        adapter_row.name = adapter_row.name or job.adapter_name
+        adapter_row.source_job_id = adapter_row.source_job_id or job.id
+        if adapter_row.metrics is None:
+            adapter_row.metrics = metrics if metrics is not None else job.metrics
+        if adapter_row.version is None:
+            adapter_row.version = next_adapter_version(session, job.tenant_id)
+        session.add(adapter_row)
+        session.flush()
+        add_event(
+            session,
+            job,
+            f"Job succeeded: adapter '{adapter_row.name}' version {adapter_row.version}",
+            data={"adapter": adapter_row.name, "version": adapter_row.version},
+        )
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    _refresh(session, job)
+    return adapter_row
+
+
+def finish_failure(
+    session: Session,
+    job: Job,
+    *,
+    worker_id: str,
+    message: str,
+    code: str = "training_failed",
+    param: str | None = None,
+) -> None:
+    _touch_owned(
+        session,
+        job,
+        worker_id,
+        status=JobStatus.FAILED,
+        finished_at=utcnow(),
+        lease_expires_at=None,
+        estimated_finish=None,
+        error={"code": code, "message": message, "param": param},
+    )
+    add_event(session, job, f"Job failed: {message}", level="error", data={"code": code})
+    session.commit()
+    _refresh(session, job)
+
+
+def finish_cancelled(session: Session, job: Job, *, worker_id: str) -> None:
+    _touch_owned(
+        session,
+        job,
+        worker_id,
+        status=JobStatus.CANCELLED,
+        finished_at=utcnow(),
+        lease_expires_at=None,
+        estimated_finish=None,
+    )
+    add_event(session, job, "Job cancelled")
+    session.commit()
+    _refresh(session, job)
+
+
+# --- quota helpers (used at job creation) ----------------------------------------------------
+
+
+def active_job_count(session: Session, tenant_id: str) -> int:
+    return (
+        session.scalar(
+            select(func.count())
+            .select_from(Job)
+            .where(Job.tenant_id == tenant_id, Job.status.in_(ACTIVE_STATUSES))
+        )
+        or 0
+    )

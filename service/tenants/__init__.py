@@ -1,0 +1,1 @@
+"""Tenants and API keys: creation, hashing, lookup and first-start bootstrap."""

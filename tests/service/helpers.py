@@ -1,0 +1,149 @@
+"""Helpers shared by the service tests (request builders and the error-shape assertion)."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+ADMIN_KEY = "test-admin-key-0123456789"
+
+Headers = dict[str, str]
+
+# Not LORAPLEX_*: those are cleared for every test.
+POSTGRES_ADMIN_URL = os.environ.get(
+    "LPX_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+
+
+@contextmanager
+def scratch_postgres_database() -> Iterator[str]:
+    """A new, empty PostgreSQL database for the duration; skips if the server is down."""
+    engine = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except Exception:
+        engine.dispose()
+        pytest.skip(f"PostgreSQL is not reachable at {POSTGRES_ADMIN_URL}")
+    name = f"loraplex_test_{uuid.uuid4().hex[:12]}"
+    with engine.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield make_url(POSTGRES_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with engine.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        engine.dispose()
+
+
+def assert_error(
+    resp: httpx.Response,
+    status: int,
+    *,
+    code: str | None = None,
+    param: str | None = None,
+    type: str | None = None,
+    contains: str | None = None,
+) -> dict[str, Any]:
+    """Check the status and that the body is exactly the standard error shape."""
+    assert resp.status_code == status, resp.text
+    body = resp.json()
+    assert set(body) >= {"error"}, body
+    error = body["error"]
+    assert set(error) == {"message", "type", "param", "code"}, error
+    assert isinstance(error["message"], str) and error["message"]
+    if code is not None:
+        assert error["code"] == code, error
+    if param is not None:
+        assert error["param"] == param, error
+    if type is not None:
+        assert error["type"] == type, error
+    if contains is not None:
+        assert contains in error["message"], error
+    return error
+
+
+def jsonl(rows: list[dict[str, Any]]) -> bytes:
+    return "".join(json.dumps(r) + "\n" for r in rows).encode()
+
+
+CLASSIFICATION_ROWS = [
+    {"text": "a wonderful film", "label": "pos"},
+    {"text": "dull and slow", "label": "neg"},
+    {"text": "loved every minute", "label": "pos"},
+    {"text": "a waste of time", "label": "neg"},
+]
+
+
+def upload(
+    client: TestClient,
+    headers: Headers,
+    data: bytes,
+    *,
+    kind: str = "classification",
+    filename: str = "train.jsonl",
+    content_type: str = "application/octet-stream",
+    name: str | None = None,
+) -> httpx.Response:
+    form = {"kind": kind} | ({"name": name} if name else {})
+    return client.post(
+        "/v1/datasets", headers=headers, data=form, files={"file": (filename, data, content_type)}
+    )
+
+
+def create_dataset(
+    client: TestClient,
+    headers: Headers,
+    rows: list[dict[str, Any]] | None = None,
+    *,
+    kind: str = "classification",
+) -> str:
+    resp = upload(client, headers, jsonl(rows or CLASSIFICATION_ROWS), kind=kind)
+    assert resp.status_code == 200, resp.text
+    dataset_id: str = resp.json()["id"]
+    return dataset_id
+
+
+def job_body(training_file: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "training_file": training_file,
+        "method": {"type": "lora", "lora": {"r": 8}, "hyperparameters": {"n_epochs": 1}},
+        **extra,
+    }
+
+
+def adapter_row(tenant_id: str, name: str, **extra: Any) -> Any:
+    """An unsaved Adapter row with plausible metadata and fake weights.
+
+    Pass ``version=None`` (and ``name=""``) to let ``finish_success`` fill them in.
+    """
+    from service.db.models import Adapter
+
+    values: dict[str, Any] = {
+        "tenant_id": tenant_id,
+        "name": name,
+        "version": 1,
+        "method": "lora",
+        "task": "classification",
+        "config": {"r": 8, "alpha": 16},
+        "weights": b"\x00" * 64,
+        "label_names": ["neg", "pos"],
+        "metrics": {"accuracy": 0.9},
+        "trainable_params": 1234,
+        "trainable_pct": 0.5,
+        "size_bytes": 64,
+        "base_model": "tiny",
+        "base_fingerprint": "sha256:abc",
+    }
+    values.update(extra)
+    return Adapter(**values)

@@ -1,0 +1,78 @@
+"""``/v1/adapters``: metadata only, per tenant, cursor pages by name."""
+
+from __future__ import annotations
+
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.db.models import Adapter, Tenant
+from tests.service.helpers import Headers, adapter_row, assert_error
+
+
+def _add(db: sessionmaker[Session], tenant: str, *names: str) -> None:
+    with db() as session:
+        tenant_id = session.scalars(select(Tenant.id).where(Tenant.name == tenant)).one()
+        for name in names:
+            session.add(adapter_row(tenant_id, name, weights=b"WEIGHTS" * 100))
+            session.commit()  # one commit each: distinct created_at, so a stable order
+
+
+def test_get_adapter_metadata_without_weights(
+    client: TestClient, auth: Headers, db: sessionmaker[Session]
+) -> None:
+    _add(db, "default", "sentiment")
+    resp = client.get("/v1/adapters/sentiment", headers=auth)
+    assert resp.status_code == 200
+    body = resp.json()
+    assert body["object"] == "adapter" and body["name"] == "sentiment"
+    assert body["id"].startswith("adapter-") and body["version"] == 1
+    assert body["label_names"] == ["neg", "pos"] and body["config"] == {"r": 8, "alpha": 16}
+    assert body["trainable_params"] == 1234 and body["size_bytes"] == 64
+    assert "weights" not in body and "WEIGHTS" not in resp.text
+
+
+def test_list_and_paginate_by_name(
+    client: TestClient, auth: Headers, db: sessionmaker[Session]
+) -> None:
+    _add(db, "default", "a1", "a2", "a3")
+    page = client.get("/v1/adapters?limit=2", headers=auth).json()
+    assert [a["name"] for a in page["data"]] == ["a3", "a2"] and page["has_more"] is True
+    assert page["last_id"] == "a2"
+    page2 = client.get("/v1/adapters?limit=2&after=a2", headers=auth).json()
+    assert [a["name"] for a in page2["data"]] == ["a1"] and page2["has_more"] is False
+    assert "WEIGHTS" not in str(page) + str(page2)
+
+
+def test_delete_adapter(client: TestClient, auth: Headers, db: sessionmaker[Session]) -> None:
+    _add(db, "default", "gone")
+    resp = client.delete("/v1/adapters/gone", headers=auth)
+    assert resp.status_code == 200
+    body = resp.json()
+    assert body["object"] == "adapter" and body["deleted"] is True
+    assert body["name"] == "gone" and body["id"].startswith("adapter-")
+    assert_error(client.get("/v1/adapters/gone", headers=auth), 404, code="adapter_not_found")
+    with db() as session:
+        assert session.scalars(select(Adapter)).all() == []
+
+
+def test_unknown_adapter_is_404(client: TestClient, auth: Headers) -> None:
+    assert_error(client.get("/v1/adapters/nope", headers=auth), 404, code="adapter_not_found")
+    assert_error(client.delete("/v1/adapters/nope", headers=auth), 404)
+
+
+def test_adapters_are_tenant_isolated(
+    client: TestClient, auth: Headers, other_auth: Headers, db: sessionmaker[Session]
+) -> None:
+    _add(db, "default", "shared-name")
+    _add(db, "other", "shared-name", "theirs")
+    mine = client.get("/v1/adapters", headers=auth).json()["data"]
+    theirs = client.get("/v1/adapters", headers=other_auth).json()["data"]
+    assert [a["name"] for a in mine] == ["shared-name"]
+    assert {a["name"] for a in theirs} == {"shared-name", "theirs"}
+    assert mine[0]["id"] not in {a["id"] for a in theirs}
+    assert_error(client.get("/v1/adapters/theirs", headers=auth), 404)
+    assert_error(client.delete("/v1/adapters/theirs", headers=auth), 404)
+    # Deleting my adapter leaves their same-named one alone.
+    client.delete("/v1/adapters/shared-name", headers=auth)
+    assert client.get("/v1/adapters/shared-name", headers=other_auth).status_code == 200

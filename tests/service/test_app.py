@@ -1,0 +1,98 @@
+"""The app factory: lifespan hooks, probes, OpenAPI, and the CLI."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+
+from service.cli import main
+from service.config import Settings
+from service.db.migrate import current_revision
+from service.db.models import ApiKey, Tenant
+from service.db.session import make_engine, make_sessionmaker
+from service.main import LifespanHook, create_app
+from service.tenants.keys import hash_api_key
+from tests.service.helpers import assert_error
+
+
+def test_hooks_run_in_order_and_exit_in_reverse(settings: Settings) -> None:
+    calls: list[str] = []
+
+    def hook(name: str) -> LifespanHook:
+        @asynccontextmanager
+        async def run(app: FastAPI) -> AsyncIterator[None]:
+            # Start-up has migrated and bootstrapped before any hook runs.
+            assert current_revision(app.state.settings.db_url) == "0001"
+            calls.append(f"start {name}")
+            yield
+            calls.append(f"stop {name}")
+
+        return run
+
+    with TestClient(create_app(settings, hooks=[hook("model"), hook("worker")])):
+        assert calls == ["start model", "start worker"]
+    assert calls == ["start model", "start worker", "stop worker", "stop model"]
+
+
+def test_healthz_and_readyz(client: TestClient) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/readyz").json() == {"status": "ready", "checks": {"database": "ok"}}
+
+
+def test_readyz_is_503_until_expected_parts_are_ready(client: TestClient) -> None:
+    readiness = client.app.state.readiness  # type: ignore[attr-defined]
+    readiness.expect("model", "loading weights")
+    resp = client.get("/readyz")
+    assert_error(resp, 503, code="not_ready", contains="model")
+    assert resp.json()["checks"] == {"database": "ok", "model": "loading weights"}
+    readiness.ready("model")
+    assert client.get("/readyz").json()["checks"] == {"database": "ok", "model": "ok"}
+
+
+def test_openapi_documents_every_resource(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    paths = set(spec["paths"])
+    for path in (
+        "/v1/datasets",
+        "/v1/datasets/{dataset_id}",
+        "/v1/fine_tuning/jobs",
+        "/v1/fine_tuning/jobs/{job_id}/events",
+        "/v1/fine_tuning/jobs/{job_id}/checkpoints",
+        "/v1/fine_tuning/jobs/{job_id}/cancel",
+        "/v1/adapters/{name}",
+        "/v1/tenants/{tenant_id}/keys/{key_id}",
+        "/healthz",
+        "/readyz",
+    ):
+        assert path in paths, path
+    upload = spec["paths"]["/v1/datasets"]["post"]["requestBody"]["content"]
+    assert set(upload) == {"multipart/form-data", "application/json"}
+    assert client.get("/docs").status_code == 200
+
+
+def test_cli_migrate_and_create_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+    assert main(["migrate", "--url", url]) == 0
+    assert "0001" in capsys.readouterr().out
+
+    assert main(["admin", "create-key", "--tenant", "acme", "--admin", "--url", url]) == 0
+    out = capsys.readouterr()
+    secret = out.out.strip()
+    assert secret.startswith("lpx_") and "created tenant 'acme'" in out.err
+
+    engine = make_engine(url)
+    with make_sessionmaker(engine)() as session:
+        key = session.scalars(select(ApiKey)).one()
+        assert key.key_hash == hash_api_key(secret) and key.is_admin
+        assert session.scalars(select(Tenant.name)).all() == ["acme"]
+    engine.dispose()
+
+
+def test_cli_worker_is_a_stub(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["worker"]) == 2

@@ -1,0 +1,364 @@
+"""``/v1/fine_tuning/jobs`` over HTTP: creation checks, listing, events, cancel, isolation."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.db.models import Job, Tenant
+from service.jobs import queue
+from tests.service.helpers import (
+    Headers,
+    adapter_row,
+    assert_error,
+    create_dataset,
+    job_body,
+)
+
+JOBS = "/v1/fine_tuning/jobs"
+
+
+def _create(client: TestClient, headers: Headers, body: dict[str, Any]) -> dict[str, Any]:
+    resp = client.post(JOBS, json=body, headers=headers)
+    assert resp.status_code == 200, resp.text
+    job: dict[str, Any] = resp.json()
+    return job
+
+
+def _tenant_id(db: sessionmaker[Session], name: str = "default") -> str:
+    with db() as session:
+        return session.scalars(select(Tenant.id).where(Tenant.name == name)).one()
+
+
+def test_create_job_is_queued_and_openai_shaped(client: TestClient, auth: Headers) -> None:
+    train = create_dataset(client, auth)
+    valid = create_dataset(
+        client, auth, [{"text": "fine", "label": "pos"}, {"text": "meh", "label": "neg"}]
+    )
+    body = job_body(train, validation_file=valid, adapter_name="sentiment-v1", seed=42)
+    body["method"]["hyperparameters"] |= {"learning_rate": 1e-3, "lr_scheduler": "cosine"}
+    job = _create(client, auth, body)
+
+    assert job["id"].startswith("ftjob-") and job["object"] == "fine_tuning.job"
+    assert job["status"] == "queued"
+    assert job["training_file"] == train and job["validation_file"] == valid
+    assert job["adapter_name"] == "sentiment-v1" and job["seed"] == 42
+    assert job["model"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert job["method"] == {
+        "type": "lora",
+        "lora": {"r": 8},
+        "hyperparameters": {"n_epochs": 1, "learning_rate": 1e-3, "lr_scheduler": "cosine"},
+    }
+    assert job["hyperparameters"] == job["method"]["hyperparameters"]
+    assert job["fine_tuned_adapter"] is None and job["fine_tuned_model"] is None
+    assert job["error"] is None and job["finished_at"] is None
+    assert job["progress"] == {"step": 0, "total_steps": None, "epoch": None}
+    assert job["metrics"] == {} and job["estimated_finish"] is None
+    assert isinstance(job["created_at"], int)
+
+    assert client.get(f"{JOBS}/{job['id']}", headers=auth).json() == job
+    events = client.get(f"{JOBS}/{job['id']}/events", headers=auth).json()
+    assert [e["message"] for e in events["data"]] == [
+        "Files validated; job queued",
+        f"Validating training file: {train}",
+    ]
+    assert events["data"][0]["object"] == "fine_tuning.job.event"
+    assert events["data"][0]["id"].startswith("ftevent-")
+
+
+def test_generated_adapter_name_and_seed(client: TestClient, auth: Headers) -> None:
+    train = create_dataset(client, auth)
+    job = _create(client, auth, job_body(train))
+    assert re.fullmatch(r"lora-[0-9a-f]{6}", job["adapter_name"])
+    assert isinstance(job["seed"], int)
+    job = _create(client, auth, job_body(train, suffix="spam"))
+    assert re.fullmatch(r"lora-spam-[0-9a-f]{6}", job["adapter_name"])
+
+
+def test_unknown_training_file_is_404(client: TestClient, auth: Headers) -> None:
+    resp = client.post(JOBS, json=job_body("file-nope"), headers=auth)
+    assert_error(resp, 404, param="training_file", code="dataset_not_found")
+    assert client.get(JOBS, headers=auth).json()["data"] == []  # nothing half-created
+
+
+def test_unknown_validation_file_is_404(client: TestClient, auth: Headers) -> None:
+    train = create_dataset(client, auth)
+    resp = client.post(JOBS, json=job_body(train, validation_file="file-nope"), headers=auth)
+    assert_error(resp, 404, param="validation_file")
+
+
+def test_other_tenants_file_is_404(client: TestClient, auth: Headers, other_auth: Headers) -> None:
+    theirs = create_dataset(client, other_auth)
+    assert_error(client.post(JOBS, json=job_body(theirs), headers=auth), 404, param="training_file")
+
+
+def test_validation_labels_must_be_known(client: TestClient, auth: Headers) -> None:
+    train = create_dataset(client, auth)
+    valid = create_dataset(
+        client, auth, [{"text": "a", "label": "pos"}, {"text": "b", "label": "neutral"}]
+    )
+    error = assert_error(
+        client.post(JOBS, json=job_body(train, validation_file=valid), headers=auth),
+        422,
+        param="validation_file",
+        code="unknown_validation_labels",
+    )
+    assert "'neutral'" in error["message"]
+
+
+def test_dataset_kinds_must_match(client: TestClient, auth: Headers) -> None:
+    train = create_dataset(client, auth)
+    prefs = create_dataset(client, auth, [{"chosen": "a", "rejected": "b"}], kind="preference")
+    assert_error(
+        client.post(JOBS, json=job_body(train, validation_file=prefs), headers=auth),
+        422,
+        param="validation_file",
+        code="dataset_kind_mismatch",
+    )
+
+
+def test_method_shape_errors(client: TestClient, auth: Headers) -> None:
+    train = create_dataset(client, auth)
+    body = job_body(train)
+    body["method"] = {"type": "dora"}
+    assert_error(client.post(JOBS, json=body, headers=auth), 422, param="method.type")
+    body["method"] = {"type": "adapter", "lora": {"r": 8}}
+    error = assert_error(client.post(JOBS, json=body, headers=auth), 422, param="method")
+    assert "'lora'" in error["message"]
+    body["method"] = {"type": "lora", "hyperparameters": {"n_epochs": 0}}
+    assert_error(
+        client.post(JOBS, json=body, headers=auth), 422, param="method.hyperparameters.n_epochs"
+    )
+    body = job_body(train, adapter_name="has space")
+    assert_error(client.post(JOBS, json=body, headers=auth), 422, param="adapter_name")
+    body = job_body(train, surprise=True)
+    assert_error(client.post(JOBS, json=body, headers=auth), 422, param="surprise")
+
+
+def test_unknown_model_is_404(client: TestClient, auth: Headers) -> None:
+    train = create_dataset(client, auth)
+    resp = client.post(JOBS, json=job_body(train, model="gpt-17"), headers=auth)
+    assert_error(resp, 404, param="model", code="model_not_found")
+
+
+def test_duplicate_adapter_name_of_active_job_is_409(client: TestClient, auth: Headers) -> None:
+    train = create_dataset(client, auth)
+    _create(client, auth, job_body(train, adapter_name="mine"))
+    resp = client.post(JOBS, json=job_body(train, adapter_name="mine"), headers=auth)
+    assert_error(resp, 409, param="adapter_name", code="adapter_name_taken")
+
+
+def test_duplicate_adapter_name_of_existing_adapter_is_409(
+    client: TestClient, auth: Headers, db: sessionmaker[Session]
+) -> None:
+    with db() as session:
+        session.add(adapter_row(_tenant_id(db), "taken"))
+        session.commit()
+    train = create_dataset(client, auth)
+    resp = client.post(JOBS, json=job_body(train, adapter_name="taken"), headers=auth)
+    assert_error(resp, 409, param="adapter_name", code="adapter_name_taken")
+
+
+def test_name_is_free_again_after_cancel_and_per_tenant(
+    client: TestClient, auth: Headers, other_auth: Headers
+) -> None:
+    train = create_dataset(client, auth)
+    job = _create(client, auth, job_body(train, adapter_name="reuse"))
+    client.post(f"{JOBS}/{job['id']}/cancel", headers=auth)
+    _create(client, auth, job_body(train, adapter_name="reuse"))
+    # Another tenant's names never collide with ours.
+    theirs = create_dataset(client, other_auth)
+    _create(client, other_auth, job_body(theirs, adapter_name="reuse"))
+
+
+def test_concurrent_job_quota_is_429(client: TestClient, auth: Headers) -> None:
+    client.app.state.settings.max_concurrent_jobs_per_tenant = 2  # type: ignore[attr-defined]
+    train = create_dataset(client, auth)
+    jobs = [_create(client, auth, job_body(train)) for _ in range(2)]
+    resp = client.post(JOBS, json=job_body(train), headers=auth)
+    assert_error(resp, 429, code="concurrent_jobs_limit", type="rate_limit_error")
+    client.post(f"{JOBS}/{jobs[0]['id']}/cancel", headers=auth)
+    _create(client, auth, job_body(train))
+
+
+def test_adapter_quota_is_429(client: TestClient, auth: Headers, db: sessionmaker[Session]) -> None:
+    client.app.state.settings.max_adapters_per_tenant = 2  # type: ignore[attr-defined]
+    with db() as session:
+        session.add(adapter_row(_tenant_id(db), "one"))
+        session.commit()
+    train = create_dataset(client, auth)
+    _create(client, auth, job_body(train))  # 1 adapter + this job = 2
+    assert_error(client.post(JOBS, json=job_body(train), headers=auth), 429, code="adapter_limit")
+
+
+def test_cancel_queued_job_is_immediate(client: TestClient, auth: Headers) -> None:
+    job = _create(client, auth, job_body(create_dataset(client, auth)))
+    resp = client.post(f"{JOBS}/{job['id']}/cancel", headers=auth)
+    assert resp.status_code == 200
+    assert resp.json()["status"] == "cancelled" and resp.json()["finished_at"] is not None
+
+
+def test_cancel_running_job_requests_cancellation(
+    client: TestClient, auth: Headers, db: sessionmaker[Session]
+) -> None:
+    job = _create(client, auth, job_body(create_dataset(client, auth)))
+    with db() as session:
+        claimed = queue.claim_next_job(session, "w1", 30)
+        assert claimed is not None and claimed.id == job["id"]
+    resp = client.post(f"{JOBS}/{job['id']}/cancel", headers=auth)
+    assert resp.json()["status"] == "cancel_requested"
+    with db() as session:
+        assert queue.is_cancel_requested(session, job["id"])
+    # Asking again is harmless.
+    assert client.post(f"{JOBS}/{job['id']}/cancel", headers=auth).json()["status"] == (
+        "cancel_requested"
+    )
+    with db() as session:
+        row = session.get(Job, job["id"])
+        assert row is not None
+        queue.finish_cancelled(session, row, worker_id="w1")
+    assert client.get(f"{JOBS}/{job['id']}", headers=auth).json()["status"] == "cancelled"
+
+
+def test_cancel_terminal_job_is_409(client: TestClient, auth: Headers) -> None:
+    job = _create(client, auth, job_body(create_dataset(client, auth)))
+    client.post(f"{JOBS}/{job['id']}/cancel", headers=auth)
+    error = assert_error(
+        client.post(f"{JOBS}/{job['id']}/cancel", headers=auth), 409, code="job_not_cancellable"
+    )
+    assert "cancelled" in error["message"]
+
+
+def test_cancel_succeeded_job_is_409(
+    client: TestClient, auth: Headers, db: sessionmaker[Session]
+) -> None:
+    job = _create(client, auth, job_body(create_dataset(client, auth), adapter_name="done"))
+    with db() as session:
+        claimed = queue.claim_next_job(session, "w1", 30)
+        assert claimed is not None
+        queue.finish_success(
+            session, claimed, adapter_row(claimed.tenant_id, "", version=None), worker_id="w1"
+        )
+    body = client.get(f"{JOBS}/{job['id']}", headers=auth).json()
+    assert body["status"] == "succeeded" and body["fine_tuned_adapter"] == "done"
+    assert body["fine_tuned_model"] == "done"
+    assert_error(client.post(f"{JOBS}/{job['id']}/cancel", headers=auth), 409)
+
+
+def test_jobs_are_tenant_isolated(client: TestClient, auth: Headers, other_auth: Headers) -> None:
+    job = _create(client, auth, job_body(create_dataset(client, auth)))
+    for path in ("", "/events", "/checkpoints"):
+        assert_error(
+            client.get(f"{JOBS}/{job['id']}{path}", headers=other_auth), 404, code="job_not_found"
+        )
+    assert_error(client.post(f"{JOBS}/{job['id']}/cancel", headers=other_auth), 404)
+    assert client.get(JOBS, headers=other_auth).json()["data"] == []
+    assert client.get(f"{JOBS}/{job['id']}", headers=auth).json()["status"] == "queued"
+
+
+def test_job_list_cursor_pagination(client: TestClient, auth: Headers) -> None:
+    client.app.state.settings.max_concurrent_jobs_per_tenant = 10  # type: ignore[attr-defined]
+    train = create_dataset(client, auth)
+    ids = [_create(client, auth, job_body(train))["id"] for _ in range(5)][::-1]
+    seen: list[str] = []
+    after: str | None = None
+    while True:
+        url = f"{JOBS}?limit=2" + (f"&after={after}" if after else "")
+        page = client.get(url, headers=auth).json()
+        seen += [j["id"] for j in page["data"]]
+        if not page["has_more"]:
+            break
+        after = page["data"][-1]["id"]
+    assert seen == ids
+
+
+def test_events_pagination_and_order(
+    client: TestClient, auth: Headers, db: sessionmaker[Session]
+) -> None:
+    job = _create(client, auth, job_body(create_dataset(client, auth)))
+    with db() as session:
+        row = session.get(Job, job["id"])
+        assert row is not None
+        for i in range(5):
+            queue.add_event(session, row, f"step {i}", type="metrics", data={"step": i})
+        session.commit()
+    url = f"{JOBS}/{job['id']}/events"
+    page = client.get(f"{url}?limit=3", headers=auth).json()
+    assert [e["message"] for e in page["data"]] == ["step 4", "step 3", "step 2"]
+    assert page["has_more"] is True and page["data"][0]["data"] == {"step": 4}
+    page2 = client.get(f"{url}?limit=3&after={page['data'][-1]['id']}", headers=auth).json()
+    assert [e["message"] for e in page2["data"]] == [
+        "step 1",
+        "step 0",
+        "Files validated; job queued",
+    ]
+    assert page2["has_more"] is True
+    page3 = client.get(f"{url}?limit=3&after={page2['last_id']}", headers=auth).json()
+    assert [e["message"] for e in page3["data"]] == [
+        f"Validating training file: {job['training_file']}"
+    ]
+    assert page3["has_more"] is False
+    asc = client.get(f"{url}?order=asc&limit=2", headers=auth).json()
+    assert asc["data"][0]["message"].startswith("Validating")
+    assert_error(client.get(f"{url}?after=bogus", headers=auth), 422, param="after")
+
+
+def test_checkpoints_listing_hides_state(
+    client: TestClient, auth: Headers, db: sessionmaker[Session]
+) -> None:
+    job = _create(client, auth, job_body(create_dataset(client, auth), adapter_name="ck"))
+    with db() as session:
+        claimed = queue.claim_next_job(session, "w1", 30)
+        assert claimed is not None
+        for step in (10, 20):
+            queue.save_checkpoint(
+                session,
+                claimed,
+                worker_id="w1",
+                step=step,
+                epoch=step / 20,
+                metrics={"loss": 1 / step},
+                state=b"STATE" * 10,
+            )
+    page = client.get(f"{JOBS}/{job['id']}/checkpoints", headers=auth).json()
+    assert [c["step_number"] for c in page["data"]] == [20, 10]
+    first = page["data"][0]
+    assert first["object"] == "fine_tuning.job.checkpoint"
+    assert first["fine_tuning_job_id"] == job["id"]
+    assert first["fine_tuned_model_checkpoint"] == "ck:ckpt-step-20"
+    assert first["metrics"] == {"loss": 0.05} and first["epoch"] == 1.0
+    assert "state" not in first and "STATE" not in str(page)
+
+
+def test_progress_is_reported(client: TestClient, auth: Headers, db: sessionmaker[Session]) -> None:
+    job = _create(client, auth, job_body(create_dataset(client, auth)))
+    with db() as session:
+        assert queue.claim_next_job(session, "w1", 30) is not None
+        assert queue.report_progress(
+            session,
+            job["id"],
+            "w1",
+            30,
+            step=5,
+            total_steps=50,
+            epoch=0.1,
+            metrics={"train_loss": 0.7},
+            trained_tokens=1000,
+        )
+    body = client.get(f"{JOBS}/{job['id']}", headers=auth).json()
+    assert body["status"] == "running" and body["started_at"] is not None
+    assert body["progress"] == {"step": 5, "total_steps": 50, "epoch": 0.1}
+    assert body["metrics"] == {"train_loss": 0.7} and body["trained_tokens"] == 1000
+
+
+def test_preference_jobs_accept_preference_files(
+    client: TestClient, auth: Headers, new_tenant: Callable[[str], Headers]
+) -> None:
+    prefs = create_dataset(client, auth, [{"chosen": "a", "rejected": "b"}], kind="preference")
+    job = _create(client, auth, job_body(prefs, validation_file=prefs))
+    assert job["status"] == "queued"

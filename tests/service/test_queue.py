@@ -1,0 +1,334 @@
+"""The database job queue: atomic claims, leases, requeue, checkpoints, outcomes."""
+
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.db.models import Adapter, Checkpoint, Job, JobEvent, JobStatus, Tenant
+from service.db.types import utcnow
+from service.jobs import queue
+from tests.service.helpers import adapter_row
+
+Factory = sessionmaker[Session]
+
+
+def _tenant(db: Factory, name: str = "t") -> str:
+    with db() as session:
+        tenant = Tenant(name=name)
+        session.add(tenant)
+        session.commit()
+        return tenant.id
+
+
+def _job(db: Factory, tenant_id: str, name: str = "ad", **extra: Any) -> str:
+    with db() as session:
+        job = Job(
+            tenant_id=tenant_id,
+            status=JobStatus.QUEUED,
+            model="tiny",
+            method={"type": "lora", "lora": {}},
+            hyperparameters={},
+            training_file="file-x",
+            adapter_name=name,
+            seed=1,
+            **extra,
+        )
+        session.add(job)
+        session.commit()
+        return job.id
+
+
+def _get(db: Factory, job_id: str) -> Job:
+    with db() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        return job
+
+
+def _events(db: Factory, job_id: str) -> list[str]:
+    with db() as session:
+        return list(
+            session.scalars(
+                select(JobEvent.message).where(JobEvent.job_id == job_id).order_by(JobEvent.id)
+            )
+        )
+
+
+def test_claim_takes_oldest_queued_job(migrated_db: Factory) -> None:
+    tenant = _tenant(migrated_db)
+    first = _job(migrated_db, tenant, "a")
+    second = _job(migrated_db, tenant, "b")
+    with migrated_db() as session:
+        job = queue.claim_next_job(session, "w1", 30)
+        assert job is not None and job.id == first
+        assert job.status == JobStatus.RUNNING and job.worker_id == "w1"
+        assert job.started_at is not None and job.lease_expires_at is not None
+        assert job.lease_expires_at > utcnow() + timedelta(seconds=25)
+        job2 = queue.claim_next_job(session, "w2", 30)
+        assert job2 is not None and job2.id == second
+        assert queue.claim_next_job(session, "w3", 30) is None
+    assert _events(migrated_db, first) == ["Job started on worker w1"]
+
+
+def test_two_sessions_race_for_one_job_exactly_one_wins(migrated_db: Factory) -> None:
+    tenant = _tenant(migrated_db)
+    job_id = _job(migrated_db, tenant)
+    n_workers = 8
+    barrier = threading.Barrier(n_workers)
+    results: list[str | None] = [None] * n_workers
+    errors: list[BaseException] = []
+
+    def worker(i: int) -> None:
+        try:
+            with migrated_db() as session:
+                barrier.wait()
+                job = queue.claim_next_job(session, f"w{i}", 30)
+                results[i] = job.id if job else None
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n_workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert not errors, errors
+    winners = [i for i, r in enumerate(results) if r is not None]
+    assert len(winners) == 1 and results[winners[0]] == job_id
+    job = _get(migrated_db, job_id)
+    assert job.worker_id == f"w{winners[0]}"
+    assert _events(migrated_db, job_id) == [f"Job started on worker w{winners[0]}"]
+
+
+def test_race_with_two_jobs_gives_each_to_one_worker(migrated_db: Factory) -> None:
+    tenant = _tenant(migrated_db)
+    jobs = {_job(migrated_db, tenant, "a"), _job(migrated_db, tenant, "b")}
+    barrier = threading.Barrier(4)
+    claimed: list[str] = []
+    lock = threading.Lock()
+
+    def worker(i: int) -> None:
+        with migrated_db() as session:
+            barrier.wait()
+            job = queue.claim_next_job(session, f"w{i}", 30)
+            if job is not None:
+                with lock:
+                    claimed.append(job.id)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert sorted(claimed) == sorted(jobs)
+
+
+def test_heartbeat_extends_lease_and_reports_loss(migrated_db: Factory) -> None:
+    job_id = _job(migrated_db, _tenant(migrated_db))
+    with migrated_db() as session:
+        job = queue.claim_next_job(session, "w1", 1)
+        assert job is not None
+        before = _get(migrated_db, job_id).lease_expires_at
+        assert queue.heartbeat(session, job_id, "w1", 60)
+        after = _get(migrated_db, job_id).lease_expires_at
+        assert before is not None and after is not None and after > before
+        assert not queue.heartbeat(session, job_id, "intruder", 60)
+
+
+def test_expired_lease_is_requeued_with_an_attempt_and_event(migrated_db: Factory) -> None:
+    job_id = _job(migrated_db, _tenant(migrated_db))
+    with migrated_db() as session:
+        assert queue.claim_next_job(session, "w1", 30) is not None
+        # Not expired yet: nothing happens.
+        assert queue.requeue_expired(session) == []
+        later = utcnow() + timedelta(seconds=31)
+        assert queue.requeue_expired(session, now=later) == [job_id]
+    job = _get(migrated_db, job_id)
+    assert job.status == JobStatus.QUEUED and job.attempts == 1
+    assert job.worker_id is None and job.lease_expires_at is None
+    assert "Worker lost (lease expired); job requeued, retry 1" in _events(migrated_db, job_id)
+    with migrated_db() as session:
+        # The old worker's lease is gone: its heartbeat fails and it may not finish the job.
+        assert not queue.heartbeat(session, job_id, "w1", 30)
+        with pytest.raises(queue.LeaseLostError):
+            queue.finish_failure(session, _get(migrated_db, job_id), worker_id="w1", message="x")
+        # Another worker picks it up again.
+        job2 = queue.claim_next_job(session, "w2", 30)
+        assert job2 is not None and job2.id == job_id and job2.attempts == 1
+    assert _events(migrated_db, job_id)[-1] == "Job started on worker w2 (retry 1)"
+
+
+def test_heartbeat_keeps_a_job_from_being_requeued(migrated_db: Factory) -> None:
+    job_id = _job(migrated_db, _tenant(migrated_db))
+    with migrated_db() as session:
+        assert queue.claim_next_job(session, "w1", 30) is not None
+        soon = utcnow() + timedelta(seconds=31)
+        assert queue.heartbeat(session, job_id, "w1", 60, now=utcnow() + timedelta(seconds=20))
+        assert queue.requeue_expired(session, now=soon) == []
+    assert _get(migrated_db, job_id).status == JobStatus.RUNNING
+
+
+def test_job_failed_after_max_attempts(migrated_db: Factory) -> None:
+    job_id = _job(migrated_db, _tenant(migrated_db), attempts=2)
+    with migrated_db() as session:
+        assert queue.claim_next_job(session, "w1", 30) is not None
+        later = utcnow() + timedelta(minutes=5)
+        assert queue.requeue_expired(session, max_attempts=3, now=later) == []
+    job = _get(migrated_db, job_id)
+    assert job.status == JobStatus.FAILED and job.attempts == 3
+    assert job.error is not None and job.error["code"] == "worker_lost"
+    assert job.finished_at is not None
+
+
+def test_expired_cancel_requested_job_is_cancelled(migrated_db: Factory) -> None:
+    job_id = _job(migrated_db, _tenant(migrated_db))
+    with migrated_db() as session:
+        assert queue.claim_next_job(session, "w1", 30) is not None
+        job = session.get(Job, job_id)
+        assert job is not None
+        job.status, job.cancel_requested = JobStatus.CANCEL_REQUESTED, True
+        session.commit()
+        queue.requeue_expired(session, now=utcnow() + timedelta(minutes=5))
+    assert _get(migrated_db, job_id).status == JobStatus.CANCELLED
+
+
+def test_finish_success_writes_adapter_and_job_together(migrated_db: Factory) -> None:
+    tenant = _tenant(migrated_db)
+    job_id = _job(migrated_db, tenant, "sentiment", metrics={"val_accuracy": 0.91})
+    with migrated_db() as session:
+        job = queue.claim_next_job(session, "w1", 30)
+        assert job is not None
+        adapter = queue.finish_success(
+            session, job, adapter_row(tenant, "", version=None, metrics=None), worker_id="w1"
+        )
+        assert adapter.name == "sentiment" and adapter.version == 1
+        assert adapter.source_job_id == job_id and adapter.metrics == {"val_accuracy": 0.91}
+        assert job.status == JobStatus.SUCCEEDED  # the caller's object is refreshed
+    job = _get(migrated_db, job_id)
+    assert job.fine_tuned_adapter == "sentiment" and job.finished_at is not None
+    assert job.lease_expires_at is None
+    assert _events(migrated_db, job_id)[-1] == "Job succeeded: adapter 'sentiment' version 1"
+
+
+def test_adapter_versions_are_never_reused(migrated_db: Factory) -> None:
+    tenant = _tenant(migrated_db)
+    versions = []
+    for _ in range(2):
+        _job(migrated_db, tenant, "same")
+        with migrated_db() as session:
+            job = queue.claim_next_job(session, "w1", 30)
+            assert job is not None
+            adapter = queue.finish_success(
+                session, job, adapter_row(tenant, "", version=None), worker_id="w1"
+            )
+            versions.append(adapter.version)
+            session.delete(adapter)  # the user deletes it, then trains the name again
+            session.commit()
+    assert versions == [1, 2]
+
+
+def test_finish_success_is_atomic_when_adapter_insert_fails(migrated_db: Factory) -> None:
+    tenant = _tenant(migrated_db)
+    job_id = _job(migrated_db, tenant, "clash")
+    with migrated_db() as session:
+        # An adapter with the same name appeared while the job ran (e.g. an import).
+        session.add(adapter_row(tenant, "clash", weights=b"ORIGINAL"))
+        session.commit()
+        job = queue.claim_next_job(session, "w1", 30)
+        assert job is not None
+        with pytest.raises(IntegrityError):
+            queue.finish_success(
+                session, job, adapter_row(tenant, "", version=None), worker_id="w1"
+            )
+    job = _get(migrated_db, job_id)
+    assert job.status == JobStatus.RUNNING and job.fine_tuned_adapter is None
+    assert job.finished_at is None and job.worker_id == "w1"
+    assert not any("succeeded" in m for m in _events(migrated_db, job_id))
+    with migrated_db() as session:
+        assert session.scalar(select(func.count()).select_from(Adapter)) == 1
+        assert session.scalar(select(Tenant.adapter_seq)) == 0  # the version bump rolled back
+        # The worker can still record the failure: it kept its lease.
+        queue.finish_failure(
+            session,
+            _get(migrated_db, job_id),
+            worker_id="w1",
+            message="name taken",
+            code="adapter_name_conflict",
+        )
+    job = _get(migrated_db, job_id)
+    assert job.status == JobStatus.FAILED
+    assert job.error == {"code": "adapter_name_conflict", "message": "name taken", "param": None}
+
+
+def test_finish_success_after_lease_loss_writes_nothing(migrated_db: Factory) -> None:
+    tenant = _tenant(migrated_db)
+    job_id = _job(migrated_db, tenant)
+    with migrated_db() as session:
+        job = queue.claim_next_job(session, "w1", 30)
+        assert job is not None
+        queue.requeue_expired(session, now=utcnow() + timedelta(minutes=1))
+        with pytest.raises(queue.LeaseLostError):
+            queue.finish_success(
+                session, job, adapter_row(tenant, "", version=None), worker_id="w1"
+            )
+        assert session.scalar(select(func.count()).select_from(Adapter)) == 0
+    assert _get(migrated_db, job_id).status == JobStatus.QUEUED
+
+
+def test_finish_cancelled(migrated_db: Factory) -> None:
+    job_id = _job(migrated_db, _tenant(migrated_db))
+    with migrated_db() as session:
+        job = queue.claim_next_job(session, "w1", 30)
+        assert job is not None
+        queue.finish_cancelled(session, job, worker_id="w1")
+        assert job.status == JobStatus.CANCELLED and job.finished_at is not None
+    assert _get(migrated_db, job_id).status == JobStatus.CANCELLED
+    assert _events(migrated_db, job_id)[-1] == "Job cancelled"
+
+
+def test_release_job_requeues_without_an_attempt(migrated_db: Factory) -> None:
+    job_id = _job(migrated_db, _tenant(migrated_db))
+    with migrated_db() as session:
+        job = queue.claim_next_job(session, "w1", 30)
+        assert job is not None
+        assert queue.release_job(session, job, worker_id="w1", reason="shutdown")
+    job = _get(migrated_db, job_id)
+    assert job.status == JobStatus.QUEUED and job.attempts == 0
+
+
+def test_checkpoints_keep_only_recent_states(migrated_db: Factory) -> None:
+    job_id = _job(migrated_db, _tenant(migrated_db))
+    with migrated_db() as session:
+        job = queue.claim_next_job(session, "w1", 30)
+        assert job is not None
+        assert queue.latest_checkpoint(session, job_id) is None
+        for step in (10, 20, 30):
+            queue.save_checkpoint(
+                session,
+                job,
+                worker_id="w1",
+                step=step,
+                state=f"state-{step}".encode(),
+                epoch=step / 30,
+                metrics={"loss": 1.0 / step},
+                keep_states=2,
+            )
+        latest = queue.latest_checkpoint(session, job_id)
+        assert latest is not None and latest.step == 30 and latest.state == b"state-30"
+        states = dict(
+            session.execute(
+                select(Checkpoint.step, Checkpoint.state).order_by(Checkpoint.step)
+            ).all()
+        )
+        assert states == {10: None, 20: b"state-20", 30: b"state-30"}
+        assert _get(migrated_db, job_id).step == 30
+        with pytest.raises(queue.LeaseLostError):
+            queue.save_checkpoint(session, job, worker_id="other", step=40, state=b"x")
+        assert session.scalar(select(func.count()).select_from(Checkpoint)) == 3
