@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -65,6 +66,9 @@ class Settings(BaseSettings):
     train_threads: int | None = Field(default=None, ge=1)
     lease_seconds: float = Field(default=30.0, gt=0)
     heartbeat_seconds: float = Field(default=10.0, gt=0)
+    # Resumable state is written every this many optimizer steps (and at each epoch's end).
+    checkpoint_every_steps: int = Field(default=50, ge=1)
+    worker_poll_seconds: float = Field(default=1.0, gt=0)
     # A job whose lease expired this many times is failed instead of requeued.
     max_job_attempts: int = Field(default=3, ge=1)
 
@@ -73,6 +77,9 @@ class Settings(BaseSettings):
     max_wait_ms: float = Field(default=5.0, ge=0)
     max_queue_rows: int = Field(default=4096, ge=1)
     adapter_cache_mb: int = Field(default=512, ge=0)
+    merged_cache_mb: int = Field(default=128, ge=0)
+    # bfloat16 measured ~3x faster than float32 on AVX-512 CPUs (logits within ~3e-3).
+    serve_dtype: Literal["float32", "bfloat16"] = "float32"
 
     # --- quotas --------------------------------------------------------------------------
     max_adapters_per_tenant: int = Field(default=1000, ge=1)

@@ -31,16 +31,19 @@ from service.api.routes import api_router
 from service.config import Settings
 from service.db.migrate import upgrade
 from service.db.session import make_engine, make_sessionmaker
+from service.observability.metrics import JobCollector, MetricsMiddleware, ServiceMetrics
 from service.readiness import Readiness
+from service.serving.lifespan import serving
 from service.tenants.bootstrap import bootstrap_default_tenant, ensure_default_tenant
+from service.worker.embedded import embedded_worker
 
 logger = logging.getLogger(__name__)
 
 LifespanHook = Callable[[FastAPI], AbstractAsyncContextManager[None]]
 
-# LEAD: append, in start order: load_base_model, start_batcher, start_embedded_worker
-# (the last only when settings.embedded_worker). Nothing here imports torch until then.
-LIFESPAN_HOOKS: list[LifespanHook] = []
+# In start order: the base model + inference thread, then the embedded worker (a child
+# process, only when settings.embedded_worker). Nothing imports torch before these run.
+LIFESPAN_HOOKS: list[LifespanHook] = [serving, embedded_worker]
 
 # Multipart framing (boundaries, part headers, small fields) on top of the file itself.
 MULTIPART_OVERHEAD_BYTES = 1024 * 1024
@@ -91,6 +94,8 @@ def create_app(
     app.state.sessionmaker = make_sessionmaker(engine)
     app.state.readiness = Readiness()
     app.state.default_tenant_id = None
+    app.state.metrics = ServiceMetrics()
+    app.state.metrics.add_collector(JobCollector(app.state.sessionmaker))
 
     install_error_handlers(app)
     app.add_middleware(
@@ -98,5 +103,6 @@ def create_app(
         max_body_bytes=settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES,
         reported_limit_bytes=settings.max_upload_bytes,
     )
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     app.include_router(api_router)
     return app

@@ -2,7 +2,16 @@
 
 from fastapi import APIRouter
 
-from service.api.routes import adapters, datasets, health, jobs, tenants
+from service.api.routes import (
+    adapters,
+    datasets,
+    health,
+    jobs,
+    metrics,
+    predict,
+    reward,
+    tenants,
+)
 
 api_router = APIRouter()
 api_router.include_router(health.router)
@@ -10,3 +19,6 @@ api_router.include_router(tenants.router)
 api_router.include_router(datasets.router)
 api_router.include_router(jobs.router)
 api_router.include_router(adapters.router)
+api_router.include_router(predict.router)
+api_router.include_router(reward.router)
+api_router.include_router(metrics.router)

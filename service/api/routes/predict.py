@@ -1,0 +1,64 @@
+"""``POST /predict?adapter=NAME&mode=auto|unmerged|merged``: labels or rewards for texts."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
+from starlette.concurrency import run_in_threadpool
+
+from service.api.deps import CurrentTenant, SessionDep
+from service.api.schemas.inference import (
+    Mode,
+    Prediction,
+    PredictRequest,
+    PredictResponse,
+    TextPair,
+)
+from service.serving.run import resolve_adapter, run_rows
+
+router = APIRouter(tags=["inference"])
+
+
+def _items(body: PredictRequest) -> list[tuple[str, str | None]]:
+    out: list[tuple[str, str | None]] = []
+    for item in body.inputs:
+        if isinstance(item, str):
+            out.append((item, None))
+        elif isinstance(item, TextPair):
+            out.append((item.text, item.text_pair))
+        else:
+            out.append((item[0], item[1]))
+    return out
+
+
+@router.post("/predict", response_model=PredictResponse, response_model_exclude_none=True)
+async def predict(
+    request: Request,
+    body: PredictRequest,
+    session: SessionDep,
+    tenant: CurrentTenant,
+    adapter: Annotated[str, Query(min_length=1, max_length=64, description="adapter name")],
+    mode: Annotated[Mode, Query()] = "auto",
+) -> PredictResponse:
+    """Runs in the shared batch: requests for different adapters share one forward pass."""
+    from core.inference.engine import Row
+
+    ref = await run_in_threadpool(resolve_adapter, session, tenant.id, adapter)
+    items = _items(body)
+    if not body.truncate:
+        await run_in_threadpool(request.app.state.length_checker.check, items, 0, "inputs")
+    rows = [Row(ref.key, text, pair, mode) for text, pair in items]  # type: ignore[arg-type]
+    results = await run_rows(request.app.state.batcher, rows)
+    if ref.task == "reward":
+        predictions = [Prediction(reward=r.reward) for r in results]
+    else:
+        predictions = [
+            Prediction(
+                label=r.label,
+                score=(r.probabilities or {}).get(r.label or "", 0.0),
+                probabilities=r.probabilities,
+            )
+            for r in results
+        ]
+    return PredictResponse(adapter=adapter, mode=mode, task=ref.task, predictions=predictions)

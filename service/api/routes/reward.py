@@ -1,0 +1,80 @@
+"""``POST /reward/compare?adapter=NAME``: which of two responses a reward model prefers."""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
+from starlette.concurrency import run_in_threadpool
+
+from service.api.deps import CurrentTenant, SessionDep
+from service.api.errors import invalid
+from service.api.schemas.inference import (
+    CompareBatchResponse,
+    ComparePair,
+    CompareRequest,
+    CompareResponse,
+    CompareResult,
+)
+from service.serving.run import resolve_adapter, run_rows
+
+router = APIRouter(tags=["inference"])
+
+
+def _pairs(body: CompareRequest) -> list[ComparePair]:
+    if body.pairs is not None:
+        if body.response_a is not None or body.response_b is not None:
+            raise invalid("send either response_a/response_b or pairs, not both", "pairs")
+        return body.pairs
+    for field in ("response_a", "response_b"):
+        if getattr(body, field) is None:
+            raise invalid(f"{field} is required (or send pairs)", field, "missing")
+    return [ComparePair(prompt=body.prompt, response_a=body.response_a, response_b=body.response_b)]
+
+
+def _result(reward_a: float, reward_b: float) -> CompareResult:
+    # sigmoid(a - b), computed without overflow for large margins.
+    d = reward_a - reward_b
+    p = 1.0 / (1.0 + math.exp(-d)) if d >= 0 else math.exp(d) / (1.0 + math.exp(d))
+    return CompareResult(
+        reward_a=reward_a, reward_b=reward_b, p_a_preferred=p, preferred="a" if p >= 0.5 else "b"
+    )
+
+
+@router.post(
+    "/reward/compare",
+    response_model=CompareResponse | CompareBatchResponse,
+    responses={200: {"description": "one comparison, or `results` for `pairs`"}},
+)
+async def compare(
+    request: Request,
+    body: CompareRequest,
+    session: SessionDep,
+    tenant: CurrentTenant,
+    adapter: Annotated[str, Query(min_length=1, max_length=64, description="reward adapter")],
+) -> CompareResponse | CompareBatchResponse:
+    """Scores both responses (with the prompt as the first text of a pair, as in training)."""
+    from core.inference.engine import Row
+
+    ref = await run_in_threadpool(resolve_adapter, session, tenant.id, adapter)
+    if ref.task != "reward":
+        raise invalid(
+            f"adapter {adapter!r} is a {ref.task} adapter; /reward/compare needs a reward model",
+            "adapter",
+            "adapter_task_mismatch",
+        )
+    pairs = _pairs(body)
+    items: list[tuple[str, str | None]] = []
+    for p in pairs:
+        for response in (p.response_a, p.response_b):
+            items.append((p.prompt, response) if p.prompt else (response, None))
+    if not body.truncate:
+        await run_in_threadpool(request.app.state.length_checker.check, items, 0, "pairs")
+    rows = [Row(ref.key, text, pair, "auto") for text, pair in items]  # type: ignore[arg-type]
+    results = await run_rows(request.app.state.batcher, rows)
+    rewards = [float(r.reward) for r in results]  # type: ignore[arg-type]
+    out = [_result(rewards[2 * i], rewards[2 * i + 1]) for i in range(len(pairs))]
+    if body.pairs is not None:
+        return CompareBatchResponse(adapter=adapter, results=out)
+    return CompareResponse(adapter=adapter, **out[0].model_dump())

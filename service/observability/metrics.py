@@ -1,0 +1,147 @@
+"""Prometheus metrics for ``GET /metrics``.
+
+Each app gets its own registry (tests create many apps in one process). Counters that other
+components already keep — the engine's cache statistics, job rows in the database — are read
+at scrape time by a collector instead of being mirrored into a second set of counters.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.db.models import Job, JobStatus
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class ServiceMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "loraplex_http_requests",
+            "HTTP requests by route template, method and status.",
+            ["route", "method", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "loraplex_http_request_duration_seconds",
+            "HTTP request latency by route template and status.",
+            ["route", "method", "status"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.batch_rows = Histogram(
+            "loraplex_batch_rows",
+            "Rows per inference batch.",
+            buckets=BATCH_BUCKETS,
+            registry=self.registry,
+        )
+        self.queue_rows = Gauge(
+            "loraplex_queue_rows", "Rows waiting for the inference thread.", registry=self.registry
+        )
+        self.rejected = Counter(
+            "loraplex_queue_rejected_requests",
+            "Requests refused with 503 because the queue was full.",
+            registry=self.registry,
+        )
+
+    def watch_queue(self, depth: Callable[[], int]) -> None:
+        self.queue_rows.set_function(depth)
+
+    def add_collector(self, collector: Collector) -> None:
+        self.registry.register(collector)
+
+
+class EngineCollector(Collector):
+    """Adapter cache statistics straight from the engine (plain ints; reading them is safe)."""
+
+    def __init__(self, stats: Callable[[], Any]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Any]:
+        s = self._stats()
+        for name, value, help_ in (
+            ("hits", s.hits, "Rows whose adapter was already resident."),
+            ("misses", s.misses, "Rows whose adapter had to be loaded."),
+            ("evictions", s.evictions, "Adapters evicted to stay within the memory budget."),
+            ("loads", s.loads, "Adapters loaded into memory."),
+        ):
+            yield CounterMetricFamily(f"loraplex_adapter_cache_{name}", help_, value=value)
+        yield GaugeMetricFamily(
+            "loraplex_adapter_resident_bytes", "Bytes of resident adapters.", s.resident_bytes
+        )
+        yield GaugeMetricFamily(
+            "loraplex_adapter_resident_count", "Resident adapters.", s.resident_count
+        )
+        yield GaugeMetricFamily(
+            "loraplex_merged_cache_bytes", "Bytes of merged LoRA weights.", s.merged_cache_bytes
+        )
+
+
+class JobCollector(Collector):
+    """Jobs by status and the training speed of running jobs, from the database."""
+
+    def __init__(self, factory: sessionmaker[Session]) -> None:
+        self._factory = factory
+
+    def collect(self) -> Iterator[Any]:
+        by_status = GaugeMetricFamily("loraplex_jobs", "Jobs by status.", labels=["status"])
+        speed = GaugeMetricFamily(
+            "loraplex_training_steps_per_second",
+            "Optimizer steps per second of each running job.",
+            labels=["job"],
+        )
+        with self._factory() as session:
+            counts = dict(
+                session.execute(select(Job.status, func.count()).group_by(Job.status)).all()
+            )
+            running = session.execute(
+                select(Job.id, Job.metrics).where(Job.status == JobStatus.RUNNING)
+            ).all()
+        for status in JobStatus:
+            by_status.add_metric([status.value], counts.get(status.value, 0))
+        for job_id, metrics in running:
+            rate = (metrics or {}).get("steps_per_second")
+            if isinstance(rate, int | float):
+                speed.add_metric([job_id], rate)
+        yield by_status
+        yield speed
+
+
+class MetricsMiddleware:
+    """Counts and times every request under its route template (``/v1/jobs/{job_id}``)."""
+
+    def __init__(self, app: ASGIApp, metrics: ServiceMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = {"code": 500}
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            labels = (template, scope.get("method", ""), str(status["code"]))
+            self.metrics.requests.labels(*labels).inc()
+            self.metrics.latency.labels(*labels).observe(time.perf_counter() - start)

@@ -1,0 +1,78 @@
+"""Lifespan hook: load the base model once, start the engine's inference thread."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
+
+from service.config import Settings
+from service.observability.metrics import EngineCollector
+from service.serving.batcher import Batcher
+from service.serving.residency import DatabaseLoader
+from service.serving.run import LengthChecker
+
+logger = logging.getLogger(__name__)
+
+
+def serving_threads(settings: Settings) -> int:
+    """Torch threads for inference; with an embedded worker the cores are split in two."""
+    if settings.torch_threads:
+        return settings.torch_threads
+    cores = os.cpu_count() or 2
+    return max(1, cores // 2) if settings.embedded_worker else cores
+
+
+@asynccontextmanager
+async def serving(app: FastAPI) -> AsyncIterator[None]:
+    import torch
+
+    from core.base import load_base_model
+    from core.inference.engine import InferenceEngine
+
+    settings: Settings = app.state.settings
+    readiness = app.state.readiness
+    readiness.expect("model", "loading the base model")
+    threads = serving_threads(settings)
+    torch.set_num_threads(threads)
+    base = await run_in_threadpool(
+        load_base_model, settings.base_model_path, name=settings.base_model_name
+    )
+    engine = InferenceEngine(
+        base,
+        dtype=getattr(torch, settings.serve_dtype),
+        max_resident_bytes=settings.adapter_cache_mb << 20,
+        merged_cache_bytes=settings.merged_cache_mb << 20,
+    )
+    metrics = app.state.metrics
+    batcher = Batcher(
+        engine,
+        DatabaseLoader(app.state.sessionmaker),
+        max_batch_size=settings.max_batch_size,
+        max_wait_ms=settings.max_wait_ms,
+        max_queue_rows=settings.max_queue_rows,
+        threads=threads,
+        on_batch=metrics.batch_rows.observe,
+    )
+    metrics.add_collector(EngineCollector(lambda: engine.stats))
+    metrics.watch_queue(lambda: batcher.queued_rows)
+    app.state.base_model = base
+    app.state.length_checker = LengthChecker(base)
+    app.state.batcher = batcher
+    batcher.start()
+    logger.info(
+        "serving %s (%d params) on %s with %d torch threads",
+        base.name,
+        base.num_params,
+        engine.device,
+        threads,
+    )
+    readiness.ready("model")
+    try:
+        yield
+    finally:
+        batcher.stop()

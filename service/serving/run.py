@@ -1,0 +1,78 @@
+"""From validated request inputs to engine rows and back: shared by predict and compare."""
+
+from __future__ import annotations
+
+import threading
+from copy import deepcopy
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy.orm import Session
+
+from service.api.errors import ApiError, invalid, not_found, unavailable
+from service.serving.batcher import Batcher, QueueFullError
+from service.serving.residency import AdapterGone, AdapterRef, find_adapter
+
+if TYPE_CHECKING:
+    from core.base import BaseModel
+    from core.inference.engine import Row, RowResult
+
+RETRY_AFTER_S = 1
+
+
+def resolve_adapter(session: Session, tenant_id: str, name: str) -> AdapterRef:
+    ref = find_adapter(session, tenant_id, name)
+    if ref is None:  # also another tenant's adapter: its existence is never confirmed
+        raise not_found("adapter", name, "adapter")
+    return ref
+
+
+class LengthChecker:
+    """Counts tokens for ``truncate=false`` requests without touching the engine's tokenizer.
+
+    Hugging Face fast tokenizers are not safe to call from two threads at once, and the
+    inference thread owns the engine's; this copy serves the request threads, one at a time.
+    """
+
+    def __init__(self, base: BaseModel) -> None:
+        self._tokenizer = deepcopy(base.tokenizer)
+        self._lock = threading.Lock()
+        self.max_length = base.max_length
+
+    def check(self, items: list[tuple[str, str | None]], reserved: int, param: str) -> None:
+        limit = self.max_length - reserved
+        with self._lock:
+            for i, (text, pair) in enumerate(items):
+                n = len(self._tokenizer(text, pair, truncation=False)["input_ids"])  # type: ignore[operator]
+                if n > limit:
+                    raise invalid(
+                        f"input {i} is {n} tokens long; the model takes at most {limit} "
+                        "(send truncate=true to cut it)",
+                        f"{param}.{i}",
+                        "input_too_long",
+                    )
+
+
+async def run_rows(batcher: Batcher, rows: list[Row]) -> list[RowResult]:
+    try:
+        results = await batcher.submit(rows)
+    except QueueFullError as e:
+        raise unavailable(
+            f"Too many queued requests ({e}); retry shortly.", "queue_full", RETRY_AFTER_S
+        ) from None
+    for r in results:
+        if not r.ok:
+            raise _row_error(r.error, rows[0].key)
+    return results
+
+
+def _row_error(error: Any, key: Any) -> ApiError:
+    from core.inference.engine import AdapterNotResidentError, ResidencyError
+
+    name = key[1] if isinstance(key, tuple) else str(key)
+    if isinstance(error, AdapterGone | AdapterNotResidentError):
+        return not_found("adapter", name, "adapter")
+    if isinstance(error, ResidencyError):
+        return unavailable(
+            f"adapter {name!r} does not fit the adapter cache: {error}", "adapter_cache_full"
+        )
+    return ApiError(500, "inference failed", "server_error", None, "inference_failed")

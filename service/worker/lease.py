@@ -1,0 +1,62 @@
+"""A job's lease, kept alive from a background thread while the training thread works.
+
+Every ``heartbeat_seconds`` the keeper extends the lease and reads the cancel flag, so the
+training loop itself never waits on the database to learn it must stop.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.jobs import queue
+
+logger = logging.getLogger(__name__)
+
+
+class LeaseKeeper:
+    def __init__(
+        self,
+        factory: sessionmaker[Session],
+        job_id: str,
+        worker_id: str,
+        *,
+        lease_seconds: float,
+        heartbeat_seconds: float,
+    ) -> None:
+        self._factory = factory
+        self._job_id = job_id
+        self._worker_id = worker_id
+        self._lease_seconds = lease_seconds
+        self._interval = heartbeat_seconds
+        self._stop = threading.Event()
+        self.cancel_requested = threading.Event()
+        self.lost = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"lease-{job_id}", daemon=True)
+
+    def __enter__(self) -> LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                with self._factory() as session:
+                    alive = queue.heartbeat(
+                        session, self._job_id, self._worker_id, self._lease_seconds
+                    )
+                    if alive and queue.is_cancel_requested(session, self._job_id):
+                        self.cancel_requested.set()
+            except Exception:  # a database hiccup: try again next beat, the lease has slack
+                logger.exception("heartbeat for job %s failed", self._job_id)
+                continue
+            if not alive:
+                logger.warning("lease on job %s lost; stopping it", self._job_id)
+                self.lost.set()
+                return

@@ -1,0 +1,123 @@
+"""The worker loop: reap expired leases, claim the oldest queued job, run it, repeat.
+
+Run it with ``loraplex worker`` (standalone, any number of them against one database) or let
+``loraplex serve`` start one as a child process (the embedded default). A separate process,
+not a thread, because training must not starve serving: it gets its own torch thread budget
+and its own GIL, and a cancelled or crashed job gives all of its memory back.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import uuid
+from types import FrameType
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.config import Settings
+from service.db.session import make_engine, make_sessionmaker
+from service.jobs import queue
+
+logger = logging.getLogger(__name__)
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+def train_threads(settings: Settings) -> int:
+    """Torch threads for training: the setting, else half the cores (the API keeps the rest)."""
+    return settings.train_threads or max(1, (os.cpu_count() or 2) // 2)
+
+
+class Worker:
+    def __init__(
+        self,
+        settings: Settings,
+        factory: sessionmaker[Session],
+        *,
+        worker_id: str | None = None,
+    ) -> None:
+        from core.base import load_base_model
+
+        self.settings = settings
+        self.factory = factory
+        self.worker_id = worker_id or default_worker_id()
+        self.stop = threading.Event()  # no new jobs; the running one checkpoints and requeues
+        self.base = load_base_model(settings.base_model_path, name=settings.base_model_name)
+
+    def run_once(self) -> str | None:
+        """Reap, claim and run at most one job; its final status, or None if the queue was empty."""
+        from service.worker.job_run import JobRun
+
+        with self.factory() as session:
+            for job_id in queue.requeue_expired(
+                session, max_attempts=self.settings.max_job_attempts
+            ):
+                logger.warning("requeued job %s after its lease expired", job_id)
+            job = queue.claim_next_job(session, self.worker_id, self.settings.lease_seconds)
+            if job is None:
+                return None
+            session.expunge(job)
+        logger.info("worker %s claimed job %s", self.worker_id, job.id)
+        run = JobRun(
+            job,
+            factory=self.factory,
+            base=self.base,
+            settings=self.settings,
+            worker_id=self.worker_id,
+            shutdown=self.stop,
+        )
+        status = run.run()
+        logger.info("job %s ended: %s", job.id, status)
+        return status
+
+    def run_forever(self) -> None:
+        logger.info("worker %s polling %s", self.worker_id, self.settings.db_url.split("@")[-1])
+        while not self.stop.is_set():
+            try:
+                if self.run_once() is None:
+                    self.stop.wait(self.settings.worker_poll_seconds)
+            except Exception:  # the database went away for a moment: back off and retry
+                logger.exception("worker loop error")
+                self.stop.wait(max(self.settings.worker_poll_seconds, 2.0))
+
+
+def _watch_parent(parent_pid: int, stop: threading.Event) -> None:
+    """An embedded worker stops when the API process that started it is gone."""
+    while not stop.wait(1.0):
+        if os.getppid() != parent_pid:
+            logger.warning("parent process %d exited; worker stopping", parent_pid)
+            stop.set()
+
+
+def run_worker(settings: Settings, worker_id: str | None = None) -> int:
+    import torch
+
+    from service.db.migrate import upgrade
+
+    torch.set_num_threads(train_threads(settings))
+    upgrade(settings.db_url)
+    engine = make_engine(settings.db_url, sqlite_busy_timeout_ms=settings.sqlite_busy_timeout_ms)
+    worker = Worker(settings, make_sessionmaker(engine), worker_id=worker_id)
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        logger.info(
+            "signal %d: finishing up (the running job is checkpointed and requeued)", signum
+        )
+        worker.stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    parent = os.environ.get("LORAPLEX_PARENT_PID")
+    if parent:
+        threading.Thread(target=_watch_parent, args=(int(parent), worker.stop), daemon=True).start()
+    try:
+        worker.run_forever()
+    finally:
+        engine.dispose()
+    return 0
