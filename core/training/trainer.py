@@ -1,0 +1,783 @@
+"""The training recipe: one object, explicit ``setup`` / ``train`` / ``save_checkpoint``.
+
+Usage (what the service worker does)::
+
+    trainer = Trainer(base, method_config, head_config, train_rows, val_rows, config, callbacks)
+    trainer.setup()            # validates data (DataError names the row), builds everything
+    result = trainer.train()   # -> TrainResult(adapter, metrics, best_step, history)
+
+    # after a crash, from the last bytes handed to callbacks.on_checkpoint:
+    trainer = Trainer.resume(checkpoint_bytes, base, train_rows, val_rows, callbacks=callbacks)
+    result = trainer.train()
+
+Threads: ``torch.set_num_threads`` is process-wide, so this module never calls it; the worker
+process sets it once (``TrainingConfig.num_threads`` is advisory, for that caller).
+
+Randomness: dropout draws from torch's global CPU RNG. The trainer keeps its *own* RNG state and
+swaps it in around each step (and back out after), so other code in the process neither
+perturbs nor is perturbed by a job, and the state saved in a checkpoint is exactly the state
+the next step needs. Resuming a checkpoint therefore reproduces an uninterrupted run bit for
+bit on CPU (same seed, data, config and thread count).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+from torch import Tensor, nn
+
+from core.adapter import Adapter
+from core.base import BaseModel
+from core.errors import Cancelled, ConfigError, DataError
+from core.heads import Head, HeadConfig
+from core.methods import MethodConfig, build_method, parse_method_config
+from core.model import AdaptedModel
+from core.training import checkpoint as ckpt
+from core.training.config import TrainingConfig, parse_training_config
+from core.training.data import (
+    BucketSampler,
+    ClassificationExample,
+    EncodedData,
+    Example,
+    check_classes,
+    check_labels,
+    coerce_examples,
+    encode,
+    eval_batches,
+    has_pairs,
+    infer_label_names,
+    split_validation,
+)
+from core.training.metrics import (
+    ClassificationMetrics,
+    RewardMetrics,
+    classification_loss,
+    is_better,
+    reward_loss,
+)
+from core.training.schedules import lr_lambda, param_groups, param_layers, unfrozen
+
+# Config fields that do not change the training trajectory: they may differ on resume.
+_RESUME_FREE_FIELDS = {"checkpoint_every_steps", "num_threads"}
+_SCHEDULER_KEYS = {
+    "base_lrs", "last_epoch", "_step_count", "_is_initial", "_get_lr_called_within_step",
+    "_last_lr",
+}  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# Events, callbacks, result
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    step: int  # optimizer steps done (1-based after the first step)
+    total_steps: int
+    epoch: int  # 0-based epoch this step belonged to
+    train_loss: float  # running mean of the training loss over the current epoch
+    lr: float  # learning rate of the top (head) group used for this step
+    val_metrics: dict[str, Any] | None  # set when this step ended with a validation
+    elapsed: float  # seconds of training, including time before a resume
+    step_loss: float = math.nan  # this step's loss
+
+
+@dataclass
+class TrainerCallbacks:
+    """All optional. Called on the training thread; keep them cheap (``on_progress`` runs every
+    step) and hand heavy work (database writes) to a queue if needed."""
+
+    on_progress: Callable[[ProgressEvent], None] | None = None
+    on_eval: Callable[[ProgressEvent], None] | None = None
+    # Checked before every step and between evaluation / feature batches.
+    should_cancel: Callable[[], bool] | None = None
+    # (checkpoint bytes, step, epoch, metrics): every ``checkpoint_every_steps`` and at the
+    # end of every epoch, except after the final step (the adapter supersedes it).
+    on_checkpoint: Callable[[bytes, int, int, dict[str, Any]], None] | None = None
+
+
+@dataclass
+class TrainResult:
+    adapter: Adapter
+    metrics: dict[str, Any]  # val_* of the best evaluation, train_loss, steps, best_step ...
+    best_step: int
+    history: list[dict[str, Any]]  # one entry per evaluation
+    stopped_early: bool = False
+    steps: int = 0
+
+
+@dataclass
+class _State:
+    """Everything that changes while training (and goes into a checkpoint)."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    loss_sum: float = 0.0  # current epoch, for the running mean
+    loss_count: int = 0
+    best_score: float | None = None
+    best_step: int = 0
+    best_metrics: dict[str, Any] = field(default_factory=dict)
+    bad_evals: int = 0
+    stopped_early: bool = False
+    last_val: dict[str, Any] | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    elapsed: float = 0.0
+    # Set between a step and the end of its bookkeeping (validation, callbacks): a checkpoint
+    # taken meanwhile (e.g. by should_cancel during a long validation) replays it on resume.
+    pending: dict[str, Any] | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# Trainer
+# --------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """Fine-tunes one adapter (method + head) on a frozen shared base.
+
+    ``method_config``: a ``MethodConfig`` or ``{"type": ..., **params}``. ``head_config``: a
+    ``HeadConfig``, or a mapping from which missing ``label_names`` (sorted distinct training
+    labels) and ``text_pair`` (whether rows carry a second text) are filled in from the data.
+    Rows are example objects or dicts (``text``/``label``/``text_pair`` or
+    ``prompt``/``chosen``/``rejected``/``margin``). ``val_examples`` None (or empty): a
+    seeded, stratified ``validation_fraction`` of the training rows is held out.
+    """
+
+    def __init__(
+        self,
+        base: BaseModel,
+        method_config: MethodConfig | Mapping[str, Any],
+        head_config: HeadConfig | Mapping[str, Any],
+        train_examples: Sequence[Example | Mapping[str, Any]],
+        val_examples: Sequence[Example | Mapping[str, Any]] | None = None,
+        config: TrainingConfig | Mapping[str, Any] | None = None,
+        callbacks: TrainerCallbacks | None = None,
+    ) -> None:
+        self.base = base
+        self.method_config = _method_config(method_config)
+        self._head_config_in = head_config
+        self.config = parse_training_config(dict(config) if isinstance(config, Mapping) else config)
+        self.callbacks = callbacks or TrainerCallbacks()
+        self._train_rows = train_examples
+        self._val_rows = val_examples or None
+        self._ready = False
+        self._closed = False
+        self.state = _State()
+
+    # --- setup -------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        """Validate and tokenize the data, build model, optimizer, scheduler and sampler."""
+        if self._closed:
+            raise RuntimeError("trainer was closed (cancelled or finished); resume a checkpoint")
+        cfg = self.config
+        task = _task(self._head_config_in)
+        train = coerce_examples(self._train_rows, task, "training")
+        val = coerce_examples(self._val_rows, task, "validation") if self._val_rows else None
+        self.head_config = _resolve_head(self._head_config_in, train, val)
+        labels = self.head_config.label_names
+        if task == "classification":
+            check_labels(train, labels, "training")
+            check_classes(train)
+        _check_pairs(self.head_config, train, "training")
+        if val is None and cfg.validation_fraction > 0:
+            train, val = split_validation(train, cfg.validation_fraction, cfg.seed)
+        elif val is not None:
+            check_labels(val, labels, "validation")
+            _check_pairs(self.head_config, val, "validation")
+        if task == "reward" and cfg.metric_for_best == "macro_f1":
+            raise ConfigError("metric_for_best", "macro_f1 is a classification metric")
+
+        # Prompt tuning's virtual tokens take positions too: real text gets what is left.
+        reserved = int(getattr(self.method_config, "reserved_positions", 0))
+        self.max_length = min(cfg.max_seq_length, self.base.max_length - reserved)
+        tok = self.base.tokenizer
+        self.train_data = encode(train, tok, self.max_length, labels, cfg.margin)
+        self.val_data = encode(val, tok, self.max_length, labels, cfg.margin) if val else None
+
+        # Seeded initialisation inside a forked RNG: same seed, same initial weights, whatever
+        # else the process did before, and the global RNG is left as it was.
+        with _forked_rng(self.base.device):
+            torch.manual_seed(cfg.seed)
+            method = build_method(self.method_config, self.base)
+            head = Head(self.head_config, self.base.hidden_size).to(self.base.device)
+        self.model = AdaptedModel(self.base, method, head)
+        self.frozen_features = bool(getattr(method, "frozen_features", False))
+
+        # Everything a method owns is trainable (AdapterMethod holds only trainable state);
+        # feature extraction trains the head alone.
+        modules: list[tuple[str, nn.Module]] = [("head", head)]
+        if not self.frozen_features:
+            modules.insert(0, ("method", method))
+        self.named_params: dict[str, nn.Parameter] = {}
+        for prefix, module in modules:
+            module.requires_grad_(True)
+            for n, p in module.named_parameters():
+                self.named_params[f"{prefix}.{n}"] = p
+        _check_base_untouched(self.base, self.named_params)
+        self.layers = {
+            k: v for k, v in param_layers(method, head).items() if k in self.named_params
+        }
+        self.trainable_params = sum(p.numel() for p in self.named_params.values())
+
+        self.lr = cfg.resolved_learning_rate(self.method_config.type)
+        groups = param_groups(
+            self.named_params,
+            self.layers,
+            self.lr,
+            cfg.weight_decay,
+            cfg.layerwise_lr_decay,
+            self.base.num_layers,
+        )
+        self.optimizer = torch.optim.AdamW(
+            groups, lr=self.lr, betas=cfg.adam_betas, eps=cfg.adam_epsilon
+        )
+        lengths = self.train_data.lengths
+        self.sampler = BucketSampler(
+            lengths,
+            cfg.batch_size,
+            cfg.seed,
+            # Cached features have no length: bucketing would only make batches less random.
+            cfg.bucket_by_length and not self.frozen_features,
+        )
+        self.steps_per_epoch = len(self.sampler)
+        self.total_steps = cfg.max_steps or cfg.n_epochs * self.steps_per_epoch
+        self.warmup_steps = cfg.resolved_warmup_steps(self.total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(cfg.lr_scheduler, self.warmup_steps, self.total_steps)
+        )
+        self._rng = _seeded_generator_state(cfg.seed, self.base.device)
+        self._train_feats: Tensor | None = None
+        self._val_feats: Tensor | None = None
+        self._best_state: dict[str, Tensor] | None = None
+        self.state = _State()
+        self._ready = True
+
+    # --- training ----------------------------------------------------------------------------
+
+    def train(self) -> TrainResult:
+        """Run to the end (or early stop); restore the best weights; return the adapter.
+
+        Raises :class:`Cancelled` within one step of ``should_cancel`` returning True; the
+        trainer then drops its model, optimizer and data so their memory can be freed.
+        """
+        if not self._ready:
+            self.setup()
+        try:
+            return self._train()
+        except BaseException:
+            self.close()
+            raise
+
+    def _train(self) -> TrainResult:
+        st = self.state
+        t0 = time.monotonic() - st.elapsed
+        if self.frozen_features and self._train_feats is None:
+            self._train_feats = self._cache_features(self.train_data)
+            if self.val_data is not None:
+                self._val_feats = self._cache_features(self.val_data)
+        if st.pending is not None and self._after_step(t0):  # resumed mid-bookkeeping
+            return self._finish()
+        while st.step < self.total_steps and not st.stopped_early:
+            epoch = st.epoch
+            self._apply_unfreezing(epoch)
+            batches = self.sampler.batches(epoch)
+            for bi in range(st.batch_in_epoch, len(batches)):
+                self._check_cancel()
+                lr = self.optimizer.param_groups[0]["lr"]
+                loss = self._train_step(batches[bi])
+                st.step += 1
+                st.loss_sum += loss
+                st.loss_count += 1
+                end_of_epoch = bi + 1 == len(batches)
+                # Position is normalised before anything is saved: (epoch, next batch).
+                if end_of_epoch:
+                    st.epoch, st.batch_in_epoch = epoch + 1, 0
+                else:
+                    st.batch_in_epoch = bi + 1
+                train_loss = st.loss_sum / st.loss_count
+                if end_of_epoch:
+                    st.loss_sum, st.loss_count = 0.0, 0
+                st.pending = {
+                    "epoch": epoch,
+                    "end_of_epoch": end_of_epoch,
+                    "train_loss": train_loss,
+                    "lr": lr,
+                    "loss": loss,
+                }
+                if self._after_step(t0):
+                    break
+        return self._finish()
+
+    def _after_step(self, t0: float) -> bool:
+        """Validation, callbacks and checkpoint after a step; True when training is over."""
+        cfg, st = self.config, self.state
+        assert st.pending is not None
+        epoch, end_of_epoch = st.pending["epoch"], st.pending["end_of_epoch"]
+        train_loss, lr = st.pending["train_loss"], st.pending["lr"]
+        done = st.step >= self.total_steps
+        every = cfg.eval_every_steps
+        eval_due = (every and st.step % every == 0) or (end_of_epoch and not every) or done
+        val = None
+        if self.val_data is not None and eval_due:
+            val = self._evaluate_and_track(epoch, train_loss, lr, t0)
+        elif eval_due:
+            self._track_without_validation(epoch, train_loss, lr, t0)
+        loss = st.pending["loss"]
+        st.pending = None
+        st.elapsed = time.monotonic() - t0
+        event = ProgressEvent(
+            st.step, self.total_steps, epoch, train_loss, lr, val, st.elapsed, loss
+        )
+        if self.callbacks.on_progress:
+            self.callbacks.on_progress(event)
+        if val is not None and self.callbacks.on_eval:
+            self.callbacks.on_eval(event)
+        finished = done or st.stopped_early
+        every_ck = cfg.checkpoint_every_steps
+        ckpt_due = end_of_epoch or (every_ck and st.step % every_ck == 0)
+        if ckpt_due and not finished and self.callbacks.on_checkpoint:
+            metrics = {"train_loss": train_loss, **(st.last_val or {})}
+            self.callbacks.on_checkpoint(self.save_checkpoint(), st.step, epoch, metrics)
+        return finished
+
+    def _train_step(self, idx: list[int]) -> float:
+        with self._rng_scope():
+            if self.frozen_features:
+                assert self._train_feats is not None
+                out = self.model.head(_flatten_pairs(self._train_feats[idx]), dropout=True)
+            else:
+                out = self.model(self.train_data.collate(idx, self.base.device), dropout=True)
+            loss = self._loss(out, self.train_data.targets(idx, self.base.device))
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.config.max_grad_norm:
+                params = [p for p in self.named_params.values() if p.grad is not None]
+                torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+        return float(loss.detach())
+
+    def _loss(self, out: Tensor, targets: Tensor) -> Tensor:
+        if self.head_config.task == "classification":
+            return classification_loss(out, targets)
+        n = targets.shape[0]
+        return reward_loss(out[:n], out[n:], targets, self.config.center_rewards_coefficient)
+
+    def _apply_unfreezing(self, epoch: int) -> None:
+        k = self.config.unfreeze_layers_per_epoch
+        if not k:
+            return
+        live = unfrozen(self.layers, epoch, self.base.num_layers, k)
+        for name, p in self.named_params.items():
+            p.requires_grad_(name in live)
+
+    # --- evaluation --------------------------------------------------------------------------
+
+    def evaluate(self) -> dict[str, Any]:
+        """Validation metrics of the current weights (no dropout, no gradients)."""
+        assert self.val_data is not None
+        data = self.val_data
+        task = self.head_config.task
+        acc: ClassificationMetrics | RewardMetrics
+        if task == "classification":
+            acc = ClassificationMetrics(self.head_config.label_names)
+        else:
+            acc = RewardMetrics(self.config.center_rewards_coefficient)
+        bs = self.config.resolved_eval_batch_size()
+        for idx in eval_batches(data.lengths, bs):
+            self._check_cancel()
+            with torch.inference_mode():
+                if self._val_feats is not None:
+                    out = self.model.head(_flatten_pairs(self._val_feats[idx]))
+                else:
+                    out = self.model(data.collate(idx, self.base.device))
+                targets = data.targets(idx, self.base.device)
+            if isinstance(acc, ClassificationMetrics):
+                acc.update(out, targets)
+            else:
+                n = targets.shape[0]
+                acc.update(out[:n], out[n:], targets)
+        return acc.compute()
+
+    def _evaluate_and_track(
+        self, epoch: int, train_loss: float, lr: float, t0: float
+    ) -> dict[str, Any]:
+        st, cfg = self.state, self.config
+        val = self.evaluate()
+        st.last_val = val
+        score = float(val[cfg.metric_for_best])
+        if is_better(cfg.metric_for_best, score, st.best_score):
+            st.best_score, st.best_step, st.best_metrics = score, st.step, val
+            st.bad_evals = 0
+            self._best_state = {k: v.detach().clone() for k, v in self._trainable_state().items()}
+        else:
+            st.bad_evals += 1
+            patience = cfg.early_stopping_patience
+            if patience is not None and st.bad_evals >= patience:
+                st.stopped_early = True
+        st.history.append(
+            {
+                "step": st.step,
+                "epoch": epoch,
+                "train_loss": train_loss,
+                "lr": lr,
+                "val": val,
+                "elapsed": time.monotonic() - t0,
+            }
+        )
+        return val
+
+    def _track_without_validation(
+        self, epoch: int, train_loss: float, lr: float, t0: float
+    ) -> None:
+        st = self.state
+        st.best_step = st.step  # without validation the last weights are the result
+        st.history.append(
+            {
+                "step": st.step,
+                "epoch": epoch,
+                "train_loss": train_loss,
+                "lr": lr,
+                "val": None,
+                "elapsed": time.monotonic() - t0,
+            }
+        )
+
+    def _cache_features(self, data: EncodedData) -> Tensor:
+        """Pooled base features of every example, computed once (feature extraction)."""
+        n_seq = len(data.ids[0])
+        feats = torch.empty(len(data), n_seq, self.base.hidden_size, device=self.base.device)
+        for idx in eval_batches(data.lengths, self.config.resolved_eval_batch_size()):
+            self._check_cancel()
+            with torch.inference_mode():
+                f = self.model.features(data.collate(idx, self.base.device))
+            # Copied out of inference mode so the head can be trained on these tensors.
+            with torch.no_grad():
+                feats[idx] = f.view(n_seq, len(idx), -1).transpose(0, 1).clone()
+        return feats
+
+    # --- result ------------------------------------------------------------------------------
+
+    def _finish(self) -> TrainResult:
+        st = self.state
+        if self._best_state is not None and st.best_step != st.step:
+            self._load_trainable_state(self._best_state)
+        last_train = next(
+            (h["train_loss"] for h in reversed(st.history) if h["step"] == st.best_step), None
+        )
+        metrics: dict[str, Any] = {f"val_{k}": v for k, v in st.best_metrics.items()}
+        metrics.update(
+            {
+                "train_loss": last_train,
+                "best_step": st.best_step,
+                "steps": st.step,
+                "epochs": st.step / self.steps_per_epoch,
+                "stopped_early": st.stopped_early,
+                "train_examples": len(self.train_data),
+                "val_examples": len(self.val_data) if self.val_data is not None else 0,
+            }
+        )
+        adapter = Adapter.from_model(self.model, self.trainable_params, metrics)
+        result = TrainResult(
+            adapter=adapter,
+            metrics=metrics,
+            best_step=st.best_step,
+            history=list(st.history),
+            stopped_early=st.stopped_early,
+            steps=st.step,
+        )
+        self.close()
+        return result
+
+    def close(self) -> None:
+        """Drop model, optimizer, cached data and features so their memory can be freed.
+
+        Called by ``train()`` when it returns or raises; the trainer cannot be used after.
+        """
+        for name in (
+            "model",
+            "optimizer",
+            "scheduler",
+            "_best_state",
+            "_train_feats",
+            "_val_feats",
+            "train_data",
+            "val_data",
+            "named_params",
+        ):
+            if hasattr(self, name):
+                setattr(self, name, None)
+        self._ready = False
+        self._closed = True
+
+    # --- checkpoints -------------------------------------------------------------------------
+
+    def _trainable_state(self) -> dict[str, Tensor]:
+        out = {f"head.{k}": v for k, v in self.model.head.state_dict().items()}
+        if not self.frozen_features:
+            out.update({f"method.{k}": v for k, v in self.model.method.state_dict().items()})
+        return out
+
+    def _load_trainable_state(self, state: Mapping[str, Tensor]) -> None:
+        head = {k[5:]: v for k, v in state.items() if k.startswith("head.")}
+        self.model.head.load_state_dict(head, strict=True)
+        if not self.frozen_features:
+            method = {k[7:]: v for k, v in state.items() if k.startswith("method.")}
+            self.model.method.load_state_dict(method, strict=True)
+
+    def _identity(self) -> dict[str, Any]:
+        """What a checkpoint must match to be resumed here."""
+        train_cfg = {k: v for k, v in self.config.to_dict().items() if k not in _RESUME_FREE_FIELDS}
+        return {
+            "base_fingerprint": self.base.fingerprint,
+            "method": self.method_config.to_dict(),
+            "head": self.head_config.model_dump(mode="json"),
+            "training": train_cfg,
+            "train_data": self.train_data.fingerprint(),
+            "val_data": self.val_data.fingerprint() if self.val_data is not None else None,
+        }
+
+    def save_checkpoint(self) -> bytes:
+        """The full training state as bytes (JSON + safetensors; never pickle)."""
+        if not self._ready:
+            raise RuntimeError("save_checkpoint() needs a set-up trainer")
+        st = self.state
+        tensors = {f"model.{k}": v for k, v in self._trainable_state().items()}
+        optim_meta, optim_tensors = ckpt.optimizer_to_parts(self.optimizer.state_dict())
+        tensors.update(optim_tensors)
+        best_is_current = st.best_step == st.step
+        if self._best_state is not None and not best_is_current:
+            tensors.update({f"best.{k}": v for k, v in self._best_state.items()})
+        meta = {
+            "format": ckpt.FORMAT,
+            "identity": self._identity(),
+            "config": self.config.to_dict(),
+            "position": {"step": st.step, "epoch": st.epoch, "batch": st.batch_in_epoch},
+            "total_steps": self.total_steps,
+            "rng": {k: ckpt.rng_to_json(v) for k, v in self._rng.items()},
+            "optimizer": optim_meta,
+            "scheduler": _scheduler_state(self.scheduler),
+            "state": {
+                "loss_sum": st.loss_sum,
+                "loss_count": st.loss_count,
+                "best_score": st.best_score,
+                "best_step": st.best_step,
+                "best_metrics": st.best_metrics,
+                "bad_evals": st.bad_evals,
+                "stopped_early": st.stopped_early,
+                "last_val": st.last_val,
+                "history": st.history,
+                "elapsed": st.elapsed,
+                "pending": st.pending,
+                "has_best": self._best_state is not None,
+            },
+        }
+        return ckpt.pack(meta, tensors)
+
+    def load_checkpoint(self, data: bytes) -> None:
+        """Restore a state saved by :meth:`save_checkpoint` of the same job (set up first)."""
+        if not self._ready:
+            self.setup()
+        meta, tensors = ckpt.unpack(data)
+        mine = self._identity()
+        theirs = meta.get("identity", {})
+        for key, value in mine.items():
+            if theirs.get(key) != value:
+                raise ckpt.CheckpointError(f"checkpoint belongs to a different job: {key} differs")
+        try:
+            model_state = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+            device = self.base.device
+            self._load_trainable_state({k: v.to(device) for k, v in model_state.items()})
+            self.optimizer.load_state_dict(ckpt.optimizer_from_parts(meta["optimizer"], tensors))
+            # Only the scheduler's own counters: load_state_dict would set any key as attribute.
+            sched = {k: v for k, v in meta["scheduler"].items() if k in _SCHEDULER_KEYS}
+            self.scheduler.load_state_dict({**sched, "lr_lambdas": [None] * len(sched["base_lrs"])})
+            self._rng = {k: ckpt.rng_from_json(v) for k, v in meta["rng"].items()}
+            s = meta["state"]
+            pos = meta["position"]
+            self.state = _State(
+                step=int(pos["step"]),
+                epoch=int(pos["epoch"]),
+                batch_in_epoch=int(pos["batch"]),
+                loss_sum=float(s["loss_sum"]),
+                loss_count=int(s["loss_count"]),
+                best_score=s["best_score"],
+                best_step=int(s["best_step"]),
+                best_metrics=dict(s["best_metrics"]),
+                bad_evals=int(s["bad_evals"]),
+                stopped_early=bool(s["stopped_early"]),
+                last_val=s["last_val"],
+                history=list(s["history"]),
+                elapsed=float(s["elapsed"]),
+                pending=s.get("pending"),
+            )
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise ckpt.CheckpointError(f"checkpoint does not fit this job: {e}") from None
+        best = {k[5:]: v.to(self.base.device) for k, v in tensors.items() if k.startswith("best.")}
+        if best:
+            self._best_state = best
+        elif s.get("has_best"):  # best == the weights at the checkpoint's step
+            self._best_state = {k: v.detach().clone() for k, v in self._trainable_state().items()}
+        if self.state.step > self.total_steps:
+            raise ckpt.CheckpointError("checkpoint is past the end of this job")
+
+    @classmethod
+    def resume(
+        cls,
+        checkpoint: bytes,
+        base: BaseModel,
+        train_examples: Sequence[Example | Mapping[str, Any]],
+        val_examples: Sequence[Example | Mapping[str, Any]] | None = None,
+        *,
+        method_config: MethodConfig | Mapping[str, Any] | None = None,
+        head_config: HeadConfig | Mapping[str, Any] | None = None,
+        config: TrainingConfig | Mapping[str, Any] | None = None,
+        callbacks: TrainerCallbacks | None = None,
+    ) -> Trainer:
+        """A set-up trainer positioned at ``checkpoint``; configs default to the saved ones.
+
+        The same training rows (and validation rows, if any were given) must be passed: the
+        checkpoint records fingerprints of the tokenized data and refuses other data.
+        """
+        meta = ckpt.read_meta(checkpoint)
+        ident = meta.get("identity", {})
+        try:
+            trainer = cls(
+                base,
+                method_config if method_config is not None else ident["method"],
+                head_config if head_config is not None else ident["head"],
+                train_examples,
+                val_examples,
+                config if config is not None else meta["config"],
+                callbacks,
+            )
+        except KeyError as e:
+            raise ckpt.CheckpointError(f"checkpoint metadata lacks {e}") from None
+        trainer.setup()
+        trainer.load_checkpoint(checkpoint)
+        return trainer
+
+    # --- helpers -----------------------------------------------------------------------------
+
+    def _check_cancel(self) -> None:
+        if self.callbacks.should_cancel is not None and self.callbacks.should_cancel():
+            self.close()
+            raise Cancelled("training cancelled")
+
+    @contextlib.contextmanager
+    def _rng_scope(self) -> Iterator[None]:
+        """Swap the trainer's RNG state into torch's global generators for one step."""
+        cuda = self.base.device.type == "cuda"
+        outer_cpu = torch.get_rng_state()
+        outer_cuda = torch.cuda.get_rng_state(self.base.device) if cuda else None
+        torch.set_rng_state(self._rng["cpu"])
+        if cuda and "cuda" in self._rng:
+            torch.cuda.set_rng_state(self._rng["cuda"], self.base.device)
+        try:
+            yield
+        finally:
+            self._rng["cpu"] = torch.get_rng_state()
+            torch.set_rng_state(outer_cpu)
+            if cuda:
+                self._rng["cuda"] = torch.cuda.get_rng_state(self.base.device)
+                torch.cuda.set_rng_state(outer_cuda, self.base.device)
+
+
+# --------------------------------------------------------------------------------------------
+# Module helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _method_config(cfg: MethodConfig | Mapping[str, Any]) -> MethodConfig:
+    if isinstance(cfg, MethodConfig):
+        return cfg
+    params = dict(cfg)
+    method_type = params.pop("type", None)
+    if not isinstance(method_type, str):
+        raise ConfigError("type", "method config needs a 'type'")
+    return parse_method_config(method_type, params)
+
+
+def _task(head: HeadConfig | Mapping[str, Any]) -> str:
+    task = head.task if isinstance(head, HeadConfig) else head.get("task")
+    if task not in ("classification", "reward"):
+        raise ConfigError("task", f"must be 'classification' or 'reward', not {task!r}")
+    return str(task)
+
+
+def _resolve_head(
+    head: HeadConfig | Mapping[str, Any], train: list[Example], val: list[Example] | None
+) -> HeadConfig:
+    if isinstance(head, HeadConfig):
+        return head
+    params = dict(head)
+    if params.get("task") == "classification" and not params.get("label_names"):
+        check_classes(train)
+        params["label_names"] = infer_label_names(train)
+    if "text_pair" not in params:
+        params["text_pair"] = has_pairs([*train, *(val or [])]) is not None
+    try:
+        return HeadConfig(**params)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise ConfigError(str(err["loc"][0]) if err["loc"] else "head", err["msg"]) from None
+    except TypeError as e:
+        raise ConfigError("head", str(e)) from None
+
+
+def _check_pairs(head: HeadConfig, examples: Sequence[Example], where: str) -> None:
+    """Training must encode inputs as serving will: no second text unless the head says so."""
+    if head.text_pair:
+        return
+    row = has_pairs(examples)
+    if row is not None:
+        fld = "text_pair" if isinstance(examples[row], ClassificationExample) else "prompt"
+        raise DataError(
+            f"{where} data: the head config has text_pair=false but this row has a {fld}",
+            row,
+            fld,
+        )
+
+
+def _check_base_untouched(base: BaseModel, named: Mapping[str, nn.Parameter]) -> None:
+    """Invariant: the shared base is never trained. A method must own a copy to train it."""
+    base_ids = {id(p) for p in base.encoder.parameters()}
+    shared = [n for n, p in named.items() if id(p) in base_ids]
+    if shared:
+        raise RuntimeError(f"method exposes shared base weights as trainable: {shared[:3]}")
+
+
+def _flatten_pairs(feats: Tensor) -> Tensor:
+    """``[B, k, H]`` cached features → ``[k*B, H]`` in collate's order (all chosen first)."""
+    return feats.transpose(0, 1).reshape(-1, feats.shape[-1])
+
+
+def _seeded_generator_state(seed: int, device: torch.device) -> dict[str, Tensor]:
+    """Initial RNG states for dropout, derived from the seed (distinct from the init stream)."""
+    with _forked_rng(device):
+        torch.manual_seed(seed + 1)
+        state = {"cpu": torch.get_rng_state()}
+        if device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _scheduler_state(scheduler: torch.optim.lr_scheduler.LRScheduler) -> dict[str, Any]:
+    # lr_lambdas are saved as None placeholders (plain functions, rebuilt from the config).
+    return ckpt._jsonable(scheduler.state_dict())
+
+
+@contextlib.contextmanager
+def _forked_rng(device: torch.device) -> Iterator[None]:
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        yield

@@ -1,0 +1,459 @@
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import pytest
+import torch
+
+from core.errors import Cancelled, ConfigError, DataError
+from core.training import (
+    CheckpointError,
+    ProgressEvent,
+    Trainer,
+    TrainerCallbacks,
+)
+from core.training.checkpoint import MAGIC, unpack
+from tests.core.training.conftest import preference_rows
+
+CLS = {"task": "classification"}
+FAST = {"n_epochs": 6, "batch_size": 16, "learning_rate": 3e-2}
+
+
+def _base_digest(base) -> str:
+    h = hashlib.sha256()
+    for name, p in sorted(base.encoder.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _states_equal(a, b) -> bool:
+    sa = {**a.method_state, **{f"h.{k}": v for k, v in a.head_state.items()}}
+    sb = {**b.method_state, **{f"h.{k}": v for k, v in b.head_state.items()}}
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+# --- learning --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "lr"), [("lora", 3e-2), ("full", 3e-3), ("feature_extraction", 3e-2)]
+)
+def test_learns_easy_task(tiny_base, easy_rows, easy_val_rows, method: str, lr: float) -> None:
+    events: list[ProgressEvent] = []
+    evals: list[ProgressEvent] = []
+    cb = TrainerCallbacks(on_progress=events.append, on_eval=evals.append)
+    cfg = {**FAST, "learning_rate": lr}
+    result = Trainer(tiny_base, {"type": method}, CLS, easy_rows, easy_val_rows, cfg, cb).train()
+    first = sum(e.step_loss for e in events[:5]) / 5
+    last = sum(e.step_loss for e in events[-5:]) / 5
+    assert last < first - 0.05
+    assert result.metrics["val_accuracy"] >= 0.7  # chance is 0.5
+    assert [e.step for e in events] == list(range(1, result.steps + 1))
+    assert result.steps == 6 * 8 and events[-1].total_steps == 48
+    assert len(evals) == 6 and all(e.val_metrics is not None for e in evals)
+    assert len(result.history) == 6
+    assert result.adapter.head.label_names == ["neg", "pos"]
+    assert result.adapter.metrics == result.metrics
+    # The adapter reproduces the validation accuracy through the inference path.
+    model = result.adapter.build(tiny_base)
+    batch = tiny_base.tokenize([r["text"] for r in easy_val_rows], max_length=64)
+    with torch.inference_mode():
+        pred = model(batch).argmax(-1).tolist()
+    acc = sum(
+        model.head.config.label_names[p] == r["label"]
+        for p, r in zip(pred, easy_val_rows, strict=True)
+    ) / len(easy_val_rows)
+    assert acc == pytest.approx(result.metrics["val_accuracy"])
+
+
+def test_reward_model_learns(tiny_base) -> None:
+    cfg = {
+        "n_epochs": 4,
+        "batch_size": 16,
+        "learning_rate": 3e-2,
+        "center_rewards_coefficient": 0.01,
+    }
+    result = Trainer(
+        tiny_base,
+        {"type": "lora"},
+        {"task": "reward"},
+        preference_rows(96),
+        preference_rows(32, seed=1),
+        cfg,
+    ).train()
+    m = result.metrics
+    assert m["val_accuracy"] >= 0.8 and m["val_mean_margin"] > 0
+    assert result.adapter.head.text_pair  # inferred: rows have prompts
+    assert result.history[-1]["val"]["loss"] < result.history[0]["val"]["loss"]
+
+
+def test_base_weights_never_change(tiny_base, easy_rows) -> None:
+    before = _base_digest(tiny_base)
+    for method in ("lora", "full", "adapter", "prompt_tuning"):
+        Trainer(tiny_base, {"type": method}, CLS, easy_rows, None, {"n_epochs": 1}).train()
+    assert _base_digest(tiny_base) == before
+
+
+# --- determinism, checkpoints, resume --------------------------------------------------------
+
+
+def _run(base, rows, val, cfg: dict[str, Any], cb: TrainerCallbacks | None = None):
+    return Trainer(base, {"type": "lora", "dropout": 0.1}, CLS, rows, val, cfg, cb).train()
+
+
+def test_same_seed_same_result(tiny_base, easy_rows) -> None:
+    cfg = {"n_epochs": 2, "batch_size": 8, "learning_rate": 1e-2, "seed": 3}
+    a = _run(tiny_base, easy_rows, None, cfg)
+    torch.rand(10)  # global RNG use in between must not matter
+    b = _run(tiny_base, easy_rows, None, cfg)
+    c = _run(tiny_base, easy_rows, None, {**cfg, "seed": 4})
+    assert _states_equal(a.adapter, b.adapter)
+    assert a.history == [{**h, "elapsed": a.history[i]["elapsed"]} for i, h in enumerate(b.history)]
+    assert not _states_equal(a.adapter, c.adapter)
+
+
+def test_global_rng_left_alone(tiny_base, easy_rows) -> None:
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    _run(tiny_base, easy_rows[:40], None, {"n_epochs": 1, "batch_size": 8})
+    assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize(
+    ("extra", "cut"),
+    [
+        ({}, 4),  # mid-epoch (6 batches per epoch)
+        ({}, 6),  # exactly at the epoch end
+        ({"eval_every_steps": 3, "early_stopping_patience": 2, "lr_scheduler": "cosine"}, 9),
+        ({"gradual_unfreezing": True}, 8),
+    ],
+)
+def test_resume_equals_uninterrupted(tiny_base, easy_rows, extra: dict, cut: int) -> None:
+    rows, val = easy_rows[:48], easy_rows[48:72]
+    cfg = {
+        "n_epochs": 3,
+        "batch_size": 8,
+        "learning_rate": 1e-2,
+        "checkpoint_every_steps": 1,
+        **extra,
+    }
+    full = _run(tiny_base, rows, val, cfg)
+
+    saved: dict[int, bytes] = {}
+    cb = TrainerCallbacks(
+        on_checkpoint=lambda data, step, epoch, metrics: saved.__setitem__(step, data),
+        should_cancel=lambda: cut in saved,
+    )
+    with pytest.raises(Cancelled):
+        _run(tiny_base, rows, val, cfg, cb)
+    assert max(saved) == cut
+
+    torch.rand(100)  # a different global RNG position must not matter either
+    events: list[ProgressEvent] = []
+    resumed = Trainer.resume(
+        saved[cut], tiny_base, rows, val, callbacks=TrainerCallbacks(on_progress=events.append)
+    )
+    assert resumed.state.step == cut
+    result = resumed.train()
+    assert events[0].step == cut + 1
+    assert _states_equal(full.adapter, result.adapter)
+    assert result.best_step == full.best_step and result.steps == full.steps
+    strip = [{k: v for k, v in h.items() if k != "elapsed"} for h in full.history]
+    assert [{k: v for k, v in h.items() if k != "elapsed"} for h in result.history] == strip
+
+
+def test_resume_full_finetune_with_layer_decay(tiny_base, easy_rows) -> None:
+    rows, val = easy_rows[:40], easy_rows[40:60]
+    cfg = {
+        "n_epochs": 2,
+        "batch_size": 8,
+        "learning_rate": 1e-3,
+        "layerwise_lr_decay": 0.7,
+        "checkpoint_every_steps": 3,
+    }
+    run = lambda cb=None: Trainer(tiny_base, {"type": "full"}, CLS, rows, val, cfg, cb).train()  # noqa: E731
+    full = run()
+    saved: list[bytes] = []
+    with pytest.raises(Cancelled):
+        run(
+            TrainerCallbacks(
+                on_checkpoint=lambda d, *_: saved.append(d), should_cancel=lambda: bool(saved)
+            )
+        )
+    result = Trainer.resume(saved[0], tiny_base, rows, val).train()
+    assert _states_equal(full.adapter, result.adapter)
+
+
+def test_checkpoint_is_json_plus_safetensors(tiny_base, easy_rows) -> None:
+    t = Trainer(tiny_base, {"type": "lora"}, CLS, easy_rows, None, {"n_epochs": 1})
+    t.setup()
+    data = t.save_checkpoint()
+    assert data.startswith(MAGIC) and b"\x80\x04" not in data[:2]  # no pickle protocol header
+    meta, tensors = unpack(data)
+    json.dumps(meta)  # plain JSON
+    assert meta["position"] == {"step": 0, "epoch": 0, "batch": 0}
+    assert any(k.startswith("model.method.lora_A") for k in tensors)
+    for bad in (b"", b"garbage", data[:20], MAGIC + b"\xff" * 8 + b"{}"):
+        with pytest.raises(CheckpointError):
+            Trainer.resume(bad, tiny_base, easy_rows)
+    import pickle
+
+    with pytest.raises(CheckpointError):
+        Trainer.resume(pickle.dumps({"a": 1}), tiny_base, easy_rows)
+
+
+def test_checkpoint_refuses_other_data_or_config(tiny_base, easy_rows) -> None:
+    t = Trainer(tiny_base, {"type": "lora"}, CLS, easy_rows, None, {"n_epochs": 1})
+    t.setup()
+    data = t.save_checkpoint()
+    with pytest.raises(CheckpointError, match="train_data"):
+        Trainer.resume(data, tiny_base, easy_rows[:-1])
+    with pytest.raises(CheckpointError, match="training"):
+        Trainer.resume(data, tiny_base, easy_rows, config={"n_epochs": 2})
+    with pytest.raises(CheckpointError, match="method"):
+        Trainer.resume(data, tiny_base, easy_rows, method_config={"type": "lora", "r": 4})
+    # Fields that do not change the trajectory may differ.
+    Trainer.resume(data, tiny_base, easy_rows, config={"n_epochs": 1, "checkpoint_every_steps": 5})
+
+
+def test_checkpoint_callback_schedule(tiny_base, easy_rows) -> None:
+    calls: list[tuple[int, int]] = []
+    cfg = {"n_epochs": 2, "batch_size": 16, "checkpoint_every_steps": 5}  # 108 rows: 7 / epoch
+    _run(
+        tiny_base,
+        easy_rows,
+        None,
+        cfg,
+        TrainerCallbacks(on_checkpoint=lambda d, s, e, m: calls.append((s, e))),
+    )
+    # Every 5 steps and at the first epoch's end; never after the final step.
+    assert calls == [(5, 0), (7, 0), (10, 1)]
+
+
+# --- cancel, early stopping, unfreezing ------------------------------------------------------
+
+
+def test_cancel_within_one_step(tiny_base, easy_rows) -> None:
+    steps: list[int] = []
+    cancel = {"now": False}
+
+    def progress(e: ProgressEvent) -> None:
+        steps.append(e.step)
+        if e.step == 3:
+            cancel["now"] = True
+
+    t = Trainer(
+        tiny_base,
+        {"type": "lora"},
+        CLS,
+        easy_rows,
+        None,
+        {"n_epochs": 5},
+        TrainerCallbacks(on_progress=progress, should_cancel=lambda: cancel["now"]),
+    )
+    with pytest.raises(Cancelled):
+        t.train()
+    assert steps == [1, 2, 3]
+    assert t.model is None and t.optimizer is None  # memory released
+
+
+def test_early_stopping_restores_best(tiny_base, easy_rows, easy_val_rows) -> None:
+    # An absurd learning rate diverges after the first evaluations; patience 2 stops it.
+    cfg = {
+        "n_epochs": 20,
+        "batch_size": 16,
+        "learning_rate": 0.5,
+        "warmup_steps": 0,
+        "eval_every_steps": 2,
+        "early_stopping_patience": 2,
+        "lr_scheduler": "constant",
+    }
+    r = Trainer(tiny_base, {"type": "full"}, CLS, easy_rows, easy_val_rows, cfg).train()
+    assert r.stopped_early and r.steps < 20 * 7
+    losses = {h["step"]: h["val"]["loss"] for h in r.history}
+    assert r.best_step == min(losses, key=losses.get)
+    assert r.metrics["val_loss"] == losses[r.best_step]
+    # The adapter holds the best weights, not the last: re-evaluating gives the best loss.
+    t = Trainer(tiny_base, {"type": "full"}, CLS, easy_rows, easy_val_rows, cfg)
+    t.setup()
+    t.model.method.load_saved_state(r.adapter.method_state)
+    t.model.head.load_state_dict(r.adapter.head_state)
+    assert t.evaluate()["loss"] == pytest.approx(losses[r.best_step], rel=1e-5)
+
+
+def test_gradual_unfreezing_changes_trained_params(tiny_base, easy_rows) -> None:
+    seen: dict[int, set[str]] = {}
+    trainer: Trainer
+
+    def progress(e: ProgressEvent) -> None:
+        live = {n for n, p in trainer.named_params.items() if p.grad is not None}
+        seen.setdefault(e.epoch, set()).update(live)
+
+    cfg = {"n_epochs": 4, "batch_size": 32, "gradual_unfreezing": True, "learning_rate": 1e-3}
+    trainer = Trainer(
+        tiny_base,
+        {"type": "full"},
+        CLS,
+        easy_rows,
+        None,
+        cfg,
+        TrainerCallbacks(on_progress=progress),
+    )
+    result = trainer.train()
+
+    def kinds(names: set[str]) -> set[str]:
+        out = set()
+        for n in names:
+            if n.startswith("head."):
+                out.add("head")
+            elif ".embeddings." in n:
+                out.add("emb")
+            else:
+                out.add(f"L{n.split('.layer.')[1].split('.')[0]}")
+        return out
+
+    assert kinds(seen[0]) == {"head"}
+    assert kinds(seen[1]) == {"head", "L1"}
+    assert kinds(seen[2]) == {"head", "L1", "L0"}
+    assert kinds(seen[3]) == {"head", "L1", "L0", "emb"}
+    # Embeddings trained only in the last epoch; layer 0 weights moved; nothing frozen drifted.
+    emb = result.adapter.method_state["embeddings.word_embeddings.weight"]
+    assert not torch.equal(emb, tiny_base.encoder.embeddings.word_embeddings.weight)
+
+
+# --- bad input -------------------------------------------------------------------------------
+
+
+def test_bad_data_errors_name_the_row(tiny_base, easy_rows) -> None:
+    rows = [*easy_rows[:10], {"text": "", "label": "pos"}]
+    with pytest.raises(DataError) as e:
+        Trainer(tiny_base, {"type": "lora"}, CLS, rows).setup()
+    assert e.value.row == 10 and e.value.field == "text"
+
+    one_class = [r for r in easy_rows if r["label"] == "pos"]
+    with pytest.raises(DataError, match="one class"):
+        Trainer(tiny_base, {"type": "lora"}, CLS, one_class).setup()
+
+    val = [{"text": "good", "label": "pos"}, {"text": "meh", "label": "meh"}]
+    with pytest.raises(DataError) as e:
+        Trainer(tiny_base, {"type": "lora"}, CLS, easy_rows, val).setup()
+    assert e.value.row == 1 and "validation" in str(e.value)
+
+    with pytest.raises(DataError, match="too few rows"):
+        Trainer(tiny_base, {"type": "lora"}, CLS, easy_rows[:4]).setup()
+    # ... unless validation is switched off.
+    Trainer(
+        tiny_base, {"type": "lora"}, CLS, easy_rows[:4], None, {"validation_fraction": 0}
+    ).setup()
+
+    head = {"task": "classification", "label_names": ["neg", "pos"], "text_pair": False}
+    paired = [*easy_rows[:10], {"text": "a", "text_pair": "b", "label": "pos"}]
+    with pytest.raises(DataError) as e:
+        Trainer(tiny_base, {"type": "lora"}, head, paired).setup()
+    assert e.value.row == 10 and e.value.field == "text_pair"
+
+    given = {"task": "classification", "label_names": ["neg", "other"]}
+    with pytest.raises(DataError) as e:
+        Trainer(tiny_base, {"type": "lora"}, given, easy_rows).setup()
+    assert e.value.field == "label" and e.value.row == 0
+
+
+def test_bad_configs(tiny_base, easy_rows) -> None:
+    with pytest.raises(ConfigError) as e:
+        Trainer(tiny_base, {"type": "lora"}, CLS, easy_rows, None, {"batch_size": -1})
+    assert e.value.field == "batch_size"
+    with pytest.raises(ConfigError) as e:
+        Trainer(tiny_base, {"type": "lora", "r": 0}, CLS, easy_rows)
+    assert e.value.field == "r"
+    with pytest.raises(ConfigError) as e:
+        Trainer(
+            tiny_base,
+            {"type": "lora"},
+            {"task": "reward"},
+            preference_rows(20),
+            None,
+            {"metric_for_best": "macro_f1"},
+        ).setup()
+    assert e.value.field == "metric_for_best"
+
+
+def test_no_validation_returns_last_weights(tiny_base, easy_rows) -> None:
+    cfg = {"n_epochs": 1, "validation_fraction": 0, "max_steps": 5}
+    r = _run(tiny_base, easy_rows, None, cfg)
+    assert r.best_step == r.steps == 5
+    assert "val_loss" not in r.metrics and r.metrics["train_loss"] > 0
+
+
+def test_resume_feature_extraction_reward(tiny_base) -> None:
+    rows, val = preference_rows(40), preference_rows(16, seed=1)
+    cfg = {"n_epochs": 3, "batch_size": 8, "learning_rate": 1e-2, "margin": 0.2}
+    run = lambda cb=None: Trainer(  # noqa: E731
+        tiny_base, {"type": "feature_extraction"}, {"task": "reward"}, rows, val, cfg, cb
+    ).train()
+    full = run()
+    saved: list[bytes] = []
+    with pytest.raises(Cancelled):
+        run(
+            TrainerCallbacks(
+                on_checkpoint=lambda d, *_: saved.append(d), should_cancel=lambda: len(saved) == 2
+            )
+        )
+    result = Trainer.resume(saved[-1], tiny_base, rows, val).train()
+    assert _states_equal(full.adapter, result.adapter)
+    assert full.metrics == {**result.metrics}
+    assert full.adapter.method_state == {}
+
+
+def test_closed_trainer_cannot_restart(tiny_base, easy_rows) -> None:
+    t = Trainer(tiny_base, {"type": "lora"}, CLS, easy_rows, None, {"max_steps": 2})
+    t.train()
+    with pytest.raises(RuntimeError, match="closed"):
+        t.train()
+
+
+def test_checkpoint_taken_during_validation(tiny_base, easy_rows) -> None:
+    """The worker saves from should_cancel on shutdown, which also runs between validation
+    batches: resuming such a checkpoint replays the interrupted validation."""
+    rows, val = easy_rows[:48], easy_rows[48:100]
+    cfg = {
+        "n_epochs": 3,
+        "batch_size": 8,
+        "eval_batch_size": 8,
+        "learning_rate": 1e-2,
+        "early_stopping_patience": 3,
+    }
+    full = _run(tiny_base, rows, val, cfg)
+
+    saved: list[bytes] = []
+    trainer: Trainer
+
+    def should_cancel() -> bool:
+        st = trainer.state
+        if st.pending is not None and st.step == 12 and not saved:  # inside epoch 2's eval
+            saved.append(trainer.save_checkpoint())
+            return True
+        return False
+
+    trainer = Trainer(
+        tiny_base,
+        {"type": "lora", "dropout": 0.1},
+        CLS,
+        rows,
+        val,
+        cfg,
+        TrainerCallbacks(should_cancel=should_cancel),
+    )
+    with pytest.raises(Cancelled):
+        trainer.train()
+    evals: list[ProgressEvent] = []
+    result = Trainer.resume(
+        saved[0], tiny_base, rows, val, callbacks=TrainerCallbacks(on_eval=evals.append)
+    ).train()
+    assert evals[0].step == 12  # the interrupted validation ran first
+    assert _states_equal(full.adapter, result.adapter)
+    strip = [{k: v for k, v in h.items() if k != "elapsed"} for h in full.history]
+    assert [{k: v for k, v in h.items() if k != "elapsed"} for h in result.history] == strip
