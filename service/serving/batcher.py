@@ -39,6 +39,8 @@ class _Request:
     rows: list[Row]
     future: asyncio.Future[list[RowResult]]
     loop: asyncio.AbstractEventLoop
+    # Adapters fetched by the request path because they were not resident (see ``submit``).
+    adapters: dict[Hashable, Adapter] = field(default_factory=dict)
     enqueued: float = field(default_factory=time.monotonic)
 
 
@@ -76,6 +78,7 @@ class Batcher:
         self._cond = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="inference", daemon=True)
+        self._fetching: dict[Hashable, asyncio.Future[Adapter]] = {}
 
     # --- called from the event loop / request threads ----------------------------------------
 
@@ -93,9 +96,15 @@ class Batcher:
         self._thread.join(timeout=30)
 
     async def submit(self, rows: list[Row]) -> list[RowResult]:
-        """Results for ``rows`` in order; raises :class:`QueueFullError` when over the bound."""
+        """Results for ``rows`` in order; raises :class:`QueueFullError` when over the bound.
+
+        Adapters that are not resident are read and parsed here, in a worker thread, before
+        the request joins the queue: a cold adapter costs its own request a database read,
+        never the whole batch it lands in. The loader's errors (a deleted adapter) propagate.
+        """
         loop = asyncio.get_running_loop()
-        request = _Request(rows, loop.create_future(), loop)
+        adapters = await self._fetch_missing({r.key for r in rows if r.key is not None})
+        request = _Request(rows, loop.create_future(), loop, adapters)
         with self._cond:
             if self._stopping:
                 raise QueueFullError("the server is shutting down")
@@ -105,6 +114,19 @@ class Batcher:
             self._queued_rows += len(rows)
             self._cond.notify()
         return await request.future
+
+    async def _fetch_missing(self, keys: set[Hashable]) -> dict[Hashable, Adapter]:
+        out: dict[Hashable, Adapter] = {}
+        for key in keys:
+            if key in self.engine:  # a racy read is fine: the inference thread re-checks
+                continue
+            pending = self._fetching.get(key)
+            if pending is None:  # one fetch per key, however many requests want it
+                pending = asyncio.ensure_future(asyncio.to_thread(self.loader, key))
+                self._fetching[key] = pending
+                pending.add_done_callback(lambda _f, k=key: self._fetching.pop(k, None))
+            out[key] = await asyncio.shield(pending)
+        return out
 
     def invalidate(self, tenant_id: str, name: str) -> None:
         """Drop every resident version of an adapter, before the next batch runs."""
@@ -180,8 +202,11 @@ class Batcher:
         self.stats.rows += len(rows)
         if self.on_batch is not None:
             self.on_batch(len(rows))
+        fetched: dict[Hashable, Adapter] = {}
+        for request in batch:
+            fetched.update(request.adapters)
         try:
-            results = self._run_rows(rows)
+            results = self._run_rows(rows, fetched)
         except Exception as exc:  # the engine isolates row errors; this is a bug guard
             logger.exception("batch of %d rows failed", len(rows))
             for request in batch:
@@ -193,11 +218,15 @@ class Batcher:
             _resolve(request, results[start:end])
             start = end
 
-    def _run_rows(self, rows: list[Row]) -> list[RowResult]:
+    def _run_rows(self, rows: list[Row], fetched: dict[Hashable, Adapter]) -> list[RowResult]:
+        def load(key: Hashable) -> Adapter:
+            adapter = fetched.get(key)
+            return adapter if adapter is not None else self.loader(key)  # evicted meanwhile
+
         out: list[RowResult] = []
         # One oversized request runs alone, in chunks the size of a batch.
         for i in range(0, len(rows), self.max_batch_size):
-            out += self.engine.run(rows[i : i + self.max_batch_size], loader=self.loader)
+            out += self.engine.run(rows[i : i + self.max_batch_size], loader=load)
         return out
 
     def _resolve_mode(self, row: Row) -> Row:

@@ -55,6 +55,8 @@ class LengthChecker:
 async def run_rows(batcher: Batcher, rows: list[Row]) -> list[RowResult]:
     try:
         results = await batcher.submit(rows)
+    except AdapterGone:
+        raise not_found("adapter", str(rows[0].key[1]), "adapter") from None  # type: ignore[index]
     except QueueFullError as e:
         raise unavailable(
             f"Too many queued requests ({e}); retry shortly.", "queue_full", RETRY_AFTER_S

@@ -113,3 +113,21 @@ def new_tenant(client: TestClient, admin: Headers) -> Callable[[str], Headers]:
 @pytest.fixture
 def other_auth(new_tenant: Callable[[str], Headers]) -> Headers:
     return new_tenant("other")
+
+
+@pytest.fixture
+def serving_client(settings: Settings, tiny_model_dir: Path) -> Iterator[TestClient]:
+    """The app with its serving hook on the tiny random base (no worker): /predict works."""
+    from service.serving.lifespan import serving
+    from tests.tiny_bert import TINY_NAME
+
+    tiny = settings.model_copy(
+        update={
+            "base_model_path": tiny_model_dir,
+            "base_model_name": TINY_NAME,
+            "embedded_worker": False,
+            "torch_threads": 1,
+        }
+    )
+    with TestClient(create_app(tiny, hooks=[serving])) as test_client:
+        yield test_client

@@ -147,3 +147,22 @@ def adapter_row(tenant_id: str, name: str, **extra: Any) -> Any:
     }
     values.update(extra)
     return Adapter(**values)
+
+
+def store_adapter(client: TestClient, headers: Headers, name: str, adapter: Any) -> Any:
+    """Insert a core ``Adapter`` for the tenant of ``headers``, as a finished job would."""
+    from service.adapters.store import adapter_row_from
+    from service.db.models import ApiKey
+    from service.jobs.queue import next_adapter_version
+    from service.tenants.keys import hash_api_key
+
+    app = client.app
+    key = headers["Authorization"].removeprefix("Bearer ")
+    with app.state.sessionmaker() as session:  # type: ignore[attr-defined]
+        tenant_id = session.query(ApiKey).filter_by(key_hash=hash_api_key(key)).one().tenant_id
+        row = adapter_row_from(adapter, app.state.base_model, name=name)  # type: ignore[attr-defined]
+        row.tenant_id = tenant_id
+        row.version = next_adapter_version(session, tenant_id)
+        session.add(row)
+        session.commit()
+        return row.version

@@ -1,0 +1,118 @@
+"""Real ``loraplex serve`` / ``loraplex worker`` processes for end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[2]
+READY_TIMEOUT_S = 180.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def base_env(data_dir: Path, **settings: object) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LORAPLEX_")}
+    env["LORAPLEX_DATA_DIR"] = str(data_dir)
+    env["LORAPLEX_LOG_LEVEL"] = "WARNING"
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    for key, value in settings.items():
+        if value is not None:
+            env[f"LORAPLEX_{key.upper()}"] = str(value)
+    return env
+
+
+@dataclass
+class ServerProcess:
+    """One ``loraplex serve`` process on a free loopback port (restartable on the same data)."""
+
+    data_dir: Path
+    settings: dict[str, object] = field(default_factory=dict)
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def api_key(self) -> str:
+        return (self.data_dir / "default_api_key").read_text().strip()
+
+    def client(self, key: str | None = None, timeout: float = 60.0) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {key or self.api_key}"}
+        return httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
+
+    def start(self) -> ServerProcess:
+        log = (self.data_dir / f"server-{self.port}.log").open("ab")
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "service",
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+            ],
+            cwd=REPO,
+            env=base_env(self.data_dir, **self.settings),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        wait_ready(self.base_url, self.proc)
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(sig)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def log_tail(self, n: int = 40) -> str:
+        path = self.data_dir / f"server-{self.port}.log"
+        return (
+            "\n".join(path.read_text(errors="replace").splitlines()[-n:]) if path.exists() else ""
+        )
+
+
+def wait_ready(base_url: str, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before it was ready")
+        try:
+            if httpx.get(f"{base_url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    raise RuntimeError(f"server at {base_url} not ready after {READY_TIMEOUT_S:.0f} s")
+
+
+def wait_job(client: httpx.Client, job_id: str, timeout: float = 300.0) -> dict[str, object]:
+    """Poll a job until it reaches a terminal status; return the job object."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/fine_tuning/jobs/{job_id}").raise_for_status().json()
+        if job["status"] in {"succeeded", "failed", "cancelled"}:
+            return job
+        time.sleep(0.5)
+    raise TimeoutError(f"job {job_id} still {job['status']} after {timeout:.0f} s")
