@@ -67,7 +67,10 @@ class TrainingConfig(PydanticModel):
     # Validate every k steps; None = at the end of every epoch. Always once at the end.
     eval_every_steps: int | None = Field(None, ge=1)
     # Validation metric that picks the best checkpoint. "accuracy" is pairwise for reward.
-    metric_for_best: MetricName = "loss"
+    # Not loss by default: on small validation sets the loss of a model that grows more
+    # confident rises while its accuracy still improves, and selecting on it kept epoch-1
+    # weights 15-20 points worse on held-out Rotten Tomatoes rows.
+    metric_for_best: MetricName = "accuracy"
     # Held out from the training rows when no validation set is given; 0 = no validation.
     validation_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     bucket_by_length: bool = True

@@ -271,6 +271,7 @@ def test_early_stopping_restores_best(tiny_base, easy_rows, easy_val_rows) -> No
         "eval_every_steps": 2,
         "early_stopping_patience": 2,
         "lr_scheduler": "constant",
+        "metric_for_best": "loss",
     }
     r = Trainer(tiny_base, {"type": "full"}, CLS, easy_rows, easy_val_rows, cfg).train()
     assert r.stopped_early and r.steps < 20 * 7
@@ -293,7 +294,13 @@ def test_gradual_unfreezing_changes_trained_params(tiny_base, easy_rows) -> None
         live = {n for n, p in trainer.named_params.items() if p.grad is not None}
         seen.setdefault(e.epoch, set()).update(live)
 
-    cfg = {"n_epochs": 4, "batch_size": 32, "gradual_unfreezing": True, "learning_rate": 1e-3}
+    cfg = {
+        "n_epochs": 4,
+        "batch_size": 32,
+        "gradual_unfreezing": True,
+        "learning_rate": 1e-3,
+        "metric_for_best": "loss",
+    }
     trainer = Trainer(
         tiny_base,
         {"type": "full"},
