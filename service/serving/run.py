@@ -20,7 +20,15 @@ RETRY_AFTER_S = 1
 
 
 def resolve_adapter(session: Session, tenant_id: str, name: str) -> AdapterRef:
-    ref = find_adapter(session, tenant_id, name)
+    """The adapter's current version, then the session's connection goes back to the pool.
+
+    Inference requests wait on the batcher for a while; holding a pooled connection during
+    that wait would let a burst of requests starve the adapter loads they are waiting for.
+    """
+    try:
+        ref = find_adapter(session, tenant_id, name)
+    finally:
+        session.close()
     if ref is None:  # also another tenant's adapter: its existence is never confirmed
         raise not_found("adapter", name, "adapter")
     return ref

@@ -191,3 +191,18 @@ def test_predict_errors(serving_client: TestClient, auth: Headers, adapters: lis
         "/reward/compare?adapter=a0", json={"response_a": "a", "response_b": "b"}, headers=auth
     )
     assert_error(wrong_task, 422, param="adapter", code="adapter_task_mismatch")
+
+
+def test_burst_of_requests_for_cold_adapters_all_succeed(
+    serving_client: TestClient, auth: Headers
+) -> None:
+    # More concurrent requests than the connection pool holds, every adapter cold: requests
+    # must not hold pooled connections while they wait for the loads they depend on.
+    base = serving_client.app.state.base_model  # type: ignore[attr-defined]
+    for i in range(12):
+        store_adapter(serving_client, auth, f"c{i}", lora(base, r=4, seed=i))
+    with ThreadPoolExecutor(max_workers=24) as pool:
+        responses = list(
+            pool.map(lambda i: _predict(serving_client, auth, f"c{i % 12}", ["hello"]), range(48))
+        )
+    assert [r.status_code for r in responses] == [200] * 48
