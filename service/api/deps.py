@@ -5,16 +5,19 @@ from __future__ import annotations
 import hmac
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.api.errors import AUTHENTICATION, PERMISSION, ApiError
+from service.api.errors import AUTHENTICATION, PERMISSION, ApiError, unavailable
 from service.config import Settings
 from service.db.models import Tenant
 from service.tenants.keys import key_by_secret
+
+if TYPE_CHECKING:  # core imports torch; the API imports it only through the lifespan hooks
+    from core.base import BaseModel as CoreBaseModel
 
 
 def get_settings(request: Request) -> Settings:
@@ -117,3 +120,16 @@ def require_admin(principal: PrincipalDep) -> Principal:
 
 
 AdminDep = Annotated[Principal, Depends(require_admin)]
+
+
+# --- the loaded base model ---------------------------------------------------------------------
+
+
+def get_base_model(request: Request) -> CoreBaseModel:
+    """The encoder the serving lifespan hook loaded; 503 until it has (or without the hook)."""
+    base: CoreBaseModel | None = getattr(request.app.state, "base_model", None)
+    if base is None:
+        raise unavailable(
+            "The base model is still loading; retry shortly.", "model_not_ready", retry_after=5
+        )
+    return base

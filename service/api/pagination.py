@@ -41,8 +41,11 @@ def keyset_page(
     after: str | None,
     limit: int,
     cursor_column: InstrumentedAttribute[Any] | None = None,
+    descending: bool = True,
 ) -> tuple[list[M], bool]:
     """One page of ``model`` rows matching ``where``, newest first, and whether more follow.
+
+    ``descending=False`` pages oldest first (OpenAI's ``order=asc``).
 
     ``after`` is matched against ``cursor_column`` (the id unless told otherwise, e.g. the
     adapter name), *within* ``where``: another tenant's id is an unknown cursor.
@@ -56,6 +59,10 @@ def keyset_page(
         if cursor is None:
             raise invalid(f"Unknown cursor '{after}'.", "after", "invalid_cursor")
         c_created, c_id = cursor
-        stmt = stmt.where(or_(created < c_created, and_(created == c_created, ident < c_id)))
-    rows = list(session.scalars(stmt.order_by(created.desc(), ident.desc()).limit(limit + 1)))
+        if descending:
+            stmt = stmt.where(or_(created < c_created, and_(created == c_created, ident < c_id)))
+        else:
+            stmt = stmt.where(or_(created > c_created, and_(created == c_created, ident > c_id)))
+    order = (created.desc(), ident.desc()) if descending else (created.asc(), ident.asc())
+    rows = list(session.scalars(stmt.order_by(*order).limit(limit + 1)))
     return rows[:limit], len(rows) > limit

@@ -9,19 +9,22 @@ from __future__ import annotations
 
 import secrets
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service import ids
+from service.adapters.quota import check_adapter_quota, name_taken
 from service.api.errors import ApiError, conflict, invalid, not_found, quota_exceeded
 from service.api.schemas.jobs import JobCreate
 from service.config import Settings
-from service.db.models import ACTIVE_STATUSES, Adapter, Dataset, Job, JobStatus, Tenant
+from service.db.models import Dataset, Job, JobStatus, Tenant
+from service.jobs.openai_compat import OPENAI_METHOD_KINDS
 from service.jobs.queue import active_job_count, add_event
 from service.jobs.validate import MethodConfigError, validate_method
 
 _SHOWN_LABELS = 5
+_OPENAI_ALTERNATIVE = {"classification": "supervised", "preference": "dpo"}
 
 
 def _load_dataset(session: Session, tenant_id: str, dataset_id: str, param: str) -> Dataset:
@@ -33,7 +36,18 @@ def _load_dataset(session: Session, tenant_id: str, dataset_id: str, param: str)
     return dataset
 
 
-def _check_files(training: Dataset, validation: Dataset | None) -> None:
+def _check_files(
+    training: Dataset, validation: Dataset | None, openai_method: str | None = None
+) -> None:
+    wanted = OPENAI_METHOD_KINDS.get(openai_method or "")
+    if wanted is not None and training.kind != wanted:
+        # loraplex's own methods train on either kind; OpenAI's names say which one they mean.
+        raise invalid(
+            f"method.type '{openai_method}' trains on a {wanted} dataset, but training_file is "
+            f"a {training.kind} dataset (use '{_OPENAI_ALTERNATIVE[training.kind]}' or 'lora').",
+            "training_file",
+            "dataset_kind_mismatch",
+        )
     if validation is None:
         return
     if validation.kind != training.kind:
@@ -54,34 +68,16 @@ def _check_files(training: Dataset, validation: Dataset | None) -> None:
         )
 
 
-def _name_taken(session: Session, tenant_id: str, name: str) -> str | None:
-    """Why ``name`` cannot be used for a new adapter, or None if it is free."""
-    if session.scalar(
-        select(Adapter.id).where(Adapter.tenant_id == tenant_id, Adapter.name == name)
-    ):
-        return f"An adapter named '{name}' already exists."
-    job_id = session.scalar(
-        select(Job.id).where(
-            Job.tenant_id == tenant_id,
-            Job.adapter_name == name,
-            Job.status.in_(ACTIVE_STATUSES),
-        )
-    )
-    if job_id:
-        return f"Job {job_id} is already training an adapter named '{name}'."
-    return None
-
-
 def _adapter_name(session: Session, tenant_id: str, body: JobCreate) -> str:
     if body.adapter_name is not None:
-        reason = _name_taken(session, tenant_id, body.adapter_name)
+        reason = name_taken(session, tenant_id, body.adapter_name)
         if reason:
             raise conflict(reason, "adapter_name", "adapter_name_taken")
         return body.adapter_name
     stem = body.method.type.value + (f"-{body.suffix}" if body.suffix else "")
     for _ in range(8):
         name = f"{stem}-{ids.short_hex()}"
-        if _name_taken(session, tenant_id, name) is None:
+        if name_taken(session, tenant_id, name) is None:
             return name
     raise ApiError(500, "Could not generate a free adapter name.", code="name_generation_failed")
 
@@ -94,19 +90,7 @@ def _check_quotas(session: Session, tenant_id: str, settings: Settings) -> None:
             f"{settings.max_concurrent_jobs_per_tenant}); wait for one to finish.",
             "concurrent_jobs_limit",
         )
-    adapters = (
-        session.scalar(
-            select(func.count()).select_from(Adapter).where(Adapter.tenant_id == tenant_id)
-        )
-        or 0
-    )
-    # Active jobs will each add an adapter: count them, or the quota could be overshot.
-    if adapters + active >= settings.max_adapters_per_tenant:
-        raise quota_exceeded(
-            f"This tenant has {adapters} adapters and {active} jobs in progress (limit "
-            f"{settings.max_adapters_per_tenant} adapters); delete some adapters first.",
-            "adapter_limit",
-        )
+    check_adapter_quota(session, tenant_id, settings.max_adapters_per_tenant, active)
 
 
 def create_job(session: Session, tenant: Tenant, body: JobCreate, settings: Settings) -> Job:
@@ -146,7 +130,7 @@ def create_job(session: Session, tenant: Tenant, body: JobCreate, settings: Sett
             if body.validation_file
             else None
         )
-        _check_files(training, validation)
+        _check_files(training, validation, body.openai_method)
         job.status = JobStatus.QUEUED
         add_event(
             session,

@@ -1,17 +1,11 @@
 """Validation of a job's ``method`` block against the core library.
 
-LEAD: this is the one seam to wire to core. Replace the body of :func:`validate_method` with
-
-    from core.methods import parse_method_config
-    from core.training import TrainingConfig
-
-    parse_method_config(method["type"], method.get(method["type"]) or {})
-    TrainingConfig(**method.get("hyperparameters", {}))
-
-and translate their errors into :class:`MethodConfigError` with ``param`` relative to
-``method`` (e.g. ``"lora.r"``, ``"hyperparameters.learning_rate"``); the route turns it into a
-422 whose ``param`` is ``method.<param>``. For pydantic errors, :func:`param_from_loc` builds it.
-Imports stay inside the function so importing the API does not import torch.
+The core library is the authority on what a method's parameters and the training
+hyperparameters mean: :func:`validate_method` asks ``core.methods.parse_method_config`` and
+``core.training.parse_training_config`` and turns their :class:`core.errors.ConfigError` into
+:class:`MethodConfigError` with ``param`` relative to ``method`` (``"lora.r"``,
+``"hyperparameters.learning_rate"``); the route answers a 422 whose ``param`` is
+``method.<param>``. Imports stay inside the function so importing the API does not import torch.
 """
 
 from __future__ import annotations
@@ -36,6 +30,11 @@ def param_from_loc(prefix: str, loc: Sequence[str | int]) -> str:
     return ".".join([prefix, *(str(p) for p in loc)]) if loc else prefix
 
 
+def _clean(message: str) -> str:
+    # pydantic prefixes custom validator messages with "Value error, ": noise to a client.
+    return message.removeprefix("Value error, ")
+
+
 def validate_method(method: dict[str, Any]) -> None:
     """Raise :class:`MethodConfigError` if ``method`` is not a trainable configuration.
 
@@ -48,5 +47,23 @@ def validate_method(method: dict[str, Any]) -> None:
         raise MethodConfigError(
             f"method block is {size} bytes; at most {MAX_METHOD_JSON_BYTES} are allowed"
         )
-    # TODO(lead): delegate to core.methods.parse_method_config and core.training.TrainingConfig
-    # (see the module docstring). Until then only the shape checks of MethodSpec apply.
+    from core.errors import ConfigError
+    from core.methods import parse_method_config
+    from core.training.config import parse_training_config
+
+    method_type = method.get("type")
+    if not isinstance(method_type, str):
+        raise MethodConfigError("method.type: a method type is required", "type")
+    try:
+        parse_method_config(method_type, dict(method.get(method_type) or {}))
+    except ConfigError as exc:
+        # core names its own "type" field for an unknown method; anything else is a parameter.
+        param = "type" if exc.field == "type" else param_from_loc(method_type, [exc.field])
+        raise MethodConfigError(f"method.{param}: {_clean(exc.message)}", param) from None
+    try:
+        parse_training_config(dict(method.get("hyperparameters") or {}))
+    except ConfigError as exc:
+        # "training" is core's name for the whole block (e.g. a non-mapping value).
+        loc = [] if exc.field == "training" else [exc.field]
+        param = param_from_loc("hyperparameters", loc)
+        raise MethodConfigError(f"method.{param}: {_clean(exc.message)}", param) from None

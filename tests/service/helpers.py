@@ -166,3 +166,22 @@ def store_adapter(client: TestClient, headers: Headers, name: str, adapter: Any)
         session.add(row)
         session.commit()
         return row.version
+
+
+def serve_base(base: Any) -> Any:
+    """A lifespan hook that puts an already loaded ``core.base.BaseModel`` on the app, as the
+    serving hook does (without its inference thread): for routes that need the encoder but
+    not the batcher (adapter import/export, /v1/models)."""
+    from collections.abc import AsyncIterator
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI
+
+    @asynccontextmanager
+    async def hook(app: FastAPI) -> AsyncIterator[None]:
+        app.state.readiness.expect("model")
+        app.state.base_model = base
+        app.state.readiness.ready("model")
+        yield
+
+    return hook

@@ -5,9 +5,11 @@ from fastapi import APIRouter
 from service.api.routes import (
     adapters,
     datasets,
+    files,
     health,
     jobs,
     metrics,
+    models,
     predict,
     reward,
     tenants,
@@ -17,8 +19,10 @@ api_router = APIRouter()
 api_router.include_router(health.router)
 api_router.include_router(tenants.router)
 api_router.include_router(datasets.router)
+api_router.include_router(files.router)
 api_router.include_router(jobs.router)
 api_router.include_router(adapters.router)
+api_router.include_router(models.router)
 api_router.include_router(predict.router)
 api_router.include_router(reward.router)
 api_router.include_router(metrics.router)

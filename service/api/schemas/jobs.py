@@ -9,12 +9,20 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ModelWrapValidatorHandler,
+    PrivateAttr,
+    model_validator,
+)
 
 from service.api.schemas.common import NAME_PATTERN
 from service.db.models import Checkpoint, Job, JobEvent
 from service.db.types import to_unix
 from service.ids import EVENT
+from service.jobs.openai_compat import translate_job_request
 
 
 class MethodType(StrEnum):
@@ -92,7 +100,29 @@ class JobCreate(BaseModel):
     suffix: str | None = Field(default=None, max_length=32, pattern=NAME_PATTERN)
     seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
     model: str | None = Field(default=None, min_length=1, max_length=256)
-    method: MethodSpec
+    # OpenAI's method types (supervised, dpo) and its deprecated top-level hyperparameters,
+    # integrations and metadata are accepted too: see service.jobs.openai_compat.
+    method: MethodSpec = Field(
+        default_factory=lambda: MethodSpec(type=MethodType.LORA),
+        description="Default: LoRA with default parameters.",
+    )
+    # OpenAI's method type (supervised, dpo) when the request used one: it fixes the kind of
+    # training data the job accepts. Set by the validator below, never by the client.
+    _openai_method: str | None = PrivateAttr(default=None)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _from_openai(cls, data: Any, handler: ModelWrapValidatorHandler[JobCreate]) -> JobCreate:
+        # The OpenAI SDK's body (method types, deprecated top-level hyperparameters) mapped
+        # onto ours first; see service.jobs.openai_compat.
+        translated, openai_method = translate_job_request(data)
+        job = handler(translated)
+        job._openai_method = openai_method
+        return job
+
+    @property
+    def openai_method(self) -> str | None:
+        return self._openai_method
 
 
 # --- responses -------------------------------------------------------------------------------
@@ -113,6 +143,8 @@ class JobProgress(BaseModel):
 class JobObject(BaseModel):
     id: str
     object: Literal["fine_tuning.job"] = "fine_tuning.job"
+    # OpenAI's owner field: the tenant is the organization here.
+    organization_id: str
     model: str
     created_at: int
     started_at: int | None
@@ -127,6 +159,8 @@ class JobObject(BaseModel):
     fine_tuned_adapter: str | None
     fine_tuned_model: str | None  # OpenAI's name for the same thing
     trained_tokens: int | None
+    # OpenAI's result files (metrics CSVs); loraplex reports metrics on the job and events.
+    result_files: list[str] = Field(default_factory=list)
     error: JobError | None
     progress: JobProgress
     metrics: dict[str, Any]
@@ -136,6 +170,7 @@ class JobObject(BaseModel):
     def from_row(cls, job: Job) -> JobObject:
         return cls(
             id=job.id,
+            organization_id=job.tenant_id,
             model=job.model,
             created_at=to_unix(job.created_at) or 0,
             started_at=to_unix(job.started_at),

@@ -1,0 +1,183 @@
+"""``/v1/files``: OpenAI's Files API as a face of the datasets (same records, same checks).
+
+What differs from ``/v1/datasets`` is only the shape: ``purpose`` must be ``fine-tune``, the
+kind is inferred from the rows unless the extra form field ``kind`` gives it, and objects are
+OpenAI ``file`` objects (with loraplex's ``kind``/``row_count`` as extras). A file id is a
+dataset id: either route reads, lists and deletes what the other uploaded.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+
+from service.api.deps import CurrentTenant, SessionDep, SessionFactoryDep, SettingsDep
+from service.api.errors import INVALID_REQUEST, ApiError, invalid
+from service.api.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery, keyset_page
+from service.api.schemas.common import ListResponse
+from service.api.schemas.files import FINE_TUNE_PURPOSE, FileDeleted, FileObject
+from service.api.uploads import form_text, read_upload
+from service.datasets import codec
+from service.datasets.infer import infer_kind
+from service.datasets.store import delete_owned_dataset, get_owned_dataset, store_dataset
+from service.datasets.validation import (
+    DatasetError,
+    DatasetKind,
+    Limits,
+    detect_format,
+    parse_file,
+)
+from service.db.models import Dataset
+
+router = APIRouter(prefix="/v1/files", tags=["files"])
+
+_KINDS = [k.value for k in DatasetKind]
+
+_CREATE_OPENAPI: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file", "purpose"],
+                    "properties": {
+                        "file": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "JSON Lines (.jsonl) or CSV with a header row.",
+                        },
+                        "purpose": {"type": "string", "enum": [FINE_TUNE_PURPOSE]},
+                        "kind": {
+                            "type": "string",
+                            "enum": _KINDS,
+                            "description": "Optional: inferred from the first row's fields "
+                            "(chosen + rejected → preference, text + label → classification).",
+                        },
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+def _unsupported(message: str, param: str, code: str) -> ApiError:
+    # 400, as OpenAI answers for a feature it does not offer: code written against OpenAI that
+    # catches BadRequestError keeps working. Malformed values stay 422 (validation).
+    return ApiError(400, message, INVALID_REQUEST, param, code)
+
+
+def _dataset_error(exc: DatasetError) -> ApiError:
+    return invalid(exc.message, exc.param, exc.code)
+
+
+@router.post("", response_model=FileObject, openapi_extra=_CREATE_OPENAPI)
+async def create_file(
+    request: Request, tenant: CurrentTenant, settings: SettingsDep, factory: SessionFactoryDep
+) -> FileObject:
+    """Upload training data (``client.files.create(file=..., purpose="fine-tune")``)."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != "multipart/form-data":
+        raise ApiError(
+            415,
+            "Send the file as multipart/form-data (file, purpose).",
+            code="unsupported_media_type",
+        )
+    async with request.form(max_files=1, max_fields=8) as form:
+        purpose = form_text(form.get("purpose"), "purpose", 64)
+        if purpose is None:
+            raise invalid("purpose is required; use 'fine-tune'.", "purpose", "missing_purpose")
+        if purpose != FINE_TUNE_PURPOSE:
+            raise _unsupported(
+                f"purpose {purpose!r} is not supported: loraplex files are training data "
+                f"(purpose '{FINE_TUNE_PURPOSE}').",
+                "purpose",
+                "unsupported_purpose",
+            )
+        if any(key.startswith("expires_after") for key in form):
+            raise _unsupported(
+                "expires_after is not supported: files are kept until deleted.",
+                "expires_after",
+                "unsupported_parameter",
+            )
+        kind_field = form_text(form.get("kind"), "kind", 32)
+        if kind_field is not None and kind_field not in _KINDS:
+            raise invalid(
+                f"kind must be one of {', '.join(_KINDS)}; got {kind_field!r}.",
+                "kind",
+                "invalid_kind",
+            )
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise invalid("A file is required in the 'file' field.", "file", "missing_file")
+        data = await read_upload(upload, settings.max_upload_bytes)
+        filename, upload_type = upload.filename, upload.content_type
+
+    fmt = detect_format(filename, upload_type, data)
+    limits = Limits(max_rows=settings.max_dataset_rows)
+    try:
+        kind = DatasetKind(kind_field) if kind_field else infer_kind(data, fmt)
+        parsed = await run_in_threadpool(parse_file, data, kind, fmt, limits)
+    except DatasetError as exc:
+        raise _dataset_error(exc) from None
+    row = await run_in_threadpool(store_dataset, factory, tenant.id, filename, parsed, data)
+    return FileObject.from_row(row)
+
+
+@router.get("", response_model=ListResponse[FileObject])
+def list_files(
+    session: SessionDep,
+    tenant: CurrentTenant,
+    after: AfterQuery = None,
+    limit: LimitQuery = DEFAULT_LIMIT,
+    order: Annotated[Literal["desc", "asc"], Query(description="by created_at")] = "desc",
+    purpose: Annotated[str | None, Query(max_length=64)] = None,
+) -> ListResponse[FileObject]:
+    if purpose is not None and purpose != FINE_TUNE_PURPOSE:
+        return ListResponse(data=[], has_more=False)  # loraplex holds no other purpose
+    rows, has_more = keyset_page(
+        session,
+        Dataset,
+        [Dataset.tenant_id == tenant.id],
+        after=after,
+        limit=limit,
+        descending=order == "desc",
+    )
+    data = [FileObject.from_row(r) for r in rows]
+    return ListResponse(
+        data=data,
+        has_more=has_more,
+        first_id=data[0].id if data else None,
+        last_id=data[-1].id if data else None,
+    )
+
+
+@router.get("/{file_id}", response_model=FileObject)
+def retrieve_file(file_id: str, session: SessionDep, tenant: CurrentTenant) -> FileObject:
+    return FileObject.from_row(get_owned_dataset(session, tenant.id, file_id, "file"))
+
+
+@router.get(
+    "/{file_id}/content",
+    response_class=Response,
+    responses={200: {"content": {"application/jsonl": {}}}},
+)
+def retrieve_file_content(file_id: str, session: SessionDep, tenant: CurrentTenant) -> Response:
+    """The rows as validated and stored (normalised JSON Lines), not the upload byte for byte."""
+    row = get_owned_dataset(session, tenant.id, file_id, "file")
+    session.refresh(row, ["rows"])  # deferred blob: load it only here
+    rows = codec.iter_rows(row.rows, row.rows_encoding)
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    return Response(text.encode("utf-8"), media_type="application/jsonl")
+
+
+@router.delete("/{file_id}", response_model=FileDeleted)
+def delete_file(file_id: str, session: SessionDep, tenant: CurrentTenant) -> FileDeleted:
+    delete_owned_dataset(session, get_owned_dataset(session, tenant.id, file_id, "file"))
+    return FileDeleted(id=file_id)

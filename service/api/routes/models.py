@@ -1,0 +1,103 @@
+"""``/v1/models``: OpenAI's Models API over the base encoder and the caller's adapters.
+
+``client.models.list()`` is one page in the SDK (no cursor), so every adapter of the tenant is
+listed at once; the adapter quota bounds how many that can be. The base model's id is
+``settings.base_model_name``, the name jobs are created with (``model=``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from fastapi import APIRouter, Request
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from service.api.deps import CurrentTenant, SessionDep
+from service.api.errors import PERMISSION, ApiError, not_found
+from service.api.routes.adapters import delete_adapter_row
+from service.api.schemas.models import BASE_OWNER, ModelDeleted, ModelList, ModelObject
+from service.config import Settings
+from service.db.models import Adapter
+
+if TYPE_CHECKING:
+    from core.base import BaseModel
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+
+
+def _base_object(request: Request) -> ModelObject:
+    settings: Settings = request.app.state.settings
+    base: BaseModel | None = getattr(request.app.state, "base_model", None)
+    if base is None:  # not loaded yet (or no serving hook): what is known without it
+        return ModelObject(id=settings.base_model_name, created=0, owned_by=BASE_OWNER, kind="base")
+    try:
+        # The weights' date stands in for the model's creation, as OpenAI reports for its own.
+        created = int((base.path / "model.safetensors").stat().st_mtime)
+    except OSError:
+        created = 0
+    return ModelObject(
+        id=settings.base_model_name,
+        created=created,
+        owned_by=BASE_OWNER,
+        kind="base",
+        root=base.name,
+        max_model_len=base.max_length,
+        hidden_size=base.hidden_size,
+        num_layers=base.num_layers,
+        num_params=base.num_params,
+        fingerprint=base.fingerprint,
+    )
+
+
+def _is_base(request: Request, model_id: str) -> bool:
+    settings: Settings = request.app.state.settings
+    return model_id == settings.base_model_name
+
+
+def _owned_adapter(session: Session, tenant_id: str, model_id: str) -> Adapter:
+    row = session.scalar(
+        select(Adapter).where(Adapter.tenant_id == tenant_id, Adapter.name == model_id)
+    )
+    if row is None:  # another tenant's adapter included: its existence is never confirmed
+        raise not_found("model", model_id)
+    return row
+
+
+@router.get("", response_model=ModelList, response_model_exclude_none=True)
+def list_models(request: Request, session: SessionDep, tenant: CurrentTenant) -> ModelList:
+    """The base model first, then the tenant's adapters, newest first."""
+    rows = session.scalars(
+        select(Adapter)
+        .where(Adapter.tenant_id == tenant.id)
+        .order_by(Adapter.created_at.desc(), Adapter.id.desc())
+    )
+    return ModelList(data=[_base_object(request), *(ModelObject.from_adapter(r) for r in rows)])
+
+
+# ``:path``: a base model id such as ``sentence-transformers/all-MiniLM-L6-v2`` holds a slash
+# (the SDK sends it as %2F, which the server decodes before routing).
+@router.get("/{model_id:path}", response_model=ModelObject, response_model_exclude_none=True)
+def retrieve_model(
+    model_id: str, request: Request, session: SessionDep, tenant: CurrentTenant
+) -> ModelObject:
+    if _is_base(request, model_id):
+        return _base_object(request)
+    return ModelObject.from_adapter(_owned_adapter(session, tenant.id, model_id))
+
+
+@router.delete("/{model_id:path}", response_model=ModelDeleted)
+def delete_model(
+    model_id: str, request: Request, session: SessionDep, tenant: CurrentTenant
+) -> ModelDeleted:
+    """Delete a fine-tuned model, i.e. an adapter (as ``DELETE /v1/adapters/{name}``)."""
+    if _is_base(request, model_id):
+        raise ApiError(
+            403,
+            "The base model is shared by every tenant and cannot be deleted.",
+            PERMISSION,
+            "model",
+            "base_model_not_deletable",
+        )
+    delete_adapter_row(request, session, _owned_adapter(session, tenant.id, model_id))
+    return ModelDeleted(id=model_id)

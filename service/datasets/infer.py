@@ -1,0 +1,85 @@
+"""Which kind of dataset an upload is, from its first row (for uploads that do not say).
+
+OpenAI's Files API has no ``kind``: ``/v1/files`` infers it from the columns of the first row
+(``chosen`` + ``rejected`` → preference, ``text`` + ``label`` → classification). Pure: bytes in,
+:class:`DatasetKind` out, or a :class:`DatasetError` that says what the rows should look like.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+from service.datasets.validation import (
+    REQUIRED_FIELDS,
+    DatasetError,
+    DatasetFormat,
+    DatasetKind,
+    decode_utf8,
+)
+
+# Enough to hold the first row of any sane file; the full parse reads everything anyway.
+_PEEK_BYTES = 1024 * 1024
+
+_EXPECTED = " or ".join(
+    "{" + ", ".join(f'"{f}"' for f in REQUIRED_FIELDS[kind]) + "}" for kind in DatasetKind
+)
+
+
+def _first_row_fields(data: bytes, fmt: DatasetFormat) -> tuple[int, set[str]] | None:
+    """(line number, field names) of the first non-blank row, or None for an empty file."""
+    head = data[:_PEEK_BYTES]
+    try:
+        text = decode_utf8(head)
+    except DatasetError:
+        # A multi-byte character cut by the peek window; the full parse reports real errors.
+        text = head.decode("utf-8-sig", errors="ignore")
+    if fmt is DatasetFormat.CSV:
+        reader = csv.reader(io.StringIO(text, newline=""))
+        try:
+            for cells in reader:
+                if cells and any(c.strip() for c in cells):
+                    return reader.line_num, {c.strip().lower() for c in cells}
+        except csv.Error:
+            return None  # the full parse names the line
+        return None
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            return None
+        return number, set(obj) if isinstance(obj, dict) else set()
+    return None
+
+
+def infer_kind(data: bytes, fmt: DatasetFormat) -> DatasetKind:
+    """The dataset kind the first row's fields call for.
+
+    An unreadable first row raises nothing here: classification is returned and the full
+    parse reports the precise error (line, column) as it would for an explicit kind.
+    """
+    found = _first_row_fields(data, fmt)
+    if found is None:
+        return DatasetKind.CLASSIFICATION
+    line, fields = found
+    for kind in (DatasetKind.PREFERENCE, DatasetKind.CLASSIFICATION):
+        if set(REQUIRED_FIELDS[kind]) <= fields:
+            return kind
+    if "messages" in fields or "preferred_output" in fields:
+        raise DatasetError(
+            f"line {line}: OpenAI chat-format rows ('messages', 'preferred_output') are not "
+            f"supported: loraplex trains text classifiers and reward models from {_EXPECTED} "
+            "rows",
+            "file",
+            "unsupported_row_format",
+        )
+    shown = ", ".join(f"'{f}'" for f in sorted(fields)[:8]) or "none"
+    raise DatasetError(
+        f"line {line}: cannot tell the dataset kind from the fields ({shown}); rows need "
+        f"{_EXPECTED}, or send the kind explicitly",
+        "kind",
+        "unknown_dataset_kind",
+    )

@@ -1,0 +1,79 @@
+"""Stored datasets: one write path and one delete path for ``/v1/datasets`` and ``/v1/files``.
+
+Both routes are faces of the same records, so they share these functions rather than copies.
+Like ``service.jobs.create``, failures are raised as API errors (404, 409) ready to answer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from sqlalchemy import or_, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from service import ids
+from service.api.errors import conflict, not_found
+from service.datasets import codec
+from service.datasets.validation import ParsedDataset
+from service.db.models import ACTIVE_STATUSES, Dataset, Job
+
+
+def store_dataset(
+    factory: sessionmaker[Session],
+    tenant_id: str,
+    name: str | None,
+    parsed: ParsedDataset,
+    raw: bytes,
+) -> Dataset:
+    """Insert a validated dataset; ``raw`` is the upload as received (size and checksum)."""
+    dataset_id = ids.new_id(ids.DATASET)
+    row = Dataset(
+        id=dataset_id,
+        tenant_id=tenant_id,
+        name=name or dataset_id,
+        kind=parsed.kind.value,
+        rows=codec.encode_rows(parsed.rows),
+        rows_encoding=codec.ENCODING,
+        row_count=parsed.row_count,
+        label_counts=parsed.label_counts,
+        bytes=len(raw),
+        sha256=hashlib.sha256(raw).hexdigest(),
+    )
+    # One INSERT in one transaction: a dataset is stored whole or not at all.
+    with factory() as session, session.begin():
+        session.add(row)
+    return row
+
+
+def get_owned_dataset(
+    session: Session, tenant_id: str, dataset_id: str, kind: str = "dataset"
+) -> Dataset:
+    """The tenant's dataset, or 404 (also for another tenant's: never confirmed to exist).
+
+    ``kind`` names the object in the 404 (``file`` on the OpenAI-shaped route).
+    """
+    row = session.scalar(
+        select(Dataset).where(Dataset.id == dataset_id, Dataset.tenant_id == tenant_id)
+    )
+    if row is None:
+        raise not_found(kind, dataset_id)
+    return row
+
+
+def delete_owned_dataset(session: Session, row: Dataset) -> None:
+    """Delete ``row`` and commit, unless a job that has not finished still reads it (409)."""
+    in_use = session.scalar(
+        select(Job.id).where(
+            Job.tenant_id == row.tenant_id,
+            Job.status.in_(ACTIVE_STATUSES),
+            or_(Job.training_file == row.id, Job.validation_file == row.id),
+        )
+    )
+    if in_use:
+        raise conflict(
+            f"Dataset '{row.id}' is used by job {in_use}, which has not finished.",
+            None,
+            "dataset_in_use",
+        )
+    session.delete(row)
+    session.commit()

@@ -1,0 +1,169 @@
+"""What the OpenAI SDK sends to ``POST /fine_tuning/jobs``, mapped onto loraplex's job body.
+
+``client.fine_tuning.jobs.create(...)`` sends ``model``, ``training_file`` and whichever of
+``validation_file``, ``suffix``, ``seed``, ``method``, ``hyperparameters`` (deprecated),
+``integrations`` and ``metadata`` the caller set. The SDK's typed ``method.type`` is one of
+``supervised``, ``dpo``, ``reinforcement``, but it passes any dict through, so loraplex's own
+method blocks (``{"type": "lora", "lora": {...}, "hyperparameters": {...}}``) work as they are.
+
+OpenAI's method types map onto loraplex as:
+
+- ``supervised`` → LoRA with default parameters on a classification dataset (text + label);
+- ``dpo`` → LoRA training a reward model on a preference dataset (chosen + rejected): both
+  learn from preference pairs, and the reward model is what loraplex serves;
+- ``reinforcement`` → refused (400): there is no policy to optimise;
+- no ``method`` → LoRA with default parameters, on either kind of data.
+
+Their ``hyperparameters`` map ``n_epochs`` and ``batch_size`` as they are and
+``learning_rate_multiplier`` onto the method's default learning rate; ``"auto"`` means the default.
+DPO's ``beta`` has no counterpart in reward-model training and is refused unless ``"auto"``.
+Other keys pass through to loraplex's hyperparameters (checked by the core trainer).
+
+Features loraplex does not offer (``integrations``, ``metadata``, ``reinforcement``) are
+400s, as OpenAI answers for features it lacks; malformed values stay 422s.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from service.api.errors import INVALID_REQUEST, ApiError, invalid
+
+OPENAI_METHOD_TYPES = ("supervised", "dpo")
+# The dataset kind each OpenAI method type trains on.
+OPENAI_METHOD_KINDS = {"supervised": "classification", "dpo": "preference"}
+_AUTO = "auto"
+
+
+def _unsupported(message: str, param: str) -> ApiError:
+    return ApiError(400, message, INVALID_REQUEST, param, "unsupported_parameter")
+
+
+def _default_learning_rate(method_type: str) -> float:
+    # Imported here: core.training pulls in torch, which API import time must not.
+    from core.training.config import DEFAULT_LEARNING_RATES, FALLBACK_LEARNING_RATE
+
+    return DEFAULT_LEARNING_RATES.get(method_type, FALLBACK_LEARNING_RATE)
+
+
+def openai_hyperparameters(
+    value: Any, param: str, *, method_type: str = "lora", dpo: bool = False
+) -> dict[str, Any]:
+    """OpenAI's hyperparameter block → loraplex's (``"auto"`` values dropped).
+
+    ``learning_rate_multiplier`` scales ``method_type``'s default learning rate.
+    """
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise invalid(f"{param} must be an object.", param)
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        if item is None or item == _AUTO:
+            continue
+        if key == "learning_rate_multiplier":
+            ok = isinstance(item, int | float) and not isinstance(item, bool)
+            if not ok or not math.isfinite(item) or item <= 0:
+                where = f"{param}.{key}"
+                raise invalid(f"{where} must be a positive number or 'auto'.", where)
+            if "learning_rate" in value and value["learning_rate"] not in (None, _AUTO):
+                raise invalid(
+                    f"{param}: give learning_rate or learning_rate_multiplier, not both.",
+                    f"{param}.{key}",
+                )
+            out["learning_rate"] = _default_learning_rate(method_type) * float(item)
+        elif key == "beta" and dpo:
+            raise _unsupported(
+                f"{param}.beta: DPO's beta has no counterpart in reward-model training; leave "
+                "it out or 'auto'.",
+                f"{param}.beta",
+            )
+        else:
+            out[key] = item
+    return out
+
+
+def _merge(first: dict[str, Any], second: dict[str, Any], param: str) -> dict[str, Any]:
+    twice = sorted(set(first) & set(second))
+    if twice:
+        raise invalid(
+            f"hyperparameter {twice[0]!r} is given twice (in {param} and elsewhere); give it once.",
+            param,
+        )
+    return {**first, **second}
+
+
+def _translate_method(method: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """(loraplex method block, the OpenAI type it came from or None)."""
+    method_type = method.get("type")
+    if method_type == "reinforcement":
+        raise ApiError(
+            400,
+            "method.type 'reinforcement' is not supported: loraplex trains classifiers and "
+            "reward models. Use 'supervised', 'dpo' or a loraplex method (lora, adapter, "
+            "prompt_tuning, feature_extraction, full).",
+            INVALID_REQUEST,
+            "method.type",
+            "unsupported_method",
+        )
+    if method_type not in OPENAI_METHOD_TYPES:
+        return method, None
+    block = method.get(method_type)
+    if block is None:
+        block = {}
+    if not isinstance(block, dict):
+        raise invalid(f"method.{method_type} must be an object.", f"method.{method_type}")
+    unknown = sorted(set(block) - {"hyperparameters"})
+    if unknown:
+        raise invalid(
+            f"method.{method_type}.{unknown[0]}: only 'hyperparameters' is accepted here.",
+            f"method.{method_type}.{unknown[0]}",
+        )
+    other = sorted(set(method) - {"type", method_type, "hyperparameters"})
+    if other:
+        raise invalid(
+            f"method.{other[0]}: parameters for '{other[0]}' do not apply to method.type "
+            f"'{method_type}' (which trains LoRA with default parameters; send type 'lora' "
+            "to set them).",
+            f"method.{other[0]}",
+        )
+    param = f"method.{method_type}.hyperparameters"
+    hyper = openai_hyperparameters(block.get("hyperparameters"), param, dpo=method_type == "dpo")
+    own = method.get("hyperparameters") or {}
+    if not isinstance(own, dict):
+        raise invalid("method.hyperparameters must be an object.", "method.hyperparameters")
+    return {"type": "lora", "hyperparameters": _merge(hyper, own, param)}, method_type
+
+
+def translate_job_request(data: Any) -> tuple[Any, str | None]:
+    """``(body in loraplex's shape, OpenAI method type or None)``; non-dicts pass unchanged.
+
+    Raises :class:`ApiError` for what cannot be mapped (see the module docstring).
+    """
+    if not isinstance(data, dict):
+        return data, None
+    body = dict(data)
+    for key in ("integrations", "metadata"):
+        if body.get(key):
+            raise _unsupported(f"{key} is not supported by loraplex; leave it out.", key)
+        body.pop(key, None)
+    # No method: LoRA with default parameters, on whichever kind of data the file holds.
+    method = body.get("method")
+    if method is None:
+        method = {"type": "lora"}
+    openai_type = None
+    if isinstance(method, dict):
+        method, openai_type = _translate_method(method)
+        method_type = method.get("type")
+        top = openai_hyperparameters(
+            body.pop("hyperparameters", None),
+            "hyperparameters",
+            method_type=method_type if isinstance(method_type, str) else "lora",
+        )
+        if top:
+            own = method.get("hyperparameters") or {}
+            if isinstance(own, dict):
+                method = {**method, "hyperparameters": _merge(own, top, "hyperparameters")}
+    body["method"] = method
+    return body, openai_type

@@ -1,0 +1,529 @@
+"""Adapter export (PEFT / loraplex zips) and import (with every refusal an upload deserves).
+
+The app runs with the tiny test encoder loaded (no batcher). PEFT folders are made by the
+real ``peft`` package on the same tiny BERT, as a user's ``save_pretrained`` would.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import stat
+import warnings
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from safetensors.torch import load as st_load
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.adapter import Adapter as CoreAdapter
+from core.base import BaseModel
+from service.adapters.store import adapter_from_row, adapter_row_from
+from service.config import Settings
+from service.db.models import Adapter, Tenant
+from service.main import create_app
+from tests.core.util import make_model, randomize
+from tests.service.helpers import Headers, adapter_row, assert_error, serve_base
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+IMPORT = "/v1/adapters/import"
+LABELS = ["neg", "pos"]
+
+
+@pytest.fixture
+def client(settings: Settings, tiny_base: BaseModel) -> Iterator[TestClient]:
+    settings.base_model_name = tiny_base.name
+    with TestClient(create_app(settings, hooks=[serve_base(tiny_base)])) as test_client:
+        yield test_client
+
+
+# --- building archives -----------------------------------------------------------------------
+
+
+def zip_bytes(files: dict[str, bytes], *, folder: str = "") -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name, data in files.items():
+            zf.writestr(folder + name, data)
+    return buf.getvalue()
+
+
+def unzip(data: bytes) -> dict[str, bytes]:
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        return {name: zf.read(name) for name in zf.namelist()}
+
+
+def read_folder(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def peft_lora_folder(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A LoRA saved by PEFT itself (safetensors, README.md, no loraplex head)."""
+    hf = transformers.BertModel.from_pretrained(str(tiny_model_dir))
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"])
+    model = peft.get_peft_model(hf, config)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    out = tmp_path_factory.mktemp("peft-lora")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save_pretrained(str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def peft_files(peft_lora_folder: Path) -> dict[str, bytes]:
+    files = read_folder(peft_lora_folder)
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(files)
+    return files
+
+
+def upload(
+    client: TestClient, headers: Headers, data: bytes, name: str = "imported", **fields: Any
+) -> httpx.Response:
+    form: dict[str, Any] = {"name": name, **fields}
+    return client.post(
+        IMPORT, headers=headers, data=form, files={"file": ("a.zip", data, "application/zip")}
+    )
+
+
+def store_core_adapter(
+    db: sessionmaker[Session], base: BaseModel, name: str, method: str, **params: Any
+) -> CoreAdapter:
+    """Put a trained-looking core adapter in the default tenant, as the worker would."""
+    model = make_model(base, method, **params)
+    randomize(model, std=0.1)
+    adapter = CoreAdapter.from_model(model, model.num_trainable(), {"val_accuracy": 0.5})
+    with db() as session:
+        row = adapter_row_from(adapter, base, name=name)
+        row.tenant_id = session.scalars(select(Tenant.id).where(Tenant.name == "default")).one()
+        row.version = 1
+        session.add(row)
+        session.commit()
+    return adapter
+
+
+def stored(db: sessionmaker[Session], name: str) -> CoreAdapter:
+    with db() as session:
+        row = session.scalars(select(Adapter).where(Adapter.name == name)).one()
+        return adapter_from_row(row)
+
+
+def assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert set(a) == set(b)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
+# --- PEFT import and export ------------------------------------------------------------------
+
+
+def test_peft_saved_lora_round_trips(
+    client: TestClient, auth: Headers, db: sessionmaker[Session], peft_files: dict[str, bytes]
+) -> None:
+    resp = upload(client, auth, zip_bytes(peft_files), task="classification", label_names=LABELS)
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["object"] == "adapter" and body["name"] == "imported"
+    assert body["method"] == "lora" and body["task"] == "classification"
+    assert body["label_names"] == LABELS and body["version"] >= 1
+    assert body["source_job_id"] is None and body["metrics"] == {"imported_from": "peft"}
+    assert body["trainable_params"] > 0 and body["size_bytes"] > 0
+    imported = stored(db, "imported")
+    assert imported.method.r == 4 and imported.method.target_modules == ["query", "value"]
+
+    export = client.get("/v1/adapters/imported/export", headers=auth)
+    assert export.status_code == 200 and export.headers["content-type"] == "application/zip"
+    assert "imported-v" in export.headers["content-disposition"]
+    files = unzip(export.content)
+    assert set(files) == {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "loraplex_head.safetensors",
+    }
+    # The LoRA weights leave exactly as PEFT wrote them.
+    assert_same_state(
+        st_load(files["adapter_model.safetensors"]),
+        st_load(peft_files["adapter_model.safetensors"]),
+    )
+    config = json.loads(files["adapter_config.json"])
+    assert config["peft_type"] == "LORA" and config["r"] == 4
+    assert config["loraplex"]["head"]["label_names"] == LABELS
+
+    # Our export carries its head: it imports again without task/labels, head weights kept.
+    again = upload(client, auth, export.content, name="imported-again")
+    assert again.status_code == 200, again.text
+    twin = stored(db, "imported-again")
+    assert_same_state(twin.method_state, imported.method_state)
+    assert_same_state(twin.head_state, imported.head_state)
+
+
+def test_our_peft_export_loads_in_peft(
+    client: TestClient,
+    auth: Headers,
+    db: sessionmaker[Session],
+    tiny_base: BaseModel,
+    tiny_model_dir: Path,
+    tmp_path: Path,
+) -> None:
+    store_core_adapter(db, tiny_base, "mine", "lora", r=2, target_modules=["query", "key"])
+    export = client.get("/v1/adapters/mine/export?format=peft", headers=auth)
+    assert export.status_code == 200, export.text
+    for name, data in unzip(export.content).items():
+        (tmp_path / name).write_bytes(data)
+    hf = transformers.BertModel.from_pretrained(str(tiny_model_dir))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT warns about our extra "loraplex" key
+        model = peft.PeftModel.from_pretrained(hf, str(tmp_path))
+    wrapped = [n for n, m in model.named_modules() if hasattr(m, "lora_A") and m.lora_A]
+    assert len(wrapped) == 2 * tiny_base.num_layers
+
+
+def test_nested_single_folder_and_junk_are_fine(
+    client: TestClient, auth: Headers, peft_files: dict[str, bytes]
+) -> None:
+    files = {**peft_files, "notes.txt": b"ignored"}
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("outer/inner/", b"")  # a directory entry
+        for name, data in files.items():
+            zf.writestr(f"outer/inner/{name}", data)
+        zf.writestr("__MACOSX/outer/inner/._adapter_config.json", b"\x00\x05")
+    resp = upload(client, auth, buf.getvalue(), task="classification", label_names="neg,pos")
+    assert resp.status_code == 200, resp.text
+
+
+@pytest.mark.parametrize(
+    "labels", [["neg", "pos"], "neg,pos", '["neg", "pos"]'], ids=["repeated", "csv", "json"]
+)
+def test_label_names_forms(
+    client: TestClient, auth: Headers, peft_files: dict[str, bytes], labels: Any
+) -> None:
+    resp = upload(client, auth, zip_bytes(peft_files), task="classification", label_names=labels)
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["label_names"] == LABELS
+
+
+def test_reward_head_for_a_peft_adapter(
+    client: TestClient, auth: Headers, peft_files: dict[str, bytes]
+) -> None:
+    resp = upload(client, auth, zip_bytes(peft_files), task="reward")
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["task"] == "reward" and resp.json()["label_names"] is None
+
+
+def test_a_peft_adapter_without_head_needs_a_task(
+    client: TestClient, auth: Headers, peft_files: dict[str, bytes]
+) -> None:
+    resp = upload(client, auth, zip_bytes(peft_files))
+    assert_error(resp, 422, param="task", code="head_required")
+    resp = upload(client, auth, zip_bytes(peft_files), task="classification")
+    assert_error(resp, 422, param="label_names", code="invalid_head")
+    resp = upload(client, auth, zip_bytes(peft_files), label_names=LABELS)
+    assert_error(resp, 422, param="task", code="missing_task")
+    resp = upload(client, auth, zip_bytes(peft_files), task="regression")
+    assert_error(resp, 422, param="task")
+
+
+# --- loraplex format -------------------------------------------------------------------------
+
+
+def test_bottleneck_adapter_exports_as_loraplex_only(
+    client: TestClient, auth: Headers, db: sessionmaker[Session], tiny_base: BaseModel
+) -> None:
+    original = store_core_adapter(db, tiny_base, "bottle", "adapter", bottleneck_size=8)
+    resp = client.get("/v1/adapters/bottle/export?format=peft", headers=auth)
+    error = assert_error(resp, 422, param="format", code="no_peft_format")
+    assert "format=loraplex" in error["message"]
+
+    export = client.get("/v1/adapters/bottle/export", headers=auth)  # default: loraplex
+    assert export.status_code == 200, export.text
+    assert "bottle-v1-loraplex.zip" in export.headers["content-disposition"]
+    files = unzip(export.content)
+    assert set(files) == {"loraplex_adapter.json", "loraplex_adapter.safetensors"}
+    assert json.loads(files["loraplex_adapter.json"])["method"]["type"] == "adapter"
+
+    resp = upload(client, auth, export.content, name="bottle-copy")
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["method"] == "adapter"
+    assert resp.json()["metrics"] == {"val_accuracy": 0.5, "imported_from": "loraplex"}
+    copy = stored(db, "bottle-copy")
+    assert_same_state(copy.method_state, original.method_state)
+    assert_same_state(copy.head_state, original.head_state)
+    # A loraplex export carries its head; a different one is refused rather than swapped in.
+    resp = upload(client, auth, export.content, name="x", task="reward")
+    assert_error(resp, 422, param="task", code="head_not_allowed")
+
+
+def test_lora_exports_as_loraplex_too(
+    client: TestClient, auth: Headers, db: sessionmaker[Session], tiny_base: BaseModel
+) -> None:
+    store_core_adapter(db, tiny_base, "lo", "lora", r=2)
+    export = client.get("/v1/adapters/lo/export?format=loraplex", headers=auth)
+    assert set(unzip(export.content)) == {"loraplex_adapter.json", "loraplex_adapter.safetensors"}
+    assert_error(client.get("/v1/adapters/lo/export?format=onnx", headers=auth), 422)
+
+
+# --- another base ----------------------------------------------------------------------------
+
+
+def _edit_config(files: dict[str, bytes], **changes: Any) -> dict[str, bytes]:
+    cfg = json.loads(files["adapter_config.json"])
+    cfg.update(changes)
+    return {**files, "adapter_config.json": json.dumps(cfg).encode()}
+
+
+def test_adapter_for_another_base_is_refused(
+    client: TestClient, auth: Headers, peft_files: dict[str, bytes], tmp_path: Path
+) -> None:
+    other = _edit_config(peft_files, base_model_name_or_path="bert-base-uncased")
+    resp = upload(client, auth, zip_bytes(other), task="classification", label_names=LABELS)
+    error = assert_error(resp, 422, param="file", code="base_model_mismatch")
+    assert "bert-base-uncased" in error["message"]
+
+    # Same name, other architecture: a LoRA trained for hidden size 48 does not fit.
+    config = transformers.BertConfig(
+        vocab_size=100, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=64,
+    )  # fmt: skip
+    model = peft.get_peft_model(
+        transformers.BertModel(config), peft.LoraConfig(r=2, target_modules=["query"])
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save_pretrained(str(tmp_path))
+    wider = _edit_config(read_folder(tmp_path), base_model_name_or_path="loraplex-tests/tiny-bert")
+    resp = upload(client, auth, zip_bytes(wider), task="classification", label_names=LABELS)
+    assert_error(resp, 422, param="file", code="base_model_mismatch")
+
+
+def test_loraplex_export_of_another_base_is_refused(
+    client: TestClient, auth: Headers, db: sessionmaker[Session], tiny_base: BaseModel
+) -> None:
+    store_core_adapter(db, tiny_base, "src", "lora", r=2)
+    files = unzip(client.get("/v1/adapters/src/export?format=loraplex", headers=auth).content)
+    config = json.loads(files["loraplex_adapter.json"])
+    config["base_fingerprint"] = "0" * 64
+    files["loraplex_adapter.json"] = json.dumps(config).encode()
+    resp = upload(client, auth, zip_bytes(files), name="dst")
+    assert_error(resp, 422, param="file", code="base_model_mismatch")
+
+
+# --- unsafe and broken archives --------------------------------------------------------------
+
+
+def _zip_with(entries: list[tuple[zipfile.ZipInfo | str, bytes]]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for info, data in entries:
+            zf.writestr(info, data)
+    return buf.getvalue()
+
+
+def _symlink(name: str) -> zipfile.ZipInfo:
+    info = zipfile.ZipInfo(name)
+    info.create_system = 3
+    info.external_attr = (stat.S_IFLNK | 0o777) << 16
+    return info
+
+
+CONFIG = b'{"peft_type": "LORA"}'
+
+
+@pytest.mark.parametrize(
+    ("entries", "code", "needle"),
+    [
+        ([("../adapter_config.json", CONFIG)], "unsafe_path", ".."),
+        ([("a/../../adapter_config.json", CONFIG)], "unsafe_path", ".."),
+        ([("..\\adapter_config.json", CONFIG)], "unsafe_path", ".."),
+        ([("/etc/adapter_config.json", CONFIG)], "unsafe_path", "absolute"),
+        ([("C:/adapter_config.json", CONFIG)], "unsafe_path", "absolute"),
+        ([(_symlink("adapter_config.json"), b"/etc/passwd")], "unsafe_member", "symbolic link"),
+        (
+            [("adapter_config.json", CONFIG), ("adapter_model.bin", b"\x80\x02}q\x00.")],
+            "pickle_refused",
+            "pickle",
+        ),
+        ([("model/pytorch_model.pt", b"PK")], "pickle_refused", "pickle"),
+        (
+            [("x/adapter_config.json", CONFIG), ("y/adapter_model.safetensors", b"{}")],
+            "multiple_folders",
+            "one folder",
+        ),
+        ([(f"f{i}.json", b"{}") for i in range(40)], "too_many_members", "members"),
+        (
+            [("adapter_config.json", CONFIG), ("adapter_config.json", CONFIG)],
+            "duplicate_member",
+            "",
+        ),
+        ([("README.md", b"# hi")], "unknown_archive_format", "neither"),
+    ],
+    ids=[
+        "dotdot",
+        "nested-dotdot",
+        "backslash-dotdot",
+        "absolute",
+        "drive-letter",
+        "symlink",
+        "pickle-bin",
+        "pickle-pt",
+        "two-folders",
+        "too-many",
+        "duplicate",
+        "no-adapter",
+    ],
+)
+def test_unsafe_archives_are_refused(
+    client: TestClient,
+    auth: Headers,
+    entries: list[tuple[zipfile.ZipInfo | str, bytes]],
+    code: str,
+    needle: str,
+) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zipfile warns about the duplicate name
+        data = _zip_with(entries)
+    error = assert_error(upload(client, auth, data), 422, param="file", code=code)
+    assert needle in error["message"]
+
+
+def test_zip_bomb_is_refused_before_unpacking(client: TestClient, auth: Headers) -> None:
+    bomb = _zip_with(
+        [("adapter_config.json", CONFIG), ("adapter_model.safetensors", bytes(50 << 20))]
+    )
+    assert len(bomb) < 200_000
+    error = assert_error(upload(client, auth, bomb), 422, code="suspicious_compression")
+    assert "zip bomb" in error["message"]
+
+
+def test_declared_size_over_the_cap_is_refused(client: TestClient, auth: Headers) -> None:
+    client.app.state.settings.max_upload_mb = 1  # type: ignore[attr-defined]  # cap: 2 MB
+    data = _zip_with(
+        [("adapter_config.json", CONFIG), ("adapter_model.safetensors", bytes(3 << 20))]
+    )
+    assert len(data) < 1 << 20  # the upload itself is within the limit
+    assert_error(upload(client, auth, data), 422, code="archive_too_large")
+
+
+def test_upload_over_the_limit_is_413(client: TestClient, auth: Headers) -> None:
+    client.app.state.settings.max_upload_mb = 1  # type: ignore[attr-defined]
+    assert_error(upload(client, auth, bytes(1_500_000)), 413, code="request_too_large")
+
+
+@pytest.mark.parametrize("data", [b"not a zip", b"PK\x03\x04broken"], ids=["text", "truncated"])
+def test_not_a_zip(client: TestClient, auth: Headers, data: bytes) -> None:
+    assert_error(upload(client, auth, data), 422, param="file", code="invalid_archive")
+
+
+def test_corrupt_safetensors_is_422(client: TestClient, auth: Headers) -> None:
+    files = {"adapter_config.json": CONFIG, "adapter_model.safetensors": b"\x80\x02pickle"}
+    resp = upload(client, auth, zip_bytes(files), task="reward")
+    assert_error(resp, 422, param="file", code="invalid_adapter")
+
+
+# --- names, quotas, tenants, readiness -------------------------------------------------------
+
+
+def _tenant_id(db: sessionmaker[Session], name: str = "default") -> str:
+    with db() as session:
+        return session.scalars(select(Tenant.id).where(Tenant.name == name)).one()
+
+
+def test_name_collisions_are_409(
+    client: TestClient, auth: Headers, db: sessionmaker[Session], peft_files: dict[str, bytes]
+) -> None:
+    fields = {"task": "classification", "label_names": LABELS}
+    assert upload(client, auth, zip_bytes(peft_files), name="dup", **fields).status_code == 200
+    resp = upload(client, auth, zip_bytes(peft_files), name="dup", **fields)
+    assert_error(resp, 409, param="name", code="adapter_name_taken")
+    # A name an unfinished job will create is taken too.
+    train = client.post(
+        "/v1/datasets",
+        headers=auth,
+        json={
+            "kind": "classification",
+            "records": [{"text": "a", "label": "x"}, {"text": "b", "label": "y"}],
+        },
+    ).json()["id"]
+    job = client.post(
+        "/v1/fine_tuning/jobs",
+        headers=auth,
+        json={"training_file": train, "adapter_name": "reserved", "method": {"type": "lora"}},
+    )
+    assert job.status_code == 200, job.text
+    resp = upload(client, auth, zip_bytes(peft_files), name="reserved", **fields)
+    assert_error(resp, 409, code="adapter_name_taken")
+
+
+def test_bad_names_are_422(client: TestClient, auth: Headers, peft_files: dict[str, bytes]) -> None:
+    for name in ("", "has space", "../x", "x" * 65):
+        resp = upload(client, auth, zip_bytes(peft_files), name=name, task="reward")
+        assert_error(resp, 422, param="name")
+
+
+def test_adapter_quota_is_429(
+    client: TestClient, auth: Headers, db: sessionmaker[Session], peft_files: dict[str, bytes]
+) -> None:
+    client.app.state.settings.max_adapters_per_tenant = 1  # type: ignore[attr-defined]
+    with db() as session:
+        session.add(adapter_row(_tenant_id(db), "one"))
+        session.commit()
+    resp = upload(client, auth, zip_bytes(peft_files), task="reward")
+    assert_error(resp, 429, code="adapter_limit", type="rate_limit_error")
+
+
+def test_import_and_export_are_tenant_scoped(
+    client: TestClient,
+    auth: Headers,
+    other_auth: Headers,
+    db: sessionmaker[Session],
+    tiny_base: BaseModel,
+    peft_files: dict[str, bytes],
+) -> None:
+    store_core_adapter(db, tiny_base, "private", "lora", r=2)
+    assert_error(client.get("/v1/adapters/private/export", headers=other_auth), 404)
+    # The same name is free in another tenant.
+    resp = upload(client, other_auth, zip_bytes(peft_files), name="private", task="reward")
+    assert resp.status_code == 200, resp.text
+    assert_error(client.get("/v1/adapters/nope/export", headers=auth), 404)
+
+
+def test_without_a_loaded_base_import_is_503(
+    settings: Settings, auth: Headers, peft_files: dict[str, bytes]
+) -> None:
+    with TestClient(create_app(settings, hooks=[])) as bare:
+        resp = upload(bare, auth, zip_bytes(peft_files), task="reward")
+        assert_error(resp, 503, code="model_not_ready")
+        assert resp.headers["retry-after"] == "5"
+
+
+def test_import_needs_multipart(client: TestClient, auth: Headers) -> None:
+    assert_error(client.post(IMPORT, headers=auth, json={"name": "x"}), 415)
+    resp = client.post(IMPORT, headers=auth, data={"name": "x"}, files={"other": ("a", b"")})
+    assert_error(resp, 422, param="file", code="missing_file")
+
+
+def test_imported_adapter_keeps_its_bytes_like_a_trained_one(
+    client: TestClient, auth: Headers, db: sessionmaker[Session], peft_files: dict[str, bytes]
+) -> None:
+    resp = upload(client, auth, zip_bytes(peft_files), task="classification", label_names=LABELS)
+    assert resp.status_code == 200
+    with db() as session:
+        row = session.scalars(select(Adapter).where(Adapter.name == "imported")).one()
+        assert row.size_bytes == len(row.weights)
+        assert row.config["format"] == "loraplex.adapter/1"
+        assert row.base_model == "loraplex-tests/tiny-bert"
+        assert set(st_load(row.weights))  # safetensors, never pickle

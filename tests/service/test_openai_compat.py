@@ -1,0 +1,101 @@
+"""Mapping the OpenAI SDK's job body onto loraplex's (``service.jobs.openai_compat``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from core.training.config import DEFAULT_LEARNING_RATES
+from service.api.errors import ApiError
+from service.jobs.openai_compat import translate_job_request
+
+
+def translate(body: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+    out, openai_type = translate_job_request({"training_file": "file-1", **body})
+    return out, openai_type
+
+
+def test_no_method_is_default_lora_without_a_data_kind() -> None:
+    body, openai_type = translate({})
+    assert body["method"] == {"type": "lora"} and openai_type is None
+
+
+def test_supervised_and_dpo_become_lora() -> None:
+    body, openai_type = translate(
+        {
+            "method": {
+                "type": "supervised",
+                "supervised": {"hyperparameters": {"n_epochs": 3, "batch_size": "auto"}},
+            }
+        }
+    )
+    assert openai_type == "supervised"
+    assert body["method"] == {"type": "lora", "hyperparameters": {"n_epochs": 3}}
+    body, openai_type = translate({"method": {"type": "dpo", "dpo": {"hyperparameters": None}}})
+    assert openai_type == "dpo" and body["method"] == {"type": "lora", "hyperparameters": {}}
+
+
+def test_learning_rate_multiplier_scales_the_methods_default() -> None:
+    body, _ = translate(
+        {"method": {"type": "full"}, "hyperparameters": {"learning_rate_multiplier": 0.5}}
+    )
+    assert body["method"]["hyperparameters"] == {
+        "learning_rate": pytest.approx(DEFAULT_LEARNING_RATES["full"] * 0.5)
+    }
+    assert "hyperparameters" not in body  # moved into the method block
+
+
+def test_loraplex_methods_pass_through() -> None:
+    method = {"type": "adapter", "adapter": {"bottleneck_size": 16}, "hyperparameters": {"x": 1}}
+    body, openai_type = translate({"method": method})
+    assert body["method"] == method and openai_type is None
+
+
+def test_empty_integrations_and_metadata_are_dropped() -> None:
+    body, _ = translate({"integrations": [], "metadata": None})
+    assert "integrations" not in body and "metadata" not in body
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param"),
+    [
+        ({"method": {"type": "reinforcement"}}, 400, "method.type"),
+        ({"integrations": [{"type": "wandb"}]}, 400, "integrations"),
+        ({"metadata": {"k": "v"}}, 400, "metadata"),
+        (
+            {"method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2}}}},
+            400,
+            "method.dpo.hyperparameters.beta",
+        ),
+        ({"method": {"type": "supervised", "supervised": 3}}, 422, "method.supervised"),
+        (
+            {"method": {"type": "supervised", "supervised": {"lora": {}}}},
+            422,
+            "method.supervised.lora",
+        ),
+        ({"method": {"type": "supervised", "lora": {"r": 4}}}, 422, "method.lora"),
+        (
+            {"hyperparameters": {"learning_rate_multiplier": -1}},
+            422,
+            "hyperparameters.learning_rate_multiplier",
+        ),
+        (
+            {"hyperparameters": {"learning_rate_multiplier": 2, "learning_rate": 0.1}},
+            422,
+            "hyperparameters.learning_rate_multiplier",
+        ),
+        (
+            {
+                "method": {"type": "lora", "hyperparameters": {"n_epochs": 2}},
+                "hyperparameters": {"n_epochs": 3},
+            },
+            422,
+            "hyperparameters",
+        ),
+    ],
+)
+def test_what_cannot_be_mapped(body: dict[str, Any], status: int, param: str) -> None:
+    with pytest.raises(ApiError) as info:
+        translate(body)
+    assert info.value.status == status and info.value.param == param

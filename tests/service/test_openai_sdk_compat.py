@@ -1,0 +1,327 @@
+"""The official ``openai`` SDK against the app in process (its HTTP client is the TestClient).
+
+Every call goes through the SDK's own request building, pagination and response parsing, so
+these tests fail if loraplex answers anything the SDK cannot read or sends the wrong error
+class. ``tests/e2e/test_openai_sdk.py`` does the same over real HTTP with training.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import openai
+import pytest
+from fastapi.testclient import TestClient
+from openai.types import FileObject, Model
+from openai.types.fine_tuning import FineTuningJob, FineTuningJobEvent
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.base import BaseModel
+from service.config import Settings
+from service.db.models import Job, Tenant
+from service.jobs import queue
+from service.main import create_app
+from tests.service.helpers import CLASSIFICATION_ROWS, Headers, adapter_row, serve_base
+
+PREFERENCES = [
+    {"prompt": "2+2?", "chosen": "4", "rejected": "5"},
+    {"prompt": "capital of France?", "chosen": "Paris", "rejected": "Lyon"},
+]
+
+
+@pytest.fixture
+def client(settings: Settings, tiny_base: BaseModel) -> Iterator[TestClient]:
+    settings.base_model_name = tiny_base.name
+    settings.max_concurrent_jobs_per_tenant = 10
+    with TestClient(create_app(settings, hooks=[serve_base(tiny_base)])) as test_client:
+        yield test_client
+
+
+def _sdk(client: TestClient, headers: Headers) -> openai.OpenAI:
+    key = headers["Authorization"].removeprefix("Bearer ")
+    # No retries: a retried 409/429 would only slow the error tests down.
+    return openai.OpenAI(
+        base_url="http://testserver/v1", api_key=key, http_client=client, max_retries=0
+    )
+
+
+@pytest.fixture
+def sdk(client: TestClient, auth: Headers) -> openai.OpenAI:
+    return _sdk(client, auth)
+
+
+def _jsonl(rows: list[dict[str, Any]]) -> bytes:
+    return "".join(json.dumps(r) + "\n" for r in rows).encode()
+
+
+def _upload(sdk: openai.OpenAI, rows: list[dict[str, Any]] | None = None) -> FileObject:
+    return sdk.files.create(
+        file=("train.jsonl", _jsonl(rows or CLASSIFICATION_ROWS)), purpose="fine-tune"
+    )
+
+
+# --- files -----------------------------------------------------------------------------------
+
+
+def test_files_lifecycle(sdk: openai.OpenAI) -> None:
+    created = _upload(sdk)
+    assert isinstance(created, FileObject)
+    assert created.purpose == "fine-tune" and created.status == "processed"
+    assert created.filename == "train.jsonl" and created.bytes > 0
+    assert created.model_extra == {
+        "kind": "classification",
+        "row_count": 4,
+        "label_counts": {"neg": 2, "pos": 2},
+    }
+    prefs = _upload(sdk, PREFERENCES)
+    assert prefs.model_extra and prefs.model_extra["kind"] == "preference"
+    # The extra form field ``kind`` goes in extra_body.
+    forced = sdk.files.create(
+        file=("p.jsonl", _jsonl(PREFERENCES)),
+        purpose="fine-tune",
+        extra_body={"kind": "preference"},
+    )
+    assert forced.model_extra and forced.model_extra["kind"] == "preference"
+
+    assert sdk.files.retrieve(created.id).id == created.id
+    rows = [json.loads(line) for line in sdk.files.content(created.id).text.splitlines()]
+    assert rows == CLASSIFICATION_ROWS
+    # Auto-pagination walks has_more/after page by page.
+    listed = [f.id for f in sdk.files.list(limit=1)]
+    assert listed == [forced.id, prefs.id, created.id]
+    assert [f.id for f in sdk.files.list(order="asc", limit=2)] == listed[::-1]
+
+    deleted = sdk.files.delete(created.id)
+    assert deleted.id == created.id and deleted.deleted is True
+    with pytest.raises(openai.NotFoundError) as info:
+        sdk.files.retrieve(created.id)
+    assert info.value.code == "file_not_found"
+
+
+# --- fine-tuning jobs ------------------------------------------------------------------------
+
+
+def test_supervised_job_maps_onto_lora(sdk: openai.OpenAI, tiny_base: BaseModel) -> None:
+    file = _upload(sdk)
+    job = sdk.fine_tuning.jobs.create(
+        model=tiny_base.name,
+        training_file=file.id,
+        validation_file=file.id,
+        suffix="sdk",
+        seed=7,
+        method={
+            "type": "supervised",
+            "supervised": {
+                "hyperparameters": {
+                    "n_epochs": 2,
+                    "batch_size": "auto",
+                    "learning_rate_multiplier": 2,
+                }
+            },
+        },
+    )
+    assert isinstance(job, FineTuningJob)
+    assert job.object == "fine_tuning.job" and job.status == "queued"
+    assert job.model == tiny_base.name and job.seed == 7
+    assert job.training_file == file.id and job.validation_file == file.id
+    assert job.organization_id.startswith("tenant-") and job.result_files == []
+    assert job.fine_tuned_model is None and job.error is None
+    assert job.hyperparameters.n_epochs == 2
+    assert job.method is not None and job.method.type == "lora"  # type: ignore[comparison-overlap]
+    extra = job.model_extra or {}
+    assert job.hyperparameters.model_extra == {"learning_rate": pytest.approx(2e-3)}
+    assert extra["adapter_name"].startswith("lora-sdk-")
+
+
+def test_loraplex_method_and_extra_body(sdk: openai.OpenAI, tiny_base: BaseModel) -> None:
+    file = _upload(sdk)
+    job = sdk.fine_tuning.jobs.create(
+        model=tiny_base.name,
+        training_file=file.id,
+        method={  # type: ignore[typeddict-item,misc]
+            "type": "lora",
+            "lora": {"r": 4, "target_modules": ["query", "value"]},
+            "hyperparameters": {"n_epochs": 1, "max_steps": 20},
+        },
+        hyperparameters={"batch_size": 8},  # OpenAI's deprecated place: merged in
+        extra_body={"adapter_name": "named-by-me"},
+    )
+    assert (job.model_extra or {})["adapter_name"] == "named-by-me"
+    assert job.method is not None
+    assert job.method.model_extra == {
+        "lora": {"r": 4, "target_modules": ["query", "value"]},
+        "hyperparameters": {"n_epochs": 1, "max_steps": 20, "batch_size": 8},
+    }
+
+
+def test_dpo_trains_a_reward_model_on_preferences(sdk: openai.OpenAI, tiny_base: BaseModel) -> None:
+    prefs = _upload(sdk, PREFERENCES)
+    job = sdk.fine_tuning.jobs.create(
+        model=tiny_base.name,
+        training_file=prefs.id,
+        method={"type": "dpo", "dpo": {"hyperparameters": {"beta": "auto", "n_epochs": 1}}},
+    )
+    assert job.status == "queued" and job.hyperparameters.n_epochs == 1
+    classification = _upload(sdk)
+    with pytest.raises(openai.UnprocessableEntityError) as info:
+        sdk.fine_tuning.jobs.create(
+            model=tiny_base.name, training_file=classification.id, method={"type": "dpo"}
+        )
+    assert info.value.param == "training_file" and info.value.code == "dataset_kind_mismatch"
+    with pytest.raises(openai.UnprocessableEntityError):
+        sdk.fine_tuning.jobs.create(
+            model=tiny_base.name, training_file=prefs.id, method={"type": "supervised"}
+        )
+    with pytest.raises(openai.BadRequestError) as bad:
+        sdk.fine_tuning.jobs.create(
+            model=tiny_base.name,
+            training_file=prefs.id,
+            method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.1}}},
+        )
+    assert bad.value.param == "method.dpo.hyperparameters.beta"
+
+
+def test_unsupported_openai_features_are_bad_requests(
+    sdk: openai.OpenAI, tiny_base: BaseModel
+) -> None:
+    file = _upload(sdk)
+    calls: list[dict[str, Any]] = [
+        {"method": {"type": "reinforcement"}},
+        {"integrations": [{"type": "wandb", "wandb": {"project": "p"}}]},
+        {"metadata": {"team": "a"}},
+    ]
+    for extra in calls:
+        with pytest.raises(openai.BadRequestError) as info:
+            sdk.fine_tuning.jobs.create(model=tiny_base.name, training_file=file.id, **extra)
+        assert info.value.type == "invalid_request_error"
+        assert info.value.code in {"unsupported_method", "unsupported_parameter"}
+    assert list(sdk.fine_tuning.jobs.list()) == []  # none of them left a job behind
+    with pytest.raises(openai.BadRequestError) as purpose:
+        sdk.files.create(file=("t.jsonl", _jsonl(CLASSIFICATION_ROWS)), purpose="assistants")
+    assert purpose.value.code == "unsupported_purpose"
+
+
+def test_jobs_list_retrieve_cancel_events_checkpoints(
+    sdk: openai.OpenAI, tiny_base: BaseModel, db: sessionmaker[Session]
+) -> None:
+    file = _upload(sdk)
+    ids = [
+        sdk.fine_tuning.jobs.create(model=tiny_base.name, training_file=file.id).id
+        for _ in range(5)
+    ]
+    assert [j.id for j in sdk.fine_tuning.jobs.list(limit=2)] == ids[::-1]
+    assert sdk.fine_tuning.jobs.retrieve(ids[0]).id == ids[0]
+
+    # A queued job is cancelled at once.
+    cancelled = sdk.fine_tuning.jobs.cancel(ids[-1])
+    assert cancelled.status == "cancelled" and cancelled.finished_at is not None
+
+    # A running one is asked to stop: loraplex's "cancel_requested" is no OpenAI status, but
+    # the SDK's models do not validate, so it comes through as is.
+    with db() as session:
+        claimed = queue.claim_next_job(session, "w1", 30)
+        assert claimed is not None and claimed.id == ids[0]
+        queue.save_checkpoint(
+            session, claimed, worker_id="w1", step=5, epoch=0.5, state=b"S", metrics={"loss": 1}
+        )
+    requested = sdk.fine_tuning.jobs.cancel(ids[0])
+    assert requested.status == "cancel_requested"  # type: ignore[comparison-overlap]
+
+    events = list(sdk.fine_tuning.jobs.list_events(ids[0], limit=2))
+    assert all(isinstance(e, FineTuningJobEvent) for e in events)
+    messages = [e.message for e in events]
+    assert messages[0].startswith("Cancellation requested")
+    assert messages[-1].startswith("Validating training file")
+    assert len(messages) == len(set(e.id for e in events)) >= 5
+
+    checkpoints = list(sdk.fine_tuning.jobs.checkpoints.list(ids[0]))
+    assert [c.step_number for c in checkpoints] == [5]
+    assert checkpoints[0].fine_tuning_job_id == ids[0]
+
+    # Finished: the adapter is the fine-tuned model, and a model the SDK can retrieve.
+    with db() as session:
+        job = session.get(Job, ids[0])
+        assert job is not None
+        queue.finish_cancelled(session, job, worker_id="w1")
+    with db() as session:
+        claimed = queue.claim_next_job(session, "w2", 30)
+        assert claimed is not None
+        adapter = adapter_row(claimed.tenant_id, "", version=None, base_model=tiny_base.name)
+        queue.finish_success(session, claimed, adapter, worker_id="w2")
+    done = sdk.fine_tuning.jobs.retrieve(claimed.id)
+    assert done.status == "succeeded" and done.fine_tuned_model
+    model = sdk.models.retrieve(done.fine_tuned_model)
+    assert model.id == done.fine_tuned_model and model.model_extra
+    assert model.model_extra["parent"] == tiny_base.name
+
+
+# --- models ----------------------------------------------------------------------------------
+
+
+def test_models(
+    sdk: openai.OpenAI, client: TestClient, other_auth: Headers, db: sessionmaker[Session]
+) -> None:
+    other = _sdk(client, other_auth)
+    with db() as session:
+        tenant_ids = {name: id_ for name, id_ in session.execute(select(Tenant.name, Tenant.id))}
+        session.add(adapter_row(tenant_ids["default"], "mine"))
+        session.add(adapter_row(tenant_ids["other"], "theirs"))
+        session.commit()
+    models = list(sdk.models.list())
+    assert all(isinstance(m, Model) for m in models)
+    base = models[0]
+    assert base.owned_by == "system" and base.model_extra and base.model_extra["kind"] == "base"
+    assert [m.id for m in models[1:]] == ["mine"]
+    # The base id has a slash; the SDK percent-encodes it.
+    assert sdk.models.retrieve(base.id).id == base.id
+    with pytest.raises(openai.NotFoundError):
+        sdk.models.retrieve("theirs")
+    assert other.models.retrieve("theirs").id == "theirs"
+    with pytest.raises(openai.PermissionDeniedError):
+        sdk.models.delete(base.id)
+    gone = sdk.models.delete("mine")
+    assert gone.id == "mine" and gone.deleted is True
+    assert [m.id for m in sdk.models.list()] == [base.id]
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+
+def test_error_classes(sdk: openai.OpenAI, client: TestClient, tiny_base: BaseModel) -> None:
+    bad_key = openai.OpenAI(
+        base_url="http://testserver/v1", api_key="lpx_nope", http_client=client, max_retries=0
+    )
+    with pytest.raises(openai.AuthenticationError) as auth_error:
+        bad_key.models.list()
+    assert auth_error.value.code == "invalid_api_key"
+
+    with pytest.raises(openai.NotFoundError):
+        sdk.fine_tuning.jobs.retrieve("ftjob-missing")
+    with pytest.raises(openai.NotFoundError) as model_error:
+        sdk.fine_tuning.jobs.create(model="gpt-4o-mini", training_file=_upload(sdk).id)
+    assert model_error.value.param == "model"
+
+    file = _upload(sdk)
+    with pytest.raises(openai.UnprocessableEntityError) as invalid:
+        sdk.fine_tuning.jobs.create(
+            model=tiny_base.name,
+            training_file=file.id,
+            method={"type": "lora", "lora": {"r": 0}},  # type: ignore[typeddict-item,misc]
+        )
+    assert invalid.value.param == "method.lora.r"
+
+    sdk.fine_tuning.jobs.create(
+        model=tiny_base.name, training_file=file.id, extra_body={"adapter_name": "taken"}
+    )
+    with pytest.raises(openai.ConflictError):
+        sdk.fine_tuning.jobs.create(
+            model=tiny_base.name, training_file=file.id, extra_body={"adapter_name": "taken"}
+        )
+
+    client.app.state.settings.max_concurrent_jobs_per_tenant = 1  # type: ignore[attr-defined]
+    with pytest.raises(openai.RateLimitError) as limited:
+        sdk.fine_tuning.jobs.create(model=tiny_base.name, training_file=file.id)
+    assert limited.value.code == "concurrent_jobs_limit"
