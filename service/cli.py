@@ -6,6 +6,7 @@ Settings come from ``LORAPLEX_*`` variables; flags override the few that matter 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -40,8 +41,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(settings)
     # One process: the serving model, batcher and embedded worker live in this process, so
     # uvicorn workers > 1 would load everything N times.
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower())
-    return 0
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level=settings.log_level.lower()
+    )
+    server = uvicorn.Server(config)
+    # Long-lived responses (job event streams) watch server.should_exit and end themselves:
+    # uvicorn waits for open responses before it shuts the app (and its worker) down.
+    app.state.uvicorn_server = server
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run()
+    return 0 if server.started else 3  # 3: uvicorn's start-up failure code
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:

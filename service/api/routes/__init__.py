@@ -4,9 +4,11 @@ from fastapi import APIRouter
 
 from service.api.routes import (
     adapters,
+    dashboard,
     datasets,
     files,
     health,
+    job_stream,
     jobs,
     metrics,
     models,
@@ -21,8 +23,10 @@ api_router.include_router(tenants.router)
 api_router.include_router(datasets.router)
 api_router.include_router(files.router)
 api_router.include_router(jobs.router)
+api_router.include_router(job_stream.router)
 api_router.include_router(adapters.router)
 api_router.include_router(models.router)
 api_router.include_router(predict.router)
 api_router.include_router(reward.router)
 api_router.include_router(metrics.router)
+api_router.include_router(dashboard.router)

@@ -48,10 +48,14 @@ def list_fine_tuning_jobs(
     tenant: CurrentTenant,
     after: AfterQuery = None,
     limit: LimitQuery = DEFAULT_LIMIT,
+    training_file: Annotated[
+        str | None, Query(max_length=64, description="Only jobs trained on this dataset.")
+    ] = None,
 ) -> ListResponse[JobObject]:
-    rows, has_more = keyset_page(
-        session, Job, [Job.tenant_id == tenant.id], after=after, limit=limit
-    )
+    where = [Job.tenant_id == tenant.id]
+    if training_file is not None:
+        where.append(Job.training_file == training_file)
+    rows, has_more = keyset_page(session, Job, where, after=after, limit=limit)
     data = [JobObject.from_row(r) for r in rows]
     return ListResponse(
         data=data,
