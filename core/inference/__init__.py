@@ -1,0 +1,24 @@
+"""Serving many adapters from one frozen base: stacked LoRA bank, mixed batches, residency."""
+
+from core.inference.bank import LoraBank, MixedLoraHooks
+from core.inference.engine import (
+    AdapterNotResidentError,
+    EngineStats,
+    InferenceEngine,
+    ResidencyError,
+    Row,
+    RowResult,
+)
+from core.inference.merged_cache import MergedCache
+
+__all__ = [
+    "AdapterNotResidentError",
+    "EngineStats",
+    "InferenceEngine",
+    "LoraBank",
+    "MergedCache",
+    "MixedLoraHooks",
+    "ResidencyError",
+    "Row",
+    "RowResult",
+]

@@ -1,0 +1,82 @@
+"""LRU cache of merged LoRA weights (``W + scale · B @ A``) for ``mode="merged"`` rows.
+
+A merged adapter costs a full copy of every targeted Linear weight (MiniLM q+v: 7 MiB fp32),
+so the cache is bounded by bytes and evicts least-recently-used adapters. Entries are copies;
+the base weights are never written.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Hashable
+
+import torch
+from torch import Tensor
+
+from core.base import BaseModel
+from core.methods.lora import MergedLoraHooks, lora_delta_weight
+
+
+def merge_pairs(
+    base: BaseModel,
+    pairs: dict[tuple[int, str], tuple[Tensor, Tensor]],
+    scaling: float,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> MergedLoraHooks:
+    """Merged weights for the targeted linears only, summed in fp32 from the fp32 base."""
+    merged: dict[tuple[int, str], Tensor] = {}
+    for (layer, target), (a, b) in pairs.items():
+        w = base.encoder.target_linear(layer, target).weight
+        w = w.detach().to(device=device, dtype=torch.float32)
+        delta = lora_delta_weight(a.to(torch.float32), b.to(torch.float32), scaling)
+        merged[(layer, target)] = (w + delta).to(dtype)
+    return MergedLoraHooks(merged)
+
+
+def hooks_bytes(hooks: MergedLoraHooks) -> int:
+    return sum(t.numel() * t.element_size() for t in hooks.merged.values())
+
+
+class MergedCache:
+    """Key → merged hooks, least recently used dropped first once over ``max_bytes``."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[Hashable, tuple[MergedLoraHooks, int]] = OrderedDict()
+        self.num_bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: Hashable) -> MergedLoraHooks | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self._entries.move_to_end(key)
+        return entry[0]
+
+    def put(self, key: Hashable, hooks: MergedLoraHooks) -> None:
+        """Cache ``hooks`` unless they alone exceed the budget (then the caller just uses them)."""
+        self.drop(key)
+        n = hooks_bytes(hooks)
+        if n > self.max_bytes:
+            return
+        while self._entries and self.num_bytes + n > self.max_bytes:
+            _, (_, old) = self._entries.popitem(last=False)
+            self.num_bytes -= old
+        self._entries[key] = (hooks, n)
+        self.num_bytes += n
+
+    def drop(self, key: Hashable) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self.num_bytes -= entry[1]
