@@ -42,8 +42,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-FIXTURE = ROOT / "tests" / "fixtures" / "rotten_tomatoes_small.jsonl"
+from bench.common import ROOT, reviews
+
 BATCH = 32
 TOKENS = 64
 RT_MAX_TOKENS = 128
@@ -58,17 +58,7 @@ REFERENCE = {"fixed": "peft_lora", "rt": "peft_lora_rt_dynamic"}
 
 def _reviews(full: bool) -> list[dict[str, str]]:
     """The fixture's 600 reviews, or (``full``) the whole corpus where its cache is present."""
-    if full:
-        try:
-            from bench.datasets import rotten_tomatoes
-
-            return rotten_tomatoes()
-        except Exception as e:  # no network / no cache: say so and use the fixture
-            print(
-                f"[train_step] full Rotten Tomatoes unavailable ({e}); using the fixture",
-                file=sys.stderr,
-            )
-    return [json.loads(line) for line in FIXTURE.read_text().splitlines() if line.strip()]
+    return reviews(full, "train_step")[0]
 
 
 def fixed_rows(tokenizer: Any, n: int) -> list[dict[str, str]]:
