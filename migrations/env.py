@@ -10,7 +10,7 @@ from logging.config import fileConfig
 from typing import Any
 
 from alembic import context
-from sqlalchemy import pool
+from sqlalchemy import pool, text
 
 from service.db.models import Base
 from service.db.session import make_engine
@@ -58,6 +58,10 @@ def run_migrations_offline() -> None:
         context.run_migrations()
 
 
+# Any constant shared by every loraplex process: ``pg_advisory_xact_lock`` key for migrations.
+MIGRATION_LOCK_KEY = 0x6C6F7261706C6578  # "loraplex"
+
+
 def run_migrations_online() -> None:
     # The app's engine factory: same SQLite pragmas (WAL, busy_timeout, foreign keys), and
     # WAL makes the DDL below far cheaper than one fsync'd journal per statement.
@@ -65,6 +69,13 @@ def run_migrations_online() -> None:
     with connectable.connect() as connection:
         _configure(connection=connection)
         with context.begin_transaction():
+            if connection.dialect.name == "postgresql":
+                # Every API replica and worker runs `upgrade` at start; on one PostgreSQL they
+                # may start together. The first takes this lock and migrates (DDL is
+                # transactional there); the others wait, then find the schema at head.
+                connection.execute(
+                    text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY}
+                )
             context.run_migrations()
     connectable.dispose()
 

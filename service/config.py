@@ -42,6 +42,10 @@ class Settings(BaseSettings):
     # None means a SQLite file inside data_dir; filled in by the validator below.
     database_url: str | None = None
     sqlite_busy_timeout_ms: int = Field(default=5000, ge=0)
+    # PostgreSQL only: where each API process LISTENs for adapter changes. LISTEN needs a
+    # session-mode connection; set this to a direct URL when database_url goes through a
+    # transaction-mode pooler (PgBouncer). None = database_url.
+    listen_database_url: str | None = None
 
     # --- base model ----------------------------------------------------------------------
     # None = the encoder shipped by the default model wheel (resolved by ``core.base``).

@@ -33,6 +33,7 @@ from service.db.migrate import upgrade
 from service.db.session import make_engine, make_sessionmaker
 from service.observability.metrics import JobCollector, MetricsMiddleware, ServiceMetrics
 from service.readiness import Readiness
+from service.serving.invalidation import invalidation
 from service.serving.lifespan import serving
 from service.tenants.bootstrap import bootstrap_default_tenant, ensure_default_tenant
 from service.worker.embedded import embedded_worker
@@ -41,9 +42,11 @@ logger = logging.getLogger(__name__)
 
 LifespanHook = Callable[[FastAPI], AbstractAsyncContextManager[None]]
 
-# In start order: the base model + inference thread, then the embedded worker (a child
-# process, only when settings.embedded_worker). Nothing imports torch before these run.
-LIFESPAN_HOOKS: list[LifespanHook] = [serving, embedded_worker]
+# In start order: the base model + inference thread, the adapter invalidation listener
+# (PostgreSQL only: drops resident adapters changed by other replicas), then the embedded
+# worker (a child process, only when settings.embedded_worker). Nothing imports torch before
+# these run.
+LIFESPAN_HOOKS: list[LifespanHook] = [serving, invalidation, embedded_worker]
 
 # Multipart framing (boundaries, part headers, small fields) on top of the file itself.
 MULTIPART_OVERHEAD_BYTES = 1024 * 1024

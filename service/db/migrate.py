@@ -30,6 +30,15 @@ def upgrade(url: str, revision: str = "head") -> None:
     command.upgrade(alembic_config(url), revision)
 
 
+def head_revision() -> str:
+    """The newest revision in ``migrations/versions`` (what ``upgrade`` brings a database to)."""
+    from alembic.script import ScriptDirectory
+
+    head = ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+    assert head is not None
+    return head
+
+
 def current_revision(url: str) -> str | None:
     """The revision the database is at (None before the first migration)."""
     from alembic.runtime.migration import MigrationContext

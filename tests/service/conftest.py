@@ -1,4 +1,13 @@
-"""Fixtures for the service tests: a real SQLite file per test, the app without ML hooks."""
+"""Fixtures for the service tests: the app without ML hooks, on SQLite and on PostgreSQL.
+
+Every test that uses the app (``settings``, ``client``, ``db``, ...) or ``migrated_db`` runs
+twice, ``[sqlite]`` and ``[postgres]``: the same tests, not a copy. SQLite gets a fresh copy of
+a migrated file per test; PostgreSQL one migrated database per session, emptied before each
+test (TRUNCATE). Without a reachable PostgreSQL the ``[postgres]`` variants skip, saying so
+(``LPX_REQUIRE_POSTGRES=1``, set by ``.ci/run``, turns that into a failure). Mark a test
+``@pytest.mark.sqlite_only`` or ``@pytest.mark.postgres_only`` when it checks something only
+one of them has (pragmas; LISTEN/NOTIFY): the other variant is deselected.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +19,9 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import text
+from sqlalchemy import create_engine, text
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import NullPool
 
 from service.config import Settings
 from service.db.migrate import upgrade
@@ -33,6 +43,28 @@ def make_settings(data_dir: Path, **overrides: Any) -> Settings:
     return Settings(_env_file=None, data_dir=data_dir, **overrides)  # type: ignore[call-arg]
 
 
+DB_BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "sqlite_only: runs only in the [sqlite] variant")
+    config.addinivalue_line("markers", "postgres_only: runs only in the [postgres] variant")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Deselect the [postgres] variant of ``sqlite_only`` tests, and vice versa."""
+    keep: list[pytest.Item] = []
+    dropped: list[pytest.Item] = []
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        backend = callspec.params.get("db_backend") if callspec is not None else None
+        unwanted = {"sqlite": "postgres_only", "postgres": "sqlite_only"}.get(backend or "")
+        (dropped if unwanted and item.get_closest_marker(unwanted) else keep).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
+
+
 @pytest.fixture(scope="session")
 def migrated_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An empty, migrated SQLite file, copied per test: start-up then only checks the revision."""
@@ -41,10 +73,57 @@ def migrated_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """One migrated PostgreSQL database for the session (emptied before each test)."""
+    with scratch_postgres_database() as url:
+        upgrade(url)
+        yield url
+
+
+def reset_postgres(url: str) -> None:
+    """Empty every table, cheaply; first end connections a previous test left behind."""
+    engine = create_engine(url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
+    try:
+        with engine.connect() as conn:
+            conn.execute(
+                text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
+            )
+            conn.execute(text("SET lock_timeout = '20s'"))
+            tables = ", ".join(f'"{t}"' for t in Base.metadata.tables)
+            conn.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture(params=DB_BACKENDS)
+def db_backend(request: pytest.FixtureRequest) -> str:
+    """``sqlite`` or ``postgres``: the parameter every database-backed test runs under."""
+    backend: str = request.param
+    return backend
+
+
 @pytest.fixture
-def settings(tmp_path: Path, migrated_template: Path) -> Settings:
+def database_url(
+    db_backend: str, request: pytest.FixtureRequest, tmp_path: Path, migrated_template: Path
+) -> str:
+    """An empty, migrated database for this test."""
+    if db_backend == "postgres":
+        url: str = request.getfixturevalue("postgres_url")
+        reset_postgres(url)
+        return url
     shutil.copyfile(migrated_template, tmp_path / "loraplex.db")
-    return make_settings(tmp_path, admin_key=ADMIN_KEY)
+    return f"sqlite:///{tmp_path / 'loraplex.db'}"
+
+
+@pytest.fixture
+def settings(tmp_path: Path, db_backend: str, database_url: str) -> Settings:
+    # SQLite: the default URL, derived from data_dir (where database_url put the file).
+    url = database_url if db_backend == "postgres" else None
+    return make_settings(tmp_path, admin_key=ADMIN_KEY, database_url=url)
 
 
 @pytest.fixture
@@ -61,27 +140,10 @@ def db(client: TestClient) -> sessionmaker[Session]:
     return factory
 
 
-@pytest.fixture(scope="session")
-def postgres_queue_url() -> Iterator[str]:
-    """One migrated PostgreSQL database shared by the session (tables emptied per test)."""
-    with scratch_postgres_database() as url:
-        upgrade(url)
-        yield url
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def migrated_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[sessionmaker[Session]]:
+@pytest.fixture
+def migrated_db(database_url: str) -> Iterator[sessionmaker[Session]]:
     """A migrated database without any app (the queue tests run on both dialects)."""
-    if request.param == "postgres":
-        url = request.getfixturevalue("postgres_queue_url")
-        engine = make_engine(url)
-        with engine.begin() as conn:
-            tables = ", ".join(Base.metadata.tables)
-            conn.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
-    else:
-        url = f"sqlite:///{tmp_path / 'queue.db'}"
-        upgrade(url)
-        engine = make_engine(url)
+    engine = make_engine(database_url)
     yield make_sessionmaker(engine)
     engine.dispose()
 

@@ -25,16 +25,28 @@ POSTGRES_ADMIN_URL = os.environ.get(
 )
 
 
+# In CI (.ci/run sets LPX_REQUIRE_POSTGRES=1; CI=true too) a missing PostgreSQL is a failure,
+# not a skip.
+REQUIRE_POSTGRES = os.environ.get("LPX_REQUIRE_POSTGRES", "") not in ("", "0") or (
+    os.environ.get("CI", "").lower() in ("1", "true", "yes")
+)
+
+
 @contextmanager
 def scratch_postgres_database() -> Iterator[str]:
     """A new, empty PostgreSQL database for the duration; skips if the server is down."""
-    engine = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    engine = create_engine(
+        POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 5}
+    )
     try:
         with engine.connect() as conn:
             conn.execute(text("SELECT 1"))
-    except Exception:
+    except Exception as exc:
         engine.dispose()
-        pytest.skip(f"PostgreSQL is not reachable at {POSTGRES_ADMIN_URL}")
+        reason = f"PostgreSQL is not reachable at {POSTGRES_ADMIN_URL} ({type(exc).__name__})"
+        if REQUIRE_POSTGRES:
+            pytest.fail(f"{reason}, and LPX_REQUIRE_POSTGRES is set")
+        pytest.skip(f"{reason}; set LPX_TEST_POSTGRES_URL to run the PostgreSQL tests")
     name = f"loraplex_test_{uuid.uuid4().hex[:12]}"
     with engine.connect() as conn:
         conn.execute(text(f'CREATE DATABASE "{name}"'))

@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.db.models import ApiKey, Tenant
 
 
+@pytest.mark.sqlite_only
 def test_sqlite_pragmas(db: sessionmaker[Session]) -> None:
     with db() as session:
         assert session.execute(text("PRAGMA journal_mode")).scalar() == "wal"

@@ -1,15 +1,20 @@
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import create_engine, inspect
+from sqlalchemy import create_engine, inspect, text
 
-from service.db.migrate import current_revision, upgrade
+from service.db.migrate import alembic_config, current_revision, head_revision, upgrade
 from service.db.models import Base
 from tests.service.helpers import scratch_postgres_database
+
+REPO = Path(__file__).resolve().parents[2]
 
 EXPECTED_TABLES = {
     "tenants",
@@ -44,9 +49,9 @@ def test_upgrade_creates_every_table_on_an_empty_sqlite_file(tmp_path: Path) -> 
     upgrade(url)
     assert db_file.is_file()
     _check_schema(url)
-    assert current_revision(url) == "0001"
+    assert current_revision(url) == head_revision()
     upgrade(url)  # idempotent: start-up runs it every time
-    assert current_revision(url) == "0001"
+    assert current_revision(url) == head_revision()
 
 
 def test_every_user_table_has_tenant_id() -> None:
@@ -61,7 +66,7 @@ def test_upgrade_creates_every_table_on_an_empty_postgres() -> None:
         upgrade(url)
         _check_schema(url)
         upgrade(url)
-        assert current_revision(url) == "0001"
+        assert current_revision(url) == head_revision()
 
 
 def test_plain_postgresql_urls_use_psycopg3() -> None:
@@ -69,3 +74,106 @@ def test_plain_postgresql_urls_use_psycopg3() -> None:
 
     assert normalize_url("postgresql://u@h/db").drivername == "postgresql+psycopg"
     assert normalize_url("sqlite:///x.db").drivername == "sqlite"
+
+
+def _insert_adapter(url: str, weights: bytes) -> None:
+    from service.db.models import Tenant
+    from service.db.session import make_engine, make_sessionmaker
+    from tests.service.helpers import adapter_row
+
+    engine = make_engine(url)
+    try:
+        with make_sessionmaker(engine)() as session:
+            tenant = Tenant(name="t")
+            session.add(tenant)
+            session.flush()
+            session.add(adapter_row(tenant.id, "kept", weights=weights, size_bytes=len(weights)))
+            session.commit()
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.postgres
+def test_postgres_upgrade_from_the_first_revision_keeps_data_and_binary_columns() -> None:
+    # 3 MB holding every byte value: bytea must round-trip it exactly (no text encoding).
+    weights = bytes(range(256)) * (3 * 4096)
+    with scratch_postgres_database() as url:
+        upgrade(url, "0001")
+        _insert_adapter(url, weights)
+        upgrade(url)
+        assert current_revision(url) == head_revision()
+        _check_schema(url)
+        engine = create_engine(url)
+        try:
+            with engine.connect() as conn:
+                cols = {
+                    (t, c["name"]): str(c["type"]).upper()
+                    for t in ("adapters", "checkpoints", "datasets")
+                    for c in inspect(conn).get_columns(t)
+                }
+                stored = conn.execute(text("SELECT weights FROM adapters")).scalar_one()
+                storage = dict(
+                    conn.execute(
+                        text(
+                            "SELECT attname, attstorage FROM pg_attribute WHERE attnum > 0 AND "
+                            "(attrelid, attname) IN (('adapters'::regclass, 'weights'), "
+                            "('checkpoints'::regclass, 'state'), ('datasets'::regclass, 'rows'))"
+                        )
+                    ).all()
+                )
+        finally:
+            engine.dispose()
+        assert cols[("adapters", "weights")] == "BYTEA"
+        assert cols[("checkpoints", "state")] == "BYTEA"
+        assert cols[("datasets", "rows")] == "BYTEA"
+        assert bytes(stored) == weights
+        # Out of line and uncompressed: tensors and gzip do not shrink under TOAST compression.
+        assert storage == {"weights": "e", "state": "e", "rows": "e"}
+        # Down to 0001 and up again, data kept.
+        command.downgrade(alembic_config(url), "0001")
+        assert current_revision(url) == "0001"
+        upgrade(url)
+        assert current_revision(url) == head_revision()
+        engine = create_engine(url)
+        try:
+            with engine.connect() as conn:
+                again = conn.execute(text("SELECT weights FROM adapters")).scalar_one()
+        finally:
+            engine.dispose()
+        assert bytes(again) == weights
+
+
+def test_sqlite_binary_columns_are_blobs(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'blob.db'}"
+    upgrade(url)
+    weights = bytes(range(256)) * 4096
+    _insert_adapter(url, weights)
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            col = {c["name"]: c for c in inspect(conn).get_columns("adapters")}["weights"]
+            stored = conn.execute(text("SELECT weights FROM adapters")).scalar_one()
+    finally:
+        engine.dispose()
+    assert str(col["type"]).upper() == "BLOB"
+    assert stored == weights
+
+
+@pytest.mark.postgres
+def test_concurrent_upgrades_of_an_empty_postgres_all_succeed() -> None:
+    """Replicas and workers all migrate at start; the advisory lock serialises them."""
+    code = "import sys; from service.db.migrate import upgrade; upgrade(sys.argv[1])"
+    with scratch_postgres_database() as url:
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", code, url],
+                cwd=REPO,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+            )
+            for _ in range(4)
+        ]
+        outputs = [p.communicate(timeout=300)[0].decode(errors="replace") for p in procs]
+        assert [p.returncode for p in procs] == [0, 0, 0, 0], outputs
+        assert current_revision(url) == head_revision()
+        _check_schema(url)
