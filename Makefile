@@ -52,6 +52,8 @@ bench-quick: install
 	$(BIN)/python -m bench.mixed_batch --quick
 	$(BIN)/python -m bench.train_step --quick
 	$(BIN)/python -m bench.strategies --quick
+	$(BIN)/python -m bench.serving_under_training --quick
+	$(BIN)/python -m bench.fuzz --quick
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache $(DASHBOARD_TESTS)/node_modules

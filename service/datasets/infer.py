@@ -49,7 +49,7 @@ def _first_row_fields(data: bytes, fmt: DatasetFormat) -> tuple[int, set[str]] |
             continue
         try:
             obj = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # deeply nested arrays: the full parse says so
             return None
         return number, set(obj) if isinstance(obj, dict) else set()
     return None

@@ -113,6 +113,18 @@ def _type_name(value: Any) -> str:
     }.get(type(value), type(value).__name__)
 
 
+def _check_unicode(value: str, field: str, where: _Where) -> None:
+    """JSON's ``\\ud800`` escapes parse to lone surrogates, which no UTF-8 store can hold."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise where.error(
+            f"field '{field}' is not valid Unicode (a lone surrogate at character {exc.start})",
+            field,
+            "invalid_unicode",
+        ) from None
+
+
 def _text(
     obj: Mapping[str, Any], field: str, where: _Where, limits: Limits, *, required: bool
 ) -> str | None:
@@ -127,6 +139,7 @@ def _text(
         )
     if not value.strip():
         raise where.error(f"field '{field}' must not be empty", field, "empty_field")
+    _check_unicode(value, field, where)
     if len(value) > limits.max_text_chars:
         raise where.error(
             f"field '{field}' is longer than {limits.max_text_chars} characters",
@@ -152,6 +165,7 @@ def _label(obj: Mapping[str, Any], where: _Where, limits: Limits) -> str:
     label = value.strip()
     if not label:
         raise where.error("field 'label' must not be empty", "label", "empty_field")
+    _check_unicode(label, "label", where)
     if len(label) > limits.max_label_chars:
         raise where.error(
             f"field 'label' is longer than {limits.max_label_chars} characters",

@@ -25,7 +25,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, func, select, update
+from sqlalchemy import ColumnElement, DateTime, func, select, update
 from sqlalchemy.orm import Session, undefer
 
 from service.db.models import (
@@ -68,6 +68,17 @@ def add_event(
 # --- claiming and leases ---------------------------------------------------------------------
 
 
+def _lease_clock(session: Session, now: datetime | None) -> Any:
+    """The clock leases are set and expired by: ``now`` when given (tests), else PostgreSQL's
+    ``clock_timestamp()`` (workers on many machines then agree on when a lease expires, however
+    far apart their own clocks drift), else this machine's clock (SQLite is one machine)."""
+    if now is not None:
+        return now
+    if session.get_bind().dialect.name == "postgresql":
+        return func.clock_timestamp(type_=DateTime(timezone=True))
+    return utcnow()
+
+
 def _queued_oldest() -> Any:
     return (
         select(Job.id)
@@ -88,12 +99,12 @@ def claim_next_job(
     On PostgreSQL the candidate is picked with ``FOR UPDATE SKIP LOCKED`` so workers take
     different jobs instead of queueing behind one row.
     """
-    now = now or utcnow()
+    clock = _lease_clock(session, now)
     values = {
         "status": JobStatus.RUNNING,
         "worker_id": worker_id,
-        "lease_expires_at": now + timedelta(seconds=lease_seconds),
-        "started_at": func.coalesce(Job.started_at, now),
+        "lease_expires_at": clock + timedelta(seconds=lease_seconds),
+        "started_at": func.coalesce(Job.started_at, clock),
         "cancel_requested": False,
     }
     if session.get_bind().dialect.name == "postgresql":
@@ -139,11 +150,11 @@ def heartbeat(
     now: datetime | None = None,
 ) -> bool:
     """Extend the lease; False if ``worker_id`` no longer holds it."""
-    now = now or utcnow()
+    clock = _lease_clock(session, now)
     result = session.execute(
         update(Job)
         .where(*_owned(job_id, worker_id))
-        .values(lease_expires_at=now + timedelta(seconds=lease_seconds))
+        .values(lease_expires_at=clock + timedelta(seconds=lease_seconds))
         .execution_options(synchronize_session=False)
     )
     session.commit()
@@ -165,10 +176,10 @@ def report_progress(
     now: datetime | None = None,
 ) -> bool:
     """Record progress and extend the lease in one write; False if the lease was lost."""
-    now = now or utcnow()
+    clock = _lease_clock(session, now)
     values: dict[str, Any] = {
         "step": step,
-        "lease_expires_at": now + timedelta(seconds=lease_seconds),
+        "lease_expires_at": clock + timedelta(seconds=lease_seconds),
     }
     optional = {
         "total_steps": total_steps,
@@ -205,10 +216,11 @@ def requeue_expired(
     that kills its worker every time must not loop forever), and one whose cancel was
     requested is cancelled: its worker is gone, nobody else will honour the request.
     """
+    clock = _lease_clock(session, now)
     now = now or utcnow()
     expired = session.execute(
         select(Job.id, Job.status, Job.attempts).where(
-            Job.status.in_(LEASED_STATUSES), Job.lease_expires_at < now
+            Job.status.in_(LEASED_STATUSES), Job.lease_expires_at < clock
         )
     ).all()
     requeued: list[str] = []
@@ -239,7 +251,7 @@ def requeue_expired(
         # Same conditions again: a heartbeat or another reaper may have got there first.
         result = session.execute(
             update(Job)
-            .where(Job.id == job_id, Job.status.in_(LEASED_STATUSES), Job.lease_expires_at < now)
+            .where(Job.id == job_id, Job.status.in_(LEASED_STATUSES), Job.lease_expires_at < clock)
             .values(**values)
             .execution_options(synchronize_session=False)
         )
@@ -284,6 +296,28 @@ def _touch_owned(session: Session, job: Job, worker_id: str, **values: Any) -> N
     if result.rowcount != 1:  # type: ignore[attr-defined]
         session.rollback()
         raise LeaseLostError(f"worker {worker_id} no longer holds job {job.id}")
+
+
+def add_owned_event(
+    session: Session,
+    job: Job,
+    *,
+    worker_id: str,
+    message: str,
+    level: str = "info",
+    type: str = "message",
+    data: dict[str, Any] | None = None,
+) -> None:
+    """A worker's event, committed only while ``worker_id`` holds the lease.
+
+    The no-op conditional UPDATE takes the job row's write lock before the insert, so a reaper
+    that requeues the job commits either before (nothing is written; LeaseLostError) or after.
+    Without it a worker stalled past its lease would, on waking, log one more step into a job
+    that another worker now runs.
+    """
+    _touch_owned(session, job, worker_id, lease_expires_at=Job.lease_expires_at)
+    add_event(session, job, message, level=level, type=type, data=data)
+    session.commit()
 
 
 def save_checkpoint(

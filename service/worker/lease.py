@@ -2,12 +2,19 @@
 
 Every ``heartbeat_seconds`` the keeper extends the lease and reads the cancel flag, so the
 training loop itself never waits on the database to learn it must stop.
+
+Self-fencing: if no heartbeat has succeeded for a whole lease (the database is unreachable
+from this worker, or the process was stalled), another worker may already have taken the job
+over, so the keeper declares the lease lost and the job stops without writing anything more.
+Every worker-side write is fenced by ``worker_id`` in the database as well; this only keeps a
+partitioned worker from training on uselessly.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -45,6 +52,7 @@ class LeaseKeeper:
         self._thread.join()
 
     def _run(self) -> None:
+        last_ok = time.monotonic()  # the claim itself set the lease just before we started
         while not self._stop.wait(self._interval):
             try:
                 with self._factory() as session:
@@ -55,7 +63,16 @@ class LeaseKeeper:
                         self.cancel_requested.set()
             except Exception:  # a database hiccup: try again next beat, the lease has slack
                 logger.exception("heartbeat for job %s failed", self._job_id)
+                if time.monotonic() - last_ok >= self._lease_seconds:
+                    logger.warning(
+                        "no heartbeat for job %s succeeded for %.0f s (the lease); stopping it",
+                        self._job_id,
+                        self._lease_seconds,
+                    )
+                    self.lost.set()
+                    return
                 continue
+            last_ok = time.monotonic()
             if not alive:
                 logger.warning("lease on job %s lost; stopping it", self._job_id)
                 self.lost.set()

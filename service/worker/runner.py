@@ -8,6 +8,7 @@ and its own GIL, and a cancelled or crashed job gives all of its memory back.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -49,6 +50,12 @@ class Worker:
         self.worker_id = worker_id or default_worker_id()
         self.stop = threading.Event()  # no new jobs; the running one checkpoints and requeues
         self.base = load_base_model(settings.base_model_path, name=settings.base_model_name)
+        # Everything alive now (torch, transformers, the base) lives as long as the process:
+        # keep it out of later collections. Without this, the full collection each job ends
+        # with (JobRun._free) walks all of it again: 0.46 s per job measured on a 2-core VM,
+        # two thirds of a small job's run time.
+        gc.collect()
+        gc.freeze()
 
     def run_once(self) -> str | None:
         """Reap, claim and run at most one job; its final status, or None if the queue was empty."""

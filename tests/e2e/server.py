@@ -116,3 +116,73 @@ def wait_job(client: httpx.Client, job_id: str, timeout: float = 300.0) -> dict[
             return job
         time.sleep(0.5)
     raise TimeoutError(f"job {job_id} still {job['status']} after {timeout:.0f} s")
+
+
+@dataclass
+class WorkerProcess:
+    """One standalone ``loraplex worker`` on the same data directory (or database) as a server.
+
+    ``worker_id`` is passed explicitly, so a test can tell from a job's events which worker
+    holds it (``"Job started on worker <id>"``) and signal exactly that process.
+    """
+
+    data_dir: Path
+    settings: dict[str, object] = field(default_factory=dict)
+    worker_id: str = ""
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir / f"worker-{self.worker_id}.log"
+
+    def start(self) -> WorkerProcess:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "service", "worker", "--worker-id", self.worker_id],
+            cwd=REPO,
+            env=base_env(self.data_dir, **self.settings),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 60.0) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        if self.alive():
+            assert self.proc is not None
+            self.proc.send_signal(signal.SIGCONT)  # a stopped process cannot handle SIGTERM
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def rss_bytes(self) -> int:
+        """Resident set size from /proc (no psutil needed)."""
+        return rss_bytes(self.pid)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")

@@ -164,7 +164,7 @@ def _label_names(form: FormData) -> list[str]:
     if only.startswith("["):
         try:
             parsed = json.loads(only)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested too deeply
             parsed = None
         if not isinstance(parsed, list) or not all(isinstance(x, str) for x in parsed):
             raise invalid("label_names must be a JSON array of strings.", "label_names")
@@ -288,6 +288,8 @@ async def import_adapter(
         raise invalid(exc.message, "file", exc.code) from None
     except TransferError as exc:
         raise invalid(exc.message, exc.param, exc.code) from None
+    except RecursionError:  # json.loads on a config nested thousands of levels deep
+        raise invalid("A JSON file in the archive is nested too deeply.", "file") from None
     row = await run_in_threadpool(_insert, factory, tenant.id, row, settings)
     return AdapterObject.from_row(row)
 
