@@ -5,10 +5,26 @@ from __future__ import annotations
 from typing import Any
 
 from starlette.datastructures import UploadFile
+from starlette.requests import Request
 
-from service.api.errors import invalid, too_large
+from service.api.errors import ApiError, invalid, too_large
 
 _READ_CHUNK = 1024 * 1024
+
+
+def media_type(request: Request) -> str:
+    """The request's Content-Type without parameters, lower-cased."""
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+def require_multipart(request: Request, what: str, fields: str) -> None:
+    """415 unless the body is multipart/form-data (the upload routes read files from forms)."""
+    if media_type(request) != "multipart/form-data":
+        raise ApiError(
+            415,
+            f"Send the {what} as multipart/form-data ({fields}).",
+            code="unsupported_media_type",
+        )
 
 
 async def read_upload(upload: UploadFile, limit: int, param: str = "file") -> bytes:

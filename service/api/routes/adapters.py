@@ -41,11 +41,11 @@ from service.api.deps import (
     SettingsDep,
     get_base_model,
 )
-from service.api.errors import ApiError, conflict, invalid, not_found
+from service.api.errors import conflict, invalid, not_found
 from service.api.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery, keyset_page
 from service.api.schemas.adapters import AdapterObject
 from service.api.schemas.common import NAME_PATTERN, DeletedResponse, ListResponse
-from service.api.uploads import form_text, read_upload
+from service.api.uploads import form_text, read_upload, require_multipart
 from service.config import Settings
 from service.db.models import Adapter
 from service.jobs.queue import active_job_count, next_adapter_version
@@ -266,13 +266,7 @@ async def import_adapter(
     request: Request, tenant: CurrentTenant, settings: SettingsDep, factory: SessionFactoryDep
 ) -> AdapterObject:
     """Store an uploaded PEFT (LoRA, prompt tuning) or loraplex adapter under ``name``."""
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type != "multipart/form-data":
-        raise ApiError(
-            415,
-            "Send the adapter as multipart/form-data (file, name).",
-            code="unsupported_media_type",
-        )
+    require_multipart(request, "adapter", "file, name")
     async with request.form(max_files=1, max_fields=64) as form:
         name = _import_name(form)
         head = _head_spec(form)

@@ -18,7 +18,7 @@ from service.api.errors import (
 from service.api.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery, keyset_page
 from service.api.schemas.common import DeletedResponse, ListResponse
 from service.api.schemas.datasets import DatasetCreateJSON, DatasetObject
-from service.api.uploads import form_text, read_upload
+from service.api.uploads import form_text, media_type, read_upload
 from service.datasets.store import delete_owned_dataset, get_owned_dataset, store_dataset
 from service.datasets.validation import (
     DatasetError,
@@ -131,7 +131,7 @@ async def create_dataset(
 ) -> DatasetObject:
     """Upload a dataset: multipart ``file`` + ``kind`` (+ ``name``), or JSON ``records``."""
     limits = Limits(max_rows=settings.max_dataset_rows)
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    content_type = media_type(request)
     if content_type == "multipart/form-data":
         parsed, raw, name = await _from_multipart(request, limits, settings.max_upload_bytes)
     elif content_type == "application/json":

@@ -21,7 +21,7 @@ from service.api.errors import INVALID_REQUEST, ApiError, invalid
 from service.api.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery, keyset_page
 from service.api.schemas.common import ListResponse
 from service.api.schemas.files import FINE_TUNE_PURPOSE, FileDeleted, FileObject
-from service.api.uploads import form_text, read_upload
+from service.api.uploads import form_text, read_upload, require_multipart
 from service.datasets import codec
 from service.datasets.infer import infer_kind
 from service.datasets.store import delete_owned_dataset, get_owned_dataset, store_dataset
@@ -82,13 +82,7 @@ async def create_file(
     request: Request, tenant: CurrentTenant, settings: SettingsDep, factory: SessionFactoryDep
 ) -> FileObject:
     """Upload training data (``client.files.create(file=..., purpose="fine-tune")``)."""
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type != "multipart/form-data":
-        raise ApiError(
-            415,
-            "Send the file as multipart/form-data (file, purpose).",
-            code="unsupported_media_type",
-        )
+    require_multipart(request, "file", "file, purpose")
     async with request.form(max_files=1, max_fields=8) as form:
         purpose = form_text(form.get("purpose"), "purpose", 64)
         if purpose is None:
