@@ -141,12 +141,7 @@ def list_adapters(
         cursor_column=Adapter.name,
     )
     data = [AdapterObject.from_row(r) for r in rows]
-    return ListResponse(
-        data=data,
-        has_more=has_more,
-        first_id=data[0].name if data else None,
-        last_id=data[-1].name if data else None,
-    )
+    return ListResponse.page(data, has_more, lambda a: a.name)
 
 
 # --- import ----------------------------------------------------------------------------------

@@ -159,12 +159,7 @@ def list_datasets(
         session, Dataset, [Dataset.tenant_id == tenant.id], after=after, limit=limit
     )
     data = [DatasetObject.from_row(r) for r in rows]
-    return ListResponse(
-        data=data,
-        has_more=has_more,
-        first_id=data[0].id if data else None,
-        last_id=data[-1].id if data else None,
-    )
+    return ListResponse.page(data, has_more)
 
 
 @router.get("/{dataset_id}", response_model=DatasetObject)

@@ -144,12 +144,7 @@ def list_files(
         descending=order == "desc",
     )
     data = [FileObject.from_row(r) for r in rows]
-    return ListResponse(
-        data=data,
-        has_more=has_more,
-        first_id=data[0].id if data else None,
-        last_id=data[-1].id if data else None,
-    )
+    return ListResponse.page(data, has_more)
 
 
 @router.get("/{file_id}", response_model=FileObject)

@@ -57,12 +57,7 @@ def list_fine_tuning_jobs(
         where.append(Job.training_file == training_file)
     rows, has_more = keyset_page(session, Job, where, after=after, limit=limit)
     data = [JobObject.from_row(r) for r in rows]
-    return ListResponse(
-        data=data,
-        has_more=has_more,
-        first_id=data[0].id if data else None,
-        last_id=data[-1].id if data else None,
-    )
+    return ListResponse.page(data, has_more)
 
 
 @router.get("/{job_id}", response_model=JobObject)
@@ -90,12 +85,7 @@ def list_fine_tuning_events(
     stmt = stmt.order_by(JobEvent.id.desc() if order == "desc" else JobEvent.id.asc())
     rows = list(session.scalars(stmt.limit(limit + 1)))
     data = [JobEventObject.from_row(r) for r in rows[:limit]]
-    return ListResponse(
-        data=data,
-        has_more=len(rows) > limit,
-        first_id=data[0].id if data else None,
-        last_id=data[-1].id if data else None,
-    )
+    return ListResponse.page(data, len(rows) > limit)
 
 
 @router.get("/{job_id}/checkpoints", response_model=ListResponse[CheckpointObject])
@@ -111,12 +101,7 @@ def list_fine_tuning_checkpoints(
         session, Checkpoint, [Checkpoint.job_id == job.id], after=after, limit=limit
     )
     data = [CheckpointObject.from_row(r, job.adapter_name) for r in rows]
-    return ListResponse(
-        data=data,
-        has_more=has_more,
-        first_id=data[0].id if data else None,
-        last_id=data[-1].id if data else None,
-    )
+    return ListResponse.page(data, has_more)
 
 
 @router.post("/{job_id}/cancel", response_model=JobObject)

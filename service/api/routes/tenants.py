@@ -62,12 +62,7 @@ def list_tenants(
 ) -> ListResponse[TenantObject]:
     rows, has_more = keyset_page(session, Tenant, [], after=after, limit=limit)
     data = [TenantObject.from_row(r) for r in rows]
-    return ListResponse(
-        data=data,
-        has_more=has_more,
-        first_id=data[0].id if data else None,
-        last_id=data[-1].id if data else None,
-    )
+    return ListResponse.page(data, has_more)
 
 
 @router.post("/{tenant_id}/keys", response_model=ApiKeyCreated)
@@ -94,12 +89,7 @@ def list_keys(
         session, ApiKey, [ApiKey.tenant_id == tenant_id], after=after, limit=limit
     )
     data = [ApiKeyObject.from_row(r) for r in rows]
-    return ListResponse(
-        data=data,
-        has_more=has_more,
-        first_id=data[0].id if data else None,
-        last_id=data[-1].id if data else None,
-    )
+    return ListResponse.page(data, has_more)
 
 
 @router.delete("/{tenant_id}/keys/{key_id}", response_model=DeletedResponse)
