@@ -87,7 +87,7 @@ class JobRun:
             heartbeat_seconds=settings.heartbeat_seconds,
         )
         self._progress = _Progress()
-        self._shutdown_saved = False
+        self._saved_step = 0  # the step of the newest checkpoint this run wrote
 
     # --- the run -----------------------------------------------------------------------------
 
@@ -191,10 +191,11 @@ class JobRun:
         if not self.shutdown.is_set():
             return False
         # Graceful shutdown: save where we are, then stop; the job goes back to the queue.
-        if self.trainer is not None and not self._shutdown_saved and self.trainer.state.step:
-            self._shutdown_saved = True
-            st = self.trainer.state
-            self._on_checkpoint(self.trainer.save_checkpoint(), st.step, st.epoch, {})
+        # (Nothing to save when the newest checkpoint is already at this step.)
+        trainer = self.trainer
+        if trainer is not None and trainer.state.step > self._saved_step:
+            st = trainer.state
+            self._on_checkpoint(trainer.save_checkpoint(), st.step, st.epoch, {})
         return True
 
     def _on_progress(self, ev: ProgressEvent) -> None:
@@ -251,6 +252,7 @@ class JobRun:
         )
 
     def _on_checkpoint(self, state: bytes, step: int, epoch: int, metrics: dict[str, Any]) -> None:
+        self._saved_step = step
         with self.factory() as session:
             job = session.get(Job, self.job.id)
             assert job is not None

@@ -112,6 +112,13 @@ class Pool:
             assert w.alive(), w.log()[-3000:]
         return self.alive()
 
+    def exactly(self, n: int) -> list[WorkerProcess]:
+        """Exactly ``n`` live workers: extras (left by an earlier scenario) are stopped, so a
+        job can only land on the workers a test is watching."""
+        for extra in self.alive()[n:]:
+            extra.stop()
+        return self.ensure(n)
+
     def stop_all(self) -> None:
         for w in self.workers.values():
             w.stop()
@@ -322,15 +329,16 @@ def test_sigterm_checkpoints_requeues_and_exits_zero(
     server: ServerProcess, pool: Pool, client: httpx.Client, files: tuple[str, str]
 ) -> None:
     workers = {w.worker_id: w for w in pool.ensure(2)}
-    job_id = _submit(client, files, "graceful")
-    _until(
-        lambda: (
-            _job(client, job_id)["progress"]["step"] >= 2
-            and _job(client, job_id)["progress"]["step"] % 4 != 0
-        ),
-        "a step between checkpoints",
-        every=0.05,
-    )
+    # Long enough that the signal surely lands mid-training: progress reaches the database at
+    # most once a second, so a short job can finish between two polls on a fast machine.
+    longer = {**LORA, "hyperparameters": {**LORA["hyperparameters"], "max_steps": 96}}
+    job_id = _submit(client, files, "graceful", longer)
+
+    def mid_training() -> bool:
+        job = _job(client, job_id)
+        return job["status"] == "running" and 2 <= job["progress"]["step"] <= 48
+
+    _until(mid_training, "the job to be mid-training", every=0.05)
     holder = workers[_until(lambda: _holder(client, job_id), "the job's worker")]
     holder.signal(signal.SIGTERM)
     assert holder.wait(60) == 0, holder.log()[-3000:]
@@ -357,7 +365,7 @@ def test_sigterm_checkpoints_requeues_and_exits_zero(
 def test_cancel_queued_and_running_jobs_frees_memory(
     server: ServerProcess, pool: Pool, client: httpx.Client, files: tuple[str, str]
 ) -> None:
-    (worker,) = pool.ensure(1)
+    (worker,) = pool.exactly(1)
     base = client.get("/v1/models").json()["data"][0]
     assert base["kind"] == "base"
     n_params = int(base["num_params"])
@@ -428,7 +436,7 @@ def _snapshot(client: httpx.Client) -> dict[str, Any]:
 def test_api_killed_mid_upload_leaves_no_partial_dataset_and_restart_keeps_all(
     server: ServerProcess, pool: Pool, client: httpx.Client, files: tuple[str, str]
 ) -> None:
-    (worker,) = pool.ensure(1)
+    (worker,) = pool.exactly(1)
     training_id = _submit(client, files, "trained-while-api-down")
     _until(lambda: _job(client, training_id)["status"] == "running", "the job to start")
     before = _snapshot(client)
