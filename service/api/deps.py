@@ -1,4 +1,10 @@
-"""FastAPI dependencies: settings, database session, the caller's identity."""
+"""FastAPI dependencies: settings, database session, the caller's identity.
+
+FastAPI runs a plain ``def`` dependency in a worker thread; dependencies that only read
+``app.state`` are ``async def`` so they cost no thread hop. Database work stays in threads,
+and the inference routes resolve caller, tenant and adapter in one hop (:func:`get_served_adapter`):
+on the hot path every hop and every pooled-connection checkout shows up in the throughput.
+"""
 
 from __future__ import annotations
 
@@ -7,20 +13,21 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.api.errors import AUTHENTICATION, PERMISSION, ApiError, unavailable
 from service.config import Settings
-from service.db.models import Tenant
-from service.tenants.keys import key_by_secret
+from service.db.models import ApiKey, Tenant
+from service.serving.residency import AdapterRef, KeyLookup, find_adapter, find_key_and_adapter
+from service.tenants.keys import hash_api_key, key_by_secret
 
 if TYPE_CHECKING:  # core imports torch; the API imports it only through the lifespan hooks
     from core.base import BaseModel as CoreBaseModel
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
@@ -28,7 +35,7 @@ def get_settings(request: Request) -> Settings:
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
-def get_sessionmaker(request: Request) -> sessionmaker[Session]:
+async def get_sessionmaker(request: Request) -> sessionmaker[Session]:
     factory: sessionmaker[Session] = request.app.state.sessionmaker
     return factory
 
@@ -66,12 +73,13 @@ def _unauthorized(message: str, code: str) -> ApiError:
     return ApiError(401, message, AUTHENTICATION, None, code, {"WWW-Authenticate": "Bearer"})
 
 
-def get_principal(
-    request: Request,
-    session: SessionDep,
-    settings: SettingsDep,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> Principal:
+BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+
+
+def _without_database(
+    request: Request, settings: Settings, credentials: HTTPAuthorizationCredentials | None
+) -> Principal | str:
+    """The principal when no key lookup is needed, else the presented secret."""
     if settings.auth_disabled:
         # Loopback-only development mode (enforced by Settings): the default tenant, with
         # admin rights, whatever the request sends.
@@ -84,7 +92,10 @@ def get_principal(
     admin_key = settings.admin_key.get_secret_value() if settings.admin_key else None
     if admin_key and hmac.compare_digest(secret.encode(), admin_key.encode()):
         return Principal(None, None, True)
-    key = key_by_secret(session, secret)
+    return secret
+
+
+def _principal_of(key: ApiKey | KeyLookup | None) -> Principal:
     if key is None:
         raise _unauthorized("Incorrect API key provided.", "invalid_api_key")
     if key.revoked_at is not None:
@@ -92,10 +103,19 @@ def get_principal(
     return Principal(key.tenant_id, key.id, key.is_admin)
 
 
+def get_principal(
+    request: Request, session: SessionDep, settings: SettingsDep, credentials: BearerDep
+) -> Principal:
+    found = _without_database(request, settings, credentials)
+    if isinstance(found, Principal):
+        return found
+    return _principal_of(key_by_secret(session, found))
+
+
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
 
 
-def get_current_tenant(principal: PrincipalDep, session: SessionDep) -> Tenant:
+def _tenant_id(principal: Principal) -> str:
     if principal.tenant_id is None:
         raise ApiError(
             403,
@@ -104,7 +124,11 @@ def get_current_tenant(principal: PrincipalDep, session: SessionDep) -> Tenant:
             None,
             "tenant_key_required",
         )
-    tenant = session.get(Tenant, principal.tenant_id)
+    return principal.tenant_id
+
+
+def get_current_tenant(principal: PrincipalDep, session: SessionDep) -> Tenant:
+    tenant = session.get(Tenant, _tenant_id(principal))
     if tenant is None:  # key outlived its tenant
         raise _unauthorized("Incorrect API key provided.", "invalid_api_key")
     return tenant
@@ -113,7 +137,7 @@ def get_current_tenant(principal: PrincipalDep, session: SessionDep) -> Tenant:
 CurrentTenant = Annotated[Tenant, Depends(get_current_tenant)]
 
 
-def require_admin(principal: PrincipalDep) -> Principal:
+async def require_admin(principal: PrincipalDep) -> Principal:
     if not principal.is_admin:
         raise ApiError(403, "This endpoint needs an admin key.", PERMISSION, None, "admin_required")
     return principal
@@ -133,3 +157,37 @@ def get_base_model(request: Request) -> CoreBaseModel:
             "The base model is still loading; retry shortly.", "model_not_ready", retry_after=5
         )
     return base
+
+
+# --- the adapter an inference request names ----------------------------------------------------
+
+
+AdapterName = Annotated[str, Query(min_length=1, max_length=64, description="adapter name")]
+
+
+def get_served_adapter(
+    request: Request, settings: SettingsDep, credentials: BearerDep
+) -> AdapterRef | None:
+    """Caller, tenant and the adapter's current version: one thread hop, one query.
+
+    None when the caller's tenant has no such adapter (another tenant's is never confirmed
+    to exist): the route answers 404 once FastAPI has validated parameters and body, so the
+    error order stays that of every route: 401, then 422, then 404. That is also why
+    ``adapter`` is read here rather than declared (a declared parameter is validated before
+    the caller is checked); routes declare it as :data:`AdapterName`. The connection goes
+    back to the pool before the request waits on the batcher: holding it during that wait
+    would let a burst of requests starve the adapter loads they wait for.
+    """
+    found = _without_database(request, settings, credentials)
+    name = request.query_params.get("adapter", "")
+    with request.app.state.engine.connect() as conn:
+        if isinstance(found, Principal):
+            return find_adapter(conn, _tenant_id(found), name)
+        key, ref = find_key_and_adapter(conn, hash_api_key(found), name)
+    _principal_of(key)  # 401 for an unknown or revoked key
+    if key is None or not key.tenant_exists:  # key outlived its tenant
+        raise _unauthorized("Incorrect API key provided.", "invalid_api_key")
+    return ref
+
+
+ServedAdapter = Annotated[AdapterRef | None, Depends(get_served_adapter)]

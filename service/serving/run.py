@@ -6,32 +6,15 @@ import threading
 from copy import deepcopy
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy.orm import Session
-
 from service.api.errors import ApiError, invalid, not_found, unavailable
 from service.serving.batcher import Batcher, QueueFullError
-from service.serving.residency import AdapterGone, AdapterRef, find_adapter
+from service.serving.residency import AdapterGone
 
 if TYPE_CHECKING:
     from core.base import BaseModel
     from core.inference.engine import Row, RowResult
 
 RETRY_AFTER_S = 1
-
-
-def resolve_adapter(session: Session, tenant_id: str, name: str) -> AdapterRef:
-    """The adapter's current version, then the session's connection goes back to the pool.
-
-    Inference requests wait on the batcher for a while; holding a pooled connection during
-    that wait would let a burst of requests starve the adapter loads they are waiting for.
-    """
-    try:
-        ref = find_adapter(session, tenant_id, name)
-    finally:
-        session.close()
-    if ref is None:  # also another tenant's adapter: its existence is never confirmed
-        raise not_found("adapter", name, "adapter")
-    return ref
 
 
 class LengthChecker:

@@ -7,7 +7,8 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request
 from starlette.concurrency import run_in_threadpool
 
-from service.api.deps import CurrentTenant, SessionDep
+from service.api.deps import AdapterName, ServedAdapter
+from service.api.errors import not_found
 from service.api.schemas.inference import (
     Mode,
     Prediction,
@@ -15,7 +16,7 @@ from service.api.schemas.inference import (
     PredictResponse,
     TextPair,
 )
-from service.serving.run import resolve_adapter, run_rows
+from service.serving.run import run_rows
 
 router = APIRouter(tags=["inference"])
 
@@ -36,15 +37,15 @@ def _items(body: PredictRequest) -> list[tuple[str, str | None]]:
 async def predict(
     request: Request,
     body: PredictRequest,
-    session: SessionDep,
-    tenant: CurrentTenant,
-    adapter: Annotated[str, Query(min_length=1, max_length=64, description="adapter name")],
+    ref: ServedAdapter,
+    adapter: AdapterName,
     mode: Annotated[Mode, Query()] = "auto",
 ) -> PredictResponse:
     """Runs in the shared batch: requests for different adapters share one forward pass."""
     from core.inference.engine import Row
 
-    ref = await run_in_threadpool(resolve_adapter, session, tenant.id, adapter)
+    if ref is None:
+        raise not_found("adapter", adapter, "adapter")
     items = _items(body)
     if not body.truncate:
         await run_in_threadpool(request.app.state.length_checker.check, items, 0, "inputs")

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import math
-from typing import Annotated
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
-from service.api.deps import CurrentTenant, SessionDep
-from service.api.errors import invalid
+from service.api.deps import AdapterName, ServedAdapter
+from service.api.errors import invalid, not_found
 from service.api.schemas.inference import (
     CompareBatchResponse,
     ComparePair,
@@ -17,7 +16,7 @@ from service.api.schemas.inference import (
     CompareResponse,
     CompareResult,
 )
-from service.serving.run import resolve_adapter, run_rows
+from service.serving.run import run_rows
 
 router = APIRouter(tags=["inference"])
 
@@ -50,14 +49,14 @@ def _result(reward_a: float, reward_b: float) -> CompareResult:
 async def compare(
     request: Request,
     body: CompareRequest,
-    session: SessionDep,
-    tenant: CurrentTenant,
-    adapter: Annotated[str, Query(min_length=1, max_length=64, description="reward adapter")],
+    ref: ServedAdapter,
+    adapter: AdapterName,
 ) -> CompareResponse | CompareBatchResponse:
     """Scores both responses (with the prompt as the first text of a pair, as in training)."""
     from core.inference.engine import Row
 
-    ref = await run_in_threadpool(resolve_adapter, session, tenant.id, adapter)
+    if ref is None:
+        raise not_found("adapter", adapter, "adapter")
     if ref.task != "reward":
         raise invalid(
             f"adapter {adapter!r} is a {ref.task} adapter; /reward/compare needs a reward model",
