@@ -216,6 +216,9 @@ class InferenceEngine:
             merged_cache_count=len(self._merged),
         )
 
+    # load/unload run in inference mode: the bank's storage is created (or grown) inside
+    # run(), so it holds inference tensors, which torch refuses to write to outside the mode.
+    @torch.inference_mode()
     def load(
         self, key: Hashable, adapter: Adapter, *, keep: Collection[Hashable] = ()
     ) -> list[Hashable]:
@@ -239,6 +242,7 @@ class InferenceEngine:
         self._loads += 1
         return evicted
 
+    @torch.inference_mode()
     def unload(self, key: Hashable) -> bool:
         """Drop an adapter (its bank slot is zeroed and reused). False if it was not resident."""
         entry = self._residents.pop(key, None)

@@ -122,6 +122,24 @@ def test_delete_during_traffic_gives_404_after_and_never_500(
     assert _predict(serving_client, auth, "a2", TEXTS[:2]).status_code == 200
 
 
+def test_delete_drops_the_resident_copy_and_frees_its_bank_slot(
+    serving_client: TestClient, auth: Headers
+) -> None:
+    batcher = serving_client.app.state.batcher  # type: ignore[attr-defined]
+    engine = batcher.engine
+    store_adapter(serving_client, auth, "doomed", lora(engine.base, r=4, seed=7))
+    assert _predict(serving_client, auth, "doomed", TEXTS[:1]).status_code == 200
+    (key,) = [k for k in engine.resident_keys() if k[1] == "doomed"]
+    slot = engine.slot_of(key)
+    assert slot is not None and float(engine.bank.scale[slot]) != 0.0
+    assert serving_client.delete("/v1/adapters/doomed", headers=auth).status_code == 200
+    ran = threading.Event()
+    batcher.call_soon(ran.set)  # commands run in order: the invalidation has run after it
+    assert ran.wait(30)
+    assert key not in engine.resident_keys()
+    assert float(engine.bank.scale[slot]) == 0.0  # zeroed and back on the free list
+
+
 def test_queue_limit_answers_503_with_retry_after(
     serving_client: TestClient, auth: Headers, adapters: list[str]
 ) -> None:

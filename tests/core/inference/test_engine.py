@@ -186,6 +186,23 @@ def test_unload_frees_slot_and_reuse_leaves_no_stale_weights(tiny_base: BaseMode
     check(tiny_base, {"small": small, "other": other}, rows, engine.run(rows), atol=1e-5)
 
 
+def test_load_and_unload_after_a_run_outside_inference_mode(tiny_base: BaseModel) -> None:
+    """run() grows the bank in inference mode; the serving thread's invalidation commands
+    (unload) and direct loads come later, outside it, and must still work."""
+    adapters = {k: lora(tiny_base, 4, seed=i) for i, k in enumerate(("a", "b", "c"))}
+    engine = InferenceEngine(tiny_base)
+    rows = [Row("a", TEXTS[0]), Row("b", TEXTS[1])]
+    engine.run(rows, loader=adapters.__getitem__)
+    assert not torch.is_inference_mode_enabled()
+    slot, nbytes = engine.slot_of("a"), engine.stats.resident_bytes
+    assert engine.unload("a") and "a" not in engine
+    assert engine.stats.resident_bytes == nbytes // 2  # both adapters are the same size
+    engine.load("c", adapters["c"])
+    assert engine.slot_of("c") == slot  # the freed slot was returned and reused
+    rows = [Row("c", TEXTS[2]), Row("b", TEXTS[3])]
+    check(tiny_base, adapters, rows, engine.run(rows), atol=1e-5)
+
+
 def test_loading_writes_only_its_own_slot(tiny_base: BaseModel) -> None:
     engine = InferenceEngine(tiny_base)
     engine.load("a", lora(tiny_base, 8, "all-linear", seed=1))
