@@ -2,7 +2,8 @@
 
 Requests for any mix of adapters and modes wait in one bounded queue. The inference thread —
 the engine's only owner — takes the oldest request, adds whatever else is queued until the
-batch holds ``max_batch_size`` rows or the oldest request has waited ``max_wait_ms``, runs the
+batch holds ``max_batch_size`` rows or the oldest request has waited ``max_wait_ms`` (not at
+all if it arrived alone: no other request in the ``max_wait_ms`` before it), runs the
 whole batch through the engine (one base forward for all LoRA rows), and hands each request
 its own rows' results. The event loop never tokenizes or computes; it only awaits a future.
 
@@ -42,6 +43,8 @@ class _Request:
     # Adapters fetched by the request path because they were not resident (see ``submit``).
     adapters: dict[Hashable, Adapter] = field(default_factory=dict)
     enqueued: float = field(default_factory=time.monotonic)
+    # Whether another request arrived within max_wait before this one (see ``_next_batch``).
+    in_company: bool = True
 
 
 @dataclass
@@ -79,6 +82,7 @@ class Batcher:
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="inference", daemon=True)
         self._fetching: dict[Hashable, asyncio.Future[Adapter]] = {}
+        self._last_arrival = float("-inf")
 
     # --- called from the event loop / request threads ----------------------------------------
 
@@ -110,6 +114,8 @@ class Batcher:
                 raise QueueFullError("the server is shutting down")
             if self._queued_rows and self._queued_rows + len(rows) > self.max_queue_rows:
                 raise QueueFullError(f"{self._queued_rows} rows are already waiting")
+            request.in_company = request.enqueued - self._last_arrival < self.max_wait
+            self._last_arrival = request.enqueued
             self._queue.append(request)
             self._queued_rows += len(rows)
             self._cond.notify()
@@ -169,7 +175,10 @@ class Batcher:
                 return []
             batch = [self._queue.popleft()]
             rows = len(batch[0].rows)
-            deadline = batch[0].enqueued + self.max_wait
+            # Waiting pays only when company is likely: a request that arrived alone (nothing
+            # else in the max_wait before it, e.g. one client at a time) runs at once instead
+            # of idling max_wait; under load requests arrive close together and wait as set.
+            deadline = batch[0].enqueued + (self.max_wait if batch[0].in_company else 0.0)
             while rows < self.max_batch_size:
                 if self._queue:
                     if rows + len(self._queue[0].rows) > self.max_batch_size:
