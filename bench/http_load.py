@@ -7,9 +7,13 @@ uniformly over the adapters. In the same invocation:
 
 1. batching on (``max_batch_size`` 64, ``max_wait_ms`` 5),
 2. batching off (``max_batch_size`` 1),
-3. the in-process bare base model at batch 32 (the reference throughput),
-plus ``mode=merged`` with a single adapter, and cold loads with 10,000 stored adapters: the
-latency of the first request to adapters that are not resident, against warm requests.
+3. the in-process bare base model at batch 32 (the reference throughput: tokenize + encode
+   32 texts of the same pool, all cores),
+plus ``mode=merged`` with a single adapter, batching on in bfloat16 (against a bfloat16
+reference), and cold loads with 10,000 stored adapters: the latency of the first request to
+adapters that are not resident, each paired with a warm request. Each load row also reports
+the server's CPU time per request and the cores this load generator used: client and server
+share the machine, so what httpx burns is not available to the server.
 
     python -m bench.http_load --quick --json bench_http.json
 """
@@ -148,45 +152,72 @@ def summarize(latencies: list[float], errors: int, elapsed: float) -> dict[str, 
     }
 
 
-def inprocess_base_seq_per_s(texts: list[str], seconds: float) -> float:
-    """The bare base model at batch 32 in this process: the ceiling for any server."""
+def inprocess_base_seq_per_s(texts: list[str], seconds: float, dtype: str = "float32") -> float:
+    """The bare base model at batch 32 in this process: the ceiling for any server.
+
+    Each call tokenizes 32 texts drawn from the load's pool and runs the encoder, the work any
+    server does per batch (the load's texts, the server's truncation), on all cores, in the
+    server's dtype.
+    """
     import torch
 
     from core.base import load_base_model
+    from core.inference.engine import serving_base
 
     torch.set_num_threads(os.cpu_count() or 2)
-    base = load_base_model(device="cpu")
-    batch = base.tokenize(texts[:32], max_length=64)
+    base = serving_base(load_base_model(device="cpu"), torch.device("cpu"), getattr(torch, dtype))
+    rng = random.Random(0)
+
+    def batch32() -> None:
+        base.embed(base.tokenize(rng.sample(texts, 32)))
+
     with torch.inference_mode():
-        base.embed(batch)
+        for _ in range(3):
+            batch32()
         n, start = 0, time.perf_counter()
         while time.perf_counter() - start < seconds:
-            base.embed(batch)
+            batch32()
             n += 32
     return n / (time.perf_counter() - start)
 
 
 def cold_loads(server: ServerProcess, names: list[str], text: str, k: int) -> dict[str, Any]:
-    """First request to ``k`` never-used adapters (one at a time), then the same requests warm."""
+    """The first request to each of ``k`` never-used adapters, each paired with a request to a
+    resident one right after it: the median of the pairs' differences is what loading from
+    the database adds, and pairing keeps machine noise from drifting into it."""
+    warm_name, cold_names = names[0], names[1 : k + 1]
     cold, warm = [], []
     with server.client() as client:
-        for phase in (cold, warm):
-            for name in names[:k]:
-                t0 = time.perf_counter()
-                r = client.post(f"/predict?adapter={name}", json={"inputs": [text]})
-                phase.append(time.perf_counter() - t0)
-                assert r.status_code == 200, r.text
-    c, w = sorted(x * 1000 for x in cold), sorted(x * 1000 for x in warm)
-    p50c, p50w = statistics.median(c), statistics.median(w)
+
+        def timed(name: str) -> float:
+            t0 = time.perf_counter()
+            r = client.post(f"/predict?adapter={name}", json={"inputs": [text]})
+            assert r.status_code == 200, r.text
+            return time.perf_counter() - t0
+
+        for _ in range(3):
+            timed(warm_name)  # resident from here on
+        for name in cold_names:
+            cold.append(timed(name) * 1000)
+            warm.append(timed(warm_name) * 1000)
+    diffs = sorted(c - w for c, w in zip(cold, warm, strict=True))
+    c = sorted(cold)
     return {
         "case": "cold_load",
         "n_adapters": len(names),
-        "requests": k,
-        "cold_p50_ms": round(p50c, 2),
+        "requests": len(cold),
+        "cold_p50_ms": round(statistics.median(c), 2),
         "cold_p99_ms": round(c[int(0.99 * (len(c) - 1))], 2),
-        "warm_p50_ms": round(p50w, 2),
-        "load_p50_ms": round(p50c - p50w, 2),  # what the database → ready step adds
+        "warm_p50_ms": round(statistics.median(warm), 2),
+        "load_p50_ms": round(statistics.median(diffs), 2),  # what database → ready adds
+        "load_p99_ms": round(diffs[int(0.99 * (len(diffs) - 1))], 2),
     }
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all threads (from /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run_config(
@@ -200,18 +231,32 @@ def run_config(
 ) -> dict[str, Any]:
     server = ServerProcess(data_dir, settings={"embedded_worker": False, **settings})
     server.start()
+    assert server.proc is not None
     try:
         asyncio.run(
             drive(server.base_url, server.api_key, names, texts, args.concurrency, 2.0, mode)
         )
+        server_cpu, own_cpu, start = cpu_seconds(server.proc.pid), os.times(), time.monotonic()
         result = asyncio.run(
             drive(
                 server.base_url, server.api_key, names, texts, args.concurrency, args.seconds, mode
             )
         )
+        wall = time.monotonic() - start
+        server_cpu = cpu_seconds(server.proc.pid) - server_cpu
+        client_cpu = sum(os.times()[:2]) - sum(own_cpu[:2])
     finally:
         server.stop()
-    row = {"case": label, "n_adapters": len(names), "concurrency": args.concurrency, **result}
+    row = {
+        "case": label,
+        "n_adapters": len(names),
+        "concurrency": args.concurrency,
+        **result,
+        # Where the two cores went: the server's CPU per request (model included) and the
+        # share of the machine this load generator took from it.
+        "server_cpu_ms_per_req": round(server_cpu / max(result["requests"], 1) * 1000, 2),
+        "loadgen_cpu_cores": round(client_cpu / wall, 2),
+    }
     print(f"[http_load] {label}: {row}", file=sys.stderr, flush=True)
     return row
 
@@ -230,7 +275,8 @@ def main() -> None:
         args.seconds, args.cold_adapters, args.cold_requests = 8.0, 1_000, 100
 
     texts = [r["text"] for r in fixture_reviews()]
-    base_seq_s = inprocess_base_seq_per_s(texts, 5.0 if args.quick else 15.0)
+    ref_s = 5.0 if args.quick else 15.0
+    base_seq_s = {d: inprocess_base_seq_per_s(texts, ref_s, d) for d in ("float32", "bfloat16")}
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="loraplex-http-") as tmp:
         data_dir = Path(tmp)
@@ -241,37 +287,49 @@ def main() -> None:
         batched = run_config(data_dir, {}, hot, texts, args, label="batching_on")
         single = run_config(data_dir, {"max_batch_size": 1}, hot, texts, args, label="batching_off")
         merged = run_config(data_dir, {}, hot[:1], texts, args, mode="merged", label="merged_1")
-        for row in (batched, single, merged):
-            row["ratio_to_inprocess_base"] = round(row["req_per_s"] / base_seq_s, 3)
-            row["ratio_to_unbatched"] = round(row["req_per_s"] / single["req_per_s"], 2)
-        rows += [batched, single, merged]
-        rows.append(
-            {"case": "inprocess_base_batch32", "n_adapters": 0, "req_per_s": round(base_seq_s, 1)}
+        # The same server in bfloat16 (LORAPLEX_SERVE_DTYPE), against a bfloat16 reference.
+        bf16 = run_config(
+            data_dir, {"serve_dtype": "bfloat16"}, hot, texts, args, label="batching_on_bf16"
         )
+        for row in (batched, single, merged):
+            row["ratio_to_inprocess_base"] = round(row["req_per_s"] / base_seq_s["float32"], 3)
+            row["ratio_to_unbatched"] = round(row["req_per_s"] / single["req_per_s"], 2)
+        bf16["ratio_to_inprocess_base"] = round(bf16["req_per_s"] / base_seq_s["bfloat16"], 3)
+        rows += [batched, single, merged, bf16]
+        for dtype, label in (("float32", ""), ("bfloat16", "_bf16")):
+            rows.append(
+                {
+                    "case": f"inprocess_base_batch32{label}",
+                    "n_adapters": 0,
+                    "req_per_s": round(base_seq_s[dtype], 1),
+                }
+            )
         server = ServerProcess(data_dir, settings={"embedded_worker": False}).start()
         try:
-            cold = names[args.adapters :][: args.cold_requests]
-            rows.append(cold_loads(server, cold, texts[0], len(cold)))
+            cold = names[args.adapters :][: args.cold_requests + 1]
+            rows.append(cold_loads(server, cold, texts[0], args.cold_requests))
             rows[-1]["n_adapters"] = len(names)
         finally:
             server.stop()
 
     print(
-        f"\n{'case':<24}{'adapters':>9}{'req/s':>9}{'p50':>8}{'p95':>8}{'p99':>8}"
-        f"{'err':>5}{'xbase':>7}{'xunbatched':>11}"
+        f"\n{'case':<28}{'adapters':>9}{'req/s':>9}{'p50':>8}{'p95':>8}{'p99':>8}"
+        f"{'err':>5}{'xbase':>7}{'xunbatched':>11}{'srv ms/req':>11}{'loadgen':>8}"
     )
     for r in rows:
         if r["case"] == "cold_load":
             print(
                 f"cold_load: {r['requests']} first requests with {r['n_adapters']} stored: "
                 f"p50 {r['cold_p50_ms']} ms, p99 {r['cold_p99_ms']} ms (warm p50 "
-                f"{r['warm_p50_ms']} ms; load adds {r['load_p50_ms']} ms)"
+                f"{r['warm_p50_ms']} ms; loading adds p50 {r['load_p50_ms']} ms, "
+                f"p99 {r['load_p99_ms']} ms)"
             )
             continue
         print(
-            f"{r['case']:<24}{r['n_adapters']:>9}{r['req_per_s']:>9}{r.get('p50_ms', ''):>8}"
+            f"{r['case']:<28}{r['n_adapters']:>9}{r['req_per_s']:>9}{r.get('p50_ms', ''):>8}"
             f"{r.get('p95_ms', ''):>8}{r.get('p99_ms', ''):>8}{r.get('errors', ''):>5}"
             f"{r.get('ratio_to_inprocess_base', ''):>7}{r.get('ratio_to_unbatched', ''):>11}"
+            f"{r.get('server_cpu_ms_per_req', ''):>11}{r.get('loadgen_cpu_cores', ''):>8}"
         )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
