@@ -8,7 +8,8 @@ uniformly over the adapters. In the same invocation:
 1. batching on (``max_batch_size`` 64, ``max_wait_ms`` 5),
 2. batching off (``max_batch_size`` 1),
 3. the in-process bare base model at batch 32 (the reference throughput: tokenize + encode
-   32 texts of the same pool, all cores),
+   32 texts of the same pool, all cores) and at batch 1 (batch-32 / batch-1 is the most
+   batching can gain on this machine, before any HTTP cost),
 plus ``mode=merged`` with a single adapter, batching on in bfloat16 (against a bfloat16
 reference), and cold loads with 10,000 stored adapters: the latency of the first request to
 adapters that are not resident, each paired with a warm request. Each load row also reports
@@ -152,12 +153,14 @@ def summarize(latencies: list[float], errors: int, elapsed: float) -> dict[str, 
     }
 
 
-def inprocess_base_seq_per_s(texts: list[str], seconds: float, dtype: str = "float32") -> float:
-    """The bare base model at batch 32 in this process: the ceiling for any server.
+def inprocess_base_seq_per_s(
+    texts: list[str], seconds: float, dtype: str = "float32", batch: int = 32
+) -> float:
+    """The bare base model in this process: at batch 32, the ceiling for any server.
 
-    Each call tokenizes 32 texts drawn from the load's pool and runs the encoder, the work any
-    server does per batch (the load's texts, the server's truncation), on all cores, in the
-    server's dtype.
+    Each call tokenizes ``batch`` texts drawn from the load's pool and runs the encoder, the
+    work any server does per batch (the load's texts, the server's truncation), on all cores,
+    in the server's dtype. At batch 1 it is what batching can be compared against without HTTP.
     """
     import torch
 
@@ -168,16 +171,16 @@ def inprocess_base_seq_per_s(texts: list[str], seconds: float, dtype: str = "flo
     base = serving_base(load_base_model(device="cpu"), torch.device("cpu"), getattr(torch, dtype))
     rng = random.Random(0)
 
-    def batch32() -> None:
-        base.embed(base.tokenize(rng.sample(texts, 32)))
+    def one_batch() -> None:
+        base.embed(base.tokenize(rng.sample(texts, batch)))
 
     with torch.inference_mode():
         for _ in range(3):
-            batch32()
+            one_batch()
         n, start = 0, time.perf_counter()
         while time.perf_counter() - start < seconds:
-            batch32()
-            n += 32
+            one_batch()
+            n += batch
     return n / (time.perf_counter() - start)
 
 
@@ -277,6 +280,8 @@ def main() -> None:
     texts = [r["text"] for r in fixture_reviews()]
     ref_s = 5.0 if args.quick else 15.0
     base_seq_s = {d: inprocess_base_seq_per_s(texts, ref_s, d) for d in ("float32", "bfloat16")}
+    # Batching's own ceiling on this machine: how much faster batch 32 runs than batch 1.
+    batch1_seq_s = inprocess_base_seq_per_s(texts, ref_s, batch=1)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="loraplex-http-") as tmp:
         data_dir = Path(tmp)
@@ -296,14 +301,12 @@ def main() -> None:
             row["ratio_to_unbatched"] = round(row["req_per_s"] / single["req_per_s"], 2)
         bf16["ratio_to_inprocess_base"] = round(bf16["req_per_s"] / base_seq_s["bfloat16"], 3)
         rows += [batched, single, merged, bf16]
-        for dtype, label in (("float32", ""), ("bfloat16", "_bf16")):
-            rows.append(
-                {
-                    "case": f"inprocess_base_batch32{label}",
-                    "n_adapters": 0,
-                    "req_per_s": round(base_seq_s[dtype], 1),
-                }
-            )
+        for label, seq_s in (
+            ("inprocess_base_batch32", base_seq_s["float32"]),
+            ("inprocess_base_batch32_bf16", base_seq_s["bfloat16"]),
+            ("inprocess_base_batch1", batch1_seq_s),
+        ):
+            rows.append({"case": label, "n_adapters": 0, "req_per_s": round(seq_s, 1)})
         server = ServerProcess(data_dir, settings={"embedded_worker": False}).start()
         try:
             cold = names[args.adapters :][: args.cold_requests + 1]
