@@ -53,8 +53,11 @@ ROWS = [
 
 
 @contextlib.contextmanager
-def scratch_database(admin_url: str | None = None) -> Iterator[str]:
-    """A new, empty PostgreSQL database on ``admin_url``'s server, dropped on exit."""
+def scratch_database(admin_url: str | None = None, prefix: str = "loraplex_race") -> Iterator[str]:
+    """A new, empty PostgreSQL database on ``admin_url``'s server, dropped on exit.
+
+    Also the tests' scratch database (``tests.service.helpers.scratch_postgres_database``).
+    """
     from sqlalchemy import create_engine, text
     from sqlalchemy.engine import make_url
 
@@ -62,7 +65,7 @@ def scratch_database(admin_url: str | None = None) -> Iterator[str]:
     engine = create_engine(
         admin_url, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 5}
     )
-    name = f"loraplex_race_{uuid.uuid4().hex[:10]}"
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
     with engine.connect() as conn:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
     try:

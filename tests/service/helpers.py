@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -13,16 +12,15 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
+
+from bench.queue_race import DEFAULT_ADMIN_URL, scratch_database
 
 ADMIN_KEY = "test-admin-key-0123456789"
 
 Headers = dict[str, str]
 
 # Not LORAPLEX_*: those are cleared for every test.
-POSTGRES_ADMIN_URL = os.environ.get(
-    "LPX_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-)
+POSTGRES_ADMIN_URL = os.environ.get("LPX_TEST_POSTGRES_URL", DEFAULT_ADMIN_URL)
 
 
 # In CI (.ci/run sets LPX_REQUIRE_POSTGRES=1; CI=true too) a missing PostgreSQL is a failure,
@@ -47,15 +45,9 @@ def scratch_postgres_database() -> Iterator[str]:
         if REQUIRE_POSTGRES:
             pytest.fail(f"{reason}, and LPX_REQUIRE_POSTGRES is set")
         pytest.skip(f"{reason}; set LPX_TEST_POSTGRES_URL to run the PostgreSQL tests")
-    name = f"loraplex_test_{uuid.uuid4().hex[:12]}"
-    with engine.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield make_url(POSTGRES_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with engine.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        engine.dispose()
+    engine.dispose()
+    with scratch_database(POSTGRES_ADMIN_URL, prefix="loraplex_test") as url:
+        yield url
 
 
 def assert_error(
