@@ -12,6 +12,26 @@ from service.api.errors import ApiError, invalid, too_large
 _READ_CHUNK = 1024 * 1024
 
 
+def dataset_upload_body(required: list[str], fields: dict[str, Any]) -> dict[str, Any]:
+    """OpenAPI ``multipart/form-data`` content for a dataset file upload plus form ``fields``.
+
+    The upload routes read the form by hand (one route, two bodies, streamed), so FastAPI
+    cannot derive this; the ``file`` part is the same on every one of them.
+    """
+    file_part = {
+        "type": "string",
+        "format": "binary",
+        "description": "JSON Lines (.jsonl) or CSV with a header row.",
+    }
+    return {
+        "schema": {
+            "type": "object",
+            "required": ["file", *required],
+            "properties": {"file": file_part, **fields},
+        }
+    }
+
+
 def media_type(request: Request) -> str:
     """The request's Content-Type without parameters, lower-cased."""
     return request.headers.get("content-type", "").split(";")[0].strip().lower()

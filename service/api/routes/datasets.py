@@ -18,7 +18,7 @@ from service.api.errors import (
 from service.api.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery, keyset_page
 from service.api.schemas.common import DeletedResponse, ListResponse
 from service.api.schemas.datasets import DatasetCreateJSON, DatasetObject
-from service.api.uploads import form_text, media_type, read_upload
+from service.api.uploads import dataset_upload_body, form_text, media_type, read_upload
 from service.datasets.store import delete_owned_dataset, get_owned_dataset, store_dataset
 from service.datasets.validation import (
     DatasetError,
@@ -41,22 +41,14 @@ _CREATE_OPENAPI: dict[str, Any] = {
     "requestBody": {
         "required": True,
         "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["file", "kind"],
-                    "properties": {
-                        "file": {
-                            "type": "string",
-                            "format": "binary",
-                            "description": "JSON Lines (.jsonl) or CSV with a header row.",
-                        },
-                        "kind": {"type": "string", "enum": _KINDS},
-                        "name": {"type": "string", "maxLength": 256},
-                        "format": {"type": "string", "enum": [f.value for f in DatasetFormat]},
-                    },
-                }
-            },
+            "multipart/form-data": dataset_upload_body(
+                ["kind"],
+                {
+                    "kind": {"type": "string", "enum": _KINDS},
+                    "name": {"type": "string", "maxLength": 256},
+                    "format": {"type": "string", "enum": [f.value for f in DatasetFormat]},
+                },
+            ),
             "application/json": {
                 "schema": {
                     "type": "object",

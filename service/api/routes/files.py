@@ -21,7 +21,7 @@ from service.api.errors import INVALID_REQUEST, ApiError, invalid
 from service.api.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery, keyset_page
 from service.api.schemas.common import ListResponse
 from service.api.schemas.files import FINE_TUNE_PURPOSE, FileDeleted, FileObject
-from service.api.uploads import form_text, read_upload, require_multipart
+from service.api.uploads import dataset_upload_body, form_text, read_upload, require_multipart
 from service.datasets import codec
 from service.datasets.infer import infer_kind
 from service.datasets.store import delete_owned_dataset, get_owned_dataset, store_dataset
@@ -42,26 +42,18 @@ _CREATE_OPENAPI: dict[str, Any] = {
     "requestBody": {
         "required": True,
         "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["file", "purpose"],
-                    "properties": {
-                        "file": {
-                            "type": "string",
-                            "format": "binary",
-                            "description": "JSON Lines (.jsonl) or CSV with a header row.",
-                        },
-                        "purpose": {"type": "string", "enum": [FINE_TUNE_PURPOSE]},
-                        "kind": {
-                            "type": "string",
-                            "enum": _KINDS,
-                            "description": "Optional: inferred from the first row's fields "
-                            "(chosen + rejected → preference, text + label → classification).",
-                        },
+            "multipart/form-data": dataset_upload_body(
+                ["purpose"],
+                {
+                    "purpose": {"type": "string", "enum": [FINE_TUNE_PURPOSE]},
+                    "kind": {
+                        "type": "string",
+                        "enum": _KINDS,
+                        "description": "Optional: inferred from the first row's fields "
+                        "(chosen + rejected → preference, text + label → classification).",
                     },
-                }
-            }
+                },
+            )
         },
     }
 }
