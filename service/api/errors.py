@@ -76,8 +76,13 @@ def invalid(message: str, param: str | None = None, code: str = "invalid_value")
     return ApiError(422, message, INVALID_REQUEST, param, code)
 
 
+# Errors that a retry cannot fix (a taken name, a full quota) say so: the OpenAI SDKs honour
+# ``x-should-retry`` and would otherwise retry 409 and 429 twice, with back-off, by default.
+_DO_NOT_RETRY = {"x-should-retry": "false"}
+
+
 def conflict(message: str, param: str | None = None, code: str = "conflict") -> ApiError:
-    return ApiError(409, message, CONFLICT, param, code)
+    return ApiError(409, message, CONFLICT, param, code, _DO_NOT_RETRY)
 
 
 def too_large(limit_bytes: int, param: str | None = None) -> ApiError:
@@ -92,7 +97,7 @@ def too_large(limit_bytes: int, param: str | None = None) -> ApiError:
 
 
 def quota_exceeded(message: str, code: str) -> ApiError:
-    return ApiError(429, message, RATE_LIMIT, None, code)
+    return ApiError(429, message, RATE_LIMIT, None, code, _DO_NOT_RETRY)
 
 
 def unavailable(

@@ -34,10 +34,9 @@ SMALL_LORA = {
 
 
 def sdk_client(server: ServerProcess, key: str | None = None) -> openai.OpenAI:
-    # No retries: errors are asserted, and a retried 409/429 would only add seconds.
-    return openai.OpenAI(
-        base_url=f"{server.base_url}/v1", api_key=key or server.api_key, max_retries=0
-    )
+    # The SDK's defaults (2 retries with back-off), as users run it: the 409s and 429s these
+    # tests provoke say x-should-retry: false, so each is answered at once.
+    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key=key or server.api_key)
 
 
 @pytest.fixture(scope="module")

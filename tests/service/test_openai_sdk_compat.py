@@ -40,11 +40,11 @@ def client(settings: Settings, tiny_base: BaseModel) -> Iterator[TestClient]:
         yield test_client
 
 
-def _sdk(client: TestClient, headers: Headers) -> openai.OpenAI:
+def _sdk(client: TestClient, headers: Headers, max_retries: int = 0) -> openai.OpenAI:
     key = headers["Authorization"].removeprefix("Bearer ")
-    # No retries: a retried 409/429 would only slow the error tests down.
+    # No retries by default: a retried 503 would only slow the error tests down.
     return openai.OpenAI(
-        base_url="http://testserver/v1", api_key=key, http_client=client, max_retries=0
+        base_url="http://testserver/v1", api_key=key, http_client=client, max_retries=max_retries
     )
 
 
@@ -325,3 +325,25 @@ def test_error_classes(sdk: openai.OpenAI, client: TestClient, tiny_base: BaseMo
     with pytest.raises(openai.RateLimitError) as limited:
         sdk.fine_tuning.jobs.create(model=tiny_base.name, training_file=file.id)
     assert limited.value.code == "concurrent_jobs_limit"
+
+
+def test_sdk_does_not_retry_a_conflict_or_a_full_quota(
+    client: TestClient, auth: Headers, tiny_base: BaseModel
+) -> None:
+    """With the SDK's default retries, a 409 or 429 is one request, not three."""
+    sdk = _sdk(client, auth, max_retries=2)
+    file = _upload(sdk)
+    sdk.fine_tuning.jobs.create(
+        model=tiny_base.name, training_file=file.id, extra_body={"adapter_name": "once"}
+    )
+    sent: list[str] = []
+    client.event_hooks["request"].append(lambda request: sent.append(request.url.path))
+    with pytest.raises(openai.ConflictError) as taken:
+        sdk.fine_tuning.jobs.create(
+            model=tiny_base.name, training_file=file.id, extra_body={"adapter_name": "once"}
+        )
+    assert taken.value.response.headers["x-should-retry"] == "false"
+    client.app.state.settings.max_concurrent_jobs_per_tenant = 1  # type: ignore[attr-defined]
+    with pytest.raises(openai.RateLimitError):
+        sdk.fine_tuning.jobs.create(model=tiny_base.name, training_file=file.id)
+    assert sent == ["/v1/fine_tuning/jobs", "/v1/fine_tuning/jobs"]
