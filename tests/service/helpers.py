@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -11,7 +13,8 @@ from typing import Any
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, select, text
+from sqlalchemy.orm import Session, sessionmaker
 
 from bench.queue_race import DEFAULT_ADMIN_URL, scratch_database
 
@@ -189,3 +192,55 @@ def serve_base(base: Any) -> Any:
         yield
 
     return hook
+
+
+# --- rows straight into the database (no app) ---------------------------------------------------
+
+
+def add_tenant(db: sessionmaker[Session], name: str = "t") -> str:
+    from service.db.models import Tenant
+
+    with db() as session:
+        tenant = Tenant(name=name)
+        session.add(tenant)
+        session.commit()
+        return tenant.id
+
+
+def tenant_id_by_name(db: sessionmaker[Session], name: str = "default") -> str:
+    from service.db.models import Tenant
+
+    with db() as session:
+        return session.scalars(select(Tenant.id).where(Tenant.name == name)).one()
+
+
+def add_queued_job(
+    db: sessionmaker[Session], tenant_id: str, name: str = "ad", **extra: Any
+) -> str:
+    """A queued LoRA job row whose files need not exist (queue and lease tests)."""
+    from service.db.models import Job, JobStatus
+
+    with db() as session:
+        job = Job(
+            tenant_id=tenant_id,
+            status=JobStatus.QUEUED,
+            model="tiny",
+            method={"type": "lora", "lora": {}},
+            hyperparameters={},
+            training_file="file-x",
+            adapter_name=name,
+            seed=1,
+            **extra,
+        )
+        session.add(job)
+        session.commit()
+        return job.id
+
+
+def zip_bytes(files: dict[str, bytes]) -> bytes:
+    """A deflated zip archive of ``files`` (name → bytes)."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+    return buf.getvalue()

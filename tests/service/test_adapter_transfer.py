@@ -30,7 +30,7 @@ from service.config import Settings
 from service.db.models import Adapter, Tenant
 from service.main import create_app
 from tests.core.util import make_model, randomize
-from tests.service.helpers import Headers, adapter_row, assert_error, serve_base
+from tests.service.helpers import Headers, adapter_row, assert_error, serve_base, tenant_id_by_name
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -437,11 +437,6 @@ def test_corrupt_safetensors_is_422(client: TestClient, auth: Headers) -> None:
 # --- names, quotas, tenants, readiness -------------------------------------------------------
 
 
-def _tenant_id(db: sessionmaker[Session], name: str = "default") -> str:
-    with db() as session:
-        return session.scalars(select(Tenant.id).where(Tenant.name == name)).one()
-
-
 def test_name_collisions_are_409(
     client: TestClient, auth: Headers, db: sessionmaker[Session], peft_files: dict[str, bytes]
 ) -> None:
@@ -479,7 +474,7 @@ def test_adapter_quota_is_429(
 ) -> None:
     client.app.state.settings.max_adapters_per_tenant = 1  # type: ignore[attr-defined]
     with db() as session:
-        session.add(adapter_row(_tenant_id(db), "one"))
+        session.add(adapter_row(tenant_id_by_name(db), "one"))
         session.commit()
     resp = upload(client, auth, zip_bytes(peft_files), task="reward")
     assert_error(resp, 429, code="adapter_limit", type="rate_limit_error")

@@ -2,23 +2,14 @@
 
 from __future__ import annotations
 
-import io
 import struct
-import zipfile
 
 import pytest
 
 from service.adapters.archive import ArchiveError, ArchiveLimits, read_archive, write_archive
+from tests.service.helpers import zip_bytes
 
 CENTRAL_HEADER = b"PK\x01\x02"
-
-
-def _zip(files: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        for name, data in files.items():
-            zf.writestr(name, data)
-    return buf.getvalue()
 
 
 def _patch_central(data: bytes, *, size: int | None = None, flags: int | None = None) -> bytes:
@@ -35,7 +26,7 @@ def _patch_central(data: bytes, *, size: int | None = None, flags: int | None = 
 def test_round_trip_and_folder_prefix_dropped() -> None:
     files = {"adapter_config.json": b"{}", "adapter_model.safetensors": b"\x00" * 10}
     assert read_archive(write_archive(files)) == files
-    nested = _zip({f"a/b/{k}": v for k, v in files.items()} | {"a/b/README.md": b"x"})
+    nested = zip_bytes({f"a/b/{k}": v for k, v in files.items()} | {"a/b/README.md": b"x"})
     assert read_archive(nested) == files  # README skipped, folder dropped
 
 
@@ -46,14 +37,14 @@ def test_write_is_deterministic() -> None:
 
 @pytest.mark.parametrize("size", [100, 20_000], ids=["declared-smaller", "declared-larger"])
 def test_a_header_that_lies_about_its_size(size: int) -> None:
-    data = _patch_central(_zip({"adapter_config.json": b"x" * 10_000}), size=size)
+    data = _patch_central(zip_bytes({"adapter_config.json": b"x" * 10_000}), size=size)
     with pytest.raises(ArchiveError) as info:
         read_archive(data)
     assert info.value.code == "invalid_archive"
 
 
 def test_encrypted_members_are_refused() -> None:
-    data = _patch_central(_zip({"adapter_config.json": b"{}"}), flags=0x1)
+    data = _patch_central(zip_bytes({"adapter_config.json": b"{}"}), flags=0x1)
     with pytest.raises(ArchiveError) as info:
         read_archive(data)
     assert info.value.code == "unsafe_member"
@@ -62,14 +53,14 @@ def test_encrypted_members_are_refused() -> None:
 def test_small_files_may_compress_well() -> None:
     # JSON compresses far beyond the ratio limit, but below the floor that is no bomb.
     files = {"adapter_config.json": b" " * 100_000}
-    assert read_archive(_zip(files)) == files
+    assert read_archive(zip_bytes(files)) == files
 
 
 def test_limits_apply_to_read_members_only() -> None:
     limits = ArchiveLimits(max_member_bytes=1000, max_total_bytes=1500)
-    ok = _zip({"a.json": b"1" * 900, "big.txt": b"2" * 10_000})  # .txt is never unpacked
+    ok = zip_bytes({"a.json": b"1" * 900, "big.txt": b"2" * 10_000})  # .txt is never unpacked
     assert read_archive(ok, limits) == {"a.json": b"1" * 900}
     with pytest.raises(ArchiveError, match="unpacks to 1001 bytes"):
-        read_archive(_zip({"a.json": b"1" * 1001}), limits)
+        read_archive(zip_bytes({"a.json": b"1" * 1001}), limits)
     with pytest.raises(ArchiveError, match="1800 bytes"):
-        read_archive(_zip({"a.json": b"1" * 900, "b.json": b"1" * 900}), limits)
+        read_archive(zip_bytes({"a.json": b"1" * 900, "b.json": b"1" * 900}), limits)

@@ -29,6 +29,7 @@ from tests.service.helpers import (
     jsonl,
     store_adapter,
     upload,
+    zip_bytes,
 )
 
 JOBS = "/v1/fine_tuning/jobs"
@@ -37,14 +38,6 @@ JOBS = "/v1/fine_tuning/jobs"
 @pytest.fixture
 def c(serving_client: TestClient) -> TestClient:
     return serving_client
-
-
-def _zip(files: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        for name, data in files.items():
-            zf.writestr(name, data)
-    return buf.getvalue()
 
 
 def _import(c: TestClient, auth: Headers, data: bytes, **fields: Any) -> Any:
@@ -249,13 +242,15 @@ def test_invalid_hyperparameters(
 
 
 def test_adapter_zip_with_a_pickle_bin(c: TestClient, auth: Headers) -> None:
-    data = _zip({"adapter_config.json": PEFT_CONFIG, "adapter_model.bin": b"\x80\x04K\x01."})
+    data = zip_bytes({"adapter_config.json": PEFT_CONFIG, "adapter_model.bin": b"\x80\x04K\x01."})
     error = assert_error(_import(c, auth, data), 422, param="file", code="pickle_refused")
     assert "pickle" in error["message"]
 
 
 def test_zip_bomb(c: TestClient, auth: Headers) -> None:
-    data = _zip({"adapter_config.json": PEFT_CONFIG, "adapter_model.safetensors": bytes(64 << 20)})
+    data = zip_bytes(
+        {"adapter_config.json": PEFT_CONFIG, "adapter_model.safetensors": bytes(64 << 20)}
+    )
     assert len(data) < 1 << 20
     error = assert_error(_import(c, auth, data), 422, param="file")
     assert error["code"] in ("suspicious_compression", "archive_too_large")
@@ -265,7 +260,7 @@ def test_zip_bomb(c: TestClient, auth: Headers) -> None:
     "member", ["../adapter_config.json", "a/../../adapter_config.json", "/etc/adapter_config.json"]
 )
 def test_path_traversal_in_an_imported_zip(c: TestClient, auth: Headers, member: str) -> None:
-    data = _zip({member: PEFT_CONFIG})
+    data = zip_bytes({member: PEFT_CONFIG})
     assert_error(_import(c, auth, data), 422, param="file", code="unsafe_path")
 
 
@@ -286,7 +281,7 @@ def test_deeply_nested_json_in_an_import_is_422(
     c: TestClient, auth: Headers, files: dict[str, bytes], fields: dict[str, str]
 ) -> None:
     # json.loads raises RecursionError, not ValueError, on such input: these were 500s.
-    resp = _import(c, auth, _zip(files), **fields)
+    resp = _import(c, auth, zip_bytes(files), **fields)
     assert 400 <= resp.status_code < 500, resp.text
     error = assert_error(resp, resp.status_code)
     assert error["param"] in ("file", "label_names", "task")
@@ -303,7 +298,7 @@ def test_adapter_for_a_different_base_model(c: TestClient, auth: Headers) -> Non
     config["base_fingerprint"] = "f" * 64
     config["base_model"] = "bert-large-uncased"
     files[config_name] = json.dumps(config).encode()
-    resp = _import(c, auth, _zip(files), name="foreign", task="", label_names="")
+    resp = _import(c, auth, zip_bytes(files), name="foreign", task="", label_names="")
     assert_error(resp, 422, param="file", code="base_model_mismatch")
 
 

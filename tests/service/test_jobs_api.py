@@ -7,10 +7,9 @@ from collections.abc import Callable
 from typing import Any
 
 from fastapi.testclient import TestClient
-from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.db.models import Job, Tenant
+from service.db.models import Job
 from service.jobs import queue
 from tests.service.helpers import (
     Headers,
@@ -18,6 +17,7 @@ from tests.service.helpers import (
     assert_error,
     create_dataset,
     job_body,
+    tenant_id_by_name,
 )
 
 JOBS = "/v1/fine_tuning/jobs"
@@ -28,11 +28,6 @@ def _create(client: TestClient, headers: Headers, body: dict[str, Any]) -> dict[
     assert resp.status_code == 200, resp.text
     job: dict[str, Any] = resp.json()
     return job
-
-
-def _tenant_id(db: sessionmaker[Session], name: str = "default") -> str:
-    with db() as session:
-        return session.scalars(select(Tenant.id).where(Tenant.name == name)).one()
 
 
 def test_create_job_is_queued_and_openai_shaped(client: TestClient, auth: Headers) -> None:
@@ -157,7 +152,7 @@ def test_duplicate_adapter_name_of_existing_adapter_is_409(
     client: TestClient, auth: Headers, db: sessionmaker[Session]
 ) -> None:
     with db() as session:
-        session.add(adapter_row(_tenant_id(db), "taken"))
+        session.add(adapter_row(tenant_id_by_name(db), "taken"))
         session.commit()
     train = create_dataset(client, auth)
     resp = client.post(JOBS, json=job_body(train, adapter_name="taken"), headers=auth)
@@ -189,7 +184,7 @@ def test_concurrent_job_quota_is_429(client: TestClient, auth: Headers) -> None:
 def test_adapter_quota_is_429(client: TestClient, auth: Headers, db: sessionmaker[Session]) -> None:
     client.app.state.settings.max_adapters_per_tenant = 2  # type: ignore[attr-defined]
     with db() as session:
-        session.add(adapter_row(_tenant_id(db), "one"))
+        session.add(adapter_row(tenant_id_by_name(db), "one"))
         session.commit()
     train = create_dataset(client, auth)
     _create(client, auth, job_body(train))  # 1 adapter + this job = 2

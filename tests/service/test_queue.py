@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 from datetime import timedelta
-from typing import Any
 
 import pytest
 from sqlalchemy import func, select
@@ -14,35 +13,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.db.models import Adapter, Checkpoint, Job, JobEvent, JobStatus, Tenant
 from service.db.types import utcnow
 from service.jobs import queue
-from tests.service.helpers import adapter_row
+from tests.service.helpers import adapter_row, add_queued_job, add_tenant
 
 Factory = sessionmaker[Session]
-
-
-def _tenant(db: Factory, name: str = "t") -> str:
-    with db() as session:
-        tenant = Tenant(name=name)
-        session.add(tenant)
-        session.commit()
-        return tenant.id
-
-
-def _job(db: Factory, tenant_id: str, name: str = "ad", **extra: Any) -> str:
-    with db() as session:
-        job = Job(
-            tenant_id=tenant_id,
-            status=JobStatus.QUEUED,
-            model="tiny",
-            method={"type": "lora", "lora": {}},
-            hyperparameters={},
-            training_file="file-x",
-            adapter_name=name,
-            seed=1,
-            **extra,
-        )
-        session.add(job)
-        session.commit()
-        return job.id
 
 
 def _get(db: Factory, job_id: str) -> Job:
@@ -62,9 +35,9 @@ def _events(db: Factory, job_id: str) -> list[str]:
 
 
 def test_claim_takes_oldest_queued_job(migrated_db: Factory) -> None:
-    tenant = _tenant(migrated_db)
-    first = _job(migrated_db, tenant, "a")
-    second = _job(migrated_db, tenant, "b")
+    tenant = add_tenant(migrated_db)
+    first = add_queued_job(migrated_db, tenant, "a")
+    second = add_queued_job(migrated_db, tenant, "b")
     with migrated_db() as session:
         job = queue.claim_next_job(session, "w1", 30)
         assert job is not None and job.id == first
@@ -78,8 +51,8 @@ def test_claim_takes_oldest_queued_job(migrated_db: Factory) -> None:
 
 
 def test_two_sessions_race_for_one_job_exactly_one_wins(migrated_db: Factory) -> None:
-    tenant = _tenant(migrated_db)
-    job_id = _job(migrated_db, tenant)
+    tenant = add_tenant(migrated_db)
+    job_id = add_queued_job(migrated_db, tenant)
     n_workers = 8
     barrier = threading.Barrier(n_workers)
     results: list[str | None] = [None] * n_workers
@@ -108,8 +81,8 @@ def test_two_sessions_race_for_one_job_exactly_one_wins(migrated_db: Factory) ->
 
 
 def test_race_with_two_jobs_gives_each_to_one_worker(migrated_db: Factory) -> None:
-    tenant = _tenant(migrated_db)
-    jobs = {_job(migrated_db, tenant, "a"), _job(migrated_db, tenant, "b")}
+    tenant = add_tenant(migrated_db)
+    jobs = {add_queued_job(migrated_db, tenant, "a"), add_queued_job(migrated_db, tenant, "b")}
     barrier = threading.Barrier(4)
     claimed: list[str] = []
     lock = threading.Lock()
@@ -131,7 +104,7 @@ def test_race_with_two_jobs_gives_each_to_one_worker(migrated_db: Factory) -> No
 
 
 def test_heartbeat_extends_lease_and_reports_loss(migrated_db: Factory) -> None:
-    job_id = _job(migrated_db, _tenant(migrated_db))
+    job_id = add_queued_job(migrated_db, add_tenant(migrated_db))
     with migrated_db() as session:
         job = queue.claim_next_job(session, "w1", 1)
         assert job is not None
@@ -143,7 +116,7 @@ def test_heartbeat_extends_lease_and_reports_loss(migrated_db: Factory) -> None:
 
 
 def test_expired_lease_is_requeued_with_an_attempt_and_event(migrated_db: Factory) -> None:
-    job_id = _job(migrated_db, _tenant(migrated_db))
+    job_id = add_queued_job(migrated_db, add_tenant(migrated_db))
     with migrated_db() as session:
         assert queue.claim_next_job(session, "w1", 30) is not None
         # Not expired yet: nothing happens.
@@ -166,7 +139,7 @@ def test_expired_lease_is_requeued_with_an_attempt_and_event(migrated_db: Factor
 
 
 def test_heartbeat_keeps_a_job_from_being_requeued(migrated_db: Factory) -> None:
-    job_id = _job(migrated_db, _tenant(migrated_db))
+    job_id = add_queued_job(migrated_db, add_tenant(migrated_db))
     with migrated_db() as session:
         assert queue.claim_next_job(session, "w1", 30) is not None
         soon = utcnow() + timedelta(seconds=31)
@@ -176,7 +149,7 @@ def test_heartbeat_keeps_a_job_from_being_requeued(migrated_db: Factory) -> None
 
 
 def test_job_failed_after_max_attempts(migrated_db: Factory) -> None:
-    job_id = _job(migrated_db, _tenant(migrated_db), attempts=2)
+    job_id = add_queued_job(migrated_db, add_tenant(migrated_db), attempts=2)
     with migrated_db() as session:
         assert queue.claim_next_job(session, "w1", 30) is not None
         later = utcnow() + timedelta(minutes=5)
@@ -188,7 +161,7 @@ def test_job_failed_after_max_attempts(migrated_db: Factory) -> None:
 
 
 def test_expired_cancel_requested_job_is_cancelled(migrated_db: Factory) -> None:
-    job_id = _job(migrated_db, _tenant(migrated_db))
+    job_id = add_queued_job(migrated_db, add_tenant(migrated_db))
     with migrated_db() as session:
         assert queue.claim_next_job(session, "w1", 30) is not None
         job = session.get(Job, job_id)
@@ -200,8 +173,8 @@ def test_expired_cancel_requested_job_is_cancelled(migrated_db: Factory) -> None
 
 
 def test_finish_success_writes_adapter_and_job_together(migrated_db: Factory) -> None:
-    tenant = _tenant(migrated_db)
-    job_id = _job(migrated_db, tenant, "sentiment", metrics={"val_accuracy": 0.91})
+    tenant = add_tenant(migrated_db)
+    job_id = add_queued_job(migrated_db, tenant, "sentiment", metrics={"val_accuracy": 0.91})
     with migrated_db() as session:
         job = queue.claim_next_job(session, "w1", 30)
         assert job is not None
@@ -218,10 +191,10 @@ def test_finish_success_writes_adapter_and_job_together(migrated_db: Factory) ->
 
 
 def test_adapter_versions_are_never_reused(migrated_db: Factory) -> None:
-    tenant = _tenant(migrated_db)
+    tenant = add_tenant(migrated_db)
     versions = []
     for _ in range(2):
-        _job(migrated_db, tenant, "same")
+        add_queued_job(migrated_db, tenant, "same")
         with migrated_db() as session:
             job = queue.claim_next_job(session, "w1", 30)
             assert job is not None
@@ -235,8 +208,8 @@ def test_adapter_versions_are_never_reused(migrated_db: Factory) -> None:
 
 
 def test_finish_success_is_atomic_when_adapter_insert_fails(migrated_db: Factory) -> None:
-    tenant = _tenant(migrated_db)
-    job_id = _job(migrated_db, tenant, "clash")
+    tenant = add_tenant(migrated_db)
+    job_id = add_queued_job(migrated_db, tenant, "clash")
     with migrated_db() as session:
         # An adapter with the same name appeared while the job ran (e.g. an import).
         session.add(adapter_row(tenant, "clash", weights=b"ORIGINAL"))
@@ -268,8 +241,8 @@ def test_finish_success_is_atomic_when_adapter_insert_fails(migrated_db: Factory
 
 
 def test_finish_success_after_lease_loss_writes_nothing(migrated_db: Factory) -> None:
-    tenant = _tenant(migrated_db)
-    job_id = _job(migrated_db, tenant)
+    tenant = add_tenant(migrated_db)
+    job_id = add_queued_job(migrated_db, tenant)
     with migrated_db() as session:
         job = queue.claim_next_job(session, "w1", 30)
         assert job is not None
@@ -283,7 +256,7 @@ def test_finish_success_after_lease_loss_writes_nothing(migrated_db: Factory) ->
 
 
 def test_finish_cancelled(migrated_db: Factory) -> None:
-    job_id = _job(migrated_db, _tenant(migrated_db))
+    job_id = add_queued_job(migrated_db, add_tenant(migrated_db))
     with migrated_db() as session:
         job = queue.claim_next_job(session, "w1", 30)
         assert job is not None
@@ -294,7 +267,7 @@ def test_finish_cancelled(migrated_db: Factory) -> None:
 
 
 def test_release_job_requeues_without_an_attempt(migrated_db: Factory) -> None:
-    job_id = _job(migrated_db, _tenant(migrated_db))
+    job_id = add_queued_job(migrated_db, add_tenant(migrated_db))
     with migrated_db() as session:
         job = queue.claim_next_job(session, "w1", 30)
         assert job is not None
@@ -304,7 +277,7 @@ def test_release_job_requeues_without_an_attempt(migrated_db: Factory) -> None:
 
 
 def test_checkpoints_keep_only_recent_states(migrated_db: Factory) -> None:
-    job_id = _job(migrated_db, _tenant(migrated_db))
+    job_id = add_queued_job(migrated_db, add_tenant(migrated_db))
     with migrated_db() as session:
         job = queue.claim_next_job(session, "w1", 30)
         assert job is not None

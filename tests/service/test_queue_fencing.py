@@ -14,14 +14,15 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.db.models import Job
 from service.db.types import utcnow
 from service.jobs import queue
-from tests.service.test_queue import _events, _job, _tenant
+from tests.service.helpers import add_queued_job, add_tenant
+from tests.service.test_queue import _events
 
 Factory = sessionmaker[Session]
 
 
 def _claimed(db: Factory, worker_id: str) -> Job:
-    tenant = _tenant(db)
-    _job(db, tenant)
+    tenant = add_tenant(db)
+    add_queued_job(db, tenant)
     with db() as session:
         job = queue.claim_next_job(session, worker_id, 30)
         assert job is not None

@@ -36,7 +36,7 @@ from service.serving.invalidation import (
 )
 from service.worker.lease import LeaseKeeper
 from tests.service.conftest import reset_postgres
-from tests.service.helpers import Headers, adapter_row, store_adapter
+from tests.service.helpers import Headers, adapter_row, add_queued_job, add_tenant, store_adapter
 
 Factory = sessionmaker[Session]
 WAIT_S = 30.0  # generous: the box is shared and loaded
@@ -58,14 +58,6 @@ def pg(postgres_url: str) -> Iterator[Factory]:
     engine = make_engine(postgres_url)
     yield make_sessionmaker(engine)
     engine.dispose()
-
-
-def _tenant(factory: Factory, name: str = "t") -> str:
-    with factory() as session:
-        tenant = Tenant(name=name)
-        session.add(tenant)
-        session.commit()
-        return tenant.id
 
 
 # --- payloads and URLs -----------------------------------------------------------------------
@@ -111,7 +103,7 @@ def _drain(conn: psycopg.Connection[Any], expect: int = 1, timeout: float = WAIT
 
 @pytest.mark.postgres
 def test_trigger_notifies_on_commit_only(pg: Factory, postgres_url: str) -> None:
-    tenant_id = _tenant(pg)
+    tenant_id = add_tenant(pg)
     with psycopg.connect(listen_conninfo(postgres_url), autocommit=True) as listener:  # type: ignore[arg-type]
         listener.execute(f"LISTEN {CHANNEL}")
         with pg() as session:  # rolled back: nothing is announced
@@ -158,7 +150,7 @@ def test_trigger_notifies_on_commit_only(pg: Factory, postgres_url: str) -> None
 def test_listener_delivers_changes_and_resyncs_after_reconnect(
     pg: Factory, postgres_url: str
 ) -> None:
-    tenant_id = _tenant(pg)
+    tenant_id = add_tenant(pg)
     changes: stdlib_queue.Queue[AdapterChange] = stdlib_queue.Queue()
     resyncs: list[float] = []
     listener = InvalidationListener(
@@ -244,7 +236,7 @@ class _FakeBatcher:
 
 
 def test_resync_drops_only_versions_gone_from_the_database(migrated_db: Factory) -> None:
-    tenant_id = _tenant(migrated_db)
+    tenant_id = add_tenant(migrated_db)
     with migrated_db() as session:
         session.add(adapter_row(tenant_id, "kept", version=2))
         session.add(adapter_row(tenant_id, "replaced", version=5))
@@ -319,29 +311,12 @@ def auth_headers_for() -> Callable[[Any], Headers]:
 # --- lease clock and self-fencing ------------------------------------------------------------
 
 
-def _queued_job(factory: Factory, tenant_id: str) -> str:
-    with factory() as session:
-        job = Job(
-            tenant_id=tenant_id,
-            status=JobStatus.QUEUED,
-            model="tiny",
-            method={"type": "lora", "lora": {}},
-            hyperparameters={},
-            training_file="file-x",
-            adapter_name="ad",
-            seed=1,
-        )
-        session.add(job)
-        session.commit()
-        return job.id
-
-
 @pytest.mark.postgres
 def test_leases_use_the_database_clock_on_postgres(
     pg: Factory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Workers on other machines with skewed clocks must not expire each other's leases."""
-    job_id = _queued_job(pg, _tenant(pg))
+    job_id = add_queued_job(pg, add_tenant(pg))
     with pg() as session:
         job = queue.claim_next_job(session, "w1", lease_seconds=30)
         assert job is not None
