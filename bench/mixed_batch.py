@@ -129,6 +129,17 @@ def sps(seconds: float | list[float]) -> float:
     return round(BATCH / seconds, 2)
 
 
+def against_base(t: dict[str, list[float]]) -> dict[str, float]:
+    """The result fields of one interleaved ``{"base", "mixed"}`` timing."""
+    return {
+        "seq_per_s": sps(t["mixed"]),
+        "ratio_to_base": paired_ratio(t["base"], t["mixed"]),
+        "cpu_ratio_to_base": paired_ratio(t["base_cpu"], t["mixed_cpu"]),
+        "best_ratio_to_base": best_ratio(t["base"], t["mixed"]),
+        "base_seq_per_s": sps(t["base"]),
+    }
+
+
 def lora_hooks_cpu(engine: InferenceEngine, n: int, reps: int) -> float:
     """Median CPU seconds of the bank hooks alone on every site for one batch (32 x 64).
 
@@ -192,11 +203,7 @@ def bench_loraplex(
                 "case": "loraplex",
                 "n_adapters": n,
                 "lora_hooks_cpu_share": round(share, 4),
-                "seq_per_s": sps(t["mixed"]),
-                "ratio_to_base": paired_ratio(t["base"], t["mixed"]),
-                "cpu_ratio_to_base": paired_ratio(t["base_cpu"], t["mixed_cpu"]),
-                "best_ratio_to_base": best_ratio(t["base"], t["mixed"]),
-                "base_seq_per_s": sps(t["base"]),
+                **against_base(t),
             }
         )
         if n == 1024 or n == max(ns):
@@ -237,11 +244,7 @@ def bench_loraplex(
             "n_adapters": 64,
             "ranks": "4/8/16",
             "lora_hooks_cpu_share": round(share, 4),
-            "seq_per_s": sps(t["mixed"]),
-            "ratio_to_base": paired_ratio(t["base"], t["mixed"]),
-            "cpu_ratio_to_base": paired_ratio(t["base_cpu"], t["mixed_cpu"]),
-            "best_ratio_to_base": best_ratio(t["base"], t["mixed"]),
-            "base_seq_per_s": sps(t["base"]),
+            **against_base(t),
             "bank_mib": round(mixed.stats.bank_bytes / 2**20, 1),
         }
     )

@@ -73,16 +73,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             with server.client() as client:
                 # Warm-up: the adapter becomes resident, the first batches pay their costs.
                 asyncio.run(drive(server.base_url, server.api_key, names, texts, 2, 3.0))
-                idle = asyncio.run(
-                    drive(
-                        server.base_url,
-                        server.api_key,
-                        names,
-                        texts,
-                        args.concurrency,
-                        args.seconds,
-                    )
-                )
+
+                def load() -> dict[str, Any]:
+                    url, key, c, s = server.base_url, server.api_key, args.concurrency, args.seconds
+                    return asyncio.run(drive(url, key, names, texts, c, s))
+
+                idle = load()
                 print(f"[sut] idle: {idle}", file=sys.stderr, flush=True)
 
                 up = client.post(
@@ -99,16 +95,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         raise RuntimeError("the training job never started")
                     time.sleep(0.5)
                 status0, step0 = _step(client, job_id)
-                training = asyncio.run(
-                    drive(
-                        server.base_url,
-                        server.api_key,
-                        names,
-                        texts,
-                        args.concurrency,
-                        args.seconds,
-                    )
-                )
+                training = load()
                 status1, step1 = _step(client, job_id)
                 print(f"[sut] training: {training}", file=sys.stderr, flush=True)
                 events = client.get(
