@@ -178,12 +178,11 @@ def other_auth(new_tenant: Callable[[str], Headers]) -> Headers:
 
 
 @pytest.fixture
-def serving_client(settings: Settings, tiny_model_dir: Path) -> Iterator[TestClient]:
-    """The app with its serving hook on the tiny random base (no worker): /predict works."""
-    from service.serving.lifespan import serving
+def tiny_serving_settings(settings: Settings, tiny_model_dir: Path) -> Settings:
+    """The test settings, serving the tiny random base on one thread, without a worker."""
     from tests.tiny_bert import TINY_NAME
 
-    tiny = settings.model_copy(
+    return settings.model_copy(
         update={
             "base_model_path": tiny_model_dir,
             "base_model_name": TINY_NAME,
@@ -191,5 +190,12 @@ def serving_client(settings: Settings, tiny_model_dir: Path) -> Iterator[TestCli
             "torch_threads": 1,
         }
     )
-    with TestClient(create_app(tiny, hooks=[serving])) as test_client:
+
+
+@pytest.fixture
+def serving_client(tiny_serving_settings: Settings) -> Iterator[TestClient]:
+    """The app with its serving hook on the tiny random base (no worker): /predict works."""
+    from service.serving.lifespan import serving
+
+    with TestClient(create_app(tiny_serving_settings, hooks=[serving])) as test_client:
         yield test_client

@@ -11,7 +11,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -259,22 +258,14 @@ def test_resync_drops_only_versions_gone_from_the_database(migrated_db: Factory)
 
 @pytest.mark.postgres_only
 def test_a_change_made_elsewhere_frees_the_resident_copy(
-    settings: Any, tiny_model_dir: Path, auth_headers_for: Any
+    tiny_serving_settings: Any, auth_headers_for: Any
 ) -> None:
     """The app's listener drops a resident adapter deleted by another process."""
     from service.serving.invalidation import invalidation
     from service.serving.lifespan import serving
     from tests.core.inference.helpers import lora
-    from tests.tiny_bert import TINY_NAME
 
-    tiny = settings.model_copy(
-        update={
-            "base_model_path": tiny_model_dir,
-            "base_model_name": TINY_NAME,
-            "embedded_worker": False,
-            "torch_threads": 1,
-        }
-    )
+    tiny = tiny_serving_settings
     with TestClient(create_app(tiny, hooks=[serving, invalidation])) as client:
         auth = auth_headers_for(tiny)
         app: Any = client.app
