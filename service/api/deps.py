@@ -73,6 +73,11 @@ def _unauthorized(message: str, code: str) -> ApiError:
     return ApiError(401, message, AUTHENTICATION, None, code, {"WWW-Authenticate": "Bearer"})
 
 
+def _invalid_key() -> ApiError:
+    # Also for a key whose tenant is gone: nothing tells a caller which keys once existed.
+    return _unauthorized("Incorrect API key provided.", "invalid_api_key")
+
+
 BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 
 
@@ -97,7 +102,7 @@ def _without_database(
 
 def _principal_of(key: ApiKey | KeyLookup | None) -> Principal:
     if key is None:
-        raise _unauthorized("Incorrect API key provided.", "invalid_api_key")
+        raise _invalid_key()
     if key.revoked_at is not None:
         raise _unauthorized("This API key has been revoked.", "revoked_api_key")
     return Principal(key.tenant_id, key.id, key.is_admin)
@@ -130,7 +135,7 @@ def _tenant_id(principal: Principal) -> str:
 def get_current_tenant(principal: PrincipalDep, session: SessionDep) -> Tenant:
     tenant = session.get(Tenant, _tenant_id(principal))
     if tenant is None:  # key outlived its tenant
-        raise _unauthorized("Incorrect API key provided.", "invalid_api_key")
+        raise _invalid_key()
     return tenant
 
 
@@ -186,7 +191,7 @@ def get_served_adapter(
         key, ref = find_key_and_adapter(conn, hash_api_key(found), name)
     _principal_of(key)  # 401 for an unknown or revoked key
     if key is None or not key.tenant_exists:  # key outlived its tenant
-        raise _unauthorized("Incorrect API key provided.", "invalid_api_key")
+        raise _invalid_key()
     return ref
 
 
