@@ -35,6 +35,9 @@ def normalize_url(url: str | URL) -> URL:
     return url
 
 
+SQLITE_POOL_SIZE = 20
+
+
 def make_engine(url: str | URL, *, sqlite_busy_timeout_ms: int = 5000, **kwargs: Any) -> Engine:
     url = normalize_url(url)
     if url.get_backend_name() == "sqlite":
@@ -47,10 +50,14 @@ def make_engine(url: str | URL, *, sqlite_busy_timeout_ms: int = 5000, **kwargs:
         # checkpoint, adapter or dataset: +150 MiB RSS per connection after a `full` job's
         # checkpoint, measured). Re-preparing a statement costs microseconds.
         connect_args.setdefault("cached_statements", 0)
+        path = _sqlite_file(url)
+        if path is not None and "poolclass" not in kwargs:
+            # Keep a connection per busy request thread: beyond the pool, QueuePool closes
+            # connections on return, and reopening one (+ its PRAGMAs) on every inference
+            # request under load cost more than the request's query.
+            kwargs.setdefault("pool_size", SQLITE_POOL_SIZE)
         engine = create_engine(url, **kwargs)
-        _configure_sqlite(
-            engine, busy_timeout_ms=sqlite_busy_timeout_ms, wal=_sqlite_file(url) is not None
-        )
+        _configure_sqlite(engine, busy_timeout_ms=sqlite_busy_timeout_ms, wal=path is not None)
         return engine
     kwargs.setdefault("pool_pre_ping", True)
     return create_engine(url, **kwargs)
