@@ -1,10 +1,16 @@
 """Serve many adapters from one frozen base: residency (LRU by bytes) and mixed-batch forwards.
 
-Ownership and threads. An :class:`InferenceEngine` is owned by ONE inference thread (the
-service's batcher) and is not thread-safe by design: the bank's stacked tensors, the LRU order
-and the merged-weight cache are mutated by ``load``/``unload``/``run`` without locks, because a
-single owner needs none and a lock around a forward pass would only serialize callers anyway.
-Other threads hand work to the owner through a queue (ARCHITECTURE.md invariant 3).
+Ownership and threads. An :class:`InferenceEngine` is owned by ONE thread (the service's
+batcher thread): the bank's stacked tensors, the LRU and the merged-weight cache are mutated by
+``load``/``unload``/``plan``/``release`` without locks, because a single owner needs none
+(ARCHITECTURE.md invariant 3); the tokenizer, which is not thread-safe either, runs there too.
+The forward passes, the bulk of the time, can run elsewhere: ``plan`` turns rows into a
+:class:`Plan` (adapters resident, rows tokenized, each group's hooks built from the bank as it
+is then), and ``execute(plan)`` may run on any thread, several plans at once, because it only
+reads the plan and tensors nobody writes while it runs. Every adapter a plan uses stays
+*pinned* until the owner calls ``release(plan)``: the LRU never evicts it, and an ``unload`` or
+a replacement takes it out of service at once but frees its bank slot only after the release.
+``run`` is plan + execute + release on the calling thread.
 
 Torch threads. The library never calls ``torch.set_num_threads`` or sets ``OMP_*``: those are
 process-wide and belong to whoever owns the process (the service at startup, or a benchmark).
@@ -124,6 +130,37 @@ class _Resident:
     head_bias: Tensor | None = None
     # Other methods: the built model (method + head on the serving base).
     model: AdaptedModel | None = None
+    # Plans not yet released that use this entry; while > 0 its slot is never freed or reused.
+    pins: int = 0
+    # Unloaded, evicted or replaced while pinned: released when the last pin goes.
+    retired: bool = False
+
+
+@dataclass
+class _Group:
+    """Rows that share one forward pass, and what that pass runs with (built by ``plan``)."""
+
+    kind: Literal["mixed", "merged", "model"]
+    idx: list[int]
+    hooks: EncoderHooks = NO_HOOKS
+    model: AdaptedModel | None = None
+
+
+@dataclass
+class Plan:
+    """A batch made ready by the owner thread; :meth:`InferenceEngine.execute` runs it anywhere.
+
+    ``results`` already holds the rows that failed while planning (unknown mode, an adapter
+    that could not be loaded); ``execute`` fills in the rest.
+    """
+
+    rows: Sequence[Row]
+    entries: list[_Resident | None]
+    results: list[RowResult | None]
+    tokens: Tokenized
+    groups: list[_Group]
+    pinned: list[_Resident]
+    with_features: bool
 
 
 def _tensor_bytes(tensors: Sequence[Tensor]) -> int:
@@ -235,20 +272,24 @@ class InferenceEngine:
         if pairs is not None:
             entry.slot = self._bank.add(pairs, entry.scaling)
         old = self._residents.pop(key, None)
-        self._residents[key] = entry  # published: visible to the next run()
+        self._residents[key] = entry  # published: visible to the next plan()
         self._resident_bytes += entry.nbytes
         if old is not None:
-            self._release(key, old)
+            self._retire(key, old)
         self._loads += 1
         return evicted
 
     @torch.inference_mode()
     def unload(self, key: Hashable) -> bool:
-        """Drop an adapter (its bank slot is zeroed and reused). False if it was not resident."""
+        """Drop an adapter (its bank slot is zeroed and reused). False if it was not resident.
+
+        Plans made afterwards no longer see it; plans already made finish with it, and its
+        slot is freed when the last of them is released.
+        """
         entry = self._residents.pop(key, None)
         if entry is None:
             return False
-        self._release(key, entry)
+        self._retire(key, entry)
         return True
 
     def _prepare(
@@ -280,34 +321,49 @@ class InferenceEngine:
         budget = self.max_resident_bytes
         if nbytes > budget:
             raise ResidencyError(f"adapter needs {nbytes} bytes; the budget is {budget}")
+        # Retired entries still pinned by a running batch count until they are released.
         total = self._resident_bytes
-        if key in self._residents:
-            total -= self._residents[key].nbytes  # replaced once the new version is in
+        old = self._residents.get(key)
+        if old is not None and not old.pins:
+            total -= old.nbytes  # replaced once the new version is in
         victims: list[Hashable] = []
         for k, e in self._residents.items():  # least recently used first
             if total + nbytes <= budget:
                 break
-            if k == key or k in keep:
+            if k == key or k in keep or e.pins:
                 continue
             victims.append(k)
             total -= e.nbytes
         if total + nbytes > budget:
             raise ResidencyError(
                 f"adapter needs {nbytes} bytes; only {budget - total} can be freed "
-                "without evicting adapters this batch uses"
+                "without evicting adapters that batches in flight use"
             )
         for k in victims:
-            self._release(k, self._residents.pop(k))
+            self._retire(k, self._residents.pop(k))
             self._evictions += 1
             if self.on_evict is not None:
                 self.on_evict(k)
         return victims
 
-    def _release(self, key: Hashable, entry: _Resident) -> None:
+    def _retire(self, key: Hashable, entry: _Resident) -> None:
+        """Take an entry out of service (already out of ``_residents``); free it when unpinned."""
+        self._merged.drop(key)
+        if entry.pins:
+            entry.retired = True
+        else:
+            self._release(entry)
+
+    def _release(self, entry: _Resident) -> None:
         self._resident_bytes -= entry.nbytes
         if entry.slot is not None:
             self._bank.remove(entry.slot)
-        self._merged.drop(key)
+
+    def _unpin(self, pinned: list[_Resident]) -> None:
+        for entry in pinned:
+            entry.pins -= 1
+            if not entry.pins and entry.retired:
+                self._release(entry)
 
     # --- inference ------------------------------------------------------------------------
 
@@ -318,49 +374,60 @@ class InferenceEngine:
         loader: Callable[[Hashable], Adapter] | None = None,
         with_features: bool = False,
     ) -> list[RowResult]:
-        """Results for ``rows``, in order. A bad row gets ``RowResult(error=...)``; others run.
+        """Results for ``rows``, in order: :meth:`plan`, :meth:`execute`, :meth:`release`."""
+        plan = self.plan(rows, loader=loader, with_features=with_features)
+        try:
+            return self.execute(plan)
+        finally:
+            self.release(plan)
+
+    @torch.inference_mode()
+    def plan(
+        self,
+        rows: Sequence[Row],
+        *,
+        loader: Callable[[Hashable], Adapter] | None = None,
+        with_features: bool = False,
+    ) -> Plan:
+        """Make ``rows`` ready to compute (owner thread); their adapters stay pinned until
+        :meth:`release`. A bad row gets ``RowResult(error=...)``; others run.
 
         ``loader(key)`` (optional) fetches adapters that are not resident; they are loaded
-        without evicting adapters this batch uses. Without it, such rows get
-        :class:`AdapterNotResidentError`.
+        without evicting adapters this batch or any unreleased plan uses. Without it, such
+        rows get :class:`AdapterNotResidentError`.
         """
         results: list[RowResult | None] = [None] * len(rows)
-        with torch.inference_mode():
-            entries = self._resolve(rows, loader, results)
-            mixed: list[int] = []
-            merged: dict[Hashable, list[int]] = {}
-            models: dict[Hashable, list[int]] = {}
-            for i, (row, e) in enumerate(zip(rows, entries, strict=True)):
-                if results[i] is not None:
-                    continue
-                if e is None or (e.model is None and row.mode == "unmerged"):
-                    mixed.append(i)
-                elif e.model is None:
-                    merged.setdefault(row.key, []).append(i)
-                else:
-                    models.setdefault(row.key, []).append(i)
+        entries, pinned = self._resolve(rows, loader, results)
+        try:
             live = [i for i in range(len(rows)) if results[i] is None]
             tokens = self._tokenize(rows, entries, live)
-            groups: list[tuple[str, list[int]]] = [("mixed", mixed)] if mixed else []
-            groups += [("merged", idx) for idx in merged.values()]
-            groups += [("model", idx) for idx in models.values()]
-            for kind, idx in groups:
-                try:
-                    feats, logits = self._forward(kind, rows, entries, idx, tokens)
-                    self._finish(rows, entries, idx, feats, logits, results, with_features)
-                except Exception as exc:  # one failing group must not fail the other rows
-                    log.exception("inference failed for %d rows (%s)", len(idx), kind)
-                    for i in idx:
-                        results[i] = RowResult(rows[i].key, error=exc)
-        assert all(r is not None for r in results)
-        return results  # type: ignore[return-value]
+            groups = self._plan(rows, entries, results)
+        except BaseException:
+            self._unpin(pinned)
+            raise
+        return Plan(rows, entries, results, tokens, groups, pinned, with_features)
+
+    @torch.inference_mode()
+    def execute(self, plan: Plan) -> list[RowResult]:
+        """Run a plan's forward passes and heads: on any thread, several plans at once."""
+        for group in plan.groups:
+            self._compute(group, plan)
+        assert all(r is not None for r in plan.results)
+        return plan.results  # type: ignore[return-value]
+
+    @torch.inference_mode()  # frees bank slots: inference tensors, written only in the mode
+    def release(self, plan: Plan) -> None:
+        """Unpin a plan's adapters (owner thread, once ``execute`` is done or abandoned)."""
+        pinned, plan.pinned = plan.pinned, []
+        self._unpin(pinned)
 
     def _resolve(
         self,
         rows: Sequence[Row],
         loader: Callable[[Hashable], Adapter] | None,
         results: list[RowResult | None],
-    ) -> list[_Resident | None]:
+    ) -> tuple[list[_Resident | None], list[_Resident]]:
+        """Each row's resident entry (loading missing ones), and the entries now pinned."""
         entries: list[_Resident | None] = [None] * len(rows)
         batch_keys = {r.key for r in rows if r.key is not None}
         failed: dict[Hashable, Exception] = {}
@@ -389,7 +456,58 @@ class InferenceEngine:
                 results[i] = RowResult(row.key, error=failed[row.key])
             else:
                 entries[i] = self._residents[row.key]
-        return entries
+        pinned = list({id(e): e for e in entries if e is not None}.values())
+        for entry in pinned:
+            entry.pins += 1
+        return entries, pinned
+
+    def _plan(
+        self, rows: Sequence[Row], entries: list[_Resident | None], results: list[RowResult | None]
+    ) -> list[_Group]:
+        """Split the live rows into forward passes and build what each runs with."""
+        mixed: list[int] = []
+        merged: dict[Hashable, list[int]] = {}
+        models: dict[Hashable, list[int]] = {}
+        for i, (row, e) in enumerate(zip(rows, entries, strict=True)):
+            if results[i] is not None:
+                continue
+            if e is None or (e.model is None and row.mode == "unmerged"):
+                mixed.append(i)
+            elif e.model is None:
+                merged.setdefault(row.key, []).append(i)
+            else:
+                models.setdefault(row.key, []).append(i)
+        groups: list[_Group] = []
+        if mixed:
+            slots = [_slot(entries[i]) for i in mixed]
+            hooks: EncoderHooks = NO_HOOKS
+            if any(s >= 0 for s in slots):
+                hooks = MixedLoraHooks(self._bank, torch.tensor(slots, device=self.device))
+            groups.append(_Group("mixed", mixed, hooks))
+        for key, idx in merged.items():
+            try:
+                groups.append(_Group("merged", idx, self._merged_hooks(key, entries[idx[0]])))
+            except Exception as exc:  # e.g. out of memory: only this adapter's rows fail
+                log.exception("merging %r failed", key)
+                for i in idx:
+                    results[i] = RowResult(key, error=exc)
+        for idx in models.values():
+            groups.append(_Group("model", idx, model=entries[idx[0]].model))  # type: ignore[union-attr]
+        return groups
+
+    def _merged_hooks(self, key: Hashable, entry: _Resident | None) -> EncoderHooks:
+        merged = self._merged.get(key)
+        if merged is None:
+            assert entry is not None and entry.slot is not None
+            merged = merge_pairs(
+                self.base,
+                self._bank.slot_pairs(entry.slot),
+                entry.scaling,
+                device=self.device,
+                dtype=self.dtype,
+            )
+            self._merged.put(key, merged)
+        return merged
 
     def _tokenize(
         self, rows: Sequence[Row], entries: list[_Resident | None], live: list[int]
@@ -412,53 +530,27 @@ class InferenceEngine:
         )
         return pool(hidden, mask, self.base.pooling)
 
-    def _forward(
-        self,
-        kind: str,
-        rows: Sequence[Row],
-        entries: list[_Resident | None],
-        idx: list[int],
-        tokens: Tokenized,
-    ) -> tuple[Tensor, Tensor | None]:
-        """Pooled features [n, hidden], plus logits [n, k] when a built model ran its head."""
-        batch = tokens.batch(idx)
-        if kind == "mixed":
-            slots = [_slot(entries[i]) for i in idx]
-            hooks: EncoderHooks = NO_HOOKS
-            if any(s >= 0 for s in slots):
-                hooks = MixedLoraHooks(self._bank, torch.tensor(slots, device=self.device))
-            return self._encode(batch, hooks), None
-        key = rows[idx[0]].key
-        entry = entries[idx[0]]
-        assert entry is not None
-        if kind == "merged":
-            merged = self._merged.get(key)
-            if merged is None:
-                assert entry.slot is not None
-                merged = merge_pairs(
-                    self.base,
-                    self._bank.slot_pairs(entry.slot),
-                    entry.scaling,
-                    device=self.device,
-                    dtype=self.dtype,
-                )
-                self._merged.put(key, merged)
-            return self._encode(batch, merged), None
-        assert entry.model is not None
-        feats = entry.model.features(batch)
-        return feats, entry.model.head(feats).reshape(len(idx), -1)
+    def _compute(self, group: _Group, plan: Plan) -> None:
+        try:
+            feats, logits = self._forward(group, plan.tokens)
+            self._finish(plan, group.idx, feats, logits)
+        except Exception as exc:  # one failing group must not fail the other rows
+            log.exception("inference failed for %d rows (%s)", len(group.idx), group.kind)
+            for i in group.idx:
+                plan.results[i] = RowResult(plan.rows[i].key, error=exc)
 
-    def _finish(
-        self,
-        rows: Sequence[Row],
-        entries: list[_Resident | None],
-        idx: list[int],
-        feats: Tensor,
-        logits: Tensor | None,
-        results: list[RowResult | None],
-        with_features: bool,
-    ) -> None:
+    def _forward(self, group: _Group, tokens: Tokenized) -> tuple[Tensor, Tensor | None]:
+        """Pooled features [n, hidden], plus logits [n, k] when a built model ran its head."""
+        batch = tokens.batch(group.idx)
+        if group.model is None:
+            return self._encode(batch, group.hooks), None
+        feats = group.model.features(batch)
+        return feats, group.model.head(feats).reshape(len(group.idx), -1)
+
+    def _finish(self, plan: Plan, idx: list[int], feats: Tensor, logits: Tensor | None) -> None:
         """Apply each row's own head (grouped by adapter; heads are tiny) and fill results."""
+        rows, entries, results = plan.rows, plan.entries, plan.results
+        with_features = plan.with_features
         feats = feats.float()
         by_key: dict[Hashable, list[int]] = {}
         for j, i in enumerate(idx):
