@@ -66,7 +66,10 @@ class Settings(BaseSettings):
 
     # --- processes and threads -----------------------------------------------------------
     embedded_worker: bool = True
-    torch_threads: int | None = Field(default=None, ge=1)  # serving; None = torch default
+    # Serving's torch thread budget (None: all cores, half with the embedded worker), split
+    # evenly over the inference workers (None: one per budgeted core, at most 4; 1 on CUDA).
+    torch_threads: int | None = Field(default=None, ge=1)
+    inference_workers: int | None = Field(default=None, ge=1)
     train_threads: int | None = Field(default=None, ge=1)
     lease_seconds: float = Field(default=30.0, gt=0)
     heartbeat_seconds: float = Field(default=10.0, gt=0)

@@ -1,1 +1,1 @@
-"""Serving: one inference thread owns the engine; requests reach it through the batcher."""
+"""Serving: the batcher thread owns the engine and plans batches; a small pool computes them."""

@@ -1,22 +1,38 @@
 """/predict and /reward/compare under concurrency: batching must not change any answer.
 
-The app runs its real serving hook (engine + batcher thread) on the tiny random base; adapters
-are random non-zero LoRA weights stored in the SQLite file as a finished job would store them.
+The app runs its real serving hook (engine + batcher threads) on the tiny random base, with one
+inference worker and with two sharing the engine; adapters are random non-zero LoRA weights
+stored in the database as a finished job would store them.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
+from service.config import Settings
+from service.main import create_app
 from tests.core.inference.helpers import lora, random_adapter
 from tests.service.helpers import Headers, assert_error, store_adapter
 
 TEXTS = [f"sample text number {i} with a few words" for i in range(24)]
+
+
+@pytest.fixture(params=[1, 2], ids=["1-worker", "2-workers"])
+def serving_client(
+    request: pytest.FixtureRequest, tiny_serving_settings: Settings
+) -> Iterator[TestClient]:
+    from service.serving.lifespan import serving
+
+    settings = tiny_serving_settings.model_copy(update={"inference_workers": request.param})
+    with TestClient(create_app(settings, hooks=[serving])) as client:
+        assert client.app.state.batcher.workers == request.param  # type: ignore[attr-defined]
+        yield client
 
 
 def _predict(client: TestClient, auth: Headers, name: str, texts: list[str], mode: str = "auto"):
@@ -146,7 +162,7 @@ def test_queue_limit_answers_503_with_retry_after(
     batcher = serving_client.app.state.batcher  # type: ignore[attr-defined]
     batcher.max_queue_rows = 4
     gate = threading.Event()
-    batcher.call_soon(lambda: gate.wait(30))  # hold the inference thread
+    batcher.call_soon(lambda: gate.wait(30))  # hold the batcher: no batch forms meanwhile
     try:
         with ThreadPoolExecutor(max_workers=8) as pool:
             futures = [
