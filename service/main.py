@@ -31,10 +31,16 @@ from service.api.routes import api_router
 from service.config import Settings
 from service.db.migrate import upgrade
 from service.db.session import make_engine, make_sessionmaker
-from service.observability.metrics import JobCollector, MetricsMiddleware, ServiceMetrics
+from service.observability.metrics import (
+    JobCollector,
+    LookupCacheCollector,
+    MetricsMiddleware,
+    ServiceMetrics,
+)
 from service.readiness import Readiness
 from service.serving.invalidation import invalidation
 from service.serving.lifespan import serving
+from service.serving.lookups import LookupCache
 from service.tenants.bootstrap import bootstrap_default_tenant, ensure_default_tenant
 from service.worker.embedded import embedded_worker
 
@@ -95,10 +101,14 @@ def create_app(
     app.state.settings = settings
     app.state.engine = engine
     app.state.sessionmaker = make_sessionmaker(engine)
+    # Exact only where this process sees every write: one API process on SQLite.
+    app.state.lookup_cache = LookupCache() if engine.dialect.name == "sqlite" else None
     app.state.readiness = Readiness()
     app.state.default_tenant_id = None
     app.state.metrics = ServiceMetrics()
     app.state.metrics.add_collector(JobCollector(app.state.sessionmaker))
+    if app.state.lookup_cache is not None:
+        app.state.metrics.add_collector(LookupCacheCollector(app.state.lookup_cache))
 
     install_error_handlers(app)
     app.add_middleware(

@@ -16,10 +16,12 @@ from typing import TYPE_CHECKING, Annotated
 from fastapi import Depends, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.concurrency import run_in_threadpool
 
 from service.api.errors import AUTHENTICATION, PERMISSION, ApiError, unavailable
 from service.config import Settings
 from service.db.models import ApiKey, Tenant
+from service.serving.lookups import LookupCache
 from service.serving.residency import AdapterRef, KeyLookup, find_adapter, find_key_and_adapter
 from service.tenants.keys import hash_api_key, key_by_secret
 
@@ -170,10 +172,10 @@ def get_base_model(request: Request) -> CoreBaseModel:
 AdapterName = Annotated[str, Query(min_length=1, max_length=64, description="adapter name")]
 
 
-def get_served_adapter(
+async def get_served_adapter(
     request: Request, settings: SettingsDep, credentials: BearerDep
 ) -> AdapterRef | None:
-    """Caller, tenant and the adapter's current version: one thread hop, one query.
+    """Caller, tenant and the adapter's current version: one thread hop, one query, or none.
 
     None when the caller's tenant has no such adapter (another tenant's is never confirmed
     to exist): the route answers 404 once FastAPI has validated parameters and body, so the
@@ -181,17 +183,34 @@ def get_served_adapter(
     ``adapter`` is read here rather than declared (a declared parameter is validated before
     the caller is checked); routes declare it as :data:`AdapterName`. The connection goes
     back to the pool before the request waits on the batcher: holding it during that wait
-    would let a burst of requests starve the adapter loads they wait for.
+    would let a burst of requests starve the adapter loads they wait for. Where the lookup
+    cache is on (:mod:`service.serving.lookups`), a caller and adapter already found valid
+    cost neither the hop nor the query.
     """
     found = _without_database(request, settings, credentials)
     name = request.query_params.get("adapter", "")
+    cache: LookupCache | None = request.app.state.lookup_cache
+    if cache is not None and isinstance(found, str):
+        ref = cache.get(hash_api_key(found), name)
+        if ref is not None:
+            return ref
+    return await run_in_threadpool(_look_up_served_adapter, request, found, name, cache)
+
+
+def _look_up_served_adapter(
+    request: Request, found: Principal | str, name: str, cache: LookupCache | None
+) -> AdapterRef | None:
+    generation = cache.generation if cache is not None else 0
     with request.app.state.engine.connect() as conn:
         if isinstance(found, Principal):
             return find_adapter(conn, _tenant_id(found), name)
-        key, ref = find_key_and_adapter(conn, hash_api_key(found), name)
-    _principal_of(key)  # 401 for an unknown or revoked key
+        key_hash = hash_api_key(found)
+        key, ref = find_key_and_adapter(conn, key_hash, name)
+    principal = _principal_of(key)  # 401 for an unknown or revoked key
     if key is None or not key.tenant_exists:  # key outlived its tenant
         raise _invalid_key()
+    if cache is not None and ref is not None and principal.key_id is not None:
+        cache.put(key_hash, name, ref, principal.key_id, generation)
     return ref
 
 

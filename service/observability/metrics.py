@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.db.models import Job, JobStatus
+from service.serving.lookups import LookupCache
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -47,7 +48,7 @@ class ServiceMetrics:
             registry=self.registry,
         )
         self.queue_rows = Gauge(
-            "loraplex_queue_rows", "Rows waiting for the inference thread.", registry=self.registry
+            "loraplex_queue_rows", "Rows waiting to join a batch.", registry=self.registry
         )
         self.rejected = Counter(
             "loraplex_queue_rejected_requests",
@@ -85,6 +86,25 @@ class EngineCollector(Collector):
         )
         yield GaugeMetricFamily(
             "loraplex_merged_cache_bytes", "Bytes of merged LoRA weights.", s.merged_cache_bytes
+        )
+
+
+class LookupCacheCollector(Collector):
+    """The inference request path's lookups answered from memory (SQLite only)."""
+
+    def __init__(self, cache: LookupCache) -> None:
+        self._cache = cache
+
+    def collect(self) -> Iterator[Any]:
+        yield CounterMetricFamily(
+            "loraplex_lookup_cache_hits",
+            "Inference requests whose key and adapter were known without a query.",
+            value=self._cache.hits,
+        )
+        yield CounterMetricFamily(
+            "loraplex_lookup_cache_misses",
+            "Inference requests that looked their key and adapter up in the database.",
+            value=self._cache.misses,
         )
 
 

@@ -3,9 +3,9 @@
 Cache keys are ``(tenant_id, name, version)``: a replaced adapter gets a new version and so a
 new key, and one tenant's ``sentiment`` can never be served to another tenant. The request
 path resolves the current version from the database (one indexed query, together with the
-caller's key: :func:`find_key_and_adapter`), so after a delete or replace returns, later
-requests never reach the old weights; the stale resident copy is dropped through
-:meth:`Batcher.invalidate`.
+caller's key: :func:`find_key_and_adapter`; remembered on SQLite, see
+:mod:`service.serving.lookups`), so after a delete or replace returns, later requests never
+reach the old weights; the stale resident copy is dropped through :meth:`Batcher.invalidate`.
 """
 
 from __future__ import annotations

@@ -110,7 +110,7 @@ def _get_owned(session: Session, tenant_id: str, name: str, *, weights: bool = F
 
 
 def delete_adapter_row(request: Request, session: Session, row: Adapter) -> None:
-    """Delete and commit; resident copies in the serving engine are dropped too.
+    """Delete and commit; its lookup-cache entries and resident copies are dropped too.
 
     Shared with ``DELETE /v1/models/{id}``. Serving caches key on (tenant, name, version) and
     versions are never reused, so even before the drop a cached copy cannot be served for a
@@ -119,6 +119,9 @@ def delete_adapter_row(request: Request, session: Session, row: Adapter) -> None
     tenant_id, name = row.tenant_id, row.name
     session.delete(row)
     session.commit()
+    lookups = request.app.state.lookup_cache
+    if lookups is not None:
+        lookups.drop_adapter(tenant_id, name)
     batcher = getattr(request.app.state, "batcher", None)
     if batcher is not None:
         batcher.invalidate(tenant_id, name)

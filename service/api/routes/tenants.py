@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -94,7 +94,7 @@ def list_keys(
 
 @router.delete("/{tenant_id}/keys/{key_id}", response_model=DeletedResponse)
 def revoke_key_route(
-    tenant_id: str, key_id: str, session: SessionDep, _admin: AdminDep
+    request: Request, tenant_id: str, key_id: str, session: SessionDep, _admin: AdminDep
 ) -> DeletedResponse:
     """Revoke a key: it stops working at once; the row stays for the audit trail."""
     key = session.scalar(select(ApiKey).where(ApiKey.id == key_id, ApiKey.tenant_id == tenant_id))
@@ -102,4 +102,7 @@ def revoke_key_route(
         raise not_found("api_key", key_id)
     revoke_key(key)
     session.commit()
+    lookups = request.app.state.lookup_cache
+    if lookups is not None:
+        lookups.drop_key(key.id)
     return DeletedResponse(id=key.id, object="api_key")
