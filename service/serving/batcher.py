@@ -11,8 +11,8 @@ The event loop never tokenizes or computes; it only awaits a future.
 
 With several workers the batcher forms the next batch as soon as one of them is free, so
 batches compute side by side, each with ``threads`` torch threads. On a 2-core CPU two workers
-with one torch thread each ran MiniLM 15-20 % faster at batch 32 than one worker with two, and
-2.5x faster at batch 1 (intra-op threads idle at barriers on small matrices): see the README.
+with one torch thread each ran MiniLM 10-20 % faster at batch 32 than one worker with two, and
+2.4x faster at batch 1 (intra-op threads idle at barriers on small matrices): see the README.
 Compute threads only read their plan and tensors nobody writes while it runs; the batcher
 thread releases each plan (unpins its adapters) once its worker reports it done.
 
@@ -55,7 +55,7 @@ class _Request:
     # Adapters fetched by the request path because they were not resident (see ``submit``).
     adapters: dict[Hashable, Adapter] = field(default_factory=dict)
     enqueued: float = field(default_factory=time.monotonic)
-    # Whether another request arrived within max_wait before this one (see ``_next_batch``).
+    # Whether another request arrived within max_wait before this one (see ``_collect``).
     in_company: bool = True
 
 
