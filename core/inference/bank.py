@@ -16,10 +16,11 @@ of the LoRA matmuls. That keeps "no adapter" free and lets ``capacity`` adapters
 
 Loading or unloading one adapter writes (zeroes) its slot only. Capacity grows geometrically
 (copying the stacked tensors once per doubling); a site's rank grows when a bigger rank arrives.
-Freed slots are reused lowest first. Not thread-safe: writers hold the engine's lock. A forward
-reads through :class:`MixedLoraHooks`, which snapshots the site tensors when it is built, so a
-load that grows the bank (new tensors) or writes another slot meanwhile cannot disturb it, as
-long as the slots it reads are not freed until it is done (the engine pins them).
+Freed slots are reused lowest first. Not thread-safe: only the engine's owner thread writes it.
+Forwards on other threads read through :class:`MixedLoraHooks`, which snapshots the site
+tensors when it is built, so a load that grows the bank (new tensors) or writes another slot
+meanwhile cannot disturb it, as long as the slots it reads are not freed until it is done (the
+engine pins them).
 """
 
 from __future__ import annotations

@@ -321,7 +321,7 @@ class InferenceEngine:
         budget = self.max_resident_bytes
         if nbytes > budget:
             raise ResidencyError(f"adapter needs {nbytes} bytes; the budget is {budget}")
-        # Retired entries still pinned by a running batch count until they are released.
+        # Retired entries still pinned by an unreleased plan count until they are released.
         total = self._resident_bytes
         old = self._residents.get(key)
         if old is not None and not old.pins:
