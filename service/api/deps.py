@@ -189,28 +189,32 @@ async def get_served_adapter(
     """
     found = _without_database(request, settings, credentials)
     name = request.query_params.get("adapter", "")
+    if isinstance(found, Principal):  # the admin key or auth disabled: no key to look up
+        return await run_in_threadpool(_find_adapter_for, request, found, name)
+    key_hash = hash_api_key(found)
     cache: LookupCache | None = request.app.state.lookup_cache
-    if cache is not None and isinstance(found, str):
-        ref = cache.get(hash_api_key(found), name)
-        if ref is not None:
-            return ref
-    return await run_in_threadpool(_look_up_served_adapter, request, found, name, cache)
+    ref = cache.get(key_hash, name) if cache is not None else None
+    if ref is not None:
+        return ref
+    return await run_in_threadpool(_look_up_served_adapter, request, key_hash, name, cache)
+
+
+def _find_adapter_for(request: Request, principal: Principal, name: str) -> AdapterRef | None:
+    with request.app.state.engine.connect() as conn:
+        return find_adapter(conn, _tenant_id(principal), name)
 
 
 def _look_up_served_adapter(
-    request: Request, found: Principal | str, name: str, cache: LookupCache | None
+    request: Request, key_hash: str, name: str, cache: LookupCache | None
 ) -> AdapterRef | None:
     generation = cache.generation if cache is not None else 0
     with request.app.state.engine.connect() as conn:
-        if isinstance(found, Principal):
-            return find_adapter(conn, _tenant_id(found), name)
-        key_hash = hash_api_key(found)
         key, ref = find_key_and_adapter(conn, key_hash, name)
-    principal = _principal_of(key)  # 401 for an unknown or revoked key
+    _principal_of(key)  # 401 for an unknown or revoked key
     if key is None or not key.tenant_exists:  # key outlived its tenant
         raise _invalid_key()
-    if cache is not None and ref is not None and principal.key_id is not None:
-        cache.put(key_hash, name, ref, principal.key_id, generation)
+    if cache is not None and ref is not None:
+        cache.put(key_hash, name, ref, key.id, generation)
     return ref
 
 

@@ -110,7 +110,7 @@ def find_key_and_adapter(
     """The caller's key and its tenant's adapter ``name`` in one indexed query.
 
     The request path of every inference call: one round trip instead of three (key, tenant,
-    adapter) keeps the lookup fresh (no cache to go stale) and cheap.
+    adapter). Fresh on every call; only :mod:`service.serving.lookups` remembers answers.
     """
     row = conn.execute(_FIND_KEY_AND_ADAPTER, {"key_hash": key_hash, "name": name}).one_or_none()
     if row is None:
