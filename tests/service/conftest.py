@@ -193,9 +193,17 @@ def tiny_serving_settings(settings: Settings, tiny_model_dir: Path) -> Settings:
 
 
 @pytest.fixture
-def serving_client(tiny_serving_settings: Settings) -> Iterator[TestClient]:
-    """The app with its serving hook on the tiny random base (no worker): /predict works."""
+def serving_client(
+    request: pytest.FixtureRequest, tiny_serving_settings: Settings
+) -> Iterator[TestClient]:
+    """The app with its serving hook on the tiny random base (no worker): /predict works.
+
+    Parametrize it indirectly with a number of inference workers to run them (default 1).
+    """
     from service.serving.lifespan import serving
 
-    with TestClient(create_app(tiny_serving_settings, hooks=[serving])) as test_client:
+    workers = getattr(request, "param", 1)
+    settings = tiny_serving_settings.model_copy(update={"inference_workers": workers})
+    with TestClient(create_app(settings, hooks=[serving])) as test_client:
+        assert test_client.app.state.batcher.workers == workers  # type: ignore[attr-defined]
         yield test_client

@@ -8,31 +8,21 @@ stored in the database as a finished job would store them.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
-from service.config import Settings
-from service.main import create_app
 from tests.core.inference.helpers import lora, random_adapter
 from tests.service.helpers import Headers, assert_error, store_adapter
 
 TEXTS = [f"sample text number {i} with a few words" for i in range(24)]
 
 
-@pytest.fixture(params=[1, 2], ids=["1-worker", "2-workers"])
-def serving_client(
-    request: pytest.FixtureRequest, tiny_serving_settings: Settings
-) -> Iterator[TestClient]:
-    from service.serving.lifespan import serving
-
-    settings = tiny_serving_settings.model_copy(update={"inference_workers": request.param})
-    with TestClient(create_app(settings, hooks=[serving])) as client:
-        assert client.app.state.batcher.workers == request.param  # type: ignore[attr-defined]
-        yield client
+pytestmark = pytest.mark.parametrize(
+    "serving_client", [1, 2], ids=["1-worker", "2-workers"], indirect=True
+)
 
 
 def _predict(client: TestClient, auth: Headers, name: str, texts: list[str], mode: str = "auto"):
