@@ -28,6 +28,7 @@ from starlette.concurrency import run_in_threadpool
 from service.api.errors import install_error_handlers
 from service.api.middleware import BodySizeLimitMiddleware
 from service.api.routes import api_router
+from service.api.routes.docs import install_docs
 from service.config import Settings
 from service.db.migrate import upgrade
 from service.db.session import make_engine, make_sessionmaker
@@ -96,6 +97,9 @@ def create_app(
         version=API_VERSION,
         description="Multi-tenant adapter fine-tuning and serving on one frozen encoder.",
         lifespan=lifespan,
+        # Served by install_docs from packaged files instead of FastAPI's CDN-backed pages.
+        docs_url=None,
+        redoc_url=None,
     )
     engine = make_engine(settings.db_url, sqlite_busy_timeout_ms=settings.sqlite_busy_timeout_ms)
     app.state.settings = settings
@@ -118,4 +122,5 @@ def create_app(
     )
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     app.include_router(api_router)
+    install_docs(app)
     return app

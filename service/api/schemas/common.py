@@ -5,21 +5,35 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 
 # Names that appear in URLs (adapters, tenants): no slashes, spaces or leading punctuation.
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+
+# Creation times are Unix seconds throughout, as in OpenAI's objects.
+CREATED_AT = "When it was created, in Unix seconds (UTC)."
 
 
 T = TypeVar("T")
 
 
 class ListResponse(BaseModel, Generic[T]):
-    object: Literal["list"] = "list"
-    data: list[T]
-    has_more: bool
-    first_id: str | None = None
-    last_id: str | None = None
+    """One page of a list, newest first unless the route says otherwise.
+
+    To read the next page, pass `last_id` as `after`, while `has_more` is true.
+    """
+
+    object: Literal["list"] = Field("list", description="Always `list`.")
+    data: list[T] = Field(description="The items of this page.")
+    has_more: bool = Field(description="Whether more items follow this page.")
+    first_id: str | None = Field(
+        None, description="Cursor of the first item of the page; null when the page is empty."
+    )
+    last_id: str | None = Field(
+        None,
+        description="Cursor of the last item of the page: pass it as `after` for the next "
+        "page. Null when the page is empty.",
+    )
 
     @classmethod
     def page(
@@ -35,6 +49,16 @@ class ListResponse(BaseModel, Generic[T]):
 
 
 class DeletedResponse(BaseModel):
-    id: str
-    object: str
-    deleted: bool = True
+    """What a successful deletion answers."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"id": "file-6f1c0e9a2b4d8c3e5a7f9b1d", "object": "dataset", "deleted": True}
+            ]
+        }
+    )
+
+    id: str = Field(description="Id of the deleted object.")
+    object: str = Field(description="Type of the deleted object, e.g. `dataset` or `api_key`.")
+    deleted: bool = Field(True, description="Always true: a failed deletion answers an error.")

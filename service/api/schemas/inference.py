@@ -14,68 +14,182 @@ Text = Annotated[str, StringConstraints(min_length=1, max_length=MAX_TEXT_CHARS)
 OptionalText = Annotated[str, StringConstraints(max_length=MAX_TEXT_CHARS)]
 Mode = Literal["auto", "unmerged", "merged"]
 
+ADAPTER_NAME = "The adapter that answered."
+TRUNCATE = (
+    "Truncate texts longer than the model's window (default). False refuses them with a 422 "
+    "naming the input instead."
+)
+PROMPT = "The prompt both responses answer; encoded as the first text of each pair."
+
 
 class TextPair(BaseModel):
+    """Two texts classified together, for adapters trained on rows with `text_pair`."""
+
     model_config = ConfigDict(extra="forbid")
-    text: Text
-    text_pair: Text | None = None
+    text: Text = Field(description="The first text.")
+    text_pair: Text | None = Field(None, description="The second text; null for a single text.")
 
 
 class PredictRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    inputs: list[Text | Annotated[list[Text], Field(min_length=2, max_length=2)] | TextPair] = (
-        Field(min_length=1, max_length=MAX_INPUTS, description="texts, [text, pair] or objects")
+    """Texts to classify or score with one adapter."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "inputs": [
+                        "A delight from start to finish.",
+                        ["Is it good?", "Two hours I will never get back."],
+                        {"text": "Is it good?", "text_pair": "Yes, very."},
+                    ]
+                }
+            ]
+        },
     )
-    # Inputs longer than the model's window are truncated unless this is false (then 422).
-    truncate: bool = True
+    inputs: list[Text | Annotated[list[Text], Field(min_length=2, max_length=2)] | TextPair] = (
+        Field(
+            min_length=1,
+            max_length=MAX_INPUTS,
+            description=f"Up to {MAX_INPUTS} inputs, each a text, a `[text, text_pair]` array or "
+            "a `{text, text_pair}` object; answered in order.",
+        )
+    )
+    truncate: bool = Field(True, description=TRUNCATE)
 
 
 class Prediction(BaseModel):
-    label: str | None = None
-    score: float | None = None
-    probabilities: dict[str, float] | None = None
-    reward: float | None = None
+    """One input's result: a label with probabilities (classification) or a reward."""
+
+    label: str | None = Field(None, description="Classification: the most probable label.")
+    score: float | None = Field(None, description="Classification: the label's probability.")
+    probabilities: dict[str, float] | None = Field(
+        None, description="Classification: the probability of every label."
+    )
+    reward: float | None = Field(
+        None, description="Reward adapters: the score; higher means preferred."
+    )
 
 
 class PredictResponse(BaseModel):
-    object: Literal["prediction"] = "prediction"
-    adapter: str
-    mode: Mode
-    task: str
-    predictions: list[Prediction]
+    """Predictions in the order of the inputs."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "object": "prediction",
+                    "adapter": "sentiment-lora",
+                    "mode": "unmerged",
+                    "task": "classification",
+                    "predictions": [
+                        {
+                            "label": "fresh",
+                            "score": 0.91,
+                            "probabilities": {"fresh": 0.91, "rotten": 0.09},
+                        }
+                    ],
+                }
+            ]
+        }
+    )
+
+    object: Literal["prediction"] = Field("prediction", description="Always `prediction`.")
+    adapter: str = Field(description=ADAPTER_NAME)
+    mode: Mode = Field(
+        description="The `mode` asked for: `auto` lets the server choose per batch (a merged "
+        "copy for an adapter that dominates recent traffic), `unmerged` shares one forward "
+        "pass with other adapters, `merged` uses LoRA weights merged into a copy of the base."
+    )
+    task: str = Field(description="`classification` or `reward`: which fields each result has.")
+    predictions: list[Prediction] = Field(description="One result per input, in order.")
 
 
 class ComparePair(BaseModel):
+    """One comparison: two responses, optionally to a prompt."""
+
     model_config = ConfigDict(extra="forbid")
-    prompt: OptionalText | None = None
-    response_a: Text
-    response_b: Text
+    prompt: OptionalText | None = Field(None, description=PROMPT)
+    response_a: Text = Field(description="The first response.")
+    response_b: Text = Field(description="The second response.")
 
 
 class CompareRequest(BaseModel):
-    """Either one pair (``response_a``, ``response_b``, optional ``prompt``) or ``pairs``."""
+    """Either one pair (`response_a`, `response_b`, optional `prompt`) or `pairs`."""
 
-    model_config = ConfigDict(extra="forbid")
-    prompt: OptionalText | None = None
-    response_a: Text | None = None
-    response_b: Text | None = None
-    pairs: list[ComparePair] | None = Field(None, min_length=1, max_length=MAX_PAIRS)
-    truncate: bool = True
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "prompt": "Summarise the film in one line.",
+                    "response_a": "A heist goes wrong and the crew turns on itself.",
+                    "response_b": "It is a movie.",
+                },
+                {
+                    "pairs": [
+                        {"response_a": "Clear and kind.", "response_b": "Whatever."},
+                        {"prompt": "Hi?", "response_a": "Hello!", "response_b": "No."},
+                    ]
+                },
+            ]
+        },
+    )
+    prompt: OptionalText | None = Field(None, description=PROMPT)
+    response_a: Text | None = Field(None, description="The first response (one-pair form).")
+    response_b: Text | None = Field(None, description="The second response (one-pair form).")
+    pairs: list[ComparePair] | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_PAIRS,
+        description=f"Up to {MAX_PAIRS} comparisons in one call, instead of the one-pair fields.",
+    )
+    truncate: bool = Field(True, description=TRUNCATE)
 
 
 class CompareResult(BaseModel):
-    reward_a: float
-    reward_b: float
-    p_a_preferred: float
-    preferred: Literal["a", "b"]
+    """The reward model's verdict on one pair."""
+
+    reward_a: float = Field(description="Reward of `response_a`.")
+    reward_b: float = Field(description="Reward of `response_b`.")
+    p_a_preferred: float = Field(
+        description="Probability that `response_a` is preferred: sigmoid(reward_a - reward_b), "
+        "as in Bradley-Terry reward-model training."
+    )
+    preferred: Literal["a", "b"] = Field(
+        description="`a` when `p_a_preferred` is at least 0.5, else `b`."
+    )
+
+
+_RESULT_EXAMPLE = {"reward_a": 1.42, "reward_b": -0.87, "p_a_preferred": 0.91, "preferred": "a"}
 
 
 class CompareResponse(CompareResult):
-    object: Literal["reward.comparison"] = "reward.comparison"
-    adapter: str
+    """The verdict on the one pair sent."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"object": "reward.comparison", "adapter": "helpful-rm", **_RESULT_EXAMPLE}
+            ]
+        }
+    )
+
+    object: Literal["reward.comparison"] = Field(
+        "reward.comparison", description="Always `reward.comparison`."
+    )
+    adapter: str = Field(description=ADAPTER_NAME)
 
 
 class CompareBatchResponse(BaseModel):
-    object: Literal["list"] = "list"
-    adapter: str
-    results: list[CompareResult]
+    """The verdicts on `pairs`, in order."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"object": "list", "adapter": "helpful-rm", "results": [_RESULT_EXAMPLE]}]
+        }
+    )
+
+    object: Literal["list"] = Field("list", description="Always `list`.")
+    adapter: str = Field(description=ADAPTER_NAME)
+    results: list[CompareResult] = Field(description="One verdict per pair, in order.")

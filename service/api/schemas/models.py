@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 
+from service.api.schemas.adapters import ADAPTER_EXAMPLE
 from service.db.models import Adapter
 from service.db.types import to_unix
 
@@ -18,27 +19,81 @@ from service.db.types import to_unix
 BASE_OWNER = "system"
 
 
+BASE_EXAMPLE = {
+    "id": "sentence-transformers/all-MiniLM-L6-v2",
+    "object": "model",
+    "created": 1764950400,
+    "owned_by": BASE_OWNER,
+    "kind": "base",
+    "root": "sentence-transformers/all-MiniLM-L6-v2",
+    "max_model_len": 256,
+    "hidden_size": 384,
+    "num_layers": 6,
+    "num_params": 22713216,
+    "fingerprint": ADAPTER_EXAMPLE["base_fingerprint"],
+}
+ADAPTER_MODEL_EXAMPLE = {
+    "id": ADAPTER_EXAMPLE["name"],
+    "object": "model",
+    "created": ADAPTER_EXAMPLE["created_at"],
+    "owned_by": "tenant-1a2b3c4d5e6f7a8b9c0d1e2f",
+    "kind": "adapter",
+    "root": ADAPTER_EXAMPLE["base_model"],
+    "parent": ADAPTER_EXAMPLE["base_model"],
+    "adapter_id": ADAPTER_EXAMPLE["id"],
+    "version": ADAPTER_EXAMPLE["version"],
+    "method": ADAPTER_EXAMPLE["method"],
+    "task": ADAPTER_EXAMPLE["task"],
+    "label_names": ADAPTER_EXAMPLE["label_names"],
+}
+_BASE_ONLY = "Base model only: "
+_ADAPTER_ONLY = "Adapters only: "
+
+
 class ModelObject(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int
-    owned_by: str
+    """The base model or one of the caller's adapters, as OpenAI's model object.
+
+    Fields that do not apply to the model's `kind` are left out.
+    """
+
+    model_config = ConfigDict(json_schema_extra={"examples": [BASE_EXAMPLE, ADAPTER_MODEL_EXAMPLE]})
+
+    id: str = Field(
+        description="The model's name: the base model's name, or the adapter's name (what "
+        "`model=` and `/predict?adapter=` take)."
+    )
+    object: Literal["model"] = Field("model", description="Always `model`.")
+    created: int = Field(
+        description="Unix seconds: when the adapter was stored, or the date of the base "
+        "model's weights file."
+    )
+    owned_by: str = Field(
+        description=f"`{BASE_OWNER}` for the shared base model, else the owning tenant's id."
+    )
     # --- loraplex extras ---
-    kind: Literal["base", "adapter"]
-    root: str | None = None
-    parent: str | None = None
+    kind: Literal["base", "adapter"] = Field(
+        description="`base` for the shared encoder, `adapter` for a fine-tuned model."
+    )
+    root: str | None = Field(None, description="The base model everything here runs on.")
+    parent: str | None = Field(None, description=_ADAPTER_ONLY + "the base model it extends.")
     # base model
-    max_model_len: int | None = None
-    hidden_size: int | None = None
-    num_layers: int | None = None
-    num_params: int | None = None
-    fingerprint: str | None = None
+    max_model_len: int | None = Field(
+        None, description=_BASE_ONLY + "the longest input in tokens; longer ones are truncated."
+    )
+    hidden_size: int | None = Field(None, description=_BASE_ONLY + "the embedding width.")
+    num_layers: int | None = Field(None, description=_BASE_ONLY + "the number of layers.")
+    num_params: int | None = Field(None, description=_BASE_ONLY + "the number of parameters.")
+    fingerprint: str | None = Field(
+        None, description=_BASE_ONLY + "SHA-256 of its weights (adapters record it)."
+    )
     # adapter
-    adapter_id: str | None = None
-    version: int | None = None
-    method: str | None = None
-    task: str | None = None
-    label_names: list[str] | None = None
+    adapter_id: str | None = Field(None, description=_ADAPTER_ONLY + "the adapter's id.")
+    version: int | None = Field(None, description=_ADAPTER_ONLY + "the adapter's version.")
+    method: str | None = Field(None, description=_ADAPTER_ONLY + "the fine-tuning method.")
+    task: str | None = Field(None, description=_ADAPTER_ONLY + "`classification` or `reward`.")
+    label_names: list[str] | None = Field(
+        None, description=_ADAPTER_ONLY + "the labels a classifier predicts, in output order."
+    )
 
     @classmethod
     def from_adapter(cls, row: Adapter) -> ModelObject:
@@ -59,11 +114,27 @@ class ModelObject(BaseModel):
 
 
 class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelObject]
+    """Every model the caller can use: the base model first, then its adapters, newest first."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"object": "list", "data": [BASE_EXAMPLE, ADAPTER_MODEL_EXAMPLE]}]
+        }
+    )
+
+    object: Literal["list"] = Field("list", description="Always `list`.")
+    data: list[ModelObject] = Field(description="The models, all in one page.")
 
 
 class ModelDeleted(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    deleted: bool = True
+    """What deleting a fine-tuned model answers."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"id": "sentiment-lora", "object": "model", "deleted": True}]
+        }
+    )
+
+    id: str = Field(description="The deleted model's (adapter's) name.")
+    object: Literal["model"] = Field("model", description="Always `model`.")
+    deleted: bool = Field(True, description="Always true: a failed deletion answers an error.")
