@@ -76,8 +76,8 @@ from core.adapter import Adapter
 from core.base import BaseModel
 from core.io.serialization import adapter_to_bytes
 from core.model import trainable_parameter_count
-from core.training import ProgressEvent, Trainer, TrainerCallbacks
 from core.training.data import coerce_examples, encode, eval_batches
+from core.training.trainer import ProgressEvent, Trainer, TrainerCallbacks
 
 SEED = 0
 SPLIT = (0.8, 0.1, 0.1)
@@ -266,7 +266,7 @@ class ProgressPrinter:
         eta = e.elapsed / e.step * (e.total_steps - e.step) if e.step else 0.0
         val = f" val_acc {e.val_metrics['accuracy']:.3f}" if e.val_metrics else ""
         line = (
-            f"[strategies] {name}: step {e.step}/{e.total_steps} epoch {e.epoch + 1} "
+            f"[strategies] {name}: step {e.step}/{e.total_steps} epoch {e.epoch:.2f} "
             f"loss {e.train_loss:.3f}{val} {e.elapsed:.0f}s eta {eta:.0f}s"
         )
         if self.tty:

@@ -199,6 +199,10 @@ class EncodedData:
         """Padded length each example costs (the longer of its sequences)."""
         return [max(len(s) for s in seqs) for seqs in self.ids]
 
+    def token_count(self, indices: Sequence[int]) -> int:
+        """Tokens of the selected examples, padding excluded (all sequences of a pair)."""
+        return sum(len(s) for i in indices for s in self.ids[i])
+
     def fingerprint(self) -> str:
         """sha256 of ids and targets: a checkpoint is only resumed on the data it was cut from."""
         h = hashlib.sha256()

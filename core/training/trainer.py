@@ -81,12 +81,17 @@ _SCHEDULER_KEYS = {
 class ProgressEvent:
     step: int  # optimizer steps done (1-based after the first step)
     total_steps: int
-    epoch: int  # 0-based epoch this step belonged to
+    # Epochs completed, as a float (HF Trainer's convention): 0.5 half-way through the first
+    # epoch, 1.0 at its end, 3.0 when a 3-epoch job is done.
+    epoch: float
     train_loss: float  # running mean of the training loss over the current epoch
     lr: float  # learning rate of the top (head) group used for this step
     val_metrics: dict[str, Any] | None  # set when this step ended with a validation
     elapsed: float  # seconds of training, including time before a resume
     step_loss: float = math.nan  # this step's loss
+    # Non-padding tokens of the training examples of every step so far (OpenAI's billable
+    # ``trained_tokens``: an example seen in three epochs counts three times).
+    trained_tokens: int = 0
 
 
 @dataclass
@@ -98,9 +103,9 @@ class TrainerCallbacks:
     on_eval: Callable[[ProgressEvent], None] | None = None
     # Checked before every step and between evaluation / feature batches.
     should_cancel: Callable[[], bool] | None = None
-    # (checkpoint bytes, step, epoch, metrics): every ``checkpoint_every_steps`` and at the
-    # end of every epoch, except after the final step (the adapter supersedes it).
-    on_checkpoint: Callable[[bytes, int, int, dict[str, Any]], None] | None = None
+    # (checkpoint bytes, step, epochs completed, metrics): every ``checkpoint_every_steps``
+    # and at the end of every epoch, except after the final step (the adapter supersedes it).
+    on_checkpoint: Callable[[bytes, int, float, dict[str, Any]], None] | None = None
 
 
 @dataclass
@@ -118,8 +123,9 @@ class _State:
     """Everything that changes while training (and goes into a checkpoint)."""
 
     step: int = 0
-    epoch: int = 0
+    epoch: int = 0  # 0-based index of the epoch the next step belongs to
     batch_in_epoch: int = 0
+    trained_tokens: int = 0
     loss_sum: float = 0.0  # current epoch, for the running mean
     loss_count: int = 0
     best_score: float | None = None
@@ -188,8 +194,11 @@ class Trainer:
             check_labels(train, labels, "training")
             check_classes(train)
         _check_pairs(self.head_config, train, "training")
+        # Rows of the training set held out for validation (none when a set was given).
+        self.held_out_examples = 0
         if val is None and cfg.validation_fraction > 0:
             train, val = split_validation(train, cfg.validation_fraction, cfg.seed)
+            self.held_out_examples = len(val)
         elif val is not None:
             check_labels(val, labels, "validation")
             _check_pairs(self.head_config, val, "validation")
@@ -261,6 +270,50 @@ class Trainer:
         self.state = _State()
         self._ready = True
 
+    # --- what the run resolved ----------------------------------------------------------------
+
+    @property
+    def epochs_done(self) -> float:
+        """Epochs completed so far, as a float (HF Trainer's ``epoch``): 1.0 after the first."""
+        return self.state.epoch + self.state.batch_in_epoch / self.steps_per_epoch
+
+    def resolved_hyperparameters(self) -> dict[str, Any]:
+        """Every training setting as this run uses it (set up first), with the data split.
+
+        "auto" and unset values are replaced by what they resolved to (learning rate, warm-up
+        steps, evaluation batch size, the sequence length after the base model's cap), and the
+        plan is added: steps, epochs, and how many rows train and validate. ``validation``
+        says where validation rows come from: ``"validation_set"`` (given), ``"held_out"``
+        (``held_out_examples`` training rows, a ``validation_fraction`` share) or ``"none"``.
+        """
+        if not self._ready:
+            raise RuntimeError("resolved_hyperparameters() needs a set-up trainer")
+        cfg = self.config
+        out = cfg.to_dict()
+        out.pop("num_threads")  # advisory for the caller, not used here
+        if self.val_data is None:
+            validation = "none"
+        else:
+            validation = "held_out" if self.held_out_examples else "validation_set"
+        out.update(
+            {
+                "learning_rate": self.lr,
+                "warmup_steps": self.warmup_steps,
+                "eval_batch_size": cfg.resolved_eval_batch_size(),
+                "max_seq_length": self.max_length,
+                # Epochs the steps reach into (max_steps may end one part-way).
+                "n_epochs": math.ceil(self.total_steps / self.steps_per_epoch),
+                "total_steps": self.total_steps,
+                "steps_per_epoch": self.steps_per_epoch,
+                "validation": validation,
+                "validation_fraction": cfg.validation_fraction if self.held_out_examples else 0.0,
+                "held_out_examples": self.held_out_examples,
+                "train_examples": len(self.train_data),
+                "val_examples": len(self.val_data) if self.val_data is not None else 0,
+            }
+        )
+        return out
+
     # --- training ----------------------------------------------------------------------------
 
     def train(self) -> TrainResult:
@@ -295,6 +348,7 @@ class Trainer:
                 lr = self.optimizer.param_groups[0]["lr"]
                 loss = self._train_step(batches[bi])
                 st.step += 1
+                st.trained_tokens += self.train_data.token_count(batches[bi])
                 st.loss_sum += loss
                 st.loss_count += 1
                 end_of_epoch = bi + 1 == len(batches)
@@ -307,7 +361,7 @@ class Trainer:
                 if end_of_epoch:
                     st.loss_sum, st.loss_count = 0.0, 0
                 st.pending = {
-                    "epoch": epoch,
+                    "epoch": self.epochs_done,
                     "end_of_epoch": end_of_epoch,
                     "train_loss": train_loss,
                     "lr": lr,
@@ -335,7 +389,15 @@ class Trainer:
         st.pending = None
         st.elapsed = time.monotonic() - t0
         event = ProgressEvent(
-            st.step, self.total_steps, epoch, train_loss, lr, val, st.elapsed, loss
+            st.step,
+            self.total_steps,
+            epoch,
+            train_loss,
+            lr,
+            val,
+            st.elapsed,
+            loss,
+            st.trained_tokens,
         )
         if self.callbacks.on_progress:
             self.callbacks.on_progress(event)
@@ -409,7 +471,7 @@ class Trainer:
         return acc.compute()
 
     def _evaluate_and_track(
-        self, epoch: int, train_loss: float, lr: float, t0: float
+        self, epoch: float, train_loss: float, lr: float, t0: float
     ) -> dict[str, Any]:
         st, cfg = self.state, self.config
         val = self.evaluate()
@@ -437,7 +499,7 @@ class Trainer:
         return val
 
     def _track_without_validation(
-        self, epoch: int, train_loss: float, lr: float, t0: float
+        self, epoch: float, train_loss: float, lr: float, t0: float
     ) -> None:
         st = self.state
         st.best_step = st.step  # without validation the last weights are the result
@@ -480,7 +542,8 @@ class Trainer:
                 "train_loss": last_train,
                 "best_step": st.best_step,
                 "steps": st.step,
-                "epochs": st.step / self.steps_per_epoch,
+                "epochs": self.epochs_done,
+                "trained_tokens": st.trained_tokens,
                 "stopped_early": st.stopped_early,
                 "train_examples": len(self.train_data),
                 "val_examples": len(self.val_data) if self.val_data is not None else 0,
@@ -569,6 +632,7 @@ class Trainer:
             "state": {
                 "loss_sum": st.loss_sum,
                 "loss_count": st.loss_count,
+                "trained_tokens": st.trained_tokens,
                 "best_score": st.best_score,
                 "best_step": st.best_step,
                 "best_metrics": st.best_metrics,
@@ -610,6 +674,8 @@ class Trainer:
                 batch_in_epoch=int(pos["batch"]),
                 loss_sum=float(s["loss_sum"]),
                 loss_count=int(s["loss_count"]),
+                # Checkpoints written before tokens were counted resume with the count at 0.
+                trained_tokens=int(s.get("trained_tokens", 0)),
                 best_score=s["best_score"],
                 best_step=int(s["best_step"]),
                 best_metrics=dict(s["best_metrics"]),

@@ -2,19 +2,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from typing import Any
 
 import pytest
 import torch
 
 from core.errors import Cancelled, ConfigError, DataError
-from core.training import (
-    CheckpointError,
-    ProgressEvent,
-    Trainer,
-    TrainerCallbacks,
-)
-from core.training.checkpoint import MAGIC, unpack
+from core.training.checkpoint import MAGIC, CheckpointError, unpack
+from core.training.trainer import ProgressEvent, Trainer, TrainerCallbacks
 from tests.core.training.conftest import preference_rows
 
 CLS = {"task": "classification"}
@@ -164,6 +160,9 @@ def test_resume_equals_uninterrupted(tiny_base, easy_rows, extra: dict, cut: int
     assert result.best_step == full.best_step and result.steps == full.steps
     strip = [{k: v for k, v in h.items() if k != "elapsed"} for h in full.history]
     assert [{k: v for k, v in h.items() if k != "elapsed"} for h in result.history] == strip
+    # Tokens counted before the checkpoint are carried over, not counted again or lost.
+    assert result.metrics["trained_tokens"] == full.metrics["trained_tokens"] > 0
+    assert events[-1].trained_tokens == full.metrics["trained_tokens"]
 
 
 def test_resume_full_finetune_with_layer_decay(tiny_base, easy_rows) -> None:
@@ -221,7 +220,7 @@ def test_checkpoint_refuses_other_data_or_config(tiny_base, easy_rows) -> None:
 
 
 def test_checkpoint_callback_schedule(tiny_base, easy_rows) -> None:
-    calls: list[tuple[int, int]] = []
+    calls: list[tuple[int, float]] = []
     cfg = {"n_epochs": 2, "batch_size": 16, "checkpoint_every_steps": 5}  # 108 rows: 7 / epoch
     _run(
         tiny_base,
@@ -230,8 +229,9 @@ def test_checkpoint_callback_schedule(tiny_base, easy_rows) -> None:
         cfg,
         TrainerCallbacks(on_checkpoint=lambda d, s, e, m: calls.append((s, e))),
     )
-    # Every 5 steps and at the first epoch's end; never after the final step.
-    assert calls == [(5, 0), (7, 0), (10, 1)]
+    # Every 5 steps and at the first epoch's end; never after the final step. The epoch is
+    # the epochs completed by then.
+    assert calls == [(5, pytest.approx(5 / 7)), (7, 1.0), (10, pytest.approx(10 / 7))]
 
 
 # --- cancel, early stopping, unfreezing ------------------------------------------------------
@@ -292,7 +292,8 @@ def test_gradual_unfreezing_changes_trained_params(tiny_base, easy_rows) -> None
 
     def progress(e: ProgressEvent) -> None:
         live = {n for n, p in trainer.named_params.items() if p.grad is not None}
-        seen.setdefault(e.epoch, set()).update(live)
+        # e.epoch counts completed epochs (1.0 after the first): the step's 0-based epoch.
+        seen.setdefault(math.ceil(e.epoch) - 1, set()).update(live)
 
     cfg = {
         "n_epochs": 4,
@@ -330,6 +331,96 @@ def test_gradual_unfreezing_changes_trained_params(tiny_base, easy_rows) -> None
     # Embeddings trained only in the last epoch; layer 0 weights moved; nothing frozen drifted.
     emb = result.adapter.method_state["embeddings.word_embeddings.weight"]
     assert not torch.equal(emb, tiny_base.encoder.embeddings.word_embeddings.weight)
+
+
+# --- what a run reports ----------------------------------------------------------------------
+
+
+def test_epochs_are_completed_epochs_as_in_hf_trainer(tiny_base, easy_rows) -> None:
+    """``epoch`` counts epochs completed (a float), so a finished 3-epoch run says 3.0."""
+    events: list[ProgressEvent] = []
+    cfg = {"n_epochs": 3, "batch_size": 16}
+    cb = TrainerCallbacks(on_progress=events.append)
+    # 58 training rows after the 10 % hold-out: 4 steps per epoch, a validation at each end.
+    result = Trainer(tiny_base, {"type": "lora"}, CLS, easy_rows[:64], None, cfg, cb).train()
+    assert [e.epoch for e in events] == [s / 4 for s in range(1, 13)]
+    assert events[-1].epoch == 3.0 and result.metrics["epochs"] == 3.0
+    assert [h["epoch"] for h in result.history] == [1.0, 2.0, 3.0]
+
+
+def test_trained_tokens_count_every_step_without_padding(tiny_base, easy_rows) -> None:
+    rows = easy_rows[:40]
+    events: list[ProgressEvent] = []
+    cfg = {"n_epochs": 2, "batch_size": 8, "validation_fraction": 0}
+    trainer = Trainer(
+        tiny_base,
+        {"type": "lora"},
+        CLS,
+        rows,
+        None,
+        cfg,
+        TrainerCallbacks(on_progress=events.append),
+    )
+    trainer.setup()
+    tok = tiny_base.tokenizer
+    # [CLS] text [SEP] per row: the rows' own token counts, no padding to the batch's longest.
+    per_epoch = sum(len(tok(r["text"])["input_ids"]) for r in rows)
+    padded = sum(
+        max(trainer.train_data.lengths[i] for i in b) * len(b) for b in trainer.sampler.batches(0)
+    )
+    assert per_epoch < padded  # the rows differ in length, so padding would be counted
+    result = trainer.train()
+    assert result.metrics["trained_tokens"] == events[-1].trained_tokens == 2 * per_epoch
+    counts = [e.trained_tokens for e in events]
+    assert counts == sorted(counts) and counts[0] > 0 and len(set(counts)) == len(counts)
+
+
+def test_trained_tokens_of_preference_pairs_count_both_sequences(tiny_base) -> None:
+    rows = preference_rows(12)
+    reward = {"task": "reward"}
+    cfg = {"n_epochs": 1, "batch_size": 4, "validation_fraction": 0}
+    result = Trainer(tiny_base, {"type": "lora"}, reward, rows, None, cfg).train()
+    tok = tiny_base.tokenizer
+    expected = sum(
+        len(tok(r["prompt"], r[side])["input_ids"]) for r in rows for side in ("chosen", "rejected")
+    )
+    assert result.metrics["trained_tokens"] == expected
+
+
+def test_resolved_hyperparameters_say_what_the_run_uses(tiny_base, easy_rows) -> None:
+    cfg = {"n_epochs": 2, "batch_size": 16, "max_seq_length": 4096, "warmup_ratio": 0.25}
+    t = Trainer(
+        tiny_base, {"type": "prompt_tuning", "n_virtual_tokens": 4}, CLS, easy_rows, None, cfg
+    )
+    t.setup()
+    r = t.resolved_hyperparameters()
+    # 10 % of 120 rows held out, stratified (6 per class); 108 rows = 7 batches of 16.
+    assert r["validation"] == "held_out" and r["validation_fraction"] == 0.1
+    assert r["held_out_examples"] == 12 and r["val_examples"] == 12 and r["train_examples"] == 108
+    assert r["steps_per_epoch"] == 7 and r["total_steps"] == 14 and r["n_epochs"] == 2
+    assert r["learning_rate"] == 3e-2  # "auto" for prompt tuning
+    assert r["warmup_steps"] == 3  # int(0.25 * 14)
+    assert r["batch_size"] == 16 and r["eval_batch_size"] == 32
+    # Capped by the base model's positions, less the virtual tokens.
+    assert r["max_seq_length"] == tiny_base.max_length - 4
+    assert "num_threads" not in r
+    json.dumps(r)  # stored as JSON by the service
+
+    given = Trainer(
+        tiny_base, {"type": "lora"}, CLS, easy_rows[:40], easy_rows[40:60], {"max_steps": 5}
+    )
+    given.setup()
+    r = given.resolved_hyperparameters()
+    assert r["validation"] == "validation_set" and r["held_out_examples"] == 0
+    assert r["validation_fraction"] == 0.0 and r["val_examples"] == 20
+    assert r["total_steps"] == 5 and r["n_epochs"] == 2  # 3 steps per epoch: 5 reach the 2nd
+    assert r["learning_rate"] == 1e-3
+
+    none = Trainer(
+        tiny_base, {"type": "lora"}, CLS, easy_rows[:40], None, {"validation_fraction": 0}
+    )
+    none.setup()
+    assert none.resolved_hyperparameters()["validation"] == "none"
 
 
 # --- bad input -------------------------------------------------------------------------------
