@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from core.base import BaseModel
@@ -13,6 +12,7 @@ from core.errors import AdapterFormatError
 from core.heads import Head, HeadConfig
 from core.methods import MethodConfig, build_method, parse_method_config
 from core.model import AdaptedModel
+from core.tensors import tensor_bytes
 
 
 @dataclass
@@ -32,8 +32,7 @@ class Adapter:
 
     @property
     def num_bytes(self) -> int:
-        tensors = [*self.method_state.values(), *self.head_state.values()]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return tensor_bytes([*self.method_state.values(), *self.head_state.values()])
 
     @classmethod
     def from_model(
@@ -104,7 +103,3 @@ class Adapter:
             trainable_params=int(cfg.get("trainable_params", 0)),
             metrics=dict(cfg.get("metrics", {})),
         )
-
-
-def to_float32(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    return {k: v.to(torch.float32) for k, v in state.items()}

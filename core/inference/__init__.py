@@ -1,16 +1,16 @@
-"""Serving many adapters from one frozen base: stacked LoRA bank, mixed batches, residency."""
+"""Serving many adapters from one frozen base: stacked LoRA bank, mixed batches, residency.
+
+``engine`` plans batches and runs them (``execute``), ``residency`` keeps the LRU ledger of
+resident adapters, ``rows`` holds what callers pass in and get back, ``bank`` the stacked LoRA
+weights, ``merged_cache`` the merged-weight copies, ``tokens`` the batch's token tensors.
+"""
 
 from core.inference.bank import LoraBank, MixedLoraHooks
-from core.inference.engine import (
-    AdapterNotResidentError,
-    EngineStats,
-    InferenceEngine,
-    Plan,
-    ResidencyError,
-    Row,
-    RowResult,
-)
+from core.inference.engine import EngineStats, InferenceEngine
+from core.inference.execute import Plan
 from core.inference.merged_cache import MergedCache
+from core.inference.residency import ResidencyError
+from core.inference.rows import AdapterNotResidentError, Row, RowResult
 
 __all__ = [
     "AdapterNotResidentError",

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from core.encoder import EncoderConfig, EncoderHooks
+from core.tensors import tensor_bytes
 
 Site = tuple[int, str]  # (layer, target)
 
@@ -92,10 +93,7 @@ class LoraBank:
     @property
     def num_bytes(self) -> int:
         """Bytes the bank holds (all allocated slots, used or free)."""
-        n = self.scale.numel() * self.scale.element_size()
-        for s in self._sites.values():
-            n += (s.a.numel() + s.b.numel()) * s.a.element_size()
-        return n
+        return tensor_bytes([self.scale, *(t for s in self._sites.values() for t in (s.a, s.b))])
 
     def slot_pairs(self, slot: int) -> dict[Site, tuple[Tensor, Tensor]]:
         """Views of one adapter's ``(A [r, in], B [out, r])`` at its own rank (no padding)."""

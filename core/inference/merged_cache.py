@@ -1,8 +1,8 @@
 """LRU cache of merged LoRA weights (``W + scale · B @ A``) for ``mode="merged"`` rows.
 
 A merged adapter costs a full copy of every targeted Linear weight (MiniLM q+v: 7 MiB fp32),
-so the cache is bounded by bytes and evicts least-recently-used adapters. Entries are copies;
-the base weights are never written.
+so the cache is bounded by bytes and evicts least-recently-used adapters. Entries are copies
+(made by :func:`core.methods.lora.layer.merge_pairs`); the base weights are never written.
 """
 
 from __future__ import annotations
@@ -10,33 +10,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Hashable
 
-import torch
-from torch import Tensor
-
-from core.base import BaseModel
-from core.methods.lora import MergedLoraHooks, lora_delta_weight
-
-
-def merge_pairs(
-    base: BaseModel,
-    pairs: dict[tuple[int, str], tuple[Tensor, Tensor]],
-    scaling: float,
-    *,
-    device: torch.device,
-    dtype: torch.dtype,
-) -> MergedLoraHooks:
-    """Merged weights for the targeted linears only, summed in fp32 from the fp32 base."""
-    merged: dict[tuple[int, str], Tensor] = {}
-    for (layer, target), (a, b) in pairs.items():
-        w = base.encoder.target_linear(layer, target).weight
-        w = w.detach().to(device=device, dtype=torch.float32)
-        delta = lora_delta_weight(a.to(torch.float32), b.to(torch.float32), scaling)
-        merged[(layer, target)] = (w + delta).to(dtype)
-    return MergedLoraHooks(merged)
-
-
-def hooks_bytes(hooks: MergedLoraHooks) -> int:
-    return sum(t.numel() * t.element_size() for t in hooks.merged.values())
+from core.methods.lora.layer import MergedLoraHooks
+from core.tensors import tensor_bytes
 
 
 class MergedCache:
@@ -67,7 +42,7 @@ class MergedCache:
     def put(self, key: Hashable, hooks: MergedLoraHooks) -> None:
         """Cache ``hooks`` unless they alone exceed the budget (then the caller just uses them)."""
         self.drop(key)
-        n = hooks_bytes(hooks)
+        n = tensor_bytes(hooks.merged.values())
         if n > self.max_bytes:
             return
         while self._entries and self.num_bytes + n > self.max_bytes:

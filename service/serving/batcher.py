@@ -38,7 +38,7 @@ from service.serving.policy import AutoModePolicy
 
 if TYPE_CHECKING:
     from core.adapter import Adapter
-    from core.inference.engine import InferenceEngine, Plan, Row, RowResult
+    from core.inference import InferenceEngine, Plan, Row, RowResult
 
 logger = logging.getLogger(__name__)
 

@@ -48,7 +48,7 @@ async def serving(app: FastAPI) -> AsyncIterator[None]:
     import torch
 
     from core.base import load_base_model
-    from core.inference.engine import InferenceEngine
+    from core.inference import InferenceEngine
 
     settings: Settings = app.state.settings
     readiness = app.state.readiness

@@ -12,7 +12,7 @@ from service.serving.residency import AdapterGone
 
 if TYPE_CHECKING:
     from core.base import BaseModel
-    from core.inference.engine import Row, RowResult
+    from core.inference import Row, RowResult
 
 RETRY_AFTER_S = 1
 
@@ -59,7 +59,7 @@ async def run_rows(batcher: Batcher, rows: list[Row]) -> list[RowResult]:
 
 
 def _row_error(error: Any, key: Any) -> ApiError:
-    from core.inference.engine import AdapterNotResidentError, ResidencyError
+    from core.inference import AdapterNotResidentError, ResidencyError
 
     name = key[1] if isinstance(key, tuple) else str(key)
     if isinstance(error, AdapterGone | AdapterNotResidentError):

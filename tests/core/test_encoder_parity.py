@@ -12,7 +12,8 @@ import torch
 from core.adapter import Adapter
 from core.base import BaseModel
 from core.io.peft import export_peft
-from core.methods.lora import LoraModel
+from core.methods.lora.layer import merge_pairs
+from core.methods.lora.model import LoraModel
 from tests.core.util import batch, hidden, make_method, make_model, randomize, write_files
 
 transformers = pytest.importorskip("transformers")
@@ -85,5 +86,7 @@ def test_unmerged_lora_equals_peft_and_merged_equals_unmerged(
     assert len(wrapped) == len(method.sites)
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
     assert (ours - hidden(make_method(real_base, "feature_extraction"), inputs)).abs().max() > 1e-2
-    merged = hidden(method, inputs, hooks=method.merged_hooks())
+    pairs, scaling, device = method.pairs(), method.config.scaling, real_base.device
+    hooks = merge_pairs(real_base.encoder, pairs, scaling, device=device, dtype=torch.float32)
+    merged = hidden(method, inputs, hooks=hooks)  # the engine's mode="merged" weights
     torch.testing.assert_close(merged, ours, atol=1e-4, rtol=0)

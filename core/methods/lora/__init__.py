@@ -1,5 +1,5 @@
 from core.methods.lora.config import LoraConfig
-from core.methods.lora.layer import LoraHooks, MergedLoraHooks, lora_delta_weight
+from core.methods.lora.layer import LoraHooks, MergedLoraHooks
 from core.methods.lora.model import LoraModel, lora_key
 
 __all__ = [
@@ -7,6 +7,5 @@ __all__ = [
     "LoraHooks",
     "LoraModel",
     "MergedLoraHooks",
-    "lora_delta_weight",
     "lora_key",
 ]

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from core.encoder import EncoderHooks
-
-
-def lora_delta_weight(a: Tensor, b: Tensor, scaling: float) -> Tensor:
-    """``scale · B @ A``: the dense update a LoRA pair adds to ``W`` (shared by merge paths)."""
-    return (b @ a) * scaling
+from core.encoder import BertEncoder, EncoderHooks
 
 
 class LoraHooks(EncoderHooks):
@@ -41,3 +37,27 @@ class MergedLoraHooks(EncoderHooks):
 
     def weight(self, layer: int, target: str, weight: Tensor) -> Tensor:
         return self.merged.get((layer, target), weight)
+
+
+def merge_pairs(
+    encoder: BertEncoder,
+    pairs: dict[tuple[int, str], tuple[Tensor, Tensor]],
+    scaling: float,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> MergedLoraHooks:
+    """``W + scale · B @ A`` for the targeted linears only, as copies in ``dtype``.
+
+    ``pairs`` maps (layer, target) to ``(A [r, in], B [out, r])``. The sum is done in fp32
+    from the encoder's weights, whatever ``dtype`` the copies are served in, so an fp16 merge
+    rounds once instead of adding an already-rounded delta. The encoder is only read.
+    """
+    merged: dict[tuple[int, str], Tensor] = {}
+    for (layer, target), (a, b) in pairs.items():
+        w = encoder.target_linear(layer, target).weight
+        w = w.detach().to(device=device, dtype=torch.float32)
+        # detach: training-time pairs are parameters; a merged copy never trains.
+        a32, b32 = a.detach().to(device, torch.float32), b.detach().to(device, torch.float32)
+        merged[(layer, target)] = (w + (b32 @ a32) * scaling).to(dtype)  # [out, in]
+    return MergedLoraHooks(merged)

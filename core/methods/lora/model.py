@@ -9,7 +9,7 @@ from core.base import BaseModel
 from core.encoder import TARGET_PATHS, EncoderHooks
 from core.methods.base import AdapterMethod
 from core.methods.lora.config import LoraConfig
-from core.methods.lora.layer import LoraHooks, MergedLoraHooks, lora_delta_weight
+from core.methods.lora.layer import LoraHooks
 
 
 def lora_key(layer: int, target: str, which: str) -> str:
@@ -46,15 +46,6 @@ class LoraModel(AdapterMethod):
 
     def hooks(self, dropout: bool = False) -> EncoderHooks:
         return LoraHooks(self.pairs(), self.config.scaling, self.config.dropout if dropout else 0.0)
-
-    def merged_hooks(self) -> MergedLoraHooks:
-        """Hooks running ``W + scale·B@A`` on the targeted linears (copies; base untouched)."""
-        enc = self.base.encoder
-        merged = {
-            (i, t): enc.target_linear(i, t).weight + lora_delta_weight(a, b, self.config.scaling)
-            for (i, t), (a, b) in self.pairs().items()
-        }
-        return MergedLoraHooks({k: v.detach() for k, v in merged.items()})
 
     def saved_state(self) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}

@@ -42,7 +42,7 @@ async def predict(
     mode: Annotated[Mode, Query()] = "auto",
 ) -> PredictResponse:
     """Runs in the shared batch: requests for different adapters share one forward pass."""
-    from core.inference.engine import Row
+    from core.inference import Row
 
     if ref is None:
         raise not_found("adapter", adapter, "adapter")

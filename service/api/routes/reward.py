@@ -53,7 +53,7 @@ async def compare(
     adapter: AdapterName,
 ) -> CompareResponse | CompareBatchResponse:
     """Scores both responses (with the prompt as the first text of a pair, as in training)."""
-    from core.inference.engine import Row
+    from core.inference import Row
 
     if ref is None:
         raise not_found("adapter", adapter, "adapter")

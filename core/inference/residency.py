@@ -1,0 +1,222 @@
+"""Which adapters are resident on the serving device: an LRU ledger charged by bytes.
+
+The ledger decides what is resident; :mod:`core.inference.engine` decides what a batch runs
+with. A resident LoRA adapter is a slot in the stacked :class:`~core.inference.bank.LoraBank`
+plus its head's weights; an adapter of any other method is a model built on the serving base.
+Each entry is charged the bytes it takes on the device, and least recently used entries are
+evicted to keep ``max_bytes``.
+
+Pins. An entry that an unreleased :class:`~core.inference.engine.Plan` uses is *pinned*: it is
+never chosen for eviction, and when it is unloaded, evicted or replaced while pinned it leaves
+the ledger at once (no later plan sees it) but stays *retired*, still charged and still holding
+its bank slot, until the last pin goes, because a forward on another thread may be reading that
+slot. Freeing it earlier would let the next load overwrite weights mid-forward.
+
+Like the engine it belongs to, the ledger has one owner thread (docs/architecture.md
+invariant 3) and takes no locks.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Collection, Hashable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from core.adapter import Adapter
+from core.base import BaseModel
+from core.errors import CoreError
+from core.heads import HeadConfig
+from core.inference.bank import LoraBank, Site
+from core.inference.merged_cache import MergedCache
+from core.model import AdaptedModel
+from core.tensors import tensor_bytes
+
+
+class ResidencyError(CoreError):
+    """An adapter cannot be made resident within ``max_resident_bytes``."""
+
+
+@dataclass
+class Resident:
+    """One resident adapter: what its rows' forward and head need, and its ledger state."""
+
+    head: HeadConfig
+    nbytes: int  # charged to the budget: LoRA pairs at the bank's dtype + head, or the model
+    reserved: int  # positions before the real tokens (prompt tuning)
+    # LoRA: a bank slot + the head's weights (fp32: heads always run in fp32).
+    slot: int | None = None
+    scaling: float = 0.0
+    head_weight: Tensor | None = None  # [num_labels, hidden] (reward: [1, hidden])
+    head_bias: Tensor | None = None  # [num_labels]
+    # Other methods: the built model (method + head on the serving base).
+    model: AdaptedModel | None = None
+    # Plans not yet released that use this entry; while > 0 its slot is never freed or reused.
+    pins: int = 0
+    # Unloaded, evicted or replaced while pinned: released when the last pin goes.
+    retired: bool = False
+
+
+class Residency:
+    """Resident adapters by key, least recently used first, within ``max_bytes``."""
+
+    def __init__(
+        self,
+        base: BaseModel,
+        serving: BaseModel,
+        bank: LoraBank,
+        merged: MergedCache,
+        *,
+        dtype: torch.dtype,
+        max_bytes: int,
+        on_evict: Callable[[Hashable], None] | None = None,
+    ) -> None:
+        self.base = base  # the caller's base: adapters are checked against its fingerprint
+        self.serving = serving  # the base as served (device, dtype): adapters are built on it
+        self.bank = bank
+        self.merged = merged  # merged copies of an adapter die with its residency
+        self.dtype = dtype
+        self.max_bytes = max_bytes
+        self.on_evict = on_evict
+        self._entries: OrderedDict[Hashable, Resident] = OrderedDict()  # LRU first
+        self.bytes = 0  # resident + retired-but-pinned entries
+        self.hits = self.misses = self.loads = self.evictions = 0
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __getitem__(self, key: Hashable) -> Resident:
+        return self._entries[key]
+
+    def keys(self) -> list[Hashable]:
+        """Resident keys, least recently used first."""
+        return list(self._entries)
+
+    def lookup(self, key: Hashable) -> Resident | None:
+        """A row's entry, marked most recently used (a hit), or None (a miss)."""
+        entry = self._entries.get(key)
+        if entry is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self._entries.move_to_end(key)
+        return entry
+
+    # load/unload/unpin run in inference mode: the bank's storage is created (or grown) inside
+    # a plan, so it holds inference tensors, which torch refuses to write to outside the mode.
+    @torch.inference_mode()
+    def load(
+        self, key: Hashable, adapter: Adapter, keep: Collection[Hashable] = ()
+    ) -> list[Hashable]:
+        """Make ``adapter`` resident under ``key`` (replacing a previous one); return evictions.
+
+        The adapter is validated and fully built before anything is published, so a failed
+        load leaves the ledger as it was.
+        """
+        adapter.check_base(self.base)
+        entry, pairs = self._prepare(adapter)
+        evicted = self._make_room(key, entry.nbytes, keep)
+        if pairs is not None:
+            entry.slot = self.bank.add(pairs, entry.scaling)
+        old = self._entries.pop(key, None)
+        self._entries[key] = entry  # published: visible to the next plan
+        self.bytes += entry.nbytes
+        if old is not None:
+            self._retire(key, old)
+        self.loads += 1
+        return evicted
+
+    @torch.inference_mode()
+    def unload(self, key: Hashable) -> bool:
+        """Take ``key`` out of service now (freed once unpinned). False if it was not resident."""
+        entry = self._entries.pop(key, None)
+        if entry is None:
+            return False
+        self._retire(key, entry)
+        return True
+
+    def pin(self, entries: Iterable[Resident | None]) -> list[Resident]:
+        """Pin each distinct entry once; the list returned is what :meth:`unpin` takes back."""
+        pinned = list({id(e): e for e in entries if e is not None}.values())
+        for entry in pinned:
+            entry.pins += 1
+        return pinned
+
+    @torch.inference_mode()  # frees bank slots: inference tensors, written only in the mode
+    def unpin(self, pinned: list[Resident]) -> None:
+        for entry in pinned:
+            entry.pins -= 1
+            if not entry.pins and entry.retired:
+                self._release(entry)
+
+    def _prepare(
+        self, adapter: Adapter
+    ) -> tuple[Resident, dict[Site, tuple[Tensor, Tensor]] | None]:
+        # Building through Adapter.build reuses its validation (state keys, shapes, base).
+        model = adapter.build(self.serving)
+        reserved = int(getattr(adapter.method, "reserved_positions", 0))
+        if adapter.method.type == "lora":
+            pairs = {s: (a.detach(), b.detach()) for s, (a, b) in model.method.pairs().items()}
+            w = model.head.out.weight.detach().float()
+            b = model.head.out.bias.detach().float()
+            # The bank stores the pairs in its own dtype, whatever the adapter's.
+            lora_bytes = tensor_bytes([t for pair in pairs.values() for t in pair], self.dtype)
+            entry = Resident(
+                head=adapter.head,
+                nbytes=lora_bytes + tensor_bytes([w, b]),
+                reserved=reserved,
+                scaling=float(model.method.config.scaling),
+                head_weight=w,
+                head_bias=b,
+            )
+            return entry, pairs
+        model.to(self.dtype)
+        nbytes = tensor_bytes([*model.parameters(), *model.buffers()])
+        return Resident(head=adapter.head, nbytes=nbytes, reserved=reserved, model=model), None
+
+    def _make_room(self, key: Hashable, nbytes: int, keep: Collection[Hashable]) -> list[Hashable]:
+        budget = self.max_bytes
+        if nbytes > budget:
+            raise ResidencyError(f"adapter needs {nbytes} bytes; the budget is {budget}")
+        # Retired entries still pinned by an unreleased plan count until they are released.
+        total = self.bytes
+        old = self._entries.get(key)
+        if old is not None and not old.pins:
+            total -= old.nbytes  # replaced once the new version is in
+        victims: list[Hashable] = []
+        for k, e in self._entries.items():  # least recently used first
+            if total + nbytes <= budget:
+                break
+            if k == key or k in keep or e.pins:
+                continue
+            victims.append(k)
+            total -= e.nbytes
+        if total + nbytes > budget:
+            raise ResidencyError(
+                f"adapter needs {nbytes} bytes; only {budget - total} can be freed "
+                "without evicting adapters that batches in flight use"
+            )
+        for k in victims:
+            self._retire(k, self._entries.pop(k))
+            self.evictions += 1
+            if self.on_evict is not None:
+                self.on_evict(k)
+        return victims
+
+    def _retire(self, key: Hashable, entry: Resident) -> None:
+        """Take an entry out of service (already out of the ledger); free it when unpinned."""
+        self.merged.drop(key)
+        if entry.pins:
+            entry.retired = True
+        else:
+            self._release(entry)
+
+    def _release(self, entry: Resident) -> None:
+        self.bytes -= entry.nbytes
+        if entry.slot is not None:
+            self.bank.remove(entry.slot)

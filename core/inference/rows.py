@@ -1,0 +1,47 @@
+"""What callers hand the engine and get back: one :class:`Row` in, one :class:`RowResult` out."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from dataclasses import dataclass
+from typing import Literal
+
+Mode = Literal["unmerged", "merged"]
+MODES = ("unmerged", "merged")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One input. ``key`` names a resident adapter (any hashable), or None for the bare base."""
+
+    key: Hashable | None
+    text: str
+    text_pair: str | None = None
+    mode: Mode = "unmerged"
+
+
+@dataclass
+class RowResult:
+    """The answer for one row: the outputs of its task, or ``error`` (then nothing else).
+
+    Classification: ``logits``, ``probabilities`` (softmax, keyed by label name) and ``label``
+    (the argmax). Reward: ``reward``. Bare base (``key=None``): ``features`` (the pooled
+    embedding); adapter rows carry ``features`` too when ``run(..., with_features=True)``.
+    """
+
+    key: Hashable | None
+    task: str | None = None
+    logits: list[float] | None = None
+    probabilities: dict[str, float] | None = None
+    label: str | None = None
+    reward: float | None = None
+    features: list[float] | None = None
+    error: Exception | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class AdapterNotResidentError(KeyError):
+    """The row's adapter is not loaded (never loaded, unloaded or evicted) and no loader ran."""
