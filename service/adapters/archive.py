@@ -19,6 +19,8 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 
+from service.errors import ServiceError
+
 # PEFT's folder layout (``core.io.peft``) exists for these methods only.
 PEFT_METHODS = ("lora", "prompt_tuning")
 
@@ -38,11 +40,11 @@ _ENCRYPTED_FLAG = 0x1
 _EPOCH = (1980, 1, 1, 0, 0, 0)
 
 
-class ArchiveError(ValueError):
-    def __init__(self, message: str, code: str = "invalid_archive") -> None:
-        super().__init__(message)
-        self.message = message
-        self.code = code
+class ArchiveError(ServiceError):
+    """An upload that is not a safe, readable adapter archive; the fault is its ``file``."""
+
+    default_code = "invalid_archive"
+    default_param = "file"
 
 
 @dataclass(frozen=True)
@@ -72,13 +74,13 @@ def write_archive(files: dict[str, bytes]) -> bytes:
 def _safe_parts(name: str) -> tuple[str, ...]:
     """The member's path parts, or ArchiveError if it could land outside the folder."""
     if "\x00" in name:
-        raise ArchiveError(f"member name {name!r} contains a NUL byte", "unsafe_path")
+        raise ArchiveError(f"member name {name!r} contains a NUL byte", code="unsafe_path")
     unified = name.replace("\\", "/")
     if unified.startswith("/") or _DRIVE.match(unified):
-        raise ArchiveError(f"member {name!r} has an absolute path", "unsafe_path")
+        raise ArchiveError(f"member {name!r} has an absolute path", code="unsafe_path")
     parts = tuple(p for p in unified.split("/") if p not in ("", "."))
     if ".." in parts:
-        raise ArchiveError(f"member {name!r} points outside the archive ('..')", "unsafe_path")
+        raise ArchiveError(f"member {name!r} points outside the archive ('..')", code="unsafe_path")
     return parts
 
 
@@ -93,7 +95,7 @@ def _members(zf: zipfile.ZipFile, limits: ArchiveLimits) -> list[tuple[zipfile.Z
     if len(infos) > limits.max_members:
         raise ArchiveError(
             f"archive has {len(infos)} members; at most {limits.max_members} are allowed",
-            "too_many_members",
+            code="too_many_members",
         )
     members: list[tuple[zipfile.ZipInfo, str]] = []
     seen: set[str] = set()
@@ -101,16 +103,16 @@ def _members(zf: zipfile.ZipFile, limits: ArchiveLimits) -> list[tuple[zipfile.Z
     for info in infos:
         parts = _safe_parts(info.filename)
         if _is_symlink(info):
-            raise ArchiveError(f"member {info.filename!r} is a symbolic link", "unsafe_member")
+            raise ArchiveError(f"member {info.filename!r} is a symbolic link", code="unsafe_member")
         if info.flag_bits & _ENCRYPTED_FLAG:
-            raise ArchiveError(f"member {info.filename!r} is encrypted", "unsafe_member")
+            raise ArchiveError(f"member {info.filename!r} is encrypted", code="unsafe_member")
         if info.is_dir() or not parts:
             continue
         if parts[0] in _JUNK_DIRS or parts[-1] in _JUNK_FILES:
             continue
         key = "/".join(parts)
         if key in seen:
-            raise ArchiveError(f"member {key!r} appears twice", "duplicate_member")
+            raise ArchiveError(f"member {key!r} appears twice", code="duplicate_member")
         seen.add(key)
         folders.add(parts[:-1])
         members.append((info, parts[-1]))
@@ -118,14 +120,14 @@ def _members(zf: zipfile.ZipFile, limits: ArchiveLimits) -> list[tuple[zipfile.Z
         shown = ", ".join(sorted("/".join(f) or "(root)" for f in folders)[:4])
         raise ArchiveError(
             f"adapter files must sit together in one folder; found several: {shown}",
-            "multiple_folders",
+            code="multiple_folders",
         )
     pickles = [name for _, name in members if name.lower().endswith(PICKLE_SUFFIXES)]
     if pickles:
         raise ArchiveError(
             f"{pickles[0]!r} is a pickle file, which is refused (loading it can run code); "
             "save the adapter with safetensors (PEFT's default, safe_serialization=True)",
-            "pickle_refused",
+            code="pickle_refused",
         )
     return [(i, n) for i, n in members if n.lower().endswith(READ_SUFFIXES)]
 
@@ -136,20 +138,20 @@ def _check_sizes(members: list[tuple[zipfile.ZipInfo, str]], limits: ArchiveLimi
             raise ArchiveError(
                 f"{name!r} unpacks to {info.file_size} bytes; at most "
                 f"{limits.max_member_bytes} are allowed",
-                "archive_too_large",
+                code="archive_too_large",
             )
     total = sum(info.file_size for info, _ in members)
     if total > limits.max_total_bytes:
         raise ArchiveError(
             f"archive unpacks to {total} bytes; at most {limits.max_total_bytes} are allowed",
-            "archive_too_large",
+            code="archive_too_large",
         )
     packed = sum(info.compress_size for info, _ in members)
     if total > limits.ratio_floor_bytes and total > limits.max_ratio * max(packed, 1):
         raise ArchiveError(
             f"archive unpacks {total / max(packed, 1):.0f}x its packed size; refusing a "
             "likely zip bomb",
-            "suspicious_compression",
+            code="suspicious_compression",
         )
 
 
@@ -160,7 +162,7 @@ def _read_capped(zf: zipfile.ZipFile, info: zipfile.ZipInfo, name: str) -> bytes
         data = member.read(info.file_size + 1)
     if len(data) != info.file_size:
         raise ArchiveError(
-            f"{name!r} does not unpack to the size its header declares", "invalid_archive"
+            f"{name!r} does not unpack to the size its header declares", code="invalid_archive"
         )
     return data
 
@@ -181,12 +183,10 @@ def read_archive(data: bytes, limits: ArchiveLimits = ArchiveLimits()) -> dict[s
         for info, name in members:
             try:
                 files[name] = _read_capped(zf, info, name)
-            except ArchiveError:
-                raise
             except (zipfile.BadZipFile, zlib.error, EOFError, ValueError) as exc:
                 raise ArchiveError(f"{name!r} is corrupt ({exc})") from None
             except NotImplementedError as exc:  # a compression method zipfile lacks
-                raise ArchiveError(f"{name!r}: {exc}", "unsupported_compression") from None
+                raise ArchiveError(f"{name!r}: {exc}", code="unsupported_compression") from None
     return files
 
 
@@ -201,5 +201,5 @@ def archive_format(files: dict[str, bytes]) -> str:
         "archive holds neither a PEFT adapter (adapter_config.json + "
         f"adapter_model.safetensors) nor a loraplex export ({LORAPLEX_CONFIG_FILE}); "
         f"found: {shown}",
-        "unknown_archive_format",
+        code="unknown_archive_format",
     )

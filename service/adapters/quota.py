@@ -9,8 +9,8 @@ from __future__ import annotations
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from service.api.errors import quota_exceeded
 from service.db.models import ACTIVE_STATUSES, Adapter, Job
+from service.errors import quota_exceeded
 
 
 def name_taken(session: Session, tenant_id: str, name: str) -> str | None:
@@ -34,7 +34,7 @@ def name_taken(session: Session, tenant_id: str, name: str) -> str | None:
 def check_adapter_quota(
     session: Session, tenant_id: str, max_adapters: int, active_jobs: int
 ) -> None:
-    """429 unless one more adapter fits beside the tenant's adapters and active jobs."""
+    """A quota error unless one more adapter fits beside the tenant's adapters and active jobs."""
     adapters = (
         session.scalar(
             select(func.count()).select_from(Adapter).where(Adapter.tenant_id == tenant_id)

@@ -18,6 +18,7 @@ from service.adapters.archive import (
 )
 from service.adapters.store import adapter_from_row
 from service.db.models import Adapter as AdapterRow
+from service.errors import ServiceError
 
 if TYPE_CHECKING:
     from core.adapter import Adapter
@@ -25,12 +26,9 @@ if TYPE_CHECKING:
     from core.heads import HeadConfig
 
 
-class TransferError(ValueError):
-    def __init__(self, message: str, code: str = "invalid_adapter", param: str = "file") -> None:
-        super().__init__(message)
-        self.message = message
-        self.code = code
-        self.param = param
+class TransferError(ServiceError):
+    default_code = "invalid_adapter"
+    default_param = "file"
 
 
 @dataclass(frozen=True)
@@ -64,8 +62,8 @@ def export_files(row: AdapterRow, fmt: str, base: BaseModel | None) -> dict[str,
         raise TransferError(
             f"method {row.method!r} has no PEFT format (PEFT has {' and '.join(PEFT_METHODS)}); "
             "export it with format=loraplex",
-            "no_peft_format",
-            "format",
+            code="no_peft_format",
+            param="format",
         )
     assert base is not None
     from core.errors import CoreError
@@ -74,7 +72,7 @@ def export_files(row: AdapterRow, fmt: str, base: BaseModel | None) -> dict[str,
     try:
         return export_peft(adapter_from_row(row), base)
     except CoreError as exc:
-        raise TransferError(str(exc), _format_error_code(str(exc)), "name") from None
+        raise TransferError(str(exc), code=_format_error_code(str(exc)), param="name") from None
 
 
 # --- import ----------------------------------------------------------------------------------
@@ -92,7 +90,9 @@ def _head_config(spec: HeadSpec) -> HeadConfig:
         loc = [str(p) for p in err.get("loc", ())]
         param = loc[0] if loc else "label_names"  # model-level checks are about the labels
         raise TransferError(
-            f"{param}: {str(err['msg']).removeprefix('Value error, ')}", "invalid_head", param
+            f"{param}: {str(err['msg']).removeprefix('Value error, ')}",
+            code="invalid_head",
+            param=param,
         ) from None
 
 
@@ -124,8 +124,8 @@ def _import_loraplex(files: dict[str, bytes], base: BaseModel, head: HeadConfig 
         raise TransferError(
             "a loraplex export carries its trained head; leave task and label_names out "
             "(they are for PEFT adapters without one)",
-            "head_not_allowed",
-            "task",
+            code="head_not_allowed",
+            param="task",
         )
     adapter.check_base(base)
     adapter.build(base)  # the weights must load into the method as built on this base
@@ -147,9 +147,13 @@ def import_files(files: dict[str, bytes], base: BaseModel, head: HeadSpec | None
             raise TransferError(
                 "this PEFT adapter has no loraplex head: send task (classification or "
                 "reward) and, for classification, label_names",
-                "head_required",
-                "task",
+                code="head_required",
+                param="task",
             )
         return import_peft(files, base, head_cfg)
     except CoreError as exc:
-        raise TransferError(str(exc), _format_error_code(str(exc))) from None
+        raise TransferError(str(exc), code=_format_error_code(str(exc))) from None
+    except RecursionError:  # json.loads on a config nested thousands of levels deep
+        raise TransferError(
+            "A JSON file in the archive is nested too deeply.", code="invalid_value"
+        ) from None

@@ -18,9 +18,9 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
-from service.api.errors import AUTHENTICATION, PERMISSION, ApiError, unavailable
 from service.config import Settings
 from service.db.models import ApiKey, Tenant
+from service.errors import ErrorKind, ServiceError, unavailable
 from service.serving.lookups import LookupCache
 from service.serving.residency import AdapterRef, KeyLookup, find_adapter, find_key_and_adapter
 from service.tenants.keys import hash_api_key, key_by_secret
@@ -71,11 +71,11 @@ class Principal:
     is_admin: bool
 
 
-def _unauthorized(message: str, code: str) -> ApiError:
-    return ApiError(401, message, AUTHENTICATION, None, code, {"WWW-Authenticate": "Bearer"})
+def _unauthorized(message: str, code: str) -> ServiceError:
+    return ServiceError(message, code=code, kind=ErrorKind.UNAUTHENTICATED)
 
 
-def _invalid_key() -> ApiError:
+def _invalid_key() -> ServiceError:
     # Also for a key whose tenant is gone: nothing tells a caller which keys once existed.
     return _unauthorized("Incorrect API key provided.", "invalid_api_key")
 
@@ -124,12 +124,10 @@ PrincipalDep = Annotated[Principal, Depends(get_principal)]
 
 def _tenant_id(principal: Principal) -> str:
     if principal.tenant_id is None:
-        raise ApiError(
-            403,
+        raise ServiceError(
             "The admin key manages tenants only; use a tenant's API key here.",
-            PERMISSION,
-            None,
-            "tenant_key_required",
+            code="tenant_key_required",
+            kind=ErrorKind.FORBIDDEN,
         )
     return principal.tenant_id
 
@@ -146,7 +144,9 @@ CurrentTenant = Annotated[Tenant, Depends(get_current_tenant)]
 
 async def require_admin(principal: PrincipalDep) -> Principal:
     if not principal.is_admin:
-        raise ApiError(403, "This endpoint needs an admin key.", PERMISSION, None, "admin_required")
+        raise ServiceError(
+            "This endpoint needs an admin key.", code="admin_required", kind=ErrorKind.FORBIDDEN
+        )
     return principal
 
 

@@ -1,6 +1,7 @@
 """One error shape for every failure: ``{"error": {"message", "type", "param", "code"}}``.
 
-Routes raise :class:`ApiError` (or one of the helpers below); the handlers installed by
+Routes and domain code raise :class:`service.errors.ServiceError`; :data:`RENDERING` maps its
+kind to a status, an error ``type`` and headers. The handlers installed by
 :func:`install_error_handlers` turn it, FastAPI's request validation errors, Starlette's HTTP
 errors (unknown URL, wrong method, body too large) and any unexpected exception into that
 shape. Unexpected exceptions are logged with their traceback and answered with a generic 500
@@ -11,12 +12,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.errors import ErrorKind, ServiceError, invalid
 
 logger = logging.getLogger(__name__)
 
@@ -37,74 +41,45 @@ def error_body(
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
-class ApiError(Exception):
-    """An error a route means to return; rendered in the standard shape."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        type: str = INVALID_REQUEST,
-        param: str | None = None,
-        code: str | None = None,
-        headers: Mapping[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.type = type
-        self.param = param
-        self.code = code
-        self.headers = dict(headers) if headers else None
-
-    def body(self) -> dict[str, Any]:
-        return error_body(self.message, self.type, self.param, self.code)
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
-
-
-# --- helpers for the common cases ------------------------------------------------------------
-
-
-def not_found(kind: str, id: str, param: str | None = None) -> ApiError:
-    # Also used for other tenants' objects: their existence is never confirmed (no 403).
-    return ApiError(404, f"No {kind} found with id '{id}'.", NOT_FOUND, param, f"{kind}_not_found")
-
-
-def invalid(message: str, param: str | None = None, code: str = "invalid_value") -> ApiError:
-    return ApiError(422, message, INVALID_REQUEST, param, code)
-
-
 # Errors that a retry cannot fix (a taken name, a full quota) say so: the OpenAI SDKs honour
 # ``x-should-retry`` and would otherwise retry 409 and 429 twice, with back-off, by default.
 _DO_NOT_RETRY = {"x-should-retry": "false"}
 
 
-def conflict(message: str, param: str | None = None, code: str = "conflict") -> ApiError:
-    return ApiError(409, message, CONFLICT, param, code, _DO_NOT_RETRY)
+@dataclass(frozen=True)
+class _Rendering:
+    status: int
+    type: str
+    headers: Mapping[str, str] = field(default_factory=dict)
 
 
-def too_large(limit_bytes: int, param: str | None = None) -> ApiError:
-    mb = limit_bytes / (1024 * 1024)
-    return ApiError(
-        413,
-        f"Request body is larger than the {mb:g} MB limit.",
-        INVALID_REQUEST,
-        param,
-        "request_too_large",
+# The one place a kind of failure becomes HTTP.
+RENDERING: Mapping[ErrorKind, _Rendering] = {
+    ErrorKind.INVALID: _Rendering(422, INVALID_REQUEST),
+    ErrorKind.UNSUPPORTED: _Rendering(400, INVALID_REQUEST),
+    ErrorKind.NOT_FOUND: _Rendering(404, NOT_FOUND),
+    ErrorKind.CONFLICT: _Rendering(409, CONFLICT, _DO_NOT_RETRY),
+    ErrorKind.QUOTA: _Rendering(429, RATE_LIMIT, _DO_NOT_RETRY),
+    ErrorKind.UNAVAILABLE: _Rendering(503, UNAVAILABLE),
+    ErrorKind.UNAUTHENTICATED: _Rendering(401, AUTHENTICATION, {"WWW-Authenticate": "Bearer"}),
+    ErrorKind.FORBIDDEN: _Rendering(403, PERMISSION),
+    ErrorKind.TOO_LARGE: _Rendering(413, INVALID_REQUEST),
+    ErrorKind.UNSUPPORTED_MEDIA_TYPE: _Rendering(415, INVALID_REQUEST),
+    ErrorKind.INTERNAL: _Rendering(500, SERVER),
+}
+
+
+def error_response(exc: ServiceError) -> JSONResponse:
+    """``exc`` in the standard shape, with its kind's status and headers."""
+    rendering = RENDERING[exc.kind]
+    headers = dict(rendering.headers)
+    if exc.retry_after is not None:
+        headers["Retry-After"] = str(exc.retry_after)
+    return JSONResponse(
+        error_body(exc.message, rendering.type, exc.param, exc.code),
+        status_code=rendering.status,
+        headers=headers or None,
     )
-
-
-def quota_exceeded(message: str, code: str) -> ApiError:
-    return ApiError(429, message, RATE_LIMIT, None, code, _DO_NOT_RETRY)
-
-
-def unavailable(
-    message: str, code: str = "unavailable", retry_after: int | None = None
-) -> ApiError:
-    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
-    return ApiError(503, message, UNAVAILABLE, None, code, headers)
 
 
 # --- request validation ----------------------------------------------------------------------
@@ -128,7 +103,7 @@ def _validation_message(err: Mapping[str, Any], param: str | None) -> str:
     return f"{param}: {msg}" if param else msg
 
 
-def validation_error_to_api_error(errors: Sequence[Mapping[str, Any]]) -> ApiError:
+def _from_validation_errors(errors: Sequence[Mapping[str, Any]]) -> ServiceError:
     """Report the first problem precisely, and say how many more there are."""
     if not errors:
         return invalid("Invalid request.")
@@ -146,14 +121,14 @@ def validation_error_to_api_error(errors: Sequence[Mapping[str, Any]]) -> ApiErr
 # --- handlers --------------------------------------------------------------------------------
 
 
-async def _api_error_handler(_request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, ApiError)
-    return exc.response()
+async def _service_error_handler(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ServiceError)
+    return error_response(exc)
 
 
 async def _validation_handler(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    return validation_error_to_api_error(exc.errors()).response()
+    return error_response(_from_validation_errors(exc.errors()))
 
 
 _HTTP_CODES = {
@@ -189,7 +164,7 @@ async def _unhandled_error_handler(request: Request, exc: Exception) -> JSONResp
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    app.add_exception_handler(ApiError, _api_error_handler)
+    app.add_exception_handler(ServiceError, _service_error_handler)
     app.add_exception_handler(RequestValidationError, _validation_handler)
     app.add_exception_handler(StarletteHTTPException, _http_error_handler)
     # Exception → Starlette's ServerErrorMiddleware: the outermost catch-all.

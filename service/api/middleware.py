@@ -9,7 +9,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.api.errors import INVALID_REQUEST, error_body
 
 
-def _limit_message(limit_bytes: int) -> str:
+def limit_message(limit_bytes: int) -> str:
     return f"Request body is larger than the {limit_bytes / (1024 * 1024):g} MB limit."
 
 
@@ -21,7 +21,7 @@ class BodyTooLargeError(HTTPException):
     """
 
     def __init__(self, limit_bytes: int) -> None:
-        super().__init__(status_code=413, detail=_limit_message(limit_bytes))
+        super().__init__(status_code=413, detail=limit_message(limit_bytes))
 
 
 class BodySizeLimitMiddleware:
@@ -50,7 +50,7 @@ class BodySizeLimitMiddleware:
         if declared is not None and declared > self.max_body_bytes:
             response = JSONResponse(
                 error_body(
-                    _limit_message(self.reported_limit_bytes),
+                    limit_message(self.reported_limit_bytes),
                     INVALID_REQUEST,
                     None,
                     "request_too_large",

@@ -13,7 +13,7 @@ from fastapi import Query
 from sqlalchemy import ColumnElement, and_, or_, select
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
-from service.api.errors import invalid
+from service.errors import invalid
 
 DEFAULT_LIMIT = 20
 MAX_LIMIT = 100

@@ -7,7 +7,8 @@ from typing import Any
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
-from service.api.errors import ApiError, invalid, too_large
+from service.api.middleware import limit_message
+from service.errors import ErrorKind, ServiceError, invalid
 
 _READ_CHUNK = 1024 * 1024
 
@@ -40,11 +41,13 @@ def media_type(request: Request) -> str:
 def require_multipart(request: Request, what: str, fields: str) -> None:
     """415 unless the body is multipart/form-data (the upload routes read files from forms)."""
     if media_type(request) != "multipart/form-data":
-        raise ApiError(
-            415,
-            f"Send the {what} as multipart/form-data ({fields}).",
-            code="unsupported_media_type",
-        )
+        raise unsupported_media_type(f"Send the {what} as multipart/form-data ({fields}).")
+
+
+def unsupported_media_type(message: str) -> ServiceError:
+    return ServiceError(
+        message, code="unsupported_media_type", kind=ErrorKind.UNSUPPORTED_MEDIA_TYPE
+    )
 
 
 async def read_upload(upload: UploadFile, limit: int, param: str = "file") -> bytes:
@@ -54,7 +57,12 @@ async def read_upload(upload: UploadFile, limit: int, param: str = "file") -> by
     while chunk := await upload.read(_READ_CHUNK):
         size += len(chunk)
         if size > limit:
-            raise too_large(limit, param)
+            raise ServiceError(
+                limit_message(limit),
+                code="request_too_large",
+                param=param,
+                kind=ErrorKind.TOO_LARGE,
+            )
         chunks.append(chunk)
     return b"".join(chunks)
 

@@ -73,13 +73,13 @@ def infer_kind(data: bytes, fmt: DatasetFormat) -> DatasetKind:
             f"line {line}: OpenAI chat-format rows ('messages', 'preferred_output') are not "
             f"supported: loraplex trains text classifiers and reward models from {_EXPECTED} "
             "rows",
-            "file",
-            "unsupported_row_format",
+            param="file",
+            code="unsupported_row_format",
         )
     shown = ", ".join(f"'{f}'" for f in sorted(fields)[:8]) or "none"
     raise DatasetError(
         f"line {line}: cannot tell the dataset kind from the fields ({shown}); rows need "
         f"{_EXPECTED}, or send the kind explicitly",
-        "kind",
-        "unknown_dataset_kind",
+        param="kind",
+        code="unknown_dataset_kind",
     )

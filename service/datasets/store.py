@@ -1,7 +1,8 @@
 """Stored datasets: one write path and one delete path for ``/v1/datasets`` and ``/v1/files``.
 
 Both routes are faces of the same records, so they share these functions rather than copies.
-Like ``service.jobs.create``, failures are raised as API errors (404, 409) ready to answer.
+Like ``service.jobs.create``, failures are raised as :class:`service.errors.ServiceError`
+(not found, conflict), which the API renders as 404 and 409.
 """
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ from sqlalchemy import or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import ids
-from service.api.errors import conflict, not_found
 from service.datasets import codec
 from service.datasets.validation import ParsedDataset
 from service.db.models import ACTIVE_STATUSES, Dataset, Job
+from service.errors import conflict, not_found
 
 
 def store_dataset(
@@ -48,7 +49,7 @@ def store_dataset(
 def get_owned_dataset(
     session: Session, tenant_id: str, dataset_id: str, kind: str = "dataset"
 ) -> Dataset:
-    """The tenant's dataset, or 404 (also for another tenant's: never confirmed to exist).
+    """The tenant's dataset, or not found (also another tenant's: never confirmed to exist).
 
     ``kind`` names the object in the 404 (``file`` on the OpenAI-shaped route).
     """
@@ -61,7 +62,7 @@ def get_owned_dataset(
 
 
 def delete_owned_dataset(session: Session, row: Dataset) -> None:
-    """Delete ``row`` and commit, unless a job that has not finished still reads it (409)."""
+    """Delete ``row`` and commit, unless a job that has not finished still reads it (conflict)."""
     in_use = session.scalar(
         select(Job.id).where(
             Job.tenant_id == row.tenant_id,

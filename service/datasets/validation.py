@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from service.errors import ServiceError
+
 
 class DatasetKind(StrEnum):
     CLASSIFICATION = "classification"
@@ -32,12 +34,8 @@ class DatasetFormat(StrEnum):
     CSV = "csv"
 
 
-class DatasetError(ValueError):
-    def __init__(self, message: str, param: str | None = None, code: str = "invalid_dataset"):
-        super().__init__(message)
-        self.message = message
-        self.param = param
-        self.code = code
+class DatasetError(ServiceError):
+    default_code = "invalid_dataset"
 
 
 @dataclass(frozen=True)
@@ -80,7 +78,7 @@ class _Line:
     number: int
 
     def error(self, message: str, field: str | None, code: str) -> DatasetError:
-        return DatasetError(f"line {self.number}: {message}", field or "file", code)
+        return DatasetError(f"line {self.number}: {message}", param=field or "file", code=code)
 
 
 @dataclass(frozen=True)
@@ -91,7 +89,7 @@ class _Record:
 
     def error(self, message: str, field: str | None, code: str) -> DatasetError:
         path = f"records.{self.index}" + (f".{field}" if field else "")
-        return DatasetError(f"records[{self.index}]: {message}", path, code)
+        return DatasetError(f"records[{self.index}]: {message}", param=path, code=code)
 
 
 _Where = _Line | _Record
@@ -210,11 +208,13 @@ def _collect(
     for where, obj in items:
         if len(rows) >= limits.max_rows:
             raise DatasetError(
-                f"dataset has more than {limits.max_rows} rows", empty_param, "too_many_rows"
+                f"dataset has more than {limits.max_rows} rows",
+                param=empty_param,
+                code="too_many_rows",
             )
         rows.append(normalize_row(kind, obj, where, limits))
     if not rows:
-        raise DatasetError("dataset is empty: it has no rows", empty_param, "empty_file")
+        raise DatasetError("dataset is empty: it has no rows", param=empty_param, code="empty_file")
     label_counts: dict[str, int] | None = None
     if kind is DatasetKind.CLASSIFICATION:
         counts = Counter(row["label"] for row in rows)
@@ -222,15 +222,15 @@ def _collect(
             only = next(iter(counts))
             raise DatasetError(
                 f"a classification dataset needs at least 2 classes; every row has label '{only}'",
-                "label",
-                "single_class",
+                param="label",
+                code="single_class",
             )
         if len(counts) > limits.max_labels:
             raise DatasetError(
                 f"dataset has {len(counts)} distinct labels; at most {limits.max_labels} "
                 "are supported",
-                "label",
-                "too_many_labels",
+                param="label",
+                code="too_many_labels",
             )
         label_counts = dict(sorted(counts.items()))
     return ParsedDataset(kind=kind, rows=rows, label_counts=label_counts)
@@ -247,8 +247,8 @@ def decode_utf8(data: bytes) -> str:
         line = data[: exc.start].count(b"\n") + 1
         raise DatasetError(
             f"line {line}: file is not valid UTF-8 (bad byte at offset {exc.start})",
-            "file",
-            "invalid_utf8",
+            param="file",
+            code="invalid_utf8",
         ) from None
 
 
@@ -344,7 +344,7 @@ def parse_file(
 ) -> ParsedDataset:
     """Validate an uploaded JSONL or CSV file."""
     if not data.strip():
-        raise DatasetError("file is empty", "file", "empty_file")
+        raise DatasetError("file is empty", param="file", code="empty_file")
     text = decode_utf8(data)
     items = _jsonl_items(text) if fmt is DatasetFormat.JSONL else _csv_items(text, kind)
     return _collect(kind, items, limits, empty_param="file")

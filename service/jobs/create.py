@@ -8,6 +8,7 @@ back, so a rejected request leaves no job behind.
 from __future__ import annotations
 
 import secrets
+from typing import TYPE_CHECKING
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -15,13 +16,16 @@ from sqlalchemy.orm import Session
 
 from service import ids
 from service.adapters.quota import check_adapter_quota, name_taken
-from service.api.errors import ApiError, conflict, invalid, not_found, quota_exceeded
-from service.api.schemas.jobs import JobCreate
 from service.config import Settings
 from service.db.models import Dataset, Job, JobStatus, Tenant
+from service.errors import ErrorKind, ServiceError, conflict, invalid, not_found, quota_exceeded
 from service.jobs.openai_compat import OPENAI_METHOD_KINDS
 from service.jobs.queue import active_job_count, add_event
 from service.jobs.validate import MethodConfigError, validate_method
+
+if TYPE_CHECKING:
+    # The request body's type only: nothing of the HTTP layer runs here.
+    from service.api.schemas.jobs import JobCreate
 
 _SHOWN_LABELS = 5
 _OPENAI_ALTERNATIVE = {"classification": "supervised", "preference": "dpo"}
@@ -79,7 +83,11 @@ def _adapter_name(session: Session, tenant_id: str, body: JobCreate) -> str:
         name = f"{stem}-{ids.short_hex()}"
         if name_taken(session, tenant_id, name) is None:
             return name
-    raise ApiError(500, "Could not generate a free adapter name.", code="name_generation_failed")
+    raise ServiceError(
+        "Could not generate a free adapter name.",
+        code="name_generation_failed",
+        kind=ErrorKind.INTERNAL,
+    )
 
 
 def _check_quotas(session: Session, tenant_id: str, settings: Settings) -> None:
@@ -99,8 +107,9 @@ def create_job(session: Session, tenant: Tenant, body: JobCreate, settings: Sett
     try:
         validate_method(method)
     except MethodConfigError as exc:
+        # validate_method names fields inside the method block; the request's field is method.*
         param = f"method.{exc.param}" if exc.param else "method"
-        raise invalid(exc.message, param, "invalid_method") from exc
+        raise MethodConfigError(exc.message, param=param) from exc
 
     model = body.model or settings.base_model_name
     if model != settings.base_model_name:

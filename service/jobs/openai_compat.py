@@ -20,7 +20,8 @@ DPO's ``beta`` has no counterpart in reward-model training and is refused unless
 Other keys pass through to loraplex's hyperparameters (checked by the core trainer).
 
 Features loraplex does not offer (``integrations``, ``metadata``, ``reinforcement``) are
-400s, as OpenAI answers for features it lacks; malformed values stay 422s.
+``unsupported`` errors (400s, as OpenAI answers for features it lacks); malformed values stay
+``invalid`` (422s).
 """
 
 from __future__ import annotations
@@ -28,16 +29,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from service.api.errors import INVALID_REQUEST, ApiError, invalid
+from service.errors import invalid, unsupported
 
 OPENAI_METHOD_TYPES = ("supervised", "dpo")
 # The dataset kind each OpenAI method type trains on.
 OPENAI_METHOD_KINDS = {"supervised": "classification", "dpo": "preference"}
 _AUTO = "auto"
-
-
-def _unsupported(message: str, param: str) -> ApiError:
-    return ApiError(400, message, INVALID_REQUEST, param, "unsupported_parameter")
 
 
 def _default_learning_rate(method_type: str) -> float:
@@ -74,7 +71,7 @@ def openai_hyperparameters(
                 )
             out["learning_rate"] = _default_learning_rate(method_type) * float(item)
         elif key == "beta" and dpo:
-            raise _unsupported(
+            raise unsupported(
                 f"{param}.beta: DPO's beta has no counterpart in reward-model training; leave "
                 "it out or 'auto'.",
                 f"{param}.beta",
@@ -98,12 +95,10 @@ def _translate_method(method: dict[str, Any]) -> tuple[dict[str, Any], str | Non
     """(loraplex method block, the OpenAI type it came from or None)."""
     method_type = method.get("type")
     if method_type == "reinforcement":
-        raise ApiError(
-            400,
+        raise unsupported(
             "method.type 'reinforcement' is not supported: loraplex trains classifiers and "
             "reward models. Use 'supervised', 'dpo' or a loraplex method (lora, adapter, "
             "prompt_tuning, feature_extraction, full).",
-            INVALID_REQUEST,
             "method.type",
             "unsupported_method",
         )
@@ -139,14 +134,15 @@ def _translate_method(method: dict[str, Any]) -> tuple[dict[str, Any], str | Non
 def translate_job_request(data: Any) -> tuple[Any, str | None]:
     """``(body in loraplex's shape, OpenAI method type or None)``; non-dicts pass unchanged.
 
-    Raises :class:`ApiError` for what cannot be mapped (see the module docstring).
+    Raises :class:`service.errors.ServiceError` for what cannot be mapped (see the module
+    docstring).
     """
     if not isinstance(data, dict):
         return data, None
     body = dict(data)
     for key in ("integrations", "metadata"):
         if body.get(key):
-            raise _unsupported(f"{key} is not supported by loraplex; leave it out.", key)
+            raise unsupported(f"{key} is not supported by loraplex; leave it out.", key)
         body.pop(key, None)
     # No method: LoRA with default parameters, on whichever kind of data the file holds.
     method = body.get("method")

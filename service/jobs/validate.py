@@ -14,15 +14,14 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+from service.errors import ServiceError
+
 # Method blocks are small; anything bigger is a mistake or abuse.
 MAX_METHOD_JSON_BYTES = 64 * 1024
 
 
-class MethodConfigError(ValueError):
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.param = param
+class MethodConfigError(ServiceError):
+    default_code = "invalid_method"
 
 
 def param_from_loc(prefix: str, loc: Sequence[str | int]) -> str:
@@ -53,17 +52,17 @@ def validate_method(method: dict[str, Any]) -> None:
 
     method_type = method.get("type")
     if not isinstance(method_type, str):
-        raise MethodConfigError("method.type: a method type is required", "type")
+        raise MethodConfigError("method.type: a method type is required", param="type")
     try:
         parse_method_config(method_type, dict(method.get(method_type) or {}))
     except ConfigError as exc:
         # core names its own "type" field for an unknown method; anything else is a parameter.
         param = "type" if exc.field == "type" else param_from_loc(method_type, [exc.field])
-        raise MethodConfigError(f"method.{param}: {_clean(exc.message)}", param) from None
+        raise MethodConfigError(f"method.{param}: {_clean(exc.message)}", param=param) from None
     try:
         parse_training_config(dict(method.get("hyperparameters") or {}))
     except ConfigError as exc:
         # "training" is core's name for the whole block (e.g. a non-mapping value).
         loc = [] if exc.field == "training" else [exc.field]
         param = param_from_loc("hyperparameters", loc)
-        raise MethodConfigError(f"method.{param}: {_clean(exc.message)}", param) from None
+        raise MethodConfigError(f"method.{param}: {_clean(exc.message)}", param=param) from None

@@ -6,7 +6,7 @@ import threading
 from copy import deepcopy
 from typing import TYPE_CHECKING, Any
 
-from service.api.errors import ApiError, invalid, not_found, unavailable
+from service.errors import ErrorKind, ServiceError, invalid, not_found, unavailable
 from service.serving.batcher import Batcher, QueueFullError
 from service.serving.residency import AdapterGone
 
@@ -58,7 +58,7 @@ async def run_rows(batcher: Batcher, rows: list[Row]) -> list[RowResult]:
     return results
 
 
-def _row_error(error: Any, key: Any) -> ApiError:
+def _row_error(error: Any, key: Any) -> ServiceError:
     from core.inference import AdapterNotResidentError, ResidencyError
 
     name = key[1] if isinstance(key, tuple) else str(key)
@@ -68,4 +68,4 @@ def _row_error(error: Any, key: Any) -> ApiError:
         return unavailable(
             f"adapter {name!r} does not fit the adapter cache: {error}", "adapter_cache_full"
         )
-    return ApiError(500, "inference failed", "server_error", None, "inference_failed")
+    return ServiceError("inference failed", code="inference_failed", kind=ErrorKind.INTERNAL)

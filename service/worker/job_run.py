@@ -21,6 +21,7 @@ from service.adapters.store import adapter_row_from
 from service.config import Settings
 from service.datasets.codec import decode_rows
 from service.db.models import Dataset, Job
+from service.errors import ErrorKind, ServiceError
 from service.jobs import queue
 from service.worker.lease import LeaseKeeper
 
@@ -35,10 +36,8 @@ CURVE_POINTS = 100
 PROGRESS_INTERVAL_S = 1.0
 
 
-class JobSetupError(Exception):
-    def __init__(self, message: str, code: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.message, self.code, self.param = message, code, param
+class JobSetupError(ServiceError):
+    """The job cannot start as stored (its dataset is gone): it fails with this code."""
 
 
 @dataclass
@@ -180,7 +179,12 @@ class JobRun:
     def _rows(self, session: Session, dataset_id: str, param: str) -> list[dict[str, Any]]:
         ds = session.get(Dataset, dataset_id)
         if ds is None or ds.tenant_id != self.job.tenant_id:
-            raise JobSetupError(f"{param} {dataset_id!r} no longer exists", "file_not_found", param)
+            raise JobSetupError(
+                f"{param} {dataset_id!r} no longer exists",
+                code="file_not_found",
+                param=param,
+                kind=ErrorKind.NOT_FOUND,
+            )
         return decode_rows(ds.rows, ds.rows_encoding)
 
     # --- callbacks (training thread) ---------------------------------------------------------

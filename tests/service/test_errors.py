@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from service.api.errors import ApiError, loc_to_param
+from service.adapters.archive import ArchiveError
+from service.adapters.transfer import TransferError
+from service.api.errors import loc_to_param
 from service.config import Settings
+from service.datasets.validation import DatasetError
+from service.errors import ErrorKind, ServiceError, unavailable
+from service.jobs.validate import MethodConfigError
 from service.main import create_app
 from tests.service.helpers import Headers, assert_error
 
@@ -76,19 +82,74 @@ def test_unhandled_exception_is_a_generic_500(settings: Settings) -> None:
     assert error["param"] is None
 
 
-def test_api_error_carries_headers(settings: Settings) -> None:
+# Every kind of ServiceError and how it is answered; the 409/429 header keeps the OpenAI SDKs
+# from retrying what a retry cannot fix, the 401 one is what RFC 6750 asks of a bearer API.
+_RENDERED = [
+    (ErrorKind.INVALID, 422, "invalid_request_error", {}),
+    (ErrorKind.UNSUPPORTED, 400, "invalid_request_error", {}),
+    (ErrorKind.NOT_FOUND, 404, "not_found_error", {}),
+    (ErrorKind.CONFLICT, 409, "conflict_error", {"x-should-retry": "false"}),
+    (ErrorKind.QUOTA, 429, "rate_limit_error", {"x-should-retry": "false"}),
+    (ErrorKind.UNAVAILABLE, 503, "service_unavailable_error", {}),
+    (ErrorKind.UNAUTHENTICATED, 401, "authentication_error", {"www-authenticate": "Bearer"}),
+    (ErrorKind.FORBIDDEN, 403, "permission_error", {}),
+    (ErrorKind.TOO_LARGE, 413, "invalid_request_error", {}),
+    (ErrorKind.UNSUPPORTED_MEDIA_TYPE, 415, "invalid_request_error", {}),
+    (ErrorKind.INTERNAL, 500, "server_error", {}),
+]
+
+
+def test_every_kind_is_rendered() -> None:
+    assert {kind for kind, *_ in _RENDERED} == set(ErrorKind)
+
+
+@pytest.mark.parametrize(("kind", "status", "type", "headers"), _RENDERED)
+def test_service_error_is_rendered_by_kind(
+    settings: Settings, kind: ErrorKind, status: int, type: str, headers: dict[str, str]
+) -> None:
     app = create_app(settings, hooks=[])
 
-    @app.get("/limited")
-    def limited() -> None:
-        raise ApiError(
-            429, "slow down", "rate_limit_error", None, "rate_limited", {"Retry-After": "3"}
-        )
+    @app.get("/fails")
+    def fails() -> None:
+        raise ServiceError("it failed", code="some_code", param="some.field", kind=kind)
 
     with TestClient(app) as test_client:
-        resp = test_client.get("/limited")
-    assert_error(resp, 429, code="rate_limited", type="rate_limit_error")
+        resp = test_client.get("/fails")
+    assert_error(resp, status, code="some_code", param="some.field", type=type)
+    assert resp.json()["error"]["message"] == "it failed"
+    for name, value in headers.items():
+        assert resp.headers[name] == value
+    assert "retry-after" not in resp.headers
+
+
+def test_retry_after_becomes_a_header(settings: Settings) -> None:
+    app = create_app(settings, hooks=[])
+
+    @app.get("/busy")
+    def busy() -> None:
+        raise unavailable("busy; retry shortly", "queue_full", retry_after=3)
+
+    with TestClient(app) as test_client:
+        resp = test_client.get("/busy")
+    assert_error(resp, 503, code="queue_full", type="service_unavailable_error")
     assert resp.headers["retry-after"] == "3"
+
+
+def test_domain_errors_preset_their_code_and_param() -> None:
+    # What a refusal that gives neither answers with: the code and field the API reports.
+    archive, transfer = ArchiveError("not a zip"), TransferError("weights missing")
+    assert (archive.kind, archive.code, archive.param) == (
+        ErrorKind.INVALID,
+        "invalid_archive",
+        "file",
+    )
+    assert (transfer.kind, transfer.code, transfer.param) == (
+        ErrorKind.INVALID,
+        "invalid_adapter",
+        "file",
+    )
+    assert DatasetError("empty").code == "invalid_dataset"
+    assert MethodConfigError("bad", param="method.lora.r").code == "invalid_method"
 
 
 def test_loc_to_param() -> None:

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from core.training.config import DEFAULT_LEARNING_RATES
-from service.api.errors import ApiError
+from service.errors import ErrorKind, ServiceError
 from service.jobs.openai_compat import translate_job_request
 
 
@@ -58,31 +58,35 @@ def test_empty_integrations_and_metadata_are_dropped() -> None:
 
 
 @pytest.mark.parametrize(
-    ("body", "status", "param"),
+    ("body", "kind", "param"),
     [
-        ({"method": {"type": "reinforcement"}}, 400, "method.type"),
-        ({"integrations": [{"type": "wandb"}]}, 400, "integrations"),
-        ({"metadata": {"k": "v"}}, 400, "metadata"),
+        ({"method": {"type": "reinforcement"}}, ErrorKind.UNSUPPORTED, "method.type"),
+        ({"integrations": [{"type": "wandb"}]}, ErrorKind.UNSUPPORTED, "integrations"),
+        ({"metadata": {"k": "v"}}, ErrorKind.UNSUPPORTED, "metadata"),
         (
             {"method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2}}}},
-            400,
+            ErrorKind.UNSUPPORTED,
             "method.dpo.hyperparameters.beta",
         ),
-        ({"method": {"type": "supervised", "supervised": 3}}, 422, "method.supervised"),
+        (
+            {"method": {"type": "supervised", "supervised": 3}},
+            ErrorKind.INVALID,
+            "method.supervised",
+        ),
         (
             {"method": {"type": "supervised", "supervised": {"lora": {}}}},
-            422,
+            ErrorKind.INVALID,
             "method.supervised.lora",
         ),
-        ({"method": {"type": "supervised", "lora": {"r": 4}}}, 422, "method.lora"),
+        ({"method": {"type": "supervised", "lora": {"r": 4}}}, ErrorKind.INVALID, "method.lora"),
         (
             {"hyperparameters": {"learning_rate_multiplier": -1}},
-            422,
+            ErrorKind.INVALID,
             "hyperparameters.learning_rate_multiplier",
         ),
         (
             {"hyperparameters": {"learning_rate_multiplier": 2, "learning_rate": 0.1}},
-            422,
+            ErrorKind.INVALID,
             "hyperparameters.learning_rate_multiplier",
         ),
         (
@@ -90,12 +94,12 @@ def test_empty_integrations_and_metadata_are_dropped() -> None:
                 "method": {"type": "lora", "hyperparameters": {"n_epochs": 2}},
                 "hyperparameters": {"n_epochs": 3},
             },
-            422,
+            ErrorKind.INVALID,
             "hyperparameters",
         ),
     ],
 )
-def test_what_cannot_be_mapped(body: dict[str, Any], status: int, param: str) -> None:
-    with pytest.raises(ApiError) as info:
+def test_what_cannot_be_mapped(body: dict[str, Any], kind: ErrorKind, param: str) -> None:
+    with pytest.raises(ServiceError) as info:
         translate(body)
-    assert info.value.status == status and info.value.param == param
+    assert info.value.kind is kind and info.value.param == param

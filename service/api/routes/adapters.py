@@ -26,14 +26,13 @@ from starlette.datastructures import FormData, UploadFile
 
 from service.adapters.archive import (
     PEFT_METHODS,
-    ArchiveError,
     ArchiveLimits,
     read_archive,
     write_archive,
 )
 from service.adapters.quota import check_adapter_quota, name_taken
 from service.adapters.store import adapter_row_from
-from service.adapters.transfer import HeadSpec, TransferError, export_files, import_files
+from service.adapters.transfer import HeadSpec, export_files, import_files
 from service.api.deps import (
     CurrentTenant,
     SessionDep,
@@ -41,13 +40,13 @@ from service.api.deps import (
     SettingsDep,
     get_base_model,
 )
-from service.api.errors import conflict, invalid, not_found
 from service.api.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery, keyset_page
 from service.api.schemas.adapters import AdapterObject
 from service.api.schemas.common import NAME_PATTERN, DeletedResponse, ListResponse
 from service.api.uploads import form_text, read_upload, require_multipart
 from service.config import Settings
 from service.db.models import Adapter
+from service.errors import conflict, invalid, not_found
 from service.jobs.queue import active_job_count, next_adapter_version
 
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
@@ -274,14 +273,7 @@ async def import_adapter(
         data = await read_upload(upload, settings.max_upload_bytes)
     base = get_base_model(request)
     await run_in_threadpool(_precheck, factory, tenant.id, name, settings)
-    try:
-        row = await run_in_threadpool(_load, data, name, base, head, _archive_limits(settings))
-    except ArchiveError as exc:
-        raise invalid(exc.message, "file", exc.code) from None
-    except TransferError as exc:
-        raise invalid(exc.message, exc.param, exc.code) from None
-    except RecursionError:  # json.loads on a config nested thousands of levels deep
-        raise invalid("A JSON file in the archive is nested too deeply.", "file") from None
+    row = await run_in_threadpool(_load, data, name, base, head, _archive_limits(settings))
     row = await run_in_threadpool(_insert, factory, tenant.id, row, settings)
     return AdapterObject.from_row(row)
 
@@ -312,10 +304,7 @@ def export_adapter(
     row = _get_owned(session, tenant.id, name, weights=True)
     fmt = format or ("peft" if row.method in PEFT_METHODS else "loraplex")
     base = get_base_model(request) if fmt == "peft" and row.method in PEFT_METHODS else None
-    try:
-        files = export_files(row, fmt, base)
-    except TransferError as exc:
-        raise invalid(exc.message, exc.param, exc.code) from None
+    files = export_files(row, fmt, base)
     filename = f"{row.name}-v{row.version}-{fmt}.zip"
     return Response(
         write_archive(files),

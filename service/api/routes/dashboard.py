@@ -16,7 +16,7 @@ from pathlib import Path
 from fastapi import APIRouter
 from fastapi.responses import RedirectResponse, Response
 
-from service.api.errors import not_found
+from service.errors import not_found
 
 router = APIRouter(include_in_schema=False)
 
@@ -28,7 +28,6 @@ ASSETS: dict[str, str] = {
     "api.js": "text/javascript; charset=utf-8",
     "chart.js": "text/javascript; charset=utf-8",
     "dom.js": "text/javascript; charset=utf-8",
-    "validate.js": "text/javascript; charset=utf-8",
     "style.css": "text/css; charset=utf-8",
     "favicon.svg": "image/svg+xml",
 }

@@ -17,7 +17,6 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from service.api.deps import CurrentTenant, SessionDep, SessionFactoryDep, SettingsDep
-from service.api.errors import INVALID_REQUEST, ApiError, invalid
 from service.api.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery, keyset_page
 from service.api.schemas.common import ListResponse
 from service.api.schemas.files import FINE_TUNE_PURPOSE, FileDeleted, FileObject
@@ -26,13 +25,13 @@ from service.datasets import codec
 from service.datasets.infer import infer_kind
 from service.datasets.store import delete_owned_dataset, get_owned_dataset, store_dataset
 from service.datasets.validation import (
-    DatasetError,
     DatasetKind,
     Limits,
     detect_format,
     parse_file,
 )
 from service.db.models import Dataset
+from service.errors import invalid, unsupported
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 
@@ -59,16 +58,6 @@ _CREATE_OPENAPI: dict[str, Any] = {
 }
 
 
-def _unsupported(message: str, param: str, code: str) -> ApiError:
-    # 400, as OpenAI answers for a feature it does not offer: code written against OpenAI that
-    # catches BadRequestError keeps working. Malformed values stay 422 (validation).
-    return ApiError(400, message, INVALID_REQUEST, param, code)
-
-
-def _dataset_error(exc: DatasetError) -> ApiError:
-    return invalid(exc.message, exc.param, exc.code)
-
-
 @router.post("", response_model=FileObject, openapi_extra=_CREATE_OPENAPI)
 async def create_file(
     request: Request, tenant: CurrentTenant, settings: SettingsDep, factory: SessionFactoryDep
@@ -80,14 +69,14 @@ async def create_file(
         if purpose is None:
             raise invalid("purpose is required; use 'fine-tune'.", "purpose", "missing_purpose")
         if purpose != FINE_TUNE_PURPOSE:
-            raise _unsupported(
+            raise unsupported(
                 f"purpose {purpose!r} is not supported: loraplex files are training data "
                 f"(purpose '{FINE_TUNE_PURPOSE}').",
                 "purpose",
                 "unsupported_purpose",
             )
         if any(key.startswith("expires_after") for key in form):
-            raise _unsupported(
+            raise unsupported(
                 "expires_after is not supported: files are kept until deleted.",
                 "expires_after",
                 "unsupported_parameter",
@@ -107,11 +96,8 @@ async def create_file(
 
     fmt = detect_format(filename, upload_type, data)
     limits = Limits(max_rows=settings.max_dataset_rows)
-    try:
-        kind = DatasetKind(kind_field) if kind_field else infer_kind(data, fmt)
-        parsed = await run_in_threadpool(parse_file, data, kind, fmt, limits)
-    except DatasetError as exc:
-        raise _dataset_error(exc) from None
+    kind = DatasetKind(kind_field) if kind_field else infer_kind(data, fmt)
+    parsed = await run_in_threadpool(parse_file, data, kind, fmt, limits)
     row = await run_in_threadpool(store_dataset, factory, tenant.id, filename, parsed, data)
     return FileObject.from_row(row)
 

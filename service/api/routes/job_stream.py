@@ -36,9 +36,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import CurrentTenant, SessionDep, SessionFactoryDep
-from service.api.errors import invalid, not_found
 from service.api.schemas.jobs import JobEventObject, JobObject, parse_event_id
 from service.db.models import Job, JobEvent, JobStatus
+from service.errors import invalid, not_found
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 

@@ -9,7 +9,6 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from service.api.deps import CurrentTenant, SessionDep, SettingsDep
-from service.api.errors import conflict, invalid, not_found
 from service.api.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery, keyset_page
 from service.api.schemas.common import ListResponse
 from service.api.schemas.jobs import (
@@ -21,6 +20,7 @@ from service.api.schemas.jobs import (
 )
 from service.db.models import Checkpoint, Job, JobEvent, JobStatus
 from service.db.types import utcnow
+from service.errors import conflict, invalid, not_found
 from service.jobs.create import create_job
 from service.jobs.queue import add_event
 

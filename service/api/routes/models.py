@@ -14,11 +14,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.api.deps import CurrentTenant, SessionDep
-from service.api.errors import PERMISSION, ApiError, not_found
 from service.api.routes.adapters import delete_adapter_row
 from service.api.schemas.models import BASE_OWNER, ModelDeleted, ModelList, ModelObject
 from service.config import Settings
 from service.db.models import Adapter
+from service.errors import ErrorKind, ServiceError, not_found
 
 if TYPE_CHECKING:
     from core.base import BaseModel
@@ -92,12 +92,11 @@ def delete_model(
 ) -> ModelDeleted:
     """Delete a fine-tuned model, i.e. an adapter (as ``DELETE /v1/adapters/{name}``)."""
     if _is_base(request, model_id):
-        raise ApiError(
-            403,
+        raise ServiceError(
             "The base model is shared by every tenant and cannot be deleted.",
-            PERMISSION,
-            "model",
-            "base_model_not_deletable",
+            code="base_model_not_deletable",
+            param="model",
+            kind=ErrorKind.FORBIDDEN,
         )
     delete_adapter_row(request, session, _owned_adapter(session, tenant.id, model_id))
     return ModelDeleted(id=model_id)

@@ -8,7 +8,6 @@ from fastapi import APIRouter, Query, Request
 from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import AdapterName, ServedAdapter
-from service.api.errors import not_found
 from service.api.schemas.inference import (
     Mode,
     Prediction,
@@ -16,6 +15,7 @@ from service.api.schemas.inference import (
     PredictResponse,
     TextPair,
 )
+from service.errors import not_found
 from service.serving.run import run_rows
 
 router = APIRouter(tags=["inference"])

@@ -8,7 +8,6 @@ from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import AdapterName, ServedAdapter
-from service.api.errors import invalid, not_found
 from service.api.schemas.inference import (
     CompareBatchResponse,
     ComparePair,
@@ -16,6 +15,7 @@ from service.api.schemas.inference import (
     CompareResponse,
     CompareResult,
 )
+from service.errors import invalid, not_found
 from service.serving.run import run_rows
 
 router = APIRouter(tags=["inference"])

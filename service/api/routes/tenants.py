@@ -8,7 +8,6 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service.api.deps import AdminDep, SessionDep
-from service.api.errors import conflict, not_found
 from service.api.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery, keyset_page
 from service.api.schemas.common import DeletedResponse, ListResponse
 from service.api.schemas.tenants import (
@@ -20,6 +19,7 @@ from service.api.schemas.tenants import (
     TenantObject,
 )
 from service.db.models import ApiKey, Tenant
+from service.errors import conflict, not_found
 from service.tenants.keys import NewKey, create_api_key, create_tenant, revoke_key
 
 router = APIRouter(prefix="/v1/tenants", tags=["tenants (admin)"])
