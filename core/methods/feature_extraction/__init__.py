@@ -1,9 +1,4 @@
-"""Feature extraction (linear probe).
-
-Only the torch-free config is exported here, so that reading it does not import torch; the
-tensors live in ``model`` (import those submodules).
-"""
-
 from core.methods.feature_extraction.config import FeatureExtractionConfig
+from core.methods.feature_extraction.model import FeatureExtractionModel
 
-__all__ = ["FeatureExtractionConfig"]
+__all__ = ["FeatureExtractionConfig", "FeatureExtractionModel"]

@@ -6,8 +6,7 @@ from torch import Tensor
 
 from core.base import BaseModel
 from core.encoder import BertEncoder
-from core.methods.base import AdapterMethod, layer_index
-from core.methods.config import MethodConfig
+from core.methods.base import AdapterMethod, MethodConfig, layer_index
 
 
 class FullModel(AdapterMethod):

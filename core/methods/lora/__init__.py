@@ -1,9 +1,11 @@
-"""LoRA (Hu et al. 2021).
-
-Only the torch-free config is exported here, so that reading it does not import torch; the
-tensors live in ``layer`` and ``model`` (import those submodules).
-"""
-
 from core.methods.lora.config import LoraConfig
+from core.methods.lora.layer import LoraHooks, MergedLoraHooks
+from core.methods.lora.model import LoraModel, lora_key
 
-__all__ = ["LoraConfig"]
+__all__ = [
+    "LoraConfig",
+    "LoraHooks",
+    "LoraModel",
+    "MergedLoraHooks",
+    "lora_key",
+]
