@@ -2,8 +2,6 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-HOST ?= 127.0.0.1
-PORT ?= 8000
 
 DASHBOARD_TESTS := tests/dashboard
 
@@ -38,8 +36,12 @@ $(DASHBOARD_TESTS)/node_modules/.installed: $(DASHBOARD_TESTS)/package-lock.json
 	  echo "make: npm is missing: the dashboard browser test is skipped"; \
 	fi
 
+# `make serve HOST=0.0.0.0 PORT=9000` passes flags; without them LORAPLEX_HOST / LORAPLEX_PORT
+# (environment or .env) or the defaults (127.0.0.1:8000) decide. Only make's command line
+# counts: a HOST or PORT exported for something else must not move the server.
 serve: install
-	$(BIN)/loraplex serve --host $(HOST) --port $(PORT)
+	$(BIN)/loraplex serve $(if $(filter command line,$(origin HOST)),--host $(HOST)) \
+	  $(if $(filter command line,$(origin PORT)),--port $(PORT))
 
 worker: install
 	$(BIN)/loraplex worker

@@ -60,7 +60,8 @@ def store_random_adapters(data_dir: Path, n: int, prefix: str = "a") -> list[str
     from core.adapter import Adapter
     from core.base import load_base_model
     from core.heads import HeadConfig
-    from core.methods.lora import LoraConfig, lora_key
+    from core.methods.lora import LoraConfig
+    from core.methods.lora.model import lora_key
     from service.adapters.store import adapter_row_from
     from service.db.models import ApiKey
     from service.db.session import make_engine, make_sessionmaker

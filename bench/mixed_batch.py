@@ -40,7 +40,8 @@ from core.adapter import Adapter
 from core.base import BaseModel, load_base_model
 from core.heads import HeadConfig
 from core.inference import InferenceEngine, MixedLoraHooks, Row
-from core.methods.lora import LoraConfig, lora_key
+from core.methods.lora import LoraConfig
+from core.methods.lora.model import lora_key
 
 FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "rotten_tomatoes_small.jsonl"
 BATCH = 32

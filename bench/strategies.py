@@ -5,7 +5,7 @@ Task: Rotten Tomatoes review snippets, ``fresh`` vs ``rotten`` (12,808 rows from
 with :func:`bench.datasets.split` (seed 0, 80/10/10) into train / validation / test, and the
 first ``--train-rows`` / ``--val-rows`` / ``--test-rows`` of each part are used, so the test
 rows do not depend on the training budget. Every strategy trains on the same rows with the
-real :class:`core.training.Trainer` on all-MiniLM-L6-v2 (mean pooling, head = dropout 0.1 +
+real :class:`core.training.trainer.Trainer` on all-MiniLM-L6-v2 (mean pooling, head = dropout 0.1 +
 linear), picks its best checkpoint by *validation* accuracy (evaluated every half epoch),
 and is then scored once on the test rows by building its adapter afresh
 (``adapter.build(base)``, eval mode, batches of 64). Nothing is tuned on the test rows.

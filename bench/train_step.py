@@ -88,7 +88,7 @@ def rt_rows(n: int, full: bool) -> list[dict[str, str]]:
 
 def run_ours(case: str, steps: int, warmup: int, full_data: bool) -> dict[str, Any]:
     from core.base import load_base_model
-    from core.training import Trainer, TrainerCallbacks
+    from core.training.trainer import Trainer, TrainerCallbacks
 
     base = load_base_model(device="cpu")
     method = {

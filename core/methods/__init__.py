@@ -1,26 +1,36 @@
-"""Method registry: name → (config class, module class). One folder per method."""
+"""Method registry: name → config class. One folder per method.
+
+Torch-free: the configs are what the API validates and documents. The torch modules that
+hold each method's tensors are imported by :func:`build_method`, on first use.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from core.base import BaseModel
 from core.errors import ConfigError
-from core.methods.adapter import BottleneckConfig, BottleneckModel
-from core.methods.base import AdapterMethod, MethodConfig, parse_config
-from core.methods.feature_extraction import FeatureExtractionConfig, FeatureExtractionModel
-from core.methods.full import FullConfig, FullModel
-from core.methods.lora import LoraConfig, LoraModel
-from core.methods.prompt_tuning import PromptTuningConfig, PromptTuningModel
-from core.methods.scratch import ScratchConfig, ScratchModel
+from core.methods.adapter import BottleneckConfig
+from core.methods.config import MethodConfig, parse_config
+from core.methods.feature_extraction import FeatureExtractionConfig
+from core.methods.full import FullConfig
+from core.methods.lora import LoraConfig
+from core.methods.prompt_tuning import PromptTuningConfig
+from core.methods.scratch import ScratchConfig
 
-METHODS: dict[str, tuple[type[MethodConfig], type[AdapterMethod]]] = {
-    "lora": (LoraConfig, LoraModel),
-    "adapter": (BottleneckConfig, BottleneckModel),
-    "prompt_tuning": (PromptTuningConfig, PromptTuningModel),
-    "feature_extraction": (FeatureExtractionConfig, FeatureExtractionModel),
-    "full": (FullConfig, FullModel),
-    "scratch": (ScratchConfig, ScratchModel),
+if TYPE_CHECKING:
+    from core.base import BaseModel
+    from core.methods.base import AdapterMethod
+
+METHODS: dict[str, type[MethodConfig]] = {
+    cls.type: cls
+    for cls in (
+        LoraConfig,
+        BottleneckConfig,
+        PromptTuningConfig,
+        FeatureExtractionConfig,
+        FullConfig,
+        ScratchConfig,
+    )
 }
 
 
@@ -28,11 +38,27 @@ def parse_method_config(method_type: str, params: dict[str, Any] | None = None) 
     """Validated config for ``method_type``; :class:`ConfigError` names the bad field."""
     if method_type not in METHODS:
         raise ConfigError("type", f"unknown method {method_type!r}; known: {sorted(METHODS)}")
-    return parse_config(METHODS[method_type][0], params)
+    return parse_config(METHODS[method_type], params)
 
 
 def build_method(config: MethodConfig, base: BaseModel) -> AdapterMethod:
-    return METHODS[config.type][1](config, base)
+    """The trainable module for ``config`` on ``base``."""
+    from core.methods.adapter.model import BottleneckModel
+    from core.methods.feature_extraction.model import FeatureExtractionModel
+    from core.methods.full.model import FullModel
+    from core.methods.lora.model import LoraModel
+    from core.methods.prompt_tuning.model import PromptTuningModel
+    from core.methods.scratch.model import ScratchModel
+
+    models: dict[str, type[AdapterMethod]] = {
+        "lora": LoraModel,
+        "adapter": BottleneckModel,
+        "prompt_tuning": PromptTuningModel,
+        "feature_extraction": FeatureExtractionModel,
+        "full": FullModel,
+        "scratch": ScratchModel,
+    }
+    return models[config.type](config, base)
 
 
-__all__ = ["METHODS", "AdapterMethod", "MethodConfig", "build_method", "parse_method_config"]
+__all__ = ["METHODS", "MethodConfig", "build_method", "parse_method_config"]

@@ -1,41 +1,21 @@
 """What every adaptation method provides.
 
-A method is two things: a validated config (pydantic, JSON round-trippable) and an
-``AdapterMethod`` module holding only that method's trainable tensors. The frozen base is never
-part of a method's state; methods change the forward pass through :class:`EncoderHooks`.
+A method is two things: a validated config (:mod:`core.methods.config`, torch-free, JSON
+round-trippable) and an ``AdapterMethod`` module holding only that method's trainable tensors.
+The frozen base is never part of a method's state; methods change the forward pass through
+:class:`EncoderHooks`.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any, ClassVar
+from typing import ClassVar
 
-from pydantic import BaseModel as PydanticModel
-from pydantic import ConfigDict, ValidationError
 from torch import Tensor, nn
 
 from core.base import BaseModel
 from core.encoder import NO_HOOKS, BertEncoder, EncoderHooks
-from core.errors import ConfigError
-
-
-class MethodConfig(PydanticModel):
-    """Base of every method config. ``type`` is the method's registry name."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    type: ClassVar[str]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"type": self.type, **self.model_dump(mode="json")}
-
-    @property
-    def reserved_positions(self) -> int:
-        """Sequence positions the method occupies before the real tokens (prompt tuning's
-        virtual tokens). Whoever tokenizes for this method truncates real text to
-        ``base.max_length - reserved_positions`` (see :attr:`AdapterMethod.max_input_length`).
-        """
-        return 0
-
+from core.methods.config import MethodConfig
 
 _LAYER_RE = re.compile(r"(?:^|\.)layer\.(\d+)\.")
 
@@ -93,15 +73,3 @@ class AdapterMethod(nn.Module):
         if "embeddings" in name or "prompt" in name:
             return -1
         return layer_index(name)
-
-
-def parse_config(cls: type[MethodConfig], params: dict[str, Any] | None) -> MethodConfig:
-    """Validate ``params`` into ``cls``; raise :class:`ConfigError` naming the first bad field."""
-    try:
-        return cls(**(params or {}))
-    except ValidationError as e:
-        err = e.errors()[0]
-        field = ".".join(str(p) for p in err["loc"]) or cls.type
-        raise ConfigError(field, err["msg"]) from None
-    except TypeError as e:
-        raise ConfigError(cls.type, str(e)) from None

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel as PydanticModel
 from pydantic import ConfigDict, Field, ValidationError, model_validator
 
 from core.errors import ConfigError
 
-# "auto" learning rates per method. Parameter-efficient methods train few, freshly initialised
-# tensors and want a large step; full fine-tuning moves pretrained weights and wants a small one.
+# "auto" learning rates per method (see the learning_rate field's description).
 DEFAULT_LEARNING_RATES: dict[str, float] = {
     "lora": 1e-3,
     "adapter": 1e-3,
@@ -24,6 +23,12 @@ FALLBACK_LEARNING_RATE = 1e-3
 DEFAULT_WARMUP_RATIO = 0.1
 
 MetricName = Literal["loss", "accuracy", "macro_f1"]
+# Ranges of the union and tuple fields, declared on their members so they show in the schema.
+PositiveRate = Annotated[float, Field(gt=0.0, le=10.0)]
+UnfreezeCount = Annotated[int, Field(ge=0)]
+AdamBeta = Annotated[float, Field(ge=0.0, lt=1.0)]
+# Settings that only preference (reward-model) training reads.
+REWARD_ONLY_SETTINGS = frozenset({"margin", "center_rewards_coefficient"})
 
 
 class _FieldError(ValueError):
@@ -35,67 +40,153 @@ class _FieldError(ValueError):
 
 
 class TrainingConfig(PydanticModel):
-    """How to train. Every field is validated; :func:`parse_training_config` names bad fields."""
+    """How to train. Every field is validated; :func:`parse_training_config` names bad fields.
+
+    Each field's description, default and range are the one definition of that setting: the
+    API's request schema, ``GET /v1/methods`` and the dashboard's form are derived from them.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    n_epochs: int = Field(3, ge=1, le=1000)
-    # Overrides n_epochs: training runs through as many (partial) epochs as needed.
-    max_steps: int | None = Field(None, ge=1)
-    batch_size: int = Field(16, ge=1, le=4096)
-    # Batch size for validation (no gradients, so it can be larger); None = 2 x batch_size.
-    eval_batch_size: int | None = Field(None, ge=1, le=8192)
-    learning_rate: float | Literal["auto"] = "auto"
-    # Warm-up as a fraction of all steps or as a step count (not both). Neither: 10 %.
-    warmup_ratio: float | None = Field(None, ge=0.0, le=1.0)
-    warmup_steps: int | None = Field(None, ge=0)
-    lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
-    # lr x decay^(distance from the top encoder layer); head at full lr. 1.0 = off.
-    layerwise_lr_decay: float = Field(1.0, gt=0.0, le=1.0)
-    # True = unfreeze one encoder layer per epoch from the top (head alone in epoch 0,
-    # embeddings last); an int n = n layers per epoch. False / 0 = everything from the start.
-    gradual_unfreezing: bool | int = False
-    weight_decay: float = Field(0.01, ge=0.0, le=10.0)
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    adam_epsilon: float = Field(1e-8, gt=0.0)
-    # None or 0 = no clipping.
-    max_grad_norm: float | None = Field(1.0, ge=0.0)
-    # Capped at the base model's own limit by the trainer.
-    max_seq_length: int = Field(128, ge=4, le=8192)
-    # Evaluations without improvement before stopping; None = never stop early.
-    early_stopping_patience: int | None = Field(None, ge=1)
-    # Validate every k steps; None = at the end of every epoch. Always once at the end.
-    eval_every_steps: int | None = Field(None, ge=1)
-    # Validation metric that picks the best checkpoint. "accuracy" is pairwise for reward.
+    n_epochs: int = Field(
+        3,
+        ge=1,
+        le=1000,
+        description="Passes over the training rows (ignored when max_steps is set).",
+    )
+    max_steps: int | None = Field(
+        None,
+        ge=1,
+        description="Optimizer steps to train for; overrides n_epochs (training runs through as "
+        "many, possibly partial, epochs as needed). null = n_epochs decides.",
+    )
+    batch_size: int = Field(16, ge=1, le=4096, description="Training rows per optimizer step.")
+    eval_batch_size: int | None = Field(
+        None,
+        ge=1,
+        le=8192,
+        description="Rows per validation batch (no gradients, so it can be larger); "
+        "null = 2 x batch_size.",
+    )
+    learning_rate: PositiveRate | Literal["auto"] = Field(
+        "auto",
+        description="Peak learning rate, in (0, 10]. 'auto' = the method's default: "
+        "parameter-efficient methods train few fresh tensors and want a large step, full "
+        "fine-tuning moves pretrained weights and wants a small one.",
+    )
+    warmup_ratio: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="Linear warm-up over this fraction of all steps. Give warmup_ratio or "
+        f"warmup_steps, not both; neither = {DEFAULT_WARMUP_RATIO:g}.",
+    )
+    warmup_steps: int | None = Field(
+        None,
+        ge=0,
+        description="Linear warm-up over this many steps (capped at the total). Give "
+        "warmup_ratio or warmup_steps, not both.",
+    )
+    lr_scheduler: Literal["linear", "cosine", "constant"] = Field(
+        "linear",
+        description="Learning-rate decay after warm-up: to 0 linearly, along a cosine, or none.",
+    )
+    layerwise_lr_decay: float = Field(
+        1.0,
+        gt=0.0,
+        le=1.0,
+        description="Each encoder layer's learning rate is lr x decay^(its distance from the top "
+        "layer); the head trains at the full rate. 1.0 = off.",
+    )
+    gradual_unfreezing: bool | UnfreezeCount = Field(
+        False,
+        description="true = unfreeze one encoder layer per epoch from the top (the head alone in "
+        "epoch 0, the embeddings last); an integer n = n layers per epoch. false or 0 = train "
+        "everything from the start.",
+    )
+    weight_decay: float = Field(
+        0.01, ge=0.0, le=10.0, description="AdamW's decoupled weight decay."
+    )
+    adam_betas: tuple[AdamBeta, AdamBeta] = Field(
+        (0.9, 0.999), description="AdamW's (beta1, beta2), each in [0, 1)."
+    )
+    adam_epsilon: float = Field(1e-8, gt=0.0, description="AdamW's epsilon.")
+    max_grad_norm: float | None = Field(
+        1.0, ge=0.0, description="Clip the gradient's global norm to this; null or 0 = no clipping."
+    )
+    max_seq_length: int = Field(
+        128,
+        ge=4,
+        le=8192,
+        description="Tokens per input; longer inputs are truncated. Capped at the base model's "
+        "own limit (less prompt tuning's virtual tokens).",
+    )
+    early_stopping_patience: int | None = Field(
+        None,
+        ge=1,
+        description="Stop after this many evaluations without improvement of metric_for_best; "
+        "null = never stop early.",
+    )
+    eval_every_steps: int | None = Field(
+        None,
+        ge=1,
+        description="Validate every k steps; null = at the end of every epoch. Training always "
+        "validates once at the end.",
+    )
     # Not loss by default: on small validation sets the loss of a model that grows more
     # confident rises while its accuracy still improves, and selecting on it kept epoch-1
     # weights 15-20 points worse on held-out Rotten Tomatoes rows.
-    metric_for_best: MetricName = "accuracy"
-    # Held out from the training rows when no validation set is given; 0 = no validation.
-    validation_fraction: float = Field(0.1, ge=0.0, lt=1.0)
-    bucket_by_length: bool = True
-    # Reward models (TRL RewardTrainer semantics): loss = -logsigmoid(r_c - r_r - margin)
-    # + center_rewards_coefficient * mean((r_c + r_r)^2). A row's own "margin" wins.
-    margin: float = 0.0
-    center_rewards_coefficient: float | None = Field(None, ge=0.0)
-    seed: int = Field(0, ge=0, le=2**63 - 1)
-    # Checkpoint callback every N steps (and always at epoch ends); None = epoch ends only.
-    checkpoint_every_steps: int | None = Field(None, ge=1)
-    # Advisory thread budget for the *caller*: torch.set_num_threads is process-wide, so the
-    # library never calls it; the worker process should, once, at start-up.
-    num_threads: int | None = Field(None, ge=1, le=1024)
+    metric_for_best: MetricName = Field(
+        "accuracy",
+        description="Validation metric that picks the best checkpoint (the one kept). For "
+        "preference data accuracy is pairwise (chosen scored above rejected) and macro_f1 does "
+        "not apply.",
+    )
+    validation_fraction: float = Field(
+        0.1,
+        ge=0.0,
+        lt=1.0,
+        description="Share of the training rows held out for validation when no validation "
+        "file is given; 0 = no validation.",
+    )
+    bucket_by_length: bool = Field(
+        True,
+        description="Batch rows of similar length together (less padding, faster); the order "
+        "of batches stays random.",
+    )
+    # TRL RewardTrainer semantics: loss = -logsigmoid(r_c - r_r - margin)
+    # + center_rewards_coefficient * mean((r_c + r_r)^2).
+    margin: float = Field(
+        0.0,
+        description="Preference data only: the chosen response must outscore the rejected one "
+        "by this much (loss -logsigmoid(r_chosen - r_rejected - margin)). A row's own margin "
+        "wins.",
+    )
+    center_rewards_coefficient: float | None = Field(
+        None,
+        ge=0.0,
+        description="Preference data only: weight of a penalty on mean((r_chosen + "
+        "r_rejected)^2) that keeps rewards centred on 0; null = off.",
+    )
+    seed: int = Field(
+        0, ge=0, le=2**63 - 1, description="Seeds initialisation, shuffling and dropout."
+    )
+    checkpoint_every_steps: int | None = Field(
+        None,
+        ge=1,
+        description="Call the checkpoint callback every N steps (and always at epoch ends); "
+        "null = epoch ends only.",
+    )
+    # torch.set_num_threads is process-wide, so the library never calls it; the worker
+    # process should, once, at start-up.
+    num_threads: int | None = Field(
+        None, ge=1, le=1024, description="Advisory CPU thread budget for the caller."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> TrainingConfig:
         if self.warmup_ratio is not None and self.warmup_steps is not None:
             raise _FieldError("warmup_steps", "set warmup_ratio or warmup_steps, not both")
-        if isinstance(self.learning_rate, float) and not 0.0 < self.learning_rate <= 10.0:
-            raise _FieldError("learning_rate", "must be in (0, 10] or 'auto'")
-        g = self.gradual_unfreezing
-        if not isinstance(g, bool) and g < 0:
-            raise _FieldError("gradual_unfreezing", "must be a bool or a layer count >= 0")
-        if not all(0.0 <= b < 1.0 for b in self.adam_betas):
-            raise _FieldError("adam_betas", "must be in [0, 1)")
         return self
 
     # --- resolved values -------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 from alembic import command
@@ -9,16 +10,32 @@ from alembic.config import Config
 
 from service.db.session import ensure_sqlite_dir, make_engine
 
-# migrations/ sits at the repository root, next to the ``service`` package; the package is
-# installed editable, so this path holds. A wheel build must ship the folder alongside.
-MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
+MIGRATIONS_PACKAGE = "migrations"
+
+
+def migrations_dir() -> Path:
+    """The folder of the installed ``migrations`` package (``env.py``, ``versions/``).
+
+    Found through the import system, not relative to this file: a wheel installs
+    ``migrations`` as a top-level package in site-packages, an editable install maps it to the
+    source tree, and both resolve here the same way.
+    """
+    spec = importlib.util.find_spec(MIGRATIONS_PACKAGE)
+    locations = None if spec is None else spec.submodule_search_locations
+    if not locations:
+        raise RuntimeError(
+            f"the {MIGRATIONS_PACKAGE!r} package is not installed: reinstall loraplex "
+            "(in a source checkout: pip install -e .)"
+        )
+    path = Path(next(iter(locations)))
+    if not (path / "env.py").is_file():
+        raise RuntimeError(f"Alembic migrations not found at {path} (no env.py)")
+    return path
 
 
 def alembic_config(url: str) -> Config:
-    if not (MIGRATIONS_DIR / "env.py").is_file():
-        raise RuntimeError(f"Alembic migrations not found at {MIGRATIONS_DIR}")
     config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.set_main_option("script_location", str(migrations_dir()))
     # Passed as an attribute, not an ini option: configparser would choke on '%' in URLs.
     config.attributes["url"] = url
     return config

@@ -10,7 +10,7 @@ from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 
-def _sqlite_file(url: URL) -> Path | None:
+def sqlite_file(url: URL) -> Path | None:
     """The file behind a SQLite URL, or None for in-memory databases."""
     if url.get_backend_name() != "sqlite":
         return None
@@ -22,7 +22,7 @@ def _sqlite_file(url: URL) -> Path | None:
 
 def ensure_sqlite_dir(url: str | URL) -> None:
     """Create the folder of a SQLite file so a fresh ``data_dir`` just works."""
-    path = _sqlite_file(make_url(url))
+    path = sqlite_file(make_url(url))
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -50,7 +50,7 @@ def make_engine(url: str | URL, *, sqlite_busy_timeout_ms: int = 5000, **kwargs:
         # checkpoint, adapter or dataset: +150 MiB RSS per connection after a `full` job's
         # checkpoint, measured). Re-preparing a statement costs microseconds.
         connect_args.setdefault("cached_statements", 0)
-        path = _sqlite_file(url)
+        path = sqlite_file(url)
         if path is not None and "poolclass" not in kwargs:
             # Keep a connection per busy request thread: beyond the pool, QueuePool closes
             # connections on return, and reopening one (+ its PRAGMAs) on every inference

@@ -5,7 +5,7 @@ hyperparameters mean: :func:`validate_method` asks ``core.methods.parse_method_c
 ``core.training.parse_training_config`` and turns their :class:`core.errors.ConfigError` into
 :class:`MethodConfigError` with ``param`` relative to ``method`` (``"lora.r"``,
 ``"hyperparameters.learning_rate"``); the route answers a 422 whose ``param`` is
-``method.<param>``. Imports stay inside the function so importing the API does not import torch.
+``method.<param>``. The core modules it imports are torch-free configs.
 """
 
 from __future__ import annotations
@@ -14,6 +14,9 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+from core.errors import ConfigError
+from core.methods import parse_method_config
+from core.training.config import parse_training_config
 from service.errors import ServiceError
 
 # Method blocks are small; anything bigger is a mistake or abuse.
@@ -46,10 +49,6 @@ def validate_method(method: dict[str, Any]) -> None:
         raise MethodConfigError(
             f"method block is {size} bytes; at most {MAX_METHOD_JSON_BYTES} are allowed"
         )
-    from core.errors import ConfigError
-    from core.methods import parse_method_config
-    from core.training.config import parse_training_config
-
     method_type = method.get("type")
     if not isinstance(method_type, str):
         raise MethodConfigError("method.type: a method type is required", param="type")

@@ -12,7 +12,7 @@ from core.base import BaseModel
 from core.errors import ConfigError
 from core.io.serialization import adapter_from_bytes, adapter_to_bytes
 from core.methods import METHODS
-from core.methods.prompt_tuning import PromptTuningModel
+from core.methods.prompt_tuning.model import PromptTuningModel
 from core.model import trainable_parameter_count
 from tests.core.util import batch, checksum, hidden, make_method, make_model, randomize
 

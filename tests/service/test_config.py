@@ -52,5 +52,5 @@ def test_auth_disabled_allowed_on_loopback(tmp_path: Path, host: str) -> None:
 
 
 def test_heartbeat_must_be_shorter_than_lease(tmp_path: Path) -> None:
-    with pytest.raises(ValidationError, match="heartbeat_seconds"):
+    with pytest.raises(ValidationError, match="LORAPLEX_HEARTBEAT_SECONDS"):
         make_settings(tmp_path, lease_seconds=5, heartbeat_seconds=5)

@@ -7,6 +7,8 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from core.methods import parse_method_config
+from core.training.config import parse_training_config
 from service.jobs.validate import MAX_METHOD_JSON_BYTES, MethodConfigError, validate_method
 from tests.service.helpers import Headers, assert_error, create_dataset
 
@@ -46,10 +48,46 @@ def test_core_errors_name_the_field(method: dict[str, Any], param: str) -> None:
     assert "Value error," not in info.value.message  # pydantic's prefix is stripped
 
 
-def test_valid_methods_pass() -> None:
-    validate_method({"type": "lora", "lora": {"r": 4, "target_modules": "all-linear"}})
-    validate_method({"type": "feature_extraction", "hyperparameters": {"max_steps": 20}})
-    validate_method({"type": "full", "full": {}, "hyperparameters": {"learning_rate": 5e-5}})
+ALL_LINEAR = [
+    "query",
+    "key",
+    "value",
+    "attention.output.dense",
+    "intermediate.dense",
+    "output.dense",
+]
+
+
+@pytest.mark.parametrize(
+    ("method", "method_values", "training_values"),
+    [
+        (
+            {"type": "lora", "lora": {"r": 4, "target_modules": "all-linear"}},
+            {"r": 4, "target_modules": ALL_LINEAR},
+            {"learning_rate": "auto"},  # unset: the method's own default at train time
+        ),
+        (
+            {"type": "feature_extraction", "hyperparameters": {"max_steps": 20}},
+            {},
+            {"max_steps": 20},
+        ),
+        (
+            {"type": "full", "full": {}, "hyperparameters": {"learning_rate": 5e-5}},
+            {},
+            {"learning_rate": 5e-5, "max_steps": None},
+        ),
+    ],
+)
+def test_valid_methods_pass(
+    method: dict[str, Any], method_values: dict[str, Any], training_values: dict[str, Any]
+) -> None:
+    validate_method(method)  # raises MethodConfigError for anything core would reject
+    # What the worker will train with: core reads the accepted block with the values given.
+    parsed = parse_method_config(method["type"], dict(method.get(method["type"]) or {}))
+    assert parsed.type == method["type"]
+    assert {name: getattr(parsed, name) for name in method_values} == method_values
+    training = parse_training_config(dict(method.get("hyperparameters") or {}))
+    assert {name: getattr(training, name) for name in training_values} == training_values
 
 
 def test_oversized_method_block() -> None:

@@ -1,5 +1,9 @@
-from core.methods.adapter.config import BottleneckConfig
-from core.methods.adapter.layer import Bottleneck, BottleneckHooks
-from core.methods.adapter.model import BottleneckModel
+"""Bottleneck adapters.
 
-__all__ = ["Bottleneck", "BottleneckConfig", "BottleneckHooks", "BottleneckModel"]
+Only the torch-free config is exported here, so that reading it does not import torch; the
+tensors live in ``layer`` and ``model`` (import those submodules).
+"""
+
+from core.methods.adapter.config import BottleneckConfig
+
+__all__ = ["BottleneckConfig"]

@@ -1,4 +1,9 @@
-from core.methods.feature_extraction.config import FeatureExtractionConfig
-from core.methods.feature_extraction.model import FeatureExtractionModel
+"""Feature extraction (linear probe).
 
-__all__ = ["FeatureExtractionConfig", "FeatureExtractionModel"]
+Only the torch-free config is exported here, so that reading it does not import torch; the
+tensors live in ``model`` (import those submodules).
+"""
+
+from core.methods.feature_extraction.config import FeatureExtractionConfig
+
+__all__ = ["FeatureExtractionConfig"]

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from core.methods.base import MethodConfig
+from core.methods.config import MethodConfig
 
 
 class FeatureExtractionConfig(MethodConfig):

@@ -1,4 +1,9 @@
-from core.methods.full.config import FullConfig
-from core.methods.full.model import FullModel
+"""Full fine-tuning.
 
-__all__ = ["FullConfig", "FullModel"]
+Only the torch-free config is exported here, so that reading it does not import torch; the
+tensors live in ``model`` (import those submodules).
+"""
+
+from core.methods.full.config import FullConfig
+
+__all__ = ["FullConfig"]

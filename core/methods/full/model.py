@@ -6,7 +6,8 @@ from torch import Tensor
 
 from core.base import BaseModel
 from core.encoder import BertEncoder
-from core.methods.base import AdapterMethod, MethodConfig, layer_index
+from core.methods.base import AdapterMethod, layer_index
+from core.methods.config import MethodConfig
 
 
 class FullModel(AdapterMethod):

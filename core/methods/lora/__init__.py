@@ -1,11 +1,9 @@
-from core.methods.lora.config import LoraConfig
-from core.methods.lora.layer import LoraHooks, MergedLoraHooks
-from core.methods.lora.model import LoraModel, lora_key
+"""LoRA (Hu et al. 2021).
 
-__all__ = [
-    "LoraConfig",
-    "LoraHooks",
-    "LoraModel",
-    "MergedLoraHooks",
-    "lora_key",
-]
+Only the torch-free config is exported here, so that reading it does not import torch; the
+tensors live in ``layer`` and ``model`` (import those submodules).
+"""
+
+from core.methods.lora.config import LoraConfig
+
+__all__ = ["LoraConfig"]

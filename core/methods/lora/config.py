@@ -4,21 +4,44 @@ from typing import ClassVar
 
 from pydantic import Field, field_validator
 
-from core.encoder import TARGET_MODULES
-from core.methods.base import MethodConfig
+from core.methods.config import MethodConfig
+from core.targets import TARGET_MODULES
 
 
 class LoraConfig(MethodConfig):
-    """Low-rank adaptation: ``W x + scale · B(A(dropout(x)))`` on the target linears."""
+    """Low-rank adaptation: `W x + scale · B(A(dropout(x)))` on the target linears."""
 
     type: ClassVar[str] = "lora"
-    r: int = Field(8, ge=1, le=256)
-    alpha: float = Field(16.0, gt=0)
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    target_modules: list[str] | str = Field(default_factory=lambda: ["query", "value"])
-    use_rslora: bool = False
-    # Layers to adapt (None = all); mirrors PEFT's ``layers_to_transform``.
-    layers: list[int] | None = None
+    r: int = Field(
+        8,
+        ge=1,
+        le=256,
+        description="Rank of the update B·A: more capacity and more trainable parameters as it "
+        "grows.",
+    )
+    alpha: float = Field(
+        16.0,
+        gt=0,
+        description="Scale of the update: it is multiplied by alpha / r (alpha / sqrt(r) with "
+        "use_rslora).",
+    )
+    dropout: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA branch's input while training."
+    )
+    target_modules: list[str] | str = Field(
+        default_factory=lambda: ["query", "value"],
+        description="Linear layers to adapt in every encoder layer, out of "
+        f"{', '.join(TARGET_MODULES)}; or 'all-linear' for all of them.",
+    )
+    use_rslora: bool = Field(
+        False,
+        description="Rank-stabilised LoRA: scale by alpha / sqrt(r) instead of alpha / r, so the "
+        "update's size does not shrink as r grows.",
+    )
+    # Mirrors PEFT's ``layers_to_transform``.
+    layers: list[int] | None = Field(
+        None, description="Encoder layers to adapt, by index from 0 (bottom); null = all."
+    )
 
     @field_validator("target_modules")
     @classmethod

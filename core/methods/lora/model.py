@@ -6,10 +6,11 @@ import torch
 from torch import Tensor, nn
 
 from core.base import BaseModel
-from core.encoder import TARGET_PATHS, EncoderHooks
+from core.encoder import EncoderHooks
 from core.methods.base import AdapterMethod
 from core.methods.lora.config import LoraConfig
 from core.methods.lora.layer import LoraHooks
+from core.targets import TARGET_PATHS
 
 
 def lora_key(layer: int, target: str, which: str) -> str:

@@ -1,11 +1,9 @@
-from core.methods.prompt_tuning.config import PromptTuningConfig
-from core.methods.prompt_tuning.layer import PromptHooks, virtual_token_states
-from core.methods.prompt_tuning.model import PromptTuningModel, text_init_ids
+"""Soft prompt tuning.
 
-__all__ = [
-    "PromptHooks",
-    "PromptTuningConfig",
-    "PromptTuningModel",
-    "text_init_ids",
-    "virtual_token_states",
-]
+Only the torch-free config is exported here, so that reading it does not import torch; the
+tensors live in ``layer`` and ``model`` (import those submodules).
+"""
+
+from core.methods.prompt_tuning.config import PromptTuningConfig
+
+__all__ = ["PromptTuningConfig"]

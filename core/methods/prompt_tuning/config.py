@@ -4,23 +4,38 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from core.methods.base import MethodConfig
+from core.methods.config import MethodConfig
 
 
 class PromptTuningConfig(MethodConfig):
-    """Soft prompt tuning (Lester et al. 2021) laid out exactly like PEFT's ``PROMPT_TUNING``.
+    """Soft prompt tuning (Lester et al. 2021) laid out exactly like PEFT's `PROMPT_TUNING`.
 
-    ``n_virtual_tokens`` learned embeddings are prepended to every input; they take positions
-    ``0..n-1`` and the real tokens shift to ``n..``, so real text is truncated to
-    ``base.max_length - n_virtual_tokens`` tokens (:attr:`reserved_positions`).
-    ``init="text"`` starts from the base's word embeddings of ``init_text``'s tokens (special
-    tokens excluded), repeated or truncated to ``n_virtual_tokens``.
+    `n_virtual_tokens` learned embeddings are prepended to every input; they take positions
+    `0..n-1` and the real tokens shift to `n..`, so real text is truncated to
+    `base.max_length - n_virtual_tokens` tokens.
+    `init="text"` starts from the base's word embeddings of `init_text`'s tokens (special
+    tokens excluded), repeated or truncated to `n_virtual_tokens`.
     """
 
     type: ClassVar[str] = "prompt_tuning"
-    n_virtual_tokens: int = Field(20, ge=1, le=256)
-    init: Literal["random", "text"] = "random"
-    init_text: str | None = Field(None, validate_default=True)
+    n_virtual_tokens: int = Field(
+        20,
+        ge=1,
+        le=256,
+        description="Learned embeddings prepended to every input; real text is truncated to "
+        "the base model's limit minus this many tokens.",
+    )
+    init: Literal["random", "text"] = Field(
+        "random",
+        description="random: start from random embeddings; text: from the word embeddings of "
+        "init_text's tokens.",
+    )
+    init_text: str | None = Field(
+        None,
+        validate_default=True,
+        description="Required with init='text', refused otherwise: its tokens' embeddings "
+        "(repeated or truncated to n_virtual_tokens) start the prompt.",
+    )
 
     @field_validator("init_text")
     @classmethod

@@ -1,4 +1,9 @@
-from core.methods.scratch.config import ScratchConfig
-from core.methods.scratch.model import ScratchModel
+"""Training from scratch.
 
-__all__ = ["ScratchConfig", "ScratchModel"]
+Only the torch-free config is exported here, so that reading it does not import torch; the
+tensors live in ``model`` (import those submodules).
+"""
+
+from core.methods.scratch.config import ScratchConfig
+
+__all__ = ["ScratchConfig"]

@@ -10,6 +10,7 @@ from service.api.routes import (
     health,
     job_stream,
     jobs,
+    methods,
     metrics,
     models,
     predict,
@@ -23,6 +24,7 @@ api_router.include_router(tenants.router)
 api_router.include_router(datasets.router)
 api_router.include_router(files.router)
 api_router.include_router(jobs.router)
+api_router.include_router(methods.router)
 api_router.include_router(job_stream.router)
 api_router.include_router(adapters.router)
 api_router.include_router(models.router)

@@ -1,7 +1,9 @@
 """Fine-tuning job bodies, OpenAI-shaped.
 
-These models check the *shape* of a request. What the values mean (which LoRA ranks,
-which schedulers) is the core library's business: see ``service.jobs.validate``.
+The method blocks and hyperparameters are derived from core's configs
+(``service.api.schemas.methods``): types, ranges, defaults and descriptions come from there.
+Cross-field rules (warm-up given twice, prompt tuning's init text) stay core's business: see
+``service.jobs.validate``.
 """
 
 from __future__ import annotations
@@ -15,63 +17,85 @@ from pydantic import (
     Field,
     ModelWrapValidatorHandler,
     PrivateAttr,
+    create_model,
     model_validator,
 )
 
 from service.api.schemas.common import NAME_PATTERN
+from service.api.schemas.methods import API_METHODS, METHOD_PARAMS, Hyperparameters
 from service.db.models import Checkpoint, Job, JobEvent
 from service.db.types import to_unix
 from service.ids import EVENT
-from service.jobs.openai_compat import translate_job_request
+from service.jobs.openai_compat import OPENAI_METHOD_TYPES, translate_job_request
+
+MethodType = StrEnum(  # type: ignore[misc]
+    "MethodType",
+    {m.upper(): m for m in (*API_METHODS, *OPENAI_METHOD_TYPES)},
+    module=__name__,
+)
+MethodType.__doc__ = (
+    "A loraplex method, or OpenAI's supervised (LoRA on a classification dataset) or dpo "
+    "(a LoRA reward model on a preference dataset). See GET /v1/methods."
+)
 
 
-class MethodType(StrEnum):
-    LORA = "lora"
-    ADAPTER = "adapter"
-    PROMPT_TUNING = "prompt_tuning"
-    FEATURE_EXTRACTION = "feature_extraction"
-    FULL = "full"
-
-
-class Hyperparameters(BaseModel):
-    """Training knobs. Unset fields take the core trainer's defaults.
-
-    Unknown keys are kept and passed on: the core ``TrainingConfig`` is the authority on
-    which knobs exist, and rejects the ones it does not know.
-    """
+class OpenAIHyperparameters(BaseModel):
+    """OpenAI's hyperparameter block; 'auto' (or absent) means loraplex's default. Any of
+    loraplex's hyperparameters (method.hyperparameters) may be given here too."""
 
     model_config = ConfigDict(extra="allow")
 
-    n_epochs: int | None = Field(default=None, ge=1, le=1000)
-    batch_size: int | None = Field(default=None, ge=1, le=4096)
-    learning_rate: float | None = Field(default=None, gt=0, le=10)
-    warmup_ratio: float | None = Field(default=None, ge=0, lt=1)
-    lr_scheduler: str | None = Field(default=None, min_length=1, max_length=64)
-    layerwise_lr_decay: float | None = Field(default=None, gt=0, le=1)
-    gradual_unfreezing: bool | None = None
-    weight_decay: float | None = Field(default=None, ge=0)
-    max_seq_length: int | None = Field(default=None, ge=1, le=8192)
-    early_stopping_patience: int | None = Field(default=None, ge=0)
+    n_epochs: int | Literal["auto"] | None = Field(None, description="As n_epochs.")
+    batch_size: int | Literal["auto"] | None = Field(None, description="As batch_size.")
+    learning_rate_multiplier: float | Literal["auto"] | None = Field(
+        None, gt=0, description="Scales the default learning rate of LoRA."
+    )
 
 
-MethodParams = dict[str, Any]
+class OpenAIDpoHyperparameters(OpenAIHyperparameters):
+    """OpenAI's DPO hyperparameter block (see OpenAIHyperparameters), with beta."""
+
+    beta: Literal["auto"] | None = Field(
+        None,
+        description="Only 'auto' (or absent): DPO's beta has no counterpart in reward-model "
+        "training, so any other value is refused (400).",
+    )
 
 
-class MethodSpec(BaseModel):
-    """``{"type": "lora", "lora": {...}, "hyperparameters": {...}}``."""
+class OpenAISupervised(BaseModel):
+    """OpenAI's ``method.supervised`` block."""
 
     model_config = ConfigDict(extra="forbid")
+    hyperparameters: OpenAIHyperparameters | None = Field(
+        None, description="Training settings, OpenAI's and loraplex's."
+    )
 
-    type: MethodType
-    lora: MethodParams | None = None
-    adapter: MethodParams | None = None
-    prompt_tuning: MethodParams | None = None
-    feature_extraction: MethodParams | None = None
-    full: MethodParams | None = None
-    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+
+class OpenAIDpo(BaseModel):
+    """OpenAI's ``method.dpo`` block."""
+
+    model_config = ConfigDict(extra="forbid")
+    hyperparameters: OpenAIDpoHyperparameters | None = Field(
+        None, description="Training settings, OpenAI's and loraplex's."
+    )
+
+
+class _MethodSpecBase(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: MethodType = Field(description="Which method trains the adapter.")
+    # OpenAI's blocks are mapped onto LoRA before this model validates (see
+    # service.jobs.openai_compat); declared here so that the schema documents them.
+    supervised: OpenAISupervised | None = Field(
+        None, description="With type 'supervised': OpenAI's hyperparameters."
+    )
+    dpo: OpenAIDpo | None = Field(None, description="With type 'dpo': OpenAI's hyperparameters.")
+    hyperparameters: Hyperparameters = Field(  # type: ignore[valid-type]
+        default_factory=Hyperparameters, description="Training settings shared by every method."
+    )
 
     @model_validator(mode="after")
-    def _params_match_type(self) -> MethodSpec:
+    def _params_match_type(self) -> _MethodSpecBase:
         for other in MethodType:
             if other is not self.type and getattr(self, other.value) is not None:
                 raise ValueError(
@@ -79,32 +103,76 @@ class MethodSpec(BaseModel):
                 )
         return self
 
-    def params(self) -> MethodParams:
-        return dict(getattr(self, self.type.value) or {})
+    def params(self) -> dict[str, Any]:
+        block = getattr(self, self.type.value)
+        return block.model_dump(mode="json", exclude_none=True) if block is not None else {}
 
     def stored_method(self) -> dict[str, Any]:
         """What the ``jobs.method`` column keeps: the type and its parameters."""
         return {"type": self.type.value, self.type.value: self.params()}
 
     def stored_hyperparameters(self) -> dict[str, Any]:
-        return self.hyperparameters.model_dump(exclude_none=True)
+        return self.hyperparameters.model_dump(mode="json", exclude_none=True)
+
+
+MethodSpec = create_model(
+    "MethodSpec",
+    __base__=_MethodSpecBase,
+    __doc__='``{"type": "lora", "lora": {...}, "hyperparameters": {...}}``: the method, its '
+    "parameters under its own name, and the training settings.",
+    **{
+        m: (model | None, Field(None, description=f"Parameters of '{m}' (with type '{m}')."))
+        for m, model in METHOD_PARAMS.items()
+    },
+)
 
 
 class JobCreate(BaseModel):
+    """A fine-tuning job: which dataset, which method, which settings (OpenAI-shaped)."""
+
     model_config = ConfigDict(extra="forbid")
 
-    training_file: str = Field(min_length=1, max_length=64)
-    validation_file: str | None = Field(default=None, min_length=1, max_length=64)
-    adapter_name: str | None = Field(default=None, max_length=64, pattern=NAME_PATTERN)
-    # Used in the generated adapter name when adapter_name is absent.
-    suffix: str | None = Field(default=None, max_length=32, pattern=NAME_PATTERN)
-    seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
-    model: str | None = Field(default=None, min_length=1, max_length=256)
+    training_file: str = Field(
+        min_length=1, max_length=64, description="Id of the training dataset (file-...)."
+    )
+    validation_file: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=64,
+        description="Id of a validation dataset of the same kind; null = hold out "
+        "validation_fraction of the training rows.",
+    )
+    adapter_name: str | None = Field(
+        default=None,
+        max_length=64,
+        pattern=NAME_PATTERN,
+        description="Name to save the trained adapter under; must be free in the tenant. "
+        "null = generated from the method type, suffix and a random part.",
+    )
+    suffix: str | None = Field(
+        default=None,
+        max_length=32,
+        pattern=NAME_PATTERN,
+        description="Put in the generated adapter name (when adapter_name is absent).",
+    )
+    seed: int | None = Field(
+        default=None,
+        ge=0,
+        le=2**32 - 1,
+        description="Seed of the run: the same seed and data give the same adapter. null = "
+        "a random seed, reported on the job.",
+    )
+    model: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=256,
+        description="The base model to train on; null = the server's base model (the only one).",
+    )
     # OpenAI's method types (supervised, dpo) and its deprecated top-level hyperparameters,
     # integrations and metadata are accepted too: see service.jobs.openai_compat.
     method: MethodSpec = Field(
         default_factory=lambda: MethodSpec(type=MethodType.LORA),
-        description="Default: LoRA with default parameters.",
+        description="The method and its settings. Default: LoRA with default parameters.",
     )
     # OpenAI's method type (supervised, dpo) when the request used one: it fixes the kind of
     # training data the job accepts. Set by the validator below, never by the client.

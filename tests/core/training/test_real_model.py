@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from core.training import Trainer
+from core.training.trainer import Trainer
 
 FIXTURE = Path(__file__).resolve().parents[2] / "fixtures" / "rotten_tomatoes_small.jsonl"
 

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from core.training import Trainer
 from core.training.metrics import ClassificationMetrics, RewardMetrics, reward_loss
 from core.training.schedules import layer_lr_scale, lr_lambda, unfreeze_epoch
+from core.training.trainer import Trainer
 from tests.core.training.conftest import sentiment_rows
 
 # --- lr schedules ----------------------------------------------------------------------------

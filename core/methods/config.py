@@ -1,0 +1,46 @@
+"""What every method config is: a frozen pydantic model whose fields document themselves.
+
+Torch-free on purpose: the service builds its request schema and ``GET /v1/methods`` from these
+classes, and importing the API must not import torch. Every field carries a ``description``
+(PEFT's convention), its default and its range; those are the single definition the API schema,
+the OpenAPI document and the dashboard's form are derived from.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from pydantic import BaseModel as PydanticModel
+from pydantic import ConfigDict, ValidationError
+
+from core.errors import ConfigError
+
+
+class MethodConfig(PydanticModel):
+    """Base of every method config. ``type`` is the method's registry name."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    type: ClassVar[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.type, **self.model_dump(mode="json")}
+
+    @property
+    def reserved_positions(self) -> int:
+        """Sequence positions the method occupies before the real tokens (prompt tuning's
+        virtual tokens). Whoever tokenizes for this method truncates real text to
+        ``base.max_length - reserved_positions`` (see ``AdapterMethod.max_input_length``).
+        """
+        return 0
+
+
+def parse_config(cls: type[MethodConfig], params: dict[str, Any] | None) -> MethodConfig:
+    """Validate ``params`` into ``cls``; raise :class:`ConfigError` naming the first bad field."""
+    try:
+        return cls(**(params or {}))
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join(str(p) for p in err["loc"]) or cls.type
+        raise ConfigError(field, err["msg"]) from None
+    except TypeError as e:
+        raise ConfigError(cls.type, str(e)) from None

@@ -1,0 +1,246 @@
+"""Method and hyperparameter schemas, derived from core's config classes: never copied.
+
+Core's pydantic configs (``core.methods.*.config``, ``core.training.config.TrainingConfig``)
+define every setting once, with its description, default and range. This module turns them
+into the API's request models (every field optional: absent or null means core's default,
+which the schema shows as ``default``) and into the ``GET /v1/methods`` catalogue.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
+    create_model,
+)
+from pydantic.fields import FieldInfo
+from pydantic.json_schema import SkipJsonSchema
+from pydantic_core import PydanticCustomError, to_jsonable_python
+
+from core.methods import METHODS
+from core.training.config import (
+    DEFAULT_LEARNING_RATES,
+    FALLBACK_LEARNING_RATE,
+    REWARD_ONLY_SETTINGS,
+    TrainingConfig,
+)
+
+# Core's research baseline (the architecture trained from random init) is not offered by the
+# service: it needs far more data than a tenant uploads and is never the right choice.
+API_METHODS: tuple[str, ...] = tuple(m for m in METHODS if m != "scratch")
+
+# Training settings the service decides itself, and why; a request that sets one is refused.
+SERVER_SETTINGS: dict[str, str] = {
+    "seed": "set the job's top-level seed instead",
+    "checkpoint_every_steps": "the server setting LORAPLEX_CHECKPOINT_EVERY_STEPS decides it",
+    "num_threads": "the worker's thread budget (LORAPLEX_TRAIN_THREADS) decides it",
+}
+
+# Dataset kinds (the service's word for a task) and the core task each trains.
+TASKS: dict[str, str] = {"classification": "classification", "preference": "reward"}
+
+
+def _error_at_field(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    # Union members and tuple items add their own steps to an error's location
+    # ("learning_rate.float", "adam_betas.1"); a client needs the field's name, as core reports.
+    try:
+        return handler(value)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise PydanticCustomError(first["type"], first["msg"]) from None
+
+
+def _refuse_server_setting(why: str) -> WrapValidator:
+    def refuse(_value: Any, _handler: ValidatorFunctionWrapHandler) -> Any:
+        raise PydanticCustomError("server_setting", "set by the server: {why}", {"why": why})
+
+    return WrapValidator(refuse)
+
+
+def core_default(info: FieldInfo) -> Any:
+    """The JSON value core uses when the field is absent."""
+    return to_jsonable_python(info.get_default(call_default_factory=True))
+
+
+def optional_fields(
+    model: type[BaseModel], *, exclude: set[str] | frozenset[str] = frozenset()
+) -> dict[str, Any]:
+    """``create_model`` field definitions mirroring ``model``'s: same types, ranges and
+    descriptions, but optional (None = core's default, which the schema shows as default)."""
+    fields: dict[str, Any] = {}
+    for name, info in model.model_fields.items():
+        if name in exclude:
+            continue
+        annotation = Annotated[
+            info.annotation | None, *info.metadata, WrapValidator(_error_at_field)
+        ]
+        fields[name] = (
+            annotation,
+            Field(
+                None,
+                description=info.description,
+                json_schema_extra={"default": core_default(info)},
+            ),
+        )
+    return fields
+
+
+def optional_model(name: str, model: type[BaseModel], doc: str, **kwargs: Any) -> type[BaseModel]:
+    """A request model with ``model``'s fields, all optional; unknown keys are 422s naming them."""
+    return create_model(
+        name,
+        __config__=ConfigDict(extra="forbid"),
+        __doc__=doc,
+        **optional_fields(model, **kwargs),
+    )
+
+
+def config_doc(cls: type[BaseModel]) -> str:
+    return inspect.cleandoc(cls.__doc__ or "")
+
+
+def method_title(method_type: str) -> str:
+    """``prompt_tuning`` → ``PromptTuning``."""
+    return "".join(part.title() for part in method_type.split("_"))
+
+
+# Per-method parameter blocks (``method.lora``, ``method.adapter``, ...).
+METHOD_PARAMS: dict[str, type[BaseModel]] = {
+    m: optional_model(
+        f"{method_title(m)}Params",
+        METHODS[m],
+        f"Parameters of method '{m}'; absent fields take the defaults shown.\n\n"
+        + config_doc(METHODS[m]),
+    )
+    for m in API_METHODS
+}
+
+# The server-decided settings stay out of the documented schema but answer a clear 422.
+_SERVER_FIELDS: dict[str, Any] = {
+    name: (
+        SkipJsonSchema[Annotated[Any, _refuse_server_setting(why)]],
+        Field(None, exclude=True),
+    )
+    for name, why in SERVER_SETTINGS.items()
+}
+
+Hyperparameters: type[BaseModel] = create_model(
+    "Hyperparameters",
+    __config__=ConfigDict(extra="forbid"),
+    __doc__="Training settings. Absent (or null) fields take the defaults shown; "
+    "'learning_rate': 'auto' is the method's default (see GET /v1/methods).",
+    **optional_fields(TrainingConfig, exclude=set(SERVER_SETTINGS)),
+    **_SERVER_FIELDS,
+)
+
+
+# --- GET /v1/methods -------------------------------------------------------------------------
+
+
+def _user_settable_schema() -> dict[str, Any]:
+    schema = TrainingConfig.model_json_schema()
+    schema["properties"] = {
+        k: v for k, v in schema["properties"].items() if k not in SERVER_SETTINGS
+    }
+    return schema
+
+
+def _defaults(
+    model: type[BaseModel], exclude: set[str] | frozenset[str] = frozenset()
+) -> dict[str, Any]:
+    return {
+        name: core_default(info) for name, info in model.model_fields.items() if name not in exclude
+    }
+
+
+def default_learning_rate(method_type: str) -> float:
+    return DEFAULT_LEARNING_RATES.get(method_type, FALLBACK_LEARNING_RATE)
+
+
+class HyperparameterCatalog(BaseModel):
+    """The training settings (method.hyperparameters) every method shares."""
+
+    json_schema: dict[str, Any] = Field(
+        alias="schema",
+        description="JSON Schema of method.hyperparameters: each property's type, range, "
+        "default and description.",
+    )
+    defaults: dict[str, Any] = Field(
+        description="What each setting is when a job leaves it out ('learning_rate': 'auto' "
+        "resolves per method; see each method's tasks)."
+    )
+
+    model_config = ConfigDict(populate_by_name=True)
+
+
+class TaskDefaults(BaseModel):
+    """What a method trains with on one kind of dataset when the job sets nothing."""
+
+    hyperparameters: dict[str, Any] = Field(
+        description="The training settings a job of this method on this kind of dataset "
+        "runs with when it sets none: learning_rate resolved from 'auto' to a number; "
+        "settings the task does not read are left out."
+    )
+
+
+class MethodInfo(BaseModel):
+    """One adaptation method: what it is, its parameters and its defaults."""
+
+    object: Literal["method"] = Field("method", description='Always "method".')
+    type: str = Field(description="The value for method.type.")
+    description: str = Field(description="What the method trains.")
+    json_schema: dict[str, Any] = Field(
+        alias="schema",
+        description="JSON Schema of the method's parameter block (method.<type>): each "
+        "property's type, range, default and description.",
+    )
+    defaults: dict[str, Any] = Field(description="The parameters a job gets when it sets none.")
+    tasks: dict[str, TaskDefaults] = Field(
+        description="Per dataset kind (classification, preference): the training defaults."
+    )
+
+    model_config = ConfigDict(populate_by_name=True)
+
+
+class MethodCatalog(BaseModel):
+    """The methods a job may use and the training settings they share."""
+
+    object: Literal["list"] = Field("list", description='Always "list".')
+    data: list[MethodInfo] = Field(description="Every method a job may use, in the API's order.")
+    hyperparameters: HyperparameterCatalog = Field(
+        description="The training settings every method shares (method.hyperparameters)."
+    )
+
+
+def _task_defaults(method_type: str, task: str) -> TaskDefaults:
+    skip = set(SERVER_SETTINGS) | (REWARD_ONLY_SETTINGS if task != "reward" else set())
+    values = _defaults(TrainingConfig, skip)
+    values["learning_rate"] = default_learning_rate(method_type)
+    return TaskDefaults(hyperparameters=values)
+
+
+def method_catalog() -> MethodCatalog:
+    """Everything ``GET /v1/methods`` answers; computed from core on every call (cheap)."""
+    return MethodCatalog(
+        data=[
+            MethodInfo(
+                type=m,
+                description=config_doc(METHODS[m]),
+                json_schema=METHODS[m].model_json_schema(),
+                defaults=_defaults(METHODS[m]),
+                tasks={kind: _task_defaults(m, task) for kind, task in TASKS.items()},
+            )
+            for m in API_METHODS
+        ],
+        hyperparameters=HyperparameterCatalog(
+            json_schema=_user_settable_schema(),
+            defaults=_defaults(TrainingConfig, set(SERVER_SETTINGS)),
+        ),
+    )
