@@ -165,7 +165,10 @@ class Job(Base):
     model: Mapped[str] = mapped_column(String(256))
     # {"type": "lora", "lora": {...params}}; hyperparameters are kept in their own column.
     method: Mapped[dict[str, Any]] = mapped_column(JsonColumn)
+    # What the client sent; the worker adds what its run resolved (every setting as used,
+    # the step plan and the validation split) once the trainer is set up.
     hyperparameters: Mapped[dict[str, Any]] = mapped_column(JsonColumn)
+    resolved_hyperparameters: Mapped[dict[str, Any] | None] = mapped_column(JsonColumn)
     # Plain ids, not foreign keys: a job's history outlives a deleted dataset.
     training_file: Mapped[str] = mapped_column(String(64))
     validation_file: Mapped[str | None] = mapped_column(String(64))

@@ -200,6 +200,7 @@ def report_progress(
 
 
 def is_cancel_requested(session: Session, job_id: str) -> bool:
+    """One primary-key read; the worker asks before every training step."""
     requested = session.scalar(select(Job.cancel_requested).where(Job.id == job_id))
     # End the transaction: PostgreSQL would otherwise sit "idle in transaction" and SQLite
     # keep an old snapshot until the worker's next write.
@@ -264,6 +265,28 @@ def requeue_expired(
             requeued.append(job_id)
     session.commit()
     return requeued
+
+
+def record_training_plan(
+    session: Session,
+    job: Job,
+    *,
+    worker_id: str,
+    resolved: dict[str, Any],
+    message: str,
+    data: dict[str, Any] | None = None,
+) -> None:
+    """Store what the run resolved (``resolved["total_steps"]`` too) with its event, in one
+    transaction, while ``worker_id`` holds the lease; else :class:`LeaseLostError`."""
+    _touch_owned(
+        session,
+        job,
+        worker_id,
+        resolved_hyperparameters=resolved,
+        total_steps=resolved["total_steps"],
+    )
+    add_event(session, job, message, data=data)
+    session.commit()
 
 
 def release_job(session: Session, job: Job, *, worker_id: str, reason: str) -> bool:
@@ -480,6 +503,7 @@ def finish_failure(
 
 
 def finish_cancelled(session: Session, job: Job, *, worker_id: str) -> None:
+    """Cancel a running job; its event names the step the job's progress stopped at."""
     _touch_owned(
         session,
         job,
@@ -489,7 +513,15 @@ def finish_cancelled(session: Session, job: Job, *, worker_id: str) -> None:
         lease_expires_at=None,
         estimated_finish=None,
     )
-    add_event(session, job, "Job cancelled")
+    if job.step:
+        add_event(
+            session,
+            job,
+            f"Job cancelled at step {job.step}/{job.total_steps}",
+            data={"step": job.step, "total_steps": job.total_steps, "epoch": job.epoch},
+        )
+    else:
+        add_event(session, job, "Job cancelled")
     session.commit()
     _refresh(session, job)
 

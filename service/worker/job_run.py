@@ -2,7 +2,14 @@
 
 The training loop reports through callbacks on the training thread; they write to the
 database directly but are throttled (progress at most once a second, a metrics event every
-``log_every`` steps), so a fast job does not turn into a write storm.
+``log_every`` steps), so a fast job does not turn into a write storm. Whatever way a run
+ends, its last step's progress is written before the outcome, so the job object agrees with
+its last event. The cancel flag is read before every step (one primary-key read), so a
+cancelled job stops after the step it is in.
+
+The worker's log gets HF Trainer-style lines: the resolved plan at the start, a progress
+line (step/total, epoch, loss, lr, it/s) every ``LOG_INTERVAL_S``, validation results, and
+the outcome with its metrics.
 """
 
 from __future__ import annotations
@@ -34,6 +41,8 @@ logger = logging.getLogger(__name__)
 # About this many metrics events per job: enough for a smooth loss curve, few enough rows.
 CURVE_POINTS = 100
 PROGRESS_INTERVAL_S = 1.0
+# A progress line in the worker's log this often (and at the first and last step).
+LOG_INTERVAL_S = 10.0
 
 
 class JobSetupError(ServiceError):
@@ -43,8 +52,11 @@ class JobSetupError(ServiceError):
 @dataclass
 class _Progress:
     last_write: float = 0.0
+    last_log: float = 0.0
     log_every: int = 1
     metrics: dict[str, Any] = field(default_factory=dict)
+    last: ProgressEvent | None = None  # the newest step reported by the trainer
+    written: bool = True  # whether ``last`` is on the job row
 
 
 def _val_metrics(raw: dict[str, Any] | None) -> dict[str, Any]:
@@ -87,6 +99,7 @@ class JobRun:
         )
         self._progress = _Progress()
         self._saved_step = 0  # the step of the newest checkpoint this run wrote
+        self._cancel_requested = False  # seen in the database by _should_cancel
 
     # --- the run -----------------------------------------------------------------------------
 
@@ -159,22 +172,53 @@ class JobRun:
                     f"Checkpoint at step {ckpt_step} unusable ({e}); starting over", "warning"
                 )
             else:
-                self._event(
+                # The plan was said when the run first started; its data is repeated here.
+                self._record_plan(
+                    trainer.resolved_hyperparameters(),
+                    method_type,
                     f"Resumed from checkpoint at step {ckpt_step}",
-                    data={"step": ckpt_step, "resumed": True, "threads": _threads()},
+                    {"step": ckpt_step, "resumed": True},
                 )
                 return trainer
         trainer = Trainer(self.base, method, head, train_rows, val_rows, hyper, callbacks)
         trainer.setup()
-        self._event(
-            f"Training {method_type} on {len(train_rows)} rows: {trainer.total_steps} steps",
-            data={
-                "total_steps": trainer.total_steps,
-                "method": method_type,
-                "threads": _threads(),
-            },
+        resolved = trainer.resolved_hyperparameters()
+        self._record_plan(
+            resolved, method_type, f"Training {method_type}: {_plan_summary(resolved)}", {}
         )
         return trainer
+
+    def _record_plan(
+        self, resolved: dict[str, Any], method_type: str, message: str, data: dict[str, Any]
+    ) -> None:
+        """Put what the run resolved on the job with an event, and log it."""
+        data = {
+            **data,
+            "method": method_type,
+            "total_steps": resolved["total_steps"],
+            "threads": _threads(),
+            "hyperparameters": resolved,
+        }
+        logger.info(
+            "job %s: %s; resolved hyperparameters: %s",
+            self.job.id,
+            message,
+            " ".join(f"{k}={v}" for k, v in resolved.items()),
+        )
+        if self.keeper.lost.is_set():
+            return
+        with self.factory() as session:
+            try:
+                queue.record_training_plan(
+                    session,
+                    self.job,
+                    worker_id=self.worker_id,
+                    resolved=_json_safe(resolved),
+                    message=message,
+                    data=_json_safe(data),
+                )
+            except queue.LeaseLostError:
+                self.keeper.lost.set()
 
     def _rows(self, session: Session, dataset_id: str, param: str) -> list[dict[str, Any]]:
         ds = session.get(Dataset, dataset_id)
@@ -190,7 +234,10 @@ class JobRun:
     # --- callbacks (training thread) ---------------------------------------------------------
 
     def _should_cancel(self) -> bool:
-        if self.keeper.lost.is_set() or self.keeper.cancel_requested.is_set():
+        if self.keeper.lost.is_set():
+            return True
+        if self._cancel_requested or self._read_cancel_flag():
+            self._cancel_requested = True
             return True
         if not self.shutdown.is_set():
             return False
@@ -198,12 +245,20 @@ class JobRun:
         # (Nothing to save when the newest checkpoint is already at this step.)
         trainer = self.trainer
         if trainer is not None and trainer.state.step > self._saved_step:
-            st = trainer.state
-            self._on_checkpoint(trainer.save_checkpoint(), st.step, st.epoch, {})
+            self._on_checkpoint(
+                trainer.save_checkpoint(), trainer.state.step, trainer.epochs_done, {}
+            )
         return True
+
+    def _read_cancel_flag(self) -> bool:
+        # Every step, not every heartbeat: a heartbeat apart, a fast job ran ~10 more steps
+        # after it was cancelled. One primary-key read is small next to a training step.
+        with self.factory() as session:
+            return queue.is_cancel_requested(session, self.job.id)
 
     def _on_progress(self, ev: ProgressEvent) -> None:
         p = self._progress
+        p.last, p.written = ev, False
         p.metrics.update({"train_loss": ev.train_loss, "lr": ev.lr, "step": ev.step})
         if ev.elapsed > 0:
             p.metrics["steps_per_second"] = ev.step / ev.elapsed
@@ -219,17 +274,38 @@ class JobRun:
                     "train_loss": ev.train_loss,
                     "step_loss": ev.step_loss,
                     "lr": ev.lr,
+                    "trained_tokens": ev.trained_tokens,
                 },
             )
         now = time.monotonic()
-        if now - p.last_write < PROGRESS_INTERVAL_S and not done:
+        if ev.step == 1 or done or now - p.last_log >= LOG_INTERVAL_S:
+            p.last_log = now
+            logger.info(
+                "job %s step %d/%d (%d%%) epoch %.2f loss %.4f lr %.3g %.2f it/s",
+                self.job.id,
+                ev.step,
+                ev.total_steps,
+                100 * ev.step // ev.total_steps,
+                ev.epoch,
+                ev.train_loss,
+                ev.lr,
+                p.metrics.get("steps_per_second", 0.0),
+            )
+        if now - p.last_write >= PROGRESS_INTERVAL_S or done:
+            p.last_write = now
+            self._write_progress()
+
+    def _write_progress(self) -> None:
+        """Put the newest step's progress on the job row (if not there yet) and extend the lease."""
+        p = self._progress
+        ev = p.last
+        if ev is None or p.written or self.keeper.lost.is_set():
             return
-        p.last_write = now
-        remaining = (ev.total_steps - ev.step) * ev.elapsed / max(ev.step, 1)
         from datetime import timedelta
 
         from service.db.types import utcnow
 
+        remaining = (ev.total_steps - ev.step) * ev.elapsed / max(ev.step, 1)
         with self.factory() as session:
             alive = queue.report_progress(
                 session,
@@ -239,9 +315,11 @@ class JobRun:
                 step=ev.step,
                 total_steps=ev.total_steps,
                 epoch=ev.epoch,
-                metrics=dict(p.metrics),
+                metrics=_json_safe(p.metrics),
+                trained_tokens=ev.trained_tokens,
                 estimated_finish=utcnow() + timedelta(seconds=remaining),
             )
+        p.written = True
         if not alive:
             self.keeper.lost.set()
 
@@ -249,6 +327,7 @@ class JobRun:
         val = _val_metrics(ev.val_metrics)
         self._progress.metrics.update(val)
         shown = ", ".join(f"{k}={v:.4f}" for k, v in val.items() if isinstance(v, float))
+        logger.info("job %s validation at step %d: %s", self.job.id, ev.step, shown)
         self._event(
             f"Validation at step {ev.step}: {shown}",
             type="metrics",
@@ -281,6 +360,8 @@ class JobRun:
         assert isinstance(result, TrainResult)
         metrics = _json_safe(result.metrics)
         row = adapter_row_from(result.adapter, self.base, metrics=metrics)
+        # Early stopping ends before the last planned step: that step's progress may be unsent.
+        self._write_progress()
         with self.factory() as session:
             job = session.get(Job, self.job.id)
             assert job is not None
@@ -294,12 +375,32 @@ class JobRun:
                     message=f"an adapter named {job.adapter_name!r} was created meanwhile",
                     code="adapter_name_taken",
                 )
+            logger.info(
+                "job %s succeeded: adapter %r version %s, %s steps (%.2f epochs), "
+                "%s trained tokens, %.1f s; metrics: %s",
+                job.id,
+                row.name,
+                row.version,
+                result.steps,
+                result.metrics["epochs"],
+                result.metrics["trained_tokens"],
+                self._progress.last.elapsed if self._progress.last else 0.0,
+                " ".join(
+                    f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                    for k, v in metrics.items()
+                    if isinstance(v, int | float) and not isinstance(v, bool)
+                ),
+            )
             return job.status
 
     def _on_stopped(self) -> str:
         if self.keeper.lost.is_set():
             return "lease_lost"  # someone else owns the job now: write nothing
-        if self.shutdown.is_set() and not self.keeper.cancel_requested.is_set():
+        if self.shutdown.is_set() and not self._cancel_requested:
+            self._write_progress()
+            logger.info(
+                "job %s requeued at step %s: worker shutting down", self.job.id, self._step()
+            )
             with self.factory() as session:
                 job = session.get(Job, self.job.id)
                 assert job is not None
@@ -310,6 +411,8 @@ class JobRun:
         return self._finish(queue.finish_cancelled)
 
     def _finish(self, outcome: Any, **kwargs: Any) -> str:
+        """Fail or cancel the job, its last step's progress written first."""
+        self._write_progress()
         with self.factory() as session:
             job = session.get(Job, self.job.id)
             assert job is not None
@@ -317,7 +420,15 @@ class JobRun:
                 outcome(session, job, worker_id=self.worker_id, **kwargs)
             except queue.LeaseLostError:
                 return "lease_lost"
+            reason = f": {kwargs['message']}" if "message" in kwargs else ""
+            logger.info(
+                "job %s %s at step %s/%s%s", job.id, job.status, job.step, job.total_steps, reason
+            )
             return job.status
+
+    def _step(self) -> int:
+        """The newest step the trainer reported (0 before the first)."""
+        return self._progress.last.step if self._progress.last is not None else 0
 
     def _event(
         self, message: str, level: str = "info", type: str = "message", data: Any = None
@@ -373,6 +484,26 @@ def release_free_memory() -> bool:
 
 
 _libc: Any = None
+
+
+def _plan_summary(r: dict[str, Any]) -> str:
+    """One sentence on what a run will do, from its resolved hyperparameters."""
+    if r["validation"] == "held_out":
+        rows = r["train_examples"] + r["held_out_examples"]
+        split = (
+            f"{rows} training rows, {r['held_out_examples']} of them held out for validation "
+            f"(validation_fraction={r['validation_fraction']}; pass a validation_file or "
+            "validation_fraction=0 to train on all)"
+        )
+    elif r["validation"] == "validation_set":
+        split = f"{r['train_examples']} rows, validating on {r['val_examples']} rows"
+    else:
+        split = f"{r['train_examples']} rows, without validation"
+    return (
+        f"{split}; {r['total_steps']} steps ({r['n_epochs']} epochs of "
+        f"{r['steps_per_epoch']}), batch_size {r['batch_size']}, "
+        f"learning_rate {r['learning_rate']:.3g}, {r['warmup_steps']} warm-up steps"
+    )
 
 
 def _threads() -> int:

@@ -1,7 +1,8 @@
 """A job's lease, kept alive from a background thread while the training thread works.
 
-Every ``heartbeat_seconds`` the keeper extends the lease and reads the cancel flag, so the
-training loop itself never waits on the database to learn it must stop.
+Every ``heartbeat_seconds`` the keeper extends the lease, so a long step or validation never
+lets it expire. (The cancel flag is not read here: the training loop reads it before every
+step, see ``JobRun._should_cancel``, since a heartbeat apart is many steps of a fast job.)
 
 Self-fencing: if no heartbeat has succeeded for a whole lease (the database is unreachable
 from this worker, or the process was stalled), another worker may already have taken the job
@@ -39,7 +40,6 @@ class LeaseKeeper:
         self._lease_seconds = lease_seconds
         self._interval = heartbeat_seconds
         self._stop = threading.Event()
-        self.cancel_requested = threading.Event()
         self.lost = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"lease-{job_id}", daemon=True)
 
@@ -59,8 +59,6 @@ class LeaseKeeper:
                     alive = queue.heartbeat(
                         session, self._job_id, self._worker_id, self._lease_seconds
                     )
-                    if alive and queue.is_cancel_requested(session, self._job_id):
-                        self.cancel_requested.set()
             except Exception:  # a database hiccup: try again next beat, the lease has slack
                 logger.exception("heartbeat for job %s failed", self._job_id)
                 if time.monotonic() - last_ok >= self._lease_seconds:

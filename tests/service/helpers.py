@@ -5,10 +5,11 @@ from __future__ import annotations
 import io
 import json
 import os
+import threading
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
@@ -17,6 +18,11 @@ from sqlalchemy import create_engine, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from bench.queue_race import DEFAULT_ADMIN_URL, scratch_database
+
+if TYPE_CHECKING:
+    from core.base import BaseModel
+    from service.config import Settings
+    from service.worker.job_run import JobRun
 
 ADMIN_KEY = "test-admin-key-0123456789"
 
@@ -158,9 +164,9 @@ def adapter_row(tenant_id: str, name: str, **extra: Any) -> Any:
 
 def store_adapter(client: TestClient, headers: Headers, name: str, adapter: Any) -> Any:
     """Insert a core ``Adapter`` for the tenant of ``headers``, as a finished job would."""
+    from service.adapters.records import next_adapter_version
     from service.adapters.store import adapter_row_from
     from service.db.models import ApiKey
-    from service.jobs.queue import next_adapter_version
     from service.tenants.keys import hash_api_key
 
     app = client.app
@@ -244,3 +250,23 @@ def zip_bytes(files: dict[str, bytes]) -> bytes:
         for name, data in files.items():
             zf.writestr(name, data)
     return buf.getvalue()
+
+
+def claimed_run(
+    db: sessionmaker[Session],
+    settings: Settings,
+    base: BaseModel,
+    cls: type[JobRun] | None = None,
+) -> JobRun:
+    """Claim the oldest queued job as the worker loop does: a ``JobRun`` (or ``cls``) of it on
+    ``base``, as worker "w1", ready to ``run()`` in this process."""
+    from service.jobs import queue
+    from service.worker.job_run import JobRun
+
+    with db() as session:
+        job = queue.claim_next_job(session, "w1", settings.lease_seconds)
+        assert job is not None
+        session.expunge(job)
+    return (cls or JobRun)(
+        job, factory=db, base=base, settings=settings, worker_id="w1", shutdown=threading.Event()
+    )

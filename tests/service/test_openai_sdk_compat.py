@@ -24,7 +24,13 @@ from service.config import Settings
 from service.db.models import Job, Tenant
 from service.jobs import queue
 from service.main import create_app
-from tests.service.helpers import CLASSIFICATION_ROWS, Headers, adapter_row, serve_base
+from tests.service.helpers import (
+    CLASSIFICATION_ROWS,
+    Headers,
+    adapter_row,
+    claimed_run,
+    serve_base,
+)
 
 PREFERENCES = [
     {"prompt": "2+2?", "chosen": "4", "rejected": "5"},
@@ -134,6 +140,25 @@ def test_supervised_job_maps_onto_lora(sdk: openai.OpenAI, tiny_base: BaseModel)
     extra = job.model_extra or {}
     assert job.hyperparameters.model_extra == {"learning_rate": pytest.approx(2e-3)}
     assert extra["adapter_name"].startswith("lora-sdk-")
+
+
+def test_a_started_job_shows_the_values_it_trains_with(
+    sdk: openai.OpenAI, settings: Settings, db: sessionmaker[Session], tiny_base: BaseModel
+) -> None:
+    file = _upload(sdk, [{"text": f"row {i}", "label": "ab"[i % 2]} for i in range(20)])
+    job = sdk.fine_tuning.jobs.create(
+        model=tiny_base.name,
+        training_file=file.id,
+        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2}}},
+    )
+    assert job.hyperparameters.batch_size is None  # not sent, not resolved yet
+    assert claimed_run(db, settings, tiny_base).run() == "succeeded"
+    done = sdk.fine_tuning.jobs.retrieve(job.id)
+    assert done.hyperparameters.batch_size == 16 and done.hyperparameters.n_epochs == 2
+    assert isinstance(done.trained_tokens, int) and done.trained_tokens > 0
+    extra = done.model_extra or {}
+    assert extra["resolved_hyperparameters"]["held_out_examples"] == 2
+    assert extra["progress"] == {"step": 4, "total_steps": 4, "epoch": 2.0}
 
 
 def test_loraplex_method_and_extra_body(sdk: openai.OpenAI, tiny_base: BaseModel) -> None:

@@ -266,6 +266,38 @@ def test_finish_cancelled(migrated_db: Factory) -> None:
     assert _events(migrated_db, job_id)[-1] == "Job cancelled"
 
 
+def test_record_training_plan_stores_it_only_under_the_lease(migrated_db: Factory) -> None:
+    job_id = add_queued_job(migrated_db, add_tenant(migrated_db))
+    resolved = {"batch_size": 16, "total_steps": 12, "held_out_examples": 3}
+    with migrated_db() as session:
+        job = queue.claim_next_job(session, "w1", 30)
+        assert job is not None
+        queue.record_training_plan(
+            session, job, worker_id="w1", resolved=resolved, message="Training", data={"a": 1}
+        )
+        with pytest.raises(queue.LeaseLostError):
+            queue.record_training_plan(
+                session, job, worker_id="w2", resolved={"total_steps": 1}, message="stale"
+            )
+    job = _get(migrated_db, job_id)
+    assert job.resolved_hyperparameters == resolved and job.total_steps == 12
+    assert _events(migrated_db, job_id)[-1] == "Training"
+
+
+def test_cancelled_event_names_the_step_of_the_jobs_progress(migrated_db: Factory) -> None:
+    job_id = add_queued_job(migrated_db, add_tenant(migrated_db))
+    with migrated_db() as session:
+        assert queue.claim_next_job(session, "w1", 30) is not None
+        assert queue.report_progress(session, job_id, "w1", 30, step=7, total_steps=20, epoch=1.4)
+        job = session.get(Job, job_id)
+        assert job is not None
+        queue.finish_cancelled(session, job, worker_id="w1")
+    with migrated_db() as session:
+        event = session.scalars(select(JobEvent).order_by(JobEvent.id.desc())).first()
+        assert event is not None and event.message == "Job cancelled at step 7/20"
+        assert event.data == {"step": 7, "total_steps": 20, "epoch": 1.4}
+
+
 def test_release_job_requeues_without_an_attempt(migrated_db: Factory) -> None:
     job_id = add_queued_job(migrated_db, add_tenant(migrated_db))
     with migrated_db() as session:

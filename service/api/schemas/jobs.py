@@ -203,36 +203,92 @@ class JobError(BaseModel):
 
 
 class JobProgress(BaseModel):
-    step: int
-    total_steps: int | None
-    epoch: float | None
+    step: int = Field(
+        description="Optimizer steps done; the job's last progress event names the same step."
+    )
+    total_steps: int | None = Field(
+        description="Steps the run will take (epochs x steps per epoch, or max_steps); null "
+        "until a worker has set the job up."
+    )
+    epoch: float | None = Field(
+        description="Epochs completed, as a float (Hugging Face Trainer's convention): 0.5 is "
+        "half-way through the first epoch, 1.0 its end; a finished 3-epoch job says 3.0. "
+        "Null until the first step."
+    )
+
+
+# The OpenAI job object's hyperparameters, filled in from what the run resolved.
+_OPENAI_RESOLVED = ("n_epochs", "batch_size", "learning_rate")
 
 
 class JobObject(BaseModel):
-    id: str
-    object: Literal["fine_tuning.job"] = "fine_tuning.job"
+    id: str = Field(description="The job's id (ftjob-...).")
+    object: Literal["fine_tuning.job"] = Field(
+        "fine_tuning.job", description='Always "fine_tuning.job".'
+    )
     # OpenAI's owner field: the tenant is the organization here.
-    organization_id: str
-    model: str
-    created_at: int
-    started_at: int | None
-    finished_at: int | None
-    status: str
-    training_file: str
-    validation_file: str | None
-    adapter_name: str
-    method: dict[str, Any]
-    hyperparameters: dict[str, Any]
-    seed: int
-    fine_tuned_adapter: str | None
-    fine_tuned_model: str | None  # OpenAI's name for the same thing
-    trained_tokens: int | None
-    # OpenAI's result files (metrics CSVs); loraplex reports metrics on the job and events.
-    result_files: list[str] = Field(default_factory=list)
-    error: JobError | None
-    progress: JobProgress
-    metrics: dict[str, Any]
-    estimated_finish: int | None
+    organization_id: str = Field(description="The tenant that owns the job (OpenAI's name).")
+    model: str = Field(description="The base model the adapter is trained on.")
+    created_at: int = Field(description="Unix seconds when the job was created.")
+    started_at: int | None = Field(description="Unix seconds when a worker first started it.")
+    finished_at: int | None = Field(
+        description="Unix seconds when it succeeded, failed or was cancelled."
+    )
+    status: str = Field(
+        description="validating_files, queued, running, cancel_requested, succeeded, failed "
+        "or cancelled."
+    )
+    training_file: str = Field(description="The training dataset's id.")
+    validation_file: str | None = Field(
+        description="The validation dataset's id; null when validation rows are held out of "
+        "the training file (see resolved_hyperparameters.validation)."
+    )
+    adapter_name: str = Field(description="The name the trained adapter is saved under.")
+    method: dict[str, Any] = Field(
+        description="The method as requested: type, its parameters, and the hyperparameters "
+        "exactly as sent."
+    )
+    hyperparameters: dict[str, Any] = Field(
+        description="The hyperparameters sent; once a worker has set the job up, n_epochs, "
+        "batch_size and learning_rate hold the values used (so OpenAI clients read numbers, "
+        'not null or "auto"). Every resolved setting is in resolved_hyperparameters.'
+    )
+    resolved_hyperparameters: dict[str, Any] | None = Field(
+        description='Every training setting as the run uses it, defaults and "auto" '
+        "resolved (learning_rate, batch_size, n_epochs, warmup_steps, eval_batch_size, "
+        "max_seq_length after the base model's cap, ...), plus the plan: total_steps, "
+        'steps_per_epoch, train_examples, val_examples, and validation: "held_out" '
+        "(held_out_examples training rows, a validation_fraction share, were held out), "
+        '"validation_set" or "none". Null until a worker has set the job up.'
+    )
+    seed: int = Field(
+        description="The seed of the run: the same seed and data give the same adapter."
+    )
+    fine_tuned_adapter: str | None = Field(
+        description="The trained adapter's name once the job succeeded."
+    )
+    fine_tuned_model: str | None = Field(
+        description="OpenAI's name for fine_tuned_adapter (the same value)."
+    )
+    trained_tokens: int | None = Field(
+        description="Tokens trained on so far (padding excluded), counted every step: an "
+        "example seen in three epochs counts three times, as OpenAI bills. Null until the "
+        "first progress report."
+    )
+    result_files: list[str] = Field(
+        default_factory=list,
+        description="Always empty: OpenAI's metrics files; loraplex reports metrics on the job "
+        "and in its events.",
+    )
+    error: JobError | None = Field(description="Why the job failed; null otherwise.")
+    progress: JobProgress = Field(description="Where the run is; it agrees with the last event.")
+    metrics: dict[str, Any] = Field(
+        description="Latest training metrics while running; the final metrics (best "
+        "validation, train_loss, steps, epochs, trained_tokens, ...) once succeeded."
+    )
+    estimated_finish: int | None = Field(
+        description="Unix seconds when the run is expected to finish, while it runs."
+    )
 
     @classmethod
     def from_row(cls, job: Job) -> JobObject:
@@ -248,7 +304,8 @@ class JobObject(BaseModel):
             validation_file=job.validation_file,
             adapter_name=job.adapter_name,
             method={**job.method, "hyperparameters": job.hyperparameters},
-            hyperparameters=job.hyperparameters,
+            hyperparameters=_with_resolved(job.hyperparameters, job.resolved_hyperparameters),
+            resolved_hyperparameters=job.resolved_hyperparameters,
             seed=job.seed,
             fine_tuned_adapter=job.fine_tuned_adapter,
             fine_tuned_model=job.fine_tuned_adapter,
@@ -258,6 +315,12 @@ class JobObject(BaseModel):
             metrics=job.metrics or {},
             estimated_finish=to_unix(job.estimated_finish),
         )
+
+
+def _with_resolved(sent: dict[str, Any], resolved: dict[str, Any] | None) -> dict[str, Any]:
+    if resolved is None:
+        return sent
+    return {**sent, **{k: resolved[k] for k in _OPENAI_RESOLVED if k in resolved}}
 
 
 def event_public_id(event_id: int) -> str:

@@ -1,0 +1,161 @@
+"""A real worker run (``JobRun``, as ``loraplex worker`` runs each job) on the tiny base.
+
+Jobs are created over HTTP, claimed and trained in this process against the test database,
+then read back over HTTP: what the job object, its events, its checkpoints and the worker's
+log say about the run.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.base import BaseModel
+from core.training.trainer import ProgressEvent
+from service.config import Settings
+from service.worker.job_run import JobRun
+from tests.core.training.conftest import sentiment_rows
+from tests.service.helpers import Headers, claimed_run, create_dataset
+
+JOBS = "/v1/fine_tuning/jobs"
+
+
+def _create(client: TestClient, auth: Headers, rows: int, hyper: dict[str, Any]) -> str:
+    body = {
+        "training_file": create_dataset(client, auth, sentiment_rows(rows)),
+        "method": {"type": "lora", "hyperparameters": hyper},
+        "seed": 3,
+    }
+    resp = client.post(JOBS, json=body, headers=auth)
+    assert resp.status_code == 200, resp.text
+    job_id: str = resp.json()["id"]
+    return job_id
+
+
+def _events(client: TestClient, auth: Headers, job_id: str) -> list[dict[str, Any]]:
+    """Every event of the job, oldest first."""
+    page = client.get(f"{JOBS}/{job_id}/events?order=asc&limit=100", headers=auth).json()
+    assert page["has_more"] is False
+    events: list[dict[str, Any]] = page["data"]
+    return events
+
+
+def test_a_finished_job_says_what_it_did(
+    client: TestClient,
+    auth: Headers,
+    db: sessionmaker[Session],
+    settings: Settings,
+    tiny_base: BaseModel,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # 20 rows: 2 held out (10 % of each class), 18 train in 2 batches of 16: 6 steps.
+    job_id = _create(client, auth, 20, {"n_epochs": 3})
+    caplog.set_level(logging.INFO, logger="service.worker.job_run")
+    assert claimed_run(db, settings, tiny_base).run() == "succeeded"
+    job = client.get(f"{JOBS}/{job_id}", headers=auth).json()
+
+    # What was sent stays under method; the OpenAI fields hold the values used.
+    assert job["method"]["hyperparameters"] == {"n_epochs": 3}
+    assert job["hyperparameters"] == {"n_epochs": 3, "batch_size": 16, "learning_rate": 1e-3}
+    resolved = job["resolved_hyperparameters"]
+    assert resolved["validation"] == "held_out" and resolved["validation_fraction"] == 0.1
+    assert resolved["held_out_examples"] == 2 and resolved["train_examples"] == 18
+    assert resolved["total_steps"] == 6 and resolved["steps_per_epoch"] == 2
+    assert resolved["learning_rate"] == 1e-3 and resolved["warmup_steps"] == 0
+    assert resolved["seed"] == 3 and resolved["max_seq_length"] == min(128, tiny_base.max_length)
+
+    # Epochs completed: a finished 3-epoch job says 3, everywhere.
+    assert job["progress"] == {"step": 6, "total_steps": 6, "epoch": 3.0}
+    events = _events(client, auth, job_id)
+    metrics = [e["data"] for e in events if e["type"] == "metrics" and "train_loss" in e["data"]]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6]
+    assert [m["epoch"] for m in metrics] == [0.5, 1.0, 1.5, 2.0, 2.5, 3.0]
+    ckpts = client.get(f"{JOBS}/{job_id}/checkpoints", headers=auth).json()["data"]
+    assert [(c["step_number"], c["epoch"]) for c in ckpts] == [(4, 2.0), (2, 1.0)]
+
+    # Tokens: counted every step, the same on the job, its metrics and its last event; each
+    # epoch trains on the same rows, so the count is three times one epoch's.
+    tokens = job["trained_tokens"]
+    assert tokens == job["metrics"]["trained_tokens"] == metrics[-1]["trained_tokens"]
+    assert tokens > 0 and tokens % 3 == 0 and metrics[1]["trained_tokens"] == tokens // 3
+
+    # The hold-out is said in the run's first event (after the queue's own).
+    started = next(i for i, e in enumerate(events) if e["message"].startswith("Job started"))
+    plan = events[started + 1]
+    assert plan["message"].startswith("Training lora: 20 training rows, 2 of them held out")
+    assert "validation_fraction=0.1" in plan["message"]
+    assert plan["data"]["hyperparameters"] == resolved
+
+    # The worker's log: the plan, progress lines as HF Trainer prints them, the outcome.
+    lines = [r.getMessage() for r in caplog.records if job_id in r.getMessage()]
+    assert any("resolved hyperparameters:" in x and "held_out_examples=2" in x for x in lines)
+    progress = re.compile(
+        rf"job {job_id} step (\d+)/6 \(\d+%\) epoch \d\.\d\d loss \d+\.\d{{4}} lr \S+ "
+        r"\d+\.\d\d it/s"
+    )
+    steps = [int(m.group(1)) for x in lines if (m := progress.fullmatch(x))]
+    assert steps[0] == 1 and steps[-1] == 6
+    assert any(f"job {job_id} step 6/6 (100%) epoch 3.00 " in x for x in lines)
+    assert any(x.startswith(f"job {job_id} validation at step 6: val_") for x in lines)
+    end = [x for x in lines if x.startswith(f"job {job_id} succeeded:")]
+    assert len(end) == 1 and f"{tokens} trained tokens" in end[0]
+    assert "val_accuracy=" in end[0] and "train_loss=" in end[0]
+
+
+class _PausingRun(JobRun):
+    """Holds the training thread in step 3's progress report until the test lets it go."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.at_step_3 = threading.Event()
+        self.go_on = threading.Event()
+
+    def _on_progress(self, ev: ProgressEvent) -> None:
+        super()._on_progress(ev)
+        if ev.step == 3:
+            self.at_step_3.set()
+            assert self.go_on.wait(60)
+
+
+def test_cancel_stops_at_the_next_step_and_the_job_agrees_with_its_last_event(
+    client: TestClient,
+    auth: Headers,
+    db: sessionmaker[Session],
+    settings: Settings,
+    tiny_base: BaseModel,
+) -> None:
+    job_id = _create(client, auth, 40, {"n_epochs": 5, "batch_size": 2})  # 90 steps
+    run = claimed_run(db, settings, tiny_base, _PausingRun)
+    assert isinstance(run, _PausingRun)
+    outcome: list[str] = []
+    thread = threading.Thread(target=lambda: outcome.append(run.run()))
+    thread.start()
+    try:
+        assert run.at_step_3.wait(60)
+        # Requested while step 3 is being reported, long before the next heartbeat.
+        resp = client.post(f"{JOBS}/{job_id}/cancel", headers=auth)
+        assert resp.json()["status"] == "cancel_requested"
+    finally:
+        run.go_on.set()
+        thread.join(60)
+    assert outcome == ["cancelled"]
+
+    job = client.get(f"{JOBS}/{job_id}", headers=auth).json()
+    events = _events(client, auth, job_id)
+    stepped = [e for e in events if e["data"] and "step" in e["data"]]
+    # Step 3 was the last one trained: the check before step 4 saw the cancel.
+    assert max(e["data"]["step"] for e in stepped) == 3
+    last = events[-1]
+    assert last["message"] == "Job cancelled at step 3/90"
+    assert last["data"] == {"step": 3, "total_steps": 90, "epoch": 3 / 18}
+    assert job["status"] == "cancelled"
+    assert job["progress"] == {"step": 3, "total_steps": 90, "epoch": 3 / 18}
+    last_metrics = [e["data"] for e in stepped if e["type"] == "metrics"][-1]
+    assert last_metrics["step"] == 3
+    assert job["trained_tokens"] == last_metrics["trained_tokens"] > 0
