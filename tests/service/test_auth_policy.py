@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from service.cli import main
+from service.cli import EXIT_STARTUP_ERROR, main
 from service.config import Settings
 from service.main import create_app
 from tests.service.conftest import make_settings
@@ -76,7 +76,7 @@ def test_revoked_key_is_refused_on_every_operation(client: TestClient, admin: He
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.10", "example.com"])
 def test_serve_refuses_auth_disabled_off_loopback(
-    host: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    host: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     import uvicorn
 
@@ -86,13 +86,12 @@ def test_serve_refuses_auth_disabled_off_loopback(
     monkeypatch.setattr(uvicorn.Server, "run", never)
     monkeypatch.setenv("LORAPLEX_DATA_DIR", str(tmp_path))
     monkeypatch.setenv("LORAPLEX_AUTH_DISABLED", "true")
-    with pytest.raises(SystemExit) as exc:
-        main(["serve", "--host", host, "--port", "18999"])
-    assert "loopback" in str(exc.value)
+    assert main(["serve", "--host", host, "--port", "18999"]) == EXIT_STARTUP_ERROR
+    assert "loopback" in capsys.readouterr().err
     # The same through the environment instead of the flag.
     monkeypatch.setenv("LORAPLEX_HOST", host)
-    with pytest.raises(SystemExit):
-        main(["serve"])
+    assert main(["serve"]) == EXIT_STARTUP_ERROR
+    assert "loopback" in capsys.readouterr().err
 
 
 def test_auth_disabled_is_off_by_default(tmp_path: Path) -> None:
