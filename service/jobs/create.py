@@ -14,6 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from core.training.config import parse_training_config
 from service import ids
 from service.adapters.quota import check_adapter_quota, name_taken
 from service.config import Settings
@@ -29,6 +30,21 @@ if TYPE_CHECKING:
 
 _SHOWN_LABELS = 5
 _OPENAI_ALTERNATIVE = {"classification": "supervised", "preference": "dpo"}
+
+
+def _hold_out_note(job: Job, has_validation_file: bool) -> str:
+    """Say up front that training rows will be held out, so it never comes as a surprise.
+
+    The rows themselves are counted by the worker (its first training event and
+    ``resolved_hyperparameters.held_out_examples``): the split is the trainer's.
+    """
+    fraction = parse_training_config(dict(job.hyperparameters)).validation_fraction
+    if has_validation_file or not fraction:
+        return ""
+    return (
+        f"; no validation_file, so {fraction:.0%} of the training rows will be held out for "
+        "validation (validation_fraction; set it to 0 to train on every row)"
+    )
 
 
 def _load_dataset(session: Session, tenant_id: str, dataset_id: str, param: str) -> Dataset:
@@ -144,7 +160,7 @@ def create_job(session: Session, tenant: Tenant, body: JobCreate, settings: Sett
         add_event(
             session,
             job,
-            "Files validated; job queued",
+            "Files validated; job queued" + _hold_out_note(job, validation is not None),
             data={
                 "training_rows": training.row_count,
                 "validation_rows": validation.row_count if validation else None,

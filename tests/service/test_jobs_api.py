@@ -21,6 +21,10 @@ from tests.service.helpers import (
 )
 
 JOBS = "/v1/fine_tuning/jobs"
+QUEUED_HOLDING_OUT = (
+    "Files validated; job queued; no validation_file, so 10% of the training rows will be "
+    "held out for validation (validation_fraction; set it to 0 to train on every row)"
+)
 
 
 def _create(client: TestClient, headers: Headers, body: dict[str, Any]) -> dict[str, Any]:
@@ -289,11 +293,7 @@ def test_events_pagination_and_order(
     assert [e["message"] for e in page["data"]] == ["step 4", "step 3", "step 2"]
     assert page["has_more"] is True and page["data"][0]["data"] == {"step": 4}
     page2 = client.get(f"{url}?limit=3&after={page['data'][-1]['id']}", headers=auth).json()
-    assert [e["message"] for e in page2["data"]] == [
-        "step 1",
-        "step 0",
-        "Files validated; job queued",
-    ]
+    assert [e["message"] for e in page2["data"]] == ["step 1", "step 0", QUEUED_HOLDING_OUT]
     assert page2["has_more"] is True
     page3 = client.get(f"{url}?limit=3&after={page2['last_id']}", headers=auth).json()
     assert [e["message"] for e in page3["data"]] == [
@@ -303,6 +303,27 @@ def test_events_pagination_and_order(
     asc = client.get(f"{url}?order=asc&limit=2", headers=auth).json()
     assert asc["data"][0]["message"].startswith("Validating")
     assert_error(client.get(f"{url}?after=bogus", headers=auth), 422, param="after")
+
+
+def test_queued_event_says_when_training_rows_will_be_held_out(
+    client: TestClient, auth: Headers
+) -> None:
+    train = create_dataset(client, auth)
+
+    def queued_message(**hyper: Any) -> str:
+        body = job_body(train)
+        body["method"]["hyperparameters"] |= hyper
+        job = _create(client, auth, body)
+        client.post(f"{JOBS}/{job['id']}/cancel", headers=auth)  # frees the quota
+        events = client.get(f"{JOBS}/{job['id']}/events?order=asc", headers=auth).json()
+        message: str = events["data"][1]["message"]
+        return message
+
+    assert queued_message() == QUEUED_HOLDING_OUT
+    assert queued_message(validation_fraction=0.25).startswith(
+        "Files validated; job queued; no validation_file, so 25% of the training rows"
+    )
+    assert queued_message(validation_fraction=0) == "Files validated; job queued"
 
 
 def test_checkpoints_listing_hides_state(
