@@ -26,7 +26,6 @@ import {
   h,
   replace,
 } from "./dom.js";
-import { checkDataset, decodeFile } from "./validate.js";
 
 const view = document.getElementById("view");
 const nav = document.getElementById("nav");
@@ -545,54 +544,58 @@ async function newJobView(ctx) {
     }));
   }
 
+  // check: the server's dry run (POST /v1/datasets/validate), the same rules as the upload.
   function showReport(file, check) {
-    const uploadBtn = h("button", { id: "upload-button", type: "button", disabled: check.errors.length > 0 },
+    const ok = check.valid;
+    const uploadBtn = h("button", { id: "upload-button", type: "button", disabled: !ok },
       "Upload dataset");
     const kindSelect = h("select", { id: "kind-select" },
+      check.kind ? null : h("option", { value: "", selected: true, disabled: true }, "choose…"),
       ["classification", "preference"].map((k) => h("option", { value: k, selected: k === check.kind }, k)));
-    kindSelect.addEventListener("change", () => recheck(kindSelect.value));
+    kindSelect.addEventListener("change", () => checkFile(kindSelect.value));
     uploadBtn.addEventListener("click", () => upload(uploadBtn));
-    const ok = check.errors.length === 0;
+    const n = check.errors.length;
+    const problems = `${fmtInt(n)}${check.truncated ? "+" : ""} problem${n === 1 && !check.truncated ? "" : "s"}`;
     replace(report, h("div", { class: ["report", ok ? "ok" : "bad"] },
       h("div", { class: "report-head" },
-        h("strong", null, file.name), ` · ${fmtBytes(file.size)} · ${check.format.toUpperCase()} · `,
+        h("strong", null, file.name), ` · ${fmtBytes(file.size)} · ${(check.format || "").toUpperCase()} · `,
         h("label", { for: "kind-select" }, "kind "), kindSelect),
       h("p", { id: "report-summary" },
-        ok ? `${fmtInt(check.rows)} rows, no problems found.`
-          : `${fmtInt(check.errors.length + check.moreErrors)} problem${check.errors.length + check.moreErrors === 1 ? "" : "s"}; ${fmtInt(check.rows)} good rows. Fix the file and drop it again.`),
-      check.labelCounts && Object.keys(check.labelCounts).length ? labelBars(check.labelCounts) : null,
-      check.errors.length
+        ok ? `${fmtInt(check.row_count)} rows, no problems found.`
+          : `${problems}; ${fmtInt(check.row_count)} good rows. Fix the file and drop it again.`),
+      check.label_counts && Object.keys(check.label_counts).length ? labelBars(check.label_counts) : null,
+      n
         ? h("table", { class: "errors", id: "report-errors" },
           h("thead", null, h("tr", null, h("th", null, "Line"), h("th", null, "Problem"))),
           h("tbody", null, check.errors.map((e) =>
-            h("tr", { "data-line": String(e.line) }, h("td", { class: "num" }, e.line ? String(e.line) : "—"), h("td", null, e.message)))),
-          check.moreErrors ? h("tfoot", null, h("tr", null, h("td", { colspan: "2" }, `… and ${check.moreErrors} more`))) : null)
+            h("tr", { "data-line": String(e.line ?? 0) }, h("td", { class: "num" }, e.line ? String(e.line) : "—"), h("td", null, e.message)))),
+          check.truncated ? h("tfoot", null, h("tr", null, h("td", { colspan: "2" }, "… and possibly more: fix these and check again"))) : null)
         : null,
       h("div", { class: "row" }, uploadBtn)));
   }
 
-  let fileText = null;
-  function recheck(kind) {
-    const check = checkDataset(fileText, pending.file.name, kind);
-    pending.check = check;
-    showReport(pending.file, check);
+  async function checkFile(kind) {
+    const { file } = pending;
+    replace(report, h("p", { class: "muted", id: "report-checking" }, `Checking ${file.name}…`));
+    const form = new FormData();
+    form.append("file", file, file.name);
+    if (kind) form.append("kind", kind);
+    try {
+      const check = await api("/v1/datasets/validate", { method: "POST", form, signal: ctx.signal });
+      if (pending.file !== file) return; // another file was dropped meanwhile
+      pending.check = check;
+      showReport(file, check);
+    } catch (err) {
+      if (ctx.signal.aborted || pending.file !== file) return;
+      replace(report, errorBox(`The server refused the file: ${err.message}`));
+    }
   }
 
   async function takeFile(file) {
     if (!file) return;
     clear(stored);
-    const decoded = decodeFile(await file.arrayBuffer());
-    if (decoded.error) {
-      pending = { file, check: null };
-      replace(report, h("div", { class: "report bad" }, h("strong", null, file.name),
-        h("table", { class: "errors", id: "report-errors" }, h("tbody", null,
-          h("tr", { "data-line": String(decoded.error.line) }, h("td", { class: "num" }, String(decoded.error.line)),
-            h("td", null, decoded.error.message))))));
-      return;
-    }
-    fileText = decoded.text;
     pending = { file, check: null };
-    recheck(null);
+    await checkFile(null);
   }
 
   async function upload(button) {

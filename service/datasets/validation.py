@@ -2,6 +2,8 @@
 
 Every problem raises :class:`DatasetError` naming where it is (line number for files, record
 index for JSON bodies) and which field (``param``), so the API can answer a precise 422.
+:func:`check_file` and :func:`check_records` apply the same rules but list every problem (up to
+a bound) instead of stopping at the first: the dry run behind ``POST /v1/datasets/validate``.
 
 Normalised rows:
 - classification: ``{"text": str, "label": str}`` plus ``"text_pair": str`` when given;
@@ -36,6 +38,8 @@ class DatasetFormat(StrEnum):
 
 class DatasetError(ServiceError):
     default_code = "invalid_dataset"
+    # The line of the uploaded file at fault, where there is one: reports list problems by line.
+    line: int | None = None
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,10 @@ class Limits:
     max_text_chars: int = 100_000
     max_label_chars: int = 256
     max_labels: int = 1_000
+
+
+# A dry run lists at most this many problems: enough to fix a file in one pass, never a flood.
+MAX_PROBLEMS = 100
 
 
 @dataclass(frozen=True)
@@ -78,7 +86,9 @@ class _Line:
     number: int
 
     def error(self, message: str, field: str | None, code: str) -> DatasetError:
-        return DatasetError(f"line {self.number}: {message}", param=field or "file", code=code)
+        error = DatasetError(f"line {self.number}: {message}", param=field or "file", code=code)
+        error.line = self.number
+        return error
 
 
 @dataclass(frozen=True)
@@ -93,6 +103,8 @@ class _Record:
 
 
 _Where = _Line | _Record
+# A row to check, or the problem that stopped it from being read at all (bad JSON, short CSV row).
+_Item = tuple[_Where, Mapping[str, Any] | DatasetError]
 
 
 # --- row normalisation -----------------------------------------------------------------------
@@ -197,43 +209,128 @@ def normalize_row(
     return row
 
 
-def _collect(
+@dataclass(frozen=True)
+class _Scan:
+    rows: list[dict[str, str]]
+    problems: list[DatasetError]
+    # Reading stopped before the end: at the problem bound, or at a problem nothing follows
+    # (a bad CSV header, too many rows).
+    stopped: bool
+
+
+def _scan(
     kind: DatasetKind,
-    items: Iterable[tuple[_Where, Mapping[str, Any]]],
+    items: Iterable[_Item],
     limits: Limits,
     *,
+    max_problems: int,
     empty_param: str,
-) -> ParsedDataset:
+) -> _Scan:
+    """Normalise rows until the end or until ``max_problems`` problems are found."""
     rows: list[dict[str, str]] = []
-    for where, obj in items:
+    problems: list[DatasetError] = []
+    for where, item in items:
         if len(rows) >= limits.max_rows:
-            raise DatasetError(
-                f"dataset has more than {limits.max_rows} rows",
-                param=empty_param,
-                code="too_many_rows",
+            problems.append(
+                DatasetError(
+                    f"dataset has more than {limits.max_rows} rows",
+                    param=empty_param,
+                    code="too_many_rows",
+                )
             )
-        rows.append(normalize_row(kind, obj, where, limits))
+            return _Scan(rows, problems, stopped=True)
+        if isinstance(item, DatasetError):
+            problems.append(item)
+        else:
+            try:
+                rows.append(normalize_row(kind, item, where, limits))
+            except DatasetError as exc:
+                problems.append(exc)
+        if len(problems) >= max_problems:
+            return _Scan(rows, problems, stopped=True)
+    return _Scan(rows, problems, stopped=False)
+
+
+def _label_counts(
+    kind: DatasetKind, rows: Sequence[Mapping[str, str]], limits: Limits, *, empty_param: str
+) -> dict[str, int] | None:
+    """The whole-dataset rules, once every row is valid: not empty, enough and not too many
+    classes. Returns the label counts (None for preference data)."""
     if not rows:
         raise DatasetError("dataset is empty: it has no rows", param=empty_param, code="empty_file")
-    label_counts: dict[str, int] | None = None
+    if kind is not DatasetKind.CLASSIFICATION:
+        return None
+    counts = Counter(row["label"] for row in rows)
+    if len(counts) < 2:
+        only = next(iter(counts))
+        raise DatasetError(
+            f"a classification dataset needs at least 2 classes; every row has label '{only}'",
+            param="label",
+            code="single_class",
+        )
+    if len(counts) > limits.max_labels:
+        raise DatasetError(
+            f"dataset has {len(counts)} distinct labels; at most {limits.max_labels} are supported",
+            param="label",
+            code="too_many_labels",
+        )
+    return dict(sorted(counts.items()))
+
+
+def _collect(
+    kind: DatasetKind, items: Iterable[_Item], limits: Limits, *, empty_param: str
+) -> ParsedDataset:
+    scan = _scan(kind, items, limits, max_problems=1, empty_param=empty_param)
+    if scan.problems:
+        raise scan.problems[0]
+    label_counts = _label_counts(kind, scan.rows, limits, empty_param=empty_param)
+    return ParsedDataset(kind=kind, rows=scan.rows, label_counts=label_counts)
+
+
+@dataclass(frozen=True)
+class DatasetReport:
+    """Every problem of a dataset (up to a bound), or its summary when it has none."""
+
+    kind: DatasetKind
+    # Rows that passed; all of them when there are no problems.
+    row_count: int
+    # {label: count} of the rows that passed; None for preference data.
+    label_counts: dict[str, int] | None
+    problems: list[DatasetError]
+    # More problems may follow the ones listed: checking stopped at the bound.
+    truncated: bool
+
+    @property
+    def valid(self) -> bool:
+        return not self.problems
+
+
+def _report(
+    kind: DatasetKind,
+    items: Iterable[_Item],
+    limits: Limits,
+    max_problems: int,
+    *,
+    empty_param: str,
+) -> DatasetReport:
+    scan = _scan(kind, items, limits, max_problems=max_problems, empty_param=empty_param)
+    problems = scan.problems
+    if not problems:
+        # The whole-dataset rules only mean something once every row is readable.
+        try:
+            _label_counts(kind, scan.rows, limits, empty_param=empty_param)
+        except DatasetError as exc:
+            problems = [exc]
+    counts = None
     if kind is DatasetKind.CLASSIFICATION:
-        counts = Counter(row["label"] for row in rows)
-        if len(counts) < 2:
-            only = next(iter(counts))
-            raise DatasetError(
-                f"a classification dataset needs at least 2 classes; every row has label '{only}'",
-                param="label",
-                code="single_class",
-            )
-        if len(counts) > limits.max_labels:
-            raise DatasetError(
-                f"dataset has {len(counts)} distinct labels; at most {limits.max_labels} "
-                "are supported",
-                param="label",
-                code="too_many_labels",
-            )
-        label_counts = dict(sorted(counts.items()))
-    return ParsedDataset(kind=kind, rows=rows, label_counts=label_counts)
+        counts = dict(sorted(Counter(row["label"] for row in scan.rows).items()))
+    return DatasetReport(
+        kind=kind,
+        row_count=len(scan.rows),
+        label_counts=counts,
+        problems=problems,
+        truncated=scan.stopped and len(scan.problems) >= max_problems,
+    )
 
 
 # --- files -----------------------------------------------------------------------------------
@@ -245,10 +342,8 @@ def decode_utf8(data: bytes) -> str:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
-        raise DatasetError(
-            f"line {line}: file is not valid UTF-8 (bad byte at offset {exc.start})",
-            param="file",
-            code="invalid_utf8",
+        raise _Line(line).error(
+            f"file is not valid UTF-8 (bad byte at offset {exc.start})", "file", "invalid_utf8"
         ) from None
 
 
@@ -271,7 +366,7 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-def _jsonl_items(text: str) -> Iterator[tuple[_Where, Mapping[str, Any]]]:
+def _jsonl_items(text: str) -> Iterator[_Item]:
     # Split on "\n" only: str.splitlines() would also split on U+2028 and friends, which
     # json.dumps leaves unescaped inside strings.
     for number, raw in enumerate(text.split("\n"), start=1):
@@ -282,22 +377,31 @@ def _jsonl_items(text: str) -> Iterator[tuple[_Where, Mapping[str, Any]]]:
         try:
             obj = json.loads(line, parse_constant=_reject_constant)
         except json.JSONDecodeError as exc:
-            raise where.error(
-                f"invalid JSON ({exc.msg} at column {exc.colno})", "file", "invalid_json"
-            ) from None
-        except (ValueError, RecursionError) as exc:
-            raise where.error(f"invalid JSON ({exc})", "file", "invalid_json") from None
-        if not isinstance(obj, dict):
-            raise where.error(
-                f"expected a JSON object, got {_type_name(obj)} (JSON Lines holds one object "
-                "per line)",
-                "file",
-                "invalid_json",
+            yield (
+                where,
+                where.error(
+                    f"invalid JSON ({exc.msg} at column {exc.colno})", "file", "invalid_json"
+                ),
             )
+            continue
+        except (ValueError, RecursionError) as exc:
+            yield where, where.error(f"invalid JSON ({exc})", "file", "invalid_json")
+            continue
+        if not isinstance(obj, dict):
+            yield (
+                where,
+                where.error(
+                    f"expected a JSON object, got {_type_name(obj)} (JSON Lines holds one object "
+                    "per line)",
+                    "file",
+                    "invalid_json",
+                ),
+            )
+            continue
         yield where, obj
 
 
-def _csv_items(text: str, kind: DatasetKind) -> Iterator[tuple[_Where, Mapping[str, Any]]]:
+def _csv_items(text: str, kind: DatasetKind) -> Iterator[_Item]:
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     header: list[str] | None = None
     try:
@@ -306,19 +410,27 @@ def _csv_items(text: str, kind: DatasetKind) -> Iterator[tuple[_Where, Mapping[s
             if not cells or all(not c.strip() for c in cells):
                 continue
             if header is None:
-                header = _csv_header(cells, kind, where)
+                try:
+                    header = _csv_header(cells, kind, where)
+                except DatasetError as exc:
+                    yield where, exc  # no row can be read without its columns
+                    return
                 continue
             if len(cells) != len(header):
-                raise where.error(
-                    f"expected {len(header)} fields as in the header, got {len(cells)}",
-                    "file",
-                    "invalid_csv",
+                yield (
+                    where,
+                    where.error(
+                        f"expected {len(header)} fields as in the header, got {len(cells)}",
+                        "file",
+                        "invalid_csv",
+                    ),
                 )
+                continue
             yield where, dict(zip(header, cells, strict=True))
     except csv.Error as exc:
-        raise _Line(reader.line_num).error(
-            f"malformed CSV ({exc})", "file", "invalid_csv"
-        ) from None
+        # The reader cannot go on past a broken quote.
+        line = _Line(reader.line_num)
+        yield line, line.error(f"malformed CSV ({exc})", "file", "invalid_csv")
 
 
 def _csv_header(cells: Sequence[str], kind: DatasetKind, where: _Line) -> list[str]:
@@ -339,22 +451,30 @@ def _csv_header(cells: Sequence[str], kind: DatasetKind, where: _Line) -> list[s
     return header
 
 
+def _file_text(data: bytes) -> str:
+    if not data.strip():
+        raise DatasetError("file is empty", param="file", code="empty_file")
+    return decode_utf8(data)
+
+
 def parse_file(
     data: bytes, kind: DatasetKind, fmt: DatasetFormat, limits: Limits = Limits()
 ) -> ParsedDataset:
     """Validate an uploaded JSONL or CSV file."""
-    if not data.strip():
-        raise DatasetError("file is empty", param="file", code="empty_file")
-    text = decode_utf8(data)
+    text = _file_text(data)
     items = _jsonl_items(text) if fmt is DatasetFormat.JSONL else _csv_items(text, kind)
     return _collect(kind, items, limits, empty_param="file")
 
 
-def _record_items(records: Sequence[Any]) -> Iterator[tuple[_Where, Mapping[str, Any]]]:
+def _record_items(records: Sequence[Any]) -> Iterator[_Item]:
     for index, obj in enumerate(records):
         where = _Record(index)
         if not isinstance(obj, dict):
-            raise where.error(f"expected an object, got {_type_name(obj)}", None, "invalid_type")
+            yield (
+                where,
+                where.error(f"expected an object, got {_type_name(obj)}", None, "invalid_type"),
+            )
+            continue
         yield where, obj
 
 
@@ -363,3 +483,29 @@ def parse_records(
 ) -> ParsedDataset:
     """Validate rows sent inline as ``{"records": [...]}``."""
     return _collect(kind, _record_items(records), limits, empty_param="records")
+
+
+def check_file(
+    data: bytes,
+    kind: DatasetKind,
+    fmt: DatasetFormat,
+    limits: Limits = Limits(),
+    max_problems: int = MAX_PROBLEMS,
+) -> DatasetReport:
+    """What :func:`parse_file` would say, listing every problem up to ``max_problems``."""
+    try:
+        text = _file_text(data)
+    except DatasetError as exc:
+        return DatasetReport(kind, 0, None, [exc], truncated=False)
+    items = _jsonl_items(text) if fmt is DatasetFormat.JSONL else _csv_items(text, kind)
+    return _report(kind, items, limits, max_problems, empty_param="file")
+
+
+def check_records(
+    records: Sequence[Any],
+    kind: DatasetKind,
+    limits: Limits = Limits(),
+    max_problems: int = MAX_PROBLEMS,
+) -> DatasetReport:
+    """What :func:`parse_records` would say, listing every problem up to ``max_problems``."""
+    return _report(kind, _record_items(records), limits, max_problems, empty_param="records")

@@ -182,13 +182,15 @@ describe("loraplex dashboard", { concurrency: 1 }, () => {
     await page.click("#new-job-link");
     await page.locator("#drop-zone").waitFor();
 
-    // A broken file: every bad line is reported, and nothing is sent.
+    // A broken file: the server's dry run reports every bad line, and nothing is stored.
+    const storedBefore = (await apiCall("/v1/datasets")).data.length;
     await page.setInputFiles("#file-input", { name: "broken.jsonl", mimeType: "application/jsonl", buffer: Buffer.from(BAD) });
     await page.locator("#report-errors").waitFor();
     const lines = await page.$$eval("#report-errors tbody tr", (rows) => rows.map((r) => r.dataset.line));
     assert.deepEqual(lines, ["2", "4", "5"]);
     assert.match(await page.textContent("#report-errors"), /invalid JSON.*must not be empty.*missing required field 'label'/s);
     assert.ok(await page.isDisabled("#upload-button"));
+    assert.equal((await apiCall("/v1/datasets")).data.length, storedBefore);
     await shot("03-new-job-file-errors");
 
     // The good file, dropped onto the zone.

@@ -1,7 +1,9 @@
-"""``/v1/datasets``: upload (multipart file or JSON records), list, get, delete."""
+"""``/v1/datasets``: upload (multipart file or JSON records), list, get, delete, and the dry run
+``POST /v1/datasets/validate`` (the same checks, every problem listed, nothing stored)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -12,8 +14,9 @@ from starlette.datastructures import UploadFile
 
 from service.api.deps import CurrentTenant, SessionDep, SessionFactoryDep, SettingsDep
 from service.api.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery, keyset_page
+from service.api.params import DatasetId
 from service.api.schemas.common import DeletedResponse, ListResponse
-from service.api.schemas.datasets import DatasetCreateJSON, DatasetObject
+from service.api.schemas.datasets import KIND, DatasetCreateJSON, DatasetObject, DatasetValidation
 from service.api.uploads import (
     dataset_upload_body,
     form_text,
@@ -21,12 +24,15 @@ from service.api.uploads import (
     read_upload,
     unsupported_media_type,
 )
+from service.datasets.infer import infer_kind
 from service.datasets.store import delete_owned_dataset, get_owned_dataset, store_dataset
 from service.datasets.validation import (
+    DatasetError,
     DatasetFormat,
     DatasetKind,
     Limits,
-    ParsedDataset,
+    check_file,
+    check_records,
     detect_format,
     parse_file,
     parse_records,
@@ -38,33 +44,50 @@ router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
 _KINDS = [k.value for k in DatasetKind]
 
-# Two bodies for one route, so the request body is documented by hand.
-_CREATE_OPENAPI: dict[str, Any] = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": dataset_upload_body(
-                ["kind"],
-                {
-                    "kind": {"type": "string", "enum": _KINDS},
-                    "name": {"type": "string", "maxLength": 256},
-                    "format": {"type": "string", "enum": [f.value for f in DatasetFormat]},
-                },
-            ),
-            "application/json": {
-                "schema": {
-                    "type": "object",
-                    "required": ["kind", "records"],
-                    "properties": {
-                        "kind": {"type": "string", "enum": _KINDS},
-                        "name": {"type": "string", "maxLength": 256},
-                        "records": {"type": "array", "items": {"type": "object"}},
-                    },
-                }
-            },
-        },
-    }
+_NAME_FIELD = {
+    "type": "string",
+    "maxLength": 256,
+    "description": "A name to show; default: the file's name.",
 }
+_FORMAT_FIELD = {
+    "type": "string",
+    "enum": [f.value for f in DatasetFormat],
+    "description": "How to read the file; default: from its name, content type or first byte.",
+}
+
+
+def _body_openapi(kind_required: bool) -> dict[str, Any]:
+    """Two bodies for one route (read by hand, streamed), so the request body is documented
+    by hand; the JSON form is :class:`DatasetCreateJSON`'s schema."""
+    kind_field = {"type": "string", "enum": _KINDS, "description": KIND}
+    if not kind_required:
+        kind_field["description"] = f"Optional: inferred from the first row when absent. {KIND}"
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": dataset_upload_body(
+                    ["kind"] if kind_required else [],
+                    {"kind": kind_field, "name": _NAME_FIELD, "format": _FORMAT_FIELD},
+                ),
+                "application/json": {
+                    "schema": DatasetCreateJSON.model_json_schema(
+                        ref_template="#/components/schemas/{model}"
+                    )
+                },
+            },
+        }
+    }
+
+
+@dataclass(frozen=True)
+class _Upload:
+    """A dataset file as sent in a multipart form, read but not yet checked."""
+
+    kind: DatasetKind | None
+    fmt: DatasetFormat
+    data: bytes
+    name: str | None
 
 
 def _kind(value: Any) -> DatasetKind:
@@ -75,13 +98,12 @@ def _kind(value: Any) -> DatasetKind:
     return DatasetKind(value)
 
 
-async def _from_multipart(
-    request: Request, limits: Limits, max_bytes: int
-) -> tuple[ParsedDataset, bytes, str | None]:
+async def _read_multipart(request: Request, max_bytes: int, *, kind_required: bool) -> _Upload:
     # Starlette spools file parts to disk past 1 MB; the middleware has already bounded the
     # whole body, so nothing here can grow without limit.
     async with request.form(max_files=1, max_fields=8) as form:
-        kind = _kind(form.get("kind"))
+        kind_field = form.get("kind")
+        kind = _kind(kind_field) if kind_required or kind_field not in (None, "") else None
         name = form_text(form.get("name"), "name")
         fmt_field = form_text(form.get("format"), "format", 16)
         upload = form.get("file")
@@ -95,48 +117,98 @@ async def _from_multipart(
         fmt = DatasetFormat(fmt_field)
     else:
         fmt = detect_format(filename, content_type, data)
-    parsed = await run_in_threadpool(parse_file, data, kind, fmt, limits)
-    return parsed, data, name or filename
+    return _Upload(kind=kind, fmt=fmt, data=data, name=name or filename)
 
 
-async def _from_json(request: Request, limits: Limits) -> tuple[ParsedDataset, bytes, str | None]:
+async def _read_json(request: Request) -> tuple[DatasetCreateJSON, bytes]:
     body = await request.body()
     try:
         payload = DatasetCreateJSON.model_validate_json(body)
     except ValidationError as exc:
         # Read by hand (one route, two bodies); answered as FastAPI answers a declared body.
         raise RequestValidationError(exc.errors()) from None
-    parsed = await run_in_threadpool(parse_records, payload.records, payload.kind, limits)
-    return parsed, body, payload.name
+    return payload, body
 
 
-@router.post("", response_model=DatasetObject, openapi_extra=_CREATE_OPENAPI)
-async def create_dataset(
-    request: Request, tenant: CurrentTenant, settings: SettingsDep, factory: SessionFactoryDep
-) -> DatasetObject:
-    """Upload a dataset: multipart ``file`` + ``kind`` (+ ``name``), or JSON ``records``."""
-    limits = Limits(max_rows=settings.max_dataset_rows)
+def _media_type(request: Request) -> str:
+    """multipart/form-data or application/json; 415 for anything else."""
     content_type = media_type(request)
-    if content_type == "multipart/form-data":
-        parsed, raw, name = await _from_multipart(request, limits, settings.max_upload_bytes)
-    elif content_type == "application/json":
-        parsed, raw, name = await _from_json(request, limits)
-    else:
+    if content_type not in ("multipart/form-data", "application/json"):
         raise unsupported_media_type(
             "Send the dataset as multipart/form-data (file, kind) or application/json "
             "(kind, records)."
         )
+    return content_type
+
+
+@router.post(
+    "",
+    response_model=DatasetObject,
+    summary="Upload a dataset",
+    openapi_extra=_body_openapi(kind_required=True),
+)
+async def create_dataset(
+    request: Request, tenant: CurrentTenant, settings: SettingsDep, factory: SessionFactoryDep
+) -> DatasetObject:
+    """Upload a dataset: a multipart `file` with its `kind` (and optional `name`), or JSON
+    `records`. The rows are checked whole before anything is stored; the first problem is
+    answered as a 422 naming the line (or record) and field. `POST /v1/datasets/validate`
+    lists every problem instead."""
+    limits = Limits(max_rows=settings.max_dataset_rows)
+    if _media_type(request) == "multipart/form-data":
+        upload = await _read_multipart(request, settings.max_upload_bytes, kind_required=True)
+        assert upload.kind is not None
+        parsed = await run_in_threadpool(parse_file, upload.data, upload.kind, upload.fmt, limits)
+        raw, name = upload.data, upload.name
+    else:
+        payload, raw = await _read_json(request)
+        parsed = await run_in_threadpool(parse_records, payload.records, payload.kind, limits)
+        name = payload.name
     row = await run_in_threadpool(store_dataset, factory, tenant.id, name, parsed, raw)
     return DatasetObject.from_row(row)
 
 
-@router.get("", response_model=ListResponse[DatasetObject])
+def _check_upload(upload: _Upload, limits: Limits) -> DatasetValidation:
+    try:
+        kind = upload.kind or infer_kind(upload.data, upload.fmt)
+    except DatasetError as exc:
+        return DatasetValidation.refused(exc, None, upload.fmt)
+    return DatasetValidation.from_report(
+        check_file(upload.data, kind, upload.fmt, limits), upload.fmt
+    )
+
+
+@router.post(
+    "/validate",
+    response_model=DatasetValidation,
+    summary="Check a dataset without storing it",
+    openapi_extra=_body_openapi(kind_required=False),
+)
+async def validate_dataset(
+    request: Request, _tenant: CurrentTenant, settings: SettingsDep
+) -> DatasetValidation:
+    """Dry run of an upload: the same body and the same checks as `POST /v1/datasets`, but
+    nothing is stored and every problem is listed (up to 100, in file order) instead of the
+    first. Answers 200 with `valid: false` and the problems for a bad dataset; a malformed
+    request (no file, an unknown kind, too large) is refused as the upload would refuse it.
+    Without a `kind`, the one the first row calls for is checked."""
+    limits = Limits(max_rows=settings.max_dataset_rows)
+    if _media_type(request) == "multipart/form-data":
+        upload = await _read_multipart(request, settings.max_upload_bytes, kind_required=False)
+        return await run_in_threadpool(_check_upload, upload, limits)
+    payload, _ = await _read_json(request)
+    report = await run_in_threadpool(check_records, payload.records, payload.kind, limits)
+    return DatasetValidation.from_report(report, None)
+
+
+@router.get("", response_model=ListResponse[DatasetObject], summary="List datasets")
 def list_datasets(
     session: SessionDep,
     tenant: CurrentTenant,
     after: AfterQuery = None,
     limit: LimitQuery = DEFAULT_LIMIT,
 ) -> ListResponse[DatasetObject]:
+    """The caller's datasets, newest first, one page at a time."""
     rows, has_more = keyset_page(
         session, Dataset, [Dataset.tenant_id == tenant.id], after=after, limit=limit
     )
@@ -144,12 +216,16 @@ def list_datasets(
     return ListResponse.page(data, has_more)
 
 
-@router.get("/{dataset_id}", response_model=DatasetObject)
-def get_dataset(dataset_id: str, session: SessionDep, tenant: CurrentTenant) -> DatasetObject:
+@router.get("/{dataset_id}", response_model=DatasetObject, summary="Get a dataset")
+def get_dataset(dataset_id: DatasetId, session: SessionDep, tenant: CurrentTenant) -> DatasetObject:
+    """A dataset's kind, size and label counts; its rows are at `GET /v1/files/{id}/content`."""
     return DatasetObject.from_row(get_owned_dataset(session, tenant.id, dataset_id))
 
 
-@router.delete("/{dataset_id}", response_model=DeletedResponse)
-def delete_dataset(dataset_id: str, session: SessionDep, tenant: CurrentTenant) -> DeletedResponse:
+@router.delete("/{dataset_id}", response_model=DeletedResponse, summary="Delete a dataset")
+def delete_dataset(
+    dataset_id: DatasetId, session: SessionDep, tenant: CurrentTenant
+) -> DeletedResponse:
+    """Deletes the dataset and its rows; 409 while a job that has not finished uses it."""
     delete_owned_dataset(session, get_owned_dataset(session, tenant.id, dataset_id))
     return DeletedResponse(id=dataset_id, object="dataset")

@@ -18,6 +18,7 @@ from starlette.datastructures import UploadFile
 
 from service.api.deps import CurrentTenant, SessionDep, SessionFactoryDep, SettingsDep
 from service.api.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery, keyset_page
+from service.api.params import FileId
 from service.api.schemas.common import ListResponse
 from service.api.schemas.files import FINE_TUNE_PURPOSE, FileDeleted, FileObject
 from service.api.uploads import dataset_upload_body, form_text, read_upload, require_multipart
@@ -44,7 +45,11 @@ _CREATE_OPENAPI: dict[str, Any] = {
             "multipart/form-data": dataset_upload_body(
                 ["purpose"],
                 {
-                    "purpose": {"type": "string", "enum": [FINE_TUNE_PURPOSE]},
+                    "purpose": {
+                        "type": "string",
+                        "enum": [FINE_TUNE_PURPOSE],
+                        "description": "Must be `fine-tune`: loraplex files are training data.",
+                    },
                     "kind": {
                         "type": "string",
                         "enum": _KINDS,
@@ -58,11 +63,15 @@ _CREATE_OPENAPI: dict[str, Any] = {
 }
 
 
-@router.post("", response_model=FileObject, openapi_extra=_CREATE_OPENAPI)
+@router.post(
+    "", response_model=FileObject, summary="Upload a training file", openapi_extra=_CREATE_OPENAPI
+)
 async def create_file(
     request: Request, tenant: CurrentTenant, settings: SettingsDep, factory: SessionFactoryDep
 ) -> FileObject:
-    """Upload training data (``client.files.create(file=..., purpose="fine-tune")``)."""
+    """OpenAI's file upload (`client.files.create(file=..., purpose="fine-tune")`): the file
+    is checked and stored as a dataset, whose kind is inferred from the first row unless the
+    extra form field `kind` gives it."""
     require_multipart(request, "file", "file, purpose")
     async with request.form(max_files=1, max_fields=8) as form:
         purpose = form_text(form.get("purpose"), "purpose", 64)
@@ -102,15 +111,20 @@ async def create_file(
     return FileObject.from_row(row)
 
 
-@router.get("", response_model=ListResponse[FileObject])
+@router.get("", response_model=ListResponse[FileObject], summary="List files")
 def list_files(
     session: SessionDep,
     tenant: CurrentTenant,
     after: AfterQuery = None,
     limit: LimitQuery = DEFAULT_LIMIT,
     order: Annotated[Literal["desc", "asc"], Query(description="by created_at")] = "desc",
-    purpose: Annotated[str | None, Query(max_length=64)] = None,
+    purpose: Annotated[
+        str | None,
+        Query(max_length=64, description="Only files of this purpose (all are `fine-tune`)."),
+    ] = None,
 ) -> ListResponse[FileObject]:
+    """The caller's files (its datasets), newest first unless `order=asc`; any `purpose` but
+    `fine-tune` lists nothing."""
     if purpose is not None and purpose != FINE_TUNE_PURPOSE:
         return ListResponse(data=[], has_more=False)  # loraplex holds no other purpose
     rows, has_more = keyset_page(
@@ -125,17 +139,28 @@ def list_files(
     return ListResponse.page(data, has_more)
 
 
-@router.get("/{file_id}", response_model=FileObject)
-def retrieve_file(file_id: str, session: SessionDep, tenant: CurrentTenant) -> FileObject:
+@router.get("/{file_id}", response_model=FileObject, summary="Get a file")
+def retrieve_file(file_id: FileId, session: SessionDep, tenant: CurrentTenant) -> FileObject:
+    """One file (dataset), as OpenAI's file object."""
     return FileObject.from_row(get_owned_dataset(session, tenant.id, file_id, "file"))
 
 
 @router.get(
     "/{file_id}/content",
     response_class=Response,
-    responses={200: {"content": {"application/jsonl": {}}}},
+    summary="Get a file's rows",
+    responses={
+        200: {
+            "description": "One JSON object per line.",
+            "content": {
+                "application/jsonl": {
+                    "example": '{"text": "A delight from start to finish.", "label": "fresh"}\n'
+                }
+            },
+        }
+    },
 )
-def retrieve_file_content(file_id: str, session: SessionDep, tenant: CurrentTenant) -> Response:
+def retrieve_file_content(file_id: FileId, session: SessionDep, tenant: CurrentTenant) -> Response:
     """The rows as validated and stored (normalised JSON Lines), not the upload byte for byte."""
     row = get_owned_dataset(session, tenant.id, file_id, "file")
     session.refresh(row, ["rows"])  # deferred blob: load it only here
@@ -144,7 +169,8 @@ def retrieve_file_content(file_id: str, session: SessionDep, tenant: CurrentTena
     return Response(text.encode("utf-8"), media_type="application/jsonl")
 
 
-@router.delete("/{file_id}", response_model=FileDeleted)
-def delete_file(file_id: str, session: SessionDep, tenant: CurrentTenant) -> FileDeleted:
+@router.delete("/{file_id}", response_model=FileDeleted, summary="Delete a file")
+def delete_file(file_id: FileId, session: SessionDep, tenant: CurrentTenant) -> FileDeleted:
+    """Deletes the file (dataset); 409 while a job that has not finished uses it."""
     delete_owned_dataset(session, get_owned_dataset(session, tenant.id, file_id, "file"))
     return FileDeleted(id=file_id)

@@ -18,15 +18,31 @@ logger = logging.getLogger(__name__)
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz")
+@router.get(
+    "/healthz",
+    summary="Liveness probe",
+    responses={200: {"content": {"application/json": {"example": {"status": "ok"}}}}},
+)
 def healthz() -> dict[str, str]:
-    """The process is up and answering."""
+    """Answers 200 while the process is up and serving requests. Needs no API key."""
     return {"status": "ok"}
 
 
-@router.get("/readyz", responses={503: {"description": "Not ready"}})
+_READY_EXAMPLE = {"status": "ready", "checks": {"database": "ok", "model": "ok"}}
+
+
+@router.get(
+    "/readyz",
+    summary="Readiness probe",
+    responses={
+        200: {"content": {"application/json": {"example": _READY_EXAMPLE}}},
+        503: {"description": "Not ready: the error names the failing checks, `checks` has all."},
+    },
+)
 def readyz(request: Request, factory: SessionFactoryDep) -> Any:
-    """The database answers and every part started by the lifespan hooks is ready."""
+    """Answers 200 once the database answers and every part started with the server (the
+    base model, the inference thread, the embedded worker) is ready; 503 with the state of each
+    check otherwise. Needs no API key."""
     readiness: Readiness = request.app.state.readiness
     checks = {"database": "ok", **readiness.snapshot()}
     try:

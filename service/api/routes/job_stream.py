@@ -36,6 +36,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import CurrentTenant, SessionDep, SessionFactoryDep
+from service.api.params import JobId
 from service.api.schemas.jobs import JobEventObject, JobObject, parse_event_id
 from service.db.models import Job, JobEvent, JobStatus
 from service.errors import invalid, not_found
@@ -134,10 +135,21 @@ async def _stream(
 @router.get(
     "/{job_id}/events/stream",
     response_class=StreamingResponse,
-    responses={200: {"content": {"text/event-stream": {}}, "description": "Server-sent events"}},
+    summary="Stream a job's events",
+    responses={
+        200: {
+            "description": "Server-sent events.",
+            "content": {
+                "text/event-stream": {
+                    "example": 'retry: 2000\n\nevent: event\nid: ftevent-12\ndata: {"object": '
+                    '"fine_tuning.job.event", "id": "ftevent-12", "type": "metrics", ...}\n\n'
+                }
+            },
+        }
+    },
 )
 def stream_fine_tuning_events(
-    job_id: str,
+    job_id: JobId,
     request: Request,
     session: SessionDep,
     factory: SessionFactoryDep,
@@ -145,9 +157,17 @@ def stream_fine_tuning_events(
     after: Annotated[
         str | None, Query(max_length=128, description="Resume after this event id.")
     ] = None,
-    last_event_id: Annotated[str | None, Header(max_length=128)] = None,
+    last_event_id: Annotated[
+        str | None,
+        Header(
+            max_length=128,
+            description="Sent by a reconnecting client: resume after this event id.",
+        ),
+    ] = None,
 ) -> StreamingResponse:
-    """Events of a job as they are written (SSE); ends once the job is finished."""
+    """A job's events as server-sent events, as they are written: `job` (the job object,
+    again on every change), `event` (each event, oldest first) and, once the job is finished,
+    `done`. Reconnect with `Last-Event-ID` (or `after`) to get only what was missed."""
     owned = session.scalar(select(Job.id).where(Job.id == job_id, Job.tenant_id == tenant.id))
     # The request's session would otherwise stay open (and hold a connection) as long as
     # the stream; each poll opens its own.

@@ -33,15 +33,29 @@ def _items(body: PredictRequest) -> list[tuple[str, str | None]]:
     return out
 
 
-@router.post("/predict", response_model=PredictResponse, response_model_exclude_none=True)
+@router.post(
+    "/predict",
+    response_model=PredictResponse,
+    response_model_exclude_none=True,
+    summary="Classify or score texts",
+)
 async def predict(
     request: Request,
     body: PredictRequest,
     ref: ServedAdapter,
     adapter: AdapterName,
-    mode: Annotated[Mode, Query()] = "auto",
+    mode: Annotated[
+        Mode,
+        Query(
+            description="For LoRA adapters: `unmerged` shares one forward pass with other "
+            "adapters, `merged` runs on a copy of the base with the adapter merged in, `auto` "
+            "(default) lets the server choose by traffic. Other methods ignore it."
+        ),
+    ] = "auto",
 ) -> PredictResponse:
-    """Runs in the shared batch: requests for different adapters share one forward pass."""
+    """Runs the texts through the base model with the adapter named in `adapter`: labels
+    with probabilities for a classifier, a reward per text for a reward model. Requests for
+    different adapters are batched together and share one forward pass of the base model."""
     from core.inference import Row
 
     if ref is None:

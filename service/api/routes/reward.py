@@ -44,7 +44,8 @@ def _result(reward_a: float, reward_b: float) -> CompareResult:
 @router.post(
     "/reward/compare",
     response_model=CompareResponse | CompareBatchResponse,
-    responses={200: {"description": "one comparison, or `results` for `pairs`"}},
+    summary="Compare two responses with a reward model",
+    responses={200: {"description": "One comparison, or `results` for `pairs`."}},
 )
 async def compare(
     request: Request,
@@ -52,7 +53,8 @@ async def compare(
     ref: ServedAdapter,
     adapter: AdapterName,
 ) -> CompareResponse | CompareBatchResponse:
-    """Scores both responses (with the prompt as the first text of a pair, as in training)."""
+    """Scores both responses with the reward adapter named in `adapter` (with the prompt as
+    the first text of a pair, as in training) and says which one it prefers and how surely."""
     from core.inference import Row
 
     if ref is None:

@@ -9,6 +9,7 @@ from sqlalchemy.orm import Session
 
 from service.api.deps import AdminDep, SessionDep
 from service.api.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery, keyset_page
+from service.api.params import KeyId, TenantId
 from service.api.schemas.common import DeletedResponse, ListResponse
 from service.api.schemas.tenants import (
     ApiKeyCreate,
@@ -36,9 +37,10 @@ def _get_tenant(session: Session, tenant_id: str) -> Tenant:
     return tenant
 
 
-@router.post("", response_model=TenantCreated)
+@router.post("", response_model=TenantCreated, summary="Create a tenant")
 def create_tenant_route(body: TenantCreate, session: SessionDep, _admin: AdminDep) -> TenantCreated:
-    """Create a tenant and its first API key; the key's secret is shown only here."""
+    """Admin only. Creates a tenant and its first API key (named `initial`); the key's secret
+    is in the answer and never shown again. 409 when the name is taken."""
     try:
         tenant = create_tenant(session, body.name)
         new_key = create_api_key(session, tenant, name="initial")
@@ -53,37 +55,43 @@ def create_tenant_route(body: TenantCreate, session: SessionDep, _admin: AdminDe
     )
 
 
-@router.get("", response_model=ListResponse[TenantObject])
+@router.get("", response_model=ListResponse[TenantObject], summary="List tenants")
 def list_tenants(
     session: SessionDep,
     _admin: AdminDep,
     after: AfterQuery = None,
     limit: LimitQuery = DEFAULT_LIMIT,
 ) -> ListResponse[TenantObject]:
+    """Admin only. Every tenant, newest first, one page at a time."""
     rows, has_more = keyset_page(session, Tenant, [], after=after, limit=limit)
     data = [TenantObject.from_row(r) for r in rows]
     return ListResponse.page(data, has_more)
 
 
-@router.post("/{tenant_id}/keys", response_model=ApiKeyCreated)
+@router.post("/{tenant_id}/keys", response_model=ApiKeyCreated, summary="Create an API key")
 def create_key(
-    tenant_id: str, body: ApiKeyCreate, session: SessionDep, _admin: AdminDep
+    tenant_id: TenantId, body: ApiKeyCreate, session: SessionDep, _admin: AdminDep
 ) -> ApiKeyCreated:
+    """Admin only. A new key for the tenant; its secret is in the answer and never shown
+    again."""
     tenant = _get_tenant(session, tenant_id)
     new_key = create_api_key(session, tenant, is_admin=body.is_admin, name=body.name)
     session.commit()
     return _created_key(new_key)
 
 
-@router.get("/{tenant_id}/keys", response_model=ListResponse[ApiKeyObject])
+@router.get(
+    "/{tenant_id}/keys", response_model=ListResponse[ApiKeyObject], summary="List a tenant's keys"
+)
 def list_keys(
-    tenant_id: str,
+    tenant_id: TenantId,
     session: SessionDep,
     _admin: AdminDep,
     after: AfterQuery = None,
     limit: LimitQuery = DEFAULT_LIMIT,
 ) -> ListResponse[ApiKeyObject]:
-    """Keys without their secrets (only the visible prefix)."""
+    """Admin only. The tenant's keys, newest first, revoked ones included, without their
+    secrets (only the visible prefix)."""
     _get_tenant(session, tenant_id)
     rows, has_more = keyset_page(
         session, ApiKey, [ApiKey.tenant_id == tenant_id], after=after, limit=limit
@@ -92,11 +100,14 @@ def list_keys(
     return ListResponse.page(data, has_more)
 
 
-@router.delete("/{tenant_id}/keys/{key_id}", response_model=DeletedResponse)
+@router.delete(
+    "/{tenant_id}/keys/{key_id}", response_model=DeletedResponse, summary="Revoke an API key"
+)
 def revoke_key_route(
-    request: Request, tenant_id: str, key_id: str, session: SessionDep, _admin: AdminDep
+    request: Request, tenant_id: TenantId, key_id: KeyId, session: SessionDep, _admin: AdminDep
 ) -> DeletedResponse:
-    """Revoke a key: it stops working at once; the row stays for the audit trail."""
+    """Admin only. The key stops working at once; it stays listed, with `revoked_at` set,
+    for the audit trail."""
     key = session.scalar(select(ApiKey).where(ApiKey.id == key_id, ApiKey.tenant_id == tenant_id))
     if key is None:
         raise not_found("api_key", key_id)

@@ -62,3 +62,42 @@ class DeletedResponse(BaseModel):
     id: str = Field(description="Id of the deleted object.")
     object: str = Field(description="Type of the deleted object, e.g. `dataset` or `api_key`.")
     deleted: bool = Field(True, description="Always true: a failed deletion answers an error.")
+
+
+class ErrorObject(BaseModel):
+    """What went wrong: for people in `message`, for programs in `code`."""
+
+    message: str = Field(description="What went wrong and, where it helps, what to do.")
+    type: str = Field(
+        description="The class of error, as OpenAI names them: `invalid_request_error`, "
+        "`authentication_error`, `permission_error`, `not_found_error`, `conflict_error`, "
+        "`rate_limit_error`, `service_unavailable_error` or `server_error`."
+    )
+    param: str | None = Field(
+        description="The request field at fault, as a dotted path (e.g. `method.lora.r`); "
+        "null when no one field is."
+    )
+    code: str | None = Field(
+        description="Machine-readable reason, e.g. `missing_field` or `adapter_not_found`."
+    )
+
+
+class ErrorResponse(BaseModel):
+    """The body of every error answer (4xx and 5xx)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "error": {
+                        "message": "method.lora.r: Input should be greater than or equal to 1",
+                        "type": "invalid_request_error",
+                        "param": "method.lora.r",
+                        "code": "greater_than_equal",
+                    }
+                }
+            ]
+        }
+    )
+
+    error: ErrorObject = Field(description="The error.")

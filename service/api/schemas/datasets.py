@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.api.schemas.common import CREATED_AT
-from service.datasets.validation import DatasetKind
+from service.datasets.validation import DatasetError, DatasetFormat, DatasetKind, DatasetReport
 from service.db.models import Dataset
 from service.db.types import to_unix
 
@@ -87,3 +87,130 @@ class DatasetObject(BaseModel):
             bytes=row.bytes,
             created_at=to_unix(row.created_at) or 0,
         )
+
+
+class DatasetProblem(BaseModel):
+    """One problem found by a dry run, as the upload would have answered it."""
+
+    message: str = Field(
+        description="What is wrong and where: `line N: ...` for files, `records[i]: ...` for "
+        "JSON records."
+    )
+    line: int | None = Field(
+        description="The line of the file at fault; null for JSON records and for problems "
+        "of the whole dataset (too few classes, no rows)."
+    )
+    param: str | None = Field(
+        description="The field at fault: a column such as `label`, `file` for the file as a "
+        "whole, or a path such as `records.3.label`."
+    )
+    code: str | None = Field(
+        description="Machine-readable reason, e.g. `missing_field`, `invalid_json`, "
+        "`single_class`: the `code` the upload's 422 would carry."
+    )
+
+
+class DatasetValidation(BaseModel):
+    """The result of a dry run: every problem the upload would be refused for (up to a bound),
+    or the summary of the dataset it would store."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "object": "dataset.validation",
+                    "valid": False,
+                    "kind": "classification",
+                    "format": "jsonl",
+                    "row_count": 2,
+                    "label_counts": {"fresh": 1, "rotten": 1},
+                    "errors": [
+                        {
+                            "message": "line 2: invalid JSON (Expecting property name enclosed "
+                            "in double quotes at column 2)",
+                            "line": 2,
+                            "param": "file",
+                            "code": "invalid_json",
+                        },
+                        {
+                            "message": "line 5: missing required field 'label'",
+                            "line": 5,
+                            "param": "label",
+                            "code": "missing_field",
+                        },
+                    ],
+                    "truncated": False,
+                },
+                {
+                    "object": "dataset.validation",
+                    "valid": True,
+                    "kind": "classification",
+                    "format": "csv",
+                    "row_count": 200,
+                    "label_counts": {"fresh": 104, "rotten": 96},
+                    "errors": [],
+                    "truncated": False,
+                },
+            ]
+        }
+    )
+
+    object: Literal["dataset.validation"] = Field(
+        "dataset.validation", description="Always `dataset.validation`."
+    )
+    valid: bool = Field(description="Whether the upload would be accepted as it is.")
+    kind: DatasetKind | None = Field(
+        description=f"The kind checked against: the one sent, else the one the first row "
+        f"calls for; null when it could not be told. {KIND}"
+    )
+    format: DatasetFormat | None = Field(
+        description="How the file was read (`jsonl` or `csv`); null for JSON records."
+    )
+    row_count: int = Field(
+        description="Rows that passed: all the rows when `valid`, else those checked before "
+        "reading stopped."
+    )
+    label_counts: dict[str, int] | None = Field(
+        description="Rows per label among the rows that passed, sorted by label; null for "
+        "preference data."
+    )
+    errors: list[DatasetProblem] = Field(
+        description="Every problem found, in file order; empty when `valid`."
+    )
+    truncated: bool = Field(
+        description="Checking stopped at the bound on listed problems: fix these and check "
+        "again, more may follow."
+    )
+
+    @classmethod
+    def from_report(cls, report: DatasetReport, fmt: DatasetFormat | None) -> DatasetValidation:
+        return cls(
+            valid=report.valid,
+            kind=report.kind,
+            format=fmt,
+            row_count=report.row_count,
+            label_counts=report.label_counts,
+            errors=[_problem(e) for e in report.problems],
+            truncated=report.truncated,
+        )
+
+    @classmethod
+    def refused(
+        cls, error: DatasetError, kind: DatasetKind | None, fmt: DatasetFormat | None
+    ) -> DatasetValidation:
+        """A dataset that could not be checked at all (e.g. its kind cannot be told)."""
+        return cls(
+            valid=False,
+            kind=kind,
+            format=fmt,
+            row_count=0,
+            label_counts=None,
+            errors=[_problem(error)],
+            truncated=False,
+        )
+
+
+def _problem(error: DatasetError) -> DatasetProblem:
+    return DatasetProblem(
+        message=error.message, line=error.line, param=error.param, code=error.code
+    )

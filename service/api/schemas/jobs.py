@@ -21,7 +21,7 @@ from pydantic import (
     model_validator,
 )
 
-from service.api.schemas.common import NAME_PATTERN
+from service.api.schemas.common import CREATED_AT, NAME_PATTERN
 from service.api.schemas.methods import API_METHODS, METHOD_PARAMS, Hyperparameters
 from service.db.models import Checkpoint, Job, JobEvent
 from service.db.types import to_unix
@@ -197,9 +197,13 @@ class JobCreate(BaseModel):
 
 
 class JobError(BaseModel):
-    code: str | None = None
-    message: str
-    param: str | None = None
+    """Why a job failed."""
+
+    code: str | None = Field(None, description="Machine-readable reason, e.g. `invalid_dataset`.")
+    message: str = Field(description="What went wrong, for people.")
+    param: str | None = Field(
+        None, description="The request field at fault (e.g. `training_file`), if one is."
+    )
 
 
 class JobProgress(BaseModel):
@@ -335,13 +339,39 @@ def parse_event_id(public_id: str) -> int | None:
 
 
 class JobEventObject(BaseModel):
-    object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
-    id: str
-    created_at: int
-    level: str
-    message: str
-    type: str
-    data: dict[str, Any] | None
+    """Something that happened to a job: a status change, training metrics, a checkpoint."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "object": "fine_tuning.job.event",
+                    "id": "ftevent-12",
+                    "created_at": 1764950460,
+                    "level": "info",
+                    "message": "Step 40/150: training loss=0.5213",
+                    "type": "metrics",
+                    "data": {"step": 40, "total_steps": 150, "train_loss": 0.5213, "lr": 0.00047},
+                }
+            ]
+        }
+    )
+
+    object: Literal["fine_tuning.job.event"] = Field(
+        "fine_tuning.job.event", description="Always `fine_tuning.job.event`."
+    )
+    id: str = Field(description="The event's id; a cursor for `after` and `Last-Event-ID`.")
+    created_at: int = Field(description=CREATED_AT)
+    level: str = Field(description="`info`, `warning` or `error`.")
+    message: str = Field(description="What happened, for people.")
+    type: str = Field(
+        description="`message` (status changes and notes), `metrics` (training or validation "
+        "metrics in `data`) or `checkpoint`."
+    )
+    data: dict[str, Any] | None = Field(
+        description="Machine-readable details: step, epoch and metrics for `metrics` events; "
+        "null for plain messages."
+    )
 
     @classmethod
     def from_row(cls, event: JobEvent) -> JobEventObject:
@@ -356,14 +386,40 @@ class JobEventObject(BaseModel):
 
 
 class CheckpointObject(BaseModel):
-    object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
-    id: str
-    created_at: int
-    fine_tuning_job_id: str
-    fine_tuned_model_checkpoint: str
-    step_number: int
-    epoch: float | None
-    metrics: dict[str, Any]
+    """A resumable checkpoint a job saved while training, as OpenAI's checkpoint object."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "object": "fine_tuning.job.checkpoint",
+                    "id": "ftckpt-3e9b1a7c5d2f4e6a8c0b1d3f",
+                    "created_at": 1764950520,
+                    "fine_tuning_job_id": "ftjob-5d2a9e7c1b3f4a6e8d0c2b4a",
+                    "fine_tuned_model_checkpoint": "sentiment-lora:ckpt-step-100",
+                    "step_number": 100,
+                    "epoch": 2.0,
+                    "metrics": {"val_loss": 0.44, "val_accuracy": 0.81},
+                }
+            ]
+        }
+    )
+
+    object: Literal["fine_tuning.job.checkpoint"] = Field(
+        "fine_tuning.job.checkpoint", description="Always `fine_tuning.job.checkpoint`."
+    )
+    id: str = Field(description="The checkpoint's id.")
+    created_at: int = Field(description=CREATED_AT)
+    fine_tuning_job_id: str = Field(description="The job that saved it.")
+    fine_tuned_model_checkpoint: str = Field(
+        description="A name for it: the job's adapter name and the step."
+    )
+    step_number: int = Field(description="The optimizer step it was saved at.")
+    epoch: float | None = Field(description="The epoch it was saved in, if known.")
+    metrics: dict[str, Any] = Field(
+        description="Validation metrics at that step (e.g. `val_loss`, `val_accuracy`); empty "
+        "when there was no validation yet."
+    )
 
     @classmethod
     def from_row(cls, ckpt: Checkpoint, adapter_name: str) -> CheckpointObject:
