@@ -64,6 +64,9 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class EngineStats:
+    """Counters for ``/metrics``, read on scrape. Hits and misses count rows planned against
+    resident / missing adapters; ``resident_bytes`` includes retired entries still pinned."""
+
     hits: int
     misses: int
     loads: int

@@ -7,37 +7,24 @@ so the cache is bounded by bytes and evicts least-recently-used adapters. Entrie
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Hashable
 
+from core.inference.lru import CountedLru
 from core.methods.lora.layer import MergedLoraHooks
 from core.tensors import tensor_bytes
 
 
-class MergedCache:
-    """Key → merged hooks, least recently used dropped first once over ``max_bytes``."""
+class MergedCache(CountedLru[tuple[MergedLoraHooks, int]]):
+    """Key → (merged hooks, their bytes), least recently used dropped first over ``max_bytes``."""
 
     def __init__(self, max_bytes: int) -> None:
+        super().__init__()
         self.max_bytes = max_bytes
-        self._entries: OrderedDict[Hashable, tuple[MergedLoraHooks, int]] = OrderedDict()
         self.num_bytes = 0
-        self.hits = 0
-        self.misses = 0
-
-    def __contains__(self, key: Hashable) -> bool:
-        return key in self._entries
-
-    def __len__(self) -> int:
-        return len(self._entries)
 
     def get(self, key: Hashable) -> MergedLoraHooks | None:
-        entry = self._entries.get(key)
-        if entry is None:
-            self.misses += 1
-            return None
-        self.hits += 1
-        self._entries.move_to_end(key)
-        return entry[0]
+        entry = self.lookup(key)
+        return None if entry is None else entry[0]
 
     def put(self, key: Hashable, hooks: MergedLoraHooks) -> None:
         """Cache ``hooks`` unless they alone exceed the budget (then the caller just uses them)."""

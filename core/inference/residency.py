@@ -18,7 +18,6 @@ invariant 3) and takes no locks.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable, Collection, Hashable, Iterable
 from dataclasses import dataclass
 
@@ -30,6 +29,7 @@ from core.base import BaseModel
 from core.errors import CoreError
 from core.heads import HeadConfig
 from core.inference.bank import LoraBank, Site
+from core.inference.lru import CountedLru
 from core.inference.merged_cache import MergedCache
 from core.model import AdaptedModel
 from core.tensors import tensor_bytes
@@ -59,7 +59,7 @@ class Resident:
     retired: bool = False
 
 
-class Residency:
+class Residency(CountedLru[Resident]):
     """Resident adapters by key, least recently used first, within ``max_bytes``."""
 
     def __init__(
@@ -73,6 +73,7 @@ class Residency:
         max_bytes: int,
         on_evict: Callable[[Hashable], None] | None = None,
     ) -> None:
+        super().__init__()
         self.base = base  # the caller's base: adapters are checked against its fingerprint
         self.serving = serving  # the base as served (device, dtype): adapters are built on it
         self.bank = bank
@@ -80,15 +81,8 @@ class Residency:
         self.dtype = dtype
         self.max_bytes = max_bytes
         self.on_evict = on_evict
-        self._entries: OrderedDict[Hashable, Resident] = OrderedDict()  # LRU first
         self.bytes = 0  # resident + retired-but-pinned entries
-        self.hits = self.misses = self.loads = self.evictions = 0
-
-    def __contains__(self, key: Hashable) -> bool:
-        return key in self._entries
-
-    def __len__(self) -> int:
-        return len(self._entries)
+        self.loads = self.evictions = 0
 
     def __getitem__(self, key: Hashable) -> Resident:
         return self._entries[key]
@@ -96,16 +90,6 @@ class Residency:
     def keys(self) -> list[Hashable]:
         """Resident keys, least recently used first."""
         return list(self._entries)
-
-    def lookup(self, key: Hashable) -> Resident | None:
-        """A row's entry, marked most recently used (a hit), or None (a miss)."""
-        entry = self._entries.get(key)
-        if entry is None:
-            self.misses += 1
-            return None
-        self.hits += 1
-        self._entries.move_to_end(key)
-        return entry
 
     # load/unload/unpin run in inference mode: the bank's storage is created (or grown) inside
     # a plan, so it holds inference tensors, which torch refuses to write to outside the mode.

@@ -8,6 +8,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from core.methods import parse_method_config
+from core.targets import TARGET_MODULES
 from core.training.config import parse_training_config
 from service.jobs.validate import MAX_METHOD_JSON_BYTES, MethodConfigError, validate_method
 from tests.service.helpers import Headers, assert_error, create_dataset
@@ -48,22 +49,12 @@ def test_core_errors_name_the_field(method: dict[str, Any], param: str) -> None:
     assert "Value error," not in info.value.message  # pydantic's prefix is stripped
 
 
-ALL_LINEAR = [
-    "query",
-    "key",
-    "value",
-    "attention.output.dense",
-    "intermediate.dense",
-    "output.dense",
-]
-
-
 @pytest.mark.parametrize(
     ("method", "method_values", "training_values"),
     [
         (
             {"type": "lora", "lora": {"r": 4, "target_modules": "all-linear"}},
-            {"r": 4, "target_modules": ALL_LINEAR},
+            {"r": 4, "target_modules": list(TARGET_MODULES)},
             {"learning_rate": "auto"},  # unset: the method's own default at train time
         ),
         (
