@@ -1,8 +1,9 @@
 """Serving many adapters from one frozen base: stacked LoRA bank, mixed batches, residency.
 
-``engine`` plans batches and runs them (``execute``), ``residency`` keeps the LRU ledger of
-resident adapters, ``rows`` holds what callers pass in and get back, ``bank`` the stacked LoRA
-weights, ``merged_cache`` the merged-weight copies, ``tokens`` the batch's token tensors.
+``engine`` is the facade: it plans batches on its owner thread and hands them to ``execute``
+(forwards and heads, any thread); ``residency`` keeps the LRU ledger of resident adapters (on
+``lru``), ``rows`` holds what callers pass in and get back, ``bank`` the stacked LoRA weights,
+``merged_cache`` the merged-weight copies, ``tokens`` the batch's token tensors.
 """
 
 from core.inference.bank import LoraBank, MixedLoraHooks
