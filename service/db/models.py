@@ -252,3 +252,20 @@ class Adapter(Base):
     base_fingerprint: Mapped[str] = mapped_column(String(128))
     source_job_id: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class WorkerHeartbeat(Base):
+    """One row per running worker process, refreshed every ``heartbeat_seconds``.
+
+    Operational state, not tenant data (hence no ``tenant_id``): ``loraplex worker --check``,
+    a worker container's health check, reads it (``service.worker.health``).
+    """
+
+    __tablename__ = "worker_heartbeats"
+
+    # The worker id, as jobs record it in ``jobs.worker_id``.
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    hostname: Mapped[str] = mapped_column(String(255), index=True)
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    last_seen_at: Mapped[datetime] = mapped_column(UTCDateTime())

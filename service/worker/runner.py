@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.config import Settings
 from service.db.session import make_engine, make_sessionmaker
 from service.jobs import queue
+from service.worker.health import HeartbeatWriter
 
 logger = logging.getLogger(__name__)
 
@@ -123,8 +124,15 @@ def run_worker(settings: Settings, worker_id: str | None = None) -> int:
     parent = os.environ.get("LORAPLEX_PARENT_PID")
     if parent:
         threading.Thread(target=_watch_parent, args=(int(parent), worker.stop), daemon=True).start()
+    heartbeat = HeartbeatWriter(
+        worker.factory,
+        worker.worker_id,
+        heartbeat_seconds=settings.heartbeat_seconds,
+        lease_seconds=settings.lease_seconds,
+    )
     try:
-        worker.run_forever()
+        with heartbeat:  # from here on, `loraplex worker --check` finds this worker alive
+            worker.run_forever()
     finally:
         engine.dispose()
     return 0
