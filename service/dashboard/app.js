@@ -33,53 +33,25 @@ const nav = document.getElementById("nav");
 const ACTIVE = new Set(["validating_files", "queued", "running", "cancel_requested"]);
 const CANCELLABLE = new Set(["validating_files", "queued", "running"]);
 
-const METHODS = {
-  lora: {
-    name: "LoRA",
-    blurb: "Low-rank updates to the attention weights; small and mergeable.",
-    params: [
-      { key: "r", label: "Rank r", value: 8, min: 1, max: 256, step: 1 },
-      { key: "alpha", label: "Alpha", value: 16, min: 0.1, step: "any" },
-      { key: "dropout", label: "Dropout", value: 0, min: 0, max: 0.99, step: "any" },
-    ],
-    lr: 1e-3,
-  },
-  adapter: {
-    name: "Bottleneck adapter",
-    blurb: "Small MLPs after attention and feed-forward (Houlsby).",
-    params: [{ key: "bottleneck_size", label: "Bottleneck size", value: 64, min: 1, max: 4096, step: 1 }],
-    lr: 1e-3,
-  },
-  prompt_tuning: {
-    name: "Prompt tuning",
-    blurb: "Trained virtual tokens before the input; the fewest parameters.",
-    params: [{ key: "n_virtual_tokens", label: "Virtual tokens", value: 20, min: 1, max: 256, step: 1 }],
-    lr: 3e-2,
-  },
-  feature_extraction: {
-    name: "Feature extraction",
-    blurb: "Frozen encoder, only the head learns; the fastest.",
-    params: [],
-    lr: 2e-3,
-  },
-  full: {
-    name: "Full fine-tuning",
-    blurb: "Every encoder weight; the largest adapter and the slowest.",
-    params: [],
-    lr: 5e-5,
-  },
+// Display names only: what each method is, its settings, defaults and ranges come from the
+// server (GET /v1/methods, derived from core's configs). The order fixes chart colours.
+const METHOD_NAMES = {
+  lora: "LoRA",
+  adapter: "Bottleneck adapter",
+  prompt_tuning: "Prompt tuning",
+  feature_extraction: "Feature extraction",
+  full: "Full fine-tuning",
 };
 
 function methodLabel(method) {
   if (!method) return "—";
   const type = typeof method === "string" ? method : method.type;
-  const info = METHODS[type];
   const params = (typeof method === "object" && method[type]) || {};
   let extra = "";
   if (type === "lora" && params.r) extra = ` r=${params.r}`;
   if (type === "adapter" && params.bottleneck_size) extra = ` ${params.bottleneck_size}`;
   if (type === "prompt_tuning" && params.n_virtual_tokens) extra = ` ${params.n_virtual_tokens} tok`;
-  return `${info ? info.name : type}${extra}`;
+  return `${METHOD_NAMES[type] || type}${extra}`;
 }
 
 // --- small pieces -----------------------------------------------------------------------------
@@ -500,15 +472,89 @@ async function jobView(ctx, jobId) {
 
 // --- new job ----------------------------------------------------------------------------------
 
-function numberField(id, label, attrs = {}, hint = null) {
-  const input = h("input", { id, type: "number", ...attrs });
-  return { input, el: h("div", { class: "field" }, h("label", { for: id }, label), input,
-    hint ? h("span", { class: "hint" }, hint) : null) };
+// One form field from a JSON Schema property of GET /v1/methods (core's config field): the
+// input fits the type, starts at core's default and carries its range and description.
+// read() gives the value to send, or undefined when the field is blank or left at the default
+// (the job then records only what was chosen; the server fills in the rest).
+function schemaField(id, prop, placeholder = null) {
+  const nullable = (prop.anyOf || []).some((b) => b.type === "null");
+  const branches = (prop.anyOf || [prop]).filter((b) => b.type !== "null");
+  const only = branches.length === 1 ? branches[0] : null;
+  const fallback = placeholder ?? (prop.default === null || prop.default === undefined ? "" : null);
+  let input;
+  let parse;
+  let initial;
+  if (only?.enum) {
+    input = h("select", { id },
+      nullable ? h("option", { value: "" }, "—") : null,
+      only.enum.map((v) => h("option", { value: v }, String(v))));
+    initial = prop.default ?? "";
+    parse = (v) => v;
+  } else if (only?.type === "boolean") {
+    input = h("input", { id, type: "checkbox" });
+    input.checked = Boolean(prop.default);
+  } else if (only?.type === "integer" || only?.type === "number") {
+    input = h("input", { id, type: "number", step: only.type === "integer" ? 1 : "any",
+      min: only.minimum ?? only.exclusiveMinimum, max: only.maximum ?? only.exclusiveMaximum });
+    initial = prop.default ?? "";
+    parse = Number;
+  } else {
+    // Unions and lists (learning_rate, target_modules, adam_betas, ...): JSON, or plain text.
+    const text = only?.type === "string";
+    input = h("input", { id, type: "text", class: text ? null : "mono" });
+    initial = prop.default === null || prop.default === undefined ? ""
+      : text || typeof prop.default === "string" ? prop.default : JSON.stringify(prop.default);
+    parse = (v) => {
+      if (text) return v;
+      try {
+        return JSON.parse(v);
+      } catch {
+        return v;
+      }
+    };
+  }
+  if (fallback !== null) {
+    // Where the default depends on the method ("auto"), the box starts blank and says it.
+    if (input.type !== "checkbox") input.value = "";
+    if (fallback && "placeholder" in input) input.placeholder = fallback;
+  } else if (input.type !== "checkbox") {
+    input.value = String(initial);
+  }
+  const start = input.type === "checkbox" ? input.checked : input.value;
+  const read = () => {
+    if (input.type === "checkbox") return input.checked === start ? undefined : input.checked;
+    const v = input.value.trim();
+    return v === "" || v === start ? undefined : parse(v);
+  };
+  // Labelled with the API's own name for the setting, as the job page shows it.
+  const name = id.replace(/^(mp|hp)-/, "");
+  const hint = h("span", { class: "hint" }, prop.description || "");
+  const el = input.type === "checkbox"
+    ? h("div", { class: "field" }, h("label", { class: "check mono" }, input, name), hint)
+    : h("div", { class: "field" }, h("label", { for: id, class: "mono" }, name), input, hint);
+  return { input, el, read };
+}
+
+// Shown up front; the other training settings sit under "More settings".
+const MAIN_SETTINGS = ["n_epochs", "max_steps", "batch_size", "learning_rate", "warmup_ratio", "lr_scheduler",
+  "eval_every_steps", "early_stopping_patience", "max_seq_length"];
+
+function readFields(fields) {
+  const out = {};
+  for (const [key, f] of Object.entries(fields)) {
+    const v = f.read();
+    if (v !== undefined) out[key] = v;
+  }
+  return out;
 }
 
 async function newJobView(ctx) {
   document.title = "New job · loraplex";
-  const datasets = await listAll("/v1/datasets", { signal: ctx.signal, maxPages: 3 });
+  const [datasets, catalog] = await Promise.all([
+    listAll("/v1/datasets", { signal: ctx.signal, maxPages: 3 }),
+    api("/v1/methods", { signal: ctx.signal }),
+  ]);
+  const hyperDefaults = catalog.hyperparameters.defaults;
 
   // 1. training data ----------------------------------------------------------------------
   const trainSelect = h("select", { id: "dataset-select" });
@@ -516,7 +562,8 @@ async function newJobView(ctx) {
   function fillSelects(selected) {
     replace(trainSelect, h("option", { value: "" }, "— upload a file or pick a dataset —"),
       datasets.map((d) => h("option", { value: d.id }, `${d.name} · ${d.kind} · ${fmtInt(d.row_count)} rows · ${d.id}`)));
-    replace(valSelect, h("option", { value: "" }, "hold out 10 % of the training rows"),
+    replace(valSelect, h("option", { value: "" },
+      `hold out ${fmtPct(hyperDefaults.validation_fraction, 0)} of the training rows`),
       datasets.map((d) => h("option", { value: d.id }, `${d.name} · ${fmtInt(d.row_count)} rows · ${d.id}`)));
     if (selected) trainSelect.value = selected;
   }
@@ -645,47 +692,43 @@ async function newJobView(ctx) {
   });
 
   // 2. method -----------------------------------------------------------------------------
+  const methods = Object.fromEntries(catalog.data.map((m) => [m.type, m]));
   let methodType = "lora";
   const methodParams = h("div", { class: "fields", id: "method-params" });
-  const paramInputs = {};
-  const lrField = numberField("hp-learning_rate", "Learning rate", { step: "any", min: 0 }, "blank = the method's default");
-  function showParams() {
-    for (const k of Object.keys(paramInputs)) delete paramInputs[k];
-    const info = METHODS[methodType];
-    replace(methodParams, info.params.length
-      ? info.params.map((p) => {
-        const f = numberField(`mp-${p.key}`, p.label, { value: p.value, min: p.min, max: p.max, step: p.step });
-        paramInputs[p.key] = f.input;
-        return f.el;
-      })
-      : h("p", { class: "muted" }, "No settings for this method."));
-    lrField.input.placeholder = `auto (${info.lr})`;
+  let paramFields = {};
+  // The training defaults of the chosen method for the chosen dataset's kind ("auto" resolved).
+  function taskDefaults() {
+    const kind = datasets.find((d) => d.id === trainSelect.value)?.kind || "classification";
+    return methods[methodType].tasks[kind].hyperparameters;
   }
+  function showParams() {
+    const props = methods[methodType].schema.properties;
+    paramFields = Object.fromEntries(Object.entries(props).map(([key, prop]) => [key, schemaField(`mp-${key}`, prop)]));
+    replace(methodParams, Object.keys(paramFields).length
+      ? Object.values(paramFields).map((f) => f.el)
+      : h("p", { class: "muted" }, "No settings for this method."));
+    hp.learning_rate.input.placeholder = `auto (${taskDefaults().learning_rate})`;
+  }
+  const blurb = (text) => text.split("\n\n")[0].replaceAll("`", "");
   const methodCards = h("div", { class: "methods", role: "radiogroup" },
-    Object.entries(METHODS).map(([type, info]) => {
+    catalog.data.map(({ type, description }) => {
       const radio = h("input", { type: "radio", name: "method", id: `method-${type}`, value: type, checked: type === methodType });
       radio.addEventListener("change", () => {
         methodType = type;
         showParams();
       });
-      return h("label", { class: "method", for: `method-${type}` }, radio,
-        h("span", { class: "method-name" }, info.name), h("span", { class: "muted small" }, info.blurb));
+      return h("label", { class: "method", for: `method-${type}`, title: description }, radio,
+        h("span", { class: "method-name" }, METHOD_NAMES[type] || type), h("span", { class: "muted small" }, blurb(description)));
     }));
-  showParams();
 
   // 3. hyperparameters --------------------------------------------------------------------
-  const hp = {
-    n_epochs: numberField("hp-n_epochs", "Epochs", { value: 3, min: 1, max: 1000, step: 1 }),
-    max_steps: numberField("hp-max_steps", "Max steps", { min: 1, step: 1 }, "blank = epochs decide"),
-    batch_size: numberField("hp-batch_size", "Batch size", { value: 16, min: 1, max: 4096, step: 1 }),
-    learning_rate: lrField,
-    warmup_ratio: numberField("hp-warmup_ratio", "Warm-up ratio", { min: 0, max: 0.99, step: "any", placeholder: "0.1" }),
-    eval_every_steps: numberField("hp-eval_every_steps", "Validate every N steps", { min: 1, step: 1 }, "blank = each epoch"),
-    early_stopping_patience: numberField("hp-early_stopping_patience", "Early-stopping patience", { min: 1, step: 1 }, "blank = off"),
-    max_seq_length: numberField("hp-max_seq_length", "Max tokens", { min: 4, max: 8192, step: 1, placeholder: "128" }),
-  };
-  const scheduler = h("select", { id: "hp-lr_scheduler" },
-    ["linear", "cosine", "constant"].map((v) => h("option", { value: v }, v)));
+  const hyperProps = catalog.hyperparameters.schema.properties;
+  const hp = Object.fromEntries(Object.entries(hyperProps).map(([key, prop]) =>
+    [key, schemaField(`hp-${key}`, prop, key === "learning_rate" ? "auto" : null)]));
+  const mainSettings = MAIN_SETTINGS.filter((k) => hp[k]);
+  const moreSettings = Object.keys(hp).filter((k) => !mainSettings.includes(k));
+  showParams();
+  trainSelect.addEventListener("change", showParams);
   const nameInput = h("input", { id: "adapter-name", type: "text", placeholder: "generated", pattern: "[A-Za-z0-9][A-Za-z0-9._\\-]*", maxlength: 64 });
   const seedInput = h("input", { id: "seed", type: "number", min: 0, step: 1, placeholder: "random" });
 
@@ -699,17 +742,8 @@ async function newJobView(ctx) {
 
   startBtn.addEventListener("click", async () => {
     clear(startError);
-    const hyper = {};
-    for (const [key, f] of Object.entries(hp)) {
-      if (f.input.value === "") continue;
-      hyper[key] = Number(f.input.value);
-    }
-    hyper.lr_scheduler = scheduler.value;
-    const params = {};
-    for (const [key, input] of Object.entries(paramInputs)) {
-      if (input.value !== "") params[key] = Number(input.value);
-    }
-    const method = { type: methodType, hyperparameters: hyper };
+    const params = readFields(paramFields);
+    const method = { type: methodType, hyperparameters: readFields(hp) };
     if (Object.keys(params).length) method[methodType] = params;
     const body = { training_file: trainSelect.value, method };
     if (valSelect.value) body.validation_file = valSelect.value;
@@ -735,9 +769,9 @@ async function newJobView(ctx) {
         h("div", { class: "field wide" }, h("label", { for: "validation-select" }, "Validation data"), valSelect))),
     card("2 · Method", methodCards, methodParams),
     card("3 · Hyperparameters",
-      h("div", { class: "fields" },
-        Object.values(hp).map((f) => f.el),
-        h("div", { class: "field" }, h("label", { for: "hp-lr_scheduler" }, "Schedule"), scheduler))),
+      h("div", { class: "fields" }, mainSettings.map((k) => hp[k].el)),
+      h("details", { id: "hp-more" }, h("summary", null, "More settings"),
+        h("div", { class: "fields" }, moreSettings.map((k) => hp[k].el)))),
     card("4 · Start",
       h("div", { class: "fields" },
         h("div", { class: "field" }, h("label", { for: "adapter-name" }, "Adapter name"), nameInput),
@@ -952,8 +986,8 @@ async function compareView(ctx, datasetId) {
   // One series per method, so each method keeps its colour in both charts.
   const types = [...new Set(done.map((r) => r.job.method.type))];
   const series = (x) => types.map((type) => ({
-    name: METHODS[type]?.name || type,
-    colorIndex: Object.keys(METHODS).indexOf(type),
+    name: METHOD_NAMES[type] || type,
+    colorIndex: Object.keys(METHOD_NAMES).indexOf(type),
     points: done.filter((r) => r.job.method.type === type).map((r) => ({
       x: x(r), y: r.acc, label: methodLabel(r.job.method),
       title: `${r.adapter.name}: ${fmtPct(r.acc)}, ${fmtInt(r.adapter.trainable_params)} params, ${fmtDuration(r.seconds)}`,

@@ -215,8 +215,31 @@ describe("loraplex dashboard", { concurrency: 1 }, () => {
     assert.deepEqual(ds.label_counts, trainLabels);
     assert.equal(await page.inputValue("#dataset-select"), state.dataset);
 
+    // The form is built from GET /v1/methods (core's configs): every LoRA setting and every
+    // training setting has an input that starts at core's default, hand-listed or not.
+    const catalog = await apiCall("/v1/methods");
+    const loraInfo = catalog.data.find((m) => m.type === "lora");
     await page.check("#method-lora");
-    await page.fill("#mp-r", "8");
+    assert.equal(await page.inputValue("#mp-alpha"), "16");
+    for (const [key, value] of Object.entries(loraInfo.defaults)) {
+      const shown = await page.locator(`#mp-${key}`).evaluate((el) => (el.type === "checkbox" ? el.checked : el.value));
+      const expected = typeof value === "boolean" ? value : value === null ? "" : Array.isArray(value) ? JSON.stringify(value) : String(value);
+      assert.equal(shown, expected, `mp-${key}`);
+    }
+    for (const key of Object.keys(catalog.hyperparameters.schema.properties)) {
+      assert.equal(await page.locator(`#hp-${key}`).count(), 1, `hp-${key}`);
+    }
+    assert.equal(await page.inputValue("#hp-max_grad_norm"), String(catalog.hyperparameters.defaults.max_grad_norm));
+    assert.equal(await page.inputValue("#hp-warmup_steps"), "");
+    assert.equal(await page.getAttribute("#hp-learning_rate", "placeholder"),
+      `auto (${loraInfo.tasks.classification.hyperparameters.learning_rate})`);
+    await page.check("#method-full");
+    assert.equal(await page.getAttribute("#hp-learning_rate", "placeholder"), "auto (0.00005)");
+    await page.check("#method-lora");
+    await page.fill("#mp-r", "4");
+    await page.fill("#mp-alpha", "8");
+    await page.click("#hp-more summary");
+    await page.fill("#hp-warmup_steps", "3");
     await page.fill("#hp-max_steps", "30");
     await page.fill("#hp-batch_size", "8");
     await page.fill("#hp-eval_every_steps", "10");
@@ -228,7 +251,9 @@ describe("loraplex dashboard", { concurrency: 1 }, () => {
     state.jobId = decodeURIComponent(page.url().split("#/jobs/")[1]);
     const job = await apiCall(`/v1/fine_tuning/jobs/${state.jobId}`);
     assert.equal(job.method.type, "lora");
-    assert.deepEqual(job.method.lora, { r: 8, alpha: 16, dropout: 0 });
+    // Only what was changed is sent; the server fills in core's defaults for the rest.
+    assert.deepEqual(job.method.lora, { r: 4, alpha: 8 });
+    assert.equal(job.hyperparameters.warmup_steps, 3);
     assert.equal(job.hyperparameters.max_steps, 30);
     assert.equal(job.hyperparameters.batch_size, 8);
     assert.equal(job.seed, 7);
@@ -297,7 +322,7 @@ describe("loraplex dashboard", { concurrency: 1 }, () => {
     await row.waitFor();
     const text = await row.textContent();
     assert.match(text, /dash-lora/);
-    assert.match(text, /LoRA r=8/);
+    assert.match(text, /LoRA r=4/);
     assert.match(text, /succeeded/);
     assert.match(text, /30\/30/);
     assert.match(text, /just now|min ago/);

@@ -91,6 +91,7 @@ def test_every_served_method_is_listed_with_cores_defaults(catalog: dict[str, An
         assert set(props) == set(core_cls.model_fields)
         for field, prop in props.items():
             assert prop["description"] == core_cls.model_fields[field].description
+            assert prop["default"] == _default(core_cls, field), field
             assert _schema_bounds(prop) == _bounds(core_cls, field), field
 
 
@@ -101,6 +102,7 @@ def test_training_settings_and_per_task_defaults(catalog: dict[str, Any]) -> Non
     assert list(hyper["schema"]["properties"]) == USER_SETTINGS
     for field, prop in hyper["schema"]["properties"].items():
         assert _schema_bounds(prop) == _bounds(TrainingConfig, field), field
+        assert prop["default"] == _default(TrainingConfig, field), field
     lora = next(m for m in catalog["data"] if m["type"] == "lora")
     full = next(m for m in catalog["data"] if m["type"] == "full")
     assert (

@@ -6,8 +6,10 @@ from core.methods.config import MethodConfig
 
 
 class FullConfig(MethodConfig):
-    """Full fine-tuning: every encoder weight is trained. The expensive option: each adapter
-    stores and keeps resident a whole encoder copy (~90 MB for MiniLM, float32) and cannot share
-    a mixed batch with other adapters."""
+    """Full fine-tuning: every encoder weight is trained.
+
+    The expensive option: each adapter stores and keeps resident a whole encoder copy (~90 MB
+    for MiniLM, float32) and cannot share a mixed batch with other adapters.
+    """
 
     type: ClassVar[str] = "full"

@@ -144,10 +144,16 @@ Hyperparameters: type[BaseModel] = create_model(
 # --- GET /v1/methods -------------------------------------------------------------------------
 
 
-def _user_settable_schema() -> dict[str, Any]:
-    schema = TrainingConfig.model_json_schema()
+def _schema(
+    model: type[BaseModel], exclude: set[str] | frozenset[str] = frozenset()
+) -> dict[str, Any]:
+    """``model``'s JSON Schema with every property's default (pydantic leaves out the ones
+    made by a default factory, such as LoRA's target_modules)."""
+    schema = model.model_json_schema()
     schema["properties"] = {
-        k: v for k, v in schema["properties"].items() if k not in SERVER_SETTINGS
+        name: {**prop, "default": core_default(model.model_fields[name])}
+        for name, prop in schema["properties"].items()
+        if name not in exclude
     }
     return schema
 
@@ -233,14 +239,14 @@ def method_catalog() -> MethodCatalog:
             MethodInfo(
                 type=m,
                 description=config_doc(METHODS[m]),
-                json_schema=METHODS[m].model_json_schema(),
+                json_schema=_schema(METHODS[m]),
                 defaults=_defaults(METHODS[m]),
                 tasks={kind: _task_defaults(m, task) for kind, task in TASKS.items()},
             )
             for m in API_METHODS
         ],
         hyperparameters=HyperparameterCatalog(
-            json_schema=_user_settable_schema(),
+            json_schema=_schema(TrainingConfig, set(SERVER_SETTINGS)),
             defaults=_defaults(TrainingConfig, set(SERVER_SETTINGS)),
         ),
     )
