@@ -252,7 +252,9 @@ class JobRun:
 
     def _read_cancel_flag(self) -> bool:
         # Every step, not every heartbeat: a heartbeat apart, a fast job ran ~10 more steps
-        # after it was cancelled. One primary-key read is small next to a training step.
+        # after it was cancelled. One primary-key read is small next to a training step:
+        # ~0.6 ms on SQLite (measured on a busy 2-core VM) against ~30 ms for a step of the
+        # tests' tiny model and most of a second for a MiniLM LoRA step on CPU.
         with self.factory() as session:
             return queue.is_cancel_requested(session, self.job.id)
 

@@ -159,3 +159,40 @@ def test_cancel_stops_at_the_next_step_and_the_job_agrees_with_its_last_event(
     last_metrics = [e["data"] for e in stepped if e["type"] == "metrics"][-1]
     assert last_metrics["step"] == 3
     assert job["trained_tokens"] == last_metrics["trained_tokens"] > 0
+
+
+class _ShutdownAtStep3(JobRun):
+    """The worker is told to stop (SIGTERM) while step 3 is reported."""
+
+    def _on_progress(self, ev: ProgressEvent) -> None:
+        super()._on_progress(ev)
+        if ev.step == 3:
+            self.shutdown.set()
+
+
+def test_a_resumed_job_counts_tokens_and_epochs_as_an_uninterrupted_one(
+    client: TestClient,
+    auth: Headers,
+    db: sessionmaker[Session],
+    settings: Settings,
+    tiny_base: BaseModel,
+) -> None:
+    hyper = {"n_epochs": 2, "batch_size": 4}  # 18 training rows: 5 steps an epoch, 10 in all
+    clean_id = _create(client, auth, 20, hyper)
+    assert claimed_run(db, settings, tiny_base).run() == "succeeded"
+    job_id = _create(client, auth, 20, hyper)
+
+    assert claimed_run(db, settings, tiny_base, _ShutdownAtStep3).run() == "queued"
+    requeued = client.get(f"{JOBS}/{job_id}", headers=auth).json()
+    assert requeued["status"] == "queued"
+    assert requeued["progress"] == {"step": 3, "total_steps": 10, "epoch": 0.6}
+
+    assert claimed_run(db, settings, tiny_base).run() == "succeeded"
+    clean = client.get(f"{JOBS}/{clean_id}", headers=auth).json()
+    job = client.get(f"{JOBS}/{job_id}", headers=auth).json()
+    assert job["progress"] == clean["progress"] == {"step": 10, "total_steps": 10, "epoch": 2.0}
+    assert job["trained_tokens"] == clean["trained_tokens"] > 0
+    assert job["resolved_hyperparameters"] == clean["resolved_hyperparameters"]
+    resumed = [e for e in _events(client, auth, job_id) if e["message"].startswith("Resumed")]
+    assert [e["message"] for e in resumed] == ["Resumed from checkpoint at step 3"]
+    assert resumed[0]["data"]["hyperparameters"] == job["resolved_hyperparameters"]
