@@ -18,6 +18,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
+from service.adapters.records import ForgetAdapter
 from service.config import Settings
 from service.db.models import ApiKey, Tenant
 from service.errors import ErrorKind, ServiceError, unavailable
@@ -164,6 +165,21 @@ def get_base_model(request: Request) -> CoreBaseModel:
             "The base model is still loading; retry shortly.", "model_not_ready", retry_after=5
         )
     return base
+
+
+def adapter_caches(request: Request) -> list[ForgetAdapter]:
+    """What serving holds of adapters, to be told of a delete: lookups and resident copies."""
+    forget: list[ForgetAdapter] = []
+    lookups: LookupCache | None = request.app.state.lookup_cache
+    if lookups is not None:
+        forget.append(lookups.drop_adapter)
+    batcher = getattr(request.app.state, "batcher", None)  # set by the serving hook only
+    if batcher is not None:
+        forget.append(batcher.invalidate)
+    return forget
+
+
+AdapterCachesDep = Annotated[list[ForgetAdapter], Depends(adapter_caches)]
 
 
 # --- the adapter an inference request names ----------------------------------------------------

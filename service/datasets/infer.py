@@ -69,17 +69,20 @@ def infer_kind(data: bytes, fmt: DatasetFormat) -> DatasetKind:
         if set(REQUIRED_FIELDS[kind]) <= fields:
             return kind
     if "messages" in fields or "preferred_output" in fields:
-        raise DatasetError(
+        error = DatasetError(
             f"line {line}: OpenAI chat-format rows ('messages', 'preferred_output') are not "
             f"supported: loraplex trains text classifiers and reward models from {_EXPECTED} "
             "rows",
             param="file",
             code="unsupported_row_format",
         )
-    shown = ", ".join(f"'{f}'" for f in sorted(fields)[:8]) or "none"
-    raise DatasetError(
-        f"line {line}: cannot tell the dataset kind from the fields ({shown}); rows need "
-        f"{_EXPECTED}, or send the kind explicitly",
-        param="kind",
-        code="unknown_dataset_kind",
-    )
+    else:
+        shown = ", ".join(f"'{f}'" for f in sorted(fields)[:8]) or "none"
+        error = DatasetError(
+            f"line {line}: cannot tell the dataset kind from the fields ({shown}); rows need "
+            f"{_EXPECTED}, or send the kind explicitly",
+            param="kind",
+            code="unknown_dataset_kind",
+        )
+    error.line = line
+    raise error

@@ -28,6 +28,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, DateTime, func, select, update
 from sqlalchemy.orm import Session, undefer
 
+from service.adapters.records import next_adapter_version
 from service.db.models import (
     ACTIVE_STATUSES,
     LEASED_STATUSES,
@@ -36,7 +37,6 @@ from service.db.models import (
     Job,
     JobEvent,
     JobStatus,
-    Tenant,
 )
 from service.db.types import utcnow
 
@@ -414,18 +414,6 @@ def _refresh(session: Session, job: Job) -> None:
 
 
 # --- outcomes --------------------------------------------------------------------------------
-
-
-def next_adapter_version(session: Session, tenant_id: str) -> int:
-    """Bump and return the tenant's adapter counter (joins the caller's transaction)."""
-    version = session.execute(
-        update(Tenant)
-        .where(Tenant.id == tenant_id)
-        .values(adapter_seq=Tenant.adapter_seq + 1)
-        .returning(Tenant.adapter_seq)
-        .execution_options(synchronize_session=False)
-    ).scalar_one()
-    return int(version)
 
 
 def finish_success(

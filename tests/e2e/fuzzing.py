@@ -64,10 +64,10 @@ def store_adapters(data_dir: Path, base: Any, key: str, names: list[str]) -> Non
     from core.heads import Head, HeadConfig
     from core.methods import build_method, parse_method_config
     from core.model import AdaptedModel
+    from service.adapters.records import next_adapter_version
     from service.adapters.store import adapter_row_from
     from service.db.models import ApiKey
     from service.db.session import make_engine, make_sessionmaker
-    from service.jobs.queue import next_adapter_version
     from service.tenants.keys import hash_api_key
 
     engine = make_engine(f"sqlite:///{data_dir / 'loraplex.db'}")

@@ -164,9 +164,9 @@ def adapter_row(tenant_id: str, name: str, **extra: Any) -> Any:
 
 def store_adapter(client: TestClient, headers: Headers, name: str, adapter: Any) -> Any:
     """Insert a core ``Adapter`` for the tenant of ``headers``, as a finished job would."""
+    from service.adapters.records import next_adapter_version
     from service.adapters.store import adapter_row_from
     from service.db.models import ApiKey
-    from service.jobs.queue import next_adapter_version
     from service.tenants.keys import hash_api_key
 
     app = client.app

@@ -175,6 +175,7 @@ def test_kind_is_inferred_when_not_given(client: TestClient, auth: Headers) -> N
     assert not unknown["valid"] and unknown["kind"] is None
     [problem] = unknown["errors"]
     assert problem["param"] == "kind" and problem["code"] == "unknown_dataset_kind"
+    assert problem["line"] == 1
     assert "'answer', 'question'" in problem["message"]
 
 

@@ -18,22 +18,16 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
-from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, sessionmaker, undefer
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
 
-from service.adapters.archive import (
-    PEFT_METHODS,
-    ArchiveLimits,
-    read_archive,
-    write_archive,
-)
-from service.adapters.quota import check_adapter_quota, name_taken
-from service.adapters.store import adapter_row_from
-from service.adapters.transfer import HeadSpec, export_files, import_files
+from service.adapters.archive import PEFT_METHODS, write_archive
+from service.adapters.imports import archive_limits, insert, load, precheck
+from service.adapters.records import delete_adapter_row, find_adapter_row
+from service.adapters.transfer import HeadSpec, export_files
 from service.api.deps import (
+    AdapterCachesDep,
     CurrentTenant,
     SessionDep,
     SessionFactoryDep,
@@ -44,10 +38,8 @@ from service.api.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery, keyset
 from service.api.schemas.adapters import AdapterObject
 from service.api.schemas.common import NAME_PATTERN, DeletedResponse, ListResponse
 from service.api.uploads import form_text, read_upload, require_multipart
-from service.config import Settings
 from service.db.models import Adapter
-from service.errors import conflict, invalid, not_found
-from service.jobs.queue import active_job_count, next_adapter_version
+from service.errors import invalid, not_found
 
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
 
@@ -98,32 +90,10 @@ class AdapterDeleted(DeletedResponse):
 
 
 def _get_owned(session: Session, tenant_id: str, name: str, *, weights: bool = False) -> Adapter:
-    # Adapter.weights is deferred: metadata queries never read the blob.
-    stmt = select(Adapter).where(Adapter.tenant_id == tenant_id, Adapter.name == name)
-    if weights:
-        stmt = stmt.options(undefer(Adapter.weights))
-    row = session.scalar(stmt)
+    row = find_adapter_row(session, tenant_id, name, weights=weights)
     if row is None:
         raise not_found("adapter", name)
     return row
-
-
-def delete_adapter_row(request: Request, session: Session, row: Adapter) -> None:
-    """Delete and commit; its lookup-cache entries and resident copies are dropped too.
-
-    Shared with ``DELETE /v1/models/{id}``. Serving caches key on (tenant, name, version) and
-    versions are never reused, so even before the drop a cached copy cannot be served for a
-    later adapter of the same name; the drop frees its memory.
-    """
-    tenant_id, name = row.tenant_id, row.name
-    session.delete(row)
-    session.commit()
-    lookups = request.app.state.lookup_cache
-    if lookups is not None:
-        lookups.drop_adapter(tenant_id, name)
-    batcher = getattr(request.app.state, "batcher", None)
-    if batcher is not None:
-        batcher.invalidate(tenant_id, name)
 
 
 @router.get("", response_model=ListResponse[AdapterObject])
@@ -202,62 +172,6 @@ def _import_name(form: FormData) -> str:
     return name
 
 
-def _check_room(session: Session, tenant_id: str, name: str, settings: Settings) -> None:
-    reason = name_taken(session, tenant_id, name)
-    if reason:
-        raise conflict(reason, "name", "adapter_name_taken")
-    check_adapter_quota(
-        session, tenant_id, settings.max_adapters_per_tenant, active_job_count(session, tenant_id)
-    )
-
-
-def _precheck(
-    factory: sessionmaker[Session], tenant_id: str, name: str, settings: Settings
-) -> None:
-    # Before the expensive part (unzip, build on the base): fail fast on name and quota.
-    with factory() as session:
-        _check_room(session, tenant_id, name, settings)
-
-
-def _insert(
-    factory: sessionmaker[Session], tenant_id: str, row: Adapter, settings: Settings
-) -> Adapter:
-    with factory() as session:
-        try:
-            # Checked again in the inserting transaction: others may have raced us meanwhile.
-            _check_room(session, tenant_id, row.name, settings)
-            row.tenant_id = tenant_id
-            row.version = next_adapter_version(session, tenant_id)
-            session.add(row)
-            session.commit()
-        except IntegrityError:
-            session.rollback()
-            raise conflict(
-                f"An adapter named '{row.name}' already exists.", "name", "adapter_name_taken"
-            ) from None
-        except BaseException:
-            session.rollback()
-            raise
-        session.refresh(row)
-        session.expunge(row)
-    return row
-
-
-def _archive_limits(settings: Settings) -> ArchiveLimits:
-    # Unpacked, an adapter is at most a little more than it is packed (weights barely
-    # compress); twice the upload limit leaves room for that and for JSON.
-    cap = 2 * settings.max_upload_bytes
-    return ArchiveLimits(max_member_bytes=cap, max_total_bytes=cap)
-
-
-def _load(
-    data: bytes, name: str, base: Any, head: HeadSpec | None, limits: ArchiveLimits
-) -> Adapter:
-    """Unzip, import and serialise: the blocking, torch-bound part (run in a thread)."""
-    adapter = import_files(read_archive(data, limits), base, head)
-    return adapter_row_from(adapter, base, name=name)
-
-
 @router.post("/import", response_model=AdapterObject, openapi_extra=_IMPORT_OPENAPI)
 async def import_adapter(
     request: Request, tenant: CurrentTenant, settings: SettingsDep, factory: SessionFactoryDep
@@ -272,9 +186,9 @@ async def import_adapter(
             raise invalid("A zip archive is required in the 'file' field.", "file", "missing_file")
         data = await read_upload(upload, settings.max_upload_bytes)
     base = get_base_model(request)
-    await run_in_threadpool(_precheck, factory, tenant.id, name, settings)
-    row = await run_in_threadpool(_load, data, name, base, head, _archive_limits(settings))
-    row = await run_in_threadpool(_insert, factory, tenant.id, row, settings)
+    await run_in_threadpool(precheck, factory, tenant.id, name, settings)
+    row = await run_in_threadpool(load, data, name, base, head, archive_limits(settings))
+    row = await run_in_threadpool(insert, factory, tenant.id, row, settings)
     return AdapterObject.from_row(row)
 
 
@@ -315,11 +229,11 @@ def export_adapter(
 
 @router.delete("/{name}", response_model=AdapterDeleted)
 def delete_adapter(
-    name: str, request: Request, session: SessionDep, tenant: CurrentTenant
+    name: str, session: SessionDep, tenant: CurrentTenant, caches: AdapterCachesDep
 ) -> AdapterDeleted:
     """Delete an adapter. Serving caches key on (tenant, name, version) and versions are never
     reused, so a cached copy can never be mistaken for a later adapter of the same name."""
     row = _get_owned(session, tenant.id, name)
     deleted = AdapterDeleted(id=row.id, object="adapter", name=row.name, version=row.version)
-    delete_adapter_row(request, session, row)
+    delete_adapter_row(session, row, caches)
     return deleted

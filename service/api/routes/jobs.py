@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.api.deps import CurrentTenant, SessionDep, SettingsDep
@@ -18,11 +18,10 @@ from service.api.schemas.jobs import (
     JobObject,
     parse_event_id,
 )
-from service.db.models import Checkpoint, Job, JobEvent, JobStatus
-from service.db.types import utcnow
-from service.errors import conflict, invalid, not_found
+from service.db.models import Checkpoint, Job, JobEvent
+from service.errors import invalid, not_found
+from service.jobs.cancel import cancel_job
 from service.jobs.create import create_job
-from service.jobs.queue import add_event
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 
@@ -108,33 +107,5 @@ def list_fine_tuning_checkpoints(
 def cancel_fine_tuning_job(job_id: str, session: SessionDep, tenant: CurrentTenant) -> JobObject:
     """Queued jobs are cancelled at once; running ones are asked to stop at the next step."""
     job = _get_owned(session, tenant.id, job_id)
-    # Conditional updates, not read-then-write: a worker may claim the job in between.
-    stopped = session.execute(
-        update(Job)
-        .where(Job.id == job.id, Job.status.in_([JobStatus.QUEUED, JobStatus.VALIDATING_FILES]))
-        .values(status=JobStatus.CANCELLED, finished_at=utcnow(), cancel_requested=True)
-        .execution_options(synchronize_session=False)
-    )
-    changed = stopped.rowcount == 1  # type: ignore[attr-defined]
-    if changed:
-        add_event(session, job, "Job cancelled before it started")
-    else:
-        asked = session.execute(
-            update(Job)
-            .where(Job.id == job.id, Job.status == JobStatus.RUNNING)
-            .values(status=JobStatus.CANCEL_REQUESTED, cancel_requested=True)
-            .execution_options(synchronize_session=False)
-        )
-        changed = asked.rowcount == 1  # type: ignore[attr-defined]
-        if changed:
-            add_event(session, job, "Cancellation requested; the job stops at its next step")
-    session.commit()
-    session.refresh(job)
-    # Asking twice is fine; cancelling a finished job (cancelled included) is not.
-    if changed or job.status == JobStatus.CANCEL_REQUESTED:
-        return JobObject.from_row(job)
-    raise conflict(
-        f"Job {job.id} is {job.status}; only queued or running jobs can be cancelled.",
-        None,
-        "job_not_cancellable",
-    )
+    cancel_job(session, job)
+    return JobObject.from_row(job)

@@ -13,8 +13,8 @@ from fastapi import APIRouter, Request
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service.api.deps import CurrentTenant, SessionDep
-from service.api.routes.adapters import delete_adapter_row
+from service.adapters.records import delete_adapter_row, find_adapter_row
+from service.api.deps import AdapterCachesDep, CurrentTenant, SessionDep
 from service.api.schemas.models import BASE_OWNER, ModelDeleted, ModelList, ModelObject
 from service.config import Settings
 from service.db.models import Adapter
@@ -56,9 +56,7 @@ def _is_base(request: Request, model_id: str) -> bool:
 
 
 def _owned_adapter(session: Session, tenant_id: str, model_id: str) -> Adapter:
-    row = session.scalar(
-        select(Adapter).where(Adapter.tenant_id == tenant_id, Adapter.name == model_id)
-    )
+    row = find_adapter_row(session, tenant_id, model_id)
     if row is None:  # another tenant's adapter included: its existence is never confirmed
         raise not_found("model", model_id)
     return row
@@ -88,7 +86,11 @@ def retrieve_model(
 
 @router.delete("/{model_id:path}", response_model=ModelDeleted)
 def delete_model(
-    model_id: str, request: Request, session: SessionDep, tenant: CurrentTenant
+    model_id: str,
+    request: Request,
+    session: SessionDep,
+    tenant: CurrentTenant,
+    caches: AdapterCachesDep,
 ) -> ModelDeleted:
     """Delete a fine-tuned model, i.e. an adapter (as ``DELETE /v1/adapters/{name}``)."""
     if _is_base(request, model_id):
@@ -98,5 +100,5 @@ def delete_model(
             param="model",
             kind=ErrorKind.FORBIDDEN,
         )
-    delete_adapter_row(request, session, _owned_adapter(session, tenant.id, model_id))
+    delete_adapter_row(session, _owned_adapter(session, tenant.id, model_id), caches)
     return ModelDeleted(id=model_id)

@@ -1,0 +1,82 @@
+"""Importing an uploaded adapter archive: the workflow behind ``POST /v1/adapters/import``.
+
+Three steps, each blocking (call them from a thread): :func:`precheck` refuses a taken name
+or a full quota before the expensive part; :func:`load` unzips the archive and builds the
+adapter on the base (torch-bound); :func:`insert` stores it, checking name and quota again
+inside the inserting transaction because other requests may have raced it meanwhile.
+Refusals are :class:`service.errors.ServiceError` (archive and transfer errors included).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.adapters.archive import ArchiveLimits, read_archive
+from service.adapters.quota import check_adapter_quota, name_taken
+from service.adapters.records import next_adapter_version
+from service.adapters.store import adapter_row_from
+from service.adapters.transfer import HeadSpec, import_files
+from service.config import Settings
+from service.db.models import Adapter
+from service.errors import conflict
+from service.jobs.queue import active_job_count
+
+if TYPE_CHECKING:
+    from core.base import BaseModel
+
+
+def archive_limits(settings: Settings) -> ArchiveLimits:
+    # Unpacked, an adapter is at most a little more than it is packed (weights barely
+    # compress); twice the upload limit leaves room for that and for JSON.
+    cap = 2 * settings.max_upload_bytes
+    return ArchiveLimits(max_member_bytes=cap, max_total_bytes=cap)
+
+
+def _check_room(session: Session, tenant_id: str, name: str, settings: Settings) -> None:
+    reason = name_taken(session, tenant_id, name)
+    if reason:
+        raise conflict(reason, "name", "adapter_name_taken")
+    check_adapter_quota(
+        session, tenant_id, settings.max_adapters_per_tenant, active_job_count(session, tenant_id)
+    )
+
+
+def precheck(factory: sessionmaker[Session], tenant_id: str, name: str, settings: Settings) -> None:
+    """Fail fast on name and quota, before unzipping and building on the base."""
+    with factory() as session:
+        _check_room(session, tenant_id, name, settings)
+
+
+def load(
+    data: bytes, name: str, base: BaseModel, head: HeadSpec | None, limits: ArchiveLimits
+) -> Adapter:
+    """Unzip, import and serialise: a new, unsaved row called ``name``."""
+    adapter = import_files(read_archive(data, limits), base, head)
+    return adapter_row_from(adapter, base, name=name)
+
+
+def insert(
+    factory: sessionmaker[Session], tenant_id: str, row: Adapter, settings: Settings
+) -> Adapter:
+    """Store ``row`` as the tenant's newest adapter version; returned detached, refreshed."""
+    with factory() as session:
+        try:
+            _check_room(session, tenant_id, row.name, settings)
+            row.tenant_id = tenant_id
+            row.version = next_adapter_version(session, tenant_id)
+            session.add(row)
+            session.commit()
+        except IntegrityError:
+            session.rollback()
+            raise conflict(
+                f"An adapter named '{row.name}' already exists.", "name", "adapter_name_taken"
+            ) from None
+        except BaseException:
+            session.rollback()
+            raise
+        session.refresh(row)
+        session.expunge(row)
+    return row
