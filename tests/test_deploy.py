@@ -1,17 +1,24 @@
 """The compose files parse, wire every process to one database, and can run each service alone.
 
 Checked without a Docker engine: ``docker-compose config`` resolves the files as compose does
-(skipped where it is not installed), ``nginx -t`` checks the proxy config (likewise).
+(skipped where it is not installed); nginx (likewise) checks the proxy config and runs it
+against a stand-in for Docker's DNS, to show that it follows replicas to new addresses.
 """
 
 from __future__ import annotations
 
 import re
 import shutil
+import socket
+import struct
 import subprocess
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 
@@ -141,15 +148,21 @@ def test_proxy_resolves_the_replicas_at_request_time() -> None:
     assert carriers == {"api-1", "api-2"}
 
 
-def test_proxy_config_is_valid_nginx(tmp_path: Path) -> None:
-    if NGINX is None:
-        pytest.skip("nginx is not installed")
-    # The compose file mounts it into nginx's http block (conf.d/default.conf).
+def _nginx_main(tmp_path: Path, server_conf: Path) -> Path:
+    """A main nginx.conf around ``server_conf``, included where the compose file mounts it
+    (conf.d/default.conf, inside the http block)."""
     main = tmp_path / "nginx.conf"
     main.write_text(
         f"pid {tmp_path / 'nginx.pid'};\nerror_log stderr;\nevents {{}}\n"
-        f"http {{\n    access_log off;\n    include {REPO / 'deploy' / 'nginx.conf'};\n}}\n"
+        f"http {{\n    access_log off;\n    include {server_conf};\n}}\n"
     )
+    return main
+
+
+def test_proxy_config_is_valid_nginx(tmp_path: Path) -> None:
+    if NGINX is None:
+        pytest.skip("nginx is not installed")
+    main = _nginx_main(tmp_path, REPO / "deploy" / "nginx.conf")
     out = subprocess.run(
         [NGINX, "-t", "-p", str(tmp_path), "-c", str(main)],
         capture_output=True,
@@ -157,3 +170,129 @@ def test_proxy_config_is_valid_nginx(tmp_path: Path) -> None:
         timeout=60,
     )
     assert out.returncode == 0, out.stderr
+
+
+class _FakeDockerDns:
+    """Docker's embedded DNS as nginx sees it: A records per name, changed while it runs."""
+
+    def __init__(self) -> None:
+        self.records: dict[str, list[str]] = {}
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.settimeout(0.2)
+        self.port: int = self._sock.getsockname()[1]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _answer(self, query: bytes) -> bytes:
+        (qid,) = struct.unpack("!H", query[:2])
+        labels, i = [], 12
+        while query[i]:
+            labels.append(query[i + 1 : i + 1 + query[i]].decode())
+            i += 1 + query[i]
+        question = query[12 : i + 5]  # the name, its zero byte, type and class
+        addresses = self.records.get(".".join(labels), [])
+        flags = 0x8180 if addresses else 0x8183  # a response; NXDOMAIN for unknown names
+        header = struct.pack("!HHHHHH", qid, flags, 1, len(addresses), 0, 0)
+        # Each answer: a pointer to the question's name, type A, class IN, TTL 0, 4 bytes.
+        answers = b"".join(
+            struct.pack("!HHHIH", 0xC00C, 1, 1, 0, 4) + socket.inet_aton(a) for a in addresses
+        )
+        return header + question + answers
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                query, client = self._sock.recvfrom(512)
+            except TimeoutError:
+                continue
+            self._sock.sendto(self._answer(query), client)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sock.close()
+
+
+class _Replica(BaseHTTPRequestHandler):
+    """Answers every GET with the address it listens on: which replica got the request."""
+
+    def do_GET(self) -> None:
+        body = self.server.server_address[0].encode()  # type: ignore[index]
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:  # quiet
+        pass
+
+
+def _replace_once(text: str, pattern: str, replacement: str) -> str:
+    new, count = re.subn(pattern, replacement, text, flags=re.M)
+    assert count == 1, pattern  # the config changed shape: this test must change with it
+    return new
+
+
+def test_proxy_follows_replicas_to_new_addresses(tmp_path: Path) -> None:
+    """Real nginx on the shipped config; only addresses, ports and the 10 s cache are local."""
+    if NGINX is None:
+        pytest.skip("nginx is not installed")
+    # Two replicas on one port, at two loopback addresses (two containers' addresses).
+    replicas = [ThreadingHTTPServer(("127.0.0.2", 0), _Replica)]
+    port = replicas[0].server_address[1]
+    replicas.append(ThreadingHTTPServer(("127.0.0.3", port), _Replica))
+    for replica in replicas:
+        threading.Thread(target=replica.serve_forever, daemon=True).start()
+    dns = _FakeDockerDns()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        proxy_port = probe.getsockname()[1]
+    conf = (REPO / "deploy" / "nginx.conf").read_text()
+    conf = _replace_once(
+        conf, r"^resolver 127\.0\.0\.11 valid=\d+s", f"resolver 127.0.0.1:{dns.port} valid=1s"
+    )
+    conf = _replace_once(conf, r"^(\s*)listen 8000;", rf"\1listen 127.0.0.1:{proxy_port};")
+    conf = _replace_once(conf, r"http://api:8000;", f"http://api:{port};")
+    (tmp_path / "default.conf").write_text(conf)
+    main = _nginx_main(tmp_path, tmp_path / "default.conf")
+    log = (tmp_path / "nginx.log").open("wb")
+    nginx = subprocess.Popen(
+        [NGINX, "-p", str(tmp_path), "-c", str(main), "-g", "daemon off; master_process off;"],
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+    )
+
+    def replicas_reached(addresses: list[str]) -> set[str]:
+        """Point the alias at ``addresses``; which replicas requests reach once nginx follows."""
+        dns.records["api"] = addresses
+        deadline = time.monotonic() + 30
+        seen: set[str] = set()
+        while time.monotonic() < deadline and seen != set(addresses):
+            try:
+                reply = httpx.get(f"http://127.0.0.1:{proxy_port}/v1/models", timeout=5)
+            except httpx.TransportError:  # nginx still starting
+                time.sleep(0.1)
+                continue
+            seen = seen | {reply.text} if reply.text in addresses else set()
+        return seen
+
+    try:
+        for addresses in (
+            ["127.0.0.2"],
+            # The replica restarted in a new container, at a new address: no reload needed.
+            ["127.0.0.3"],
+            # Both up: requests spread over both.
+            ["127.0.0.2", "127.0.0.3"],
+        ):
+            reached = replicas_reached(addresses)
+            assert reached == set(addresses), (tmp_path / "nginx.log").read_text()[-2000:]
+    finally:
+        nginx.terminate()
+        nginx.wait(30)
+        log.close()
+        dns.close()
+        for replica in replicas:
+            replica.shutdown()
+            replica.server_close()
