@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
+from pydantic import ConfigDict, Field
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
@@ -35,7 +36,8 @@ from service.api.deps import (
     get_base_model,
 )
 from service.api.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery, keyset_page
-from service.api.schemas.adapters import AdapterObject
+from service.api.params import AdapterNamePath
+from service.api.schemas.adapters import ADAPTER_EXAMPLE, AdapterObject
 from service.api.schemas.common import NAME_PATTERN, DeletedResponse, ListResponse
 from service.api.uploads import form_text, read_upload, require_multipart
 from service.db.models import Adapter
@@ -62,7 +64,12 @@ _IMPORT_OPENAPI: dict[str, Any] = {
                             "description": "A zip of a PEFT adapter folder (safetensors only) "
                             "or of a loraplex export.",
                         },
-                        "name": {"type": "string", "maxLength": _MAX_NAME},
+                        "name": {
+                            "type": "string",
+                            "maxLength": _MAX_NAME,
+                            "description": "The adapter's name, unique per tenant: letters, "
+                            "digits, '.', '_' and '-', starting with a letter or digit.",
+                        },
                         "task": {
                             "type": "string",
                             "enum": list(_TASKS),
@@ -75,7 +82,11 @@ _IMPORT_OPENAPI: dict[str, Any] = {
                             "description": "Repeat the field, or send one JSON array or a "
                             "comma-separated list.",
                         },
-                        "text_pair": {"type": "boolean"},
+                        "text_pair": {
+                            "type": "boolean",
+                            "description": "For PEFT adapters without a loraplex head: whether "
+                            "the new head reads text pairs. Default: false.",
+                        },
                     },
                 }
             }
@@ -85,8 +96,24 @@ _IMPORT_OPENAPI: dict[str, Any] = {
 
 
 class AdapterDeleted(DeletedResponse):
-    name: str
-    version: int
+    """What deleting an adapter answers."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": ADAPTER_EXAMPLE["id"],
+                    "object": "adapter",
+                    "deleted": True,
+                    "name": ADAPTER_EXAMPLE["name"],
+                    "version": ADAPTER_EXAMPLE["version"],
+                }
+            ]
+        }
+    )
+
+    name: str = Field(description="The deleted adapter's name, free to be used again.")
+    version: int = Field(description="The deleted adapter's version (never reused).")
 
 
 def _get_owned(session: Session, tenant_id: str, name: str, *, weights: bool = False) -> Adapter:
@@ -96,14 +123,15 @@ def _get_owned(session: Session, tenant_id: str, name: str, *, weights: bool = F
     return row
 
 
-@router.get("", response_model=ListResponse[AdapterObject])
+@router.get("", response_model=ListResponse[AdapterObject], summary="List adapters")
 def list_adapters(
     session: SessionDep,
     tenant: CurrentTenant,
     after: AfterQuery = None,
     limit: LimitQuery = DEFAULT_LIMIT,
 ) -> ListResponse[AdapterObject]:
-    """Newest first; ``after`` is the name of the last adapter of the previous page."""
+    """The caller's adapters, newest first, one page at a time; `after` takes the name of
+    the last adapter of the previous page."""
     rows, has_more = keyset_page(
         session,
         Adapter,
@@ -172,11 +200,20 @@ def _import_name(form: FormData) -> str:
     return name
 
 
-@router.post("/import", response_model=AdapterObject, openapi_extra=_IMPORT_OPENAPI)
+@router.post(
+    "/import",
+    response_model=AdapterObject,
+    summary="Import an adapter",
+    openapi_extra=_IMPORT_OPENAPI,
+)
 async def import_adapter(
     request: Request, tenant: CurrentTenant, settings: SettingsDep, factory: SessionFactoryDep
 ) -> AdapterObject:
-    """Store an uploaded PEFT (LoRA, prompt tuning) or loraplex adapter under ``name``."""
+    """Stores an uploaded adapter under `name`, as if it had been trained here: a zip of a
+    PEFT folder (LoRA or prompt tuning, safetensors only) or of a loraplex export. A PEFT
+    adapter without a loraplex head gets a new, untrained head from `task` and `label_names`.
+    The archive is read defensively and checked against the base model before anything is
+    stored."""
     require_multipart(request, "adapter", "file, name")
     async with request.form(max_files=1, max_fields=64) as form:
         name = _import_name(form)
@@ -195,18 +232,20 @@ async def import_adapter(
 # --- one adapter -----------------------------------------------------------------------------
 
 
-@router.get("/{name}", response_model=AdapterObject)
-def get_adapter(name: str, session: SessionDep, tenant: CurrentTenant) -> AdapterObject:
+@router.get("/{name}", response_model=AdapterObject, summary="Get an adapter")
+def get_adapter(name: AdapterNamePath, session: SessionDep, tenant: CurrentTenant) -> AdapterObject:
+    """An adapter's metadata: method, task, labels, size and metrics (never its weights)."""
     return AdapterObject.from_row(_get_owned(session, tenant.id, name))
 
 
 @router.get(
     "/{name}/export",
     response_class=Response,
+    summary="Export an adapter",
     responses={200: {"content": {"application/zip": {}}, "description": "A zip archive"}},
 )
 def export_adapter(
-    name: str,
+    name: AdapterNamePath,
     request: Request,
     session: SessionDep,
     tenant: CurrentTenant,
@@ -215,6 +254,10 @@ def export_adapter(
         Query(description="Default: peft for lora and prompt_tuning, loraplex otherwise."),
     ] = None,
 ) -> Response:
+    """The adapter's weights as a zip: `peft` is PEFT's folder (`adapter_config.json`,
+    `adapter_model.safetensors`, plus `loraplex_head.safetensors`) for LoRA and prompt tuning;
+    `loraplex` is the stored config and safetensors, for every method, and imports back
+    as it was."""
     row = _get_owned(session, tenant.id, name, weights=True)
     fmt = format or ("peft" if row.method in PEFT_METHODS else "loraplex")
     base = get_base_model(request) if fmt == "peft" and row.method in PEFT_METHODS else None
@@ -227,12 +270,12 @@ def export_adapter(
     )
 
 
-@router.delete("/{name}", response_model=AdapterDeleted)
+@router.delete("/{name}", response_model=AdapterDeleted, summary="Delete an adapter")
 def delete_adapter(
-    name: str, session: SessionDep, tenant: CurrentTenant, caches: AdapterCachesDep
+    name: AdapterNamePath, session: SessionDep, tenant: CurrentTenant, caches: AdapterCachesDep
 ) -> AdapterDeleted:
-    """Delete an adapter. Serving caches key on (tenant, name, version) and versions are never
-    reused, so a cached copy can never be mistaken for a later adapter of the same name."""
+    """Deletes the adapter; it stops being served at once. A new adapter may take the name
+    again: it gets a new version, so no cached copy of the old one can answer for it."""
     row = _get_owned(session, tenant.id, name)
     deleted = AdapterDeleted(id=row.id, object="adapter", name=row.name, version=row.version)
     delete_adapter_row(session, row, caches)

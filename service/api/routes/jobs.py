@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 
 from service.api.deps import CurrentTenant, SessionDep, SettingsDep
 from service.api.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery, keyset_page
+from service.api.params import JobId
 from service.api.schemas.common import ListResponse
 from service.api.schemas.jobs import (
     CheckpointObject,
@@ -33,15 +34,19 @@ def _get_owned(session: Session, tenant_id: str, job_id: str) -> Job:
     return job
 
 
-@router.post("", response_model=JobObject)
+@router.post("", response_model=JobObject, summary="Create a fine-tuning job")
 def create_fine_tuning_job(
     body: JobCreate, session: SessionDep, tenant: CurrentTenant, settings: SettingsDep
 ) -> JobObject:
-    """Queue a fine-tuning job; its files are validated before this returns."""
+    """Queues a job that trains a new adapter on the base model. The training (and
+    validation) file is checked against the method before this returns, so a job that is
+    created can start; it then runs on a worker. Follow it with the events or their stream.
+    OpenAI's request shape (method types `supervised` and `dpo`, top-level hyperparameters)
+    is accepted too."""
     return JobObject.from_row(create_job(session, tenant, body, settings))
 
 
-@router.get("", response_model=ListResponse[JobObject])
+@router.get("", response_model=ListResponse[JobObject], summary="List fine-tuning jobs")
 def list_fine_tuning_jobs(
     session: SessionDep,
     tenant: CurrentTenant,
@@ -51,6 +56,7 @@ def list_fine_tuning_jobs(
         str | None, Query(max_length=64, description="Only jobs trained on this dataset.")
     ] = None,
 ) -> ListResponse[JobObject]:
+    """The caller's jobs, newest first, one page at a time."""
     where = [Job.tenant_id == tenant.id]
     if training_file is not None:
         where.append(Job.training_file == training_file)
@@ -59,21 +65,27 @@ def list_fine_tuning_jobs(
     return ListResponse.page(data, has_more)
 
 
-@router.get("/{job_id}", response_model=JobObject)
-def get_fine_tuning_job(job_id: str, session: SessionDep, tenant: CurrentTenant) -> JobObject:
+@router.get("/{job_id}", response_model=JobObject, summary="Get a fine-tuning job")
+def get_fine_tuning_job(job_id: JobId, session: SessionDep, tenant: CurrentTenant) -> JobObject:
+    """A job's status, progress, hyperparameters and metrics."""
     return JobObject.from_row(_get_owned(session, tenant.id, job_id))
 
 
-@router.get("/{job_id}/events", response_model=ListResponse[JobEventObject])
+@router.get(
+    "/{job_id}/events",
+    response_model=ListResponse[JobEventObject],
+    summary="List a job's events",
+)
 def list_fine_tuning_events(
-    job_id: str,
+    job_id: JobId,
     session: SessionDep,
     tenant: CurrentTenant,
     after: AfterQuery = None,
     limit: LimitQuery = DEFAULT_LIMIT,
     order: Annotated[Literal["desc", "asc"], Query(description="desc = newest first")] = "desc",
 ) -> ListResponse[JobEventObject]:
-    """Events newest first (as OpenAI); ``order=asc`` suits a client tailing a job."""
+    """A job's events (status changes, metrics, checkpoints), newest first as OpenAI lists
+    them; `order=asc` suits a client tailing a job."""
     job = _get_owned(session, tenant.id, job_id)
     stmt = select(JobEvent).where(JobEvent.job_id == job.id)
     if after is not None:
@@ -87,14 +99,20 @@ def list_fine_tuning_events(
     return ListResponse.page(data, len(rows) > limit)
 
 
-@router.get("/{job_id}/checkpoints", response_model=ListResponse[CheckpointObject])
+@router.get(
+    "/{job_id}/checkpoints",
+    response_model=ListResponse[CheckpointObject],
+    summary="List a job's checkpoints",
+)
 def list_fine_tuning_checkpoints(
-    job_id: str,
+    job_id: JobId,
     session: SessionDep,
     tenant: CurrentTenant,
     after: AfterQuery = None,
     limit: LimitQuery = DEFAULT_LIMIT,
 ) -> ListResponse[CheckpointObject]:
+    """The checkpoints a running or finished job saved, newest first, with the validation
+    metrics at each."""
     job = _get_owned(session, tenant.id, job_id)
     rows, has_more = keyset_page(
         session, Checkpoint, [Checkpoint.job_id == job.id], after=after, limit=limit
@@ -103,9 +121,11 @@ def list_fine_tuning_checkpoints(
     return ListResponse.page(data, has_more)
 
 
-@router.post("/{job_id}/cancel", response_model=JobObject)
-def cancel_fine_tuning_job(job_id: str, session: SessionDep, tenant: CurrentTenant) -> JobObject:
-    """Queued jobs are cancelled at once; running ones are asked to stop at the next step."""
+@router.post("/{job_id}/cancel", response_model=JobObject, summary="Cancel a fine-tuning job")
+def cancel_fine_tuning_job(job_id: JobId, session: SessionDep, tenant: CurrentTenant) -> JobObject:
+    """A queued job is cancelled at once; a running one is asked to stop at its next step
+    (status `cancel_requested`, then `cancelled`). Asking again is harmless; 409 for a job
+    that has already finished."""
     job = _get_owned(session, tenant.id, job_id)
     cancel_job(session, job)
     return JobObject.from_row(job)

@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 
 from service.adapters.records import delete_adapter_row, find_adapter_row
 from service.api.deps import AdapterCachesDep, CurrentTenant, SessionDep
+from service.api.params import ModelId
 from service.api.schemas.models import BASE_OWNER, ModelDeleted, ModelList, ModelObject
 from service.config import Settings
 from service.db.models import Adapter
@@ -62,9 +63,10 @@ def _owned_adapter(session: Session, tenant_id: str, model_id: str) -> Adapter:
     return row
 
 
-@router.get("", response_model=ModelList, response_model_exclude_none=True)
+@router.get("", response_model=ModelList, response_model_exclude_none=True, summary="List models")
 def list_models(request: Request, session: SessionDep, tenant: CurrentTenant) -> ModelList:
-    """The base model first, then the tenant's adapters, newest first."""
+    """OpenAI's model list: the base model first, then the caller's adapters, newest first,
+    all in one page."""
     rows = session.scalars(
         select(Adapter)
         .where(Adapter.tenant_id == tenant.id)
@@ -75,24 +77,32 @@ def list_models(request: Request, session: SessionDep, tenant: CurrentTenant) ->
 
 # ``:path``: a base model id such as ``sentence-transformers/all-MiniLM-L6-v2`` holds a slash
 # (the SDK sends it as %2F, which the server decodes before routing).
-@router.get("/{model_id:path}", response_model=ModelObject, response_model_exclude_none=True)
+@router.get(
+    "/{model_id:path}",
+    response_model=ModelObject,
+    response_model_exclude_none=True,
+    summary="Get a model",
+)
 def retrieve_model(
-    model_id: str, request: Request, session: SessionDep, tenant: CurrentTenant
+    model_id: ModelId, request: Request, session: SessionDep, tenant: CurrentTenant
 ) -> ModelObject:
+    """The base model (by its name, slash included) or one of the caller's adapters (by its
+    name)."""
     if _is_base(request, model_id):
         return _base_object(request)
     return ModelObject.from_adapter(_owned_adapter(session, tenant.id, model_id))
 
 
-@router.delete("/{model_id:path}", response_model=ModelDeleted)
+@router.delete("/{model_id:path}", response_model=ModelDeleted, summary="Delete a model")
 def delete_model(
-    model_id: str,
+    model_id: ModelId,
     request: Request,
     session: SessionDep,
     tenant: CurrentTenant,
     caches: AdapterCachesDep,
 ) -> ModelDeleted:
-    """Delete a fine-tuned model, i.e. an adapter (as ``DELETE /v1/adapters/{name}``)."""
+    """Deletes a fine-tuned model, i.e. an adapter, as `DELETE /v1/adapters/{name}` does;
+    403 for the base model, which every tenant shares."""
     if _is_base(request, model_id):
         raise ServiceError(
             "The base model is shared by every tenant and cannot be deleted.",
