@@ -18,6 +18,7 @@ import gc
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -205,20 +206,12 @@ class JobRun:
             message,
             " ".join(f"{k}={v}" for k, v in resolved.items()),
         )
-        if self.keeper.lost.is_set():
-            return
-        with self.factory() as session:
-            try:
-                queue.record_training_plan(
-                    session,
-                    self.job,
-                    worker_id=self.worker_id,
-                    resolved=_json_safe(resolved),
-                    message=message,
-                    data=_json_safe(data),
-                )
-            except queue.LeaseLostError:
-                self.keeper.lost.set()
+        self._owned_write(
+            queue.record_training_plan,
+            resolved=_json_safe(resolved),
+            message=message,
+            data=_json_safe(data),
+        )
 
     def _rows(self, session: Session, dataset_id: str, param: str) -> list[dict[str, Any]]:
         ds = session.get(Dataset, dataset_id)
@@ -436,19 +429,18 @@ class JobRun:
         self, message: str, level: str = "info", type: str = "message", data: Any = None
     ) -> None:
         """Log an event on the job, only while this worker holds its lease."""
+        self._owned_write(
+            queue.add_owned_event, message=message, level=level, type=type, data=_json_safe(data)
+        )
+
+    def _owned_write(self, write: Callable[..., None], **kwargs: Any) -> None:
+        """A lease-fenced queue write (``write(session, job, worker_id=..., **kwargs)``); once
+        the lease is lost nothing more is written and the run stops."""
         if self.keeper.lost.is_set():
             return
         with self.factory() as session:
             try:
-                queue.add_owned_event(
-                    session,
-                    self.job,
-                    worker_id=self.worker_id,
-                    message=message,
-                    level=level,
-                    type=type,
-                    data=_json_safe(data),
-                )
+                write(session, self.job, worker_id=self.worker_id, **kwargs)
             except queue.LeaseLostError:
                 self.keeper.lost.set()
 
