@@ -17,6 +17,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.config import Settings
+from service.datasets.validation import MAX_PROBLEMS
 from tests.service.conftest import make_settings
 from tests.service.helpers import ADMIN_KEY, Headers, assert_error, upload
 
@@ -195,10 +196,11 @@ def test_json_records_are_checked_by_index(client: TestClient, auth: Headers) ->
 
 
 def test_listing_stops_at_a_bound(client: TestClient, auth: Headers) -> None:
-    # Every line bad: the first 100 are listed, and the report says more may follow.
-    report = _dry_run(client, auth, "bad.jsonl", b"{oops\n" * 250, "classification")
+    # Every line bad: the first ones are listed, and the report says more may follow.
+    data = b"{oops\n" * (MAX_PROBLEMS + 50)
+    report = _dry_run(client, auth, "bad.jsonl", data, "classification")
     assert not report["valid"] and report["truncated"] is True
-    assert [e["line"] for e in report["errors"]] == list(range(1, 101))
+    assert [e["line"] for e in report["errors"]] == list(range(1, MAX_PROBLEMS + 1))
 
 
 def test_bounded_like_the_upload(client: TestClient, auth: Headers) -> None:

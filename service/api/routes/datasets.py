@@ -27,6 +27,7 @@ from service.api.uploads import (
 from service.datasets.infer import infer_kind
 from service.datasets.store import delete_owned_dataset, get_owned_dataset, store_dataset
 from service.datasets.validation import (
+    MAX_PROBLEMS,
     DatasetError,
     DatasetFormat,
     DatasetKind,
@@ -58,7 +59,7 @@ _FORMAT_FIELD = {
 
 def _body_openapi(kind_required: bool) -> dict[str, Any]:
     """Two bodies for one route (read by hand, streamed), so the request body is documented
-    by hand; the JSON form is :class:`DatasetCreateJSON`'s schema."""
+    by hand; the JSON form is DatasetCreateJSON's schema."""
     kind_field = {"type": "string", "enum": _KINDS, "description": KIND}
     if not kind_required:
         kind_field["description"] = f"Optional: inferred from the first row when absent. {KIND}"
@@ -182,16 +183,17 @@ def _check_upload(upload: _Upload, limits: Limits) -> DatasetValidation:
     "/validate",
     response_model=DatasetValidation,
     summary="Check a dataset without storing it",
+    description=f"Dry run of an upload: the same body and the same checks as `POST "
+    f"/v1/datasets`, but nothing is stored and every problem is listed (up to {MAX_PROBLEMS}, "
+    "in file order) instead of the first. Answers 200 with `valid: false` and the problems "
+    "for a bad dataset; a malformed request (no file, an unknown kind, too large) is refused "
+    "as the upload would refuse it. Without a `kind`, the one the first row calls for is "
+    "checked.",
     openapi_extra=_body_openapi(kind_required=False),
 )
 async def validate_dataset(
     request: Request, _tenant: CurrentTenant, settings: SettingsDep
 ) -> DatasetValidation:
-    """Dry run of an upload: the same body and the same checks as `POST /v1/datasets`, but
-    nothing is stored and every problem is listed (up to 100, in file order) instead of the
-    first. Answers 200 with `valid: false` and the problems for a bad dataset; a malformed
-    request (no file, an unknown kind, too large) is refused as the upload would refuse it.
-    Without a `kind`, the one the first row calls for is checked."""
     limits = Limits(max_rows=settings.max_dataset_rows)
     if _media_type(request) == "multipart/form-data":
         upload = await _read_multipart(request, settings.max_upload_bytes, kind_required=False)
