@@ -226,6 +226,65 @@ _OPENAI_RESOLVED = ("n_epochs", "batch_size", "learning_rate")
 
 
 class JobObject(BaseModel):
+    """A fine-tuning job, OpenAI's job object plus what loraplex knows about the run."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "ftjob-3b9e1f0c7a2d4e6f8a1b2c3d",
+                    "object": "fine_tuning.job",
+                    "organization_id": "tenant-5d2c8e1f9a3b7c4d",
+                    "model": "sentence-transformers/all-MiniLM-L6-v2",
+                    "created_at": 1764950400,
+                    "started_at": 1764950402,
+                    "finished_at": 1764950461,
+                    "status": "succeeded",
+                    "training_file": "file-6f1c0e9a2b4d8c3e5a7f9b1d",
+                    "validation_file": None,
+                    "adapter_name": "sentiment",
+                    "method": {
+                        "type": "lora",
+                        "lora": {"r": 8},
+                        "hyperparameters": {"n_epochs": 3, "learning_rate": 2e-3},
+                    },
+                    "hyperparameters": {"n_epochs": 3, "learning_rate": 2e-3, "batch_size": 16},
+                    "resolved_hyperparameters": {
+                        "n_epochs": 3,
+                        "batch_size": 16,
+                        "learning_rate": 2e-3,
+                        "warmup_steps": 6,
+                        "lr_scheduler": "linear",
+                        "max_seq_length": 128,
+                        "total_steps": 69,
+                        "steps_per_epoch": 23,
+                        "validation": "held_out",
+                        "validation_fraction": 0.1,
+                        "held_out_examples": 40,
+                        "train_examples": 360,
+                        "val_examples": 40,
+                    },
+                    "seed": 7,
+                    "fine_tuned_adapter": "sentiment",
+                    "fine_tuned_model": "sentiment",
+                    "trained_tokens": 61290,
+                    "result_files": [],
+                    "error": None,
+                    "progress": {"step": 69, "total_steps": 69, "epoch": 3.0},
+                    "metrics": {
+                        "val_accuracy": 0.85,
+                        "val_loss": 0.41,
+                        "train_loss": 0.37,
+                        "steps": 69,
+                        "epochs": 3.0,
+                        "trained_tokens": 61290,
+                    },
+                    "estimated_finish": None,
+                }
+            ]
+        }
+    )
+
     id: str = Field(description="The job's id (ftjob-...).")
     object: Literal["fine_tuning.job"] = Field(
         "fine_tuning.job", description='Always "fine_tuning.job".'
