@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.adapters.store import adapter_row_from
@@ -248,8 +248,14 @@ class JobRun:
         # after it was cancelled. One primary-key read is small next to a training step:
         # ~0.6 ms on SQLite (measured on a busy 2-core VM) against ~30 ms for a step of the
         # tests' tiny model and most of a second for a MiniLM LoRA step on CPU.
-        with self.factory() as session:
-            return queue.is_cancel_requested(session, self.job.id)
+        try:
+            with self.factory() as session:
+                return queue.is_cancel_requested(session, self.job.id)
+        except SQLAlchemyError:
+            # A database hiccup must not fail the job: the next step asks again, and the lease
+            # keeper stops the run if the database stays away for a whole lease.
+            logger.warning("job %s: reading the cancel flag failed", self.job.id, exc_info=True)
+            return False
 
     def _on_progress(self, ev: ProgressEvent) -> None:
         p = self._progress

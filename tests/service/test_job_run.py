@@ -14,11 +14,13 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.base import BaseModel
 from core.training.trainer import ProgressEvent
 from service.config import Settings
+from service.jobs import queue
 from service.worker.job_run import JobRun
 from tests.core.training.conftest import sentiment_rows
 from tests.service.helpers import Headers, claimed_run, create_dataset
@@ -196,3 +198,27 @@ def test_a_resumed_job_counts_tokens_and_epochs_as_an_uninterrupted_one(
     resumed = [e for e in _events(client, auth, job_id) if e["message"].startswith("Resumed")]
     assert [e["message"] for e in resumed] == ["Resumed from checkpoint at step 3"]
     assert resumed[0]["data"]["hyperparameters"] == job["resolved_hyperparameters"]
+
+
+def test_a_failed_read_of_the_cancel_flag_does_not_fail_the_job(
+    client: TestClient,
+    auth: Headers,
+    db: sessionmaker[Session],
+    settings: Settings,
+    tiny_base: BaseModel,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    job_id = _create(client, auth, 20, {"n_epochs": 1})
+    real = queue.is_cancel_requested
+    calls: list[str] = []
+
+    def flaky(session: Session, job_id: str) -> bool:
+        calls.append(job_id)
+        if len(calls) <= 2:  # the database is away for the first two steps
+            raise OperationalError("SELECT cancel_requested", {}, Exception("database is locked"))
+        return real(session, job_id)
+
+    monkeypatch.setattr(queue, "is_cancel_requested", flaky)
+    assert claimed_run(db, settings, tiny_base).run() == "succeeded"
+    assert len(calls) > 2
+    assert client.get(f"{JOBS}/{job_id}", headers=auth).json()["status"] == "succeeded"
