@@ -25,12 +25,7 @@ from pydantic.json_schema import SkipJsonSchema
 from pydantic_core import PydanticCustomError, to_jsonable_python
 
 from core.methods import METHODS
-from core.training.config import (
-    DEFAULT_LEARNING_RATES,
-    FALLBACK_LEARNING_RATE,
-    REWARD_ONLY_SETTINGS,
-    TrainingConfig,
-)
+from core.training.config import REWARD_ONLY_SETTINGS, TrainingConfig
 
 # Core's research baseline (the architecture trained from random init) is not offered by the
 # service: it needs far more data than a tenant uploads and is never the right choice.
@@ -166,10 +161,6 @@ def _defaults(
     }
 
 
-def default_learning_rate(method_type: str) -> float:
-    return DEFAULT_LEARNING_RATES.get(method_type, FALLBACK_LEARNING_RATE)
-
-
 class HyperparameterCatalog(BaseModel):
     """The training settings (method.hyperparameters) every method shares."""
 
@@ -228,7 +219,7 @@ class MethodCatalog(BaseModel):
 def _task_defaults(method_type: str, task: str) -> TaskDefaults:
     skip = set(SERVER_SETTINGS) | (REWARD_ONLY_SETTINGS if task != "reward" else set())
     values = _defaults(TrainingConfig, skip)
-    values["learning_rate"] = default_learning_rate(method_type)
+    values["learning_rate"] = TrainingConfig().resolved_learning_rate(method_type)
     return TaskDefaults(hyperparameters=values)
 
 
