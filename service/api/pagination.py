@@ -18,10 +18,20 @@ from service.errors import invalid
 DEFAULT_LIMIT = 20
 MAX_LIMIT = 100
 
-LimitQuery = Annotated[int, Query(ge=1, le=MAX_LIMIT, description="Page size.")]
+LimitQuery = Annotated[
+    int,
+    Query(
+        ge=1,
+        le=MAX_LIMIT,
+        description=f"How many items a page holds: 1 to {MAX_LIMIT}, default {DEFAULT_LIMIT}.",
+    ),
+]
 AfterQuery = Annotated[
     str | None,
-    Query(max_length=128, description="Cursor: the last id of the previous page."),
+    Query(
+        max_length=128,
+        description="Cursor: the `last_id` of the previous page; leave it out for the first.",
+    ),
 ]
 
 
