@@ -79,15 +79,20 @@ def module_name(root: Path, path: Path) -> str:
     return ".".join(parts)
 
 
-def _imports(tree: ast.Module, module: str, is_package: bool) -> Iterator[tuple[str, bool]]:
-    """``(imported module, deferred)`` for every import statement; relative ones resolved."""
+def _imports(
+    tree: ast.Module, module: str, is_package: bool
+) -> Iterator[tuple[str, tuple[str, ...], bool]]:
+    """``(module, names, deferred)`` per import statement; relative modules resolved.
 
-    def walk(node: ast.AST, deferred: bool) -> Iterator[tuple[str, bool]]:
+    ``names`` are what a ``from module import ...`` takes, any of which may be a submodule.
+    """
+
+    def walk(node: ast.AST, deferred: bool) -> Iterator[tuple[str, tuple[str, ...], bool]]:
         for child in ast.iter_child_nodes(node):
             inner = deferred or isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef)
             if isinstance(child, ast.Import):
                 for alias in child.names:
-                    yield alias.name, deferred
+                    yield alias.name, (), deferred
             elif isinstance(child, ast.ImportFrom):
                 if child.level:
                     anchor = module.split(".")
@@ -96,7 +101,7 @@ def _imports(tree: ast.Module, module: str, is_package: bool) -> Iterator[tuple[
                     target = ".".join([*anchor, *([child.module] if child.module else [])])
                 else:
                     target = child.module or ""
-                yield target, deferred
+                yield target, tuple(a.name for a in child.names), deferred
             else:
                 yield from walk(child, inner)
 
@@ -132,7 +137,9 @@ def measure(root: Path, threshold: int, depth: int) -> Figures:
     fig = Figures()
     edges: dict[tuple[str, str], Edge] = defaultdict(Edge)
     third: dict[str, dict[str, Edge]] = defaultdict(lambda: defaultdict(Edge))
-    for path in source_files(root):
+    files = list(source_files(root))
+    known = {module_name(root, p) for p in files if p.suffix == ".py"}
+    for path in files:
         text = path.read_text(encoding="utf-8")
         n = len(text.splitlines())
         fig.modules += 1
@@ -144,7 +151,14 @@ def measure(root: Path, threshold: int, depth: int) -> Figures:
         module = module_name(root, path)
         tree = _strip_type_checking(ast.parse(text, filename=str(path)))
         src = _group(module, depth)
-        for target, deferred in _imports(tree, module, path.name == "__init__.py"):
+        statements = _imports(tree, module, path.name == "__init__.py")
+        # "from core import small" imports the module core.small where one exists.
+        targets = [
+            (sub, deferred)
+            for base, names, deferred in statements
+            for sub in ([f"{base}.{n}" for n in names if f"{base}.{n}" in known] or [base])
+        ]
+        for target, deferred in targets:
             top = target.split(".")[0]
             if top in PACKAGES:
                 dst = _group(target, depth)
