@@ -71,6 +71,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from service.main import create_app
+    from service.state import app_state
 
     settings = _settings(host=("--host", args.host), port=("--port", args.port))
     check_writable_dir(settings.data_dir, "LORAPLEX_DATA_DIR")  # the first key file goes there
@@ -93,7 +94,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     server = uvicorn.Server(config)
     # Long-lived responses (job event streams) watch server.should_exit and end themselves:
     # uvicorn waits for open responses before it shuts the app (and its worker) down.
-    app.state.uvicorn_server = server
+    app_state(app).uvicorn_server = server
     # uvicorn logs its address only when it binds the socket itself.
     logger.info(
         "listening on http://%s:%d; requests are answered once start-up completes",

@@ -5,14 +5,15 @@ in order (each may start something and must stop it on exit; they exit in revers
 
 LEAD: the base model, the inference batcher and the embedded worker are started by hooks
 appended to :data:`LIFESPAN_HOOKS` (or passed to ``create_app(hooks=...)``). A hook is a
-function ``hook(app) -> async context manager``; it finds the settings and the session
-factory on ``app.state`` and reports readiness through ``app.state.readiness``::
+function ``hook(state) -> async context manager`` given the app's :class:`AppState`: it finds
+the settings and the session factory there, reports readiness through ``state.readiness``
+and sets the fields it owns::
 
     @asynccontextmanager
-    async def load_base_model(app: FastAPI) -> AsyncIterator[None]:
-        app.state.readiness.expect("model")
-        app.state.base_model = await run_in_threadpool(core.base.load, ...)
-        app.state.readiness.ready("model")
+    async def load_base_model(state: AppState) -> AsyncIterator[None]:
+        state.readiness.expect("model")
+        state.base_model = await run_in_threadpool(core.base.load, ...)
+        state.readiness.ready("model")
         yield
 """
 
@@ -42,12 +43,13 @@ from service.readiness import Readiness
 from service.serving.invalidation import invalidation
 from service.serving.lifespan import serving
 from service.serving.lookups import LookupCache
+from service.state import AppState, install_state
 from service.tenants.bootstrap import bootstrap_default_tenant, ensure_default_tenant
 from service.worker.embedded import embedded_worker
 
 logger = logging.getLogger(__name__)
 
-LifespanHook = Callable[[FastAPI], AbstractAsyncContextManager[None]]
+LifespanHook = Callable[[AppState], AbstractAsyncContextManager[None]]
 
 # In start order: the base model + inference thread, the adapter invalidation listener
 # (PostgreSQL only: drops resident adapters changed by other replicas), then the embedded
@@ -61,15 +63,15 @@ MULTIPART_OVERHEAD_BYTES = 1024 * 1024
 API_VERSION = "0.1.0"
 
 
-def _startup(app: FastAPI) -> None:
+def _startup(state: AppState) -> None:
     """Blocking start-up steps, run in a thread so the event loop stays free."""
-    settings: Settings = app.state.settings
+    settings = state.settings
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     upgrade(settings.db_url)
-    factory = app.state.sessionmaker
+    factory = state.sessionmaker
     bootstrap_default_tenant(factory, settings.default_key_path)  # logs the key file's path
     if settings.auth_disabled:
-        app.state.default_tenant_id = ensure_default_tenant(factory)
+        state.default_tenant_id = ensure_default_tenant(factory)
         logger.warning(
             "authentication is DISABLED (loopback only): every request acts as the default tenant"
         )
@@ -83,14 +85,14 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await run_in_threadpool(_startup, app)
+        await run_in_threadpool(_startup, state)
         try:
             async with AsyncExitStack() as stack:
                 for hook in hook_list:
-                    await stack.enter_async_context(hook(app))
+                    await stack.enter_async_context(hook(state))
                 yield
         finally:
-            app.state.engine.dispose()
+            state.db_engine.dispose()
 
     app = FastAPI(
         title="loraplex",
@@ -102,17 +104,19 @@ def create_app(
         redoc_url=None,
     )
     engine = make_engine(settings.db_url, sqlite_busy_timeout_ms=settings.sqlite_busy_timeout_ms)
-    app.state.settings = settings
-    app.state.engine = engine
-    app.state.sessionmaker = make_sessionmaker(engine)
-    # Exact only where this process sees every write: one API process on SQLite.
-    app.state.lookup_cache = LookupCache() if engine.dialect.name == "sqlite" else None
-    app.state.readiness = Readiness()
-    app.state.default_tenant_id = None
-    app.state.metrics = ServiceMetrics()
-    app.state.metrics.add_collector(JobCollector(app.state.sessionmaker))
-    if app.state.lookup_cache is not None:
-        app.state.metrics.add_collector(LookupCacheCollector(app.state.lookup_cache))
+    state = AppState(
+        settings=settings,
+        db_engine=engine,
+        sessionmaker=make_sessionmaker(engine),
+        readiness=Readiness(),
+        metrics=ServiceMetrics(),
+        # Exact only where this process sees every write: one API process on SQLite.
+        lookup_cache=LookupCache() if engine.dialect.name == "sqlite" else None,
+    )
+    install_state(app, state)
+    state.metrics.add_collector(JobCollector(state.sessionmaker))
+    if state.lookup_cache is not None:
+        state.metrics.add_collector(LookupCacheCollector(state.lookup_cache))
 
     install_error_handlers(app)
     app.add_middleware(
@@ -120,7 +124,7 @@ def create_app(
         max_body_bytes=settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES,
         reported_limit_bytes=settings.max_upload_bytes,
     )
-    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     app.include_router(api_router)
     install_docs(app)
     return app

@@ -1,7 +1,7 @@
 """FastAPI dependencies: settings, database session, the caller's identity.
 
 FastAPI runs a plain ``def`` dependency in a worker thread; dependencies that only read
-``app.state`` are ``async def`` so they cost no thread hop. Database work stays in threads,
+the app's state are ``async def`` so they cost no thread hop. Database work stays in threads,
 and the inference routes resolve caller, tenant and adapter in one hop (:func:`get_served_adapter`):
 on the hot path every hop and every pooled-connection checkout shows up in the throughput.
 """
@@ -21,26 +21,32 @@ from starlette.concurrency import run_in_threadpool
 from service.adapters.records import ForgetAdapter
 from service.config import Settings
 from service.db.models import ApiKey, Tenant
-from service.errors import ErrorKind, ServiceError, unavailable
+from service.errors import ErrorKind, ServiceError
 from service.serving.lookups import LookupCache
 from service.serving.residency import AdapterRef, KeyLookup, find_adapter, find_key_and_adapter
+from service.state import AppState, app_state
 from service.tenants.keys import hash_api_key, key_by_secret
 
 if TYPE_CHECKING:  # core imports torch; the API imports it only through the lifespan hooks
     from core.base import BaseModel as CoreBaseModel
 
 
-async def get_settings(request: Request) -> Settings:
-    settings: Settings = request.app.state.settings
-    return settings
+async def get_state(request: Request) -> AppState:
+    return app_state(request)
+
+
+StateDep = Annotated[AppState, Depends(get_state)]
+
+
+async def get_settings(state: StateDep) -> Settings:
+    return state.settings
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
-async def get_sessionmaker(request: Request) -> sessionmaker[Session]:
-    factory: sessionmaker[Session] = request.app.state.sessionmaker
-    return factory
+async def get_sessionmaker(state: StateDep) -> sessionmaker[Session]:
+    return state.sessionmaker
 
 
 SessionFactoryDep = Annotated[sessionmaker[Session], Depends(get_sessionmaker)]
@@ -91,7 +97,7 @@ def _without_database(
     if settings.auth_disabled:
         # Loopback-only development mode (enforced by Settings): the default tenant, with
         # admin rights, whatever the request sends.
-        return Principal(request.app.state.default_tenant_id, None, True)
+        return Principal(app_state(request).default_tenant_id, None, True)
     if credentials is None or not credentials.credentials:
         raise _unauthorized(
             "Missing API key. Send it as 'Authorization: Bearer <key>'.", "missing_api_key"
@@ -159,23 +165,16 @@ AdminDep = Annotated[Principal, Depends(require_admin)]
 
 def get_base_model(request: Request) -> CoreBaseModel:
     """The encoder the serving lifespan hook loaded; 503 until it has (or without the hook)."""
-    base: CoreBaseModel | None = getattr(request.app.state, "base_model", None)
-    if base is None:
-        raise unavailable(
-            "The base model is still loading; retry shortly.", "model_not_ready", retry_after=5
-        )
-    return base
+    return app_state(request).require_base_model()
 
 
-def adapter_caches(request: Request) -> list[ForgetAdapter]:
+def adapter_caches(state: StateDep) -> list[ForgetAdapter]:
     """What serving holds of adapters, to be told of a delete: lookups and resident copies."""
     forget: list[ForgetAdapter] = []
-    lookups: LookupCache | None = request.app.state.lookup_cache
-    if lookups is not None:
-        forget.append(lookups.drop_adapter)
-    batcher = getattr(request.app.state, "batcher", None)  # set by the serving hook only
-    if batcher is not None:
-        forget.append(batcher.invalidate)
+    if state.lookup_cache is not None:
+        forget.append(state.lookup_cache.drop_adapter)
+    if state.batcher is not None:  # set by the serving hook only
+        forget.append(state.batcher.invalidate)
     return forget
 
 
@@ -208,7 +207,7 @@ async def get_served_adapter(
     if isinstance(found, Principal):  # the admin key or auth disabled: no key to look up
         return await run_in_threadpool(_find_adapter_for, request, found, name)
     key_hash = hash_api_key(found)
-    cache: LookupCache | None = request.app.state.lookup_cache
+    cache = app_state(request).lookup_cache
     ref = cache.get(key_hash, name) if cache is not None else None
     if ref is not None:
         return ref
@@ -216,7 +215,7 @@ async def get_served_adapter(
 
 
 def _find_adapter_for(request: Request, principal: Principal, name: str) -> AdapterRef | None:
-    with request.app.state.engine.connect() as conn:
+    with app_state(request).db_engine.connect() as conn:
         return find_adapter(conn, _tenant_id(principal), name)
 
 
@@ -224,7 +223,7 @@ def _look_up_served_adapter(
     request: Request, key_hash: str, name: str, cache: LookupCache | None
 ) -> AdapterRef | None:
     generation = cache.generation if cache is not None else 0
-    with request.app.state.engine.connect() as conn:
+    with app_state(request).db_engine.connect() as conn:
         key, ref = find_key_and_adapter(conn, key_hash, name)
     _principal_of(key)  # 401 for an unknown or revoked key
     if key is None or not key.tenant_exists:  # key outlived its tenant

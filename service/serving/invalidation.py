@@ -33,7 +33,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from fastapi import FastAPI
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy import select, tuple_
@@ -41,6 +40,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.db.models import Adapter as AdapterRow
+from service.state import AppState
 
 if TYPE_CHECKING:
     from service.serving.batcher import Batcher
@@ -285,24 +285,23 @@ class ListenerCollector(Collector):
 
 
 @asynccontextmanager
-async def invalidation(app: FastAPI) -> AsyncIterator[None]:
+async def invalidation(state: AppState) -> AsyncIterator[None]:
     """Lifespan hook (after ``serving``): listen for adapter changes from other processes."""
-    settings = app.state.settings
+    settings = state.settings
     conninfo = listen_conninfo(settings.listen_database_url or settings.db_url)
-    batcher: Batcher | None = getattr(app.state, "batcher", None)
+    batcher = state.batcher
     if conninfo is None or batcher is None:
         # SQLite: one API process, which invalidates its own batcher on delete.
-        app.state.invalidation_listener = None
         yield
         return
-    factory = app.state.sessionmaker
+    factory = state.sessionmaker
     listener = InvalidationListener(
         conninfo,
         lambda change: drop_stale(batcher, change),
         on_resync=lambda: resync_batcher(batcher, factory),
     )
-    app.state.invalidation_listener = listener
-    app.state.metrics.add_collector(ListenerCollector(listener))
+    state.invalidation_listener = listener
+    state.metrics.add_collector(ListenerCollector(listener))
     listener.start()
     try:
         yield

@@ -7,14 +7,14 @@ import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
-from starlette.concurrency import run_in_threadpool
+from anyio.to_thread import run_sync
 
 from service.config import Settings
 from service.observability.metrics import EngineCollector
 from service.serving.batcher import Batcher
 from service.serving.residency import DatabaseLoader
 from service.serving.run import LengthChecker
+from service.state import AppState
 
 logger = logging.getLogger(__name__)
 
@@ -44,19 +44,19 @@ def inference_workers(settings: Settings, threads: int, on_cuda: bool) -> int:
 
 
 @asynccontextmanager
-async def serving(app: FastAPI) -> AsyncIterator[None]:
+async def serving(state: AppState) -> AsyncIterator[None]:
     import torch
 
     from core.base import load_base_model
     from core.inference import InferenceEngine
 
-    settings: Settings = app.state.settings
-    readiness = app.state.readiness
+    settings = state.settings
+    readiness = state.readiness
     readiness.expect("model", "loading the base model")
     threads = serving_threads(settings)
     torch.set_num_threads(threads)
-    base = await run_in_threadpool(
-        load_base_model, settings.base_model_path, name=settings.base_model_name
+    base = await run_sync(
+        lambda: load_base_model(settings.base_model_path, name=settings.base_model_name)
     )
     engine = InferenceEngine(
         base,
@@ -65,10 +65,10 @@ async def serving(app: FastAPI) -> AsyncIterator[None]:
         merged_cache_bytes=settings.merged_cache_mb << 20,
     )
     workers = inference_workers(settings, threads, engine.device.type == "cuda")
-    metrics = app.state.metrics
+    metrics = state.metrics
     batcher = Batcher(
         engine,
-        DatabaseLoader(app.state.sessionmaker),
+        DatabaseLoader(state.sessionmaker),
         max_batch_size=settings.max_batch_size,
         max_wait_ms=settings.max_wait_ms,
         max_queue_rows=settings.max_queue_rows,
@@ -78,9 +78,9 @@ async def serving(app: FastAPI) -> AsyncIterator[None]:
     )
     metrics.add_collector(EngineCollector(lambda: engine.stats))
     metrics.watch_queue(lambda: batcher.queued_rows)
-    app.state.base_model = base
-    app.state.length_checker = LengthChecker(base)
-    app.state.batcher = batcher
+    state.base_model = base
+    state.length_checker = LengthChecker(base)
+    state.batcher = batcher
     batcher.start()
     logger.info(
         "serving %s (%d params) on %s: %d inference workers x %d torch threads",

@@ -16,9 +16,8 @@ import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
-
 from service.config import Settings
+from service.state import AppState
 
 logger = logging.getLogger(__name__)
 
@@ -44,22 +43,21 @@ def _spawn(settings: Settings) -> subprocess.Popen[bytes]:
 
 
 @asynccontextmanager
-async def embedded_worker(app: FastAPI) -> AsyncIterator[None]:
-    settings: Settings = app.state.settings
+async def embedded_worker(state: AppState) -> AsyncIterator[None]:
+    settings = state.settings
     if not settings.embedded_worker:
         yield
         return
-    readiness = app.state.readiness
+    readiness = state.readiness
     readiness.expect("worker")
-    state: dict[str, subprocess.Popen[bytes]] = {"proc": _spawn(settings)}
-    app.state.worker_process = state
+    worker: dict[str, subprocess.Popen[bytes]] = {"proc": _spawn(settings)}
     readiness.ready("worker")
 
     async def supervise() -> None:
         failures = 0
         while True:
             await asyncio.sleep(1.0)
-            code = state["proc"].poll()
+            code = worker["proc"].poll()
             if code is None:
                 continue
             readiness.expect("worker")
@@ -67,7 +65,7 @@ async def embedded_worker(app: FastAPI) -> AsyncIterator[None]:
             logger.error("embedded worker exited with %s; restarting in %.0f s", code, delay)
             failures += 1
             await asyncio.sleep(delay)
-            state["proc"] = _spawn(settings)
+            worker["proc"] = _spawn(settings)
             readiness.ready("worker")
 
     task = asyncio.create_task(supervise())
@@ -77,7 +75,7 @@ async def embedded_worker(app: FastAPI) -> AsyncIterator[None]:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        proc = state["proc"]
+        proc = worker["proc"]
         if proc.poll() is None:
             proc.terminate()  # SIGTERM: the worker checkpoints and requeues its running job
             try:

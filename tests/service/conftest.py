@@ -28,6 +28,7 @@ from service.db.migrate import upgrade
 from service.db.models import Base
 from service.db.session import make_engine, make_sessionmaker
 from service.main import create_app
+from service.state import app_state
 from tests.service.helpers import ADMIN_KEY, Headers, scratch_postgres_database
 
 
@@ -136,7 +137,7 @@ def client(settings: Settings) -> Iterator[TestClient]:
 @pytest.fixture
 def db(client: TestClient) -> sessionmaker[Session]:
     """The app's own session factory (the schema is migrated by then)."""
-    factory: sessionmaker[Session] = client.app.state.sessionmaker  # type: ignore[attr-defined]
+    factory: sessionmaker[Session] = app_state(client.app).sessionmaker
     return factory
 
 
@@ -205,5 +206,5 @@ def serving_client(
     workers = getattr(request, "param", 1)
     settings = tiny_serving_settings.model_copy(update={"inference_workers": workers})
     with TestClient(create_app(settings, hooks=[serving])) as test_client:
-        assert test_client.app.state.batcher.workers == workers  # type: ignore[attr-defined]
+        assert app_state(test_client.app).require_batcher().workers == workers
         yield test_client

@@ -167,13 +167,14 @@ def store_adapter(client: TestClient, headers: Headers, name: str, adapter: Any)
     from service.adapters.records import next_adapter_version
     from service.adapters.store import adapter_row_from
     from service.db.models import ApiKey
+    from service.state import app_state
     from service.tenants.keys import hash_api_key
 
-    app = client.app
+    state = app_state(client.app)
     key = headers["Authorization"].removeprefix("Bearer ")
-    with app.state.sessionmaker() as session:  # type: ignore[attr-defined]
+    with state.sessionmaker() as session:
         tenant_id = session.query(ApiKey).filter_by(key_hash=hash_api_key(key)).one().tenant_id
-        row = adapter_row_from(adapter, app.state.base_model, name=name)  # type: ignore[attr-defined]
+        row = adapter_row_from(adapter, state.require_base_model(), name=name)
         row.tenant_id = tenant_id
         row.version = next_adapter_version(session, tenant_id)
         session.add(row)
@@ -188,13 +189,13 @@ def serve_base(base: Any) -> Any:
     from collections.abc import AsyncIterator
     from contextlib import asynccontextmanager
 
-    from fastapi import FastAPI
+    from service.state import AppState
 
     @asynccontextmanager
-    async def hook(app: FastAPI) -> AsyncIterator[None]:
-        app.state.readiness.expect("model")
-        app.state.base_model = base
-        app.state.readiness.ready("model")
+    async def hook(state: AppState) -> AsyncIterator[None]:
+        state.readiness.expect("model")
+        state.base_model = base
+        state.readiness.ready("model")
         yield
 
     return hook

@@ -29,6 +29,7 @@ from service.adapters.store import adapter_from_row, adapter_row_from
 from service.config import Settings
 from service.db.models import Adapter, Tenant
 from service.main import create_app
+from service.state import app_state
 from tests.core.util import make_model, randomize
 from tests.service.helpers import Headers, adapter_row, assert_error, serve_base, tenant_id_by_name
 
@@ -410,7 +411,7 @@ def test_zip_bomb_is_refused_before_unpacking(client: TestClient, auth: Headers)
 
 
 def test_declared_size_over_the_cap_is_refused(client: TestClient, auth: Headers) -> None:
-    client.app.state.settings.max_upload_mb = 1  # type: ignore[attr-defined]  # cap: 2 MB
+    app_state(client.app).settings.max_upload_mb = 1  # cap: 2 MB
     data = _zip_with(
         [("adapter_config.json", CONFIG), ("adapter_model.safetensors", bytes(3 << 20))]
     )
@@ -419,7 +420,7 @@ def test_declared_size_over_the_cap_is_refused(client: TestClient, auth: Headers
 
 
 def test_upload_over_the_limit_is_413(client: TestClient, auth: Headers) -> None:
-    client.app.state.settings.max_upload_mb = 1  # type: ignore[attr-defined]
+    app_state(client.app).settings.max_upload_mb = 1
     assert_error(upload(client, auth, bytes(1_500_000)), 413, code="request_too_large")
 
 
@@ -472,7 +473,7 @@ def test_bad_names_are_422(client: TestClient, auth: Headers, peft_files: dict[s
 def test_adapter_quota_is_429(
     client: TestClient, auth: Headers, db: sessionmaker[Session], peft_files: dict[str, bytes]
 ) -> None:
-    client.app.state.settings.max_adapters_per_tenant = 1  # type: ignore[attr-defined]
+    app_state(client.app).settings.max_adapters_per_tenant = 1
     with db() as session:
         session.add(adapter_row(tenant_id_by_name(db), "one"))
         session.commit()

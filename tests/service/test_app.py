@@ -7,7 +7,6 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
-from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
@@ -17,6 +16,7 @@ from service.db.migrate import current_revision, head_revision
 from service.db.models import ApiKey, Tenant
 from service.db.session import make_engine, make_sessionmaker
 from service.main import LifespanHook, create_app
+from service.state import AppState, app_state
 from service.tenants.keys import hash_api_key
 from tests.service.helpers import assert_error
 
@@ -26,9 +26,9 @@ def test_hooks_run_in_order_and_exit_in_reverse(settings: Settings) -> None:
 
     def hook(name: str) -> LifespanHook:
         @asynccontextmanager
-        async def run(app: FastAPI) -> AsyncIterator[None]:
+        async def run(state: AppState) -> AsyncIterator[None]:
             # Start-up has migrated and bootstrapped before any hook runs.
-            assert current_revision(app.state.settings.db_url) == head_revision()
+            assert current_revision(state.settings.db_url) == head_revision()
             calls.append(f"start {name}")
             yield
             calls.append(f"stop {name}")
@@ -46,7 +46,7 @@ def test_healthz_and_readyz(client: TestClient) -> None:
 
 
 def test_readyz_is_503_until_expected_parts_are_ready(client: TestClient) -> None:
-    readiness = client.app.state.readiness  # type: ignore[attr-defined]
+    readiness = app_state(client.app).readiness
     readiness.expect("model", "loading weights")
     resp = client.get("/readyz")
     assert_error(resp, 503, code="not_ready", contains="model")

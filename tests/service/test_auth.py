@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.config import Settings
 from service.db.models import ApiKey, Tenant
 from service.main import create_app
+from service.state import app_state
 from service.tenants.keys import hash_api_key
 from tests.service.conftest import make_settings
 from tests.service.helpers import Headers, assert_error, create_dataset
@@ -43,7 +44,7 @@ def test_bootstrap_runs_only_on_an_empty_database(tmp_path: Path) -> None:
     first = settings.default_key_path.read_text()
     settings.default_key_path.unlink()
     with TestClient(create_app(settings, hooks=[])) as test_client:
-        factory = test_client.app.state.sessionmaker  # type: ignore[attr-defined]
+        factory = app_state(test_client.app).sessionmaker
         with factory() as session:
             assert len(session.scalars(select(ApiKey)).all()) == 1
     assert not settings.default_key_path.exists()  # no second key was made

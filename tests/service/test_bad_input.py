@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from service.state import app_state
 from tests.core.inference.helpers import lora
 from tests.service.helpers import (
     CLASSIFICATION_ROWS,
@@ -176,7 +177,7 @@ def test_lone_surrogate_in_a_jsonl_row_names_the_row(c: TestClient, auth: Header
 def test_lone_surrogates_in_json_bodies_are_4xx(
     c: TestClient, auth: Headers, method: str, url: str, body: str
 ) -> None:
-    store_adapter(c, auth, "clf", lora(c.app.state.base_model, r=2, seed=1))  # type: ignore[attr-defined]
+    store_adapter(c, auth, "clf", lora(app_state(c.app).require_base_model(), r=2, seed=1))
     resp = c.request(method, url, headers=auth | {"Content-Type": "application/json"}, content=body)
     assert 400 <= resp.status_code < 500, resp.text
     assert set(resp.json()["error"]) == {"message", "type", "param", "code"}
@@ -188,7 +189,7 @@ def test_lone_surrogates_in_json_bodies_are_4xx(
 def test_texts_beyond_max_length_are_truncated_by_default_and_refused_on_request(
     c: TestClient, auth: Headers
 ) -> None:
-    store_adapter(c, auth, "clf", lora(c.app.state.base_model, r=2, seed=1))  # type: ignore[attr-defined]
+    store_adapter(c, auth, "clf", lora(app_state(c.app).require_base_model(), r=2, seed=1))
     long_text = "word " * 5000
     ok = c.post("/predict?adapter=clf", headers=auth, json={"inputs": ["short", long_text]})
     assert ok.status_code == 200, ok.text
@@ -288,7 +289,7 @@ def test_deeply_nested_json_in_an_import_is_422(
 
 
 def test_adapter_for_a_different_base_model(c: TestClient, auth: Headers) -> None:
-    store_adapter(c, auth, "src", lora(c.app.state.base_model, r=2, seed=2))  # type: ignore[attr-defined]
+    store_adapter(c, auth, "src", lora(app_state(c.app).require_base_model(), r=2, seed=2))
     exported = c.get("/v1/adapters/src/export?format=loraplex", headers=auth)
     assert exported.status_code == 200
     with zipfile.ZipFile(io.BytesIO(exported.content)) as zf:
@@ -306,7 +307,7 @@ def test_adapter_for_a_different_base_model(c: TestClient, auth: Headers) -> Non
 
 
 def test_oversized_body_is_413(c: TestClient, auth: Headers) -> None:
-    c.app.state.settings.max_upload_mb = 1  # type: ignore[attr-defined]
+    app_state(c.app).settings.max_upload_mb = 1
     # The middleware reads its limit at start-up (51 MB here): a declared size over it...
     resp = c.post(
         "/v1/datasets",

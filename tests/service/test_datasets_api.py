@@ -8,6 +8,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.datasets import codec
 from service.db.models import Dataset
+from service.state import app_state
 from tests.service.helpers import (
     CLASSIFICATION_ROWS,
     Headers,
@@ -122,7 +123,7 @@ def test_unsupported_content_type(client: TestClient, auth: Headers) -> None:
 
 
 def test_row_limit_from_settings(client: TestClient, auth: Headers) -> None:
-    client.app.state.settings.max_dataset_rows = 3  # type: ignore[attr-defined]
+    app_state(client.app).settings.max_dataset_rows = 3
     assert_error(upload(client, auth, jsonl(CLASSIFICATION_ROWS)), 422, code="too_many_rows")
 
 

@@ -8,6 +8,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from service.state import app_state
 from tests.service.helpers import (
     CLASSIFICATION_ROWS,
     Headers,
@@ -104,7 +105,7 @@ def test_purpose_and_unsupported_fields(client: TestClient, auth: Headers) -> No
 
 
 def test_upload_size_limit_is_413(client: TestClient, auth: Headers) -> None:
-    client.app.state.settings.max_upload_mb = 1  # type: ignore[attr-defined]
+    app_state(client.app).settings.max_upload_mb = 1
     big = jsonl([{"text": "x" * 1000, "label": str(i % 2)} for i in range(1200)])
     assert_error(_upload(client, auth, big), 413, code="request_too_large")
 

@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from core.adapter import Adapter as CoreAdapter
 from core.base import BaseModel
 from service.db.models import Adapter, Checkpoint, Dataset, Job, JobStatus
+from service.state import app_state
 from tests.core.inference.helpers import lora, random_adapter, reference
 from tests.service.helpers import CLASSIFICATION_ROWS, Headers, assert_error, store_adapter
 
@@ -45,7 +46,7 @@ class Owned:
 
 @pytest.fixture
 def db(serving_client: TestClient) -> sessionmaker[Session]:
-    factory: sessionmaker[Session] = serving_client.app.state.sessionmaker  # type: ignore[attr-defined]
+    factory: sessionmaker[Session] = app_state(serving_client.app).sessionmaker
     return factory
 
 
@@ -57,7 +58,7 @@ def tenant_b(serving_client: TestClient, admin: Headers) -> Headers:
 
 
 def _base(client: TestClient) -> BaseModel:
-    base: BaseModel = client.app.state.base_model  # type: ignore[attr-defined]
+    base: BaseModel = app_state(client.app).require_base_model()
     return base
 
 

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.api.routes import job_stream
 from service.db.models import Job
 from service.jobs import queue
+from service.state import app_state
 from tests.service.helpers import Headers, assert_error, create_dataset, job_body
 
 JOBS = "/v1/fine_tuning/jobs"
@@ -182,7 +183,7 @@ def test_stream_ends_when_the_server_shuts_down(client: TestClient, auth: Header
         should_exit = False
 
     server = Server()
-    client.app.state.uvicorn_server = server  # type: ignore[attr-defined]
+    app_state(client.app).uvicorn_server = server
     job_id = _job(client, auth)
     threading.Timer(0.2, lambda: setattr(server, "should_exit", True)).start()
     started = time.monotonic()

@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.db.models import Job
 from service.jobs import queue
+from service.state import app_state
 from tests.service.helpers import (
     Headers,
     adapter_row,
@@ -178,7 +179,7 @@ def test_name_is_free_again_after_cancel_and_per_tenant(
 
 
 def test_concurrent_job_quota_is_429(client: TestClient, auth: Headers) -> None:
-    client.app.state.settings.max_concurrent_jobs_per_tenant = 2  # type: ignore[attr-defined]
+    app_state(client.app).settings.max_concurrent_jobs_per_tenant = 2
     train = create_dataset(client, auth)
     jobs = [_create(client, auth, job_body(train)) for _ in range(2)]
     resp = client.post(JOBS, json=job_body(train), headers=auth)
@@ -188,7 +189,7 @@ def test_concurrent_job_quota_is_429(client: TestClient, auth: Headers) -> None:
 
 
 def test_adapter_quota_is_429(client: TestClient, auth: Headers, db: sessionmaker[Session]) -> None:
-    client.app.state.settings.max_adapters_per_tenant = 2  # type: ignore[attr-defined]
+    app_state(client.app).settings.max_adapters_per_tenant = 2
     with db() as session:
         session.add(adapter_row(tenant_id_by_name(db), "one"))
         session.commit()
@@ -263,7 +264,7 @@ def test_jobs_are_tenant_isolated(client: TestClient, auth: Headers, other_auth:
 
 
 def test_job_list_cursor_pagination(client: TestClient, auth: Headers) -> None:
-    client.app.state.settings.max_concurrent_jobs_per_tenant = 10  # type: ignore[attr-defined]
+    app_state(client.app).settings.max_concurrent_jobs_per_tenant = 10
     train = create_dataset(client, auth)
     ids = [_create(client, auth, job_body(train))["id"] for _ in range(5)][::-1]
     seen: list[str] = []

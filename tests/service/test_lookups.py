@@ -12,6 +12,7 @@ from sqlalchemy import event
 
 from service.serving.lookups import LookupCache
 from service.serving.residency import AdapterRef
+from service.state import app_state
 from tests.core.inference.helpers import lora
 from tests.service.helpers import Headers, assert_error, store_adapter
 
@@ -25,7 +26,7 @@ def key_lookups(serving_client: TestClient) -> Iterator[list[str]]:
         if "FROM api_keys" in statement:
             statements.append(statement)
 
-    engine = serving_client.app.state.engine  # type: ignore[attr-defined]
+    engine = app_state(serving_client.app).db_engine
     event.listen(engine, "before_cursor_execute", record)
     yield statements
     event.remove(engine, "before_cursor_execute", record)
@@ -40,7 +41,7 @@ def _tenant_with_adapter(
 ) -> tuple[str, dict, Headers]:
     created = client.post("/v1/tenants", json={"name": "acme"}, headers=admin).json()
     headers = {"Authorization": f"Bearer {created['api_key']['key']}"}
-    base = client.app.state.base_model  # type: ignore[attr-defined]
+    base = app_state(client.app).require_base_model()
     store_adapter(client, headers, name, lora(base, r=2, seed=5))
     return created["id"], created["api_key"], headers
 
@@ -48,7 +49,8 @@ def _tenant_with_adapter(
 def test_a_known_caller_and_adapter_are_looked_up_once_on_sqlite_only(
     serving_client: TestClient, auth: Headers, db_backend: str, key_lookups: list[str]
 ) -> None:
-    store_adapter(serving_client, auth, "s", lora(serving_client.app.state.base_model, r=2))  # type: ignore[attr-defined]
+    base = app_state(serving_client.app).require_base_model()
+    store_adapter(serving_client, auth, "s", lora(base, r=2))
     key_lookups.clear()
     for _ in range(3):
         assert _predict(serving_client, auth, "s").status_code == 200

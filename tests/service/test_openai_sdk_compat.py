@@ -24,6 +24,7 @@ from service.config import Settings
 from service.db.models import Job, Tenant
 from service.jobs import queue
 from service.main import create_app
+from service.state import app_state
 from tests.service.helpers import (
     CLASSIFICATION_ROWS,
     Headers,
@@ -346,7 +347,7 @@ def test_error_classes(sdk: openai.OpenAI, client: TestClient, tiny_base: BaseMo
             model=tiny_base.name, training_file=file.id, extra_body={"adapter_name": "taken"}
         )
 
-    client.app.state.settings.max_concurrent_jobs_per_tenant = 1  # type: ignore[attr-defined]
+    app_state(client.app).settings.max_concurrent_jobs_per_tenant = 1
     with pytest.raises(openai.RateLimitError) as limited:
         sdk.fine_tuning.jobs.create(model=tiny_base.name, training_file=file.id)
     assert limited.value.code == "concurrent_jobs_limit"
@@ -368,7 +369,7 @@ def test_sdk_does_not_retry_a_conflict_or_a_full_quota(
             model=tiny_base.name, training_file=file.id, extra_body={"adapter_name": "once"}
         )
     assert taken.value.response.headers["x-should-retry"] == "false"
-    client.app.state.settings.max_concurrent_jobs_per_tenant = 1  # type: ignore[attr-defined]
+    app_state(client.app).settings.max_concurrent_jobs_per_tenant = 1
     with pytest.raises(openai.RateLimitError):
         sdk.fine_tuning.jobs.create(model=tiny_base.name, training_file=file.id)
     assert sent == ["/v1/fine_tuning/jobs", "/v1/fine_tuning/jobs"]

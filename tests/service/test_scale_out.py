@@ -33,6 +33,7 @@ from service.serving.invalidation import (
     parse_payload,
     resync_batcher,
 )
+from service.state import app_state
 from service.worker.lease import LeaseKeeper
 from tests.service.conftest import reset_postgres
 from tests.service.helpers import Headers, adapter_row, add_queued_job, add_tenant, store_adapter
@@ -268,13 +269,13 @@ def test_a_change_made_elsewhere_frees_the_resident_copy(
     tiny = tiny_serving_settings
     with TestClient(create_app(tiny, hooks=[serving, invalidation])) as client:
         auth = auth_headers_for(tiny)
-        app: Any = client.app
-        store_adapter(client, auth, "shared", lora(app.state.base_model, r=4, seed=1))
-        listener = app.state.invalidation_listener
+        state = app_state(client.app)
+        store_adapter(client, auth, "shared", lora(state.require_base_model(), r=4, seed=1))
+        listener = state.invalidation_listener
         assert listener is not None and listener.connected.wait(WAIT_S)
         resp = client.post("/predict?adapter=shared", json={"inputs": ["good"]}, headers=auth)
         assert resp.status_code == 200, resp.text
-        engine = app.state.batcher.engine
+        engine = state.require_batcher().engine
         assert engine.stats.resident_count == 1
 
         # "Another replica" deletes it: a plain SQL delete on its own connection.

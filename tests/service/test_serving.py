@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from service.state import app_state
 from tests.core.inference.helpers import lora, random_adapter
 from tests.service.helpers import Headers, assert_error, store_adapter
 
@@ -31,7 +32,7 @@ def _predict(client: TestClient, auth: Headers, name: str, texts: list[str], mod
 
 @pytest.fixture
 def adapters(serving_client: TestClient, auth: Headers) -> list[str]:
-    base = serving_client.app.state.base_model  # type: ignore[attr-defined]
+    base = app_state(serving_client.app).require_base_model()
     names = []
     for i in range(12):
         adapter = lora(base, r=(2, 4, 8)[i % 3], seed=100 + i, n_labels=(2, 3)[i % 2])
@@ -60,7 +61,7 @@ def test_concurrent_mixed_requests_equal_single_requests(
         responses = list(
             pool.map(lambda job: _predict(serving_client, auth, job[0], [job[1]], "unmerged"), jobs)
         )
-    batcher = serving_client.app.state.batcher  # type: ignore[attr-defined]
+    batcher = app_state(serving_client.app).require_batcher()
     assert batcher.stats.rows / batcher.stats.batches > 1, "requests were batched together"
     for (name, text), resp in zip(jobs, responses, strict=True):
         assert resp.status_code == 200, resp.text
@@ -87,10 +88,10 @@ def test_tiny_cache_budget_evicts_and_still_answers_correctly(
     serving_client: TestClient, auth: Headers, adapters: list[str]
 ) -> None:
     reference = _single_answers(serving_client, auth, adapters[:4])
-    engine = serving_client.app.state.batcher.engine  # type: ignore[attr-defined]
+    engine = app_state(serving_client.app).require_batcher().engine
     one = max(engine.stats.resident_bytes // max(engine.stats.resident_count, 1), 1)
     engine.max_resident_bytes = 2 * one + one // 2  # room for about two adapters
-    batcher = serving_client.app.state.batcher  # type: ignore[attr-defined]
+    batcher = app_state(serving_client.app).require_batcher()
     batcher.call_soon(lambda: [engine.unload(k) for k in engine.resident_keys()])
     for _ in range(2):
         for (name, text), want in reference.items():
@@ -131,7 +132,7 @@ def test_delete_during_traffic_gives_404_after_and_never_500(
 def test_delete_drops_the_resident_copy_and_frees_its_bank_slot(
     serving_client: TestClient, auth: Headers
 ) -> None:
-    batcher = serving_client.app.state.batcher  # type: ignore[attr-defined]
+    batcher = app_state(serving_client.app).require_batcher()
     engine = batcher.engine
     store_adapter(serving_client, auth, "doomed", lora(engine.base, r=4, seed=7))
     assert _predict(serving_client, auth, "doomed", TEXTS[:1]).status_code == 200
@@ -149,7 +150,7 @@ def test_delete_drops_the_resident_copy_and_frees_its_bank_slot(
 def test_queue_limit_answers_503_with_retry_after(
     serving_client: TestClient, auth: Headers, adapters: list[str]
 ) -> None:
-    batcher = serving_client.app.state.batcher  # type: ignore[attr-defined]
+    batcher = app_state(serving_client.app).require_batcher()
     batcher.max_queue_rows = 4
     gate = threading.Event()
     batcher.call_soon(lambda: gate.wait(30))  # hold the batcher: no batch forms meanwhile
@@ -173,7 +174,7 @@ def test_queue_limit_answers_503_with_retry_after(
 def test_reward_compare_and_predict_on_reward_adapter(
     serving_client: TestClient, auth: Headers
 ) -> None:
-    base = serving_client.app.state.base_model  # type: ignore[attr-defined]
+    base = app_state(serving_client.app).require_base_model()
     store_adapter(serving_client, auth, "rm", random_adapter(base, "lora", {"r": 4}, None, seed=3))
     one = serving_client.post(
         "/reward/compare?adapter=rm",
@@ -222,7 +223,7 @@ def test_burst_of_requests_for_cold_adapters_all_succeed(
 ) -> None:
     # More concurrent requests than the connection pool holds, every adapter cold: requests
     # must not hold pooled connections while they wait for the loads they depend on.
-    base = serving_client.app.state.base_model  # type: ignore[attr-defined]
+    base = app_state(serving_client.app).require_base_model()
     for i in range(12):
         store_adapter(serving_client, auth, f"c{i}", lora(base, r=4, seed=i))
     with ThreadPoolExecutor(max_workers=24) as pool:

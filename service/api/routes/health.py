@@ -11,7 +11,7 @@ from sqlalchemy import text
 
 from service.api.deps import SessionFactoryDep
 from service.api.errors import UNAVAILABLE, error_body
-from service.readiness import Readiness
+from service.state import app_state
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +43,7 @@ def readyz(request: Request, factory: SessionFactoryDep) -> Any:
     """Answers 200 once the database answers and every part started with the server (the
     base model, the inference thread, the embedded worker) is ready; 503 with the state of each
     check otherwise. Needs no API key."""
-    readiness: Readiness = request.app.state.readiness
-    checks = {"database": "ok", **readiness.snapshot()}
+    checks = {"database": "ok", **app_state(request).readiness.snapshot()}
     try:
         with factory() as session:
             session.execute(text("SELECT 1"))

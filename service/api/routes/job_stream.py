@@ -40,6 +40,7 @@ from service.api.params import JobId
 from service.api.schemas.jobs import JobEventObject, JobObject, parse_event_id
 from service.db.models import Job, JobEvent, JobStatus
 from service.errors import invalid, not_found
+from service.state import app_state
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 
@@ -92,8 +93,8 @@ def _sse(event: str, data: Any, event_id: str | None = None) -> str:
 def _server_exiting(request: Request) -> bool:
     # ``loraplex serve`` keeps its uvicorn server here; uvicorn waits for open responses
     # before it runs the lifespan shutdown, so a stream must notice and end by itself.
-    server = getattr(request.app.state, "uvicorn_server", None)
-    return bool(getattr(server, "should_exit", False))
+    server = app_state(request).uvicorn_server
+    return server is not None and server.should_exit
 
 
 async def _stream(

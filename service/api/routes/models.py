@@ -7,8 +7,6 @@ listed at once; the adapter quota bounds how many that can be. The base model's 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from fastapi import APIRouter, Request
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -17,19 +15,16 @@ from service.adapters.records import delete_adapter_row, find_adapter_row
 from service.api.deps import AdapterCachesDep, CurrentTenant, SessionDep
 from service.api.params import ModelId
 from service.api.schemas.models import BASE_OWNER, ModelDeleted, ModelList, ModelObject
-from service.config import Settings
 from service.db.models import Adapter
 from service.errors import ErrorKind, ServiceError, not_found
-
-if TYPE_CHECKING:
-    from core.base import BaseModel
+from service.state import app_state
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
 
 def _base_object(request: Request) -> ModelObject:
-    settings: Settings = request.app.state.settings
-    base: BaseModel | None = getattr(request.app.state, "base_model", None)
+    state = app_state(request)
+    settings, base = state.settings, state.base_model
     if base is None:  # not loaded yet (or no serving hook): what is known without it
         return ModelObject(id=settings.base_model_name, created=0, owned_by=BASE_OWNER, kind="base")
     try:
@@ -52,8 +47,7 @@ def _base_object(request: Request) -> ModelObject:
 
 
 def _is_base(request: Request, model_id: str) -> bool:
-    settings: Settings = request.app.state.settings
-    return model_id == settings.base_model_name
+    return model_id == app_state(request).settings.base_model_name
 
 
 def _owned_adapter(session: Session, tenant_id: str, model_id: str) -> Adapter:

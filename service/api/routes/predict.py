@@ -17,6 +17,7 @@ from service.api.schemas.inference import (
 )
 from service.errors import not_found
 from service.serving.run import run_rows
+from service.state import app_state
 
 router = APIRouter(tags=["inference"])
 
@@ -61,10 +62,11 @@ async def predict(
     if ref is None:
         raise not_found("adapter", adapter, "adapter")
     items = _items(body)
+    state = app_state(request)
     if not body.truncate:
-        await run_in_threadpool(request.app.state.length_checker.check, items, 0, "inputs")
+        await run_in_threadpool(state.require_length_checker().check, items, 0, "inputs")
     rows = [Row(ref.key, text, pair, mode) for text, pair in items]  # type: ignore[arg-type]
-    results = await run_rows(request.app.state.batcher, rows)
+    results = await run_rows(state.require_batcher(), rows)
     if ref.task == "reward":
         predictions = [Prediction(reward=r.reward) for r in results]
     else:

@@ -17,6 +17,7 @@ from service.api.schemas.inference import (
 )
 from service.errors import invalid, not_found
 from service.serving.run import run_rows
+from service.state import app_state
 
 router = APIRouter(tags=["inference"])
 
@@ -70,10 +71,11 @@ async def compare(
     for p in pairs:
         for response in (p.response_a, p.response_b):
             items.append((p.prompt, response) if p.prompt else (response, None))
+    state = app_state(request)
     if not body.truncate:
-        await run_in_threadpool(request.app.state.length_checker.check, items, 0, "pairs")
+        await run_in_threadpool(state.require_length_checker().check, items, 0, "pairs")
     rows = [Row(ref.key, text, pair, "auto") for text, pair in items]  # type: ignore[arg-type]
-    results = await run_rows(request.app.state.batcher, rows)
+    results = await run_rows(state.require_batcher(), rows)
     rewards = [float(r.reward) for r in results]  # type: ignore[arg-type]
     out = [_result(rewards[2 * i], rewards[2 * i + 1]) for i in range(len(pairs))]
     if body.pairs is not None:

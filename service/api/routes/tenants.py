@@ -21,6 +21,7 @@ from service.api.schemas.tenants import (
 )
 from service.db.models import ApiKey, Tenant
 from service.errors import conflict, not_found
+from service.state import app_state
 from service.tenants.keys import NewKey, create_api_key, create_tenant, revoke_key
 
 router = APIRouter(prefix="/v1/tenants", tags=["tenants (admin)"])
@@ -113,7 +114,7 @@ def revoke_key_route(
         raise not_found("api_key", key_id)
     revoke_key(key)
     session.commit()
-    lookups = request.app.state.lookup_cache
+    lookups = app_state(request).lookup_cache
     if lookups is not None:
         lookups.drop_key(key.id)
     return DeletedResponse(id=key.id, object="api_key")
