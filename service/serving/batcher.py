@@ -100,7 +100,7 @@ class Batcher:
         self.stats = BatchStats()
         self._queue: deque[_Request] = deque()
         self._queued_rows = 0
-        self._commands: deque[Callable[[], None]] = deque()
+        self._commands: deque[Callable[[], object]] = deque()
         self._done: deque[Plan] = deque()  # computed, waiting for the owner to release them
         self._free = self.workers  # compute workers without a batch
         self._cond = threading.Condition()
@@ -177,8 +177,11 @@ class Batcher:
 
         self.call_soon(drop)
 
-    def call_soon(self, fn: Callable[[], None]) -> None:
-        """Run ``fn`` on the batcher thread (the engine's only owner) before its next batch."""
+    def call_soon(self, fn: Callable[[], object]) -> None:
+        """Run ``fn`` on the batcher thread (the engine's only owner) before its next batch.
+
+        What ``fn`` returns is dropped, so any callable will do (``event.set``, a lambda).
+        """
         with self._cond:
             self._commands.append(fn)
             self._cond.notify()
@@ -214,7 +217,7 @@ class Batcher:
 
     def _next_step(
         self,
-    ) -> tuple[list[Callable[[], None]], list[Plan], tuple[list[_Request], list[Row]] | None]:
+    ) -> tuple[list[Callable[[], object]], list[Plan], tuple[list[_Request], list[Row]] | None]:
         """What the owner does next: commands and plans to release, or a batch to plan.
 
         ``(no commands, no plans, None)`` means stop: stopping, nothing queued.

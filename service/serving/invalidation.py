@@ -109,7 +109,7 @@ class InvalidationListener:
         conninfo: str,
         on_change: Callable[[AdapterChange], None],
         *,
-        on_resync: Callable[[], None] | None = None,
+        on_resync: Callable[[], object] | None = None,
         channel: str = CHANNEL,
         backoff_s: Iterable[float] = BACKOFF_S,
         poll_s: float = POLL_S,
