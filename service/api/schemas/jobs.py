@@ -63,7 +63,7 @@ class OpenAIDpoHyperparameters(OpenAIHyperparameters):
 
 
 class OpenAISupervised(BaseModel):
-    """OpenAI's ``method.supervised`` block."""
+    """OpenAI's `method.supervised` block."""
 
     model_config = ConfigDict(extra="forbid")
     hyperparameters: OpenAIHyperparameters | None = Field(
@@ -72,7 +72,7 @@ class OpenAISupervised(BaseModel):
 
 
 class OpenAIDpo(BaseModel):
-    """OpenAI's ``method.dpo`` block."""
+    """OpenAI's `method.dpo` block."""
 
     model_config = ConfigDict(extra="forbid")
     hyperparameters: OpenAIDpoHyperparameters | None = Field(
@@ -118,7 +118,7 @@ class _MethodSpecBase(BaseModel):
 MethodSpec = create_model(
     "MethodSpec",
     __base__=_MethodSpecBase,
-    __doc__='``{"type": "lora", "lora": {...}, "hyperparameters": {...}}``: the method, its '
+    __doc__='`{"type": "lora", "lora": {...}, "hyperparameters": {...}}`: the method, its '
     "parameters under its own name, and the training settings.",
     **{
         m: (model | None, Field(None, description=f"Parameters of '{m}' (with type '{m}')."))
@@ -130,7 +130,30 @@ MethodSpec = create_model(
 class JobCreate(BaseModel):
     """A fine-tuning job: which dataset, which method, which settings (OpenAI-shaped)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "training_file": "file-3f2a9c0d1e4b5a6978c1d2e3",
+                    "adapter_name": "sentiment-v1",
+                    "seed": 42,
+                    "method": {
+                        "type": "lora",
+                        "lora": {"r": 16, "alpha": 32, "target_modules": "all-linear"},
+                        "hyperparameters": {"n_epochs": 2, "warmup_steps": 20},
+                    },
+                },
+                {
+                    "training_file": "file-3f2a9c0d1e4b5a6978c1d2e3",
+                    "method": {
+                        "type": "supervised",
+                        "supervised": {"hyperparameters": {"n_epochs": 3}},
+                    },
+                },
+            ]
+        },
+    )
 
     training_file: str = Field(
         min_length=1, max_length=64, description="Id of the training dataset (file-...)."
