@@ -7,8 +7,10 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
 
 from service.cli import main
 from service.config import Settings
@@ -18,7 +20,7 @@ from service.db.session import make_engine, make_sessionmaker
 from service.main import LifespanHook, create_app
 from service.state import AppState, app_state
 from service.tenants.keys import hash_api_key
-from tests.service.helpers import assert_error
+from tests.service.helpers import Headers, adapter_row, assert_error, tenant_id_by_name
 
 
 def test_hooks_run_in_order_and_exit_in_reverse(settings: Settings) -> None:
@@ -53,6 +55,26 @@ def test_readyz_is_503_until_expected_parts_are_ready(client: TestClient) -> Non
     assert resp.json()["checks"] == {"database": "ok", "model": "loading weights"}
     readiness.ready("model")
     assert client.get("/readyz").json()["checks"] == {"database": "ok", "model": "ok"}
+
+
+def test_inference_without_the_serving_hook_asks_to_retry(
+    client: TestClient, auth: Headers, db: sessionmaker[Session]
+) -> None:
+    """The state has no batcher until the serving hook sets it (never, with ``hooks=[]``): a
+    request for an adapter that exists is told to retry, not answered with a 500."""
+    with db() as session:
+        session.add(adapter_row(tenant_id_by_name(db), "clf"))
+        session.commit()
+    for truncate in (True, False):  # with and without the length check, which needs the model
+        body = {"inputs": ["fine"], "truncate": truncate}
+        resp = client.post("/predict?adapter=clf", json=body, headers=auth)
+        assert_error(resp, 503, code="model_not_ready")
+        assert resp.headers["Retry-After"] == "5"
+
+
+def test_app_state_is_only_on_apps_create_app_built() -> None:
+    with pytest.raises(TypeError, match="create_app"):
+        app_state(FastAPI())
 
 
 def test_openapi_documents_every_resource(client: TestClient) -> None:
