@@ -142,7 +142,7 @@ def seed_jobs(
                         },
                     }
                 )
-                ids.append(create_job(session, tenant, body, settings).id)
+                ids.append(create_job(session, tenant, body.job_request(), settings).id)
     finally:
         engine.dispose()
     return ids

@@ -8,7 +8,8 @@ back, so a rejected request leaves no job behind.
 from __future__ import annotations
 
 import secrets
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -24,9 +25,25 @@ from service.jobs.openai_compat import OPENAI_METHOD_KINDS
 from service.jobs.queue import active_job_count, add_event
 from service.jobs.validate import MethodConfigError, validate_method
 
-if TYPE_CHECKING:
-    # The request body's type only: nothing of the HTTP layer runs here.
-    from service.api.schemas.jobs import JobCreate
+
+@dataclass(frozen=True)
+class JobRequest:
+    """A job to create, as the API validated it (from loraplex's or OpenAI's request shape)."""
+
+    training_file: str
+    # ``{"type": ..., "<type>": {params}}`` and the hyperparameters the request set, as the
+    # job row keeps them.
+    method: dict[str, Any]
+    hyperparameters: dict[str, Any]
+    validation_file: str | None = None
+    adapter_name: str | None = None
+    suffix: str | None = None
+    seed: int | None = None
+    model: str | None = None
+    # OpenAI's method type (supervised, dpo) when the request used one: it fixes the kind of
+    # training data the job accepts.
+    openai_method: str | None = None
+
 
 _SHOWN_LABELS = 5
 _OPENAI_ALTERNATIVE = {"classification": "supervised", "preference": "dpo"}
@@ -88,13 +105,13 @@ def _check_files(
         )
 
 
-def _adapter_name(session: Session, tenant_id: str, body: JobCreate) -> str:
+def _adapter_name(session: Session, tenant_id: str, body: JobRequest) -> str:
     if body.adapter_name is not None:
         reason = name_taken(session, tenant_id, body.adapter_name)
         if reason:
             raise conflict(reason, "adapter_name", "adapter_name_taken")
         return body.adapter_name
-    stem = body.method.type.value + (f"-{body.suffix}" if body.suffix else "")
+    stem = body.method["type"] + (f"-{body.suffix}" if body.suffix else "")
     for _ in range(8):
         name = f"{stem}-{ids.short_hex()}"
         if name_taken(session, tenant_id, name) is None:
@@ -117,11 +134,9 @@ def _check_quotas(session: Session, tenant_id: str, settings: Settings) -> None:
     check_adapter_quota(session, tenant_id, settings.max_adapters_per_tenant, active)
 
 
-def create_job(session: Session, tenant: Tenant, body: JobCreate, settings: Settings) -> Job:
-    spec = body.method
-    method = {**spec.stored_method(), "hyperparameters": spec.stored_hyperparameters()}
+def create_job(session: Session, tenant: Tenant, body: JobRequest, settings: Settings) -> Job:
     try:
-        validate_method(method)
+        validate_method({**body.method, "hyperparameters": body.hyperparameters})
     except MethodConfigError as exc:
         # validate_method names fields inside the method block; the request's field is method.*
         param = f"method.{exc.param}" if exc.param else "method"
@@ -138,8 +153,8 @@ def create_job(session: Session, tenant: Tenant, body: JobCreate, settings: Sett
         tenant_id=tenant.id,
         status=JobStatus.VALIDATING_FILES,
         model=model,
-        method=spec.stored_method(),
-        hyperparameters=spec.stored_hyperparameters(),
+        method=body.method,
+        hyperparameters=body.hyperparameters,
         training_file=body.training_file,
         validation_file=body.validation_file,
         adapter_name=adapter_name,

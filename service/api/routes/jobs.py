@@ -43,7 +43,7 @@ def create_fine_tuning_job(
     created can start; it then runs on a worker. Follow it with the events or their stream.
     OpenAI's request shape (method types `supervised` and `dpo`, top-level hyperparameters)
     is accepted too."""
-    return JobObject.from_row(create_job(session, tenant, body, settings))
+    return JobObject.from_row(create_job(session, tenant, body.job_request(), settings))
 
 
 @router.get("", response_model=ListResponse[JobObject], summary="List fine-tuning jobs")

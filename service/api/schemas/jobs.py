@@ -26,6 +26,7 @@ from service.api.schemas.methods import API_METHODS, METHOD_PARAMS, Hyperparamet
 from service.db.models import Checkpoint, Job, JobEvent
 from service.db.types import to_unix
 from service.ids import EVENT
+from service.jobs.create import JobRequest
 from service.jobs.openai_compat import OPENAI_METHOD_TYPES, translate_job_request
 
 MethodType = StrEnum(  # type: ignore[misc]
@@ -214,6 +215,20 @@ class JobCreate(BaseModel):
     @property
     def openai_method(self) -> str | None:
         return self._openai_method
+
+    def job_request(self) -> JobRequest:
+        """This body as ``service.jobs.create`` takes it (no HTTP model crosses into it)."""
+        return JobRequest(
+            training_file=self.training_file,
+            method=self.method.stored_method(),
+            hyperparameters=self.method.stored_hyperparameters(),
+            validation_file=self.validation_file,
+            adapter_name=self.adapter_name,
+            suffix=self.suffix,
+            seed=self.seed,
+            model=self.model,
+            openai_method=self.openai_method,
+        )
 
 
 # --- responses -------------------------------------------------------------------------------
