@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 
 DASHBOARD_TESTS := tests/dashboard
 
-.PHONY: install browser-deps serve worker test lint bench-quick clean
+.PHONY: install browser-deps deploy-deps serve worker test lint bench-quick clean
 
 install: $(VENV)/.installed
 
@@ -29,6 +29,19 @@ browser-deps: $(DASHBOARD_TESTS)/node_modules/.installed
 	    "chromium) or the dashboard browser test is skipped"; \
 	fi
 
+# tests/test_deploy.py validates the compose files with docker-compose and runs Debian's nginx
+# on deploy/nginx.conf; without them those tests are skipped, except under CI=true, where they
+# fail.
+deploy-deps:
+	@if command -v nginx >/dev/null 2>&1 && command -v docker-compose >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+	    --no-install-recommends nginx docker-compose; \
+	else \
+	  echo "make: nginx or docker-compose is missing and this is not root: install them" \
+	    "(apt-get install -y nginx docker-compose) or the deploy tests are skipped"; \
+	fi
+
 $(DASHBOARD_TESTS)/node_modules/.installed: $(DASHBOARD_TESTS)/package-lock.json
 	@if command -v npm >/dev/null 2>&1; then \
 	  cd $(DASHBOARD_TESTS) && npm ci --no-audit --no-fund && touch node_modules/.installed; \
@@ -46,7 +59,7 @@ serve: install
 worker: install
 	$(BIN)/loraplex worker
 
-test: install browser-deps
+test: install browser-deps deploy-deps
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q
 
