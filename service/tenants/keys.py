@@ -7,10 +7,12 @@ import secrets
 from dataclasses import dataclass
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service.db.models import ApiKey, Tenant
 from service.db.types import utcnow
+from service.errors import conflict
 
 KEY_PREFIX = "lpx_"
 VISIBLE_PREFIX_CHARS = 8  # "lpx_" + 4 characters of the secret
@@ -54,6 +56,20 @@ def create_tenant(session: Session, name: str) -> Tenant:
     session.add(tenant)
     session.flush()
     return tenant
+
+
+def create_tenant_with_key(session: Session, name: str, key_name: str) -> tuple[Tenant, NewKey]:
+    """A new tenant called ``name`` and its first key, committed; a conflict if it is taken."""
+    try:
+        tenant = create_tenant(session, name)
+        new_key = create_api_key(session, tenant, name=key_name)
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        raise conflict(
+            f"A tenant named '{name}' already exists.", "name", "tenant_exists"
+        ) from None
+    return tenant, new_key
 
 
 def tenant_by_name(session: Session, name: str) -> Tenant | None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service.api.deps import AdminDep, SessionDep
@@ -20,9 +19,9 @@ from service.api.schemas.tenants import (
     TenantObject,
 )
 from service.db.models import ApiKey, Tenant
-from service.errors import conflict, not_found
+from service.errors import not_found
 from service.state import app_state
-from service.tenants.keys import NewKey, create_api_key, create_tenant, revoke_key
+from service.tenants.keys import NewKey, create_api_key, create_tenant_with_key, revoke_key
 
 router = APIRouter(prefix="/v1/tenants", tags=["tenants (admin)"])
 
@@ -42,15 +41,7 @@ def _get_tenant(session: Session, tenant_id: str) -> Tenant:
 def create_tenant_route(body: TenantCreate, session: SessionDep, _admin: AdminDep) -> TenantCreated:
     """Admin only. Creates a tenant and its first API key (named `initial`); the key's secret
     is in the answer and never shown again. 409 when the name is taken."""
-    try:
-        tenant = create_tenant(session, body.name)
-        new_key = create_api_key(session, tenant, name="initial")
-        session.commit()
-    except IntegrityError:
-        session.rollback()
-        raise conflict(
-            f"A tenant named '{body.name}' already exists.", "name", "tenant_exists"
-        ) from None
+    tenant, new_key = create_tenant_with_key(session, body.name, "initial")
     return TenantCreated(
         **TenantObject.from_row(tenant).model_dump(), api_key=_created_key(new_key)
     )
