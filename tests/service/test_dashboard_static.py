@@ -54,7 +54,7 @@ def test_page_has_no_inline_code_and_loads_nothing_from_outside() -> None:
         assert "innerHTML" not in text and 'setAttribute("style"' not in text, name
     # Every module import and every file the page links is one the server serves.
     for name in [n for n in ASSETS if n.endswith(".js")]:
-        for target in re.findall(r"from \"\./([\w.]+)\"", (DASHBOARD_DIR / name).read_text()):
+        for target in re.findall(r"from \"\./([\w.-]+)\"", (DASHBOARD_DIR / name).read_text()):
             assert target in ASSETS, f"{name} imports {target}"
-    for target in re.findall(r"(?:src|href)=\"/dashboard/([\w.]+)\"", html):
+    for target in re.findall(r"(?:src|href)=\"/dashboard/([\w.-]+)\"", html):
         assert target in ASSETS
