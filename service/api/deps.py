@@ -23,7 +23,7 @@ from service.config import Settings
 from service.db.models import ApiKey, Tenant
 from service.errors import ErrorKind, ServiceError
 from service.serving.lookups import LookupCache
-from service.serving.residency import AdapterRef, KeyLookup, find_adapter, find_key_and_adapter
+from service.serving.queries import AdapterRef, KeyLookup, find_adapter, find_key_and_adapter
 from service.state import AppState, app_state
 from service.tenants.keys import hash_api_key, key_by_secret
 

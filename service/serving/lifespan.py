@@ -12,7 +12,7 @@ from anyio.to_thread import run_sync
 from service.config import Settings
 from service.observability.metrics import EngineCollector
 from service.serving.batcher import Batcher
-from service.serving.residency import DatabaseLoader
+from service.serving.queries import DatabaseLoader
 from service.serving.run import LengthChecker
 from service.state import AppState
 

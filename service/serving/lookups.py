@@ -1,7 +1,7 @@
 """The inference request path's lookup (API key + adapter), remembered when that is exact.
 
 Every ``/predict`` and ``/reward/compare`` resolves the caller's key and the adapter's current
-version (:func:`~service.serving.residency.find_key_and_adapter`). Under load that thread hop
+version (:func:`~service.serving.queries.find_key_and_adapter`). Under load that thread hop
 and query cost more server CPU than the rest of the request path, so a process that sees every
 write that could change the answer remembers good answers: with SQLite there is one API process
 (docs/scaling.md), and the only writes that can turn a good answer bad, deleting an adapter and
@@ -24,7 +24,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from service.serving.residency import AdapterRef
+from service.serving.queries import AdapterRef
 
 DEFAULT_TTL_S = 60.0
 DEFAULT_MAX_ENTRIES = 10_000

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from service.errors import ErrorKind, ServiceError, invalid, not_found, unavailable
 from service.serving.batcher import Batcher, QueueFullError
-from service.serving.residency import AdapterGone
+from service.serving.queries import AdapterGone
 
 if TYPE_CHECKING:
     from core.base import BaseModel

@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import event
 
 from service.serving.lookups import LookupCache
-from service.serving.residency import AdapterRef
+from service.serving.queries import AdapterRef
 from service.state import app_state
 from tests.core.inference.helpers import lora
 from tests.service.helpers import Headers, assert_error, store_adapter

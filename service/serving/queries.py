@@ -1,4 +1,6 @@
-"""Which adapter a request means, and how its weights reach the engine.
+"""The serving path's database reads: which key and adapter a request means, and the loader
+that reads an adapter's weights for the engine (residency itself is the engine's ledger,
+:mod:`core.inference.residency`).
 
 Cache keys are ``(tenant_id, name, version)``: a replaced adapter gets a new version and so a
 new key, and one tenant's ``sentiment`` can never be served to another tenant. The request
