@@ -6,12 +6,10 @@ Nothing is ever unpickled: a checkpoint from the database is parsed like any use
 
 from __future__ import annotations
 
-import base64
 import json
 import struct
 from typing import Any
 
-import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
@@ -63,17 +61,6 @@ def unpack(data: bytes) -> tuple[dict[str, Any], dict[str, Tensor]]:
     except (SafetensorError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"bad checkpoint tensors: {e}") from None
     return meta, tensors
-
-
-# --- RNG -------------------------------------------------------------------------------------
-
-
-def rng_to_json(state: Tensor) -> str:
-    return base64.b64encode(state.cpu().numpy().tobytes()).decode("ascii")
-
-
-def rng_from_json(text: str) -> Tensor:
-    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8).clone()
 
 
 # --- optimizer state ---------------------------------------------------------------------------

@@ -13,19 +13,15 @@ Usage (what the service worker does)::
 Threads: ``torch.set_num_threads`` is process-wide, so this module never calls it; the worker
 process sets it once (``TrainingConfig.num_threads`` is advisory, for that caller).
 
-Randomness: dropout draws from torch's global CPU RNG. The trainer keeps its *own* RNG state and
-swaps it in around each step (and back out after), so other code in the process neither
-perturbs nor is perturbed by a job, and the state saved in a checkpoint is exactly the state
-the next step needs. Resuming a checkpoint therefore reproduces an uninterrupted run bit for
-bit on CPU (same seed, data, config and thread count).
+Randomness: the run draws from its own streams, apart from the process's (see
+:mod:`core.training.rng`); that is what makes resuming a checkpoint bit-exact.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +58,7 @@ from core.training.metrics import (
     is_better,
     reward_loss,
 )
+from core.training.rng import TrainerRng, forked_rng
 from core.training.schedules import lr_lambda, param_groups, param_layers, unfrozen
 
 # Config fields that do not change the training trajectory: they may differ on resume.
@@ -214,7 +211,7 @@ class Trainer:
 
         # Seeded initialisation inside a forked RNG: same seed, same initial weights, whatever
         # else the process did before, and the global RNG is left as it was.
-        with _forked_rng(self.base.device):
+        with forked_rng(self.base.device):
             torch.manual_seed(cfg.seed)
             method = build_method(self.method_config, self.base)
             head = Head(self.head_config, self.base.hidden_size).to(self.base.device)
@@ -263,7 +260,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(cfg.lr_scheduler, self.warmup_steps, self.total_steps)
         )
-        self._rng = _seeded_generator_state(cfg.seed, self.base.device)
+        self._rng = TrainerRng.seeded(cfg.seed, self.base.device)
         self._train_feats: Tensor | None = None
         self._val_feats: Tensor | None = None
         self._best_state: dict[str, Tensor] | None = None
@@ -412,7 +409,7 @@ class Trainer:
         return finished
 
     def _train_step(self, idx: list[int]) -> float:
-        with self._rng_scope():
+        with self._rng.scope():
             if self.frozen_features:
                 assert self._train_feats is not None
                 out = self.model.head(_flatten_pairs(self._train_feats[idx]), dropout=True)
@@ -626,7 +623,7 @@ class Trainer:
             "config": self.config.to_dict(),
             "position": {"step": st.step, "epoch": st.epoch, "batch": st.batch_in_epoch},
             "total_steps": self.total_steps,
-            "rng": {k: ckpt.rng_to_json(v) for k, v in self._rng.items()},
+            "rng": self._rng.to_json(),
             "optimizer": optim_meta,
             "scheduler": _scheduler_state(self.scheduler),
             "state": {
@@ -665,7 +662,7 @@ class Trainer:
             # Only the scheduler's own counters: load_state_dict would set any key as attribute.
             sched = {k: v for k, v in meta["scheduler"].items() if k in _SCHEDULER_KEYS}
             self.scheduler.load_state_dict({**sched, "lr_lambdas": [None] * len(sched["base_lrs"])})
-            self._rng = {k: ckpt.rng_from_json(v) for k, v in meta["rng"].items()}
+            self._rng = TrainerRng.from_json(meta["rng"], device)
             s = meta["state"]
             pos = meta["position"]
             self.state = _State(
@@ -739,24 +736,6 @@ class Trainer:
             self.close()
             raise Cancelled("training cancelled")
 
-    @contextlib.contextmanager
-    def _rng_scope(self) -> Iterator[None]:
-        """Swap the trainer's RNG state into torch's global generators for one step."""
-        cuda = self.base.device.type == "cuda"
-        outer_cpu = torch.get_rng_state()
-        outer_cuda = torch.cuda.get_rng_state(self.base.device) if cuda else None
-        torch.set_rng_state(self._rng["cpu"])
-        if cuda and "cuda" in self._rng:
-            torch.cuda.set_rng_state(self._rng["cuda"], self.base.device)
-        try:
-            yield
-        finally:
-            self._rng["cpu"] = torch.get_rng_state()
-            torch.set_rng_state(outer_cpu)
-            if cuda:
-                self._rng["cuda"] = torch.cuda.get_rng_state(self.base.device)
-                torch.cuda.set_rng_state(outer_cuda, self.base.device)
-
 
 # --------------------------------------------------------------------------------------------
 # Module helpers
@@ -827,23 +806,6 @@ def _flatten_pairs(feats: Tensor) -> Tensor:
     return feats.transpose(0, 1).reshape(-1, feats.shape[-1])
 
 
-def _seeded_generator_state(seed: int, device: torch.device) -> dict[str, Tensor]:
-    """Initial RNG states for dropout, derived from the seed (distinct from the init stream)."""
-    with _forked_rng(device):
-        torch.manual_seed(seed + 1)
-        state = {"cpu": torch.get_rng_state()}
-        if device.type == "cuda":
-            state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
 def _scheduler_state(scheduler: torch.optim.lr_scheduler.LRScheduler) -> dict[str, Any]:
     # lr_lambdas are saved as None placeholders (plain functions, rebuilt from the config).
     return ckpt._jsonable(scheduler.state_dict())
-
-
-@contextlib.contextmanager
-def _forked_rng(device: torch.device) -> Iterator[None]:
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        yield
