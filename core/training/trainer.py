@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -55,11 +55,11 @@ from core.training.metrics import (
     ClassificationMetrics,
     RewardMetrics,
     classification_loss,
-    is_better,
     reward_loss,
 )
 from core.training.rng import TrainerRng, forked_rng
 from core.training.schedules import lr_lambda, param_groups, param_layers, unfrozen
+from core.training.state import EvalRecord, TrainingState
 
 # Config fields that do not change the training trajectory: they may differ on resume.
 _RESUME_FREE_FIELDS = {"checkpoint_every_steps", "num_threads"}
@@ -110,32 +110,9 @@ class TrainResult:
     adapter: Adapter
     metrics: dict[str, Any]  # val_* of the best evaluation, train_loss, steps, best_step ...
     best_step: int
-    history: list[dict[str, Any]]  # one entry per evaluation
+    history: list[EvalRecord]  # one entry per evaluation point
     stopped_early: bool = False
     steps: int = 0
-
-
-@dataclass
-class _State:
-    """Everything that changes while training (and goes into a checkpoint)."""
-
-    step: int = 0
-    epoch: int = 0  # 0-based index of the epoch the next step belongs to
-    batch_in_epoch: int = 0
-    trained_tokens: int = 0
-    loss_sum: float = 0.0  # current epoch, for the running mean
-    loss_count: int = 0
-    best_score: float | None = None
-    best_step: int = 0
-    best_metrics: dict[str, Any] = field(default_factory=dict)
-    bad_evals: int = 0
-    stopped_early: bool = False
-    last_val: dict[str, Any] | None = None
-    history: list[dict[str, Any]] = field(default_factory=list)
-    elapsed: float = 0.0
-    # Set between a step and the end of its bookkeeping (validation, callbacks): a checkpoint
-    # taken meanwhile (e.g. by should_cancel during a long validation) replays it on resume.
-    pending: dict[str, Any] | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -173,7 +150,7 @@ class Trainer:
         self._val_rows = val_examples or None
         self._ready = False
         self._closed = False
-        self.state = _State()
+        self.state = TrainingState()
 
     # --- setup -------------------------------------------------------------------------------
 
@@ -264,7 +241,7 @@ class Trainer:
         self._train_feats: Tensor | None = None
         self._val_feats: Tensor | None = None
         self._best_state: dict[str, Tensor] | None = None
-        self.state = _State()
+        self.state = TrainingState()
         self._ready = True
 
     # --- what the run resolved ----------------------------------------------------------------
@@ -377,11 +354,7 @@ class Trainer:
         done = st.step >= self.total_steps
         every = cfg.eval_every_steps
         eval_due = (every and st.step % every == 0) or (end_of_epoch and not every) or done
-        val = None
-        if self.val_data is not None and eval_due:
-            val = self._evaluate_and_track(epoch, train_loss, lr, t0)
-        elif eval_due:
-            self._track_without_validation(epoch, train_loss, lr, t0)
+        val = self._evaluate_and_track(epoch, train_loss, lr, t0) if eval_due else None
         loss = st.pending["loss"]
         st.pending = None
         st.elapsed = time.monotonic() - t0
@@ -469,47 +442,18 @@ class Trainer:
 
     def _evaluate_and_track(
         self, epoch: float, train_loss: float, lr: float, t0: float
-    ) -> dict[str, Any]:
+    ) -> dict[str, Any] | None:
+        """Validate (if the run has validation data), keep the best weights, log the point."""
         st, cfg = self.state, self.config
-        val = self.evaluate()
-        st.last_val = val
-        score = float(val[cfg.metric_for_best])
-        if is_better(cfg.metric_for_best, score, st.best_score):
-            st.best_score, st.best_step, st.best_metrics = score, st.step, val
-            st.bad_evals = 0
-            self._best_state = {k: v.detach().clone() for k, v in self._trainable_state().items()}
+        val = None
+        if self.val_data is None:
+            st.best_step = st.step  # without validation the last weights are the result
         else:
-            st.bad_evals += 1
-            patience = cfg.early_stopping_patience
-            if patience is not None and st.bad_evals >= patience:
-                st.stopped_early = True
-        st.history.append(
-            {
-                "step": st.step,
-                "epoch": epoch,
-                "train_loss": train_loss,
-                "lr": lr,
-                "val": val,
-                "elapsed": time.monotonic() - t0,
-            }
-        )
+            val = self.evaluate()
+            if st.track_validation(val, cfg.metric_for_best, cfg.early_stopping_patience):
+                self._best_state = self._snapshot()
+        st.record(epoch, train_loss, lr, val, time.monotonic() - t0)
         return val
-
-    def _track_without_validation(
-        self, epoch: float, train_loss: float, lr: float, t0: float
-    ) -> None:
-        st = self.state
-        st.best_step = st.step  # without validation the last weights are the result
-        st.history.append(
-            {
-                "step": st.step,
-                "epoch": epoch,
-                "train_loss": train_loss,
-                "lr": lr,
-                "val": None,
-                "elapsed": time.monotonic() - t0,
-            }
-        )
 
     def _cache_features(self, data: EncodedData) -> Tensor:
         """Pooled base features of every example, computed once (feature extraction)."""
@@ -587,6 +531,10 @@ class Trainer:
             out.update({f"method.{k}": v for k, v in self.model.method.state_dict().items()})
         return out
 
+    def _snapshot(self) -> dict[str, Tensor]:
+        """A copy of the trainable weights, that later steps do not change."""
+        return {k: v.detach().clone() for k, v in self._trainable_state().items()}
+
     def _load_trainable_state(self, state: Mapping[str, Tensor]) -> None:
         head = {k[5:]: v for k, v in state.items() if k.startswith("head.")}
         self.model.head.load_state_dict(head, strict=True)
@@ -614,33 +562,20 @@ class Trainer:
         tensors = {f"model.{k}": v for k, v in self._trainable_state().items()}
         optim_meta, optim_tensors = ckpt.optimizer_to_parts(self.optimizer.state_dict())
         tensors.update(optim_tensors)
-        best_is_current = st.best_step == st.step
-        if self._best_state is not None and not best_is_current:
+        # Best weights other than the current ones; has_best says whether there are any.
+        if self._best_state is not None and st.best_step != st.step:
             tensors.update({f"best.{k}": v for k, v in self._best_state.items()})
+        saved = st.to_json()
         meta = {
             "format": ckpt.FORMAT,
             "identity": self._identity(),
             "config": self.config.to_dict(),
-            "position": {"step": st.step, "epoch": st.epoch, "batch": st.batch_in_epoch},
+            "position": saved["position"],
             "total_steps": self.total_steps,
             "rng": self._rng.to_json(),
             "optimizer": optim_meta,
             "scheduler": _scheduler_state(self.scheduler),
-            "state": {
-                "loss_sum": st.loss_sum,
-                "loss_count": st.loss_count,
-                "trained_tokens": st.trained_tokens,
-                "best_score": st.best_score,
-                "best_step": st.best_step,
-                "best_metrics": st.best_metrics,
-                "bad_evals": st.bad_evals,
-                "stopped_early": st.stopped_early,
-                "last_val": st.last_val,
-                "history": st.history,
-                "elapsed": st.elapsed,
-                "pending": st.pending,
-                "has_best": self._best_state is not None,
-            },
+            "state": {**saved["state"], "has_best": self._best_state is not None},
         }
         return ckpt.pack(meta, tensors)
 
@@ -663,33 +598,14 @@ class Trainer:
             sched = {k: v for k, v in meta["scheduler"].items() if k in _SCHEDULER_KEYS}
             self.scheduler.load_state_dict({**sched, "lr_lambdas": [None] * len(sched["base_lrs"])})
             self._rng = TrainerRng.from_json(meta["rng"], device)
-            s = meta["state"]
-            pos = meta["position"]
-            self.state = _State(
-                step=int(pos["step"]),
-                epoch=int(pos["epoch"]),
-                batch_in_epoch=int(pos["batch"]),
-                loss_sum=float(s["loss_sum"]),
-                loss_count=int(s["loss_count"]),
-                # Checkpoints written before tokens were counted resume with the count at 0.
-                trained_tokens=int(s.get("trained_tokens", 0)),
-                best_score=s["best_score"],
-                best_step=int(s["best_step"]),
-                best_metrics=dict(s["best_metrics"]),
-                bad_evals=int(s["bad_evals"]),
-                stopped_early=bool(s["stopped_early"]),
-                last_val=s["last_val"],
-                history=list(s["history"]),
-                elapsed=float(s["elapsed"]),
-                pending=s.get("pending"),
-            )
+            self.state = TrainingState.from_json(meta)
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise ckpt.CheckpointError(f"checkpoint does not fit this job: {e}") from None
         best = {k[5:]: v.to(self.base.device) for k, v in tensors.items() if k.startswith("best.")}
         if best:
             self._best_state = best
-        elif s.get("has_best"):  # best == the weights at the checkpoint's step
-            self._best_state = {k: v.detach().clone() for k, v in self._trainable_state().items()}
+        elif meta["state"].get("has_best"):  # best == the weights at the checkpoint's step
+            self._best_state = self._snapshot()
         if self.state.step > self.total_steps:
             raise ckpt.CheckpointError("checkpoint is past the end of this job")
 
