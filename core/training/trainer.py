@@ -26,31 +26,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from pydantic import ValidationError
 from torch import Tensor, nn
 
 from core.adapter import Adapter
 from core.base import BaseModel
-from core.errors import Cancelled, ConfigError, DataError
+from core.errors import Cancelled
 from core.heads import Head, HeadConfig
-from core.methods import MethodConfig, build_method, parse_method_config
+from core.methods import MethodConfig, build_method
 from core.model import AdaptedModel
 from core.training import checkpoint as ckpt
 from core.training.config import TrainingConfig, parse_training_config
-from core.training.data import (
-    BucketSampler,
-    ClassificationExample,
-    EncodedData,
-    Example,
-    check_classes,
-    check_labels,
-    coerce_examples,
-    encode,
-    eval_batches,
-    has_pairs,
-    infer_label_names,
-    split_validation,
-)
+from core.training.data import BucketSampler, EncodedData, Example, encode, eval_batches
+from core.training.inputs import method_config_of, prepare_inputs
 from core.training.metrics import (
     ClassificationMetrics,
     RewardMetrics,
@@ -142,7 +129,7 @@ class Trainer:
         callbacks: TrainerCallbacks | None = None,
     ) -> None:
         self.base = base
-        self.method_config = _method_config(method_config)
+        self.method_config = method_config_of(method_config)
         self._head_config_in = head_config
         self.config = parse_training_config(dict(config) if isinstance(config, Mapping) else config)
         self.callbacks = callbacks or TrainerCallbacks()
@@ -159,32 +146,19 @@ class Trainer:
         if self._closed:
             raise RuntimeError("trainer was closed (cancelled or finished); resume a checkpoint")
         cfg = self.config
-        task = _task(self._head_config_in)
-        train = coerce_examples(self._train_rows, task, "training")
-        val = coerce_examples(self._val_rows, task, "validation") if self._val_rows else None
-        self.head_config = _resolve_head(self._head_config_in, train, val)
-        labels = self.head_config.label_names
-        if task == "classification":
-            check_labels(train, labels, "training")
-            check_classes(train)
-        _check_pairs(self.head_config, train, "training")
+        inputs = prepare_inputs(self._head_config_in, self._train_rows, self._val_rows, cfg)
+        self.head_config = inputs.head
         # Rows of the training set held out for validation (none when a set was given).
-        self.held_out_examples = 0
-        if val is None and cfg.validation_fraction > 0:
-            train, val = split_validation(train, cfg.validation_fraction, cfg.seed)
-            self.held_out_examples = len(val)
-        elif val is not None:
-            check_labels(val, labels, "validation")
-            _check_pairs(self.head_config, val, "validation")
-        if task == "reward" and cfg.metric_for_best == "macro_f1":
-            raise ConfigError("metric_for_best", "macro_f1 is a classification metric")
+        self.held_out_examples = inputs.held_out
 
         # Prompt tuning's virtual tokens take positions too: real text gets what is left.
         reserved = int(getattr(self.method_config, "reserved_positions", 0))
         self.max_length = min(cfg.max_seq_length, self.base.max_length - reserved)
-        tok = self.base.tokenizer
-        self.train_data = encode(train, tok, self.max_length, labels, cfg.margin)
-        self.val_data = encode(val, tok, self.max_length, labels, cfg.margin) if val else None
+        tok, labels = self.base.tokenizer, self.head_config.label_names
+        self.train_data = encode(inputs.train, tok, self.max_length, labels, cfg.margin)
+        self.val_data = (
+            encode(inputs.val, tok, self.max_length, labels, cfg.margin) if inputs.val else None
+        )
 
         # Seeded initialisation inside a forked RNG: same seed, same initial weights, whatever
         # else the process did before, and the global RNG is left as it was.
@@ -656,57 +630,6 @@ class Trainer:
 # --------------------------------------------------------------------------------------------
 # Module helpers
 # --------------------------------------------------------------------------------------------
-
-
-def _method_config(cfg: MethodConfig | Mapping[str, Any]) -> MethodConfig:
-    if isinstance(cfg, MethodConfig):
-        return cfg
-    params = dict(cfg)
-    method_type = params.pop("type", None)
-    if not isinstance(method_type, str):
-        raise ConfigError("type", "method config needs a 'type'")
-    return parse_method_config(method_type, params)
-
-
-def _task(head: HeadConfig | Mapping[str, Any]) -> str:
-    task = head.task if isinstance(head, HeadConfig) else head.get("task")
-    if task not in ("classification", "reward"):
-        raise ConfigError("task", f"must be 'classification' or 'reward', not {task!r}")
-    return str(task)
-
-
-def _resolve_head(
-    head: HeadConfig | Mapping[str, Any], train: list[Example], val: list[Example] | None
-) -> HeadConfig:
-    if isinstance(head, HeadConfig):
-        return head
-    params = dict(head)
-    if params.get("task") == "classification" and not params.get("label_names"):
-        check_classes(train)
-        params["label_names"] = infer_label_names(train)
-    if "text_pair" not in params:
-        params["text_pair"] = has_pairs([*train, *(val or [])]) is not None
-    try:
-        return HeadConfig(**params)
-    except ValidationError as e:
-        err = e.errors()[0]
-        raise ConfigError(str(err["loc"][0]) if err["loc"] else "head", err["msg"]) from None
-    except TypeError as e:
-        raise ConfigError("head", str(e)) from None
-
-
-def _check_pairs(head: HeadConfig, examples: Sequence[Example], where: str) -> None:
-    """Training must encode inputs as serving will: no second text unless the head says so."""
-    if head.text_pair:
-        return
-    row = has_pairs(examples)
-    if row is not None:
-        fld = "text_pair" if isinstance(examples[row], ClassificationExample) else "prompt"
-        raise DataError(
-            f"{where} data: the head config has text_pair=false but this row has a {fld}",
-            row,
-            fld,
-        )
 
 
 def _check_base_untouched(base: BaseModel, named: Mapping[str, nn.Parameter]) -> None:
