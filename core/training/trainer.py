@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -35,6 +34,7 @@ from core.heads import Head, HeadConfig
 from core.methods import MethodConfig, build_method
 from core.model import AdaptedModel
 from core.training import checkpoint as ckpt
+from core.training.callbacks import ProgressEvent, TrainerCallbacks, TrainResult
 from core.training.config import TrainingConfig, parse_training_config
 from core.training.data import BucketSampler, EncodedData, Example, encode, eval_batches
 from core.training.inputs import method_config_of, prepare_inputs
@@ -46,7 +46,10 @@ from core.training.metrics import (
 )
 from core.training.rng import TrainerRng, forked_rng
 from core.training.schedules import lr_lambda, param_groups, param_layers, unfrozen
-from core.training.state import EvalRecord, TrainingState
+from core.training.state import TrainingState
+
+# Callers import the run's events, callbacks and result from here, with the Trainer.
+__all__ = ["ProgressEvent", "TrainResult", "Trainer", "TrainerCallbacks"]
 
 # Config fields that do not change the training trajectory: they may differ on resume.
 _RESUME_FREE_FIELDS = {"checkpoint_every_steps", "num_threads"}
@@ -54,57 +57,6 @@ _SCHEDULER_KEYS = {
     "base_lrs", "last_epoch", "_step_count", "_is_initial", "_get_lr_called_within_step",
     "_last_lr",
 }  # fmt: skip
-
-
-# --------------------------------------------------------------------------------------------
-# Events, callbacks, result
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ProgressEvent:
-    step: int  # optimizer steps done (1-based after the first step)
-    total_steps: int
-    # Epochs completed, as a float (HF Trainer's convention): 0.5 half-way through the first
-    # epoch, 1.0 at its end, 3.0 when a 3-epoch job is done.
-    epoch: float
-    train_loss: float  # running mean of the training loss over the current epoch
-    lr: float  # learning rate of the top (head) group used for this step
-    val_metrics: dict[str, Any] | None  # set when this step ended with a validation
-    elapsed: float  # seconds of training, including time before a resume
-    step_loss: float = math.nan  # this step's loss
-    # Non-padding tokens of the training examples of every step so far (OpenAI's billable
-    # ``trained_tokens``: an example seen in three epochs counts three times).
-    trained_tokens: int = 0
-
-
-@dataclass
-class TrainerCallbacks:
-    """All optional. Called on the training thread; keep them cheap (``on_progress`` runs every
-    step) and hand heavy work (database writes) to a queue if needed."""
-
-    on_progress: Callable[[ProgressEvent], None] | None = None
-    on_eval: Callable[[ProgressEvent], None] | None = None
-    # Checked before every step and between evaluation / feature batches.
-    should_cancel: Callable[[], bool] | None = None
-    # (checkpoint bytes, step, epochs completed, metrics): every ``checkpoint_every_steps``
-    # and at the end of every epoch, except after the final step (the adapter supersedes it).
-    on_checkpoint: Callable[[bytes, int, float, dict[str, Any]], None] | None = None
-
-
-@dataclass
-class TrainResult:
-    adapter: Adapter
-    metrics: dict[str, Any]  # val_* of the best evaluation, train_loss, steps, best_step ...
-    best_step: int
-    history: list[EvalRecord]  # one entry per evaluation point
-    stopped_early: bool = False
-    steps: int = 0
-
-
-# --------------------------------------------------------------------------------------------
-# Trainer
-# --------------------------------------------------------------------------------------------
 
 
 class Trainer:
