@@ -55,7 +55,7 @@ from core.inference.bank import LoraBank, MixedLoraHooks
 from core.inference.execute import Group, Plan, execute_plan
 from core.inference.merged_cache import MergedCache
 from core.inference.residency import Residency, Resident
-from core.inference.rows import MODES, AdapterNotResidentError, Row, RowResult
+from core.inference.rows import FORWARD_MODES, AdapterNotResidentError, Row, RowResult
 from core.inference.tokens import Tokenized
 from core.methods.lora.layer import merge_pairs
 
@@ -264,7 +264,7 @@ class InferenceEngine:
         batch_keys = {r.key for r in rows if r.key is not None}
         failed: dict[Hashable, Exception] = {}
         for i, row in enumerate(rows):
-            if row.mode not in MODES:
+            if row.mode not in FORWARD_MODES:
                 results[i] = RowResult(row.key, error=CoreError(f"unknown mode {row.mode!r}"))
                 continue
             if row.key is None:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
-Mode = Literal["unmerged", "merged"]
-MODES = ("unmerged", "merged")
+# How the engine runs an adapter row: ``unmerged`` in the shared mixed batch, ``merged`` on a
+# copy of the base with the adapter merged in. (A request's ``auto`` is the service's to resolve.)
+ForwardMode = Literal["unmerged", "merged"]
+FORWARD_MODES: tuple[ForwardMode, ...] = get_args(ForwardMode)
 
 
 @dataclass(frozen=True)
@@ -17,7 +19,7 @@ class Row:
     key: Hashable | None
     text: str
     text_pair: str | None = None
-    mode: Mode = "unmerged"
+    mode: ForwardMode = "unmerged"
 
 
 @dataclass

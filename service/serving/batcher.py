@@ -34,7 +34,7 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from service.serving.policy import AutoModePolicy
+from service.serving.policy import AutoModePolicy, RequestMode
 
 if TYPE_CHECKING:
     from core.adapter import Adapter
@@ -50,6 +50,7 @@ class QueueFullError(RuntimeError):
 @dataclass
 class _Request:
     rows: list[Row]
+    mode: RequestMode
     future: asyncio.Future[list[RowResult]]
     loop: asyncio.AbstractEventLoop
     # Adapters fetched by the request path because they were not resident (see ``submit``).
@@ -132,8 +133,11 @@ class Batcher:
             self._cond.notify_all()
         self._owner.join(timeout=30)
 
-    async def submit(self, rows: list[Row]) -> list[RowResult]:
+    async def submit(self, rows: list[Row], mode: RequestMode) -> list[RowResult]:
         """Results for ``rows`` in order; raises :class:`QueueFullError` when over the bound.
+
+        Every row runs in ``mode`` (``auto``: the policy's choice for its adapter, made when
+        the row's batch forms), whatever forward mode the row was built with.
 
         Adapters that are not resident are read and parsed here, in a worker thread, before
         the request joins the queue: a cold adapter costs its own request a database read,
@@ -141,7 +145,7 @@ class Batcher:
         """
         loop = asyncio.get_running_loop()
         adapters = await self._fetch_missing({r.key for r in rows if r.key is not None})
-        request = _Request(rows, loop.create_future(), loop, adapters)
+        request = _Request(rows, mode, loop.create_future(), loop, adapters)
         with self._cond:
             if self._stopping:
                 raise QueueFullError("the server is shutting down")
@@ -263,7 +267,7 @@ class Batcher:
             if remaining <= 0 or self._stopping:
                 break
             self._cond.wait(remaining)
-        return batch, [self._resolve_mode(row) for request in batch for row in request.rows]
+        return batch, [self._resolve_mode(row, r.mode) for r in batch for row in r.rows]
 
     def _plan(self, batch: list[_Request], rows: list[Row]) -> _Work | None:
         fetched: dict[Hashable, Adapter] = {}
@@ -330,11 +334,10 @@ class Batcher:
         for request in requests:
             _resolve(request, exc=exc)
 
-    def _resolve_mode(self, row: Row) -> Row:
+    def _resolve_mode(self, row: Row, mode: RequestMode) -> Row:
         self.policy.observe(row.key)
-        if row.mode != "auto":  # type: ignore[comparison-overlap]
-            return row
-        return replace(row, mode=self.policy.mode_for(row.key))
+        forward = self.policy.mode_for(row.key) if mode == "auto" else mode
+        return row if row.mode == forward else replace(row, mode=forward)
 
 
 def _resolve(request: _Request, results: Any = None, exc: BaseException | None = None) -> None:

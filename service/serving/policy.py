@@ -11,6 +11,13 @@ from __future__ import annotations
 
 from collections import Counter, deque
 from collections.abc import Hashable
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from core.inference.rows import ForwardMode
+
+# What a client asks for (``?mode=``): a forward mode, or ``auto`` to let this policy choose one.
+RequestMode = Literal["auto", "unmerged", "merged"]
 
 
 class AutoModePolicy:
@@ -29,7 +36,7 @@ class AutoModePolicy:
         self._recent.append(key)
         self._counts[key] += 1
 
-    def mode_for(self, key: Hashable | None) -> str:
+    def mode_for(self, key: Hashable | None) -> ForwardMode:
         """``merged`` if ``key`` dominates the window (and the window is full enough)."""
         if key is None or len(self._recent) < self.window // 4:
             return "unmerged"

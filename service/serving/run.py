@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from service.errors import ErrorKind, ServiceError, invalid, not_found, unavailable
 from service.serving.batcher import Batcher, QueueFullError
+from service.serving.policy import RequestMode
 from service.serving.queries import AdapterGone
 
 if TYPE_CHECKING:
@@ -43,9 +44,9 @@ class LengthChecker:
                     )
 
 
-async def run_rows(batcher: Batcher, rows: list[Row]) -> list[RowResult]:
+async def run_rows(batcher: Batcher, rows: list[Row], mode: RequestMode) -> list[RowResult]:
     try:
-        results = await batcher.submit(rows)
+        results = await batcher.submit(rows, mode)
     except AdapterGone:
         raise not_found("adapter", str(rows[0].key[1]), "adapter") from None  # type: ignore[index]
     except QueueFullError as e:

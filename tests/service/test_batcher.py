@@ -26,7 +26,8 @@ def test_a_request_that_arrives_alone_runs_without_waiting_for_company(
     batcher.start()
 
     async def submit(*texts: str) -> list[bool]:
-        results = await asyncio.wait_for(batcher.submit([Row("a", t) for t in texts]), 60)
+        rows = [Row("a", t) for t in texts]
+        results = await asyncio.wait_for(batcher.submit(rows, "unmerged"), 60)
         return [r.ok for r in results]
 
     async def together() -> list[list[bool]]:

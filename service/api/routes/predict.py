@@ -9,13 +9,13 @@ from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import AdapterName, ServedAdapter
 from service.api.schemas.inference import (
-    Mode,
     Prediction,
     PredictRequest,
     PredictResponse,
     TextPair,
 )
 from service.errors import not_found
+from service.serving.policy import RequestMode
 from service.serving.run import run_rows
 from service.state import app_state
 
@@ -46,7 +46,7 @@ async def predict(
     ref: ServedAdapter,
     adapter: AdapterName,
     mode: Annotated[
-        Mode,
+        RequestMode,
         Query(
             description="For LoRA adapters: `unmerged` shares one forward pass with other "
             "adapters, `merged` runs on a copy of the base with the adapter merged in, `auto` "
@@ -65,8 +65,8 @@ async def predict(
     state = app_state(request)
     if not body.truncate:
         await run_in_threadpool(state.require_length_checker().check, items, 0, "inputs")
-    rows = [Row(ref.key, text, pair, mode) for text, pair in items]  # type: ignore[arg-type]
-    results = await run_rows(state.require_batcher(), rows)
+    rows = [Row(ref.key, text, pair) for text, pair in items]
+    results = await run_rows(state.require_batcher(), rows, mode)
     if ref.task == "reward":
         predictions = [Prediction(reward=r.reward) for r in results]
     else:

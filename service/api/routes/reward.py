@@ -74,8 +74,8 @@ async def compare(
     state = app_state(request)
     if not body.truncate:
         await run_in_threadpool(state.require_length_checker().check, items, 0, "pairs")
-    rows = [Row(ref.key, text, pair, "auto") for text, pair in items]  # type: ignore[arg-type]
-    results = await run_rows(state.require_batcher(), rows)
+    rows = [Row(ref.key, text, pair) for text, pair in items]
+    results = await run_rows(state.require_batcher(), rows, "auto")
     rewards = [float(r.reward) for r in results]  # type: ignore[arg-type]
     out = [_result(rewards[2 * i], rewards[2 * i + 1]) for i in range(len(pairs))]
     if body.pairs is not None:

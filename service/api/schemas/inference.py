@@ -6,13 +6,14 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from service.serving.policy import RequestMode
+
 MAX_INPUTS = 256
 MAX_PAIRS = 128
 MAX_TEXT_CHARS = 100_000  # far beyond any model's window; the tokenizer truncates the rest
 
 Text = Annotated[str, StringConstraints(min_length=1, max_length=MAX_TEXT_CHARS)]
 OptionalText = Annotated[str, StringConstraints(max_length=MAX_TEXT_CHARS)]
-Mode = Literal["auto", "unmerged", "merged"]
 
 ADAPTER_NAME = "The adapter that answered."
 TRUNCATE = (
@@ -96,7 +97,7 @@ class PredictResponse(BaseModel):
 
     object: Literal["prediction"] = Field("prediction", description="Always `prediction`.")
     adapter: str = Field(description=ADAPTER_NAME)
-    mode: Mode = Field(
+    mode: RequestMode = Field(
         description="The `mode` asked for: `auto` lets the server choose per batch (a merged "
         "copy for an adapter that dominates recent traffic), `unmerged` shares one forward "
         "pass with other adapters, `merged` uses LoRA weights merged into a copy of the base."

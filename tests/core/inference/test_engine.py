@@ -17,6 +17,7 @@ from core.inference import (
     Row,
 )
 from core.inference.engine import InferenceEngine as _Engine
+from core.inference.rows import ForwardMode
 from tests.core.inference.helpers import lora, output, random_adapter, reference
 
 TEXTS = [
@@ -41,11 +42,11 @@ def mixed_adapters(base: BaseModel) -> dict[Hashable, Adapter]:
     }
 
 
-def rows_for(keys: list[Hashable | None], mode: str = "unmerged") -> list[Row]:
+def rows_for(keys: list[Hashable | None], mode: ForwardMode = "unmerged") -> list[Row]:
     rows = []
     for i, k in enumerate(keys):
         pair = PAIR if i % 3 == 2 else None
-        rows.append(Row(k, TEXTS[i % len(TEXTS)], pair, mode=mode))  # type: ignore[arg-type]
+        rows.append(Row(k, TEXTS[i % len(TEXTS)], pair, mode=mode))
     return rows
 
 
