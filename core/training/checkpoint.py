@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Mapping
 from typing import Any
 
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor
+from torch.optim.lr_scheduler import LRScheduler
 
 from core.errors import CoreError
 
@@ -63,6 +65,19 @@ def unpack(data: bytes) -> tuple[dict[str, Any], dict[str, Tensor]]:
     return meta, tensors
 
 
+# --- named tensors ---------------------------------------------------------------------------
+
+
+def prefixed(prefix: str, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``tensors`` under ``prefix`` (e.g. ``"model."``), to share one flat safetensors dict."""
+    return {f"{prefix}{k}": v for k, v in tensors.items()}
+
+
+def unprefixed(prefix: str, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The tensors :func:`prefixed` put under ``prefix``, with their own names back."""
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
 # --- optimizer state ---------------------------------------------------------------------------
 
 
@@ -84,14 +99,34 @@ def optimizer_from_parts(
     meta: dict[str, Any], tensors: dict[str, Tensor], prefix: str = "optim."
 ) -> dict[str, Any]:
     state: dict[int, dict[str, Any]] = {}
-    for name, t in tensors.items():
-        if not name.startswith(prefix):
-            continue
-        idx, key = name[len(prefix) :].split(".", 1)
+    for name, t in unprefixed(prefix, tensors).items():
+        idx, key = name.split(".", 1)
         state.setdefault(int(idx), {})[key] = t
     for idx, values in meta.get("scalars", {}).items():
         state.setdefault(int(idx), {}).update(values)
     return {"state": state, "param_groups": meta["param_groups"]}
+
+
+# --- learning-rate scheduler -------------------------------------------------------------------
+
+# The scheduler's own counters: LRScheduler.load_state_dict would set any key as an attribute.
+_SCHEDULER_KEYS = {
+    "base_lrs", "last_epoch", "_step_count", "_is_initial", "_get_lr_called_within_step",
+    "_last_lr",
+}  # fmt: skip
+
+
+def scheduler_to_json(scheduler: LRScheduler) -> dict[str, Any]:
+    """``scheduler.state_dict()`` as JSON (``LambdaLR`` saves its plain-function lambdas as
+    None placeholders: they are rebuilt from the config)."""
+    return _jsonable(scheduler.state_dict())
+
+
+def scheduler_from_json(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """A ``LambdaLR.load_state_dict`` argument from :func:`scheduler_to_json`'s output: only
+    the counters, and one None placeholder per lambda (which keeps the rebuilt lambdas)."""
+    sched = {k: v for k, v in meta.items() if k in _SCHEDULER_KEYS}
+    return {**sched, "lr_lambdas": [None] * len(sched["base_lrs"])}
 
 
 def _jsonable(value: Any) -> Any:

@@ -10,11 +10,17 @@ Usage (what the service worker does)::
     trainer = Trainer.resume(checkpoint_bytes, base, train_rows, val_rows, callbacks=callbacks)
     result = trainer.train()
 
+The recipe reads top to bottom: ``setup`` builds the run, ``train`` loops over steps with the
+bookkeeping after each (validation, best weights, callbacks, checkpoints), ``save_checkpoint``
+/ ``resume`` stop and restart it. The ideas it uses live beside it, one module each:
+:mod:`~core.training.inputs` (configs and rows from the caller, checked),
+:mod:`~core.training.state` (what changes while training, and how a checkpoint saves it),
+:mod:`~core.training.rng` (the run's own randomness, which makes resume bit-exact),
+:mod:`~core.training.checkpoint` (the bytes) and :mod:`~core.training.callbacks` (what the
+caller is told).
+
 Threads: ``torch.set_num_threads`` is process-wide, so this module never calls it; the worker
 process sets it once (``TrainingConfig.num_threads`` is advisory, for that caller).
-
-Randomness: the run draws from its own streams, apart from the process's (see
-:mod:`core.training.rng`); that is what makes resuming a checkpoint bit-exact.
 """
 
 from __future__ import annotations
@@ -53,10 +59,6 @@ __all__ = ["ProgressEvent", "TrainResult", "Trainer", "TrainerCallbacks"]
 
 # Config fields that do not change the training trajectory: they may differ on resume.
 _RESUME_FREE_FIELDS = {"checkpoint_every_steps", "num_threads"}
-_SCHEDULER_KEYS = {
-    "base_lrs", "last_epoch", "_step_count", "_is_initial", "_get_lr_called_within_step",
-    "_last_lr",
-}  # fmt: skip
 
 
 class Trainer:
@@ -452,9 +454,9 @@ class Trainer:
     # --- checkpoints -------------------------------------------------------------------------
 
     def _trainable_state(self) -> dict[str, Tensor]:
-        out = {f"head.{k}": v for k, v in self.model.head.state_dict().items()}
+        out = ckpt.prefixed("head.", self.model.head.state_dict())
         if not self.frozen_features:
-            out.update({f"method.{k}": v for k, v in self.model.method.state_dict().items()})
+            out.update(ckpt.prefixed("method.", self.model.method.state_dict()))
         return out
 
     def _snapshot(self) -> dict[str, Tensor]:
@@ -462,11 +464,9 @@ class Trainer:
         return {k: v.detach().clone() for k, v in self._trainable_state().items()}
 
     def _load_trainable_state(self, state: Mapping[str, Tensor]) -> None:
-        head = {k[5:]: v for k, v in state.items() if k.startswith("head.")}
-        self.model.head.load_state_dict(head, strict=True)
+        self.model.head.load_state_dict(ckpt.unprefixed("head.", state), strict=True)
         if not self.frozen_features:
-            method = {k[7:]: v for k, v in state.items() if k.startswith("method.")}
-            self.model.method.load_state_dict(method, strict=True)
+            self.model.method.load_state_dict(ckpt.unprefixed("method.", state), strict=True)
 
     def _identity(self) -> dict[str, Any]:
         """What a checkpoint must match to be resumed here."""
@@ -485,12 +485,12 @@ class Trainer:
         if not self._ready:
             raise RuntimeError("save_checkpoint() needs a set-up trainer")
         st = self.state
-        tensors = {f"model.{k}": v for k, v in self._trainable_state().items()}
+        tensors = ckpt.prefixed("model.", self._trainable_state())
         optim_meta, optim_tensors = ckpt.optimizer_to_parts(self.optimizer.state_dict())
         tensors.update(optim_tensors)
         # Best weights other than the current ones; has_best says whether there are any.
         if self._best_state is not None and st.best_step != st.step:
-            tensors.update({f"best.{k}": v for k, v in self._best_state.items()})
+            tensors.update(ckpt.prefixed("best.", self._best_state))
         saved = st.to_json()
         meta = {
             "format": ckpt.FORMAT,
@@ -500,7 +500,7 @@ class Trainer:
             "total_steps": self.total_steps,
             "rng": self._rng.to_json(),
             "optimizer": optim_meta,
-            "scheduler": _scheduler_state(self.scheduler),
+            "scheduler": ckpt.scheduler_to_json(self.scheduler),
             "state": {**saved["state"], "has_best": self._best_state is not None},
         }
         return ckpt.pack(meta, tensors)
@@ -515,19 +515,17 @@ class Trainer:
         for key, value in mine.items():
             if theirs.get(key) != value:
                 raise ckpt.CheckpointError(f"checkpoint belongs to a different job: {key} differs")
+        device = self.base.device
         try:
-            model_state = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
-            device = self.base.device
+            model_state = ckpt.unprefixed("model.", tensors)
             self._load_trainable_state({k: v.to(device) for k, v in model_state.items()})
             self.optimizer.load_state_dict(ckpt.optimizer_from_parts(meta["optimizer"], tensors))
-            # Only the scheduler's own counters: load_state_dict would set any key as attribute.
-            sched = {k: v for k, v in meta["scheduler"].items() if k in _SCHEDULER_KEYS}
-            self.scheduler.load_state_dict({**sched, "lr_lambdas": [None] * len(sched["base_lrs"])})
+            self.scheduler.load_state_dict(ckpt.scheduler_from_json(meta["scheduler"]))
             self._rng = TrainerRng.from_json(meta["rng"], device)
             self.state = TrainingState.from_json(meta)
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise ckpt.CheckpointError(f"checkpoint does not fit this job: {e}") from None
-        best = {k[5:]: v.to(self.base.device) for k, v in tensors.items() if k.startswith("best.")}
+        best = {k: v.to(device) for k, v in ckpt.unprefixed("best.", tensors).items()}
         if best:
             self._best_state = best
         elif meta["state"].get("has_best"):  # best == the weights at the checkpoint's step
@@ -595,8 +593,3 @@ def _check_base_untouched(base: BaseModel, named: Mapping[str, nn.Parameter]) ->
 def _flatten_pairs(feats: Tensor) -> Tensor:
     """``[B, k, H]`` cached features → ``[k*B, H]`` in collate's order (all chosen first)."""
     return feats.transpose(0, 1).reshape(-1, feats.shape[-1])
-
-
-def _scheduler_state(scheduler: torch.optim.lr_scheduler.LRScheduler) -> dict[str, Any]:
-    # lr_lambdas are saved as None placeholders (plain functions, rebuilt from the config).
-    return ckpt._jsonable(scheduler.state_dict())
