@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
@@ -28,7 +29,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.adapters.store import adapter_row_from
 from service.config import Settings
 from service.datasets.codec import decode_rows
-from service.db.models import Dataset, Job
+from service.db.models import Dataset, Job, JobStatus
 from service.errors import ErrorKind, ServiceError
 from service.jobs import queue
 from service.worker.lease import LeaseKeeper
@@ -48,6 +49,20 @@ LOG_INTERVAL_S = 10.0
 
 class JobSetupError(ServiceError):
     """The job cannot start as stored (its dataset is gone): it fails with this code."""
+
+
+class RunOutcome(StrEnum):
+    """How one run of a job ended: the job's status it left behind, or ``lease_lost``.
+
+    The values are what the worker logs ("job ... ended: lease_lost") and, but for
+    ``lease_lost``, the job's stored status.
+    """
+
+    SUCCEEDED = JobStatus.SUCCEEDED.value
+    FAILED = JobStatus.FAILED.value
+    CANCELLED = JobStatus.CANCELLED.value
+    REQUEUED = JobStatus.QUEUED.value  # the worker is shutting down: queued again, to resume
+    LEASE_LOST = "lease_lost"  # another worker owns the job now: this run wrote nothing
 
 
 @dataclass
@@ -104,7 +119,7 @@ class JobRun:
 
     # --- the run -----------------------------------------------------------------------------
 
-    def run(self) -> str:
+    def run(self) -> RunOutcome:
         """Train to an outcome; returns the job's final (or requeued) status."""
         from core.errors import Cancelled, CoreError
 
@@ -355,7 +370,7 @@ class JobRun:
 
     # --- outcomes ----------------------------------------------------------------------------
 
-    def _store(self, result: Any) -> str:
+    def _store(self, result: Any) -> RunOutcome:
         from core.training.trainer import TrainResult
 
         assert isinstance(result, TrainResult)
@@ -369,7 +384,7 @@ class JobRun:
             try:
                 queue.finish_success(session, job, row, worker_id=self.worker_id, metrics=metrics)
             except queue.LeaseLostError:
-                return "lease_lost"
+                return RunOutcome.LEASE_LOST
             except IntegrityError:
                 return self._finish(
                     queue.finish_failure,
@@ -392,11 +407,11 @@ class JobRun:
                     if isinstance(v, int | float) and not isinstance(v, bool)
                 ),
             )
-            return job.status
+            return RunOutcome(job.status)
 
-    def _on_stopped(self) -> str:
+    def _on_stopped(self) -> RunOutcome:
         if self.keeper.lost.is_set():
-            return "lease_lost"  # someone else owns the job now: write nothing
+            return RunOutcome.LEASE_LOST
         if self.shutdown.is_set() and not self._cancel_requested:
             self._write_progress()
             logger.info(
@@ -408,24 +423,24 @@ class JobRun:
                 queue.release_job(
                     session, job, worker_id=self.worker_id, reason="worker shutting down"
                 )
-            return "queued"
+            return RunOutcome.REQUEUED
         return self._finish(queue.finish_cancelled)
 
-    def _finish(self, outcome: Any, **kwargs: Any) -> str:
+    def _finish(self, finish: Callable[..., object], **kwargs: Any) -> RunOutcome:
         """Fail or cancel the job, its last step's progress written first."""
         self._write_progress()
         with self.factory() as session:
             job = session.get(Job, self.job.id)
             assert job is not None
             try:
-                outcome(session, job, worker_id=self.worker_id, **kwargs)
+                finish(session, job, worker_id=self.worker_id, **kwargs)
             except queue.LeaseLostError:
-                return "lease_lost"
+                return RunOutcome.LEASE_LOST
             reason = f": {kwargs['message']}" if "message" in kwargs else ""
             logger.info(
                 "job %s %s at step %s/%s%s", job.id, job.status, job.step, job.total_steps, reason
             )
-            return job.status
+            return RunOutcome(job.status)
 
     def _step(self) -> int:
         """The newest step the trainer reported (0 before the first)."""

@@ -16,6 +16,7 @@ import socket
 import threading
 import uuid
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -23,6 +24,9 @@ from service.config import Settings
 from service.db.session import make_engine, make_sessionmaker
 from service.jobs import queue
 from service.worker.health import HeartbeatWriter
+
+if TYPE_CHECKING:
+    from service.worker.job_run import RunOutcome
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +62,8 @@ class Worker:
         gc.collect()
         gc.freeze()
 
-    def run_once(self) -> str | None:
-        """Reap, claim and run at most one job; its final status, or None if the queue was empty."""
+    def run_once(self) -> RunOutcome | None:
+        """Reap, claim and run at most one job; how it ended, or None if the queue was empty."""
         from service.worker.job_run import JobRun
 
         with self.factory() as session:
@@ -80,9 +84,9 @@ class Worker:
             worker_id=self.worker_id,
             shutdown=self.stop,
         )
-        status = run.run()
-        logger.info("job %s ended: %s", job.id, status)
-        return status
+        outcome = run.run()
+        logger.info("job %s ended: %s", job.id, outcome)
+        return outcome
 
     def run_forever(self) -> None:
         logger.info("worker %s polling %s", self.worker_id, self.settings.db_url.split("@")[-1])

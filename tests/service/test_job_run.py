@@ -21,7 +21,7 @@ from core.base import BaseModel
 from core.training.trainer import ProgressEvent
 from service.config import Settings
 from service.jobs import queue
-from service.worker.job_run import JobRun
+from service.worker.job_run import JobRun, RunOutcome
 from tests.core.training.conftest import sentiment_rows
 from tests.service.helpers import Headers, claimed_run, create_dataset
 
@@ -59,7 +59,7 @@ def test_a_finished_job_says_what_it_did(
     # 20 rows: 2 held out (10 % of each class), 18 train in 2 batches of 16: 6 steps.
     job_id = _create(client, auth, 20, {"n_epochs": 3})
     caplog.set_level(logging.INFO, logger="service.worker.job_run")
-    assert claimed_run(db, settings, tiny_base).run() == "succeeded"
+    assert claimed_run(db, settings, tiny_base).run() == RunOutcome.SUCCEEDED
     job = client.get(f"{JOBS}/{job_id}", headers=auth).json()
 
     # What was sent stays under method; the OpenAI fields hold the values used.
@@ -135,7 +135,7 @@ def test_cancel_stops_at_the_next_step_and_the_job_agrees_with_its_last_event(
     job_id = _create(client, auth, 40, {"n_epochs": 5, "batch_size": 2})  # 90 steps
     run = claimed_run(db, settings, tiny_base, _PausingRun)
     assert isinstance(run, _PausingRun)
-    outcome: list[str] = []
+    outcome: list[RunOutcome] = []
     thread = threading.Thread(target=lambda: outcome.append(run.run()))
     thread.start()
     try:
@@ -146,7 +146,7 @@ def test_cancel_stops_at_the_next_step_and_the_job_agrees_with_its_last_event(
     finally:
         run.go_on.set()
         thread.join(60)
-    assert outcome == ["cancelled"]
+    assert outcome == [RunOutcome.CANCELLED]
 
     job = client.get(f"{JOBS}/{job_id}", headers=auth).json()
     events = _events(client, auth, job_id)
@@ -181,15 +181,15 @@ def test_a_resumed_job_counts_tokens_and_epochs_as_an_uninterrupted_one(
 ) -> None:
     hyper = {"n_epochs": 2, "batch_size": 4}  # 18 training rows: 5 steps an epoch, 10 in all
     clean_id = _create(client, auth, 20, hyper)
-    assert claimed_run(db, settings, tiny_base).run() == "succeeded"
+    assert claimed_run(db, settings, tiny_base).run() == RunOutcome.SUCCEEDED
     job_id = _create(client, auth, 20, hyper)
 
-    assert claimed_run(db, settings, tiny_base, _ShutdownAtStep3).run() == "queued"
+    assert claimed_run(db, settings, tiny_base, _ShutdownAtStep3).run() == RunOutcome.REQUEUED
     requeued = client.get(f"{JOBS}/{job_id}", headers=auth).json()
     assert requeued["status"] == "queued"
     assert requeued["progress"] == {"step": 3, "total_steps": 10, "epoch": 0.6}
 
-    assert claimed_run(db, settings, tiny_base).run() == "succeeded"
+    assert claimed_run(db, settings, tiny_base).run() == RunOutcome.SUCCEEDED
     clean = client.get(f"{JOBS}/{clean_id}", headers=auth).json()
     job = client.get(f"{JOBS}/{job_id}", headers=auth).json()
     assert job["progress"] == clean["progress"] == {"step": 10, "total_steps": 10, "epoch": 2.0}
@@ -219,6 +219,6 @@ def test_a_failed_read_of_the_cancel_flag_does_not_fail_the_job(
         return real(session, job_id)
 
     monkeypatch.setattr(queue, "is_cancel_requested", flaky)
-    assert claimed_run(db, settings, tiny_base).run() == "succeeded"
+    assert claimed_run(db, settings, tiny_base).run() == RunOutcome.SUCCEEDED
     assert len(calls) > 2
     assert client.get(f"{JOBS}/{job_id}", headers=auth).json()["status"] == "succeeded"

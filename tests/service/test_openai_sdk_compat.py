@@ -25,6 +25,7 @@ from service.db.models import Job, Tenant
 from service.jobs import queue
 from service.main import create_app
 from service.state import app_state
+from service.worker.job_run import RunOutcome
 from tests.service.helpers import (
     CLASSIFICATION_ROWS,
     Headers,
@@ -153,7 +154,7 @@ def test_a_started_job_shows_the_values_it_trains_with(
         method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2}}},
     )
     assert job.hyperparameters.batch_size is None  # not sent, not resolved yet
-    assert claimed_run(db, settings, tiny_base).run() == "succeeded"
+    assert claimed_run(db, settings, tiny_base).run() == RunOutcome.SUCCEEDED
     done = sdk.fine_tuning.jobs.retrieve(job.id)
     assert done.hyperparameters.batch_size == 16 and done.hyperparameters.n_epochs == 2
     assert isinstance(done.trained_tokens, int) and done.trained_tokens > 0
