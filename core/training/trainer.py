@@ -19,6 +19,11 @@ bookkeeping after each (validation, best weights, callbacks, checkpoints), ``sav
 :mod:`~core.training.checkpoint` (the bytes) and :mod:`~core.training.callbacks` (what the
 caller is told).
 
+Why this module is past the project's ~400 lines: it is one recipe. Setup, the step loop and
+its bookkeeping, evaluation and checkpoint/resume all act on the same run objects (model,
+optimizer, scheduler, state), and a reader follows one step through them in order; what does
+not need those objects is in the modules above.
+
 Threads: ``torch.set_num_threads`` is process-wide, so this module never calls it; the worker
 process sets it once (``TrainingConfig.num_threads`` is advisory, for that caller).
 """
