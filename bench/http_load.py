@@ -64,13 +64,13 @@ def store_random_adapters(data_dir: Path, n: int, prefix: str = "a") -> list[str
     from core.methods.lora.model import lora_key
     from service.adapters.store import adapter_row_from
     from service.db.models import ApiKey
-    from service.db.session import make_engine, make_sessionmaker
+    from service.db.session import make_db_engine, make_sessionmaker
     from service.tenants.keys import hash_api_key
 
     base = load_base_model(device="cpu")
     key = (data_dir / "default_api_key").read_text().strip()
-    engine = make_engine(f"sqlite:///{data_dir / 'loraplex.db'}")
-    factory = make_sessionmaker(engine)
+    db_engine = make_db_engine(f"sqlite:///{data_dir / 'loraplex.db'}")
+    factory = make_sessionmaker(db_engine)
     cfg = LoraConfig(r=R, alpha=16, target_modules=list(TARGETS))
     head = HeadConfig(task="classification", label_names=["fresh", "rotten"])
     gen = torch.Generator().manual_seed(0)
@@ -104,7 +104,7 @@ def store_random_adapters(data_dir: Path, n: int, prefix: str = "a") -> list[str
                 session.commit()
                 print(f"[http_load] stored {i + 1}/{n} adapters", file=sys.stderr, flush=True)
         session.commit()
-    engine.dispose()
+    db_engine.dispose()
     return names
 
 

@@ -62,18 +62,18 @@ def scratch_database(admin_url: str | None = None, prefix: str = "loraplex_race"
     from sqlalchemy.engine import make_url
 
     admin_url = admin_url or os.environ.get("LPX_TEST_POSTGRES_URL", DEFAULT_ADMIN_URL)
-    engine = create_engine(
+    db_engine = create_engine(
         admin_url, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 5}
     )
     name = f"{prefix}_{uuid.uuid4().hex[:12]}"
-    with engine.connect() as conn:
+    with db_engine.connect() as conn:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
     try:
         yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
     finally:
-        with engine.connect() as conn:
+        with db_engine.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        engine.dispose()
+        db_engine.dispose()
 
 
 def seed_jobs(
@@ -94,7 +94,7 @@ def seed_jobs(
     from service.datasets import codec
     from service.db.migrate import upgrade
     from service.db.models import Dataset, Tenant
-    from service.db.session import make_engine, make_sessionmaker
+    from service.db.session import make_db_engine, make_sessionmaker
     from service.jobs.create import create_job
 
     rows = rows or ROWS
@@ -106,10 +106,10 @@ def seed_jobs(
         max_concurrent_jobs_per_tenant=n_jobs + 1,
         max_adapters_per_tenant=n_jobs + 1,
     )
-    engine = make_engine(url)
+    db_engine = make_db_engine(url)
     ids: list[str] = []
     try:
-        factory = make_sessionmaker(engine)
+        factory = make_sessionmaker(db_engine)
         with factory() as session:
             tenant = Tenant(name=f"{prefix}-{uuid.uuid4().hex[:6]}")
             session.add(tenant)
@@ -144,7 +144,7 @@ def seed_jobs(
                 )
                 ids.append(create_job(session, tenant, body.job_request(), settings).id)
     finally:
-        engine.dispose()
+        db_engine.dispose()
     return ids
 
 
@@ -204,11 +204,11 @@ def _queue_only_worker(url: str, worker_id: str, lease_seconds: float) -> None:
     from sqlalchemy import select
 
     from service.db.models import Adapter, Job, JobStatus
-    from service.db.session import make_engine, make_sessionmaker
+    from service.db.session import make_db_engine, make_sessionmaker
     from service.jobs import queue
 
-    engine = make_engine(url, pool_size=1)
-    factory = make_sessionmaker(engine)
+    db_engine = make_db_engine(url, pool_size=1)
+    factory = make_sessionmaker(db_engine)
     try:
         while True:
             with factory() as session:
@@ -233,7 +233,7 @@ def _queue_only_worker(url: str, worker_id: str, lease_seconds: float) -> None:
                 )
                 queue.finish_success(session, job, row, worker_id=worker_id, metrics={})
     finally:
-        engine.dispose()
+        db_engine.dispose()
 
 
 # --- checking the outcome --------------------------------------------------------------------
@@ -288,11 +288,11 @@ def done_count(url: str, job_ids: list[str]) -> int:
     from sqlalchemy import func, select
 
     from service.db.models import TERMINAL_STATUSES, Job
-    from service.db.session import make_engine
+    from service.db.session import make_db_engine
 
-    engine = make_engine(url)
+    db_engine = make_db_engine(url)
     try:
-        with engine.connect() as conn:
+        with db_engine.connect() as conn:
             return int(
                 conn.execute(
                     select(func.count())
@@ -301,7 +301,7 @@ def done_count(url: str, job_ids: list[str]) -> int:
                 ).scalar_one()
             )
     finally:
-        engine.dispose()
+        db_engine.dispose()
 
 
 def wait_all_done(
@@ -326,12 +326,14 @@ def analyse(url: str, job_ids: list[str], *, mode: str, workers: int) -> RaceRep
     from sqlalchemy import func, select
 
     from service.db.models import Adapter, Job, JobEvent, JobStatus
-    from service.db.session import make_engine, make_sessionmaker
+    from service.db.session import make_db_engine, make_sessionmaker
 
-    engine = make_engine(url)
-    report = RaceReport(backend=engine.dialect.name, mode=mode, workers=workers, jobs=len(job_ids))
+    db_engine = make_db_engine(url)
+    report = RaceReport(
+        backend=db_engine.dialect.name, mode=mode, workers=workers, jobs=len(job_ids)
+    )
     try:
-        with make_sessionmaker(engine)() as session:
+        with make_sessionmaker(db_engine)() as session:
             jobs = {j.id: j for j in session.scalars(select(Job).where(Job.id.in_(job_ids)))}
             claims = session.execute(
                 select(JobEvent.job_id, JobEvent.created_at, JobEvent.data)
@@ -346,7 +348,7 @@ def analyse(url: str, job_ids: list[str], *, mode: str, workers: int) -> RaceRep
                 ).all()
             )
     finally:
-        engine.dispose()
+        db_engine.dispose()
 
     report.succeeded = sum(j.status == JobStatus.SUCCEEDED for j in jobs.values())
     report.not_succeeded = len(job_ids) - report.succeeded

@@ -13,7 +13,7 @@ from alembic import context
 from sqlalchemy import pool, text
 
 from service.db.models import Base
-from service.db.session import make_engine
+from service.db.session import make_db_engine
 from service.db.types import UTCDateTime
 
 config = context.config
@@ -63,9 +63,9 @@ MIGRATION_LOCK_KEY = 0x6C6F7261706C6578  # "loraplex"
 
 
 def run_migrations_online() -> None:
-    # The app's engine factory: same SQLite pragmas (WAL, busy_timeout, foreign keys), and
+    # The app's database engine factory: same SQLite pragmas (WAL, busy_timeout, foreign keys), and
     # WAL makes the DDL below far cheaper than one fsync'd journal per statement.
-    connectable = make_engine(_database_url(), poolclass=pool.NullPool)
+    connectable = make_db_engine(_database_url(), poolclass=pool.NullPool)
     with connectable.connect() as connection:
         _configure(connection=connection)
         with context.begin_transaction():

@@ -135,15 +135,15 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def cmd_create_key(args: argparse.Namespace) -> int:
     from service.db.migrate import upgrade
-    from service.db.session import make_engine, make_sessionmaker
+    from service.db.session import make_db_engine, make_sessionmaker
     from service.tenants.keys import create_api_key, create_tenant, tenant_by_name
 
     settings = _settings(database_url=("--url", args.url))
     check_database(settings.db_url, "--url" if args.url else database_variable(settings))
     upgrade(settings.db_url)
-    engine = make_engine(settings.db_url)
+    db_engine = make_db_engine(settings.db_url)
     try:
-        with make_sessionmaker(engine)() as session:
+        with make_sessionmaker(db_engine)() as session:
             tenant = tenant_by_name(session, args.tenant)
             if tenant is None:
                 tenant = create_tenant(session, args.tenant)
@@ -153,7 +153,7 @@ def cmd_create_key(args: argparse.Namespace) -> int:
             kind = "admin key" if args.admin else "key"
             print(f"{kind} {new_key.row.id} for tenant {tenant.name!r}:", file=sys.stderr)
     finally:
-        engine.dispose()
+        db_engine.dispose()
     # The secret alone on stdout, so `KEY=$(loraplex admin create-key)` works.
     print(new_key.secret)
     return 0

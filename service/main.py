@@ -32,7 +32,7 @@ from service.api.routes import api_router
 from service.api.routes.docs import install_docs
 from service.config import Settings
 from service.db.migrate import upgrade
-from service.db.session import make_engine, make_sessionmaker
+from service.db.session import make_db_engine, make_sessionmaker
 from service.observability.metrics import (
     JobCollector,
     LookupCacheCollector,
@@ -103,15 +103,17 @@ def create_app(
         docs_url=None,
         redoc_url=None,
     )
-    engine = make_engine(settings.db_url, sqlite_busy_timeout_ms=settings.sqlite_busy_timeout_ms)
+    db_engine = make_db_engine(
+        settings.db_url, sqlite_busy_timeout_ms=settings.sqlite_busy_timeout_ms
+    )
     state = AppState(
         settings=settings,
-        db_engine=engine,
-        sessionmaker=make_sessionmaker(engine),
+        db_engine=db_engine,
+        sessionmaker=make_sessionmaker(db_engine),
         readiness=Readiness(),
         metrics=ServiceMetrics(),
         # Exact only where this process sees every write: one API process on SQLite.
-        lookup_cache=LookupCache() if engine.dialect.name == "sqlite" else None,
+        lookup_cache=LookupCache() if db_engine.dialect.name == "sqlite" else None,
     )
     install_state(app, state)
     state.metrics.add_collector(JobCollector(state.sessionmaker))

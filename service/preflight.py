@@ -17,7 +17,7 @@ from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.pool import NullPool
 
 from service.config import Settings, default_database_url
-from service.db.session import make_engine, normalize_url, sqlite_file
+from service.db.session import make_db_engine, normalize_url, sqlite_file
 
 SUPPORTED_DATABASES = "sqlite:///<file> or postgresql://<user>:<password>@<host>/<database>"
 PSYCOPG_REQUIREMENT = "pip install 'psycopg[binary]>=3.1'"
@@ -85,11 +85,11 @@ def _check_postgres(url: URL, variable: str) -> None:
             f"{variable}={shown}: PostgreSQL needs psycopg 3, which does not import "
             f"({_one_line(str(exc))}): {PSYCOPG_REQUIREMENT}"
         ) from None
-    engine = make_engine(
+    db_engine = make_db_engine(
         url, poolclass=NullPool, connect_args={"connect_timeout": POSTGRES_CONNECT_TIMEOUT_S}
     )
     try:
-        with engine.connect():
+        with db_engine.connect():
             pass
     except OperationalError as exc:
         raise StartupError(
@@ -97,7 +97,7 @@ def _check_postgres(url: URL, variable: str) -> None:
             "check that the server is running and the URL is right"
         ) from None
     finally:
-        engine.dispose()
+        db_engine.dispose()
 
 
 def check_database(url: str, variable: str) -> None:

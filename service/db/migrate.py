@@ -8,7 +8,7 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 
-from service.db.session import ensure_sqlite_dir, make_engine
+from service.db.session import ensure_sqlite_dir, make_db_engine
 
 MIGRATIONS_PACKAGE = "migrations"
 
@@ -61,9 +61,9 @@ def current_revision(url: str) -> str | None:
     from alembic.runtime.migration import MigrationContext
     from sqlalchemy.pool import NullPool
 
-    engine = make_engine(url, poolclass=NullPool)
+    db_engine = make_db_engine(url, poolclass=NullPool)
     try:
-        with engine.connect() as conn:
+        with db_engine.connect() as conn:
             return MigrationContext.configure(conn).get_current_revision()
     finally:
-        engine.dispose()
+        db_engine.dispose()

@@ -38,7 +38,7 @@ def normalize_url(url: str | URL) -> URL:
 SQLITE_POOL_SIZE = 20
 
 
-def make_engine(url: str | URL, *, sqlite_busy_timeout_ms: int = 5000, **kwargs: Any) -> Engine:
+def make_db_engine(url: str | URL, *, sqlite_busy_timeout_ms: int = 5000, **kwargs: Any) -> Engine:
     url = normalize_url(url)
     if url.get_backend_name() == "sqlite":
         ensure_sqlite_dir(url)
@@ -56,15 +56,15 @@ def make_engine(url: str | URL, *, sqlite_busy_timeout_ms: int = 5000, **kwargs:
             # connections on return, and reopening one (+ its PRAGMAs) on every inference
             # request under load cost more than the request's query.
             kwargs.setdefault("pool_size", SQLITE_POOL_SIZE)
-        engine = create_engine(url, **kwargs)
-        _configure_sqlite(engine, busy_timeout_ms=sqlite_busy_timeout_ms, wal=path is not None)
-        return engine
+        db_engine = create_engine(url, **kwargs)
+        _configure_sqlite(db_engine, busy_timeout_ms=sqlite_busy_timeout_ms, wal=path is not None)
+        return db_engine
     kwargs.setdefault("pool_pre_ping", True)
     return create_engine(url, **kwargs)
 
 
-def _configure_sqlite(engine: Engine, *, busy_timeout_ms: int, wal: bool) -> None:
-    @event.listens_for(engine, "connect")
+def _configure_sqlite(db_engine: Engine, *, busy_timeout_ms: int, wal: bool) -> None:
+    @event.listens_for(db_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         cursor = dbapi_connection.cursor()
         try:
@@ -80,6 +80,6 @@ def _configure_sqlite(engine: Engine, *, busy_timeout_ms: int, wal: bool) -> Non
             cursor.close()
 
 
-def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
+def make_sessionmaker(db_engine: Engine) -> sessionmaker[Session]:
     # expire_on_commit=False: routes serialise objects after committing them.
-    return sessionmaker(bind=engine, expire_on_commit=False, autoflush=True)
+    return sessionmaker(bind=db_engine, expire_on_commit=False, autoflush=True)

@@ -32,7 +32,7 @@ from sqlalchemy.pool import NullPool
 
 from service.config import Settings
 from service.db.models import WorkerHeartbeat
-from service.db.session import make_engine
+from service.db.session import make_db_engine
 from service.db.types import utcnow
 
 logger = logging.getLogger(__name__)
@@ -133,12 +133,12 @@ def _latest(settings: Settings, worker_id: str | None, hostname: str) -> WorkerH
         query = query.where(WorkerHeartbeat.id == worker_id)
     else:
         query = query.where(WorkerHeartbeat.hostname == hostname)
-    engine = make_engine(settings.db_url, poolclass=NullPool)
+    db_engine = make_db_engine(settings.db_url, poolclass=NullPool)
     try:
-        with Session(engine) as session:
+        with Session(db_engine) as session:
             return session.scalars(query).first()
     finally:
-        engine.dispose()
+        db_engine.dispose()
 
 
 def diagnose(settings: Settings, worker_id: str | None = None) -> tuple[bool, str]:

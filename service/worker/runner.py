@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.config import Settings
-from service.db.session import make_engine, make_sessionmaker
+from service.db.session import make_db_engine, make_sessionmaker
 from service.jobs import queue
 from service.worker.health import HeartbeatWriter
 
@@ -114,8 +114,10 @@ def run_worker(settings: Settings, worker_id: str | None = None) -> int:
 
     torch.set_num_threads(train_threads(settings))
     upgrade(settings.db_url)
-    engine = make_engine(settings.db_url, sqlite_busy_timeout_ms=settings.sqlite_busy_timeout_ms)
-    worker = Worker(settings, make_sessionmaker(engine), worker_id=worker_id)
+    db_engine = make_db_engine(
+        settings.db_url, sqlite_busy_timeout_ms=settings.sqlite_busy_timeout_ms
+    )
+    worker = Worker(settings, make_sessionmaker(db_engine), worker_id=worker_id)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         logger.info(
@@ -138,5 +140,5 @@ def run_worker(settings: Settings, worker_id: str | None = None) -> int:
         with heartbeat:  # from here on, `loraplex worker --check` finds this worker alive
             worker.run_forever()
     finally:
-        engine.dispose()
+        db_engine.dispose()
     return 0

@@ -67,12 +67,12 @@ def store_adapters(data_dir: Path, base: Any, key: str, names: list[str]) -> Non
     from service.adapters.records import next_adapter_version
     from service.adapters.store import adapter_row_from
     from service.db.models import ApiKey
-    from service.db.session import make_engine, make_sessionmaker
+    from service.db.session import make_db_engine, make_sessionmaker
     from service.tenants.keys import hash_api_key
 
-    engine = make_engine(f"sqlite:///{data_dir / 'loraplex.db'}")
+    db_engine = make_db_engine(f"sqlite:///{data_dir / 'loraplex.db'}")
     try:
-        with make_sessionmaker(engine)() as session:
+        with make_sessionmaker(db_engine)() as session:
             tenant_id = session.query(ApiKey).filter_by(key_hash=hash_api_key(key)).one().tenant_id
             for i, name in enumerate(names):
                 torch.manual_seed(i)
@@ -94,7 +94,7 @@ def store_adapters(data_dir: Path, base: Any, key: str, names: list[str]) -> Non
                 session.add(row)
             session.commit()
     finally:
-        engine.dispose()
+        db_engine.dispose()
 
 
 def _seed_tenant(client: httpx.Client) -> tuple[list[str], list[str]]:

@@ -28,7 +28,7 @@ from sqlalchemy import select
 
 from bench.queue_race import analyse, seed_jobs, spawn_worker, stop_workers, wait_all_done
 from service.db.models import Adapter, Checkpoint, Job, JobEvent, JobStatus
-from service.db.session import make_engine, make_sessionmaker
+from service.db.session import make_db_engine, make_sessionmaker
 from tests.e2e.server import ServerProcess, WorkerProcess
 from tests.service.helpers import CLASSIFICATION_ROWS, jsonl, scratch_postgres_database
 from tests.tiny_bert import TINY_NAME
@@ -89,9 +89,9 @@ def test_eight_workers_run_two_hundred_jobs_exactly_once(
 
 
 def _events(url: str, job_id: str) -> list[tuple[str, dict[str, Any] | None]]:
-    engine = make_engine(url)
+    db_engine = make_db_engine(url)
     try:
-        with make_sessionmaker(engine)() as session:
+        with make_sessionmaker(db_engine)() as session:
             rows = session.execute(
                 select(JobEvent.message, JobEvent.data)
                 .where(JobEvent.job_id == job_id)
@@ -99,13 +99,13 @@ def _events(url: str, job_id: str) -> list[tuple[str, dict[str, Any] | None]]:
             ).all()
             return [(r.message, r.data) for r in rows]
     finally:
-        engine.dispose()
+        db_engine.dispose()
 
 
 def _job_state(url: str, job_id: str) -> tuple[Job, int]:
-    engine = make_engine(url)
+    db_engine = make_db_engine(url)
     try:
-        with make_sessionmaker(engine)() as session:
+        with make_sessionmaker(db_engine)() as session:
             job = session.get(Job, job_id)
             assert job is not None
             checkpoints = len(
@@ -113,7 +113,7 @@ def _job_state(url: str, job_id: str) -> tuple[Job, int]:
             )
             return job, checkpoints
     finally:
-        engine.dispose()
+        db_engine.dispose()
 
 
 def test_killed_worker_job_is_resumed_by_another_worker_from_its_checkpoint(
@@ -173,13 +173,13 @@ def test_killed_worker_job_is_resumed_by_another_worker_from_its_checkpoint(
     # Checkpoints come every 10 steps and at each epoch's end (5 steps of 4 rows here).
     assert 1 <= resumed[0]["step"] <= killed_at_step, (resumed, killed_at_step)
     assert sum(m.startswith("Job succeeded") for m in messages) == 1
-    engine = make_engine(pg_url)
+    db_engine = make_db_engine(pg_url)
     try:
-        with make_sessionmaker(engine)() as session:
+        with make_sessionmaker(db_engine)() as session:
             adapters = session.scalars(select(Adapter).where(Adapter.source_job_id == job_id))
             assert len(adapters.all()) == 1  # written once
     finally:
-        engine.dispose()
+        db_engine.dispose()
 
 
 # --- two API replicas ------------------------------------------------------------------------

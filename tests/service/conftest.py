@@ -26,7 +26,7 @@ from sqlalchemy.pool import NullPool
 from service.config import Settings
 from service.db.migrate import upgrade
 from service.db.models import Base
-from service.db.session import make_engine, make_sessionmaker
+from service.db.session import make_db_engine, make_sessionmaker
 from service.main import create_app
 from service.state import app_state
 from tests.service.helpers import ADMIN_KEY, Headers, scratch_postgres_database
@@ -84,9 +84,9 @@ def postgres_url() -> Iterator[str]:
 
 def reset_postgres(url: str) -> None:
     """Empty every table, cheaply; first end connections a previous test left behind."""
-    engine = create_engine(url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
+    db_engine = create_engine(url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
     try:
-        with engine.connect() as conn:
+        with db_engine.connect() as conn:
             conn.execute(
                 text(
                     "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
@@ -97,7 +97,7 @@ def reset_postgres(url: str) -> None:
             tables = ", ".join(f'"{t}"' for t in Base.metadata.tables)
             conn.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
     finally:
-        engine.dispose()
+        db_engine.dispose()
 
 
 @pytest.fixture(params=DB_BACKENDS)
@@ -144,9 +144,9 @@ def db(client: TestClient) -> sessionmaker[Session]:
 @pytest.fixture
 def migrated_db(database_url: str) -> Iterator[sessionmaker[Session]]:
     """A migrated database without any app (the queue tests run on both dialects)."""
-    engine = make_engine(database_url)
-    yield make_sessionmaker(engine)
-    engine.dispose()
+    db_engine = make_db_engine(database_url)
+    yield make_sessionmaker(db_engine)
+    db_engine.dispose()
 
 
 @pytest.fixture

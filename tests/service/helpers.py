@@ -42,19 +42,19 @@ REQUIRE_POSTGRES = os.environ.get("LPX_REQUIRE_POSTGRES", "") not in ("", "0") o
 @contextmanager
 def scratch_postgres_database() -> Iterator[str]:
     """A new, empty PostgreSQL database for the duration; skips if the server is down."""
-    engine = create_engine(
+    db_engine = create_engine(
         POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 5}
     )
     try:
-        with engine.connect() as conn:
+        with db_engine.connect() as conn:
             conn.execute(text("SELECT 1"))
     except Exception as exc:
-        engine.dispose()
+        db_engine.dispose()
         reason = f"PostgreSQL is not reachable at {POSTGRES_ADMIN_URL} ({type(exc).__name__})"
         if REQUIRE_POSTGRES:
             pytest.fail(f"{reason}, and LPX_REQUIRE_POSTGRES is set")
         pytest.skip(f"{reason}; set LPX_TEST_POSTGRES_URL to run the PostgreSQL tests")
-    engine.dispose()
+    db_engine.dispose()
     with scratch_database(POSTGRES_ADMIN_URL, prefix="loraplex_test") as url:
         yield url
 

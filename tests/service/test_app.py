@@ -16,7 +16,7 @@ from service.cli import main
 from service.config import Settings
 from service.db.migrate import current_revision, head_revision
 from service.db.models import ApiKey, Tenant
-from service.db.session import make_engine, make_sessionmaker
+from service.db.session import make_db_engine, make_sessionmaker
 from service.main import LifespanHook, create_app
 from service.state import AppState, app_state
 from service.tenants.keys import hash_api_key
@@ -108,12 +108,12 @@ def test_cli_migrate_and_create_key(tmp_path: Path, capsys: pytest.CaptureFixtur
     secret = out.out.strip()
     assert secret.startswith("lpx_") and "created tenant 'acme'" in out.err
 
-    engine = make_engine(url)
-    with make_sessionmaker(engine)() as session:
+    db_engine = make_db_engine(url)
+    with make_sessionmaker(db_engine)() as session:
         key = session.scalars(select(ApiKey)).one()
         assert key.key_hash == hash_api_key(secret) and key.is_admin
         assert session.scalars(select(Tenant.name)).all() == ["acme"]
-    engine.dispose()
+    db_engine.dispose()
 
 
 def test_cli_worker_parses_its_flags() -> None:

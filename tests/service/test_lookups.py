@@ -26,10 +26,10 @@ def key_lookups(serving_client: TestClient) -> Iterator[list[str]]:
         if "FROM api_keys" in statement:
             statements.append(statement)
 
-    engine = app_state(serving_client.app).db_engine
-    event.listen(engine, "before_cursor_execute", record)
+    db_engine = app_state(serving_client.app).db_engine
+    event.listen(db_engine, "before_cursor_execute", record)
     yield statements
-    event.remove(engine, "before_cursor_execute", record)
+    event.remove(db_engine, "before_cursor_execute", record)
 
 
 def _predict(client: TestClient, headers: Headers, name: str) -> Any:

@@ -31,9 +31,9 @@ NON_TENANT_TABLES = {"tenants", "worker_heartbeats"}
 
 
 def _check_schema(url: str) -> None:
-    engine = create_engine(url)
+    db_engine = create_engine(url)
     try:
-        with engine.connect() as conn:
+        with db_engine.connect() as conn:
             tables = set(inspect(conn).get_table_names())
             assert tables == EXPECTED_TABLES | {"alembic_version"}
             assert set(Base.metadata.tables) == EXPECTED_TABLES
@@ -43,7 +43,7 @@ def _check_schema(url: str) -> None:
             )
             assert diff == []
     finally:
-        engine.dispose()
+        db_engine.dispose()
 
 
 def test_upgrade_creates_every_table_on_an_empty_sqlite_file(tmp_path: Path) -> None:
@@ -81,19 +81,19 @@ def test_plain_postgresql_urls_use_psycopg3() -> None:
 
 def _insert_adapter(url: str, weights: bytes) -> None:
     from service.db.models import Tenant
-    from service.db.session import make_engine, make_sessionmaker
+    from service.db.session import make_db_engine, make_sessionmaker
     from tests.service.helpers import adapter_row
 
-    engine = make_engine(url)
+    db_engine = make_db_engine(url)
     try:
-        with make_sessionmaker(engine)() as session:
+        with make_sessionmaker(db_engine)() as session:
             tenant = Tenant(name="t")
             session.add(tenant)
             session.flush()
             session.add(adapter_row(tenant.id, "kept", weights=weights, size_bytes=len(weights)))
             session.commit()
     finally:
-        engine.dispose()
+        db_engine.dispose()
 
 
 @pytest.mark.postgres
@@ -106,9 +106,9 @@ def test_postgres_upgrade_from_the_first_revision_keeps_data_and_binary_columns(
         upgrade(url)
         assert current_revision(url) == head_revision()
         _check_schema(url)
-        engine = create_engine(url)
+        db_engine = create_engine(url)
         try:
-            with engine.connect() as conn:
+            with db_engine.connect() as conn:
                 cols = {
                     (t, c["name"]): str(c["type"]).upper()
                     for t in ("adapters", "checkpoints", "datasets")
@@ -125,7 +125,7 @@ def test_postgres_upgrade_from_the_first_revision_keeps_data_and_binary_columns(
                     ).all()
                 )
         finally:
-            engine.dispose()
+            db_engine.dispose()
         assert cols[("adapters", "weights")] == "BYTEA"
         assert cols[("checkpoints", "state")] == "BYTEA"
         assert cols[("datasets", "rows")] == "BYTEA"
@@ -137,12 +137,12 @@ def test_postgres_upgrade_from_the_first_revision_keeps_data_and_binary_columns(
         assert current_revision(url) == "0001"
         upgrade(url)
         assert current_revision(url) == head_revision()
-        engine = create_engine(url)
+        db_engine = create_engine(url)
         try:
-            with engine.connect() as conn:
+            with db_engine.connect() as conn:
                 again = conn.execute(text("SELECT weights FROM adapters")).scalar_one()
         finally:
-            engine.dispose()
+            db_engine.dispose()
         assert bytes(again) == weights
 
 
@@ -151,13 +151,13 @@ def test_sqlite_binary_columns_are_blobs(tmp_path: Path) -> None:
     upgrade(url)
     weights = bytes(range(256)) * 4096
     _insert_adapter(url, weights)
-    engine = create_engine(url)
+    db_engine = create_engine(url)
     try:
-        with engine.connect() as conn:
+        with db_engine.connect() as conn:
             col = {c["name"]: c for c in inspect(conn).get_columns("adapters")}["weights"]
             stored = conn.execute(text("SELECT weights FROM adapters")).scalar_one()
     finally:
-        engine.dispose()
+        db_engine.dispose()
     assert str(col["type"]).upper() == "BLOB"
     assert stored == weights
 

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
 from service.db.models import Adapter, Job, JobStatus, Tenant
-from service.db.session import make_engine, make_sessionmaker
+from service.db.session import make_db_engine, make_sessionmaker
 from service.db.types import utcnow
 from service.jobs import queue
 from service.main import create_app
@@ -55,9 +55,9 @@ def wait_for(predicate: Callable[[], bool], timeout: float = WAIT_S) -> bool:
 def pg(postgres_url: str) -> Iterator[Factory]:
     """The session's PostgreSQL database, emptied, without an app."""
     reset_postgres(postgres_url)
-    engine = make_engine(postgres_url)
-    yield make_sessionmaker(engine)
-    engine.dispose()
+    db_engine = make_db_engine(postgres_url)
+    yield make_sessionmaker(db_engine)
+    db_engine.dispose()
 
 
 # --- payloads and URLs -----------------------------------------------------------------------
@@ -279,7 +279,7 @@ def test_a_change_made_elsewhere_frees_the_resident_copy(
         assert engine.stats.resident_count == 1
 
         # "Another replica" deletes it: a plain SQL delete on its own connection.
-        other = make_engine(tiny.db_url)
+        other = make_db_engine(tiny.db_url)
         with make_sessionmaker(other)() as session:
             session.execute(delete(Adapter).where(Adapter.name == "shared"))
             session.commit()
