@@ -203,7 +203,7 @@ def _queue_only_worker(url: str, worker_id: str, lease_seconds: float) -> None:
     """``--mode queue``: claim, finish with a 64-byte fake adapter, repeat until empty."""
     from sqlalchemy import select
 
-    from service.db.models import Adapter, Job, JobStatus
+    from service.db.models import AdapterRow, Job, JobStatus
     from service.db.session import make_db_engine, make_sessionmaker
     from service.jobs import queue
 
@@ -219,7 +219,7 @@ def _queue_only_worker(url: str, worker_id: str, lease_seconds: float) -> None:
                     if left is None:
                         return
                     continue
-                row = Adapter(
+                row = AdapterRow(
                     method="lora",
                     task="classification",
                     config={"fake": True},
@@ -325,7 +325,7 @@ def analyse(url: str, job_ids: list[str], *, mode: str, workers: int) -> RaceRep
     """Read the outcome back from the database (events are the claim log)."""
     from sqlalchemy import func, select
 
-    from service.db.models import Adapter, Job, JobEvent, JobStatus
+    from service.db.models import AdapterRow, Job, JobEvent, JobStatus
     from service.db.session import make_db_engine, make_sessionmaker
 
     db_engine = make_db_engine(url)
@@ -342,9 +342,9 @@ def analyse(url: str, job_ids: list[str], *, mode: str, workers: int) -> RaceRep
             ).all()
             per_job_adapters = dict(
                 session.execute(
-                    select(Adapter.source_job_id, func.count())
-                    .where(Adapter.source_job_id.in_(job_ids))
-                    .group_by(Adapter.source_job_id)
+                    select(AdapterRow.source_job_id, func.count())
+                    .where(AdapterRow.source_job_id.in_(job_ids))
+                    .group_by(AdapterRow.source_job_id)
                 ).all()
             )
     finally:

@@ -20,7 +20,7 @@ from service.adapters.records import next_adapter_version
 from service.adapters.store import adapter_row_from
 from service.adapters.transfer import HeadSpec, import_files
 from service.config import Settings
-from service.db.models import Adapter
+from service.db.models import AdapterRow
 from service.errors import conflict
 from service.jobs.queue import active_job_count
 
@@ -52,15 +52,15 @@ def precheck(factory: sessionmaker[Session], tenant_id: str, name: str, settings
 
 def load(
     data: bytes, name: str, base: BaseModel, head: HeadSpec | None, limits: ArchiveLimits
-) -> Adapter:
+) -> AdapterRow:
     """Unzip, import and serialise: a new, unsaved row called ``name``."""
     adapter = import_files(read_archive(data, limits), base, head)
     return adapter_row_from(adapter, base, name=name)
 
 
 def insert(
-    factory: sessionmaker[Session], tenant_id: str, row: Adapter, settings: Settings
-) -> Adapter:
+    factory: sessionmaker[Session], tenant_id: str, row: AdapterRow, settings: Settings
+) -> AdapterRow:
     """Store ``row`` as the tenant's newest adapter version; returned detached, refreshed."""
     with factory() as session:
         try:

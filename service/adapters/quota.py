@@ -9,14 +9,14 @@ from __future__ import annotations
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from service.db.models import ACTIVE_STATUSES, Adapter, Job
+from service.db.models import ACTIVE_STATUSES, AdapterRow, Job
 from service.errors import quota_exceeded
 
 
 def name_taken(session: Session, tenant_id: str, name: str) -> str | None:
     """Why ``name`` cannot be used for a new adapter, or None if it is free."""
     if session.scalar(
-        select(Adapter.id).where(Adapter.tenant_id == tenant_id, Adapter.name == name)
+        select(AdapterRow.id).where(AdapterRow.tenant_id == tenant_id, AdapterRow.name == name)
     ):
         return f"An adapter named '{name}' already exists."
     job_id = session.scalar(
@@ -37,7 +37,7 @@ def check_adapter_quota(
     """A quota error unless one more adapter fits beside the tenant's adapters and active jobs."""
     adapters = (
         session.scalar(
-            select(func.count()).select_from(Adapter).where(Adapter.tenant_id == tenant_id)
+            select(func.count()).select_from(AdapterRow).where(AdapterRow.tenant_id == tenant_id)
         )
         or 0
     )

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, undefer
 
-from service.db.models import Adapter, Tenant
+from service.db.models import AdapterRow, Tenant
 
 # Told (tenant id, adapter name) after a delete commits: what serving holds of it must go.
 ForgetAdapter = Callable[[str, str], None]
@@ -20,12 +20,12 @@ ForgetAdapter = Callable[[str, str], None]
 
 def find_adapter_row(
     session: Session, tenant_id: str, name: str, *, weights: bool = False
-) -> Adapter | None:
+) -> AdapterRow | None:
     """The tenant's adapter called ``name``; its weights are loaded only if asked for."""
-    # Adapter.weights is deferred: metadata queries never read the blob.
-    stmt = select(Adapter).where(Adapter.tenant_id == tenant_id, Adapter.name == name)
+    # AdapterRow.weights is deferred: metadata queries never read the blob.
+    stmt = select(AdapterRow).where(AdapterRow.tenant_id == tenant_id, AdapterRow.name == name)
     if weights:
-        stmt = stmt.options(undefer(Adapter.weights))
+        stmt = stmt.options(undefer(AdapterRow.weights))
     return session.scalar(stmt)
 
 
@@ -42,7 +42,7 @@ def next_adapter_version(session: Session, tenant_id: str) -> int:
 
 
 def delete_adapter_row(
-    session: Session, row: Adapter, forget: Iterable[ForgetAdapter] = ()
+    session: Session, row: AdapterRow, forget: Iterable[ForgetAdapter] = ()
 ) -> None:
     """Delete and commit ``row``, then tell each of ``forget`` to drop what it holds of it.
 

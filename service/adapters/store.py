@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from service.db.models import Adapter as AdapterRow
+from service.db.models import AdapterRow
 
 if TYPE_CHECKING:  # core imports torch; keep it out of module import time for the API
     from core.adapter import Adapter

@@ -17,7 +17,7 @@ from service.adapters.archive import (
     archive_format,
 )
 from service.adapters.store import adapter_from_row
-from service.db.models import Adapter as AdapterRow
+from service.db.models import AdapterRow
 from service.errors import ServiceError
 
 if TYPE_CHECKING:

@@ -228,7 +228,7 @@ class Checkpoint(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
-class Adapter(Base):
+class AdapterRow(Base):
     __tablename__ = "adapters"
     __table_args__ = (UniqueConstraint("tenant_id", "name", name="uq_adapters_tenant_name"),)
 

@@ -32,7 +32,7 @@ from service.adapters.records import next_adapter_version
 from service.db.models import (
     ACTIVE_STATUSES,
     LEASED_STATUSES,
-    Adapter,
+    AdapterRow,
     Checkpoint,
     Job,
     JobEvent,
@@ -419,11 +419,11 @@ def _refresh(session: Session, job: Job) -> None:
 def finish_success(
     session: Session,
     job: Job,
-    adapter_row: Adapter,
+    adapter_row: AdapterRow,
     *,
     worker_id: str,
     metrics: dict[str, Any] | None = None,
-) -> Adapter:
+) -> AdapterRow:
     """Insert the adapter and mark the job succeeded, in ONE transaction.
 
     If the insert fails (e.g. the name was taken meanwhile) everything is rolled back, the

@@ -39,7 +39,7 @@ from sqlalchemy import select, tuple_
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.db.models import Adapter as AdapterRow
+from service.db.models import AdapterRow
 from service.state import AppState
 
 if TYPE_CHECKING:

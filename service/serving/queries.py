@@ -19,8 +19,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Connection, Row, and_, bindparam, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.db.models import Adapter as AdapterRow
-from service.db.models import ApiKey, Tenant
+from service.db.models import AdapterRow, ApiKey, Tenant
 
 if TYPE_CHECKING:
     from core.adapter import Adapter

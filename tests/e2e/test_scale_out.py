@@ -27,7 +27,7 @@ import pytest
 from sqlalchemy import select
 
 from bench.queue_race import analyse, seed_jobs, spawn_worker, stop_workers, wait_all_done
-from service.db.models import Adapter, Checkpoint, Job, JobEvent, JobStatus
+from service.db.models import AdapterRow, Checkpoint, Job, JobEvent, JobStatus
 from service.db.session import make_db_engine, make_sessionmaker
 from tests.e2e.server import ServerProcess, WorkerProcess
 from tests.service.helpers import CLASSIFICATION_ROWS, jsonl, scratch_postgres_database
@@ -176,7 +176,7 @@ def test_killed_worker_job_is_resumed_by_another_worker_from_its_checkpoint(
     db_engine = make_db_engine(pg_url)
     try:
         with make_sessionmaker(db_engine)() as session:
-            adapters = session.scalars(select(Adapter).where(Adapter.source_job_id == job_id))
+            adapters = session.scalars(select(AdapterRow).where(AdapterRow.source_job_id == job_id))
             assert len(adapters.all()) == 1  # written once
     finally:
         db_engine.dispose()

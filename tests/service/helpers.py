@@ -136,11 +136,11 @@ def job_body(training_file: str, **extra: Any) -> dict[str, Any]:
 
 
 def adapter_row(tenant_id: str, name: str, **extra: Any) -> Any:
-    """An unsaved Adapter row with plausible metadata and fake weights.
+    """An unsaved AdapterRow row with plausible metadata and fake weights.
 
     Pass ``version=None`` (and ``name=""``) to let ``finish_success`` fill them in.
     """
-    from service.db.models import Adapter
+    from service.db.models import AdapterRow
 
     values: dict[str, Any] = {
         "tenant_id": tenant_id,
@@ -159,7 +159,7 @@ def adapter_row(tenant_id: str, name: str, **extra: Any) -> Any:
         "base_fingerprint": "sha256:abc",
     }
     values.update(extra)
-    return Adapter(**values)
+    return AdapterRow(**values)
 
 
 def store_adapter(client: TestClient, headers: Headers, name: str, adapter: Any) -> Any:

@@ -23,11 +23,11 @@ from safetensors.torch import load as st_load
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.adapter import Adapter as CoreAdapter
+from core.adapter import Adapter
 from core.base import BaseModel
 from service.adapters.store import adapter_from_row, adapter_row_from
 from service.config import Settings
-from service.db.models import Adapter, Tenant
+from service.db.models import AdapterRow, Tenant
 from service.main import create_app
 from service.state import app_state
 from tests.core.util import make_model, randomize
@@ -103,11 +103,11 @@ def upload(
 
 def store_core_adapter(
     db: sessionmaker[Session], base: BaseModel, name: str, method: str, **params: Any
-) -> CoreAdapter:
+) -> Adapter:
     """Put a trained-looking core adapter in the default tenant, as the worker would."""
     model = make_model(base, method, **params)
     randomize(model, std=0.1)
-    adapter = CoreAdapter.from_model(model, model.num_trainable(), {"val_accuracy": 0.5})
+    adapter = Adapter.from_model(model, model.num_trainable(), {"val_accuracy": 0.5})
     with db() as session:
         row = adapter_row_from(adapter, base, name=name)
         row.tenant_id = session.scalars(select(Tenant.id).where(Tenant.name == "default")).one()
@@ -117,9 +117,9 @@ def store_core_adapter(
     return adapter
 
 
-def stored(db: sessionmaker[Session], name: str) -> CoreAdapter:
+def stored(db: sessionmaker[Session], name: str) -> Adapter:
     with db() as session:
-        row = session.scalars(select(Adapter).where(Adapter.name == name)).one()
+        row = session.scalars(select(AdapterRow).where(AdapterRow.name == name)).one()
         return adapter_from_row(row)
 
 
@@ -518,7 +518,7 @@ def test_imported_adapter_keeps_its_bytes_like_a_trained_one(
     resp = upload(client, auth, zip_bytes(peft_files), task="classification", label_names=LABELS)
     assert resp.status_code == 200
     with db() as session:
-        row = session.scalars(select(Adapter).where(Adapter.name == "imported")).one()
+        row = session.scalars(select(AdapterRow).where(AdapterRow.name == "imported")).one()
         assert row.size_bytes == len(row.weights)
         assert row.config["format"] == "loraplex.adapter/1"
         assert row.base_model == "loraplex-tests/tiny-bert"

@@ -6,7 +6,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.db.models import Adapter, Tenant
+from service.db.models import AdapterRow, Tenant
 from tests.service.helpers import Headers, adapter_row, assert_error
 
 
@@ -53,7 +53,7 @@ def test_delete_adapter(client: TestClient, auth: Headers, db: sessionmaker[Sess
     assert body["name"] == "gone" and body["id"].startswith("adapter-")
     assert_error(client.get("/v1/adapters/gone", headers=auth), 404, code="adapter_not_found")
     with db() as session:
-        assert session.scalars(select(Adapter)).all() == []
+        assert session.scalars(select(AdapterRow)).all() == []
 
 
 def test_unknown_adapter_is_404(client: TestClient, auth: Headers) -> None:

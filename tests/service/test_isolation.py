@@ -21,9 +21,9 @@ from safetensors.torch import load as st_load
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.adapter import Adapter as CoreAdapter
+from core.adapter import Adapter
 from core.base import BaseModel
-from service.db.models import Adapter, Checkpoint, Dataset, Job, JobStatus
+from service.db.models import AdapterRow, Checkpoint, Dataset, Job, JobStatus
 from service.state import app_state
 from tests.core.inference.helpers import lora, random_adapter, reference
 from tests.service.helpers import CLASSIFICATION_ROWS, Headers, assert_error, store_adapter
@@ -65,7 +65,7 @@ def _base(client: TestClient) -> BaseModel:
 @pytest.fixture
 def owned(
     serving_client: TestClient, auth: Headers, db: sessionmaker[Session]
-) -> tuple[Owned, dict[str, CoreAdapter]]:
+) -> tuple[Owned, dict[str, Adapter]]:
     """Tenant A (the default tenant, ``auth``) owns one of everything."""
     c, base = serving_client, _base(serving_client)
     ds = c.post(
@@ -162,7 +162,7 @@ def test_other_tenants_objects_are_404_on_every_route(
     serving_client: TestClient,
     auth: Headers,
     tenant_b: Headers,
-    owned: tuple[Owned, dict[str, CoreAdapter]],
+    owned: tuple[Owned, dict[str, Adapter]],
     route: str,
 ) -> None:
     o, _ = owned
@@ -213,7 +213,7 @@ def test_b_changes_nothing_of_a(
     serving_client: TestClient,
     auth: Headers,
     tenant_b: Headers,
-    owned: tuple[Owned, dict[str, CoreAdapter]],
+    owned: tuple[Owned, dict[str, Adapter]],
     db: sessionmaker[Session],
 ) -> None:
     """After B tried every destructive route on A's objects, A's objects are untouched."""
@@ -226,7 +226,9 @@ def test_b_changes_nothing_of_a(
         assert session.get(Dataset, o.dataset) is not None
         job = session.get(Job, o.job)
         assert job is not None and job.status == JobStatus.QUEUED and not job.cancel_requested
-        names = set(session.scalars(select(Adapter.name).where(Adapter.tenant_id == job.tenant_id)))
+        names = set(
+            session.scalars(select(AdapterRow.name).where(AdapterRow.tenant_id == job.tenant_id))
+        )
         assert names == {"a-only", "a-reward", "sentiment"}
     resp = serving_client.post(
         f"/predict?adapter={o.adapter}", json={"inputs": TEXTS}, headers=auth
@@ -238,7 +240,7 @@ def test_listings_show_only_the_callers_objects(
     serving_client: TestClient,
     auth: Headers,
     tenant_b: Headers,
-    owned: tuple[Owned, dict[str, CoreAdapter]],
+    owned: tuple[Owned, dict[str, Adapter]],
 ) -> None:
     o, _ = owned
     c = serving_client
@@ -274,7 +276,7 @@ def test_listings_show_only_the_callers_objects(
 def test_adapter_names_are_per_tenant(
     serving_client: TestClient,
     tenant_b: Headers,
-    owned: tuple[Owned, dict[str, CoreAdapter]],
+    owned: tuple[Owned, dict[str, Adapter]],
 ) -> None:
     """A name A uses (as an adapter or an active job's target) is free for B."""
     c = serving_client
@@ -301,7 +303,7 @@ def _probabilities(resp: Any) -> list[dict[str, float]]:
     return [p["probabilities"] for p in resp.json()["predictions"]]
 
 
-def _expected(base: BaseModel, adapter: CoreAdapter) -> list[dict[str, float]]:
+def _expected(base: BaseModel, adapter: Adapter) -> list[dict[str, float]]:
     out = []
     for text in TEXTS:
         probs = torch.softmax(reference(base, adapter, text).float(), -1).tolist()
@@ -321,8 +323,8 @@ def _differ(a: list[dict[str, float]], b: list[dict[str, float]]) -> bool:
 
 
 def _store_same_version(
-    c: TestClient, a: Headers, b: Headers, name: str, adapter: CoreAdapter
-) -> CoreAdapter:
+    c: TestClient, a: Headers, b: Headers, name: str, adapter: Adapter
+) -> Adapter:
     """Store B's ``name`` with the same version number as A's: a cache keyed by (name,
     version) without the tenant would then mix the two up."""
     a_version = c.get(f"/v1/adapters/{name}", headers=a).json()["version"]
@@ -337,7 +339,7 @@ def test_same_adapter_name_in_two_tenants_serves_each_its_own_weights(
     serving_client: TestClient,
     auth: Headers,
     tenant_b: Headers,
-    owned: tuple[Owned, dict[str, CoreAdapter]],
+    owned: tuple[Owned, dict[str, Adapter]],
     mode: str,
 ) -> None:
     c, base = serving_client, _base(serving_client)
@@ -359,7 +361,7 @@ def test_same_name_exports_and_deletes_stay_per_tenant(
     serving_client: TestClient,
     auth: Headers,
     tenant_b: Headers,
-    owned: tuple[Owned, dict[str, CoreAdapter]],
+    owned: tuple[Owned, dict[str, Adapter]],
     db: sessionmaker[Session],
 ) -> None:
     c, base = serving_client, _base(serving_client)
@@ -395,7 +397,7 @@ def test_same_name_exports_and_deletes_stay_per_tenant(
     )
     with db() as session:
         count = session.scalar(
-            select(func.count()).select_from(Adapter).where(Adapter.name == o.shared_name)
+            select(func.count()).select_from(AdapterRow).where(AdapterRow.name == o.shared_name)
         )
     assert count == 1
 

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core.base import BaseModel
 from service.config import Settings
-from service.db.models import Adapter, Tenant
+from service.db.models import AdapterRow, Tenant
 from service.main import create_app
 from tests.service.helpers import Headers, adapter_row, assert_error, serve_base
 
@@ -78,7 +78,7 @@ def test_retrieve_and_delete_adapter(
     assert_error(client.get("/v1/models/sentiment", headers=auth), 404, code="model_not_found")
     assert_error(client.get("/v1/adapters/sentiment", headers=auth), 404)
     with db() as session:
-        assert session.scalars(select(Adapter)).all() == []
+        assert session.scalars(select(AdapterRow)).all() == []
 
 
 def test_the_base_cannot_be_deleted(

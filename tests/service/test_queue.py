@@ -10,7 +10,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.db.models import Adapter, Checkpoint, Job, JobEvent, JobStatus, Tenant
+from service.db.models import AdapterRow, Checkpoint, Job, JobEvent, JobStatus, Tenant
 from service.db.types import utcnow
 from service.jobs import queue
 from tests.service.helpers import adapter_row, add_queued_job, add_tenant
@@ -225,7 +225,7 @@ def test_finish_success_is_atomic_when_adapter_insert_fails(migrated_db: Factory
     assert job.finished_at is None and job.worker_id == "w1"
     assert not any("succeeded" in m for m in _events(migrated_db, job_id))
     with migrated_db() as session:
-        assert session.scalar(select(func.count()).select_from(Adapter)) == 1
+        assert session.scalar(select(func.count()).select_from(AdapterRow)) == 1
         assert session.scalar(select(Tenant.adapter_seq)) == 0  # the version bump rolled back
         # The worker can still record the failure: it kept its lease.
         queue.finish_failure(
@@ -251,7 +251,7 @@ def test_finish_success_after_lease_loss_writes_nothing(migrated_db: Factory) ->
             queue.finish_success(
                 session, job, adapter_row(tenant, "", version=None), worker_id="w1"
             )
-        assert session.scalar(select(func.count()).select_from(Adapter)) == 0
+        assert session.scalar(select(func.count()).select_from(AdapterRow)) == 0
     assert _get(migrated_db, job_id).status == JobStatus.QUEUED
 
 

@@ -20,7 +20,7 @@ from sqlalchemy import create_engine, delete, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
-from service.db.models import Adapter, Job, JobStatus, Tenant
+from service.db.models import AdapterRow, Job, JobStatus, Tenant
 from service.db.session import make_db_engine, make_sessionmaker
 from service.db.types import utcnow
 from service.jobs import queue
@@ -118,7 +118,9 @@ def test_trigger_notifies_on_commit_only(pg: Factory, postgres_url: str) -> None
         assert _drain(listener) == [f"{tenant_id}/sentiment/4/insert"]
 
         with pg() as session:  # an update announces the old row gone and the new one live
-            session.execute(update(Adapter).where(Adapter.name == "sentiment").values(version=6))
+            session.execute(
+                update(AdapterRow).where(AdapterRow.name == "sentiment").values(version=6)
+            )
             session.commit()
         assert _drain(listener, 2) == [
             f"{tenant_id}/sentiment/4/delete",
@@ -127,7 +129,9 @@ def test_trigger_notifies_on_commit_only(pg: Factory, postgres_url: str) -> None
 
         with pg() as session:
             session.execute(
-                delete(Adapter).where(Adapter.tenant_id == tenant_id, Adapter.name == "sentiment")
+                delete(AdapterRow).where(
+                    AdapterRow.tenant_id == tenant_id, AdapterRow.name == "sentiment"
+                )
             )
             session.commit()
         assert _drain(listener) == [f"{tenant_id}/sentiment/6/delete"]
@@ -183,7 +187,7 @@ def test_listener_delivers_changes_and_resyncs_after_reconnect(
         assert wait_for(lambda: len(resyncs) == 1)
 
         with pg() as session:
-            session.execute(delete(Adapter).where(Adapter.name == "m"))
+            session.execute(delete(AdapterRow).where(AdapterRow.name == "m"))
             session.commit()
         assert changes.get(timeout=WAIT_S) == AdapterChange(tenant_id, "m", 1, "delete")
     finally:
@@ -281,7 +285,7 @@ def test_a_change_made_elsewhere_frees_the_resident_copy(
         # "Another replica" deletes it: a plain SQL delete on its own connection.
         other = make_db_engine(tiny.db_url)
         with make_sessionmaker(other)() as session:
-            session.execute(delete(Adapter).where(Adapter.name == "shared"))
+            session.execute(delete(AdapterRow).where(AdapterRow.name == "shared"))
             session.commit()
         other.dispose()
         assert wait_for(lambda: engine.stats.resident_count == 0)

@@ -40,7 +40,7 @@ from service.api.params import AdapterNamePath
 from service.api.schemas.adapters import ADAPTER_EXAMPLE, AdapterObject
 from service.api.schemas.common import NAME_PATTERN, DeletedResponse, ListResponse
 from service.api.uploads import form_text, read_upload, require_multipart
-from service.db.models import Adapter
+from service.db.models import AdapterRow
 from service.errors import invalid, not_found
 
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
@@ -116,7 +116,7 @@ class AdapterDeleted(DeletedResponse):
     version: int = Field(description="The deleted adapter's version (never reused).")
 
 
-def _get_owned(session: Session, tenant_id: str, name: str, *, weights: bool = False) -> Adapter:
+def _get_owned(session: Session, tenant_id: str, name: str, *, weights: bool = False) -> AdapterRow:
     row = find_adapter_row(session, tenant_id, name, weights=weights)
     if row is None:
         raise not_found("adapter", name)
@@ -134,11 +134,11 @@ def list_adapters(
     the last adapter of the previous page."""
     rows, has_more = keyset_page(
         session,
-        Adapter,
-        [Adapter.tenant_id == tenant.id],
+        AdapterRow,
+        [AdapterRow.tenant_id == tenant.id],
         after=after,
         limit=limit,
-        cursor_column=Adapter.name,
+        cursor_column=AdapterRow.name,
     )
     data = [AdapterObject.from_row(r) for r in rows]
     return ListResponse.page(data, has_more, lambda a: a.name)

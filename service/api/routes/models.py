@@ -15,7 +15,7 @@ from service.adapters.records import delete_adapter_row, find_adapter_row
 from service.api.deps import AdapterCachesDep, CurrentTenant, SessionDep
 from service.api.params import ModelId
 from service.api.schemas.models import BASE_OWNER, ModelDeleted, ModelList, ModelObject
-from service.db.models import Adapter
+from service.db.models import AdapterRow
 from service.errors import ErrorKind, ServiceError, not_found
 from service.state import app_state
 
@@ -50,7 +50,7 @@ def _is_base(request: Request, model_id: str) -> bool:
     return model_id == app_state(request).settings.base_model_name
 
 
-def _owned_adapter(session: Session, tenant_id: str, model_id: str) -> Adapter:
+def _owned_adapter(session: Session, tenant_id: str, model_id: str) -> AdapterRow:
     row = find_adapter_row(session, tenant_id, model_id)
     if row is None:  # another tenant's adapter included: its existence is never confirmed
         raise not_found("model", model_id)
@@ -62,9 +62,9 @@ def list_models(request: Request, session: SessionDep, tenant: CurrentTenant) ->
     """OpenAI's model list: the base model first, then the caller's adapters, newest first,
     all in one page."""
     rows = session.scalars(
-        select(Adapter)
-        .where(Adapter.tenant_id == tenant.id)
-        .order_by(Adapter.created_at.desc(), Adapter.id.desc())
+        select(AdapterRow)
+        .where(AdapterRow.tenant_id == tenant.id)
+        .order_by(AdapterRow.created_at.desc(), AdapterRow.id.desc())
     )
     return ModelList(data=[_base_object(request), *(ModelObject.from_adapter(r) for r in rows)])
 

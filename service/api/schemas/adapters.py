@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.api.schemas.common import CREATED_AT
-from service.db.models import Adapter
+from service.db.models import AdapterRow
 from service.db.types import to_unix
 
 ADAPTER_EXAMPLE: dict[str, Any] = {
@@ -85,7 +85,7 @@ class AdapterObject(BaseModel):
     created_at: int = Field(description=CREATED_AT)
 
     @classmethod
-    def from_row(cls, row: Adapter) -> AdapterObject:
+    def from_row(cls, row: AdapterRow) -> AdapterObject:
         return cls(
             id=row.id,
             name=row.name,

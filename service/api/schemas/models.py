@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.api.schemas.adapters import ADAPTER_EXAMPLE
-from service.db.models import Adapter
+from service.db.models import AdapterRow
 from service.db.types import to_unix
 
 # OpenAI marks its own base models this way; here it is the server's shared encoder.
@@ -96,7 +96,7 @@ class ModelObject(BaseModel):
     )
 
     @classmethod
-    def from_adapter(cls, row: Adapter) -> ModelObject:
+    def from_adapter(cls, row: AdapterRow) -> ModelObject:
         return cls(
             id=row.name,
             created=to_unix(row.created_at) or 0,
