@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from core.errors import ConfigError
-from core.methods.adapter import BottleneckConfig
+from core.methods.bottleneck import BottleneckConfig
 from core.methods.config import MethodConfig, parse_config
 from core.methods.feature_extraction import FeatureExtractionConfig
 from core.methods.full import FullConfig
@@ -43,7 +43,7 @@ def parse_method_config(method_type: str, params: dict[str, Any] | None = None) 
 
 def build_method(config: MethodConfig, base: BaseModel) -> AdapterMethod:
     """The trainable module for ``config`` on ``base``."""
-    from core.methods.adapter.model import BottleneckModel
+    from core.methods.bottleneck.model import BottleneckModel
     from core.methods.feature_extraction.model import FeatureExtractionModel
     from core.methods.full.model import FullModel
     from core.methods.lora.model import LoraModel
