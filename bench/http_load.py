@@ -47,7 +47,7 @@ from service.serving.lifespan import MAX_DEFAULT_WORKERS
 from tests.e2e.server import ServerProcess
 
 if TYPE_CHECKING:
-    from core.base import BaseModel as CoreBaseModel
+    from core.base import FrozenBase as FrozenBase
 
 R = 8
 TARGETS = ("query", "value")
@@ -163,7 +163,7 @@ def summarize(latencies: list[float], errors: int, elapsed: float) -> dict[str, 
 
 
 def inprocess_base_seq_per_s(
-    base: CoreBaseModel,
+    base: FrozenBase,
     texts: list[str],
     seconds: float,
     dtype: str = "float32",

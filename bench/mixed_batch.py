@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from core.adapter import Adapter
-from core.base import BaseModel, load_base_model
+from core.base import FrozenBase, load_base_model
 from core.heads import HeadConfig
 from core.inference import InferenceEngine, MixedLoraHooks, Row
 from core.methods.lora import LoraConfig
@@ -52,7 +52,7 @@ TARGETS = ["query", "value"]
 # --- inputs -------------------------------------------------------------------------------
 
 
-def bench_texts(base: BaseModel, n: int = BATCH, tokens: int = TOKENS) -> list[str]:
+def bench_texts(base: FrozenBase, n: int = BATCH, tokens: int = TOKENS) -> list[str]:
     """``n`` texts of exactly ``tokens`` tokens ([CLS] and [SEP] included) of real reviews."""
     reviews = [json.loads(line)["text"] for line in FIXTURE.read_text().splitlines() if line]
     tok = base.tokenizer
@@ -69,7 +69,7 @@ def bench_texts(base: BaseModel, n: int = BATCH, tokens: int = TOKENS) -> list[s
     return out
 
 
-def lora_adapter(base: BaseModel, r: int, seed: int) -> Adapter:
+def lora_adapter(base: FrozenBase, r: int, seed: int) -> Adapter:
     """A random non-zero LoRA (both A and B drawn) with a 2-label head."""
     g = torch.Generator().manual_seed(seed)
     cfg = LoraConfig(r=r, alpha=2 * r, target_modules=TARGETS)
@@ -170,7 +170,7 @@ def lora_hooks_cpu(engine: InferenceEngine, n: int, reps: int) -> float:
 
 
 def bench_loraplex(
-    base: BaseModel, texts: list[str], ns: list[int], reps: int, warmup: int, dtype: torch.dtype
+    base: FrozenBase, texts: list[str], ns: list[int], reps: int, warmup: int, dtype: torch.dtype
 ) -> tuple[list[dict[str, Any]], list[str]]:
     rows_out: list[dict[str, Any]] = []
     notes: list[str] = []
@@ -256,7 +256,7 @@ def bench_loraplex(
 
 
 def bench_peft(
-    base: BaseModel, texts: list[str], ns: list[int], reps: int, warmup: int
+    base: FrozenBase, texts: list[str], ns: list[int], reps: int, warmup: int
 ) -> tuple[list[dict[str, Any]], list[str]]:
     import peft
     from transformers import BertModel

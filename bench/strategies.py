@@ -73,7 +73,7 @@ import torch
 from bench.common import reviews
 from bench.datasets import split
 from core.adapter import Adapter
-from core.base import BaseModel
+from core.base import FrozenBase
 from core.io.serialization import adapter_to_bytes
 from core.model import trainable_parameter_count
 from core.training.data import coerce_examples, encode, eval_batches
@@ -127,7 +127,7 @@ Progress = Callable[[str, ProgressEvent], None]
 
 
 def accuracy_on(
-    adapter: Adapter, base: BaseModel, rows: Rows, max_length: int, batch_size: int = EVAL_BATCH
+    adapter: Adapter, base: FrozenBase, rows: Rows, max_length: int, batch_size: int = EVAL_BATCH
 ) -> float:
     """Accuracy of ``adapter`` on ``rows``, run as it would be served: built afresh, eval mode."""
     model = adapter.build(base)
@@ -142,7 +142,7 @@ def accuracy_on(
 
 
 def run_strategy(
-    base: BaseModel,
+    base: FrozenBase,
     strategy: Strategy,
     train_rows: Rows,
     val_rows: Rows,
@@ -203,7 +203,7 @@ def run_strategy(
 
 
 def run_strategies(
-    base: BaseModel,
+    base: FrozenBase,
     train_rows: Rows,
     val_rows: Rows,
     test_rows: Rows,

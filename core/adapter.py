@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import Tensor
 
-from core.base import BaseModel
+from core.base import FrozenBase
 from core.errors import AdapterFormatError
 from core.heads import Head, HeadConfig
 from core.methods import MethodConfig, build_method, parse_method_config
@@ -51,14 +51,14 @@ class Adapter:
             metrics=metrics,
         )
 
-    def check_base(self, base: BaseModel) -> None:
+    def check_base(self, base: FrozenBase) -> None:
         if self.base_fingerprint and self.base_fingerprint != base.fingerprint:
             raise AdapterFormatError(
                 f"adapter was trained on base model {self.base_name!r} "
                 f"(fingerprint {self.base_fingerprint[:12]}), not on the loaded {base.name!r}"
             )
 
-    def build(self, base: BaseModel) -> AdaptedModel:
+    def build(self, base: FrozenBase) -> AdaptedModel:
         """An eval-ready model on ``base`` with this adapter's weights (base weights untouched)."""
         self.check_base(base)
         method = build_method(self.method, base)

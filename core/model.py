@@ -4,21 +4,21 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from core.base import BaseModel
+from core.base import FrozenBase
 from core.encoder import EncoderHooks, pool
 from core.heads import Head
 from core.methods.base import AdapterMethod
 
 
 class AdaptedModel(nn.Module):
-    def __init__(self, base: BaseModel, method: AdapterMethod, head: Head) -> None:
+    def __init__(self, base: FrozenBase, method: AdapterMethod, head: Head) -> None:
         super().__init__()
         self._base = [base]  # not a submodule: its weights are shared and frozen
         self.method = method
         self.head = head
 
     @property
-    def base(self) -> BaseModel:
+    def base(self) -> FrozenBase:
         return self._base[0]
 
     def features(

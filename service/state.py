@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # the serving types import torch; the state only names them
     from starlette.applications import Starlette
     from starlette.types import ASGIApp
 
-    from core.base import BaseModel
+    from core.base import FrozenBase
     from service.config import Settings
     from service.observability.metrics import ServiceMetrics
     from service.readiness import Readiness
@@ -73,7 +73,7 @@ class AppState:
     default_tenant_id: str | None = None
     # The serving hook (service.serving.lifespan): the encoder, the input-length check and the
     # batcher that owns the inference engine. Test hooks may set the base model alone.
-    base_model: BaseModel | None = None
+    base_model: FrozenBase | None = None
     length_checker: LengthChecker | None = None
     batcher: Batcher | None = None
     # The invalidation hook: listens for other replicas' adapter changes (PostgreSQL only).
@@ -83,7 +83,7 @@ class AppState:
     # Job event streams end themselves once this says the server is shutting down.
     uvicorn_server: ShutdownSignal | None = None
 
-    def require_base_model(self) -> BaseModel:
+    def require_base_model(self) -> FrozenBase:
         return _started(self.base_model)
 
     def require_length_checker(self) -> LengthChecker:

@@ -14,7 +14,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from core.base import BaseModel, load_base_model
+from core.base import FrozenBase, load_base_model
 from tests.tiny_bert import TINY_NAME, build_tiny_bert
 
 
@@ -31,11 +31,11 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_base(tiny_model_dir: Path) -> BaseModel:
+def tiny_base(tiny_model_dir: Path) -> FrozenBase:
     return load_base_model(tiny_model_dir, name=TINY_NAME, device="cpu")
 
 
 @pytest.fixture(scope="session")
-def real_base() -> BaseModel:
+def real_base() -> FrozenBase:
     """all-MiniLM-L6-v2 from its wheel (~4 s once per session)."""
     return load_base_model(device="cpu")

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from bench import strategies as bs
-from core.base import BaseModel
+from core.base import FrozenBase
 
 FIELDS = {
     "method", "test_accuracy", "trainable_params", "trainable_pct", "train_seconds",
@@ -29,7 +29,7 @@ def synthetic_rows(n: int, seed: int) -> list[dict[str, str]]:
     return rows
 
 
-def check_row(row: dict[str, Any], base: BaseModel) -> None:
+def check_row(row: dict[str, Any], base: FrozenBase) -> None:
     assert set(row) >= FIELDS
     assert 0.0 <= row["test_accuracy"] <= 1.0
     assert isinstance(row["trainable_params"], int) and row["trainable_params"] > 0
@@ -39,7 +39,7 @@ def check_row(row: dict[str, Any], base: BaseModel) -> None:
     assert row["adapter_bytes"] > 0
 
 
-def test_run_strategies_rows(tiny_base: BaseModel) -> None:
+def test_run_strategies_rows(tiny_base: FrozenBase) -> None:
     train, val, test = synthetic_rows(32, 0), synthetic_rows(8, 1), synthetic_rows(12, 2)
     rows = bs.run_strategies(
         tiny_base,
@@ -66,7 +66,7 @@ def test_run_strategies_rows(tiny_base: BaseModel) -> None:
 
 
 def test_main_writes_json(
-    tiny_base: BaseModel,
+    tiny_base: FrozenBase,
     monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],

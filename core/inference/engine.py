@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 
 from core.adapter import Adapter
-from core.base import BaseModel
+from core.base import FrozenBase
 from core.encoder import NO_HOOKS, BertEncoder, EncoderHooks, pool
 from core.errors import CoreError
 from core.inference.bank import LoraBank, MixedLoraHooks
@@ -89,7 +89,7 @@ def _normalize(device: torch.device) -> torch.device:
     return device
 
 
-def serving_base(base: BaseModel, device: torch.device, dtype: torch.dtype) -> BaseModel:
+def serving_base(base: FrozenBase, device: torch.device, dtype: torch.dtype) -> FrozenBase:
     """``base`` itself if it already lives on ``device`` in ``dtype``, else a cast copy of it.
 
     The copy is built on the meta device first, so no random init is spent on it.
@@ -110,7 +110,7 @@ class InferenceEngine:
 
     def __init__(
         self,
-        base: BaseModel,
+        base: FrozenBase,
         *,
         dtype: torch.dtype = torch.float32,
         max_resident_bytes: int = 1 << 30,

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from core.adapter import Adapter
-from core.base import BaseModel
+from core.base import FrozenBase
 from core.errors import CoreError
 from core.heads import HeadConfig
 from core.inference.bank import LoraBank, Site
@@ -64,8 +64,8 @@ class Residency(CountedLru[Resident]):
 
     def __init__(
         self,
-        base: BaseModel,
-        serving: BaseModel,
+        base: FrozenBase,
+        serving: FrozenBase,
         bank: LoraBank,
         merged: MergedCache,
         *,

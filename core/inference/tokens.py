@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from core.base import BaseModel
+from core.base import FrozenBase
 
 _FIELDS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -28,7 +28,7 @@ class _Group:
 class Tokenized:
     """Token tensors of a batch's rows, addressable by row index."""
 
-    def __init__(self, base: BaseModel, device: torch.device) -> None:
+    def __init__(self, base: FrozenBase, device: torch.device) -> None:
         self._base = base
         self._device = device
         self._groups: list[_Group] = []

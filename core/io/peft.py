@@ -20,7 +20,7 @@ from typing import Any
 from torch import Tensor
 
 from core.adapter import Adapter
-from core.base import BaseModel
+from core.base import FrozenBase
 from core.errors import AdapterFormatError
 from core.heads import Head, HeadConfig
 from core.io.peft_lora import export_lora, import_lora
@@ -39,7 +39,7 @@ EXTRA_FORMAT = "loraplex.peft/1"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 
-def export_peft(adapter: Adapter, base: BaseModel) -> dict[str, bytes]:
+def export_peft(adapter: Adapter, base: FrozenBase) -> dict[str, bytes]:
     """``{file name: bytes}`` of a PEFT adapter folder (plus our head file)."""
     adapter.check_base(base)
     method = adapter.method
@@ -68,7 +68,7 @@ def export_peft(adapter: Adapter, base: BaseModel) -> dict[str, bytes]:
 
 
 def import_peft(
-    files: dict[str, bytes], base: BaseModel, head: HeadConfig | None = None
+    files: dict[str, bytes], base: FrozenBase, head: HeadConfig | None = None
 ) -> Adapter:
     """An :class:`Adapter` for ``base`` from a PEFT folder's files (LoRA or prompt tuning).
 
@@ -143,7 +143,7 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~", "\\")) or (len(name) > 1 and name[1] == ":")
 
 
-def _check_base(cfg: dict[str, Any], extra: dict[str, Any], base: BaseModel) -> None:
+def _check_base(cfg: dict[str, Any], extra: dict[str, Any], base: FrozenBase) -> None:
     """Refuse adapters that say they belong to another base; shapes are checked later."""
     fingerprint = extra.get("base_fingerprint")
     if fingerprint and fingerprint != base.fingerprint:
@@ -167,7 +167,7 @@ def _check_base(cfg: dict[str, Any], extra: dict[str, Any], base: BaseModel) -> 
 
 
 def _resolve_head(
-    head: HeadConfig | None, extra: dict[str, Any], head_file: bytes | None, base: BaseModel
+    head: HeadConfig | None, extra: dict[str, Any], head_file: bytes | None, base: FrozenBase
 ) -> tuple[HeadConfig, dict[str, Tensor]]:
     saved_cfg: HeadConfig | None = None
     if extra.get("head") is not None:

@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import Tensor
 
-from core.base import BaseModel
+from core.base import FrozenBase
 from core.errors import AdapterFormatError, ConfigError
 from core.methods import parse_method_config
 from core.methods.lora.config import LoraConfig
@@ -58,7 +58,7 @@ def _number(x: float) -> float | int:
 
 
 def export_lora(
-    cfg: LoraConfig, state: dict[str, Tensor], base: BaseModel
+    cfg: LoraConfig, state: dict[str, Tensor], base: FrozenBase
 ) -> tuple[dict[str, Any], dict[str, Tensor]]:
     target_modules, layers = _peft_target_modules(cfg, base.num_layers)
     config = {
@@ -125,7 +125,7 @@ def _parse_keys(
 
 
 def import_lora(
-    cfg: dict[str, Any], tensors: dict[str, Tensor], base: BaseModel
+    cfg: dict[str, Any], tensors: dict[str, Tensor], base: FrozenBase
 ) -> tuple[LoraConfig, dict[str, Tensor]]:
     """Our LoRA config and state from a PEFT LoRA adapter, checked against ``base``."""
     _check_supported(cfg)

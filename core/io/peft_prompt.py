@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import Tensor
 
-from core.base import BaseModel
+from core.base import FrozenBase
 from core.errors import AdapterFormatError, ConfigError
 from core.methods import parse_method_config
 from core.methods.prompt_tuning import PromptTuningConfig
@@ -29,7 +29,7 @@ _ALT_KEYS = ("prompt_encoder.default.embedding.weight",)
 
 
 def export_prompt(
-    cfg: PromptTuningConfig, state: dict[str, Tensor], base: BaseModel
+    cfg: PromptTuningConfig, state: dict[str, Tensor], base: FrozenBase
 ) -> tuple[dict[str, Any], dict[str, Tensor]]:
     c = base.config
     config = {
@@ -53,7 +53,7 @@ def export_prompt(
 def import_prompt(
     cfg: dict[str, Any],
     tensors: dict[str, Tensor],
-    base: BaseModel,
+    base: FrozenBase,
     ours: dict[str, Any] | None,
 ) -> tuple[PromptTuningConfig, dict[str, Tensor]]:
     """``ours``: our own method config from the ``loraplex`` key, if the export was ours."""

@@ -18,7 +18,7 @@ from core.methods.prompt_tuning import PromptTuningConfig
 from core.methods.scratch import ScratchConfig
 
 if TYPE_CHECKING:
-    from core.base import BaseModel
+    from core.base import FrozenBase
     from core.methods.base import AdapterMethod
 
 METHODS: dict[str, type[MethodConfig]] = {
@@ -41,7 +41,7 @@ def parse_method_config(method_type: str, params: dict[str, Any] | None = None) 
     return parse_config(METHODS[method_type], params)
 
 
-def build_method(config: MethodConfig, base: BaseModel) -> AdapterMethod:
+def build_method(config: MethodConfig, base: FrozenBase) -> AdapterMethod:
     """The trainable module for ``config`` on ``base``."""
     from core.methods.bottleneck.model import BottleneckModel
     from core.methods.feature_extraction.model import FeatureExtractionModel

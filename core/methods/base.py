@@ -13,7 +13,7 @@ from typing import ClassVar
 
 from torch import Tensor, nn
 
-from core.base import BaseModel
+from core.base import FrozenBase
 from core.encoder import NO_HOOKS, BertEncoder, EncoderHooks
 from core.methods.config import MethodConfig
 
@@ -33,13 +33,13 @@ class AdapterMethod(nn.Module):
     # Feature extraction trains only the head on cached base features.
     frozen_features: ClassVar[bool] = False
 
-    def __init__(self, config: MethodConfig, base: BaseModel) -> None:
+    def __init__(self, config: MethodConfig, base: FrozenBase) -> None:
         super().__init__()
         self.config = config
         self._base = [base]  # a list so nn.Module does not register the base as a submodule
 
     @property
-    def base(self) -> BaseModel:
+    def base(self) -> FrozenBase:
         return self._base[0]
 
     @property

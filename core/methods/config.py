@@ -10,13 +10,12 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from pydantic import BaseModel as PydanticModel
-from pydantic import ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from core.errors import ConfigError
 
 
-class MethodConfig(PydanticModel):
+class MethodConfig(BaseModel):
     """Base of every method config. ``type`` is the method's registry name."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)

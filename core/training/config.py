@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel as PydanticModel
-from pydantic import ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from core.errors import ConfigError
 
@@ -39,7 +38,7 @@ class _FieldError(ValueError):
         self.field = field
 
 
-class TrainingConfig(PydanticModel):
+class TrainingConfig(BaseModel):
     """How to train. Every field is validated; :func:`parse_training_config` names bad fields.
 
     Each field's description, default and range are the one definition of that setting: the

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from core.adapter import Adapter
-from core.base import BaseModel
+from core.base import FrozenBase
 from core.errors import Cancelled
 from core.heads import Head, HeadConfig
 from core.methods import MethodConfig, build_method
@@ -79,7 +79,7 @@ class Trainer:
 
     def __init__(
         self,
-        base: BaseModel,
+        base: FrozenBase,
         method_config: MethodConfig | Mapping[str, Any],
         head_config: HeadConfig | Mapping[str, Any],
         train_examples: Sequence[Example | Mapping[str, Any]],
@@ -542,7 +542,7 @@ class Trainer:
     def resume(
         cls,
         checkpoint: bytes,
-        base: BaseModel,
+        base: FrozenBase,
         train_examples: Sequence[Example | Mapping[str, Any]],
         val_examples: Sequence[Example | Mapping[str, Any]] | None = None,
         *,
@@ -587,7 +587,7 @@ class Trainer:
 # --------------------------------------------------------------------------------------------
 
 
-def _check_base_untouched(base: BaseModel, named: Mapping[str, nn.Parameter]) -> None:
+def _check_base_untouched(base: FrozenBase, named: Mapping[str, nn.Parameter]) -> None:
     """Invariant: the shared base is never trained. A method must own a copy to train it."""
     base_ids = {id(p) for p in base.encoder.parameters()}
     shared = [n for n, p in named.items() if id(p) in base_ids]

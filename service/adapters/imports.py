@@ -25,7 +25,7 @@ from service.errors import conflict
 from service.jobs.queue import active_job_count
 
 if TYPE_CHECKING:
-    from core.base import BaseModel
+    from core.base import FrozenBase
 
 
 def archive_limits(settings: Settings) -> ArchiveLimits:
@@ -51,7 +51,7 @@ def precheck(factory: sessionmaker[Session], tenant_id: str, name: str, settings
 
 
 def load(
-    data: bytes, name: str, base: BaseModel, head: HeadSpec | None, limits: ArchiveLimits
+    data: bytes, name: str, base: FrozenBase, head: HeadSpec | None, limits: ArchiveLimits
 ) -> AdapterRow:
     """Unzip, import and serialise: a new, unsaved row called ``name``."""
     adapter = import_files(read_archive(data, limits), base, head)

@@ -11,12 +11,12 @@ from service.db.models import AdapterRow
 
 if TYPE_CHECKING:  # core imports torch; keep it out of module import time for the API
     from core.adapter import Adapter
-    from core.base import BaseModel
+    from core.base import FrozenBase
 
 
 def adapter_row_from(
     adapter: Adapter,
-    base: BaseModel,
+    base: FrozenBase,
     *,
     name: str | None = None,
     metrics: dict[str, Any] | None = None,

@@ -22,7 +22,7 @@ from service.errors import ServiceError
 
 if TYPE_CHECKING:
     from core.adapter import Adapter
-    from core.base import BaseModel
+    from core.base import FrozenBase
     from core.heads import HeadConfig
 
 
@@ -51,7 +51,7 @@ def _format_error_code(message: str) -> str:
 # --- export ----------------------------------------------------------------------------------
 
 
-def export_files(row: AdapterRow, fmt: str, base: BaseModel | None) -> dict[str, bytes]:
+def export_files(row: AdapterRow, fmt: str, base: FrozenBase | None) -> dict[str, bytes]:
     """The files of ``row`` in ``fmt`` (``peft`` needs the loaded base; ``loraplex`` not)."""
     if fmt == "loraplex":
         return {
@@ -108,7 +108,7 @@ def _peft_carries_head(files: dict[str, bytes]) -> bool:
     return HEAD_FILE in files and isinstance(extra, dict) and extra.get("head") is not None
 
 
-def _import_loraplex(files: dict[str, bytes], base: BaseModel, head: HeadConfig | None) -> Adapter:
+def _import_loraplex(files: dict[str, bytes], base: FrozenBase, head: HeadConfig | None) -> Adapter:
     from core.io.serialization import adapter_from_bytes
 
     if LORAPLEX_WEIGHTS_FILE not in files:
@@ -133,7 +133,9 @@ def _import_loraplex(files: dict[str, bytes], base: BaseModel, head: HeadConfig 
     return adapter
 
 
-def import_files(files: dict[str, bytes], base: BaseModel, head: HeadSpec | None = None) -> Adapter:
+def import_files(
+    files: dict[str, bytes], base: FrozenBase, head: HeadSpec | None = None
+) -> Adapter:
     """A core ``Adapter`` for ``base`` from an archive's files (see ``read_archive``)."""
     from core.errors import CoreError
     from core.io.peft import import_peft

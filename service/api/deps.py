@@ -28,7 +28,7 @@ from service.state import AppState, app_state
 from service.tenants.keys import hash_api_key, key_by_secret
 
 if TYPE_CHECKING:  # core imports torch; the API imports it only through the lifespan hooks
-    from core.base import BaseModel as CoreBaseModel
+    from core.base import FrozenBase as FrozenBase
 
 
 async def get_state(request: Request) -> AppState:
@@ -163,7 +163,7 @@ AdminDep = Annotated[Principal, Depends(require_admin)]
 # --- the loaded base model ---------------------------------------------------------------------
 
 
-def get_base_model(request: Request) -> CoreBaseModel:
+def get_base_model(request: Request) -> FrozenBase:
     """The encoder the serving lifespan hook loaded; 503 until it has (or without the hook)."""
     return app_state(request).require_base_model()
 

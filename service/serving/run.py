@@ -12,7 +12,7 @@ from service.serving.policy import RequestMode
 from service.serving.queries import AdapterGone
 
 if TYPE_CHECKING:
-    from core.base import BaseModel
+    from core.base import FrozenBase
     from core.inference import Row, RowResult
 
 RETRY_AFTER_S = 1
@@ -25,7 +25,7 @@ class LengthChecker:
     inference thread owns the engine's; this copy serves the request threads, one at a time.
     """
 
-    def __init__(self, base: BaseModel) -> None:
+    def __init__(self, base: FrozenBase) -> None:
         self._tokenizer = deepcopy(base.tokenizer)
         self._lock = threading.Lock()
         self.max_length = base.max_length

@@ -35,7 +35,7 @@ from service.jobs import queue
 from service.worker.lease import LeaseKeeper
 
 if TYPE_CHECKING:
-    from core.base import BaseModel
+    from core.base import FrozenBase
     from core.training.trainer import ProgressEvent, Trainer
 
 logger = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ class JobRun:
         job: Job,
         *,
         factory: sessionmaker[Session],
-        base: BaseModel,
+        base: FrozenBase,
         settings: Settings,
         worker_id: str,
         shutdown: threading.Event,

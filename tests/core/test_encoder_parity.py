@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from core.adapter import Adapter
-from core.base import BaseModel
+from core.base import FrozenBase
 from core.io.peft import export_peft
 from core.methods.lora.layer import merge_pairs
 from core.methods.lora.model import LoraModel
@@ -25,7 +25,7 @@ def hf_bert(model_dir: Path) -> torch.nn.Module:
 
 
 @pytest.fixture(scope="module")
-def real_hf(real_base: BaseModel) -> torch.nn.Module:
+def real_hf(real_base: FrozenBase) -> torch.nn.Module:
     return hf_bert(real_base.path)
 
 
@@ -35,7 +35,7 @@ def hf_hidden(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.
 
 
 def peft_hidden_for(
-    adapter_model: torch.nn.Module, base: BaseModel, hf: torch.nn.Module, folder: Path
+    adapter_model: torch.nn.Module, base: FrozenBase, hf: torch.nn.Module, folder: Path
 ) -> tuple[torch.Tensor, torch.nn.Module]:
     """Export ``adapter_model``, load it with ``PeftModel.from_pretrained`` on a copy of ``hf``."""
     adapter = Adapter.from_model(adapter_model, 0, {})
@@ -46,7 +46,7 @@ def peft_hidden_for(
     return hf_hidden(peft_model, batch(base)), peft_model
 
 
-def test_encoder_equals_hf_bert_tiny(tiny_base: BaseModel) -> None:
+def test_encoder_equals_hf_bert_tiny(tiny_base: FrozenBase) -> None:
     inputs = tiny_base.tokenize(["the movie"], ["was great"])  # exercises token type 1
     expected = hf_hidden(hf_bert(tiny_base.path), inputs)
     got = hidden(make_method(tiny_base, "feature_extraction"), inputs)
@@ -54,7 +54,7 @@ def test_encoder_equals_hf_bert_tiny(tiny_base: BaseModel) -> None:
 
 
 @pytest.mark.real_model
-def test_encoder_equals_hf_bert_real(real_base: BaseModel, real_hf: torch.nn.Module) -> None:
+def test_encoder_equals_hf_bert_real(real_base: FrozenBase, real_hf: torch.nn.Module) -> None:
     inputs = real_base.tokenize(["a quietly moving film", "dull"], ["yes", "no, not at all"])
     expected = hf_hidden(real_hf, inputs)
     got = hidden(make_method(real_base, "feature_extraction"), inputs)
@@ -71,7 +71,7 @@ LORA_CASES = [
 @pytest.mark.real_model
 @pytest.mark.parametrize("params", LORA_CASES, ids=["qv-r8", "all-linear-r4", "rslora"])
 def test_unmerged_lora_equals_peft_and_merged_equals_unmerged(
-    real_base: BaseModel, real_hf: torch.nn.Module, tmp_path: Path, params: dict
+    real_base: FrozenBase, real_hf: torch.nn.Module, tmp_path: Path, params: dict
 ) -> None:
     model = make_model(real_base, "lora", **params)
     randomize(model.method, std=0.05)  # random non-zero B (and A) so LoRA really acts

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from core.adapter import Adapter
-from core.base import BaseModel
+from core.base import FrozenBase
 from core.errors import ConfigError
 from core.io.serialization import adapter_from_bytes, adapter_to_bytes
 from core.methods import METHODS
@@ -36,7 +36,7 @@ def test_every_registered_method_is_covered() -> None:
 
 
 @pytest.mark.parametrize(("method_type", "params"), CASES, ids=IDS)
-def test_untrained_method_is_the_identity(tiny_base: BaseModel, method_type: str, params: dict):
+def test_untrained_method_is_the_identity(tiny_base: FrozenBase, method_type: str, params: dict):
     inputs = batch(tiny_base)
     expected = hidden(make_method(tiny_base, "feature_extraction"), inputs)
     got = hidden(make_method(tiny_base, method_type, **params), inputs)
@@ -54,7 +54,7 @@ def test_untrained_method_is_the_identity(tiny_base: BaseModel, method_type: str
 
 
 @pytest.mark.real_model
-def test_trainable_counts_match_hand_computed_numbers(real_base: BaseModel) -> None:
+def test_trainable_counts_match_hand_computed_numbers(real_base: FrozenBase) -> None:
     head = 384 * 2 + 2  # classification head, two labels
     # LoRA per site r*(in+out); adapters 2*(384*b)+b+384 per adapter; 6 layers throughout.
     expected = {
@@ -88,7 +88,7 @@ def test_trainable_counts_match_hand_computed_numbers(real_base: BaseModel) -> N
 
 @pytest.mark.parametrize(("method_type", "params"), CASES, ids=IDS)
 def test_bytes_round_trip_gives_identical_outputs(
-    tiny_base: BaseModel, method_type: str, params: dict
+    tiny_base: FrozenBase, method_type: str, params: dict
 ) -> None:
     model = make_model(tiny_base, method_type, **params)
     randomize(model)
@@ -103,7 +103,7 @@ def test_bytes_round_trip_gives_identical_outputs(
 
 @pytest.mark.parametrize(("method_type", "params"), CASES, ids=IDS)
 def test_training_step_never_touches_the_base(
-    tiny_base: BaseModel, method_type: str, params: dict
+    tiny_base: FrozenBase, method_type: str, params: dict
 ) -> None:
     before = checksum(tiny_base.encoder)
     model = make_model(tiny_base, method_type, **params)
@@ -117,7 +117,7 @@ def test_training_step_never_touches_the_base(
     assert all(p.grad is None and not p.requires_grad for p in tiny_base.encoder.parameters())
 
 
-def test_gradients_reach_every_method_parameter(tiny_base: BaseModel) -> None:
+def test_gradients_reach_every_method_parameter(tiny_base: FrozenBase) -> None:
     for method_type, params in CASES:
         model = make_model(tiny_base, method_type, **params)
         randomize(model.method)  # zero-initialised B / up would block gradients to A / down
@@ -126,7 +126,7 @@ def test_gradients_reach_every_method_parameter(tiny_base: BaseModel) -> None:
             assert p.grad is not None and p.grad.abs().sum() > 0, (method_type, name)
 
 
-def test_param_layer_maps_every_parameter(tiny_base: BaseModel) -> None:
+def test_param_layer_maps_every_parameter(tiny_base: FrozenBase) -> None:
     n = tiny_base.num_layers
     for method_type, params in CASES:
         method = make_method(tiny_base, method_type, **params)
@@ -141,13 +141,13 @@ def test_param_layer_maps_every_parameter(tiny_base: BaseModel) -> None:
     assert make_method(tiny_base, "prompt_tuning").param_layer("prompt_embeddings") == -1
 
 
-def test_feature_extraction_has_frozen_features_and_no_state(tiny_base: BaseModel) -> None:
+def test_feature_extraction_has_frozen_features_and_no_state(tiny_base: FrozenBase) -> None:
     method = make_method(tiny_base, "feature_extraction")
     assert method.frozen_features and not make_method(tiny_base, "lora").frozen_features
     assert method.saved_state() == {} and list(method.parameters()) == []
 
 
-def test_full_owns_an_independent_copy(tiny_base: BaseModel) -> None:
+def test_full_owns_an_independent_copy(tiny_base: FrozenBase) -> None:
     method = make_method(tiny_base, "full")
     assert method.encoder() is not tiny_base.encoder
     base_ptrs = {p.data_ptr() for p in tiny_base.encoder.parameters()}
@@ -155,7 +155,7 @@ def test_full_owns_an_independent_copy(tiny_base: BaseModel) -> None:
     assert set(method.saved_state()) == set(tiny_base.encoder.state_dict())
 
 
-def test_scratch_uses_bert_init(tiny_base: BaseModel) -> None:
+def test_scratch_uses_bert_init(tiny_base: FrozenBase) -> None:
     torch.manual_seed(0)
     enc = make_method(tiny_base, "scratch").encoder()
     assert enc.encoder.layer[0].attention.self.query.weight.std().item() == pytest.approx(
@@ -165,7 +165,7 @@ def test_scratch_uses_bert_init(tiny_base: BaseModel) -> None:
     assert torch.equal(enc.encoder.layer[0].output.LayerNorm.weight, torch.ones(32))
 
 
-def test_prompt_tuning_reserves_positions_and_strips(tiny_base: BaseModel) -> None:
+def test_prompt_tuning_reserves_positions_and_strips(tiny_base: FrozenBase) -> None:
     method = make_method(tiny_base, "prompt_tuning", n_virtual_tokens=5)
     assert isinstance(method, PromptTuningModel)
     assert method.max_input_length == tiny_base.max_length - 5
@@ -178,7 +178,7 @@ def test_prompt_tuning_reserves_positions_and_strips(tiny_base: BaseModel) -> No
     assert err.value.field == "n_virtual_tokens"
 
 
-def test_prompt_text_init_uses_word_embeddings(tiny_base: BaseModel) -> None:
+def test_prompt_text_init_uses_word_embeddings(tiny_base: FrozenBase) -> None:
     method = make_method(
         tiny_base, "prompt_tuning", n_virtual_tokens=5, init="text", init_text="great movie"
     )
@@ -188,7 +188,7 @@ def test_prompt_text_init_uses_word_embeddings(tiny_base: BaseModel) -> None:
     assert torch.equal(method.prompt_embeddings.detach(), words[ids])
 
 
-def test_adapter_placements(tiny_base: BaseModel) -> None:
+def test_adapter_placements(tiny_base: FrozenBase) -> None:
     houlsby = make_method(tiny_base, "adapter", bottleneck_size=4)
     pfeiffer = make_method(tiny_base, "adapter", bottleneck_size=4, placement="pfeiffer")
     assert sorted(houlsby.layer[0].keys()) == ["attention", "ffn"]

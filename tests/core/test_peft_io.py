@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from core.adapter import Adapter
-from core.base import BaseModel
+from core.base import FrozenBase
 from core.errors import AdapterFormatError
 from core.io.peft import CONFIG_FILE, HEAD_FILE, WEIGHTS_FILE, export_peft, import_peft
 from core.io.serialization import tensors_from_bytes, tensors_to_bytes
@@ -31,18 +31,18 @@ peft = pytest.importorskip("peft")
 
 
 @pytest.fixture(scope="module")
-def tiny_hf(tiny_base: BaseModel) -> torch.nn.Module:
+def tiny_hf(tiny_base: FrozenBase) -> torch.nn.Module:
     return transformers.BertModel.from_pretrained(str(tiny_base.path)).eval()
 
 
-def exported(base: BaseModel, method_type: str, **params: object) -> tuple[Adapter, dict]:
+def exported(base: FrozenBase, method_type: str, **params: object) -> tuple[Adapter, dict]:
     model = make_model(base, method_type, **params)
     randomize(model, std=0.1)
     adapter = Adapter.from_model(model, model.num_trainable(), {})
     return adapter, export_peft(adapter, base)
 
 
-def ours(adapter: Adapter, base: BaseModel) -> torch.Tensor:
+def ours(adapter: Adapter, base: FrozenBase) -> torch.Tensor:
     return hidden(adapter.build(base).method, batch(base))
 
 
@@ -79,7 +79,7 @@ def edit_config(files: dict[str, bytes], **changes: object) -> dict[str, bytes]:
     ids=["qv-layer1", "ffn-output-dense"],
 )
 def test_lora_export_loads_in_peft_with_same_outputs(
-    tiny_base: BaseModel, tiny_hf: torch.nn.Module, tmp_path: Path, params: dict
+    tiny_base: FrozenBase, tiny_hf: torch.nn.Module, tmp_path: Path, params: dict
 ) -> None:
     adapter, files = exported(tiny_base, "lora", **params)
     cfg = json.loads(files[CONFIG_FILE])
@@ -98,7 +98,7 @@ def test_lora_export_loads_in_peft_with_same_outputs(
     )
 
 
-def test_lora_round_trip_keeps_weights_config_and_head(tiny_base: BaseModel) -> None:
+def test_lora_round_trip_keeps_weights_config_and_head(tiny_base: FrozenBase) -> None:
     adapter, files = exported(tiny_base, "lora", r=4, alpha=4.0, use_rslora=True)
     back = import_peft(files, tiny_base)
     assert back.method == adapter.method and back.head == adapter.head
@@ -116,7 +116,7 @@ def test_lora_round_trip_keeps_weights_config_and_head(tiny_base: BaseModel) -> 
 
 @pytest.mark.parametrize("target_modules", [["query", "value"], "all-linear"])
 def test_peft_saved_lora_imports_with_same_outputs(
-    tiny_base: BaseModel, tiny_hf: torch.nn.Module, tmp_path: Path, target_modules: object
+    tiny_base: FrozenBase, tiny_hf: torch.nn.Module, tmp_path: Path, target_modules: object
 ) -> None:
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=target_modules)
     peft_model = peft.get_peft_model(copy.deepcopy(tiny_hf), config).eval()
@@ -130,7 +130,7 @@ def test_peft_saved_lora_imports_with_same_outputs(
     )
 
 
-def test_lora_key_variants_import(tiny_base: BaseModel) -> None:
+def test_lora_key_variants_import(tiny_base: FrozenBase) -> None:
     adapter, files = exported(tiny_base, "lora", r=2)
     tensors = tensors_from_bytes(files[WEIGHTS_FILE])
     for rename in (
@@ -147,7 +147,7 @@ def test_lora_key_variants_import(tiny_base: BaseModel) -> None:
 
 
 def test_prompt_export_loads_in_peft_with_same_outputs(
-    tiny_base: BaseModel, tiny_hf: torch.nn.Module, tmp_path: Path
+    tiny_base: FrozenBase, tiny_hf: torch.nn.Module, tmp_path: Path
 ) -> None:
     adapter, files = exported(tiny_base, "prompt_tuning", n_virtual_tokens=3)
     peft_model = load_in_peft(tiny_hf, write_files(files, tmp_path))
@@ -158,7 +158,7 @@ def test_prompt_export_loads_in_peft_with_same_outputs(
 
 
 def test_peft_saved_prompt_tuning_imports_with_same_outputs(
-    tiny_base: BaseModel, tiny_hf: torch.nn.Module, tmp_path: Path
+    tiny_base: FrozenBase, tiny_hf: torch.nn.Module, tmp_path: Path
 ) -> None:
     config = peft.PromptTuningConfig(task_type="FEATURE_EXTRACTION", num_virtual_tokens=4)
     peft_model = peft.get_peft_model(copy.deepcopy(tiny_hf), config).eval()
@@ -169,7 +169,7 @@ def test_peft_saved_prompt_tuning_imports_with_same_outputs(
     torch.testing.assert_close(ours(adapter, tiny_base), theirs[:, 4:], atol=1e-5, rtol=0)
 
 
-def test_prompt_round_trip_is_exact(tiny_base: BaseModel) -> None:
+def test_prompt_round_trip_is_exact(tiny_base: FrozenBase) -> None:
     adapter, files = exported(
         tiny_base, "prompt_tuning", n_virtual_tokens=2, init="text", init_text="fun"
     )
@@ -183,7 +183,7 @@ def test_prompt_round_trip_is_exact(tiny_base: BaseModel) -> None:
 # --- refusals --------------------------------------------------------------------------------
 
 
-def test_pickle_files_are_refused(tiny_base: BaseModel) -> None:
+def test_pickle_files_are_refused(tiny_base: FrozenBase) -> None:
     _, files = exported(tiny_base, "lora")
     for name in ("adapter_model.bin", "sub/pytorch_model.pt"):
         upload = {CONFIG_FILE: files[CONFIG_FILE], name: b"\x80\x04pickle"}
@@ -191,13 +191,13 @@ def test_pickle_files_are_refused(tiny_base: BaseModel) -> None:
             import_peft(upload, tiny_base)
 
 
-def test_pickle_bytes_under_a_safetensors_name_are_refused(tiny_base: BaseModel) -> None:
+def test_pickle_bytes_under_a_safetensors_name_are_refused(tiny_base: FrozenBase) -> None:
     _, files = exported(tiny_base, "lora")
     with pytest.raises(AdapterFormatError, match="safetensors"):
         import_peft({**files, WEIGHTS_FILE: b"\x80\x04\x95pickle"}, tiny_base)
 
 
-def test_unknown_peft_type_and_unsupported_options_are_refused(tiny_base: BaseModel) -> None:
+def test_unknown_peft_type_and_unsupported_options_are_refused(tiny_base: FrozenBase) -> None:
     _, files = exported(tiny_base, "lora")
     with pytest.raises(AdapterFormatError, match="peft_type"):
         import_peft(edit_config(files, peft_type="IA3"), tiny_base)
@@ -207,13 +207,13 @@ def test_unknown_peft_type_and_unsupported_options_are_refused(tiny_base: BaseMo
         import_peft(edit_config(files, modules_to_save=["classifier"]), tiny_base)
 
 
-def test_other_base_by_name_is_refused(tiny_base: BaseModel) -> None:
+def test_other_base_by_name_is_refused(tiny_base: FrozenBase) -> None:
     _, files = exported(tiny_base, "lora")
     with pytest.raises(AdapterFormatError, match="bert-base-uncased"):
         import_peft(edit_config(files, base_model_name_or_path="bert-base-uncased"), tiny_base)
 
 
-def test_adapter_for_a_deeper_base_is_refused(tiny_base: BaseModel) -> None:
+def test_adapter_for_a_deeper_base_is_refused(tiny_base: FrozenBase) -> None:
     _, files = exported(tiny_base, "lora")
     tensors = tensors_from_bytes(files[WEIGHTS_FILE])
     deeper = {k.replace("layer.1.", "layer.5."): v for k, v in tensors.items()}
@@ -221,7 +221,7 @@ def test_adapter_for_a_deeper_base_is_refused(tiny_base: BaseModel) -> None:
         import_peft({**files, WEIGHTS_FILE: tensors_to_bytes(deeper)}, tiny_base)
 
 
-def test_foreign_adapter_without_head_needs_a_head_config(tiny_base: BaseModel) -> None:
+def test_foreign_adapter_without_head_needs_a_head_config(tiny_base: FrozenBase) -> None:
     _, files = exported(tiny_base, "lora")
     foreign = edit_config(
         {CONFIG_FILE: files[CONFIG_FILE], WEIGHTS_FILE: files[WEIGHTS_FILE]}, loraplex=None
@@ -231,14 +231,14 @@ def test_foreign_adapter_without_head_needs_a_head_config(tiny_base: BaseModel) 
     assert import_peft(foreign, tiny_base, head=CLASSIFY).head == CLASSIFY
 
 
-def test_methods_without_peft_equivalent_do_not_export(tiny_base: BaseModel) -> None:
+def test_methods_without_peft_equivalent_do_not_export(tiny_base: FrozenBase) -> None:
     model = make_model(tiny_base, "adapter")
     with pytest.raises(AdapterFormatError, match="no PEFT equivalent"):
         export_peft(Adapter.from_model(model, 0, {}), tiny_base)
 
 
 @pytest.mark.real_model
-def test_tiny_adapter_is_refused_by_minilm(tiny_base: BaseModel, real_base: BaseModel) -> None:
+def test_tiny_adapter_is_refused_by_minilm(tiny_base: FrozenBase, real_base: FrozenBase) -> None:
     _, files = exported(tiny_base, "lora")
     with pytest.raises(AdapterFormatError, match="fingerprint"):
         import_peft(files, real_base)
@@ -253,7 +253,7 @@ def test_tiny_adapter_is_refused_by_minilm(tiny_base: BaseModel, real_base: Base
 
 
 @pytest.mark.real_model
-def test_peft_saved_lora_on_minilm_imports(real_base: BaseModel, tmp_path: Path) -> None:
+def test_peft_saved_lora_on_minilm_imports(real_base: FrozenBase, tmp_path: Path) -> None:
     hf = transformers.BertModel.from_pretrained(str(real_base.path)).eval()
     config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"])
     peft_model = peft.get_peft_model(hf, config).eval()

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from core.base import BaseModel
+from core.base import FrozenBase
 from core.encoder import EncoderHooks
 from core.heads import Head, HeadConfig
 from core.methods import build_method, parse_method_config
@@ -19,16 +19,16 @@ TEXTS = ["the movie was great", "a terrible , boring film that i hate", "fun"]
 CLASSIFY = HeadConfig(task="classification", label_names=["neg", "pos"])
 
 
-def make_method(base: BaseModel, method_type: str, **params: object) -> AdapterMethod:
+def make_method(base: FrozenBase, method_type: str, **params: object) -> AdapterMethod:
     return build_method(parse_method_config(method_type, dict(params)), base)
 
 
-def make_model(base: BaseModel, method_type: str, **params: object) -> AdaptedModel:
+def make_model(base: FrozenBase, method_type: str, **params: object) -> AdaptedModel:
     method = make_method(base, method_type, **params)
     return AdaptedModel(base, method, Head(CLASSIFY, base.hidden_size).to(base.device))
 
 
-def batch(base: BaseModel, max_length: int | None = None) -> dict[str, Tensor]:
+def batch(base: FrozenBase, max_length: int | None = None) -> dict[str, Tensor]:
     return base.tokenize(TEXTS, max_length=max_length)
 
 

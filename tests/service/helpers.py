@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from bench.queue_race import DEFAULT_ADMIN_URL, scratch_database
 
 if TYPE_CHECKING:
-    from core.base import BaseModel
+    from core.base import FrozenBase
     from service.config import Settings
     from service.worker.job_run import JobRun
 
@@ -183,7 +183,7 @@ def store_adapter(client: TestClient, headers: Headers, name: str, adapter: Any)
 
 
 def serve_base(base: Any) -> Any:
-    """A lifespan hook that puts an already loaded ``core.base.BaseModel`` on the app, as the
+    """A lifespan hook that puts an already loaded ``core.base.FrozenBase`` on the app, as the
     serving hook does (without its inference thread): for routes that need the encoder but
     not the batcher (adapter import/export, /v1/models)."""
     from collections.abc import AsyncIterator
@@ -256,7 +256,7 @@ def zip_bytes(files: dict[str, bytes]) -> bytes:
 def claimed_run(
     db: sessionmaker[Session],
     settings: Settings,
-    base: BaseModel,
+    base: FrozenBase,
     cls: type[JobRun] | None = None,
 ) -> JobRun:
     """Claim the oldest queued job as the worker loop does: a ``JobRun`` (or ``cls``) of it on

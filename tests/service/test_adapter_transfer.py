@@ -24,7 +24,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.adapter import Adapter
-from core.base import BaseModel
+from core.base import FrozenBase
 from service.adapters.store import adapter_from_row, adapter_row_from
 from service.config import Settings
 from service.db.models import AdapterRow, Tenant
@@ -41,7 +41,7 @@ LABELS = ["neg", "pos"]
 
 
 @pytest.fixture
-def client(settings: Settings, tiny_base: BaseModel) -> Iterator[TestClient]:
+def client(settings: Settings, tiny_base: FrozenBase) -> Iterator[TestClient]:
     settings.base_model_name = tiny_base.name
     with TestClient(create_app(settings, hooks=[serve_base(tiny_base)])) as test_client:
         yield test_client
@@ -102,7 +102,7 @@ def upload(
 
 
 def store_core_adapter(
-    db: sessionmaker[Session], base: BaseModel, name: str, method: str, **params: Any
+    db: sessionmaker[Session], base: FrozenBase, name: str, method: str, **params: Any
 ) -> Adapter:
     """Put a trained-looking core adapter in the default tenant, as the worker would."""
     model = make_model(base, method, **params)
@@ -176,7 +176,7 @@ def test_our_peft_export_loads_in_peft(
     client: TestClient,
     auth: Headers,
     db: sessionmaker[Session],
-    tiny_base: BaseModel,
+    tiny_base: FrozenBase,
     tiny_model_dir: Path,
     tmp_path: Path,
 ) -> None:
@@ -243,7 +243,7 @@ def test_a_peft_adapter_without_head_needs_a_task(
 
 
 def test_bottleneck_adapter_exports_as_loraplex_only(
-    client: TestClient, auth: Headers, db: sessionmaker[Session], tiny_base: BaseModel
+    client: TestClient, auth: Headers, db: sessionmaker[Session], tiny_base: FrozenBase
 ) -> None:
     original = store_core_adapter(db, tiny_base, "bottle", "adapter", bottleneck_size=8)
     resp = client.get("/v1/adapters/bottle/export?format=peft", headers=auth)
@@ -270,7 +270,7 @@ def test_bottleneck_adapter_exports_as_loraplex_only(
 
 
 def test_lora_exports_as_loraplex_too(
-    client: TestClient, auth: Headers, db: sessionmaker[Session], tiny_base: BaseModel
+    client: TestClient, auth: Headers, db: sessionmaker[Session], tiny_base: FrozenBase
 ) -> None:
     store_core_adapter(db, tiny_base, "lo", "lora", r=2)
     export = client.get("/v1/adapters/lo/export?format=loraplex", headers=auth)
@@ -312,7 +312,7 @@ def test_adapter_for_another_base_is_refused(
 
 
 def test_loraplex_export_of_another_base_is_refused(
-    client: TestClient, auth: Headers, db: sessionmaker[Session], tiny_base: BaseModel
+    client: TestClient, auth: Headers, db: sessionmaker[Session], tiny_base: FrozenBase
 ) -> None:
     store_core_adapter(db, tiny_base, "src", "lora", r=2)
     files = unzip(client.get("/v1/adapters/src/export?format=loraplex", headers=auth).content)
@@ -486,7 +486,7 @@ def test_import_and_export_are_tenant_scoped(
     auth: Headers,
     other_auth: Headers,
     db: sessionmaker[Session],
-    tiny_base: BaseModel,
+    tiny_base: FrozenBase,
     peft_files: dict[str, bytes],
 ) -> None:
     store_core_adapter(db, tiny_base, "private", "lora", r=2)

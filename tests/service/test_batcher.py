@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from core.base import BaseModel
+from core.base import FrozenBase
 from core.inference import InferenceEngine, Row
 from service.serving.batcher import Batcher
 from tests.core.inference.helpers import lora
@@ -13,7 +13,7 @@ FOREVER_MS = 600_000.0  # a wait no test could sit through: reaching it fails th
 
 
 def test_a_request_that_arrives_alone_runs_without_waiting_for_company(
-    tiny_base: BaseModel,
+    tiny_base: FrozenBase,
 ) -> None:
     adapters = {"a": lora(tiny_base, 4, seed=1)}
     batcher = Batcher(

@@ -22,7 +22,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.adapter import Adapter
-from core.base import BaseModel
+from core.base import FrozenBase
 from service.db.models import AdapterRow, Checkpoint, Dataset, Job, JobStatus
 from service.state import app_state
 from tests.core.inference.helpers import lora, random_adapter, reference
@@ -57,8 +57,8 @@ def tenant_b(serving_client: TestClient, admin: Headers) -> Headers:
     return {"Authorization": f"Bearer {resp.json()['api_key']['key']}"}
 
 
-def _base(client: TestClient) -> BaseModel:
-    base: BaseModel = app_state(client.app).require_base_model()
+def _base(client: TestClient) -> FrozenBase:
+    base: FrozenBase = app_state(client.app).require_base_model()
     return base
 
 
@@ -303,7 +303,7 @@ def _probabilities(resp: Any) -> list[dict[str, float]]:
     return [p["probabilities"] for p in resp.json()["predictions"]]
 
 
-def _expected(base: BaseModel, adapter: Adapter) -> list[dict[str, float]]:
+def _expected(base: FrozenBase, adapter: Adapter) -> list[dict[str, float]]:
     out = []
     for text in TEXTS:
         probs = torch.softmax(reference(base, adapter, text).float(), -1).tolist()

@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.base import BaseModel
+from core.base import FrozenBase
 from core.training.trainer import ProgressEvent
 from service.config import Settings
 from service.jobs import queue
@@ -53,7 +53,7 @@ def test_a_finished_job_says_what_it_did(
     auth: Headers,
     db: sessionmaker[Session],
     settings: Settings,
-    tiny_base: BaseModel,
+    tiny_base: FrozenBase,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     # 20 rows: 2 held out (10 % of each class), 18 train in 2 batches of 16: 6 steps.
@@ -130,7 +130,7 @@ def test_cancel_stops_at_the_next_step_and_the_job_agrees_with_its_last_event(
     auth: Headers,
     db: sessionmaker[Session],
     settings: Settings,
-    tiny_base: BaseModel,
+    tiny_base: FrozenBase,
 ) -> None:
     job_id = _create(client, auth, 40, {"n_epochs": 5, "batch_size": 2})  # 90 steps
     run = claimed_run(db, settings, tiny_base, _PausingRun)
@@ -177,7 +177,7 @@ def test_a_resumed_job_counts_tokens_and_epochs_as_an_uninterrupted_one(
     auth: Headers,
     db: sessionmaker[Session],
     settings: Settings,
-    tiny_base: BaseModel,
+    tiny_base: FrozenBase,
 ) -> None:
     hyper = {"n_epochs": 2, "batch_size": 4}  # 18 training rows: 5 steps an epoch, 10 in all
     clean_id = _create(client, auth, 20, hyper)
@@ -205,7 +205,7 @@ def test_a_failed_read_of_the_cancel_flag_does_not_fail_the_job(
     auth: Headers,
     db: sessionmaker[Session],
     settings: Settings,
-    tiny_base: BaseModel,
+    tiny_base: FrozenBase,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     job_id = _create(client, auth, 20, {"n_epochs": 1})

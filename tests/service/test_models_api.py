@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.base import BaseModel
+from core.base import FrozenBase
 from service.config import Settings
 from service.db.models import AdapterRow, Tenant
 from service.main import create_app
@@ -18,7 +18,7 @@ from tests.service.helpers import Headers, adapter_row, assert_error, serve_base
 
 
 @pytest.fixture
-def client(settings: Settings, tiny_base: BaseModel) -> Iterator[TestClient]:
+def client(settings: Settings, tiny_base: FrozenBase) -> Iterator[TestClient]:
     settings.base_model_name = tiny_base.name
     with TestClient(create_app(settings, hooks=[serve_base(tiny_base)])) as test_client:
         yield test_client
@@ -33,7 +33,7 @@ def _add(db: sessionmaker[Session], tenant: str, *names: str) -> None:
 
 
 def test_list_has_the_base_then_adapters(
-    client: TestClient, auth: Headers, db: sessionmaker[Session], tiny_base: BaseModel
+    client: TestClient, auth: Headers, db: sessionmaker[Session], tiny_base: FrozenBase
 ) -> None:
     _add(db, "default", "first", "second")
     body = client.get("/v1/models", headers=auth).json()
@@ -57,7 +57,7 @@ def test_list_has_the_base_then_adapters(
 
 
 def test_retrieve_base_with_a_slash_in_its_id(
-    client: TestClient, auth: Headers, tiny_base: BaseModel
+    client: TestClient, auth: Headers, tiny_base: FrozenBase
 ) -> None:
     # The SDK percent-encodes the slash; the server decodes it before routing.
     for path in (tiny_base.name, quote(tiny_base.name, safe="")):
@@ -82,7 +82,7 @@ def test_retrieve_and_delete_adapter(
 
 
 def test_the_base_cannot_be_deleted(
-    client: TestClient, auth: Headers, tiny_base: BaseModel
+    client: TestClient, auth: Headers, tiny_base: FrozenBase
 ) -> None:
     resp = client.delete(f"/v1/models/{tiny_base.name}", headers=auth)
     assert_error(resp, 403, code="base_model_not_deletable", type="permission_error")

@@ -19,7 +19,7 @@ from openai.types.fine_tuning import FineTuningJob, FineTuningJobEvent
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.base import BaseModel
+from core.base import FrozenBase
 from service.config import Settings
 from service.db.models import Job, Tenant
 from service.jobs import queue
@@ -41,7 +41,7 @@ PREFERENCES = [
 
 
 @pytest.fixture
-def client(settings: Settings, tiny_base: BaseModel) -> Iterator[TestClient]:
+def client(settings: Settings, tiny_base: FrozenBase) -> Iterator[TestClient]:
     settings.base_model_name = tiny_base.name
     settings.max_concurrent_jobs_per_tenant = 10
     with TestClient(create_app(settings, hooks=[serve_base(tiny_base)])) as test_client:
@@ -112,7 +112,7 @@ def test_files_lifecycle(sdk: openai.OpenAI) -> None:
 # --- fine-tuning jobs ------------------------------------------------------------------------
 
 
-def test_supervised_job_maps_onto_lora(sdk: openai.OpenAI, tiny_base: BaseModel) -> None:
+def test_supervised_job_maps_onto_lora(sdk: openai.OpenAI, tiny_base: FrozenBase) -> None:
     file = _upload(sdk)
     job = sdk.fine_tuning.jobs.create(
         model=tiny_base.name,
@@ -145,7 +145,7 @@ def test_supervised_job_maps_onto_lora(sdk: openai.OpenAI, tiny_base: BaseModel)
 
 
 def test_a_started_job_shows_the_values_it_trains_with(
-    sdk: openai.OpenAI, settings: Settings, db: sessionmaker[Session], tiny_base: BaseModel
+    sdk: openai.OpenAI, settings: Settings, db: sessionmaker[Session], tiny_base: FrozenBase
 ) -> None:
     file = _upload(sdk, [{"text": f"row {i}", "label": "ab"[i % 2]} for i in range(20)])
     job = sdk.fine_tuning.jobs.create(
@@ -163,7 +163,7 @@ def test_a_started_job_shows_the_values_it_trains_with(
     assert extra["progress"] == {"step": 4, "total_steps": 4, "epoch": 2.0}
 
 
-def test_loraplex_method_and_extra_body(sdk: openai.OpenAI, tiny_base: BaseModel) -> None:
+def test_loraplex_method_and_extra_body(sdk: openai.OpenAI, tiny_base: FrozenBase) -> None:
     file = _upload(sdk)
     job = sdk.fine_tuning.jobs.create(
         model=tiny_base.name,
@@ -184,7 +184,9 @@ def test_loraplex_method_and_extra_body(sdk: openai.OpenAI, tiny_base: BaseModel
     }
 
 
-def test_dpo_trains_a_reward_model_on_preferences(sdk: openai.OpenAI, tiny_base: BaseModel) -> None:
+def test_dpo_trains_a_reward_model_on_preferences(
+    sdk: openai.OpenAI, tiny_base: FrozenBase
+) -> None:
     prefs = _upload(sdk, PREFERENCES)
     job = sdk.fine_tuning.jobs.create(
         model=tiny_base.name,
@@ -212,7 +214,7 @@ def test_dpo_trains_a_reward_model_on_preferences(sdk: openai.OpenAI, tiny_base:
 
 
 def test_unsupported_openai_features_are_bad_requests(
-    sdk: openai.OpenAI, tiny_base: BaseModel
+    sdk: openai.OpenAI, tiny_base: FrozenBase
 ) -> None:
     file = _upload(sdk)
     calls: list[dict[str, Any]] = [
@@ -232,7 +234,7 @@ def test_unsupported_openai_features_are_bad_requests(
 
 
 def test_jobs_list_retrieve_cancel_events_checkpoints(
-    sdk: openai.OpenAI, tiny_base: BaseModel, db: sessionmaker[Session]
+    sdk: openai.OpenAI, tiny_base: FrozenBase, db: sessionmaker[Session]
 ) -> None:
     file = _upload(sdk)
     ids = [
@@ -317,7 +319,7 @@ def test_models(
 # --- errors ----------------------------------------------------------------------------------
 
 
-def test_error_classes(sdk: openai.OpenAI, client: TestClient, tiny_base: BaseModel) -> None:
+def test_error_classes(sdk: openai.OpenAI, client: TestClient, tiny_base: FrozenBase) -> None:
     bad_key = openai.OpenAI(
         base_url="http://testserver/v1", api_key="lpx_nope", http_client=client, max_retries=0
     )
@@ -355,7 +357,7 @@ def test_error_classes(sdk: openai.OpenAI, client: TestClient, tiny_base: BaseMo
 
 
 def test_sdk_does_not_retry_a_conflict_or_a_full_quota(
-    client: TestClient, auth: Headers, tiny_base: BaseModel
+    client: TestClient, auth: Headers, tiny_base: FrozenBase
 ) -> None:
     """With the SDK's default retries, a 409 or 429 is one request, not three."""
     sdk = _sdk(client, auth, max_retries=2)

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from core.base import BaseModel
+from core.base import FrozenBase
 from core.encoder import EncoderHooks
 from core.methods.base import AdapterMethod
 from core.methods.bottleneck.config import BottleneckConfig
@@ -15,7 +15,7 @@ class BottleneckModel(AdapterMethod):
 
     config: BottleneckConfig
 
-    def __init__(self, config: BottleneckConfig, base: BaseModel) -> None:
+    def __init__(self, config: BottleneckConfig, base: FrozenBase) -> None:
         super().__init__(config, base)
         hidden = base.hidden_size
         self.layer = nn.ModuleList(

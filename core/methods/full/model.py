@@ -4,7 +4,7 @@ import copy
 
 from torch import Tensor
 
-from core.base import BaseModel
+from core.base import FrozenBase
 from core.encoder import BertEncoder
 from core.methods.base import AdapterMethod, layer_index
 from core.methods.config import MethodConfig
@@ -16,12 +16,12 @@ class FullModel(AdapterMethod):
     # FullConfig, or ScratchConfig for the subclass that starts from random weights.
     config: MethodConfig
 
-    def __init__(self, config: MethodConfig, base: BaseModel) -> None:
+    def __init__(self, config: MethodConfig, base: FrozenBase) -> None:
         super().__init__(config, base)
         # Not named ``encoder``: that name is AdapterMethod's accessor.
         self.bert = self._initial_encoder(base).requires_grad_(True)
 
-    def _initial_encoder(self, base: BaseModel) -> BertEncoder:
+    def _initial_encoder(self, base: FrozenBase) -> BertEncoder:
         return copy.deepcopy(base.encoder)
 
     def encoder(self) -> BertEncoder:

@@ -5,7 +5,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from core.base import BaseModel
+from core.base import FrozenBase
 from core.encoder import EncoderHooks
 from core.methods.base import AdapterMethod
 from core.methods.lora.config import LoraConfig
@@ -22,7 +22,7 @@ def lora_key(layer: int, target: str, which: str) -> str:
 class LoraModel(AdapterMethod):
     config: LoraConfig
 
-    def __init__(self, config: LoraConfig, base: BaseModel) -> None:
+    def __init__(self, config: LoraConfig, base: FrozenBase) -> None:
         super().__init__(config, base)
         enc_cfg = base.config
         layers = config.layers if config.layers is not None else range(enc_cfg.num_hidden_layers)

@@ -3,7 +3,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from core.base import BaseModel
+from core.base import FrozenBase
 from core.encoder import EncoderHooks
 from core.errors import ConfigError
 from core.methods.base import AdapterMethod
@@ -11,7 +11,7 @@ from core.methods.prompt_tuning.config import PromptTuningConfig
 from core.methods.prompt_tuning.layer import PromptHooks, virtual_token_states
 
 
-def text_init_ids(base: BaseModel, text: str, n: int) -> list[int]:
+def text_init_ids(base: FrozenBase, text: str, n: int) -> list[int]:
     """Token ids of ``text`` (no special tokens) repeated or truncated to ``n``."""
     ids: list[int] = base.tokenizer(text, add_special_tokens=False)["input_ids"]  # type: ignore[operator]
     if not ids:
@@ -26,7 +26,7 @@ class PromptTuningModel(AdapterMethod):
 
     config: PromptTuningConfig
 
-    def __init__(self, config: PromptTuningConfig, base: BaseModel) -> None:
+    def __init__(self, config: PromptTuningConfig, base: FrozenBase) -> None:
         super().__init__(config, base)
         n = config.n_virtual_tokens
         if n >= base.max_length:

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from core.adapter import Adapter
-from core.base import BaseModel
+from core.base import FrozenBase
 from core.heads import Head, HeadConfig
 from core.methods import build_method, parse_method_config
 from core.model import AdaptedModel
@@ -28,7 +28,7 @@ def head_config(n_labels: int | None) -> HeadConfig:
 
 
 def random_adapter(
-    base: BaseModel,
+    base: FrozenBase,
     method: str,
     params: dict[str, Any] | None = None,
     n_labels: int | None = 2,
@@ -47,7 +47,7 @@ def random_adapter(
     return Adapter.from_model(AdaptedModel(base, m, head), 0, {})
 
 
-def lora(base: BaseModel, r: int, targets: Any = ("query", "value"), **kw: Any) -> Adapter:
+def lora(base: FrozenBase, r: int, targets: Any = ("query", "value"), **kw: Any) -> Adapter:
     n_labels = kw.pop("n_labels", 2)
     seed = kw.pop("seed", r)
     params = {
@@ -60,7 +60,7 @@ def lora(base: BaseModel, r: int, targets: Any = ("query", "value"), **kw: Any) 
 
 
 def reference(
-    base: BaseModel, adapter: Adapter | None, text: str, pair: str | None = None
+    base: FrozenBase, adapter: Adapter | None, text: str, pair: str | None = None
 ) -> Tensor:
     """One row alone through ``adapter.build(base)`` (or the bare base): logits/reward/features."""
     reserved = 0 if adapter is None else adapter.method.reserved_positions

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from core.adapter import Adapter
-from core.base import BaseModel
+from core.base import FrozenBase
 from core.errors import AdapterFormatError
 from core.inference import (
     AdapterNotResidentError,
@@ -31,7 +31,7 @@ TEXTS = [
 PAIR = "was it good? yes"
 
 
-def mixed_adapters(base: BaseModel) -> dict[Hashable, Adapter]:
+def mixed_adapters(base: FrozenBase) -> dict[Hashable, Adapter]:
     """LoRA adapters of different ranks, targets, layers and heads."""
     return {
         ("t1", "qv2"): lora(base, 2, n_labels=2),
@@ -50,7 +50,7 @@ def rows_for(keys: list[Hashable | None], mode: ForwardMode = "unmerged") -> lis
     return rows
 
 
-def check(base: BaseModel, adapters: dict, rows: list[Row], results: list, atol: float) -> None:
+def check(base: FrozenBase, adapters: dict, rows: list[Row], results: list, atol: float) -> None:
     assert len(results) == len(rows)
     for row, res in zip(rows, results, strict=True):
         adapter = adapters.get(row.key) if row.key is not None else None
@@ -72,7 +72,7 @@ def counted(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return calls
 
 
-def test_mixed_lora_batch_equals_each_row_alone(tiny_base: BaseModel, counted: list[int]) -> None:
+def test_mixed_lora_batch_equals_each_row_alone(tiny_base: FrozenBase, counted: list[int]) -> None:
     adapters = mixed_adapters(tiny_base)
     engine = InferenceEngine(tiny_base)
     for key, a in adapters.items():
@@ -91,7 +91,7 @@ def test_mixed_lora_batch_equals_each_row_alone(tiny_base: BaseModel, counted: l
     assert abs(sum(by_key[("t1", "qv2")].probabilities.values()) - 1) < 1e-6
 
 
-def test_merged_equals_unmerged_and_is_cached(tiny_base: BaseModel) -> None:
+def test_merged_equals_unmerged_and_is_cached(tiny_base: FrozenBase) -> None:
     adapters = mixed_adapters(tiny_base)
     engine = InferenceEngine(tiny_base)
     for key, a in adapters.items():
@@ -109,7 +109,7 @@ def test_merged_equals_unmerged_and_is_cached(tiny_base: BaseModel) -> None:
     assert engine.stats.merged_cache_count == len(adapters) - 1
 
 
-def test_merged_cache_is_bounded(tiny_base: BaseModel) -> None:
+def test_merged_cache_is_bounded(tiny_base: FrozenBase) -> None:
     adapters = mixed_adapters(tiny_base)
     one = 4 * 32 * 32 * 4  # merged qv2: query + value weights of 2 layers, 32x32 fp32
     engine = InferenceEngine(tiny_base, merged_cache_bytes=one)
@@ -120,7 +120,7 @@ def test_merged_cache_is_bounded(tiny_base: BaseModel) -> None:
     assert engine.stats.merged_cache_bytes <= one
 
 
-def test_other_methods_mix_with_lora_rows(tiny_base: BaseModel, counted: list[int]) -> None:
+def test_other_methods_mix_with_lora_rows(tiny_base: FrozenBase, counted: list[int]) -> None:
     adapters: dict[Hashable, Adapter] = {
         "lora": lora(tiny_base, 4, n_labels=3),
         "bottleneck": random_adapter(tiny_base, "adapter", {"bottleneck_size": 8}, 2, seed=1),
@@ -140,7 +140,7 @@ def test_other_methods_mix_with_lora_rows(tiny_base: BaseModel, counted: list[in
     assert engine.stats.resident_count == 5
 
 
-def test_lru_eviction_and_reload(tiny_base: BaseModel) -> None:
+def test_lru_eviction_and_reload(tiny_base: FrozenBase) -> None:
     adapters = {f"a{i}": lora(tiny_base, 4, seed=i) for i in range(4)}
     probe = InferenceEngine(tiny_base)
     probe.load("x", adapters["a0"])
@@ -171,7 +171,7 @@ def test_lru_eviction_and_reload(tiny_base: BaseModel) -> None:
     assert "a0" not in engine and engine.stats.misses >= 3
 
 
-def test_unload_frees_slot_and_reuse_leaves_no_stale_weights(tiny_base: BaseModel) -> None:
+def test_unload_frees_slot_and_reuse_leaves_no_stale_weights(tiny_base: FrozenBase) -> None:
     big = lora(tiny_base, 16, "all-linear", seed=1)
     small = lora(tiny_base, 2, ["query"], seed=2)
     other = lora(tiny_base, 4, seed=3)
@@ -187,7 +187,7 @@ def test_unload_frees_slot_and_reuse_leaves_no_stale_weights(tiny_base: BaseMode
     check(tiny_base, {"small": small, "other": other}, rows, engine.run(rows), atol=1e-5)
 
 
-def test_load_and_unload_after_a_run_outside_inference_mode(tiny_base: BaseModel) -> None:
+def test_load_and_unload_after_a_run_outside_inference_mode(tiny_base: FrozenBase) -> None:
     """run() grows the bank in inference mode; the serving thread's invalidation commands
     (unload) and direct loads come later, outside it, and must still work."""
     adapters = {k: lora(tiny_base, 4, seed=i) for i, k in enumerate(("a", "b", "c"))}
@@ -204,7 +204,7 @@ def test_load_and_unload_after_a_run_outside_inference_mode(tiny_base: BaseModel
     check(tiny_base, adapters, rows, engine.run(rows), atol=1e-5)
 
 
-def test_loading_writes_only_its_own_slot(tiny_base: BaseModel) -> None:
+def test_loading_writes_only_its_own_slot(tiny_base: FrozenBase) -> None:
     engine = InferenceEngine(tiny_base)
     engine.load("a", lora(tiny_base, 8, "all-linear", seed=1))
     engine.load("b", lora(tiny_base, 4, seed=2))
@@ -223,7 +223,7 @@ def test_loading_writes_only_its_own_slot(tiny_base: BaseModel) -> None:
         assert torch.equal(w.a[others], a[others]) and torch.equal(w.b[others], b[others])
 
 
-def test_base_weights_never_change(tiny_base: BaseModel) -> None:
+def test_base_weights_never_change(tiny_base: FrozenBase) -> None:
     before = {k: v.clone() for k, v in tiny_base.encoder.state_dict().items()}
     adapters = mixed_adapters(tiny_base)
     adapters["full"] = random_adapter(tiny_base, "full", {}, 2, seed=5)
@@ -240,7 +240,7 @@ def test_base_weights_never_change(tiny_base: BaseModel) -> None:
     assert next(tiny_base.encoder.parameters()).dtype == torch.float32
 
 
-def test_bfloat16_serving_copy_is_close(tiny_base: BaseModel) -> None:
+def test_bfloat16_serving_copy_is_close(tiny_base: FrozenBase) -> None:
     adapters = mixed_adapters(tiny_base)
     e32 = InferenceEngine(tiny_base)
     e16 = InferenceEngine(tiny_base, dtype=torch.bfloat16)
@@ -253,7 +253,7 @@ def test_bfloat16_serving_copy_is_close(tiny_base: BaseModel) -> None:
         torch.testing.assert_close(output(b), output(a), atol=0.1, rtol=0.05)
 
 
-def test_errors_stay_with_their_rows(tiny_base: BaseModel) -> None:
+def test_errors_stay_with_their_rows(tiny_base: FrozenBase) -> None:
     good = lora(tiny_base, 2)
     engine = InferenceEngine(tiny_base)
     engine.load("good", good)
@@ -275,7 +275,7 @@ def test_errors_stay_with_their_rows(tiny_base: BaseModel) -> None:
     assert isinstance(engine.run([Row("missing", "x")])[0].error, KeyError)
 
 
-def test_failed_loads_change_nothing(tiny_base: BaseModel) -> None:
+def test_failed_loads_change_nothing(tiny_base: FrozenBase) -> None:
     adapter = lora(tiny_base, 4)
     engine = InferenceEngine(tiny_base, max_resident_bytes=10)
     with pytest.raises(ResidencyError):
@@ -295,7 +295,7 @@ def test_failed_loads_change_nothing(tiny_base: BaseModel) -> None:
     check(tiny_base, {"a": adapter}, rows, engine.run(rows), atol=1e-5)
 
 
-def test_reload_replaces_version_in_place(tiny_base: BaseModel) -> None:
+def test_reload_replaces_version_in_place(tiny_base: FrozenBase) -> None:
     v1, v2 = lora(tiny_base, 4, seed=1), lora(tiny_base, 8, seed=2)
     engine = InferenceEngine(tiny_base)
     engine.load("k", v1)

@@ -9,28 +9,28 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 import torch
 
 from core.adapter import Adapter
-from core.base import BaseModel
+from core.base import FrozenBase
 from core.inference import InferenceEngine, Plan, Row
 from tests.core.inference.helpers import lora, output, reference
 
 TEXTS = ["the movie was great", "a boring film", "fun", "the plot was fine, the end was not"]
 
 
-def adapter_bytes(base: BaseModel, adapter: Adapter) -> int:
+def adapter_bytes(base: FrozenBase, adapter: Adapter) -> int:
     probe = InferenceEngine(base)
     probe.load("x", adapter)
     return probe.stats.resident_bytes
 
 
 def check(
-    base: BaseModel, adapters: dict[Hashable, Adapter], rows: list[Row], results: list
+    base: FrozenBase, adapters: dict[Hashable, Adapter], rows: list[Row], results: list
 ) -> None:
     for row, res in zip(rows, results, strict=True):
         want = reference(base, adapters[row.key], row.text)
         torch.testing.assert_close(output(res), want, atol=1e-5, rtol=0)
 
 
-def test_a_planned_batch_keeps_its_adapters_until_released(tiny_base: BaseModel) -> None:
+def test_a_planned_batch_keeps_its_adapters_until_released(tiny_base: FrozenBase) -> None:
     adapters: dict[Hashable, Adapter] = {
         k: lora(tiny_base, 4, seed=i) for i, k in enumerate("abcd")
     }
@@ -60,7 +60,7 @@ def test_a_planned_batch_keeps_its_adapters_until_released(tiny_base: BaseModel)
 
 
 def test_plans_executed_in_parallel_while_the_owner_loads_and_evicts(
-    tiny_base: BaseModel,
+    tiny_base: FrozenBase,
 ) -> None:
     """The service's pattern: one owner plans and releases, a pool of 3 executes."""
     adapters: dict[Hashable, Adapter] = {i: lora(tiny_base, 4, seed=i) for i in range(10)}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from core.base import BaseModel
+from core.base import FrozenBase
 from core.inference import InferenceEngine, Row
 from tests.core.inference.helpers import random_adapter
 
@@ -19,7 +19,7 @@ TEXTS = [
 ]
 
 
-def test_mixed_batch_matches_peft_per_adapter(real_base: BaseModel) -> None:
+def test_mixed_batch_matches_peft_per_adapter(real_base: FrozenBase) -> None:
     peft = pytest.importorskip("peft")
     from transformers import BertModel
 
