@@ -103,3 +103,24 @@ def test_what_cannot_be_mapped(body: dict[str, Any], kind: ErrorKind, param: str
     with pytest.raises(ServiceError) as info:
         translate(body)
     assert info.value.kind is kind and info.value.param == param
+
+
+def test_openai_blocks_beside_another_method_type_are_a_validation_error() -> None:
+    """Schemathesis found this body answered with a 500: the "auto" learning-rate multiplier
+    in a dpo block that did not belong to the method type."""
+    from pydantic import ValidationError
+
+    from service.api.schemas.jobs import JobCreate
+
+    method = {
+        "type": "lora",
+        "dpo": {"hyperparameters": {"learning_rate_multiplier": "auto", "beta": None}},
+        "supervised": {"hyperparameters": {"n_epochs": 3}},
+    }
+    with pytest.raises(ValidationError, match="parameters given under 'supervised'"):
+        JobCreate.model_validate({"training_file": "file-1", "method": method})
+    # In its own block, "auto" is the method's default learning rate.
+    dpo = {"type": "dpo", "dpo": {"hyperparameters": {"learning_rate_multiplier": "auto"}}}
+    job = JobCreate.model_validate({"training_file": "file-1", "method": dpo})
+    assert job.method.type == "lora" and job.openai_method == "dpo"
+    assert "learning_rate" not in job.method.stored_hyperparameters()

@@ -9,7 +9,7 @@ Cross-field rules (warm-up given twice, prompt tuning's init text) stay core's b
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -48,8 +48,10 @@ class OpenAIHyperparameters(BaseModel):
 
     n_epochs: int | Literal["auto"] | None = Field(None, description="As n_epochs.")
     batch_size: int | Literal["auto"] | None = Field(None, description="As batch_size.")
-    learning_rate_multiplier: float | Literal["auto"] | None = Field(
-        None, gt=0, description="Scales the default learning rate of LoRA."
+    # The bound sits on the float alone: on the whole union pydantic would apply it to "auto"
+    # too and fail with a TypeError (a 500) instead of validating.
+    learning_rate_multiplier: Annotated[float, Field(gt=0)] | Literal["auto"] | None = Field(
+        None, description="Scales the default learning rate of LoRA."
     )
 
 
