@@ -33,14 +33,14 @@ import tempfile
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from tests.postgres import scratch_database
+
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
 ROWS = [
     {"text": f"{adj} movie number {i}", "label": label}
@@ -50,30 +50,6 @@ ROWS = [
 
 
 # --- databases -------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def scratch_database(admin_url: str | None = None, prefix: str = "loraplex_race") -> Iterator[str]:
-    """A new, empty PostgreSQL database on ``admin_url``'s server, dropped on exit.
-
-    Also the tests' scratch database (``tests.service.helpers.scratch_postgres_database``).
-    """
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
-
-    admin_url = admin_url or os.environ.get("LPX_TEST_POSTGRES_URL", DEFAULT_ADMIN_URL)
-    db_engine = create_engine(
-        admin_url, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 5}
-    )
-    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
-    with db_engine.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with db_engine.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        db_engine.dispose()
 
 
 def seed_jobs(

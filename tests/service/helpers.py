@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from bench.queue_race import DEFAULT_ADMIN_URL, scratch_database
+from tests.postgres import DEFAULT_ADMIN_URL, scratch_database
 
 if TYPE_CHECKING:
     from core.base import FrozenBase

@@ -14,7 +14,7 @@ from service.db.migrate import alembic_config, current_revision, head_revision, 
 from service.db.models import Base
 from tests.service.helpers import scratch_postgres_database
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 EXPECTED_TABLES = {
     "tenants",

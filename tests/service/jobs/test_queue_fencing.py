@@ -15,7 +15,7 @@ from service.db.models import Job
 from service.db.types import utcnow
 from service.jobs import queue
 from tests.service.helpers import add_queued_job, add_tenant
-from tests.service.test_queue import _events
+from tests.service.jobs.test_queue import _events
 
 Factory = sessionmaker[Session]
 

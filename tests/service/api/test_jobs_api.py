@@ -59,7 +59,7 @@ def test_create_job_is_queued_and_openai_shaped(client: TestClient, auth: Header
     assert job["error"] is None and job["finished_at"] is None
     assert job["progress"] == {"step": 0, "total_steps": None, "epoch": None}
     assert job["metrics"] == {} and job["estimated_finish"] is None
-    # Known once a worker has set the run up (tests/service/test_job_run.py).
+    # Known once a worker has set the run up (tests/service/worker/test_job_run.py).
     assert job["resolved_hyperparameters"] is None and job["trained_tokens"] is None
     assert isinstance(job["created_at"], int)
 
