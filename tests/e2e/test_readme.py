@@ -46,6 +46,7 @@ def run_block(language: str, code: str, root: Path, server: ServerProcess) -> st
         [*command, code], cwd=root, capture_output=True, text=True, timeout=TIMEOUT_S
     )
     assert done.returncode == 0, f"{language} block failed:\n{done.stdout}\n{done.stderr}"
+    print(done.stdout)  # what a user pasting the block sees (pytest -s)
     return done.stdout
 
 
