@@ -7,7 +7,7 @@ from torch import Tensor, nn
 from core.base import FrozenBase
 from core.encoder import EncoderHooks, pool
 from core.heads import Head
-from core.methods.base import AdapterMethod
+from core.methods.method import AdapterMethod
 
 
 class AdaptedModel(nn.Module):

@@ -19,7 +19,7 @@ from core.methods.scratch import ScratchConfig
 
 if TYPE_CHECKING:
     from core.base import FrozenBase
-    from core.methods.base import AdapterMethod
+    from core.methods.method import AdapterMethod
 
 METHODS: dict[str, type[MethodConfig]] = {
     cls.type: cls

@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from core.methods.base import AdapterMethod
+from core.methods.method import AdapterMethod
 
 
 def lr_lambda(kind: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:

@@ -12,7 +12,7 @@ from core.base import FrozenBase
 from core.encoder import EncoderHooks
 from core.heads import Head, HeadConfig
 from core.methods import build_method, parse_method_config
-from core.methods.base import AdapterMethod
+from core.methods.method import AdapterMethod
 from core.model import AdaptedModel
 
 TEXTS = ["the movie was great", "a terrible , boring film that i hate", "fun"]

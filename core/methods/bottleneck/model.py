@@ -4,9 +4,9 @@ from torch import nn
 
 from core.base import FrozenBase
 from core.encoder import EncoderHooks
-from core.methods.base import AdapterMethod
 from core.methods.bottleneck.config import BottleneckConfig
 from core.methods.bottleneck.layer import Bottleneck, BottleneckHooks
+from core.methods.method import AdapterMethod
 
 
 class BottleneckModel(AdapterMethod):

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from core.methods.base import AdapterMethod
 from core.methods.feature_extraction.config import FeatureExtractionConfig
+from core.methods.method import AdapterMethod
 
 
 class FeatureExtractionModel(AdapterMethod):

@@ -6,8 +6,8 @@ from torch import Tensor
 
 from core.base import FrozenBase
 from core.encoder import BertEncoder
-from core.methods.base import AdapterMethod, layer_index
 from core.methods.config import MethodConfig
+from core.methods.method import AdapterMethod, layer_index
 
 
 class FullModel(AdapterMethod):

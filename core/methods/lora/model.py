@@ -7,9 +7,9 @@ from torch import Tensor, nn
 
 from core.base import FrozenBase
 from core.encoder import EncoderHooks
-from core.methods.base import AdapterMethod
 from core.methods.lora.config import LoraConfig
 from core.methods.lora.layer import LoraHooks
+from core.methods.method import AdapterMethod
 from core.targets import TARGET_PATHS
 
 

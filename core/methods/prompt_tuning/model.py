@@ -6,7 +6,7 @@ from torch import Tensor, nn
 from core.base import FrozenBase
 from core.encoder import EncoderHooks
 from core.errors import ConfigError
-from core.methods.base import AdapterMethod
+from core.methods.method import AdapterMethod
 from core.methods.prompt_tuning.config import PromptTuningConfig
 from core.methods.prompt_tuning.layer import PromptHooks, virtual_token_states
 
