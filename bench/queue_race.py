@@ -181,7 +181,7 @@ def _queue_only_worker(url: str, worker_id: str, lease_seconds: float) -> None:
 
     from service.db.models import AdapterRow, Job, JobStatus
     from service.db.session import make_db_engine, make_sessionmaker
-    from service.jobs import queue
+    from service.jobs import outcomes, queue
 
     db_engine = make_db_engine(url, pool_size=1)
     factory = make_sessionmaker(db_engine)
@@ -207,7 +207,7 @@ def _queue_only_worker(url: str, worker_id: str, lease_seconds: float) -> None:
                     base_model="fake",
                     base_fingerprint="fake",
                 )
-                queue.finish_success(session, job, row, worker_id=worker_id, metrics={})
+                outcomes.finish_success(session, job, row, worker_id=worker_id, metrics={})
     finally:
         db_engine.dispose()
 

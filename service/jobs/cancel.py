@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from service.db.models import Job, JobStatus
 from service.db.types import utcnow
 from service.errors import conflict
-from service.jobs.queue import add_event
+from service.jobs.events import add_event
 
 
 def _transition(session: Session, job: Job, from_: list[JobStatus], **values: object) -> bool:

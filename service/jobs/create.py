@@ -21,8 +21,9 @@ from service.adapters.quota import check_adapter_quota, name_taken
 from service.config import Settings
 from service.db.models import Dataset, Job, JobStatus, Tenant
 from service.errors import ErrorKind, ServiceError, conflict, invalid, not_found, quota_exceeded
+from service.jobs.events import add_event
 from service.jobs.openai_compat import OPENAI_METHOD_KINDS
-from service.jobs.queue import active_job_count, add_event
+from service.jobs.queue import active_job_count
 from service.jobs.validate import MethodConfigError, validate_method
 
 

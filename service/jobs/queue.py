@@ -1,19 +1,21 @@
-"""The job queue, in the database: claims, leases, events, checkpoints, outcomes.
+"""The job queue, in the database: claims, leases and the lease fence.
 
 Pure SQLAlchemy, no HTTP and no core. A worker:
 
 1. ``claim_next_job`` — wins at most one queued job, atomically, with a lease;
 2. ``heartbeat`` / ``report_progress`` — extend the lease; ``False`` means it was lost (the
    job was requeued or cancelled elsewhere) and the worker must stop without writing more;
-3. ``save_checkpoint`` / ``latest_checkpoint`` — resumable state, so a requeued job resumes;
-4. ``finish_success`` / ``finish_failure`` / ``finish_cancelled`` — the outcome.
+3. ``checkpoints.save_checkpoint`` / ``latest_checkpoint`` — resumable state, so a requeued
+   job resumes;
+4. ``outcomes.finish_success`` / ``finish_failure`` / ``finish_cancelled`` — the outcome.
 
 Any process may call ``requeue_expired`` (the embedded worker does, each poll) to return jobs
 whose worker died to the queue.
 
-Every function commits its own transaction, except ``add_event`` which joins the caller's.
-Worker-side writes name the ``worker_id`` explicitly and only apply while that worker still
-holds the lease; ``save_checkpoint`` and ``finish_*`` raise :class:`LeaseLostError` otherwise.
+Every function commits its own transaction, except ``events.add_event`` which joins the
+caller's. Worker-side writes name the ``worker_id`` explicitly and only apply while that worker
+still holds the lease: they go through ``touch_owned`` (checkpoints and outcomes too), which
+raises :class:`LeaseLostError` otherwise.
 
 SQLite note: call these with a session that has no transaction open. pysqlite begins the
 transaction at the first write, so each UPDATE below takes the write lock (waiting up to
@@ -26,43 +28,15 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import ColumnElement, DateTime, func, select, update
-from sqlalchemy.orm import Session, undefer
+from sqlalchemy.orm import Session
 
-from service.adapters.records import next_adapter_version
-from service.db.models import (
-    ACTIVE_STATUSES,
-    LEASED_STATUSES,
-    AdapterRow,
-    Checkpoint,
-    Job,
-    JobEvent,
-    JobStatus,
-)
+from service.db.models import ACTIVE_STATUSES, LEASED_STATUSES, Job, JobStatus
 from service.db.types import utcnow
+from service.jobs.events import add_event
 
 
 class LeaseLostError(RuntimeError):
     """The worker no longer holds this job's lease; it must drop the job silently."""
-
-
-# --- events ----------------------------------------------------------------------------------
-
-
-def add_event(
-    session: Session,
-    job: Job,
-    message: str,
-    *,
-    level: str = "info",
-    type: str = "message",
-    data: dict[str, Any] | None = None,
-) -> JobEvent:
-    """Add an event to the caller's transaction (no commit)."""
-    event = JobEvent(
-        job_id=job.id, tenant_id=job.tenant_id, message=message, level=level, type=type, data=data
-    )
-    session.add(event)
-    return event
 
 
 # --- claiming and leases ---------------------------------------------------------------------
@@ -278,7 +252,7 @@ def record_training_plan(
 ) -> None:
     """Store what the run resolved (``resolved["total_steps"]`` too) with its event, in one
     transaction, while ``worker_id`` holds the lease; else :class:`LeaseLostError`."""
-    _touch_owned(
+    touch_owned(
         session,
         job,
         worker_id,
@@ -305,10 +279,10 @@ def release_job(session: Session, job: Job, *, worker_id: str, reason: str) -> b
     return True
 
 
-# --- checkpoints -----------------------------------------------------------------------------
+# --- the lease fence: writes that apply only while the worker holds the lease ----------------
 
 
-def _touch_owned(session: Session, job: Job, worker_id: str, **values: Any) -> None:
+def touch_owned(session: Session, job: Job, worker_id: str, **values: Any) -> None:
     """Write ``values`` to the job if still leased by ``worker_id``; else roll back and raise."""
     result = session.execute(
         update(Job)
@@ -338,180 +312,9 @@ def add_owned_event(
     Without it a worker stalled past its lease would, on waking, log one more step into a job
     that another worker now runs.
     """
-    _touch_owned(session, job, worker_id, lease_expires_at=Job.lease_expires_at)
+    touch_owned(session, job, worker_id, lease_expires_at=Job.lease_expires_at)
     add_event(session, job, message, level=level, type=type, data=data)
     session.commit()
-
-
-def save_checkpoint(
-    session: Session,
-    job: Job,
-    *,
-    worker_id: str,
-    step: int,
-    state: bytes,
-    epoch: float | None = None,
-    metrics: dict[str, Any] | None = None,
-    keep_states: int = 2,
-) -> Checkpoint:
-    """Store a resumable checkpoint; older ones keep their metadata but drop their state.
-
-    ``keep_states`` bounds storage: only the newest few checkpoints keep their state blob.
-    """
-    _touch_owned(session, job, worker_id, step=step)
-    ckpt = Checkpoint(
-        job_id=job.id,
-        tenant_id=job.tenant_id,
-        step=step,
-        epoch=epoch,
-        metrics=metrics,
-        state=state,
-    )
-    session.add(ckpt)
-    session.flush()
-    keep = session.scalars(
-        select(Checkpoint.id)
-        .where(Checkpoint.job_id == job.id, Checkpoint.state.is_not(None))
-        .order_by(Checkpoint.step.desc(), Checkpoint.created_at.desc())
-        .limit(max(keep_states, 1))
-    ).all()
-    session.execute(
-        update(Checkpoint)
-        .where(
-            Checkpoint.job_id == job.id,
-            Checkpoint.state.is_not(None),
-            Checkpoint.id.not_in(keep),
-        )
-        .values(state=None)
-        .execution_options(synchronize_session=False)
-    )
-    add_event(
-        session,
-        job,
-        f"Checkpoint saved at step {step}",
-        type="checkpoint",
-        data={"checkpoint_id": ckpt.id, "step": step, "epoch": epoch},
-    )
-    session.commit()
-    return ckpt
-
-
-def latest_checkpoint(session: Session, job_id: str) -> Checkpoint | None:
-    """The newest checkpoint that still has its state (what a resumed run starts from)."""
-    return session.scalar(
-        select(Checkpoint)
-        .where(Checkpoint.job_id == job_id, Checkpoint.state.is_not(None))
-        .order_by(Checkpoint.step.desc(), Checkpoint.created_at.desc())
-        .limit(1)
-        .options(undefer(Checkpoint.state))
-    )
-
-
-def _refresh(session: Session, job: Job) -> None:
-    """Bring the caller's ``job`` object up to date after an outcome was written."""
-    if job in session:
-        session.refresh(job)
-
-
-# --- outcomes --------------------------------------------------------------------------------
-
-
-def finish_success(
-    session: Session,
-    job: Job,
-    adapter_row: AdapterRow,
-    *,
-    worker_id: str,
-    metrics: dict[str, Any] | None = None,
-) -> AdapterRow:
-    """Insert the adapter and mark the job succeeded, in ONE transaction.
-
-    If the insert fails (e.g. the name was taken meanwhile) everything is rolled back, the
-    job stays running, and the ``IntegrityError`` propagates: the worker should then call
-    ``finish_failure``. Fields left unset on ``adapter_row`` (tenant, name, version, source
-    job, metrics) are filled from the job.
-    """
-    now = utcnow()
-    values: dict[str, Any] = {
-        "status": JobStatus.SUCCEEDED,
-        "fine_tuned_adapter": adapter_row.name or job.adapter_name,
-        "finished_at": now,
-        "lease_expires_at": None,
-        "estimated_finish": None,
-    }
-    if metrics is not None:
-        values["metrics"] = metrics
-    _touch_owned(session, job, worker_id, **values)
-    try:
-        adapter_row.tenant_id = adapter_row.tenant_id or job.tenant_id
-        adapter_row.name = adapter_row.name or job.adapter_name
-        adapter_row.source_job_id = adapter_row.source_job_id or job.id
-        if adapter_row.metrics is None:
-            adapter_row.metrics = metrics if metrics is not None else job.metrics
-        if adapter_row.version is None:
-            adapter_row.version = next_adapter_version(session, job.tenant_id)
-        session.add(adapter_row)
-        session.flush()
-        add_event(
-            session,
-            job,
-            f"Job succeeded: adapter '{adapter_row.name}' version {adapter_row.version}",
-            data={"adapter": adapter_row.name, "version": adapter_row.version},
-        )
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
-    _refresh(session, job)
-    return adapter_row
-
-
-def finish_failure(
-    session: Session,
-    job: Job,
-    *,
-    worker_id: str,
-    message: str,
-    code: str = "training_failed",
-    param: str | None = None,
-) -> None:
-    _touch_owned(
-        session,
-        job,
-        worker_id,
-        status=JobStatus.FAILED,
-        finished_at=utcnow(),
-        lease_expires_at=None,
-        estimated_finish=None,
-        error={"code": code, "message": message, "param": param},
-    )
-    add_event(session, job, f"Job failed: {message}", level="error", data={"code": code})
-    session.commit()
-    _refresh(session, job)
-
-
-def finish_cancelled(session: Session, job: Job, *, worker_id: str) -> None:
-    """Cancel a running job; its event names the step the job's progress stopped at."""
-    _touch_owned(
-        session,
-        job,
-        worker_id,
-        status=JobStatus.CANCELLED,
-        finished_at=utcnow(),
-        lease_expires_at=None,
-        estimated_finish=None,
-    )
-    if job.step:
-        add_event(
-            session,
-            job,
-            f"Job cancelled at step {job.step}/{job.total_steps}",
-            data={"step": job.step, "total_steps": job.total_steps, "epoch": job.epoch},
-        )
-    else:
-        add_event(session, job, "Job cancelled")
-    session.commit()
-    _refresh(session, job)
 
 
 # --- quota helpers (used at job creation) ----------------------------------------------------

@@ -10,6 +10,11 @@ cancelled job stops after the step it is in.
 The worker's log gets HF Trainer-style lines: the resolved plan at the start, a progress
 line (step/total, epoch, loss, lr, it/s) every ``LOG_INTERVAL_S``, validation results, and
 the outcome with its metrics.
+
+It stays one module past ~400 lines because ``JobRun`` is one flow: its callbacks and outcome
+writes share one attempt's state (lease keeper, newest step, saved step, cancel flag) and their
+order (the last step's progress before the outcome) is the point. Its pure helpers live in
+``report.py`` and ``memory.py``.
 """
 
 from __future__ import annotations
@@ -31,8 +36,10 @@ from service.config import Settings
 from service.datasets.codec import decode_rows
 from service.db.models import Dataset, Job, JobStatus
 from service.errors import ErrorKind, ServiceError
-from service.jobs import queue
+from service.jobs import checkpoints, outcomes, queue
 from service.worker.lease import LeaseKeeper
+from service.worker.memory import release_free_memory
+from service.worker.report import json_safe, plan_summary, torch_threads, val_metrics
 
 if TYPE_CHECKING:
     from core.base import FrozenBase
@@ -73,17 +80,6 @@ class _Progress:
     metrics: dict[str, Any] = field(default_factory=dict)
     last: ProgressEvent | None = None  # the newest step reported by the trainer
     written: bool = True  # whether ``last`` is on the job row
-
-
-def _val_metrics(raw: dict[str, Any] | None) -> dict[str, Any]:
-    """Flat ``val_*`` scalars of an evaluation (per-class tables stay in the final metrics)."""
-    if not raw:
-        return {}
-    out: dict[str, Any] = {}
-    for k, v in raw.items():
-        if isinstance(v, int | float):
-            out[k if k.startswith("val_") else f"val_{k}"] = v
-    return out
 
 
 class JobRun:
@@ -130,18 +126,18 @@ class JobRun:
                 result = self.trainer.train()
             except JobSetupError as e:
                 return self._finish(
-                    queue.finish_failure, message=e.message, code=e.code, param=e.param
+                    outcomes.finish_failure, message=e.message, code=e.code, param=e.param
                 )
             except CoreError as e:
                 return self._finish(
-                    queue.finish_failure, message=str(e), code="invalid_training_data"
+                    outcomes.finish_failure, message=str(e), code="invalid_training_data"
                 )
             except Cancelled:
                 return self._on_stopped()
             except Exception as e:
                 logger.exception("job %s failed", self.job.id)
                 return self._finish(
-                    queue.finish_failure,
+                    outcomes.finish_failure,
                     message=f"internal error while training: {type(e).__name__}",
                     code="internal_error",
                 )
@@ -162,7 +158,7 @@ class JobRun:
                 else None
             )
             kind = session.get(Dataset, job.training_file).kind  # type: ignore[union-attr]
-            ckpt = queue.latest_checkpoint(session, job.id)
+            ckpt = checkpoints.latest_checkpoint(session, job.id)
             ckpt_state, ckpt_step = (ckpt.state, ckpt.step) if ckpt is not None else (None, 0)
             session.expunge_all()
 
@@ -200,7 +196,7 @@ class JobRun:
         trainer.setup()
         resolved = trainer.resolved_hyperparameters()
         self._record_plan(
-            resolved, method_type, f"Training {method_type}: {_plan_summary(resolved)}", {}
+            resolved, method_type, f"Training {method_type}: {plan_summary(resolved)}", {}
         )
         return trainer
 
@@ -212,7 +208,7 @@ class JobRun:
             **data,
             "method": method_type,
             "total_steps": resolved["total_steps"],
-            "threads": _threads(),
+            "threads": torch_threads(),
             "hyperparameters": resolved,
         }
         logger.info(
@@ -223,9 +219,9 @@ class JobRun:
         )
         self._owned_write(
             queue.record_training_plan,
-            resolved=_json_safe(resolved),
+            resolved=json_safe(resolved),
             message=message,
-            data=_json_safe(data),
+            data=json_safe(data),
         )
 
     def _rows(self, session: Session, dataset_id: str, param: str) -> list[dict[str, Any]]:
@@ -331,7 +327,7 @@ class JobRun:
                 step=ev.step,
                 total_steps=ev.total_steps,
                 epoch=ev.epoch,
-                metrics=_json_safe(p.metrics),
+                metrics=json_safe(p.metrics),
                 trained_tokens=ev.trained_tokens,
                 estimated_finish=utcnow() + timedelta(seconds=remaining),
             )
@@ -340,7 +336,7 @@ class JobRun:
             self.keeper.lost.set()
 
     def _on_eval(self, ev: ProgressEvent) -> None:
-        val = _val_metrics(ev.val_metrics)
+        val = val_metrics(ev.val_metrics)
         self._progress.metrics.update(val)
         shown = ", ".join(f"{k}={v:.4f}" for k, v in val.items() if isinstance(v, float))
         logger.info("job %s validation at step %d: %s", self.job.id, ev.step, shown)
@@ -356,14 +352,14 @@ class JobRun:
             job = session.get(Job, self.job.id)
             assert job is not None
             try:
-                queue.save_checkpoint(
+                checkpoints.save_checkpoint(
                     session,
                     job,
                     worker_id=self.worker_id,
                     step=step,
                     state=state,
                     epoch=float(epoch),
-                    metrics=_val_metrics(metrics) or None,
+                    metrics=val_metrics(metrics) or None,
                 )
             except queue.LeaseLostError:
                 self.keeper.lost.set()
@@ -374,7 +370,7 @@ class JobRun:
         from core.training.trainer import TrainResult
 
         assert isinstance(result, TrainResult)
-        metrics = _json_safe(result.metrics)
+        metrics = json_safe(result.metrics)
         row = adapter_row_from(result.adapter, self.base, metrics=metrics)
         # Early stopping ends before the last planned step: that step's progress may be unsent.
         self._write_progress()
@@ -382,12 +378,14 @@ class JobRun:
             job = session.get(Job, self.job.id)
             assert job is not None
             try:
-                queue.finish_success(session, job, row, worker_id=self.worker_id, metrics=metrics)
+                outcomes.finish_success(
+                    session, job, row, worker_id=self.worker_id, metrics=metrics
+                )
             except queue.LeaseLostError:
                 return RunOutcome.LEASE_LOST
             except IntegrityError:
                 return self._finish(
-                    queue.finish_failure,
+                    outcomes.finish_failure,
                     message=f"an adapter named {job.adapter_name!r} was created meanwhile",
                     code="adapter_name_taken",
                 )
@@ -424,7 +422,7 @@ class JobRun:
                     session, job, worker_id=self.worker_id, reason="worker shutting down"
                 )
             return RunOutcome.REQUEUED
-        return self._finish(queue.finish_cancelled)
+        return self._finish(outcomes.finish_cancelled)
 
     def _finish(self, finish: Callable[..., object], **kwargs: Any) -> RunOutcome:
         """Fail or cancel the job, its last step's progress written first."""
@@ -451,7 +449,7 @@ class JobRun:
     ) -> None:
         """Log an event on the job, only while this worker holds its lease."""
         self._owned_write(
-            queue.add_owned_event, message=message, level=level, type=type, data=_json_safe(data)
+            queue.add_owned_event, message=message, level=level, type=type, data=json_safe(data)
         )
 
     def _owned_write(self, write: Callable[..., None], **kwargs: Any) -> None:
@@ -472,70 +470,3 @@ class JobRun:
         self.trainer = None
         gc.collect()
         release_free_memory()
-
-
-def release_free_memory() -> bool:
-    """Hand freed heap pages back to the OS (glibc ``malloc_trim``); False where unavailable.
-
-    Without it a cancelled or finished job's tensors are freed but glibc keeps most of the
-    pages. Measured on a cancelled ``full`` MiniLM job (idle worker ~460 MiB, ~890 MiB while
-    training): ~300 MiB stayed resident without it, ~20 MiB with it (together with the
-    SQLite statement-cache setting in ``service.db.session``). The worker then holds little
-    more than the base model between jobs; ``tests/e2e/test_faults.py`` checks it.
-    """
-    import ctypes
-    import ctypes.util
-
-    global _libc
-    if _libc is None:
-        name = ctypes.util.find_library("c")
-        try:
-            _libc = ctypes.CDLL(name) if name else False
-        except OSError:
-            _libc = False
-    if not _libc or not hasattr(_libc, "malloc_trim"):
-        return False
-    return bool(_libc.malloc_trim(0))
-
-
-_libc: Any = None
-
-
-def _plan_summary(r: dict[str, Any]) -> str:
-    """One sentence on what a run will do, from its resolved hyperparameters."""
-    if r["validation"] == "held_out":
-        rows = r["train_examples"] + r["held_out_examples"]
-        split = (
-            f"{rows} training rows, {r['held_out_examples']} of them held out for validation "
-            f"(validation_fraction={r['validation_fraction']}; pass a validation_file or "
-            "validation_fraction=0 to train on all)"
-        )
-    elif r["validation"] == "validation_set":
-        split = f"{r['train_examples']} rows, validating on {r['val_examples']} rows"
-    else:
-        split = f"{r['train_examples']} rows, without validation"
-    return (
-        f"{split}; {r['total_steps']} steps ({r['n_epochs']} epochs of "
-        f"{r['steps_per_epoch']}), batch_size {r['batch_size']}, "
-        f"learning_rate {r['learning_rate']:.3g}, {r['warmup_steps']} warm-up steps"
-    )
-
-
-def _threads() -> int:
-    """The torch thread budget this worker trains with (``train_threads``), for the events."""
-    import torch
-
-    return int(torch.get_num_threads())
-
-
-def _json_safe(value: Any) -> Any:
-    """NaN/inf are not JSON; PostgreSQL's json type rejects them."""
-    import math
-
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    return value

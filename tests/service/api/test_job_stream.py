@@ -19,6 +19,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.api.routes import job_stream
 from service.db.models import Job
 from service.jobs import queue
+from service.jobs.events import add_event
+from service.jobs.outcomes import finish_failure
 from service.state import app_state
 from tests.service.helpers import Headers, assert_error, create_dataset, job_body
 
@@ -73,7 +75,7 @@ def _worker(
             with db() as session:
                 job = session.get(Job, job_id)
                 assert job is not None
-                queue.add_event(
+                add_event(
                     session,
                     job,
                     f"Step {step}/{steps}",
@@ -86,7 +88,7 @@ def _worker(
         with db() as session:
             job = session.get(Job, job_id)
             assert job is not None
-            queue.finish_failure(session, job, worker_id="w1", message="boom", code="x")
+            finish_failure(session, job, worker_id="w1", message="boom", code="x")
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()

@@ -11,6 +11,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.db.models import Job
 from service.jobs import queue
+from service.jobs.checkpoints import save_checkpoint
+from service.jobs.events import add_event
+from service.jobs.outcomes import finish_cancelled, finish_success
 from service.state import app_state
 from tests.service.helpers import (
     Headers,
@@ -223,7 +226,7 @@ def test_cancel_running_job_requests_cancellation(
     with db() as session:
         row = session.get(Job, job["id"])
         assert row is not None
-        queue.finish_cancelled(session, row, worker_id="w1")
+        finish_cancelled(session, row, worker_id="w1")
     assert client.get(f"{JOBS}/{job['id']}", headers=auth).json()["status"] == "cancelled"
 
 
@@ -243,7 +246,7 @@ def test_cancel_succeeded_job_is_409(
     with db() as session:
         claimed = queue.claim_next_job(session, "w1", 30)
         assert claimed is not None
-        queue.finish_success(
+        finish_success(
             session, claimed, adapter_row(claimed.tenant_id, "", version=None), worker_id="w1"
         )
     body = client.get(f"{JOBS}/{job['id']}", headers=auth).json()
@@ -287,7 +290,7 @@ def test_events_pagination_and_order(
         row = session.get(Job, job["id"])
         assert row is not None
         for i in range(5):
-            queue.add_event(session, row, f"step {i}", type="metrics", data={"step": i})
+            add_event(session, row, f"step {i}", type="metrics", data={"step": i})
         session.commit()
     url = f"{JOBS}/{job['id']}/events"
     page = client.get(f"{url}?limit=3", headers=auth).json()
@@ -335,7 +338,7 @@ def test_checkpoints_listing_hides_state(
         claimed = queue.claim_next_job(session, "w1", 30)
         assert claimed is not None
         for step in (10, 20):
-            queue.save_checkpoint(
+            save_checkpoint(
                 session,
                 claimed,
                 worker_id="w1",

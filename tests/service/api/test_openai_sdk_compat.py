@@ -23,6 +23,8 @@ from core.base import FrozenBase
 from service.config import Settings
 from service.db.models import Job, Tenant
 from service.jobs import queue
+from service.jobs.checkpoints import save_checkpoint
+from service.jobs.outcomes import finish_cancelled, finish_success
 from service.main import create_app
 from service.state import app_state
 from service.worker.job_run import RunOutcome
@@ -253,7 +255,7 @@ def test_jobs_list_retrieve_cancel_events_checkpoints(
     with db() as session:
         claimed = queue.claim_next_job(session, "w1", 30)
         assert claimed is not None and claimed.id == ids[0]
-        queue.save_checkpoint(
+        save_checkpoint(
             session, claimed, worker_id="w1", step=5, epoch=0.5, state=b"S", metrics={"loss": 1}
         )
     requested = sdk.fine_tuning.jobs.cancel(ids[0])
@@ -274,12 +276,12 @@ def test_jobs_list_retrieve_cancel_events_checkpoints(
     with db() as session:
         job = session.get(Job, ids[0])
         assert job is not None
-        queue.finish_cancelled(session, job, worker_id="w1")
+        finish_cancelled(session, job, worker_id="w1")
     with db() as session:
         claimed = queue.claim_next_job(session, "w2", 30)
         assert claimed is not None
         adapter = adapter_row(claimed.tenant_id, "", version=None, base_model=tiny_base.name)
-        queue.finish_success(session, claimed, adapter, worker_id="w2")
+        finish_success(session, claimed, adapter, worker_id="w2")
     done = sdk.fine_tuning.jobs.retrieve(claimed.id)
     assert done.status == "succeeded" and done.fine_tuned_model
     model = sdk.models.retrieve(done.fine_tuned_model)

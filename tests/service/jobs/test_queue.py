@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.db.models import AdapterRow, Checkpoint, Job, JobEvent, JobStatus, Tenant
 from service.db.types import utcnow
-from service.jobs import queue
+from service.jobs import checkpoints, outcomes, queue
 from tests.service.helpers import adapter_row, add_queued_job, add_tenant
 
 Factory = sessionmaker[Session]
@@ -131,7 +131,7 @@ def test_expired_lease_is_requeued_with_an_attempt_and_event(migrated_db: Factor
         # The old worker's lease is gone: its heartbeat fails and it may not finish the job.
         assert not queue.heartbeat(session, job_id, "w1", 30)
         with pytest.raises(queue.LeaseLostError):
-            queue.finish_failure(session, _get(migrated_db, job_id), worker_id="w1", message="x")
+            outcomes.finish_failure(session, _get(migrated_db, job_id), worker_id="w1", message="x")
         # Another worker picks it up again.
         job2 = queue.claim_next_job(session, "w2", 30)
         assert job2 is not None and job2.id == job_id and job2.attempts == 1
@@ -178,7 +178,7 @@ def test_finish_success_writes_adapter_and_job_together(migrated_db: Factory) ->
     with migrated_db() as session:
         job = queue.claim_next_job(session, "w1", 30)
         assert job is not None
-        adapter = queue.finish_success(
+        adapter = outcomes.finish_success(
             session, job, adapter_row(tenant, "", version=None, metrics=None), worker_id="w1"
         )
         assert adapter.name == "sentiment" and adapter.version == 1
@@ -198,7 +198,7 @@ def test_adapter_versions_are_never_reused(migrated_db: Factory) -> None:
         with migrated_db() as session:
             job = queue.claim_next_job(session, "w1", 30)
             assert job is not None
-            adapter = queue.finish_success(
+            adapter = outcomes.finish_success(
                 session, job, adapter_row(tenant, "", version=None), worker_id="w1"
             )
             versions.append(adapter.version)
@@ -217,7 +217,7 @@ def test_finish_success_is_atomic_when_adapter_insert_fails(migrated_db: Factory
         job = queue.claim_next_job(session, "w1", 30)
         assert job is not None
         with pytest.raises(IntegrityError):
-            queue.finish_success(
+            outcomes.finish_success(
                 session, job, adapter_row(tenant, "", version=None), worker_id="w1"
             )
     job = _get(migrated_db, job_id)
@@ -228,7 +228,7 @@ def test_finish_success_is_atomic_when_adapter_insert_fails(migrated_db: Factory
         assert session.scalar(select(func.count()).select_from(AdapterRow)) == 1
         assert session.scalar(select(Tenant.adapter_seq)) == 0  # the version bump rolled back
         # The worker can still record the failure: it kept its lease.
-        queue.finish_failure(
+        outcomes.finish_failure(
             session,
             _get(migrated_db, job_id),
             worker_id="w1",
@@ -248,7 +248,7 @@ def test_finish_success_after_lease_loss_writes_nothing(migrated_db: Factory) ->
         assert job is not None
         queue.requeue_expired(session, now=utcnow() + timedelta(minutes=1))
         with pytest.raises(queue.LeaseLostError):
-            queue.finish_success(
+            outcomes.finish_success(
                 session, job, adapter_row(tenant, "", version=None), worker_id="w1"
             )
         assert session.scalar(select(func.count()).select_from(AdapterRow)) == 0
@@ -260,7 +260,7 @@ def test_finish_cancelled(migrated_db: Factory) -> None:
     with migrated_db() as session:
         job = queue.claim_next_job(session, "w1", 30)
         assert job is not None
-        queue.finish_cancelled(session, job, worker_id="w1")
+        outcomes.finish_cancelled(session, job, worker_id="w1")
         assert job.status == JobStatus.CANCELLED and job.finished_at is not None
     assert _get(migrated_db, job_id).status == JobStatus.CANCELLED
     assert _events(migrated_db, job_id)[-1] == "Job cancelled"
@@ -291,7 +291,7 @@ def test_cancelled_event_names_the_step_of_the_jobs_progress(migrated_db: Factor
         assert queue.report_progress(session, job_id, "w1", 30, step=7, total_steps=20, epoch=1.4)
         job = session.get(Job, job_id)
         assert job is not None
-        queue.finish_cancelled(session, job, worker_id="w1")
+        outcomes.finish_cancelled(session, job, worker_id="w1")
     with migrated_db() as session:
         event = session.scalars(select(JobEvent).order_by(JobEvent.id.desc())).first()
         assert event is not None and event.message == "Job cancelled at step 7/20"
@@ -313,9 +313,9 @@ def test_checkpoints_keep_only_recent_states(migrated_db: Factory) -> None:
     with migrated_db() as session:
         job = queue.claim_next_job(session, "w1", 30)
         assert job is not None
-        assert queue.latest_checkpoint(session, job_id) is None
+        assert checkpoints.latest_checkpoint(session, job_id) is None
         for step in (10, 20, 30):
-            queue.save_checkpoint(
+            checkpoints.save_checkpoint(
                 session,
                 job,
                 worker_id="w1",
@@ -325,7 +325,7 @@ def test_checkpoints_keep_only_recent_states(migrated_db: Factory) -> None:
                 metrics={"loss": 1.0 / step},
                 keep_states=2,
             )
-        latest = queue.latest_checkpoint(session, job_id)
+        latest = checkpoints.latest_checkpoint(session, job_id)
         assert latest is not None and latest.step == 30 and latest.state == b"state-30"
         states = dict(
             session.execute(
@@ -335,5 +335,5 @@ def test_checkpoints_keep_only_recent_states(migrated_db: Factory) -> None:
         assert states == {10: None, 20: b"state-20", 30: b"state-30"}
         assert _get(migrated_db, job_id).step == 30
         with pytest.raises(queue.LeaseLostError):
-            queue.save_checkpoint(session, job, worker_id="other", step=40, state=b"x")
+            checkpoints.save_checkpoint(session, job, worker_id="other", step=40, state=b"x")
         assert session.scalar(select(func.count()).select_from(Checkpoint)) == 3

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.db.models import Job
 from service.db.types import utcnow
-from service.jobs import queue
+from service.jobs import outcomes, queue
 from tests.service.helpers import add_queued_job, add_tenant
 from tests.service.jobs.test_queue import _events
 
@@ -55,7 +55,7 @@ def test_stale_worker_cannot_write_events_after_requeue(migrated_db: Factory) ->
 def test_no_events_after_the_job_finished(migrated_db: Factory) -> None:
     job = _claimed(migrated_db, "w1")
     with migrated_db() as session:
-        queue.finish_cancelled(session, session.get(Job, job.id), worker_id="w1")  # type: ignore[arg-type]
+        outcomes.finish_cancelled(session, session.get(Job, job.id), worker_id="w1")  # type: ignore[arg-type]
     with migrated_db() as session, pytest.raises(queue.LeaseLostError):
         queue.add_owned_event(session, job, worker_id="w1", message="late")
     assert _events(migrated_db, job.id)[-1] == "Job cancelled"

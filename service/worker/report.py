@@ -1,0 +1,58 @@
+"""What a job's run writes about itself, as values: the plan's one-sentence summary, the torch
+thread budget, validation metrics as flat ``val_*`` scalars, and JSON the database accepts.
+Pure functions, kept apart from the run's flow in ``job_run.py``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def plan_summary(r: dict[str, Any]) -> str:
+    """One sentence on what a run will do, from its resolved hyperparameters."""
+    if r["validation"] == "held_out":
+        rows = r["train_examples"] + r["held_out_examples"]
+        split = (
+            f"{rows} training rows, {r['held_out_examples']} of them held out for validation "
+            f"(validation_fraction={r['validation_fraction']}; pass a validation_file or "
+            "validation_fraction=0 to train on all)"
+        )
+    elif r["validation"] == "validation_set":
+        split = f"{r['train_examples']} rows, validating on {r['val_examples']} rows"
+    else:
+        split = f"{r['train_examples']} rows, without validation"
+    return (
+        f"{split}; {r['total_steps']} steps ({r['n_epochs']} epochs of "
+        f"{r['steps_per_epoch']}), batch_size {r['batch_size']}, "
+        f"learning_rate {r['learning_rate']:.3g}, {r['warmup_steps']} warm-up steps"
+    )
+
+
+def torch_threads() -> int:
+    """The torch thread budget this worker trains with (``train_threads``), for the events."""
+    import torch
+
+    return int(torch.get_num_threads())
+
+
+def json_safe(value: Any) -> Any:
+    """NaN/inf are not JSON; PostgreSQL's json type rejects them."""
+    import math
+
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def val_metrics(raw: dict[str, Any] | None) -> dict[str, Any]:
+    """Flat ``val_*`` scalars of an evaluation (per-class tables stay in the final metrics)."""
+    if not raw:
+        return {}
+    out: dict[str, Any] = {}
+    for k, v in raw.items():
+        if isinstance(v, int | float):
+            out[k if k.startswith("val_") else f"val_{k}"] = v
+    return out
