@@ -11,13 +11,8 @@ import csv
 import io
 import json
 
-from service.datasets.validation import (
-    REQUIRED_FIELDS,
-    DatasetError,
-    DatasetFormat,
-    DatasetKind,
-    decode_utf8,
-)
+from service.datasets.reading import DatasetFormat, decode_utf8
+from service.datasets.rows import REQUIRED_FIELDS, DatasetError, DatasetKind
 
 # Enough to hold the first row of any sane file; the full parse reads everything anyway.
 _PEEK_BYTES = 1024 * 1024

@@ -32,7 +32,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from service import ids
-from service.datasets.validation import DatasetKind  # lives with the pure, SQL-free validation
+from service.datasets.rows import DatasetKind  # lives with the pure, SQL-free row checks
 from service.db.types import UTCDateTime, utcnow
 
 # Stable constraint names, so Alembic can address them on every dialect.

@@ -25,16 +25,13 @@ from service.api.uploads import (
     unsupported_media_type,
 )
 from service.datasets.infer import infer_kind
+from service.datasets.reading import DatasetFormat, detect_format
+from service.datasets.rows import DatasetError, DatasetKind, Limits
 from service.datasets.store import delete_owned_dataset, get_owned_dataset, store_dataset
 from service.datasets.validation import (
     MAX_PROBLEMS,
-    DatasetError,
-    DatasetFormat,
-    DatasetKind,
-    Limits,
     check_file,
     check_records,
-    detect_format,
     parse_file,
     parse_records,
 )

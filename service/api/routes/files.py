@@ -24,13 +24,10 @@ from service.api.schemas.files import FINE_TUNE_PURPOSE, FileDeleted, FileObject
 from service.api.uploads import dataset_upload_body, form_text, read_upload, require_multipart
 from service.datasets import codec
 from service.datasets.infer import infer_kind
+from service.datasets.reading import detect_format
+from service.datasets.rows import DatasetKind, Limits
 from service.datasets.store import delete_owned_dataset, get_owned_dataset, store_dataset
-from service.datasets.validation import (
-    DatasetKind,
-    Limits,
-    detect_format,
-    parse_file,
-)
+from service.datasets.validation import parse_file
 from service.db.models import Dataset
 from service.errors import invalid, unsupported
 

@@ -7,7 +7,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.api.schemas.common import CREATED_AT
-from service.datasets.validation import DatasetError, DatasetFormat, DatasetKind, DatasetReport
+from service.datasets.reading import DatasetFormat
+from service.datasets.rows import DatasetError, DatasetKind
+from service.datasets.validation import DatasetReport
 from service.db.models import Dataset
 from service.db.types import to_unix
 
@@ -41,7 +43,7 @@ class DatasetCreateJSON(BaseModel):
     name: str | None = Field(
         default=None, min_length=1, max_length=256, description="A name to show; default: the id."
     )
-    # Items are checked one by one by service.datasets.validation, which names the index.
+    # Items are checked one by one by service.datasets.rows, which names the index.
     records: list[Any] = Field(
         description="The rows, one object each; fields other than the kind's are dropped."
     )

@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from service.api.schemas.common import CREATED_AT
 from service.api.schemas.datasets import KIND, LABEL_COUNTS
-from service.datasets.validation import DatasetKind
+from service.datasets.rows import DatasetKind
 from service.db.models import Dataset
 from service.db.types import to_unix
 

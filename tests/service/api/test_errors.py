@@ -10,7 +10,7 @@ from service.adapters.archive import ArchiveError
 from service.adapters.transfer import TransferError
 from service.api.errors import loc_to_param
 from service.config import Settings
-from service.datasets.validation import DatasetError
+from service.datasets.rows import DatasetError
 from service.errors import ErrorKind, ServiceError, unavailable
 from service.jobs.validate import MethodConfigError
 from service.main import create_app

@@ -5,15 +5,9 @@ from __future__ import annotations
 import pytest
 
 from service.datasets import codec
-from service.datasets.validation import (
-    DatasetError,
-    DatasetFormat,
-    DatasetKind,
-    Limits,
-    detect_format,
-    parse_file,
-    parse_records,
-)
+from service.datasets.reading import DatasetFormat, detect_format
+from service.datasets.rows import DatasetError, DatasetKind, Limits
+from service.datasets.validation import parse_file, parse_records
 
 CLS = DatasetKind.CLASSIFICATION
 PREF = DatasetKind.PREFERENCE
