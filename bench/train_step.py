@@ -15,7 +15,7 @@ same head (dropout 0.1 + linear over mean-pooled tokens), 2 labels:
   batches but the first (warm-up), as batches differ in length and a median would mislead;
   ``pad_fraction`` is the share of padding tokens in the epoch's batches.
 
-Our cases run the real :class:`core.training.Trainer` (steps timed through ``on_progress``,
+Our cases run the real :class:`core.training.trainer.Trainer` (steps timed through ``on_progress``,
 so collation, RNG handling and the scheduler are included); the Hugging Face cases run an
 equivalent plain loop. Every case runs in its own subprocess, so ``peak_rss_mib``
 (``ru_maxrss``) is that case's alone, with ``OMP_WAIT_POLICY=PASSIVE`` set before torch loads

@@ -6,7 +6,7 @@ plus its head's weights; an adapter of any other method is a model built on the 
 Each entry is charged the bytes it takes on the device, and least recently used entries are
 evicted to keep ``max_bytes``.
 
-Pins. An entry that an unreleased :class:`~core.inference.engine.Plan` uses is *pinned*: it is
+Pins. An entry that an unreleased :class:`~core.inference.execute.Plan` uses is *pinned*: it is
 never chosen for eviction, and when it is unloaded, evicted or replaced while pinned it leaves
 the ledger at once (no later plan sees it) but stays *retired*, still charged and still holding
 its bank slot, until the last pin goes, because a forward on another thread may be reading that
