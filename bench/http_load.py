@@ -47,7 +47,7 @@ from service.serving.lifespan import MAX_DEFAULT_WORKERS
 from tests.e2e.server import ServerProcess
 
 if TYPE_CHECKING:
-    from core.base import FrozenBase as FrozenBase
+    from core.base import FrozenBase
 
 R = 8
 TARGETS = ("query", "value")
