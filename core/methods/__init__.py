@@ -50,13 +50,14 @@ def build_method(config: MethodConfig, base: FrozenBase) -> AdapterMethod:
     from core.methods.prompt_tuning.model import PromptTuningModel
     from core.methods.scratch.model import ScratchModel
 
+    # Keyed by each config's own ``type``, so a method's name is written once (in its config).
     models: dict[str, type[AdapterMethod]] = {
-        "lora": LoraModel,
-        "adapter": BottleneckModel,
-        "prompt_tuning": PromptTuningModel,
-        "feature_extraction": FeatureExtractionModel,
-        "full": FullModel,
-        "scratch": ScratchModel,
+        LoraConfig.type: LoraModel,
+        BottleneckConfig.type: BottleneckModel,
+        PromptTuningConfig.type: PromptTuningModel,
+        FeatureExtractionConfig.type: FeatureExtractionModel,
+        FullConfig.type: FullModel,
+        ScratchConfig.type: ScratchModel,
     }
     return models[config.type](config, base)
 
