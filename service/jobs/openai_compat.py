@@ -29,19 +29,13 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from core.training.config import TrainingConfig
 from service.errors import invalid, unsupported
 
 OPENAI_METHOD_TYPES = ("supervised", "dpo")
 # The dataset kind each OpenAI method type trains on.
 OPENAI_METHOD_KINDS = {"supervised": "classification", "dpo": "preference"}
 _AUTO = "auto"
-
-
-def _default_learning_rate(method_type: str) -> float:
-    # Imported here: core.training pulls in torch, which API import time must not.
-    from core.training.config import DEFAULT_LEARNING_RATES, FALLBACK_LEARNING_RATE
-
-    return DEFAULT_LEARNING_RATES.get(method_type, FALLBACK_LEARNING_RATE)
 
 
 def openai_hyperparameters(
@@ -69,7 +63,8 @@ def openai_hyperparameters(
                     f"{param}: give learning_rate or learning_rate_multiplier, not both.",
                     f"{param}.{key}",
                 )
-            out["learning_rate"] = _default_learning_rate(method_type) * float(item)
+            auto = TrainingConfig().resolved_learning_rate(method_type)
+            out["learning_rate"] = auto * float(item)
         elif key == "beta" and dpo:
             raise unsupported(
                 f"{param}.beta: DPO's beta has no counterpart in reward-model training; leave "
