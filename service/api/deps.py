@@ -28,7 +28,7 @@ from service.state import AppState, app_state
 from service.tenants.keys import hash_api_key, key_by_secret
 
 if TYPE_CHECKING:  # core imports torch; the API imports it only through the lifespan hooks
-    from core.base import FrozenBase as FrozenBase
+    from core.base import FrozenBase
 
 
 async def get_state(request: Request) -> AppState:
