@@ -175,12 +175,12 @@ def stream_fine_tuning_events(
     session.close()
     if owned is None:
         raise not_found("job", job_id)
-    cursor = after or last_event_id
+    cursor, param = (after, "after") if after else (last_event_id, "Last-Event-ID")
     after_id = 0
     if cursor:
         parsed = parse_event_id(cursor)
         if parsed is None:
-            raise invalid(f"Unknown cursor '{cursor}'.", "after", "invalid_cursor")
+            raise invalid(f"Unknown cursor '{cursor}'.", param, "invalid_cursor")
         after_id = parsed
     return StreamingResponse(
         _stream(request, factory, job_id, after_id),

@@ -430,11 +430,20 @@ def event_public_id(event_id: int) -> str:
     return f"{EVENT}-{event_id}"
 
 
+# Event ids are database integers: a larger number can name no event, and the database
+# driver would refuse to bind it (SQLite raises OverflowError).
+_MAX_EVENT_ID = 2**63 - 1
+
+
 def parse_event_id(public_id: str) -> int | None:
+    """The database id in ``ftevent-<n>``, or None where ``public_id`` cannot name an event."""
     prefix = f"{EVENT}-"
-    if not public_id.startswith(prefix) or not public_id[len(prefix) :].isdigit():
+    digits = public_id.removeprefix(prefix)
+    # ASCII digits only: str.isdigit() also passes '²', which int() then refuses.
+    if not public_id.startswith(prefix) or not (digits.isascii() and digits.isdigit()):
         return None
-    return int(public_id[len(prefix) :])
+    number = int(digits)
+    return number if number <= _MAX_EVENT_ID else None
 
 
 class JobEventObject(BaseModel):

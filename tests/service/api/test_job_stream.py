@@ -159,6 +159,25 @@ def test_last_event_id_resumes_after_that_event(client: TestClient, auth: Header
     assert_error(resp, 422, code="invalid_cursor", param="after")
 
 
+@pytest.mark.parametrize("cursor", ["ftevent-9223372036854775808", "ftevent-\u00b2"])
+def test_a_cursor_no_event_can_have_is_422(client: TestClient, auth: Headers, cursor: str) -> None:
+    """Past the database's signed 64-bit integers the id reached the driver (OverflowError:
+    a 500, or a stream cut off by a traceback); '²' passed str.isdigit() and broke int()."""
+    job_id = _job(client, auth)
+    for url in (f"{JOBS}/{job_id}/events", f"{JOBS}/{job_id}/events/stream"):
+        resp = client.get(url, headers=auth, params={"after": cursor})
+        assert_error(resp, 422, code="invalid_cursor", param="after")
+
+
+def test_an_overflowing_last_event_id_is_422_naming_the_header(
+    client: TestClient, auth: Headers
+) -> None:
+    job_id = _job(client, auth)
+    headers = {**auth, "Last-Event-ID": "ftevent-9223372036854775808"}
+    resp = client.get(f"{JOBS}/{job_id}/events/stream", headers=headers)
+    assert_error(resp, 422, code="invalid_cursor", param="Last-Event-ID")
+
+
 def test_keep_alive_comments_while_nothing_happens(
     client: TestClient, auth: Headers, db: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
 ) -> None:
