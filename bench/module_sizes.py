@@ -18,13 +18,14 @@
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import sys
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from tests.import_scan import module_name, scan
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("core", "service", "bench", "tests", "migrations")
@@ -72,63 +73,6 @@ def source_files(root: Path) -> Iterator[Path]:
                 yield path
 
 
-def module_name(root: Path, path: Path) -> str:
-    parts = list(path.relative_to(root).with_suffix("").parts)
-    if parts[-1] == "__init__":
-        parts.pop()
-    return ".".join(parts)
-
-
-def _imports(
-    tree: ast.Module, module: str, is_package: bool
-) -> Iterator[tuple[str, tuple[str, ...], bool]]:
-    """``(module, names, deferred)`` per import statement; relative modules resolved.
-
-    ``names`` are what a ``from module import ...`` takes, any of which may be a submodule.
-    """
-
-    def walk(node: ast.AST, deferred: bool) -> Iterator[tuple[str, tuple[str, ...], bool]]:
-        for child in ast.iter_child_nodes(node):
-            inner = deferred or isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef)
-            if isinstance(child, ast.Import):
-                for alias in child.names:
-                    yield alias.name, (), deferred
-            elif isinstance(child, ast.ImportFrom):
-                if child.level:
-                    anchor = module.split(".")
-                    drop = child.level - 1 if is_package else child.level
-                    anchor = anchor[: len(anchor) - drop] if drop else anchor
-                    target = ".".join([*anchor, *([child.module] if child.module else [])])
-                else:
-                    target = child.module or ""
-                yield target, tuple(a.name for a in child.names), deferred
-            else:
-                yield from walk(child, inner)
-
-    yield from walk(tree, False)
-
-
-def _is_type_checking(node: ast.If) -> bool:
-    test = node.test
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
-    )
-
-
-def _strip_type_checking(tree: ast.Module) -> ast.Module:
-    """Drop ``if TYPE_CHECKING:`` blocks: those imports never run."""
-    for node in ast.walk(tree):
-        for name in ("body", "orelse"):
-            stmts = getattr(node, name, None)
-            if isinstance(stmts, list):
-                setattr(
-                    node,
-                    name,
-                    [s for s in stmts if not (isinstance(s, ast.If) and _is_type_checking(s))],
-                )
-    return tree
-
-
 def _group(module: str, depth: int) -> str:
     return ".".join(module.split(".")[:depth])
 
@@ -138,7 +82,7 @@ def measure(root: Path, threshold: int, depth: int) -> Figures:
     edges: dict[tuple[str, str], Edge] = defaultdict(Edge)
     third: dict[str, dict[str, Edge]] = defaultdict(lambda: defaultdict(Edge))
     files = list(source_files(root))
-    known = {module_name(root, p) for p in files if p.suffix == ".py"}
+    known = {module_name(p, root) for p in files if p.suffix == ".py"}
     for path in files:
         text = path.read_text(encoding="utf-8")
         n = len(text.splitlines())
@@ -148,15 +92,15 @@ def measure(root: Path, threshold: int, depth: int) -> Figures:
             fig.large.append((str(path.relative_to(root)), n))
         if path.suffix != ".py":
             continue
-        module = module_name(root, path)
-        tree = _strip_type_checking(ast.parse(text, filename=str(path)))
+        module = module_name(path, root)
         src = _group(module, depth)
-        statements = _imports(tree, module, path.name == "__init__.py")
-        # "from core import small" imports the module core.small where one exists.
+        # Imports under "if TYPE_CHECKING:" never run. "from core import small" imports the
+        # module core.small where one exists.
         targets = [
-            (sub, deferred)
-            for base, names, deferred in statements
-            for sub in ([f"{base}.{n}" for n in names if f"{base}.{n}" in known] or [base])
+            (sub, found.deferred)
+            for found in scan(path, root, text)
+            if not found.type_checking
+            for sub in (sorted((found.loads - {found.module}) & known) or [found.module])
         ]
         for target, deferred in targets:
             top = target.split(".")[0]

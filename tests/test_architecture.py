@@ -2,15 +2,17 @@
 
 Every import statement counts, including those deferred into functions and those under
 ``if TYPE_CHECKING:``: a layer that names another layer's types depends on it as surely as one
-that calls it. The scan reads files with :mod:`ast`, so nothing is imported to check them.
+that calls it. The scan (:mod:`tests.import_scan`) reads files with :mod:`ast`, so nothing is
+imported to check them.
 """
 
 from __future__ import annotations
 
-import ast
 import subprocess
 import sys
 from pathlib import Path
+
+from tests.import_scan import Import, scan
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,35 +24,6 @@ DOMAIN_PACKAGES = ("jobs", "datasets", "adapters", "serving", "worker", "tenants
 DOMAIN_FORBIDDEN = ("service.api", "fastapi", "starlette")
 
 
-def module_name(path: Path, root: Path = ROOT) -> str:
-    parts = list(path.relative_to(root).with_suffix("").parts)
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-
-
-def imports(path: Path, root: Path = ROOT) -> list[tuple[int, str, set[str]]]:
-    """``(line, module, names)`` per import statement in ``path``, relative imports resolved.
-
-    ``names`` are the modules the statement may load: ``from service import api`` names both
-    ``service`` and ``service.api``.
-    """
-    package = module_name(path, root)
-    if path.name != "__init__.py":
-        package = package.rpartition(".")[0]
-    found: list[tuple[int, str, set[str]]] = []
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
-        if isinstance(node, ast.Import):
-            found += [(node.lineno, alias.name, {alias.name}) for alias in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                parts = package.split(".")
-                anchor = parts[: len(parts) - (node.level - 1)]
-                base = ".".join([*anchor, *([node.module] if node.module else [])])
-            else:
-                base = node.module or ""
-            found.append((node.lineno, base, {base, *(f"{base}.{a.name}" for a in node.names)}))
-    return sorted(found)
-
-
 def python_files(*dirs: Path) -> list[Path]:
     return sorted(p for d in dirs for p in d.rglob("*.py") if "__pycache__" not in p.parts)
 
@@ -59,9 +32,9 @@ def offenders(files: list[Path], forbidden: tuple[str, ...], root: Path = ROOT) 
     """``"path:line: module"`` for each import of a forbidden package (or a module in one)."""
     out = []
     for path in files:
-        for line, module, names in imports(path, root):
-            if any(n == f or n.startswith(f + ".") for n in names for f in forbidden):
-                out.append(f"{path.relative_to(root)}:{line}: {module}")
+        for found in scan(path, root):
+            if any(n == f or n.startswith(f + ".") for n in found.loads for f in forbidden):
+                out.append(f"{path.relative_to(root)}:{found.line}: {found.module}")
     return out
 
 
@@ -88,9 +61,15 @@ def test_the_scan_finds_every_form_of_import(tmp_path: Path) -> None:
         "service/jobs/example.py:7: starlette.responses",
         "service/jobs/example.py:9: service.api.deps",
     ]
-    assert (4, "service.jobs.sibling", {"service.jobs.sibling", "service.jobs.sibling.thing"}) in (
-        imports(module, tmp_path)
-    )
+    found = scan(module, tmp_path)
+    sibling = Import(4, "service.jobs.sibling", ("thing",), deferred=False, type_checking=False)
+    assert sibling in found
+    assert sibling.loads == {"service.jobs.sibling", "service.jobs.sibling.thing"}
+    # What bench.module_sizes counts apart: the deferred import and the one that never runs.
+    flagged = [
+        (f.line, f.deferred, f.type_checking) for f in found if f.deferred or f.type_checking
+    ]
+    assert flagged == [(7, True, False), (9, False, True)]
 
 
 def test_core_imports_no_service_web_or_sql() -> None:
