@@ -7,7 +7,6 @@ against a stand-in for Docker's DNS, to show that it follows replicas to new add
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import socket
@@ -24,6 +23,7 @@ import pytest
 import yaml
 
 from tests import dockerfile
+from tests.ci import unavailable
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE = shutil.which("docker-compose")
@@ -36,9 +36,7 @@ WORKER_CHECK = ["CMD", "loraplex", "worker", "--check"]
 def _require(path: str | None, tool: str) -> str:
     """The tool's path; a missing tool skips the test, except in CI (``make test`` installs it)."""
     if path is None:
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(f"{tool} is not installed (make deploy-deps installs it)")
-        pytest.skip(f"{tool} is not installed")
+        unavailable(f"{tool} is not installed (make deploy-deps installs it)")
     return path
 
 

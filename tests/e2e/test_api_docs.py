@@ -8,7 +8,6 @@ of the OpenAPI document must be drawn. Skipped without chromium, except in CI.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import threading
 import time
@@ -20,6 +19,7 @@ import pytest
 import uvicorn
 
 from service.main import create_app
+from tests.ci import unavailable
 from tests.e2e.server import free_port
 from tests.e2e.test_dashboard import _chromium
 from tests.service.conftest import make_settings
@@ -31,9 +31,7 @@ RUN_TIMEOUT_S = 120
 def chromium() -> str:
     path = _chromium()
     if path is None:
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail("chromium is not installed (`apt-get install -y chromium`)")
-        pytest.skip("chromium is not installed (`apt-get install -y chromium`)")
+        unavailable("chromium is not installed (`apt-get install -y chromium`)")
     return path
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.ci import unavailable
 from tests.e2e.server import REPO, ServerProcess
 
 pytestmark = pytest.mark.real_model
@@ -53,9 +54,7 @@ def chromium() -> str:
     """Chromium's path; checked before the server starts (skip or, in CI, fail at once)."""
     reason = _missing()
     if reason:
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(f"browser test cannot run in CI: {reason}")
-        pytest.skip(reason)
+        unavailable(reason)
     path = _chromium()
     assert path is not None
     return path

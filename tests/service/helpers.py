@@ -17,6 +17,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
+from tests.ci import IN_CI
 from tests.postgres import DEFAULT_ADMIN_URL, scratch_database
 
 if TYPE_CHECKING:
@@ -34,9 +35,7 @@ POSTGRES_ADMIN_URL = os.environ.get("LPX_TEST_POSTGRES_URL", DEFAULT_ADMIN_URL)
 
 # In CI (.ci/run sets LPX_REQUIRE_POSTGRES=1; CI=true too) a missing PostgreSQL is a failure,
 # not a skip.
-REQUIRE_POSTGRES = os.environ.get("LPX_REQUIRE_POSTGRES", "") not in ("", "0") or (
-    os.environ.get("CI", "").lower() in ("1", "true", "yes")
-)
+REQUIRE_POSTGRES = os.environ.get("LPX_REQUIRE_POSTGRES", "") not in ("", "0") or IN_CI
 
 
 @contextmanager
