@@ -30,6 +30,17 @@ AdamBeta = Annotated[float, Field(ge=0.0, lt=1.0)]
 REWARD_ONLY_SETTINGS = frozenset({"margin", "center_rewards_coefficient"})
 
 
+def batches_per_epoch(rows: int, batch_size: int) -> int:
+    """Batches in one pass over ``rows`` rows; the last one may be short."""
+    return -(-rows // batch_size)
+
+
+def held_out_rows(rows: int, fraction: float) -> int:
+    """Rows of one class (or of all preference rows) that ``fraction`` holds out: rounded half
+    up, but at least one row of every class stays in training."""
+    return min(int(rows * fraction + 0.5), rows - 1)
+
+
 class _FieldError(ValueError):
     """A cross-field check failure that still names one field (pydantic would report none)."""
 
@@ -208,6 +219,11 @@ class TrainingConfig(BaseModel):
         if isinstance(g, bool):
             return 1 if g else 0
         return g
+
+    def total_steps(self, train_rows: int) -> int:
+        """Optimizer steps a run on ``train_rows`` rows takes: ``max_steps``, else ``n_epochs``
+        passes (what the trainer plans, and what job creation checks against its limit)."""
+        return self.max_steps or self.n_epochs * batches_per_epoch(train_rows, self.batch_size)
 
     def resolved_eval_batch_size(self) -> int:
         return self.eval_batch_size or 2 * self.batch_size

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from core.errors import DataError
+from core.training.config import batches_per_epoch, held_out_rows
 
 # How many batches' worth of rows are sorted by length together. Larger buckets pad less but
 # make batch composition less random; 50 is the usual compromise (e.g. fairseq, AllenNLP).
@@ -162,8 +163,7 @@ def split_validation(
     for key in sorted(groups):
         idx = groups[key]
         rng.shuffle(idx)
-        # Round half up, but always keep at least one training row of every class.
-        n_val = min(int(len(idx) * fraction + 0.5), len(idx) - 1)
+        n_val = held_out_rows(len(idx), fraction)
         val_idx.extend(idx[:n_val])
     if not val_idx:
         raise DataError(
@@ -337,7 +337,7 @@ class BucketSampler:
         self.bucket_by_length = bucket_by_length
 
     def __len__(self) -> int:
-        return -(-len(self.lengths) // self.batch_size)
+        return batches_per_epoch(len(self.lengths), self.batch_size)
 
     def batches(self, epoch: int) -> list[list[int]]:
         g = torch.Generator().manual_seed(_epoch_seed(self.seed, epoch))

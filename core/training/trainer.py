@@ -165,7 +165,7 @@ class Trainer:
             cfg.bucket_by_length and not self.frozen_features,
         )
         self.steps_per_epoch = len(self.sampler)
-        self.total_steps = cfg.max_steps or cfg.n_epochs * self.steps_per_epoch
+        self.total_steps = cfg.total_steps(len(lengths))
         self.warmup_steps = cfg.resolved_warmup_steps(self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(cfg.lr_scheduler, self.warmup_steps, self.total_steps)
