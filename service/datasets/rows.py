@@ -44,10 +44,6 @@ REQUIRED_FIELDS: dict[DatasetKind, tuple[str, ...]] = {
     DatasetKind.CLASSIFICATION: ("text", "label"),
     DatasetKind.PREFERENCE: ("chosen", "rejected"),
 }
-OPTIONAL_FIELDS: dict[DatasetKind, tuple[str, ...]] = {
-    DatasetKind.CLASSIFICATION: ("text_pair",),
-    DatasetKind.PREFERENCE: ("prompt",),
-}
 
 
 # --- where a problem is --------------------------------------------------------------------
