@@ -24,6 +24,7 @@ import yaml
 
 from tests import dockerfile
 from tests.ci import unavailable
+from tests.e2e.server import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE = shutil.which("docker-compose")
@@ -251,9 +252,7 @@ def test_proxy_follows_replicas_to_new_addresses(tmp_path: Path) -> None:
     for replica in replicas:
         threading.Thread(target=replica.serve_forever, daemon=True).start()
     dns = _FakeDockerDns()
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        proxy_port = probe.getsockname()[1]
+    proxy_port = free_port()
     conf = (REPO / "deploy" / "nginx.conf").read_text()
     conf = _replace_once(
         conf, r"^resolver 127\.0\.0\.11 valid=\d+s", f"resolver 127.0.0.1:{dns.port} valid=1s"

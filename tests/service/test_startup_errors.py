@@ -23,6 +23,7 @@ import pytest
 
 from service.cli import EXIT_STARTUP_ERROR, main
 from service.config import unknown_variables
+from tests.e2e.server import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 SUBPROCESS_TIMEOUT_S = 120
@@ -76,12 +77,6 @@ def refusal(result: subprocess.CompletedProcess[str], *expected: str) -> str:
     for text in expected:
         assert text in line
     return line
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # --- data dir -------------------------------------------------------------------------------
