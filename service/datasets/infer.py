@@ -12,7 +12,7 @@ import io
 import json
 
 from service.datasets.reading import DatasetFormat, decode_utf8
-from service.datasets.rows import REQUIRED_FIELDS, DatasetError, DatasetKind
+from service.datasets.rows import REQUIRED_FIELDS, DatasetError, DatasetKind, Line
 
 # Enough to hold the first row of any sane file; the full parse reads everything anyway.
 _PEEK_BYTES = 1024 * 1024
@@ -64,20 +64,16 @@ def infer_kind(data: bytes, fmt: DatasetFormat) -> DatasetKind:
         if set(REQUIRED_FIELDS[kind]) <= fields:
             return kind
     if "messages" in fields or "preferred_output" in fields:
-        error = DatasetError(
-            f"line {line}: OpenAI chat-format rows ('messages', 'preferred_output') are not "
-            f"supported: loraplex trains text classifiers and reward models from {_EXPECTED} "
-            "rows",
-            param="file",
-            code="unsupported_row_format",
+        raise Line(line).error(
+            "OpenAI chat-format rows ('messages', 'preferred_output') are not supported: "
+            f"loraplex trains text classifiers and reward models from {_EXPECTED} rows",
+            "file",
+            "unsupported_row_format",
         )
-    else:
-        shown = ", ".join(f"'{f}'" for f in sorted(fields)[:8]) or "none"
-        error = DatasetError(
-            f"line {line}: cannot tell the dataset kind from the fields ({shown}); rows need "
-            f"{_EXPECTED}, or send the kind explicitly",
-            param="kind",
-            code="unknown_dataset_kind",
-        )
-    error.line = line
-    raise error
+    shown = ", ".join(f"'{f}'" for f in sorted(fields)[:8]) or "none"
+    raise Line(line).error(
+        f"cannot tell the dataset kind from the fields ({shown}); rows need {_EXPECTED}, or "
+        "send the kind explicitly",
+        "kind",
+        "unknown_dataset_kind",
+    )
