@@ -83,30 +83,40 @@ def _scan(
     return _Scan(rows, problems, stopped=False)
 
 
-def _label_counts(
-    kind: DatasetKind, rows: Sequence[Mapping[str, str]], limits: Limits, *, empty_param: str
-) -> dict[str, int] | None:
-    """The whole-dataset rules, once every row is valid: not empty, enough and not too many
-    classes. Returns the label counts (None for preference data)."""
-    if not rows:
-        raise DatasetError("dataset is empty: it has no rows", param=empty_param, code="empty_file")
+def _label_counts(kind: DatasetKind, rows: Sequence[Mapping[str, str]]) -> dict[str, int] | None:
+    """{label: count}, sorted by label; None for preference data."""
     if kind is not DatasetKind.CLASSIFICATION:
         return None
-    counts = Counter(row["label"] for row in rows)
-    if len(counts) < 2:
-        only = next(iter(counts))
+    return dict(sorted(Counter(row["label"] for row in rows).items()))
+
+
+def _check_whole(
+    rows: Sequence[Mapping[str, str]],
+    label_counts: dict[str, int] | None,
+    limits: Limits,
+    *,
+    empty_param: str,
+) -> None:
+    """The whole-dataset rules, once every row is valid: not empty, enough and not too many
+    classes."""
+    if not rows:
+        raise DatasetError("dataset is empty: it has no rows", param=empty_param, code="empty_file")
+    if label_counts is None:
+        return
+    if len(label_counts) < 2:
+        only = next(iter(label_counts))
         raise DatasetError(
             f"a classification dataset needs at least 2 classes; every row has label '{only}'",
             param="label",
             code="single_class",
         )
-    if len(counts) > limits.max_labels:
+    if len(label_counts) > limits.max_labels:
         raise DatasetError(
-            f"dataset has {len(counts)} distinct labels; at most {limits.max_labels} are supported",
+            f"dataset has {len(label_counts)} distinct labels; at most {limits.max_labels} are "
+            "supported",
             param="label",
             code="too_many_labels",
         )
-    return dict(sorted(counts.items()))
 
 
 def _collect(
@@ -115,7 +125,8 @@ def _collect(
     scan = _scan(kind, items, limits, max_problems=1, empty_param=empty_param)
     if scan.problems:
         raise scan.problems[0]
-    label_counts = _label_counts(kind, scan.rows, limits, empty_param=empty_param)
+    label_counts = _label_counts(kind, scan.rows)
+    _check_whole(scan.rows, label_counts, limits, empty_param=empty_param)
     return ParsedDataset(kind=kind, rows=scan.rows, label_counts=label_counts)
 
 
@@ -147,19 +158,17 @@ def _report(
 ) -> DatasetReport:
     scan = _scan(kind, items, limits, max_problems=max_problems, empty_param=empty_param)
     problems = scan.problems
+    label_counts = _label_counts(kind, scan.rows)
     if not problems:
         # The whole-dataset rules only mean something once every row is readable.
         try:
-            _label_counts(kind, scan.rows, limits, empty_param=empty_param)
+            _check_whole(scan.rows, label_counts, limits, empty_param=empty_param)
         except DatasetError as exc:
             problems = [exc]
-    counts = None
-    if kind is DatasetKind.CLASSIFICATION:
-        counts = dict(sorted(Counter(row["label"] for row in scan.rows).items()))
     return DatasetReport(
         kind=kind,
         row_count=len(scan.rows),
-        label_counts=counts,
+        label_counts=label_counts,
         problems=problems,
         truncated=scan.stopped and len(scan.problems) >= max_problems,
     )
