@@ -29,7 +29,7 @@ export function kv(rows) {
     rows.filter(Boolean).map(([k, v]) => [h("dt", null, k), h("dd", null, v)]));
 }
 
-export function scalarMetrics(metrics) {
+function scalarMetrics(metrics) {
   return Object.entries(metrics || {}).filter(
     ([, v]) => typeof v === "number" || typeof v === "boolean" || typeof v === "string",
   );
