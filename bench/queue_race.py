@@ -80,6 +80,7 @@ def seed_jobs(
         database_url=url,
         base_model_name=base_model_name,
         max_concurrent_jobs_per_tenant=n_jobs + 1,
+        max_queued_jobs_per_tenant=n_jobs + 1,
         max_adapters_per_tenant=n_jobs + 1,
     )
     db_engine = make_db_engine(url)

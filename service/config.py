@@ -102,6 +102,13 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(default=64, ge=1)
     max_wait_ms: float = Field(default=5.0, ge=0)
     max_queue_rows: int = Field(default=4096, ge=1)
+    max_request_chars: int = Field(
+        default=2_000_000,
+        ge=1,
+        description="Characters one /predict or /reward/compare request may hold over all its "
+        "texts; more is refused with 413. What a request costs to tokenize is bounded "
+        "per text by the model's window as well.",
+    )
     adapter_cache_mb: int = Field(default=512, ge=0)
     merged_cache_mb: int = Field(default=128, ge=0)
     # bfloat16 measured ~3x faster than float32 on AVX-512 CPUs (logits within ~3e-3).
@@ -110,6 +117,24 @@ class Settings(BaseSettings):
     # --- quotas --------------------------------------------------------------------------
     max_adapters_per_tenant: int = Field(default=1000, ge=1)
     max_concurrent_jobs_per_tenant: int = Field(default=4, ge=1)
+    max_queued_jobs_per_tenant: int = Field(
+        default=8,
+        ge=1,
+        description="Jobs one tenant may have waiting in the queue; more are refused with 429 "
+        "(queued_jobs_limit). Binds where max_concurrent_jobs_per_tenant is set above it.",
+    )
+    max_job_steps: int = Field(
+        default=50_000,
+        ge=1,
+        description="Optimizer steps one job may plan (max_steps, or n_epochs passes over its "
+        "training rows at its batch_size); a job planned longer is refused at creation (422).",
+    )
+    max_job_seconds: float = Field(
+        default=6 * 3600.0,
+        gt=0,
+        description="Seconds of training one job may take, summed over its attempts; a job "
+        "that passes it is failed (job_time_limit_exceeded) after saving a checkpoint.",
+    )
 
     @field_validator("log_level")
     @classmethod

@@ -22,7 +22,7 @@ from service.adapters.transfer import HeadSpec, import_files
 from service.config import Settings
 from service.db.models import AdapterRow
 from service.errors import conflict
-from service.jobs.queue import active_job_count
+from service.jobs.queue import job_count
 
 if TYPE_CHECKING:
     from core.base import FrozenBase
@@ -40,7 +40,7 @@ def _check_room(session: Session, tenant_id: str, name: str, settings: Settings)
     if reason:
         raise conflict(reason, "name", "adapter_name_taken")
     check_adapter_quota(
-        session, tenant_id, settings.max_adapters_per_tenant, active_job_count(session, tenant_id)
+        session, tenant_id, settings.max_adapters_per_tenant, job_count(session, tenant_id)
     )
 
 

@@ -146,6 +146,9 @@ class Job(Base):
         # The claim query: oldest queued job first.
         Index("ix_jobs_status_created", "status", "created_at"),
         Index("ix_jobs_tenant_created", "tenant_id", "created_at"),
+        # The claim's fair share counts each queued job's tenant's running jobs; job creation
+        # counts the tenant's active and queued ones.
+        Index("ix_jobs_tenant_status", "tenant_id", "status"),
         # An active job reserves its adapter name; the database enforces it against races.
         Index(
             "uq_jobs_active_adapter_name",

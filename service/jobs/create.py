@@ -15,7 +15,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from core.training.config import parse_training_config
+from core.training.config import TrainingConfig, held_out_rows, parse_training_config
 from service import ids
 from service.adapters.quota import check_adapter_quota, name_taken
 from service.config import Settings
@@ -23,8 +23,8 @@ from service.db.models import Dataset, Job, JobStatus, Tenant
 from service.errors import ErrorKind, ServiceError, conflict, invalid, not_found, quota_exceeded
 from service.jobs.events import add_event
 from service.jobs.openai_compat import OPENAI_METHOD_KINDS
-from service.jobs.queue import active_job_count
-from service.jobs.validate import MethodConfigError, validate_method
+from service.jobs.queue import job_count
+from service.jobs.validate import MethodConfigError, base_layer_count, validate_method
 
 
 @dataclass(frozen=True)
@@ -50,13 +50,13 @@ _SHOWN_LABELS = 5
 _OPENAI_ALTERNATIVE = {"classification": "supervised", "preference": "dpo"}
 
 
-def _hold_out_note(job: Job, has_validation_file: bool) -> str:
+def _hold_out_note(config: TrainingConfig, has_validation_file: bool) -> str:
     """Say up front that training rows will be held out, so it never comes as a surprise.
 
     The rows themselves are counted by the worker (its first training event and
     ``resolved_hyperparameters.held_out_examples``): the split is the trainer's.
     """
-    fraction = parse_training_config(dict(job.hyperparameters)).validation_fraction
+    fraction = config.validation_fraction
     if has_validation_file or not fraction:
         return ""
     return (
@@ -124,20 +124,66 @@ def _adapter_name(session: Session, tenant_id: str, body: JobRequest) -> str:
     )
 
 
+def _check_steps(
+    config: TrainingConfig, training: Dataset, has_validation_file: bool, settings: Settings
+) -> None:
+    """Refuse a job planned for more optimizer steps than ``max_job_steps``.
+
+    The plan is the trainer's own arithmetic (``TrainingConfig.total_steps``) on the rows it
+    will train on: without a validation file, the stratified hold-out is taken out per label
+    the way ``split_validation`` takes it.
+    """
+    rows = training.row_count
+    if not has_validation_file and config.validation_fraction > 0:
+        groups = (
+            list((training.label_counts or {}).values())
+            if training.kind == "classification"
+            else [rows]
+        )
+        rows -= sum(held_out_rows(n, config.validation_fraction) for n in groups)
+    steps = config.total_steps(rows)
+    if steps <= settings.max_job_steps:
+        return
+    if config.max_steps is not None:
+        field, plan = "max_steps", f"max_steps is {steps:,}"
+    else:
+        field = "n_epochs"
+        plan = (
+            f"{config.n_epochs:,} epochs x {steps // config.n_epochs:,} batches of "
+            f"batch_size {config.batch_size} over {rows:,} training rows"
+        )
+    raise invalid(
+        f"This job would train for {steps:,} optimizer steps ({plan}); the limit is "
+        f"{settings.max_job_steps:,} steps per job. Lower n_epochs or max_steps, or raise "
+        "batch_size.",
+        f"method.hyperparameters.{field}",
+        "job_steps_limit_exceeded",
+    )
+
+
 def _check_quotas(session: Session, tenant_id: str, settings: Settings) -> None:
-    active = active_job_count(session, tenant_id)
+    active = job_count(session, tenant_id)
     if active >= settings.max_concurrent_jobs_per_tenant:
         raise quota_exceeded(
             f"This tenant already has {active} queued or running jobs (limit "
             f"{settings.max_concurrent_jobs_per_tenant}); wait for one to finish.",
             "concurrent_jobs_limit",
         )
+    queued = job_count(session, tenant_id, (JobStatus.QUEUED,))
+    if queued >= settings.max_queued_jobs_per_tenant:
+        raise quota_exceeded(
+            f"This tenant already has {queued} jobs waiting in the queue (limit "
+            f"{settings.max_queued_jobs_per_tenant}); wait for one to start.",
+            "queued_jobs_limit",
+        )
     check_adapter_quota(session, tenant_id, settings.max_adapters_per_tenant, active)
 
 
 def create_job(session: Session, tenant: Tenant, body: JobRequest, settings: Settings) -> Job:
     try:
-        validate_method({**body.method, "hyperparameters": body.hyperparameters})
+        validate_method(
+            {**body.method, "hyperparameters": body.hyperparameters}, base_layer_count(settings)
+        )
     except MethodConfigError as exc:
         # validate_method names fields inside the method block; the request's field is method.*
         param = f"method.{exc.param}" if exc.param else "method"
@@ -172,11 +218,13 @@ def create_job(session: Session, tenant: Tenant, body: JobRequest, settings: Set
             else None
         )
         _check_files(training, validation, body.openai_method)
+        config = parse_training_config(dict(job.hyperparameters))
+        _check_steps(config, training, validation is not None, settings)
         job.status = JobStatus.QUEUED
         add_event(
             session,
             job,
-            "Files validated; job queued" + _hold_out_note(job, validation is not None),
+            "Files validated; job queued" + _hold_out_note(config, validation is not None),
             data={
                 "training_rows": training.row_count,
                 "validation_rows": validation.row_count if validation else None,

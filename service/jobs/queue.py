@@ -28,7 +28,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import ColumnElement, DateTime, func, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from service.db.models import ACTIVE_STATUSES, LEASED_STATUSES, Job, JobStatus
 from service.db.types import utcnow
@@ -53,11 +53,25 @@ def _lease_clock(session: Session, now: datetime | None) -> Any:
     return utcnow()
 
 
-def _queued_oldest() -> Any:
+def _next_queued() -> Any:
+    """The queued job to run next: fair share across tenants, then first come, first served.
+
+    Jobs of the tenant with the fewest jobs running go first (a tenant with a long job running
+    and more queued waits behind another tenant's first job), then the oldest. The running
+    count is a correlated subquery, counted in the same statement the claim is decided by.
+    """
+    candidate = aliased(Job, name="candidate")
+    running = aliased(Job, name="running")
+    tenant_running = (
+        select(func.count())
+        .select_from(running)
+        .where(running.tenant_id == candidate.tenant_id, running.status.in_(LEASED_STATUSES))
+        .scalar_subquery()
+    )
     return (
-        select(Job.id)
-        .where(Job.status == JobStatus.QUEUED)
-        .order_by(Job.created_at, Job.id)
+        select(candidate.id)
+        .where(candidate.status == JobStatus.QUEUED)
+        .order_by(tenant_running, candidate.created_at, candidate.id)
         .limit(1)
     )
 
@@ -65,9 +79,10 @@ def _queued_oldest() -> Any:
 def claim_next_job(
     session: Session, worker_id: str, lease_seconds: float, *, now: datetime | None = None
 ) -> Job | None:
-    """Move the oldest queued job to ``running`` under ``worker_id``'s lease, or None.
+    """Move the next queued job (:func:`_next_queued`) to ``running`` under ``worker_id``'s
+    lease, or None.
 
-    One statement decides the winner: ``UPDATE ... WHERE id = (oldest queued) AND status =
+    One statement decides the winner: ``UPDATE ... WHERE id = (next queued) AND status =
     'queued'``. Concurrent workers serialise on the row (PostgreSQL) or the database write
     lock (SQLite); the loser's ``status = 'queued'`` no longer holds and it updates nothing.
     On PostgreSQL the candidate is picked with ``FOR UPDATE SKIP LOCKED`` so workers take
@@ -82,13 +97,13 @@ def claim_next_job(
         "cancel_requested": False,
     }
     if session.get_bind().dialect.name == "postgresql":
-        job_id = session.scalar(_queued_oldest().with_for_update(skip_locked=True))
+        job_id = session.scalar(_next_queued().with_for_update(skip_locked=True))
         if job_id is None:
             session.rollback()
             return None
         where: ColumnElement[bool] = Job.id == job_id
     else:
-        where = Job.id == _queued_oldest().scalar_subquery()
+        where = Job.id == _next_queued().scalar_subquery()
     claimed = session.execute(
         update(Job)
         .where(where, Job.status == JobStatus.QUEUED)
@@ -320,12 +335,15 @@ def add_owned_event(
 # --- quota helpers (used at job creation) ----------------------------------------------------
 
 
-def active_job_count(session: Session, tenant_id: str) -> int:
+def job_count(
+    session: Session, tenant_id: str, statuses: tuple[JobStatus, ...] = ACTIVE_STATUSES
+) -> int:
+    """The tenant's jobs in ``statuses`` (by default the active ones, that the quotas count)."""
     return (
         session.scalar(
             select(func.count())
             .select_from(Job)
-            .where(Job.tenant_id == tenant_id, Job.status.in_(ACTIVE_STATUSES))
+            .where(Job.tenant_id == tenant_id, Job.status.in_(statuses))
         )
         or 0
     )

@@ -6,6 +6,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -15,6 +16,7 @@ from service.jobs.checkpoints import save_checkpoint
 from service.jobs.events import add_event
 from service.jobs.outcomes import finish_cancelled, finish_success
 from service.state import app_state
+from tests.core.training.conftest import sentiment_rows
 from tests.service.helpers import (
     Headers,
     adapter_row,
@@ -145,6 +147,50 @@ def test_method_shape_errors(client: TestClient, auth: Headers) -> None:
     assert_error(client.post(JOBS, json=body, headers=auth), 422, param="surprise")
 
 
+@pytest.mark.parametrize(
+    ("method", "param"),
+    [
+        ({"type": "lora", "hyperparameters": {"batch_size": True}}, "hyperparameters.batch_size"),
+        (
+            {"type": "lora", "hyperparameters": {"warmup_ratio": False}},
+            "hyperparameters.warmup_ratio",
+        ),
+        ({"type": "lora", "lora": {"r": True}}, "lora.r"),
+        ({"type": "lora", "lora": {"layers": [0, True]}}, "lora.layers"),
+        ({"type": "supervised", "supervised": {"hyperparameters": {"batch_size": True}}}, None),
+    ],
+)
+def test_a_boolean_is_no_number(
+    client: TestClient, auth: Headers, method: dict[str, Any], param: str | None
+) -> None:
+    """Lax parsing took batch_size: true as 1 and trained with it."""
+    body = job_body(create_dataset(client, auth), method=method)
+    error = assert_error(client.post(JOBS, json=body, headers=auth), 422)
+    assert error["param"].startswith(f"method.{param}" if param else "method")
+    assert "boolean" in error["message"]
+    # A number in a string stays accepted, as before.
+    body["method"] = {"type": "lora", "hyperparameters": {"batch_size": "4"}}
+    created = client.post(JOBS, json=body, headers=auth)
+    assert created.status_code == 200, created.text
+    assert created.json()["method"]["hyperparameters"]["batch_size"] == 4
+
+
+@pytest.mark.parametrize(
+    ("layers", "code", "says"),
+    [([0, 99], "invalid_method", "out of range"), ([-1], "greater_than_equal", "greater than")],
+)
+def test_lora_layers_outside_the_base_are_422_at_creation(
+    client: TestClient, auth: Headers, layers: list[int], code: str, says: str
+) -> None:
+    """They used to fail only in the worker, as invalid_training_data."""
+    body = job_body(create_dataset(client, auth))
+    body["method"]["lora"]["layers"] = layers
+    error = assert_error(client.post(JOBS, json=body, headers=auth), 422, code=code)
+    assert error["param"].startswith("method.lora.layers") and says in error["message"]
+    body["method"]["lora"]["layers"] = [0, 5]  # MiniLM's six layers
+    assert client.post(JOBS, json=body, headers=auth).status_code == 200
+
+
 def test_unknown_model_is_404(client: TestClient, auth: Headers) -> None:
     train = create_dataset(client, auth)
     resp = client.post(JOBS, json=job_body(train, model="gpt-17"), headers=auth)
@@ -189,6 +235,50 @@ def test_concurrent_job_quota_is_429(client: TestClient, auth: Headers) -> None:
     assert_error(resp, 429, code="concurrent_jobs_limit", type="rate_limit_error")
     client.post(f"{JOBS}/{jobs[0]['id']}/cancel", headers=auth)
     _create(client, auth, job_body(train))
+
+
+def test_queued_job_quota_is_429_and_running_jobs_do_not_count(
+    client: TestClient, auth: Headers, db: sessionmaker[Session]
+) -> None:
+    settings = app_state(client.app).settings
+    settings.max_concurrent_jobs_per_tenant = 10
+    settings.max_queued_jobs_per_tenant = 2
+    train = create_dataset(client, auth)
+    for _ in range(2):
+        _create(client, auth, job_body(train))
+    resp = client.post(JOBS, json=job_body(train), headers=auth)
+    assert_error(resp, 429, code="queued_jobs_limit", type="rate_limit_error")
+    assert "2 jobs waiting in the queue (limit 2)" in resp.json()["error"]["message"]
+    with db() as session:
+        assert queue.claim_next_job(session, "w1", 30) is not None
+    _create(client, auth, job_body(train))  # one started: room for one more in the queue
+
+
+def test_a_job_planned_past_max_job_steps_is_refused(client: TestClient, auth: Headers) -> None:
+    # 20 rows, 10 per label: the 10 % hold-out takes 1 of each, 18 train; batch_size 1 and
+    # 1,000 epochs plan 18,000 steps, the trainer's arithmetic.
+    train = create_dataset(client, auth, sentiment_rows(20))
+    body = job_body(train)
+    body["method"]["hyperparameters"] = {"n_epochs": 1000, "batch_size": 1}
+    settings = app_state(client.app).settings
+    settings.max_job_steps = 17_999
+    resp = client.post(JOBS, json=body, headers=auth)
+    error = assert_error(
+        resp, 422, code="job_steps_limit_exceeded", param="method.hyperparameters.n_epochs"
+    )
+    assert "would train for 18,000 optimizer steps" in error["message"]
+    assert "the limit is 17,999 steps" in error["message"]
+    body["method"]["hyperparameters"] = {"max_steps": 18_000}
+    assert_error(
+        client.post(JOBS, json=body, headers=auth),
+        422,
+        code="job_steps_limit_exceeded",
+        param="method.hyperparameters.max_steps",
+    )
+    assert client.get(JOBS, headers=auth).json()["data"] == []  # nothing was left behind
+    settings.max_job_steps = 18_000  # exactly the plan: accepted
+    body["method"]["hyperparameters"] = {"n_epochs": 1000, "batch_size": 1}
+    assert _create(client, auth, body)["status"] == "queued"
 
 
 def test_adapter_quota_is_429(client: TestClient, auth: Headers, db: sessionmaker[Session]) -> None:

@@ -50,6 +50,38 @@ def test_claim_takes_oldest_queued_job(migrated_db: Factory) -> None:
     assert _events(migrated_db, first) == ["Job started on worker w1"]
 
 
+def test_claim_shares_workers_fairly_between_tenants(migrated_db: Factory) -> None:
+    # A queued four jobs and one of them runs; B queued one later. B's goes next (A has a job
+    # running, B none), then A's in the order A queued them.
+    a, b = add_tenant(migrated_db, "a"), add_tenant(migrated_db, "b")
+    a_jobs = [add_queued_job(migrated_db, a, f"a{i}") for i in range(4)]
+    b_job = add_queued_job(migrated_db, b, "b0")
+    order: list[str] = []
+    with migrated_db() as session:
+        while (job := queue.claim_next_job(session, f"w{len(order)}", 30)) is not None:
+            order.append(job.id)
+    assert order == [a_jobs[0], b_job, *a_jobs[1:]]
+
+
+def test_claim_prefers_the_tenant_with_fewer_running_jobs_then_the_oldest(
+    migrated_db: Factory,
+) -> None:
+    a, b, c = (add_tenant(migrated_db, name) for name in "abc")
+    a_running = [add_queued_job(migrated_db, a, f"a{i}") for i in range(2)]
+    b_running = add_queued_job(migrated_db, b, "b0")
+    with migrated_db() as session:
+        for i in range(3):
+            assert queue.claim_next_job(session, f"w{i}", 30) is not None
+    # Running now: A 2, B 1, C 0. Queued oldest first: A, B, C.
+    a_next = add_queued_job(migrated_db, a, "a2")
+    b_next = add_queued_job(migrated_db, b, "b1")
+    c_next = add_queued_job(migrated_db, c, "c0")
+    with migrated_db() as session:
+        claimed = [queue.claim_next_job(session, f"x{i}", 30) for i in range(3)]
+    assert [job.id for job in claimed if job is not None] == [c_next, b_next, a_next]
+    assert {_get(migrated_db, j).status for j in [*a_running, b_running]} == {JobStatus.RUNNING}
+
+
 def test_two_sessions_race_for_one_job_exactly_one_wins(migrated_db: Factory) -> None:
     tenant = add_tenant(migrated_db)
     job_id = add_queued_job(migrated_db, tenant)
