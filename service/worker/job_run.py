@@ -5,7 +5,8 @@ database directly but are throttled (progress at most once a second, a metrics e
 ``log_every`` steps), so a fast job does not turn into a write storm. Whatever way a run
 ends, its last step's progress is written before the outcome, so the job object agrees with
 its last event. The cancel flag is read before every step (one primary-key read), so a
-cancelled job stops after the step it is in.
+cancelled job stops after the step it is in; so does one whose training passed
+``max_job_seconds``, which then fails.
 
 The worker's log gets HF Trainer-style lines: the resolved plan at the start, a progress
 line (step/total, epoch, loss, lr, it/s) every ``LOG_INTERVAL_S``, validation results, and
@@ -112,6 +113,7 @@ class JobRun:
         self._progress = _Progress()
         self._saved_step = 0  # the step of the newest checkpoint this run wrote
         self._cancel_requested = False  # seen in the database by _should_cancel
+        self._time_limit_hit = False  # training passed settings.max_job_seconds
 
     # --- the run -----------------------------------------------------------------------------
 
@@ -243,11 +245,16 @@ class JobRun:
         if self._cancel_requested or self._read_cancel_flag():
             self._cancel_requested = True
             return True
-        if not self.shutdown.is_set():
-            return False
-        # Graceful shutdown: save where we are, then stop; the job goes back to the queue.
-        # (Nothing to save when the newest checkpoint is already at this step.)
         trainer = self.trainer
+        # The trainer's elapsed time sums every attempt's training (it is in the checkpoint),
+        # so a job cannot dodge the limit by being requeued; time spent queued is not counted.
+        if trainer is not None and trainer.state.elapsed > self.settings.max_job_seconds:
+            self._time_limit_hit = True
+        elif not self.shutdown.is_set():
+            return False
+        # Save where we are, then stop: a shut-down worker's job resumes from here, and a job
+        # past its time limit keeps its progress. (Nothing to save when the newest checkpoint
+        # is already at this step.)
         if trainer is not None and trainer.state.step > self._saved_step:
             self._on_checkpoint(
                 trainer.save_checkpoint(), trainer.state.step, trainer.epochs_done, {}
@@ -410,6 +417,13 @@ class JobRun:
     def _on_stopped(self) -> RunOutcome:
         if self.keeper.lost.is_set():
             return RunOutcome.LEASE_LOST
+        if self._time_limit_hit:
+            return self._finish(
+                outcomes.finish_failure,
+                message=f"training took longer than the {self.settings.max_job_seconds:g} s "
+                f"a job may take (stopped at step {self._step()}; its last checkpoint is kept)",
+                code="job_time_limit_exceeded",
+            )
         if self.shutdown.is_set() and not self._cancel_requested:
             self._write_progress()
             logger.info(

@@ -222,3 +222,26 @@ def test_a_failed_read_of_the_cancel_flag_does_not_fail_the_job(
     assert claimed_run(db, settings, tiny_base).run() == RunOutcome.SUCCEEDED
     assert len(calls) > 2
     assert client.get(f"{JOBS}/{job_id}", headers=auth).json()["status"] == "succeeded"
+
+
+def test_a_job_past_max_job_seconds_fails_and_keeps_its_checkpoint(
+    client: TestClient,
+    auth: Headers,
+    db: sessionmaker[Session],
+    settings: Settings,
+    tiny_base: FrozenBase,
+) -> None:
+    job_id = _create(client, auth, 20, {"n_epochs": 5, "batch_size": 2})  # 45 steps
+    # Any step takes longer than this: the check before step 2 stops the run.
+    settings.max_job_seconds = 1e-6
+    assert claimed_run(db, settings, tiny_base).run() == RunOutcome.FAILED
+
+    job = client.get(f"{JOBS}/{job_id}", headers=auth).json()
+    assert job["status"] == "failed"
+    assert job["error"]["code"] == "job_time_limit_exceeded"
+    assert "longer than the 1e-06 s a job may take" in job["error"]["message"]
+    assert "stopped at step 1" in job["error"]["message"]
+    assert job["progress"]["step"] == 1 and job["progress"]["total_steps"] == 45
+    ckpts = client.get(f"{JOBS}/{job_id}/checkpoints", headers=auth).json()["data"]
+    assert [c["step_number"] for c in ckpts] == [1]
+    assert _events(client, auth, job_id)[-1]["message"].startswith("Job failed: training took")
