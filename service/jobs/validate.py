@@ -10,13 +10,16 @@ hyperparameters mean: :func:`validate_method` asks ``core.methods.parse_method_c
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from core.errors import ConfigError
 from core.methods import parse_method_config
 from core.training.config import parse_training_config
+from service.config import Settings
 from service.errors import ServiceError
 
 # Method blocks are small; anything bigger is a mistake or abuse.
@@ -37,12 +40,32 @@ def _clean(message: str) -> str:
     return message.removeprefix("Value error, ")
 
 
-def validate_method(method: dict[str, Any]) -> None:
+@functools.cache
+def _layer_count(model_dir: Path | None) -> int | None:
+    # Reads config.json alone (no weights; torch is imported lazily, as the service's other
+    # paths to core.base do); cached, as the folder does not change while the service runs.
+    from core.base import BaseModelError, check_model_dir, default_model_dir
+
+    try:
+        config = check_model_dir(model_dir if model_dir is not None else default_model_dir())
+    except BaseModelError:
+        return None  # start-up's preflight refuses such a folder; the worker reports it too
+    count = config.get("num_hidden_layers")
+    return count if isinstance(count, int) else None
+
+
+def base_layer_count(settings: Settings) -> int | None:
+    """How many encoder layers the base model jobs train on has (None: unknown here)."""
+    return _layer_count(settings.base_model_path)
+
+
+def validate_method(method: dict[str, Any], num_layers: int | None = None) -> None:
     """Raise :class:`MethodConfigError` if ``method`` is not a trainable configuration.
 
     ``method`` is the request's method block, already shape-checked by
     ``service.api.schemas.jobs.MethodSpec``: ``{"type": ..., "<type>": {params},
-    "hyperparameters": {...}}`` (unset hyperparameters omitted).
+    "hyperparameters": {...}}`` (unset hyperparameters omitted). ``num_layers``: the base
+    model's layer count, against which layer indices (LoRA's ``layers``) are checked.
     """
     size = len(json.dumps(method, default=str))
     if size > MAX_METHOD_JSON_BYTES:
@@ -53,11 +76,21 @@ def validate_method(method: dict[str, Any]) -> None:
     if not isinstance(method_type, str):
         raise MethodConfigError("method.type: a method type is required", param="type")
     try:
-        parse_method_config(method_type, dict(method.get(method_type) or {}))
+        config = parse_method_config(method_type, dict(method.get(method_type) or {}))
     except ConfigError as exc:
         # core names its own "type" field for an unknown method; anything else is a parameter.
         param = "type" if exc.field == "type" else param_from_loc(method_type, [exc.field])
         raise MethodConfigError(f"method.{param}: {_clean(exc.message)}", param=param) from None
+    layers = getattr(config, "layers", None)
+    if num_layers is not None and layers is not None:
+        outside = sorted({i for i in layers if i >= num_layers})
+        if outside:
+            param = param_from_loc(method_type, ["layers"])
+            raise MethodConfigError(
+                f"method.{param}: {outside} out of range; the base model has "
+                f"{num_layers} layers (0 to {num_layers - 1})",
+                param=param,
+            )
     try:
         parse_training_config(dict(method.get("hyperparameters") or {}))
     except ConfigError as exc:

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 from pydantic import Field, field_validator
 
@@ -39,7 +39,7 @@ class LoraConfig(MethodConfig):
         "update's size does not shrink as r grows.",
     )
     # Mirrors PEFT's ``layers_to_transform``.
-    layers: list[int] | None = Field(
+    layers: list[Annotated[int, Field(ge=0)]] | None = Field(
         None, description="Encoder layers to adapt, by index from 0 (bottom); null = all."
     )
 

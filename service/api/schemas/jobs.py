@@ -22,7 +22,7 @@ from pydantic import (
 )
 
 from service.api.schemas.common import CREATED_AT, NAME_PATTERN
-from service.api.schemas.methods import API_METHODS, METHOD_PARAMS, Hyperparameters
+from service.api.schemas.methods import API_METHODS, METHOD_PARAMS, Hyperparameters, NotBool
 from service.db.models import Checkpoint, Job, JobEvent
 from service.db.types import to_unix
 from service.ids import EVENT
@@ -46,13 +46,17 @@ class OpenAIHyperparameters(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    n_epochs: int | Literal["auto"] | None = Field(None, description="As n_epochs.")
-    batch_size: int | Literal["auto"] | None = Field(None, description="As batch_size.")
+    n_epochs: Annotated[int | Literal["auto"] | None, NotBool] = Field(
+        None, description="As n_epochs."
+    )
+    batch_size: Annotated[int | Literal["auto"] | None, NotBool] = Field(
+        None, description="As batch_size."
+    )
     # The bound sits on the float alone: on the whole union pydantic would apply it to "auto"
     # too and fail with a TypeError (a 500) instead of validating.
-    learning_rate_multiplier: Annotated[float, Field(gt=0)] | Literal["auto"] | None = Field(
-        None, description="Scales the default learning rate of LoRA."
-    )
+    learning_rate_multiplier: Annotated[
+        Annotated[float, Field(gt=0)] | Literal["auto"] | None, NotBool
+    ] = Field(None, description="Scales the default learning rate of LoRA.")
 
 
 class OpenAIDpoHyperparameters(OpenAIHyperparameters):

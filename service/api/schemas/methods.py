@@ -9,10 +9,11 @@ which the schema shows as ``default``) and into the ``GET /v1/methods`` catalogu
 from __future__ import annotations
 
 import inspect
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -52,6 +53,33 @@ def _error_at_field(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
         raise PydanticCustomError(first["type"], first["msg"]) from None
 
 
+def _holds_bool(value: Any) -> bool:
+    return isinstance(value, bool) or (
+        isinstance(value, list | tuple) and any(_holds_bool(v) for v in value)
+    )
+
+
+def _refuse_bool(value: Any) -> Any:
+    if _holds_bool(value):
+        raise PydanticCustomError("number_type", "Input should be a number, not a boolean")
+    return value
+
+
+# Pydantic's lax mode reads true as 1 and false as 0, in lists too (batch_size: true trained
+# with 1); JSON's true is no number a client means. Numeric strings stay accepted. Placed
+# outside a field's type, so its bounds stay on the number (and in the JSON Schema).
+NotBool = BeforeValidator(_refuse_bool)
+
+
+def _mentions(tp: Any, kinds: tuple[type, ...]) -> bool:
+    return tp in kinds or any(_mentions(arg, kinds) for arg in get_args(tp))
+
+
+def takes_numbers_not_bools(tp: Any) -> bool:
+    """Whether a field of type ``tp`` holds numbers, and no booleans: :data:`NotBool` fits."""
+    return _mentions(tp, (int, float)) and not _mentions(tp, (bool,))
+
+
 def _refuse_server_setting(why: str) -> WrapValidator:
     def refuse(_value: Any, _handler: ValidatorFunctionWrapHandler) -> Any:
         raise PydanticCustomError("server_setting", "set by the server: {why}", {"why": why})
@@ -73,8 +101,9 @@ def optional_fields(
     for name, info in model.model_fields.items():
         if name in exclude:
             continue
+        not_bool = [NotBool] if takes_numbers_not_bools(info.annotation) else []
         annotation = Annotated[
-            info.annotation | None, *info.metadata, WrapValidator(_error_at_field)
+            info.annotation | None, *info.metadata, WrapValidator(_error_at_field), *not_bool
         ]
         fields[name] = (
             annotation,
