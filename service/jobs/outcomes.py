@@ -15,6 +15,17 @@ from service.jobs.events import add_event
 from service.jobs.queue import touch_owned
 
 
+def _ended(status: JobStatus) -> dict[str, Any]:
+    """What every outcome writes beside its own fields: the final status, when, and no lease
+    or finish estimate left over."""
+    return {
+        "status": status,
+        "finished_at": utcnow(),
+        "lease_expires_at": None,
+        "estimated_finish": None,
+    }
+
+
 def _refresh(session: Session, job: Job) -> None:
     """Bring the caller's ``job`` object up to date after an outcome was written."""
     if job in session:
@@ -36,13 +47,9 @@ def finish_success(
     ``finish_failure``. Fields left unset on ``adapter_row`` (tenant, name, version, source
     job, metrics) are filled from the job.
     """
-    now = utcnow()
-    values: dict[str, Any] = {
-        "status": JobStatus.SUCCEEDED,
+    values = {
+        **_ended(JobStatus.SUCCEEDED),
         "fine_tuned_adapter": adapter_row.name or job.adapter_name,
-        "finished_at": now,
-        "lease_expires_at": None,
-        "estimated_finish": None,
     }
     if metrics is not None:
         values["metrics"] = metrics
@@ -84,10 +91,7 @@ def finish_failure(
         session,
         job,
         worker_id,
-        status=JobStatus.FAILED,
-        finished_at=utcnow(),
-        lease_expires_at=None,
-        estimated_finish=None,
+        **_ended(JobStatus.FAILED),
         error={"code": code, "message": message, "param": param},
     )
     add_event(session, job, f"Job failed: {message}", level="error", data={"code": code})
@@ -97,15 +101,7 @@ def finish_failure(
 
 def finish_cancelled(session: Session, job: Job, *, worker_id: str) -> None:
     """Cancel a running job; its event names the step the job's progress stopped at."""
-    touch_owned(
-        session,
-        job,
-        worker_id,
-        status=JobStatus.CANCELLED,
-        finished_at=utcnow(),
-        lease_expires_at=None,
-        estimated_finish=None,
-    )
+    touch_owned(session, job, worker_id, **_ended(JobStatus.CANCELLED))
     if job.step:
         add_event(
             session,
