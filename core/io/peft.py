@@ -17,6 +17,7 @@ import json
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from core.adapter import Adapter
@@ -107,8 +108,29 @@ def import_peft(
         trainable_params=sum(t.numel() for t in (*state.values(), *head_state.values())),
         metrics={"imported_from": "peft"},
     )
-    adapter.build(base)  # safety net: the weights must load into the method as built here
+    check_servable(adapter, base)
     return adapter
+
+
+def check_servable(adapter: Adapter, base: FrozenBase) -> None:
+    """Refuse an imported adapter whose weights or outputs are not finite numbers.
+
+    A NaN in the weights, or a scaling such as ``lora_alpha=1e308``, loads without complaint
+    and then makes every prediction fail; an import is the place to say so. The weights are
+    checked by name; one forward pass catches what only overflows once combined.
+    """
+    for where, tensors in (("weights", adapter.method_state), ("head", adapter.head_state)):
+        for key, t in tensors.items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise AdapterFormatError(f"{where} tensor {key!r} holds NaN or infinite values")
+    model = adapter.build(base)  # the weights must also load into the method as built here
+    with torch.inference_mode():
+        out = model(base.tokenize(["a probe sentence"]))
+    if not bool(torch.isfinite(out).all()):
+        raise AdapterFormatError(
+            f"the adapter's outputs on base {base.name!r} are not finite numbers: its scaling "
+            f"({adapter.method.to_dict()}) or weights are too large"
+        )
 
 
 def _by_file_name(files: dict[str, bytes]) -> dict[str, bytes]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from core.base import FrozenBase
@@ -124,6 +125,87 @@ def _parse_keys(
     return sites
 
 
+def _selects(target_modules: list[str] | str, name: str) -> bool:
+    """PEFT's rule: a string is a regex the module name must fully match; list entries match
+    the name or a dotted suffix of it. Names are tried with the prefixes a model wrapping
+    the encoder (``BertFor*``) gives them."""
+    names = (name, f"bert.{name}", f"model.{name}")
+    if isinstance(target_modules, str):
+        return any(re.fullmatch(target_modules, n) for n in names)
+    return any(n == t or n.endswith(f".{t}") for n in names for t in target_modules)
+
+
+def _layers_to_transform(cfg: dict[str, Any], base: FrozenBase) -> list[int] | None:
+    layers = cfg.get("layers_to_transform")
+    if layers is None:
+        return None
+    if isinstance(layers, int) and not isinstance(layers, bool):
+        layers = [layers]  # PEFT takes a single index too
+    if not isinstance(layers, list) or not all(
+        isinstance(i, int) and not isinstance(i, bool) for i in layers
+    ):
+        raise AdapterFormatError(f"PEFT layers_to_transform={layers!r} is not a list of ints")
+    outside = sorted({i for i in layers if not 0 <= i < base.num_layers})
+    if outside:
+        raise AdapterFormatError(
+            f"PEFT layers_to_transform {outside} out of range: base {base.name!r} has "
+            f"layers 0 to {base.num_layers - 1}"
+        )
+    return layers
+
+
+def _target_modules(cfg: dict[str, Any], base: FrozenBase) -> list[str] | str | None:
+    """The config's ``target_modules`` (None: every linear), each entry checked to name at
+    least one linear layer of ``base``."""
+    targets = cfg.get("target_modules")
+    if targets is None or targets == "all-linear":
+        return None
+    if isinstance(targets, str):
+        try:
+            re.compile(targets)
+        except re.error as e:
+            raise AdapterFormatError(f"PEFT target_modules {targets!r} is no regex: {e}") from None
+    elif not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        raise AdapterFormatError(f"PEFT target_modules={targets!r} is not a list of names")
+    # The pooler is in PEFT's all-linear; its LoRA matrices are dropped (see _POOLER_KEY).
+    linears = [*TARGET_PATHS.values(), "pooler.dense"]
+    modules = [
+        f"encoder.layer.{i}.{p}" for i in range(base.num_layers) for p in TARGET_PATHS.values()
+    ]
+    modules.append("pooler.dense")
+    entries = [targets] if isinstance(targets, str) else targets
+    unknown = [
+        t for t in entries
+        if not any(_selects(t if isinstance(targets, str) else [t], m) for m in modules)
+    ]  # fmt: skip
+    if unknown:
+        raise AdapterFormatError(
+            f"PEFT target_modules {unknown} name no linear layer of base {base.name!r} "
+            f"(its linear layers: {linears})"
+        )
+    return targets
+
+
+def _check_selection(
+    cfg: dict[str, Any], sites: dict[tuple[int, str], Any], base: FrozenBase
+) -> None:
+    """``target_modules`` and ``layers_to_transform`` must name parts of ``base`` and select
+    every site the weights hold: a config that does not describe its weights is refused
+    rather than ignored."""
+    layers = _layers_to_transform(cfg, base)
+    targets = _target_modules(cfg, base)
+    for i, target in sorted(sites):
+        name = f"encoder.layer.{i}.{TARGET_PATHS[target]}"
+        if (targets is not None and not _selects(targets, name)) or (
+            layers is not None and i not in layers
+        ):
+            raise AdapterFormatError(
+                f"PEFT weights hold LoRA matrices for {name}, which the config's "
+                f"target_modules={cfg.get('target_modules')!r} and layers_to_transform="
+                f"{cfg.get('layers_to_transform')!r} do not select"
+            )
+
+
 def import_lora(
     cfg: dict[str, Any], tensors: dict[str, Tensor], base: FrozenBase
 ) -> tuple[LoraConfig, dict[str, Tensor]]:
@@ -137,6 +219,7 @@ def import_lora(
             f"adapter has LoRA weights for layer {too_deep[-1]} but base {base.name!r} has "
             f"{n_layers} layers: it was trained for a different base model"
         )
+    _check_selection(cfg, sites, base)
     layers = sorted({i for i, _ in sites})
     targets = sorted({t for _, t in sites}, key=TARGET_MODULES.index)
     missing = [(i, t) for i in layers for t in targets if (i, t) not in sites]
@@ -182,4 +265,9 @@ def import_lora(
     except ConfigError as e:
         raise AdapterFormatError(f"PEFT LoRA config not supported: {e}") from None
     assert isinstance(method, LoraConfig)
+    if not method.scaling <= torch.finfo(torch.float32).max:  # inf, and NaN, fail too
+        raise AdapterFormatError(
+            f"PEFT lora_alpha={method.alpha} makes the LoRA scaling {method.scaling:g}, "
+            "past what float32 weights can hold"
+        )
     return method, state

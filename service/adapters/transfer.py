@@ -109,6 +109,7 @@ def _peft_carries_head(files: dict[str, bytes]) -> bool:
 
 
 def _import_loraplex(files: dict[str, bytes], base: FrozenBase, head: HeadConfig | None) -> Adapter:
+    from core.io.peft import check_servable
     from core.io.serialization import adapter_from_bytes
 
     if LORAPLEX_WEIGHTS_FILE not in files:
@@ -128,7 +129,7 @@ def _import_loraplex(files: dict[str, bytes], base: FrozenBase, head: HeadConfig
             param="task",
         )
     adapter.check_base(base)
-    adapter.build(base)  # the weights must load into the method as built on this base
+    check_servable(adapter, base)
     adapter.metrics = {**adapter.metrics, "imported_from": "loraplex"}
     return adapter
 

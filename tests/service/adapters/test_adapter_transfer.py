@@ -20,6 +20,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -321,6 +322,69 @@ def test_loraplex_export_of_another_base_is_refused(
     files["loraplex_adapter.json"] = json.dumps(config).encode()
     resp = upload(client, auth, zip_bytes(files), name="dst")
     assert_error(resp, 422, param="file", code="base_model_mismatch")
+
+
+# --- numbers and fields that cannot serve ---------------------------------------------------
+
+
+def _with_weights(files: dict[str, bytes], edit: Any) -> dict[str, bytes]:
+    tensors = dict(st_load(files["adapter_model.safetensors"]))
+    edit(tensors)
+    return {**files, "adapter_model.safetensors": st_save(tensors)}
+
+
+def test_a_scaling_past_float32_is_refused_and_a_large_one_that_serves_is_not(
+    client: TestClient, auth: Headers, peft_files: dict[str, bytes]
+) -> None:
+    """lora_alpha=1e308 used to import, then every /predict on it was a 500."""
+    for alpha in (1e308, 1e30):
+        files = _edit_config(peft_files, lora_alpha=alpha)
+        resp = upload(client, auth, zip_bytes(files), task="classification", label_names=LABELS)
+        error = assert_error(resp, 422, param="file", code="invalid_adapter")
+        assert "finite" in error["message"] or "lora_alpha" in error["message"]
+    files = _edit_config(peft_files, lora_alpha=64)
+    resp = upload(client, auth, zip_bytes(files), task="classification", label_names=LABELS)
+    assert resp.status_code == 200, resp.text
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_non_finite_weights_are_refused_naming_the_tensor(
+    client: TestClient, auth: Headers, peft_files: dict[str, bytes], bad: float
+) -> None:
+    key = sorted(k for k in st_load(peft_files["adapter_model.safetensors"]) if "lora_B" in k)[0]
+
+    def poison(tensors: dict[str, torch.Tensor]) -> None:
+        tensors[key] = tensors[key].clone()
+        tensors[key][0, 0] = bad
+
+    files = _with_weights(peft_files, poison)
+    resp = upload(client, auth, zip_bytes(files), task="classification", label_names=LABELS)
+    error = assert_error(resp, 422, param="file", code="invalid_adapter")
+    assert "NaN or infinite" in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("changes", "says"),
+    [
+        ({"target_modules": ["query", "nonexistent"]}, "nonexistent"),
+        ({"target_modules": ["query"]}, "do not select"),  # the weights also adapt value
+        ({"target_modules": "encoder\\.layer\\.9\\..*"}, "name no linear layer"),
+        ({"layers_to_transform": [0, 7]}, "out of range"),
+        ({"layers_to_transform": [0]}, "do not select"),  # weights for layer 1 too
+        ({"layers_to_transform": "all"}, "not a list"),
+    ],
+)
+def test_peft_fields_that_do_not_fit_are_refused_not_ignored(
+    client: TestClient,
+    auth: Headers,
+    peft_files: dict[str, bytes],
+    changes: dict[str, Any],
+    says: str,
+) -> None:
+    files = _edit_config(peft_files, **changes)
+    resp = upload(client, auth, zip_bytes(files), task="classification", label_names=LABELS)
+    error = assert_error(resp, 422, param="file", code="invalid_adapter")
+    assert says in error["message"]
 
 
 # --- unsafe and broken archives --------------------------------------------------------------
