@@ -47,7 +47,8 @@ class JobRequest:
 
 
 _SHOWN_LABELS = 5
-_OPENAI_ALTERNATIVE = {"classification": "supervised", "preference": "dpo"}
+# The OpenAI method type that trains on each dataset kind.
+_OPENAI_TYPE_FOR_KIND = {kind: openai for openai, kind in OPENAI_METHOD_KINDS.items()}
 
 
 def _hold_out_note(config: TrainingConfig, has_validation_file: bool) -> str:
@@ -82,7 +83,7 @@ def _check_files(
         # loraplex's own methods train on either kind; OpenAI's names say which one they mean.
         raise invalid(
             f"method.type '{openai_method}' trains on a {wanted} dataset, but training_file is "
-            f"a {training.kind} dataset (use '{_OPENAI_ALTERNATIVE[training.kind]}' or 'lora').",
+            f"a {training.kind} dataset (use '{_OPENAI_TYPE_FOR_KIND[training.kind]}' or 'lora').",
             "training_file",
             "dataset_kind_mismatch",
         )
