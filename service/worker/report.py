@@ -4,6 +4,7 @@ Pure functions, kept apart from the run's flow in ``job_run.py``."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 
@@ -36,8 +37,6 @@ def torch_threads() -> int:
 
 def json_safe(value: Any) -> Any:
     """NaN/inf are not JSON; PostgreSQL's json type rejects them."""
-    import math
-
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
