@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +37,7 @@ from service.adapters.store import adapter_row_from
 from service.config import Settings
 from service.datasets.codec import decode_rows
 from service.db.models import Dataset, Job, JobStatus
+from service.db.types import utcnow
 from service.errors import ErrorKind, ServiceError
 from service.jobs import checkpoints, outcomes, queue
 from service.worker.lease import LeaseKeeper
@@ -320,10 +322,6 @@ class JobRun:
         ev = p.last
         if ev is None or p.written or self.keeper.lost.is_set():
             return
-        from datetime import timedelta
-
-        from service.db.types import utcnow
-
         remaining = (ev.total_steps - ev.step) * ev.elapsed / max(ev.step, 1)
         with self.factory() as session:
             alive = queue.report_progress(
