@@ -56,7 +56,7 @@ from core.inference.execute import Group, Plan, execute_plan
 from core.inference.merged_cache import MergedCache
 from core.inference.residency import Residency, Resident
 from core.inference.rows import FORWARD_MODES, AdapterNotResidentError, Row, RowResult
-from core.inference.tokens import Tokenized
+from core.inference.tokens import Item, RowEncoder, Tokenized
 from core.methods.lora.layer import merge_pairs
 
 log = logging.getLogger(__name__)
@@ -123,6 +123,7 @@ class InferenceEngine:
         self.dtype = dtype
         self._serving = serving_base(base, self.device, dtype)
         self._bank = LoraBank(base.config, device=self.device, dtype=dtype)
+        self._encoder = RowEncoder(base)  # for rows given as text (the service encodes its own)
         self._merged = MergedCache(merged_cache_bytes)
         self._residency = Residency(
             base,
@@ -236,7 +237,7 @@ class InferenceEngine:
         pinned = self._residency.pin(entries)
         try:
             live = [i for i in range(len(rows)) if results[i] is None]
-            tokens = self._tokenize(rows, entries, live)
+            tokens = self._tokenize(rows, entries, live, results)
             groups = self._plan(rows, entries, results)
         except BaseException:
             self._residency.unpin(pinned)
@@ -336,18 +337,35 @@ class InferenceEngine:
         return merged
 
     def _tokenize(
-        self, rows: Sequence[Row], entries: list[Resident | None], live: list[int]
+        self,
+        rows: Sequence[Row],
+        entries: list[Resident | None],
+        live: list[int],
+        results: list[RowResult | None],
     ) -> Tokenized:
-        tokens = Tokenized(self.base, self.device)
-        groups: dict[tuple[bool, int], list[int]] = {}
+        """Each live row's ids: its own :class:`Encoded` if it came with one (checked against
+        its adapter's window), else encoded here, one tokenizer call per window."""
+        tokens = Tokenized(self.base.config.pad_token_id, self.device)
+        texts: dict[int, list[int]] = {}
         for i in live:
             e = entries[i]
-            groups.setdefault((rows[i].text_pair is not None, e.reserved if e else 0), []).append(i)
-        for (is_pair, reserved), idx in groups.items():
-            pairs = [rows[i].text_pair or "" for i in idx] if is_pair else None
-            tokens.add_group(
-                idx, [rows[i].text for i in idx], pairs, self.base.max_length - reserved
-            )
+            window = self.base.max_length - (e.reserved if e else 0)
+            encoded = rows[i].encoded
+            if encoded is None:
+                texts.setdefault(window, []).append(i)
+            elif encoded.max_length != window:  # encoded for another adapter's window
+                results[i] = RowResult(
+                    rows[i].key,
+                    error=CoreError(
+                        f"row encoded for a window of {encoded.max_length} tokens; "
+                        f"its adapter takes {window}"
+                    ),
+                )
+            else:
+                tokens.add([i], [encoded])
+        for window, idx in texts.items():
+            items: list[Item] = [(rows[i].text, rows[i].text_pair) for i in idx]
+            tokens.add(idx, self._encoder.encode(items, window))
         return tokens
 
     def _encode(self, batch: dict[str, Tensor], hooks: EncoderHooks) -> Tensor:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, get_args
 
 # How the engine runs an adapter row: ``unmerged`` in the shared mixed batch, ``merged`` on a
@@ -13,13 +13,28 @@ FORWARD_MODES: tuple[ForwardMode, ...] = get_args(ForwardMode)
 
 
 @dataclass(frozen=True)
+class Encoded:
+    """A row's token ids, truncated to ``max_length``: its adapter's window (the base's limit
+    less the positions the adapter reserves). See :class:`core.inference.tokens.RowEncoder`."""
+
+    input_ids: list[int]
+    token_type_ids: list[int]
+    max_length: int
+
+
+@dataclass(frozen=True)
 class Row:
-    """One input. ``key`` names a resident adapter (any hashable), or None for the bare base."""
+    """One input. ``key`` names a resident adapter (any hashable), or None for the bare base.
+
+    ``encoded``: the text's ids, tokenized by the caller on its own thread; without them the
+    engine tokenizes ``text`` (and ``text_pair``) itself, on its owner thread.
+    """
 
     key: Hashable | None
     text: str
     text_pair: str | None = None
     mode: ForwardMode = "unmerged"
+    encoded: Encoded | None = field(default=None, repr=False)
 
 
 @dataclass

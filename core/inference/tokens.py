@@ -1,76 +1,120 @@
-"""Tokenize a batch once per input shape, then cut sub-batches for each forward pass.
+"""Rows to token ids (any thread, bounded by the window), then padded tensors per forward pass.
 
-Rows are tokenized in as few tokenizer calls as possible: one per (has text pair, reserved
-positions) group, because the fast tokenizer cannot mix pairs and singles in one call and prompt
-tuning truncates shorter. Forward passes then take any subset of rows, padded only to the
-longest row in that subset (dynamic padding).
+A row costs at most its window to tokenize, not its length: texts are cut by characters before
+the tokenizer sees them (:data:`MAX_CHARS_PER_TOKEN`), and a cut that left fewer tokens than the
+window is widened until it fills the window or the text ends, so the ids are always those of
+the whole text truncated to the window (one exception, see :meth:`RowEncoder.encode`).
+
+Who tokenizes. A :class:`RowEncoder` may be called from many threads at once: Hugging Face fast
+tokenizers are not (each call sets the truncation state of the shared Rust object), so every
+thread tokenizes on its own copy. The service tokenizes in each request's thread and hands the
+engine :class:`Encoded` rows, so the engine's owner thread never tokenizes
+(docs/architecture.md invariant 3); rows given as bare text are encoded in ``plan``.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from copy import deepcopy
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from core.base import FrozenBase
+from core.inference.rows import Encoded
 
-_FIELDS = ("input_ids", "attention_mask", "token_type_ids")
+# Characters a text is cut to per token of its window before tokenizing. English averages ~4
+# characters per WordPiece token (all-MiniLM's vocabulary on prose: 3.1), code and URLs fewer
+# (they split at every punctuation mark); 20 leaves room for runs of long words. Texts that
+# still hold fewer tokens than the window in that many characters (long runs of whitespace,
+# which the tokenizer drops; words over 100 characters, which become one [UNK]) are re-cut
+# twice as long until they fill it, so the cut never changes the ids, only the cost.
+MAX_CHARS_PER_TOKEN = 20
+
+Item = tuple[str, str | None]  # (text, text_pair or None)
 
 
-@dataclass
-class _Group:
-    tensors: dict[str, Tensor]  # [n, L] on CPU
-    lengths: list[int]
+def encode_batch(tokenizer: Any, texts: list[str], pairs: list[str] | None, max_length: int) -> Any:
+    """The one place the tokenizer runs (its arguments are what it costs): no padding."""
+    return tokenizer(texts, pairs, truncation=True, max_length=max_length, padding=False)
+
+
+class RowEncoder:
+    """Token ids of rows, on any thread (each thread on its own copy of the base's tokenizer)."""
+
+    def __init__(self, base: FrozenBase) -> None:
+        self._base = base
+        self._local = threading.local()
+
+    def _tokenizer(self) -> Any:
+        tokenizer = getattr(self._local, "tokenizer", None)
+        if tokenizer is None:
+            tokenizer = self._local.tokenizer = deepcopy(self._base.tokenizer)
+        return tokenizer
+
+    def count(self, text: str, pair: str | None) -> int:
+        """Tokens of the whole input, special tokens included (nothing is cut)."""
+        return len(self._tokenizer()(text, pair, truncation=False)["input_ids"])
+
+    def encode(self, items: Sequence[Item], max_length: int) -> list[Encoded]:
+        """Each item's ids truncated to ``max_length``, as the tokenizer gives them for the
+        whole text; the characters it reads per item are bounded by the window.
+
+        The exception: a pair whose texts are both cut and both longer than the window. The
+        tokenizer then gives each text half the window, and an odd window's last position to
+        the longer text, which only the whole texts tell; here it goes to the longer cut.
+        """
+        bound = [max_length * MAX_CHARS_PER_TOKEN] * len(items)
+        out: list[Encoded | None] = [None] * len(items)
+        todo = list(range(len(items)))
+        while todo:
+            for is_pair in (False, True):  # the fast tokenizer cannot mix pairs and singles
+                idx = [i for i in todo if (items[i][1] is not None) == is_pair]
+                if not idx:
+                    continue
+                texts = [items[i][0][: bound[i]] for i in idx]
+                pairs = [(items[i][1] or "")[: bound[i]] for i in idx] if is_pair else None
+                enc = encode_batch(self._tokenizer(), texts, pairs, max_length)
+                for k, i in enumerate(idx):
+                    ids = enc["input_ids"][k]
+                    out[i] = Encoded(ids, enc["token_type_ids"][k], max_length)
+            todo = [i for i in todo if self._cut_short(items[i], bound[i], out[i], max_length)]
+            for i in todo:
+                bound[i] *= 2
+        return [e for e in out if e is not None]
+
+    @staticmethod
+    def _cut_short(item: Item, bound: int, enc: Encoded | None, max_length: int) -> bool:
+        """A text was cut, yet the window is not full: the cut may have dropped tokens."""
+        assert enc is not None
+        cut = len(item[0]) > bound or len(item[1] or "") > bound
+        return cut and len(enc.input_ids) < max_length
 
 
 class Tokenized:
-    """Token tensors of a batch's rows, addressable by row index."""
+    """Token ids of a batch's rows, padded into tensors for any subset of them."""
 
-    def __init__(self, base: FrozenBase, device: torch.device) -> None:
-        self._base = base
+    def __init__(self, pad_token_id: int, device: torch.device) -> None:
+        self._pad = pad_token_id
         self._device = device
-        self._groups: list[_Group] = []
-        self._where: dict[int, tuple[int, int]] = {}  # row → (group, position in group)
-        self._members: list[list[int]] = []
+        self._rows: dict[int, Encoded] = {}
 
-    def add_group(
-        self, rows: Sequence[int], texts: list[str], pairs: list[str] | None, max_length: int
-    ) -> None:
-        """Tokenize one group (truncated to ``max_length``, padded to its longest row)."""
-        enc = self._base.tokenize(texts, pairs, max_length=max_length)
-        lengths = enc["attention_mask"].sum(1).tolist()
-        gid = len(self._groups)
-        self._groups.append(_Group(enc, lengths))
-        self._members.append(list(rows))
-        for pos, row in enumerate(rows):
-            self._where[row] = (gid, pos)
+    def add(self, rows: Sequence[int], encoded: Sequence[Encoded]) -> None:
+        for row, enc in zip(rows, encoded, strict=True):
+            self._rows[row] = enc
 
     def batch(self, rows: Sequence[int]) -> dict[str, Tensor]:
         """Tensors for ``rows`` in this order, padded to their longest row, on the device."""
-        where = [self._where[r] for r in rows]
-        gids = {g for g, _ in where}
-        if len(gids) == 1:
-            gid = next(iter(gids))
-            if list(rows) == self._members[gid]:  # the common case: no copy at all
-                return self._to_device(self._groups[gid].tensors)
-        width = max(self._groups[g].lengths[p] for g, p in where)
-        pad = self._base.config.pad_token_id
+        encs = [self._rows[r] for r in rows]
+        width = max(len(e.input_ids) for e in encs)
+        ids = [e.input_ids + [self._pad] * (width - len(e.input_ids)) for e in encs]
+        types = [e.token_type_ids + [0] * (width - len(e.token_type_ids)) for e in encs]
+        mask = [[1] * len(e.input_ids) + [0] * (width - len(e.input_ids)) for e in encs]
         out = {
-            "input_ids": torch.full((len(rows), width), pad, dtype=torch.long),
-            "attention_mask": torch.zeros(len(rows), width, dtype=torch.long),
-            "token_type_ids": torch.zeros(len(rows), width, dtype=torch.long),
+            "input_ids": torch.tensor(ids, dtype=torch.long),
+            "attention_mask": torch.tensor(mask, dtype=torch.long),
+            "token_type_ids": torch.tensor(types, dtype=torch.long),
         }
-        for gid in gids:
-            dst = [i for i, (g, _) in enumerate(where) if g == gid]
-            src = torch.tensor([where[i][1] for i in dst])
-            dst_t = torch.tensor(dst)
-            group = self._groups[gid].tensors
-            w = min(width, group["input_ids"].shape[1])
-            for name in _FIELDS:
-                out[name][dst_t, :w] = group[name].index_select(0, src)[:, :w]
-        return self._to_device(out)
-
-    def _to_device(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-        return {k: tensors[k].to(self._device, non_blocking=True) for k in _FIELDS}
+        return {k: v.to(self._device, non_blocking=True) for k, v in out.items()}

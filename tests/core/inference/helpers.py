@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
+import pytest
 import torch
 from torch import Tensor
 
 from core.adapter import Adapter
 from core.base import FrozenBase
 from core.heads import Head, HeadConfig
+from core.inference import tokens as tokens_module
 from core.methods import build_method, parse_method_config
 from core.model import AdaptedModel
 
@@ -82,3 +85,16 @@ def output(result: Any) -> Tensor:
     if result.task == "reward":
         return torch.tensor([result.reward])
     return torch.tensor(result.logits)
+
+
+def spy_tokenizer(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
+    """Record (thread name, longest string handed over) of every tokenizer call from now on."""
+    calls: list[tuple[str, int]] = []
+    real = tokens_module.encode_batch
+
+    def spy(tokenizer: Any, texts: list[str], pairs: list[str] | None, max_length: int) -> Any:
+        calls.append((threading.current_thread().name, max(map(len, [*texts, *(pairs or [])]))))
+        return real(tokenizer, texts, pairs, max_length)
+
+    monkeypatch.setattr(tokens_module, "encode_batch", spy)
+    return calls
