@@ -38,7 +38,7 @@ if TYPE_CHECKING:  # the serving types import torch; the state only names them
     from service.serving.batcher import Batcher
     from service.serving.invalidation import InvalidationListener
     from service.serving.lookups import LookupCache
-    from service.serving.run import LengthChecker
+    from service.serving.run import RequestTokenizer
 
 T = TypeVar("T")
 
@@ -74,7 +74,7 @@ class AppState:
     # The serving hook (service.serving.lifespan): the encoder, the input-length check and the
     # batcher that owns the inference engine. Test hooks may set the base model alone.
     base_model: FrozenBase | None = None
-    length_checker: LengthChecker | None = None
+    request_tokenizer: RequestTokenizer | None = None
     batcher: Batcher | None = None
     # The invalidation hook: listens for other replicas' adapter changes (PostgreSQL only).
     invalidation_listener: InvalidationListener | None = None
@@ -86,8 +86,8 @@ class AppState:
     def require_base_model(self) -> FrozenBase:
         return _started(self.base_model)
 
-    def require_length_checker(self) -> LengthChecker:
-        return _started(self.length_checker)
+    def require_request_tokenizer(self) -> RequestTokenizer:
+        return _started(self.request_tokenizer)
 
     def require_batcher(self) -> Batcher:
         return _started(self.batcher)

@@ -4,7 +4,8 @@ Requests for any mix of adapters and modes wait in one bounded queue. The batche
 engine's only owner, takes the oldest request, adds whatever else is queued until the batch
 holds ``max_batch_size`` rows or the oldest request has waited ``max_wait_ms`` (not at all if
 it arrived alone: no other request in the ``max_wait_ms`` before it), and plans the batch: its
-adapters made resident and pinned, its rows tokenized (:meth:`InferenceEngine.plan`). The
+adapters made resident and pinned (:meth:`InferenceEngine.plan`); rows arrive tokenized by
+their request's thread (:class:`service.serving.run.RequestTokenizer`), never here. The
 forward pass (one base forward for all LoRA rows) runs on the batcher thread itself with one
 worker, or on one of ``workers`` compute threads; each request gets its own rows' results.
 The event loop never tokenizes or computes; it only awaits a future.

@@ -13,7 +13,7 @@ from service.config import Settings
 from service.observability.metrics import EngineCollector
 from service.serving.batcher import Batcher
 from service.serving.queries import DatabaseLoader
-from service.serving.run import LengthChecker
+from service.serving.run import RequestTokenizer
 from service.state import AppState
 
 logger = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ async def serving(state: AppState) -> AsyncIterator[None]:
     metrics.add_collector(EngineCollector(lambda: engine.stats))
     metrics.watch_queue(lambda: batcher.queued_rows)
     state.base_model = base
-    state.length_checker = LengthChecker(base)
+    state.request_tokenizer = RequestTokenizer(base, settings.max_request_chars)
     state.batcher = batcher
     batcher.start()
     logger.info(

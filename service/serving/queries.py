@@ -37,6 +37,7 @@ class AdapterRef:
     method: str
     label_names: tuple[str, ...]
     text_pair: bool
+    reserved: int  # positions the method takes from the base's window (prompt tuning)
 
 
 _REF_COLUMNS = (
@@ -60,7 +61,16 @@ def _ref(tenant_id: str, name: str, row: Row[Any]) -> AdapterRef | None:
         method=row.method,
         label_names=tuple(row.label_names or ()),
         text_pair=bool(head.get("text_pair", False)),
+        reserved=_reserved_positions(row.config),
     )
+
+
+def _reserved_positions(config: dict[str, Any]) -> int:
+    """Read by core's own method config, as loading the adapter will (``Adapter``)."""
+    from core.methods import parse_method_config
+
+    method = dict(config["method"])
+    return parse_method_config(method.pop("type"), method).reserved_positions
 
 
 # The request path's two queries are built once, with bound parameters: building and

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import threading
-from copy import deepcopy
 from typing import TYPE_CHECKING, Any
 
 from service.errors import ErrorKind, ServiceError, invalid, not_found, unavailable
 from service.serving.batcher import Batcher, QueueFullError
 from service.serving.policy import RequestMode
-from service.serving.queries import AdapterGone
+from service.serving.queries import AdapterGone, AdapterRef
 
 if TYPE_CHECKING:
     from core.base import FrozenBase
@@ -18,30 +16,57 @@ if TYPE_CHECKING:
 RETRY_AFTER_S = 1
 
 
-class LengthChecker:
-    """Counts tokens for ``truncate=false`` requests without touching the engine's tokenizer.
+class RequestTokenizer:
+    """Turns a request's inputs into engine rows with their token ids, in the request's thread.
 
-    Hugging Face fast tokenizers are not safe to call from two threads at once, and the
-    inference thread owns the engine's; this copy serves the request threads, one at a time.
+    The batcher's owner thread then never tokenizes (docs/architecture.md invariant 3), so a
+    request's texts cost its own thread, not every tenant's batch. What one request may cost
+    is bounded twice: ``max_request_chars`` over all its texts, and the window per text
+    (:class:`core.inference.RowEncoder` reads no more than the window needs).
     """
 
-    def __init__(self, base: FrozenBase) -> None:
-        self._tokenizer = deepcopy(base.tokenizer)
-        self._lock = threading.Lock()
-        self.max_length = base.max_length
+    def __init__(self, base: FrozenBase, max_request_chars: int) -> None:
+        from core.inference import RowEncoder
 
-    def check(self, items: list[tuple[str, str | None]], reserved: int, param: str) -> None:
-        limit = self.max_length - reserved
-        with self._lock:
-            for i, (text, pair) in enumerate(items):
-                n = len(self._tokenizer(text, pair, truncation=False)["input_ids"])  # type: ignore[operator]
-                if n > limit:
-                    raise invalid(
-                        f"input {i} is {n} tokens long; the model takes at most {limit} "
-                        "(send truncate=true to cut it)",
-                        f"{param}.{i}",
-                        "input_too_long",
-                    )
+        self._encoder = RowEncoder(base)
+        self.max_length = base.max_length
+        self.max_request_chars = max_request_chars
+
+    def rows(
+        self, ref: AdapterRef, items: list[tuple[str, str | None]], truncate: bool, param: str
+    ) -> list[Row]:
+        """Rows for ``items``; 413 past ``max_request_chars``, and with ``truncate=False`` a
+        422 for the first input longer than the adapter's window."""
+        from core.inference import Row
+
+        chars = sum(len(text) + len(pair or "") for text, pair in items)
+        if chars > self.max_request_chars:
+            raise ServiceError(
+                f"the {param} hold {chars} characters in all; one request takes at most "
+                f"{self.max_request_chars} (LORAPLEX_MAX_REQUEST_CHARS): split it",
+                code="request_too_large",
+                param=param,
+                kind=ErrorKind.TOO_LARGE,
+            )
+        window = self.max_length - ref.reserved
+        if not truncate:
+            self._check(items, window, param)
+        encoded = self._encoder.encode(items, window)
+        return [
+            Row(ref.key, text, pair, encoded=enc)
+            for (text, pair), enc in zip(items, encoded, strict=True)
+        ]
+
+    def _check(self, items: list[tuple[str, str | None]], window: int, param: str) -> None:
+        for i, (text, pair) in enumerate(items):
+            n = self._encoder.count(text, pair)
+            if n > window:
+                raise invalid(
+                    f"input {i} is {n} tokens long; the model takes at most {window} "
+                    "(send truncate=true to cut it)",
+                    f"{param}.{i}",
+                    "input_too_long",
+                )
 
 
 async def run_rows(batcher: Batcher, rows: list[Row], mode: RequestMode) -> list[RowResult]:

@@ -57,15 +57,13 @@ async def predict(
     """Runs the texts through the base model with the adapter named in `adapter`: labels
     with probabilities for a classifier, a reward per text for a reward model. Requests for
     different adapters are batched together and share one forward pass of the base model."""
-    from core.inference import Row
-
     if ref is None:
         raise not_found("adapter", adapter, "adapter")
     items = _items(body)
     state = app_state(request)
-    if not body.truncate:
-        await run_in_threadpool(state.require_length_checker().check, items, 0, "inputs")
-    rows = [Row(ref.key, text, pair) for text, pair in items]
+    rows = await run_in_threadpool(
+        state.require_request_tokenizer().rows, ref, items, body.truncate, "inputs"
+    )
     results = await run_rows(state.require_batcher(), rows, mode)
     if ref.task == "reward":
         predictions = [Prediction(reward=r.reward) for r in results]

@@ -56,8 +56,6 @@ async def compare(
 ) -> CompareResponse | CompareBatchResponse:
     """Scores both responses with the reward adapter named in `adapter` (with the prompt as
     the first text of a pair, as in training) and says which one it prefers and how surely."""
-    from core.inference import Row
-
     if ref is None:
         raise not_found("adapter", adapter, "adapter")
     if ref.task != "reward":
@@ -72,9 +70,9 @@ async def compare(
         for response in (p.response_a, p.response_b):
             items.append((p.prompt, response) if p.prompt else (response, None))
     state = app_state(request)
-    if not body.truncate:
-        await run_in_threadpool(state.require_length_checker().check, items, 0, "pairs")
-    rows = [Row(ref.key, text, pair) for text, pair in items]
+    rows = await run_in_threadpool(
+        state.require_request_tokenizer().rows, ref, items, body.truncate, "pairs"
+    )
     results = await run_rows(state.require_batcher(), rows, "auto")
     rewards = [float(r.reward) for r in results]  # type: ignore[arg-type]
     out = [_result(rewards[2 * i], rewards[2 * i + 1]) for i in range(len(pairs))]

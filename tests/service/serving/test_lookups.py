@@ -87,7 +87,7 @@ def test_a_deleted_adapter_is_404_at_once_after_remembered_requests(
     assert_error(_predict(serving_client, headers, "s"), 404, code="adapter_not_found")
 
 
-REF = AdapterRef("ad-1", ("t1", "s", 1), "classification", "lora", ("a", "b"), False)
+REF = AdapterRef("ad-1", ("t1", "s", 1), "classification", "lora", ("a", "b"), False, 0)
 
 
 def test_an_answer_read_before_a_drop_is_not_stored() -> None:
