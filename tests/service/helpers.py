@@ -135,7 +135,7 @@ def job_body(training_file: str, **extra: Any) -> dict[str, Any]:
 
 
 def adapter_row(tenant_id: str, name: str, **extra: Any) -> Any:
-    """An unsaved AdapterRow row with plausible metadata and fake weights.
+    """An unsaved AdapterRow with plausible metadata and fake weights.
 
     Pass ``version=None`` (and ``name=""``) to let ``finish_success`` fill them in.
     """
