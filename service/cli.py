@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
@@ -32,6 +33,10 @@ from service.preflight import (
     check_writable_dir,
     database_variable,
 )
+
+if TYPE_CHECKING:
+    import uvicorn
+    from starlette.types import ASGIApp
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +72,20 @@ def _setup_logging(level: str) -> None:
     )
 
 
+def uvicorn_config(app: ASGIApp, settings: Settings) -> uvicorn.Config:
+    """How ``serve`` runs ``app``: uvicorn's logging, with credentials kept out of its
+    access log."""
+    import uvicorn
+
+    from service.observability.logs import redact_access_log
+
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level=settings.log_level.lower()
+    )
+    redact_access_log()  # after Config: it (re)configures uvicorn's loggers
+    return config
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -88,10 +107,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise
     # One process: the serving model, batcher and embedded worker live in this process, so
     # uvicorn workers > 1 would load everything N times.
-    config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_level=settings.log_level.lower()
-    )
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(uvicorn_config(app, settings))
     # Long-lived responses (job event streams) watch server.should_exit and end themselves:
     # uvicorn waits for open responses before it shuts the app (and its worker) down.
     app_state(app).uvicorn_server = server
