@@ -7,15 +7,17 @@ the whole text truncated to the window (one exception, see :meth:`RowEncoder.enc
 
 Who tokenizes. A :class:`RowEncoder` may be called from many threads at once: Hugging Face fast
 tokenizers are not (each call sets the truncation state of the shared Rust object), so every
-thread tokenizes on its own copy. The service tokenizes in each request's thread and hands the
-engine :class:`Encoded` rows, so the engine's owner thread never tokenizes
-(docs/architecture.md invariant 3); rows given as bare text are encoded in ``plan``.
+call tokenizes on a copy no other thread holds meanwhile. The service tokenizes in each
+request's thread and hands the engine :class:`Encoded` rows, so the engine's owner thread never
+tokenizes (docs/architecture.md invariant 3); rows given as bare text are encoded in ``plan``.
 """
 
 from __future__ import annotations
 
+import queue
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from copy import deepcopy
 from typing import Any
 
@@ -42,21 +44,38 @@ def encode_batch(tokenizer: Any, texts: list[str], pairs: list[str] | None, max_
 
 
 class RowEncoder:
-    """Token ids of rows, on any thread (each thread on its own copy of the base's tokenizer)."""
+    """Token ids of rows, on any thread: each call borrows a tokenizer copy no other thread uses.
 
-    def __init__(self, base: FrozenBase) -> None:
+    Copies are made when first needed, at most ``copies`` (each ~6 MiB and ~25 ms to make for
+    MiniLM); past that a caller waits for one. A few are enough: one batch call already spreads
+    over every core inside the tokenizer.
+    """
+
+    def __init__(self, base: FrozenBase, copies: int = 4) -> None:
         self._base = base
-        self._local = threading.local()
+        self._copies = copies
+        self._made = 0
+        self._lock = threading.Lock()
+        self._free: queue.LifoQueue[Any] = queue.LifoQueue()
 
-    def _tokenizer(self) -> Any:
-        tokenizer = getattr(self._local, "tokenizer", None)
-        if tokenizer is None:
-            tokenizer = self._local.tokenizer = deepcopy(self._base.tokenizer)
-        return tokenizer
+    @contextmanager
+    def _tokenizer(self) -> Iterator[Any]:
+        try:
+            tokenizer = self._free.get_nowait()
+        except queue.Empty:
+            with self._lock:
+                make = self._made < self._copies
+                self._made += make
+            tokenizer = deepcopy(self._base.tokenizer) if make else self._free.get()
+        try:
+            yield tokenizer
+        finally:
+            self._free.put(tokenizer)
 
     def count(self, text: str, pair: str | None) -> int:
         """Tokens of the whole input, special tokens included (nothing is cut)."""
-        return len(self._tokenizer()(text, pair, truncation=False)["input_ids"])
+        with self._tokenizer() as tokenizer:
+            return len(tokenizer(text, pair, truncation=False)["input_ids"])
 
     def encode(self, items: Sequence[Item], max_length: int) -> list[Encoded]:
         """Each item's ids truncated to ``max_length``, as the tokenizer gives them for the
@@ -76,7 +95,8 @@ class RowEncoder:
                     continue
                 texts = [items[i][0][: bound[i]] for i in idx]
                 pairs = [(items[i][1] or "")[: bound[i]] for i in idx] if is_pair else None
-                enc = encode_batch(self._tokenizer(), texts, pairs, max_length)
+                with self._tokenizer() as tokenizer:
+                    enc = encode_batch(tokenizer, texts, pairs, max_length)
                 for k, i in enumerate(idx):
                     ids = enc["input_ids"][k]
                     out[i] = Encoded(ids, enc["token_type_ids"][k], max_length)

@@ -109,7 +109,7 @@ def test_a_row_encoded_for_another_window_is_refused(real_base: FrozenBase) -> N
 
 
 def test_threads_encode_side_by_side(real_base: FrozenBase) -> None:
-    """Each thread tokenizes on its own copy: windows set per call never leak across threads."""
+    """Each call holds its tokenizer copy alone: windows set per call never leak across threads."""
     encoder = RowEncoder(real_base)
     errors: list[str] = []
 
