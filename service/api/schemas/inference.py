@@ -10,7 +10,7 @@ from service.serving.policy import RequestMode
 
 MAX_INPUTS = 256
 MAX_PAIRS = 128
-MAX_TEXT_CHARS = 100_000  # far beyond any model's window; the tokenizer truncates the rest
+MAX_TEXT_CHARS = 100_000  # far beyond any window; only what the window needs is tokenized
 
 Text = Annotated[str, StringConstraints(min_length=1, max_length=MAX_TEXT_CHARS)]
 OptionalText = Annotated[str, StringConstraints(max_length=MAX_TEXT_CHARS)]
