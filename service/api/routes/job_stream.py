@@ -8,7 +8,10 @@ The stream sends, in order:
   writes it; its SSE ``id`` is the event's id, so a reconnecting client that sends
   ``Last-Event-ID`` (or ``?after=``) gets only what it has not seen;
 - ``event: done`` with ``{"status": ...}`` once the job is finished (succeeded, failed or
-  cancelled) and every event before that has been sent; then the stream ends.
+  cancelled) and every event before that has been sent; then the stream ends;
+- ``event: error`` with the standard error body (``revoked_api_key``) if the key that opened
+  the stream is revoked meanwhile (checked on every poll); then the stream ends, and the
+  client's reconnect is refused like any request with that key.
 
 The server polls the database every :data:`POLL_INTERVAL_S` (in a thread, with a short-lived
 session each time) and sends a comment line every :data:`KEEPALIVE_S` so idle proxies keep the
@@ -35,10 +38,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
-from service.api.deps import CurrentTenant, SessionDep, SessionFactoryDep
+from service.api.deps import CurrentTenant, PrincipalDep, SessionDep, SessionFactoryDep
+from service.api.errors import AUTHENTICATION, error_body
 from service.api.params import JobId
 from service.api.schemas.jobs import JobEventObject, JobObject, parse_event_id
-from service.db.models import Job, JobEvent, JobStatus
+from service.db.models import ApiKey, Job, JobEvent, JobStatus
 from service.errors import invalid, not_found
 from service.state import app_state
 
@@ -52,21 +56,32 @@ RETRY_MS = 2000
 BATCH = 500
 
 TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
+# What a request with a revoked key is answered (as a 401), sent as the stream's last event.
+_REVOKED = error_body("This API key has been revoked.", AUTHENTICATION, None, "revoked_api_key")
 
 
 class _Snapshot(BaseModel):
     job: JobObject | None
     events: list[JobEventObject]
     last_id: int
+    key_revoked: bool = False
 
 
-def _poll(factory: sessionmaker[Session], job_id: str, after_id: int) -> _Snapshot:
-    """The job, then its events after ``after_id``, in one short transaction.
+def _poll(
+    factory: sessionmaker[Session], job_id: str, after_id: int, key_id: str | None
+) -> _Snapshot:
+    """The job, then its events after ``after_id``, in one short transaction; first whether
+    the stream's key (``key_id``; None where no key was looked up) still stands.
 
     The job is read first: once it shows a final status, the events read after it include
     every event committed before (or with) that status.
     """
     with factory() as session:
+        if key_id is not None:
+            # By primary key: cheap enough for every poll. A deleted tenant takes its keys.
+            key = session.get(ApiKey, key_id)
+            if key is None or key.revoked_at is not None:
+                return _Snapshot(job=None, events=[], last_id=after_id, key_revoked=True)
         job = session.get(Job, job_id)
         if job is None:  # deleted meanwhile
             return _Snapshot(job=None, events=[], last_id=after_id)
@@ -98,13 +113,20 @@ def _server_exiting(request: Request) -> bool:
 
 
 async def _stream(
-    request: Request, factory: sessionmaker[Session], job_id: str, after_id: int
+    request: Request,
+    factory: sessionmaker[Session],
+    job_id: str,
+    after_id: int,
+    key_id: str | None,
 ) -> AsyncIterator[str]:
     yield f"retry: {RETRY_MS}\n\n"
     started = last_sent = time.monotonic()
     last_job: dict[str, Any] | None = None
     while True:
-        snap = await run_in_threadpool(_poll, factory, job_id, after_id)
+        snap = await run_in_threadpool(_poll, factory, job_id, after_id, key_id)
+        if snap.key_revoked:
+            yield _sse("error", _REVOKED)
+            return
         if snap.job is None:
             yield _sse("done", {"status": "deleted"})
             return
@@ -155,6 +177,7 @@ def stream_fine_tuning_events(
     session: SessionDep,
     factory: SessionFactoryDep,
     tenant: CurrentTenant,
+    principal: PrincipalDep,
     after: Annotated[
         str | None, Query(max_length=128, description="Resume after this event id.")
     ] = None,
@@ -183,7 +206,7 @@ def stream_fine_tuning_events(
             raise invalid(f"Unknown cursor '{cursor}'.", param, "invalid_cursor")
         after_id = parsed
     return StreamingResponse(
-        _stream(request, factory, job_id, after_id),
+        _stream(request, factory, job_id, after_id, principal.key_id),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )

@@ -213,6 +213,30 @@ def test_stream_ends_when_the_server_shuts_down(client: TestClient, auth: Header
     assert "done" not in [m.get("event") for m in msgs]
 
 
+def test_stream_ends_when_its_key_is_revoked_and_does_not_reopen(
+    client: TestClient, admin: Headers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It used to go on sending events, key revoked or not, for its whole lifetime."""
+    monkeypatch.setattr(job_stream, "MAX_STREAM_S", 10.0)
+    created = client.post("/v1/tenants", json={"name": "leaver"}, headers=admin).json()
+    key = created["api_key"]
+    headers = {"Authorization": f"Bearer {key['key']}"}
+    job_id = _job(client, headers)  # stays queued: no worker here
+    revoke = f"/v1/tenants/{created['id']}/keys/{key['id']}"
+    timer = threading.Timer(0.3, lambda: client.delete(revoke, headers=admin))
+    timer.start()
+    msgs = parse_sse(client.get(f"{JOBS}/{job_id}/events/stream", headers=headers).text)
+    timer.join()
+    assert msgs[1]["event"] == "job"
+    assert msgs[-1]["event"] == "error"
+    assert msgs[-1]["data"]["error"]["code"] == "revoked_api_key"
+    assert "done" not in [m.get("event") for m in msgs]
+    reconnect = client.get(
+        f"{JOBS}/{job_id}/events/stream", headers={**headers, "Last-Event-ID": "ftevent-1"}
+    )
+    assert_error(reconnect, 401, code="revoked_api_key")
+
+
 def test_stream_needs_a_key_and_hides_other_tenants_jobs(
     client: TestClient, auth: Headers, other_auth: Headers
 ) -> None:
