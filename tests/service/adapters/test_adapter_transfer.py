@@ -363,6 +363,20 @@ def test_non_finite_weights_are_refused_naming_the_tensor(
     assert "NaN or infinite" in error["message"]
 
 
+def test_a_loraplex_export_with_a_nan_is_refused_naming_the_tensor(
+    client: TestClient, auth: Headers, db: sessionmaker[Session], tiny_base: FrozenBase
+) -> None:
+    store_core_adapter(db, tiny_base, "src", "adapter")
+    files = unzip(client.get("/v1/adapters/src/export?format=loraplex", headers=auth).content)
+    tensors = dict(st_load(files["loraplex_adapter.safetensors"]))
+    key = sorted(k for k in tensors if k.startswith("head."))[0]
+    tensors[key] = torch.full_like(tensors[key], float("nan"))
+    files["loraplex_adapter.safetensors"] = st_save(tensors)
+    resp = upload(client, auth, zip_bytes(files), name="dst")
+    error = assert_error(resp, 422, param="file", code="invalid_adapter")
+    assert "NaN or infinite" in error["message"] and key.removeprefix("head.") in error["message"]
+
+
 @pytest.mark.parametrize(
     ("changes", "says"),
     [
