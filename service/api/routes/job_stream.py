@@ -191,7 +191,8 @@ def stream_fine_tuning_events(
 ) -> StreamingResponse:
     """A job's events as server-sent events, as they are written: `job` (the job object,
     again on every change), `event` (each event, oldest first) and, once the job is finished,
-    `done`. Reconnect with `Last-Event-ID` (or `after`) to get only what was missed."""
+    `done`; `error` (revoked_api_key) ends it if its key is revoked meanwhile. Reconnect with
+    `Last-Event-ID` (or `after`) to get only what was missed."""
     owned = session.scalar(select(Job.id).where(Job.id == job_id, Job.tenant_id == tenant.id))
     # The request's session would otherwise stay open (and hold a connection) as long as
     # the stream; each poll opens its own.
