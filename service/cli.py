@@ -1,4 +1,4 @@
-"""``loraplex`` command: serve | migrate | worker | admin create-key.
+"""``loraplex`` command: serve | migrate | worker | admin create-key | admin vacuum.
 
 Settings come from ``LORAPLEX_*`` variables; flags override the few that matter per command.
 A start that cannot work (a bad setting, an unwritable data dir, a missing model, a port in
@@ -175,6 +175,26 @@ def cmd_create_key(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_vacuum(args: argparse.Namespace) -> int:
+    from service.db.session import make_db_engine, sqlite_file, vacuum
+    from service.storage_quota import format_bytes
+
+    settings = _settings(database_url=("--url", args.url))
+    check_database(settings.db_url, "--url" if args.url else database_variable(settings))
+    db_engine = make_db_engine(settings.db_url)
+    path = sqlite_file(db_engine.url)
+    before = path.stat().st_size if path is not None else 0
+    try:
+        vacuum(db_engine)
+    finally:
+        db_engine.dispose()
+    if path is not None:
+        print(f"{path}: {format_bytes(before)} -> {format_bytes(path.stat().st_size)}")
+    else:
+        print("vacuumed")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loraplex", description=__doc__)
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
@@ -207,6 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
     create_key.add_argument("--name", help="a label for the key")
     create_key.add_argument("--url", help="database URL (LORAPLEX_DATABASE_URL)")
     create_key.set_defaults(func=cmd_create_key)
+    vacuum = admin_sub.add_parser(
+        "vacuum", help="give the space of deleted data back to the file system (one-off)"
+    )
+    vacuum.add_argument("--url", help="database URL (LORAPLEX_DATABASE_URL)")
+    vacuum.set_defaults(func=cmd_vacuum)
     return parser
 
 

@@ -13,6 +13,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, undefer
 
 from service.db.models import AdapterRow, Tenant
+from service.db.session import reclaim_free_pages
 
 # Told (tenant id, adapter name) after a delete commits: what serving holds of it must go.
 ForgetAdapter = Callable[[str, str], None]
@@ -53,5 +54,6 @@ def delete_adapter_row(
     tenant_id, name = row.tenant_id, row.name
     session.delete(row)
     session.commit()
+    reclaim_free_pages(session)
     for drop in forget:
         drop(tenant_id, name)

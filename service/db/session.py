@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+import sqlite3
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
+
+logger = logging.getLogger(__name__)
 
 
 def sqlite_file(url: URL) -> Path | None:
@@ -68,6 +72,10 @@ def _configure_sqlite(db_engine: Engine, *, busy_timeout_ms: int, wal: bool) -> 
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         cursor = dbapi_connection.cursor()
         try:
+            # Deletes give their pages back (at `reclaim_free_pages`). Takes effect on a new
+            # database or at the next VACUUM (`loraplex admin vacuum`), a no-op otherwise;
+            # set before journal_mode, whose switch to WAL fixes a new file's mode.
+            cursor.execute("PRAGMA auto_vacuum=INCREMENTAL")
             if wal:
                 # WAL: readers never block the writer, the API stays responsive while a
                 # worker writes checkpoints.
@@ -78,6 +86,44 @@ def _configure_sqlite(db_engine: Engine, *, busy_timeout_ms: int, wal: bool) -> 
             cursor.execute("PRAGMA foreign_keys=ON")
         finally:
             cursor.close()
+
+
+def reclaim_free_pages(session: Session) -> None:
+    """On SQLite, shrink the file by the pages a delete just freed (after the commit).
+
+    A database whose ``auto_vacuum`` is not INCREMENTAL (created before it was set, until
+    ``loraplex admin vacuum``) keeps its free pages for reuse; PostgreSQL's autovacuum does
+    this job there.
+    """
+    bind = session.get_bind()
+    if bind.dialect.name != "sqlite":
+        return
+    with bind.engine.connect() as conn:
+        driver = conn.connection.driver_connection
+        assert driver is not None
+        try:
+            # executescript steps the pragma to the end; pysqlite's execute steps it once,
+            # which frees a single page.
+            driver.executescript("PRAGMA incremental_vacuum")
+        except sqlite3.OperationalError as exc:
+            # The delete is committed: a write lock held past busy_timeout must not turn it
+            # into an error. The pages stay free for reuse and go at the next reclaim.
+            logger.warning("incremental_vacuum after a delete failed: %s", exc)
+
+
+def vacuum(db_engine: Engine) -> None:
+    """Rewrite the database without its free space: ``loraplex admin vacuum``.
+
+    On SQLite this also turns a database created before ``auto_vacuum`` was set into one
+    whose deletes give space back (the connect hook's pragma applies at the VACUUM). On
+    PostgreSQL it is a plain VACUUM (no table locks), which autovacuum also runs by itself.
+    """
+    # VACUUM cannot run inside a transaction, on either database.
+    with db_engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.exec_driver_sql("VACUUM")
+        if db_engine.dialect.name == "sqlite":
+            # Under WAL the rewritten pages sit in the -wal file until a checkpoint.
+            conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
 
 
 def make_sessionmaker(db_engine: Engine) -> sessionmaker[Session]:

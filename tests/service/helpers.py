@@ -203,6 +203,13 @@ def serve_base(base: Any) -> Any:
 # --- rows straight into the database (no app) ---------------------------------------------------
 
 
+def sqlite_db_bytes(db: sessionmaker[Session]) -> int:
+    """The SQLite database's size in pages, as bytes: what its file shrinks to at checkpoint."""
+    with db() as session:
+        pages = session.execute(text("PRAGMA page_count")).scalar_one()
+        return int(pages) * int(session.execute(text("PRAGMA page_size")).scalar_one())
+
+
 def add_tenant(db: sessionmaker[Session], name: str = "t") -> str:
     from service.db.models import Tenant
 

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import os
+
+import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.db.models import AdapterRow, Tenant
-from tests.service.helpers import Headers, adapter_row, assert_error
+from tests.service.helpers import (
+    Headers,
+    adapter_row,
+    assert_error,
+    sqlite_db_bytes,
+    tenant_id_by_name,
+)
 
 
 def _add(db: sessionmaker[Session], tenant: str, *names: str) -> None:
@@ -76,3 +85,16 @@ def test_adapters_are_tenant_isolated(
     # Deleting my adapter leaves their same-named one alone.
     client.delete("/v1/adapters/shared-name", headers=auth)
     assert client.get("/v1/adapters/shared-name", headers=other_auth).status_code == 200
+
+
+@pytest.mark.sqlite_only
+def test_deleting_an_adapter_shrinks_the_sqlite_file(
+    client: TestClient, auth: Headers, db: sessionmaker[Session]
+) -> None:
+    weights = os.urandom(4 << 20)  # the size of a large LoRA's safetensors
+    with db() as session:
+        session.add(adapter_row(tenant_id_by_name(db), "big", weights=weights))
+        session.commit()
+    grown = sqlite_db_bytes(db)
+    assert client.delete("/v1/adapters/big", headers=auth).status_code == 200
+    assert sqlite_db_bytes(db) < grown - len(weights) // 2
