@@ -116,6 +116,19 @@ class Settings(BaseSettings):
 
     # --- quotas --------------------------------------------------------------------------
     max_adapters_per_tenant: int = Field(default=1000, ge=1)
+    max_dataset_bytes_per_tenant: int = Field(
+        default=1 << 30,
+        ge=1,
+        description="Bytes one tenant's datasets may add up to (as uploaded); an upload past "
+        "it is refused with 429 (dataset_bytes_limit).",
+    )
+    max_adapter_bytes_per_tenant: int = Field(
+        default=2 << 30,
+        ge=1,
+        description="Bytes one tenant's adapter weights may add up to. Imports past it, and new "
+        "jobs once it is reached, are refused with 429 (adapter_bytes_limit); a running job "
+        "always keeps its adapter, so usage can pass the limit by one adapter.",
+    )
     max_concurrent_jobs_per_tenant: int = Field(default=4, ge=1)
     max_queued_jobs_per_tenant: int = Field(
         default=8,

@@ -15,7 +15,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.adapters.archive import ArchiveLimits, read_archive
-from service.adapters.quota import check_adapter_quota, name_taken
+from service.adapters.quota import check_adapter_bytes_quota, check_adapter_quota, name_taken
 from service.adapters.records import next_adapter_version
 from service.adapters.store import adapter_row_from
 from service.adapters.transfer import HeadSpec, import_files
@@ -35,19 +35,25 @@ def archive_limits(settings: Settings) -> ArchiveLimits:
     return ArchiveLimits(max_member_bytes=cap, max_total_bytes=cap)
 
 
-def _check_room(session: Session, tenant_id: str, name: str, settings: Settings) -> None:
+def _check_room(
+    session: Session, tenant_id: str, name: str, settings: Settings, incoming: int
+) -> None:
     reason = name_taken(session, tenant_id, name)
     if reason:
         raise conflict(reason, "name", "adapter_name_taken")
     check_adapter_quota(
         session, tenant_id, settings.max_adapters_per_tenant, job_count(session, tenant_id)
     )
+    check_adapter_bytes_quota(session, tenant_id, settings.max_adapter_bytes_per_tenant, incoming)
 
 
 def precheck(factory: sessionmaker[Session], tenant_id: str, name: str, settings: Settings) -> None:
-    """Fail fast on name and quota, before unzipping and building on the base."""
+    """Fail fast on name and quota, before unzipping and building on the base.
+
+    The weights' size is not known yet: :func:`insert` checks the byte quota with it.
+    """
     with factory() as session:
-        _check_room(session, tenant_id, name, settings)
+        _check_room(session, tenant_id, name, settings, incoming=0)
 
 
 def load(
@@ -64,7 +70,7 @@ def insert(
     """Store ``row`` as the tenant's newest adapter version; returned detached, refreshed."""
     with factory() as session:
         try:
-            _check_room(session, tenant_id, row.name, settings)
+            _check_room(session, tenant_id, row.name, settings, incoming=row.size_bytes)
             row.tenant_id = tenant_id
             row.version = next_adapter_version(session, tenant_id)
             session.add(row)

@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from service.db.models import ACTIVE_STATUSES, AdapterRow, Job
 from service.errors import quota_exceeded
+from service.storage_quota import check_bytes_quota
 
 
 def name_taken(session: Session, tenant_id: str, name: str) -> str | None:
@@ -47,3 +48,20 @@ def check_adapter_quota(
             f"{max_adapters} adapters); delete some adapters first.",
             "adapter_limit",
         )
+
+
+def check_adapter_bytes_quota(session: Session, tenant_id: str, limit: int, incoming: int) -> None:
+    """A quota error unless ``incoming`` more weight bytes fit under the tenant's ``limit``.
+
+    A job passes 0 (its adapter's size is known only once trained): it is refused once the
+    limit is reached, and its adapter is then stored whatever its size.
+    """
+    check_bytes_quota(
+        session,
+        AdapterRow.size_bytes,
+        tenant_id,
+        incoming=incoming,
+        limit=limit,
+        what="adapters",
+        code="adapter_bytes_limit",
+    )

@@ -16,7 +16,9 @@ from service import ids
 from service.datasets import codec
 from service.datasets.validation import ParsedDataset
 from service.db.models import ACTIVE_STATUSES, Dataset, Job
+from service.db.session import reclaim_free_pages
 from service.errors import conflict, not_found
+from service.storage_quota import check_bytes_quota
 
 
 def store_dataset(
@@ -25,8 +27,12 @@ def store_dataset(
     name: str | None,
     parsed: ParsedDataset,
     raw: bytes,
+    max_tenant_bytes: int,
 ) -> Dataset:
-    """Insert a validated dataset; ``raw`` is the upload as received (size and checksum)."""
+    """Insert a validated dataset; ``raw`` is the upload as received (size and checksum).
+
+    Refused (quota) where the tenant's datasets and ``raw`` together pass ``max_tenant_bytes``.
+    """
     dataset_id = ids.new_id(ids.DATASET)
     row = Dataset(
         id=dataset_id,
@@ -42,6 +48,15 @@ def store_dataset(
     )
     # One INSERT in one transaction: a dataset is stored whole or not at all.
     with factory() as session, session.begin():
+        check_bytes_quota(
+            session,
+            Dataset.bytes,
+            tenant_id,
+            incoming=len(raw),
+            limit=max_tenant_bytes,
+            what="datasets",
+            code="dataset_bytes_limit",
+        )
         session.add(row)
     return row
 
@@ -78,3 +93,4 @@ def delete_owned_dataset(session: Session, row: Dataset) -> None:
         )
     session.delete(row)
     session.commit()
+    reclaim_free_pages(session)

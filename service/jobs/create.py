@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from core.training.config import TrainingConfig, held_out_rows, parse_training_config
 from service import ids
-from service.adapters.quota import check_adapter_quota, name_taken
+from service.adapters.quota import check_adapter_bytes_quota, check_adapter_quota, name_taken
 from service.config import Settings
 from service.db.models import Dataset, Job, JobStatus, Tenant
 from service.errors import ErrorKind, ServiceError, conflict, invalid, not_found, quota_exceeded
@@ -178,6 +178,7 @@ def _check_quotas(session: Session, tenant_id: str, settings: Settings) -> None:
             "queued_jobs_limit",
         )
     check_adapter_quota(session, tenant_id, settings.max_adapters_per_tenant, active)
+    check_adapter_bytes_quota(session, tenant_id, settings.max_adapter_bytes_per_tenant, incoming=0)
 
 
 def create_job(session: Session, tenant: Tenant, body: JobRequest, settings: Settings) -> Job:

@@ -162,7 +162,9 @@ async def create_dataset(
         payload, raw = await _read_json(request)
         parsed = await run_in_threadpool(parse_records, payload.records, payload.kind, limits)
         name = payload.name
-    row = await run_in_threadpool(store_dataset, factory, tenant.id, name, parsed, raw)
+    row = await run_in_threadpool(
+        store_dataset, factory, tenant.id, name, parsed, raw, settings.max_dataset_bytes_per_tenant
+    )
     return DatasetObject.from_row(row)
 
 

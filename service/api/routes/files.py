@@ -104,7 +104,15 @@ async def create_file(
     limits = Limits(max_rows=settings.max_dataset_rows)
     kind = DatasetKind(kind_field) if kind_field else infer_kind(data, fmt)
     parsed = await run_in_threadpool(parse_file, data, kind, fmt, limits)
-    row = await run_in_threadpool(store_dataset, factory, tenant.id, filename, parsed, data)
+    row = await run_in_threadpool(
+        store_dataset,
+        factory,
+        tenant.id,
+        filename,
+        parsed,
+        data,
+        settings.max_dataset_bytes_per_tenant,
+    )
     return FileObject.from_row(row)
 
 

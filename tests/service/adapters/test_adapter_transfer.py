@@ -559,6 +559,21 @@ def test_adapter_quota_is_429(
     assert_error(resp, 429, code="adapter_limit", type="rate_limit_error")
 
 
+def test_adapter_byte_quota_is_429_at_import(
+    client: TestClient, auth: Headers, db: sessionmaker[Session], peft_files: dict[str, bytes]
+) -> None:
+    # Room left for the archive's upload, not for its weights: the check counts the weights.
+    app_state(client.app).settings.max_adapter_bytes_per_tenant = 100
+    with db() as session:
+        session.add(adapter_row(tenant_id_by_name(db), "one", size_bytes=64))
+        session.commit()
+    resp = upload(client, auth, zip_bytes(peft_files), task="reward")
+    error = assert_error(resp, 429, code="adapter_bytes_limit", type="rate_limit_error")
+    assert "adapters use 64 B of 100 B; this one adds" in error["message"]
+    with db() as session:
+        assert session.scalars(select(AdapterRow.name)).all() == ["one"]
+
+
 def test_import_and_export_are_tenant_scoped(
     client: TestClient,
     auth: Headers,

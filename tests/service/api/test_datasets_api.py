@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
+import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.datasets import codec
 from service.db.models import Dataset
 from service.state import app_state
+from service.storage_quota import format_bytes
 from tests.service.helpers import (
     CLASSIFICATION_ROWS,
     Headers,
@@ -16,6 +20,7 @@ from tests.service.helpers import (
     create_dataset,
     job_body,
     jsonl,
+    sqlite_db_bytes,
     upload,
 )
 
@@ -130,6 +135,42 @@ def test_row_limit_from_settings(client: TestClient, auth: Headers) -> None:
 def test_rejected_upload_stores_nothing(client: TestClient, auth: Headers) -> None:
     upload(client, auth, jsonl(CLASSIFICATION_ROWS) + b"{not json}\n")
     assert client.get("/v1/datasets", headers=auth).json()["data"] == []
+
+
+def test_dataset_byte_quota_is_429_with_the_usage(
+    client: TestClient, auth: Headers, other_auth: Headers
+) -> None:
+    data = jsonl(CLASSIFICATION_ROWS)
+    app_state(client.app).settings.max_dataset_bytes_per_tenant = 2 * len(data)
+    first = create_dataset(client, auth)
+    create_dataset(client, auth)  # exactly at the limit: accepted
+    resp = upload(client, auth, data)
+    error = assert_error(resp, 429, code="dataset_bytes_limit", type="rate_limit_error")
+    assert resp.headers["x-should-retry"] == "false"
+    used = format_bytes(2 * len(data))
+    assert f"use {used} of {used}; this one adds {format_bytes(len(data))}" in error["message"]
+    assert len(client.get("/v1/datasets", headers=auth).json()["data"]) == 2
+    # Per tenant: another tenant's uploads are not counted.
+    assert upload(client, other_auth, data).status_code == 200
+    # A delete gives the bytes back.
+    assert client.delete(f"/v1/datasets/{first}", headers=auth).status_code == 200
+    assert upload(client, auth, data).status_code == 200
+
+
+@pytest.mark.sqlite_only
+def test_deleting_a_dataset_shrinks_the_sqlite_file(
+    client: TestClient, auth: Headers, db: sessionmaker[Session]
+) -> None:
+    dataset_id = create_dataset(client, auth)
+    blob = os.urandom(4 << 20)  # incompressible, like a large upload's gzip'd rows
+    with db() as session:
+        session.get(Dataset, dataset_id).rows = blob  # type: ignore[union-attr]
+        session.commit()
+    with db() as session:
+        assert session.execute(text("PRAGMA auto_vacuum")).scalar_one() == 2  # incremental
+    grown = sqlite_db_bytes(db)
+    assert client.delete(f"/v1/datasets/{dataset_id}", headers=auth).status_code == 200
+    assert sqlite_db_bytes(db) < grown - len(blob) // 2
 
 
 def test_get_and_delete(client: TestClient, auth: Headers) -> None:

@@ -171,3 +171,14 @@ def test_files_are_tenant_isolated(client: TestClient, auth: Headers, other_auth
 @pytest.mark.parametrize("path", [FILES, f"{FILES}/file-x", f"{FILES}/file-x/content"])
 def test_files_need_a_key(client: TestClient, path: str) -> None:
     assert_error(client.get(path), 401, code="missing_api_key")
+
+
+def test_file_uploads_count_against_the_dataset_byte_quota(
+    client: TestClient, auth: Headers
+) -> None:
+    data = jsonl(CLASSIFICATION_ROWS)
+    app_state(client.app).settings.max_dataset_bytes_per_tenant = len(data)
+    assert _upload(client, auth, data).status_code == 200
+    assert_error(
+        _upload(client, auth, data), 429, code="dataset_bytes_limit", contains="datasets use"
+    )

@@ -291,6 +291,21 @@ def test_adapter_quota_is_429(client: TestClient, auth: Headers, db: sessionmake
     assert_error(client.post(JOBS, json=job_body(train), headers=auth), 429, code="adapter_limit")
 
 
+def test_adapter_byte_quota_is_429_at_job_creation(
+    client: TestClient, auth: Headers, db: sessionmaker[Session]
+) -> None:
+    # The new adapter's size is unknown until trained: refused once the usage reaches the limit.
+    app_state(client.app).settings.max_adapter_bytes_per_tenant = 64
+    with db() as session:
+        session.add(adapter_row(tenant_id_by_name(db), "one", size_bytes=64))
+        session.commit()
+    resp = client.post(JOBS, json=job_body(create_dataset(client, auth)), headers=auth)
+    assert_error(resp, 429, code="adapter_bytes_limit", contains="adapters use 64 B of 64 B")
+    assert client.get(JOBS, headers=auth).json()["data"] == []
+    app_state(client.app).settings.max_adapter_bytes_per_tenant = 65
+    _create(client, auth, job_body(create_dataset(client, auth)))
+
+
 def test_cancel_queued_job_is_immediate(client: TestClient, auth: Headers) -> None:
     job = _create(client, auth, job_body(create_dataset(client, auth)))
     resp = client.post(f"{JOBS}/{job['id']}/cancel", headers=auth)
