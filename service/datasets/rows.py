@@ -26,6 +26,14 @@ class DatasetKind(StrEnum):
     PREFERENCE = "preference"
 
 
+# The core task (head) each kind of dataset trains: a classifier, or a reward model that learns
+# from preference pairs.
+TASKS: dict[DatasetKind, str] = {
+    DatasetKind.CLASSIFICATION: "classification",
+    DatasetKind.PREFERENCE: "reward",
+}
+
+
 class DatasetError(ServiceError):
     default_code = "invalid_dataset"
     # The line of the uploaded file at fault, where there is one: reports list problems by line.

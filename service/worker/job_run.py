@@ -36,6 +36,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.adapters.store import adapter_row_from
 from service.config import Settings
 from service.datasets.codec import decode_rows
+from service.datasets.rows import TASKS, DatasetKind
 from service.db.models import Dataset, Job, JobStatus
 from service.db.types import utcnow
 from service.errors import ErrorKind, ServiceError
@@ -171,7 +172,7 @@ class JobRun:
         hyper = dict(job.hyperparameters or {})
         hyper.setdefault("seed", job.seed)
         hyper.setdefault("checkpoint_every_steps", self.settings.checkpoint_every_steps)
-        head = {"task": "reward" if kind == "preference" else "classification"}
+        head = {"task": TASKS[DatasetKind(kind)]}
         callbacks = TrainerCallbacks(
             on_progress=self._on_progress,
             on_eval=self._on_eval,

@@ -27,6 +27,7 @@ from pydantic_core import PydanticCustomError, to_jsonable_python
 
 from core.methods import METHODS
 from core.training.config import REWARD_ONLY_SETTINGS, TrainingConfig
+from service.datasets.rows import TASKS
 
 # Core's research baseline (the architecture trained from random init) is not offered by the
 # service: it needs far more data than a tenant uploads and is never the right choice.
@@ -38,9 +39,6 @@ SERVER_SETTINGS: dict[str, str] = {
     "checkpoint_every_steps": "the server setting LORAPLEX_CHECKPOINT_EVERY_STEPS decides it",
     "num_threads": "the worker's thread budget (LORAPLEX_TRAIN_THREADS) decides it",
 }
-
-# Dataset kinds (the service's word for a task) and the core task each trains.
-TASKS: dict[str, str] = {"classification": "classification", "preference": "reward"}
 
 
 def _error_at_field(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
