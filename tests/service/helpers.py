@@ -147,7 +147,8 @@ def adapter_row(tenant_id: str, name: str, **extra: Any) -> Any:
         "version": 1,
         "method": "lora",
         "task": "classification",
-        "config": {"r": 8, "alpha": 16},
+        # The shape core.adapter.Adapter.config_dict() stores: the serving path reads it.
+        "config": {"method": {"type": "lora", "r": 8, "alpha": 16}, "head": {}},
         "weights": b"\x00" * 64,
         "label_names": ["neg", "pos"],
         "metrics": {"accuracy": 0.9},
