@@ -42,7 +42,7 @@ from service.api.deps import CurrentTenant, PrincipalDep, SessionDep, SessionFac
 from service.api.errors import AUTHENTICATION, error_body
 from service.api.params import JobId
 from service.api.schemas.jobs import JobEventObject, JobObject, parse_event_id
-from service.db.models import ApiKey, Job, JobEvent, JobStatus
+from service.db.models import TERMINAL_STATUSES, ApiKey, Job, JobEvent
 from service.errors import invalid, not_found
 from service.state import app_state
 
@@ -55,7 +55,6 @@ RETRY_MS = 2000
 # Events read per poll; a fuller batch is followed by another read at once.
 BATCH = 500
 
-TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
 # What a request with a revoked key is answered (as a 401), sent as the stream's last event.
 _REVOKED = error_body("This API key has been revoked.", AUTHENTICATION, None, "revoked_api_key")
 
@@ -141,7 +140,7 @@ async def _stream(
         after_id = snap.last_id
         if len(snap.events) == BATCH:
             continue  # more are waiting
-        if snap.job.status in TERMINAL:
+        if snap.job.status in TERMINAL_STATUSES:
             yield _sse("done", {"status": snap.job.status})
             return
         now = time.monotonic()
