@@ -8,9 +8,11 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
 from service.api.middleware import limit_message
+from service.datasets.rows import DatasetKind
 from service.errors import ErrorKind, ServiceError, invalid
 
 _READ_CHUNK = 1024 * 1024
+DATASET_KINDS = [k.value for k in DatasetKind]
 
 
 def dataset_upload_body(required: list[str], fields: dict[str, Any]) -> dict[str, Any]:
@@ -65,6 +67,17 @@ async def read_upload(upload: UploadFile, limit: int, param: str = "file") -> by
             )
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def dataset_kind(value: Any) -> DatasetKind:
+    """A ``kind`` form field as a dataset kind; 422 ``invalid_kind`` naming the kinds if not one."""
+    if not isinstance(value, str) or value not in DATASET_KINDS:
+        raise invalid(
+            f"kind must be one of {', '.join(DATASET_KINDS)}; got {value!r}.",
+            "kind",
+            "invalid_kind",
+        )
+    return DatasetKind(value)
 
 
 def form_text(value: Any, param: str, max_length: int = 256) -> str | None:

@@ -18,6 +18,8 @@ from service.api.params import DatasetId
 from service.api.schemas.common import DeletedResponse, ListResponse
 from service.api.schemas.datasets import KIND, DatasetCreateJSON, DatasetObject, DatasetValidation
 from service.api.uploads import (
+    DATASET_KINDS,
+    dataset_kind,
     dataset_upload_body,
     form_text,
     media_type,
@@ -40,8 +42,6 @@ from service.errors import invalid
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
-_KINDS = [k.value for k in DatasetKind]
-
 _NAME_FIELD = {
     "type": "string",
     "maxLength": 256,
@@ -57,7 +57,7 @@ _FORMAT_FIELD = {
 def _body_openapi(kind_required: bool) -> dict[str, Any]:
     """Two bodies for one route (read by hand, streamed), so the request body is documented
     by hand; the JSON form is DatasetCreateJSON's schema."""
-    kind_field = {"type": "string", "enum": _KINDS, "description": KIND}
+    kind_field = {"type": "string", "enum": DATASET_KINDS, "description": KIND}
     if not kind_required:
         kind_field["description"] = f"Optional: inferred from the first row when absent. {KIND}"
     return {
@@ -88,20 +88,12 @@ class _Upload:
     name: str | None
 
 
-def _kind(value: Any) -> DatasetKind:
-    if not isinstance(value, str) or value not in _KINDS:
-        raise invalid(
-            f"kind must be one of {', '.join(_KINDS)}; got {value!r}.", "kind", "invalid_kind"
-        )
-    return DatasetKind(value)
-
-
 async def _read_multipart(request: Request, max_bytes: int, *, kind_required: bool) -> _Upload:
     # Starlette spools file parts to disk past 1 MB; the middleware has already bounded the
     # whole body, so nothing here can grow without limit.
     async with request.form(max_files=1, max_fields=8) as form:
         kind_field = form.get("kind")
-        kind = _kind(kind_field) if kind_required or kind_field not in (None, "") else None
+        kind = dataset_kind(kind_field) if kind_required or kind_field not in (None, "") else None
         name = form_text(form.get("name"), "name")
         fmt_field = form_text(form.get("format"), "format", 16)
         upload = form.get("file")

@@ -21,19 +21,24 @@ from service.api.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery, keyset
 from service.api.params import FileId
 from service.api.schemas.common import ListResponse
 from service.api.schemas.files import FINE_TUNE_PURPOSE, FileDeleted, FileObject
-from service.api.uploads import dataset_upload_body, form_text, read_upload, require_multipart
+from service.api.uploads import (
+    DATASET_KINDS,
+    dataset_kind,
+    dataset_upload_body,
+    form_text,
+    read_upload,
+    require_multipart,
+)
 from service.datasets import codec
 from service.datasets.infer import infer_kind
 from service.datasets.reading import detect_format
-from service.datasets.rows import DatasetKind, Limits
+from service.datasets.rows import Limits
 from service.datasets.store import delete_owned_dataset, get_owned_dataset, store_dataset
 from service.datasets.validation import parse_file
 from service.db.models import Dataset
 from service.errors import invalid, unsupported
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
-
-_KINDS = [k.value for k in DatasetKind]
 
 _CREATE_OPENAPI: dict[str, Any] = {
     "requestBody": {
@@ -49,7 +54,7 @@ _CREATE_OPENAPI: dict[str, Any] = {
                     },
                     "kind": {
                         "type": "string",
-                        "enum": _KINDS,
+                        "enum": DATASET_KINDS,
                         "description": "Optional: inferred from the first row's fields "
                         "(chosen + rejected → preference, text + label → classification).",
                     },
@@ -88,12 +93,7 @@ async def create_file(
                 "unsupported_parameter",
             )
         kind_field = form_text(form.get("kind"), "kind", 32)
-        if kind_field is not None and kind_field not in _KINDS:
-            raise invalid(
-                f"kind must be one of {', '.join(_KINDS)}; got {kind_field!r}.",
-                "kind",
-                "invalid_kind",
-            )
+        kind = dataset_kind(kind_field) if kind_field is not None else None
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
             raise invalid("A file is required in the 'file' field.", "file", "missing_file")
@@ -102,7 +102,7 @@ async def create_file(
 
     fmt = detect_format(filename, upload_type, data)
     limits = Limits(max_rows=settings.max_dataset_rows)
-    kind = DatasetKind(kind_field) if kind_field else infer_kind(data, fmt)
+    kind = kind or infer_kind(data, fmt)
     parsed = await run_in_threadpool(parse_file, data, kind, fmt, limits)
     row = await run_in_threadpool(
         store_dataset,
