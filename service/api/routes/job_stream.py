@@ -41,7 +41,8 @@ from starlette.concurrency import run_in_threadpool
 from service.api.deps import CurrentTenant, PrincipalDep, SessionDep, SessionFactoryDep
 from service.api.errors import AUTHENTICATION, error_body
 from service.api.params import JobId
-from service.api.schemas.jobs import JobEventObject, JobObject, parse_event_id
+from service.api.schemas.job_events import JobEventObject, parse_event_id
+from service.api.schemas.jobs import JobObject
 from service.db.models import TERMINAL_STATUSES, ApiKey, Job, JobEvent
 from service.errors import invalid, not_found
 from service.state import app_state

@@ -12,13 +12,8 @@ from service.api.deps import CurrentTenant, SessionDep, SettingsDep
 from service.api.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery, keyset_page
 from service.api.params import JobId
 from service.api.schemas.common import ListResponse
-from service.api.schemas.jobs import (
-    CheckpointObject,
-    JobCreate,
-    JobEventObject,
-    JobObject,
-    parse_event_id,
-)
+from service.api.schemas.job_events import CheckpointObject, JobEventObject, parse_event_id
+from service.api.schemas.jobs import JobCreate, JobObject
 from service.db.models import Checkpoint, Job, JobEvent
 from service.errors import invalid, not_found
 from service.jobs.cancel import cancel_job

@@ -21,11 +21,10 @@ from pydantic import (
     model_validator,
 )
 
-from service.api.schemas.common import CREATED_AT, NAME_PATTERN
+from service.api.schemas.common import NAME_PATTERN
 from service.api.schemas.methods import API_METHODS, METHOD_PARAMS, Hyperparameters, NotBool
-from service.db.models import Checkpoint, Job, JobEvent
+from service.db.models import Job
 from service.db.types import to_unix
-from service.ids import EVENT
 from service.jobs.create import JobRequest
 from service.jobs.openai_compat import OPENAI_METHOD_TYPES, translate_job_request
 
@@ -428,119 +427,3 @@ def _with_resolved(sent: dict[str, Any], resolved: dict[str, Any] | None) -> dic
     if resolved is None:
         return sent
     return {**sent, **{k: resolved[k] for k in _OPENAI_RESOLVED if k in resolved}}
-
-
-def event_public_id(event_id: int) -> str:
-    return f"{EVENT}-{event_id}"
-
-
-# Event ids are database integers: a larger number can name no event, and the database
-# driver would refuse to bind it (SQLite raises OverflowError).
-_MAX_EVENT_ID = 2**63 - 1
-
-
-def parse_event_id(public_id: str) -> int | None:
-    """The database id in ``ftevent-<n>``, or None where ``public_id`` cannot name an event."""
-    prefix = f"{EVENT}-"
-    digits = public_id.removeprefix(prefix)
-    # ASCII digits only: str.isdigit() also passes '²', which int() then refuses.
-    if not public_id.startswith(prefix) or not (digits.isascii() and digits.isdigit()):
-        return None
-    number = int(digits)
-    return number if number <= _MAX_EVENT_ID else None
-
-
-class JobEventObject(BaseModel):
-    """Something that happened to a job: a status change, training metrics, a checkpoint."""
-
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "object": "fine_tuning.job.event",
-                    "id": "ftevent-12",
-                    "created_at": 1764950460,
-                    "level": "info",
-                    "message": "Step 40/150: training loss=0.5213",
-                    "type": "metrics",
-                    "data": {"step": 40, "total_steps": 150, "train_loss": 0.5213, "lr": 0.00047},
-                }
-            ]
-        }
-    )
-
-    object: Literal["fine_tuning.job.event"] = Field(
-        "fine_tuning.job.event", description="Always `fine_tuning.job.event`."
-    )
-    id: str = Field(description="The event's id; a cursor for `after` and `Last-Event-ID`.")
-    created_at: int = Field(description=CREATED_AT)
-    level: str = Field(description="`info`, `warning` or `error`.")
-    message: str = Field(description="What happened, for people.")
-    type: str = Field(
-        description="`message` (status changes and notes), `metrics` (training or validation "
-        "metrics in `data`) or `checkpoint`."
-    )
-    data: dict[str, Any] | None = Field(
-        description="Machine-readable details: step, epoch and metrics for `metrics` events; "
-        "null for plain messages."
-    )
-
-    @classmethod
-    def from_row(cls, event: JobEvent) -> JobEventObject:
-        return cls(
-            id=event_public_id(event.id),
-            created_at=to_unix(event.created_at) or 0,
-            level=event.level,
-            message=event.message,
-            type=event.type,
-            data=event.data,
-        )
-
-
-class CheckpointObject(BaseModel):
-    """A resumable checkpoint a job saved while training, as OpenAI's checkpoint object."""
-
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "object": "fine_tuning.job.checkpoint",
-                    "id": "ftckpt-3e9b1a7c5d2f4e6a8c0b1d3f",
-                    "created_at": 1764950520,
-                    "fine_tuning_job_id": "ftjob-5d2a9e7c1b3f4a6e8d0c2b4a",
-                    "fine_tuned_model_checkpoint": "sentiment-lora:ckpt-step-100",
-                    "step_number": 100,
-                    "epoch": 2.0,
-                    "metrics": {"val_loss": 0.44, "val_accuracy": 0.81},
-                }
-            ]
-        }
-    )
-
-    object: Literal["fine_tuning.job.checkpoint"] = Field(
-        "fine_tuning.job.checkpoint", description="Always `fine_tuning.job.checkpoint`."
-    )
-    id: str = Field(description="The checkpoint's id.")
-    created_at: int = Field(description=CREATED_AT)
-    fine_tuning_job_id: str = Field(description="The job that saved it.")
-    fine_tuned_model_checkpoint: str = Field(
-        description="A name for it: the job's adapter name and the step."
-    )
-    step_number: int = Field(description="The optimizer step it was saved at.")
-    epoch: float | None = Field(description="The epoch it was saved in, if known.")
-    metrics: dict[str, Any] = Field(
-        description="Validation metrics at that step (e.g. `val_loss`, `val_accuracy`); empty "
-        "when there was no validation yet."
-    )
-
-    @classmethod
-    def from_row(cls, ckpt: Checkpoint, adapter_name: str) -> CheckpointObject:
-        return cls(
-            id=ckpt.id,
-            created_at=to_unix(ckpt.created_at) or 0,
-            fine_tuning_job_id=ckpt.job_id,
-            fine_tuned_model_checkpoint=f"{adapter_name}:ckpt-step-{ckpt.step}",
-            step_number=ckpt.step,
-            epoch=ckpt.epoch,
-            metrics=ckpt.metrics or {},
-        )
