@@ -68,6 +68,7 @@ bench-quick: install
 	$(BIN)/python -m bench.train_step --quick
 	$(BIN)/python -m bench.strategies --quick
 	$(BIN)/python -m bench.serving_under_training --quick
+	$(BIN)/python -m bench.noisy_neighbour --quick
 	$(BIN)/python -m bench.fuzz --quick
 
 clean:

@@ -53,8 +53,11 @@ R = 8
 TARGETS = ("query", "value")
 
 
-def store_random_adapters(data_dir: Path, n: int, prefix: str = "a") -> list[str]:
-    """Insert ``n`` random LoRA adapters for the default tenant; returns their names."""
+def store_random_adapters(
+    data_dir: Path, n: int, prefix: str = "a", api_key: str | None = None
+) -> list[str]:
+    """Insert ``n`` random LoRA adapters for ``api_key``'s tenant (default: the default
+    tenant's key file); returns their names."""
     import torch
 
     from core.adapter import Adapter
@@ -68,7 +71,7 @@ def store_random_adapters(data_dir: Path, n: int, prefix: str = "a") -> list[str
     from service.tenants.keys import hash_api_key
 
     base = load_base_model(device="cpu")
-    key = (data_dir / "default_api_key").read_text().strip()
+    key = api_key or (data_dir / "default_api_key").read_text().strip()
     db_engine = make_db_engine(f"sqlite:///{data_dir / 'loraplex.db'}")
     factory = make_sessionmaker(db_engine)
     cfg = LoraConfig(r=R, alpha=16, target_modules=list(TARGETS))
