@@ -57,21 +57,36 @@ def _next_queued() -> Any:
     """The queued job to run next: fair share across tenants, then first come, first served.
 
     Jobs of the tenant with the fewest jobs running go first (a tenant with a long job running
-    and more queued waits behind another tenant's first job), then the oldest. The running
-    count is a correlated subquery, counted in the same statement the claim is decided by.
+    and more queued waits behind another tenant's first job); among tenants running as many,
+    the one whose last job started longest ago (never first), then the oldest job. Without
+    that middle key a single worker (the embedded default) sees 0 running for everyone each
+    time a job ends and serves one tenant's whole backlog first: bench.noisy_neighbour measured
+    B's one job waiting behind all of A's. Both keys are correlated subqueries, decided in the
+    same statement as the claim.
     """
     candidate = aliased(Job, name="candidate")
     running = aliased(Job, name="running")
+    started = aliased(Job, name="started")
     tenant_running = (
         select(func.count())
         .select_from(running)
         .where(running.tenant_id == candidate.tenant_id, running.status.in_(LEASED_STATUSES))
         .scalar_subquery()
     )
+    tenant_last_start = (
+        select(func.max(started.started_at))
+        .where(started.tenant_id == candidate.tenant_id)
+        .scalar_subquery()
+    )
     return (
         select(candidate.id)
         .where(candidate.status == JobStatus.QUEUED)
-        .order_by(tenant_running, candidate.created_at, candidate.id)
+        .order_by(
+            tenant_running,
+            tenant_last_start.asc().nulls_first(),
+            candidate.created_at,
+            candidate.id,
+        )
         .limit(1)
     )
 

@@ -63,6 +63,21 @@ def test_claim_shares_workers_fairly_between_tenants(migrated_db: Factory) -> No
     assert order == [a_jobs[0], b_job, *a_jobs[1:]]
 
 
+def test_one_worker_alternates_between_tenants_as_jobs_end(migrated_db: Factory) -> None:
+    # One worker (the embedded default): when A's job ends, both tenants run 0 jobs. B's one
+    # job, queued after all of A's, goes next because A was served last; then A's, oldest first.
+    a, b = add_tenant(migrated_db, "a"), add_tenant(migrated_db, "b")
+    a_jobs = [add_queued_job(migrated_db, a, f"a{i}") for i in range(3)]
+    b_job = add_queued_job(migrated_db, b, "b0")
+    order: list[str] = []
+    with migrated_db() as session:
+        while (job := queue.claim_next_job(session, "w1", 30)) is not None:
+            order.append(job.id)
+            job.status = JobStatus.SUCCEEDED  # ends before the worker claims again
+            session.commit()
+    assert order == [a_jobs[0], b_job, *a_jobs[1:]]
+
+
 def test_claim_prefers_the_tenant_with_fewer_running_jobs_then_the_oldest(
     migrated_db: Factory,
 ) -> None:
