@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.adapters.archive import ArchiveLimits, read_archive
@@ -21,6 +20,7 @@ from service.adapters.store import adapter_row_from
 from service.adapters.transfer import HeadSpec, import_files
 from service.config import Settings
 from service.db.models import AdapterRow
+from service.db.session import committed_or_conflict
 from service.errors import conflict
 from service.jobs.queue import job_count
 
@@ -68,21 +68,15 @@ def insert(
     factory: sessionmaker[Session], tenant_id: str, row: AdapterRow, settings: Settings
 ) -> AdapterRow:
     """Store ``row`` as the tenant's newest adapter version; returned detached, refreshed."""
+    taken = conflict(
+        f"An adapter named '{row.name}' already exists.", "name", "adapter_name_taken"
+    )
     with factory() as session:
-        try:
+        with committed_or_conflict(session, taken):
             _check_room(session, tenant_id, row.name, settings, incoming=row.size_bytes)
             row.tenant_id = tenant_id
             row.version = next_adapter_version(session, tenant_id)
             session.add(row)
-            session.commit()
-        except IntegrityError:
-            session.rollback()
-            raise conflict(
-                f"An adapter named '{row.name}' already exists.", "name", "adapter_name_taken"
-            ) from None
-        except BaseException:
-            session.rollback()
-            raise
         session.refresh(row)
         session.expunge(row)
     return row

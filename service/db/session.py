@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
+
+from service.errors import ServiceError
 
 logger = logging.getLogger(__name__)
 
@@ -129,3 +134,21 @@ def vacuum(db_engine: Engine) -> None:
 def make_sessionmaker(db_engine: Engine) -> sessionmaker[Session]:
     # expire_on_commit=False: routes serialise objects after committing them.
     return sessionmaker(bind=db_engine, expire_on_commit=False, autoflush=True)
+
+
+@contextmanager
+def committed_or_conflict(session: Session, conflict: ServiceError) -> Iterator[None]:
+    """Run the block and commit it, or roll all of it back.
+
+    A uniqueness violation at the commit (another request took the same name between our
+    check and our insert) is answered with ``conflict``; any other failure propagates.
+    """
+    try:
+        yield
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        raise conflict from None
+    except BaseException:
+        session.rollback()
+        raise

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from core.training.config import TrainingConfig, held_out_rows, parse_training_config
@@ -20,6 +19,7 @@ from service import ids
 from service.adapters.quota import check_adapter_bytes_quota, check_adapter_quota, name_taken
 from service.config import Settings
 from service.db.models import Dataset, Job, JobStatus, Tenant
+from service.db.session import committed_or_conflict
 from service.errors import ErrorKind, ServiceError, conflict, invalid, not_found, quota_exceeded
 from service.jobs.events import add_event
 from service.jobs.openai_compat import OPENAI_METHOD_KINDS
@@ -209,7 +209,13 @@ def create_job(session: Session, tenant: Tenant, body: JobRequest, settings: Set
         adapter_name=adapter_name,
         seed=body.seed if body.seed is not None else secrets.randbelow(2**31),
     )
-    try:
+    # Another request may reserve the same adapter name between our check and the insert.
+    taken = conflict(
+        f"An adapter or active job already uses the name '{adapter_name}'.",
+        "adapter_name",
+        "adapter_name_taken",
+    )
+    with committed_or_conflict(session, taken):
         session.add(job)
         session.flush()
         add_event(session, job, f"Validating training file: {body.training_file}")
@@ -232,16 +238,4 @@ def create_job(session: Session, tenant: Tenant, body: JobRequest, settings: Set
                 "validation_rows": validation.row_count if validation else None,
             },
         )
-        session.commit()
-    except IntegrityError:
-        # Another request reserved the same adapter name between our check and the insert.
-        session.rollback()
-        raise conflict(
-            f"An adapter or active job already uses the name '{adapter_name}'.",
-            "adapter_name",
-            "adapter_name_taken",
-        ) from None
-    except BaseException:
-        session.rollback()
-        raise
     return job

@@ -7,10 +7,10 @@ import secrets
 from dataclasses import dataclass
 
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service.db.models import ApiKey, Tenant
+from service.db.session import committed_or_conflict
 from service.db.types import utcnow
 from service.errors import conflict
 
@@ -60,15 +60,10 @@ def create_tenant(session: Session, name: str) -> Tenant:
 
 def create_tenant_with_key(session: Session, name: str, key_name: str) -> tuple[Tenant, NewKey]:
     """A new tenant called ``name`` and its first key, committed; a conflict if it is taken."""
-    try:
+    taken = conflict(f"A tenant named '{name}' already exists.", "name", "tenant_exists")
+    with committed_or_conflict(session, taken):
         tenant = create_tenant(session, name)
         new_key = create_api_key(session, tenant, name=key_name)
-        session.commit()
-    except IntegrityError:
-        session.rollback()
-        raise conflict(
-            f"A tenant named '{name}' already exists.", "name", "tenant_exists"
-        ) from None
     return tenant, new_key
 
 
