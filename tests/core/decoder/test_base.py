@@ -1,0 +1,98 @@
+"""Loading a decoder base: the SmolLM2 GGUF file and Hugging Face Llama folders."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import LlamaForCausalLM
+
+from core.decoder.base import DecoderBase, DecoderBaseError, load_decoder_base
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_tiny_folder_loads_frozen_tensors_under_hf_names(
+    tiny_decoder: DecoderBase, tiny_llama_dir: Path
+) -> None:
+    hf = LlamaForCausalLM.from_pretrained(str(tiny_llama_dir))
+    assert tiny_decoder.num_params == hf.num_parameters()  # the tied lm_head counted once
+    assert "lm_head.weight" not in tiny_decoder.state_dict
+    for name, tensor in tiny_decoder.state_dict.items():
+        assert not tensor.requires_grad, name
+        torch.testing.assert_close(tensor, hf.state_dict()[name], atol=0, rtol=0)
+    assert tiny_decoder.weights.lm_head is tiny_decoder.state_dict["model.embed_tokens.weight"]
+    assert tiny_decoder.fingerprint == sha256(tiny_llama_dir / "model.safetensors")
+    assert tiny_decoder.chat_template is not None and "<|im_start|>" in tiny_decoder.chat_template
+    assert tiny_decoder.stop_token_ids == (2,)
+    assert (tiny_decoder.config.num_key_value_heads, tiny_decoder.config.head_dim) == (2, 16)
+
+
+def test_sharded_folder_loads_the_same_tensors(
+    tiny_decoder: DecoderBase, tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    hf = LlamaForCausalLM.from_pretrained(str(tiny_llama_dir))
+    hf.save_pretrained(tmp_path, safe_serialization=True, max_shard_size="20KB")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(tiny_llama_dir / name, tmp_path / name)
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    sharded = load_decoder_base(tmp_path, device="cpu")
+    assert sharded.state_dict.keys() == tiny_decoder.state_dict.keys()
+    for name, tensor in sharded.state_dict.items():
+        torch.testing.assert_close(tensor, tiny_decoder.state_dict[name], atol=0, rtol=0)
+
+
+def copy_config(src: Path, dst: Path, **changes: object) -> Path:
+    dst.mkdir(exist_ok=True)
+    cfg = {**json.loads((src / "config.json").read_text()), **changes}
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def test_pickled_weights_are_never_read(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    folder = copy_config(tiny_llama_dir, tmp_path / "m")
+    (folder / "pytorch_model.bin").write_bytes(b"not read")
+    with pytest.raises(DecoderBaseError, match="only safetensors"):
+        load_decoder_base(folder, device="cpu")
+
+
+def test_other_architectures_are_refused(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    folder = copy_config(tiny_llama_dir, tmp_path / "bert", model_type="bert")
+    with pytest.raises(DecoderBaseError, match="model_type 'bert'"):
+        load_decoder_base(folder, device="cpu")
+    yarn = {"rope_type": "yarn", "factor": 2.0}
+    folder = copy_config(tiny_llama_dir, tmp_path / "yarn", rope_scaling=yarn)
+    with pytest.raises(DecoderBaseError, match="rope_scaling type 'yarn'"):
+        load_decoder_base(folder, device="cpu")
+
+
+def test_a_tensor_the_forward_would_ignore_is_refused(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "extra"
+    shutil.copytree(tiny_llama_dir, folder)
+    state = load_file(str(folder / "model.safetensors"))
+    state["model.layers.0.self_attn.q_norm.weight"] = torch.ones(16)
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(DecoderBaseError, match="q_norm"):
+        load_decoder_base(folder, device="cpu")
+
+
+@pytest.mark.real_model
+def test_smollm2_gguf_loads_dequantised(real_decoder: DecoderBase) -> None:
+    cfg = real_decoder.config
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size) == (576, 30, 49152)
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.rope_theta) == (9, 3, 1e5)
+    assert cfg.tie_word_embeddings and cfg.max_position_embeddings == 8192
+    assert real_decoder.num_params == 134_515_008
+    assert real_decoder.dtype == torch.float32
+    assert real_decoder.fingerprint == sha256(real_decoder.path)
+    assert real_decoder.chat_template is not None and "<|im_start|>" in real_decoder.chat_template
+    assert real_decoder.tokenizer.convert_ids_to_tokens(list(real_decoder.stop_token_ids)) == [
+        "<|im_end|>"
+    ]
