@@ -1,21 +1,33 @@
-"""Cross-request dynamic batching (LoRAX / S-LoRA style) in front of a small inference pool.
+"""Cross-request dynamic batching, fair across tenants, in front of a small inference pool.
 
-Requests for any mix of adapters and modes wait in one bounded queue. The batcher thread, the
-engine's only owner, takes the oldest request, adds whatever else is queued until the batch
-holds ``max_batch_size`` rows or the oldest request has waited ``max_wait_ms`` (not at all if
-it arrived alone: no other request in the ``max_wait_ms`` before it), and plans the batch: its
-adapters made resident and pinned (:meth:`InferenceEngine.plan`); rows arrive tokenized by
-their request's thread (:class:`service.serving.run.RequestTokenizer`), never here. The
-forward pass (one base forward for all LoRA rows) runs on the batcher thread itself with one
-worker, or on one of ``workers`` compute threads; each request gets its own rows' results.
-The event loop never tokenizes or computes; it only awaits a future.
+Rows, not requests, are what the batcher schedules. Each request's rows wait in its tenant's
+queue; the batcher thread, the engine's only owner, forms each batch row by row, always taking
+the next row of the tenant that has been served the fewest tokens (a virtual token counter per
+tenant, as in S-LoRA's authors' "Fairness in Serving Large Language Models", OSDI '24; a tenant
+whose queue was empty starts level with the least-served busy tenant, so idling banks no
+credit). A batch holds at most ``max_batch_size`` rows and ``max_batch_tokens`` padded tokens
+(rows x its longest row: the forward pads to it), so another tenant's request gets into the
+very next batch, and no batch costs more than the budget. A request's future resolves once all
+its rows are computed, with the results in its rows' order.
 
-With several workers the batcher forms the next batch as soon as one of them is free, so
-batches compute side by side, each with ``threads`` torch threads. On a 2-core CPU two workers
-with one torch thread each ran MiniLM 10-20 % faster at batch 32 than one worker with two, and
-2.4x faster at batch 1 (intra-op threads idle at barriers on small matrices): see the README.
-Compute threads only read their plan and tensors nobody writes while it runs; the batcher
-thread releases each plan (unpins its adapters) once its worker reports it done.
+A batch waits for company until it is full or its first request has waited ``max_wait_ms`` (not
+at all if that request arrived alone: no other request in the ``max_wait_ms`` before it). The
+batcher thread plans it (adapters made resident and pinned, :meth:`InferenceEngine.plan`; rows
+arrive tokenized by their request's thread, :class:`service.serving.run.RequestTokenizer`, never
+here) and hands it to a compute thread. The event loop never tokenizes or computes; it only
+awaits a future.
+
+Lanes. ``workers`` batches compute side by side, each with ``threads`` torch threads (on a
+2-core CPU two workers with one torch thread each ran MiniLM 10-20 % faster at batch 32 than one
+worker with two, and 2.4x faster at batch 1: see the README). One more lane is kept for a
+tenant with nothing in flight: when every worker is busy and the next row (in the fair order)
+is such a tenant's, its rows start at once beside the running batches instead of waiting for
+one of them to end. Measured on 2 cores (avx512 fp32, one torch thread each): a one-text row
+took 8 ms alone and 17 ms beside a batch of one 256-token row, which alone took 75 ms; so with
+one worker a newcomer waited at least 75 ms without the lane, against a one-text /predict's
+27 ms idle p99 over HTTP. Compute threads only read their plan and
+tensors nobody writes while it runs; the batcher thread releases each plan (unpins its
+adapters) once its thread reports it done.
 
 Beyond ``max_queue_rows`` waiting rows, ``submit`` refuses at once (HTTP 503 + Retry-After)
 instead of letting the queue and the latency grow without bound.
@@ -25,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import queue
 import threading
@@ -33,7 +46,7 @@ from collections import deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field, replace
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from service.serving.policy import AutoModePolicy, RequestMode
 
@@ -43,13 +56,16 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+_arrivals = itertools.count()  # ties between tenants go to the earlier request
+
 
 class QueueFullError(RuntimeError):
     """The batcher already holds ``max_queue_rows`` rows; the caller should retry later."""
 
 
-@dataclass
+@dataclass(eq=False)
 class _Request:
+    tenant: Hashable
     rows: list[Row]
     mode: RequestMode
     future: asyncio.Future[list[RowResult]]
@@ -57,17 +73,34 @@ class _Request:
     # Adapters fetched by the request path because they were not resident (see ``submit``).
     adapters: dict[Hashable, Adapter] = field(default_factory=dict)
     enqueued: float = field(default_factory=time.monotonic)
+    seq: int = field(default_factory=lambda: next(_arrivals))
     # Whether another request arrived within max_wait before this one (see ``_collect``).
     in_company: bool = True
+    taken: int = 0  # rows handed to batches so far
+    results: list[RowResult | None] = field(init=False)
+    left: int = field(init=False)  # rows not computed yet
+    over: bool = False  # answered with an error, or its caller went away (see ``_drop``)
+
+    def __post_init__(self) -> None:
+        self.results = [None] * len(self.rows)
+        self.left = len(self.rows)
+
+
+@dataclass
+class _Tenant:
+    """One tenant's queued requests and the tokens it has been served (its virtual counter)."""
+
+    requests: deque[_Request] = field(default_factory=deque)
+    served: int = 0
+    in_flight: int = 0  # batches holding its rows, handed out and not yet finished
 
 
 @dataclass
 class _Work:
-    """A planned batch on its way to a compute thread: one plan, or one per chunk of an
-    oversized request (run one after another, like one batch)."""
+    """A planned batch on its way to a compute thread: each row's request and index in it."""
 
-    requests: list[_Request]
-    plans: list[Plan]
+    slots: list[tuple[_Request, int]]
+    plan: Plan | None = None
 
 
 @dataclass
@@ -85,6 +118,7 @@ class Batcher:
         max_batch_size: int,
         max_wait_ms: float,
         max_queue_rows: int,
+        max_batch_tokens: int | None = None,
         workers: int = 1,
         threads: int | None = None,
         policy: AutoModePolicy | None = None,
@@ -93,6 +127,7 @@ class Batcher:
         self.engine = engine
         self.loader = loader
         self.max_batch_size = max_batch_size
+        self.max_batch_tokens = max_batch_tokens
         self.max_wait = max_wait_ms / 1000.0
         self.max_queue_rows = max_queue_rows
         self.workers = max(1, workers)
@@ -100,19 +135,23 @@ class Batcher:
         self.policy = policy or AutoModePolicy()
         self.on_batch = on_batch
         self.stats = BatchStats()
-        self._queue: deque[_Request] = deque()
+        self._tenants: dict[Hashable, _Tenant] = {}
+        # The least-served busy tenant's counter when a row was last taken: where a tenant
+        # whose queue was empty starts again (never below what it was already served).
+        self._virtual_time = 0
         self._queued_rows = 0
         self._commands: deque[Callable[[], object]] = deque()
         self._done: deque[Plan] = deque()  # computed, waiting for the owner to release them
-        self._free = self.workers  # compute workers without a batch
+        self._running = 0  # batches handed to compute threads and not finished
         self._cond = threading.Condition()
         self._stopping = False
         self._owner = threading.Thread(target=self._own, name="inference", daemon=True)
-        # One worker: the owner computes itself. More: compute threads fed through a queue.
+        # workers + 1 threads: the last lane only ever runs rows of tenants with nothing in
+        # flight (see the module docstring), so at most workers + 1 batches run at once.
         self._work: queue.SimpleQueue[_Work | None] = queue.SimpleQueue()
         self._pool = [
             threading.Thread(target=self._compute_loop, name=f"inference-{i}", daemon=True)
-            for i in range(self.workers if self.workers > 1 else 0)
+            for i in range(self.workers + 1)
         ]
         self._fetching: dict[Hashable, asyncio.Future[Adapter]] = {}
         self._last_arrival = float("-inf")
@@ -137,16 +176,22 @@ class Batcher:
     async def submit(self, rows: list[Row], mode: RequestMode) -> list[RowResult]:
         """Results for ``rows`` in order; raises :class:`QueueFullError` when over the bound.
 
-        Every row runs in ``mode`` (``auto``: the policy's choice for its adapter, made when
-        the row's batch forms), whatever forward mode the row was built with.
+        The rows queue as their tenant's (:func:`tenant_of` the first row's key: the service
+        sends one adapter per request) and are scheduled fairly against other tenants' rows
+        (see the module docstring). Every row runs
+        in ``mode`` (``auto``: the policy's choice for its adapter, made when the row's batch
+        forms), whatever forward mode the row was built with.
 
         Adapters that are not resident are read and parsed here, in a worker thread, before
         the request joins the queue: a cold adapter costs its own request a database read,
         never the whole batch it lands in. The loader's errors (a deleted adapter) propagate.
         """
+        if not rows:
+            return []
         loop = asyncio.get_running_loop()
         adapters = await self._fetch_missing({r.key for r in rows if r.key is not None})
-        request = _Request(rows, mode, loop.create_future(), loop, adapters)
+        tenant = tenant_of(rows[0].key)
+        request = _Request(tenant, rows, mode, loop.create_future(), loop, adapters)
         with self._cond:
             if self._stopping:
                 raise QueueFullError("the server is shutting down")
@@ -154,10 +199,18 @@ class Batcher:
                 raise QueueFullError(f"{self._queued_rows} rows are already waiting")
             request.in_company = request.enqueued - self._last_arrival < self.max_wait
             self._last_arrival = request.enqueued
-            self._queue.append(request)
+            state = self._tenants.setdefault(tenant, _Tenant())
+            if not state.requests:  # back from idle: level with the least-served busy tenant
+                state.served = max(state.served, self._virtual_time)
+            state.requests.append(request)
             self._queued_rows += len(rows)
             self._cond.notify()
-        return await request.future
+        try:
+            return await request.future
+        except asyncio.CancelledError:
+            with self._cond:  # its rows not yet in a batch are computed for nobody
+                self._drop(request)
+            raise
 
     async def _fetch_missing(self, keys: set[Hashable]) -> dict[Hashable, Adapter]:
         out: dict[Hashable, Adapter] = {}
@@ -194,25 +247,19 @@ class Batcher:
     # --- the batcher thread: the engine's owner ------------------------------------------------
 
     def _own(self) -> None:
-        self._set_threads()
         while True:
-            commands, done, batch = self._next_step()
+            commands, done, work = self._next_step()
             # Nothing may end this thread but stop(): without it no request is ever answered.
             for fn in [*commands, *(partial(self.engine.release, plan) for plan in done)]:
                 try:
                     fn()
                 except Exception:
                     logger.exception("batcher command failed")
-            if batch is None:
+            if work is None:
                 if not commands and not done:
                     break
                 continue
-            work = self._plan(*batch)
-            if work is not None and self._pool:
-                self._work.put(work)
-            elif work is not None:
-                self._compute(work)
-                self._finished(work)
+            self._plan(work)
         for _ in self._pool:  # queued work first, then one stop sentinel per thread
             self._work.put(None)
         for thread in self._pool:
@@ -220,18 +267,16 @@ class Batcher:
         for plan in self._done:
             self.engine.release(plan)
 
-    def _next_step(
-        self,
-    ) -> tuple[list[Callable[[], object]], list[Plan], tuple[list[_Request], list[Row]] | None]:
+    def _next_step(self) -> tuple[list[Callable[[], object]], list[Plan], _Work | None]:
         """What the owner does next: commands and plans to release, or a batch to plan.
 
         ``(no commands, no plans, None)`` means stop: stopping, nothing queued.
         """
         with self._cond:
             while not (self._commands or self._done):
-                if self._queue and self._free:
+                if self._queued_rows and self._lane() is not None:
                     break
-                if self._stopping and not self._queue:
+                if self._stopping and not self._queued_rows:
                     return [], [], None
                 self._cond.wait()
             if self._commands or self._done:
@@ -239,101 +284,165 @@ class Batcher:
                 self._commands.clear()
                 self._done.clear()
                 return commands, done, None
-            batch, rows = self._collect()
-            self._free -= 1
-            self._queued_rows -= len(rows)
+            work = self._collect(only_idle=self._lane() == "idle")
+            self._running += 1
+            for tenant in {request.tenant for request, _ in work.slots}:
+                self._tenants[tenant].in_flight += 1
             self.stats.batches += 1
-            self.stats.rows += len(rows)
+            self.stats.rows += len(work.slots)
         if self.on_batch is not None:
-            self.on_batch(len(rows))
-        return [], [], (batch, rows)
+            self.on_batch(len(work.slots))
+        return [], [], work
 
-    def _collect(self) -> tuple[list[_Request], list[Row]]:
-        """Requests for one batch (under the lock), and their rows with ``auto`` resolved."""
-        batch = [self._queue.popleft()]
-        n = len(batch[0].rows)
-        # Waiting pays only when company is likely: a request that arrived alone (nothing else
-        # in the max_wait before it, e.g. one client at a time) runs at once instead of idling
-        # max_wait; under load requests arrive close together and wait as set.
-        deadline = batch[0].enqueued + (self.max_wait if batch[0].in_company else 0.0)
-        while n < self.max_batch_size:
-            if self._queue:
-                if n + len(self._queue[0].rows) > self.max_batch_size:
-                    break
-                nxt = self._queue.popleft()
-                batch.append(nxt)
-                n += len(nxt.rows)
+    def _lane(self) -> str | None:
+        """Which lane may take a batch now (under the lock): a ``worker``; when every worker
+        is busy, the ``idle`` lane, if the tenant whose row is next has nothing in flight;
+        or none."""
+        if self._running < self.workers:
+            return "worker"
+        if self._running == self.workers and self._next_row(only_idle=True) is not None:
+            return "idle"
+        return None
+
+    def _collect(self, only_idle: bool) -> _Work:
+        """One batch's rows (under the lock), fairly across tenants, with ``auto`` resolved.
+
+        ``only_idle``: while the next row's tenant has no batch in flight, without waiting
+        for company.
+        """
+        work = _Work([])
+        longest = 0
+        deadline: float | None = None
+        while len(work.slots) < self.max_batch_size:
+            picked = self._next_row(only_idle)
+            if picked is not None:
+                tenant, request = picked
+                row = request.rows[request.taken]
+                tokens = _tokens(row, self.engine.base.max_length)
+                padded = (len(work.slots) + 1) * max(longest, tokens)
+                if work.slots and self.max_batch_tokens and padded > self.max_batch_tokens:
+                    break  # the batch is full; a row longer than the budget runs alone
+                self._take(tenant, request, tokens)
+                work.slots.append((request, request.taken - 1))
+                longest = max(longest, tokens)
+                if deadline is None:
+                    # Waiting pays only when company is likely: a request that arrived alone
+                    # (nothing else in the max_wait before it, e.g. one client at a time) runs
+                    # at once instead of idling max_wait; under load requests arrive close
+                    # together and wait as set.
+                    wait = self.max_wait if request.in_company and not only_idle else 0.0
+                    deadline = request.enqueued + wait
                 continue
+            if deadline is None:
+                break
             remaining = deadline - time.monotonic()
             if remaining <= 0 or self._stopping:
                 break
             self._cond.wait(remaining)
-        return batch, [self._resolve_mode(row, r.mode) for r in batch for row in r.rows]
+        return work
 
-    def _plan(self, batch: list[_Request], rows: list[Row]) -> _Work | None:
+    def _next_row(self, only_idle: bool) -> tuple[_Tenant, _Request] | None:
+        """The least-served tenant with a row queued, and its oldest request (under the lock);
+        ``only_idle``: none if that tenant has a batch in flight. Rows are taken in this one
+        order whichever lane takes them, so the shares stay fair."""
+        best: tuple[int, int, _Tenant, _Request] | None = None
+        for state in self._tenants.values():
+            if state.requests:
+                head = state.requests[0]
+                if best is None or (state.served, head.seq) < best[:2]:
+                    best = (state.served, head.seq, state, head)
+        if best is None or (only_idle and best[2].in_flight):
+            return None
+        return best[2], best[3]
+
+    def _take(self, state: _Tenant, request: _Request, tokens: int) -> None:
+        self._virtual_time = max(self._virtual_time, state.served)
+        state.served += tokens
+        request.taken += 1
+        self._queued_rows -= 1
+        if request.taken == len(request.rows):
+            state.requests.popleft()
+
+    def _drop(self, request: _Request) -> None:
+        """A request is over, failed or abandoned (under the lock): its rows not yet in a batch
+        leave the queue, and rows of it still computing are ignored when they finish."""
+        request.over = True
+        state = self._tenants.get(request.tenant)
+        if state is not None and request in state.requests:
+            state.requests.remove(request)
+            self._queued_rows -= len(request.rows) - request.taken
+
+    def _plan(self, work: _Work) -> None:
         fetched: dict[Hashable, Adapter] = {}
-        for request in batch:
+        for request in {request for request, _ in work.slots}:
             fetched.update(request.adapters)
 
         def load(key: Hashable) -> Adapter:
             adapter = fetched.get(key)
             return adapter if adapter is not None else self.loader(key)  # evicted meanwhile
 
-        plans: list[Plan] = []
+        rows = [self._resolve_mode(request.rows[i], request.mode) for request, i in work.slots]
         try:
-            # One oversized request runs alone, in chunks the size of a batch.
-            for i in range(0, len(rows), self.max_batch_size):
-                plans.append(self.engine.plan(rows[i : i + self.max_batch_size], loader=load))
+            work.plan = self.engine.plan(rows, loader=load)
         except Exception as exc:  # the engine isolates row errors; this is a bug guard
             logger.exception("planning a batch of %d rows failed", len(rows))
-            for plan in plans:
-                self.engine.release(plan)
-            self._fail(batch, exc)
-            with self._cond:
-                self._free += 1
-            return None
-        return _Work(batch, plans)
+            self._finished(work, exc)
+            return
+        self._work.put(work)
 
-    def _finished(self, work: _Work) -> None:
-        """Back from computing (any thread): the owner releases the plans, the worker is free."""
+    def _finished(self, work: _Work, outcome: list[RowResult] | BaseException) -> None:
+        """Back from planning or computing (any thread): each row's result goes to its request,
+        requests with every row computed (or one failed) are answered, the owner releases the
+        plan, and the lane is free."""
+        answered: list[tuple[_Request, list[RowResult] | BaseException]] = []
         with self._cond:
-            self._done.extend(work.plans)
-            self._free += 1
+            for n, (request, i) in enumerate(work.slots):
+                if request.over:
+                    continue
+                if isinstance(outcome, BaseException):
+                    self._drop(request)
+                    answered.append((request, outcome))
+                    continue
+                request.results[i] = outcome[n]
+                request.left -= 1
+                if not request.left:
+                    answered.append((request, [r for r in request.results if r is not None]))
+            if work.plan is not None:
+                self._done.append(work.plan)
+            self._running -= 1
+            for tenant in {request.tenant for request, _ in work.slots}:
+                self._tenants[tenant].in_flight -= 1
+            self._forget_idle()
             self._cond.notify()
+        for request, outcome in answered:
+            _resolve(request, outcome)
 
-    # --- compute (the owner with one worker, else the pool's threads) ----------------------------
+    def _forget_idle(self) -> None:
+        """Drop tenants with nothing queued or in flight whose counter carries nothing: one
+        at or below the virtual time is lifted to it on their next request anyway."""
+        for tenant in [
+            t
+            for t, s in self._tenants.items()
+            if not s.requests and not s.in_flight and s.served <= self._virtual_time
+        ]:
+            del self._tenants[tenant]
 
-    def _set_threads(self) -> None:
+    # --- compute threads -------------------------------------------------------------------------
+
+    def _compute_loop(self) -> None:
         if self.threads:
             import torch
 
             torch.set_num_threads(self.threads)
-
-    def _compute_loop(self) -> None:
-        self._set_threads()
         while (work := self._work.get()) is not None:
+            assert work.plan is not None
             try:
-                self._compute(work)
-            finally:
-                self._finished(work)
-
-    def _compute(self, work: _Work) -> None:
-        try:
-            results = [r for plan in work.plans for r in self.engine.execute(plan)]
-        except Exception as exc:  # the engine isolates row errors; this is a bug guard
-            logger.exception("a batch of %d requests failed", len(work.requests))
-            self._fail(work.requests, exc)
-            return
-        start = 0
-        for request in work.requests:
-            end = start + len(request.rows)
-            _resolve(request, results[start:end])
-            start = end
-
-    @staticmethod
-    def _fail(requests: list[_Request], exc: BaseException) -> None:
-        for request in requests:
-            _resolve(request, exc=exc)
+                results = self.engine.execute(work.plan)
+            except Exception as exc:  # the engine isolates row errors; this is a bug guard
+                logger.exception("a batch of %d rows failed", len(work.slots))
+                self._finished(work, exc)
+            else:
+                self._finished(work, results)
 
     def _resolve_mode(self, row: Row, mode: RequestMode) -> Row:
         self.policy.observe(row.key)
@@ -341,14 +450,27 @@ class Batcher:
         return row if row.mode == forward else replace(row, mode=forward)
 
 
-def _resolve(request: _Request, results: Any = None, exc: BaseException | None = None) -> None:
+def tenant_of(key: Hashable | None) -> Hashable | None:
+    """Whose queue a row joins: the tenant of a service key ``(tenant_id, name, version)``.
+    Core's callers and tests use other keys: each such adapter queues as its own tenant, and
+    bare-base rows (``None``) share one queue."""
+    return key[0] if isinstance(key, tuple) else key
+
+
+def _tokens(row: Row, window: int) -> int:
+    """What a row costs a forward, in tokens: its ids, or the whole window for a row given as
+    bare text (core's callers), which the engine tokenizes only when planning."""
+    return len(row.encoded.input_ids) if row.encoded is not None else window
+
+
+def _resolve(request: _Request, outcome: list[RowResult] | BaseException) -> None:
     def settle() -> None:
         if request.future.done():  # the client went away
             return
-        if exc is not None:
-            request.future.set_exception(exc)
+        if isinstance(outcome, BaseException):
+            request.future.set_exception(outcome)
         else:
-            request.future.set_result(results)
+            request.future.set_result(outcome)
 
     # RuntimeError: its event loop is closed, so nobody is waiting for the answer.
     with contextlib.suppress(RuntimeError):

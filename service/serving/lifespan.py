@@ -70,6 +70,7 @@ async def serving(state: AppState) -> AsyncIterator[None]:
         engine,
         DatabaseLoader(state.sessionmaker),
         max_batch_size=settings.max_batch_size,
+        max_batch_tokens=settings.max_batch_tokens,
         max_wait_ms=settings.max_wait_ms,
         max_queue_rows=settings.max_queue_rows,
         workers=workers,

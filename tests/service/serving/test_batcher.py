@@ -1,15 +1,23 @@
-"""The batcher on its own (real engine, tiny random base): when a batch waits for company."""
+"""The batcher on its own (real engine, tiny random base): when a batch waits for company,
+and how rows of several tenants share batches and lanes."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
+from collections.abc import Collection, Hashable, Sequence
+from typing import Any
+
+import torch
 
 from core.base import FrozenBase
-from core.inference import InferenceEngine, Row
+from core.inference import InferenceEngine, Plan, Row, RowEncoder, RowResult
 from service.serving.batcher import Batcher
-from tests.core.inference.helpers import lora
+from tests.core.inference.helpers import lora, output
 
 FOREVER_MS = 600_000.0  # a wait no test could sit through: reaching it fails the deadline
+A = ("tenant-a", "cls", 1)  # adapter keys as the service makes them: (tenant_id, name, version)
+B = ("tenant-b", "cls", 1)
 
 
 def test_a_request_that_arrives_alone_runs_without_waiting_for_company(
@@ -43,3 +51,146 @@ def test_a_request_that_arrives_alone_runs_without_waiting_for_company(
         assert (batcher.stats.batches, batcher.stats.rows) == (2, 9)
     finally:
         batcher.stop()
+
+
+class RecordingEngine(InferenceEngine):
+    """The real engine, keeping each planned batch's rows (in planning order: the owner
+    thread's), and holding the compute of batches with rows of ``hold`` until ``held`` is set."""
+
+    def __init__(self, base: FrozenBase, hold: Collection[Hashable] = ()) -> None:
+        super().__init__(base)
+        self.planned: list[list[Row]] = []
+        self.hold = set(hold)
+        self.held = threading.Event()
+
+    def plan(self, rows: Sequence[Row], **kw: Any) -> Plan:
+        self.planned.append(list(rows))
+        return super().plan(rows, **kw)
+
+    def execute(self, plan: Plan) -> list[RowResult]:
+        if self.hold & {r.key for r in plan.rows}:
+            self.held.wait(60)
+        return super().execute(plan)
+
+
+def two_tenants(engine: InferenceEngine, base: FrozenBase, **kw: Any) -> Batcher:
+    adapters = {A: lora(base, 4, seed=1), B: lora(base, 4, seed=2)}
+    for key, adapter in adapters.items():
+        engine.load(key, adapter)  # before the batcher starts: no owner thread yet
+    options = {"max_wait_ms": 0.0, "max_queue_rows": 1000, **kw}
+    return Batcher(engine, adapters.__getitem__, **options)
+
+
+def encoded_rows(base: FrozenBase, key: Hashable, texts: list[str]) -> list[Row]:
+    encoded = RowEncoder(base).encode([(t, None) for t in texts], base.max_length)
+    return [Row(key, t, encoded=e) for t, e in zip(texts, encoded, strict=True)]
+
+
+def tokens(row: Row) -> int:
+    assert row.encoded is not None
+    return len(row.encoded.input_ids)
+
+
+def test_another_tenants_row_is_answered_before_a_request_many_batches_long(
+    tiny_base: FrozenBase,
+) -> None:
+    engine = RecordingEngine(tiny_base)
+    batcher = two_tenants(engine, tiny_base, max_batch_size=2)
+    answered: list[str] = []
+
+    async def submit(name: str, rows: list[Row]) -> None:
+        await batcher.submit(rows, "unmerged")
+        answered.append(name)
+
+    async def main() -> None:
+        a = asyncio.ensure_future(submit("a", [Row(A, f"review {i}") for i in range(16)]))
+        await asyncio.sleep(0)  # A's 16 rows (8 batches) are queued first
+        b = asyncio.ensure_future(submit("b", [Row(B, "one short review")]))
+        await asyncio.sleep(0)
+        batcher.start()
+        await asyncio.wait_for(asyncio.gather(a, b), 60)
+
+    try:
+        asyncio.run(main())
+    finally:
+        batcher.stop()
+    assert answered == ["b", "a"]
+    assert [r.key for r in engine.planned[0]] == [A, B]  # B's row is in the very next batch
+
+
+def test_a_tenant_with_nothing_in_flight_runs_beside_a_busy_worker(tiny_base: FrozenBase) -> None:
+    engine = RecordingEngine(tiny_base, hold={A})  # A's batches compute only once released
+    batcher = two_tenants(engine, tiny_base, max_batch_size=2, workers=1)
+    batcher.start()
+
+    async def main() -> None:
+        a = asyncio.ensure_future(batcher.submit([Row(A, "review")] * 8, "unmerged"))
+        while not engine.planned:  # A's first batch holds the one worker
+            await asyncio.sleep(0.01)
+        b = await asyncio.wait_for(batcher.submit([Row(B, "one short review")], "unmerged"), 60)
+        assert [r.ok for r in b] == [True]
+        assert not a.done()
+        engine.held.set()
+        assert len(await asyncio.wait_for(a, 60)) == 8
+
+    try:
+        asyncio.run(main())
+    finally:
+        engine.held.set()
+        batcher.stop()
+    # A's queued rows never took the extra lane while A had a batch in flight.
+    assert [[r.key for r in batch] for batch in engine.planned] == [[A, A], [B], *[[A, A]] * 3]
+
+
+def test_two_flooding_tenants_get_equal_tokens_within_one_row(tiny_base: FrozenBase) -> None:
+    engine = RecordingEngine(tiny_base)
+    batcher = two_tenants(engine, tiny_base, max_batch_size=1)
+    long_rows = encoded_rows(tiny_base, A, [f"a long review number {i} " * 3 for i in range(12)])
+    short_rows = encoded_rows(tiny_base, B, [f"short {i}" for i in range(40)])
+    longest = max(map(tokens, long_rows))
+    assert longest > 3 * max(map(tokens, short_rows))  # fair by rows would not be by tokens
+
+    async def main() -> None:
+        pending = [
+            asyncio.ensure_future(batcher.submit(rows, "unmerged"))
+            for rows in (long_rows, short_rows)
+        ]
+        await asyncio.sleep(0)  # both floods are queued before the first batch forms
+        batcher.start()
+        await asyncio.wait_for(asyncio.gather(*pending), 60)
+
+    try:
+        asyncio.run(main())
+    finally:
+        batcher.stop()
+    served = {A: 0, B: 0}
+    for batch in engine.planned:
+        (row,) = batch
+        served[row.key] += tokens(row)
+        if served[A] < sum(map(tokens, long_rows)) and served[B] < sum(map(tokens, short_rows)):
+            assert abs(served[A] - served[B]) <= longest, served  # while both still queue
+
+
+def test_a_request_split_over_batches_answers_in_order_as_one_run(tiny_base: FrozenBase) -> None:
+    engine = RecordingEngine(tiny_base)
+    texts = [f"{'a much longer review ' * (i % 4)}number {i}" for i in range(11)]
+    rows = encoded_rows(tiny_base, A, texts)
+    budget = 2 * max(map(tokens, rows))
+    batcher = two_tenants(engine, tiny_base, max_batch_size=4, max_batch_tokens=budget)
+    alone = engine.run(rows)  # one batch, before the batcher owns the engine
+    engine.planned.clear()
+
+    async def main() -> list[RowResult]:
+        return await asyncio.wait_for(batcher.submit(rows, "unmerged"), 60)
+
+    batcher.start()
+    try:
+        split = asyncio.run(main())
+    finally:
+        batcher.stop()
+    assert len(engine.planned) > 3  # the budget split the request
+    for batch in engine.planned:
+        assert len(batch) == 1 or len(batch) * max(map(tokens, batch)) <= budget
+    assert [r.key for r in split] == [A] * len(rows)
+    for got, want in zip(split, alone, strict=True):
+        torch.testing.assert_close(output(got), output(want), atol=1e-5, rtol=1e-5)
