@@ -161,6 +161,16 @@ def positions_from_mask(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
+def left_pad(rows: list[list[int]], pad_id: int = 0) -> tuple[Tensor, Tensor]:
+    """``(input_ids, attention_mask)`` ``[B, longest]`` with each row's padding on its left."""
+    if not rows or any(not r for r in rows):
+        raise ValueError("every row needs at least one token")
+    longest = max(map(len, rows))
+    ids = torch.tensor([[pad_id] * (longest - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (longest - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
 def forward(
     weights: DecoderWeights,
     input_ids: Tensor,

@@ -5,17 +5,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from core.decoder.forward import NO_HOOKS, DecoderWeights, KVCache, LinearHooks, forward, logits
-
-
-def left_pad(rows: list[list[int]], pad_id: int = 0) -> tuple[Tensor, Tensor]:
-    """``(input_ids, attention_mask)`` ``[B, longest]`` with each row's padding on its left."""
-    if not rows or any(not r for r in rows):
-        raise ValueError("every row needs at least one token")
-    longest = max(map(len, rows))
-    ids = torch.tensor([[pad_id] * (longest - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (longest - len(r)) + [1] * len(r) for r in rows])
-    return ids, mask
+from core.decoder.forward import (
+    NO_HOOKS,
+    DecoderWeights,
+    KVCache,
+    LinearHooks,
+    forward,
+    left_pad,
+    logits,
+)
 
 
 @torch.inference_mode()

@@ -7,8 +7,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from core.decoder.base import DecoderBase, load_decoder_base
-from core.decoder.forward import KVCache, forward, logits, positions_from_mask
-from core.decoder.generate import greedy_generate, left_pad
+from core.decoder.forward import KVCache, forward, left_pad, logits, positions_from_mask
+from core.decoder.generate import greedy_generate
 from core.methods.lora.layer import LoraHooks, MergedLoraHooks
 from tests.core.decoder.tiny_llama import build_tiny_llama
 
