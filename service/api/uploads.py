@@ -1,14 +1,19 @@
-"""Reading multipart uploads: bounded reads and form fields, shared by the upload routes."""
+"""Reading uploads: bounded reads and form fields of multipart forms, and a body streamed to a
+parser in a worker thread; shared by the upload routes."""
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import AsyncGenerator, Iterator
 from typing import Any
 
+from anyio import from_thread
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
 from service.api.middleware import limit_message
 from service.datasets.rows import DatasetKind
+from service.datasets.store import UploadDigest
 from service.errors import ErrorKind, ServiceError, invalid
 
 _READ_CHUNK = 1024 * 1024
@@ -89,3 +94,36 @@ def form_text(value: Any, param: str, max_length: int = 256) -> str | None:
     if len(value) > max_length:
         raise invalid(f"{param} must be at most {max_length} characters.", param)
     return value
+
+
+class BodyChunks:
+    """A request's body as an iterable of byte chunks for a parser running in a worker thread
+    (``run_in_threadpool``): each chunk is awaited on the event loop when the parser asks for
+    it, so the body is parsed as it arrives, off the loop, and never held whole. Chunks are
+    counted and hashed as they pass; :meth:`aclose` on the loop once the parser is done."""
+
+    def __init__(self, request: Request) -> None:
+        self._stream = request.stream()
+        self._sha256 = hashlib.sha256()
+        self._size = 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        while True:
+            try:
+                chunk = from_thread.run(_next_chunk, self._stream)
+            except StopAsyncIteration:
+                return
+            self._size += len(chunk)
+            self._sha256.update(chunk)
+            yield chunk
+
+    def digest(self) -> UploadDigest:
+        """The body's size and checksum, once it has been read to its end."""
+        return UploadDigest(size=self._size, sha256=self._sha256.hexdigest())
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
+async def _next_chunk(stream: AsyncGenerator[bytes, None]) -> bytes:
+    return await anext(stream)

@@ -1,25 +1,31 @@
 """Reading a dataset's records: an uploaded JSON Lines or CSV file (its format detected, its
-text strict UTF-8) or a JSON body's ``records``. Each record comes paired with where it is, or
-as the problem that kept it from being read at all (bad JSON, a short CSV row)."""
+text strict UTF-8) or a JSON body's ``records``, read as the body arrives. Each record comes
+paired with where it is, or as the problem that kept it from being read at all (bad JSON, a
+short CSV row)."""
 
 from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
 from service.datasets.rows import (
     REQUIRED_FIELDS,
     DatasetError,
     DatasetKind,
+    Limits,
     Line,
     Record,
     Where,
     type_name,
 )
+from service.jsonstream import JsonSyntaxError, ObjectReader, ValueTooLongError
+
+T = TypeVar("T")
 
 
 class DatasetFormat(StrEnum):
@@ -158,10 +164,19 @@ def file_items(text: str, kind: DatasetKind, fmt: DatasetFormat) -> Iterator[Ite
     return _jsonl_items(text) if fmt is DatasetFormat.JSONL else _csv_items(text, kind)
 
 
-def record_items(records: Sequence[Any]) -> Iterator[Item]:
-    """The records of a JSON body, each of which must be an object."""
-    for index, obj in enumerate(records):
+def record_items(records: Iterable[Any]) -> Iterator[Item]:
+    """The records of a JSON body, each of which must be an object. A record the body's reader
+    cannot read (bad JSON, too long) is the last: nothing after it can be found."""
+    values = iter(records)
+    for index in itertools.count():
         where = Record(index)
+        try:
+            obj = next(values)
+        except StopIteration:
+            return
+        except (JsonSyntaxError, ValueTooLongError) as exc:
+            yield where, _unreadable(where, exc)
+            return
         if not isinstance(obj, dict):
             yield (
                 where,
@@ -169,3 +184,140 @@ def record_items(records: Sequence[Any]) -> Iterator[Item]:
             )
             continue
         yield where, obj
+
+
+def _unreadable(where: Record, exc: JsonSyntaxError | ValueTooLongError) -> DatasetError:
+    if isinstance(exc, ValueTooLongError):
+        message = f"record is longer than {exc.max_chars} characters of JSON"
+        return where.error(message, None, "record_too_large")
+    return where.error(f"invalid JSON ({exc})", None, "invalid_json")
+
+
+# The longest JSON text of a body's kind or name (a name is at most 256 characters, each
+# at most 12 characters of JSON when escaped as a surrogate pair).
+_MAX_FIELD_CHARS = 4096
+_MAX_NAME_CHARS = 256
+_BODY_FIELDS = "kind, name and records"
+
+
+class _Records:
+    """A streamed body's records as items, noting whether the array was read to its end."""
+
+    def __init__(self, values: Iterator[Any]) -> None:
+        self._values = values
+        self.complete = False
+
+    def __iter__(self) -> Iterator[Item]:
+        return record_items(self._until_end())
+
+    def _until_end(self) -> Iterator[Any]:
+        yield from self._values
+        self.complete = True
+
+
+def read_records_body(
+    chunks: Iterable[bytes],
+    limits: Limits,
+    check: Callable[[DatasetKind, Iterator[Item]], T],
+) -> tuple[T, str | None]:
+    """A JSON upload ``{"kind", "name", "records"}`` read from ``chunks`` as they arrive:
+    ``check``'s answer on the records and the name sent.
+
+    What is held is bounded by the rows ``check`` keeps, not by the body: records are handed
+    to ``check`` one at a time as they are parsed (each at most ``limits.max_record_chars`` of
+    JSON), and reading stops once ``check`` stops (a problem, more than ``limits.max_rows``
+    records). Records sent before ``kind`` cannot be checked yet: their JSON text is kept (at
+    most the body's size, never its parsed objects) and checked once ``kind`` arrives. An
+    unknown field is refused before its value is read.
+    """
+    reader = ObjectReader(chunks)
+    kind: DatasetKind | None = None
+    name: str | None = None
+    held: list[str] | None = None
+    checked: T | None = None
+    try:
+        for key in reader.members():
+            if key == "kind":
+                kind = _body_kind(_field(reader, key))
+            elif key == "name":
+                name = _body_name(_field(reader, key))
+            elif key == "records":
+                if not reader.is_array():
+                    raise DatasetError(
+                        "records must be an array of objects", param="records", code="invalid_type"
+                    )
+                if kind is None:
+                    held = _hold(reader, limits)
+                    continue
+                records = _Records(reader.items(limits.max_record_chars))
+                checked = check(kind, iter(records))
+                if not records.complete:
+                    return checked, name  # check stopped: the rest need not be read
+            else:
+                raise DatasetError(
+                    f"unknown field {key!r}: a JSON upload has {_BODY_FIELDS}",
+                    param=key[:64],
+                    code="extra_forbidden",
+                )
+    except JsonSyntaxError as exc:
+        raise DatasetError(
+            f"Request body is not valid JSON: {exc}.", param=None, code="json_invalid"
+        ) from None
+    if kind is None:
+        raise DatasetError("kind is required", param="kind", code="missing")
+    if held is not None:
+        checked = check(kind, record_items(json.loads(text) for text in held))
+    if checked is None:
+        raise DatasetError("records is required", param="records", code="missing")
+    return checked, name
+
+
+def _field(reader: ObjectReader, key: str) -> Any:
+    try:
+        return reader.value(_MAX_FIELD_CHARS)
+    except ValueTooLongError:
+        raise DatasetError(
+            f"{key} is longer than {_MAX_FIELD_CHARS} characters of JSON",
+            param=key,
+            code="field_too_long",
+        ) from None
+
+
+def _hold(reader: ObjectReader, limits: Limits) -> list[str]:
+    """The records' JSON texts, up to one past ``limits.max_rows``."""
+    held: list[str] = []
+    try:
+        for text in itertools.islice(
+            reader.item_texts(limits.max_record_chars), limits.max_rows + 1
+        ):
+            held.append(text)
+    except (JsonSyntaxError, ValueTooLongError) as exc:
+        raise _unreadable(Record(len(held)), exc) from None
+    if len(held) > limits.max_rows:
+        raise DatasetError(
+            f"dataset has more than {limits.max_rows} rows", param="records", code="too_many_rows"
+        )
+    return held
+
+
+def _body_kind(value: Any) -> DatasetKind:
+    kinds = [k.value for k in DatasetKind]
+    if not isinstance(value, str) or value not in kinds:
+        raise DatasetError(
+            f"kind must be one of {', '.join(kinds)}; got {value!r}.",
+            param="kind",
+            code="invalid_kind",
+        )
+    return DatasetKind(value)
+
+
+def _body_name(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not 1 <= len(value) <= _MAX_NAME_CHARS:
+        raise DatasetError(
+            f"name must be a string of 1 to {_MAX_NAME_CHARS} characters.",
+            param="name",
+            code="invalid_name",
+        )
+    return value

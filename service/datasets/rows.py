@@ -47,6 +47,13 @@ class Limits:
     max_label_chars: int = 256
     max_labels: int = 1_000
 
+    @property
+    def max_record_chars(self) -> int:
+        """The JSON text one record of a body may take: three texts (a preference row's) and
+        a label, every character at its longest spelling (12: an escaped surrogate pair), and
+        room for keys and for fields that are dropped."""
+        return 12 * (3 * self.max_text_chars + self.max_label_chars) + 64 * 1024
+
 
 REQUIRED_FIELDS: dict[DatasetKind, tuple[str, ...]] = {
     DatasetKind.CLASSIFICATION: ("text", "label"),

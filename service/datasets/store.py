@@ -8,6 +8,7 @@ Like ``service.jobs.create``, failures are raised as :class:`service.errors.Serv
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -21,17 +22,31 @@ from service.errors import conflict, not_found
 from service.storage_quota import check_bytes_quota
 
 
+@dataclass(frozen=True)
+class UploadDigest:
+    """An upload as received, as a dataset records it: its size and checksum. A streamed
+    upload is counted and hashed as it passes, never held whole."""
+
+    size: int
+    sha256: str
+
+    @classmethod
+    def of(cls, data: bytes) -> UploadDigest:
+        return cls(size=len(data), sha256=hashlib.sha256(data).hexdigest())
+
+
 def store_dataset(
     factory: sessionmaker[Session],
     tenant_id: str,
     name: str | None,
     parsed: ParsedDataset,
-    raw: bytes,
+    received: UploadDigest,
     max_tenant_bytes: int,
 ) -> Dataset:
-    """Insert a validated dataset; ``raw`` is the upload as received (size and checksum).
+    """Insert a validated dataset, uploaded as ``received``.
 
-    Refused (quota) where the tenant's datasets and ``raw`` together pass ``max_tenant_bytes``.
+    Refused (quota) where the tenant's datasets and this upload together pass
+    ``max_tenant_bytes``.
     """
     dataset_id = ids.new_id(ids.DATASET)
     row = Dataset(
@@ -43,8 +58,8 @@ def store_dataset(
         rows_encoding=codec.ENCODING,
         row_count=parsed.row_count,
         label_counts=parsed.label_counts,
-        bytes=len(raw),
-        sha256=hashlib.sha256(raw).hexdigest(),
+        bytes=received.size,
+        sha256=received.sha256,
     )
     # One INSERT in one transaction: a dataset is stored whole or not at all.
     with factory() as session, session.begin():
@@ -52,7 +67,7 @@ def store_dataset(
             session,
             Dataset.bytes,
             tenant_id,
-            incoming=len(raw),
+            incoming=received.size,
             limit=max_tenant_bytes,
             what="datasets",
             code="dataset_bytes_limit",

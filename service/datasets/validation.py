@@ -1,7 +1,7 @@
 """Validate a whole dataset. Pure: bytes or records in, normalised rows out.
 
-:func:`parse_file` and :func:`parse_records` stop at the first problem, a :class:`DatasetError`
-that names the line or record and the field. :func:`check_file` and :func:`check_records` apply
+:func:`parse_file` and :func:`parse_json_body` stop at the first problem, a :class:`DatasetError`
+that names the line or record and the field. :func:`check_file` and :func:`check_json_body` apply
 the same rules but list every problem (up to a bound) instead of stopping at the first: the dry
 run behind ``POST /v1/datasets/validate``. Records are read in ``reading.py`` and each checked
 in ``rows.py``; the rules over the whole dataset (not empty, how many classes) are here.
@@ -10,16 +10,15 @@ in ``rows.py``; the rules over the whole dataset (not empty, how many classes) a
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from service.datasets.reading import (
     DatasetFormat,
     Item,
     file_items,
     file_text,
-    record_items,
+    read_records_body,
 )
 from service.datasets.rows import DatasetError, DatasetKind, Limits, normalize_row
 
@@ -183,11 +182,16 @@ def parse_file(
     return _collect(kind, items, limits, empty_param="file")
 
 
-def parse_records(
-    records: Sequence[Any], kind: DatasetKind, limits: Limits = _DEFAULT_LIMITS
-) -> ParsedDataset:
-    """Validate rows sent inline as ``{"records": [...]}``."""
-    return _collect(kind, record_items(records), limits, empty_param="records")
+def parse_json_body(
+    chunks: Iterable[bytes], limits: Limits = _DEFAULT_LIMITS
+) -> tuple[ParsedDataset, str | None]:
+    """Validate a JSON upload ``{"kind", "records", "name"}`` read from ``chunks`` as they
+    arrive (rows are checked as they are parsed); the dataset and the name sent."""
+
+    def collect(kind: DatasetKind, items: Iterator[Item]) -> ParsedDataset:
+        return _collect(kind, items, limits, empty_param="records")
+
+    return read_records_body(chunks, limits, collect)
 
 
 def check_file(
@@ -206,11 +210,16 @@ def check_file(
     return _report(kind, items, limits, max_problems, empty_param="file")
 
 
-def check_records(
-    records: Sequence[Any],
-    kind: DatasetKind,
+def check_json_body(
+    chunks: Iterable[bytes],
     limits: Limits = _DEFAULT_LIMITS,
     max_problems: int = MAX_PROBLEMS,
 ) -> DatasetReport:
-    """What :func:`parse_records` would say, listing every problem up to ``max_problems``."""
-    return _report(kind, record_items(records), limits, max_problems, empty_param="records")
+    """What :func:`parse_json_body` would say, listing every problem of the records up to
+    ``max_problems`` (a body that is no upload at all, such as one without ``kind``, is
+    refused as the upload would be)."""
+
+    def report(kind: DatasetKind, items: Iterator[Item]) -> DatasetReport:
+        return _report(kind, items, limits, max_problems, empty_param="records")
+
+    return read_records_body(chunks, limits, report)[0]

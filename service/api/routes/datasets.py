@@ -3,12 +3,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
-from fastapi.exceptions import RequestValidationError
-from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
@@ -19,6 +18,7 @@ from service.api.schemas.common import DeletedResponse, ListResponse
 from service.api.schemas.datasets import KIND, DatasetCreateJSON, DatasetObject, DatasetValidation
 from service.api.uploads import (
     DATASET_KINDS,
+    BodyChunks,
     dataset_kind,
     dataset_upload_body,
     form_text,
@@ -29,18 +29,25 @@ from service.api.uploads import (
 from service.datasets.infer import infer_kind
 from service.datasets.reading import DatasetFormat, detect_format
 from service.datasets.rows import DatasetError, DatasetKind, Limits
-from service.datasets.store import delete_owned_dataset, get_owned_dataset, store_dataset
+from service.datasets.store import (
+    UploadDigest,
+    delete_owned_dataset,
+    get_owned_dataset,
+    store_dataset,
+)
 from service.datasets.validation import (
     MAX_PROBLEMS,
     check_file,
-    check_records,
+    check_json_body,
     parse_file,
-    parse_records,
+    parse_json_body,
 )
 from service.db.models import Dataset
 from service.errors import invalid
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+
+T = TypeVar("T")
 
 _NAME_FIELD = {
     "type": "string",
@@ -110,14 +117,17 @@ async def _read_multipart(request: Request, max_bytes: int, *, kind_required: bo
     return _Upload(kind=kind, fmt=fmt, data=data, name=name or filename)
 
 
-async def _read_json(request: Request) -> tuple[DatasetCreateJSON, bytes]:
-    body = await request.body()
+async def _read_json(
+    request: Request, read: Callable[[Iterable[bytes], Limits], T], limits: Limits
+) -> tuple[T, UploadDigest]:
+    """``read``'s answer on a JSON upload, parsed in a worker thread as the body arrives: the
+    event loop only hands it chunks, and rows are kept, not the body's parsed objects."""
+    chunks = BodyChunks(request)
     try:
-        payload = DatasetCreateJSON.model_validate_json(body)
-    except ValidationError as exc:
-        # Read by hand (one route, two bodies); answered as FastAPI answers a declared body.
-        raise RequestValidationError(exc.errors()) from None
-    return payload, body
+        answer = await run_in_threadpool(read, chunks, limits)
+    finally:
+        await chunks.aclose()
+    return answer, chunks.digest()
 
 
 def _media_type(request: Request) -> str:
@@ -149,13 +159,17 @@ async def create_dataset(
         upload = await _read_multipart(request, settings.max_upload_bytes, kind_required=True)
         assert upload.kind is not None
         parsed = await run_in_threadpool(parse_file, upload.data, upload.kind, upload.fmt, limits)
-        raw, name = upload.data, upload.name
+        received, name = UploadDigest.of(upload.data), upload.name
     else:
-        payload, raw = await _read_json(request)
-        parsed = await run_in_threadpool(parse_records, payload.records, payload.kind, limits)
-        name = payload.name
+        (parsed, name), received = await _read_json(request, parse_json_body, limits)
     row = await run_in_threadpool(
-        store_dataset, factory, tenant.id, name, parsed, raw, settings.max_dataset_bytes_per_tenant
+        store_dataset,
+        factory,
+        tenant.id,
+        name,
+        parsed,
+        received,
+        settings.max_dataset_bytes_per_tenant,
     )
     return DatasetObject.from_row(row)
 
@@ -189,8 +203,7 @@ async def validate_dataset(
     if _media_type(request) == "multipart/form-data":
         upload = await _read_multipart(request, settings.max_upload_bytes, kind_required=False)
         return await run_in_threadpool(_check_upload, upload, limits)
-    payload, _ = await _read_json(request)
-    report = await run_in_threadpool(check_records, payload.records, payload.kind, limits)
+    report, _ = await _read_json(request, check_json_body, limits)
     return DatasetValidation.from_report(report, None)
 
 

@@ -33,7 +33,12 @@ from service.datasets import codec
 from service.datasets.infer import infer_kind
 from service.datasets.reading import detect_format
 from service.datasets.rows import Limits
-from service.datasets.store import delete_owned_dataset, get_owned_dataset, store_dataset
+from service.datasets.store import (
+    UploadDigest,
+    delete_owned_dataset,
+    get_owned_dataset,
+    store_dataset,
+)
 from service.datasets.validation import parse_file
 from service.db.models import Dataset
 from service.errors import invalid, unsupported
@@ -110,7 +115,7 @@ async def create_file(
         tenant.id,
         filename,
         parsed,
-        data,
+        UploadDigest.of(data),
         settings.max_dataset_bytes_per_tenant,
     )
     return FileObject.from_row(row)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import pytest
 
 from service.datasets import codec
 from service.datasets.reading import DatasetFormat, detect_format
 from service.datasets.rows import DatasetError, DatasetKind, Limits
-from service.datasets.validation import parse_file, parse_records
+from service.datasets.validation import parse_file, parse_json_body
 
 CLS = DatasetKind.CLASSIFICATION
 PREF = DatasetKind.PREFERENCE
@@ -179,6 +182,10 @@ def test_preference_errors() -> None:
     assert err.code == "identical_pair"
     err = fails(b"prompt,chosen\nq,a\n", kind=PREF, fmt=CSV)
     assert (err.param, err.code) == ("rejected", "missing_column")
+
+
+def parse_records(records: list[Any], kind: DatasetKind) -> None:
+    parse_json_body([json.dumps({"kind": kind.value, "records": records}).encode()])
 
 
 def test_records_errors_use_dotted_paths() -> None:

@@ -1,0 +1,224 @@
+"""Reading one JSON object member by member from byte chunks, holding only the value being read.
+
+``json.loads`` of a whole body builds every value before anything can be checked: a 40 MB
+``[{}, {}, ...]`` under an unknown key costs ~10 million dicts (gigabytes, seconds of CPU)
+before a model can say the key is not allowed. :class:`ObjectReader` reads the top-level
+object's keys first, so a caller can refuse an unknown key before its value is read, and reads
+an array's items one at a time (``json.JSONDecoder.raw_decode`` over a sliding buffer), so a
+caller can check and keep or drop each item, and stop at a count. Every value read is bounded
+by a number of characters; past it the reader stops with :class:`ValueTooLongError`.
+
+HTTP-free: the API and the dataset readers turn :class:`JsonSyntaxError` into their own errors.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import re
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
+# A value that fails this close to the end of what has arrived may just be cut short (a
+# literal, a number or an escape split between chunks): the longest such token is shorter.
+_CUT_MARGIN = 32
+
+
+class JsonSyntaxError(ValueError):
+    """Not valid JSON (or not the shape asked for) at ``line``/``column`` of the text."""
+
+    def __init__(self, message: str, line: int, column: int) -> None:
+        super().__init__(f"{message} at line {line} column {column}")
+        self.reason = message
+        self.line = line
+        self.column = column
+
+
+class ValueTooLongError(ValueError):
+    """A value ran past the characters allowed for it (it may also be invalid further on)."""
+
+    def __init__(self, max_chars: int) -> None:
+        super().__init__(f"a value is longer than {max_chars} characters")
+        self.max_chars = max_chars
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+class ObjectReader:
+    """One JSON object read from ``chunks`` (UTF-8 bytes, a leading BOM allowed).
+
+    Protocol: iterate :meth:`members` (it yields their keys); after each key, read its value
+    with :meth:`value`, :meth:`items` or :meth:`item_texts` before asking for the next key (or
+    stop reading).
+    Duplicate keys are a syntax error: which one would count is a guess between parsers.
+    """
+
+    def __init__(self, chunks: Iterable[bytes], *, max_key_chars: int = 256) -> None:
+        self._chunks = iter(chunks)
+        self._decoder = codecs.getincrementaldecoder("utf-8-sig")(errors="strict")
+        self._json = json.JSONDecoder(parse_constant=_reject_constant)
+        self._buf = ""
+        self._pos = 0  # the cursor in _buf
+        self._eof = False
+        self._bytes_read = 0
+        # Where _buf starts in the whole text, for messages: lines before it, and the
+        # characters since the last line break before it.
+        self._line_base = 1
+        self._column_base = 0
+        self._max_key_chars = max_key_chars
+
+    # --- reading -------------------------------------------------------------------------
+
+    def _fill(self, min_chars: int) -> bool:
+        """Read until ``min_chars`` characters are buffered past the cursor; False at the end."""
+        if self._pos:
+            dropped = self._buf[: self._pos]
+            breaks = dropped.count("\n")
+            if breaks:
+                self._line_base += breaks
+                self._column_base = len(dropped) - dropped.rfind("\n") - 1
+            else:
+                self._column_base += len(dropped)
+            self._buf, self._pos = self._buf[self._pos :], 0
+        parts = [self._buf]
+        have = len(self._buf)
+        while have < min_chars and not self._eof:
+            chunk = next(self._chunks, None)
+            try:
+                text = self._decoder.decode(chunk or b"", final=chunk is None)
+            except UnicodeDecodeError as exc:
+                raise self._error_at_end(
+                    f"not valid UTF-8 (bad byte at offset {self._bytes_read + exc.start})"
+                ) from None
+            if chunk is None:
+                self._eof = True
+            else:
+                self._bytes_read += len(chunk)
+            parts.append(text)
+            have += len(text)
+        self._buf = "".join(parts)
+        return have >= min_chars
+
+    def _peek(self) -> str:
+        """The next character that is not whitespace ('' at the end), not consumed."""
+        while True:
+            self._pos = _WHITESPACE.match(self._buf, self._pos).end()
+            if self._pos < len(self._buf):
+                return self._buf[self._pos]
+            if not self._fill(1):
+                return ""
+
+    def _expect(self, char: str, what: str) -> None:
+        if self._peek() != char:
+            raise self._error(f"Expecting {what}", self._pos)
+        self._pos += 1
+
+    def _decode(self, max_chars: int) -> tuple[Any, int]:
+        """The value at the cursor and where it started in ``_buf``; the cursor moves past it."""
+        self._peek()
+        want = min(max_chars, 64 * 1024)
+        while True:
+            start = self._pos
+            try:
+                value, end = self._json.raw_decode(self._buf, start)
+            except json.JSONDecodeError as exc:
+                cut = (
+                    exc.msg.startswith("Unterminated string")
+                    or exc.pos >= len(self._buf) - _CUT_MARGIN
+                )
+                if self._eof or not cut:
+                    raise self._error(exc.msg, exc.pos) from None
+            except RecursionError:
+                raise self._error("Nested too deeply", start) from None
+            except ValueError as exc:  # NaN or Infinity, refused by _reject_constant
+                raise self._error(str(exc), start) from None
+            else:
+                # A number that ends where the buffer ends may go on in the next chunk.
+                if end < len(self._buf) or self._eof:
+                    if end - start > max_chars:
+                        raise ValueTooLongError(max_chars)
+                    self._pos = end
+                    return value, start
+            if len(self._buf) - start > max_chars:
+                raise ValueTooLongError(max_chars)
+            # Grow geometrically, so a value of n characters costs O(n) retries in all.
+            want = min(max(want, 2 * (len(self._buf) - start)), max_chars + _CUT_MARGIN + 1)
+            self._fill(want)
+
+    # --- the object ----------------------------------------------------------------------
+
+    def members(self) -> Iterator[str]:
+        """The names of the object's members in order; read each one's value before the next."""
+        self._expect("{", "'{'")
+        seen: set[str] = set()
+        if self._peek() == "}":
+            self._pos += 1
+        else:
+            while True:
+                if self._peek() != '"':
+                    raise self._error(
+                        "Expecting property name enclosed in double quotes", self._pos
+                    )
+                try:
+                    key, start = self._decode(self._max_key_chars)
+                except ValueTooLongError:
+                    raise self._error("Property name too long", self._pos) from None
+                if key in seen:
+                    raise self._error(f"Duplicate property {key!r}", start)
+                seen.add(key)
+                self._expect(":", "':' delimiter")
+                yield key
+                if self._peek() == ",":
+                    self._pos += 1
+                    continue
+                self._expect("}", "',' delimiter")
+                break
+        if self._peek() != "":
+            raise self._error("Extra data", self._pos)
+
+    def value(self, max_chars: int) -> Any:
+        """The current key's value, parsed whole (at most ``max_chars`` characters of JSON)."""
+        return self._decode(max_chars)[0]
+
+    def is_array(self) -> bool:
+        """Whether the current key's value is an array (nothing is consumed)."""
+        return self._peek() == "["
+
+    def items(self, max_item_chars: int) -> Iterator[Any]:
+        """The current key's value, an array, one parsed item at a time."""
+        for _ in self._items():
+            yield self._decode(max_item_chars)[0]
+
+    def item_texts(self, max_item_chars: int) -> Iterator[str]:
+        """Like :meth:`items`, but each item's JSON text (checked as JSON) instead of its
+        value: a caller that cannot judge an item yet keeps it at the size it was sent."""
+        for _ in self._items():
+            _, start = self._decode(max_item_chars)
+            yield self._buf[start : self._pos]
+
+    def _items(self) -> Iterator[None]:
+        self._expect("[", "'['")
+        if self._peek() == "]":
+            self._pos += 1
+            return
+        while True:
+            yield None  # the caller decodes one item here
+            if self._peek() == ",":
+                self._pos += 1
+                continue
+            self._expect("]", "',' delimiter")
+            return
+
+    # --- errors --------------------------------------------------------------------------
+
+    def _error(self, message: str, pos: int) -> JsonSyntaxError:
+        before = self._buf[:pos]
+        breaks = before.count("\n")
+        column = pos - before.rfind("\n") if breaks else self._column_base + pos + 1
+        return JsonSyntaxError(message, self._line_base + breaks, column)
+
+    def _error_at_end(self, message: str) -> JsonSyntaxError:
+        return self._error(message, len(self._buf))
