@@ -27,9 +27,10 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from service.api.errors import install_error_handlers
-from service.api.middleware import BodySizeLimitMiddleware
+from service.api.middleware import BodyLimit, BodySizeLimitMiddleware
 from service.api.routes import api_router
 from service.api.routes.docs import install_docs
+from service.api.schemas.inference import max_body_bytes
 from service.config import Settings
 from service.db.migrate import upgrade
 from service.db.session import make_db_engine, make_sessionmaker
@@ -59,6 +60,11 @@ LIFESPAN_HOOKS: list[LifespanHook] = [serving, invalidation, embedded_worker]
 
 # Multipart framing (boundaries, part headers, small fields) on top of the file itself.
 MULTIPART_OVERHEAD_BYTES = 1024 * 1024
+# The body of any route without a limit of its own (a job, a tenant, a key): small.
+SMALL_BODY_BYTES = 1024 * 1024
+# Routes that take a file (multipart) or a dataset's JSON records: max_upload_mb.
+UPLOAD_PATHS = ("/v1/datasets", "/v1/datasets/validate", "/v1/files", "/v1/adapters/import")
+INFERENCE_PATHS = ("/predict", "/reward/compare")
 
 API_VERSION = "0.1.0"
 
@@ -75,6 +81,15 @@ def _startup(state: AppState) -> None:
         logger.warning(
             "authentication is DISABLED (loopback only): every request acts as the default tenant"
         )
+
+
+def body_limits(settings: Settings) -> dict[str, BodyLimit]:
+    """Each route's body limit: an upload's is ``max_upload_mb`` exactly (a dataset's JSON
+    body) or that plus multipart framing (a form's file is capped by the route); an
+    inference request's is what its largest valid body needs."""
+    upload = BodyLimit(settings.max_upload_bytes, multipart_overhead=MULTIPART_OVERHEAD_BYTES)
+    inference = BodyLimit(max_body_bytes(settings.max_request_chars))
+    return {path: upload for path in UPLOAD_PATHS} | {path: inference for path in INFERENCE_PATHS}
 
 
 def create_app(
@@ -123,8 +138,8 @@ def create_app(
     install_error_handlers(app)
     app.add_middleware(
         BodySizeLimitMiddleware,
-        max_body_bytes=settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES,
-        reported_limit_bytes=settings.max_upload_bytes,
+        routes=body_limits(settings),
+        default=BodyLimit(SMALL_BODY_BYTES),
     )
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     app.include_router(api_router)

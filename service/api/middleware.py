@@ -1,6 +1,9 @@
-"""Request body size limit, enforced before and while the body streams in."""
+"""Request body size limits, one per route, enforced before and while the body streams in."""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
@@ -8,9 +11,26 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.errors import INVALID_REQUEST, error_body
 
+_MB = 1024 * 1024
+
 
 def limit_message(limit_bytes: int) -> str:
-    return f"Request body is larger than the {limit_bytes / (1024 * 1024):g} MB limit."
+    size = f"{limit_bytes // _MB} MB" if limit_bytes % _MB == 0 else f"{limit_bytes:,}-byte"
+    return f"Request body is larger than the {size} limit."
+
+
+@dataclass(frozen=True)
+class BodyLimit:
+    """The most one route's request body may hold."""
+
+    max_bytes: int
+    # Allowed on top of max_bytes for a multipart form's framing (boundaries, part headers,
+    # small fields), so that a file of max_bytes fits; the file itself is capped by the route.
+    multipart_overhead: int = 0
+
+    def enforced(self, scope: Scope) -> int:
+        multipart = _content_type(scope).startswith(b"multipart/form-data")
+        return self.max_bytes + (self.multipart_overhead if multipart else 0)
 
 
 class BodyTooLargeError(HTTPException):
@@ -25,32 +45,31 @@ class BodyTooLargeError(HTTPException):
 
 
 class BodySizeLimitMiddleware:
-    """Refuse bodies over ``max_body_bytes``.
+    """Refuse bodies over their route's limit: ``routes`` by path, ``default`` for the rest.
 
     A declared ``Content-Length`` over the limit is answered at once, without reading.
     Chunked or lying bodies are counted as they arrive, so nothing past the limit is ever
     buffered: the app's next ``receive()`` raises :class:`BodyTooLargeError`.
     """
 
-    def __init__(
-        self, app: ASGIApp, max_body_bytes: int, reported_limit_bytes: int | None = None
-    ) -> None:
+    def __init__(self, app: ASGIApp, routes: Mapping[str, BodyLimit], default: BodyLimit) -> None:
         self.app = app
-        self.max_body_bytes = max_body_bytes
-        # The limit users configured (max_upload_mb), which messages quote; the enforced
-        # limit may be a little higher to allow for multipart framing.
-        self.reported_limit_bytes = reported_limit_bytes or max_body_bytes
+        self.routes = routes
+        self.default = default
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
 
+        route = self.routes.get(_route_path(scope), self.default)
+        # Messages quote the route's limit, not the multipart framing allowed on top of it.
+        limit, reported = route.enforced(scope), route.max_bytes
         declared = _content_length(scope)
-        if declared is not None and declared > self.max_body_bytes:
+        if declared is not None and declared > limit:
             response = JSONResponse(
                 error_body(
-                    limit_message(self.reported_limit_bytes),
+                    limit_message(reported),
                     INVALID_REQUEST,
                     None,
                     "request_too_large",
@@ -61,7 +80,6 @@ class BodySizeLimitMiddleware:
             await response(scope, receive, send)
             return
 
-        limit, reported = self.max_body_bytes, self.reported_limit_bytes
         received = 0
 
         async def limited_receive() -> Message:
@@ -74,6 +92,20 @@ class BodySizeLimitMiddleware:
             return message
 
         await self.app(scope, limited_receive, send)
+
+
+def _route_path(scope: Scope) -> str:
+    """The path the app routes on: behind a proxy's prefix (root_path), without it."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path
+
+
+def _content_type(scope: Scope) -> bytes:
+    for name, value in scope.get("headers", ()):
+        if name == b"content-type":
+            return bytes(value).lower()
+    return b""
 
 
 def _content_length(scope: Scope) -> int | None:

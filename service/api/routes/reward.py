@@ -8,6 +8,7 @@ from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import AdapterName, ServedAdapter
+from service.api.json_body import OffLoopJSONRoute
 from service.api.schemas.inference import (
     CompareBatchResponse,
     ComparePair,
@@ -19,7 +20,8 @@ from service.errors import invalid, not_found
 from service.serving.run import run_rows
 from service.state import app_state
 
-router = APIRouter(tags=["inference"])
+# Bodies parsed off the event loop (service.api.json_body).
+router = APIRouter(tags=["inference"], route_class=OffLoopJSONRoute)
 
 
 def _pairs(body: CompareRequest) -> list[ComparePair]:

@@ -12,6 +12,24 @@ MAX_INPUTS = 256
 MAX_PAIRS = 128
 MAX_TEXT_CHARS = 100_000  # far beyond any window; only what the window needs is tokenized
 
+# The most JSON one character of a text can take: "\\ud83d\\ude00" spells one in 12 bytes.
+MAX_JSON_BYTES_PER_CHAR = 12
+# Room for each input's or pair's framing (keys, quotes, commas, indentation), and the body's.
+_FRAMING_BYTES_PER_ITEM = 256
+_FRAMING_BYTES = 4096
+
+
+def max_body_bytes(max_request_chars: int) -> int:
+    """The largest body a valid ``/predict`` or ``/reward/compare`` request can be: the most
+    characters its texts may hold (``max_request_chars`` in all, and no more than
+    ``MAX_INPUTS`` text pairs or ``MAX_PAIRS`` three-text pairs hold), each at its longest
+    JSON spelling, plus framing. Anything larger is refused (413) before it is read."""
+    texts = max(2 * MAX_INPUTS, 3 * MAX_PAIRS)
+    chars = min(max_request_chars, texts * MAX_TEXT_CHARS)
+    items = max(MAX_INPUTS, MAX_PAIRS)
+    return MAX_JSON_BYTES_PER_CHAR * chars + _FRAMING_BYTES_PER_ITEM * items + _FRAMING_BYTES
+
+
 Text = Annotated[str, StringConstraints(min_length=1, max_length=MAX_TEXT_CHARS)]
 OptionalText = Annotated[str, StringConstraints(max_length=MAX_TEXT_CHARS)]
 

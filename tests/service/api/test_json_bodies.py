@@ -1,0 +1,128 @@
+"""Large JSON bodies cost the event loop nothing and are refused before they cost much: a
+dataset's records are parsed in a worker thread as they arrive, up to the row cap; an
+inference body is parsed in a worker thread, an unknown field refused before its value is
+read, a list's items counted against its cap as they are read."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service.api.schemas.inference import MAX_INPUTS, MAX_PAIRS
+from service.jsonstream import ObjectReader
+from service.main import create_app
+from tests.service.conftest import make_settings
+from tests.service.helpers import CLASSIFICATION_ROWS, Headers, assert_error
+
+JSON = {"Content-Type": "application/json"}
+MAX_ROWS = 5
+# What follows in a body past the point reading must stop at: unreadable as JSON.
+UNREADABLE = b", oops"
+
+
+@pytest.fixture
+def client(tmp_path: Path) -> Iterator[TestClient]:
+    settings = make_settings(tmp_path, max_dataset_rows=MAX_ROWS)
+    with TestClient(create_app(settings, hooks=[])) as test_client:
+        yield test_client
+
+
+@pytest.fixture
+def auth(client: TestClient, tmp_path: Path) -> Headers:
+    key = (tmp_path / "default_api_key").read_text().strip()
+    return {"Authorization": f"Bearer {key}"} | JSON
+
+
+def test_records_past_the_row_cap_are_refused_unread(client: TestClient, auth: Headers) -> None:
+    records = json.dumps({"kind": "classification", "records": CLASSIFICATION_ROWS * 2})
+    body = records[:-2].encode() + UNREADABLE  # cut after MAX_ROWS + 3 records
+    resp = client.post("/v1/datasets", content=body, headers=auth)
+    assert_error(resp, 422, param="records", code="too_many_rows", contains="5 rows")
+    report = client.post("/v1/datasets/validate", content=body, headers=auth).json()
+    assert [(e["param"], e["code"]) for e in report["errors"]] == [("records", "too_many_rows")]
+
+
+@pytest.mark.parametrize("path", ["/predict?adapter=x", "/reward/compare?adapter=x"])
+def test_an_unknown_field_is_refused_before_its_value_is_read(
+    client: TestClient, auth: Headers, path: str
+) -> None:
+    body = b'{"truncate": true, "junk": [{}, {}' + UNREADABLE
+    resp = client.post(path, content=body, headers=auth)
+    assert_error(resp, 422, param="junk", code="extra_forbidden")
+
+
+@pytest.mark.parametrize(
+    ("path", "field", "item", "cap"),
+    [
+        ("/predict?adapter=x", "inputs", '"a"', MAX_INPUTS),
+        ("/reward/compare?adapter=x", "pairs", '{"response_a": "a", "response_b": "b"}', MAX_PAIRS),
+    ],
+)
+def test_list_items_past_the_cap_are_refused_unread(
+    client: TestClient, auth: Headers, path: str, field: str, item: str, cap: int
+) -> None:
+    body = f'{{"{field}": [{", ".join([item] * (cap + 1))}'.encode() + UNREADABLE
+    resp = client.post(path, content=body, headers=auth)
+    assert_error(resp, 422, param=field, code="too_long")
+    # A bad item is named at its index, before the rest is read.
+    body = f'{{"{field}": [{item}, 7'.encode() + UNREADABLE
+    error = assert_error(client.post(path, content=body, headers=auth), 422)
+    assert error["param"].startswith(f"{field}.1")
+
+
+def test_the_key_is_checked_before_the_body_is_refused(client: TestClient) -> None:
+    resp = client.post("/predict?adapter=x", content=b'{"junk": 1}', headers=JSON)
+    assert_error(resp, 401, code="missing_api_key")
+
+
+def _hold_until_answered(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Make the JSON parser wait, once it has started on a body, until a /healthz request
+    sent meanwhile has been answered; returns the order of events: 'healthz' when that answer
+    arrives, 'parsing' when the parser goes on. On a blocked event loop the parser goes on
+    first (its wait times out) and /healthz is answered only after."""
+    parsing, answered = threading.Event(), threading.Event()
+    real = ObjectReader.members
+    order: list[str] = []
+
+    def held(*args: Any, **kwargs: Any) -> Any:
+        if not parsing.is_set():
+            parsing.set()
+            # Bounded only so that a blocked event loop fails the test instead of hanging it.
+            answered.wait(timeout=30)
+            order.append("parsing")
+        return real(*args, **kwargs)
+
+    def probe() -> None:
+        assert parsing.wait(timeout=30)
+        assert client.get("/healthz").status_code == 200
+        order.append("healthz")
+        answered.set()
+
+    monkeypatch.setattr(ObjectReader, "members", held)
+    threading.Thread(target=probe, daemon=True).start()
+    return order
+
+
+def test_a_dataset_body_is_parsed_off_the_event_loop(
+    client: TestClient, auth: Headers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    order = _hold_until_answered(client, monkeypatch)
+    body = {"kind": "classification", "records": CLASSIFICATION_ROWS}
+    resp = client.post("/v1/datasets", content=json.dumps(body).encode(), headers=auth)
+    assert resp.status_code == 200, resp.text
+    assert order == ["healthz", "parsing"]
+
+
+def test_an_inference_body_is_parsed_off_the_event_loop(
+    client: TestClient, auth: Headers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    order = _hold_until_answered(client, monkeypatch)
+    resp = client.post("/predict?adapter=x", content=b'{"inputs": ["a"]}', headers=auth)
+    assert resp.status_code != 422, resp.text  # read, then answered (no adapter here)
+    assert order == ["healthz", "parsing"]
