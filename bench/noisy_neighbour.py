@@ -16,8 +16,10 @@ requests, T seconds) in four phases:
    queued jobs started before it (fair share across tenants: none should).
 
 Each phase reports B's p50/p95/p99, the p50 and p99 ratios to idle, and what A's load
-achieved (requests, statuses). Client and server share the machine's cores, so A's client
-takes some of the server's CPU as well; figures are for comparing phases of one run.
+achieved (requests, statuses). What A's own maximal request costs is timed alone on the idle
+server (``a_alone``): with fair scheduling it runs as many small batches. Client and server
+share the machine's cores, so A's client takes some of the server's CPU as well; figures are
+for comparing phases of one run.
 
     python -m bench.noisy_neighbour --quick --json noisy_neighbour.json
 """
@@ -324,9 +326,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 return Flood(server.base_url, keys["a"], path, body, args.concurrency)
 
             with server.client(keys["a"], timeout=300) as a:
-                # Warm-up: both adapters resident, A's large request paid once.
+                # Warm-up: both adapters resident; A's large request, timed alone.
                 asyncio.run(drive(server.base_url, keys["b"], [b_name], texts, 1, 2.0))
-                a.post(a_path, content=accepted, headers={"Content-Type": "application/json"})
+                t0 = time.perf_counter()
+                r = a.post(a_path, content=accepted, headers={"Content-Type": "application/json"})
+                a_alone_s = time.perf_counter() - t0
+                r.raise_for_status()
+                a_alone = {
+                    "rows": MAX_INPUTS,
+                    "seconds": round(a_alone_s, 2),
+                    "rows_per_s": round(MAX_INPUTS / a_alone_s, 1),
+                }
+                print(f"[noisy] A's maximal /predict alone: {a_alone}", file=sys.stderr, flush=True)
                 phases["idle"] = measure()
                 print(f"[noisy] idle: {phases['idle']}", file=sys.stderr, flush=True)
                 refused = timed_refusals(a, a_path, over, args.refusals)
@@ -358,6 +369,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "a_concurrency": args.concurrency,
         "max_request_chars": max_chars,
         "max_upload_mb": args.upload_mb,
+        "a_alone": a_alone,
         "phases": phases,
         "over_limit_predict": refused,
         "job_wait": job_wait,
@@ -382,6 +394,11 @@ def print_table(figures: dict[str, Any]) -> None:
             f"{name:<24}{r['requests']:>6}{r['p50_ms']:>8}{r['p95_ms']:>8}{r['p99_ms']:>8}"
             f"{r['errors']:>5}{r['p50_ratio']:>9}{r['p99_ratio']:>9}  {a_txt}"
         )
+    alone = figures["a_alone"]
+    print(
+        f"A's maximal /predict alone ({alone['rows']} texts): {alone['seconds']} s, "
+        f"{alone['rows_per_s']} rows/s"
+    )
     o, w = figures["over_limit_predict"], figures["job_wait"]
     print(
         f"over-limit /predict ({o['body_bytes'] / 1e6:.1f} MB): {o['statuses']} "
