@@ -67,6 +67,11 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+# A line of a JSON Lines file is one record: one longer than any valid record can be is
+# refused before it is parsed (a line of [{}, {}, ...] costs ~30 times its size as objects).
+_MAX_LINE_CHARS = Limits().max_record_chars
+
+
 def _jsonl_items(text: str) -> Iterator[Item]:
     # Split on "\n" only: str.splitlines() would also split on U+2028 and friends, which
     # json.dumps leaves unescaped inside strings.
@@ -75,6 +80,10 @@ def _jsonl_items(text: str) -> Iterator[Item]:
         if not line.strip():
             continue
         where = Line(number)
+        if len(line) > _MAX_LINE_CHARS:
+            message = f"line is longer than {_MAX_LINE_CHARS} characters, more than any row"
+            yield where, where.error(message, "file", "record_too_large")
+            continue
         try:
             obj = json.loads(line, parse_constant=_reject_constant)
         except json.JSONDecodeError as exc:

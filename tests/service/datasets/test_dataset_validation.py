@@ -222,3 +222,10 @@ def test_codec_round_trip() -> None:
     blob = codec.encode_rows(rows)
     assert codec.decode_rows(blob) == rows
     assert codec.encode_rows(rows) == blob  # deterministic
+
+
+def test_a_jsonl_line_longer_than_any_row_is_refused_unparsed() -> None:
+    longest = Limits().max_record_chars
+    junk = b'{"text": "a", "label": "b", "meta": [' + b"{}," * (longest // 3) + b"{}]}\n"
+    err = fails(b'{"text": "ok", "label": "pos"}\n' + junk)
+    assert (err.line, err.param, err.code) == (2, "file", "record_too_large")
