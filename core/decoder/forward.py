@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from core.decoder.config import DECODER_TARGET_PATHS, DecoderConfig
+from core.decoder.config import DecoderConfig
+from core.targets import DECODER_TARGET_PATHS
 
 
 class LinearHooks(Protocol):

@@ -16,6 +16,7 @@ from core.methods.full import FullConfig
 from core.methods.lora import LoraConfig
 from core.methods.prompt_tuning import PromptTuningConfig
 from core.methods.scratch import ScratchConfig
+from core.targets import BaseKind
 
 if TYPE_CHECKING:
     from core.base import FrozenBase
@@ -34,11 +35,14 @@ METHODS: dict[str, type[MethodConfig]] = {
 }
 
 
-def parse_method_config(method_type: str, params: dict[str, Any] | None = None) -> MethodConfig:
-    """Validated config for ``method_type``; :class:`ConfigError` names the bad field."""
+def parse_method_config(
+    method_type: str, params: dict[str, Any] | None = None, base_kind: BaseKind = "encoder"
+) -> MethodConfig:
+    """Validated config for ``method_type`` on a ``base_kind`` base; :class:`ConfigError` names
+    the bad field."""
     if method_type not in METHODS:
         raise ConfigError("type", f"unknown method {method_type!r}; known: {sorted(METHODS)}")
-    return parse_config(METHODS[method_type], params)
+    return parse_config(METHODS[method_type], params, base_kind)
 
 
 def build_method(config: MethodConfig, base: FrozenBase) -> AdapterMethod:

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo
 
 from core.errors import ConfigError
+from core.targets import BaseKind
 
 
 class MethodConfig(BaseModel):
@@ -33,10 +34,18 @@ class MethodConfig(BaseModel):
         return 0
 
 
-def parse_config(cls: type[MethodConfig], params: dict[str, Any] | None) -> MethodConfig:
-    """Validate ``params`` into ``cls``; raise :class:`ConfigError` naming the first bad field."""
+def validation_base_kind(info: ValidationInfo) -> BaseKind:
+    """The kind of base a config is being validated for (``parse_config``'s ``base_kind``)."""
+    return (info.context or {}).get("base_kind", "encoder")
+
+
+def parse_config(
+    cls: type[MethodConfig], params: dict[str, Any] | None, base_kind: BaseKind = "encoder"
+) -> MethodConfig:
+    """Validate ``params`` into ``cls`` for a base of ``base_kind`` (a method's layer names
+    differ per kind); raise :class:`ConfigError` naming the first bad field."""
     try:
-        return cls(**(params or {}))
+        return cls.model_validate(params or {}, context={"base_kind": base_kind})
     except ValidationError as e:
         err = e.errors()[0]
         field = ".".join(str(p) for p in err["loc"]) or cls.type

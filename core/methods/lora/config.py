@@ -2,10 +2,10 @@ from __future__ import annotations
 
 from typing import Annotated, ClassVar
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from core.methods.config import MethodConfig
-from core.targets import TARGET_MODULES
+from core.methods.config import MethodConfig, validation_base_kind
+from core.targets import DECODER_TARGET_MODULES, TARGET_MODULES, TARGET_MODULES_BY_KIND
 
 
 class LoraConfig(MethodConfig):
@@ -30,8 +30,10 @@ class LoraConfig(MethodConfig):
     )
     target_modules: list[str] | str = Field(
         default_factory=lambda: ["query", "value"],
-        description="Linear layers to adapt in every encoder layer, out of "
-        f"{', '.join(TARGET_MODULES)}; or 'all-linear' for all of them.",
+        description="Linear layers to adapt in every layer: on an encoder base out of "
+        f"{', '.join(TARGET_MODULES)} (default query, value), on a decoder base out of "
+        f"{', '.join(DECODER_TARGET_MODULES)} (default all of them); or 'all-linear' for all "
+        "of the base's.",
     )
     use_rslora: bool = Field(
         False,
@@ -43,19 +45,35 @@ class LoraConfig(MethodConfig):
         None, description="Encoder layers to adapt, by index from 0 (bottom); null = all."
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _decoder_default_targets(cls, data: object, info: ValidationInfo) -> object:
+        # Every linear layer on a decoder: LoRA on attention alone falls short of full
+        # fine-tuning on instruction data (QLoRA, Dettmers et al. 2023), as PEFT's SFT recipes
+        # assume. The encoder's default stays query + value.
+        if (
+            isinstance(data, dict)
+            and "target_modules" not in data
+            and validation_base_kind(info) == "decoder"
+        ):
+            return {**data, "target_modules": "all-linear"}
+        return data
+
     @field_validator("target_modules")
     @classmethod
-    def _known_targets(cls, v: list[str] | str) -> list[str]:
+    def _known_targets(cls, v: list[str] | str, info: ValidationInfo) -> list[str]:
+        kind = validation_base_kind(info)
+        known = TARGET_MODULES_BY_KIND[kind]
         if v == "all-linear":
-            return list(TARGET_MODULES)
+            return list(known)
         if isinstance(v, str):
             v = [v]
         if not v:
             raise ValueError("at least one target module is required")
-        unknown = [t for t in v if t not in TARGET_MODULES]
+        unknown = [t for t in v if t not in known]
         if unknown:
-            raise ValueError(f"unknown target module(s) {unknown}; known: {list(TARGET_MODULES)}")
-        return sorted(set(v), key=TARGET_MODULES.index)
+            raise ValueError(f"unknown target module(s) {unknown}; known: {list(known)} ({kind})")
+        return sorted(set(v), key=known.index)
 
     @property
     def scaling(self) -> float:

@@ -56,6 +56,9 @@ def build_tiny_llama(
         rope_scaling=rope_scaling,
         rms_norm_eps=1e-5,
         tie_word_embeddings=True,
+        # HF's 0.02 leaves a 64-wide random model's logits nearly flat, so no adapter could
+        # make it confident of anything; 0.2 gives it logits of a real model's scale.
+        initializer_range=0.2,
         bos_token_id=1,
         eos_token_id=2,
     )
