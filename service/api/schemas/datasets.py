@@ -45,7 +45,9 @@ class DatasetCreateJSON(BaseModel):
     )
     # Items are checked one by one by service.datasets.rows, which names the index.
     records: list[Any] = Field(
-        description="The rows, one object each; fields other than the kind's are dropped."
+        description="The rows, one object each, at most `LORAPLEX_MAX_DATASET_ROWS` (200,000 by "
+        "default): reading stops at the first past it (422 `too_many_rows`). Fields other than "
+        "the kind's are dropped."
     )
 
 
