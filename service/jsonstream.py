@@ -56,7 +56,7 @@ class ObjectReader:
     Duplicate keys are a syntax error: which one would count is a guess between parsers.
     """
 
-    def __init__(self, chunks: Iterable[bytes], *, max_key_chars: int = 256) -> None:
+    def __init__(self, chunks: Iterable[bytes | memoryview], *, max_key_chars: int = 256) -> None:
         self._chunks = iter(chunks)
         self._decoder = codecs.getincrementaldecoder("utf-8-sig")(errors="strict")
         self._json = json.JSONDecoder(parse_constant=_reject_constant)

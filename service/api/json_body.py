@@ -35,6 +35,7 @@ from service.jsonstream import JsonSyntaxError, ObjectReader, ValueTooLongError
 # The JSON text of any one field or list item: the largest valid one, a pair of three texts
 # at MAX_TEXT_CHARS every character of which is escaped at its longest, with room for keys.
 MAX_VALUE_CHARS = MAX_JSON_BYTES_PER_CHAR * 3 * MAX_TEXT_CHARS + 4096
+_CHUNK = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,9 @@ class ModelBodyReader:
         self._max_value_chars = max_value_chars
 
     def read(self, body: bytes) -> dict[str, Any]:
-        reader = ObjectReader([body])
+        # In chunks: the reader then parses no more of a value than its bound allows.
+        view = memoryview(body)
+        reader = ObjectReader(view[i : i + _CHUNK] for i in range(0, len(body), _CHUNK))
         parsed: dict[str, Any] = {}
         key = ""
         try:

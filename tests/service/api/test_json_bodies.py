@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from service.api.json_body import MAX_VALUE_CHARS
 from service.api.schemas.inference import MAX_INPUTS, MAX_PAIRS
 from service.jsonstream import ObjectReader
 from service.main import create_app
@@ -126,3 +127,12 @@ def test_an_inference_body_is_parsed_off_the_event_loop(
     resp = client.post("/predict?adapter=x", content=b'{"inputs": ["a"]}', headers=auth)
     assert resp.status_code != 422, resp.text  # read, then answered (no adapter here)
     assert order == ["healthz", "parsing"]
+
+
+def test_a_value_longer_than_any_valid_one_is_refused_unread(
+    client: TestClient, auth: Headers
+) -> None:
+    junk = b"{}, " * (MAX_VALUE_CHARS // 4 + 1)
+    body = b'{"inputs": ["a"], "truncate": [' + junk + b"{}]}"
+    resp = client.post("/predict?adapter=x", content=body, headers=auth)
+    assert_error(resp, 413, param="truncate", code="value_too_large")
