@@ -143,9 +143,13 @@ def _read_gguf(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, gguf_file = str(file.parent), file.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(
         folder, gguf_file=gguf_file, dtype=dtype, local_files_only=True
+    )
+    # Given the model's config, the tokenizer reads the file's metadata once, not twice: each
+    # read parses the ~100k vocabulary and merge strings again (seconds).
+    tokenizer = AutoTokenizer.from_pretrained(
+        folder, gguf_file=gguf_file, config=model.config, local_files_only=True
     )
     # Keep the tensors, drop the module: the forward is loraplex's own (core/decoder/forward.py).
     state_dict = dict(model.state_dict())
