@@ -346,13 +346,15 @@ class InferenceEngine:
         """Each live row's ids: its own :class:`Encoded` if it came with one (checked against
         its adapter's window), else encoded here, one tokenizer call per window."""
         tokens = Tokenized(self.base.config.pad_token_id, self.device)
-        texts: dict[int, list[int]] = {}
+        # Rows to encode here, by (window, whether they are a reward model's responses).
+        texts: dict[tuple[int, bool], list[int]] = {}
         for i in live:
             e = entries[i]
             window = self.base.max_length - (e.reserved if e else 0)
             encoded = rows[i].encoded
             if encoded is None:
-                texts.setdefault(window, []).append(i)
+                reward = e is not None and e.head.task == "reward"
+                texts.setdefault((window, reward), []).append(i)
             elif encoded.max_length != window:  # encoded for another adapter's window
                 results[i] = RowResult(
                     rows[i].key,
@@ -363,9 +365,10 @@ class InferenceEngine:
                 )
             else:
                 tokens.add([i], [encoded])
-        for window, idx in texts.items():
+        for (window, reward), idx in texts.items():
             items: list[Item] = [(rows[i].text, rows[i].text_pair) for i in idx]
-            tokens.add(idx, self._encoder.encode(items, window))
+            encode = self._encoder.encode_responses if reward else self._encoder.encode
+            tokens.add(idx, encode(items, window))
         return tokens
 
     def _encode(self, batch: dict[str, Tensor], hooks: EncoderHooks) -> Tensor:

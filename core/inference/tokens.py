@@ -26,20 +26,14 @@ from torch import Tensor
 
 from core.base import FrozenBase
 from core.inference.rows import Encoded
-
-# Characters a text is cut to per token of its window before tokenizing. English averages ~4
-# characters per WordPiece token (all-MiniLM's vocabulary on prose: 3.1), code and URLs fewer
-# (they split at every punctuation mark); 20 leaves room for runs of long words. Texts that
-# still hold fewer tokens than the window in that many characters (long runs of whitespace,
-# which the tokenizer drops; words over 100 characters, which become one [UNK]) are re-cut
-# twice as long until they fill it, so the cut never changes the ids, only the cost.
-MAX_CHARS_PER_TOKEN = 20
+from core.pair_encoding import MAX_CHARS_PER_TOKEN, encode_responses
 
 Item = tuple[str, str | None]  # (text, text_pair or None)
 
 
 def encode_batch(tokenizer: Any, texts: list[str], pairs: list[str] | None, max_length: int) -> Any:
-    """The one place the tokenizer runs (its arguments are what it costs): no padding."""
+    """Where a classification row meets the tokenizer (its arguments are what it costs): no
+    padding. A reward model's rows go through :meth:`RowEncoder.encode_responses`."""
     return tokenizer(texts, pairs, truncation=True, max_length=max_length, padding=False)
 
 
@@ -104,6 +98,16 @@ class RowEncoder:
             for i in todo:
                 bound[i] *= 2
         return [e for e in out if e is not None]
+
+    def encode_responses(self, items: Sequence[Item], max_length: int) -> list[Encoded]:
+        """A reward model's rows, ``(prompt, response)`` or ``(response, None)``, encoded as
+        training encodes them: the response kept, the prompt cut from its start
+        (:func:`core.pair_encoding.encode_responses`, the trainer's own function)."""
+        prompts = [text if pair is not None else None for text, pair in items]
+        responses = [pair if pair is not None else text for text, pair in items]
+        with self._tokenizer() as tokenizer:
+            encoded = encode_responses(tokenizer, prompts, responses, max_length)
+        return [Encoded(ids, types, max_length) for ids, types in encoded]
 
     @staticmethod
     def _cut_short(item: Item, bound: int, enc: Encoded | None, max_length: int) -> bool:

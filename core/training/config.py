@@ -18,6 +18,10 @@ DEFAULT_LEARNING_RATES: dict[str, float] = {
     "scratch": 1e-4,
 }
 FALLBACK_LEARNING_RATE = 1e-3
+# max_seq_length when it is not set, per task. Reward: the base model's own limit for MiniLM;
+# a preference turns on the final turns of a dialogue, and with 128 tokens their responses are
+# cut to 93 (bench.reward_quality measures both, issue 15).
+DEFAULT_MAX_SEQ_LENGTHS: dict[str, int] = {"classification": 128, "reward": 256}
 # Used when neither warmup_ratio nor warmup_steps is set.
 DEFAULT_WARMUP_RATIO = 0.1
 
@@ -27,7 +31,7 @@ PositiveRate = Annotated[float, Field(gt=0.0, le=10.0)]
 UnfreezeCount = Annotated[int, Field(ge=0)]
 AdamBeta = Annotated[float, Field(ge=0.0, lt=1.0)]
 # Settings that only preference (reward-model) training reads.
-REWARD_ONLY_SETTINGS = frozenset({"margin", "center_rewards_coefficient"})
+REWARD_ONLY_SETTINGS = frozenset({"margin", "center_rewards_coefficient", "split_shared_prefix"})
 
 
 def batches_per_epoch(rows: int, batch_size: int) -> int:
@@ -124,11 +128,14 @@ class TrainingConfig(BaseModel):
     max_grad_norm: float | None = Field(
         1.0, ge=0.0, description="Clip the gradient's global norm to this; null or 0 = no clipping."
     )
-    max_seq_length: int = Field(
-        128,
+    max_seq_length: int | None = Field(
+        None,
         ge=4,
         le=8192,
-        description="Tokens per input; longer inputs are truncated. Capped at the base model's "
+        description="Tokens per input; longer inputs are truncated (a preference pair keeps its "
+        "response and loses the start of its prompt). null = "
+        f"{DEFAULT_MAX_SEQ_LENGTHS['classification']} for classification, "
+        f"{DEFAULT_MAX_SEQ_LENGTHS['reward']} for preference pairs. Capped at the base model's "
         "own limit (less prompt tuning's virtual tokens).",
     )
     early_stopping_patience: int | None = Field(
@@ -178,6 +185,13 @@ class TrainingConfig(BaseModel):
         description="Preference data only: weight of a penalty on mean((r_chosen + "
         "r_rejected)^2) that keeps rewards centred on 0; null = off.",
     )
+    split_shared_prefix: bool = Field(
+        True,
+        description="Preference data only: a row without a prompt whose chosen and rejected "
+        "texts are one dialogue up to a turn boundary ('\\n\\nHuman:' / "
+        "'\\n\\nAssistant:', as in HH-RLHF) is trained as that shared dialogue (the prompt) "
+        "and the two texts that follow it (the responses). false = every text as given.",
+    )
     seed: int = Field(
         0, ge=0, le=2**63 - 1, description="Seeds initialisation, shuffling and dropout."
     )
@@ -205,6 +219,10 @@ class TrainingConfig(BaseModel):
         if self.learning_rate == "auto":
             return DEFAULT_LEARNING_RATES.get(method_type, FALLBACK_LEARNING_RATE)
         return float(self.learning_rate)
+
+    def resolved_max_seq_length(self, task: str) -> int:
+        """``max_seq_length``, or the task's default when it is not set."""
+        return self.max_seq_length or DEFAULT_MAX_SEQ_LENGTHS[task]
 
     def resolved_warmup_steps(self, total_steps: int) -> int:
         if self.warmup_steps is not None:

@@ -26,6 +26,7 @@ from core.training.data import (
     coerce_examples,
     has_pairs,
     infer_label_names,
+    split_dialogues,
     split_validation,
 )
 
@@ -49,6 +50,8 @@ class Inputs:
     train: list[Example]
     val: list[Example] | None  # None: the run has no validation
     held_out: int  # training rows held out as ``val`` (0 when a validation set was given)
+    # Preference rows (training and validation) whose shared dialogue became their prompt.
+    split_rows: int = 0
 
 
 def prepare_inputs(
@@ -67,6 +70,11 @@ def prepare_inputs(
     task = _task(head_config)
     train = coerce_examples(train_rows, task, "training")
     val = coerce_examples(val_rows, task, "validation") if val_rows else None
+    split_rows = 0
+    if task == "reward" and cfg.split_shared_prefix:
+        train, n_train = split_dialogues(train)
+        val, n_val = split_dialogues(val) if val is not None else (None, 0)
+        split_rows = n_train + n_val
     head = _resolve_head(head_config, train, val)
     if task == "classification":
         check_labels(train, head.label_names, "training")
@@ -81,7 +89,7 @@ def prepare_inputs(
         _check_pairs(head, val, "validation")
     if task == "reward" and cfg.metric_for_best == "macro_f1":
         raise ConfigError("metric_for_best", "macro_f1 is a classification metric")
-    return Inputs(head, train, val, held_out)
+    return Inputs(head, train, val, held_out, split_rows)
 
 
 def _task(head: HeadConfig | Mapping[str, Any]) -> str:

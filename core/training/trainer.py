@@ -47,7 +47,14 @@ from core.model import AdaptedModel
 from core.training import checkpoint as ckpt
 from core.training.callbacks import ProgressEvent, TrainerCallbacks, TrainResult
 from core.training.config import TrainingConfig, parse_training_config
-from core.training.data import BucketSampler, EncodedData, Example, encode, eval_batches
+from core.training.data import (
+    BucketSampler,
+    EncodedData,
+    Example,
+    encode,
+    eval_batches,
+    forward_chunks,
+)
 from core.training.inputs import method_config_of, prepare_inputs
 from core.training.metrics import (
     ClassificationMetrics,
@@ -109,10 +116,12 @@ class Trainer:
         self.head_config = inputs.head
         # Rows of the training set held out for validation (none when a set was given).
         self.held_out_examples = inputs.held_out
+        self.split_rows = inputs.split_rows
 
         # Prompt tuning's virtual tokens take positions too: real text gets what is left.
         reserved = int(getattr(self.method_config, "reserved_positions", 0))
-        self.max_length = min(cfg.max_seq_length, self.base.max_length - reserved)
+        wanted = cfg.resolved_max_seq_length(self.head_config.task)
+        self.max_length = min(wanted, self.base.max_length - reserved)
         tok, labels = self.base.tokenizer, self.head_config.label_names
         self.train_data = encode(inputs.train, tok, self.max_length, labels, cfg.margin)
         self.val_data = (
@@ -221,6 +230,20 @@ class Trainer:
         )
         return out
 
+    def pair_report(self) -> dict[str, int] | None:
+        """Preference data only (None otherwise): ``split_rows``, rows whose shared dialogue
+        became their prompt, and ``identical_pairs``, pairs (training and validation) whose
+        chosen and rejected are the same input after tokenization and truncation: they teach
+        nothing and are scored as ties."""
+        if not self._ready:
+            raise RuntimeError("pair_report() needs a set-up trainer")
+        if self.head_config.task != "reward":
+            return None
+        identical = self.train_data.identical_pairs()
+        if self.val_data is not None:
+            identical += self.val_data.identical_pairs()
+        return {"split_rows": self.split_rows, "identical_pairs": identical}
+
     # --- training ----------------------------------------------------------------------------
 
     def train(self) -> TrainResult:
@@ -315,21 +338,27 @@ class Trainer:
         return finished
 
     def _train_step(self, idx: list[int]) -> float:
+        data, device = self.train_data, self.base.device
+        step_loss = 0.0
         with self._rng.scope():
-            if self.frozen_features:
-                assert self._train_feats is not None
-                out = self.model.head(_flatten_pairs(self._train_feats[idx]), dropout=True)
-            else:
-                out = self.model(self.train_data.collate(idx, self.base.device), dropout=True)
-            loss = self._loss(out, self.train_data.targets(idx, self.base.device))
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            # The loss is a mean over the batch's rows: weighted by its share of them, each
+            # chunk's gradient adds up to the whole batch's.
+            for part in [idx] if self.frozen_features else forward_chunks(data, idx):
+                if self.frozen_features:
+                    assert self._train_feats is not None
+                    out = self.model.head(_flatten_pairs(self._train_feats[part]), dropout=True)
+                else:
+                    out = self.model(data.collate(part, device), dropout=True)
+                loss = self._loss(out, data.targets(part, device)) * (len(part) / len(idx))
+                loss.backward()
+                step_loss += float(loss.detach())
             if self.config.max_grad_norm:
                 params = [p for p in self.named_params.values() if p.grad is not None]
                 torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
             self.optimizer.step()
             self.scheduler.step()
-        return float(loss.detach())
+        return step_loss
 
     def _loss(self, out: Tensor, targets: Tensor) -> Tensor:
         if self.head_config.task == "classification":
@@ -358,7 +387,10 @@ class Trainer:
         else:
             acc = RewardMetrics(self.config.center_rewards_coefficient)
         bs = self.config.resolved_eval_batch_size()
-        for idx in eval_batches(data.lengths, bs):
+        batches = eval_batches(data.lengths, bs)
+        if self._val_feats is None:  # one forward's activations at a time, as in training
+            batches = [part for idx in batches for part in forward_chunks(data, idx)]
+        for idx in batches:
             self._check_cancel()
             with torch.inference_mode():
                 if self._val_feats is not None:

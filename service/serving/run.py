@@ -51,7 +51,8 @@ class RequestTokenizer:
         window = self.max_length - ref.reserved
         if not truncate:
             self._check(items, window, param)
-        encoded = self._encoder.encode(items, window)
+        encode = self._encoder.encode_responses if ref.task == "reward" else self._encoder.encode
+        encoded = encode(items, window)
         return [
             Row(ref.key, text, pair, encoded=enc)
             for (text, pair), enc in zip(items, encoded, strict=True)

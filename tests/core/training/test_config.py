@@ -3,12 +3,20 @@ from __future__ import annotations
 import pytest
 
 from core.errors import ConfigError
-from core.training.config import DEFAULT_LEARNING_RATES, TrainingConfig, parse_training_config
+from core.training.config import (
+    DEFAULT_LEARNING_RATES,
+    DEFAULT_MAX_SEQ_LENGTHS,
+    TrainingConfig,
+    parse_training_config,
+)
 
 
 def test_defaults() -> None:
     cfg = parse_training_config(None)
-    assert cfg.n_epochs == 3 and cfg.batch_size == 16 and cfg.max_seq_length == 128
+    assert cfg.n_epochs == 3 and cfg.batch_size == 16 and cfg.max_seq_length is None
+    assert cfg.resolved_max_seq_length("classification") == 128
+    assert cfg.resolved_max_seq_length("reward") == DEFAULT_MAX_SEQ_LENGTHS["reward"]
+    assert TrainingConfig(max_seq_length=64).resolved_max_seq_length("reward") == 64
     assert cfg.max_grad_norm == 1.0 and cfg.validation_fraction == 0.1 and cfg.bucket_by_length
     assert cfg.layerwise_lr_decay == 1.0 and cfg.unfreeze_layers_per_epoch == 0
     assert cfg.resolved_learning_rate("lora") == DEFAULT_LEARNING_RATES["lora"]

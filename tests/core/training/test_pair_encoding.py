@@ -1,0 +1,184 @@
+"""How preference pairs become token ids: the response is kept, the prompt is cut from its
+start, whole dialogues are split at their shared turns, and nothing collapses silently."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from core.base import FrozenBase
+from core.pair_encoding import PROMPT_SHARE, bounded_ids, encode_responses, split_shared_prefix
+from core.training.config import TrainingConfig
+from core.training.data import PreferenceExample, coerce_examples, encode, split_dialogues
+from core.training.inputs import prepare_inputs
+from core.training.trainer import Trainer
+
+# Words the tiny tokenizer holds whole: one token each.
+WORDS = "the a an and or not is was were this that it movie film story actor plot".split()  # noqa: SIM905
+
+
+def _words(n: int, offset: int = 0) -> str:
+    return " ".join(WORDS[(offset + i) % len(WORDS)] for i in range(n))
+
+
+def _ids(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def test_truncation_keeps_the_response_and_cuts_the_prompt_from_the_left(
+    tiny_base: FrozenBase,
+) -> None:
+    tok = tiny_base.tokenizer
+    prompt, response = _words(100), "good fun"
+    [(ids, types)] = encode_responses(tok, [prompt], [response], 32)
+    p, r = _ids(tok, prompt), _ids(tok, response)
+    kept = 32 - 3 - len(r)  # [CLS] prompt [SEP] response [SEP]
+    assert ids == [tok.cls_token_id, *p[-kept:], tok.sep_token_id, *r, tok.sep_token_id]
+    assert types == [0] * (kept + 2) + [1] * (len(r) + 1)
+    # The tokenizer's own truncation kept the start of the prompt instead.
+    right = tok(prompt, response, truncation="only_first", max_length=32)["input_ids"]
+    assert right[1:4] == p[:3] and ids[1:4] != p[:3]
+
+
+def test_a_long_response_leaves_the_prompt_its_share(tiny_base: FrozenBase) -> None:
+    tok = tiny_base.tokenizer
+    prompt, response = _words(100), _words(100, offset=5)
+    [(ids, types)] = encode_responses(tok, [prompt], [response], 40)
+    budget = 40 - 3
+    share = budget // PROMPT_SHARE
+    p, r = _ids(tok, prompt), _ids(tok, response)
+    assert ids == [
+        tok.cls_token_id,
+        *p[-share:],
+        tok.sep_token_id,
+        *r[: budget - share],
+        tok.sep_token_id,
+    ]
+    assert types.count(0) == share + 2 and len(ids) == 40
+    # A short prompt is kept whole and the response takes the rest.
+    [(ids, _)] = encode_responses(tok, ["plot"], [response], 40)
+    assert ids[1:3] == [*_ids(tok, "plot"), tok.sep_token_id] and len(ids) == 40
+
+
+def test_a_response_without_prompt_keeps_its_start(tiny_base: FrozenBase) -> None:
+    tok = tiny_base.tokenizer
+    response = _words(100)
+    [(ids, types)] = encode_responses(tok, [None], [response], 16)
+    assert ids == tok(response, truncation=True, max_length=16)["input_ids"]
+    assert types == [0] * 16
+
+
+@pytest.mark.parametrize("keep_end", [False, True])
+def test_the_character_cut_never_changes_the_ids(tiny_base: FrozenBase, keep_end: bool) -> None:
+    tok = tiny_base.tokenizer
+    texts = [
+        _words(5000),
+        ("movie" + " " * 400) * 300,  # whitespace runs: the first cut holds too few tokens
+        "plot",
+    ]
+    got = bounded_ids(tok, texts, 50, keep_end)
+    for text, ids in zip(texts, got, strict=True):
+        whole = _ids(tok, text)
+        assert ids == (whole[-50:] if keep_end else whole[:50])
+
+
+def _dialogue(turns: list[tuple[str, str]]) -> str:
+    return "".join(f"\n\n{who}: {text}" for who, text in turns)
+
+
+def test_responses_differing_only_after_position_128_stay_distinguishable(
+    tiny_base: FrozenBase,
+) -> None:
+    """HH-style rows: one long dialogue whose final answers share their first 150 tokens."""
+    history = [("Human", _words(60)), ("Assistant", _words(80, 3)), ("Human", _words(40, 7))]
+    shared = _words(150, 2)
+    row = {
+        "chosen": _dialogue([*history, ("Assistant", f"{shared} good")]),
+        "rejected": _dialogue([*history, ("Assistant", f"{shared} bad")]),
+    }
+    tok = tiny_base.tokenizer
+    length = TrainingConfig().resolved_max_seq_length("reward")
+    old = [tok(row[k], truncation=True, max_length=length)["input_ids"] for k in row]
+    assert old[0] == old[1]  # as the tokenizer truncates, the two are one input
+    rows, split = split_dialogues(coerce_examples([row], "reward"))
+    assert split == 1
+    data = encode(rows, tok, length)
+    chosen, rejected = data.ids[0]
+    assert chosen != rejected and data.identical_pairs() == 0
+    assert chosen[-2] == _ids(tok, "good")[0] and rejected[-2] == _ids(tok, "bad")[0]
+
+
+def test_split_finds_the_last_shared_turn_boundary() -> None:
+    history = _dialogue([("Human", "is it good"), ("Assistant", "yes"), ("Human", "why")])
+    got = split_shared_prefix(
+        f"{history}\n\nAssistant: it is fun", f"{history}\n\nAssistant: it is not"
+    )
+    assert got == (history.strip() + "\n\nAssistant:", "it is fun", "it is not")
+    # Dialogues that part in an earlier turn keep the rest of each as its response.
+    a = _dialogue([("Human", "hi"), ("Assistant", "hello"), ("Human", "ok"), ("Assistant", "x")])
+    b = _dialogue([("Human", "hi"), ("Assistant", "go away"), ("Human", "ok"), ("Assistant", "x")])
+    assert split_shared_prefix(a, b) == (
+        "Human: hi\n\nAssistant:",
+        "hello\n\nHuman: ok\n\nAssistant: x",
+        "go away\n\nHuman: ok\n\nAssistant: x",
+    )
+    # No shared turn boundary, or an empty response: left as given.
+    assert split_shared_prefix("the movie was good", "the movie was bad") is None
+    assert split_shared_prefix(f"{history}\n\nAssistant:", f"{history}\n\nAssistant: no") is None
+
+
+def test_rows_with_a_prompt_are_left_alone_and_the_split_can_be_switched_off() -> None:
+    dialogue = _dialogue([("Human", "is it good")])
+    rows = [
+        {"chosen": f"{dialogue}\n\nAssistant: yes", "rejected": f"{dialogue}\n\nAssistant: no"},
+        {
+            "prompt": "a question",
+            "chosen": f"{dialogue}\n\nAssistant: yes",
+            "rejected": f"{dialogue}\n\nAssistant: no",
+        },
+    ]
+    head = {"task": "reward"}
+    on = prepare_inputs(head, rows, rows, TrainingConfig())
+    assert on.split_rows == 2  # the first row, in training and in validation
+    assert on.train[0] == PreferenceExample("yes", "no", "Human: is it good\n\nAssistant:")
+    assert on.train[1] == PreferenceExample(rows[1]["chosen"], rows[1]["rejected"], "a question")
+    off = prepare_inputs(head, rows, rows, TrainingConfig(split_shared_prefix=False))
+    assert off.split_rows == 0 and off.train[0].prompt is None  # type: ignore[union-attr]
+
+
+def test_the_trainer_reports_split_and_identical_pairs(tiny_base: FrozenBase) -> None:
+    dialogue = _dialogue([("Human", "is it good")])
+    rows = [
+        {"chosen": f"{dialogue}\n\nAssistant: yes", "rejected": f"{dialogue}\n\nAssistant: no"},
+        {"chosen": "The movie", "rejected": "the   MOVIE"},  # one input once lower-cased
+        {"chosen": "good", "rejected": "bad"},
+    ]
+    trainer = Trainer(
+        tiny_base, {"type": "lora"}, {"task": "reward"}, rows * 3, None, {"max_steps": 1}
+    )
+    trainer.setup()
+    assert trainer.pair_report() == {"split_rows": 3, "identical_pairs": 3}
+
+
+def test_serving_scores_a_pair_as_training_encoded_it(tiny_base: FrozenBase) -> None:
+    """The engine (rows as text) and the service (rows encoded by RowEncoder in the request's
+    thread) encode a reward model's rows with the trainer's function."""
+    from core.inference import InferenceEngine, Row, RowEncoder
+    from tests.core.inference.helpers import lora
+
+    adapter = lora(tiny_base, r=4, n_labels=None)
+    prompt, response = _words(200), _words(100, offset=3)
+    window = tiny_base.max_length
+    data = encode([PreferenceExample(response, "plot", prompt)], tiny_base.tokenizer, window)
+    [served] = RowEncoder(tiny_base).encode_responses([(prompt, response)], window)
+    assert (served.input_ids, served.token_type_ids) == (data.ids[0][0], data.types[0][0])
+    model = adapter.build(tiny_base)
+    expected = float(model(data.collate([0], tiny_base.device))[0])
+    engine = InferenceEngine(tiny_base, device="cpu")
+    engine.load("r", adapter)
+    [as_text, as_encoded] = engine.run(
+        [Row("r", prompt, response), Row("r", prompt, response, encoded=served)]
+    )
+    assert as_text.reward == pytest.approx(expected, abs=1e-5)
+    assert as_encoded.reward == pytest.approx(expected, abs=1e-5)
