@@ -58,6 +58,7 @@ def store_dataset(
         rows_encoding=codec.ENCODING,
         row_count=parsed.row_count,
         label_counts=parsed.label_counts,
+        pair_report=parsed.pair_report,
         bytes=received.size,
         sha256=received.sha256,
     )

@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
+from service.datasets.pairs import pair_report
 from service.datasets.reading import (
     DatasetFormat,
     Item,
@@ -34,6 +35,8 @@ class ParsedDataset:
     rows: list[dict[str, str]]
     # {label: count}, sorted by label; None for preference data.
     label_counts: dict[str, int] | None
+    # Preference data: what training will make of the pairs (service.datasets.pairs).
+    pair_report: dict[str, int] | None = None
 
     @property
     def row_count(self) -> int:
@@ -89,6 +92,10 @@ def _label_counts(kind: DatasetKind, rows: Sequence[Mapping[str, str]]) -> dict[
     return dict(sorted(Counter(row["label"] for row in rows).items()))
 
 
+def _pair_report(kind: DatasetKind, rows: Sequence[Mapping[str, str]]) -> dict[str, int] | None:
+    return pair_report(rows) if kind is DatasetKind.PREFERENCE else None
+
+
 def _check_whole(
     rows: Sequence[Mapping[str, str]],
     label_counts: dict[str, int] | None,
@@ -126,7 +133,7 @@ def _collect(
         raise scan.problems[0]
     label_counts = _label_counts(kind, scan.rows)
     _check_whole(scan.rows, label_counts, limits, empty_param=empty_param)
-    return ParsedDataset(kind=kind, rows=scan.rows, label_counts=label_counts)
+    return ParsedDataset(kind, scan.rows, label_counts, _pair_report(kind, scan.rows))
 
 
 @dataclass(frozen=True)
@@ -141,6 +148,8 @@ class DatasetReport:
     problems: list[DatasetError]
     # More problems may follow the ones listed: checking stopped at the bound.
     truncated: bool
+    # Preference data: what training will make of the pairs that passed.
+    pair_report: dict[str, int] | None = None
 
     @property
     def valid(self) -> bool:
@@ -170,6 +179,7 @@ def _report(
         label_counts=label_counts,
         problems=problems,
         truncated=scan.stopped and len(scan.problems) >= max_problems,
+        pair_report=_pair_report(kind, scan.rows),
     )
 
 

@@ -133,6 +133,9 @@ class Dataset(Base):
     row_count: Mapped[int] = mapped_column(Integer)
     # {label: count} for classification; None for preference pairs.
     label_counts: Mapped[dict[str, int] | None] = mapped_column(JsonColumn)
+    # Preference pairs: {"split_rows", "collapsed_rows"} (service.datasets.pairs); None for
+    # classification and for datasets stored before it was counted.
+    pair_report: Mapped[dict[str, int] | None] = mapped_column(JsonColumn)
     # Size of the upload as received, in bytes.
     bytes: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))

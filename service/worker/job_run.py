@@ -43,7 +43,13 @@ from service.errors import ErrorKind, ServiceError
 from service.jobs import checkpoints, outcomes, queue
 from service.worker.lease import LeaseKeeper
 from service.worker.memory import release_free_memory
-from service.worker.report import json_safe, plan_summary, torch_threads, val_metrics
+from service.worker.report import (
+    json_safe,
+    pair_summary,
+    plan_summary,
+    torch_threads,
+    val_metrics,
+)
 
 if TYPE_CHECKING:
     from core.base import FrozenBase
@@ -200,8 +206,12 @@ class JobRun:
         trainer = Trainer(self.base, method, head, train_rows, val_rows, hyper, callbacks)
         trainer.setup()
         resolved = trainer.resolved_hyperparameters()
+        pairs = trainer.pair_report()
         self._record_plan(
-            resolved, method_type, f"Training {method_type}: {plan_summary(resolved)}", {}
+            resolved,
+            method_type,
+            f"Training {method_type}: {plan_summary(resolved)}{pair_summary(pairs)}",
+            {"pairs": pairs} if pairs is not None else {},
         )
         return trainer
 

@@ -28,6 +28,21 @@ def plan_summary(r: dict[str, Any]) -> str:
     )
 
 
+def pair_summary(pairs: dict[str, int] | None) -> str:
+    """What encoding did to a preference dataset's pairs, as the end of the plan's sentence;
+    empty for classification. Identical pairs teach nothing and count as ties: worth a word."""
+    if pairs is None:
+        return ""
+    out = f"; {pairs['split_rows']} pairs split at their shared dialogue"
+    n = pairs["identical_pairs"]
+    if n:
+        out += (
+            f"; {n} pairs are the same input once tokenized and truncated (they teach "
+            "nothing; their texts differ only in case, spacing or past max_seq_length)"
+        )
+    return out
+
+
 def torch_threads() -> int:
     """The torch thread budget this worker trains with (``train_threads``), for the events."""
     import torch

@@ -20,6 +20,26 @@ KIND = (
 LABEL_COUNTS = "Rows per label, sorted by label; null for preference data."
 
 
+class PairReport(BaseModel):
+    """What training will make of a preference dataset's pairs (counted at upload)."""
+
+    split_rows: int = Field(
+        description="Rows without a `prompt` whose `chosen` and `rejected` are one dialogue up "
+        "to a turn boundary (`\\n\\nHuman:` / `\\n\\nAssistant:`, as in HH-RLHF): training "
+        "uses the shared dialogue as the prompt and what follows as the two responses, unless "
+        "the job sets `split_shared_prefix=false`."
+    )
+    collapsed_rows: int = Field(
+        description="Rows whose two responses differ only in case, accents or spacing, which "
+        "the base model's uncased tokenizer does not see: they become one input and teach "
+        "nothing. Pairs that differ only past `max_seq_length` are counted in the job's first "
+        "event."
+    )
+
+
+PAIR_REPORT = "Preference data: what training will make of the pairs; null for classification."
+
+
 class DatasetCreateJSON(BaseModel):
     """The JSON form of a dataset upload; files go as multipart instead."""
 
@@ -77,6 +97,7 @@ class DatasetObject(BaseModel):
     name: str = Field(description="The name given at upload, else the file's name, else the id.")
     row_count: int = Field(description="Number of rows stored.")
     label_counts: dict[str, int] | None = Field(description=LABEL_COUNTS)
+    pair_report: PairReport | None = Field(None, description=PAIR_REPORT)
     bytes: int = Field(description="Size of the upload as received, in bytes.")
     created_at: int = Field(description=CREATED_AT)
 
@@ -88,6 +109,7 @@ class DatasetObject(BaseModel):
             name=row.name,
             row_count=row.row_count,
             label_counts=row.label_counts,
+            pair_report=PairReport(**row.pair_report) if row.pair_report else None,
             bytes=row.bytes,
             created_at=to_unix(row.created_at) or 0,
         )
@@ -178,6 +200,9 @@ class DatasetValidation(BaseModel):
         description="Rows per label among the rows that passed, sorted by label; null for "
         "preference data."
     )
+    pair_report: PairReport | None = Field(
+        None, description=f"{PAIR_REPORT} Of the rows that passed."
+    )
     errors: list[DatasetProblem] = Field(
         description="Every problem found, in file order; empty when `valid`."
     )
@@ -194,6 +219,7 @@ class DatasetValidation(BaseModel):
             format=fmt,
             row_count=report.row_count,
             label_counts=report.label_counts,
+            pair_report=PairReport(**report.pair_report) if report.pair_report else None,
             errors=[_problem(e) for e in report.problems],
             truncated=report.truncated,
         )
