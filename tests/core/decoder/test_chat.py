@@ -144,3 +144,18 @@ def test_smollm2_template_targets_exactly_the_replies(real_decoder: DecoderBase)
     assert target_text(real_decoder, row.input_ids, row.loss_mask) == (
         "Hello!<|im_end|>Paris.<|im_end|>"
     )
+
+
+def test_a_template_that_does_not_render_turn_by_turn_is_refused(
+    tiny_decoder: DecoderBase,
+) -> None:
+    # The generation prompt (">>") is not how the rendered conversation continues, so which
+    # characters are the reply's cannot be known.
+    template = (
+        "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+        "{% if add_generation_prompt %}>>{% endif %}"
+    )
+    with pytest.raises(DataError, match="turn by turn"):
+        render_chat(tiny_decoder.tokenizer, template, CHAT[1:3], 64)
+    with pytest.raises(DataError, match="no chat template"):
+        render_chat(tiny_decoder.tokenizer, None, CHAT[1:3], 64)
