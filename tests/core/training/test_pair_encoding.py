@@ -6,11 +6,18 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import torch
 
 from core.base import FrozenBase
 from core.pair_encoding import PROMPT_SHARE, bounded_ids, encode_responses, split_shared_prefix
 from core.training.config import TrainingConfig
-from core.training.data import PreferenceExample, coerce_examples, encode, split_dialogues
+from core.training.data import (
+    EncodedData,
+    PreferenceExample,
+    coerce_examples,
+    encode,
+    split_dialogues,
+)
 from core.training.inputs import prepare_inputs
 from core.training.trainer import Trainer
 
@@ -182,3 +189,39 @@ def test_serving_scores_a_pair_as_training_encoded_it(tiny_base: FrozenBase) -> 
     )
     assert as_text.reward == pytest.approx(expected, abs=1e-5)
     assert as_encoded.reward == pytest.approx(expected, abs=1e-5)
+
+
+def test_wide_batches_run_in_chunks_whose_gradients_add_up(
+    tiny_base: FrozenBase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from core.training import data as training_data
+    from core.training.metrics import reward_loss
+
+    rows = [PreferenceExample(_words(20 + i), _words(10 + i, 3), _words(30, i)) for i in range(8)]
+    # The default classification batch, 16 rows x 128 tokens, is still one forward; 16 pairs
+    # x 256 tokens run as 2 pairs (1,024 tokens) at a time.
+    rows_128 = EncodedData([([0] * 128,)] * 16, [([0] * 128,)] * 16, None, None, 0)
+    assert len(training_data.forward_chunks(rows_128, list(range(16)))) == 1
+    pairs_256 = EncodedData([([0] * 256,) * 2] * 16, [([0] * 256,) * 2] * 16, None, None, 0)
+    assert [len(c) for c in training_data.forward_chunks(pairs_256, list(range(16)))] == [2] * 8
+    data = encode(rows, tiny_base.tokenizer, 64)
+    width = max(len(s) for seqs in data.ids for s in seqs)
+    assert training_data.forward_chunks(data, list(range(8))) == [list(range(8))]
+    monkeypatch.setattr(training_data, "MAX_FORWARD_TOKENS", 2 * 2 * width)
+    chunks = training_data.forward_chunks(data, list(range(8)))
+    assert chunks == [[0, 1], [2, 3], [4, 5], [6, 7]]  # a pair's two sequences stay together
+    head = {"task": "reward", "text_pair": True}
+    trainer = Trainer(tiny_base, {"type": "lora", "r": 4}, head, rows, None, {"max_steps": 1})
+    trainer.setup()
+    model, device = trainer.model, tiny_base.device
+
+    def grads(parts: list[list[int]]) -> list[Any]:
+        model.zero_grad()
+        for part in parts:
+            out = model(data.collate(part, device))
+            n = len(part)
+            (reward_loss(out[:n], out[n:], data.targets(part, device)) * n / 8).backward()
+        return [p.grad.clone() for p in trainer.named_params.values()]
+
+    for whole, chunked in zip(grads([list(range(8))]), grads(chunks), strict=True):
+        assert torch.allclose(whole, chunked, atol=1e-6)
