@@ -10,9 +10,9 @@ from transformers import LlamaForCausalLM
 
 from core.base import FrozenBase
 from core.decoder.base import DecoderBase
-from core.decoder.chat import collate, render_chat
+from core.decoder.chat import collate, render_chat, render_reply
 from core.decoder.forward import forward, left_pad, logits, positions_from_mask
-from core.decoder.losses import sft_loss, targets
+from core.decoder.losses import dpo_loss, reply_logprobs, sft_loss, targets
 from core.errors import ConfigError
 from core.methods import parse_method_config
 from core.methods.lora.config import LoraConfig
@@ -106,3 +106,37 @@ def test_lora_sft_on_chat_rows_lowers_the_loss(tiny_decoder: DecoderBase) -> Non
     assert after < 0.5 * before
     # The frozen base never trained: only LoRA's tensors have gradients.
     assert all(not t.requires_grad for t in tiny_decoder.state_dict.values())
+
+
+def test_lora_dpo_prefers_the_chosen_replies(tiny_decoder: DecoderBase) -> None:
+    """DPO against the base with the adapter off: the implicit reward learns the preference."""
+    torch.manual_seed(0)
+    tok, template = tiny_decoder.tokenizer, tiny_decoder.chat_template
+    pairs = [(f"Is {n} even?", "yes" if n % 2 == 0 else "no") for n in range(6)]
+    chosen, rejected = [], []
+    for question, answer in pairs:
+        prompt = [{"role": "user", "content": question}]
+        wrong = "no" if answer == "yes" else "yes"
+        chosen.append(
+            render_reply(tok, template, prompt, {"role": "assistant", "content": answer}, 64)
+        )
+        rejected.append(
+            render_reply(tok, template, prompt, {"role": "assistant", "content": wrong}, 64)
+        )
+    ids, attention, loss_mask = collate(chosen + rejected)
+    w, n = tiny_decoder.weights, len(pairs)
+    with torch.no_grad():
+        reference = reply_logprobs(w, ids, attention, loss_mask)
+    model = lora(tiny_decoder, r=8, alpha=16)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(15):
+        policy = reply_logprobs(w, ids, attention, loss_mask, model.hooks())
+        out = dpo_loss(policy[:n], policy[n:], reference[:n], reference[n:], beta=0.1)
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+        losses.append(float(out.loss.detach()))
+    assert losses[0] == pytest.approx(0.6931, abs=1e-3)  # log 2: the adapter starts as a no-op
+    assert losses[-1] < 0.5 * losses[0]
+    assert bool((out.chosen_rewards > out.rejected_rewards).all())
