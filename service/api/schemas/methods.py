@@ -210,7 +210,8 @@ class TaskDefaults(BaseModel):
 
     hyperparameters: dict[str, Any] = Field(
         description="The training settings a job of this method on this kind of dataset "
-        "runs with when it sets none: learning_rate resolved from 'auto' to a number; "
+        "runs with when it sets none: learning_rate resolved from 'auto' to a number, "
+        "max_seq_length from null to the task's length; "
         "settings the task does not read are left out."
     )
 
@@ -248,6 +249,7 @@ def _task_defaults(method_type: str, task: str) -> TaskDefaults:
     skip = set(SERVER_SETTINGS) | (REWARD_ONLY_SETTINGS if task != "reward" else set())
     values = _defaults(TrainingConfig, skip)
     values["learning_rate"] = TrainingConfig().resolved_learning_rate(method_type)
+    values["max_seq_length"] = TrainingConfig().resolved_max_seq_length(task)
     return TaskDefaults(hyperparameters=values)
 
 
