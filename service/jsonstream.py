@@ -19,7 +19,8 @@ import re
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-_WHITESPACE = re.compile(r"[ \t\n\r]*")
+_WHITESPACE_CHARS = " \t\n\r"
+_WHITESPACE = re.compile(f"[{_WHITESPACE_CHARS}]*")
 # A value that fails this close to the end of what has arrived may just be cut short (a
 # literal, a number or an escape split between chunks): the longest such token is shorter.
 _CUT_MARGIN = 32
@@ -105,9 +106,13 @@ class ObjectReader:
     def _peek(self) -> str:
         """The next character that is not whitespace ('' at the end), not consumed."""
         while True:
-            self._pos = _WHITESPACE.match(self._buf, self._pos).end()
             if self._pos < len(self._buf):
-                return self._buf[self._pos]
+                char = self._buf[self._pos]
+                if char not in _WHITESPACE_CHARS:  # most often: no regex call
+                    return char
+                self._pos = _WHITESPACE.match(self._buf, self._pos).end()
+                if self._pos < len(self._buf):
+                    return self._buf[self._pos]
             if not self._fill(1):
                 return ""
 
