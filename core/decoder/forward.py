@@ -119,8 +119,9 @@ def rope_inv_freq(config: DecoderConfig) -> Tensor:
 class KVCache:
     """Keys and values of the tokens seen so far, preallocated to ``capacity`` positions.
 
-    For inference only (it is written in place). ``attention_mask`` covers every cached
-    position and grows with each step: 1 for a real token, 0 for left padding.
+    For inference only (it is written in place). The caller's ``attention_mask`` covers
+    every cached position and grows by one column with each step: 1 for a real token, 0 for
+    left padding.
     """
 
     keys: list[Tensor]  # per layer [B, kv_heads, capacity, head_dim]
@@ -192,7 +193,12 @@ def forward(
         raise ValueError(f"KV cache full: {past} + {seq} tokens > capacity {cache.capacity}")
     if attention_mask is None:
         positions = torch.arange(past, past + seq, device=input_ids.device).expand(bsz, seq)
-        mask = None  # causal only: SDPA's is_causal when there is no cache to attend to
+        # Without padding, a prefill into an empty cache is SDPA's plain causal case and one
+        # new token attends to every cached key: neither needs a mask.
+        mask = None
+        if past > 0 and seq > 1:
+            real = torch.ones(bsz, past + seq, dtype=torch.bool, device=input_ids.device)
+            mask = _attention_mask(real, past, seq)
     else:
         if attention_mask.shape != (bsz, past + seq):
             raise ValueError(
@@ -270,17 +276,12 @@ def _attention(
         cache.values[i][:, :, past : past + seq] = v
         k = cache.keys[i][:, :, : past + seq]
         v = cache.values[i][:, :, : past + seq]
-    # One query token with no padding attends to every cached key: no mask at all.
-    is_causal = mask is None and past == 0 and seq > 1
-    if mask is None and past > 0 and seq > 1:
-        real = torch.ones(bsz, past + seq, dtype=torch.bool, device=x.device)
-        mask = _attention_mask(real, past, seq)
     ctx = F.scaled_dot_product_attention(
         q,
         k,
         v,
         attn_mask=mask,
-        is_causal=is_causal,
+        is_causal=mask is None and seq > 1,  # no mask and several tokens: an empty cache
         scale=c.head_dim**-0.5,
         enable_gqa=c.kv_groups > 1,
     )

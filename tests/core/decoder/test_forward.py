@@ -101,6 +101,19 @@ def test_kv_cache_decode_equals_full_forward(tiny_decoder: DecoderBase) -> None:
         forward(w, ids[:, :1], None, cache=cache)
 
 
+def test_kv_cache_chunks_without_padding_equal_full_forward(tiny_decoder: DecoderBase) -> None:
+    """Prefill, a several-token chunk on top of the cache, then single tokens; no mask."""
+    w = tiny_decoder.weights
+    (row,) = random_rows(tiny_decoder.config.vocab_size, [14], seed=5)
+    ids = torch.tensor([row])
+    full = ours(tiny_decoder, ids, None)
+    cache = KVCache.allocate(w, batch=1, capacity=14)
+    with torch.no_grad():
+        parts = [logits(w, forward(w, ids[:, a:b], cache=cache)) for a, b in [(0, 4), (4, 9)]]
+        parts += [logits(w, forward(w, ids[:, t : t + 1], cache=cache)) for t in range(9, 14)]
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=0)
+
+
 def test_greedy_generate_batched_equals_one_by_one(tiny_decoder: DecoderBase) -> None:
     rows = random_rows(tiny_decoder.config.vocab_size, [9, 4, 6], seed=2)
     batched = greedy_generate(tiny_decoder.weights, rows, 8)
