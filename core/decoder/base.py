@@ -121,8 +121,11 @@ def load_decoder_base(
     state_dict = {k: v.to(dev).requires_grad_(False) for k, v in state_dict.items()}
     eos = raw_cfg.get("eos_token_id")
     stop_ids = tuple(eos if isinstance(eos, list) else [] if eos is None else [eos])
-    if name is None:
-        name = DEFAULT_DECODER_NAME if path is None else raw_cfg.get("_name_or_path") or source.stem
+    if name is None and path is None:
+        name = DEFAULT_DECODER_NAME
+    elif name is None:
+        # A GGUF file's config names its training run, not the model: its file name does.
+        name = (raw_cfg.get("_name_or_path") if source.is_dir() else None) or source.stem
     return DecoderBase(
         name=name,
         path=source,

@@ -103,7 +103,11 @@ def render_chat(
 
 def _first_target_in(enc: Mapping[str, Any], span: tuple[int, int]) -> int:
     start, end = span
-    return next(t for t, (s, e) in enumerate(enc["offset_mapping"]) if s < end and e > start)
+    offsets = enc["offset_mapping"]
+    first = next((t for t, (s, e) in enumerate(offsets) if s < end and e > start), None)
+    if first is None:  # an empty reply under a template that adds no end-of-turn token
+        raise DataError("the final assistant message renders to no tokens")
+    return first
 
 
 def render_reply(

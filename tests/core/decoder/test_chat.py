@@ -159,3 +159,10 @@ def test_a_template_that_does_not_render_turn_by_turn_is_refused(
         render_chat(tiny_decoder.tokenizer, template, CHAT[1:3], 64)
     with pytest.raises(DataError, match="no chat template"):
         render_chat(tiny_decoder.tokenizer, None, CHAT[1:3], 64)
+
+
+def test_an_empty_final_reply_without_an_end_token_is_refused(tiny_decoder: DecoderBase) -> None:
+    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    empty = [CHAT[1], {"role": "assistant", "content": ""}]
+    with pytest.raises(DataError, match="renders to no tokens"):
+        render_chat(tiny_decoder.tokenizer, template, empty, 64)
