@@ -305,7 +305,7 @@ class Batcher:
         return None
 
     def _collect(self, only_idle: bool) -> _Work:
-        """One batch's rows (under the lock), fairly across tenants, with ``auto`` resolved.
+        """One batch's rows (under the lock), taken fairly across tenants.
 
         ``only_idle``: while the next row's tenant has no batch in flight, without waiting
         for company.

@@ -4,6 +4,7 @@ and how rows of several tenants share batches and lanes."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import Collection, Hashable, Sequence
 from typing import Any
@@ -194,3 +195,27 @@ def test_a_request_split_over_batches_answers_in_order_as_one_run(tiny_base: Fro
     assert [r.key for r in split] == [A] * len(rows)
     for got, want in zip(split, alone, strict=True):
         torch.testing.assert_close(output(got), output(want), atol=1e-5, rtol=1e-5)
+
+
+def test_rows_of_an_abandoned_request_are_not_computed(tiny_base: FrozenBase) -> None:
+    engine = RecordingEngine(tiny_base, hold={A})
+    batcher = two_tenants(engine, tiny_base, max_batch_size=2)
+    batcher.start()
+
+    async def main() -> None:
+        a = asyncio.ensure_future(batcher.submit([Row(A, "review")] * 8, "unmerged"))
+        while not engine.planned:  # A's first batch is computing, 6 rows still queued
+            await asyncio.sleep(0.01)
+        a.cancel()  # A's caller went away
+        with contextlib.suppress(asyncio.CancelledError):
+            await a
+        assert batcher.queued_rows == 0
+        engine.held.set()
+        await asyncio.wait_for(batcher.submit([Row(B, "one short review")], "unmerged"), 60)
+
+    try:
+        asyncio.run(main())
+    finally:
+        engine.held.set()
+        batcher.stop()
+    assert [[r.key for r in batch] for batch in engine.planned] == [[A, A], [B]]
