@@ -156,8 +156,9 @@ CLIENT_CLOSED_REQUEST = 499
 
 
 async def _client_disconnect_handler(request: Request, exc: Exception) -> Response:
-    # The client went away while its body was being read (an upload cut off): its doing, not
-    # a server error, so no traceback; handled here, it does not reach the catch-all below.
+    # The client went away while its body was being read (an upload cut off) or while its
+    # inference waited (service.api.disconnect): its doing, not a server error, so no
+    # traceback; handled here, it does not reach the catch-all below.
     assert isinstance(exc, ClientDisconnect)
     logger.info("client disconnected during %s %s", request.method, request.url.path)
     return Response(status_code=CLIENT_CLOSED_REQUEST)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import anyio.to_thread
+
 from service.errors import ErrorKind, ServiceError, invalid, not_found, unavailable
 from service.serving.batcher import Batcher, QueueFullError
 from service.serving.policy import RequestMode
@@ -70,7 +72,19 @@ class RequestTokenizer:
                 )
 
 
-async def run_rows(batcher: Batcher, rows: list[Row], mode: RequestMode) -> list[RowResult]:
+async def infer(
+    tokenizer: RequestTokenizer,
+    batcher: Batcher,
+    ref: AdapterRef,
+    items: list[tuple[str, str | None]],
+    truncate: bool,
+    param: str,
+    mode: RequestMode,
+) -> list[RowResult]:
+    """Results for ``items`` on ``ref``'s adapter: tokenized in a worker thread
+    (:meth:`RequestTokenizer.rows`), then computed by ``batcher``. Cancelled (its client
+    gone), it queues nothing more, and the batcher drops its rows not yet in a batch."""
+    rows = await anyio.to_thread.run_sync(tokenizer.rows, ref, items, truncate, param)
     try:
         results = await batcher.submit(rows, mode)
     except AdapterGone:

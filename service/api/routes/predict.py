@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
-from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import AdapterName, ServedAdapter
+from service.api.disconnect import unless_disconnected
 from service.api.json_body import OffLoopJSONRoute
 from service.api.schemas.inference import (
     Prediction,
@@ -17,7 +17,7 @@ from service.api.schemas.inference import (
 )
 from service.errors import not_found
 from service.serving.policy import RequestMode
-from service.serving.run import run_rows
+from service.serving.run import infer
 from service.state import app_state
 
 # Bodies parsed off the event loop (service.api.json_body).
@@ -63,10 +63,16 @@ async def predict(
         raise not_found("adapter", adapter, "adapter")
     items = _items(body)
     state = app_state(request)
-    rows = await run_in_threadpool(
-        state.require_request_tokenizer().rows, ref, items, body.truncate, "inputs"
+    work = infer(
+        state.require_request_tokenizer(),
+        state.require_batcher(),
+        ref,
+        items,
+        body.truncate,
+        "inputs",
+        mode,
     )
-    results = await run_rows(state.require_batcher(), rows, mode)
+    results = await unless_disconnected(request, work)
     if ref.task == "reward":
         predictions = [Prediction(reward=r.reward) for r in results]
     else:

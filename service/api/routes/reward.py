@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 
 from fastapi import APIRouter, Request
-from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import AdapterName, ServedAdapter
+from service.api.disconnect import unless_disconnected
 from service.api.json_body import OffLoopJSONRoute
 from service.api.schemas.inference import (
     CompareBatchResponse,
@@ -17,7 +17,7 @@ from service.api.schemas.inference import (
     CompareResult,
 )
 from service.errors import invalid, not_found
-from service.serving.run import run_rows
+from service.serving.run import infer
 from service.state import app_state
 
 # Bodies parsed off the event loop (service.api.json_body).
@@ -72,10 +72,16 @@ async def compare(
         for response in (p.response_a, p.response_b):
             items.append((p.prompt, response) if p.prompt else (response, None))
     state = app_state(request)
-    rows = await run_in_threadpool(
-        state.require_request_tokenizer().rows, ref, items, body.truncate, "pairs"
+    work = infer(
+        state.require_request_tokenizer(),
+        state.require_batcher(),
+        ref,
+        items,
+        body.truncate,
+        "pairs",
+        "auto",
     )
-    results = await run_rows(state.require_batcher(), rows, "auto")
+    results = await unless_disconnected(request, work)
     rewards = [float(r.reward) for r in results]  # type: ignore[arg-type]
     out = [_result(rewards[2 * i], rewards[2 * i + 1]) for i in range(len(pairs))]
     if body.pairs is not None:
