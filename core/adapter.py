@@ -8,11 +8,18 @@ from typing import Any
 from torch import Tensor
 
 from core.base import FrozenBase
+from core.decoder.base import DecoderBase
 from core.errors import AdapterFormatError
-from core.heads import Head, HeadConfig
+from core.heads import LANGUAGE_MODEL_TASKS, Head, HeadConfig
 from core.methods import MethodConfig, build_method, parse_method_config
+from core.methods.method import AdapterMethod
 from core.model import AdaptedModel
+from core.targets import BaseKind
 from core.tensors import tensor_bytes
+
+
+def base_kind_of(base: FrozenBase | DecoderBase) -> BaseKind:
+    return "decoder" if isinstance(base, DecoderBase) else "encoder"
 
 
 @dataclass
@@ -31,6 +38,11 @@ class Adapter:
         return self.head.task
 
     @property
+    def base_kind(self) -> BaseKind:
+        """A decoder's adapter trains its language-model tasks; an encoder's trains a head."""
+        return "decoder" if self.head.task in LANGUAGE_MODEL_TASKS else "encoder"
+
+    @property
     def num_bytes(self) -> int:
         return tensor_bytes([*self.method_state.values(), *self.head_state.values()])
 
@@ -38,20 +50,40 @@ class Adapter:
     def from_model(
         cls, model: AdaptedModel, trainable_params: int, metrics: dict[str, Any]
     ) -> Adapter:
+        return cls.from_method(
+            model.method, model.head.config, trainable_params, metrics, model.head.state_dict()
+        )
+
+    @classmethod
+    def from_method(
+        cls,
+        method: AdapterMethod,
+        head: HeadConfig,
+        trainable_params: int,
+        metrics: dict[str, Any],
+        head_state: dict[str, Tensor] | None = None,
+    ) -> Adapter:
+        """A copy of ``method``'s weights (and a head's, if any) on the method's base."""
+        base = method.base
         return cls(
-            method=model.method.config,
-            head=model.head.config,
-            method_state={
-                k: v.detach().cpu().clone() for k, v in model.method.saved_state().items()
-            },
-            head_state={k: v.detach().cpu().clone() for k, v in model.head.state_dict().items()},
-            base_name=model.base.name,
-            base_fingerprint=model.base.fingerprint,
+            method=method.config,
+            head=head,
+            method_state={k: v.detach().cpu().clone() for k, v in method.saved_state().items()},
+            head_state={k: v.detach().cpu().clone() for k, v in (head_state or {}).items()},
+            base_name=base.name,
+            base_fingerprint=base.fingerprint,
             trainable_params=trainable_params,
             metrics=metrics,
         )
 
-    def check_base(self, base: FrozenBase) -> None:
+    def check_base(self, base: FrozenBase | DecoderBase) -> None:
+        """Invariant 8: refuses a base of the other kind, or another base of this kind."""
+        kind = base_kind_of(base)
+        if kind != self.base_kind:
+            raise AdapterFormatError(
+                f"adapter of task {self.task!r} was trained on {self.base_kind} base model "
+                f"{self.base_name!r}, not on the loaded {kind} {base.name!r}"
+            )
         if self.base_fingerprint and self.base_fingerprint != base.fingerprint:
             raise AdapterFormatError(
                 f"adapter was trained on base model {self.base_name!r} "
@@ -60,17 +92,28 @@ class Adapter:
 
     def build(self, base: FrozenBase) -> AdaptedModel:
         """An eval-ready model on ``base`` with this adapter's weights (base weights untouched)."""
-        self.check_base(base)
-        method = build_method(self.method, base)
+        method = self.load_method(base)
         head = Head(self.head, base.hidden_size).to(base.device)
         try:
-            method.load_saved_state({k: v.to(base.device) for k, v in self.method_state.items()})
             head.load_state_dict({k: v.to(base.device) for k, v in self.head_state.items()})
         except (ValueError, RuntimeError) as e:
             raise AdapterFormatError(f"adapter weights do not fit its config: {e}") from None
         model = AdaptedModel(base, method, head)
         model.requires_grad_(False).eval()
         return model
+
+    def load_method(self, base: FrozenBase | DecoderBase) -> AdapterMethod:
+        """This adapter's method on ``base``, eval-ready (a decoder's forward takes its
+        ``hooks()``); refused on another base (invariant 8)."""
+        self.check_base(base)
+        # LoRA is the one method built on either kind (the decoder trainer refuses others).
+        method = build_method(self.method, base)  # type: ignore[arg-type]
+        try:
+            method.load_saved_state({k: v.to(base.device) for k, v in self.method_state.items()})
+        except (ValueError, RuntimeError) as e:
+            raise AdapterFormatError(f"adapter weights do not fit its config: {e}") from None
+        method.requires_grad_(False).eval()
+        return method
 
     def config_dict(self) -> dict[str, Any]:
         return {
@@ -89,8 +132,10 @@ class Adapter:
     ) -> Adapter:
         try:
             method_cfg = dict(cfg["method"])
-            method = parse_method_config(method_cfg.pop("type"), method_cfg)
             head = HeadConfig(**cfg["head"])
+            # A decoder's target names are validated as a decoder's.
+            kind: BaseKind = "decoder" if head.task in LANGUAGE_MODEL_TASKS else "encoder"
+            method = parse_method_config(method_cfg.pop("type"), method_cfg, kind)
         except (KeyError, TypeError, ValueError) as e:
             raise AdapterFormatError(f"invalid adapter config: {e}") from None
         return cls(

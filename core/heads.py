@@ -1,4 +1,8 @@
-"""Task heads on top of pooled features: classification (n labels) and reward (one scalar)."""
+"""Task heads on top of pooled features: classification (n labels) and reward (one scalar).
+
+A decoder's language-model tasks (``chat`` SFT and ``dpo``) train no head: the base's own
+language-model head predicts the next token, and their ``HeadConfig`` only records the task.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
-TaskType = Literal["classification", "reward"]
+TaskType = Literal["classification", "reward", "chat", "dpo"]
+# Tasks of a decoder base whose output is the base's own next-token prediction.
+LANGUAGE_MODEL_TASKS: frozenset[str] = frozenset({"chat", "dpo"})
 
 
 class HeadConfig(BaseModel):
@@ -37,6 +43,8 @@ class Head(nn.Module):
     """Dropout + linear, as in BertForSequenceClassification. Reward heads output one scalar."""
 
     def __init__(self, config: HeadConfig, hidden_size: int) -> None:
+        if config.task in LANGUAGE_MODEL_TASKS:
+            raise ValueError(f"task {config.task!r} uses the base's language-model head")
         super().__init__()
         self.config = config
         self.dropout = config.dropout

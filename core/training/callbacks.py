@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from core.adapter import Adapter
@@ -30,6 +30,9 @@ class ProgressEvent:
     # Non-padding tokens of the training examples of every step so far (OpenAI's billable
     # ``trained_tokens``: an example seen in three epochs counts three times).
     trained_tokens: int = 0
+    # The task's own metrics of this step's batch, beside its loss: a chat run's
+    # train_mean_token_accuracy, a DPO run's rewards/* (none for classification and reward).
+    step_metrics: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass

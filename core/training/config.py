@@ -21,7 +21,13 @@ FALLBACK_LEARNING_RATE = 1e-3
 # max_seq_length when it is not set, per task. Reward: the base model's own limit for MiniLM;
 # a preference turns on the final turns of a dialogue, and with 128 tokens their responses are
 # cut to 93 (bench.reward_quality measures both, issue 15).
-DEFAULT_MAX_SEQ_LENGTHS: dict[str, int] = {"classification": 128, "reward": 256}
+# Chat and DPO: a decoder's conversation (prompt and reply) in one sequence.
+DEFAULT_MAX_SEQ_LENGTHS: dict[str, int] = {
+    "classification": 128,
+    "reward": 256,
+    "chat": 512,
+    "dpo": 512,
+}
 # Used when neither warmup_ratio nor warmup_steps is set.
 DEFAULT_WARMUP_RATIO = 0.1
 
@@ -32,6 +38,8 @@ UnfreezeCount = Annotated[int, Field(ge=0)]
 AdamBeta = Annotated[float, Field(ge=0.0, lt=1.0)]
 # Settings that only preference (reward-model) training reads.
 REWARD_ONLY_SETTINGS = frozenset({"margin", "center_rewards_coefficient", "split_shared_prefix"})
+# Settings that only DPO training (task "dpo" on a decoder base) reads.
+DPO_ONLY_SETTINGS = frozenset({"beta", "label_smoothing"})
 
 
 def batches_per_epoch(rows: int, batch_size: int) -> int:
@@ -135,7 +143,9 @@ class TrainingConfig(BaseModel):
         description="Tokens per input; longer inputs are truncated (a preference pair keeps its "
         "response and loses the start of its prompt). null = "
         f"{DEFAULT_MAX_SEQ_LENGTHS['classification']} for classification, "
-        f"{DEFAULT_MAX_SEQ_LENGTHS['reward']} for preference pairs. Capped at the base model's "
+        f"{DEFAULT_MAX_SEQ_LENGTHS['reward']} for preference pairs, "
+        f"{DEFAULT_MAX_SEQ_LENGTHS['chat']} for chat and DPO conversations (which lose the "
+        "start of their context, never the final reply's start). Capped at the base model's "
         "own limit (less prompt tuning's virtual tokens).",
     )
     early_stopping_patience: int | None = Field(
@@ -156,8 +166,9 @@ class TrainingConfig(BaseModel):
     metric_for_best: MetricName = Field(
         "accuracy",
         description="Validation metric that picks the best checkpoint (the one kept). For "
-        "preference data accuracy is pairwise (chosen scored above rejected) and macro_f1 does "
-        "not apply.",
+        "preference data accuracy is pairwise (chosen scored above rejected), for chat it is "
+        "token accuracy, for DPO the share of pairs whose chosen reply has the higher implicit "
+        "reward; macro_f1 applies to classification only.",
     )
     validation_fraction: float = Field(
         0.1,
@@ -191,6 +202,22 @@ class TrainingConfig(BaseModel):
         "texts are one dialogue up to a turn boundary ('\\n\\nHuman:' / "
         "'\\n\\nAssistant:', as in HH-RLHF) is trained as that shared dialogue (the prompt) "
         "and the two texts that follow it (the responses). false = every text as given.",
+    )
+    # OpenAI's DPO hyperparameter names (method.dpo.hyperparameters.beta); TRL's defaults.
+    beta: float = Field(
+        0.1,
+        gt=0.0,
+        le=100.0,
+        description="DPO only: how far the policy may move from the reference (the base with "
+        "the adapter off); the implicit reward is beta x (policy - reference) log-probability "
+        "of a reply. Lower lets the adapter move further.",
+    )
+    label_smoothing: float = Field(
+        0.0,
+        ge=0.0,
+        lt=0.5,
+        description="DPO only: the share of preference labels assumed wrong (conservative "
+        "DPO); 0 = the labels are trusted.",
     )
     seed: int = Field(
         0, ge=0, le=2**63 - 1, description="Seeds initialisation, shuffling and dropout."

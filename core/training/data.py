@@ -12,7 +12,7 @@ import hashlib
 import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import torch
 from torch import Tensor
@@ -48,6 +48,8 @@ class PreferenceExample:
 
 
 Example = ClassificationExample | PreferenceExample
+# Rows of any task, a decoder's too (split_validation splits them all alike).
+AnyExample = TypeVar("AnyExample")
 
 
 # --------------------------------------------------------------------------------------------
@@ -163,8 +165,8 @@ def has_pairs(examples: Sequence[Example]) -> int | None:
 
 
 def split_validation(
-    examples: Sequence[Example], fraction: float, seed: int
-) -> tuple[list[Example], list[Example]]:
+    examples: Sequence[AnyExample], fraction: float, seed: int
+) -> tuple[list[AnyExample], list[AnyExample]]:
     """Seeded split; stratified by label for classification (each class keeps its share).
 
     ``random.Random(seed)`` is used (not torch) because its shuffle is stable across versions
@@ -394,11 +396,23 @@ MAX_FORWARD_TOKENS = 2048
 FULL_BUDGET_WIDTH = 128
 
 
-def forward_chunks(data: EncodedData, indices: list[int]) -> list[list[int]]:
-    """``indices`` cut into consecutive chunks within the forward budget (at least one row
-    each); a pair's two sequences stay in one chunk."""
+class TokenizedRows(Protocol):
+    """Rows of one or more token sequences each (a pair's chosen and rejected): what
+    :func:`forward_chunks` cuts; :class:`EncodedData` and a decoder's rows are such."""
+
+    @property
+    def ids(self) -> Sequence[tuple[list[int], ...]]: ...
+
+
+def forward_chunks(
+    data: TokenizedRows, indices: list[int], max_tokens: int | None = None
+) -> list[list[int]]:
+    """``indices`` cut into consecutive chunks within the forward budget of ``max_tokens``
+    padded tokens (None: ``MAX_FORWARD_TOKENS``, the encoder's) (at least one row each); a
+    pair's two sequences stay in one chunk."""
     width = max(len(s) for i in indices for s in data.ids[i])
-    budget = MAX_FORWARD_TOKENS * min(1.0, FULL_BUDGET_WIDTH / width)
+    tokens = MAX_FORWARD_TOKENS if max_tokens is None else max_tokens
+    budget = tokens * min(1.0, FULL_BUDGET_WIDTH / width)
     size = max(1, int(budget) // (width * len(data.ids[indices[0]])))
     return [indices[i : i + size] for i in range(0, len(indices), size)]
 

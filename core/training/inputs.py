@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from core.errors import ConfigError, DataError
 from core.heads import HeadConfig
 from core.methods import MethodConfig, parse_method_config
+from core.targets import BaseKind
 from core.training.config import TrainingConfig
 from core.training.data import (
     ClassificationExample,
@@ -31,15 +32,18 @@ from core.training.data import (
 )
 
 
-def method_config_of(cfg: MethodConfig | Mapping[str, Any]) -> MethodConfig:
-    """``cfg`` itself, or the method config ``{"type": ..., **params}`` describes."""
+def method_config_of(
+    cfg: MethodConfig | Mapping[str, Any], base_kind: BaseKind = "encoder"
+) -> MethodConfig:
+    """``cfg`` itself, or the method config ``{"type": ..., **params}`` describes for a base
+    of ``base_kind``."""
     if isinstance(cfg, MethodConfig):
         return cfg
     params = dict(cfg)
     method_type = params.pop("type", None)
     if not isinstance(method_type, str):
         raise ConfigError("type", "method config needs a 'type'")
-    return parse_method_config(method_type, params)
+    return parse_method_config(method_type, params, base_kind)
 
 
 @dataclass(frozen=True)

@@ -40,17 +40,17 @@ def _no_decay(name: str, p: nn.Parameter) -> bool:
     return p.ndim < 2 or name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name
 
 
-def param_layers(method: AdapterMethod, head: nn.Module) -> dict[str, int | None]:
+def param_layers(method: AdapterMethod, head: nn.Module | None) -> dict[str, int | None]:
     """Layer of every trainable parameter, keyed ``method.<name>`` / ``head.<name>``.
 
     From ``method.param_layer``: -1 embeddings, 0..L-1 encoder layers, None top (full lr).
-    Head parameters are always top.
+    Head parameters are always top; a decoder's language-model tasks have no head.
     """
     out: dict[str, int | None] = {}
     for name, p in method.named_parameters():
         if p.requires_grad:
             out[f"method.{name}"] = method.param_layer(name)
-    for name, p in head.named_parameters():
+    for name, p in head.named_parameters() if head is not None else ():
         if p.requires_grad:
             out[f"head.{name}"] = None
     return out

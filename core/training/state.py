@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 from core.training.metrics import is_better
 
@@ -24,6 +24,7 @@ class PendingStep(TypedDict):
     train_loss: float  # running mean of the epoch's losses, this step included
     lr: float  # learning rate of the top (head) group this step used
     loss: float  # this step's loss
+    metrics: NotRequired[dict[str, float]]  # the task's step metrics (ProgressEvent's)
 
 
 class EvalRecord(TypedDict):

@@ -19,6 +19,11 @@ bookkeeping after each (validation, best weights, callbacks, checkpoints), ``sav
 :mod:`~core.training.checkpoint` (the bytes) and :mod:`~core.training.callbacks` (what the
 caller is told).
 
+A decoder base's tasks (chat SFT and DPO) run this same recipe through
+:class:`core.training.decoder.DecoderTrainer`, which overrides the task's parts only (the
+methods under "the task's parts": data, model, trainable modules, a step's loss, evaluation,
+the adapter).
+
 Why this module is past the project's ~400 lines: it is one recipe. Setup, the step loop and
 its bookkeeping, evaluation and checkpoint/resume all act on the same run objects (model,
 optimizer, scheduler, state), and a reader follows one step through them in order; what does
@@ -32,8 +37,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -44,6 +49,7 @@ from core.errors import Cancelled
 from core.heads import Head, HeadConfig
 from core.methods import MethodConfig, build_method
 from core.model import AdaptedModel
+from core.targets import BaseKind
 from core.training import checkpoint as ckpt
 from core.training.callbacks import ProgressEvent, TrainerCallbacks, TrainResult
 from core.training.config import TrainingConfig, parse_training_config
@@ -84,6 +90,9 @@ class Trainer:
     seeded, stratified ``validation_fraction`` of the training rows is held out.
     """
 
+    # The kind of base this trainer's tasks run on (method configs are validated for it).
+    base_kind: ClassVar[BaseKind] = "encoder"
+
     def __init__(
         self,
         base: FrozenBase,
@@ -95,7 +104,7 @@ class Trainer:
         callbacks: TrainerCallbacks | None = None,
     ) -> None:
         self.base = base
-        self.method_config = method_config_of(method_config)
+        self.method_config = method_config_of(method_config, self.base_kind)
         self._head_config_in = head_config
         self.config = parse_training_config(dict(config) if isinstance(config, Mapping) else config)
         self.callbacks = callbacks or TrainerCallbacks()
@@ -112,44 +121,23 @@ class Trainer:
         if self._closed:
             raise RuntimeError("trainer was closed (cancelled or finished); resume a checkpoint")
         cfg = self.config
-        inputs = prepare_inputs(self._head_config_in, self._train_rows, self._val_rows, cfg)
-        self.head_config = inputs.head
-        # Rows of the training set held out for validation (none when a set was given).
-        self.held_out_examples = inputs.held_out
-        self.split_rows = inputs.split_rows
-
-        # Prompt tuning's virtual tokens take positions too: real text gets what is left.
-        reserved = int(getattr(self.method_config, "reserved_positions", 0))
-        wanted = cfg.resolved_max_seq_length(self.head_config.task)
-        self.max_length = min(wanted, self.base.max_length - reserved)
-        tok, labels = self.base.tokenizer, self.head_config.label_names
-        self.train_data = encode(inputs.train, tok, self.max_length, labels, cfg.margin)
-        self.val_data = (
-            encode(inputs.val, tok, self.max_length, labels, cfg.margin) if inputs.val else None
-        )
-
+        self._prepare_data()
         # Seeded initialisation inside a forked RNG: same seed, same initial weights, whatever
         # else the process did before, and the global RNG is left as it was.
         with forked_rng(self.base.device):
             torch.manual_seed(cfg.seed)
-            method = build_method(self.method_config, self.base)
-            head = Head(self.head_config, self.base.hidden_size).to(self.base.device)
-        self.model = AdaptedModel(self.base, method, head)
-        self.frozen_features = bool(getattr(method, "frozen_features", False))
-
-        # Everything a method owns is trainable (AdapterMethod holds only trainable state);
-        # feature extraction trains the head alone.
-        modules: list[tuple[str, nn.Module]] = [("head", head)]
-        if not self.frozen_features:
-            modules.insert(0, ("method", method))
+            self._build_model()
+        modules = self._trainable_modules()
         self.named_params: dict[str, nn.Parameter] = {}
-        for prefix, module in modules:
+        for prefix, module in modules.items():
             module.requires_grad_(True)
             for n, p in module.named_parameters():
                 self.named_params[f"{prefix}.{n}"] = p
-        _check_base_untouched(self.base, self.named_params)
+        _check_base_untouched(self._base_tensors(), self.named_params)
         self.layers = {
-            k: v for k, v in param_layers(method, head).items() if k in self.named_params
+            k: v
+            for k, v in param_layers(self.method, modules.get("head")).items()
+            if k in self.named_params
         }
         self.trainable_params = sum(p.numel() for p in self.named_params.values())
 
@@ -185,6 +173,49 @@ class Trainer:
         self._best_state: dict[str, Tensor] | None = None
         self.state = TrainingState()
         self._ready = True
+
+    # --- the task's parts (a decoder's trainer overrides these) -------------------------------
+
+    def _prepare_data(self) -> None:
+        """Check and tokenize the rows: sets ``head_config``, ``held_out_examples``,
+        ``split_rows``, ``max_length``, ``train_data`` and ``val_data``."""
+        cfg = self.config
+        inputs = prepare_inputs(self._head_config_in, self._train_rows, self._val_rows, cfg)
+        self.head_config = inputs.head
+        # Rows of the training set held out for validation (none when a set was given).
+        self.held_out_examples = inputs.held_out
+        self.split_rows = inputs.split_rows
+
+        # Prompt tuning's virtual tokens take positions too: real text gets what is left.
+        reserved = int(getattr(self.method_config, "reserved_positions", 0))
+        wanted = cfg.resolved_max_seq_length(self.head_config.task)
+        self.max_length = min(wanted, self.base.max_length - reserved)
+        tok, labels = self.base.tokenizer, self.head_config.label_names
+        self.train_data = encode(inputs.train, tok, self.max_length, labels, cfg.margin)
+        self.val_data = (
+            encode(inputs.val, tok, self.max_length, labels, cfg.margin) if inputs.val else None
+        )
+
+    def _build_model(self) -> None:
+        """The method's fresh weights (under the run's seed): sets ``method``, ``model`` and
+        ``frozen_features``."""
+        self.method = build_method(self.method_config, self.base)
+        head = Head(self.head_config, self.base.hidden_size).to(self.base.device)
+        self.model = AdaptedModel(self.base, self.method, head)
+        self.frozen_features = bool(getattr(self.method, "frozen_features", False))
+
+    def _trainable_modules(self) -> dict[str, nn.Module]:
+        """What the optimizer trains and a checkpoint saves, by name prefix. Everything a
+        method owns is trainable (AdapterMethod holds only trainable state); feature
+        extraction trains the head alone."""
+        if self.frozen_features:
+            return {"head": self.model.head}
+        # Method first: the optimizer's parameter order, which its saved state indexes.
+        return {"method": self.method, "head": self.model.head}
+
+    def _base_tensors(self) -> Iterable[Tensor]:
+        """The shared base's weights, which nothing here may train."""
+        return self.base.encoder.parameters()
 
     # --- what the run resolved ----------------------------------------------------------------
 
@@ -276,7 +307,7 @@ class Trainer:
             for bi in range(st.batch_in_epoch, len(batches)):
                 self._check_cancel()
                 lr = self.optimizer.param_groups[0]["lr"]
-                loss = self._train_step(batches[bi])
+                loss, step_metrics = self._train_step(batches[bi])
                 st.step += 1
                 st.trained_tokens += self.train_data.token_count(batches[bi])
                 st.loss_sum += loss
@@ -296,6 +327,7 @@ class Trainer:
                     "train_loss": train_loss,
                     "lr": lr,
                     "loss": loss,
+                    "metrics": step_metrics,
                 }
                 if self._after_step(t0):
                     break
@@ -312,6 +344,8 @@ class Trainer:
         eval_due = (every and st.step % every == 0) or (end_of_epoch and not every) or done
         val = self._evaluate_and_track(epoch, train_loss, lr, t0) if eval_due else None
         loss = st.pending["loss"]
+        # Checkpoints written before steps had metrics lack them.
+        step_metrics = st.pending.get("metrics", {})
         st.pending = None
         st.elapsed = time.monotonic() - t0
         event = ProgressEvent(
@@ -324,6 +358,7 @@ class Trainer:
             st.elapsed,
             loss,
             st.trained_tokens,
+            step_metrics,
         )
         if self.callbacks.on_progress:
             self.callbacks.on_progress(event)
@@ -337,28 +372,41 @@ class Trainer:
             self.callbacks.on_checkpoint(self.save_checkpoint(), st.step, epoch, metrics)
         return finished
 
-    def _train_step(self, idx: list[int]) -> float:
-        data, device = self.train_data, self.base.device
+    def _train_step(self, idx: list[int]) -> tuple[float, dict[str, float]]:
+        """One optimizer step on the batch ``idx``: its loss and the task's step metrics."""
         step_loss = 0.0
+        step_metrics: dict[str, float] = {}
         with self._rng.scope():
             self.optimizer.zero_grad(set_to_none=True)
-            # The loss is a mean over the batch's rows: weighted by its share of them, each
-            # chunk's gradient adds up to the whole batch's.
-            for part in [idx] if self.frozen_features else forward_chunks(data, idx):
-                if self.frozen_features:
-                    assert self._train_feats is not None
-                    out = self.model.head(_flatten_pairs(self._train_feats[part]), dropout=True)
-                else:
-                    out = self.model(data.collate(part, device), dropout=True)
-                loss = self._loss(out, data.targets(part, device)) * (len(part) / len(idx))
+            for part in self._step_parts(idx):
+                loss, shares = self._part_loss(part, idx)
                 loss.backward()
                 step_loss += float(loss.detach())
+                for k, v in shares.items():
+                    step_metrics[k] = step_metrics.get(k, 0.0) + v
             if self.config.max_grad_norm:
                 params = [p for p in self.named_params.values() if p.grad is not None]
                 torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
             self.optimizer.step()
             self.scheduler.step()
-        return step_loss
+        return step_loss, step_metrics
+
+    def _step_parts(self, idx: list[int]) -> list[list[int]]:
+        """The forwards a batch runs in, each freeing its activations before the next."""
+        return [idx] if self.frozen_features else forward_chunks(self.train_data, idx)
+
+    def _part_loss(self, part: list[int], idx: list[int]) -> tuple[Tensor, dict[str, float]]:
+        """The loss of ``part``'s rows weighted by their share of the batch ``idx`` (so the
+        parts' gradients add up to the batch's), and the parts' shares of the step metrics
+        (none for heads: the running loss is their training metric)."""
+        data, device = self.train_data, self.base.device
+        if self.frozen_features:
+            assert self._train_feats is not None
+            out = self.model.head(_flatten_pairs(self._train_feats[part]), dropout=True)
+        else:
+            out = self.model(data.collate(part, device), dropout=True)
+        # The loss is a mean over the batch's rows.
+        return self._loss(out, data.targets(part, device)) * (len(part) / len(idx)), {}
 
     def _loss(self, out: Tensor, targets: Tensor) -> Tensor:
         if self.head_config.task == "classification":
@@ -455,7 +503,7 @@ class Trainer:
                 "val_examples": len(self.val_data) if self.val_data is not None else 0,
             }
         )
-        adapter = Adapter.from_model(self.model, self.trainable_params, metrics)
+        adapter = self._make_adapter(metrics)
         result = TrainResult(
             adapter=adapter,
             metrics=metrics,
@@ -467,6 +515,9 @@ class Trainer:
         self.close()
         return result
 
+    def _make_adapter(self, metrics: dict[str, Any]) -> Adapter:
+        return Adapter.from_model(self.model, self.trainable_params, metrics)
+
     def close(self) -> None:
         """Drop model, optimizer, cached data and features so their memory can be freed.
 
@@ -474,6 +525,7 @@ class Trainer:
         """
         for name in (
             "model",
+            "method",
             "optimizer",
             "scheduler",
             "_best_state",
@@ -491,9 +543,9 @@ class Trainer:
     # --- checkpoints -------------------------------------------------------------------------
 
     def _trainable_state(self) -> dict[str, Tensor]:
-        out = ckpt.prefixed("head.", self.model.head.state_dict())
-        if not self.frozen_features:
-            out.update(ckpt.prefixed("method.", self.model.method.state_dict()))
+        out: dict[str, Tensor] = {}
+        for prefix, module in self._trainable_modules().items():
+            out.update(ckpt.prefixed(f"{prefix}.", module.state_dict()))
         return out
 
     def _snapshot(self) -> dict[str, Tensor]:
@@ -501,9 +553,8 @@ class Trainer:
         return {k: v.detach().clone() for k, v in self._trainable_state().items()}
 
     def _load_trainable_state(self, state: Mapping[str, Tensor]) -> None:
-        self.model.head.load_state_dict(ckpt.unprefixed("head.", state), strict=True)
-        if not self.frozen_features:
-            self.model.method.load_state_dict(ckpt.unprefixed("method.", state), strict=True)
+        for prefix, module in self._trainable_modules().items():
+            module.load_state_dict(ckpt.unprefixed(f"{prefix}.", state), strict=True)
 
     def _identity(self) -> dict[str, Any]:
         """What a checkpoint must match to be resumed here."""
@@ -619,9 +670,9 @@ class Trainer:
 # --------------------------------------------------------------------------------------------
 
 
-def _check_base_untouched(base: FrozenBase, named: Mapping[str, nn.Parameter]) -> None:
+def _check_base_untouched(base: Iterable[Tensor], named: Mapping[str, nn.Parameter]) -> None:
     """Invariant: the shared base is never trained. A method must own a copy to train it."""
-    base_ids = {id(p) for p in base.encoder.parameters()}
+    base_ids = {id(p) for p in base}
     shared = [n for n, p in named.items() if id(p) in base_ids]
     if shared:
         raise RuntimeError(f"method exposes shared base weights as trainable: {shared[:3]}")

@@ -1,0 +1,229 @@
+"""The Trainer's recipe on a decoder base: chat SFT (task ``chat``) and DPO (task ``dpo``).
+
+Usage, as for the encoder's tasks (:mod:`core.training.trainer`)::
+
+    trainer = DecoderTrainer(decoder_base, {"type": "lora"}, {"task": "chat"}, rows, val_rows,
+                             config, callbacks)
+    result = trainer.train()   # result.adapter: LoRA weights recording the decoder base
+    trainer = DecoderTrainer.resume(checkpoint_bytes, decoder_base, rows, val_rows)
+
+Everything but the task's parts is the encoder's recipe, unchanged: warm-up and schedules,
+layer-wise learning-rate decay, clipping, seeds and RNG scopes, early stopping, bucketing by
+length, forwards in chunks, checkpoints and bit-exact resume. What differs:
+
+- rows are OpenAI chat or DPO rows (:mod:`core.training.decoder_data`) rendered with the
+  base's chat template; the loss is on the trained assistant tokens only;
+- there is no head: the base's own language-model head predicts the tokens, and the adapter's
+  ``HeadConfig`` records the task only;
+- DPO's reference policy is the same frozen base with the adapter's hooks off, so it costs a
+  forward without gradients per step, never a second copy of the model;
+- LoRA is the one method so far (prompt tuning and full fine-tuning need the decoder's
+  embeddings and a trainable copy of its weights, which the decoder forward does not take yet).
+
+Metrics. A chat run's validation has ``loss`` and ``accuracy`` (token accuracy over every
+target of the validation set) like the encoder's tasks, so ``metric_for_best`` reads them
+alike; its steps report ``train_mean_token_accuracy``; :func:`openai_chat_metrics` names a
+progress event's numbers as OpenAI's fine-tuning events do. A DPO run reports TRL
+``DPOTrainer``'s ``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies`` and
+``rewards/margins`` per step and at validation (where ``accuracy`` is ``rewards/accuracies``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any, ClassVar
+
+import torch
+from pydantic import ValidationError
+from torch import Tensor, nn
+
+from core.adapter import Adapter
+from core.decoder.base import DecoderBase
+from core.decoder.forward import forward
+from core.decoder.losses import DpoLoss, dpo_loss, reply_logprobs, sft_loss, targets
+from core.errors import ConfigError
+from core.heads import HeadConfig
+from core.methods import build_method
+from core.methods.lora.config import LoraConfig
+from core.targets import BaseKind
+from core.training.callbacks import ProgressEvent
+from core.training.data import eval_batches, forward_chunks, split_validation
+from core.training.decoder_data import (
+    DECODER_TASKS,
+    DecoderData,
+    coerce_decoder_examples,
+    encode_decoder,
+)
+from core.training.trainer import Trainer
+
+# Padded tokens per forward (and backward) of a decoder step. Not yet measured: an estimate
+# from SmolLM2-135M's saved activations in fp32 (30 layers of ~12k values a token, about
+# 1.4 MB a token with LoRA's dropped inputs), so 512 tokens keep a step near 1 GiB. Wider rows
+# get fewer (forward_chunks scales it down past 128 tokens).
+DECODER_FORWARD_TOKENS = 512
+# TRL DPOTrainer's metric names.
+DPO_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins")
+
+
+class DecoderTrainer(Trainer):
+    """Fine-tunes a LoRA adapter of a frozen shared decoder base on chat or DPO rows.
+
+    ``head_config``: ``{"task": "chat"}`` or ``{"task": "dpo"}`` (or that ``HeadConfig``).
+    Rows are OpenAI chat rows (``chat``) or OpenAI DPO rows (``dpo``); ``val_examples`` None:
+    a seeded ``validation_fraction`` of the training rows is held out.
+    """
+
+    base_kind: ClassVar[BaseKind] = "decoder"
+    base: DecoderBase  # type: ignore[assignment]
+    train_data: DecoderData  # type: ignore[assignment]
+    val_data: DecoderData | None  # type: ignore[assignment]
+
+    # --- the task's parts ---------------------------------------------------------------------
+
+    def _prepare_data(self) -> None:
+        cfg = self.config
+        self.head_config = _task_config(self._head_config_in)
+        if not isinstance(self.method_config, LoraConfig):
+            raise ConfigError(
+                "type", f"{self.method_config.type!r} does not train a decoder base yet; use lora"
+            )
+        if cfg.unfreeze_layers_per_epoch:
+            raise ConfigError("gradual_unfreezing", "a decoder's tasks have no head to start with")
+        if cfg.metric_for_best == "macro_f1":
+            raise ConfigError("metric_for_best", "macro_f1 is a classification metric")
+        task = self.head_config.task
+        train = coerce_decoder_examples(self._train_rows, task, "training")
+        val_rows = self._val_rows
+        val = coerce_decoder_examples(val_rows, task, "validation") if val_rows else None
+        self.held_out_examples = 0
+        if val is None and cfg.validation_fraction > 0:
+            train, val = split_validation(train, cfg.validation_fraction, cfg.seed)
+            self.held_out_examples = len(val)
+        self.split_rows = 0
+        self.max_length = min(cfg.resolved_max_seq_length(task), self.base.max_length)
+        tok, template = self.base.tokenizer, self.base.chat_template
+        self.train_data = encode_decoder(train, tok, template, self.max_length, "training")
+        self.val_data = (
+            encode_decoder(val, tok, template, self.max_length, "validation") if val else None
+        )
+
+    def _build_model(self) -> None:
+        self.method = build_method(self.method_config, self.base)  # type: ignore[arg-type]
+        self.frozen_features = False
+
+    def _trainable_modules(self) -> dict[str, nn.Module]:
+        return {"method": self.method}
+
+    def _base_tensors(self) -> Iterable[Tensor]:
+        return self.base.state_dict.values()
+
+    def _step_parts(self, idx: list[int]) -> list[list[int]]:
+        return forward_chunks(self.train_data, idx, DECODER_FORWARD_TOKENS)
+
+    def _part_loss(self, part: list[int], idx: list[int]) -> tuple[Tensor, dict[str, float]]:
+        w = self.base.weights
+        ids, attention, mask = self.train_data.collate(part, self.base.device)
+        hooks = self.method.hooks(dropout=True)
+        if self.head_config.task == "chat":
+            # The loss is a mean over the batch's target tokens: a part weighs its share.
+            n_batch = self.train_data.target_count(idx)
+            t = targets(w, forward(w, ids, attention, hooks=hooks), ids, mask)
+            loss = sft_loss(t) * (t.tokens.numel() / n_batch)
+            correct = int((t.logits.detach().argmax(-1) == t.tokens).sum())
+            return loss, {"train_mean_token_accuracy": correct / n_batch}
+        policy = reply_logprobs(w, ids, attention, mask, hooks)
+        with torch.no_grad():  # the reference: the same base with the adapter off
+            reference = reply_logprobs(w, ids, attention, mask)
+        out = self._dpo(policy, reference)
+        share = len(part) / len(idx)  # the loss is a mean over the batch's pairs
+        return out.loss * share, {k: v * share for k, v in _dpo_metrics(out).items()}
+
+    def _dpo(self, policy: Tensor, reference: Tensor) -> DpoLoss:
+        """The DPO loss of a ``[chosen..., rejected...]`` batch's log-probabilities."""
+        n = policy.shape[0] // 2
+        cfg = self.config
+        return dpo_loss(
+            policy[:n], policy[n:], reference[:n], reference[n:], cfg.beta, cfg.label_smoothing
+        )
+
+    def evaluate(self) -> dict[str, Any]:
+        """Validation metrics of the current weights over the whole validation set."""
+        assert self.val_data is not None
+        data, device, w = self.val_data, self.base.device, self.base.weights
+        sums: dict[str, float] = {}
+        count = 0
+        for idx in eval_batches(data.lengths, self.config.resolved_eval_batch_size()):
+            for part in forward_chunks(data, idx, DECODER_FORWARD_TOKENS):
+                self._check_cancel()
+                ids, attention, mask = data.collate(part, device)
+                with torch.inference_mode():
+                    if self.head_config.task == "chat":
+                        hidden = forward(w, ids, attention, hooks=self.method.hooks())
+                        t = targets(w, hidden, ids, mask)
+                        n = t.tokens.numel()
+                        part_sums = {
+                            "loss": float(sft_loss(t)) * n,
+                            "accuracy": float((t.logits.argmax(-1) == t.tokens).sum()),
+                        }
+                    else:
+                        policy = reply_logprobs(w, ids, attention, mask, self.method.hooks())
+                        out = self._dpo(policy, reply_logprobs(w, ids, attention, mask))
+                        n = len(part)
+                        part_sums = {"loss": float(out.loss) * n}
+                        part_sums.update({k: v * n for k, v in _dpo_metrics(out).items()})
+                count += n
+                for k, v in part_sums.items():
+                    sums[k] = sums.get(k, 0.0) + v
+        metrics: dict[str, Any] = {k: v / max(count, 1) for k, v in sums.items()}
+        if self.head_config.task == "dpo":
+            metrics["accuracy"] = metrics["rewards/accuracies"]
+            metrics["pairs"] = count
+        else:
+            metrics["tokens"] = count
+        return metrics
+
+    def _make_adapter(self, metrics: dict[str, Any]) -> Adapter:
+        return Adapter.from_method(self.method, self.head_config, self.trainable_params, metrics)
+
+
+def _task_config(head: HeadConfig | Mapping[str, Any]) -> HeadConfig:
+    if not isinstance(head, HeadConfig):
+        try:
+            head = HeadConfig(**dict(head))
+        except ValidationError as e:
+            err = e.errors()[0]
+            raise ConfigError(str(err["loc"][0]) if err["loc"] else "task", err["msg"]) from None
+        except TypeError as e:
+            raise ConfigError("task", str(e)) from None
+    if head.task not in DECODER_TASKS:
+        raise ConfigError("task", f"a decoder base trains {list(DECODER_TASKS)}, not {head.task!r}")
+    return head
+
+
+def _dpo_metrics(out: DpoLoss) -> dict[str, float]:
+    """Means over the pairs of ``out``, under TRL's names.
+    A tie counts as wrong, as in the reward models' accuracy."""
+    chosen, rejected = out.chosen_rewards, out.rejected_rewards
+    return {
+        "rewards/chosen": float(chosen.mean()),
+        "rewards/rejected": float(rejected.mean()),
+        "rewards/accuracies": float((chosen > rejected).float().mean()),
+        "rewards/margins": float((chosen - rejected).mean()),
+    }
+
+
+def openai_chat_metrics(event: ProgressEvent) -> dict[str, float]:
+    """A chat run's progress event as OpenAI's fine-tuning metrics event names its numbers.
+
+    ``train_loss`` is the step's loss (OpenAI's, not the epoch's running mean). Every
+    validation here scores the whole validation set, so ``valid_*`` and ``full_valid_*`` are
+    the same numbers; both are given because OpenAI clients read either.
+    """
+    out = {"step": float(event.step), "train_loss": event.step_loss}
+    if "train_mean_token_accuracy" in event.step_metrics:
+        out["train_mean_token_accuracy"] = event.step_metrics["train_mean_token_accuracy"]
+    if event.val_metrics is not None:
+        for prefix in ("valid", "full_valid"):
+            out[f"{prefix}_loss"] = event.val_metrics["loss"]
+            out[f"{prefix}_mean_token_accuracy"] = event.val_metrics["accuracy"]
+    return out
