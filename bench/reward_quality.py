@@ -12,13 +12,14 @@ serving path encodes pairs as training does).
 Cases (the encoding choices of issue 15):
 
 * ``before``: the encoding before issue 15, reproduced here: texts as given, the
-  tokenizer's own right truncation at 128 tokens (HH: whole dialogues, no prompt).
+  tokenizer's own right truncation at 128 tokens (HH: whole dialogues, no prompt), features
+  pooled over every token.
 * ``default``: the trainer's defaults: (prompt, response) as a text pair, the response kept
   and the prompt cut from its start (core.pair_encoding), whole dialogues split at their
-  shared turns, ``max_seq_length`` the reward default. ``pair_128`` / ``pair_256``: the same
-  at 128 and 256 tokens.
-* ``response_128``: the responses alone (prompts dropped after the split).
-* ``pair_response_pool_128``: the text pair, pooled over the response's tokens only.
+  shared turns, the head reading the mean over the response's tokens, 128 tokens.
+* ``pair_mean``: the default, but the head reads every token (the base's pooling).
+* ``pair_256``: the default at 256 tokens (MiniLM's own limit).
+* ``response``: the responses alone (prompts dropped after the split).
 * ``frozen``: the frozen base's features and a linear Bradley-Terry head
   (``feature_extraction``), the reference baseline.
 
@@ -56,11 +57,10 @@ from torch import Tensor
 from bench.common import ROOT
 from bench.datasets import DEFAULT_HH_RLHF_PATH, load_jsonl
 from core.base import FrozenBase
-from core.encoder import pool
 from core.model import AdaptedModel
 from core.pair_encoding import split_shared_prefix
 from core.training import data as training_data
-from core.training.data import coerce_examples, encode, eval_batches
+from core.training.data import coerce_examples, encode, eval_batches, forward_chunks
 
 RT_FIXTURE = ROOT / "tests" / "fixtures" / "rt_preference_small.jsonl"
 HH_TRAIN = 0.8  # the seeded 80/20 split of issue 15: 1,849 train, 463 held out of 2,312
@@ -73,16 +73,22 @@ class Case:
     name: str
     training: dict[str, Any] = field(default_factory=dict)  # TrainingConfig fields
     method: str = "lora"
-    encoding: str = "pair"  # pair | before | response | response_pool
+    head: dict[str, Any] = field(default_factory=dict)  # HeadConfig fields beside the task
+    encoding: str = "default"  # default | before (the old truncation) | response (no prompt)
 
 
+_WHOLE = {"pooling": "base"}
 CASES = [
-    Case("before", {"max_seq_length": 128, "split_shared_prefix": False}, encoding="before"),
+    Case(
+        "before",
+        {"max_seq_length": 128, "split_shared_prefix": False},
+        head=_WHOLE,
+        encoding="before",
+    ),
     Case("default"),
-    Case("pair_128", {"max_seq_length": 128}),
+    Case("pair_mean", head=_WHOLE),
     Case("pair_256", {"max_seq_length": 256}),
-    Case("response_128", {"max_seq_length": 128, "split_shared_prefix": False}, "lora", "response"),
-    Case("pair_response_pool_128", {"max_seq_length": 128}, encoding="response_pool"),
+    Case("response", {"split_shared_prefix": False}, encoding="response"),
     Case("frozen", method="feature_extraction"),
 ]
 BY_NAME = {c.name: c for c in CASES}
@@ -103,34 +109,16 @@ def _right_truncated(
     return out
 
 
-def _response_features(
-    self: AdaptedModel, batch: dict[str, Tensor], dropout: bool = False, hooks: Any = None
-) -> Tensor:
-    """Mean over the response's tokens (token type 1); the whole row where there is none."""
-    hidden, mask = self.method.encoder()(
-        batch["input_ids"],
-        batch["attention_mask"],
-        batch.get("token_type_ids"),
-        hooks=hooks if hooks is not None else self.method.hooks(dropout),
-        dropout=dropout,
-    )
-    response = batch["token_type_ids"] * mask
-    has = response.sum(1, keepdim=True) > 0
-    return pool(hidden, torch.where(has, response, mask), "mean")
-
-
 @contextmanager
 def encoding(name: str) -> Iterator[None]:
     """Training and scoring use the case's encoding while inside; the default after."""
-    saved = training_data.encode_responses, AdaptedModel.features
+    saved = training_data.encode_responses
     if name == "before":
         training_data.encode_responses = _right_truncated  # type: ignore[assignment]
-    elif name == "response_pool":
-        AdaptedModel.features = _response_features  # type: ignore[method-assign]
     try:
         yield
     finally:
-        training_data.encode_responses, AdaptedModel.features = saved  # type: ignore[method-assign]
+        training_data.encode_responses = saved  # type: ignore[assignment]
 
 
 def case_rows(case: Case, rows: Rows) -> list[dict[str, Any]]:
@@ -158,9 +146,8 @@ def run_case(
     cfg = {**training, **case.training}
     with encoding(case.encoding):
         t0 = time.perf_counter()
-        trainer = Trainer(
-            base, {"type": case.method}, {"task": "reward"}, case_rows(case, train), None, cfg
-        )
+        head = {"task": "reward", **case.head}
+        trainer = Trainer(base, {"type": case.method}, head, case_rows(case, train), None, cfg)
         trainer.setup()
         max_length, pairs = trainer.max_length, trainer.pair_report()
         result = trainer.train()
@@ -190,9 +177,12 @@ def run_case(
 
 
 def _scores(model: AdaptedModel, data: Any, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Rewards of every pair's chosen and rejected, in batches the size the trainer validates
+    in (its forward budget too, so the peak RSS measured is training's, not this loop's)."""
     chosen, rejected = torch.empty(len(data)), torch.empty(len(data))
+    batches = eval_batches(data.lengths, EVAL_BATCH)
     with torch.inference_mode():
-        for idx in eval_batches(data.lengths, EVAL_BATCH):
+        for idx in [part for batch in batches for part in forward_chunks(data, batch)]:
             out = model(data.collate(idx, device)).float().cpu()
             chosen[idx], rejected[idx] = out[: len(idx)], out[len(idx) :]
     return chosen, rejected
@@ -260,7 +250,9 @@ def _child(args: argparse.Namespace) -> None:
         train, test = pairs
     else:
         train, test, _ = rt_pairs(args.quick)
-    training = {"n_epochs": 1, "max_steps": 10} if args.quick else {}
+    training: dict[str, Any] = {"n_epochs": 1, "max_steps": 10} if args.quick else {}
+    if args.epochs:
+        training["n_epochs"] = args.epochs
     row = run_case(base, BY_NAME[args.child], train, test, training)
     row["dataset"] = args.dataset
     row["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
@@ -279,6 +271,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cases", help=f"comma-separated subset of {','.join(BY_NAME)}")
     p.add_argument("--datasets", default="hh,rt", help="comma-separated subset of hh,rt")
     p.add_argument("--hh", type=Path, default=DEFAULT_HH_RLHF_PATH, help="the HH-RLHF file")
+    p.add_argument(
+        "--epochs", type=int, help="epochs per case (default: the trainer's, 3); fewer to save time"
+    )
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--dataset", help=argparse.SUPPRESS)
@@ -299,6 +294,7 @@ def main(argv: list[str] | None = None) -> None:
             cmd = [sys.executable, "-m", "bench.reward_quality", "--child", name]
             cmd += ["--dataset", dataset, "--hh", str(args.hh), "--threads", str(args.threads)]
             cmd += ["--quick"] if args.quick else []
+            cmd += ["--epochs", str(args.epochs)] if args.epochs else []
             proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
             if proc.returncode != 0:
                 print(proc.stderr[-2000:], file=sys.stderr)

@@ -2,12 +2,39 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from core.base import FrozenBase
 from core.encoder import EncoderHooks, pool
 from core.heads import Head
 from core.methods.method import AdapterMethod
+
+
+def response_mask(token_type_ids: Tensor | None, attention_mask: Tensor) -> Tensor:
+    """The response's tokens of each row: token type 1 of a (prompt, response) pair, or every
+    token of a row that is a response alone."""
+    if token_type_ids is None:
+        return attention_mask
+    response = token_type_ids * attention_mask
+    return torch.where(response.sum(1, keepdim=True) > 0, response, attention_mask)
+
+
+def pool_rows(
+    hidden: Tensor,
+    attention_mask: Tensor,
+    token_type_ids: Tensor | None,
+    mode: str,
+    response_rows: Tensor,
+) -> Tensor:
+    """Features of each row: the base's pooling (``mode``), or where ``response_rows`` [B] is
+    true the mean over the row's response (a reward head with ``pooling="response"``)."""
+    if not bool(response_rows.any()):
+        return pool(hidden, attention_mask, mode)
+    response = pool(hidden, response_mask(token_type_ids, attention_mask), "mean")
+    if bool(response_rows.all()):
+        return response
+    return torch.where(response_rows[:, None], response, pool(hidden, attention_mask, mode))
 
 
 class AdaptedModel(nn.Module):
@@ -33,7 +60,9 @@ class AdaptedModel(nn.Module):
             hooks=hooks if hooks is not None else self.method.hooks(dropout),
             dropout=dropout,
         )
-        return pool(hidden, mask, self.base.pooling)
+        response = self.head.config.pooling == "response"
+        rows = torch.full((hidden.shape[0],), response, dtype=torch.bool, device=hidden.device)
+        return pool_rows(hidden, mask, batch.get("token_type_ids"), self.base.pooling, rows)
 
     def forward(self, batch: dict[str, Tensor], dropout: bool = False) -> Tensor:
         """Logits ``[B, n_labels]`` for classification, rewards ``[B]`` for reward heads."""

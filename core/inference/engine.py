@@ -49,7 +49,7 @@ from torch import Tensor
 
 from core.adapter import Adapter
 from core.base import FrozenBase
-from core.encoder import NO_HOOKS, BertEncoder, EncoderHooks, pool
+from core.encoder import NO_HOOKS, BertEncoder, EncoderHooks
 from core.errors import CoreError
 from core.inference.bank import LoraBank, MixedLoraHooks
 from core.inference.execute import Group, Plan, execute_plan
@@ -58,6 +58,7 @@ from core.inference.residency import Residency, Resident
 from core.inference.rows import FORWARD_MODES, AdapterNotResidentError, Row, RowResult
 from core.inference.tokens import Item, RowEncoder, Tokenized
 from core.methods.lora.layer import merge_pairs
+from core.model import pool_rows
 
 log = logging.getLogger(__name__)
 
@@ -346,15 +347,17 @@ class InferenceEngine:
         """Each live row's ids: its own :class:`Encoded` if it came with one (checked against
         its adapter's window), else encoded here, one tokenizer call per window."""
         tokens = Tokenized(self.base.config.pad_token_id, self.device)
-        # Rows to encode here, by (window, whether they are a reward model's responses).
-        texts: dict[tuple[int, bool], list[int]] = {}
+        # Rows to encode here, by (window, whether they are a reward model's responses, whether
+        # their head pools over the response).
+        texts: dict[tuple[int, bool, bool], list[int]] = {}
         for i in live:
             e = entries[i]
             window = self.base.max_length - (e.reserved if e else 0)
             encoded = rows[i].encoded
+            response_pooled = e is not None and e.head.pooling == "response"
             if encoded is None:
                 reward = e is not None and e.head.task == "reward"
-                texts.setdefault((window, reward), []).append(i)
+                texts.setdefault((window, reward, response_pooled), []).append(i)
             elif encoded.max_length != window:  # encoded for another adapter's window
                 results[i] = RowResult(
                     rows[i].key,
@@ -364,18 +367,19 @@ class InferenceEngine:
                     ),
                 )
             else:
-                tokens.add([i], [encoded])
-        for (window, reward), idx in texts.items():
+                tokens.add([i], [encoded], response_pooled)
+        for (window, reward, response_pooled), idx in texts.items():
             items: list[Item] = [(rows[i].text, rows[i].text_pair) for i in idx]
             encode = self._encoder.encode_responses if reward else self._encoder.encode
-            tokens.add(idx, encode(items, window))
+            tokens.add(idx, encode(items, window), response_pooled)
         return tokens
 
     def _encode(self, batch: dict[str, Tensor], hooks: EncoderHooks) -> Tensor:
+        types = batch["token_type_ids"]
         hidden, mask = self._serving.encoder(
-            batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], hooks=hooks
+            batch["input_ids"], batch["attention_mask"], types, hooks=hooks
         )
-        return pool(hidden, mask, self.base.pooling)
+        return pool_rows(hidden, mask, types, self.base.pooling, batch["response_rows"])
 
 
 def _slot(entry: Resident | None) -> int:

@@ -124,13 +124,19 @@ class Tokenized:
         self._pad = pad_token_id
         self._device = device
         self._rows: dict[int, Encoded] = {}
+        self._response: dict[int, bool] = {}
 
-    def add(self, rows: Sequence[int], encoded: Sequence[Encoded]) -> None:
+    def add(
+        self, rows: Sequence[int], encoded: Sequence[Encoded], response_pooled: bool = False
+    ) -> None:
+        """``response_pooled``: their head reads the mean over the response's tokens."""
         for row, enc in zip(rows, encoded, strict=True):
             self._rows[row] = enc
+            self._response[row] = response_pooled
 
     def batch(self, rows: Sequence[int]) -> dict[str, Tensor]:
-        """Tensors for ``rows`` in this order, padded to their longest row, on the device."""
+        """Tensors for ``rows`` in this order, padded to their longest row, on the device;
+        ``response_rows`` says which rows pool over their response."""
         encs = [self._rows[r] for r in rows]
         width = max(len(e.input_ids) for e in encs)
         ids = [e.input_ids + [self._pad] * (width - len(e.input_ids)) for e in encs]
@@ -140,5 +146,6 @@ class Tokenized:
             "input_ids": torch.tensor(ids, dtype=torch.long),
             "attention_mask": torch.tensor(mask, dtype=torch.long),
             "token_type_ids": torch.tensor(types, dtype=torch.long),
+            "response_rows": torch.tensor([self._response[r] for r in rows], dtype=torch.bool),
         }
         return {k: v.to(self._device, non_blocking=True) for k, v in out.items()}

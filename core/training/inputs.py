@@ -67,7 +67,8 @@ def prepare_inputs(
     """Coerce and check the rows, complete the head config from them, split off validation.
 
     ``head_config`` as a mapping may leave out ``label_names`` (then: the sorted distinct
-    training labels) and ``text_pair`` (then: whether any row carries a second text).
+    training labels), ``text_pair`` (then: whether any row carries a second text) and
+    ``pooling`` (then: a reward head reads its response's tokens).
     ``val_rows`` None or empty: a seeded, stratified ``validation_fraction`` of the training
     rows is held out.
     """
@@ -114,6 +115,8 @@ def _resolve_head(
         params["label_names"] = infer_label_names(train)
     if "text_pair" not in params:
         params["text_pair"] = has_pairs([*train, *(val or [])]) is not None
+    if params.get("task") == "reward":
+        params.setdefault("pooling", "response")  # see HeadConfig.pooling
     try:
         return HeadConfig(**params)
     except ValidationError as e:

@@ -97,7 +97,9 @@ def _dialogue(turns: list[tuple[str, str]]) -> str:
 def test_responses_differing_only_after_position_128_stay_distinguishable(
     tiny_base: FrozenBase,
 ) -> None:
-    """HH-style rows: one long dialogue whose final answers share their first 150 tokens."""
+    """HH-style rows: one long dialogue whose final answers share their first 150 tokens. At
+    256 tokens (MiniLM's limit) the two stay apart; at the default 128 they cannot, and the
+    pair is counted as one input instead of passing silently."""
     history = [("Human", _words(60)), ("Assistant", _words(80, 3)), ("Human", _words(40, 7))]
     shared = _words(150, 2)
     row = {
@@ -105,15 +107,16 @@ def test_responses_differing_only_after_position_128_stay_distinguishable(
         "rejected": _dialogue([*history, ("Assistant", f"{shared} bad")]),
     }
     tok = tiny_base.tokenizer
-    length = TrainingConfig().resolved_max_seq_length("reward")
-    old = [tok(row[k], truncation=True, max_length=length)["input_ids"] for k in row]
+    old = [tok(row[k], truncation=True, max_length=256)["input_ids"] for k in row]
     assert old[0] == old[1]  # as the tokenizer truncates, the two are one input
     rows, split = split_dialogues(coerce_examples([row], "reward"))
     assert split == 1
-    data = encode(rows, tok, length)
+    data = encode(rows, tok, 256)
     chosen, rejected = data.ids[0]
     assert chosen != rejected and data.identical_pairs() == 0
     assert chosen[-2] == _ids(tok, "good")[0] and rejected[-2] == _ids(tok, "bad")[0]
+    default = TrainingConfig().resolved_max_seq_length("reward")
+    assert encode(rows, tok, default).identical_pairs() == (1 if default <= 150 else 0)
 
 
 def test_split_finds_the_last_shared_turn_boundary() -> None:
@@ -166,15 +169,22 @@ def test_the_trainer_reports_split_and_identical_pairs(tiny_base: FrozenBase) ->
     )
     trainer.setup()
     assert trainer.pair_report() == {"split_rows": 3, "identical_pairs": 3}
+    assert trainer.head_config.pooling == "response"  # a new reward head reads its response
 
 
-def test_serving_scores_a_pair_as_training_encoded_it(tiny_base: FrozenBase) -> None:
+@pytest.mark.parametrize("pooling", ["response", "base"])
+def test_serving_scores_a_pair_as_training_encoded_it(tiny_base: FrozenBase, pooling: str) -> None:
     """The engine (rows as text) and the service (rows encoded by RowEncoder in the request's
-    thread) encode a reward model's rows with the trainer's function."""
-    from core.inference import InferenceEngine, Row, RowEncoder
-    from tests.core.inference.helpers import lora
+    thread) encode a reward model's rows with the trainer's function and pool them as its head
+    says, also beside a classifier's and the bare base's rows in one mixed forward."""
+    from dataclasses import replace
 
-    adapter = lora(tiny_base, r=4, n_labels=None)
+    from core.inference import InferenceEngine, Row, RowEncoder
+    from tests.core.inference.helpers import lora, reference
+
+    base_head = lora(tiny_base, r=4, n_labels=None)
+    adapter = replace(base_head, head=base_head.head.model_copy(update={"pooling": pooling}))
+    classifier = lora(tiny_base, r=2)
     prompt, response = _words(200), _words(100, offset=3)
     window = tiny_base.max_length
     data = encode([PreferenceExample(response, "plot", prompt)], tiny_base.tokenizer, window)
@@ -184,11 +194,28 @@ def test_serving_scores_a_pair_as_training_encoded_it(tiny_base: FrozenBase) -> 
     expected = float(model(data.collate([0], tiny_base.device))[0])
     engine = InferenceEngine(tiny_base, device="cpu")
     engine.load("r", adapter)
-    [as_text, as_encoded] = engine.run(
-        [Row("r", prompt, response), Row("r", prompt, response, encoded=served)]
+    engine.load("c", classifier)
+    as_text, as_encoded, other, bare = engine.run(
+        [
+            Row("r", prompt, response),
+            Row("r", prompt, response, encoded=served),
+            Row("c", "a good film"),
+            Row(None, "a good film"),
+        ]
     )
     assert as_text.reward == pytest.approx(expected, abs=1e-5)
     assert as_encoded.reward == pytest.approx(expected, abs=1e-5)
+    assert other.logits == pytest.approx(
+        reference(tiny_base, classifier, "a good film").tolist(), abs=1e-5
+    )
+    assert bare.features == pytest.approx(
+        reference(tiny_base, None, "a good film").tolist(), abs=1e-5
+    )
+    # Pooling over the response is not pooling over the whole row.
+    whole = replace(adapter, head=adapter.head.model_copy(update={"pooling": "base"}))
+    if pooling == "response":
+        other_model = whole.build(tiny_base)
+        assert float(other_model(data.collate([0], tiny_base.device))[0]) != pytest.approx(expected)
 
 
 def test_wide_batches_run_in_chunks_whose_gradients_add_up(
