@@ -136,18 +136,22 @@ class ObjectReader:
                 )
                 if self._eof or not cut:
                     raise self._error(exc.msg, exc.pos) from None
+                extent = len(self._buf) - start
             except RecursionError:
                 raise self._error("Nested too deeply", start) from None
             except ValueError as exc:  # NaN or Infinity, refused by _reject_constant
                 raise self._error(str(exc), start) from None
             else:
-                # A number that ends where the buffer ends may go on in the next chunk.
-                if end < len(self._buf) or self._eof:
+                # A number that ends near the end of what has arrived may go on in the next
+                # chunk: "1." + "5" and "1e" + "5" each decode as 1 before "." or "e".
+                cut = type(value) in (int, float) and end >= len(self._buf) - _CUT_MARGIN
+                if self._eof or not cut:
                     if end - start > max_chars:
                         raise ValueTooLongError(max_chars)
                     self._pos = end
                     return value, start
-            if len(self._buf) - start > max_chars:
+                extent = end - start
+            if extent > max_chars:
                 raise ValueTooLongError(max_chars)
             # Grow geometrically, so a value of n characters costs O(n) retries in all.
             want = min(max(want, 2 * (len(self._buf) - start)), max_chars + _CUT_MARGIN + 1)
