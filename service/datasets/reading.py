@@ -11,7 +11,9 @@ import itertools
 import json
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from enum import StrEnum
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
+
+from pydantic import StringConstraints, TypeAdapter, ValidationError
 
 from service.datasets.rows import (
     REQUIRED_FIELDS,
@@ -208,6 +210,13 @@ _MAX_FIELD_CHARS = 4096
 _MAX_NAME_CHARS = 256
 _BODY_FIELDS = "kind, name and records"
 
+# A body's kind and name are checked by pydantic with the types DatasetCreateJSON declares
+# them with (the model documents the body, this reader checks it): one definition, which also
+# refuses a string that is not valid Unicode (a lone surrogate such as "\ud800").
+DatasetName = Annotated[str, StringConstraints(min_length=1, max_length=_MAX_NAME_CHARS)]
+_KIND: TypeAdapter[DatasetKind] = TypeAdapter(DatasetKind)
+_NAME: TypeAdapter[str | None] = TypeAdapter(DatasetName | None)
+
 
 class _Records:
     """A streamed body's records as items, noting whether the array was read to its end."""
@@ -247,9 +256,9 @@ def read_records_body(
     try:
         for key in reader.members():
             if key == "kind":
-                kind = _body_kind(_field(reader, key))
+                kind = _checked(_KIND, key, _field(reader, key), "invalid_kind")
             elif key == "name":
-                name = _body_name(_field(reader, key))
+                name = _checked(_NAME, key, _field(reader, key), "invalid_name")
             elif key == "records":
                 if not reader.is_array():
                     raise DatasetError(
@@ -309,24 +318,8 @@ def _hold(reader: ObjectReader, limits: Limits) -> list[str]:
     return held
 
 
-def _body_kind(value: Any) -> DatasetKind:
-    kinds = [k.value for k in DatasetKind]
-    if not isinstance(value, str) or value not in kinds:
-        raise DatasetError(
-            f"kind must be one of {', '.join(kinds)}; got {value!r}.",
-            param="kind",
-            code="invalid_kind",
-        )
-    return DatasetKind(value)
-
-
-def _body_name(value: Any) -> str | None:
-    if value is None:
-        return None
-    if not isinstance(value, str) or not 1 <= len(value) <= _MAX_NAME_CHARS:
-        raise DatasetError(
-            f"name must be a string of 1 to {_MAX_NAME_CHARS} characters.",
-            param="name",
-            code="invalid_name",
-        )
-    return value
+def _checked(adapter: TypeAdapter[T], key: str, value: Any, code: str) -> T:
+    try:
+        return adapter.validate_python(value)
+    except ValidationError as exc:
+        raise DatasetError(f"{key}: {exc.errors()[0]['msg']}.", param=key, code=code) from None

@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.api.schemas.common import CREATED_AT
-from service.datasets.reading import DatasetFormat
+from service.datasets.reading import DatasetFormat, DatasetName
 from service.datasets.rows import DatasetError, DatasetKind
 from service.datasets.validation import DatasetReport
 from service.db.models import Dataset
@@ -60,9 +60,7 @@ class DatasetCreateJSON(BaseModel):
     )
 
     kind: DatasetKind = Field(description=KIND)
-    name: str | None = Field(
-        default=None, min_length=1, max_length=256, description="A name to show; default: the id."
-    )
+    name: DatasetName | None = Field(default=None, description="A name to show; default: the id.")
     # Items are checked one by one by service.datasets.rows, which names the index.
     records: list[Any] = Field(
         description="The rows, one object each, at most `LORAPLEX_MAX_DATASET_ROWS` (200,000 by "

@@ -136,3 +136,28 @@ def test_a_value_longer_than_any_valid_one_is_refused_unread(
     body = b'{"inputs": ["a"], "truncate": [' + junk + b"{}]}"
     resp = client.post("/predict?adapter=x", content=body, headers=auth)
     assert_error(resp, 413, param="truncate", code="value_too_large")
+
+
+# A lone surrogate: valid JSON, but no UTF-8 text (a response, the database) can hold it.
+SURROGATE = "\\ud800"
+TWO_ROWS = '[{"text": "a", "label": "x"}, {"text": "b", "label": "y"}]'
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "code"),
+    [
+        (
+            f'{{"kind": "classification", "name": "{SURROGATE}", "records": {TWO_ROWS}}}',
+            "name",
+            "invalid_name",
+        ),
+    ],
+    ids=["name"],
+)
+def test_a_lone_surrogate_in_a_dataset_body_is_a_422_and_nothing_is_stored(
+    client: TestClient, auth: Headers, body: str, param: str | None, code: str
+) -> None:
+    for path in ("/v1/datasets", "/v1/datasets/validate"):
+        resp = client.post(path, content=body.encode(), headers=auth)
+        assert_error(resp, 422, param=param, code=code)
+    assert client.get("/v1/datasets", headers=auth).json()["data"] == []

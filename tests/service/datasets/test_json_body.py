@@ -103,6 +103,8 @@ def test_a_record_longer_than_any_valid_one_is_refused_unread() -> None:
         (b'{"records": []}', "kind", "missing"),
         (b'{"kind": "classification", "records": "x"}', "records", "invalid_type"),
         (b'{"kind": "classification", "name": "", "records": []}', "name", "invalid_name"),
+        (b'{"kind": "classification", "name": "\\ud800", "records": []}', "name", "invalid_name"),
+        (b'{"kind": "\\ud800", "records": []}', "kind", "invalid_kind"),
         (
             json.dumps({"kind": "classification", "records": ROWS}).encode() + b" []",
             None,
@@ -111,7 +113,18 @@ def test_a_record_longer_than_any_valid_one_is_refused_unread() -> None:
         (b'{"kind": "classification", "kind": "preference"}', None, "json_invalid"),
         (b'{"kind": "caf\xe9"}', None, "json_invalid"),
     ],
-    ids=["kind", "no-records", "no-kind", "records-type", "name", "extra-data", "dup", "utf8"],
+    ids=[
+        "kind",
+        "no-records",
+        "no-kind",
+        "records-type",
+        "name",
+        "name-surrogate",
+        "kind-surrogate",
+        "extra-data",
+        "dup",
+        "utf8",
+    ],
 )
 def test_body_shape_errors_name_the_field(body: bytes, param: str | None, code: str) -> None:
     error = refused(body)
