@@ -48,6 +48,15 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _is_unicode(text: str) -> bool:
+    """False for a string with a lone surrogate: JSON's "\\ud800" escape parses to one."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class ObjectReader:
     """One JSON object read from ``chunks`` (UTF-8 bytes, a leading BOM allowed).
 
@@ -175,6 +184,11 @@ class ObjectReader:
                     key, start = self._decode(self._max_key_chars)
                 except ValueTooLongError:
                     raise self._error("Property name too long", self._pos) from None
+                if not _is_unicode(key):
+                    # Valid JSON, but no UTF-8 text holds it: not even an error naming the key.
+                    raise self._error(
+                        "Property name is not valid Unicode (a lone surrogate)", start
+                    )
                 if key in seen:
                     raise self._error(f"Duplicate property {key!r}", start)
                 seen.add(key)

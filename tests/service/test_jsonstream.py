@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from service.jsonstream import ObjectReader
+from service.jsonstream import JsonSyntaxError, ObjectReader
 
 
 def read(chunks: list[bytes]) -> dict[str, Any]:
@@ -34,3 +34,11 @@ def test_a_number_cut_by_a_chunk_boundary_reads_as_sent(body: bytes) -> None:
     expected = json.loads(body)
     for chunks in splits(body):
         assert read(chunks) == expected, chunks
+
+
+def test_a_key_that_is_no_unicode_is_refused_at_its_position() -> None:
+    with pytest.raises(JsonSyntaxError) as info:
+        read([b'{"a": 1,\n "\\ud800": 2}'])
+    assert str(info.value) == (
+        "Property name is not valid Unicode (a lone surrogate) at line 2 column 2"
+    )

@@ -140,24 +140,122 @@ def test_a_value_longer_than_any_valid_one_is_refused_unread(
 
 # A lone surrogate: valid JSON, but no UTF-8 text (a response, the database) can hold it.
 SURROGATE = "\\ud800"
-TWO_ROWS = '[{"text": "a", "label": "x"}, {"text": "b", "label": "y"}]'
+S = f'"{SURROGATE}"'
+
+
+def _body(obj: Any) -> str:
+    """``obj``'s JSON with each string "@" (a key or a value) written as a lone surrogate."""
+    return json.dumps(obj).replace('"@"', S)
+
+
+def _cls(**fields: Any) -> str:
+    """A classification body whose first record has ``fields`` added."""
+    records = [{"text": "a", "label": "x", **fields}, {"text": "b", "label": "y"}]
+    return _body({"kind": "classification", "records": records})
+
+
+def _pref(**fields: Any) -> str:
+    return _body({"kind": "preference", "records": [{"chosen": "a", "rejected": "b", **fields}]})
 
 
 @pytest.mark.parametrize(
     ("body", "param", "code"),
     [
         (
-            f'{{"kind": "classification", "name": "{SURROGATE}", "records": {TWO_ROWS}}}',
+            _body({"kind": "classification", "name": "@", "records": []}),
             "name",
             "invalid_name",
         ),
+        (f'{{"kind": {S}, "records": []}}', "kind", "invalid_kind"),
+        (f'{{{S}: 1, "kind": "classification"}}', None, "json_invalid"),
+        (f'{{"kind": "classification", {S}: 1}}', None, "json_invalid"),
+        (_cls(text="@"), "records.0.text", "invalid_unicode"),
+        (_cls(label="@"), "records.0.label", "invalid_unicode"),
+        (_cls(text_pair="@"), "records.0.text_pair", "invalid_unicode"),
+        (
+            _body({"records": [{"text": "@", "label": "x"}], "kind": "classification"}),
+            "records.0.text",
+            "invalid_unicode",
+        ),
+        (_pref(chosen="@"), "records.0.chosen", "invalid_unicode"),
+        (_pref(rejected="@"), "records.0.rejected", "invalid_unicode"),
+        (_pref(prompt="@"), "records.0.prompt", "invalid_unicode"),
     ],
-    ids=["name"],
+    ids=[
+        "name",
+        "kind",
+        "first-key",
+        "key",
+        "text",
+        "label",
+        "text_pair",
+        "held-text",
+        "chosen",
+        "rejected",
+        "prompt",
+    ],
 )
 def test_a_lone_surrogate_in_a_dataset_body_is_a_422_and_nothing_is_stored(
     client: TestClient, auth: Headers, body: str, param: str | None, code: str
 ) -> None:
-    for path in ("/v1/datasets", "/v1/datasets/validate"):
-        resp = client.post(path, content=body.encode(), headers=auth)
-        assert_error(resp, 422, param=param, code=code)
+    assert_error(
+        client.post("/v1/datasets", content=body.encode(), headers=auth),
+        422,
+        param=param,
+        code=code,
+    )
     assert client.get("/v1/datasets", headers=auth).json()["data"] == []
+    # The dry run: the same refusal, or a report naming the row's field.
+    resp = client.post("/v1/datasets/validate", content=body.encode(), headers=auth)
+    if resp.status_code == 200:
+        problem = resp.json()["errors"][0]
+        assert (problem["param"], problem["code"]) == (param, code)
+    else:
+        assert_error(resp, 422, param=param, code=code)
+
+
+def test_a_lone_surrogate_in_a_dropped_record_field_is_dropped_with_it(
+    client: TestClient, auth: Headers
+) -> None:
+    # As in a file's rows: fields other than the kind's are not read, so not refused.
+    for extra in ({"meta": {"k": "@"}}, {"@": "1"}, {"ids": ["@"]}):
+        resp = client.post("/v1/datasets", content=_cls(**extra).encode(), headers=auth)
+        assert resp.status_code == 200, resp.text
+        rows = client.get(f"/v1/files/{resp.json()['id']}/content", headers=auth)
+        assert rows.text.splitlines() == [
+            '{"text": "a", "label": "x"}',
+            '{"text": "b", "label": "y"}',
+        ]
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/predict?adapter=x", f'{{{S}: 1, "inputs": ["a"]}}'),
+        ("/predict?adapter=x", f'{{"inputs": ["a"], {S}: 1}}'),
+        ("/predict?adapter=x", f'{{"inputs": [{S}]}}'),
+        ("/predict?adapter=x", f'{{"inputs": [["a", {S}]]}}'),
+        ("/predict?adapter=x", f'{{"inputs": [{{"text": {S}}}]}}'),
+        ("/predict?adapter=x", f'{{"inputs": [{{"text": "a", "text_pair": {S}}}]}}'),
+        ("/predict?adapter=x", f'{{"inputs": [{{"text": "a", {S}: "b"}}]}}'),
+        ("/reward/compare?adapter=x", f'{{{S}: 1, "response_a": "a", "response_b": "b"}}'),
+        ("/reward/compare?adapter=x", f'{{"prompt": {S}, "response_a": "a", "response_b": "b"}}'),
+        ("/reward/compare?adapter=x", f'{{"response_a": {S}, "response_b": "b"}}'),
+        ("/reward/compare?adapter=x", f'{{"pairs": [{{"response_a": "a", "response_b": {S}}}]}}'),
+        (
+            "/reward/compare?adapter=x",
+            f'{{"pairs": [{{"prompt": {S}, "response_a": "a", "response_b": "b"}}]}}',
+        ),
+        (
+            "/reward/compare?adapter=x",
+            f'{{"pairs": [{{{S}: "c", "response_a": "a", "response_b": "b"}}]}}',
+        ),
+    ],
+)
+def test_a_lone_surrogate_in_an_inference_body_is_a_422(
+    client: TestClient, auth: Headers, path: str, body: str
+) -> None:
+    error = assert_error(client.post(path, content=body.encode(), headers=auth), 422)
+    if error["code"] == "json_invalid":  # a key: named by its position
+        assert "Property name is not valid Unicode" in error["message"], error
+        assert "line 1 column" in error["message"], error
