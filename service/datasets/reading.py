@@ -69,12 +69,7 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-# A line of a JSON Lines file is one record: one longer than any valid record can be is
-# refused before it is parsed (a line of [{}, {}, ...] costs ~30 times its size as objects).
-_MAX_LINE_CHARS = Limits().max_record_chars
-
-
-def _jsonl_items(text: str) -> Iterator[Item]:
+def _jsonl_items(text: str, limits: Limits) -> Iterator[Item]:
     # Split on "\n" only: str.splitlines() would also split on U+2028 and friends, which
     # json.dumps leaves unescaped inside strings.
     for number, raw in enumerate(text.split("\n"), start=1):
@@ -82,8 +77,10 @@ def _jsonl_items(text: str) -> Iterator[Item]:
         if not line.strip():
             continue
         where = Line(number)
-        if len(line) > _MAX_LINE_CHARS:
-            message = f"line is longer than {_MAX_LINE_CHARS} characters, more than any row"
+        # A line is one record: one longer than any valid record can be is refused before it
+        # is parsed (a line of [{}, {}, ...] costs ~30 times its size as objects).
+        if len(line) > limits.max_record_chars:
+            message = f"line is longer than {limits.max_record_chars} characters, more than any row"
             yield where, where.error(message, "file", "record_too_large")
             continue
         try:
@@ -170,9 +167,9 @@ def file_text(data: bytes) -> str:
     return decode_utf8(data)
 
 
-def file_items(text: str, kind: DatasetKind, fmt: DatasetFormat) -> Iterator[Item]:
+def file_items(text: str, kind: DatasetKind, fmt: DatasetFormat, limits: Limits) -> Iterator[Item]:
     """A file's records, in order; a CSV's header must have ``kind``'s required columns."""
-    return _jsonl_items(text) if fmt is DatasetFormat.JSONL else _csv_items(text, kind)
+    return _jsonl_items(text, limits) if fmt is DatasetFormat.JSONL else _csv_items(text, kind)
 
 
 def record_items(records: Iterable[Any]) -> Iterator[Item]:

@@ -188,7 +188,7 @@ def parse_file(
 ) -> ParsedDataset:
     """Validate an uploaded JSONL or CSV file."""
     text = file_text(data)
-    items = file_items(text, kind, fmt)
+    items = file_items(text, kind, fmt, limits)
     return _collect(kind, items, limits, empty_param="file")
 
 
@@ -216,7 +216,7 @@ def check_file(
         text = file_text(data)
     except DatasetError as exc:
         return DatasetReport(kind, 0, None, [exc], truncated=False)
-    items = file_items(text, kind, fmt)
+    items = file_items(text, kind, fmt, limits)
     return _report(kind, items, limits, max_problems, empty_param="file")
 
 

@@ -229,3 +229,13 @@ def test_a_jsonl_line_longer_than_any_row_is_refused_unparsed() -> None:
     junk = b'{"text": "a", "label": "b", "meta": [' + b"{}," * (longest // 3) + b"{}]}\n"
     err = fails(b'{"text": "ok", "label": "pos"}\n' + junk)
     assert (err.line, err.param, err.code) == (2, "file", "record_too_large")
+
+
+def test_the_line_cap_follows_the_limits_given() -> None:
+    # Smaller limits make a smaller record: a line past it is refused, not parsed.
+    limits = {"max_text_chars": 10, "max_label_chars": 5}
+    longest = Limits(**limits).max_record_chars
+    line = b'{"text": "a", "label": "b", "meta": "' + b"x" * longest + b'"}\n'
+    err = fails(b'{"text": "ok", "label": "pos"}\n' + line, **limits)
+    assert (err.line, err.param, err.code) == (2, "file", "record_too_large")
+    assert f"longer than {longest} characters" in err.message
