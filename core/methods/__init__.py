@@ -20,6 +20,7 @@ from core.targets import BaseKind
 
 if TYPE_CHECKING:
     from core.base import FrozenBase
+    from core.decoder.base import DecoderBase
     from core.methods.method import AdapterMethod
 
 METHODS: dict[str, type[MethodConfig]] = {
@@ -45,11 +46,12 @@ def parse_method_config(
     return parse_config(METHODS[method_type], params, base_kind)
 
 
-def build_method(config: MethodConfig, base: FrozenBase) -> AdapterMethod:
-    """The trainable module for ``config`` on ``base``."""
+def build_method(config: MethodConfig, base: FrozenBase | DecoderBase) -> AdapterMethod:
+    """The trainable module for ``config`` on ``base`` (a decoder base: lora or full)."""
+    from core.decoder.base import DecoderBase
     from core.methods.bottleneck.model import BottleneckModel
     from core.methods.feature_extraction.model import FeatureExtractionModel
-    from core.methods.full.model import FullModel
+    from core.methods.full.model import DecoderFullModel, FullModel
     from core.methods.lora.model import LoraModel
     from core.methods.prompt_tuning.model import PromptTuningModel
     from core.methods.scratch.model import ScratchModel
@@ -63,6 +65,9 @@ def build_method(config: MethodConfig, base: FrozenBase) -> AdapterMethod:
         FullConfig.type: FullModel,
         ScratchConfig.type: ScratchModel,
     }
+    if isinstance(base, DecoderBase) and config.type == FullConfig.type:
+        # LoRA runs on either base; full fine-tuning owns a copy in the decoder's layout.
+        return DecoderFullModel(config, base)
     return models[config.type](config, base)
 
 

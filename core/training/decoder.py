@@ -17,8 +17,9 @@ length, forwards in chunks, checkpoints and bit-exact resume. What differs:
   ``HeadConfig`` records the task only;
 - DPO's reference policy is the same frozen base with the adapter's hooks off, so it costs a
   forward without gradients per step, never a second copy of the model;
-- LoRA is the one method so far (prompt tuning and full fine-tuning need the decoder's
-  embeddings and a trainable copy of its weights, which the decoder forward does not take yet).
+- LoRA and full fine-tuning (a trainable copy of every weight, which the decoder's forward runs
+  instead of the base's) are the methods; prompt tuning needs the decoder's forward to take
+  input embeddings, which it does not yet.
 
 Metrics. A chat run's validation has ``loss`` and ``accuracy`` (token accuracy over every
 target of the validation set) like the encoder's tasks, so ``metric_for_best`` reads them
@@ -39,12 +40,12 @@ from torch import Tensor, nn
 
 from core.adapter import Adapter
 from core.decoder.base import DecoderBase
-from core.decoder.forward import forward
+from core.decoder.forward import DecoderWeights, forward
 from core.decoder.losses import DpoLoss, dpo_loss, reply_logprobs, sft_loss, targets
 from core.errors import ConfigError
 from core.heads import HeadConfig
 from core.methods import build_method
-from core.methods.lora.config import LoraConfig
+from core.methods.full.model import DecoderFullModel
 from core.targets import BaseKind
 from core.training.callbacks import ProgressEvent
 from core.training.data import eval_batches, forward_chunks, split_validation
@@ -61,6 +62,9 @@ from core.training.trainer import Trainer
 # 1.4 MB a token with LoRA's dropped inputs), so 512 tokens keep a step near 1 GiB. Wider rows
 # get fewer (forward_chunks scales it down past 128 tokens).
 DECODER_FORWARD_TOKENS = 512
+# Methods that train a decoder base: LoRA's hooks apply to the decoder's linears unchanged, and
+# full fine-tuning runs the decoder's forward over its own copy of the weights.
+DECODER_METHODS = ("lora", "full")
 # TRL DPOTrainer's metric names.
 DPO_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins")
 
@@ -83,9 +87,11 @@ class DecoderTrainer(Trainer):
     def _prepare_data(self) -> None:
         cfg = self.config
         self.head_config = _task_config(self._head_config_in)
-        if not isinstance(self.method_config, LoraConfig):
+        if self.method_config.type not in DECODER_METHODS:
             raise ConfigError(
-                "type", f"{self.method_config.type!r} does not train a decoder base yet; use lora"
+                "type",
+                f"{self.method_config.type!r} does not train a decoder base yet; use one of "
+                f"{list(DECODER_METHODS)}",
             )
         if cfg.unfreeze_layers_per_epoch:
             raise ConfigError("gradual_unfreezing", "a decoder's tasks have no head to start with")
@@ -108,8 +114,15 @@ class DecoderTrainer(Trainer):
         )
 
     def _build_model(self) -> None:
-        self.method = build_method(self.method_config, self.base)  # type: ignore[arg-type]
+        self.method = build_method(self.method_config, self.base)
         self.frozen_features = False
+
+    def _policy_weights(self) -> DecoderWeights:
+        """The weights the adapted model runs: full fine-tuning's copy, else the base's (which
+        LoRA's hooks adapt, and which are DPO's reference either way)."""
+        if isinstance(self.method, DecoderFullModel):
+            return self.method.decoder_weights()
+        return self.base.weights
 
     def _trainable_modules(self) -> dict[str, nn.Module]:
         return {"method": self.method}
@@ -121,7 +134,7 @@ class DecoderTrainer(Trainer):
         return forward_chunks(self.train_data, idx, DECODER_FORWARD_TOKENS)
 
     def _part_loss(self, part: list[int], idx: list[int]) -> tuple[Tensor, dict[str, float]]:
-        w = self.base.weights
+        w = self._policy_weights()
         ids, attention, mask = self.train_data.collate(part, self.base.device)
         hooks = self.method.hooks(dropout=True)
         if self.head_config.task == "chat":
@@ -133,7 +146,7 @@ class DecoderTrainer(Trainer):
             return loss, {"train_mean_token_accuracy": correct / n_batch}
         policy = reply_logprobs(w, ids, attention, mask, hooks)
         with torch.no_grad():  # the reference: the same base with the adapter off
-            reference = reply_logprobs(w, ids, attention, mask)
+            reference = reply_logprobs(self.base.weights, ids, attention, mask)
         out = self._dpo(policy, reference)
         share = len(part) / len(idx)  # the loss is a mean over the batch's pairs
         return out.loss * share, {k: v * share for k, v in _dpo_metrics(out).items()}
@@ -149,7 +162,7 @@ class DecoderTrainer(Trainer):
     def evaluate(self) -> dict[str, Any]:
         """Validation metrics of the current weights over the whole validation set."""
         assert self.val_data is not None
-        data, device, w = self.val_data, self.base.device, self.base.weights
+        data, device, w = self.val_data, self.base.device, self._policy_weights()
         sums: dict[str, float] = {}
         count = 0
         for idx in eval_batches(data.lengths, self.config.resolved_eval_batch_size()):
@@ -167,7 +180,8 @@ class DecoderTrainer(Trainer):
                         }
                     else:
                         policy = reply_logprobs(w, ids, attention, mask, self.method.hooks())
-                        out = self._dpo(policy, reply_logprobs(w, ids, attention, mask))
+                        reference = reply_logprobs(self.base.weights, ids, attention, mask)
+                        out = self._dpo(policy, reference)
                         n = len(part)
                         part_sums = {"loss": float(out.loss) * n}
                         part_sums.update({k: v * n for k, v in _dpo_metrics(out).items()})

@@ -107,14 +107,18 @@ def test_chat_sft_lowers_the_validation_loss(tiny_decoder: DecoderBase) -> None:
     assert all(not t.requires_grad for t in tiny_decoder.state_dict.values())
 
 
-@pytest.mark.parametrize("task", ["chat", "dpo"])
-def test_resume_mid_run_is_bit_exact(tiny_decoder: DecoderBase, task: str) -> None:
+@pytest.mark.parametrize(
+    ("task", "method"), [("chat", LORA), ("dpo", LORA), ("chat", {"type": "full"})]
+)
+def test_resume_mid_run_is_bit_exact(
+    tiny_decoder: DecoderBase, task: str, method: dict[str, Any]
+) -> None:
     train = chat_rows(24) if task == "chat" else dpo_rows(WORDS)
     val = chat_rows(6, seed=1) if task == "chat" else None  # dpo: a held-out share
     cfg = {**CHAT_CFG, "n_epochs": 3, "batch_size": 4, "checkpoint_every_steps": 2}
     saved: list[tuple[int, bytes]] = []
     cb = TrainerCallbacks(on_checkpoint=lambda data, step, *_: saved.append((step, data)))
-    whole = DecoderTrainer(tiny_decoder, LORA, {"task": task}, train, val, cfg, cb).train()
+    whole = DecoderTrainer(tiny_decoder, method, {"task": task}, train, val, cfg, cb).train()
     step, data = next((s, d) for s, d in saved if s == 5 or s == 4)  # mid-epoch and mid-run
     resumed_trainer = DecoderTrainer.resume(data, tiny_decoder, train, val)
     assert resumed_trainer.state.step == step
@@ -126,6 +130,31 @@ def test_resume_mid_run_is_bit_exact(tiny_decoder: DecoderBase, task: str) -> No
     # A checkpoint resumes only on its own data.
     with pytest.raises(CheckpointError, match="train_data"):
         DecoderTrainer.resume(data, tiny_decoder, train[1:], val)
+
+
+def test_full_fine_tuning_trains_a_copy_of_the_decoder(tiny_decoder: DecoderBase) -> None:
+    embed = tiny_decoder.state_dict["model.embed_tokens.weight"].clone()
+    cfg = {**CHAT_CFG, "learning_rate": 3e-3, "layerwise_lr_decay": 0.8}
+    trainer = DecoderTrainer(
+        tiny_decoder, {"type": "full"}, {"task": "chat"}, chat_rows(32), chat_rows(12, 1), cfg
+    )
+    trainer.setup()
+    before = trainer.evaluate()
+    # Layer-wise decay: the embeddings train slowest, the final norm at the full rate.
+    rates = {n: g["initial_lr"] for g in trainer.optimizer.param_groups for n in g["names"]}
+    names = trainer.method.names
+    lr_of = {names[int(k.rsplit(".", 1)[-1])]: v for k, v in rates.items()}
+    assert lr_of["model.embed_tokens.weight"] == pytest.approx(3e-3 * 0.8**2)
+    assert lr_of["model.layers.1.mlp.up_proj.weight"] == pytest.approx(3e-3)
+    assert lr_of["model.norm.weight"] == pytest.approx(3e-3)
+    result = trainer.train()
+    assert result.metrics["val_loss"] < 0.5 * before["loss"]
+    assert torch.equal(tiny_decoder.state_dict["model.embed_tokens.weight"], embed)
+    adapter = result.adapter
+    assert sorted(adapter.method_state) == sorted(tiny_decoder.state_dict)
+    loaded = adapter.load_method(tiny_decoder).decoder_weights()  # type: ignore[attr-defined]
+    assert torch.equal(loaded.embed, adapter.method_state["model.embed_tokens.weight"])
+    assert not torch.equal(loaded.embed, embed)
 
 
 def test_dpo_learns_the_preference(tiny_decoder: DecoderBase) -> None:
