@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Hashable
 from typing import TYPE_CHECKING, Any
 
 import anyio.to_thread
 
 from service.errors import ErrorKind, ServiceError, invalid, not_found, unavailable
-from service.serving.batcher import Batcher, QueueFullError
+from service.serving.batcher import Batcher, QueueFullError, tenant_of
 from service.serving.policy import RequestMode
 from service.serving.queries import AdapterGone, AdapterRef
 
@@ -25,6 +27,14 @@ class RequestTokenizer:
     request's texts cost its own thread, not every tenant's batch. What one request may cost
     is bounded twice: ``max_request_chars`` over all its texts, and the window per text
     (:class:`core.inference.RowEncoder` reads no more than the window needs).
+
+    Each tenant tokenizes one request at a time (:meth:`rows_in_turn`); its other requests
+    wait on the event loop, holding neither a worker thread nor one of the encoder's few
+    tokenizer copies. Otherwise a tenant sending many maximal requests at once (each ~0.5 s of
+    a core to tokenize for MiniLM) would hold every copy, and past the threadpool's size every
+    thread, while another tenant's one-text request waited for one. One at a time costs a
+    tenant no throughput that matters: its rows then wait for the batcher, which computes
+    them far slower (a maximal request: ~0.5 s to tokenize, ~35 s to compute on 2 cores).
     """
 
     def __init__(self, base: FrozenBase, max_request_chars: int) -> None:
@@ -33,6 +43,27 @@ class RequestTokenizer:
         self._encoder = RowEncoder(base)
         self.max_length = base.max_length
         self.max_request_chars = max_request_chars
+        # A tenant's turn to tokenize, and how many of its requests hold or wait for it
+        # (the entry goes once none do). Used on the event loop only.
+        self._turns: dict[Hashable, tuple[asyncio.Lock, int]] = {}
+
+    async def rows_in_turn(
+        self, ref: AdapterRef, items: list[tuple[str, str | None]], truncate: bool, param: str
+    ) -> list[Row]:
+        """:meth:`rows` in a worker thread, once no other request of ``ref``'s tenant is
+        being tokenized."""
+        tenant = tenant_of(ref.key)
+        turn, users = self._turns.get(tenant) or (asyncio.Lock(), 0)
+        self._turns[tenant] = (turn, users + 1)
+        try:
+            async with turn:
+                return await anyio.to_thread.run_sync(self.rows, ref, items, truncate, param)
+        finally:
+            turn, users = self._turns[tenant]
+            if users == 1:
+                del self._turns[tenant]
+            else:
+                self._turns[tenant] = (turn, users - 1)
 
     def rows(
         self, ref: AdapterRef, items: list[tuple[str, str | None]], truncate: bool, param: str
@@ -81,10 +112,11 @@ async def infer(
     param: str,
     mode: RequestMode,
 ) -> list[RowResult]:
-    """Results for ``items`` on ``ref``'s adapter: tokenized in a worker thread
-    (:meth:`RequestTokenizer.rows`), then computed by ``batcher``. Cancelled (its client
-    gone), it queues nothing more, and the batcher drops its rows not yet in a batch."""
-    rows = await anyio.to_thread.run_sync(tokenizer.rows, ref, items, truncate, param)
+    """Results for ``items`` on ``ref``'s adapter: tokenized in a worker thread in its
+    tenant's turn (:meth:`RequestTokenizer.rows_in_turn`), then computed by ``batcher``.
+    Cancelled (its client gone), it queues nothing more, and the batcher drops its rows not
+    yet in a batch."""
+    rows = await tokenizer.rows_in_turn(ref, items, truncate, param)
     try:
         results = await batcher.submit(rows, mode)
     except AdapterGone:

@@ -4,20 +4,27 @@ characters are bounded (LORAPLEX_MAX_REQUEST_CHARS)."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
+from core.base import FrozenBase
+from core.inference import Row
 from core.inference.tokens import MAX_CHARS_PER_TOKEN
 from service.config import Settings
 from service.main import create_app
+from service.serving.queries import AdapterRef
+from service.serving.run import RequestTokenizer
 from service.state import app_state
 from tests.core.inference.helpers import lora, random_adapter, spy_tokenizer
 from tests.service.helpers import Headers, assert_error, store_adapter
 
 LIMIT = 4000
+WAIT_S = 30.0
 
 
 @pytest.fixture
@@ -103,3 +110,45 @@ def test_prompt_tuning_inputs_are_bounded_by_its_own_window(
     assert fits.status_code == 200, fits.text
     cut = serving_client.post("/predict?adapter=pt", json={"inputs": [text * 50]}, headers=auth)
     assert cut.status_code == 200, cut.text
+
+
+def test_a_tenant_tokenizes_one_request_at_a_time(
+    tiny_base: FrozenBase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A's other requests wait on the event loop while one of its requests is tokenized: they
+    hold no worker thread and no tokenizer copy, and B's request is tokenized meanwhile."""
+    tokenizer = RequestTokenizer(tiny_base, max_request_chars=10_000)
+    tokenize = tokenizer.rows
+    held = threading.Event()  # A's requests are slow to tokenize until set
+    entered: list[str] = []
+
+    def rows(ref: AdapterRef, *args: Any) -> list[Row]:
+        entered.append(ref.key[0])
+        if ref.key[0] == "A":
+            held.wait()
+        return tokenize(ref, *args)
+
+    monkeypatch.setattr(tokenizer, "rows", rows)
+
+    def ref(tenant: str) -> AdapterRef:
+        return AdapterRef("id", (tenant, "cls", 1), "classification", "lora", ("a", "b"), False, 0)
+
+    async def main() -> None:
+        def request(tenant: str) -> asyncio.Future[list[Row]]:
+            work = tokenizer.rows_in_turn(ref(tenant), [("a text", None)], True, "inputs")
+            return asyncio.ensure_future(work)
+
+        first, second = request("A"), request("A")
+        while not entered:
+            await asyncio.sleep(0.01)
+        other = await asyncio.wait_for(request("B"), WAIT_S)
+        assert [row.key for row in other] == [("B", "cls", 1)]
+        assert entered == ["A", "B"]  # A's second request is still waiting for its turn
+        held.set()
+        await asyncio.wait_for(asyncio.gather(first, second), WAIT_S)
+        assert entered == ["A", "B", "A"]
+
+    try:
+        asyncio.run(main())
+    finally:
+        held.set()
