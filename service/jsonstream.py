@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import math
 import re
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -44,8 +45,48 @@ class ValueTooLongError(ValueError):
         self.max_chars = max_chars
 
 
+class _RefusedValueError(ValueError):
+    """Valid to Python's parser, not JSON a caller can use: the message says why."""
+
+
 def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
+    raise _RefusedValueError(f"{name} is not valid JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):  # 1e400: JSON has no infinity, and no model input is one
+        raise _RefusedValueError("Number out of range")
+    return value
+
+
+# One decoder for every parse (stateless between calls, as json.loads's own): NaN, Infinity
+# and numbers past a float's range are refused.
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
+
+
+def _reason(exc: ValueError | RecursionError) -> str:
+    """Why a parse failed, in fixed words (never Python's advice to the server's operator)."""
+    if isinstance(exc, json.JSONDecodeError):
+        # "Invalid control character at", "Unterminated string starting at": the position
+        # follows in JsonSyntaxError's own words.
+        return exc.msg.removesuffix(" at")
+    if isinstance(exc, RecursionError):
+        return "Nested too deeply"
+    if isinstance(exc, _RefusedValueError):
+        return str(exc)
+    # The one other ValueError: an integer past sys.get_int_max_str_digits() (4,300).
+    return "Number has too many digits"
+
+
+def loads(text: str) -> Any:
+    """``text``, one JSON value, parsed whole by the reader's rules and messages."""
+    try:
+        return _DECODER.decode(text)
+    except json.JSONDecodeError as exc:
+        raise JsonSyntaxError(_reason(exc), exc.lineno, exc.colno) from None
+    except (ValueError, RecursionError) as exc:  # named at the value's start
+        raise JsonSyntaxError(_reason(exc), 1, 1) from None
 
 
 def _is_unicode(text: str) -> bool:
@@ -68,8 +109,9 @@ class ObjectReader:
 
     def __init__(self, chunks: Iterable[bytes | memoryview], *, max_key_chars: int = 256) -> None:
         self._chunks = iter(chunks)
-        self._decoder = codecs.getincrementaldecoder("utf-8-sig")(errors="strict")
-        self._json = json.JSONDecoder(parse_constant=_reject_constant)
+        # Plain UTF-8 (the BOM is dropped by hand): its errors' offsets are the body's.
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="strict")
+        self._at_start = True  # no text decoded yet: a BOM may come
         self._buf = ""
         self._pos = 0  # the cursor in _buf
         self._eof = False
@@ -97,11 +139,17 @@ class ObjectReader:
         have = len(self._buf)
         while have < min_chars and not self._eof:
             chunk = next(self._chunks, None)
+            data = chunk or b""
+            pending = self._decoder.getstate()[0]  # the start of a character cut by a chunk
             try:
-                text = self._decoder.decode(chunk or b"", final=chunk is None)
+                text = self._start(self._decoder.decode(data, final=chunk is None))
             except UnicodeDecodeError as exc:
-                raise self._error_at_end(
-                    f"not valid UTF-8 (bad byte at offset {self._bytes_read + exc.start})"
+                # Named where the bad byte is, whichever chunk it came in.
+                offset = self._bytes_read - len(pending) + exc.start
+                good = (pending + bytes(data))[: exc.start].decode()
+                self._buf = "".join(parts) + self._start(good)
+                raise self._error(
+                    f"not valid UTF-8 (bad byte at offset {offset})", len(self._buf)
                 ) from None
             if chunk is None:
                 self._eof = True
@@ -111,6 +159,13 @@ class ObjectReader:
             have += len(text)
         self._buf = "".join(parts)
         return have >= min_chars
+
+    def _start(self, text: str) -> str:
+        """``text`` without the BOM if it is the first text decoded."""
+        if self._at_start and text:
+            self._at_start = False
+            return text.removeprefix("\ufeff")
+        return text
 
     def _peek(self) -> str:
         """The next character that is not whitespace ('' at the end), not consumed."""
@@ -137,19 +192,17 @@ class ObjectReader:
         while True:
             start = self._pos
             try:
-                value, end = self._json.raw_decode(self._buf, start)
+                value, end = _DECODER.raw_decode(self._buf, start)
             except json.JSONDecodeError as exc:
                 cut = (
                     exc.msg.startswith("Unterminated string")
                     or exc.pos >= len(self._buf) - _CUT_MARGIN
                 )
                 if self._eof or not cut:
-                    raise self._error(exc.msg, exc.pos) from None
+                    raise self._error(_reason(exc), exc.pos) from None
                 extent = len(self._buf) - start
-            except RecursionError:
-                raise self._error("Nested too deeply", start) from None
-            except ValueError as exc:  # NaN or Infinity, refused by _reject_constant
-                raise self._error(str(exc), start) from None
+            except (ValueError, RecursionError) as exc:  # named at the value's start
+                raise self._error(_reason(exc), start) from None
             else:
                 # A number that ends near the end of what has arrived may go on in the next
                 # chunk: "1." + "5" and "1e" + "5" each decode as 1 before "." or "e".
@@ -242,6 +295,3 @@ class ObjectReader:
         breaks = before.count("\n")
         column = pos - before.rfind("\n") if breaks else self._column_base + pos + 1
         return JsonSyntaxError(message, self._line_base + breaks, column)
-
-    def _error_at_end(self, message: str) -> JsonSyntaxError:
-        return self._error(message, len(self._buf))

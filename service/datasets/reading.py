@@ -8,7 +8,6 @@ from __future__ import annotations
 import csv
 import io
 import itertools
-import json
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from enum import StrEnum
 from typing import Annotated, Any, TypeVar
@@ -25,7 +24,7 @@ from service.datasets.rows import (
     Where,
     type_name,
 )
-from service.jsonstream import JsonSyntaxError, ObjectReader, ValueTooLongError
+from service.jsonstream import JsonSyntaxError, ObjectReader, ValueTooLongError, loads
 
 T = TypeVar("T")
 
@@ -65,10 +64,6 @@ def detect_format(filename: str | None, content_type: str | None, data: bytes) -
     return DatasetFormat.JSONL if data.lstrip()[:1] == b"{" else DatasetFormat.CSV
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
 def _jsonl_items(text: str, limits: Limits) -> Iterator[Item]:
     # Split on "\n" only: str.splitlines() would also split on U+2028 and friends, which
     # json.dumps leaves unescaped inside strings.
@@ -84,17 +79,10 @@ def _jsonl_items(text: str, limits: Limits) -> Iterator[Item]:
             yield where, where.error(message, "file", "record_too_large")
             continue
         try:
-            obj = json.loads(line, parse_constant=_reject_constant)
-        except json.JSONDecodeError as exc:
-            yield (
-                where,
-                where.error(
-                    f"invalid JSON ({exc.msg} at column {exc.colno})", "file", "invalid_json"
-                ),
-            )
-            continue
-        except (ValueError, RecursionError) as exc:
-            yield where, where.error(f"invalid JSON ({exc})", "file", "invalid_json")
+            obj = loads(line)
+        except JsonSyntaxError as exc:
+            message = f"invalid JSON ({exc.reason} at column {exc.column})"
+            yield where, where.error(message, "file", "invalid_json")
             continue
         if not isinstance(obj, dict):
             yield (
@@ -281,7 +269,7 @@ def read_records_body(
     if kind is None:
         raise DatasetError("kind is required", param="kind", code="missing")
     if held is not None:
-        checked = check(kind, record_items(json.loads(text) for text in held))
+        checked = check(kind, record_items(loads(text) for text in held))
     if checked is None:
         raise DatasetError("records is required", param="records", code="missing")
     return checked, name

@@ -239,3 +239,26 @@ def test_the_line_cap_follows_the_limits_given() -> None:
     err = fails(b'{"text": "ok", "label": "pos"}\n' + line, **limits)
     assert (err.line, err.param, err.code) == (2, "file", "record_too_large")
     assert f"longer than {longest} characters" in err.message
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        (
+            b'{"text": "a\x01", "label": "x"}',
+            "line 1: invalid JSON (Invalid control character at column 12)",
+        ),
+        (
+            b'{"text": "a", "label": 1e400}',
+            "line 1: invalid JSON (Number out of range at column 1)",
+        ),
+        (
+            b'{"text": "a", "label": ' + b"7" * 5000 + b"}",
+            "line 1: invalid JSON (Number has too many digits at column 1)",
+        ),
+    ],
+    ids=["control", "inf", "digits"],
+)
+def test_a_line_that_is_not_json_gets_a_fixed_message(line: bytes, message: str) -> None:
+    err = fails(line + b"\n")
+    assert (err.code, err.message) == ("invalid_json", message)
