@@ -92,14 +92,18 @@ class _Tenant:
 
     requests: deque[_Request] = field(default_factory=deque)
     served: int = 0
-    in_flight: int = 0  # batches holding its rows, handed out and not yet finished
+    # Batches holding its rows and not yet finished, the one being collected included from its
+    # first row of the tenant: ``_forget_idle`` keeps a tenant while any batch holds its rows.
+    in_flight: int = 0
 
 
 @dataclass
 class _Work:
-    """A planned batch on its way to a compute thread: each row's request and index in it."""
+    """A batch, forming and then planned on its way to a compute thread: each row's request
+    and index in it."""
 
-    slots: list[tuple[_Request, int]]
+    slots: list[tuple[_Request, int]] = field(default_factory=list)
+    tenants: set[Hashable] = field(default_factory=set)  # counted in their ``in_flight``
     plan: Plan | None = None
 
 
@@ -247,19 +251,17 @@ class Batcher:
     # --- the batcher thread: the engine's owner ------------------------------------------------
 
     def _own(self) -> None:
-        while True:
-            commands, done, work = self._next_step()
-            # Nothing may end this thread but stop(): without it no request is ever answered.
+        # Nothing may end this thread but stop(): without it no request is ever answered. A
+        # command's error is logged; a batch's (collecting or planning it) fails its requests.
+        while (step := self._next_step()) is not None:
+            commands, done, work = step
             for fn in [*commands, *(partial(self.engine.release, plan) for plan in done)]:
                 try:
                     fn()
                 except Exception:
                     logger.exception("batcher command failed")
-            if work is None:
-                if not commands and not done:
-                    break
-                continue
-            self._plan(work)
+            if work is not None:
+                self._plan(work)
         for _ in self._pool:  # queued work first, then one stop sentinel per thread
             self._work.put(None)
         for thread in self._pool:
@@ -267,31 +269,34 @@ class Batcher:
         for plan in self._done:
             self.engine.release(plan)
 
-    def _next_step(self) -> tuple[list[Callable[[], object]], list[Plan], _Work | None]:
-        """What the owner does next: commands and plans to release, or a batch to plan.
-
-        ``(no commands, no plans, None)`` means stop: stopping, nothing queued.
-        """
+    def _next_step(
+        self,
+    ) -> tuple[list[Callable[[], object]], list[Plan], _Work | None] | None:
+        """What the owner does next: commands and plans to release, or a batch to plan (none
+        if collecting it failed: its requests are answered with the error). ``None``: stop
+        (stopping, nothing queued)."""
         with self._cond:
             while not (self._commands or self._done):
                 if self._queued_rows and self._lane() is not None:
                     break
                 if self._stopping and not self._queued_rows:
-                    return [], [], None
+                    return None
                 self._cond.wait()
             if self._commands or self._done:
                 commands, done = list(self._commands), list(self._done)
                 self._commands.clear()
                 self._done.clear()
                 return commands, done, None
-            work = self._collect(only_idle=self._lane() == "idle")
-            self._running += 1
-            for tenant in {request.tenant for request, _ in work.slots}:
-                self._tenants[tenant].in_flight += 1
+            work, only_idle = _Work(), self._lane() == "idle"
+            self._running += 1  # the lane is taken until _finished frees it
+            try:
+                self._collect(work, only_idle)
+            except Exception as exc:  # a bug guard, like _plan's
+                logger.exception("collecting a batch failed after %d rows", len(work.slots))
+                self._finished(work, exc)
+                return [], [], None
             self.stats.batches += 1
             self.stats.rows += len(work.slots)
-        if self.on_batch is not None:
-            self.on_batch(len(work.slots))
         return [], [], work
 
     def _lane(self) -> str | None:
@@ -304,17 +309,16 @@ class Batcher:
             return "idle"
         return None
 
-    def _collect(self, only_idle: bool) -> _Work:
-        """One batch's rows (under the lock), taken fairly across tenants.
+    def _collect(self, work: _Work, only_idle: bool) -> None:
+        """Fill ``work`` with one batch's rows (under the lock), taken fairly across tenants.
 
-        ``only_idle``: while the next row's tenant has no batch in flight, without waiting
-        for company.
+        ``only_idle``: while the next row's tenant has no other batch in flight, without
+        waiting for company.
         """
-        work = _Work([])
         longest = 0
         deadline: float | None = None
         while len(work.slots) < self.max_batch_size:
-            picked = self._next_row(only_idle)
+            picked = self._next_row(only_idle, work)
             if picked is not None:
                 tenant, request = picked
                 row = request.rows[request.taken]
@@ -322,8 +326,7 @@ class Batcher:
                 padded = (len(work.slots) + 1) * max(longest, tokens)
                 if work.slots and self.max_batch_tokens and padded > self.max_batch_tokens:
                     break  # the batch is full; a row longer than the budget runs alone
-                self._take(tenant, request, tokens)
-                work.slots.append((request, request.taken - 1))
+                self._take(work, tenant, request, tokens)
                 longest = max(longest, tokens)
                 if deadline is None:
                     # Waiting pays only when company is likely: a request that arrived alone
@@ -339,23 +342,34 @@ class Batcher:
             if remaining <= 0 or self._stopping:
                 break
             self._cond.wait(remaining)
-        return work
 
-    def _next_row(self, only_idle: bool) -> tuple[_Tenant, _Request] | None:
+    def _next_row(
+        self, only_idle: bool, collecting: _Work | None = None
+    ) -> tuple[_Tenant, _Request] | None:
         """The least-served tenant with a row queued, and its oldest request (under the lock);
-        ``only_idle``: none if that tenant has a batch in flight. Rows are taken in this one
-        order whichever lane takes them, so the shares stay fair."""
+        ``only_idle``: none if that tenant has a batch in flight besides ``collecting``. Rows
+        are taken in this one order whichever lane takes them, so the shares stay fair."""
         best: tuple[int, int, _Tenant, _Request] | None = None
         for state in self._tenants.values():
             if state.requests:
                 head = state.requests[0]
                 if best is None or (state.served, head.seq) < best[:2]:
                     best = (state.served, head.seq, state, head)
-        if best is None or (only_idle and best[2].in_flight):
+        if best is None:
             return None
-        return best[2], best[3]
+        _, _, state, head = best
+        if only_idle:
+            this_batch = collecting is not None and head.tenant in collecting.tenants
+            if state.in_flight > this_batch:
+                return None
+        return state, head
 
-    def _take(self, state: _Tenant, request: _Request, tokens: int) -> None:
+    def _take(self, work: _Work, state: _Tenant, request: _Request, tokens: int) -> None:
+        """Move ``request``'s next row into ``work`` (under the lock)."""
+        if request.tenant not in work.tenants:
+            work.tenants.add(request.tenant)
+            state.in_flight += 1  # from now on, not forgotten (the lock is let go in _collect)
+        work.slots.append((request, request.taken))
         self._virtual_time = max(self._virtual_time, state.served)
         state.served += tokens
         request.taken += 1
@@ -381,19 +395,21 @@ class Batcher:
             adapter = fetched.get(key)
             return adapter if adapter is not None else self.loader(key)  # evicted meanwhile
 
-        rows = [self._resolve_mode(request.rows[i], request.mode) for request, i in work.slots]
         try:
+            if self.on_batch is not None:
+                self.on_batch(len(work.slots))
+            rows = [self._resolve_mode(request.rows[i], request.mode) for request, i in work.slots]
             work.plan = self.engine.plan(rows, loader=load)
         except Exception as exc:  # the engine isolates row errors; this is a bug guard
-            logger.exception("planning a batch of %d rows failed", len(rows))
+            logger.exception("planning a batch of %d rows failed", len(work.slots))
             self._finished(work, exc)
             return
         self._work.put(work)
 
     def _finished(self, work: _Work, outcome: list[RowResult] | BaseException) -> None:
-        """Back from planning or computing (any thread): each row's result goes to its request,
-        requests with every row computed (or one failed) are answered, the owner releases the
-        plan, and the lane is free."""
+        """Back from collecting, planning or computing (any thread): each row's result goes to
+        its request, requests with every row computed (or one failed) are answered, the owner
+        releases the plan, and the lane and the batch's tenants are free."""
         answered: list[tuple[_Request, list[RowResult] | BaseException]] = []
         with self._cond:
             for n, (request, i) in enumerate(work.slots):
@@ -410,7 +426,7 @@ class Batcher:
             if work.plan is not None:
                 self._done.append(work.plan)
             self._running -= 1
-            for tenant in {request.tenant for request, _ in work.slots}:
+            for tenant in work.tenants:
                 self._tenants[tenant].in_flight -= 1
             self._forget_idle()
             self._cond.notify()

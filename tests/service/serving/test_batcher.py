@@ -9,16 +9,20 @@ import threading
 from collections.abc import Collection, Hashable, Sequence
 from typing import Any
 
+import pytest
 import torch
 
 from core.base import FrozenBase
 from core.inference import InferenceEngine, Plan, Row, RowEncoder, RowResult
+from core.inference.rows import ForwardMode
 from service.serving.batcher import Batcher
+from service.serving.policy import AutoModePolicy
 from tests.core.inference.helpers import lora, output
 
 FOREVER_MS = 600_000.0  # a wait no test could sit through: reaching it fails the deadline
 A = ("tenant-a", "cls", 1)  # adapter keys as the service makes them: (tenant_id, name, version)
 B = ("tenant-b", "cls", 1)
+C = ("tenant-c", "cls", 1)
 
 
 def test_a_request_that_arrives_alone_runs_without_waiting_for_company(
@@ -75,7 +79,8 @@ class RecordingEngine(InferenceEngine):
 
 
 def two_tenants(engine: InferenceEngine, base: FrozenBase, **kw: Any) -> Batcher:
-    adapters = {A: lora(base, 4, seed=1), B: lora(base, 4, seed=2)}
+    """A batcher over adapters of tenants A and B (and C, for the tests that need a third)."""
+    adapters = {A: lora(base, 4, seed=1), B: lora(base, 4, seed=2), C: lora(base, 4, seed=3)}
     for key, adapter in adapters.items():
         engine.load(key, adapter)  # before the batcher starts: no owner thread yet
     options = {"max_wait_ms": 0.0, "max_queue_rows": 1000, **kw}
@@ -219,3 +224,74 @@ def test_rows_of_an_abandoned_request_are_not_computed(tiny_base: FrozenBase) ->
         engine.held.set()
         batcher.stop()
     assert [[r.key for r in batch] for batch in engine.planned] == [[A, A], [B]]
+
+
+def test_a_tenant_whose_rows_wait_in_a_forming_batch_is_not_forgotten(
+    tiny_base: FrozenBase,
+) -> None:
+    # While a batch waits for company the lock is let go, and another batch finishing forgets
+    # idle tenants. A's last row is in the forming batch and B's row after it lifted the
+    # virtual time past A's counter: A must still count as busy, or planning the batch fails
+    # and the owner thread with it (every later request then waits forever).
+    engine = RecordingEngine(tiny_base, hold={C})
+    batcher = two_tenants(engine, tiny_base, max_batch_size=3, max_wait_ms=FOREVER_MS, workers=2)
+    short = encoded_rows(tiny_base, A, ["short"])
+    long = encoded_rows(tiny_base, B, ["a much longer review that goes on and on " * 3])
+    c = encoded_rows(tiny_base, C, ["c"] * 3)
+    # A's counter ends at 2 C rows + its row (where it started + what it took): B's must pass it.
+    assert tokens(long[0]) >= 2 * tokens(c[0]) + tokens(short[0])
+    batcher.start()
+
+    async def submit(rows: list[Row]) -> list[bool]:
+        return [r.ok for r in await asyncio.wait_for(batcher.submit(rows, "unmerged"), 60)]
+
+    async def main() -> None:
+        assert await submit(long) == [True]  # alone: at once; B's counter stays ahead
+        first_c = asyncio.ensure_future(submit(c))
+        while not engine.planned[1:]:  # C's full batch holds one of the two workers
+            await asyncio.sleep(0.01)
+        a = asyncio.ensure_future(submit(short))
+        b = asyncio.ensure_future(submit(long))
+        await asyncio.sleep(0)  # both are queued
+        while batcher.queued_rows:  # both rows are in the batch waiting for a third
+            await asyncio.sleep(0.01)
+        engine.held.set()
+        assert await first_c == [True] * 3  # C's batch finished: idle tenants were forgotten
+        assert await submit(c[:1]) == [True]  # fills the waiting batch
+        assert await a == [True] and await b == [True]
+
+    try:
+        asyncio.run(main())
+    finally:
+        engine.held.set()
+        batcher.stop()
+    assert [[r.key for r in batch] for batch in engine.planned] == [[B], [C] * 3, [A, B, C]]
+
+
+class FailingPolicy(AutoModePolicy):
+    """Fails to choose a mode for A's adapter: an error in planning outside the engine."""
+
+    def mode_for(self, key: Hashable | None) -> ForwardMode:
+        if key == A:
+            raise RuntimeError("no mode for A")
+        return super().mode_for(key)
+
+
+def test_an_error_planning_a_batch_fails_its_requests_and_the_batcher_goes_on(
+    tiny_base: FrozenBase,
+) -> None:
+    engine = RecordingEngine(tiny_base)
+    batcher = two_tenants(engine, tiny_base, max_batch_size=2, policy=FailingPolicy())
+    batcher.start()
+
+    async def main() -> None:
+        with pytest.raises(RuntimeError, match="no mode for A"):
+            await asyncio.wait_for(batcher.submit([Row(A, "review")] * 3, "auto"), 60)
+        b = await asyncio.wait_for(batcher.submit([Row(B, "one short review")], "auto"), 60)
+        assert [r.ok for r in b] == [True]
+        assert batcher.queued_rows == 0  # A's rows left after the failed batch were dropped
+
+    try:
+        asyncio.run(main())
+    finally:
+        batcher.stop()
