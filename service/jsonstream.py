@@ -206,8 +206,11 @@ class ObjectReader:
             else:
                 # A number that ends near the end of what has arrived may go on in the next
                 # chunk: "1." + "5" and "1e" + "5" each decode as 1 before "." or "e".
-                cut = type(value) in (int, float) and end >= len(self._buf) - _CUT_MARGIN
-                if self._eof or not cut:
+                if (
+                    end < len(self._buf) - _CUT_MARGIN  # most often: decided here
+                    or self._eof
+                    or type(value) not in (int, float)
+                ):
                     if end - start > max_chars:
                         raise ValueTooLongError(max_chars)
                     self._pos = end
