@@ -57,11 +57,15 @@ from core.training.decoder_data import (
 )
 from core.training.trainer import Trainer
 
-# Padded tokens per forward (and backward) of a decoder step. Not yet measured: an estimate
-# from SmolLM2-135M's saved activations in fp32 (30 layers of ~12k values a token, about
-# 1.4 MB a token with LoRA's dropped inputs), so 512 tokens keep a step near 1 GiB. Wider rows
-# get fewer (forward_chunks scales it down past 128 tokens).
-DECODER_FORWARD_TOKENS = 512
+# Padded tokens per forward (and backward) of a decoder step. A LoRA chat step on SmolLM2-135M
+# in fp32 holds about 4.5 MiB of activations a token for the backward (30 layers): at 8 rows x
+# 256 tokens the process peaked at 2.0 GiB in forwards of one row (0.9 GiB of it the loaded
+# base), 5.6 GiB in forwards of 4 rows and 7.6 GiB in one forward, transformers + PEFT's one
+# forward at 8.7 GiB, with step times within noise of each other (python -m
+# bench.decoder_train --memory 512 2048 8192 --batch 8 --tokens 256, 2 shared cores). 256
+# tokens keep a step near 1.2 GiB above the base for rows up to 256 tokens; a longer row still
+# runs whole (one row is the smallest part).
+DECODER_FORWARD_TOKENS = 256
 # Methods that train a decoder base: LoRA's hooks apply to the decoder's linears unchanged, and
 # full fine-tuning runs the decoder's forward over its own copy of the weights.
 DECODER_METHODS = ("lora", "full")
