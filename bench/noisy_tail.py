@@ -11,7 +11,11 @@ with the flood/idle ratios; and the CPU each kind of server thread used (cores, 
 ``/proc/self/task``: Linux only). Client and server share the machine's cores; figures are
 for comparing the phases of one run.
 
+``--compare-turns`` runs it twice, the baseline first: each request tokenized in a worker
+thread as soon as it comes (before tenants took turns to tokenize), then as the server does.
+
     python -m bench.noisy_tail [--seconds 8] [--concurrency 2] [--json out.json]
+    python -m bench.noisy_tail --concurrency 8 --compare-turns
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ import tempfile
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -82,24 +87,45 @@ class Timings:
         return wrapper
 
 
-def serve(timings: Timings, data_dir: Path) -> tuple[Any, int]:
-    """The default app on a free port, its request parts timed; returns (uvicorn server, port)."""
+async def tokenize_at_once(self: Any, ref: Any, *args: Any) -> Any:
+    """The baseline of ``--compare-turns``: every request tokenized in a worker thread as soon
+    as it comes, as before a tenant took turns (``RequestTokenizer.rows_in_turn``)."""
+    import anyio.to_thread
+
+    return await anyio.to_thread.run_sync(self.rows, ref, *args)
+
+
+@contextmanager
+def timed_parts(timings: Timings, turns: bool) -> Iterator[None]:
+    """The batcher and the tokenizer timed (and the tokenizer's turns off, unless ``turns``),
+    for as long as the context lasts."""
+    from service.serving.batcher import Batcher
+    from service.serving.run import RequestTokenizer
+
+    saved = RequestTokenizer.rows_in_turn, Batcher.submit
+    # Adapter names start with their tenant's letter (store_random_adapters' prefix).
+    RequestTokenizer.rows_in_turn = timings.timed(  # type: ignore[method-assign]
+        "tokenize", lambda _self, ref, *_: ref.key[1][0], saved[0] if turns else tokenize_at_once
+    )
+    Batcher.submit = timings.timed(  # type: ignore[method-assign]
+        "batcher", lambda _self, rows, _mode: rows[0].key[1][0], saved[1]
+    )
+    try:
+        yield
+    finally:
+        RequestTokenizer.rows_in_turn, Batcher.submit = saved  # type: ignore[method-assign]
+
+
+def serve(timings: Timings, data_dir: Path) -> tuple[Any, threading.Thread, int]:
+    """The default app on a free port, timed as a whole; returns (uvicorn server, its thread,
+    port)."""
     import uvicorn
 
     from service.cli import uvicorn_config
     from service.config import Settings
     from service.main import create_app
-    from service.serving.batcher import Batcher
-    from service.serving.run import RequestTokenizer
     from tests.e2e.server import free_port
 
-    # Adapter names start with their tenant's letter (store_random_adapters' prefix).
-    RequestTokenizer.rows_in_turn = timings.timed(  # type: ignore[method-assign]
-        "tokenize", lambda _self, ref, *_: ref.key[1][0], RequestTokenizer.rows_in_turn
-    )
-    Batcher.submit = timings.timed(  # type: ignore[method-assign]
-        "batcher", lambda _self, rows, _mode: rows[0].key[1][0], Batcher.submit
-    )
     settings = Settings(data_dir=data_dir, admin_key=ADMIN_KEY, host="127.0.0.1", port=free_port())
     app = create_app(settings)
 
@@ -113,18 +139,19 @@ def serve(timings: Timings, data_dir: Path) -> tuple[Any, int]:
         await timed_app(scope, receive, send)
 
     server = uvicorn.Server(uvicorn_config(asgi, settings))
-    threading.Thread(target=server.run, name="uvicorn", daemon=True).start()
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
     while not server.started:
         time.sleep(0.05)
-    return server, settings.port
+    return server, thread, settings.port
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace, turns: bool) -> dict[str, Any]:
     timings = Timings()
     cpu: dict[str, dict[str, float]] = {}
     client: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory(prefix="loraplex-tail-") as tmp:
-        server, port = serve(timings, Path(tmp))
+    with tempfile.TemporaryDirectory(prefix="loraplex-tail-") as tmp, timed_parts(timings, turns):
+        server, thread, port = serve(timings, Path(tmp))
         command = [sys.executable, "-m", "bench.noisy_tail", "--client", str(port), tmp]
         command += ["--seconds", str(args.seconds), "--concurrency", str(args.concurrency)]
         child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
@@ -148,6 +175,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         finally:
             child.wait()
             server.should_exit = True
+            thread.join(timeout=60)  # its lifespan ends: the embedded worker is stopped
     if child.returncode:
         raise SystemExit(f"the client process failed ({child.returncode})")
     out: dict[str, Any] = {"cores": os.cpu_count(), "a_concurrency": args.concurrency}
@@ -192,8 +220,8 @@ def client_main(port: int, data_dir: Path, seconds: float, concurrency: int) -> 
 
 
 def print_table(figures: dict[str, Any]) -> None:
-    head = f"{'B /predict':<12}{'idle p50':>10}{'p99':>8}{'flood p50':>11}{'p99':>8}"
-    print(f"\n{head}{'x p50':>7}{'x p99':>7}")
+    columns = ("idle p50", "p99", "flood p50", "p99", "x p50", "x p99")
+    print(f"\n{'B /predict ms':<14}" + "".join(f"{c:>10}" for c in columns))
     for part, label in (
         ("client", "at client"),
         ("server", "in server"),
@@ -201,10 +229,8 @@ def print_table(figures: dict[str, Any]) -> None:
         ("tokenize", "tokenizing"),
     ):
         i, f, r = figures["idle"][part], figures["flood"][part], figures["ratios"][part]
-        print(
-            f"{label:<12}{i['p50_ms']:>10}{i['p99_ms']:>8}{f['p50_ms']:>11}{f['p99_ms']:>8}"
-            f"{r['p50_ms']:>7}{r['p99_ms']:>7}"
-        )
+        values = (i["p50_ms"], i["p99_ms"], f["p50_ms"], f["p99_ms"], r["p50_ms"], r["p99_ms"])
+        print(f"{label:<14}" + "".join(f"{v:>10}" for v in values))
     for phase in ("idle", "flood"):
         print(f"server cores used, {phase}: {figures[phase]['server_cores_by_thread']}")
 
@@ -213,14 +239,28 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=8.0, help="per phase")
     parser.add_argument("--concurrency", type=int, default=2, help="A's clients")
+    parser.add_argument(
+        "--compare-turns",
+        action="store_true",
+        help="run it twice: first tokenizing every request at once (the baseline), then in its "
+        "tenant's turn; with A's clients more than the tokenizer's 4 copies, e.g. 8",
+    )
     parser.add_argument("--json", type=Path)
     parser.add_argument("--client", nargs=2, metavar=("PORT", "DATA_DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.client:
         client_main(int(args.client[0]), Path(args.client[1]), args.seconds, args.concurrency)
         return 0
-    figures = run(args)
-    print_table(figures)
+    if args.compare_turns:
+        figures = {"without_turns": run(args, turns=False), "with_turns": run(args, turns=True)}
+        for name, variant in figures.items():
+            print(f"\n{name}:", end="")
+            print_table(variant)
+        p99 = [figures[v]["flood"]["client"]["p99_ms"] for v in ("without_turns", "with_turns")]
+        print(f"\nB's flooded p99 at its client, without turns / with: {p99[0] / p99[1]:.2f}x")
+    else:
+        figures = run(args, turns=True)
+        print_table(figures)
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
     return 0
