@@ -16,7 +16,8 @@ length, forwards in chunks, checkpoints and bit-exact resume. What differs:
 - there is no head: the base's own language-model head predicts the tokens, and the adapter's
   ``HeadConfig`` records the task only;
 - DPO's reference policy is the same frozen base with the adapter's hooks off, so it costs a
-  forward without gradients per step, never a second copy of the model;
+  forward without gradients per step, never a second copy of the model; or, for SFT then DPO,
+  a ``reference_adapter`` of the same base, from whose weights the policy starts;
 - LoRA and full fine-tuning (a trainable copy of every weight, which the decoder's forward runs
   instead of the base's) are the methods; prompt tuning needs the decoder's forward to take
   input embeddings, which it does not yet.
@@ -31,7 +32,8 @@ progress event's numbers as OpenAI's fine-tuning events do. A DPO run reports TR
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import hashlib
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -42,12 +44,14 @@ from core.adapter import Adapter
 from core.decoder.base import DecoderBase
 from core.decoder.forward import DecoderWeights, forward
 from core.decoder.losses import DpoLoss, dpo_loss, reply_logprobs, sft_loss, targets
-from core.errors import ConfigError
+from core.errors import AdapterFormatError, ConfigError
 from core.heads import HeadConfig
-from core.methods import build_method
+from core.methods import MethodConfig, build_method
 from core.methods.full.model import DecoderFullModel
+from core.methods.method import AdapterMethod
 from core.targets import BaseKind
-from core.training.callbacks import ProgressEvent
+from core.training.callbacks import ProgressEvent, TrainerCallbacks
+from core.training.config import TrainingConfig
 from core.training.data import eval_batches, forward_chunks, split_validation
 from core.training.decoder_data import (
     DECODER_TASKS,
@@ -86,6 +90,32 @@ class DecoderTrainer(Trainer):
     train_data: DecoderData  # type: ignore[assignment]
     val_data: DecoderData | None  # type: ignore[assignment]
 
+    def __init__(
+        self,
+        base: DecoderBase,
+        method_config: MethodConfig | Mapping[str, Any],
+        head_config: HeadConfig | Mapping[str, Any],
+        train_examples: Sequence[Any],
+        val_examples: Sequence[Any] | None = None,
+        config: TrainingConfig | Mapping[str, Any] | None = None,
+        callbacks: TrainerCallbacks | None = None,
+        *,
+        reference_adapter: Adapter | None = None,
+    ) -> None:
+        """``reference_adapter`` (DPO only): an adapter of this base, usually an SFT one, that
+        is DPO's reference instead of the bare base, and the policy's starting weights (as
+        TRL's ``ref_adapter_name``); the method config must be its own."""
+        super().__init__(
+            base,  # type: ignore[arg-type]
+            method_config,
+            head_config,
+            train_examples,
+            val_examples,
+            config,
+            callbacks,
+        )
+        self.reference_adapter = reference_adapter
+
     # --- the task's parts ---------------------------------------------------------------------
 
     def _prepare_data(self) -> None:
@@ -120,6 +150,37 @@ class DecoderTrainer(Trainer):
     def _build_model(self) -> None:
         self.method = build_method(self.method_config, self.base)
         self.frozen_features = False
+        self.reference: AdapterMethod | None = None
+        ref = self.reference_adapter
+        if ref is None:
+            return
+        if self.head_config.task != "dpo":
+            raise ConfigError("reference_adapter", "only DPO has a reference policy")
+        try:
+            self.reference = ref.load_method(self.base)
+        except AdapterFormatError as e:
+            raise ConfigError("reference_adapter", str(e)) from None
+        if ref.method != self.method_config:
+            raise ConfigError(
+                "reference_adapter",
+                "the policy starts from the reference adapter's weights, so the method config "
+                f"must be its own: {ref.method.to_dict()}",
+            )
+        device = self.base.device
+        self.method.load_saved_state({k: v.to(device) for k, v in ref.method_state.items()})
+
+    def _reference_logprobs(self, ids: Tensor, attention: Tensor, mask: Tensor) -> Tensor:
+        """DPO's reference: the base with the adapter off, or the reference adapter."""
+        ref = self.reference
+        if ref is None:
+            return reply_logprobs(self.base.weights, ids, attention, mask)
+        if isinstance(ref, DecoderFullModel):
+            return reply_logprobs(ref.decoder_weights(), ids, attention, mask)
+        return reply_logprobs(self.base.weights, ids, attention, mask, ref.hooks())
+
+    def _identity(self) -> dict[str, Any]:
+        ref = self.reference_adapter
+        return {**super()._identity(), "reference_adapter": _state_digest(ref) if ref else None}
 
     def _policy_weights(self) -> DecoderWeights:
         """The weights the adapted model runs: full fine-tuning's copy, else the base's (which
@@ -149,8 +210,8 @@ class DecoderTrainer(Trainer):
             correct = int((t.logits.detach().argmax(-1) == t.tokens).sum())
             return loss, {"train_mean_token_accuracy": correct / n_batch}
         policy = reply_logprobs(w, ids, attention, mask, hooks)
-        with torch.no_grad():  # the reference: the same base with the adapter off
-            reference = reply_logprobs(self.base.weights, ids, attention, mask)
+        with torch.no_grad():
+            reference = self._reference_logprobs(ids, attention, mask)
         out = self._dpo(policy, reference)
         share = len(part) / len(idx)  # the loss is a mean over the batch's pairs
         return out.loss * share, {k: v * share for k, v in _dpo_metrics(out).items()}
@@ -184,8 +245,7 @@ class DecoderTrainer(Trainer):
                         }
                     else:
                         policy = reply_logprobs(w, ids, attention, mask, self.method.hooks())
-                        reference = reply_logprobs(self.base.weights, ids, attention, mask)
-                        out = self._dpo(policy, reference)
+                        out = self._dpo(policy, self._reference_logprobs(ids, attention, mask))
                         n = len(part)
                         part_sums = {"loss": float(out.loss) * n}
                         part_sums.update({k: v * n for k, v in _dpo_metrics(out).items()})
@@ -202,6 +262,19 @@ class DecoderTrainer(Trainer):
 
     def _make_adapter(self, metrics: dict[str, Any]) -> Adapter:
         return Adapter.from_method(self.method, self.head_config, self.trainable_params, metrics)
+
+    def close(self) -> None:
+        self.reference = None  # a full fine-tuning reference is a whole copy of the model
+        super().close()
+
+
+def _state_digest(adapter: Adapter) -> str:
+    """sha256 of an adapter's method tensors: a checkpoint resumes only on its reference."""
+    h = hashlib.sha256()
+    for name in sorted(adapter.method_state):
+        h.update(name.encode())
+        h.update(adapter.method_state[name].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def _task_config(head: HeadConfig | Mapping[str, Any]) -> HeadConfig:

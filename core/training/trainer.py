@@ -633,11 +633,14 @@ class Trainer:
         head_config: HeadConfig | Mapping[str, Any] | None = None,
         config: TrainingConfig | Mapping[str, Any] | None = None,
         callbacks: TrainerCallbacks | None = None,
+        **task_options: Any,
     ) -> Trainer:
         """A set-up trainer positioned at ``checkpoint``; configs default to the saved ones.
 
         The same training rows (and validation rows, if any were given) must be passed: the
         checkpoint records fingerprints of the tokenized data and refuses other data.
+        ``task_options`` go to the constructor of a trainer that takes more than these (a
+        ``DecoderTrainer``'s ``reference_adapter``).
         """
         meta = ckpt.read_meta(checkpoint)
         ident = meta.get("identity", {})
@@ -650,6 +653,7 @@ class Trainer:
                 val_examples,
                 config if config is not None else meta["config"],
                 callbacks,
+                **task_options,
             )
         except KeyError as e:
             raise ckpt.CheckpointError(f"checkpoint metadata lacks {e}") from None

@@ -189,6 +189,61 @@ def test_dpo_learns_the_preference(tiny_decoder: DecoderBase) -> None:
     assert result.adapter.task == "dpo"
 
 
+def test_dpo_after_sft_starts_from_and_is_held_to_the_sft_adapter(
+    tiny_decoder: DecoderBase, tiny_base: FrozenBase
+) -> None:
+    cfg = {**CHAT_CFG, "max_steps": 6, "validation_fraction": 0.0}
+    sft = DecoderTrainer(tiny_decoder, LORA, {"task": "chat"}, chat_rows(16), None, cfg).train()
+    sft_adapter = sft.adapter
+    assert any(bool(v.abs().sum()) for k, v in sft_adapter.method_state.items() if "lora_B" in k)
+    saved: list[tuple[int, bytes]] = []
+    evals: list[ProgressEvent] = []
+    cb = TrainerCallbacks(
+        on_eval=evals.append, on_checkpoint=lambda data, step, *_: saved.append((step, data))
+    )
+    dpo_cfg = {"n_epochs": 6, "batch_size": 4, "learning_rate": 1e-2, "checkpoint_every_steps": 3}
+    rows, val = dpo_rows(WORDS), dpo_rows(["star", "rock", "milk", "leaf"])
+    trainer = DecoderTrainer(
+        tiny_decoder, LORA, {"task": "dpo"}, rows, val, dpo_cfg, cb, reference_adapter=sft_adapter
+    )
+    trainer.setup()
+    # The policy starts as the SFT adapter and is scored against it: every reward 0, log 2
+    # (against the bare base, the SFT adapter's own log-probabilities would move them).
+    before = trainer.evaluate()
+    assert before["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    result = trainer.train()
+    assert evals[-1].val_metrics is not None and evals[-1].val_metrics["accuracy"] == 1.0
+    step, data = saved[1]
+    resumed = DecoderTrainer.resume(data, tiny_decoder, rows, val, reference_adapter=sft_adapter)
+    assert resumed.state.step == step
+    assert _equal_states(resumed.train().adapter, result.adapter)
+    with pytest.raises(CheckpointError, match="reference_adapter"):
+        DecoderTrainer.resume(data, tiny_decoder, rows, val)
+
+    no_val = {"validation_fraction": 0.0}
+
+    def setup(method: Any = LORA, task: str = "dpo", ref: Adapter = sft_adapter) -> None:
+        train = rows if task == "dpo" else chat_rows(4)
+        DecoderTrainer(
+            tiny_decoder, method, {"task": task}, train, None, no_val, reference_adapter=ref
+        ).setup()
+
+    with pytest.raises(ConfigError, match=r"reference_adapter.*method config"):
+        setup(method={**LORA, "r": 4})
+    with pytest.raises(ConfigError, match=r"reference_adapter.*only DPO"):
+        setup(task="chat")
+    encoder = Trainer(
+        tiny_base,
+        {"type": "lora"},
+        {"task": "classification"},
+        sentiment_rows(16),
+        None,
+        {"max_steps": 1, "validation_fraction": 0.0},
+    ).train()
+    with pytest.raises(ConfigError, match=r"reference_adapter.*encoder base"):
+        setup(method={"type": "lora"}, ref=encoder.adapter)
+
+
 def test_adapter_round_trips_and_belongs_to_its_base(
     tiny_decoder: DecoderBase, tiny_base: FrozenBase
 ) -> None:
