@@ -302,3 +302,26 @@ def test_bad_rows_and_configs_are_refused(tiny_decoder: DecoderBase, tiny_base: 
     # The encoder's trainer does not take a decoder's task.
     with pytest.raises(ConfigError, match="task"):
         Trainer(tiny_base, {"type": "lora"}, {"task": "chat"}, good).setup()
+
+
+@pytest.mark.real_model
+def test_lora_chat_sft_on_smollm2(real_decoder: DecoderBase) -> None:
+    """The real base's template and weights through the trainer: a made-up fact is learnt."""
+    questions = ["What is the code word?", "Tell me the code word.", "Which code word is it?"]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": q},
+                {"role": "assistant", "content": "The code word is zebra-42."},
+            ]
+        }
+        for q in questions
+    ]
+    cfg = {"max_steps": 4, "batch_size": 3, "learning_rate": 2e-3, "warmup_steps": 0}
+    lora = {"type": "lora", "r": 8}
+    trainer = DecoderTrainer(real_decoder, lora, {"task": "chat"}, rows, rows, cfg)
+    trainer.setup()
+    before = trainer.evaluate()
+    result = trainer.train()
+    assert result.metrics["val_loss"] < 0.5 * before["loss"]
+    assert result.adapter.base_fingerprint == real_decoder.fingerprint
