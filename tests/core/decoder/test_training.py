@@ -108,7 +108,8 @@ def test_chat_sft_lowers_the_validation_loss(tiny_decoder: DecoderBase) -> None:
 
 
 @pytest.mark.parametrize(
-    ("task", "method"), [("chat", LORA), ("dpo", LORA), ("chat", {"type": "full"})]
+    ("task", "method"),
+    [("chat", LORA), ("dpo", LORA), ("chat", {"type": "full"}), ("dpo", {"type": "full"})],
 )
 def test_resume_mid_run_is_bit_exact(
     tiny_decoder: DecoderBase, task: str, method: dict[str, Any]
