@@ -123,12 +123,14 @@ class DecoderData:
 
     rows: list[tuple[ChatTokens, ...]]
 
+    def __post_init__(self) -> None:
+        # Token ids per row, as forward_chunks reads them (once, not per batch).
+        self.ids: list[tuple[list[int], ...]] = [
+            tuple(s.input_ids for s in seqs) for seqs in self.rows
+        ]
+
     def __len__(self) -> int:
         return len(self.rows)
-
-    @property
-    def ids(self) -> list[tuple[list[int], ...]]:
-        return [tuple(s.input_ids for s in seqs) for seqs in self.rows]
 
     @property
     def lengths(self) -> list[int]:
