@@ -110,7 +110,14 @@ class Settings(BaseSettings):
         "raise it.",
     )
     max_wait_ms: float = Field(default=5.0, ge=0)
-    max_queue_rows: int = Field(default=4096, ge=1)
+    max_queue_rows: int = Field(
+        default=4096,
+        ge=1,
+        description="Rows (texts) that may wait for the batcher; past them a request gets 503 "
+        "with Retry-After. One tenant may hold at most half of them, so one tenant's flood "
+        "leaves the other half to everyone else. A request that finds nothing waiting (or none "
+        "of its tenant's) gets in whatever its size.",
+    )
     max_request_chars: int = Field(
         default=2_000_000,
         ge=1,

@@ -29,8 +29,9 @@ one worker a newcomer waited at least 75 ms without the lane, against a one-text
 tensors nobody writes while it runs; the batcher thread releases each plan (unpins its
 adapters) once its thread reports it done.
 
-Beyond ``max_queue_rows`` waiting rows, ``submit`` refuses at once (HTTP 503 + Retry-After)
-instead of letting the queue and the latency grow without bound.
+Beyond ``max_queue_rows`` waiting rows, or half of them from one tenant, ``submit`` refuses at
+once (HTTP 503 + Retry-After) instead of letting the queue and the latency grow without bound;
+the tenant's half keeps one tenant's flood from refusing everyone else.
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ _arrivals = itertools.count()  # ties between tenants go to the earlier request
 
 
 class QueueFullError(RuntimeError):
-    """The batcher already holds ``max_queue_rows`` rows; the caller should retry later."""
+    """The batcher already holds ``max_queue_rows`` rows, or its tenant half of them; the
+    caller should retry later."""
 
 
 @dataclass(eq=False)
@@ -92,6 +94,7 @@ class _Tenant:
 
     requests: deque[_Request] = field(default_factory=deque)
     served: int = 0
+    queued: int = 0  # rows waiting, not yet in a batch (admission: at most max_queue_rows // 2)
     # Batches holding its rows and not yet finished, the one being collected included from its
     # first row of the tenant: ``_forget_idle`` keeps a tenant while any batch holds its rows.
     in_flight: int = 0
@@ -201,12 +204,22 @@ class Batcher:
                 raise QueueFullError("the server is shutting down")
             if self._queued_rows and self._queued_rows + len(rows) > self.max_queue_rows:
                 raise QueueFullError(f"{self._queued_rows} rows are already waiting")
+            state = self._tenants.get(tenant)
+            waiting, share = (state.queued if state is not None else 0), self.max_queue_rows // 2
+            # A tenant with nothing waiting gets in whatever the request's size, as above.
+            if waiting and waiting + len(rows) > share:
+                raise QueueFullError(
+                    f"{waiting} rows of this tenant are already waiting; one tenant may hold at "
+                    f"most {share}"
+                )
             request.in_company = request.enqueued - self._last_arrival < self.max_wait
             self._last_arrival = request.enqueued
-            state = self._tenants.setdefault(tenant, _Tenant())
+            if state is None:
+                state = self._tenants[tenant] = _Tenant()
             if not state.requests:  # back from idle: level with the least-served busy tenant
                 state.served = max(state.served, self._virtual_time)
             state.requests.append(request)
+            state.queued += len(rows)
             self._queued_rows += len(rows)
             self._cond.notify()
         try:
@@ -373,6 +386,7 @@ class Batcher:
         self._virtual_time = max(self._virtual_time, state.served)
         state.served += tokens
         request.taken += 1
+        state.queued -= 1
         self._queued_rows -= 1
         if request.taken == len(request.rows):
             state.requests.popleft()
@@ -384,6 +398,7 @@ class Batcher:
         state = self._tenants.get(request.tenant)
         if state is not None and request in state.requests:
             state.requests.remove(request)
+            state.queued -= len(request.rows) - request.taken
             self._queued_rows -= len(request.rows) - request.taken
 
     def _plan(self, work: _Work) -> None:

@@ -15,7 +15,7 @@ import torch
 from core.base import FrozenBase
 from core.inference import InferenceEngine, Plan, Row, RowEncoder, RowResult
 from core.inference.rows import ForwardMode
-from service.serving.batcher import Batcher
+from service.serving.batcher import Batcher, QueueFullError
 from service.serving.policy import AutoModePolicy
 from tests.core.inference.helpers import lora, output
 
@@ -290,6 +290,31 @@ def test_an_error_planning_a_batch_fails_its_requests_and_the_batcher_goes_on(
         b = await asyncio.wait_for(batcher.submit([Row(B, "one short review")], "auto"), 60)
         assert [r.ok for r in b] == [True]
         assert batcher.queued_rows == 0  # A's rows left after the failed batch were dropped
+
+    try:
+        asyncio.run(main())
+    finally:
+        batcher.stop()
+
+
+def test_a_flooding_tenant_is_refused_past_half_the_queue_and_others_still_get_in(
+    tiny_base: FrozenBase,
+) -> None:
+    engine = RecordingEngine(tiny_base)
+    batcher = two_tenants(engine, tiny_base, max_batch_size=4, max_queue_rows=8)
+
+    async def main() -> None:
+        # Queued before the batcher starts, so nothing leaves the queue meanwhile.
+        a = asyncio.ensure_future(batcher.submit([Row(A, "review")] * 4, "unmerged"))
+        await asyncio.sleep(0)
+        with pytest.raises(QueueFullError, match="at most 4"):
+            await asyncio.wait_for(batcher.submit([Row(A, "more")], "unmerged"), 60)  # A's half
+        b = asyncio.ensure_future(batcher.submit([Row(B, "review")] * 4, "unmerged"))
+        await asyncio.sleep(0)
+        assert batcher.queued_rows == 8  # B got in beside A's flood
+        batcher.start()
+        answered = await asyncio.wait_for(asyncio.gather(a, b), 60)
+        assert [len(r) for r in answered] == [4, 4]
 
     try:
         asyncio.run(main())
