@@ -27,7 +27,7 @@ from pydantic.json_schema import SkipJsonSchema
 from pydantic_core import PydanticCustomError, to_jsonable_python
 
 from core.methods import METHODS
-from core.training.config import REWARD_ONLY_SETTINGS, TrainingConfig
+from core.training.config import DPO_ONLY_SETTINGS, REWARD_ONLY_SETTINGS, TrainingConfig
 from service.datasets.rows import TASKS
 
 # Core's research baseline (the architecture trained from random init) is not offered by the
@@ -39,6 +39,21 @@ SERVER_SETTINGS: dict[str, str] = {
     "seed": "set the job's top-level seed instead",
     "checkpoint_every_steps": "the server setting LORAPLEX_CHECKPOINT_EVERY_STEPS decides it",
     "num_threads": "the worker's thread budget (LORAPLEX_TRAIN_THREADS) decides it",
+}
+
+# Training settings no task the service trains reads (DPO's, on a decoder base, which the service
+# does not serve); a request that sets one is refused, so no client believes it took effect.
+UNSERVED_SETTINGS: frozenset[str] = DPO_ONLY_SETTINGS
+# The settings a job may not set, each with the reason it is refused.
+_REFUSED_SETTINGS: dict[str, tuple[str, str]] = {
+    **{
+        name: ("server_setting", f"set by the server: {why}")
+        for name, why in SERVER_SETTINGS.items()
+    },
+    **{
+        name: ("unserved_setting", "only DPO on a decoder base reads it; the service trains none")
+        for name in UNSERVED_SETTINGS
+    },
 }
 
 
@@ -79,9 +94,9 @@ def takes_numbers_not_bools(tp: Any) -> bool:
     return _mentions(tp, (int, float)) and not _mentions(tp, (bool,))
 
 
-def _refuse_server_setting(why: str) -> WrapValidator:
+def _refuse_setting(error_type: str, message: str) -> WrapValidator:
     def refuse(_value: Any, _handler: ValidatorFunctionWrapHandler) -> Any:
-        raise PydanticCustomError("server_setting", "set by the server: {why}", {"why": why})
+        raise PydanticCustomError(error_type, message)
 
     return WrapValidator(refuse)
 
@@ -145,13 +160,13 @@ METHOD_PARAMS: dict[str, type[BaseModel]] = {
     for m in API_METHODS
 }
 
-# The server-decided settings stay out of the documented schema but answer a clear 422.
-_SERVER_FIELDS: dict[str, Any] = {
+# The refused settings stay out of the documented schema but answer a clear 422.
+_REFUSED_FIELDS: dict[str, Any] = {
     name: (
-        SkipJsonSchema[Annotated[Any, _refuse_server_setting(why)]],
+        SkipJsonSchema[Annotated[Any, _refuse_setting(error_type, message)]],
         Field(None, exclude=True),
     )
-    for name, why in SERVER_SETTINGS.items()
+    for name, (error_type, message) in _REFUSED_SETTINGS.items()
 }
 
 Hyperparameters: type[BaseModel] = create_model(
@@ -159,8 +174,8 @@ Hyperparameters: type[BaseModel] = create_model(
     __config__=ConfigDict(extra="forbid"),
     __doc__="Training settings. Absent (or null) fields take the defaults shown; "
     "'learning_rate': 'auto' is the method's default (see GET /v1/methods).",
-    **optional_fields(TrainingConfig, exclude=set(SERVER_SETTINGS)),
-    **_SERVER_FIELDS,
+    **optional_fields(TrainingConfig, exclude=set(_REFUSED_SETTINGS)),
+    **_REFUSED_FIELDS,
 )
 
 
@@ -246,7 +261,7 @@ class MethodCatalog(BaseModel):
 
 
 def _task_defaults(method_type: str, task: str) -> TaskDefaults:
-    skip = set(SERVER_SETTINGS) | (REWARD_ONLY_SETTINGS if task != "reward" else set())
+    skip = set(_REFUSED_SETTINGS) | (REWARD_ONLY_SETTINGS if task != "reward" else set())
     values = _defaults(TrainingConfig, skip)
     values["learning_rate"] = TrainingConfig().resolved_learning_rate(method_type)
     values["max_seq_length"] = TrainingConfig().resolved_max_seq_length(task)
@@ -270,7 +285,7 @@ def method_catalog() -> MethodCatalog:
             for m in API_METHODS
         ],
         hyperparameters=HyperparameterCatalog(
-            json_schema=_schema(TrainingConfig, set(SERVER_SETTINGS)),
-            defaults=_defaults(TrainingConfig, set(SERVER_SETTINGS)),
+            json_schema=_schema(TrainingConfig, set(_REFUSED_SETTINGS)),
+            defaults=_defaults(TrainingConfig, set(_REFUSED_SETTINGS)),
         ),
     )
