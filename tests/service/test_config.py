@@ -6,6 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from service.config import Settings, is_loopback_host
+from service.serving.lifespan import CPU_BATCH_TOKENS, CUDA_BATCH_TOKENS, max_batch_tokens
 from tests.service.conftest import make_settings
 
 
@@ -54,3 +55,12 @@ def test_auth_disabled_allowed_on_loopback(tmp_path: Path, host: str) -> None:
 def test_heartbeat_must_be_shorter_than_lease(tmp_path: Path) -> None:
     with pytest.raises(ValidationError, match="LORAPLEX_HEARTBEAT_SECONDS"):
         make_settings(tmp_path, lease_seconds=5, heartbeat_seconds=5)
+
+
+def test_batch_tokens_default_by_device_and_a_setting_wins(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path)
+    assert settings.max_batch_tokens is None  # decided when the device is known
+    assert max_batch_tokens(settings, on_cuda=False) == CPU_BATCH_TOKENS == 256
+    assert max_batch_tokens(settings, on_cuda=True) == CUDA_BATCH_TOKENS > CPU_BATCH_TOKENS
+    for on_cuda in (False, True):
+        assert max_batch_tokens(make_settings(tmp_path, max_batch_tokens=512), on_cuda) == 512
