@@ -10,7 +10,7 @@ from torch import Tensor
 from core.base import FrozenBase
 from core.decoder.base import DecoderBase
 from core.errors import AdapterFormatError
-from core.heads import LANGUAGE_MODEL_TASKS, Head, HeadConfig
+from core.heads import Head, HeadConfig, task_base_kind
 from core.methods import MethodConfig, build_method, parse_method_config
 from core.methods.method import AdapterMethod
 from core.model import AdaptedModel
@@ -40,7 +40,7 @@ class Adapter:
     @property
     def base_kind(self) -> BaseKind:
         """A decoder's adapter trains its language-model tasks; an encoder's trains a head."""
-        return "decoder" if self.head.task in LANGUAGE_MODEL_TASKS else "encoder"
+        return task_base_kind(self.head.task)
 
     @property
     def num_bytes(self) -> int:
@@ -134,8 +134,9 @@ class Adapter:
             method_cfg = dict(cfg["method"])
             head = HeadConfig(**cfg["head"])
             # A decoder's target names are validated as a decoder's.
-            kind: BaseKind = "decoder" if head.task in LANGUAGE_MODEL_TASKS else "encoder"
-            method = parse_method_config(method_cfg.pop("type"), method_cfg, kind)
+            method = parse_method_config(
+                method_cfg.pop("type"), method_cfg, task_base_kind(head.task)
+            )
         except (KeyError, TypeError, ValueError) as e:
             raise AdapterFormatError(f"invalid adapter config: {e}") from None
         return cls(

@@ -11,9 +11,17 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
+from core.targets import BaseKind
+
 TaskType = Literal["classification", "reward", "chat", "dpo"]
 # Tasks of a decoder base whose output is the base's own next-token prediction.
 LANGUAGE_MODEL_TASKS: frozenset[str] = frozenset({"chat", "dpo"})
+
+
+def task_base_kind(task: str) -> BaseKind:
+    """The kind of base an adapter of ``task`` trains on: a decoder's language-model tasks,
+    an encoder's heads; its method config is validated for that kind (layer names differ)."""
+    return "decoder" if task in LANGUAGE_MODEL_TASKS else "encoder"
 
 
 class HeadConfig(BaseModel):

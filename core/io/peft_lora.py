@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from core.adapter import base_kind_of
 from core.base import FrozenBase
 from core.errors import AdapterFormatError, ConfigError
 from core.methods import parse_method_config
@@ -261,7 +262,7 @@ def import_lora(
         "layers": None if layers == list(range(n_layers)) else layers,
     }
     try:
-        method = parse_method_config("lora", params)
+        method = parse_method_config("lora", params, base_kind_of(base))
     except ConfigError as e:
         raise AdapterFormatError(f"PEFT LoRA config not supported: {e}") from None
     assert isinstance(method, LoraConfig)

@@ -61,16 +61,18 @@ def _ref(tenant_id: str, name: str, row: Row[Any]) -> AdapterRef | None:
         method=row.method,
         label_names=tuple(row.label_names or ()),
         text_pair=bool(head.get("text_pair", False)),
-        reserved=_reserved_positions(row.config),
+        reserved=_reserved_positions(row.task, row.config),
     )
 
 
-def _reserved_positions(config: dict[str, Any]) -> int:
-    """Read by core's own method config, as loading the adapter will (``Adapter``)."""
+def _reserved_positions(task: str, config: dict[str, Any]) -> int:
+    """Read by core's own method config for the adapter's kind of base, as loading the
+    adapter will (``Adapter``)."""
+    from core.heads import task_base_kind
     from core.methods import parse_method_config
 
     method = dict(config["method"])
-    return parse_method_config(method.pop("type"), method).reserved_positions
+    return parse_method_config(method.pop("type"), method, task_base_kind(task)).reserved_positions
 
 
 # The request path's two queries are built once, with bound parameters: building and
