@@ -98,10 +98,9 @@ def load_decoder_base(
 ) -> DecoderBase:
     """Load a GGUF file or a local Hugging Face Llama folder (default: SmolLM2's GGUF file).
 
-    Offline only: nothing is downloaded. GGUF weights are dequantised to ``dtype`` once.
+    Offline only: nothing is downloaded (every read passes ``local_files_only``; the process's
+    environment is left as it is). GGUF weights are dequantised to ``dtype`` once.
     """
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     source = Path(path) if path is not None else default_decoder_file()
     if source.is_file() and source.suffix == ".gguf":
         raw_cfg, state_dict, tokenizer, files = _read_gguf(source, dtype)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -33,6 +34,18 @@ def test_tiny_folder_loads_frozen_tensors_under_hf_names(
     assert tiny_decoder.chat_template is not None and "<|im_start|>" in tiny_decoder.chat_template
     assert tiny_decoder.stop_token_ids == (2,)
     assert (tiny_decoder.config.num_key_value_heads, tiny_decoder.config.head_dim) == (2, 16)
+
+
+def test_loading_leaves_the_process_environment_alone(
+    tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The loader is offline by passing local_files_only, not by switching the whole process's
+    # Hugging Face libraries offline.
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    load_decoder_base(tiny_llama_dir, device="cpu")
+    assert "HF_HUB_OFFLINE" not in os.environ
+    assert "TRANSFORMERS_OFFLINE" not in os.environ
 
 
 def test_sharded_folder_loads_the_same_tensors(
