@@ -98,6 +98,10 @@ def render_chat(
         start = min(len(ids) - max_seq_length, max(final_start - 1, 0))
         ids, mask = ids[start : start + max_seq_length], mask[start : start + max_seq_length]
     mask[0] = 0  # the first token has nothing before it to be predicted from
+    if not any(mask):
+        # A one-token reply first in the window (a template that renders nothing before it, or
+        # truncation): an all-masked row would make the batch's mean token loss 0/0.
+        raise DataError("no reply token left to learn", field="messages")
     return ChatTokens(ids, mask)
 
 

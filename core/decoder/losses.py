@@ -35,7 +35,10 @@ def targets(
 
 
 def sft_loss(t: Targets) -> Tensor:
-    """Mean token cross-entropy over every target in the batch."""
+    """Mean token cross-entropy over every target in the batch; 0 (still differentiable) for
+    a batch with none, where the mean would be 0/0 = NaN."""
+    if t.tokens.numel() == 0:
+        return t.logits.float().sum() * 0.0
     return F.cross_entropy(t.logits.float(), t.tokens)
 
 

@@ -185,8 +185,5 @@ def encode_decoder(
                 )
         except DataError as err:
             raise DataError(f"{where} data: {err.message}", i, err.field) from None
-        # A reply whose only token is the window's first has nothing to be predicted from.
-        if not all(sum(s.loss_mask) for s in seqs):
-            raise DataError(f"{where} data: no reply token left to learn", i, "messages")
         rows.append(seqs)
     return DecoderData(rows)

@@ -21,6 +21,7 @@ from core.decoder.losses import (
 )
 from core.errors import DataError
 from core.methods.lora.layer import LoraHooks
+from core.training.decoder_data import coerce_decoder_examples, encode_decoder
 
 CHAT = [
     {"role": "system", "content": "Be brief."},
@@ -166,3 +167,32 @@ def test_an_empty_final_reply_without_an_end_token_is_refused(tiny_decoder: Deco
     empty = [CHAT[1], {"role": "assistant", "content": ""}]
     with pytest.raises(DataError, match="renders to no tokens"):
         render_chat(tiny_decoder.tokenizer, template, empty, 64)
+
+
+def test_a_reply_with_no_token_left_to_learn_is_refused(tiny_decoder: DecoderBase) -> None:
+    # The template renders nothing before the reply, so a one-token reply is the window's
+    # first token, which nothing predicts: the row would have no target at all.
+    template = (
+        "{% for m in messages %}{% if m['role'] == 'assistant' %}{{ m['content'] }}"
+        "{% endif %}{% endfor %}"
+    )
+    reply = [CHAT[1], {"role": "assistant", "content": "A"}]
+    assert len(tiny_decoder.tokenizer("A", add_special_tokens=False)["input_ids"]) == 1
+    with pytest.raises(DataError, match="no reply token left to learn") as err:
+        render_chat(tiny_decoder.tokenizer, template, reply, 64)
+    assert err.value.field == "messages"
+    rows = [{"messages": CHAT[1:3]}, {"messages": reply}]
+    examples = coerce_decoder_examples(rows, "chat")
+    with pytest.raises(DataError, match="no reply token left to learn") as err:
+        encode_decoder(examples, tiny_decoder.tokenizer, template, 64)
+    assert (err.value.row, err.value.field) == (1, "messages")
+
+
+def test_sft_loss_of_a_batch_without_targets_is_zero_not_nan(tiny_decoder: DecoderBase) -> None:
+    ids = torch.tensor([[1, 2, 3]])
+    hidden = forward(tiny_decoder.weights, ids, torch.ones_like(ids)).requires_grad_(True)
+    t = targets(tiny_decoder.weights, hidden, ids, torch.zeros_like(ids))
+    loss = sft_loss(t)
+    assert loss.item() == 0.0
+    loss.backward()
+    assert hidden.grad is not None and not hidden.grad.isnan().any()
