@@ -22,6 +22,7 @@ from torch import Tensor
 
 from core.adapter import Adapter
 from core.base import FrozenBase
+from core.decoder.base import DecoderBase
 from core.errors import AdapterFormatError
 from core.heads import Head, HeadConfig
 from core.io.peft_lora import export_lora, import_lora
@@ -40,13 +41,13 @@ EXTRA_FORMAT = "loraplex.peft/1"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 
-def export_peft(adapter: Adapter, base: FrozenBase) -> dict[str, bytes]:
+def export_peft(adapter: Adapter, base: FrozenBase | DecoderBase) -> dict[str, bytes]:
     """``{file name: bytes}`` of a PEFT adapter folder (plus our head file)."""
     adapter.check_base(base)
     method = adapter.method
     if isinstance(method, LoraConfig):
         config, tensors = export_lora(method, adapter.method_state, base)
-    elif isinstance(method, PromptTuningConfig):
+    elif isinstance(method, PromptTuningConfig) and isinstance(base, FrozenBase):
         config, tensors = export_prompt(method, adapter.method_state, base)
     else:
         raise AdapterFormatError(

@@ -15,11 +15,12 @@ from torch import Tensor
 
 from core.adapter import base_kind_of
 from core.base import FrozenBase
+from core.decoder.base import DecoderBase
 from core.errors import AdapterFormatError, ConfigError
 from core.methods import parse_method_config
 from core.methods.lora.config import LoraConfig
 from core.methods.lora.model import lora_key
-from core.targets import TARGET_MODULES, TARGET_PATHS
+from core.targets import DECODER_TARGET_PATHS, TARGET_MODULES, TARGET_PATHS, BaseKind
 
 PEFT_PREFIX = "base_model.model."
 _TARGET_BY_PATH = {path: target for target, path in TARGET_PATHS.items()}
@@ -38,14 +39,19 @@ _POOLER_KEY = re.compile(r"^(?:base_model\.model\.)?(?:bert\.|model\.)?pooler\.d
 _UNSUPPORTED = ("use_dora", "fan_in_fan_out", "lora_bias", "layer_replication", "target_parameters")
 
 
-def _peft_target_modules(cfg: LoraConfig, num_layers: int) -> tuple[list[str] | str, Any]:
+def _peft_target_modules(
+    cfg: LoraConfig, num_layers: int, kind: BaseKind
+) -> tuple[list[str] | str, Any]:
     """``(target_modules, layers_to_transform)`` that make PEFT wrap exactly our sites.
 
     PEFT matches list entries as module-name suffixes, so ``output.dense`` would also hit
     ``attention.output.dense``. Without the feed-forward output, full sub-paths
     (``attention.self.query``) are unambiguous; with it, a regex (PEFT full-matches strings)
     that also carries the layer list, since PEFT forbids ``layers_to_transform`` with a regex.
+    A decoder's sub-paths (``self_attn.q_proj``) are always unambiguous.
     """
+    if kind == "decoder":
+        return [DECODER_TARGET_PATHS[t] for t in cfg.target_modules], cfg.layers
     paths = [TARGET_PATHS[t] for t in cfg.target_modules]
     if "output.dense" not in cfg.target_modules:
         return paths, cfg.layers
@@ -60,12 +66,16 @@ def _number(x: float) -> float | int:
 
 
 def export_lora(
-    cfg: LoraConfig, state: dict[str, Tensor], base: FrozenBase
+    cfg: LoraConfig, state: dict[str, Tensor], base: FrozenBase | DecoderBase
 ) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    target_modules, layers = _peft_target_modules(cfg, base.num_layers)
+    """PEFT's config and tensors of our LoRA; our state names are already the Hugging Face
+    module paths of the base (``BertModel``'s, or ``LlamaForCausalLM``'s ``model.layers...``)."""
+    kind = base_kind_of(base)
+    target_modules, layers = _peft_target_modules(cfg, base.num_layers, kind)
     config = {
         "peft_type": "LORA",
-        "task_type": "FEATURE_EXTRACTION",
+        # A decoder's adapter is loaded on the causal LM whose head it was trained through.
+        "task_type": "CAUSAL_LM" if kind == "decoder" else "FEATURE_EXTRACTION",
         "r": cfg.r,
         "lora_alpha": _number(cfg.alpha),
         "lora_dropout": cfg.dropout,
