@@ -174,8 +174,6 @@ def load_base_model(
 
     Offline only: the tokenizer is read from the folder and no hub is ever contacted.
     """
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from transformers import AutoTokenizer  # deferred: slow import, and only the tokenizer is used
 
     model_dir = Path(path) if path else default_model_dir()
