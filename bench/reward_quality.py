@@ -7,8 +7,7 @@ rejected; ties count as wrong), exact ties, pairs that were one input after enco
 mean margin, training seconds and the case's peak RSS. Every case runs in its own
 subprocess, so ``peak_rss_mib`` (``ru_maxrss``) is that case's alone. The default case is
 also scored through :class:`core.inference.InferenceEngine` (``engine_max_abs_diff``: 0 when
-the serving path encodes pairs as training did; serving encodes at the base's window, so a
-model trained at a shorter ``max_seq_length`` is served more of each prompt).
+the serving path encodes pairs as training did, at the adapter's trained ``max_seq_length``).
 
 Cases (the encoding choices of issue 15):
 

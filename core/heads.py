@@ -40,6 +40,16 @@ class HeadConfig(BaseModel):
     # issue 15), as a long shared prompt otherwise dominates both rows' features. Heads saved
     # before the field existed read "base".
     pooling: Literal["base", "response"] = "base"
+    # Tokens per input the adapter was trained at (the trainer's max_seq_length after the
+    # base's cap, which already leaves room for prompt tuning's positions): serving encodes at
+    # this length too, so a served row is the row training saw (the reward default of 128
+    # served at the base's 256 moved held-out HH rewards by up to 4.1). None, adapters saved
+    # before the field: the base's window.
+    max_seq_length: int | None = Field(None, ge=1)
+    # Reward: whole dialogues without a prompt were split at their last shared turn in
+    # training (TrainingConfig.split_shared_prefix); a pair served without a prompt is split
+    # the same way (core.pair_encoding.split_shared_prefix). False for heads saved before.
+    split_shared_prefix: bool = False
 
     @model_validator(mode="after")
     def _labels(self) -> HeadConfig:
@@ -48,6 +58,11 @@ class HeadConfig(BaseModel):
         if len(set(self.label_names)) != len(self.label_names):
             raise ValueError("label names must be unique")
         return self
+
+    def window(self, base_window: int) -> int:
+        """Tokens per input served: the trained length, or ``base_window`` (the base's limit
+        less the method's reserved positions) for heads saved without one."""
+        return self.max_seq_length or base_window
 
     @property
     def out_features(self) -> int:

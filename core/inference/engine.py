@@ -352,7 +352,8 @@ class InferenceEngine:
         texts: dict[tuple[int, bool, bool], list[int]] = {}
         for i in live:
             e = entries[i]
-            window = self.base.max_length - (e.reserved if e else 0)
+            # The adapter's trained length (HeadConfig.window): a row is encoded as in training.
+            window = e.head.window(self.base.max_length - e.reserved) if e else self.base.max_length
             encoded = rows[i].encoded
             response_pooled = e is not None and e.head.pooling == "response"
             if encoded is None:

@@ -516,7 +516,18 @@ class Trainer:
         return result
 
     def _make_adapter(self, metrics: dict[str, Any]) -> Adapter:
-        return Adapter.from_model(self.model, self.trainable_params, metrics)
+        # The saved head records how rows were encoded, so serving encodes them alike; the
+        # trainer's own head_config stays as given (checkpoints are identified by it).
+        served = self.head_config.model_copy(
+            update={
+                "max_seq_length": self.max_length,
+                "split_shared_prefix": self.head_config.task == "reward"
+                and self.config.split_shared_prefix,
+            }
+        )
+        return Adapter.from_method(
+            self.model.method, served, self.trainable_params, metrics, self.model.head.state_dict()
+        )
 
     def close(self) -> None:
         """Drop model, optimizer, cached data and features so their memory can be freed.

@@ -38,6 +38,14 @@ class AdapterRef:
     label_names: tuple[str, ...]
     text_pair: bool
     reserved: int  # positions the method takes from the base's window (prompt tuning)
+    # The head's trained length (HeadConfig.max_seq_length; None: saved before, the base's).
+    max_seq_length: int | None = None
+    # Reward: split a pair given without a prompt at its shared turn, as training did.
+    split_shared_prefix: bool = False
+
+    def window(self, base_max_length: int) -> int:
+        """Tokens per input served: as ``HeadConfig.window`` (core's, which loads torch)."""
+        return self.max_seq_length or base_max_length - self.reserved
 
 
 _REF_COLUMNS = (
@@ -62,6 +70,8 @@ def _ref(tenant_id: str, name: str, row: Row[Any]) -> AdapterRef | None:
         label_names=tuple(row.label_names or ()),
         text_pair=bool(head.get("text_pair", False)),
         reserved=_reserved_positions(row.task, row.config),
+        max_seq_length=head.get("max_seq_length"),
+        split_shared_prefix=bool(head.get("split_shared_prefix", False)),
     )
 
 

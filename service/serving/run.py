@@ -81,7 +81,7 @@ class RequestTokenizer:
                 param=param,
                 kind=ErrorKind.TOO_LARGE,
             )
-        window = self.max_length - ref.reserved
+        window = ref.window(self.max_length)  # the adapter's trained length
         if not truncate:
             self._check(items, window, param)
         encode = self._encoder.encode_responses if ref.task == "reward" else self._encoder.encode

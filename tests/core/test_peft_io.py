@@ -169,6 +169,18 @@ def test_peft_saved_prompt_tuning_imports_with_same_outputs(
     torch.testing.assert_close(ours(adapter, tiny_base), theirs[:, 4:], atol=1e-5, rtol=0)
 
 
+def test_round_trip_keeps_the_trained_encoding(tiny_base: FrozenBase) -> None:
+    """The head's trained length and pair split travel with the export, so an imported
+    adapter is served as it was trained."""
+    from dataclasses import replace
+
+    adapter, _ = exported(tiny_base, "lora", r=2)
+    update = {"max_seq_length": 32, "split_shared_prefix": True}
+    trained = replace(adapter, head=adapter.head.model_copy(update=update))
+    back = import_peft(export_peft(trained, tiny_base), tiny_base)
+    assert (back.head.max_seq_length, back.head.split_shared_prefix) == (32, True)
+
+
 def test_prompt_round_trip_is_exact(tiny_base: FrozenBase) -> None:
     adapter, files = exported(
         tiny_base, "prompt_tuning", n_virtual_tokens=2, init="text", init_text="fun"

@@ -252,3 +252,39 @@ def test_wide_batches_run_in_chunks_whose_gradients_add_up(
 
     for whole, chunked in zip(grads([list(range(8))]), grads(chunks), strict=True):
         assert torch.allclose(whole, chunked, atol=1e-6)
+
+
+def test_serving_encodes_at_the_length_the_adapter_was_trained_at(tiny_base: FrozenBase) -> None:
+    """Trained at 32 tokens on rows far longer, a reward and a classification adapter are
+    served at 32 (the base's window is larger): the engine's outputs equal the trained model's
+    on the rows as training encoded them. Adapters saved before keep the base's window."""
+    from core.heads import HeadConfig
+    from core.inference import InferenceEngine, Row
+    from core.training.data import ClassificationExample
+
+    assert tiny_base.max_length > 32
+    short = {"max_seq_length": 32, "max_steps": 2, "learning_rate": 1e-2, "validation_fraction": 0}
+    pairs = [
+        PreferenceExample(_words(40, offset=i + 3), _words(45, offset=i + 5), _words(60, offset=i))
+        for i in range(4)
+    ]
+    texts = [ClassificationExample(_words(70, offset=i), "ab"[i % 2]) for i in range(4)]
+    engine = InferenceEngine(tiny_base, device="cpu")
+    for task, rows in (("reward", pairs), ("classification", texts)):
+        result = Trainer(tiny_base, {"type": "lora"}, {"task": task}, rows, None, short).train()
+        adapter = result.adapter
+        assert adapter.head.max_seq_length == 32
+        assert HeadConfig(task=task, label_names=adapter.head.label_names).window(256) == 256
+        model = adapter.build(tiny_base)
+        data = encode(rows, tiny_base.tokenizer, 32, adapter.head.label_names)
+        with torch.inference_mode():
+            trained = model(data.collate(list(range(len(rows))), tiny_base.device)).float()
+        engine.load(task, adapter)
+        if task == "reward":
+            served = engine.run(
+                [Row(task, e.prompt, r) for e in pairs for r in (e.chosen, e.rejected)]
+            )
+            got = torch.tensor([r.reward for r in served]).view(len(pairs), 2).T.reshape(-1)
+        else:
+            got = torch.tensor([r.logits for r in engine.run([Row(task, e.text) for e in texts])])
+        assert torch.allclose(got, trained, atol=1e-5), (task, (got - trained).abs().max())

@@ -112,6 +112,32 @@ def test_prompt_tuning_inputs_are_bounded_by_its_own_window(
     assert cut.status_code == 200, cut.text
 
 
+@pytest.mark.parametrize("serving_client", [1], ids=["1-worker"], indirect=True)
+def test_inputs_are_served_at_the_length_the_adapter_was_trained_at(
+    serving_client: TestClient, auth: Headers
+) -> None:
+    """The request path encodes at the head's max_seq_length (as training did), not at the
+    base's window: a longer input is refused without truncate, and cut to it with."""
+    from dataclasses import replace
+
+    adapter = lora(app_state(serving_client.app).require_base_model(), r=2)
+    trained = replace(adapter, head=adapter.head.model_copy(update={"max_seq_length": 16}))
+    store_adapter(serving_client, auth, "short", trained)
+    text = " ".join(["a"] * 15)  # 17 tokens with [CLS] and [SEP]
+
+    refused = serving_client.post(
+        "/predict?adapter=short", json={"inputs": [text], "truncate": False}, headers=auth
+    )
+    assert_error(refused, 422, param="inputs.0", code="input_too_long")
+    assert "at most 16" in refused.json()["error"]["message"]
+    cut = serving_client.post("/predict?adapter=short", json={"inputs": [text]}, headers=auth)
+    whole = serving_client.post(
+        "/predict?adapter=short", json={"inputs": [text[: -len(" a")]]}, headers=auth
+    )
+    assert cut.status_code == 200 and whole.status_code == 200, cut.text
+    assert cut.json() == whole.json()  # the same 16 tokens
+
+
 def test_a_tenant_tokenizes_one_request_at_a_time(
     tiny_base: FrozenBase, monkeypatch: pytest.MonkeyPatch
 ) -> None:
