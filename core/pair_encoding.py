@@ -66,16 +66,18 @@ def split_shared_prefix(chosen: str, rejected: str) -> tuple[str, str, str] | No
 
 def _cut(text: str, chars: int, keep_end: bool) -> str:
     """At most ``chars`` characters of ``text`` from its start (or its end), cut at whitespace
-    so no word is split; ``""`` when no whitespace falls inside the cut."""
+    so no word is split. Without whitespace inside the cut (CJK, a long URL) it is cut there
+    anyway: an empty cut would be widened to the whole text, a row costing its length to
+    tokenize; only the token at the cut's edge may differ, and a full window leaves it out."""
     if len(text) <= chars:
         return text
     if keep_end:
         part = text[-chars:]
         space = next((i for i, c in enumerate(part) if c.isspace()), None)
-        return "" if space is None else part[space:]
+        return part if space is None else part[space:]
     part = text[:chars]
     space = next((i for i in range(len(part) - 1, -1, -1) if part[i].isspace()), None)
-    return "" if space is None else part[:space]
+    return part if space is None else part[:space]
 
 
 def bounded_ids(

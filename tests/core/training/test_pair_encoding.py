@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from core.base import FrozenBase
-from core.pair_encoding import PROMPT_SHARE, bounded_ids, encode_responses, split_shared_prefix
+from core.pair_encoding import (
+    MAX_CHARS_PER_TOKEN,
+    PROMPT_SHARE,
+    bounded_ids,
+    encode_responses,
+    split_shared_prefix,
+)
 from core.training.config import TrainingConfig
 from core.training.data import (
     EncodedData,
@@ -88,6 +94,32 @@ def test_the_character_cut_never_changes_the_ids(tiny_base: FrozenBase, keep_end
     for text, ids in zip(texts, got, strict=True):
         whole = _ids(tok, text)
         assert ids == (whole[-50:] if keep_end else whole[:50])
+
+
+@pytest.mark.parametrize("prompt", ["字" * 100_000, "https://a.io/" + "plot/" * 20_000])
+def test_a_prompt_without_whitespace_costs_its_window_not_its_length(
+    tiny_base: FrozenBase, prompt: str
+) -> None:
+    """CJK text or one long URL has no word boundary to cut at: it is cut by characters, so
+    the tokenizer reads about the window's worth of it, and the response is kept whole."""
+    read: list[int] = []
+
+    class Spy:
+        def __init__(self, tokenizer: Any) -> None:
+            self._tokenizer = tokenizer
+
+        def __call__(self, texts: list[str], **kwargs: Any) -> Any:
+            read.append(max(map(len, texts)))
+            return self._tokenizer(texts, **kwargs)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._tokenizer, name)
+
+    response = _words(10)
+    [(ids, types)] = encode_responses(Spy(tiny_base.tokenizer), [prompt], [response], 64)
+    assert read and max(read) <= 64 * MAX_CHARS_PER_TOKEN
+    assert len(ids) == 64 and types.count(1) == 11  # the response and its [SEP]
+    assert ids[-11:-1] == _ids(tiny_base.tokenizer, response)
 
 
 def _dialogue(turns: list[tuple[str, str]]) -> str:
