@@ -6,6 +6,7 @@ import math
 
 from fastapi import APIRouter, Request
 
+from core.pair_encoding import split_shared_prefix
 from service.api.deps import AdapterName, ServedAdapter
 from service.api.disconnect import unless_disconnected
 from service.api.json_body import OffLoopJSONRoute
@@ -57,7 +58,9 @@ async def compare(
     adapter: AdapterName,
 ) -> CompareResponse | CompareBatchResponse:
     """Scores both responses with the reward adapter named in `adapter` (with the prompt as
-    the first text of a pair, as in training) and says which one it prefers and how surely."""
+    the first text of a pair, as in training) and says which one it prefers and how surely.
+    Without a prompt, two whole dialogues are split at their last shared turn when the adapter
+    was trained so (`split_shared_prefix`, the default)."""
     if ref is None:
         raise not_found("adapter", adapter, "adapter")
     if ref.task != "reward":
@@ -69,8 +72,13 @@ async def compare(
     pairs = _pairs(body)
     items: list[tuple[str, str | None]] = []
     for p in pairs:
-        for response in (p.response_a, p.response_b):
-            items.append((p.prompt, response) if p.prompt else (response, None))
+        prompt, a, b = p.prompt, p.response_a, p.response_b
+        if not prompt and ref.split_shared_prefix:
+            # Whole dialogues, as the adapter was trained on them: the shared turns are the
+            # prompt (training's own function, so a pair is scored as it was trained).
+            prompt, a, b = split_shared_prefix(a, b) or (prompt, a, b)
+        for response in (a, b):
+            items.append((prompt, response) if prompt else (response, None))
     state = app_state(request)
     work = infer(
         state.require_request_tokenizer(),

@@ -38,7 +38,12 @@ TRUNCATE = (
     "Truncate texts longer than the model's window (default). False refuses them with a 422 "
     "naming the input instead."
 )
-PROMPT = "The prompt both responses answer; encoded as the first text of each pair."
+PROMPT = (
+    "The prompt both responses answer; encoded as the first text of each pair. Left out, two "
+    "whole dialogues (HH-RLHF's `\\n\\nHuman:` / `\\n\\nAssistant:` turns) are split at "
+    "their last shared turn, as training split them, when the adapter was trained with "
+    "`split_shared_prefix` (the default)."
+)
 
 
 class TextPair(BaseModel):

@@ -200,6 +200,34 @@ def test_reward_compare_and_predict_on_reward_adapter(
     assert set(rewards[0]) == {"reward"}
 
 
+def test_reward_compare_splits_whole_dialogues_as_training_did(
+    serving_client: TestClient, auth: Headers
+) -> None:
+    """Two whole dialogues sent without a prompt score exactly as their split pair sent with
+    the shared turns as prompt, when the adapter was trained splitting them; an adapter trained
+    on whole dialogues scores them whole."""
+    from dataclasses import replace
+
+    base = app_state(serving_client.app).require_base_model()
+    adapter = random_adapter(base, "lora", {"r": 4}, None, seed=3)
+    split = replace(adapter, head=adapter.head.model_copy(update={"split_shared_prefix": True}))
+    store_adapter(serving_client, auth, "split", split)
+    store_adapter(serving_client, auth, "whole", adapter)
+    shared = "\n\nHuman: is the film good\n\nAssistant:"
+    whole = {"response_a": f"{shared} yes it is", "response_b": f"{shared} no"}
+    pair = {"prompt": shared.strip(), "response_a": "yes it is", "response_b": "no"}
+
+    def compare(name: str, body: dict[str, str]) -> dict[str, Any]:
+        r = serving_client.post(f"/reward/compare?adapter={name}", json=body, headers=auth)
+        assert r.status_code == 200, r.text
+        return dict(r.json())
+
+    scored, expected = compare("split", whole), compare("split", pair)
+    assert (scored["reward_a"], scored["reward_b"]) == (expected["reward_a"], expected["reward_b"])
+    as_given = compare("whole", whole)
+    assert as_given["reward_a"] != pytest.approx(expected["reward_a"], abs=1e-4)
+
+
 def test_predict_errors(serving_client: TestClient, auth: Headers, adapters: list[str]) -> None:
     assert_error(_predict(serving_client, auth, "missing", ["x"]), 404, param="adapter")
     assert_error(_predict(serving_client, auth, "a0", []), 422, param="inputs")
