@@ -162,7 +162,7 @@ def run_case(
         "case": case.name,
         "accuracy": round(float((chosen > rejected).float().mean()), 4),
         "ties": int((chosen == rejected).sum()),
-        "identical_inputs": data.identical_pairs(),
+        "identical_pairs": data.identical_pairs(),
         "mean_margin": round(float((chosen - rejected).mean()), 4),
         "train_s": round(train_s, 1),
         "steps": result.steps,
@@ -310,7 +310,7 @@ def _line(r: Mapping[str, Any]) -> str:
     engine = r.get("engine_max_abs_diff")
     return (
         f"{r['dataset']:3} {r['case']:24} acc {r['accuracy']:.3f} ties {r['ties']:3d} "
-        f"identical {r['identical_inputs']:3d} margin {r['mean_margin']:+.3f} "
+        f"identical {r['identical_pairs']:3d} margin {r['mean_margin']:+.3f} "
         f"train {r['train_s']:7.1f}s peak {r['peak_rss_mib']:5d} MiB"
         + (f" engine diff {engine:.1e}" if engine is not None else "")
     )

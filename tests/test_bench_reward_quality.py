@@ -13,7 +13,7 @@ from core.base import FrozenBase
 from core.training import data as training_data
 
 FIELDS = {
-    "case", "accuracy", "ties", "identical_inputs", "mean_margin", "train_s", "steps",
+    "case", "accuracy", "ties", "identical_pairs", "mean_margin", "train_s", "steps",
     "max_seq_length", "split_rows", "test_pairs",
 }  # fmt: skip
 

@@ -4,7 +4,7 @@ Revision ID: 0006
 Revises: 0005
 Create Date: 2026-12-05
 
-``datasets.pair_report``: ``{"split_rows", "collapsed_rows"}`` counted at upload
+``datasets.pair_report``: ``{"split_rows", "identical_pairs"}`` counted at upload
 (service.datasets.pairs). Datasets stored before have none (null).
 """
 

@@ -133,7 +133,7 @@ class Dataset(Base):
     row_count: Mapped[int] = mapped_column(Integer)
     # {label: count} for classification; None for preference pairs.
     label_counts: Mapped[dict[str, int] | None] = mapped_column(JsonColumn)
-    # Preference pairs: {"split_rows", "collapsed_rows"} (service.datasets.pairs); None for
+    # Preference pairs: {"split_rows", "identical_pairs"} (service.datasets.pairs); None for
     # classification and for datasets stored before it was counted.
     pair_report: Mapped[dict[str, int] | None] = mapped_column(JsonColumn)
     # Size of the upload as received, in bytes.

@@ -29,7 +29,7 @@ class PairReport(BaseModel):
         "uses the shared dialogue as the prompt and what follows as the two responses, unless "
         "the job sets `split_shared_prefix=false`."
     )
-    collapsed_rows: int = Field(
+    identical_pairs: int = Field(
         description="Rows whose two responses differ only in case, accents or spacing, which "
         "the base model's uncased tokenizer does not see: they become one input and teach "
         "nothing. Pairs that differ only past `max_seq_length` are counted in the job's first "

@@ -36,12 +36,12 @@ ROWS = [
 
 
 def test_the_report_counts_split_and_collapsing_rows() -> None:
-    assert pair_report(ROWS) == {"split_rows": 2, "collapsed_rows": 2}
+    assert pair_report(ROWS) == {"split_rows": 2, "identical_pairs": 2}
     parsed = parse_file(jsonl(ROWS), DatasetKind.PREFERENCE, DatasetFormat.JSONL)
-    assert parsed.pair_report == {"split_rows": 2, "collapsed_rows": 2}
+    assert parsed.pair_report == {"split_rows": 2, "identical_pairs": 2}
     assert parsed.rows[0] == ROWS[0]  # stored as sent: training splits, the switch is its own
     report = check_file(jsonl(ROWS), DatasetKind.PREFERENCE, DatasetFormat.JSONL)
-    assert report.valid and report.pair_report == {"split_rows": 2, "collapsed_rows": 2}
+    assert report.valid and report.pair_report == {"split_rows": 2, "identical_pairs": 2}
     classification = parse_file(
         jsonl(CLASSIFICATION_ROWS), DatasetKind.CLASSIFICATION, DatasetFormat.JSONL
     )
@@ -53,7 +53,7 @@ def test_the_dataset_object_and_the_dry_run_show_the_report(
 ) -> None:
     resp = upload(client, auth, jsonl(ROWS), kind="preference")
     assert resp.status_code == 200, resp.text
-    expected = {"split_rows": 2, "collapsed_rows": 2}
+    expected = {"split_rows": 2, "identical_pairs": 2}
     assert resp.json()["pair_report"] == expected
     got = client.get(f"/v1/datasets/{resp.json()['id']}", headers=auth).json()
     assert got["pair_report"] == expected
