@@ -11,11 +11,37 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Coroutine
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from starlette.requests import ClientDisconnect, Request
 
+from service.serving.run import infer
+from service.state import app_state
+
+if TYPE_CHECKING:
+    from core.inference import RowResult
+    from service.serving.policy import RequestMode
+    from service.serving.queries import AdapterRef
+
 T = TypeVar("T")
+
+
+async def served_results(
+    request: Request,
+    ref: AdapterRef,
+    items: list[tuple[str, str | None]],
+    truncate: bool,
+    param: str,
+    mode: RequestMode,
+) -> list[RowResult]:
+    """The inference routes' one path: ``items`` tokenized and computed on ``ref``'s adapter
+    by the app's tokenizer and batcher (:func:`service.serving.run.infer`), given up if the
+    client disconnects meanwhile."""
+    state = app_state(request)
+    tokenizer, batcher = state.require_request_tokenizer(), state.require_batcher()
+    return await unless_disconnected(
+        request, infer(tokenizer, batcher, ref, items, truncate, param, mode)
+    )
 
 
 async def unless_disconnected(request: Request, work: Coroutine[Any, Any, T]) -> T:

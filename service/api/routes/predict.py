@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request
 
 from service.api.deps import AdapterName, ServedAdapter
-from service.api.disconnect import unless_disconnected
+from service.api.disconnect import served_results
 from service.api.json_body import OffLoopJSONRoute
 from service.api.schemas.inference import (
     Prediction,
@@ -17,8 +17,6 @@ from service.api.schemas.inference import (
 )
 from service.errors import not_found
 from service.serving.policy import RequestMode
-from service.serving.run import infer
-from service.state import app_state
 
 # Bodies parsed off the event loop (service.api.json_body).
 router = APIRouter(tags=["inference"], route_class=OffLoopJSONRoute)
@@ -62,17 +60,7 @@ async def predict(
     if ref is None:
         raise not_found("adapter", adapter, "adapter")
     items = _items(body)
-    state = app_state(request)
-    work = infer(
-        state.require_request_tokenizer(),
-        state.require_batcher(),
-        ref,
-        items,
-        body.truncate,
-        "inputs",
-        mode,
-    )
-    results = await unless_disconnected(request, work)
+    results = await served_results(request, ref, items, body.truncate, "inputs", mode)
     if ref.task == "reward":
         predictions = [Prediction(reward=r.reward) for r in results]
     else:

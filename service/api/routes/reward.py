@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 
 from core.pair_encoding import split_shared_prefix
 from service.api.deps import AdapterName, ServedAdapter
-from service.api.disconnect import unless_disconnected
+from service.api.disconnect import served_results
 from service.api.json_body import OffLoopJSONRoute
 from service.api.schemas.inference import (
     CompareBatchResponse,
@@ -18,8 +18,6 @@ from service.api.schemas.inference import (
     CompareResult,
 )
 from service.errors import invalid, not_found
-from service.serving.run import infer
-from service.state import app_state
 
 # Bodies parsed off the event loop (service.api.json_body).
 router = APIRouter(tags=["inference"], route_class=OffLoopJSONRoute)
@@ -79,17 +77,7 @@ async def compare(
             prompt, a, b = split_shared_prefix(a, b) or (prompt, a, b)
         for response in (a, b):
             items.append((prompt, response) if prompt else (response, None))
-    state = app_state(request)
-    work = infer(
-        state.require_request_tokenizer(),
-        state.require_batcher(),
-        ref,
-        items,
-        body.truncate,
-        "pairs",
-        "auto",
-    )
-    results = await unless_disconnected(request, work)
+    results = await served_results(request, ref, items, body.truncate, "pairs", "auto")
     rewards = [float(r.reward) for r in results]  # type: ignore[arg-type]
     out = [_result(rewards[2 * i], rewards[2 * i + 1]) for i in range(len(pairs))]
     if body.pairs is not None:
