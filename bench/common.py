@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import resource
 import sys
 from pathlib import Path
 
@@ -43,3 +44,16 @@ def reviews(full: bool, tag: str, download: bool = True) -> tuple[list[dict[str,
                     file=sys.stderr,
                 )
     return fixture_reviews(), "fixture"
+
+
+def rss_mib() -> float:
+    """This process's resident memory now (VmRSS), in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far (``ru_maxrss``: KiB on Linux), in MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

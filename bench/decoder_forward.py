@@ -31,7 +31,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import argparse
 import json
-import resource
 import statistics
 import sys
 import tempfile
@@ -40,18 +39,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench.common import peak_rss_mib, rss_mib
+
 QUESTION = "What is the capital of France?"
-
-
-def _rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _median_s(fn: Callable[[], object], rounds: int) -> float:
@@ -115,8 +105,8 @@ def run(new_tokens: int, rounds: int, threads: int | None) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "load": {
             "seconds": round(load_s, 2),
-            "rss_mib_after": round(_rss_mib(), 1),
-            "peak_rss_mib": round(_peak_rss_mib(), 1),
+            "rss_mib_after": round(rss_mib(), 1),
+            "peak_rss_mib": round(peak_rss_mib(), 1),
             "params": base.num_params,
             "fp32_weights_mib": round(base.num_params * 4 / 2**20, 1),
         },

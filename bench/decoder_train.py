@@ -35,7 +35,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import argparse
 import itertools
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -43,19 +42,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.common import peak_rss_mib, rss_mib
+
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 WORDS = ["the", "a", "river", "stone", "light", "over", "under", "quiet", "bright", "morning"]
-
-
-def _rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def chat_rows(tokenizer: Any, template: str, n: int, tokens: int) -> list[dict[str, Any]]:
@@ -92,7 +82,7 @@ class _Case:
 
         self.batch, self.tokens = batch, tokens
         self.base = load_decoder_base(device="cpu")
-        self.rss_after_load_mib = _rss_mib()
+        self.rss_after_load_mib = rss_mib()
         template = self.base.chat_template
         assert template is not None
         self.rows = chat_rows(self.base.tokenizer, template, batch, tokens)
@@ -173,7 +163,7 @@ def run(batch: int, tokens: int, steps: int, rounds: int) -> dict[str, Any]:
         "ours_samples_per_s": round(batch / ours_s, 2),
         "peft_samples_per_s": round(batch / peft_s, 2),
         "speedup": round(peft_s / ours_s, 2),
-        "peak_rss_mib_process": round(_peak_rss_mib(), 1),
+        "peak_rss_mib_process": round(peak_rss_mib(), 1),
     }
 
 
@@ -194,7 +184,7 @@ def child(variant: str, batch: int, tokens: int, forward_tokens: int | None) -> 
         "forward_tokens": forward_tokens if variant == "ours" else None,
         "step_s": round(timed[0], 2),
         "rss_after_load_mib": round(case.rss_after_load_mib, 1),
-        "peak_rss_mib": round(_peak_rss_mib(), 1),
+        "peak_rss_mib": round(peak_rss_mib(), 1),
     }
 
 
