@@ -67,6 +67,16 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="module")
+def encoder_adapter(tiny_base: FrozenBase) -> Adapter:
+    """An adapter of the encoder base, for the tests that the decoder refuses it."""
+    cfg = {"max_steps": 1, "validation_fraction": 0.0}
+    trainer = Trainer(
+        tiny_base, {"type": "lora"}, {"task": "classification"}, sentiment_rows(16), None, cfg
+    )
+    return trainer.train().adapter
+
+
 def _equal_states(a: Adapter, b: Adapter) -> bool:
     return a.method_state.keys() == b.method_state.keys() and all(
         torch.equal(a.method_state[k], b.method_state[k]) for k in a.method_state
@@ -191,7 +201,7 @@ def test_dpo_learns_the_preference(tiny_decoder: DecoderBase) -> None:
 
 
 def test_dpo_after_sft_starts_from_and_is_held_to_the_sft_adapter(
-    tiny_decoder: DecoderBase, tiny_base: FrozenBase
+    tiny_decoder: DecoderBase, encoder_adapter: Adapter
 ) -> None:
     cfg = {**CHAT_CFG, "max_steps": 6, "validation_fraction": 0.0}
     sft = DecoderTrainer(tiny_decoder, LORA, {"task": "chat"}, chat_rows(16), None, cfg).train()
@@ -233,20 +243,12 @@ def test_dpo_after_sft_starts_from_and_is_held_to_the_sft_adapter(
         setup(method={**LORA, "r": 4})
     with pytest.raises(ConfigError, match=r"reference_adapter.*only DPO"):
         setup(task="chat")
-    encoder = Trainer(
-        tiny_base,
-        {"type": "lora"},
-        {"task": "classification"},
-        sentiment_rows(16),
-        None,
-        {"max_steps": 1, "validation_fraction": 0.0},
-    ).train()
     with pytest.raises(ConfigError, match=r"reference_adapter.*encoder base"):
-        setup(method={"type": "lora"}, ref=encoder.adapter)
+        setup(method={"type": "lora"}, ref=encoder_adapter)
 
 
 def test_adapter_round_trips_and_belongs_to_its_base(
-    tiny_decoder: DecoderBase, tiny_base: FrozenBase
+    tiny_decoder: DecoderBase, tiny_base: FrozenBase, encoder_adapter: Adapter
 ) -> None:
     cfg = {**CHAT_CFG, "max_steps": 3, "validation_fraction": 0.0}
     adapter = DecoderTrainer(tiny_decoder, LORA, {"task": "chat"}, chat_rows(8), None, cfg).train()
@@ -263,16 +265,8 @@ def test_adapter_round_trips_and_belongs_to_its_base(
     with pytest.raises(AdapterFormatError, match="decoder base"):
         back.build(tiny_base)
     # ... and an encoder's adapter is refused by the decoder base.
-    encoder = Trainer(
-        tiny_base,
-        {"type": "lora"},
-        {"task": "classification"},
-        sentiment_rows(16),
-        None,
-        {"max_steps": 1, "validation_fraction": 0.0},
-    ).train()
     with pytest.raises(AdapterFormatError, match="encoder base"):
-        encoder.adapter.load_method(tiny_decoder)
+        encoder_adapter.load_method(tiny_decoder)
 
 
 def test_bad_rows_and_configs_are_refused(tiny_decoder: DecoderBase, tiny_base: FrozenBase) -> None:
