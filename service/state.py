@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from starlette.requests import HTTPConnection
 
-from service.errors import unavailable
+from service.errors import ErrorKind, ServiceError, not_found, unavailable
 
 if TYPE_CHECKING:  # the serving types import torch; the state only names them
     from sqlalchemy import Engine
@@ -32,6 +32,8 @@ if TYPE_CHECKING:  # the serving types import torch; the state only names them
     from starlette.types import ASGIApp
 
     from core.base import FrozenBase
+    from core.decoder.base import DecoderBase
+    from service.bases import Bases
     from service.config import Settings
     from service.observability.metrics import ServiceMetrics
     from service.readiness import Readiness
@@ -71,8 +73,10 @@ class AppState:
     # The default tenant every request acts as with auth disabled (set by start-up then);
     # None with authentication on.
     default_tenant_id: str | None = None
-    # The serving hook (service.serving.lifespan): the encoder, the input-length check and the
-    # batcher that owns the inference engine. Test hooks may set the base model alone.
+    # The serving hook (service.serving.lifespan): every configured base by name, the encoder
+    # among them (None in a decoder-only deployment), the input-length check and the batcher
+    # that owns the inference engine. Test hooks may set the base model alone.
+    bases: Bases | None = None
     base_model: FrozenBase | None = None
     request_tokenizer: RequestTokenizer | None = None
     batcher: Batcher | None = None
@@ -84,13 +88,34 @@ class AppState:
     uvicorn_server: ShutdownSignal | None = None
 
     def require_base_model(self) -> FrozenBase:
-        return _started(self.base_model)
+        """The encoder the encoder routes (/predict, /reward/compare) run on."""
+        return self._encoder_part(self.base_model)
 
     def require_request_tokenizer(self) -> RequestTokenizer:
-        return _started(self.request_tokenizer)
+        return self._encoder_part(self.request_tokenizer)
 
     def require_batcher(self) -> Batcher:
-        return _started(self.batcher)
+        return self._encoder_part(self.batcher)
+
+    def require_base(self, name: str) -> FrozenBase | DecoderBase:
+        """The loaded base ``name``: 503 while the bases load, 404 for ``model`` if unknown."""
+        bases = _started(self.bases)
+        if name not in bases:
+            raise not_found("model", name, "model")
+        return bases[name]
+
+    def _encoder_part(self, part: T | None) -> T:
+        """A part of the encoder's serving: 503 while the bases load; once they are loaded
+        without an encoder (a decoder-only deployment), 400, since waiting would not help."""
+        if part is None and self.bases is not None and self.bases.encoder is None:
+            raise ServiceError(
+                "This deployment loads no encoder base (its bases: "
+                f"{', '.join(self.bases)}), so the encoder routes (/predict, /reward/compare) "
+                "are unavailable; a decoder's adapters are served by /v1/chat/completions.",
+                code="no_encoder_base",
+                kind=ErrorKind.UNSUPPORTED,
+            )
+        return _started(part)
 
 
 def _started(part: T | None) -> T:

@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 from core.training.config import TrainingConfig, held_out_rows, parse_training_config
 from service import ids
 from service.adapters.quota import check_adapter_bytes_quota, check_adapter_quota, name_taken
+from service.bases import resolve_job_base
 from service.config import Settings
 from service.db.models import Dataset, Job, JobStatus, Tenant
 from service.db.session import committed_or_conflict
@@ -182,18 +183,18 @@ def _check_quotas(session: Session, tenant_id: str, settings: Settings) -> None:
 
 
 def create_job(session: Session, tenant: Tenant, body: JobRequest, settings: Settings) -> Job:
+    # ``model`` picks the base (404 for one this deployment does not configure); by default
+    # the encoder, as before there were several.
+    base = resolve_job_base(settings, body.model)
+    model = base.name
+    # The layer count is read cheaply for the encoder only; the worker checks a decoder's.
+    num_layers = base_layer_count(settings) if base.kind == "encoder" else None
     try:
-        validate_method(
-            {**body.method, "hyperparameters": body.hyperparameters}, base_layer_count(settings)
-        )
+        validate_method({**body.method, "hyperparameters": body.hyperparameters}, num_layers)
     except MethodConfigError as exc:
         # validate_method names fields inside the method block; the request's field is method.*
         param = f"method.{exc.param}" if exc.param else "method"
         raise MethodConfigError(exc.message, param=param) from exc
-
-    model = body.model or settings.base_model_name
-    if model != settings.base_model_name:
-        raise not_found("model", model, "model")
 
     _check_quotas(session, tenant.id, settings)
     adapter_name = _adapter_name(session, tenant.id, body)

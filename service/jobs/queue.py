@@ -24,6 +24,7 @@ busy_timeout) and evaluates its WHERE clause against the latest committed state.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -53,8 +54,10 @@ def _lease_clock(session: Session, now: datetime | None) -> Any:
     return utcnow()
 
 
-def _next_queued() -> Any:
+def _next_queued(models: Collection[str] | None = None) -> Any:
     """The queued job to run next: fair share across tenants, then first come, first served.
+
+    ``models``: only jobs on these bases (the ones the claiming worker loaded); None: any.
 
     Jobs of the tenant with the fewest jobs running go first (a tenant with a long job running
     and more queued waits behind another tenant's first job); among tenants running as many,
@@ -78,24 +81,28 @@ def _next_queued() -> Any:
         .where(started.tenant_id == candidate.tenant_id)
         .scalar_subquery()
     )
-    return (
-        select(candidate.id)
-        .where(candidate.status == JobStatus.QUEUED)
-        .order_by(
-            tenant_running,
-            tenant_last_start.asc().nulls_first(),
-            candidate.created_at,
-            candidate.id,
-        )
-        .limit(1)
-    )
+    queued = select(candidate.id).where(candidate.status == JobStatus.QUEUED)
+    if models is not None:
+        queued = queued.where(candidate.model.in_(list(models)))
+    return queued.order_by(
+        tenant_running,
+        tenant_last_start.asc().nulls_first(),
+        candidate.created_at,
+        candidate.id,
+    ).limit(1)
 
 
 def claim_next_job(
-    session: Session, worker_id: str, lease_seconds: float, *, now: datetime | None = None
+    session: Session,
+    worker_id: str,
+    lease_seconds: float,
+    *,
+    now: datetime | None = None,
+    models: Collection[str] | None = None,
 ) -> Job | None:
     """Move the next queued job (:func:`_next_queued`) to ``running`` under ``worker_id``'s
-    lease, or None.
+    lease, or None. ``models``: claim only jobs on these bases (None: any); a job on a base
+    this worker did not load waits for a worker that did.
 
     One statement decides the winner: ``UPDATE ... WHERE id = (next queued) AND status =
     'queued'``. Concurrent workers serialise on the row (PostgreSQL) or the database write
@@ -112,13 +119,13 @@ def claim_next_job(
         "cancel_requested": False,
     }
     if session.get_bind().dialect.name == "postgresql":
-        job_id = session.scalar(_next_queued().with_for_update(skip_locked=True))
+        job_id = session.scalar(_next_queued(models).with_for_update(skip_locked=True))
         if job_id is None:
             session.rollback()
             return None
         where: ColumnElement[bool] = Job.id == job_id
     else:
-        where = Job.id == _next_queued().scalar_subquery()
+        where = Job.id == _next_queued(models).scalar_subquery()
     claimed = session.execute(
         update(Job)
         .where(where, Job.status == JobStatus.QUEUED)

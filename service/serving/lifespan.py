@@ -1,4 +1,4 @@
-"""Lifespan hook: load the base model once, start the batcher (engine owner + compute pool)."""
+"""Lifespan hook: load the bases once; start the encoder's batcher (engine owner + compute pool)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import logging
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 from anyio.to_thread import run_sync
 
@@ -15,6 +16,9 @@ from service.serving.batcher import Batcher
 from service.serving.queries import DatabaseLoader
 from service.serving.run import RequestTokenizer
 from service.state import AppState
+
+if TYPE_CHECKING:
+    from core.base import FrozenBase
 
 logger = logging.getLogger(__name__)
 
@@ -58,17 +62,33 @@ def max_batch_tokens(settings: Settings, on_cuda: bool) -> int:
 async def serving(state: AppState) -> AsyncIterator[None]:
     import torch
 
-    from core.base import load_base_model
-    from core.inference import InferenceEngine
+    from service.bases import load_bases
 
     settings = state.settings
     readiness = state.readiness
-    readiness.expect("model", "loading the base model")
+    readiness.expect("model", "loading the base models")
     threads = serving_threads(settings)
     torch.set_num_threads(threads)
-    base = await run_sync(
-        lambda: load_base_model(settings.base_model_path, name=settings.base_model_name)
-    )
+    bases = await run_sync(lambda: load_bases(settings))
+    base = bases.encoder
+    batcher = _start_encoder(state, base, threads) if base is not None else None
+    # The decoder waits in state.bases for generation serving (/v1/chat/completions).
+    state.bases = bases
+    readiness.ready("model")
+    try:
+        yield
+    finally:
+        if batcher is not None:
+            batcher.stop()
+
+
+def _start_encoder(state: AppState, base: FrozenBase, threads: int) -> Batcher:
+    """The encoder's serving: the inference engine, its batcher (started) and input check."""
+    import torch
+
+    from core.inference import InferenceEngine
+
+    settings = state.settings
     engine = InferenceEngine(
         base,
         dtype=getattr(torch, settings.serve_dtype),
@@ -104,8 +124,4 @@ async def serving(state: AppState) -> AsyncIterator[None]:
         batcher.threads,
         batcher.max_batch_tokens,
     )
-    readiness.ready("model")
-    try:
-        yield
-    finally:
-        batcher.stop()
+    return batcher

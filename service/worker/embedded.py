@@ -33,6 +33,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
             continue
         if hasattr(value, "get_secret_value"):
             value = value.get_secret_value()
+        if isinstance(value, list):  # read back comma-separated (LORAPLEX_BASES)
+            value = ",".join(value)
         env[f"LORAPLEX_{name.upper()}"] = str(value)
     return env
 

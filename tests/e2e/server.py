@@ -13,6 +13,8 @@ from pathlib import Path
 
 import httpx
 
+from service.config import DEFAULT_BASE_MODEL_NAME
+
 REPO = Path(__file__).resolve().parents[2]
 READY_TIMEOUT_S = 180.0
 
@@ -28,6 +30,8 @@ def base_env(data_dir: Path, **settings: object) -> dict[str, str]:
     env["LORAPLEX_DATA_DIR"] = str(data_dir)
     env["LORAPLEX_LOG_LEVEL"] = "WARNING"
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # The encoder alone unless a test asks for more (the decoder would slow every start).
+    settings.setdefault("bases", settings.get("base_model_name") or DEFAULT_BASE_MODEL_NAME)
     for key, value in settings.items():
         if value is not None:
             env[f"LORAPLEX_{key.upper()}"] = str(value)

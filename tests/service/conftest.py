@@ -23,7 +23,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
-from service.config import Settings
+from service.config import DEFAULT_BASE_MODEL_NAME, Settings
 from service.db.migrate import upgrade
 from service.db.models import Base
 from service.db.session import make_db_engine, make_sessionmaker
@@ -41,6 +41,9 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def make_settings(data_dir: Path, **overrides: Any) -> Settings:
+    # The encoder alone unless a test asks for more: loading the decoder too would slow every
+    # start-up test for nothing.
+    overrides.setdefault("bases", [overrides.get("base_model_name", DEFAULT_BASE_MODEL_NAME)])
     return Settings(_env_file=None, data_dir=data_dir, **overrides)  # type: ignore[call-arg]
 
 
@@ -187,6 +190,7 @@ def tiny_serving_settings(settings: Settings, tiny_model_dir: Path) -> Settings:
         update={
             "base_model_path": tiny_model_dir,
             "base_model_name": TINY_NAME,
+            "bases": [TINY_NAME],
             "embedded_worker": False,
             "torch_threads": 1,
         }

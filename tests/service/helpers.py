@@ -182,19 +182,29 @@ def store_adapter(client: TestClient, headers: Headers, name: str, adapter: Any)
         return row.version
 
 
-def serve_base(base: Any) -> Any:
-    """A lifespan hook that puts an already loaded ``core.base.FrozenBase`` on the app, as the
-    serving hook does (without its inference thread): for routes that need the encoder but
-    not the batcher (adapter import/export, /v1/models)."""
+def serve_base(*bases: Any) -> Any:
+    """A lifespan hook that puts already loaded bases on the app (``core.base.FrozenBase``
+    encoders, ``core.decoder.base.DecoderBase`` decoders), as the serving hook does (without
+    its inference thread): for routes that need a base but not the batcher (adapter
+    import/export, /v1/models)."""
     from collections.abc import AsyncIterator
     from contextlib import asynccontextmanager
 
+    from core.base import FrozenBase
+    from service.bases import BaseKind, Bases, BaseSpec
     from service.state import AppState
+
+    def spec(base: Any) -> BaseSpec:
+        kind: BaseKind = "encoder" if isinstance(base, FrozenBase) else "decoder"
+        return BaseSpec(base.name, kind, base.path)
+
+    loaded = {base.name: (spec(base), base) for base in bases}
 
     @asynccontextmanager
     async def hook(state: AppState) -> AsyncIterator[None]:
         state.readiness.expect("model")
-        state.base_model = base
+        state.bases = Bases(loaded)
+        state.base_model = state.bases.encoder
         state.readiness.ready("model")
         yield
 

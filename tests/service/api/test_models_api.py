@@ -20,6 +20,7 @@ from tests.service.helpers import Headers, adapter_row, assert_error, serve_base
 @pytest.fixture
 def client(settings: Settings, tiny_base: FrozenBase) -> Iterator[TestClient]:
     settings.base_model_name = tiny_base.name
+    settings.bases = [tiny_base.name]
     with TestClient(create_app(settings, hooks=[serve_base(tiny_base)])) as test_client:
         yield test_client
 

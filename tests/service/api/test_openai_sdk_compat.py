@@ -45,6 +45,7 @@ PREFERENCES = [
 @pytest.fixture
 def client(settings: Settings, tiny_base: FrozenBase) -> Iterator[TestClient]:
     settings.base_model_name = tiny_base.name
+    settings.bases = [tiny_base.name]
     settings.max_concurrent_jobs_per_tenant = 10
     with TestClient(create_app(settings, hooks=[serve_base(tiny_base)])) as test_client:
         yield test_client
