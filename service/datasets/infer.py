@@ -1,7 +1,9 @@
 """Which kind of dataset an upload is, from its first row (for uploads that do not say).
 
 OpenAI's Files API has no ``kind``: ``/v1/files`` infers it from the columns of the first row
-(``chosen`` + ``rejected`` → preference, ``text`` + ``label`` → classification). Pure: bytes in,
+(``chosen`` + ``rejected`` → preference, ``text`` + ``label`` → classification, ``messages`` →
+chat, ``preferred_output`` / ``non_preferred_output`` → dpo: OpenAI's supervised and DPO
+fine-tuning files). Pure: bytes in,
 :class:`DatasetKind` out, or a :class:`DatasetError` that says what the rows should look like.
 """
 
@@ -63,13 +65,11 @@ def infer_kind(data: bytes, fmt: DatasetFormat) -> DatasetKind:
     for kind in (DatasetKind.PREFERENCE, DatasetKind.CLASSIFICATION):
         if set(REQUIRED_FIELDS[kind]) <= fields:
             return kind
-    if "messages" in fields or "preferred_output" in fields:
-        raise Line(line).error(
-            "OpenAI chat-format rows ('messages', 'preferred_output') are not supported: "
-            f"loraplex trains text classifiers and reward models from {_EXPECTED} rows",
-            "file",
-            "unsupported_row_format",
-        )
+    # A DPO row with a field missing is still a DPO row: its full parse names the field.
+    if fields & {"preferred_output", "non_preferred_output"}:
+        return DatasetKind.DPO
+    if "messages" in fields:
+        return DatasetKind.CHAT
     shown = ", ".join(f"'{f}'" for f in sorted(fields)[:8]) or "none"
     raise Line(line).error(
         f"cannot tell the dataset kind from the fields ({shown}); rows need {_EXPECTED}, or "

@@ -15,6 +15,7 @@ from typing import Annotated, Any, TypeVar
 from pydantic import StringConstraints, TypeAdapter, ValidationError
 
 from service.datasets.rows import (
+    MESSAGE_KINDS,
     REQUIRED_FIELDS,
     DatasetError,
     DatasetKind,
@@ -157,7 +158,18 @@ def file_text(data: bytes) -> str:
 
 def file_items(text: str, kind: DatasetKind, fmt: DatasetFormat, limits: Limits) -> Iterator[Item]:
     """A file's records, in order; a CSV's header must have ``kind``'s required columns."""
-    return _jsonl_items(text, limits) if fmt is DatasetFormat.JSONL else _csv_items(text, kind)
+    if fmt is DatasetFormat.JSONL:
+        return _jsonl_items(text, limits)
+    if kind in MESSAGE_KINDS:
+        return iter([_no_csv(kind)])
+    return _csv_items(text, kind)
+
+
+def _no_csv(kind: DatasetKind) -> Item:
+    """Message lists have no columns: a chat or DPO file is JSON Lines."""
+    where = Line(1)
+    message = f"a {kind} dataset is JSON Lines (one object per line), not CSV"
+    return where, where.error(message, "format", "unsupported_format")
 
 
 def record_items(records: Iterable[Any]) -> Iterator[Item]:

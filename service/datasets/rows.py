@@ -8,6 +8,7 @@ Normalised rows:
 - classification: ``{"text": str, "label": str}`` plus ``"text_pair": str`` when given;
   integer labels become strings, so ``1`` and ``"1"`` are one class.
 - preference: ``{"chosen": str, "rejected": str}`` plus ``"prompt": str`` when given.
+- chat and dpo: OpenAI's fine-tuning rows for a decoder base (``service.datasets.messages``).
 Unknown fields (ids, metadata columns) are dropped.
 """
 
@@ -24,14 +25,21 @@ from service.errors import ServiceError
 class DatasetKind(StrEnum):
     CLASSIFICATION = "classification"
     PREFERENCE = "preference"
+    CHAT = "chat"
+    DPO = "dpo"
 
 
-# The core task (head) each kind of dataset trains: a classifier, or a reward model that learns
-# from preference pairs.
+# The core task each kind of dataset trains: a classifier, or a reward model that learns from
+# preference pairs (an encoder's heads); chat SFT or DPO (a decoder's language model).
 TASKS: dict[DatasetKind, str] = {
     DatasetKind.CLASSIFICATION: "classification",
     DatasetKind.PREFERENCE: "reward",
+    DatasetKind.CHAT: "chat",
+    DatasetKind.DPO: "dpo",
 }
+# Kinds whose rows are OpenAI message lists: JSON only (no CSV), normalised by
+# service.datasets.messages.
+MESSAGE_KINDS: frozenset[DatasetKind] = frozenset({DatasetKind.CHAT, DatasetKind.DPO})
 
 
 class DatasetError(ServiceError):
@@ -46,18 +54,23 @@ class Limits:
     max_text_chars: int = 100_000
     max_label_chars: int = 256
     max_labels: int = 1_000
+    # Messages in one chat row or one DPO input.
+    max_messages: int = 256
 
     @property
     def max_record_chars(self) -> int:
         """The JSON text one record of a body may take: three texts (a preference row's) and
         a label, every character at its longest spelling (12: an escaped surrogate pair), and
-        room for keys and for fields that are dropped."""
+        room for keys and for fields that are dropped. A chat or DPO row's contents share the
+        same three texts' budget (their keys fit in the room left)."""
         return 12 * (3 * self.max_text_chars + self.max_label_chars) + 64 * 1024
 
 
 REQUIRED_FIELDS: dict[DatasetKind, tuple[str, ...]] = {
     DatasetKind.CLASSIFICATION: ("text", "label"),
     DatasetKind.PREFERENCE: ("chosen", "rejected"),
+    DatasetKind.CHAT: ("messages",),
+    DatasetKind.DPO: ("input", "preferred_output", "non_preferred_output"),
 }
 
 
@@ -107,7 +120,7 @@ def type_name(value: Any) -> str:
     }.get(type(value), type(value).__name__)
 
 
-def _check_unicode(value: str, field: str, where: Where) -> None:
+def check_unicode(value: str, field: str, where: Where) -> None:
     """JSON's ``\\ud800`` escapes parse to lone surrogates, which no UTF-8 store can hold."""
     try:
         value.encode("utf-8")
@@ -133,7 +146,7 @@ def _text(
         )
     if not value.strip():
         raise where.error(f"field '{field}' must not be empty", field, "empty_field")
-    _check_unicode(value, field, where)
+    check_unicode(value, field, where)
     if len(value) > limits.max_text_chars:
         raise where.error(
             f"field '{field}' is longer than {limits.max_text_chars} characters",
@@ -159,7 +172,7 @@ def _label(obj: Mapping[str, Any], where: Where, limits: Limits) -> str:
     label = value.strip()
     if not label:
         raise where.error("field 'label' must not be empty", "label", "empty_field")
-    _check_unicode(label, "label", where)
+    check_unicode(label, "label", where)
     if len(label) > limits.max_label_chars:
         raise where.error(
             f"field 'label' is longer than {limits.max_label_chars} characters",

@@ -12,7 +12,9 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
+from service.datasets.messages import normalize_messages_row
 from service.datasets.pairs import pair_report
 from service.datasets.reading import (
     DatasetFormat,
@@ -21,7 +23,14 @@ from service.datasets.reading import (
     file_text,
     read_records_body,
 )
-from service.datasets.rows import DatasetError, DatasetKind, Limits, normalize_row
+from service.datasets.rows import (
+    MESSAGE_KINDS,
+    DatasetError,
+    DatasetKind,
+    Limits,
+    Where,
+    normalize_row,
+)
 
 # Limits is frozen, so every call may share one default.
 _DEFAULT_LIMITS = Limits()
@@ -32,8 +41,8 @@ MAX_PROBLEMS = 100
 @dataclass(frozen=True)
 class ParsedDataset:
     kind: DatasetKind
-    rows: list[dict[str, str]]
-    # {label: count}, sorted by label; None for preference data.
+    rows: list[dict[str, Any]]
+    # {label: count}, sorted by label; None for other kinds.
     label_counts: dict[str, int] | None
     # Preference data: what training will make of the pairs (service.datasets.pairs).
     pair_report: dict[str, int] | None = None
@@ -43,9 +52,17 @@ class ParsedDataset:
         return len(self.rows)
 
 
+def _normalize(
+    kind: DatasetKind, obj: Mapping[str, Any], where: Where, limits: Limits
+) -> dict[str, Any]:
+    if kind in MESSAGE_KINDS:
+        return normalize_messages_row(kind, obj, where, limits)
+    return normalize_row(kind, obj, where, limits)
+
+
 @dataclass(frozen=True)
 class _Scan:
-    rows: list[dict[str, str]]
+    rows: list[dict[str, Any]]
     problems: list[DatasetError]
     # Reading stopped before the end: at the problem bound, or at a problem nothing follows
     # (a bad CSV header, too many rows).
@@ -61,7 +78,7 @@ def _scan(
     empty_param: str,
 ) -> _Scan:
     """Normalise rows until the end or until ``max_problems`` problems are found."""
-    rows: list[dict[str, str]] = []
+    rows: list[dict[str, Any]] = []
     problems: list[DatasetError] = []
     for where, item in items:
         if len(rows) >= limits.max_rows:
@@ -77,7 +94,7 @@ def _scan(
             problems.append(item)
         else:
             try:
-                rows.append(normalize_row(kind, item, where, limits))
+                rows.append(_normalize(kind, item, where, limits))
             except DatasetError as exc:
                 problems.append(exc)
         if len(problems) >= max_problems:
@@ -85,19 +102,19 @@ def _scan(
     return _Scan(rows, problems, stopped=False)
 
 
-def _label_counts(kind: DatasetKind, rows: Sequence[Mapping[str, str]]) -> dict[str, int] | None:
-    """{label: count}, sorted by label; None for preference data."""
+def _label_counts(kind: DatasetKind, rows: Sequence[Mapping[str, Any]]) -> dict[str, int] | None:
+    """{label: count}, sorted by label; None for other kinds."""
     if kind is not DatasetKind.CLASSIFICATION:
         return None
     return dict(sorted(Counter(row["label"] for row in rows).items()))
 
 
-def _pair_report(kind: DatasetKind, rows: Sequence[Mapping[str, str]]) -> dict[str, int] | None:
+def _pair_report(kind: DatasetKind, rows: Sequence[Mapping[str, Any]]) -> dict[str, int] | None:
     return pair_report(rows) if kind is DatasetKind.PREFERENCE else None
 
 
 def _check_whole(
-    rows: Sequence[Mapping[str, str]],
+    rows: Sequence[Mapping[str, Any]],
     label_counts: dict[str, int] | None,
     limits: Limits,
     *,

@@ -15,9 +15,11 @@ from service.db.types import to_unix
 
 KIND = (
     "`classification`: rows of `text`, `label` and optional `text_pair`; `preference`: rows "
-    "of `chosen`, `rejected` and optional `prompt` (trains a reward model)."
+    "of `chosen`, `rejected` and optional `prompt` (trains a reward model); `chat`: OpenAI "
+    "chat rows of `messages` (chat SFT on a decoder base); `dpo`: OpenAI DPO rows of `input`, "
+    "`preferred_output` and `non_preferred_output` (DPO on a decoder base)."
 )
-LABEL_COUNTS = "Rows per label, sorted by label; null for preference data."
+LABEL_COUNTS = "Rows per label, sorted by label; null for the other kinds."
 
 
 class PairReport(BaseModel):
@@ -37,7 +39,7 @@ class PairReport(BaseModel):
     )
 
 
-PAIR_REPORT = "Preference data: what training will make of the pairs; null for classification."
+PAIR_REPORT = "Preference data: what training will make of the pairs; null for the other kinds."
 
 
 class DatasetCreateJSON(BaseModel):

@@ -71,10 +71,25 @@ def test_explicit_kind_wins_and_is_validated(client: TestClient, auth: Headers) 
     assert_error(_upload(client, auth, b"{}", kind="images"), 422, param="kind")
 
 
+def test_openai_chat_and_dpo_files_are_inferred(client: TestClient, auth: Headers) -> None:
+    chat = [
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    ]
+    body = _upload(client, auth, jsonl(chat)).json()
+    assert (body["kind"], body["row_count"], body["label_counts"]) == ("chat", 1, None)
+    dpo = {
+        "input": {"messages": [{"role": "user", "content": "hi"}]},
+        "preferred_output": [{"role": "assistant", "content": "Hello!"}],
+        "non_preferred_output": [{"role": "assistant", "content": "Go away."}],
+    }
+    assert _upload(client, auth, jsonl([dpo])).json()["kind"] == "dpo"
+    # A chat row's problem names its line and the message's field.
+    no_reply = jsonl([*chat, {"messages": [{"role": "user", "content": "hi"}]}])
+    error = assert_error(_upload(client, auth, no_reply), 422, code="no_assistant_message")
+    assert error["message"].startswith("line 2:") and error["param"] == "messages"
+
+
 def test_rows_that_fit_no_kind(client: TestClient, auth: Headers) -> None:
-    chat = jsonl([{"messages": [{"role": "user", "content": "hi"}]}])
-    error = assert_error(_upload(client, auth, chat), 422, code="unsupported_row_format")
-    assert "chat-format" in error["message"]
     other = jsonl([{"sentence": "hi", "y": 1}])
     error = assert_error(_upload(client, auth, other), 422, code="unknown_dataset_kind")
     assert "'sentence'" in error["message"] and error["param"] == "kind"

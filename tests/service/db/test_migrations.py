@@ -180,3 +180,56 @@ def test_concurrent_upgrades_of_an_empty_postgres_all_succeed() -> None:
         assert [p.returncode for p in procs] == [0, 0, 0, 0], outputs
         assert current_revision(url) == head_revision()
         _check_schema(url)
+
+
+def _insert_dataset(url: str, kind: str) -> None:
+    db_engine = create_engine(url)
+    try:
+        with db_engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO datasets (id, tenant_id, name, kind, rows, rows_encoding, "
+                    "row_count, bytes, sha256, created_at) VALUES (:id, 't1', 'd', :kind, :rows, "
+                    "'jsonl+gzip', 1, 1, 'x', CURRENT_TIMESTAMP)"
+                ),
+                {"id": f"file-{kind}", "kind": kind, "rows": b"\x00"},
+            )
+    finally:
+        db_engine.dispose()
+
+
+def _kind_constraint_holds(url: str) -> None:
+    """0007 widens datasets.kind to chat and dpo, and still refuses unknown kinds."""
+    from sqlalchemy.exc import IntegrityError
+
+    upgrade(url, "0006")
+    db_engine = create_engine(url)
+    try:
+        with db_engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO tenants (id, name, created_at) "
+                    "VALUES ('t1', 't', CURRENT_TIMESTAMP)"
+                )
+            )
+    finally:
+        db_engine.dispose()
+    _insert_dataset(url, "preference")
+    with pytest.raises(IntegrityError):
+        _insert_dataset(url, "chat")
+    upgrade(url)
+    _check_schema(url)
+    _insert_dataset(url, "chat")
+    _insert_dataset(url, "dpo")
+    with pytest.raises(IntegrityError):
+        _insert_dataset(url, "images")
+
+
+def test_sqlite_dataset_kinds_chat_and_dpo(tmp_path: Path) -> None:
+    _kind_constraint_holds(f"sqlite:///{tmp_path / 'kinds.db'}")
+
+
+@pytest.mark.postgres
+def test_postgres_dataset_kinds_chat_and_dpo() -> None:
+    with scratch_postgres_database() as url:
+        _kind_constraint_holds(url)
