@@ -1,0 +1,88 @@
+"""One decode step for sequences of different lengths, each in its own cache slot.
+
+:func:`core.decoder.forward.forward` appends to a cache at one shared length; here every row
+writes its new token's keys and values at its own column (its length) and attends to its own
+columns only, so sequences admitted at different times decode in one batch. The arithmetic is
+the forward's own (its norm, rotary and linear helpers), which is what keeps a sequence's
+tokens equal to those of :func:`core.decoder.generate.greedy_generate` and transformers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from core.decoder.forward import (
+    NO_HOOKS,
+    DecoderWeights,
+    LinearHooks,
+    _linear,
+    _rms_norm,
+    _rotate_half,
+)
+from core.generation.kv import SlotCache
+
+
+def decode_step(
+    weights: DecoderWeights,
+    cache: SlotCache,
+    slots: Tensor,
+    tokens: Tensor,
+    lengths: Tensor,
+    hooks: LinearHooks = NO_HOOKS,
+) -> Tensor:
+    """Final hidden states ``[B, hidden]`` of ``tokens`` ``[B]``, one per sequence.
+
+    ``slots`` ``[B]`` are the sequences' cache slots (distinct), ``lengths`` ``[B]`` how many
+    tokens each slot holds: the new token's position, and the column its keys go to.
+    """
+    c = weights.config
+    bsz = tokens.shape[0]
+    if int(lengths.max()) >= cache.capacity:
+        raise ValueError(f"a slot is full ({cache.capacity} tokens)")
+    total = int(lengths.max()) + 1
+    key_pos = torch.arange(total, device=tokens.device)
+    mask = (key_pos[None, :] <= lengths[:, None])[:, None, None, :]  # [B, 1, 1, total]
+    freqs = lengths[:, None].float() * weights.inv_freq
+    angles = torch.cat((freqs, freqs), dim=-1)
+    cos = angles.cos().to(weights.dtype)[:, None, None, :]  # [B, 1, 1, head_dim]
+    sin = angles.sin().to(weights.dtype)[:, None, None, :]
+    first = int(slots[0])
+    # The common case (slots handed out lowest first): a plain slice, no gather copy.
+    contiguous = bool(torch.equal(slots, torch.arange(first, first + bsz, device=slots.device)))
+
+    def cached(t: Tensor) -> Tensor:
+        if contiguous:
+            return t[first : first + bsz, :, :total]
+        return t[:, :, :total].index_select(0, slots)
+
+    h = F.embedding(tokens[:, None], weights.embed)  # [B, 1, hidden]
+    for i, layer in enumerate(weights.layers):
+        x = _rms_norm(h, layer.input_norm, c.rms_norm_eps)
+
+        def heads(t: Tensor, n: int) -> Tensor:
+            return t.view(bsz, 1, n, c.head_dim).transpose(1, 2)  # [B, n, 1, head_dim]
+
+        q = heads(_linear(hooks, i, "q_proj", layer, x), c.num_attention_heads)
+        k = heads(_linear(hooks, i, "k_proj", layer, x), c.num_key_value_heads)
+        v = heads(_linear(hooks, i, "v_proj", layer, x), c.num_key_value_heads)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        cache.keys[i][slots, :, lengths] = k[:, :, 0]
+        cache.values[i][slots, :, lengths] = v[:, :, 0]
+        ctx = F.scaled_dot_product_attention(
+            q,
+            cached(cache.keys[i]),
+            cached(cache.values[i]),
+            attn_mask=mask,
+            scale=c.head_dim**-0.5,
+            enable_gqa=c.kv_groups > 1,
+        )
+        ctx = ctx.transpose(1, 2).reshape(bsz, 1, c.num_attention_heads * c.head_dim)
+        h = h + _linear(hooks, i, "o_proj", layer, ctx)
+        x = _rms_norm(h, layer.post_attention_norm, c.rms_norm_eps)
+        gate = _linear(hooks, i, "gate_proj", layer, x)
+        up = _linear(hooks, i, "up_proj", layer, x)
+        h = h + _linear(hooks, i, "down_proj", layer, F.silu(gate) * up)
+    return _rms_norm(h, weights.norm, c.rms_norm_eps)[:, 0]

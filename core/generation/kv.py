@@ -1,0 +1,70 @@
+"""A preallocated KV cache of ``slots`` sequences, each up to ``capacity`` tokens.
+
+One running sequence owns one slot. Its tokens sit at columns ``0 .. length-1`` of its slot,
+unpadded, so a token's column is its position (rotary embeddings need no offsets) and slots at
+different lengths decode together with a per-slot attention mask (:mod:`core.generation.decode`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from core.decoder.config import DecoderConfig
+from core.decoder.forward import DecoderWeights, KVCache
+
+
+def bytes_per_slot(config: DecoderConfig, capacity: int, dtype: torch.dtype) -> int:
+    """Bytes of keys and values one slot of ``capacity`` tokens takes (every layer)."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
+    return per_token * capacity * itemsize
+
+
+def slots_for_budget(
+    config: DecoderConfig, capacity: int, dtype: torch.dtype, budget_bytes: int
+) -> int:
+    """How many slots of ``capacity`` tokens fit in ``budget_bytes`` (0 if not even one)."""
+    return budget_bytes // bytes_per_slot(config, capacity, dtype)
+
+
+class SlotCache:
+    """Keys and values ``[slots, kv_heads, capacity, head_dim]`` per layer, allocated once."""
+
+    def __init__(self, weights: DecoderWeights, slots: int, capacity: int) -> None:
+        if slots < 1 or capacity < 2:
+            raise ValueError("a slot cache needs at least one slot of two tokens")
+        c = weights.config
+        shape = (slots, c.num_key_value_heads, capacity, c.head_dim)
+        # Zeros, not empty: a decode step reads a slot's columns past its length (masked out),
+        # and a NaN bit pattern there would still poison the masked softmax.
+        self.keys: list[Tensor] = [
+            torch.zeros(shape, dtype=weights.dtype, device=weights.device)
+            for _ in range(c.num_hidden_layers)
+        ]
+        self.values: list[Tensor] = [torch.zeros_like(k) for k in self.keys]
+
+    @property
+    def slots(self) -> int:
+        return self.keys[0].shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2]
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+    def slot_view(self, slot: int) -> KVCache:
+        """An empty batch-1 :class:`KVCache` whose tensors are views of ``slot``, so a prefill
+        through :func:`core.decoder.forward.forward` writes the prompt straight into the slot."""
+        return KVCache(
+            [k[slot : slot + 1] for k in self.keys], [v[slot : slot + 1] for v in self.values]
+        )
+
+    def copy_prefix(self, src: int, dst: int, length: int) -> None:
+        """Copy the first ``length`` tokens of ``src`` into ``dst`` (a shared prompt)."""
+        for k, v in zip(self.keys, self.values, strict=True):
+            k[dst, :, :length].copy_(k[src, :, :length])
+            v[dst, :, :length].copy_(v[src, :, :length])

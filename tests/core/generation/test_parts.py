@@ -1,0 +1,100 @@
+"""The scheduler's parts on their own: sampling, incremental detokenization, stop strings,
+adapter pins, the KV budget."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from core.decoder.base import DecoderBase
+from core.errors import ConfigError
+from core.generation.adapters import AdapterFull, AdapterSlots
+from core.generation.detok import IncrementalDetokenizer, StopStrings
+from core.generation.kv import bytes_per_slot, slots_for_budget
+from core.generation.sampling import SamplingParams, sample
+from tests.core.generation.helpers import random_lora
+
+
+def test_incremental_detok_never_emits_half_a_character(tiny_decoder: DecoderBase) -> None:
+    text = "naïve €5 — 日本 ok"
+    ids = tiny_decoder.tokenizer.encode(text, add_special_tokens=False)
+    assert len(ids) == len(text.encode())  # the tiny tokenizer: one token per byte
+    detok = IncrementalDetokenizer(tiny_decoder.tokenizer)
+    pieces = [detok.push(t) for t in ids]
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+    # "€" is three bytes: nothing until its last one, then the whole character.
+    euro = text.encode().index("€".encode())
+    assert pieces[euro : euro + 3] == ["", "", "€"]
+
+
+def test_stop_strings_hold_back_what_could_start_one() -> None:
+    stops = StopStrings(("STOP", "\n\n"))
+    assert stops.feed("Hello S") == ("Hello ", False)  # "S" may begin "STOP"
+    assert stops.feed("T") == ("", False)
+    assert stops.feed("ay") == ("STay", False)  # it did not
+    assert stops.feed(" then\n") == (" then", False)
+    assert stops.feed("\nmore") == ("", True)
+    held = StopStrings(("END",))
+    assert held.feed("the E") == ("the ", False)
+    assert held.flush() == "E"  # the sequence ended otherwise: the held text is the reply's
+
+
+def test_sampling_params_are_bounded() -> None:
+    with pytest.raises(ConfigError, match="temperature"):
+        SamplingParams(max_tokens=1, temperature=2.5)
+    with pytest.raises(ConfigError, match="top_p"):
+        SamplingParams(max_tokens=1, top_p=0.0)
+    with pytest.raises(ConfigError, match="max_tokens"):
+        SamplingParams(max_tokens=0)
+    with pytest.raises(ConfigError, match="top_logprobs"):
+        SamplingParams(max_tokens=1, top_logprobs=3)
+    with pytest.raises(ConfigError, match="stop"):
+        SamplingParams(max_tokens=1, stop=("a", "b", "c", "d", "e"))
+
+
+def test_sample_greedy_top_p_and_logprobs() -> None:
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.9], [5.0, 0.0, 0.0, 0.0]])
+    greedy = SamplingParams(max_tokens=1, temperature=0.0, logprobs=True, top_logprobs=2)
+    # top_p this small keeps only the most likely token, whatever the temperature.
+    narrow = SamplingParams(max_tokens=1, temperature=2.0, top_p=1e-6, seed=0)
+    g = [p.generator(0, torch.device("cpu")) for p in (greedy, narrow)]
+    tokens, lps = sample(logits, [greedy, narrow], g)
+    assert tokens == [1, 0]
+    expected = torch.log_softmax(logits[0], -1)
+    assert lps[0] is not None and lps[1] is None
+    assert lps[0].logprob == pytest.approx(float(expected[1]))
+    assert [t for t, _ in lps[0].top] == [1, 3]
+    assert lps[0].top[1][1] == pytest.approx(float(expected[3]))
+    # Temperature sampling follows the distribution: token 0 of softmax([0, ln 3]) ~ 1/4.
+    p = SamplingParams(max_tokens=1, temperature=1.0, seed=3)
+    gen = p.generator(0, torch.device("cpu"))
+    two = torch.tensor([[0.0, float(torch.log(torch.tensor(3.0)))]])
+    draws = [sample(two, [p], [gen])[0][0] for _ in range(2000)]
+    assert 0.2 < draws.count(0) / 2000 < 0.3
+
+
+def test_adapter_pins_block_eviction_and_invalidation_waits_for_them(
+    tiny_decoder: DecoderBase,
+) -> None:
+    slots = AdapterSlots(tiny_decoder.weights, max_adapters=2)
+    a, b, c = (random_lora(tiny_decoder, k, 2, seed=i) for i, k in enumerate("abc"))
+    sa, sb = slots.acquire(a), slots.acquire(b)
+    with pytest.raises(AdapterFull):
+        slots.acquire(c)  # both pinned: nothing may be evicted
+    slots.release(sa, "a")
+    sc = slots.acquire(c)  # a was unpinned: evicted, its slot reused
+    assert sc == sa and slots.pins("a") == 0 and len(slots) == 2
+    slots.invalidate("b")  # pinned: leaves the table, keeps its slot until released
+    assert slots.pins("b") == 0 and len(slots.bank) == 2
+    pair = slots.bank.slot_pairs(sb)[(0, "q_proj")]
+    torch.testing.assert_close(pair[0], b.pairs[(0, "q_proj")][0])
+    slots.release(sb, "b")
+    assert len(slots.bank) == 1
+
+
+def test_kv_budget_counts_slots(tiny_decoder: DecoderBase) -> None:
+    cfg = tiny_decoder.config
+    per = bytes_per_slot(cfg, 128, torch.float32)
+    assert per == 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 128 * 4
+    assert slots_for_budget(cfg, 128, torch.float32, 5 * per + per // 2) == 5
