@@ -73,6 +73,7 @@ class Case:
     name: str
     training: dict[str, Any] = field(default_factory=dict)  # TrainingConfig fields
     method: str = "lora"
+    method_params: dict[str, Any] = field(default_factory=dict)  # the method's fields beside type
     head: dict[str, Any] = field(default_factory=dict)  # HeadConfig fields beside the task
     encoding: str = "default"  # default | before (the old truncation) | response (no prompt)
 
@@ -147,7 +148,14 @@ def run_case(
     with encoding(case.encoding):
         t0 = time.perf_counter()
         head = {"task": "reward", **case.head}
-        trainer = Trainer(base, {"type": case.method}, head, case_rows(case, train), None, cfg)
+        trainer = Trainer(
+            base,
+            {"type": case.method, **case.method_params},
+            head,
+            case_rows(case, train),
+            None,
+            cfg,
+        )
         trainer.setup()
         max_length, pairs = trainer.max_length, trainer.pair_report()
         result = trainer.train()
@@ -204,14 +212,21 @@ def _engine_diff(base: FrozenBase, adapter: Any, examples: Sequence[Any], chosen
 # --- data ---------------------------------------------------------------------------------------
 
 
-def hh_pairs(path: Path, quick: bool) -> tuple[list[dict[str, str]], list[dict[str, str]]] | None:
-    """The HH file as it comes, split 80/20 by ``RandomState(0).permutation``; None if absent."""
+def hh_pairs(
+    path: Path, quick: bool, validation: bool = False
+) -> tuple[list[dict[str, str]], list[dict[str, str]]] | None:
+    """The HH file as it comes, split 80/20 by ``RandomState(0).permutation``; None if absent.
+    ``validation``: the held-out pairs are left alone and the last fifth of the training pairs
+    (370 of 1,849) is scored instead, so settings are chosen without looking at the test set."""
     if not path.is_file():
         return None
     rows = [{"chosen": r["chosen"], "rejected": r["rejected"]} for r in load_jsonl(path)]
     order = np.random.RandomState(0).permutation(len(rows))
     cut = round(HH_TRAIN * len(rows))
     train, test = [rows[i] for i in order[:cut]], [rows[i] for i in order[cut:]]
+    if validation:
+        keep = round(HH_TRAIN * len(train))
+        train, test = train[:keep], train[keep:]
     return (train[:160], test[:100]) if quick else (train, test)
 
 
@@ -245,7 +260,7 @@ def _child(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     base = load_base_model(device="cpu")
     if args.dataset == "hh":
-        pairs = hh_pairs(args.hh, args.quick)
+        pairs = hh_pairs(args.hh, args.quick, args.validation)
         assert pairs is not None
         train, test = pairs
     else:
@@ -253,8 +268,17 @@ def _child(args: argparse.Namespace) -> None:
     training: dict[str, Any] = {"n_epochs": 1, "max_steps": 10} if args.quick else {}
     if args.epochs:
         training["n_epochs"] = args.epochs
-    row = run_case(base, BY_NAME[args.child], train, test, training)
+    case = BY_NAME[args.child]
+    if args.method or args.training:
+        # A sweep point: the case with these method / training settings over its own.
+        method = {**case.method_params, **json.loads(args.method or "{}")}
+        settings = {**case.training, **json.loads(args.training or "{}")}
+        case = Case(case.name, settings, case.method, method, case.head, case.encoding)
+    row = run_case(base, case, train, test, training)
     row["dataset"] = args.dataset
+    if args.method or args.training:
+        row["sweep"] = {"method": args.method, "training": args.training}
+    row["scored"] = "validation" if args.validation and args.dataset == "hh" else "held_out"
     row["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     print(json.dumps(row), flush=True)
 
@@ -274,6 +298,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--epochs", type=int, help="epochs per case (default: the trainer's, 3); fewer to save time"
     )
+    p.add_argument(
+        "--validation",
+        action="store_true",
+        help="HH: train on the first 4/5 of the training pairs and score the last fifth (370), "
+        "not the held-out pairs: for choosing settings",
+    )
+    p.add_argument("--training", help="JSON of TrainingConfig fields over each case's (a sweep)")
+    p.add_argument("--method", help="JSON of method fields over each case's (a sweep)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--dataset", help=argparse.SUPPRESS)
@@ -295,6 +327,9 @@ def main(argv: list[str] | None = None) -> None:
             cmd += ["--dataset", dataset, "--hh", str(args.hh), "--threads", str(args.threads)]
             cmd += ["--quick"] if args.quick else []
             cmd += ["--epochs", str(args.epochs)] if args.epochs else []
+            cmd += ["--validation"] if args.validation else []
+            cmd += ["--training", args.training] if args.training else []
+            cmd += ["--method", args.method] if args.method else []
             proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
             if proc.returncode != 0:
                 print(proc.stderr[-2000:], file=sys.stderr)

@@ -59,4 +59,9 @@ def test_hh_split_is_the_seeded_80_20_permutation(tmp_path: Path) -> None:
     train, test = got
     assert (len(train), len(test)) == (8, 2)
     assert sorted(map(str, train + test)) == sorted(map(str, rows))
+    # The validation split: the last fifth of the training pairs, the held-out pairs unseen.
+    got = rq.hh_pairs(path, quick=False, validation=True)
+    assert got is not None
+    fit, val = got
+    assert (len(fit), len(val)) == (6, 2) and fit + val == train
     assert rq.hh_pairs(tmp_path / "absent.jsonl.gz", quick=False) is None
