@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from service.config import Settings
-from service.errors import not_found
+from service.errors import invalid, not_found
 
 if TYPE_CHECKING:
     from core.base import FrozenBase
@@ -136,3 +136,42 @@ def load_bases(settings: Settings) -> Bases:
         )
         loaded[name] = (spec, model)
     return Bases(loaded)
+
+
+def check_adapter_base(
+    adapter_base: str,
+    adapter_fingerprint: str,
+    base: FrozenBase | DecoderBase,
+    param: str,
+    hint: str = "",
+) -> None:
+    """Refuse (422 ``base_model_mismatch``) an adapter trained on another base than ``base``;
+    ``hint`` says where it would run.
+
+    The fingerprint (the weights' SHA-256) decides: a base renamed in the settings keeps its
+    adapters, and another base under the same name does not take them.
+    """
+    if adapter_fingerprint == base.fingerprint:
+        return
+    raise invalid(
+        f"The adapter was trained on base model {adapter_base!r}, not on {base.name!r}, the "
+        f"base this runs on; an adapter only runs on its own base.{' ' + hint if hint else ''}",
+        param,
+        "base_model_mismatch",
+    )
+
+
+def adapter_base(
+    bases: Bases, adapter_base: str, adapter_fingerprint: str, param: str
+) -> FrozenBase | DecoderBase:
+    """The loaded base an adapter was trained on (by its weights' fingerprint), or 422
+    ``base_model_mismatch`` if this deployment does not load it."""
+    for name in bases:
+        if bases[name].fingerprint == adapter_fingerprint:
+            return bases[name]
+    raise invalid(
+        f"The adapter was trained on base model {adapter_base!r}, which this deployment does "
+        f"not load (its bases: {', '.join(bases)}).",
+        param,
+        "base_model_mismatch",
+    )

@@ -28,7 +28,7 @@ from service.config import (
 from service.preflight import (
     StartupError,
     bind_listener,
-    check_base_model,
+    check_bases,
     check_database,
     check_writable_dir,
     database_variable,
@@ -99,7 +99,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         check_database(settings.listen_database_url, "LORAPLEX_LISTEN_DATABASE_URL")
     listener = bind_listener(settings.host, settings.port)
     try:
-        check_base_model(settings)
+        check_bases(settings)
         _setup_logging(settings.log_level)
         app = create_app(settings)
     except BaseException:
@@ -144,7 +144,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     settings = _settings()
     check_database(settings.db_url, database_variable(settings))
-    check_base_model(settings)
+    check_bases(settings)
     _setup_logging(settings.log_level)
     return run_worker(settings, worker_id=args.worker_id)
 

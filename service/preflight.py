@@ -16,6 +16,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.pool import NullPool
 
+from service.bases import base_specs
 from service.config import Settings, default_database_url
 from service.db.session import make_db_engine, normalize_url, sqlite_file
 
@@ -130,15 +131,23 @@ def database_variable(settings: Settings) -> str:
     return "LORAPLEX_DATABASE_URL"
 
 
-def check_base_model(settings: Settings) -> None:
-    """The base model folder has config.json, safetensors weights and a tokenizer.
+def check_bases(settings: Settings) -> None:
+    """Each configured base (``LORAPLEX_BASES``) has its files: the encoder's folder has
+    config.json, safetensors weights and a tokenizer; the decoder's GGUF file or folder is there.
 
     Reads no weights (loading them takes seconds): a missing file is found before the
     database, the default tenant or its key are written.
     """
+    kinds = {spec.kind for spec in base_specs(settings).values()}
+    if "encoder" in kinds:
+        _check_encoder(settings.base_model_path)
+    if "decoder" in kinds:
+        _check_decoder(settings.decoder_model_path)
+
+
+def _check_encoder(path: Path | None) -> None:
     from core.base import BaseModelError, check_model_dir, default_model_dir
 
-    path = settings.base_model_path
     try:
         check_model_dir(path if path is not None else default_model_dir())
     except BaseModelError as exc:
@@ -151,6 +160,42 @@ def check_base_model(settings: Settings) -> None:
             "folder (config.json, model.safetensors, tokenizer), or unset it to use the "
             "default model"
         ) from None
+
+
+def _check_decoder(path: Path | None) -> None:
+    from core.decoder.base import (
+        SAFETENSORS_FILE,
+        SAFETENSORS_INDEX,
+        DecoderBaseError,
+        default_decoder_file,
+    )
+
+    without = "or leave the decoder out of LORAPLEX_BASES"
+    if path is None:
+        try:
+            file = default_decoder_file()
+        except DecoderBaseError as exc:
+            raise StartupError(
+                f"{exc} (or set LORAPLEX_DECODER_MODEL_PATH to a local model, {without})"
+            ) from None
+        if not file.is_file():
+            raise StartupError(f"the default decoder's file {file} is missing; reinstall it")
+        return
+    if path.is_file() and path.suffix == ".gguf":
+        return
+    problem = None
+    if not path.is_dir():
+        problem = "is neither a .gguf file nor a folder"
+    elif not (path / "config.json").is_file():
+        problem = "has no config.json"
+    elif not ((path / SAFETENSORS_FILE).is_file() or (path / SAFETENSORS_INDEX).is_file()):
+        problem = f"has no {SAFETENSORS_FILE} (nor {SAFETENSORS_INDEX})"
+    if problem:
+        raise StartupError(
+            f"LORAPLEX_DECODER_MODEL_PATH={path}: {path} {problem}; point it at a GGUF file or "
+            "a local Hugging Face Llama-family folder (config.json, safetensors, tokenizer), "
+            f"unset it to use the default decoder, {without}"
+        )
 
 
 def bind_listener(host: str, port: int) -> socket.socket:

@@ -97,6 +97,9 @@ class AppState:
     def require_batcher(self) -> Batcher:
         return self._encoder_part(self.batcher)
 
+    def require_bases(self) -> Bases:
+        return _started(self.bases)
+
     def require_base(self, name: str) -> FrozenBase | DecoderBase:
         """The loaded base ``name``: 503 while the bases load, 404 for ``model`` if unknown."""
         bases = _started(self.bases)

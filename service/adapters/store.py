@@ -12,11 +12,12 @@ from service.db.models import AdapterRow
 if TYPE_CHECKING:  # core imports torch; keep it out of module import time for the API
     from core.adapter import Adapter
     from core.base import FrozenBase
+    from core.decoder.base import DecoderBase
 
 
 def adapter_row_from(
     adapter: Adapter,
-    base: FrozenBase,
+    base: FrozenBase | DecoderBase,
     *,
     name: str | None = None,
     metrics: dict[str, Any] | None = None,

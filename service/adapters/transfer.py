@@ -23,6 +23,7 @@ from service.errors import ServiceError
 if TYPE_CHECKING:
     from core.adapter import Adapter
     from core.base import FrozenBase
+    from core.decoder.base import DecoderBase
     from core.heads import HeadConfig
 
 
@@ -51,8 +52,11 @@ def _format_error_code(message: str) -> str:
 # --- export ----------------------------------------------------------------------------------
 
 
-def export_files(row: AdapterRow, fmt: str, base: FrozenBase | None) -> dict[str, bytes]:
-    """The files of ``row`` in ``fmt`` (``peft`` needs the loaded base; ``loraplex`` not)."""
+def export_files(
+    row: AdapterRow, fmt: str, base: FrozenBase | DecoderBase | None
+) -> dict[str, bytes]:
+    """The files of ``row`` in ``fmt`` (``peft`` needs the adapter's own base, loaded;
+    ``loraplex`` not)."""
     if fmt == "loraplex":
         return {
             LORAPLEX_CONFIG_FILE: json.dumps(row.config, indent=2, sort_keys=True).encode(),

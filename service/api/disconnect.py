@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from starlette.requests import ClientDisconnect, Request
 
+from service.bases import check_adapter_base
 from service.serving.run import infer
 from service.state import app_state
 
@@ -36,9 +37,16 @@ async def served_results(
 ) -> list[RowResult]:
     """The inference routes' one path: ``items`` tokenized and computed on ``ref``'s adapter
     by the app's tokenizer and batcher (:func:`service.serving.run.infer`), given up if the
-    client disconnects meanwhile."""
+    client disconnects meanwhile. An adapter of another base (a decoder's) is refused first."""
     state = app_state(request)
     tokenizer, batcher = state.require_request_tokenizer(), state.require_batcher()
+    check_adapter_base(
+        ref.base_model,
+        ref.base_fingerprint,
+        state.require_base_model(),
+        "adapter",
+        "This route serves the encoder; a decoder's adapters are served by /v1/chat/completions.",
+    )
     return await unless_disconnected(
         request, infer(tokenizer, batcher, ref, items, truncate, param, mode)
     )

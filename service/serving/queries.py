@@ -42,6 +42,9 @@ class AdapterRef:
     max_seq_length: int | None = None
     # Reward: split a pair given without a prompt at its shared turn, as training did.
     split_shared_prefix: bool = False
+    # The base it was trained on (name and weights' SHA-256): it runs on no other.
+    base_model: str = ""
+    base_fingerprint: str = ""
 
     def window(self, base_max_length: int) -> int:
         """Tokens per input served: as ``HeadConfig.window`` (core's, which loads torch)."""
@@ -55,6 +58,8 @@ _REF_COLUMNS = (
     AdapterRow.method,
     AdapterRow.label_names,
     AdapterRow.config,
+    AdapterRow.base_model,
+    AdapterRow.base_fingerprint,
 )
 
 
@@ -72,6 +77,8 @@ def _ref(tenant_id: str, name: str, row: Row[Any]) -> AdapterRef | None:
         reserved=_reserved_positions(row.task, row.config),
         max_seq_length=head.get("max_seq_length"),
         split_shared_prefix=bool(head.get("split_shared_prefix", False)),
+        base_model=row.base_model,
+        base_fingerprint=row.base_fingerprint,
     )
 
 

@@ -40,8 +40,10 @@ from service.api.params import AdapterNamePath
 from service.api.schemas.adapters import ADAPTER_EXAMPLE, AdapterObject
 from service.api.schemas.common import NAME_PATTERN, DeletedResponse, ListResponse
 from service.api.uploads import form_text, read_upload, require_multipart
+from service.bases import adapter_base
 from service.db.models import AdapterRow
 from service.errors import invalid, not_found
+from service.state import app_state
 
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
 
@@ -260,7 +262,10 @@ def export_adapter(
     as it was."""
     row = _get_owned(session, tenant.id, name, weights=True)
     fmt = format or ("peft" if row.method in PEFT_METHODS else "loraplex")
-    base = get_base_model(request) if fmt == "peft" and row.method in PEFT_METHODS else None
+    base = None
+    if fmt == "peft" and row.method in PEFT_METHODS:  # PEFT's layout names the base's modules
+        bases = app_state(request).require_bases()
+        base = adapter_base(bases, row.base_model, row.base_fingerprint, "name")
     files = export_files(row, fmt, base)
     filename = f"{row.name}-v{row.version}-{fmt}.zip"
     return Response(

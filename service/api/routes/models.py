@@ -1,11 +1,13 @@
-"""``/v1/models``: OpenAI's Models API over the base encoder and the caller's adapters.
+"""``/v1/models``: OpenAI's Models API over the bases and the caller's adapters.
 
 ``client.models.list()`` is one page in the SDK (no cursor), so every adapter of the tenant is
-listed at once; the adapter quota bounds how many that can be. The base model's id is
-``settings.base_model_name``, the name jobs are created with (``model=``).
+listed at once; the adapter quota bounds how many that can be. A base's id is its configured
+name (``LORAPLEX_BASES``), the name jobs are created with (``model=``).
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Request
 from sqlalchemy import select
@@ -15,39 +17,56 @@ from service.adapters.records import delete_adapter_row, find_adapter_row
 from service.api.deps import AdapterCachesDep, CurrentTenant, SessionDep
 from service.api.params import ModelId
 from service.api.schemas.models import BASE_OWNER, ModelDeleted, ModelList, ModelObject
+from service.bases import BaseSpec, base_specs
 from service.db.models import AdapterRow
 from service.errors import ErrorKind, ServiceError, not_found
 from service.state import app_state
 
+if TYPE_CHECKING:
+    from core.base import FrozenBase
+    from core.decoder.base import DecoderBase
+
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
 
-def _base_object(request: Request) -> ModelObject:
-    state = app_state(request)
-    settings, base = state.settings, state.base_model
-    if base is None:  # not loaded yet (or no serving hook): what is known without it
-        return ModelObject(id=settings.base_model_name, created=0, owned_by=BASE_OWNER, kind="base")
+def _weights_date(base: FrozenBase | DecoderBase) -> int:
+    """The weights file's date, which stands in for the model's creation as OpenAI reports
+    for its own; 0 if it cannot be read."""
+    path = base.path
+    if path.is_dir():
+        path = path / "model.safetensors"
     try:
-        # The weights' date stands in for the model's creation, as OpenAI reports for its own.
-        created = int((base.path / "model.safetensors").stat().st_mtime)
+        return int(path.stat().st_mtime)
     except OSError:
-        created = 0
+        return 0
+
+
+def _base_object(request: Request, spec: BaseSpec) -> ModelObject:
+    bases = app_state(request).bases
+    if bases is None or spec.name not in bases:  # not loaded yet: what the settings say
+        return ModelObject(
+            id=spec.name, created=0, owned_by=BASE_OWNER, kind="base", base_kind=spec.kind
+        )
+    base = bases[spec.name]
     return ModelObject(
-        id=settings.base_model_name,
-        created=created,
+        id=spec.name,
+        created=_weights_date(base),
         owned_by=BASE_OWNER,
         kind="base",
+        base_kind=spec.kind,
         root=base.name,
         max_model_len=base.max_length,
-        hidden_size=base.hidden_size,
+        hidden_size=base.config.hidden_size,
         num_layers=base.num_layers,
         num_params=base.num_params,
         fingerprint=base.fingerprint,
     )
 
 
-def _is_base(request: Request, model_id: str) -> bool:
-    return model_id == app_state(request).settings.base_model_name
+def _adapter_object(request: Request, row: AdapterRow) -> ModelObject:
+    spec = base_specs(app_state(request).settings).get(row.base_model)
+    # An adapter of a base this deployment does not load says no base kind.
+    return ModelObject.from_adapter(row, base_kind=spec.kind if spec is not None else None)
 
 
 def _owned_adapter(session: Session, tenant_id: str, model_id: str) -> AdapterRow:
@@ -59,14 +78,20 @@ def _owned_adapter(session: Session, tenant_id: str, model_id: str) -> AdapterRo
 
 @router.get("", response_model=ModelList, response_model_exclude_none=True, summary="List models")
 def list_models(request: Request, session: SessionDep, tenant: CurrentTenant) -> ModelList:
-    """OpenAI's model list: the base model first, then the caller's adapters, newest first,
-    all in one page."""
+    """OpenAI's model list: the bases first (in ``LORAPLEX_BASES`` order), then the caller's
+    adapters, newest first, all in one page."""
     rows = session.scalars(
         select(AdapterRow)
         .where(AdapterRow.tenant_id == tenant.id)
         .order_by(AdapterRow.created_at.desc(), AdapterRow.id.desc())
     )
-    return ModelList(data=[_base_object(request), *(ModelObject.from_adapter(r) for r in rows)])
+    specs = base_specs(app_state(request).settings).values()
+    return ModelList(
+        data=[
+            *(_base_object(request, spec) for spec in specs),
+            *(_adapter_object(request, row) for row in rows),
+        ]
+    )
 
 
 # ``:path``: a base model id such as ``sentence-transformers/all-MiniLM-L6-v2`` holds a slash
@@ -80,11 +105,11 @@ def list_models(request: Request, session: SessionDep, tenant: CurrentTenant) ->
 def retrieve_model(
     model_id: ModelId, request: Request, session: SessionDep, tenant: CurrentTenant
 ) -> ModelObject:
-    """The base model (by its name, slash included) or one of the caller's adapters (by its
-    name)."""
-    if _is_base(request, model_id):
-        return _base_object(request)
-    return ModelObject.from_adapter(_owned_adapter(session, tenant.id, model_id))
+    """A base (by its name, slash included) or one of the caller's adapters (by its name)."""
+    spec = base_specs(app_state(request).settings).get(model_id)
+    if spec is not None:
+        return _base_object(request, spec)
+    return _adapter_object(request, _owned_adapter(session, tenant.id, model_id))
 
 
 @router.delete("/{model_id:path}", response_model=ModelDeleted, summary="Delete a model")
@@ -97,7 +122,7 @@ def delete_model(
 ) -> ModelDeleted:
     """Deletes a fine-tuned model, i.e. an adapter, as `DELETE /v1/adapters/{name}` does;
     403 for the base model, which every tenant shares."""
-    if _is_base(request, model_id):
+    if model_id in base_specs(app_state(request).settings):
         raise ServiceError(
             "The base model is shared by every tenant and cannot be deleted.",
             code="base_model_not_deletable",

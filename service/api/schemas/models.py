@@ -1,4 +1,4 @@
-"""OpenAI's ``model`` object: the base encoder and the tenant's adapters.
+"""OpenAI's ``model`` object: the bases (encoders, decoders) and the tenant's adapters.
 
 Adapters are listed the way vLLM and LoRAX list LoRA adapters: ``id`` is the adapter's name
 (what ``fine_tuned_model`` holds and ``/predict?adapter=`` takes), ``parent``/``root`` the
@@ -15,7 +15,7 @@ from service.api.schemas.adapters import ADAPTER_EXAMPLE
 from service.db.models import AdapterRow
 from service.db.types import to_unix
 
-# OpenAI marks its own base models this way; here it is the server's shared encoder.
+# OpenAI marks its own base models this way; here it is the server's shared bases.
 BASE_OWNER = "system"
 
 
@@ -25,6 +25,7 @@ BASE_EXAMPLE = {
     "created": 1764950400,
     "owned_by": BASE_OWNER,
     "kind": "base",
+    "base_kind": "encoder",
     "root": "sentence-transformers/all-MiniLM-L6-v2",
     "max_model_len": 256,
     "hidden_size": 384,
@@ -38,6 +39,7 @@ ADAPTER_MODEL_EXAMPLE = {
     "created": ADAPTER_EXAMPLE["created_at"],
     "owned_by": "tenant-1a2b3c4d5e6f7a8b9c0d1e2f",
     "kind": "adapter",
+    "base_kind": "encoder",
     "root": ADAPTER_EXAMPLE["base_model"],
     "parent": ADAPTER_EXAMPLE["base_model"],
     "adapter_id": ADAPTER_EXAMPLE["id"],
@@ -72,7 +74,14 @@ class ModelObject(BaseModel):
     )
     # --- loraplex extras ---
     kind: Literal["base", "adapter"] = Field(
-        description="`base` for the shared encoder, `adapter` for a fine-tuned model."
+        description="`base` for a shared base model, `adapter` for a fine-tuned model."
+    )
+    base_kind: Literal["encoder", "decoder"] | None = Field(
+        None,
+        description="The kind of the base (the model itself, or the one an adapter extends): "
+        "`encoder` (classifiers and reward models: /predict, /reward/compare) or `decoder` "
+        "(a causal language model: chat). Absent for an adapter of a base this deployment "
+        "does not load.",
     )
     root: str | None = Field(None, description="The base model everything here runs on.")
     parent: str | None = Field(None, description=_ADAPTER_ONLY + "the base model it extends.")
@@ -96,13 +105,16 @@ class ModelObject(BaseModel):
     )
 
     @classmethod
-    def from_adapter(cls, row: AdapterRow) -> ModelObject:
+    def from_adapter(
+        cls, row: AdapterRow, base_kind: Literal["encoder", "decoder"] | None = None
+    ) -> ModelObject:
         return cls(
             id=row.name,
             created=to_unix(row.created_at) or 0,
             # The tenant is the "organization" (as in ``fine_tuning.job.organization_id``).
             owned_by=row.tenant_id,
             kind="adapter",
+            base_kind=base_kind,
             root=row.base_model,
             parent=row.base_model,
             adapter_id=row.id,
@@ -114,7 +126,7 @@ class ModelObject(BaseModel):
 
 
 class ModelList(BaseModel):
-    """Every model the caller can use: the base model first, then its adapters, newest first."""
+    """Every model the caller can use: the bases first, then its adapters, newest first."""
 
     model_config = ConfigDict(
         json_schema_extra={

@@ -117,5 +117,6 @@ def test_without_a_loaded_base_the_configured_name_is_listed(
             "created": 0,
             "owned_by": "system",
             "kind": "base",
+            "base_kind": "encoder",
         }
     ]
