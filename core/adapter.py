@@ -9,8 +9,9 @@ from torch import Tensor
 
 from core.base import FrozenBase
 from core.decoder.base import DecoderBase
+from core.decoder.scoring import DecoderHeadModel
 from core.errors import AdapterFormatError
-from core.heads import Head, HeadConfig, task_base_kind
+from core.heads import Head, HeadConfig
 from core.methods import MethodConfig, build_method, parse_method_config
 from core.methods.method import AdapterMethod
 from core.model import AdaptedModel
@@ -39,8 +40,9 @@ class Adapter:
 
     @property
     def base_kind(self) -> BaseKind:
-        """A decoder's adapter trains its language-model tasks; an encoder's trains a head."""
-        return task_base_kind(self.head.task)
+        """The kind of base it was trained on: a decoder's language-model tasks and heads that
+        read the last token (``pooling="last_token"``) are a decoder's."""
+        return self.head.base_kind
 
     @property
     def num_bytes(self) -> int:
@@ -102,11 +104,26 @@ class Adapter:
         model.requires_grad_(False).eval()
         return model
 
+    def build_decoder_head(self, base: DecoderBase) -> DecoderHeadModel:
+        """An eval-ready reward model or classifier on decoder ``base`` (its head reads the
+        last token; :func:`core.decoder.scoring.score_decoder_pairs` scores with it)."""
+        if self.head.task not in ("classification", "reward"):
+            raise AdapterFormatError(f"a {self.task!r} adapter has no head")
+        method = self.load_method(base)
+        head = Head(self.head, base.config.hidden_size).to(base.device)
+        try:
+            head.load_state_dict({k: v.to(base.device) for k, v in self.head_state.items()})
+        except (ValueError, RuntimeError) as e:
+            raise AdapterFormatError(f"adapter weights do not fit its config: {e}") from None
+        model = DecoderHeadModel(base, method, head)
+        model.requires_grad_(False).eval()
+        return model
+
     def load_method(self, base: FrozenBase | DecoderBase) -> AdapterMethod:
         """This adapter's method on ``base``, eval-ready (a decoder's forward takes its
         ``hooks()``); refused on another base (invariant 8)."""
         self.check_base(base)
-        # LoRA is the one method built on either kind (the decoder trainer refuses others).
+        # LoRA, full fine-tuning and prompt tuning are built on either kind.
         method = build_method(self.method, base)  # type: ignore[arg-type]
         try:
             method.load_saved_state({k: v.to(base.device) for k, v in self.method_state.items()})
@@ -134,9 +151,7 @@ class Adapter:
             method_cfg = dict(cfg["method"])
             head = HeadConfig(**cfg["head"])
             # A decoder's target names are validated as a decoder's.
-            method = parse_method_config(
-                method_cfg.pop("type"), method_cfg, task_base_kind(head.task)
-            )
+            method = parse_method_config(method_cfg.pop("type"), method_cfg, head.base_kind)
         except (KeyError, TypeError, ValueError) as e:
             raise AdapterFormatError(f"invalid adapter config: {e}") from None
         return cls(

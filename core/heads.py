@@ -19,8 +19,11 @@ LANGUAGE_MODEL_TASKS: frozenset[str] = frozenset({"chat", "dpo"})
 
 
 def task_base_kind(task: str) -> BaseKind:
-    """The kind of base an adapter of ``task`` trains on: a decoder's language-model tasks,
-    an encoder's heads; its method config is validated for that kind (layer names differ)."""
+    """The kind of base an adapter of ``task`` trains on when its head does not say: the
+    language-model tasks need a decoder; a head saved without ``pooling="last_token"`` is an
+    encoder's. An adapter's own kind is :attr:`HeadConfig.base_kind` (reward and
+    classification heads train on either kind); its method config is validated for that kind
+    (layer names differ)."""
     return "decoder" if task in LANGUAGE_MODEL_TASKS else "encoder"
 
 
@@ -38,8 +41,11 @@ class HeadConfig(BaseModel):
     # given alone). The trainer gives new reward heads "response": held-out HH-RLHF pair
     # accuracy 0.633 against 0.605 pooling the prompt too (1 epoch, bench.reward_quality,
     # issue 15), as a long shared prompt otherwise dominates both rows' features. Heads saved
-    # before the field existed read "base".
-    pooling: Literal["base", "response"] = "base"
+    # before the field existed read "base". On a decoder base the head reads the final hidden
+    # state of each row's last real token ("last_token", the only pooling there: a causal
+    # model's last state is the one that has seen the whole input), which makes the head a
+    # decoder's.
+    pooling: Literal["base", "response", "last_token"] = "base"
     # Tokens per input the adapter was trained at (the trainer's max_seq_length after the
     # base's cap, which already leaves room for prompt tuning's positions): serving encodes at
     # this length too, so a served row is the row training saw (the reward default of 128
@@ -58,6 +64,11 @@ class HeadConfig(BaseModel):
         if len(set(self.label_names)) != len(self.label_names):
             raise ValueError("label names must be unique")
         return self
+
+    @property
+    def base_kind(self) -> BaseKind:
+        """The kind of base this head's adapter trains on and is served by."""
+        return "decoder" if self.pooling == "last_token" else task_base_kind(self.task)
 
     def window(self, base_window: int) -> int:
         """Tokens per input served: the trained length, or ``base_window`` (the base's limit

@@ -180,14 +180,31 @@ def forward(
     *,
     hooks: LinearHooks = NO_HOOKS,
     cache: KVCache | None = None,
+    prefix: Tensor | None = None,
 ) -> Tensor:
     """Final (normed) hidden states ``[B, S, hidden]`` of ``input_ids`` ``[B, S]``.
 
     ``attention_mask`` is ``[B, past + S]`` (``past`` = the cache's length, 0 without one);
     None means no padding anywhere. With a cache the new keys and values are appended to it.
+
+    ``prefix`` (prompt tuning): embeddings ``[n, hidden]`` (or ``[B, n, hidden]``) put before
+    every row's tokens, padding included, at positions ``0..n-1`` as PEFT's prompt tuning puts
+    its virtual tokens; the real tokens' positions start at ``n``. ``attention_mask`` still
+    covers the real tokens only, and the hidden states returned are theirs. Not with a cache.
     """
     c = weights.config
     bsz, seq = input_ids.shape
+    h = F.embedding(input_ids, weights.embed)
+    n_prefix = 0
+    if prefix is not None:
+        if cache is not None:
+            raise ValueError("a prefix is not supported with a KV cache")
+        n_prefix = prefix.shape[-2]
+        h = torch.cat((prefix.to(h.dtype).expand(bsz, n_prefix, -1), h), dim=1)
+        seq += n_prefix
+        if attention_mask is not None:
+            ones = attention_mask.new_ones(bsz, n_prefix)
+            attention_mask = torch.cat((ones, attention_mask), dim=1)
     past = cache.length if cache is not None else 0
     if cache is not None and past + seq > cache.capacity:
         raise ValueError(f"KV cache full: {past} + {seq} tokens > capacity {cache.capacity}")
@@ -212,7 +229,6 @@ def forward(
     cos = angles.cos().to(weights.dtype)[:, None]  # [B, 1, S, head_dim]
     sin = angles.sin().to(weights.dtype)[:, None]
 
-    h = F.embedding(input_ids, weights.embed)
     for i, layer in enumerate(weights.layers):
         x = _rms_norm(h, layer.input_norm, c.rms_norm_eps)
         h = h + _attention(weights, i, layer, x, cos, sin, mask, hooks, cache, past)
@@ -222,7 +238,7 @@ def forward(
         h = h + _linear(hooks, i, "down_proj", layer, F.silu(gate) * up)
     if cache is not None:
         cache.length = past + seq
-    return _rms_norm(h, weights.norm, c.rms_norm_eps)
+    return _rms_norm(h[:, n_prefix:], weights.norm, c.rms_norm_eps)
 
 
 def logits(weights: DecoderWeights, hidden: Tensor) -> Tensor:

@@ -47,13 +47,14 @@ def parse_method_config(
 
 
 def build_method(config: MethodConfig, base: FrozenBase | DecoderBase) -> AdapterMethod:
-    """The trainable module for ``config`` on ``base`` (a decoder base: lora or full)."""
+    """The trainable module for ``config`` on ``base`` (a decoder base: lora, full or
+    prompt_tuning)."""
     from core.decoder.base import DecoderBase
     from core.methods.bottleneck.model import BottleneckModel
     from core.methods.feature_extraction.model import FeatureExtractionModel
     from core.methods.full.model import DecoderFullModel, FullModel
     from core.methods.lora.model import LoraModel
-    from core.methods.prompt_tuning.model import PromptTuningModel
+    from core.methods.prompt_tuning.model import DecoderPromptTuningModel, PromptTuningModel
     from core.methods.scratch.model import ScratchModel
 
     # Keyed by each config's own ``type``, so a method's name is written once (in its config).
@@ -68,6 +69,9 @@ def build_method(config: MethodConfig, base: FrozenBase | DecoderBase) -> Adapte
     if isinstance(base, DecoderBase) and config.type == FullConfig.type:
         # LoRA runs on either base; full fine-tuning owns a copy in the decoder's layout.
         return DecoderFullModel(config, base)
+    if isinstance(base, DecoderBase) and config.type == PromptTuningConfig.type:
+        # The decoder's forward takes the virtual tokens as its prefix embeddings.
+        return DecoderPromptTuningModel(config, base)  # type: ignore[arg-type]
     return models[config.type](config, base)
 
 

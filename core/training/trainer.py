@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from core.adapter import Adapter
 from core.base import FrozenBase
-from core.errors import Cancelled
+from core.errors import Cancelled, ConfigError
 from core.heads import Head, HeadConfig
 from core.methods import MethodConfig, build_method
 from core.model import AdaptedModel
@@ -181,6 +181,8 @@ class Trainer:
         ``split_rows``, ``max_length``, ``train_data`` and ``val_data``."""
         cfg = self.config
         inputs = prepare_inputs(self._head_config_in, self._train_rows, self._val_rows, cfg)
+        if inputs.head.base_kind != "encoder":
+            raise ConfigError("pooling", "an encoder's head reads 'base' or 'response' pooling")
         self.head_config = inputs.head
         # Rows of the training set held out for validation (none when a set was given).
         self.held_out_examples = inputs.held_out

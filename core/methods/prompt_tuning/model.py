@@ -4,6 +4,7 @@ import torch
 from torch import Tensor, nn
 
 from core.base import FrozenBase
+from core.decoder.base import DecoderBase
 from core.encoder import EncoderHooks
 from core.errors import ConfigError
 from core.methods.method import AdapterMethod
@@ -49,3 +50,32 @@ class PromptTuningModel(AdapterMethod):
     def hooks(self, dropout: bool = False) -> EncoderHooks:
         p = self.base.config.hidden_dropout_prob if dropout else 0.0
         return PromptHooks(self.virtual_states(), p)
+
+
+class DecoderPromptTuningModel(AdapterMethod):
+    """Prompt tuning of a decoder base: ``prompt_embeddings`` [n, hidden] in the word
+    embedding space (PEFT's tensor), given to the decoder's forward as its ``prefix``: virtual
+    tokens at the start of every row, positions ``0..n-1``, as PEFT's ``PROMPT_TUNING`` puts
+    them on a causal LM. No dropout: Llama has none on its embeddings."""
+
+    config: PromptTuningConfig
+
+    def __init__(self, config: PromptTuningConfig, base: DecoderBase) -> None:
+        super().__init__(config, base)  # type: ignore[arg-type]
+        n = config.n_virtual_tokens
+        if n >= base.max_length:
+            raise ConfigError(
+                "n_virtual_tokens", f"must be below the base's max length {base.max_length}"
+            )
+        words = base.weights.embed
+        if config.init == "text":
+            assert config.init_text is not None  # the config validator guarantees it
+            ids = torch.tensor(text_init_ids(base, config.init_text, n), device=words.device)  # type: ignore[arg-type]
+            init = words[ids].detach().clone()
+        else:
+            # PEFT's RANDOM init: a fresh nn.Embedding, i.e. N(0, 1).
+            init = torch.randn(n, words.shape[1], device=words.device, dtype=words.dtype)
+        self.prompt_embeddings = nn.Parameter(init)
+
+    def prefix(self) -> Tensor:
+        return self.prompt_embeddings
