@@ -1,0 +1,122 @@
+"""In-process generation throughput on SmolLM2: the bare decode loop vs the scheduler.
+
+For each batch size B (``--batch``), B prompts of ``--prompt-tokens`` tokens each generate
+``--new-tokens`` tokens greedily (no end-of-sequence stop), three ways, one after another:
+
+* ``bare_loop``: :func:`core.decoder.generate.greedy_generate`, the whole batch at once (one
+  batched prefill, then one decode step per token): the limit the scheduler is measured by;
+* ``sched_bare``: :class:`core.generation.scheduler.Scheduler`, all B requests on the base;
+* ``sched_mixed``: the scheduler with request i on adapter ``i % N`` of N (``--adapters``)
+  random LoRA adapters (r=8, every linear target, non-zero B): mixed adapters in every step.
+
+Reported per B: output tokens/s (B x new tokens / wall seconds, prefill included) and
+``ratio_to_bare_decode`` = sched_mixed / bare_loop. Timings on a shared machine are noisy.
+
+    nice -n 10 python -m bench.generate_engine --json bench_generate_engine.json
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import peak_rss_mib
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--adapters", type=int, default=16)
+    parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+
+    import torch
+
+    from core.decoder.base import load_decoder_base
+    from core.decoder.generate import greedy_generate
+    from core.generation.adapters import LoraWeights
+    from core.generation.sampling import SamplingParams
+    from core.generation.scheduler import GenerationRequest, Scheduler
+
+    base = load_decoder_base(device="cpu")
+    cfg = base.config
+    g = torch.Generator().manual_seed(0)
+    adapters = []
+    for k in range(args.adapters):
+        pairs = {}
+        for layer in range(cfg.num_hidden_layers):
+            for t in TARGETS:
+                n_in, n_out = cfg.linear_shape(t)
+                pairs[(layer, t)] = (
+                    torch.randn(8, n_in, generator=g) * 0.02,
+                    torch.randn(n_out, 8, generator=g) * 0.02,
+                )
+        adapters.append(LoraWeights(f"bench-{k}", pairs, scaling=2.0))
+    params = SamplingParams(max_tokens=args.new_tokens, temperature=0.0)
+
+    def prompts(b: int) -> list[list[int]]:
+        return torch.randint(100, cfg.vocab_size, (b, args.prompt_tokens), generator=g).tolist()
+
+    def scheduled(rows: list[list[int]], mixed: bool) -> float:
+        sched = Scheduler(
+            base.weights,
+            base.tokenizer,
+            num_slots=len(rows),
+            capacity=args.prompt_tokens + args.new_tokens,
+            max_adapters=max(args.adapters, 1),
+        )
+        t0 = time.perf_counter()
+        for i, row in enumerate(rows):
+            adapter = adapters[i % args.adapters] if mixed else None
+            sched.add(GenerationRequest(row, params, adapter))
+        tokens = 0
+        while sched.running or sched.waiting:
+            tokens += sum(len(e.token_ids) for e in sched.step())
+        wall = time.perf_counter() - t0
+        assert tokens == len(rows) * args.new_tokens
+        return tokens / wall
+
+    results: list[dict[str, Any]] = []
+    for b in args.batch:
+        rows = prompts(b)
+        t0 = time.perf_counter()
+        greedy_generate(base.weights, rows, args.new_tokens)
+        bare = b * args.new_tokens / (time.perf_counter() - t0)
+        sched_bare = scheduled(rows, mixed=False)
+        mixed = scheduled(rows, mixed=True)
+        row = {
+            "batch": b,
+            "bare_loop_tok_s": round(bare, 1),
+            "sched_bare_tok_s": round(sched_bare, 1),
+            "sched_mixed_tok_s": round(mixed, 1),
+            "ratio_to_bare_decode": round(mixed / bare, 3),
+        }
+        results.append(row)
+        print(json.dumps(row), flush=True)
+    report = {
+        "model": base.name,
+        "adapters": args.adapters,
+        "prompt_tokens": args.prompt_tokens,
+        "new_tokens": args.new_tokens,
+        "threads": torch.get_num_threads(),
+        "peak_rss_mib": round(peak_rss_mib()),
+        "results": results,
+    }
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
