@@ -14,12 +14,19 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from core.training.config import TrainingConfig, held_out_rows, parse_training_config
+from core.training.config import (
+    DPO_ONLY_SETTINGS,
+    REWARD_ONLY_SETTINGS,
+    TrainingConfig,
+    held_out_rows,
+    parse_training_config,
+)
 from service import ids
 from service.adapters.quota import check_adapter_bytes_quota, check_adapter_quota, name_taken
-from service.bases import resolve_job_base
+from service.bases import BaseKind, BaseSpec, resolve_job_base
 from service.config import Settings
-from service.db.models import Dataset, Job, JobStatus, Tenant
+from service.datasets.rows import TASKS, DatasetKind
+from service.db.models import AdapterRow, Dataset, Job, JobStatus, Tenant
 from service.db.session import committed_or_conflict
 from service.errors import ErrorKind, ServiceError, conflict, invalid, not_found, quota_exceeded
 from service.jobs.events import add_event
@@ -45,11 +52,25 @@ class JobRequest:
     # OpenAI's method type (supervised, dpo) when the request used one: it fixes the kind of
     # training data the job accepts.
     openai_method: str | None = None
+    # DPO only: the name of the tenant's chat (SFT) adapter on the same base that is DPO's
+    # reference policy and the policy's starting weights, instead of the bare base.
+    reference_adapter: str | None = None
 
 
 _SHOWN_LABELS = 5
 # The OpenAI method type that trains on each dataset kind.
-_OPENAI_TYPE_FOR_KIND = {kind: openai for openai, kind in OPENAI_METHOD_KINDS.items()}
+_OPENAI_TYPE_FOR_KIND = {
+    kind: openai for openai, kinds in OPENAI_METHOD_KINDS.items() for kind in kinds
+}
+# The tasks each kind of base trains here, the first kind listing a task being its default.
+# A decoder's classifiers and reward models (core's last-token heads) are not offered yet:
+# adding "classification" and "reward" to the decoder's set is the one place that lifts it.
+BASE_TASKS: dict[BaseKind, frozenset[str]] = {
+    "encoder": frozenset({"classification", "reward"}),
+    "decoder": frozenset({"chat", "dpo"}),
+}
+# The dataset kind that trains each task, for messages.
+_KIND_OF_TASK = {task: kind.value for kind, task in TASKS.items()}
 
 
 def _hold_out_note(config: TrainingConfig, has_validation_file: bool) -> str:
@@ -80,11 +101,12 @@ def _check_files(
     training: Dataset, validation: Dataset | None, openai_method: str | None = None
 ) -> None:
     wanted = OPENAI_METHOD_KINDS.get(openai_method or "")
-    if wanted is not None and training.kind != wanted:
-        # loraplex's own methods train on either kind; OpenAI's names say which one they mean.
+    if wanted is not None and training.kind not in wanted:
+        # loraplex's own methods train on any kind; OpenAI's names say which ones they mean.
         raise invalid(
-            f"method.type '{openai_method}' trains on a {wanted} dataset, but training_file is "
-            f"a {training.kind} dataset (use '{_OPENAI_TYPE_FOR_KIND[training.kind]}' or 'lora').",
+            f"method.type '{openai_method}' trains on a {' or '.join(wanted)} dataset, but "
+            f"training_file is a {training.kind} dataset (use "
+            f"'{_OPENAI_TYPE_FOR_KIND[training.kind]}' or 'lora').",
             "training_file",
             "dataset_kind_mismatch",
         )
@@ -182,19 +204,130 @@ def _check_quotas(session: Session, tenant_id: str, settings: Settings) -> None:
     check_adapter_bytes_quota(session, tenant_id, settings.max_adapter_bytes_per_tenant, incoming=0)
 
 
+def _training_task(session: Session, tenant_id: str, dataset_id: str) -> str | None:
+    """The task the training file trains (None: no such file, which is refused later, as it
+    always was, after the request's own fields are checked)."""
+    kind = session.scalar(
+        select(Dataset.kind).where(Dataset.id == dataset_id, Dataset.tenant_id == tenant_id)
+    )
+    return TASKS[DatasetKind(kind)] if kind is not None else None
+
+
+def _job_base(settings: Settings, model: str | None, task: str | None) -> BaseSpec:
+    """The base the job trains: ``model`` (404 if unknown), else the first configured base of
+    the kind that trains ``task`` (a chat or dpo file: the decoder); one that does not train
+    the task is refused, naming ``model``."""
+    default_kind = next((k for k, tasks in BASE_TASKS.items() if task in tasks), "encoder")
+    base = resolve_job_base(settings, model, default_kind=default_kind)
+    if task is None or task in BASE_TASKS[base.kind]:
+        return base
+    kind = _KIND_OF_TASK[task]
+    if model is None:
+        raise invalid(
+            f"A {kind} dataset trains on a {default_kind} base, and this deployment has none "
+            f"configured (LORAPLEX_BASES lists {', '.join(settings.bases)}).",
+            "model",
+            "no_base_for_task",
+        )
+    trains = " and ".join(sorted(_KIND_OF_TASK[t] for t in BASE_TASKS[base.kind]))
+    raise invalid(
+        f"model '{model}' is a {base.kind} base, which trains on {trains} datasets here; "
+        f"training_file is a {kind} dataset (use a {default_kind} base).",
+        "model",
+        "model_task_mismatch",
+    )
+
+
+def _check_task_settings(
+    task: str | None, hyper: dict[str, Any], openai_method: str | None
+) -> None:
+    """Refuse a setting that only another task reads, so no client believes it took effect."""
+    only: list[tuple[frozenset[str], str, bool]] = [
+        (DPO_ONLY_SETTINGS, "DPO on a decoder base (a dpo dataset)", task == "dpo"),
+        (REWARD_ONLY_SETTINGS, "reward models (a preference dataset)", task not in ("chat", "dpo")),
+    ]
+    for names, reader, applies in only:
+        for name in sorted(names & set(hyper)):
+            if applies or task is None:
+                continue
+            block = f"method.{openai_method}.hyperparameters" if openai_method else None
+            param = f"{block or 'method.hyperparameters'}.{name}"
+            raise invalid(
+                f"{param}: only {reader} reads {name}; this job trains {task}.",
+                param,
+                "setting_not_read",
+            )
+
+
+def _reference_adapter(
+    session: Session,
+    tenant_id: str,
+    name: str | None,
+    task: str | None,
+    base: BaseSpec,
+    method_type: str,
+) -> str | None:
+    """The id of the adapter a DPO job's ``reference_adapter`` names (checked: the tenant's,
+    a chat adapter of the job's base, of the job's method), or None."""
+    if name is None:
+        return None
+    param = "reference_adapter"
+    if task != "dpo":
+        raise invalid(
+            f"reference_adapter is DPO's reference policy; this job trains {task}.",
+            param,
+            "setting_not_read",
+        )
+    row = session.scalar(
+        select(AdapterRow).where(AdapterRow.tenant_id == tenant_id, AdapterRow.name == name)
+    )
+    if row is None:
+        raise not_found("adapter", name, param)
+    if row.base_model != base.name:
+        raise invalid(
+            f"reference_adapter '{name}' was trained on {row.base_model}; this job trains on "
+            f"{base.name}.",
+            param,
+            "adapter_base_mismatch",
+        )
+    if row.task != "chat":
+        raise invalid(
+            f"reference_adapter '{name}' is a {row.task} adapter; DPO's reference is a chat "
+            "(supervised fine-tuning) adapter.",
+            param,
+            "reference_adapter_task",
+        )
+    if row.method != method_type:
+        raise invalid(
+            f"reference_adapter '{name}' is a {row.method} adapter; the policy starts from its "
+            f"weights, so the job's method.type must be '{row.method}' too.",
+            param,
+            "reference_adapter_method",
+        )
+    return row.id
+
+
 def create_job(session: Session, tenant: Tenant, body: JobRequest, settings: Settings) -> Job:
-    # ``model`` picks the base (404 for one this deployment does not configure); by default
-    # the encoder, as before there were several.
-    base = resolve_job_base(settings, body.model)
+    # The training file's kind decides the task, and the task the kind of base: ``model``
+    # picks the base (404 for one this deployment does not configure), by default the first
+    # of the kind that trains the task.
+    task = _training_task(session, tenant.id, body.training_file)
+    base = _job_base(settings, body.model, task)
     model = base.name
     # The layer count is read cheaply for the encoder only; the worker checks a decoder's.
     num_layers = base_layer_count(settings) if base.kind == "encoder" else None
     try:
-        validate_method({**body.method, "hyperparameters": body.hyperparameters}, num_layers)
+        validate_method(
+            {**body.method, "hyperparameters": body.hyperparameters}, num_layers, base.kind
+        )
     except MethodConfigError as exc:
         # validate_method names fields inside the method block; the request's field is method.*
         param = f"method.{exc.param}" if exc.param else "method"
         raise MethodConfigError(exc.message, param=param) from exc
+    _check_task_settings(task, body.hyperparameters, body.openai_method)
+    reference = _reference_adapter(
+        session, tenant.id, body.reference_adapter, task, base, body.method["type"]
+    )
 
     _check_quotas(session, tenant.id, settings)
     adapter_name = _adapter_name(session, tenant.id, body)
@@ -203,7 +336,11 @@ def create_job(session: Session, tenant: Tenant, body: JobRequest, settings: Set
         tenant_id=tenant.id,
         status=JobStatus.VALIDATING_FILES,
         model=model,
-        method=body.method,
+        # The reference adapter is pinned by id: the job trains against the weights checked
+        # here, whatever is later stored under the name.
+        method=body.method
+        if reference is None
+        else {**body.method, "reference_adapter": reference},
         hyperparameters=body.hyperparameters,
         training_file=body.training_file,
         validation_file=body.validation_file,

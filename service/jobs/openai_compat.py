@@ -8,16 +8,20 @@ method blocks (``{"type": "lora", "lora": {...}, "hyperparameters": {...}}``) wo
 
 OpenAI's method types map onto loraplex as:
 
-- ``supervised`` → LoRA with default parameters on a classification dataset (text + label);
-- ``dpo`` → LoRA training a reward model on a preference dataset (chosen + rejected): both
-  learn from preference pairs, and the reward model is what loraplex serves;
+- ``supervised`` → LoRA with default parameters: chat SFT on a decoder base with a chat
+  dataset (OpenAI's ``{"messages": [...]}`` rows), a classifier on an encoder base with a
+  classification dataset (text + label);
+- ``dpo`` → LoRA with default parameters: DPO on a decoder base with a dpo dataset (OpenAI's
+  ``input`` / ``preferred_output`` / ``non_preferred_output`` rows), a reward model on an
+  encoder base with a preference dataset (chosen + rejected);
 - ``reinforcement`` → refused (400): there is no policy to optimise;
 - no ``method`` → LoRA with default parameters, on either kind of data.
 
 Their ``hyperparameters`` map ``n_epochs`` and ``batch_size`` as they are and
 ``learning_rate_multiplier`` onto the method's default learning rate; ``"auto"`` means the default.
-DPO's ``beta`` has no counterpart in reward-model training and is refused unless ``"auto"``.
-Other keys pass through to loraplex's hyperparameters (checked by the core trainer).
+DPO's ``beta`` passes through as loraplex's ``beta``, which job creation refuses on a reward
+model (it has no counterpart there). Other keys pass through to loraplex's hyperparameters
+(checked by the core trainer).
 
 Features loraplex does not offer (``integrations``, ``metadata``, ``reinforcement``) are
 ``unsupported`` errors (400s, as OpenAI answers for features it lacks); malformed values stay
@@ -33,14 +37,16 @@ from core.training.config import TrainingConfig
 from service.errors import invalid, unsupported
 
 OPENAI_METHOD_TYPES = ("supervised", "dpo")
-# The dataset kind each OpenAI method type trains on.
-OPENAI_METHOD_KINDS = {"supervised": "classification", "dpo": "preference"}
+# The dataset kinds each OpenAI method type trains on: the decoder's (OpenAI's own files) and
+# the encoder's.
+OPENAI_METHOD_KINDS: dict[str, tuple[str, ...]] = {
+    "supervised": ("chat", "classification"),
+    "dpo": ("dpo", "preference"),
+}
 _AUTO = "auto"
 
 
-def openai_hyperparameters(
-    value: Any, param: str, *, method_type: str = "lora", dpo: bool = False
-) -> dict[str, Any]:
+def openai_hyperparameters(value: Any, param: str, *, method_type: str = "lora") -> dict[str, Any]:
     """OpenAI's hyperparameter block → loraplex's (``"auto"`` values dropped).
 
     ``learning_rate_multiplier`` scales ``method_type``'s default learning rate.
@@ -65,12 +71,6 @@ def openai_hyperparameters(
                 )
             auto = TrainingConfig().resolved_learning_rate(method_type)
             out["learning_rate"] = auto * float(item)
-        elif key == "beta" and dpo:
-            raise unsupported(
-                f"{param}.beta: DPO's beta has no counterpart in reward-model training; leave "
-                "it out or 'auto'.",
-                f"{param}.beta",
-            )
         else:
             out[key] = item
     return out
@@ -91,9 +91,9 @@ def _translate_method(method: dict[str, Any]) -> tuple[dict[str, Any], str | Non
     method_type = method.get("type")
     if method_type == "reinforcement":
         raise unsupported(
-            "method.type 'reinforcement' is not supported: loraplex trains classifiers and "
-            "reward models. Use 'supervised', 'dpo' or a loraplex method (lora, adapter, "
-            "prompt_tuning, feature_extraction, full).",
+            "method.type 'reinforcement' is not supported: loraplex trains chat SFT, DPO, "
+            "classifiers and reward models. Use 'supervised', 'dpo' or a loraplex method "
+            "(lora, adapter, prompt_tuning, feature_extraction, full).",
             "method.type",
             "unsupported_method",
         )
@@ -119,7 +119,7 @@ def _translate_method(method: dict[str, Any]) -> tuple[dict[str, Any], str | Non
             f"method.{other[0]}",
         )
     param = f"method.{method_type}.hyperparameters"
-    hyper = openai_hyperparameters(block.get("hyperparameters"), param, dpo=method_type == "dpo")
+    hyper = openai_hyperparameters(block.get("hyperparameters"), param)
     own = method.get("hyperparameters") or {}
     if not isinstance(own, dict):
         raise invalid("method.hyperparameters must be an object.", "method.hyperparameters")

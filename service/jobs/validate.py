@@ -18,6 +18,7 @@ from typing import Any
 
 from core.errors import ConfigError
 from core.methods import parse_method_config
+from core.targets import BaseKind
 from core.training.config import parse_training_config
 from service.config import Settings
 from service.errors import ServiceError
@@ -59,13 +60,26 @@ def base_layer_count(settings: Settings) -> int | None:
     return _layer_count(settings.base_model_path)
 
 
-def validate_method(method: dict[str, Any], num_layers: int | None = None) -> None:
+def decoder_methods() -> tuple[str, ...]:
+    """The methods that train a decoder base (core's list; torch is imported on first use,
+    as the service's other paths to core's trainers do)."""
+    from core.training.decoder import DECODER_METHODS
+
+    return tuple(DECODER_METHODS)
+
+
+def validate_method(
+    method: dict[str, Any], num_layers: int | None = None, base_kind: BaseKind = "encoder"
+) -> None:
     """Raise :class:`MethodConfigError` if ``method`` is not a trainable configuration.
 
     ``method`` is the request's method block, already shape-checked by
     ``service.api.schemas.jobs.MethodSpec``: ``{"type": ..., "<type>": {params},
     "hyperparameters": {...}}`` (unset hyperparameters omitted). ``num_layers``: the base
     model's layer count, against which layer indices (LoRA's ``layers``) are checked.
+    ``base_kind``: the kind of base the job trains, whose layer names the method's targets
+    must use (``query`` on an encoder, ``q_proj`` on a decoder) and which only some methods
+    train.
     """
     size = len(json.dumps(method, default=str))
     if size > MAX_METHOD_JSON_BYTES:
@@ -75,8 +89,14 @@ def validate_method(method: dict[str, Any], num_layers: int | None = None) -> No
     method_type = method.get("type")
     if not isinstance(method_type, str):
         raise MethodConfigError("method.type: a method type is required", param="type")
+    if base_kind == "decoder" and method_type not in decoder_methods():
+        raise MethodConfigError(
+            f"method.type: '{method_type}' does not train a decoder base; use one of "
+            f"{list(decoder_methods())}",
+            param="type",
+        )
     try:
-        config = parse_method_config(method_type, dict(method.get(method_type) or {}))
+        config = parse_method_config(method_type, dict(method.get(method_type) or {}), base_kind)
     except ConfigError as exc:
         # core names its own "type" field for an unknown method; anything else is a parameter.
         param = "type" if exc.field == "type" else param_from_loc(method_type, [exc.field])

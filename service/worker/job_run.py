@@ -1,5 +1,9 @@
 """Running one claimed job: data → core ``Trainer`` → events, checkpoints → adapter row.
 
+The training file's kind decides the trainer: ``Trainer`` on an encoder base (classification,
+reward), ``DecoderTrainer`` on a decoder base (chat SFT, DPO); everything else (events,
+checkpoints and resume, cancel, time limit, the adapter row) is one path for both.
+
 The training loop reports through callbacks on the training thread; they write to the
 database directly but are throttled (progress at most once a second, a metrics event every
 ``log_every`` steps), so a fast job does not turn into a write storm. Whatever way a run
@@ -33,11 +37,11 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.adapters.store import adapter_row_from
+from service.adapters.store import adapter_from_row, adapter_row_from
 from service.config import Settings
 from service.datasets.codec import decode_rows
 from service.datasets.rows import TASKS, DatasetKind
-from service.db.models import Dataset, Job, JobStatus
+from service.db.models import AdapterRow, Dataset, Job, JobStatus
 from service.db.types import utcnow
 from service.errors import ErrorKind, ServiceError
 from service.jobs import checkpoints, outcomes, queue
@@ -52,7 +56,9 @@ from service.worker.report import (
 )
 
 if TYPE_CHECKING:
+    from core.adapter import Adapter
     from core.base import FrozenBase
+    from core.decoder.base import DecoderBase
     from core.training.trainer import ProgressEvent, Trainer
 
 logger = logging.getLogger(__name__)
@@ -100,7 +106,7 @@ class JobRun:
         job: Job,
         *,
         factory: sessionmaker[Session],
-        base: FrozenBase,
+        base: FrozenBase | DecoderBase,
         settings: Settings,
         worker_id: str,
         shutdown: threading.Event,
@@ -112,6 +118,7 @@ class JobRun:
         self.worker_id = worker_id
         self.shutdown = shutdown
         self.trainer: Trainer | None = None
+        self.task = ""  # the core task the training file trains, once the run is set up
         self.keeper = LeaseKeeper(
             factory,
             job.id,
@@ -157,7 +164,9 @@ class JobRun:
             return self._store(result)
 
     def _make_trainer(self) -> Trainer:
+        from core.heads import LANGUAGE_MODEL_TASKS
         from core.training.checkpoint import CheckpointError
+        from core.training.decoder import DecoderTrainer
         from core.training.trainer import Trainer, TrainerCallbacks
 
         job = self.job
@@ -169,6 +178,8 @@ class JobRun:
                 else None
             )
             kind = session.get(Dataset, job.training_file).kind  # type: ignore[union-attr]
+            reference_id = job.method.get("reference_adapter")
+            reference = self._reference(session, reference_id) if reference_id else None
             ckpt = checkpoints.latest_checkpoint(session, job.id)
             ckpt_state, ckpt_step = (ckpt.state, ckpt.step) if ckpt is not None else (None, 0)
             session.expunge_all()
@@ -178,7 +189,14 @@ class JobRun:
         hyper = dict(job.hyperparameters or {})
         hyper.setdefault("seed", job.seed)
         hyper.setdefault("checkpoint_every_steps", self.settings.checkpoint_every_steps)
-        head = {"task": TASKS[DatasetKind(kind)]}
+        self.task = TASKS[DatasetKind(kind)]
+        head = {"task": self.task}
+        trainer_cls: type[Trainer] = Trainer
+        options: dict[str, Any] = {}
+        if self.task in LANGUAGE_MODEL_TASKS:
+            self._check_decoder_base()
+            trainer_cls = DecoderTrainer
+            options = {"reference_adapter": reference}
         callbacks = TrainerCallbacks(
             on_progress=self._on_progress,
             on_eval=self._on_eval,
@@ -187,8 +205,13 @@ class JobRun:
         )
         if ckpt_state is not None:
             try:
-                trainer = Trainer.resume(
-                    ckpt_state, self.base, train_rows, val_rows, callbacks=callbacks
+                trainer = trainer_cls.resume(
+                    ckpt_state,
+                    self.base,  # type: ignore[arg-type]
+                    train_rows,
+                    val_rows,
+                    callbacks=callbacks,
+                    **options,
                 )
             except CheckpointError as e:
                 self._event(
@@ -203,7 +226,16 @@ class JobRun:
                     {"step": ckpt_step, "resumed": True},
                 )
                 return trainer
-        trainer = Trainer(self.base, method, head, train_rows, val_rows, hyper, callbacks)
+        trainer = trainer_cls(
+            self.base,  # type: ignore[arg-type]
+            method,
+            head,
+            train_rows,
+            val_rows,
+            hyper,
+            callbacks,
+            **options,
+        )
         trainer.setup()
         resolved = trainer.resolved_hyperparameters()
         pairs = trainer.pair_report()
@@ -238,6 +270,28 @@ class JobRun:
             message=message,
             data=json_safe(data),
         )
+
+    def _check_decoder_base(self) -> None:
+        from core.decoder.base import DecoderBase
+
+        if not isinstance(self.base, DecoderBase):
+            raise JobSetupError(
+                f"a {self.task} job trains on a decoder base; {self.job.model} is not one",
+                code="model_task_mismatch",
+                param="model",
+            )
+
+    def _reference(self, session: Session, adapter_id: str) -> Adapter:
+        """The DPO reference adapter the job was created with (pinned by id)."""
+        row = session.get(AdapterRow, adapter_id)
+        if row is None or row.tenant_id != self.job.tenant_id:
+            raise JobSetupError(
+                f"reference_adapter {adapter_id!r} no longer exists",
+                code="adapter_not_found",
+                param="reference_adapter",
+                kind=ErrorKind.NOT_FOUND,
+            )
+        return adapter_from_row(row)
 
     def _rows(self, session: Session, dataset_id: str, param: str) -> list[dict[str, Any]]:
         ds = session.get(Dataset, dataset_id)
@@ -307,6 +361,7 @@ class JobRun:
                     "step_loss": ev.step_loss,
                     "lr": ev.lr,
                     "trained_tokens": ev.trained_tokens,
+                    **self._task_metrics(ev),
                 },
             )
         now = time.monotonic()
@@ -359,8 +414,26 @@ class JobRun:
         self._event(
             f"Validation at step {ev.step}: {shown}",
             type="metrics",
-            data={"step": ev.step, "total_steps": ev.total_steps, "epoch": ev.epoch, **val},
+            data={
+                "step": ev.step,
+                "total_steps": ev.total_steps,
+                "epoch": ev.epoch,
+                **val,
+                **self._task_metrics(ev),
+            },
         )
+
+    def _task_metrics(self, ev: ProgressEvent) -> dict[str, float]:
+        """A decoder task's metrics under the names its users read: a chat run's as OpenAI's
+        fine-tuning events name them (``train_loss`` is then the step's loss, as OpenAI's;
+        ``valid_loss``, ``full_valid_loss``, ``valid_mean_token_accuracy``), a DPO run's
+        step metrics as TRL's DPOTrainer names them (``rewards/chosen``, ...)."""
+        if self.task == "chat":
+            from core.training.decoder import openai_chat_metrics
+
+            # "step" is the event's own (an integer), not the float OpenAI's metrics carry.
+            return {k: v for k, v in openai_chat_metrics(ev).items() if k != "step"}
+        return dict(ev.step_metrics)
 
     def _on_checkpoint(self, state: bytes, step: int, epoch: int, metrics: dict[str, Any]) -> None:
         self._saved_step = step

@@ -34,8 +34,9 @@ MethodType = StrEnum(  # type: ignore[misc]
     module=__name__,
 )
 MethodType.__doc__ = (
-    "A loraplex method, or OpenAI's supervised (LoRA on a classification dataset) or dpo "
-    "(a LoRA reward model on a preference dataset). See GET /v1/methods."
+    "A loraplex method, or OpenAI's supervised (LoRA: chat SFT on a chat dataset, a classifier "
+    "on a classification dataset) or dpo (LoRA: DPO on a dpo dataset, a reward model on a "
+    "preference dataset). See GET /v1/methods."
 )
 
 
@@ -61,10 +62,10 @@ class OpenAIHyperparameters(BaseModel):
 class OpenAIDpoHyperparameters(OpenAIHyperparameters):
     """OpenAI's DPO hyperparameter block (see OpenAIHyperparameters), with beta."""
 
-    beta: Literal["auto"] | None = Field(
+    beta: Annotated[Annotated[float, Field(gt=0)] | Literal["auto"] | None, NotBool] = Field(
         None,
-        description="Only 'auto' (or absent): DPO's beta has no counterpart in reward-model "
-        "training, so any other value is refused (400).",
+        description="As beta: DPO's strength (on a dpo dataset; 'auto' = 0.1). A reward model "
+        "(a preference dataset) has no beta: a number is refused there (422).",
     )
 
 
@@ -195,7 +196,17 @@ class JobCreate(BaseModel):
         default=None,
         min_length=1,
         max_length=256,
-        description="The base model to train on; null = the server's base model (the only one).",
+        description="The base model to train on (GET /v1/models); null = the first "
+        "configured base of the kind the training file needs: a decoder for chat and dpo "
+        "datasets, an encoder for classification and preference datasets.",
+    )
+    reference_adapter: str | None = Field(
+        default=None,
+        max_length=64,
+        pattern=NAME_PATTERN,
+        description="DPO only: the name of one of your chat (SFT) adapters on the same base, "
+        "with the same method, that is DPO's reference policy and the policy's starting "
+        "weights (SFT, then DPO). null = the base with the adapter off.",
     )
     # OpenAI's method types (supervised, dpo) and its deprecated top-level hyperparameters,
     # integrations and metadata are accepted too: see service.jobs.openai_compat.
@@ -233,6 +244,7 @@ class JobCreate(BaseModel):
             seed=self.seed,
             model=self.model,
             openai_method=self.openai_method,
+            reference_adapter=self.reference_adapter,
         )
 
 

@@ -28,7 +28,8 @@ from pydantic_core import PydanticCustomError, to_jsonable_python
 
 from core.methods import METHODS
 from core.training.config import DPO_ONLY_SETTINGS, REWARD_ONLY_SETTINGS, TrainingConfig
-from service.datasets.rows import TASKS
+from service.datasets.rows import MESSAGE_KINDS, TASKS
+from service.jobs.validate import decoder_methods
 
 # Core's research baseline (the architecture trained from random init) is not offered by the
 # service: it needs far more data than a tenant uploads and is never the right choice.
@@ -41,19 +42,10 @@ SERVER_SETTINGS: dict[str, str] = {
     "num_threads": "the worker's thread budget (LORAPLEX_TRAIN_THREADS) decides it",
 }
 
-# Training settings no task the service trains reads (DPO's, on a decoder base, which the service
-# does not serve); a request that sets one is refused, so no client believes it took effect.
-UNSERVED_SETTINGS: frozenset[str] = DPO_ONLY_SETTINGS
-# The settings a job may not set, each with the reason it is refused.
+# The settings a job may not set, each with the reason it is refused. (Settings only one task
+# reads, such as DPO's beta, are refused on jobs of other tasks when the job is created.)
 _REFUSED_SETTINGS: dict[str, tuple[str, str]] = {
-    **{
-        name: ("server_setting", f"set by the server: {why}")
-        for name, why in SERVER_SETTINGS.items()
-    },
-    **{
-        name: ("unserved_setting", "only DPO on a decoder base reads it; the service trains none")
-        for name in UNSERVED_SETTINGS
-    },
+    name: ("server_setting", f"set by the server: {why}") for name, why in SERVER_SETTINGS.items()
 }
 
 
@@ -244,7 +236,8 @@ class MethodInfo(BaseModel):
     )
     defaults: dict[str, Any] = Field(description="The parameters a job gets when it sets none.")
     tasks: dict[str, TaskDefaults] = Field(
-        description="Per dataset kind (classification, preference): the training defaults."
+        description="Per dataset kind (classification, preference; chat and dpo for the "
+        "methods that train a decoder base): the training defaults."
     )
 
     model_config = ConfigDict(populate_by_name=True)
@@ -261,7 +254,9 @@ class MethodCatalog(BaseModel):
 
 
 def _task_defaults(method_type: str, task: str) -> TaskDefaults:
-    skip = set(_REFUSED_SETTINGS) | (REWARD_ONLY_SETTINGS if task != "reward" else set())
+    skip = set(_REFUSED_SETTINGS)
+    skip |= REWARD_ONLY_SETTINGS if task != "reward" else set()
+    skip |= DPO_ONLY_SETTINGS if task != "dpo" else set()
     values = _defaults(TrainingConfig, skip)
     values["learning_rate"] = TrainingConfig().resolved_learning_rate(method_type)
     values["max_seq_length"] = TrainingConfig().resolved_max_seq_length(task)
@@ -280,7 +275,12 @@ def method_catalog() -> MethodCatalog:
                 description=config_doc(METHODS[m]),
                 json_schema=_schema(METHODS[m]),
                 defaults=_defaults(METHODS[m]),
-                tasks={kind: _task_defaults(m, task) for kind, task in TASKS.items()},
+                tasks={
+                    kind: _task_defaults(m, task)
+                    for kind, task in TASKS.items()
+                    # chat and dpo train a decoder, which only some methods train
+                    if kind not in MESSAGE_KINDS or m in decoder_methods()
+                },
             )
             for m in API_METHODS
         ],

@@ -14,14 +14,18 @@ from pydantic import BaseModel, ValidationError
 
 from core.errors import ConfigError
 from core.methods import METHODS, parse_method_config
-from core.training.config import DEFAULT_LEARNING_RATES, TrainingConfig, parse_training_config
-from service.api.schemas.methods import SERVER_SETTINGS, UNSERVED_SETTINGS
+from core.training.config import (
+    DEFAULT_LEARNING_RATES,
+    DPO_ONLY_SETTINGS,
+    TrainingConfig,
+    parse_training_config,
+)
+from service.api.schemas.methods import SERVER_SETTINGS
 from tests.service.helpers import Headers, assert_error, create_dataset
 
 JOBS = "/v1/fine_tuning/jobs"
 API_METHODS = [m for m in METHODS if m != "scratch"]  # scratch: a core baseline, not served
-REFUSED_SETTINGS = {*SERVER_SETTINGS, *UNSERVED_SETTINGS}
-USER_SETTINGS = [f for f in TrainingConfig.model_fields if f not in REFUSED_SETTINGS]
+USER_SETTINGS = [f for f in TrainingConfig.model_fields if f not in SERVER_SETTINGS]
 
 
 # annotated_types constraint → (its attribute, the JSON Schema keyword it becomes)
@@ -127,7 +131,7 @@ def test_openapi_request_schema_matches_core_field_by_field(
     openapi: dict[str, Any], schema_name: str, core_model: type[BaseModel]
 ) -> None:
     schema = openapi[schema_name]
-    expected = [f for f in core_model.model_fields if f not in REFUSED_SETTINGS]
+    expected = [f for f in core_model.model_fields if f not in SERVER_SETTINGS]
     assert list(schema["properties"]) == expected
     assert schema["additionalProperties"] is False
     for field, prop in schema["properties"].items():
@@ -264,21 +268,27 @@ def test_server_decided_settings_are_refused_with_the_reason(
     assert_error(resp, 422, param=f"method.hyperparameters.{setting}", contains="set by the server")
 
 
-def test_dpo_settings_are_neither_listed_nor_accepted(
+def test_dpo_settings_are_listed_for_dpo_and_refused_elsewhere(
     client: TestClient, auth: Headers, catalog: dict[str, Any]
 ) -> None:
-    # The service trains no DPO (no decoder base is served): a job that sets DPO's settings is
-    # refused, naming the field, rather than run without them.
-    assert {"beta", "label_smoothing"} == UNSERVED_SETTINGS
-    assert not UNSERVED_SETTINGS & set(catalog["hyperparameters"]["schema"]["properties"])
-    assert not UNSERVED_SETTINGS & set(catalog["hyperparameters"]["defaults"])
+    # DPO's settings are listed, and shown among a dpo dataset's defaults only; a job of another
+    # task that sets one is refused, naming the field, rather than run without it.
+    assert {"beta", "label_smoothing"} == DPO_ONLY_SETTINGS
+    assert set(catalog["hyperparameters"]["schema"]["properties"]) >= DPO_ONLY_SETTINGS
+    assert catalog["hyperparameters"]["defaults"]["beta"] == 0.1
     for entry in catalog["data"]:
-        for task in entry["tasks"].values():
-            assert not UNSERVED_SETTINGS & set(task["hyperparameters"]), entry["type"]
+        for kind, task in entry["tasks"].items():
+            listed = DPO_ONLY_SETTINGS & set(task["hyperparameters"])
+            assert listed == (DPO_ONLY_SETTINGS if kind == "dpo" else set()), entry["type"]
+    lora = next(e for e in catalog["data"] if e["type"] == "lora")
+    assert {"chat", "dpo"} <= set(lora["tasks"])
+    # A method that does not train a decoder lists no decoder task.
+    adapter = next(e for e in catalog["data"] if e["type"] == "adapter")
+    assert set(adapter["tasks"]) == {"classification", "preference"}
     train = create_dataset(client, auth)
     preference = create_dataset(client, auth, [{"chosen": "a", "rejected": "b"}], kind="preference")
     for file in (train, preference):
-        for setting in sorted(UNSERVED_SETTINGS):
+        for setting in sorted(DPO_ONLY_SETTINGS):
             method = {"type": "lora", "hyperparameters": {setting: 0.1}}
             resp = client.post(JOBS, json={"training_file": file, "method": method}, headers=auth)
             assert_error(
