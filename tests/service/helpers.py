@@ -162,8 +162,11 @@ def adapter_row(tenant_id: str, name: str, **extra: Any) -> Any:
     return AdapterRow(**values)
 
 
-def store_adapter(client: TestClient, headers: Headers, name: str, adapter: Any) -> Any:
-    """Insert a core ``Adapter`` for the tenant of ``headers``, as a finished job would."""
+def store_adapter(
+    client: TestClient, headers: Headers, name: str, adapter: Any, base: Any = None
+) -> Any:
+    """Insert a core ``Adapter`` for the tenant of ``headers``, as a finished job would, on
+    ``base`` (default: the app's encoder)."""
     from service.adapters.records import next_adapter_version
     from service.adapters.store import adapter_row_from
     from service.db.models import ApiKey
@@ -174,7 +177,7 @@ def store_adapter(client: TestClient, headers: Headers, name: str, adapter: Any)
     key = headers["Authorization"].removeprefix("Bearer ")
     with state.sessionmaker() as session:
         tenant_id = session.query(ApiKey).filter_by(key_hash=hash_api_key(key)).one().tenant_id
-        row = adapter_row_from(adapter, state.require_base_model(), name=name)
+        row = adapter_row_from(adapter, base or state.require_base_model(), name=name)
         row.tenant_id = tenant_id
         row.version = next_adapter_version(session, tenant_id)
         session.add(row)
@@ -239,7 +242,7 @@ def tenant_id_by_name(db: sessionmaker[Session], name: str = "default") -> str:
 
 
 def add_queued_job(
-    db: sessionmaker[Session], tenant_id: str, name: str = "ad", **extra: Any
+    db: sessionmaker[Session], tenant_id: str, name: str = "ad", model: str = "tiny", **extra: Any
 ) -> str:
     """A queued LoRA job row whose files need not exist (queue and lease tests)."""
     from service.db.models import Job, JobStatus
@@ -248,7 +251,7 @@ def add_queued_job(
         job = Job(
             tenant_id=tenant_id,
             status=JobStatus.QUEUED,
-            model="tiny",
+            model=model,
             method={"type": "lora", "lora": {}},
             hyperparameters={},
             training_file="file-x",
