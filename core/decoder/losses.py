@@ -86,12 +86,13 @@ def reply_logprobs(
     attention_mask: Tensor,
     loss_mask: Tensor,
     hooks: LinearHooks = NO_HOOKS,
+    prefix: Tensor | None = None,
 ) -> Tensor:
     """``[B]``: each row's summed log-probability of its masked (reply) tokens.
 
-    Called with the adapter's hooks for DPO's policy, and under ``torch.no_grad()`` with no
-    hooks for its reference: the same frozen base with the adapter switched off, so the
-    reference costs no second copy of the model.
+    Called with the adapter's hooks (and prompt tuning's ``prefix``) for DPO's policy, and
+    under ``torch.no_grad()`` with neither for its reference: the same frozen base with the
+    adapter switched off, so the reference costs no second copy of the model.
     """
-    hidden = forward(weights, input_ids, attention_mask, hooks=hooks)
+    hidden = forward(weights, input_ids, attention_mask, hooks=hooks, prefix=prefix)
     return sequence_logprobs(targets(weights, hidden, input_ids, loss_mask), input_ids.shape[0])

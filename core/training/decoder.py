@@ -18,9 +18,9 @@ length, forwards in chunks, checkpoints and bit-exact resume. What differs:
 - DPO's reference policy is the same frozen base with the adapter's hooks off, so it costs a
   forward without gradients per step, never a second copy of the model; or, for SFT then DPO,
   a ``reference_adapter`` of the same base, from whose weights the policy starts;
-- LoRA and full fine-tuning (a trainable copy of every weight, which the decoder's forward runs
-  instead of the base's) are the methods; prompt tuning needs the decoder's forward to take
-  input embeddings, which it does not yet.
+- LoRA, full fine-tuning (a trainable copy of every weight, which the decoder's forward runs
+  instead of the base's) and prompt tuning (virtual token embeddings the decoder's forward
+  puts before every row, as PEFT does) are the methods.
 
 Metrics. A chat run's validation has ``loss`` and ``accuracy`` (token accuracy over every
 target of the validation set) like the encoder's tasks, so ``metric_for_best`` reads them
@@ -49,6 +49,7 @@ from core.heads import HeadConfig
 from core.methods import MethodConfig, build_method
 from core.methods.full.model import DecoderFullModel
 from core.methods.method import AdapterMethod
+from core.methods.prompt_tuning.model import DecoderPromptTuningModel
 from core.targets import BaseKind
 from core.training.callbacks import ProgressEvent, TrainerCallbacks
 from core.training.config import TrainingConfig
@@ -70,9 +71,10 @@ from core.training.trainer import Trainer
 # tokens keep a step near 1.2 GiB above the base for rows up to 256 tokens; a longer row still
 # runs whole (one row is the smallest part).
 DECODER_FORWARD_TOKENS = 256
-# Methods that train a decoder base: LoRA's hooks apply to the decoder's linears unchanged, and
-# full fine-tuning runs the decoder's forward over its own copy of the weights.
-DECODER_METHODS = ("lora", "full")
+# Methods that train a decoder base: LoRA's hooks apply to the decoder's linears unchanged, full
+# fine-tuning runs the decoder's forward over its own copy of the weights, and prompt tuning
+# gives it virtual token embeddings as its prefix.
+DECODER_METHODS = ("lora", "full", "prompt_tuning")
 # TRL DPOTrainer's metric names.
 DPO_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins")
 
@@ -140,7 +142,9 @@ class DecoderTrainer(Trainer):
             train, val = split_validation(train, cfg.validation_fraction, cfg.seed)
             self.held_out_examples = len(val)
         self.split_rows = 0
-        self.max_length = min(cfg.resolved_max_seq_length(task), self.base.max_length)
+        # Prompt tuning's virtual tokens take positions too: real text gets what is left.
+        reserved = int(getattr(self.method_config, "reserved_positions", 0))
+        self.max_length = min(cfg.resolved_max_seq_length(task), self.base.max_length - reserved)
         tok, template = self.base.tokenizer, self.base.chat_template
         self.train_data = encode_decoder(train, tok, template, self.max_length, "training")
         self.val_data = (
@@ -176,7 +180,7 @@ class DecoderTrainer(Trainer):
             return reply_logprobs(self.base.weights, ids, attention, mask)
         if isinstance(ref, DecoderFullModel):
             return reply_logprobs(ref.decoder_weights(), ids, attention, mask)
-        return reply_logprobs(self.base.weights, ids, attention, mask, ref.hooks())
+        return reply_logprobs(self.base.weights, ids, attention, mask, ref.hooks(), _prefix(ref))
 
     def _identity(self) -> dict[str, Any]:
         ref = self.reference_adapter
@@ -201,15 +205,16 @@ class DecoderTrainer(Trainer):
     def _part_loss(self, part: list[int], idx: list[int]) -> tuple[Tensor, dict[str, float]]:
         w = self._policy_weights()
         ids, attention, mask = self.train_data.collate(part, self.base.device)
-        hooks = self.method.hooks(dropout=True)
+        hooks, prefix = self.method.hooks(dropout=True), _prefix(self.method)
         if self.head_config.task == "chat":
             # The loss is a mean over the batch's target tokens: a part weighs its share.
             n_batch = self.train_data.target_count(idx)
-            t = targets(w, forward(w, ids, attention, hooks=hooks), ids, mask)
+            hidden = forward(w, ids, attention, hooks=hooks, prefix=prefix)
+            t = targets(w, hidden, ids, mask)
             loss = sft_loss(t) * (t.tokens.numel() / n_batch)
             correct = int((t.logits.detach().argmax(-1) == t.tokens).sum())
             return loss, {"train_mean_token_accuracy": correct / n_batch}
-        policy = reply_logprobs(w, ids, attention, mask, hooks)
+        policy = reply_logprobs(w, ids, attention, mask, hooks, prefix)
         with torch.no_grad():
             reference = self._reference_logprobs(ids, attention, mask)
         out = self._dpo(policy, reference)
@@ -235,8 +240,11 @@ class DecoderTrainer(Trainer):
                 self._check_cancel()
                 ids, attention, mask = data.collate(part, device)
                 with torch.inference_mode():
+                    prefix = _prefix(self.method)
                     if self.head_config.task == "chat":
-                        hidden = forward(w, ids, attention, hooks=self.method.hooks())
+                        hidden = forward(
+                            w, ids, attention, hooks=self.method.hooks(), prefix=prefix
+                        )
                         t = targets(w, hidden, ids, mask)
                         n = t.tokens.numel()
                         part_sums = {
@@ -244,7 +252,8 @@ class DecoderTrainer(Trainer):
                             "accuracy": float((t.logits.argmax(-1) == t.tokens).sum()),
                         }
                     else:
-                        policy = reply_logprobs(w, ids, attention, mask, self.method.hooks())
+                        hooks = self.method.hooks()
+                        policy = reply_logprobs(w, ids, attention, mask, hooks, prefix)
                         out = self._dpo(policy, self._reference_logprobs(ids, attention, mask))
                         n = len(part)
                         part_sums = {"loss": float(out.loss) * n}
@@ -266,6 +275,11 @@ class DecoderTrainer(Trainer):
     def close(self) -> None:
         self.reference = None  # a full fine-tuning reference is a whole copy of the model
         super().close()
+
+
+def _prefix(method: AdapterMethod) -> Tensor | None:
+    """Prompt tuning's virtual token embeddings (``DecoderPromptTuningModel.prefix``)."""
+    return method.prefix() if isinstance(method, DecoderPromptTuningModel) else None
 
 
 def _state_digest(adapter: Adapter) -> str:

@@ -119,7 +119,14 @@ def test_chat_sft_lowers_the_validation_loss(tiny_decoder: DecoderBase) -> None:
 
 @pytest.mark.parametrize(
     ("task", "method"),
-    [("chat", LORA), ("dpo", LORA), ("chat", {"type": "full"}), ("dpo", {"type": "full"})],
+    [
+        ("chat", LORA),
+        ("dpo", LORA),
+        ("chat", {"type": "full"}),
+        ("dpo", {"type": "full"}),
+        ("chat", {"type": "prompt_tuning", "n_virtual_tokens": 4}),
+        ("dpo", {"type": "prompt_tuning", "n_virtual_tokens": 4}),
+    ],
 )
 def test_resume_mid_run_is_bit_exact(
     tiny_decoder: DecoderBase, task: str, method: dict[str, Any]
@@ -287,7 +294,7 @@ def test_bad_rows_and_configs_are_refused(tiny_decoder: DecoderBase, tiny_base: 
     with pytest.raises(DataError, match="preferred_output"):
         setup(two_replies, "dpo")
     with pytest.raises(ConfigError, match="type"):
-        setup(good, method={"type": "prompt_tuning"})
+        setup(good, method={"type": "bottleneck"})
     with pytest.raises(ConfigError, match="target_modules"):
         setup(good, method={"type": "lora", "target_modules": ["query"]})
     with pytest.raises(ConfigError, match="task"):
