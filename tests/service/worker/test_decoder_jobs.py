@@ -1,0 +1,251 @@
+"""Chat SFT and DPO jobs on a decoder base, end to end in one process on a tiny random Llama.
+
+Jobs are created over HTTP (the service's own checks), claimed and trained by a real
+``JobRun`` as ``loraplex worker`` runs them, and read back over HTTP: the task and the base come
+from the training file, the adapter is stored on the decoder and loads back, SFT's adapter is
+DPO's reference, a requeued job resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.decoder.base import DecoderBase, load_decoder_base
+from core.training.trainer import ProgressEvent
+from service.adapters.store import adapter_from_row
+from service.config import DEFAULT_BASE_MODEL_NAME, Settings
+from service.db.models import AdapterRow
+from service.jobs import queue
+from service.worker.job_run import JobRun, RunOutcome
+from tests.core.decoder.tiny_llama import TINY_LLAMA_NAME, build_tiny_llama
+from tests.service.conftest import make_settings
+from tests.service.helpers import ADMIN_KEY, Headers, assert_error, create_dataset
+
+JOBS = "/v1/fine_tuning/jobs"
+# Short rows and windows: a step of the tiny model takes milliseconds.
+HYPER = {"n_epochs": 1, "batch_size": 4, "max_seq_length": 64, "learning_rate": 1e-2}
+
+
+def chat_rows(n: int) -> list[dict[str, Any]]:
+    return [
+        {
+            "messages": [
+                {"role": "user", "content": f"What is {i} plus {i}?"},
+                {"role": "assistant", "content": f"{2 * i}."},
+            ]
+        }
+        for i in range(n)
+    ]
+
+
+def dpo_rows(n: int) -> list[dict[str, Any]]:
+    return [
+        {
+            "input": {"messages": [{"role": "user", "content": f"What is {i} plus {i}?"}]},
+            "preferred_output": [{"role": "assistant", "content": f"{2 * i}."}],
+            "non_preferred_output": [{"role": "assistant", "content": f"{2 * i + 1}."}],
+        }
+        for i in range(n)
+    ]
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="module")
+def decoder(tiny_llama_dir: Path) -> DecoderBase:
+    return load_decoder_base(tiny_llama_dir, name=TINY_LLAMA_NAME, device="cpu")
+
+
+@pytest.fixture
+def settings(tmp_path: Path, db_backend: str, database_url: str, tiny_llama_dir: Path) -> Settings:
+    """Both bases configured (jobs pick theirs); the tiny Llama is the decoder."""
+    return make_settings(
+        tmp_path,
+        admin_key=ADMIN_KEY,
+        database_url=database_url if db_backend == "postgres" else None,
+        decoder_model_path=tiny_llama_dir,
+        decoder_model_name=TINY_LLAMA_NAME,
+        bases=[DEFAULT_BASE_MODEL_NAME, TINY_LLAMA_NAME],
+    )
+
+
+def run_next(
+    db: sessionmaker[Session], settings: Settings, base: DecoderBase, cls: type[JobRun] = JobRun
+) -> RunOutcome:
+    with db() as session:
+        job = queue.claim_next_job(session, "w1", settings.lease_seconds)
+        assert job is not None
+        session.expunge(job)
+    run = cls(
+        job, factory=db, base=base, settings=settings, worker_id="w1", shutdown=threading.Event()
+    )
+    return run.run()
+
+
+def create_job(client: TestClient, auth: Headers, **body: Any) -> dict[str, Any]:
+    resp = client.post(JOBS, json=body, headers=auth)
+    assert resp.status_code == 200, resp.text
+    job: dict[str, Any] = resp.json()
+    return job
+
+
+def metrics_events(client: TestClient, auth: Headers, job_id: str) -> list[dict[str, Any]]:
+    page = client.get(f"{JOBS}/{job_id}/events?order=asc&limit=100", headers=auth).json()
+    return [e["data"] for e in page["data"] if e["type"] == "metrics"]
+
+
+def test_chat_sft_then_dpo_with_the_sft_adapter_as_reference(
+    client: TestClient,
+    auth: Headers,
+    db: sessionmaker[Session],
+    settings: Settings,
+    decoder: DecoderBase,
+) -> None:
+    chat = create_dataset(client, auth, chat_rows(12), kind="chat")
+    chat_val = create_dataset(client, auth, chat_rows(3), kind="chat")
+    method = {"type": "lora", "hyperparameters": HYPER}
+    # No model: a chat file trains on the configured decoder.
+    job = create_job(
+        client, auth, training_file=chat, validation_file=chat_val, method=method, seed=1
+    )
+    assert job["model"] == TINY_LLAMA_NAME
+    assert run_next(db, settings, decoder) is RunOutcome.SUCCEEDED
+    job = client.get(f"{JOBS}/{job['id']}", headers=auth).json()
+    assert job["status"] == "succeeded" and job["fine_tuned_model"] == job["adapter_name"]
+    assert job["trained_tokens"] > 0
+    assert job["resolved_hyperparameters"]["max_seq_length"] == 64
+    events = metrics_events(client, auth, job["id"])
+    steps = [e for e in events if "lr" in e]  # a step's event (validation's has no lr)
+    assert [e["step"] for e in steps] == [1, 2, 3]  # 12 rows, batches of 4
+    # OpenAI's names: train_loss is the step's loss, as in OpenAI's events.
+    assert all(e["train_loss"] == e["step_loss"] for e in steps)
+    assert all(0 <= e["train_mean_token_accuracy"] <= 1 for e in steps)
+    (valid,) = [e for e in events if "val_loss" in e]
+    assert valid["valid_loss"] == valid["full_valid_loss"] == valid["val_loss"] > 0
+    # The last step's event carries that validation too, as OpenAI's last step does.
+    assert steps[-1]["valid_loss"] == valid["valid_loss"]
+    assert 0 <= valid["valid_mean_token_accuracy"] <= 1
+    assert steps[-1]["trained_tokens"] == job["trained_tokens"]
+
+    sft = client.get(f"/v1/adapters/{job['adapter_name']}", headers=auth).json()
+    assert (sft["task"], sft["method"], sft["base_model"]) == ("chat", "lora", TINY_LLAMA_NAME)
+    with db() as session:
+        row = session.scalar(select(AdapterRow).where(AdapterRow.name == sft["name"]))
+        assert row is not None and row.base_fingerprint == decoder.fingerprint
+        adapter = adapter_from_row(row)
+    assert adapter.task == "chat" and adapter.method.target_modules
+    adapter.load_method(decoder)  # the stored adapter loads back onto its base
+
+    # DPO from the SFT adapter: its reference policy and starting weights.
+    dpo = create_dataset(client, auth, dpo_rows(8), kind="dpo")
+    dpo_method = {"type": "lora", "hyperparameters": {**HYPER, "beta": 0.2}}
+    job = create_job(
+        client, auth, training_file=dpo, method=dpo_method, reference_adapter=sft["name"], seed=1
+    )
+    assert job["method"]["reference_adapter"] == sft["id"]
+    assert run_next(db, settings, decoder) is RunOutcome.SUCCEEDED
+    job = client.get(f"{JOBS}/{job['id']}", headers=auth).json()
+    assert job["status"] == "succeeded", job["error"]
+    assert job["resolved_hyperparameters"]["beta"] == 0.2
+    events = metrics_events(client, auth, job["id"])
+    assert all("rewards/margins" in e for e in events if "train_loss" in e)
+    assert any("val_rewards/accuracies" in e for e in events)
+    stored = client.get(f"/v1/adapters/{job['adapter_name']}", headers=auth).json()
+    assert (stored["task"], stored["base_model"]) == ("dpo", TINY_LLAMA_NAME)
+    listed = client.get("/v1/adapters", headers=auth).json()["data"]
+    assert {a["name"] for a in listed} == {sft["name"], stored["name"]}
+
+
+def test_job_creation_checks_base_task_and_settings(
+    client: TestClient, auth: Headers, other_auth: Headers
+) -> None:
+    chat = create_dataset(client, auth, chat_rows(4), kind="chat")
+    dpo = create_dataset(client, auth, dpo_rows(4), kind="dpo")
+    classification = create_dataset(client, auth)
+
+    def refused(status: int, param: str, **body: Any) -> dict[str, Any]:
+        return assert_error(client.post(JOBS, json=body, headers=auth), status, param=param)
+
+    error = refused(422, "model", training_file=chat, model=DEFAULT_BASE_MODEL_NAME)
+    assert "encoder" in error["message"] and "chat" in error["message"]
+    # A decoder's classifiers and reward models are not offered yet.
+    refused(422, "model", training_file=classification, model=TINY_LLAMA_NAME)
+    refused(
+        422,
+        "method.hyperparameters.beta",
+        training_file=chat,
+        method={"type": "lora", "hyperparameters": {"beta": 0.2}},
+    )
+    refused(
+        422,
+        "method.hyperparameters.margin",
+        training_file=dpo,
+        method={"type": "lora", "hyperparameters": {"margin": 1.0}},
+    )
+    refused(422, "method.type", training_file=chat, method={"type": "adapter"})
+    # An encoder's layer names are not a decoder's.
+    refused(
+        422,
+        "method.lora.target_modules",
+        training_file=chat,
+        method={"type": "lora", "lora": {"target_modules": ["query"]}},
+    )
+    refused(422, "validation_file", training_file=chat, validation_file=dpo)
+    refused(422, "reference_adapter", training_file=chat, reference_adapter="sft")
+    refused(404, "reference_adapter", training_file=dpo, reference_adapter="sft")
+    # OpenAI's supervised trains a chat file; its dpo does not.
+    refused(422, "training_file", training_file=chat, method={"type": "dpo"})
+    job = create_job(client, auth, training_file=chat, method={"type": "supervised"})
+    assert job["model"] == TINY_LLAMA_NAME
+    # Another tenant's chat file is not found.
+    other_chat = create_dataset(client, other_auth, chat_rows(4), kind="chat")
+    refused(404, "training_file", training_file=other_chat)
+
+
+class _ShutdownAtStep2(JobRun):
+    """The worker is told to stop (SIGTERM) while step 2 is reported."""
+
+    def _on_progress(self, ev: ProgressEvent) -> None:
+        super()._on_progress(ev)
+        if ev.step == 2:
+            self.shutdown.set()
+
+
+def test_a_requeued_chat_job_resumes_to_the_uninterrupted_adapter(
+    client: TestClient,
+    auth: Headers,
+    db: sessionmaker[Session],
+    settings: Settings,
+    decoder: DecoderBase,
+) -> None:
+    chat = create_dataset(client, auth, chat_rows(20), kind="chat")
+    body = {"training_file": chat, "method": {"type": "lora", "hyperparameters": HYPER}, "seed": 5}
+    clean = create_job(client, auth, **body)
+    assert run_next(db, settings, decoder) is RunOutcome.SUCCEEDED
+    job = create_job(client, auth, **body)
+    assert run_next(db, settings, decoder, _ShutdownAtStep2) is RunOutcome.REQUEUED
+    assert client.get(f"{JOBS}/{job['id']}", headers=auth).json()["status"] == "queued"
+    assert run_next(db, settings, decoder) is RunOutcome.SUCCEEDED
+
+    clean = client.get(f"{JOBS}/{clean['id']}", headers=auth).json()
+    job = client.get(f"{JOBS}/{job['id']}", headers=auth).json()
+    assert job["progress"] == clean["progress"] == {"step": 5, "total_steps": 5, "epoch": 1.0}
+    assert job["trained_tokens"] == clean["trained_tokens"] > 0
+    with db() as session:
+        rows = {
+            r.name: r.weights
+            for r in session.scalars(
+                select(AdapterRow).where(AdapterRow.source_job_id.is_not(None))
+            )
+        }
+    assert rows[job["adapter_name"]] == rows[clean["adapter_name"]]  # bit-exact resume
