@@ -85,6 +85,10 @@ class DecoderBase:
         return self.config.num_hidden_layers
 
     @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    @property
     def num_params(self) -> int:
         return sum(t.numel() for t in self.state_dict.values())
 

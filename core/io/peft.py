@@ -20,11 +20,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from core.adapter import Adapter
+from core.adapter import Adapter, base_kind_of
 from core.base import FrozenBase
 from core.decoder.base import DecoderBase
+from core.decoder.forward import forward, logits
 from core.errors import AdapterFormatError
-from core.heads import Head, HeadConfig
+from core.heads import LANGUAGE_MODEL_TASKS, Head, HeadConfig
 from core.io.peft_lora import export_lora, import_lora
 from core.io.peft_prompt import export_prompt, import_prompt
 from core.io.serialization import tensors_from_bytes, tensors_to_bytes
@@ -70,13 +71,15 @@ def export_peft(adapter: Adapter, base: FrozenBase | DecoderBase) -> dict[str, b
 
 
 def import_peft(
-    files: dict[str, bytes], base: FrozenBase, head: HeadConfig | None = None
+    files: dict[str, bytes], base: FrozenBase | DecoderBase, head: HeadConfig | None = None
 ) -> Adapter:
-    """An :class:`Adapter` for ``base`` from a PEFT folder's files (LoRA or prompt tuning).
+    """An :class:`Adapter` for ``base`` from a PEFT folder's files (LoRA or prompt tuning; on
+    a decoder base, a ``CAUSAL_LM`` LoRA).
 
     ``head``: the head to attach. None takes our head from a loraplex export; a PEFT adapter
-    from elsewhere has none, so a head config is required and the head starts untrained. A
-    given head equal to the exported one keeps its trained weights.
+    from elsewhere has none, so an encoder's needs a head config (the head starts untrained),
+    and a decoder's is a ``chat`` adapter (the base's own language-model head) unless a head
+    config says otherwise. A given head equal to the exported one keeps its trained weights.
     """
     by_name = _by_file_name(files)
     if CONFIG_FILE not in by_name:
@@ -92,12 +95,16 @@ def import_peft(
     method: MethodConfig
     if peft_type == "LORA":
         method, state = import_lora(cfg, tensors, base)
-    elif peft_type == "PROMPT_TUNING":
+    elif peft_type == "PROMPT_TUNING" and isinstance(base, FrozenBase):
         method, state = import_prompt(cfg, tensors, base, extra.get("method"))
     else:
+        supported = "'LORA', 'PROMPT_TUNING'" if isinstance(base, FrozenBase) else "'LORA'"
         raise AdapterFormatError(
-            f"unsupported peft_type {peft_type!r}; supported: 'LORA', 'PROMPT_TUNING'"
+            f"unsupported peft_type {peft_type!r} on a {base_kind_of(base)} base; "
+            f"supported: {supported}"
         )
+    if head is None and isinstance(base, DecoderBase) and extra.get("head") is None:
+        head = HeadConfig(task="chat")  # a causal LM's adapter: the base's own head
     head_cfg, head_state = _resolve_head(head, extra, by_name.get(HEAD_FILE), base)
     adapter = Adapter(
         method=method,
@@ -113,7 +120,7 @@ def import_peft(
     return adapter
 
 
-def check_servable(adapter: Adapter, base: FrozenBase) -> None:
+def check_servable(adapter: Adapter, base: FrozenBase | DecoderBase) -> None:
     """Refuse an imported adapter whose weights or outputs are not finite numbers.
 
     A NaN in the weights, or a scaling such as ``lora_alpha=1e308``, loads without complaint
@@ -124,14 +131,29 @@ def check_servable(adapter: Adapter, base: FrozenBase) -> None:
         for key, t in tensors.items():
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 raise AdapterFormatError(f"{where} tensor {key!r} holds NaN or infinite values")
-    model = adapter.build(base)  # the weights must also load into the method as built here
+    # The weights must also load into the method as built here.
     with torch.inference_mode():
-        out = model(base.tokenize(["a probe sentence"]))
+        if isinstance(base, FrozenBase):
+            out = adapter.build(base)(base.tokenize(["a probe sentence"]))
+        else:
+            out = _decoder_probe(adapter, base)
     if not bool(torch.isfinite(out).all()):
         raise AdapterFormatError(
             f"the adapter's outputs on base {base.name!r} are not finite numbers: its scaling "
             f"({adapter.method.to_dict()}) or weights are too large"
         )
+
+
+def _decoder_probe(adapter: Adapter, base: DecoderBase) -> Tensor:
+    """The adapter's output on a decoder base for one probe text: logits, or its head's."""
+    ids = torch.tensor([base.tokenizer("a probe sentence")["input_ids"]], device=base.device)
+    mask = torch.ones_like(ids)
+    if adapter.head.task in LANGUAGE_MODEL_TASKS:
+        method = adapter.load_method(base)
+        weights = getattr(method, "decoder_weights", lambda: base.weights)()
+        hidden = forward(weights, ids, mask, hooks=method.hooks())
+        return logits(weights, hidden)
+    return adapter.build_decoder_head(base)({"input_ids": ids, "attention_mask": mask})
 
 
 def _by_file_name(files: dict[str, bytes]) -> dict[str, bytes]:
@@ -166,7 +188,7 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~", "\\")) or (len(name) > 1 and name[1] == ":")
 
 
-def _check_base(cfg: dict[str, Any], extra: dict[str, Any], base: FrozenBase) -> None:
+def _check_base(cfg: dict[str, Any], extra: dict[str, Any], base: FrozenBase | DecoderBase) -> None:
     """Refuse adapters that say they belong to another base; shapes are checked later."""
     fingerprint = extra.get("base_fingerprint")
     if fingerprint and fingerprint != base.fingerprint:
@@ -190,7 +212,10 @@ def _check_base(cfg: dict[str, Any], extra: dict[str, Any], base: FrozenBase) ->
 
 
 def _resolve_head(
-    head: HeadConfig | None, extra: dict[str, Any], head_file: bytes | None, base: FrozenBase
+    head: HeadConfig | None,
+    extra: dict[str, Any],
+    head_file: bytes | None,
+    base: FrozenBase | DecoderBase,
 ) -> tuple[HeadConfig, dict[str, Tensor]]:
     saved_cfg: HeadConfig | None = None
     if extra.get("head") is not None:
@@ -204,7 +229,9 @@ def _resolve_head(
                 "this PEFT adapter has no loraplex head; pass a head config (task and labels)"
             )
         head = saved_cfg
-    if head == saved_cfg and head_file is not None:
+    if head.task in LANGUAGE_MODEL_TASKS:
+        state: dict[str, Tensor] = {}  # the base's own language-model head
+    elif head == saved_cfg and head_file is not None:
         state = tensors_from_bytes(head_file)
     else:
         # A new, untrained head (train it, e.g. with feature extraction on the imported base).

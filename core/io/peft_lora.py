@@ -1,8 +1,10 @@
 """LoRA in PEFT's ``adapter_config.json`` + ``adapter_model.safetensors`` layout.
 
 Our LoRA state names are already PEFT's module paths for a ``BertModel``
-(``encoder.layer.0.attention.self.query.lora_A.weight``); PEFT saves them under
-``base_model.model.`` without the adapter name.
+(``encoder.layer.0.attention.self.query.lora_A.weight``) or a ``LlamaForCausalLM``
+(``model.layers.0.self_attn.q_proj.lora_A.weight``); PEFT saves them under
+``base_model.model.`` without the adapter name. Import reads either kind's names, by the kind
+of the base it imports onto.
 """
 
 from __future__ import annotations
@@ -20,10 +22,20 @@ from core.errors import AdapterFormatError, ConfigError
 from core.methods import parse_method_config
 from core.methods.lora.config import LoraConfig
 from core.methods.lora.model import lora_key
-from core.targets import DECODER_TARGET_PATHS, TARGET_MODULES, TARGET_PATHS, BaseKind
+from core.targets import (
+    DECODER_TARGET_PATHS,
+    TARGET_MODULES_BY_KIND,
+    TARGET_PATHS,
+    BaseKind,
+    module_path,
+)
 
 PEFT_PREFIX = "base_model.model."
-_TARGET_BY_PATH = {path: target for target, path in TARGET_PATHS.items()}
+# Each kind's linear layers: sub-path in a layer -> our target name.
+_TARGET_BY_PATH: dict[BaseKind, dict[str, str]] = {
+    "encoder": {path: target for target, path in TARGET_PATHS.items()},
+    "decoder": {path: target for target, path in DECODER_TARGET_PATHS.items()},
+}
 
 # base_model.model. + optional bert./model. (BertFor* or wrapped models) + encoder path +
 # lora_A/B + optional adapter name (in-memory state dicts carry ``.default``).
@@ -34,6 +46,11 @@ _LORA_KEY = re.compile(
 # PEFT's "all-linear" also wraps BERT's pooler, which loraplex never runs: such LoRA
 # matrices cannot change anything we compute, so they are dropped on import.
 _POOLER_KEY = re.compile(r"^(?:base_model\.model\.)?(?:bert\.|model\.)?pooler\.dense\.lora_")
+# A causal LM's: base_model.model. + LlamaForCausalLM's model.layers.N + sub-path.
+_DECODER_LORA_KEY = re.compile(
+    r"^(?:base_model\.model\.)?(?:model\.)?layers\.(?P<layer>\d+)\."
+    r"(?P<path>.+)\.lora_(?P<which>[AB])(?:\.[A-Za-z0-9_-]+)?\.weight$"
+)
 
 # PEFT features our LoRA does not implement; any truthy value is refused.
 _UNSUPPORTED = ("use_dora", "fan_in_fan_out", "lora_bias", "layer_replication", "target_parameters")
@@ -111,25 +128,28 @@ def _check_supported(cfg: dict[str, Any]) -> None:
 
 
 def _parse_keys(
-    tensors: dict[str, Tensor],
+    tensors: dict[str, Tensor], kind: BaseKind
 ) -> dict[tuple[int, str], dict[str, tuple[str, Tensor]]]:
-    """``{(layer, target): {"A"|"B": (original key, tensor)}}``; unknown keys are errors."""
+    """``{(layer, target): {"A"|"B": (original key, tensor)}}`` of a ``kind`` base's LoRA;
+    unknown keys are errors."""
     sites: dict[tuple[int, str], dict[str, tuple[str, Tensor]]] = {}
     unknown: list[str] = []
+    by_path = _TARGET_BY_PATH[kind]
+    pattern = _LORA_KEY if kind == "encoder" else _DECODER_LORA_KEY
     for key, t in tensors.items():
-        m = _LORA_KEY.match(key)
-        if m is None or m["path"] not in _TARGET_BY_PATH:
-            if not _POOLER_KEY.match(key):
+        m = pattern.match(key)
+        if m is None or m["path"] not in by_path:
+            if kind == "decoder" or not _POOLER_KEY.match(key):
                 unknown.append(key)
             continue
-        site = (int(m["layer"]), _TARGET_BY_PATH[m["path"]])
+        site = (int(m["layer"]), by_path[m["path"]])
         if m["which"] in sites.setdefault(site, {}):
             raise AdapterFormatError(f"duplicate LoRA weights for {key!r}")
         sites[site][m["which"]] = (key, t)
     if unknown:
         raise AdapterFormatError(
             f"unsupported tensors in PEFT weights: {sorted(unknown)[:4]} (only LoRA matrices of "
-            f"the encoder's linear layers {list(TARGET_PATHS.values())} can be imported)"
+            f"the {kind}'s linear layers {list(by_path)} can be imported)"
         )
     if not sites:
         raise AdapterFormatError("PEFT weights contain no LoRA matrices")
@@ -146,7 +166,7 @@ def _selects(target_modules: list[str] | str, name: str) -> bool:
     return any(n == t or n.endswith(f".{t}") for n in names for t in target_modules)
 
 
-def _layers_to_transform(cfg: dict[str, Any], base: FrozenBase) -> list[int] | None:
+def _layers_to_transform(cfg: dict[str, Any], base: FrozenBase | DecoderBase) -> list[int] | None:
     layers = cfg.get("layers_to_transform")
     if layers is None:
         return None
@@ -165,7 +185,7 @@ def _layers_to_transform(cfg: dict[str, Any], base: FrozenBase) -> list[int] | N
     return layers
 
 
-def _target_modules(cfg: dict[str, Any], base: FrozenBase) -> list[str] | str | None:
+def _target_modules(cfg: dict[str, Any], base: FrozenBase | DecoderBase) -> list[str] | str | None:
     """The config's ``target_modules`` (None: every linear), each entry checked to name at
     least one linear layer of ``base``."""
     targets = cfg.get("target_modules")
@@ -178,12 +198,15 @@ def _target_modules(cfg: dict[str, Any], base: FrozenBase) -> list[str] | str | 
             raise AdapterFormatError(f"PEFT target_modules {targets!r} is no regex: {e}") from None
     elif not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
         raise AdapterFormatError(f"PEFT target_modules={targets!r} is not a list of names")
-    # The pooler is in PEFT's all-linear; its LoRA matrices are dropped (see _POOLER_KEY).
-    linears = [*TARGET_PATHS.values(), "pooler.dense"]
+    kind = base_kind_of(base)
+    linears = list(_TARGET_BY_PATH[kind])
     modules = [
-        f"encoder.layer.{i}.{p}" for i in range(base.num_layers) for p in TARGET_PATHS.values()
+        module_path(i, t) for i in range(base.num_layers) for t in TARGET_MODULES_BY_KIND[kind]
     ]
-    modules.append("pooler.dense")
+    if kind == "encoder":
+        # The pooler is in PEFT's all-linear; its LoRA matrices are dropped (see _POOLER_KEY).
+        linears.append("pooler.dense")
+        modules.append("pooler.dense")
     entries = [targets] if isinstance(targets, str) else targets
     unknown = [
         t for t in entries
@@ -198,7 +221,7 @@ def _target_modules(cfg: dict[str, Any], base: FrozenBase) -> list[str] | str | 
 
 
 def _check_selection(
-    cfg: dict[str, Any], sites: dict[tuple[int, str], Any], base: FrozenBase
+    cfg: dict[str, Any], sites: dict[tuple[int, str], Any], base: FrozenBase | DecoderBase
 ) -> None:
     """``target_modules`` and ``layers_to_transform`` must name parts of ``base`` and select
     every site the weights hold: a config that does not describe its weights is refused
@@ -206,7 +229,7 @@ def _check_selection(
     layers = _layers_to_transform(cfg, base)
     targets = _target_modules(cfg, base)
     for i, target in sorted(sites):
-        name = f"encoder.layer.{i}.{TARGET_PATHS[target]}"
+        name = module_path(i, target)
         if (targets is not None and not _selects(targets, name)) or (
             layers is not None and i not in layers
         ):
@@ -218,11 +241,13 @@ def _check_selection(
 
 
 def import_lora(
-    cfg: dict[str, Any], tensors: dict[str, Tensor], base: FrozenBase
+    cfg: dict[str, Any], tensors: dict[str, Tensor], base: FrozenBase | DecoderBase
 ) -> tuple[LoraConfig, dict[str, Tensor]]:
-    """Our LoRA config and state from a PEFT LoRA adapter, checked against ``base``."""
+    """Our LoRA config and state from a PEFT LoRA adapter, checked against ``base`` (an
+    encoder's ``FEATURE_EXTRACTION`` adapter, or a decoder's ``CAUSAL_LM`` one)."""
     _check_supported(cfg)
-    sites = _parse_keys(tensors)
+    kind = base_kind_of(base)
+    sites = _parse_keys(tensors, kind)
     n_layers = base.num_layers
     too_deep = sorted({i for i, _ in sites if i >= n_layers})
     if too_deep:
@@ -232,7 +257,7 @@ def import_lora(
         )
     _check_selection(cfg, sites, base)
     layers = sorted({i for i, _ in sites})
-    targets = sorted({t for _, t in sites}, key=TARGET_MODULES.index)
+    targets = sorted({t for _, t in sites}, key=TARGET_MODULES_BY_KIND[kind].index)
     missing = [(i, t) for i in layers for t in targets if (i, t) not in sites]
     if missing:
         raise AdapterFormatError(
@@ -272,7 +297,7 @@ def import_lora(
         "layers": None if layers == list(range(n_layers)) else layers,
     }
     try:
-        method = parse_method_config("lora", params, base_kind_of(base))
+        method = parse_method_config("lora", params, kind)
     except ConfigError as e:
         raise AdapterFormatError(f"PEFT LoRA config not supported: {e}") from None
     assert isinstance(method, LoraConfig)
