@@ -1,0 +1,125 @@
+"""Chat SFT and DPO on SmolLM2-135M-Instruct with the official OpenAI SDK, over real HTTP.
+
+A real ``loraplex serve`` holding the decoder alone (embedded worker, SQLite in a temp dir):
+OpenAI chat and DPO files go up with ``client.files.create``, an SFT job is created with the
+SDK's own ``method={"type": "supervised", ...}``, then DPO with its adapter as the reference
+policy through loraplex's own job API; the adapters are stored on SmolLM2 and export as PEFT
+folders for a causal LM. Few rows, short windows and a handful of steps keep it to tens of
+seconds on two cores.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from service.config import DEFAULT_DECODER_NAME
+from tests.e2e.server import ServerProcess, wait_job
+from tests.e2e.test_openai_sdk import sdk_client, wait_for
+
+pytestmark = [pytest.mark.e2e, pytest.mark.real_model]
+
+# Short rows, a 64-token window, batches of 4: a step of the 135M model is about a second.
+HYPER = {"n_epochs": 1, "batch_size": 4, "max_seq_length": 64}
+
+
+def jsonl(rows: list[dict[str, Any]]) -> bytes:
+    return b"".join(json.dumps(r).encode() + b"\n" for r in rows)
+
+
+CHAT = [
+    {
+        "messages": [
+            {"role": "system", "content": "Answer with the number only."},
+            {"role": "user", "content": f"What is {i} plus {i}?"},
+            {"role": "assistant", "content": f"{2 * i}"},
+        ]
+    }
+    for i in range(10)
+]
+DPO = [
+    {
+        "input": {"messages": [{"role": "user", "content": f"What is {i} plus {i}?"}]},
+        "preferred_output": [{"role": "assistant", "content": f"{2 * i}"}],
+        "non_preferred_output": [{"role": "assistant", "content": f"I think it is {i}."}],
+    }
+    for i in range(8)
+]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    proc = ServerProcess(
+        tmp_path_factory.mktemp("loraplex-decoder"),
+        settings={"bases": DEFAULT_DECODER_NAME, "checkpoint_every_steps": 2},
+    )
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server: ServerProcess) -> Iterator[openai.OpenAI]:
+    with sdk_client(server) as c:
+        yield c
+
+
+def test_chat_sft_with_the_sdk_then_dpo_from_its_adapter(
+    server: ServerProcess, client: openai.OpenAI, tmp_path: Path
+) -> None:
+    chat = client.files.create(file=("chat.jsonl", jsonl(CHAT)), purpose="fine-tune")
+    assert chat.model_extra and chat.model_extra["kind"] == "chat"
+    job = client.fine_tuning.jobs.create(
+        model=DEFAULT_DECODER_NAME,
+        training_file=chat.id,
+        method={"type": "supervised", "supervised": {"hyperparameters": HYPER}},
+        seed=3,
+    )
+    job, _ = wait_for(client, job.id)
+    assert job.status == "succeeded", (job.error, server.log_tail())
+    assert job.model == DEFAULT_DECODER_NAME and job.fine_tuned_model
+    assert job.trained_tokens and job.trained_tokens > 0
+    events = list(client.fine_tuning.jobs.list_events(job.id, limit=50))
+    steps = [e.data for e in events if e.type == "metrics" and e.data and "lr" in e.data]
+    assert steps and all(d["train_loss"] > 0 for d in steps)
+    assert any("valid_loss" in d and "valid_mean_token_accuracy" in d for d in steps)
+
+    with server.client() as http:
+        sft = http.get(f"/v1/adapters/{job.fine_tuned_model}").raise_for_status().json()
+        assert (sft["task"], sft["base_model"]) == ("chat", DEFAULT_DECODER_NAME)
+
+        dpo = client.files.create(file=("dpo.jsonl", jsonl(DPO)), purpose="fine-tune")
+        assert dpo.model_extra and dpo.model_extra["kind"] == "dpo"
+        body = {
+            "training_file": dpo.id,
+            "reference_adapter": sft["name"],
+            "method": {"type": "lora", "hyperparameters": {**HYPER, "beta": 0.1}},
+            "seed": 3,
+        }
+        created = http.post("/v1/fine_tuning/jobs", json=body).raise_for_status().json()
+        assert created["model"] == DEFAULT_DECODER_NAME  # the decoder, from the file's kind
+        done = wait_job(http, created["id"])
+        assert done["status"] == "succeeded", (done["error"], server.log_tail())
+        adapter = http.get(f"/v1/adapters/{done['fine_tuned_model']}").raise_for_status().json()
+        assert (adapter["task"], adapter["base_model"]) == ("dpo", DEFAULT_DECODER_NAME)
+        _assert_peft_export(http, adapter["name"])
+
+
+def _assert_peft_export(http: httpx.Client, name: str) -> None:
+    resp = http.get(f"/v1/adapters/{name}/export", params={"format": "peft"})
+    resp.raise_for_status()
+    with zipfile.ZipFile(io.BytesIO(resp.content)) as archive:
+        config = json.loads(archive.read("adapter_config.json"))
+        assert "adapter_model.safetensors" in archive.namelist()
+    assert config["task_type"] == "CAUSAL_LM"
+    assert config["base_model_name_or_path"] == DEFAULT_DECODER_NAME
