@@ -146,6 +146,31 @@ class Settings(BaseSettings):
     )
     adapter_cache_mb: int = Field(default=512, ge=0)
     merged_cache_mb: int = Field(default=128, ge=0)
+    generation_kv_cache_mb: int = Field(
+        default=1024,
+        ge=1,
+        description="Memory for the decoder's KV cache (/v1/chat/completions): it holds this "
+        "many MiB / (bytes one sequence of generation_context_tokens takes) sequences at once; "
+        "SmolLM2-135M in fp32 takes 45 KiB a token, so 1024 MiB hold 22 sequences of 1024.",
+    )
+    generation_context_tokens: int = Field(
+        default=1024,
+        ge=2,
+        description="Tokens one generated sequence may hold, prompt included (at most the "
+        "decoder's own context); a longer request is refused with 400 naming the limit.",
+    )
+    generation_max_waiting: int = Field(
+        default=64,
+        ge=1,
+        description="Generation requests that may wait for a free sequence slot; past them a "
+        "request gets 503 with Retry-After.",
+    )
+    generation_max_adapters: int = Field(
+        default=64,
+        ge=1,
+        description="LoRA adapters resident in the generation bank at once (least recently "
+        "used evicted first; never one a running sequence uses).",
+    )
     # bfloat16 measured ~3x faster than float32 on AVX-512 CPUs (logits within ~3e-3).
     serve_dtype: Literal["float32", "bfloat16"] = "float32"
 

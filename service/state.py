@@ -38,6 +38,7 @@ if TYPE_CHECKING:  # the serving types import torch; the state only names them
     from service.observability.metrics import ServiceMetrics
     from service.readiness import Readiness
     from service.serving.batcher import Batcher
+    from service.serving.generation import GenerationServer
     from service.serving.invalidation import InvalidationListener
     from service.serving.lookups import LookupCache
     from service.serving.run import RequestTokenizer
@@ -80,6 +81,8 @@ class AppState:
     base_model: FrozenBase | None = None
     request_tokenizer: RequestTokenizer | None = None
     batcher: Batcher | None = None
+    # Generation (/v1/chat/completions): a scheduler owner thread per decoder base, by name.
+    generation: dict[str, GenerationServer] | None = None
     # The invalidation hook: listens for other replicas' adapter changes (PostgreSQL only).
     invalidation_listener: InvalidationListener | None = None
 

@@ -149,6 +149,29 @@ def get_current_tenant(principal: PrincipalDep, session: SessionDep) -> Tenant:
 CurrentTenant = Annotated[Tenant, Depends(get_current_tenant)]
 
 
+async def get_caller_tenant_id(
+    request: Request, settings: SettingsDep, credentials: BearerDep
+) -> str | None:
+    """The caller's tenant id (None for the admin key), from one short thread hop whose
+    connection goes back to the pool at once: for routes that keep the request open long
+    (generation streams), where a session held as a dependency would hold it throughout."""
+    found = _without_database(request, settings, credentials)
+    if isinstance(found, Principal):
+        return found.tenant_id
+    return await run_in_threadpool(_tenant_of_secret, request, found)
+
+
+def _tenant_of_secret(request: Request, secret: str) -> str | None:
+    with app_state(request).sessionmaker() as session:
+        principal = _principal_of(key_by_secret(session, secret))
+        if principal.tenant_id is not None and session.get(Tenant, principal.tenant_id) is None:
+            raise _invalid_key()  # key outlived its tenant
+        return principal.tenant_id
+
+
+CallerTenantId = Annotated[str | None, Depends(get_caller_tenant_id)]
+
+
 async def require_admin(principal: PrincipalDep) -> Principal:
     if not principal.is_admin:
         raise ServiceError(
@@ -175,6 +198,8 @@ def adapter_caches(state: StateDep) -> list[ForgetAdapter]:
         forget.append(state.lookup_cache.drop_adapter)
     if state.batcher is not None:  # set by the serving hook only
         forget.append(state.batcher.invalidate)
+    for server in (state.generation or {}).values():  # the decoders' generation banks
+        forget.append(server.forget)
     return forget
 
 

@@ -13,6 +13,7 @@ from anyio.to_thread import run_sync
 from service.config import Settings
 from service.observability.metrics import EngineCollector
 from service.serving.batcher import Batcher
+from service.serving.generation import start_generation
 from service.serving.queries import DatabaseLoader
 from service.serving.run import RequestTokenizer
 from service.state import AppState
@@ -72,12 +73,18 @@ async def serving(state: AppState) -> AsyncIterator[None]:
     bases = await run_sync(lambda: load_bases(settings))
     base = bases.encoder
     batcher = _start_encoder(state, base, threads) if base is not None else None
-    # The decoder waits in state.bases for generation serving (/v1/chat/completions).
+    decoders = [name for name in bases if bases.kind(name) == "decoder"]
+    loader = DatabaseLoader(state.sessionmaker)
+    # A scheduler owner thread per decoder base (/v1/chat/completions, /v1/completions).
+    generation = await run_sync(lambda: start_generation(bases, decoders, settings, loader))
+    state.generation = generation
     state.bases = bases
     readiness.ready("model")
     try:
         yield
     finally:
+        for server in generation.values():
+            server.stop()
         if batcher is not None:
             batcher.stop()
 

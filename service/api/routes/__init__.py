@@ -7,6 +7,7 @@ from service.api.routes import (
     dashboard,
     datasets,
     files,
+    generation,
     health,
     job_stream,
     jobs,
@@ -29,6 +30,7 @@ api_router.include_router(job_stream.router)
 api_router.include_router(adapters.router)
 api_router.include_router(models.router)
 api_router.include_router(predict.router)
+api_router.include_router(generation.router)
 api_router.include_router(reward.router)
 api_router.include_router(metrics.router)
 api_router.include_router(dashboard.router)

@@ -1,0 +1,438 @@
+"""``POST /v1/chat/completions`` and ``POST /v1/completions``: OpenAI's generation endpoints.
+
+``model`` is a decoder base id or the name of one of the caller's chat or DPO adapters (LoRA);
+another tenant's adapter is as unknown as a name nobody has (404). Every request is queued to
+its base's scheduler (:mod:`service.serving.generation`), which batches it continuously with
+every other sequence of that base, whatever adapter each uses. Prompts are tokenized in worker
+threads; a client that disconnects frees its sequences at the scheduler's next step.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from service.adapters.records import find_adapter_row
+from service.api.deps import CallerTenantId
+from service.api.disconnect import unless_disconnected
+from service.api.errors import error_body
+from service.api.schemas.generation import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChoiceLogprobs,
+    ChunkChoice,
+    Completion,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    Delta,
+    SamplingFields,
+    TokenLogprobOut,
+    TopLogprob,
+    Usage,
+)
+from service.errors import ErrorKind, ServiceError, invalid, not_found, unavailable
+from service.serving.generation import Generation, GenerationServer
+from service.state import app_state
+
+if TYPE_CHECKING:
+    from core.generation.adapters import LoraWeights
+    from core.generation.sampling import SamplingParams, TokenLogprob
+
+router = APIRouter(tags=["generation"])
+
+FinishReason = Literal["stop", "length"]
+
+
+# --- which base and adapter a request's model names ------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Target:
+    server: GenerationServer
+    adapter: LoraWeights | None
+
+
+async def _target(request: Request, tenant_id: str | None, model: str) -> _Target:
+    state = app_state(request)
+    servers = state.generation
+    if servers is None:
+        raise unavailable(
+            "The base models are still loading; retry shortly.", "model_not_ready", retry_after=5
+        )
+    if model in servers:
+        return _Target(servers[model], None)
+    if state.bases is not None and model in state.bases:
+        raise _not_generative(f"{model} is an encoder base; it does not generate text")
+    if tenant_id is None:  # the admin key has no adapters
+        raise not_found("model", model, "model")
+    found = await run_in_threadpool(_find_adapter, request, tenant_id, model)
+    if found is None:  # another tenant's included: its existence is never confirmed
+        raise not_found("model", model, "model")
+    key, task, base_model = found
+    if task not in ("chat", "dpo"):
+        raise _not_generative(f"adapter {model!r} is a {task} adapter; it does not generate text")
+    server = servers.get(base_model)
+    if server is None:
+        raise _not_generative(
+            f"adapter {model!r} was trained on {base_model}, which this deployment does not serve"
+        )
+    return _Target(server, await run_in_threadpool(server.lora_weights, key))
+
+
+def _find_adapter(
+    request: Request, tenant_id: str, name: str
+) -> tuple[tuple[str, str, int], str, str] | None:
+    """``(key, task, base_model)`` of the tenant's adapter ``name``, or None."""
+    with app_state(request).sessionmaker() as session:
+        row = find_adapter_row(session, tenant_id, name)
+        if row is None:
+            return None
+        return (tenant_id, name, row.version), row.task, row.base_model
+
+
+def _not_generative(message: str) -> ServiceError:
+    return ServiceError(
+        message, code="model_not_generative", param="model", kind=ErrorKind.UNSUPPORTED
+    )
+
+
+# --- sampling ------------------------------------------------------------------------------
+
+
+def _params(
+    body: SamplingFields, max_tokens: int, logprobs: bool, top_logprobs: int
+) -> SamplingParams:
+    from core.errors import ConfigError
+    from core.generation.sampling import SamplingParams
+
+    try:
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            seed=body.seed,
+            n=body.n,
+            logprobs=logprobs,
+            top_logprobs=top_logprobs,
+            stop=body.stop_strings(),
+        )
+    except ConfigError as exc:
+        raise invalid(exc.message, exc.field) from None
+
+
+def _max_tokens(asked: int | None, server: GenerationServer, prompt: list[int]) -> int:
+    """What the caller asked for, or all the context leaves (at least one, so that a prompt
+    that fills the context is refused by the scheduler naming the limit)."""
+    return asked if asked is not None else max(1, server.context_length - len(prompt))
+
+
+def _submit(
+    server: GenerationServer,
+    prompt: list[int],
+    params: SamplingParams,
+    adapter: LoraWeights | None,
+    prompt_param: str,
+) -> Generation:
+    from core.generation.scheduler import GenerationRequest
+
+    return server.submit(GenerationRequest(prompt, params, adapter), prompt_param)
+
+
+@dataclass
+class _Collected:
+    """A finished request's candidates."""
+
+    texts: list[str]
+    finish: list[FinishReason | None]
+    logprobs: list[list[TokenLogprob]]
+    completion_tokens: list[int]
+
+
+async def _collect(generation: Generation) -> _Collected:
+    n = generation.n
+    out = _Collected([""] * n, [None] * n, [[] for _ in range(n)], [0] * n)
+    async for event in generation.events():
+        i = event.index
+        out.texts[i] += event.text
+        out.logprobs[i].extend(event.logprobs)
+        out.completion_tokens[i] = event.completion_tokens
+        if event.finish_reason is not None:
+            out.finish[i] = event.finish_reason
+    return out
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> Usage:
+    return Usage(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+    )
+
+
+def _token_texts(server: GenerationServer, lps: list[TokenLogprob]) -> dict[int, str]:
+    """The text of every token ``lps`` names (the chosen ones and the alternatives)."""
+    ids = sorted({lp.token_id for lp in lps} | {t for lp in lps for t, _ in lp.top})
+    return dict(zip(ids, server.token_texts(ids), strict=True))
+
+
+def _chat_logprobs(lps: list[TokenLogprob], texts: dict[int, str]) -> ChoiceLogprobs:
+    def top(token: int, logprob: float) -> TopLogprob:
+        text = texts[token]
+        return TopLogprob(token=text, logprob=logprob, bytes=list(text.encode()))
+
+    return ChoiceLogprobs(
+        content=[
+            TokenLogprobOut(
+                **top(lp.token_id, lp.logprob).model_dump(),
+                top_logprobs=[top(t, v) for t, v in lp.top],
+            )
+            for lp in lps
+        ]
+    )
+
+
+def _completion_logprobs(
+    lps: list[TokenLogprob], texts: dict[int, str], offset: int
+) -> CompletionLogprobs:
+    offsets = []
+    for lp in lps:
+        offsets.append(offset)
+        offset += len(texts[lp.token_id])
+    return CompletionLogprobs(
+        tokens=[texts[lp.token_id] for lp in lps],
+        token_logprobs=[lp.logprob for lp in lps],
+        top_logprobs=[{texts[t]: v for t, v in lp.top} for lp in lps],
+        text_offset=offsets,
+    )
+
+
+def _sse(payload: str) -> str:
+    return f"data: {payload}\n\n"
+
+
+def _stream(generation: Generation, chunks: AsyncIterator[str]) -> StreamingResponse:
+    """SSE of ``chunks`` then ``[DONE]``; a failure mid-stream ends it with an error event.
+    However the stream ends (the client gone included), the request's sequences are freed."""
+
+    async def body() -> AsyncIterator[str]:
+        try:
+            async for chunk in chunks:
+                yield chunk
+            yield _sse("[DONE]")
+        except ServiceError as exc:
+            yield _sse(json.dumps(error_body(exc.message, "server_error", exc.param, exc.code)))
+        finally:
+            generation.cancel()
+
+    return StreamingResponse(
+        body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+    )
+
+
+async def _finished(request: Request, generation: Generation) -> _Collected:
+    try:
+        return await unless_disconnected(request, _collect(generation))
+    finally:
+        generation.cancel()  # a no-op once finished; frees the slots of a client that left
+
+
+def _response_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+# --- /v1/chat/completions ------------------------------------------------------------------
+
+
+@router.post(
+    "/v1/chat/completions",
+    response_model=ChatCompletion,
+    summary="Generate a chat reply",
+    responses={200: {"content": {"text/event-stream": {}}}},
+)
+async def chat_completions(
+    request: Request, body: ChatCompletionRequest, tenant_id: CallerTenantId
+) -> ChatCompletion | StreamingResponse:
+    """The assistant's reply to `messages`, rendered with the base's chat template, from the
+    base or one of your chat/DPO adapters (`model`). With `stream: true`, server-sent
+    `chat.completion.chunk` events and a final `[DONE]`."""
+    if body.top_logprobs and not body.logprobs:
+        raise invalid("top_logprobs needs logprobs to be true", "top_logprobs")
+    target = await _target(request, tenant_id, body.model)
+    server = target.server
+    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    prompt = await run_in_threadpool(server.encode_chat, messages)
+    asked = (
+        body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    )
+    params = _params(
+        body, _max_tokens(asked, server, prompt), body.logprobs, body.top_logprobs or 0
+    )
+    generation = _submit(server, prompt, params, target.adapter, "messages")
+    response_id, created = _response_id("chatcmpl"), int(time.time())
+    if body.stream:
+        usage = body.stream_options is not None and body.stream_options.include_usage
+        chunks = _chat_chunks(server, generation, response_id, created, body.model, usage)
+        return _stream(generation, chunks)
+    done = await _finished(request, generation)
+    texts = await run_in_threadpool(_token_texts, server, [lp for c in done.logprobs for lp in c])
+    return ChatCompletion(
+        id=response_id,
+        created=created,
+        model=body.model,
+        choices=[
+            ChatChoice(
+                index=i,
+                message=AssistantMessage(content=done.texts[i]),
+                finish_reason=done.finish[i] or "length",
+                logprobs=_chat_logprobs(done.logprobs[i], texts) if body.logprobs else None,
+            )
+            for i in range(generation.n)
+        ],
+        usage=_usage(generation.prompt_tokens, sum(done.completion_tokens)),
+    )
+
+
+async def _chat_chunks(
+    server: GenerationServer,
+    generation: Generation,
+    response_id: str,
+    created: int,
+    model: str,
+    include_usage: bool,
+) -> AsyncIterator[str]:
+    def chunk(choices: list[ChunkChoice], usage: Usage | None = None) -> str:
+        return _sse(
+            ChatCompletionChunk(
+                id=response_id, created=created, model=model, choices=choices, usage=usage
+            ).model_dump_json(exclude_none=True)
+        )
+
+    yield chunk(
+        [
+            ChunkChoice(index=i, delta=Delta(role="assistant", content=""))
+            for i in range(generation.n)
+        ]
+    )
+    completion = [0] * generation.n
+    async for event in generation.events():
+        completion[event.index] = event.completion_tokens
+        if not (event.text or event.finish_reason or event.logprobs):
+            continue  # a held-back piece: nothing to say yet
+        logprobs = None
+        if event.logprobs:
+            texts = await run_in_threadpool(_token_texts, server, event.logprobs)
+            logprobs = _chat_logprobs(event.logprobs, texts)
+        yield chunk(
+            [
+                ChunkChoice(
+                    index=event.index,
+                    delta=Delta(content=event.text) if event.text else Delta(),
+                    finish_reason=event.finish_reason,
+                    logprobs=logprobs,
+                )
+            ]
+        )
+    if include_usage:
+        yield chunk([], _usage(generation.prompt_tokens, sum(completion)))
+
+
+# --- /v1/completions -----------------------------------------------------------------------
+
+
+@router.post(
+    "/v1/completions",
+    response_model=Completion,
+    response_model_exclude_none=True,
+    summary="Continue a prompt",
+    responses={200: {"content": {"text/event-stream": {}}}},
+)
+async def completions(
+    request: Request, body: CompletionRequest, tenant_id: CallerTenantId
+) -> Completion | StreamingResponse:
+    """The continuation of `prompt` (no chat template), from the base or one of your
+    chat/DPO adapters. With `stream: true`, server-sent `text_completion` chunks and a final
+    `[DONE]`."""
+    target = await _target(request, tenant_id, body.model)
+    server = target.server
+    prompt = await run_in_threadpool(server.encode_text, body.prompt)
+    top = body.logprobs or 0
+    params = _params(
+        body, _max_tokens(body.max_tokens, server, prompt), body.logprobs is not None, top
+    )
+    generation = _submit(server, prompt, params, target.adapter, "prompt")
+    response_id, created = _response_id("cmpl"), int(time.time())
+    if body.stream:
+        usage = body.stream_options is not None and body.stream_options.include_usage
+        chunks = _completion_chunks(server, generation, response_id, created, body.model, usage)
+        return _stream(generation, chunks)
+    done = await _finished(request, generation)
+    texts = await run_in_threadpool(_token_texts, server, [lp for c in done.logprobs for lp in c])
+    return Completion(
+        id=response_id,
+        created=created,
+        model=body.model,
+        choices=[
+            CompletionChoice(
+                index=i,
+                text=done.texts[i],
+                finish_reason=done.finish[i] or "length",
+                logprobs=(
+                    _completion_logprobs(done.logprobs[i], texts, 0)
+                    if body.logprobs is not None
+                    else None
+                ),
+            )
+            for i in range(generation.n)
+        ],
+        usage=_usage(generation.prompt_tokens, sum(done.completion_tokens)),
+    )
+
+
+async def _completion_chunks(
+    server: GenerationServer,
+    generation: Generation,
+    response_id: str,
+    created: int,
+    model: str,
+    include_usage: bool,
+) -> AsyncIterator[str]:
+    def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
+        return _sse(
+            Completion(
+                id=response_id, created=created, model=model, choices=choices, usage=usage
+            ).model_dump_json(exclude_none=True)
+        )
+
+    completion = [0] * generation.n
+    offsets = [0] * generation.n
+    async for event in generation.events():
+        i = event.index
+        completion[i] = event.completion_tokens
+        if not (event.text or event.finish_reason or event.logprobs):
+            continue
+        logprobs = None
+        if event.logprobs:
+            texts = await run_in_threadpool(_token_texts, server, event.logprobs)
+            logprobs = _completion_logprobs(event.logprobs, texts, offsets[i])
+        offsets[i] += len(event.text)
+        yield chunk(
+            [
+                CompletionChoice(
+                    index=i, text=event.text, finish_reason=event.finish_reason, logprobs=logprobs
+                )
+            ]
+        )
+    if include_usage:
+        yield chunk([], _usage(generation.prompt_tokens, sum(completion)))

@@ -1,0 +1,284 @@
+"""Request and response bodies of ``/v1/chat/completions`` and ``/v1/completions``, in
+OpenAI's shapes (so the official SDKs work unchanged). Fields loraplex does not implement
+(tools, penalties, ``logit_bias`` ...) are refused with a 422 naming them, not ignored."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+MAX_MESSAGES = 256
+MAX_CONTENT_CHARS = 100_000
+MAX_STOP = 4
+MAX_STOP_CHARS = 64
+MAX_N = 16
+
+StopString = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]
+Stop = StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None
+
+MODEL = (
+    "A decoder base id (`GET /v1/models`) or the name of one of your chat or DPO adapters "
+    "(a fine-tuning job's `fine_tuned_model`)."
+)
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"] = Field(description="Only text parts are read.")
+    text: Annotated[str, StringConstraints(max_length=MAX_CONTENT_CHARS)] = Field(
+        description="The part's text; a message's parts are joined without separators."
+    )
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "user", "assistant"] = Field(description="Who says it.")
+    content: (
+        Annotated[str, StringConstraints(max_length=MAX_CONTENT_CHARS)]
+        | Annotated[list[TextPart], Field(max_length=64)]
+    ) = Field(description="The message's text, or its text parts.")
+    name: str | None = Field(None, max_length=64, description="Accepted and not used.")
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = Field(False, description="A last chunk with `usage` (and no choices).")
+
+
+class SamplingFields(BaseModel):
+    """What both endpoints share."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(min_length=1, max_length=256, description=MODEL)
+    max_tokens: int | None = Field(
+        None, ge=1, description="Tokens to generate at most; default: what the context leaves."
+    )
+    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0: greedy.")
+    top_p: float = Field(
+        1.0, gt=0.0, le=1.0, description="Sample from the likeliest tokens holding this mass."
+    )
+    n: int = Field(1, ge=1, le=MAX_N, description="Candidates, sharing one prompt prefill.")
+    stop: Stop = Field(None, description="Up to 4 strings that end a candidate (not returned).")
+    seed: int | None = Field(
+        None,
+        ge=0,
+        lt=2**63,
+        description="Same seed and request, same text (candidate i samples with seed + i).",
+    )
+    stream: bool = Field(
+        False, description="Server-sent events as tokens are generated, then `data: [DONE]`."
+    )
+    stream_options: StreamOptions | None = Field(None, description="With `stream` only.")
+    user: str | None = Field(None, max_length=256, description="Accepted and not used.")
+
+    def stop_strings(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+
+CHAT_REQUEST_EXAMPLE = {
+    "model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "messages": [{"role": "user", "content": "What is the capital of France?"}],
+    "max_tokens": 16,
+    "temperature": 0,
+}
+
+
+class ChatCompletionRequest(SamplingFields):
+    """A conversation to reply to."""
+
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [CHAT_REQUEST_EXAMPLE]}
+    )
+    messages: list[ChatMessage] = Field(
+        min_length=1,
+        max_length=MAX_MESSAGES,
+        description="The conversation so far, rendered with the base's chat template.",
+    )
+    max_completion_tokens: int | None = Field(None, ge=1, description="`max_tokens`' new name.")
+    logprobs: bool = Field(False, description="Return each reply token's log-probability.")
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="Needs `logprobs`.")
+
+
+class CompletionRequest(SamplingFields):
+    """A prompt to continue."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+                    "prompt": "The capital of France is",
+                    "max_tokens": 8,
+                }
+            ]
+        },
+    )
+    prompt: Annotated[str, StringConstraints(min_length=1, max_length=MAX_CONTENT_CHARS)] = Field(
+        description="The text to continue (no chat template)."
+    )
+    logprobs: int | None = Field(
+        None, ge=0, le=5, description="Also return the logprobs of this many likeliest tokens."
+    )
+
+
+USAGE_EXAMPLE = {"prompt_tokens": 36, "completion_tokens": 8, "total_tokens": 44}
+FINISH = "`stop`: a stop token or string ended it; `length`: `max_tokens` or the context did."
+
+
+class Usage(BaseModel):
+    """Tokens the request took."""
+
+    prompt_tokens: int = Field(description="Tokens of the rendered prompt.")
+    completion_tokens: int = Field(description="Tokens generated, over all candidates.")
+    total_tokens: int = Field(description="The two added.")
+
+
+class TopLogprob(BaseModel):
+    """A token and its log-probability under the model."""
+
+    token: str = Field(description="The token's text.")
+    logprob: float = Field(description="Its log-probability (before temperature and top_p).")
+    bytes: list[int] = Field(description="The UTF-8 bytes of `token`.")
+
+
+class TokenLogprobOut(TopLogprob):
+    """A generated token, with the likeliest alternatives at its position."""
+
+    top_logprobs: list[TopLogprob] = Field(description="`top_logprobs` likeliest, best first.")
+
+
+class ChoiceLogprobs(BaseModel):
+    """Log-probabilities of a reply's tokens."""
+
+    content: list[TokenLogprobOut] = Field(description="One per generated token.")
+
+
+class AssistantMessage(BaseModel):
+    """The generated reply."""
+
+    role: Literal["assistant"] = Field("assistant", description="Always `assistant`.")
+    content: str = Field(description="The reply's text.")
+
+
+class ChatChoice(BaseModel):
+    """One candidate reply."""
+
+    index: int = Field(description="Which of the `n` candidates.")
+    message: AssistantMessage = Field(description="The reply.")
+    finish_reason: Literal["stop", "length"] = Field(description=FINISH)
+    logprobs: ChoiceLogprobs | None = Field(None, description="With `logprobs` only.")
+
+
+class ChatCompletion(BaseModel):
+    """The replies to a conversation."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "chatcmpl-5f0c8e2a9b7d4c1e8f3a6b2d9c0e1f47",
+                    "object": "chat.completion",
+                    "created": 1764950400,
+                    "model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": {
+                                "role": "assistant",
+                                "content": "The capital of France is Paris.",
+                            },
+                            "finish_reason": "stop",
+                        }
+                    ],
+                    "usage": USAGE_EXAMPLE,
+                }
+            ]
+        }
+    )
+    id: str = Field(description="This response's id.")
+    object: Literal["chat.completion"] = Field("chat.completion", description="The type.")
+    created: int = Field(description="Unix seconds when the request arrived.")
+    model: str = Field(description="The `model` of the request.")
+    choices: list[ChatChoice] = Field(description="The `n` candidates.")
+    usage: Usage = Field(description="Tokens the prompt and the candidates took.")
+
+
+class Delta(BaseModel):
+    """What a chunk adds to a candidate's reply."""
+
+    role: Literal["assistant"] | None = Field(None, description="In each candidate's first.")
+    content: str | None = Field(None, description="New text; complete characters only.")
+
+
+class ChunkChoice(BaseModel):
+    """One candidate's part of a chunk."""
+
+    index: int = Field(description="Which of the `n` candidates.")
+    delta: Delta = Field(description="The new text.")
+    finish_reason: Literal["stop", "length"] | None = Field(None, description=FINISH)
+    logprobs: ChoiceLogprobs | None = Field(None, description="The chunk's tokens' logprobs.")
+
+
+class ChatCompletionChunk(BaseModel):
+    """One server-sent event of a streamed chat completion."""
+
+    id: str = Field(description="The response's id, the same in every chunk.")
+    object: Literal["chat.completion.chunk"] = Field(
+        "chat.completion.chunk", description="The type."
+    )
+    created: int = Field(description="Unix seconds when the request arrived.")
+    model: str = Field(description="The `model` of the request.")
+    choices: list[ChunkChoice] = Field(description="Empty in the usage chunk.")
+    usage: Usage | None = Field(None, description="In the last chunk, with `include_usage`.")
+
+
+class CompletionLogprobs(BaseModel):
+    """The legacy completions shape: parallel lists, one entry per token."""
+
+    tokens: list[str] = Field(description="Each generated token's text.")
+    token_logprobs: list[float] = Field(description="Each token's log-probability.")
+    top_logprobs: list[dict[str, float]] = Field(description="The likeliest tokens per position.")
+    text_offset: list[int] = Field(description="Where each token starts in the text.")
+
+
+class CompletionChoice(BaseModel):
+    """One candidate continuation (or a streamed piece of one)."""
+
+    index: int = Field(description="Which of the `n` candidates.")
+    text: str = Field(description="The continuation's text.")
+    finish_reason: Literal["stop", "length"] | None = Field(None, description=FINISH)
+    logprobs: CompletionLogprobs | None = Field(None, description="With `logprobs` only.")
+
+
+class Completion(BaseModel):
+    """The continuations of a prompt (streamed: one chunk of them)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "cmpl-5f0c8e2a9b7d4c1e8f3a6b2d9c0e1f47",
+                    "object": "text_completion",
+                    "created": 1764950400,
+                    "model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+                    "choices": [{"index": 0, "text": " Paris.", "finish_reason": "stop"}],
+                    "usage": USAGE_EXAMPLE,
+                }
+            ]
+        }
+    )
+    id: str = Field(description="This response's id.")
+    object: Literal["text_completion"] = Field("text_completion", description="The type.")
+    created: int = Field(description="Unix seconds when the request arrived.")
+    model: str = Field(description="The `model` of the request.")
+    choices: list[CompletionChoice] = Field(description="The `n` candidates.")
+    usage: Usage | None = Field(None, description="Tokens the request took.")

@@ -1,0 +1,301 @@
+"""Generation serving: one scheduler owner thread per decoder base, and the async side of it.
+
+:class:`GenerationServer` owns a :class:`core.generation.scheduler.Scheduler` on one thread
+(docs/architecture.md invariant 3: the bank, the KV cache and the sequences have one owner).
+Requests reach it through :meth:`GenerationServer.submit`, which queues the request (refused
+at once when the queue is full: 503, or too long for the context: 400) and returns a
+:class:`Generation`, the request's stream of per-step events, delivered onto the caller's
+event loop. Tokenizing a prompt and reading an adapter's weights happen in worker threads
+(:meth:`GenerationServer.encode_chat`, :meth:`GenerationServer.lora_weights`); detokenizing
+happens on the owner thread, so the event loop only moves short strings.
+
+The owner thread keeps its own copy of the tokenizer: a fast tokenizer is not safe to use
+from two threads at once, and request threads share the other one under a lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from service.errors import ErrorKind, ServiceError, invalid, not_found, unavailable
+from service.serving.queries import AdapterGone, AdapterKey
+
+if TYPE_CHECKING:
+    from core.adapter import Adapter
+    from core.decoder.base import DecoderBase
+    from core.generation.adapters import LoraWeights
+    from core.generation.scheduler import GenerationRequest, Scheduler, SequenceEvent
+    from service.config import Settings
+
+logger = logging.getLogger(__name__)
+
+RETRY_AFTER_S = 1
+# Adapters whose weights stay read (as LoRA pairs) between requests; the bank itself holds
+# what running sequences use.
+WEIGHTS_CACHE_ENTRIES = 64
+
+
+class Generation:
+    """One request's events, as the owner thread delivers them, until every candidate ends."""
+
+    def __init__(self, server: GenerationServer, request_id: int, n: int, prompt_tokens: int):
+        self.server = server
+        self.request_id = request_id
+        self.n = n
+        self.prompt_tokens = prompt_tokens
+        self.queue: asyncio.Queue[list[SequenceEvent]] = asyncio.Queue()
+
+    async def events(self) -> AsyncIterator[SequenceEvent]:
+        """Every event of the request; a failed candidate raises a 500 ServiceError."""
+        open_candidates = self.n
+        while open_candidates:
+            for event in await self.queue.get():
+                if event.error is not None:
+                    raise ServiceError(
+                        f"generation failed: {event.error}",
+                        code="generation_failed",
+                        kind=ErrorKind.INTERNAL,
+                    )
+                if event.finish_reason is not None:
+                    open_candidates -= 1
+                yield event
+
+    def cancel(self) -> None:
+        """Free the request's slots at the scheduler's next step (a client that left)."""
+        self.server.cancel(self.request_id)
+
+
+class GenerationServer:
+    """A decoder base's scheduler, its owner thread, and what requests need around it."""
+
+    def __init__(
+        self,
+        base: DecoderBase,
+        scheduler: Scheduler,
+        load_adapter: Callable[[AdapterKey], Adapter],
+    ) -> None:
+        self.base = base
+        self.scheduler = scheduler
+        self.load_adapter = load_adapter
+        # Request threads' tokenizer (one at a time); the owner thread has the scheduler's.
+        self._tokenizer_lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _sinks and _weights
+        self._sinks: dict[int, tuple[asyncio.AbstractEventLoop, Generation]] = {}
+        self._weights: OrderedDict[AdapterKey, LoraWeights] = OrderedDict()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(
+            target=self._own, name=f"generation:{base.name}", daemon=True
+        )
+
+    @property
+    def name(self) -> str:
+        return self.base.name
+
+    @property
+    def context_length(self) -> int:
+        return self.scheduler.capacity
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join(timeout=30)
+
+    # --- request threads ------------------------------------------------------------------
+
+    def encode_chat(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
+        """The prompt ids of a conversation, rendered with the base's chat template."""
+        if self.base.chat_template is None:
+            raise ServiceError(
+                f"{self.name} has no chat template; use /v1/completions with a prompt",
+                code="no_chat_template",
+                param="messages",
+                kind=ErrorKind.UNSUPPORTED,
+            )
+        with self._tokenizer_lock:
+            ids = self.base.tokenizer.apply_chat_template(
+                list(messages),
+                chat_template=self.base.chat_template,
+                add_generation_prompt=True,
+                tokenize=True,
+            )
+        return list(ids)
+
+    def encode_text(self, text: str) -> list[int]:
+        with self._tokenizer_lock:
+            return list(self.base.tokenizer.encode(text))
+
+    def token_texts(self, ids: Sequence[int]) -> list[str]:
+        """Each token's own text (logprobs name tokens this way)."""
+        with self._tokenizer_lock:
+            return [self.base.tokenizer.decode([i]) for i in ids]
+
+    def lora_weights(self, key: AdapterKey) -> LoraWeights:
+        """The LoRA pairs of the adapter ``key``, read from the database on a miss.
+
+        Refused with a 4xx: a deleted adapter (404), one that cannot generate (a reward or
+        classifier head, a method other than LoRA) or that belongs to another base (400).
+        """
+        from core.errors import AdapterFormatError
+        from core.generation.adapters import LoraWeights
+        from core.heads import LANGUAGE_MODEL_TASKS
+
+        with self._lock:
+            cached = self._weights.get(key)
+            if cached is not None:
+                self._weights.move_to_end(key)
+                return cached
+        name = key[1]
+        try:
+            adapter = self.load_adapter(key)
+        except AdapterGone:
+            raise not_found("model", name, "model") from None
+        if adapter.task not in LANGUAGE_MODEL_TASKS:
+            raise _cannot_generate(f"adapter {name!r} is a {adapter.task} adapter")
+        if adapter.method.type != "lora":
+            raise _cannot_generate(
+                f"adapter {name!r} uses {adapter.method.type}; only LoRA adapters generate here"
+            )
+        try:
+            method = adapter.load_method(self.base)
+        except AdapterFormatError as exc:
+            raise _cannot_generate(str(exc)) from None
+        pairs = {site: (a.detach(), b.detach()) for site, (a, b) in method.pairs().items()}
+        weights = LoraWeights(key, pairs, float(method.config.scaling))
+        with self._lock:
+            self._weights[key] = weights
+            while len(self._weights) > WEIGHTS_CACHE_ENTRIES:
+                self._weights.popitem(last=False)
+        return weights
+
+    # --- the event loop -------------------------------------------------------------------
+
+    def submit(self, request: GenerationRequest, prompt_param: str) -> Generation:
+        """Queue ``request``; its events arrive on the calling event loop. ``prompt_param``
+        names the request field a too-long prompt is reported on."""
+        from core.errors import ConfigError
+        from core.generation.scheduler import ContextLengthError, QueueFull
+
+        loop = asyncio.get_running_loop()
+        with self._lock:  # registered before the owner thread can answer it
+            try:
+                request_id = self.scheduler.add(request)
+            except QueueFull as exc:
+                raise unavailable(
+                    f"too many generation requests are waiting ({exc}); retry shortly",
+                    "generation_queue_full",
+                    retry_after=RETRY_AFTER_S,
+                ) from None
+            except ContextLengthError as exc:
+                raise ServiceError(
+                    str(exc),
+                    code="context_length_exceeded",
+                    param=prompt_param,
+                    kind=ErrorKind.UNSUPPORTED,
+                ) from None
+            except ConfigError as exc:
+                raise invalid(exc.message, exc.field) from None
+            generation = Generation(self, request_id, request.params.n, len(request.prompt_ids))
+            self._sinks[request_id] = (loop, generation)
+        return generation
+
+    def cancel(self, request_id: int) -> None:
+        with self._lock:
+            self._sinks.pop(request_id, None)
+        self.scheduler.cancel(request_id)
+
+    def forget(self, tenant_id: str, name: str) -> None:
+        """An adapter was deleted or replaced: drop its weights and free its bank slot."""
+        with self._lock:
+            keys = [k for k in self._weights if k[:2] == (tenant_id, name)]
+            for key in keys:
+                del self._weights[key]
+        for key in keys:
+            self.scheduler.invalidate_adapter(key)
+
+    # --- the owner thread -----------------------------------------------------------------
+
+    def _own(self) -> None:
+        while not self._stopping.is_set():
+            if not self.scheduler.wait_for_work(timeout=0.5):
+                continue
+            try:
+                events = self.scheduler.step()
+            except Exception:  # the scheduler fails sequences itself; this is a bug: keep going
+                logger.exception("generation step failed on %s", self.name)
+                continue
+            self._deliver(events)
+
+    def _deliver(self, events: list[SequenceEvent]) -> None:
+        by_request: dict[int, list[SequenceEvent]] = {}
+        for event in events:
+            by_request.setdefault(event.request_id, []).append(event)
+        with self._lock:
+            for request_id, batch in by_request.items():
+                sink = self._sinks.get(request_id)
+                if sink is None:  # cancelled meanwhile: nobody reads it
+                    continue
+                loop, generation = sink
+                try:
+                    loop.call_soon_threadsafe(generation.queue.put_nowait, batch)
+                except RuntimeError:  # the loop is closed (shutdown)
+                    self._sinks.pop(request_id, None)
+
+
+def _cannot_generate(message: str) -> ServiceError:
+    return ServiceError(
+        message, code="model_not_generative", param="model", kind=ErrorKind.UNSUPPORTED
+    )
+
+
+def start_generation(
+    bases: Mapping[str, Any],
+    decoder_names: Sequence[str],
+    settings: Settings,
+    load_adapter: Callable[[AdapterKey], Adapter],
+) -> dict[str, GenerationServer]:
+    """A started :class:`GenerationServer` for each decoder base, by name."""
+    import torch
+
+    from core.generation.kv import slots_for_budget
+    from core.generation.scheduler import Scheduler
+
+    servers: dict[str, GenerationServer] = {}
+    for name in decoder_names:
+        base: DecoderBase = bases[name]
+        capacity = min(settings.generation_context_tokens, base.max_length)
+        slots = slots_for_budget(
+            base.config, capacity, base.dtype, settings.generation_kv_cache_mb << 20
+        )
+        if slots < 1:
+            raise ValueError(
+                f"generation_kv_cache_mb={settings.generation_kv_cache_mb} holds no sequence of "
+                f"{capacity} tokens of {name}; raise it or lower generation_context_tokens"
+            )
+        scheduler = Scheduler(
+            base.weights,
+            copy.deepcopy(base.tokenizer),
+            num_slots=slots,
+            capacity=capacity,
+            stop_token_ids=base.stop_token_ids,
+            max_waiting=settings.generation_max_waiting,
+            max_adapters=settings.generation_max_adapters,
+        )
+        server = GenerationServer(base, scheduler, load_adapter)
+        server.start()
+        servers[name] = server
+        logger.info(
+            "generating with %s on %s: %d sequences of %d tokens",
+            name,
+            torch.device(base.device),
+            slots,
+            capacity,
+        )
+    return servers

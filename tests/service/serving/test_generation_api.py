@@ -1,0 +1,269 @@
+"""/v1/chat/completions and /v1/completions on a real uvicorn server with SmolLM2, through the
+official ``openai`` SDK: greedy text equals core's greedy loop, streaming equals the
+non-streamed text, adapters are the caller's own, errors are OpenAI's."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+import uvicorn
+from fastapi import FastAPI
+from openai.types.chat import ChatCompletionMessageParam
+
+from core.adapter import Adapter
+from core.decoder.base import DEFAULT_DECODER_NAME, DecoderBase
+from core.decoder.generate import greedy_generate
+from core.heads import HeadConfig
+from core.methods import parse_method_config
+from core.methods.lora.config import LoraConfig
+from core.methods.lora.model import LoraModel
+from service.cli import uvicorn_config
+from service.main import create_app
+from service.serving.lifespan import serving
+from service.state import app_state
+from tests.e2e.server import free_port
+from tests.service.conftest import make_settings
+from tests.service.helpers import ADMIN_KEY
+
+pytestmark = pytest.mark.real_model
+
+CONTEXT = 512
+QUESTION: list[ChatCompletionMessageParam] = [
+    {"role": "user", "content": "What is the capital of France?"}
+]
+
+
+@dataclass
+class Server:
+    url: str
+    app: FastAPI
+    key: str  # the default tenant's
+    other_key: str  # a second tenant's
+
+    def sdk(self, key: str | None = None) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key or self.key, max_retries=0)
+
+    @property
+    def decoder(self) -> DecoderBase:
+        bases = app_state(self.app).bases
+        assert bases is not None and bases.decoder is not None
+        return bases.decoder
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    data_dir = tmp_path_factory.mktemp("generation")
+    settings = make_settings(
+        data_dir,
+        admin_key=ADMIN_KEY,
+        host="127.0.0.1",
+        port=free_port(),
+        bases=[DEFAULT_DECODER_NAME],
+        embedded_worker=False,
+        generation_context_tokens=CONTEXT,
+        generation_kv_cache_mb=64,  # 3 sequences of 512 tokens
+    )
+    app = create_app(settings, hooks=[serving])
+    uv = uvicorn.Server(uvicorn_config(app, settings))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 180
+    while not uv.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.1)
+    url = f"http://127.0.0.1:{settings.port}"
+    key = (Path(data_dir) / "default_api_key").read_text().strip()
+    made = httpx.post(
+        f"{url}/v1/tenants",
+        json={"name": "other"},
+        headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+    )
+    assert made.status_code == 200, made.text
+    try:
+        yield Server(url, app, key, made.json()["api_key"]["key"])
+    finally:
+        uv.should_exit = True
+        thread.join(timeout=30)
+
+
+def core_ids(
+    base: DecoderBase, prompt: list[int], n: int, lora: LoraModel | None = None
+) -> list[int]:
+    """core's greedy loop: the reply's ids, its stop token left out."""
+    if lora is None:
+        (ids,) = greedy_generate(base.weights, [prompt], n, base.stop_token_ids)
+    else:
+        (ids,) = greedy_generate(base.weights, [prompt], n, base.stop_token_ids, hooks=lora.hooks())
+    return ids
+
+
+def core_greedy(base: DecoderBase, prompt: list[int], n: int, lora: LoraModel | None = None) -> str:
+    return str(base.tokenizer.decode(core_ids(base, prompt, n, lora), skip_special_tokens=True))
+
+
+def chat_prompt(base: DecoderBase) -> list[int]:
+    return list(base.tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True))
+
+
+def test_chat_greedy_equals_core_and_stream_equals_whole(server: Server) -> None:
+    sdk = server.sdk()
+    reply = sdk.chat.completions.create(
+        model=DEFAULT_DECODER_NAME,
+        messages=QUESTION,
+        max_tokens=8,
+        temperature=0,
+    )
+    prompt = chat_prompt(server.decoder)
+    ids = core_ids(server.decoder, prompt, 8)
+    expected = core_greedy(server.decoder, prompt, 8)
+    assert reply.choices[0].message.content == expected
+    assert "Paris" in expected
+    # The reply ended within 8 tokens: its end-of-turn token is counted, not returned.
+    assert len(ids) < 8 and reply.choices[0].finish_reason == "stop"
+    assert reply.usage is not None
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (len(prompt), len(ids) + 1)
+    stream = sdk.chat.completions.create(
+        model=DEFAULT_DECODER_NAME,
+        messages=QUESTION,
+        max_tokens=8,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == expected
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == len(ids) + 1
+
+
+def test_completions_seed_n_and_logprobs(server: Server) -> None:
+    sdk = server.sdk()
+    prompt = "The capital of France is"
+    out = sdk.completions.create(
+        model=DEFAULT_DECODER_NAME, prompt=prompt, max_tokens=5, temperature=0, logprobs=2
+    )
+    ids = list(server.decoder.tokenizer.encode(prompt))
+    assert out.choices[0].text == core_greedy(server.decoder, ids, 5)
+    lp = out.choices[0].logprobs
+    assert lp is not None and lp.token_logprobs is not None and lp.top_logprobs is not None
+    assert len(lp.token_logprobs) == 5 and all(len(t) <= 2 for t in lp.top_logprobs)
+    # Greedy: each chosen token is the likeliest.
+    assert all(
+        v == pytest.approx(max(t.values()))
+        for v, t in zip(lp.token_logprobs, lp.top_logprobs, strict=True)
+        if v is not None
+    )
+
+    def sampled() -> list[str]:
+        reply = sdk.chat.completions.create(
+            model=DEFAULT_DECODER_NAME,
+            messages=QUESTION,
+            max_tokens=12,
+            temperature=1.0,
+            seed=7,
+            n=2,
+        )
+        return [c.message.content or "" for c in reply.choices]
+
+    first = sampled()
+    assert sampled() == first  # same seed, same request: same texts
+    assert first[0] != first[1]  # two candidates, two draws
+
+
+def test_adapters_are_the_callers_own(server: Server) -> None:
+    base = server.decoder
+    config = parse_method_config(
+        "lora", {"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]}, base_kind="decoder"
+    )
+    assert isinstance(config, LoraConfig)
+    lora = LoraModel(config, base)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for b in lora.lora_B:
+            b.normal_(std=0.2)
+    adapter = Adapter.from_method(lora, HeadConfig(task="chat"), 1, {})
+    _store(server, "smol-chat", adapter)
+    sdk = server.sdk()
+    reply = sdk.chat.completions.create(
+        model="smol-chat",
+        messages=QUESTION,
+        max_tokens=6,
+        temperature=0,
+    )
+    expected = core_greedy(base, chat_prompt(base), 6, lora)
+    assert reply.choices[0].message.content == expected
+    assert expected != core_greedy(base, chat_prompt(base), 6)  # the adapter matters
+    # Another tenant: the same name is unknown to it, like any unknown name.
+    for key, model in ((server.other_key, "smol-chat"), (server.key, "no-such-model")):
+        with pytest.raises(openai.NotFoundError) as err:
+            server.sdk(key).chat.completions.create(
+                model=model,
+                messages=QUESTION,
+                max_tokens=2,
+            )
+        assert err.value.code == "model_not_found"
+        assert err.value.param == "model"
+
+
+def test_context_overflow_is_400_naming_the_limit(server: Server) -> None:
+    with pytest.raises(openai.BadRequestError) as err:
+        server.sdk().chat.completions.create(
+            model=DEFAULT_DECODER_NAME,
+            messages=QUESTION,
+            max_tokens=CONTEXT,
+        )
+    assert err.value.code == "context_length_exceeded"
+    assert f"maximum context length is {CONTEXT} tokens" in str(err.value)
+
+
+def test_a_client_that_leaves_frees_its_sequence(server: Server) -> None:
+    generation = app_state(server.app).generation
+    assert generation is not None
+    scheduler = generation[DEFAULT_DECODER_NAME].scheduler
+    body = {
+        "model": DEFAULT_DECODER_NAME,
+        "messages": QUESTION,
+        "max_tokens": 400,
+        "stream": True,
+    }
+    headers = {"Authorization": f"Bearer {server.key}"}
+    with httpx.stream(
+        "POST", f"{server.url}/v1/chat/completions", json=body, headers=headers
+    ) as resp:
+        assert resp.status_code == 200
+        lines = resp.iter_lines()
+        assert next(lines).startswith("data: ")
+        assert scheduler.running == 1
+    deadline = time.monotonic() + 30
+    while scheduler.running and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert scheduler.running == 0  # freed long before its 400 tokens
+
+
+def _store(server: Server, name: str, adapter: Adapter) -> None:
+    from service.adapters.records import next_adapter_version
+    from service.adapters.store import adapter_row_from
+    from service.db.models import ApiKey
+    from service.tenants.keys import hash_api_key
+
+    state = app_state(server.app)
+    with state.sessionmaker() as session:
+        tenant_id = (
+            session.query(ApiKey).filter_by(key_hash=hash_api_key(server.key)).one().tenant_id
+        )
+        row = adapter_row_from(adapter, server.decoder, name=name)
+        row.tenant_id = tenant_id
+        row.version = next_adapter_version(session, tenant_id)
+        session.add(row)
+        session.commit()
