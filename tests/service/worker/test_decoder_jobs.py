@@ -203,6 +203,9 @@ def test_job_creation_checks_base_task_and_settings(
     refused(422, "validation_file", training_file=chat, validation_file=dpo)
     refused(422, "reference_adapter", training_file=chat, reference_adapter="sft")
     refused(404, "reference_adapter", training_file=dpo, reference_adapter="sft")
+    # OpenAI's dpo type with its beta, and the reference as an extra body field.
+    openai_dpo = {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2}}}
+    refused(404, "reference_adapter", training_file=dpo, method=openai_dpo, reference_adapter="x")
     # OpenAI's supervised trains a chat file; its dpo does not.
     refused(422, "training_file", training_file=chat, method={"type": "dpo"})
     job = create_job(client, auth, training_file=chat, method={"type": "supervised"})
