@@ -25,7 +25,7 @@ from service import ids
 from service.adapters.quota import check_adapter_bytes_quota, check_adapter_quota, name_taken
 from service.bases import BaseKind, BaseSpec, resolve_job_base
 from service.config import Settings
-from service.datasets.rows import TASKS, DatasetKind
+from service.datasets.rows import MESSAGE_KINDS, TASKS, DatasetKind
 from service.db.models import AdapterRow, Dataset, Job, JobStatus, Tenant
 from service.db.session import committed_or_conflict
 from service.errors import ErrorKind, ServiceError, conflict, invalid, not_found, quota_exceeded
@@ -71,6 +71,8 @@ BASE_TASKS: dict[BaseKind, frozenset[str]] = {
 }
 # The dataset kind that trains each task, for messages.
 _KIND_OF_TASK = {task: kind.value for kind, task in TASKS.items()}
+# A decoder's language-model tasks (chat SFT, DPO), whose rows are OpenAI's message lists.
+_LM_TASKS = frozenset(TASKS[kind] for kind in MESSAGE_KINDS)
 
 
 def _hold_out_note(config: TrainingConfig, has_validation_file: bool) -> str:
@@ -232,7 +234,7 @@ def _job_base(settings: Settings, model: str | None, task: str | None) -> BaseSp
     trains = " and ".join(sorted(_KIND_OF_TASK[t] for t in BASE_TASKS[base.kind]))
     raise invalid(
         f"model '{model}' is a {base.kind} base, which trains on {trains} datasets here; "
-        f"training_file is a {kind} dataset (use a {default_kind} base).",
+        f"training_file is a {kind} dataset (use the {default_kind} base, or leave model out).",
         "model",
         "model_task_mismatch",
     )
@@ -244,7 +246,7 @@ def _check_task_settings(
     """Refuse a setting that only another task reads, so no client believes it took effect."""
     only: list[tuple[frozenset[str], str, bool]] = [
         (DPO_ONLY_SETTINGS, "DPO on a decoder base (a dpo dataset)", task == "dpo"),
-        (REWARD_ONLY_SETTINGS, "reward models (a preference dataset)", task not in ("chat", "dpo")),
+        (REWARD_ONLY_SETTINGS, "reward models (a preference dataset)", task not in _LM_TASKS),
     ]
     for names, reader, applies in only:
         for name in sorted(names & set(hyper)):
@@ -268,8 +270,9 @@ def _reference_adapter(
     method_type: str,
 ) -> str | None:
     """The id of the adapter a DPO job's ``reference_adapter`` names (checked: the tenant's,
-    a chat adapter of the job's base, of the job's method), or None."""
-    if name is None:
+    a chat adapter of the job's base, of the job's method), or None (also when the training
+    file does not exist: that 404 comes later, as for any job)."""
+    if name is None or task is None:
         return None
     param = "reference_adapter"
     if task != "dpo":
