@@ -64,6 +64,10 @@ class AdapterSlots:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def resident_keys(self) -> list[Hashable]:
+        """The resident adapters' keys (invalidated ones still pinned not included)."""
+        return list(self._entries)
+
     def pins(self, key: Hashable) -> int:
         entry = self._entries.get(key)
         return entry.pins if entry is not None else 0

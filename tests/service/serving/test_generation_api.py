@@ -267,3 +267,36 @@ def _store(server: Server, name: str, adapter: Adapter) -> None:
         row.version = next_adapter_version(session, tenant_id)
         session.add(row)
         session.commit()
+
+
+def test_deleting_an_adapter_mid_stream_404s_after_and_frees_its_slot(server: Server) -> None:
+    base = server.decoder
+    config = parse_method_config("lora", {"r": 4, "target_modules": ["o_proj"]}, "decoder")
+    assert isinstance(config, LoraConfig)
+    _store(
+        server,
+        "short-lived",
+        Adapter.from_method(LoraModel(config, base), HeadConfig(task="chat"), 1, {}),
+    )
+    generation = app_state(server.app).generation
+    assert generation is not None
+    scheduler = generation[DEFAULT_DECODER_NAME].scheduler
+    sdk = server.sdk()
+    stream = sdk.chat.completions.create(
+        model="short-lived", messages=QUESTION, max_tokens=40, temperature=0, stream=True
+    )
+    chunks = iter(stream)
+    next(chunks)
+    sdk.models.delete("short-lived")
+    # The running sequence finishes with the weights it started with ...
+    rest = list(chunks)
+    assert rest[-1].choices[0].finish_reason in ("stop", "length")
+    # ... later requests find no such model, and the bank lets the adapter go.
+    with pytest.raises(openai.NotFoundError):
+        sdk.chat.completions.create(model="short-lived", messages=QUESTION, max_tokens=2)
+    deadline = time.monotonic() + 30
+    while scheduler.running and time.monotonic() < deadline:
+        time.sleep(0.05)
+    resident = scheduler.adapters.resident_keys()
+    assert all(key[1] != "short-lived" for key in resident)  # type: ignore[index]
+    assert len(scheduler.adapters.bank) == len(resident)  # its slot freed, not just hidden

@@ -1,0 +1,86 @@
+"""GenerationServer on the tiny random Llama: the scheduler's refusals as service errors, events
+delivered onto the event loop, and a cancelled request's slot given back."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from core.decoder.base import DecoderBase, load_decoder_base
+from core.generation.sampling import SamplingParams
+from core.generation.scheduler import GenerationRequest, Scheduler
+from service.errors import ErrorKind, ServiceError
+from service.serving.generation import GenerationServer
+from service.serving.queries import AdapterGone, AdapterKey
+from tests.core.decoder.tiny_llama import TINY_LLAMA_NAME, build_tiny_llama
+
+
+@pytest.fixture(scope="module")
+def decoder(tmp_path_factory: pytest.TempPathFactory) -> DecoderBase:
+    folder = build_tiny_llama(Path(tmp_path_factory.mktemp("tiny-llama")))
+    return load_decoder_base(folder, name=TINY_LLAMA_NAME, device="cpu")
+
+
+def _gone(key: AdapterKey) -> object:
+    raise AdapterGone(f"{key} was deleted")
+
+
+def make_server(decoder: DecoderBase, slots: int = 1, waiting: int = 1) -> GenerationServer:
+    scheduler = Scheduler(
+        decoder.weights,
+        decoder.tokenizer,
+        num_slots=slots,
+        capacity=64,
+        max_waiting=waiting,
+    )
+    return GenerationServer(decoder, scheduler, _gone)  # type: ignore[arg-type]
+
+
+def request(max_tokens: int) -> GenerationRequest:
+    return GenerationRequest([5, 6, 7], SamplingParams(max_tokens=max_tokens, temperature=0.0))
+
+
+def test_refusals_are_service_errors(decoder: DecoderBase) -> None:
+    server = make_server(decoder)
+
+    async def run() -> None:
+        server.submit(request(4), "messages")  # waits: the thread is not started
+        with pytest.raises(ServiceError) as full:
+            server.submit(request(4), "messages")
+        assert full.value.kind == ErrorKind.UNAVAILABLE and full.value.retry_after == 1
+        with pytest.raises(ServiceError) as long:
+            server.submit(request(62), "prompt")
+        assert long.value.kind == ErrorKind.UNSUPPORTED
+        assert (long.value.code, long.value.param) == ("context_length_exceeded", "prompt")
+        assert "maximum context length is 64 tokens" in long.value.message
+
+    asyncio.run(run())
+    with pytest.raises(ServiceError) as gone:
+        server.lora_weights(("tenant", "deleted", 3))
+    assert gone.value.kind == ErrorKind.NOT_FOUND and gone.value.param == "model"
+
+
+def test_events_arrive_and_a_cancel_frees_the_slot(decoder: DecoderBase) -> None:
+    server = make_server(decoder, slots=1, waiting=4)
+    server.start()
+
+    async def run() -> tuple[int, str]:
+        long = server.submit(request(60), "messages")
+        first = await long.queue.get()
+        assert first[0].request_id == long.request_id
+        short = server.submit(request(3), "messages")  # waits for the one slot
+        long.cancel()
+        tokens, text = 0, ""
+        async for event in short.events():
+            tokens += len(event.token_ids)
+            text += event.text
+        return tokens, text
+
+    try:
+        tokens, _ = asyncio.run(run())
+    finally:
+        server.stop()
+    assert tokens == 3  # the short request ran to its end once the long one was cancelled
+    assert server.scheduler.running == 0 and server.scheduler.free_slots == 1
