@@ -51,6 +51,11 @@ TARGET_MODULES_BY_KIND: dict[BaseKind, tuple[str, ...]] = {
     "encoder": TARGET_MODULES,
     "decoder": DECODER_TARGET_MODULES,
 }
+# Methods that train a decoder base: LoRA's hooks apply to the decoder's linears unchanged, full
+# fine-tuning runs the decoder's forward over its own copy of the weights, and prompt tuning
+# gives it virtual token embeddings as its prefix. Here, torch-free, so the API lists and checks
+# them without loading the trainer (core.training.decoder refuses the others at set-up).
+DECODER_METHODS: tuple[str, ...] = ("lora", "full", "prompt_tuning")
 
 
 def module_path(layer: int, target: str) -> str:

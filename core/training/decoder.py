@@ -50,7 +50,7 @@ from core.methods import MethodConfig, build_method
 from core.methods.full.model import DecoderFullModel
 from core.methods.method import AdapterMethod
 from core.methods.prompt_tuning.model import DecoderPromptTuningModel
-from core.targets import BaseKind
+from core.targets import DECODER_METHODS, BaseKind
 from core.training.callbacks import ProgressEvent, TrainerCallbacks
 from core.training.config import TrainingConfig
 from core.training.data import eval_batches, forward_chunks, split_validation
@@ -71,10 +71,6 @@ from core.training.trainer import Trainer
 # tokens keep a step near 1.2 GiB above the base for rows up to 256 tokens; a longer row still
 # runs whole (one row is the smallest part).
 DECODER_FORWARD_TOKENS = 256
-# Methods that train a decoder base: LoRA's hooks apply to the decoder's linears unchanged, full
-# fine-tuning runs the decoder's forward over its own copy of the weights, and prompt tuning
-# gives it virtual token embeddings as its prefix.
-DECODER_METHODS = ("lora", "full", "prompt_tuning")
 # TRL DPOTrainer's metric names.
 DPO_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins")
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from core.errors import ConfigError
 from core.methods import parse_method_config
-from core.targets import BaseKind
+from core.targets import DECODER_METHODS, BaseKind
 from core.training.config import parse_training_config
 from service.config import Settings
 from service.errors import ServiceError
@@ -60,14 +60,6 @@ def base_layer_count(settings: Settings) -> int | None:
     return _layer_count(settings.base_model_path)
 
 
-def decoder_methods() -> tuple[str, ...]:
-    """The methods that train a decoder base (core's list; torch is imported on first use,
-    as the service's other paths to core's trainers do)."""
-    from core.training.decoder import DECODER_METHODS
-
-    return tuple(DECODER_METHODS)
-
-
 def validate_method(
     method: dict[str, Any], num_layers: int | None = None, base_kind: BaseKind = "encoder"
 ) -> None:
@@ -89,10 +81,10 @@ def validate_method(
     method_type = method.get("type")
     if not isinstance(method_type, str):
         raise MethodConfigError("method.type: a method type is required", param="type")
-    if base_kind == "decoder" and method_type not in decoder_methods():
+    if base_kind == "decoder" and method_type not in DECODER_METHODS:
         raise MethodConfigError(
             f"method.type: '{method_type}' does not train a decoder base; use one of "
-            f"{list(decoder_methods())}",
+            f"{list(DECODER_METHODS)}",
             param="type",
         )
     try:
