@@ -63,8 +63,9 @@ _OPENAI_TYPE_FOR_KIND = {
     kind: openai for openai, kinds in OPENAI_METHOD_KINDS.items() for kind in kinds
 }
 # The tasks each kind of base trains here, the first kind listing a task being its default.
-# A decoder's classifiers and reward models (core's last-token heads) are not offered yet:
-# adding "classification" and "reward" to the decoder's set is the one place that lifts it.
+# A decoder's classifiers and reward models (core's last-token heads, DecoderHeadTrainer) are
+# not offered yet: adding "classification" and "reward" to the decoder's set lifts it, with the
+# worker's choice of trainer for them (service.worker.job_run.JobRun._make_trainer).
 BASE_TASKS: dict[BaseKind, frozenset[str]] = {
     "encoder": frozenset({"classification", "reward"}),
     "decoder": frozenset({"chat", "dpo"}),
