@@ -30,7 +30,7 @@ BASE_EXAMPLE = {
     "max_model_len": 256,
     "hidden_size": 384,
     "num_layers": 6,
-    "num_params": 22713216,
+    "num_params": 22565376,
     "fingerprint": ADAPTER_EXAMPLE["base_fingerprint"],
 }
 ADAPTER_MODEL_EXAMPLE = {
