@@ -36,7 +36,7 @@ export async function newJobView(ctx) {
   const fileInput = h("input", { type: "file", id: "file-input", accept: ".jsonl,.ndjson,.json,.csv" });
   const drop = h("div", { id: "drop-zone", class: "drop", tabindex: "0" },
     h("strong", null, "Drop a dataset file here"),
-    h("span", null, "JSON Lines or CSV · classification (text, label) or preference (prompt, chosen, rejected)"),
+    h("span", null, "JSON Lines or CSV · classification (text, label) or preference (prompt, chosen, rejected); JSON Lines · OpenAI chat (messages) or dpo (input, preferred_output, non_preferred_output)"),
     h("label", { class: "button secondary", for: "file-input" }, "Choose a file"),
     fileInput);
   const report = h("div", { id: "dataset-report" });
@@ -62,7 +62,7 @@ export async function newJobView(ctx) {
       "Upload dataset");
     const kindSelect = h("select", { id: "kind-select" },
       check.kind ? null : h("option", { value: "", selected: true, disabled: true }, "choose…"),
-      ["classification", "preference"].map((k) => h("option", { value: k, selected: k === check.kind }, k)));
+      ["classification", "preference", "chat", "dpo"].map((k) => h("option", { value: k, selected: k === check.kind }, k)));
     kindSelect.addEventListener("change", () => checkFile(kindSelect.value));
     uploadBtn.addEventListener("click", () => upload(uploadBtn));
     const n = check.errors.length;
