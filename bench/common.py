@@ -57,3 +57,21 @@ def rss_mib() -> float:
 def peak_rss_mib() -> float:
     """This process's peak resident memory so far (``ru_maxrss``: KiB on Linux), in MiB."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak RSS (``VmHWM``) to its RSS now, so that
+    :func:`peak_rss_since_reset_mib` measures one phase; False where Linux refuses it."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def peak_rss_since_reset_mib() -> float:
+    """This process's peak resident memory (``VmHWM``) since :func:`reset_peak_rss`, in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return peak_rss_mib()
