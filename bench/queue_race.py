@@ -129,6 +129,8 @@ def seed_jobs(
 
 
 def worker_env(url: str, data_dir: Path, model_dir: Path | None, **settings: Any) -> dict[str, str]:
+    from service.config import DEFAULT_BASE_MODEL_NAME
+
     env = {k: v for k, v in os.environ.items() if not k.startswith("LORAPLEX_")}
     env |= {
         "LORAPLEX_DATABASE_URL": url,
@@ -144,6 +146,8 @@ def worker_env(url: str, data_dir: Path, model_dir: Path | None, **settings: Any
     if model_dir is not None:
         env["LORAPLEX_BASE_MODEL_PATH"] = str(model_dir)
         env["LORAPLEX_BASE_MODEL_NAME"] = "loraplex-tests/tiny-bert"
+    # The encoder alone: the jobs here train on it, and a worker loads every listed base.
+    env["LORAPLEX_BASES"] = env.get("LORAPLEX_BASE_MODEL_NAME", DEFAULT_BASE_MODEL_NAME)
     for key, value in settings.items():
         env[f"LORAPLEX_{key.upper()}"] = str(value)
     return env
