@@ -12,8 +12,9 @@ when:
   where that hook is not installed (``create_app(hooks=[])`` in tests);
 - set by ``loraplex serve`` before uvicorn runs: its server.
 
-A hook part that a request needs (the base model, the batcher) is read through a
-``require_*`` method, which answers 503 ``model_not_ready`` while it is missing.
+A hook part that a request needs (the bases, the encoder's batcher) is read through a
+``require_*`` method, which answers 503 ``model_not_ready`` while it is missing (and 400
+``no_encoder_base`` for an encoder part that a deployment without an encoder never has).
 """
 
 from __future__ import annotations

@@ -282,6 +282,12 @@ def test_an_adapter_runs_only_on_its_own_base(both: TestClient, settings: Settin
         config = json.loads(archive.read("adapter_config.json"))
     assert config["task_type"] == "CAUSAL_LM"
     assert config["base_model_name_or_path"] == TINY_LLAMA_NAME
+    # Imports go to the encoder: the decoder's adapter is refused naming both bases.
+    exported = both.get("/v1/adapters/chat/export?format=loraplex", headers=auth).content
+    files = {"file": ("chat.zip", exported, "application/zip")}
+    imported = both.post("/v1/adapters/import", data={"name": "again"}, files=files, headers=auth)
+    assert_error(imported, 422, code="base_model_mismatch")
+    assert TINY_LLAMA_NAME in imported.json()["error"]["message"]
 
 
 def test_an_adapter_of_a_base_not_loaded_is_refused(
