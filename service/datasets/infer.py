@@ -14,10 +14,12 @@ import io
 import json
 
 from service.datasets.reading import DatasetFormat, decode_utf8
-from service.datasets.rows import REQUIRED_FIELDS, DatasetError, DatasetKind, Line
+from service.datasets.rows import REQUIRED_FIELDS, DatasetError, DatasetKind, Limits, Line
 
-# Enough to hold the first row of any sane file; the full parse reads everything anyway.
+# Enough to hold a CSV header; the full parse reads everything anyway. A JSON Lines file's
+# first row is read whole (a chat row may pass a megabyte; a cut one would parse as nothing).
 _PEEK_BYTES = 1024 * 1024
+_LIMITS = Limits()
 
 _EXPECTED = " or ".join(
     "{" + ", ".join(f'"{f}"' for f in REQUIRED_FIELDS[kind]) + "}" for kind in DatasetKind
@@ -26,29 +28,42 @@ _EXPECTED = " or ".join(
 
 def _first_row_fields(data: bytes, fmt: DatasetFormat) -> tuple[int, set[str]] | None:
     """(line number, field names) of the first non-blank row, or None for an empty file."""
+    if fmt is DatasetFormat.JSONL:
+        return _first_json_fields(data)
     head = data[:_PEEK_BYTES]
     try:
         text = decode_utf8(head)
     except DatasetError:
         # A multi-byte character cut by the peek window; the full parse reports real errors.
         text = head.decode("utf-8-sig", errors="ignore")
-    if fmt is DatasetFormat.CSV:
-        reader = csv.reader(io.StringIO(text, newline=""))
-        try:
-            for cells in reader:
-                if cells and any(c.strip() for c in cells):
-                    return reader.line_num, {c.strip().lower() for c in cells}
-        except csv.Error:
-            return None  # the full parse names the line
-        return None
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except (ValueError, RecursionError):  # deeply nested arrays: the full parse says so
-            return None
-        return number, set(obj) if isinstance(obj, dict) else set()
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        for cells in reader:
+            if cells and any(c.strip() for c in cells):
+                return reader.line_num, {c.strip().lower() for c in cells}
+    except csv.Error:
+        return None  # the full parse names the line
+    return None
+
+
+def _first_json_fields(data: bytes) -> tuple[int, set[str]] | None:
+    """The first non-blank line's fields, the line read whole; None where the full parse has
+    an error to report instead (bad UTF-8 or JSON, too deep, longer than any record)."""
+    start, number = 0, 1
+    while start < len(data):
+        end = data.find(b"\n", start)
+        end = len(data) if end < 0 else end
+        line = data[start:end]
+        if line.strip():
+            # A UTF-8 character is at most 4 bytes: past this, no record is this long.
+            if len(line) > 4 * _LIMITS.max_record_chars:
+                return None
+            try:
+                obj = json.loads(line.decode("utf-8-sig" if start == 0 else "utf-8"))
+            except (ValueError, RecursionError):
+                return None
+            return number, set(obj) if isinstance(obj, dict) else set()
+        start, number = end + 1, number + 1
     return None
 
 

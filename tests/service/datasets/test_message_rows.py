@@ -181,6 +181,11 @@ def test_kind_is_inferred_from_the_first_row_and_csv_is_refused() -> None:
     assert infer_kind(jsonl([dpo_row()]), JSONL) is DPO
     # A DPO row missing its input is still one: the parse names the missing field.
     assert infer_kind(jsonl([{"preferred_output": []}]), JSONL) is DPO
+    # A valid first row may pass a megabyte of JSON ("\u00e9" is 6 bytes): it is read whole.
+    long = jsonl([chat_row(user("é" * 100_000), user("é" * 100_000), bot("é" * 100_000))])
+    assert len(long) > 1024 * 1024
+    assert infer_kind(b"\n" + long, JSONL) is CHAT
+    assert parse_file(long, CHAT, JSONL).row_count == 1
     with pytest.raises(DatasetError) as info:
         parse_file(b"messages\nhi\n", CHAT, DatasetFormat.CSV)
     assert (info.value.param, info.value.code) == ("format", "unsupported_format")
