@@ -364,7 +364,7 @@ class JobObject(BaseModel):
     adapter_name: str = Field(description="The name the trained adapter is saved under.")
     method: dict[str, Any] = Field(
         description="The method as requested: type, its parameters, and the hyperparameters "
-        "exactly as sent."
+        "exactly as sent; a DPO job's reference_adapter by the id of the adapter it pinned."
     )
     hyperparameters: dict[str, Any] = Field(
         description="The hyperparameters sent; once a worker has set the job up, n_epochs, "
