@@ -113,6 +113,7 @@ class Scheduler:
         self._running: dict[int, _Sequence] = {}  # by slot
         self._ids = itertools.count()
         self.prefill_tokens = 0  # prompt tokens run through prefill so far (n candidates: once)
+        self.cancelled_sequences = 0  # running sequences stopped by cancel() so far
         # Shared with other threads, under the lock:
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -195,6 +196,7 @@ class Scheduler:
                 self._waiting = deque(w for w in self._waiting if w[0] not in cancelled)
         for seq in [s for s in self._running.values() if s.request_id in cancelled]:
             self._retire(seq)
+            self.cancelled_sequences += 1
         for key in invalidated:
             self.adapters.invalidate(key)
         events: list[SequenceEvent] = []

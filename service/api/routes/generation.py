@@ -47,6 +47,7 @@ from service.serving.generation import Generation, GenerationServer
 from service.state import app_state
 
 if TYPE_CHECKING:
+    from core.decoder.scoring import DecoderHeadModel
     from core.generation.adapters import LoraWeights
     from core.generation.sampling import SamplingParams, TokenLogprob
 
@@ -100,6 +101,26 @@ def _find_adapter(
         if row is None:
             return None
         return (tenant_id, name, row.version), row.task, row.base_model
+
+
+async def _reward_model(
+    request: Request, tenant_id: str | None, name: str, server: GenerationServer
+) -> DecoderHeadModel:
+    """The caller's reward adapter ``name`` on ``server``'s base, built (best-of-n)."""
+    found = None
+    if tenant_id is not None:
+        found = await run_in_threadpool(_find_adapter, request, tenant_id, name)
+    if found is None:
+        raise not_found("adapter", name, "reward_adapter")
+    key, task, base_model = found
+    if task != "reward":
+        raise invalid(f"adapter {name!r} is a {task} adapter, not a reward model", "reward_adapter")
+    if base_model != server.name:
+        raise invalid(
+            f"reward adapter {name!r} scores on {base_model}, not on {server.name}",
+            "reward_adapter",
+        )
+    return await run_in_threadpool(server.reward_model, key)
 
 
 def _not_generative(message: str) -> ServiceError:
@@ -258,6 +279,7 @@ def _response_id(prefix: str) -> str:
 @router.post(
     "/v1/chat/completions",
     response_model=ChatCompletion,
+    response_model_exclude_none=True,
     summary="Generate a chat reply",
     responses={200: {"content": {"text/event-stream": {}}}},
 )
@@ -269,8 +291,18 @@ async def chat_completions(
     `chat.completion.chunk` events and a final `[DONE]`."""
     if body.top_logprobs and not body.logprobs:
         raise invalid("top_logprobs needs logprobs to be true", "top_logprobs")
+    if body.reward_adapter is not None and body.stream:
+        raise ServiceError(
+            "reward_adapter ranks whole candidates, so it cannot stream",
+            code="unsupported_parameter",
+            param="stream",
+            kind=ErrorKind.UNSUPPORTED,
+        )
     target = await _target(request, tenant_id, body.model)
     server = target.server
+    reward = None
+    if body.reward_adapter is not None:  # refused before anything is generated
+        reward = await _reward_model(request, tenant_id, body.reward_adapter, server)
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     prompt = await run_in_threadpool(server.encode_chat, messages)
     asked = (
@@ -287,19 +319,27 @@ async def chat_completions(
         return _stream(generation, chunks)
     done = await _finished(request, generation)
     texts = await run_in_threadpool(_token_texts, server, [lp for c in done.logprobs for lp in c])
+    choices = [
+        ChatChoice(
+            index=i,
+            message=AssistantMessage(content=done.texts[i]),
+            finish_reason=done.finish[i] or "length",
+            logprobs=_chat_logprobs(done.logprobs[i], texts) if body.logprobs else None,
+        )
+        for i in range(generation.n)
+    ]
+    if reward is not None:
+        # Scored against the last user turn, as the reward model was trained on prompts.
+        asked = next((m.text() for m in reversed(body.messages) if m.role == "user"), None)
+        scores = await run_in_threadpool(server.rewards, reward, asked, done.texts)
+        for choice, score in zip(choices, scores, strict=True):
+            choice.reward = score
+        choices.sort(key=lambda c: -(c.reward or 0.0))
     return ChatCompletion(
         id=response_id,
         created=created,
         model=body.model,
-        choices=[
-            ChatChoice(
-                index=i,
-                message=AssistantMessage(content=done.texts[i]),
-                finish_reason=done.finish[i] or "length",
-                logprobs=_chat_logprobs(done.logprobs[i], texts) if body.logprobs else None,
-            )
-            for i in range(generation.n)
-        ],
+        choices=choices,
         usage=_usage(generation.prompt_tokens, sum(done.completion_tokens)),
     )
 

@@ -104,6 +104,14 @@ class ChatCompletionRequest(SamplingFields):
     )
     max_completion_tokens: int | None = Field(None, ge=1, description="`max_tokens`' new name.")
     logprobs: bool = Field(False, description="Return each reply token's log-probability.")
+    reward_adapter: str | None = Field(
+        None,
+        min_length=1,
+        max_length=256,
+        description="loraplex: best-of-n. One of your reward adapters on the same base scores "
+        "every candidate against the last user message; the choices come back best first, "
+        "each with its `reward`. Not with `stream`.",
+    )
     top_logprobs: int | None = Field(None, ge=0, le=20, description="Needs `logprobs`.")
 
 
@@ -176,6 +184,7 @@ class ChatChoice(BaseModel):
     message: AssistantMessage = Field(description="The reply.")
     finish_reason: Literal["stop", "length"] = Field(description=FINISH)
     logprobs: ChoiceLogprobs | None = Field(None, description="With `logprobs` only.")
+    reward: float | None = Field(None, description="With `reward_adapter`: its score.")
 
 
 class ChatCompletion(BaseModel):

@@ -151,6 +151,7 @@ def test_cancel_frees_the_slot_at_the_next_step(tiny_decoder: DecoderBase) -> No
     events = sched.step()
     assert {e.request_id for e in events} == {queued}
     assert sched.running == 1 and sched.waiting == 0 and sched.free_slots == 1
+    assert sched.cancelled_sequences == 2  # the running request's two candidates
 
 
 def test_refusals_name_the_limit(tiny_decoder: DecoderBase) -> None:

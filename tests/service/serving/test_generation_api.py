@@ -69,7 +69,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         bases=[DEFAULT_DECODER_NAME],
         embedded_worker=False,
         generation_context_tokens=CONTEXT,
-        generation_kv_cache_mb=64,  # 3 sequences of 512 tokens
+        generation_kv_cache_mb=96,  # 4 sequences of 512 tokens (22.5 MiB each)
     )
     app = create_app(settings, hooks=[serving])
     uv = uvicorn.Server(uvicorn_config(app, settings))
@@ -187,11 +187,11 @@ def test_adapters_are_the_callers_own(server: Server) -> None:
         "lora", {"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]}, base_kind="decoder"
     )
     assert isinstance(config, LoraConfig)
+    torch.manual_seed(0)  # A's initialisation too: the same adapter whatever ran before
     lora = LoraModel(config, base)
-    torch.manual_seed(0)
     with torch.no_grad():
         for b in lora.lora_B:
-            b.normal_(std=0.2)
+            b.normal_(std=0.5)
     adapter = Adapter.from_method(lora, HeadConfig(task="chat"), 1, {})
     _store(server, "smol-chat", adapter)
     sdk = server.sdk()
@@ -231,10 +231,15 @@ def test_a_client_that_leaves_frees_its_sequence(server: Server) -> None:
     generation = app_state(server.app).generation
     assert generation is not None
     scheduler = generation[DEFAULT_DECODER_NAME].scheduler
+    cancelled = scheduler.cancelled_sequences
+    story: list[ChatCompletionMessageParam] = [
+        {"role": "user", "content": "Write a long story about a dragon and a knight."}
+    ]
     body = {
         "model": DEFAULT_DECODER_NAME,
-        "messages": QUESTION,
+        "messages": story,
         "max_tokens": 400,
+        "temperature": 0,
         "stream": True,
     }
     headers = {"Authorization": f"Bearer {server.key}"}
@@ -243,30 +248,15 @@ def test_a_client_that_leaves_frees_its_sequence(server: Server) -> None:
     ) as resp:
         assert resp.status_code == 200
         lines = resp.iter_lines()
-        assert next(lines).startswith("data: ")
+        assert next(lines).startswith("data: ")  # the role chunk, sent before admission
+        assert next(line for line in lines if '"content"' in line)  # it is generating
         assert scheduler.running == 1
     deadline = time.monotonic() + 30
     while scheduler.running and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert scheduler.running == 0  # freed long before its 400 tokens
-
-
-def _store(server: Server, name: str, adapter: Adapter) -> None:
-    from service.adapters.records import next_adapter_version
-    from service.adapters.store import adapter_row_from
-    from service.db.models import ApiKey
-    from service.tenants.keys import hash_api_key
-
-    state = app_state(server.app)
-    with state.sessionmaker() as session:
-        tenant_id = (
-            session.query(ApiKey).filter_by(key_hash=hash_api_key(server.key)).one().tenant_id
-        )
-        row = adapter_row_from(adapter, server.decoder, name=name)
-        row.tenant_id = tenant_id
-        row.version = next_adapter_version(session, tenant_id)
-        session.add(row)
-        session.commit()
+    # Freed by the disconnect, long before its 400 tokens (greedy, the story runs on).
+    assert scheduler.running == 0
+    assert scheduler.cancelled_sequences == cancelled + 1
 
 
 def test_deleting_an_adapter_mid_stream_404s_after_and_frees_its_slot(server: Server) -> None:
@@ -300,3 +290,77 @@ def test_deleting_an_adapter_mid_stream_404s_after_and_frees_its_slot(server: Se
     resident = scheduler.adapters.resident_keys()
     assert all(key[1] != "short-lived" for key in resident)  # type: ignore[index]
     assert len(scheduler.adapters.bank) == len(resident)  # its slot freed, not just hidden
+
+
+def test_best_of_n_ranks_candidates_by_the_reward_adapter(server: Server) -> None:
+    from core.decoder.scoring import score_decoder_pairs
+    from core.heads import Head
+
+    base = server.decoder
+    config = parse_method_config("lora", {"r": 2, "target_modules": ["q_proj"]}, "decoder")
+    assert isinstance(config, LoraConfig)
+    head_config = HeadConfig(task="reward", pooling="last_token", max_seq_length=128)
+    torch.manual_seed(1)
+    head = Head(head_config, base.config.hidden_size)
+    adapter = Adapter.from_method(
+        LoraModel(config, base), head_config, 1, {}, head_state=head.state_dict()
+    )
+    _store(server, "smol-reward", adapter)
+    sdk = server.sdk()
+    reply = sdk.chat.completions.create(
+        model=DEFAULT_DECODER_NAME,
+        messages=QUESTION,
+        max_tokens=8,
+        temperature=1.0,
+        seed=3,
+        n=3,
+        extra_body={"reward_adapter": "smol-reward"},
+    )
+    rewards = [float((c.model_extra or {})["reward"]) for c in reply.choices]
+    assert rewards == sorted(rewards, reverse=True)  # best first
+    assert sorted(c.index for c in reply.choices) == [0, 1, 2]
+    texts = [c.message.content or "" for c in reply.choices]
+    expected = score_decoder_pairs(
+        adapter.build_decoder_head(base), [QUESTION[0]["content"]] * 3, texts
+    )
+    assert rewards == pytest.approx(expected.tolist(), abs=1e-4)
+    # The reward adapter must be the caller's own reward model, and the reply whole.
+    for key, name, error in (
+        (server.other_key, "smol-reward", openai.NotFoundError),
+        (server.key, "smol-chat", openai.UnprocessableEntityError),
+    ):
+        with pytest.raises(error) as err:
+            server.sdk(key).chat.completions.create(
+                model=DEFAULT_DECODER_NAME,
+                messages=QUESTION,
+                max_tokens=2,
+                extra_body={"reward_adapter": name},
+            )
+        assert err.value.param == "reward_adapter"  # type: ignore[attr-defined]
+    with pytest.raises(openai.BadRequestError):
+        sdk.chat.completions.create(
+            model=DEFAULT_DECODER_NAME,
+            messages=QUESTION,
+            max_tokens=2,
+            stream=True,
+            extra_body={"reward_adapter": "smol-reward"},
+        )
+
+
+def _store(server: Server, name: str, adapter: Adapter) -> None:
+    """Insert ``adapter`` for the default tenant, as a finished job would."""
+    from service.adapters.records import next_adapter_version
+    from service.adapters.store import adapter_row_from
+    from service.db.models import ApiKey
+    from service.tenants.keys import hash_api_key
+
+    state = app_state(server.app)
+    with state.sessionmaker() as session:
+        tenant_id = (
+            session.query(ApiKey).filter_by(key_hash=hash_api_key(server.key)).one().tenant_id
+        )
+        row = adapter_row_from(adapter, server.decoder, name=name)
+        row.tenant_id = tenant_id
+        row.version = next_adapter_version(session, tenant_id)
+        session.add(row)
+        session.commit()
