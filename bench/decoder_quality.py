@@ -28,8 +28,11 @@ final weights are scored; nothing is selected on the held-out pairs):
   (``reference_max_abs_diff``: transformers' reference on the first pairs against ours).
 * ``samples``: greedy replies (``--new-tokens``) to the first 5 held-out prompts from the base
   and each trained adapter.
-* ``reward``: a decoder reward model, when the decoder trainer takes task ``reward``;
-  otherwise the row says why it was skipped.
+* ``reward``: a LoRA reward model on the decoder
+  (:class:`core.training.decoder_head.DecoderHeadTrainer`, head on the last token) on the
+  whole HH dialogues, split at their shared turns as training splits them: held-out pair
+  accuracy and mean margin; beside it (``minilm``) bench.reward_quality's default MiniLM case
+  on the same rows, epochs and batch.
 
 Each arm reports its train seconds and its peak RSS (``VmHWM``, reset before the arm through
 ``/proc/self/clear_refs``; the loaded base is in every arm's figure; the ``trl`` child's is
@@ -69,11 +72,11 @@ from bench.datasets import DEFAULT_HH_RLHF_PATH
 from bench.hh_convert import to_chat, to_dpo
 from bench.reward_quality import hh_pairs
 from core.adapter import Adapter
+from core.base import FrozenBase
 from core.decoder.base import DecoderBase
 from core.decoder.forward import NO_HOOKS, LinearHooks, forward
 from core.decoder.generate import greedy_generate
 from core.decoder.losses import targets
-from core.errors import ConfigError
 from core.training.data import eval_batches, forward_chunks
 from core.training.decoder import DECODER_FORWARD_TOKENS, DecoderTrainer
 from core.training.decoder_data import DecoderData, coerce_decoder_examples, encode_decoder
@@ -234,8 +237,9 @@ def run_arms(
     trl_path: Path | None = None,
     new_tokens: int = 60,
     log: Callable[[dict[str, Any]], None] = lambda row: None,
+    encoder: FrozenBase | None = None,
 ) -> list[dict[str, Any]]:
-    """Every requested arm's row (``base`` always runs: it is the others' reference)."""
+    """Every requested arm's row (``base`` runs with any arm it is the reference of)."""
     split.encode(base, min(budget.max_seq_length, base.max_length))
     rows: list[dict[str, Any]] = []
 
@@ -243,9 +247,10 @@ def run_arms(
         rows.append(row)
         log(row)
 
-    ref, figures = _timed(lambda: score(base, split.test_pairs))
-    emit({"arm": "base", **sft_metrics(ref), **dpo_metrics(ref.logp, ref.logp, budget.beta),
-          "score_s": figures["train_s"], "peak_rss_mib": figures["peak_rss_mib"]})  # fmt: skip
+    if {"base", "sft", "dpo", "sft_dpo", "trl"} & set(arms):
+        ref, figures = _timed(lambda: score(base, split.test_pairs))
+        emit({"arm": "base", **sft_metrics(ref), **dpo_metrics(ref.logp, ref.logp, budget.beta),
+              "score_s": figures["train_s"], "peak_rss_mib": figures["peak_rss_mib"]})  # fmt: skip
     adapters: dict[str, Adapter] = {}
     chat_rows = [to_chat(r) for r in split.train_hh]
     dpo_rows = [to_dpo(r) for r in split.train_hh]
@@ -271,7 +276,7 @@ def run_arms(
     if "samples" in arms:
         emit(samples(base, split.test_hh[:N_SAMPLES], adapters, budget, new_tokens))
     if "reward" in arms:
-        emit(reward_arm(base, split, budget))
+        emit(reward_arm(base, split, budget, encoder))
     return rows
 
 
@@ -300,18 +305,53 @@ def samples(
     return out
 
 
-def reward_arm(base: DecoderBase, split: Split, budget: Budget) -> dict[str, Any]:
-    """A decoder reward model's row, or why there is none (the trainer refuses the task)."""
-    try:
-        DecoderTrainer(
-            base, LORA, {"task": "reward"}, split.train_hh[:2], None, budget.training()
-        ).setup()
-    except ConfigError as e:
-        return {"arm": "reward", "skipped": f"the decoder trainer has no reward task: {e}"}
-    return {
+def reward_arm(
+    base: DecoderBase, split: Split, budget: Budget, encoder: FrozenBase | None = None
+) -> dict[str, Any]:
+    """A LoRA reward model on the decoder (its head on the last token) and MiniLM's default
+    reward case (bench.reward_quality) on the same HH rows and epochs/batch: held-out pair
+    accuracy (ties wrong) and mean margin of each."""
+    from core.decoder.scoring import score_decoder_pairs
+    from core.pair_encoding import split_shared_prefix
+    from core.training.decoder_head import DecoderHeadTrainer
+
+    cfg = {k: v for k, v in budget.training().items() if k != "beta"}
+    trainer = DecoderHeadTrainer(base, LORA, {"task": "reward"}, split.train_hh, None, cfg)
+    result, figures = _timed(trainer.train)
+    model = result.adapter.build_decoder_head(base)
+    # Whole dialogues split at their shared turns, as training split them.
+    triples = [
+        split_shared_prefix(r["chosen"], r["rejected"]) or (None, r["chosen"], r["rejected"])
+        for r in split.test_hh
+    ]
+    prompts = [t[0] for t in triples]
+    chosen = score_decoder_pairs(model, prompts, [t[1] for t in triples])
+    rejected = score_decoder_pairs(model, prompts, [t[2] for t in triples])
+    row: dict[str, Any] = {
         "arm": "reward",
-        "skipped": "the decoder trainer takes task reward now; this bench does not score it yet",
+        "pair_accuracy": round(float((chosen > rejected).float().mean()), 4),
+        "mean_margin": round(float((chosen - rejected).mean()), 4),
+        "test_pairs": len(triples),
+        **figures,
+        "steps": result.steps,
+        "train_rows": len(split.train_hh),
     }
+    row["minilm"] = _minilm_reward(split, budget, encoder)
+    return row
+
+
+def _minilm_reward(split: Split, budget: Budget, encoder: FrozenBase | None) -> dict[str, Any]:
+    """bench.reward_quality's default case (MiniLM unless ``encoder``, LoRA, 128 tokens) on
+    the same rows."""
+    from bench.reward_quality import BY_NAME, run_case
+    from core.base import load_base_model
+
+    training = {"n_epochs": budget.epochs, "batch_size": budget.batch_size,
+                "validation_fraction": 0.0, "seed": budget.seed}  # fmt: skip
+    encoder = encoder or load_base_model(device="cpu")
+    out = run_case(encoder, BY_NAME["default"], split.train_hh, split.test_hh, training)
+    keep = ("accuracy", "mean_margin", "train_s", "steps", "test_pairs", "max_seq_length")
+    return {k: out[k] for k in keep if k in out}
 
 
 # --- TRL's DPOTrainer + PEFT, in a child process ----------------------------------------------
@@ -469,10 +509,10 @@ def _line(r: Mapping[str, Any]) -> str:
     if r["arm"] == "samples":
         return f"{r['arm']:8} " + json.dumps({k: v for k, v in r.items() if k != "arm"}, indent=1)
     parts = [f"{r['arm']:8}"]
-    for key in ("loss", "token_accuracy", "preference_accuracy", "mean_margin"):
+    for key in ("loss", "token_accuracy", "preference_accuracy", "pair_accuracy", "mean_margin"):
         if key in r:
             parts.append(f"{key} {r[key]:.4f}")
-    for key in ("steps", "train_s", "score_s", "peak_rss_mib", "reference_max_abs_diff"):
+    for key in ("steps", "train_s", "score_s", "peak_rss_mib", "reference_max_abs_diff", "minilm"):
         if key in r:
             parts.append(f"{key} {r[key]}")
     return " ".join(parts)

@@ -11,6 +11,7 @@ import torch
 
 from bench import decoder_quality as dq
 from bench.hh_convert import to_chat, to_dpo
+from core.base import FrozenBase
 from core.decoder.base import DecoderBase, load_decoder_base
 from core.training.decoder import DecoderTrainer
 from tests.core.decoder.tiny_llama import TINY_LLAMA_NAME, build_tiny_llama
@@ -37,9 +38,10 @@ def split() -> dq.Split:
     return dq.Split(dialogue_pairs(BUDGET.train_pairs), dialogue_pairs(BUDGET.test_pairs, 100))
 
 
-def test_every_arm_of_ours_runs(tiny_decoder: DecoderBase) -> None:
+def test_every_arm_of_ours_runs(tiny_decoder: DecoderBase, tiny_base: FrozenBase) -> None:
     arms = ["base", "sft", "dpo", "sft_dpo", "samples", "reward"]
-    rows = {r["arm"]: r for r in dq.run_arms(tiny_decoder, split(), BUDGET, arms, new_tokens=4)}
+    got = dq.run_arms(tiny_decoder, split(), BUDGET, arms, new_tokens=4, encoder=tiny_base)
+    rows = {r["arm"]: r for r in got}
     assert list(rows) == arms
     base = rows["base"]
     # The base is its own reference: every implicit reward is 0, a tie, which counts as wrong.
@@ -56,7 +58,10 @@ def test_every_arm_of_ours_runs(tiny_decoder: DecoderBase) -> None:
         assert len(samples[model]) == dq.N_SAMPLES and all(
             isinstance(s, str) for s in samples[model]
         )
-    assert "skipped" in rows["reward"] or "accuracy" in rows["reward"]
+    reward = rows["reward"]
+    assert 0.0 <= reward["pair_accuracy"] <= 1.0 and reward["test_pairs"] == 6
+    assert reward["steps"] == 2 and reward["peak_rss_mib"] > 0
+    assert 0.0 <= reward["minilm"]["accuracy"] <= 1.0 and reward["minilm"]["test_pairs"] == 6
 
 
 def test_chat_and_pair_rows_score_the_same_chosen_tokens(tiny_decoder: DecoderBase) -> None:
