@@ -78,7 +78,7 @@ def _owned_adapter(session: Session, tenant_id: str, model_id: str) -> AdapterRo
 
 @router.get("", response_model=ModelList, response_model_exclude_none=True, summary="List models")
 def list_models(request: Request, session: SessionDep, tenant: CurrentTenant) -> ModelList:
-    """OpenAI's model list: the bases first (in ``LORAPLEX_BASES`` order), then the caller's
+    """OpenAI's model list: the bases first (in `LORAPLEX_BASES` order), then the caller's
     adapters, newest first, all in one page."""
     rows = session.scalars(
         select(AdapterRow)
