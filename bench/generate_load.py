@@ -1,0 +1,330 @@
+"""HTTP generation load on the real server: /v1/chat/completions over many LoRA adapters.
+
+Starts ``loraplex serve`` (uvicorn, temporary SQLite, SmolLM2 only, no embedded worker),
+stores N random non-zero chat LoRA adapters (r=8, every linear) straight into its database,
+then for each concurrency C and adapter count N runs C streaming clients, each sending its
+share of ``--requests`` requests one after another, after an untimed request per adapter has
+made it resident (prompts of 20-200 tokens: HH-RLHF
+harmless-base dialogues when ``../shared`` has them, Rotten Tomatoes reviews otherwise;
+greedy, ``--new-tokens`` new tokens at most; adapters round robin). Per configuration:
+aggregate output tokens/s (usage's completion tokens over the wall time), time to first token
+and inter-token latency p50/p99 (between content chunks), errors. Then, in this process with
+the server stopped, the references over the same prompts:
+
+(a) transformers ``generate`` on the bare base, one request at a time;
+(b) transformers + PEFT ``generate`` with the N adapters loaded, ``set_adapter`` per request;
+(c) loraplex's in-process greedy loop on the bare base at batch C (the limit).
+
+``ratio_to_bare_decode`` = server tokens/s / (c) at the same C; ``ratio_to_hf_sequential`` =
+server tokens/s / (a). Client and server share the machine: the clients' CPU is not the
+server's.
+
+    nice -n 10 python -m bench.generate_load --quick --json bench_generate_load.json
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads (see README)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import httpx
+
+from bench.common import fixture_reviews
+from tests.e2e.server import ServerProcess
+
+if TYPE_CHECKING:
+    from core.decoder.base import DecoderBase
+
+R = 8
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+MIN_PROMPT, MAX_PROMPT = 20, 200
+
+
+def prompts(base: DecoderBase, k: int) -> tuple[list[list[dict[str, str]]], str]:
+    """``k`` conversations of 20-200 rendered tokens, and where they come from."""
+    from bench.datasets import DEFAULT_HH_RLHF_PATH, load_jsonl
+    from bench.hh_convert import HHFormatError, split_pair
+
+    chats: list[list[dict[str, str]]] = []
+    source = "hh-rlhf harmless-base test"
+    if DEFAULT_HH_RLHF_PATH.is_file():
+        for rec in load_jsonl(DEFAULT_HH_RLHF_PATH):
+            try:
+                chats.append(split_pair(rec)[0])
+            except HHFormatError:
+                continue
+    else:
+        source = "rotten tomatoes fixture"
+        chats = [[{"role": "user", "content": r["text"]}] for r in fixture_reviews()]
+    fits = []
+    for chat in chats:
+        n = len(base.tokenizer.apply_chat_template(chat, add_generation_prompt=True))
+        if MIN_PROMPT <= n <= MAX_PROMPT:
+            fits.append(chat)
+        if len(fits) == k:
+            break
+    return fits, source
+
+
+def random_adapters(base: DecoderBase, n: int) -> list[dict[str, Any]]:
+    """``n`` LoRA state dicts (PEFT names) with random non-zero A and B."""
+    import torch
+
+    from core.methods.lora.model import lora_key
+
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(n):
+        state = {}
+        for layer in range(base.num_layers):
+            for t in TARGETS:
+                n_in, n_out = base.config.linear_shape(t)
+                state[lora_key(layer, t, "A")] = torch.randn(R, n_in, generator=gen) * 0.02
+                state[lora_key(layer, t, "B")] = torch.randn(n_out, R, generator=gen) * 0.02
+        out.append(state)
+    return out
+
+
+def store(data_dir: Path, base: DecoderBase, states: list[dict[str, Any]]) -> list[str]:
+    """Insert the adapters as the default tenant's chat adapters ``g0`` ...; their names."""
+    from core.adapter import Adapter
+    from core.heads import HeadConfig
+    from core.methods import parse_method_config
+    from service.adapters.store import adapter_row_from
+    from service.db.models import ApiKey
+    from service.db.session import make_db_engine, make_sessionmaker
+    from service.tenants.keys import hash_api_key
+
+    key = (data_dir / "default_api_key").read_text().strip()
+    db_engine = make_db_engine(f"sqlite:///{data_dir / 'loraplex.db'}")
+    cfg = parse_method_config(
+        "lora", {"r": R, "alpha": 16, "target_modules": list(TARGETS)}, base_kind="decoder"
+    )
+    names = []
+    with make_sessionmaker(db_engine)() as session:
+        tenant_id = session.query(ApiKey).filter_by(key_hash=hash_api_key(key)).one().tenant_id
+        for i, state in enumerate(states):
+            adapter = Adapter(
+                method=cfg,
+                head=HeadConfig(task="chat"),
+                method_state=state,
+                head_state={},
+                base_name=base.name,
+                base_fingerprint=base.fingerprint,
+                trainable_params=sum(v.numel() for v in state.values()),
+            )
+            row = adapter_row_from(adapter, base, name=f"g{i}")
+            row.tenant_id, row.version = tenant_id, i + 1
+            session.add(row)
+            names.append(f"g{i}")
+        session.commit()
+    db_engine.dispose()
+    return names
+
+
+def pct(values: list[float], p: float) -> float:
+    ms = sorted(v * 1000 for v in values)
+    return round(ms[min(len(ms) - 1, int(p / 100 * len(ms)))], 1) if ms else float("nan")
+
+
+async def drive(
+    server: ServerProcess,
+    models: list[str],
+    chats: list[list[dict[str, str]]],
+    concurrency: int,
+    requests: int,
+    new_tokens: int,
+) -> dict[str, Any]:
+    ttft: list[float] = []
+    itl: list[float] = []
+    tokens = errors = 0
+    headers = {"Authorization": f"Bearer {server.api_key}"}
+    limits = httpx.Limits(max_connections=concurrency)
+    async with httpx.AsyncClient(
+        base_url=server.base_url, headers=headers, timeout=600, limits=limits
+    ) as client:
+
+        async def one(i: int) -> None:
+            nonlocal tokens, errors
+            body = {
+                "model": models[i % len(models)],
+                "messages": chats[i % len(chats)],
+                "max_tokens": new_tokens,
+                "temperature": 0,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
+            t0 = time.perf_counter()
+            last = None
+            try:
+                async with client.stream("POST", "/v1/chat/completions", json=body) as resp:
+                    if resp.status_code != 200:
+                        errors += 1
+                        return
+                    async for line in resp.aiter_lines():
+                        if not line.startswith("data: ") or line == "data: [DONE]":
+                            continue
+                        chunk = json.loads(line[6:])
+                        if chunk.get("usage"):
+                            tokens += chunk["usage"]["completion_tokens"]
+                        if any(c["delta"].get("content") for c in chunk.get("choices", [])):
+                            now = time.perf_counter()
+                            (itl if last is not None else ttft).append(now - (last or t0))
+                            last = now
+            except httpx.HTTPError:
+                errors += 1
+
+        # Warm-up, untimed: every adapter read from the database into the bank once.
+        for model in models:
+            await client.post(
+                "/v1/chat/completions",
+                json={"model": model, "messages": chats[0], "max_tokens": 1},
+            )
+
+        async def client_loop(c: int) -> None:
+            for i in range(c, requests, concurrency):
+                await one(i)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(client_loop(c) for c in range(concurrency)))
+        elapsed = time.perf_counter() - start
+    return {
+        "requests": requests,
+        "output_tok_s": round(tokens / elapsed, 1),
+        "ttft_p50_ms": pct(ttft, 50),
+        "ttft_p99_ms": pct(ttft, 99),
+        "itl_p50_ms": pct(itl, 50),
+        "itl_p99_ms": pct(itl, 99),
+        "errors": errors,
+    }
+
+
+def hf_sequential(
+    base: DecoderBase, ids: list[list[int]], new_tokens: int, peft_states: list[Any] | None
+) -> float:
+    """Output tokens/s of transformers ``generate`` one request at a time (with PEFT and
+    ``set_adapter`` per request when ``peft_states`` is given)."""
+    import torch
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model, set_peft_model_state_dict
+
+    from tests.core.decoder.test_forward import hf_model
+
+    model: Any = hf_model(base)
+    names: list[str] = []
+    if peft_states:
+        cfg = PeftLoraConfig(r=R, lora_alpha=16, target_modules=list(TARGETS))
+        model = get_peft_model(model, cfg, adapter_name="g0")
+        for i, state in enumerate(peft_states):
+            name = f"g{i}"
+            if i:
+                model.add_adapter(name, cfg)
+            prefixed = {f"base_model.model.{k}": v for k, v in state.items()}
+            set_peft_model_state_dict(model, prefixed, adapter_name=name)
+            names.append(name)
+        model.eval()
+    tokens = 0
+    start = time.perf_counter()
+    for i, prompt in enumerate(ids):
+        if names:
+            model.set_adapter(names[i % len(names)])
+        with torch.no_grad():
+            out = model.generate(
+                torch.tensor([prompt]),
+                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                max_new_tokens=new_tokens,
+                do_sample=False,
+                eos_token_id=list(base.stop_token_ids),
+                pad_token_id=0,
+            )
+        tokens += out.shape[1] - len(prompt)
+    return tokens / (time.perf_counter() - start)
+
+
+def bare_decode(base: DecoderBase, ids: list[list[int]], batch: int, new_tokens: int) -> float:
+    """Output tokens/s of loraplex's greedy loop on the bare base, ``batch`` rows at once."""
+    from core.decoder.generate import greedy_generate
+
+    rows = [ids[i % len(ids)] for i in range(batch)]
+    start = time.perf_counter()
+    out = greedy_generate(base.weights, rows, new_tokens, base.stop_token_ids)
+    return sum(map(len, out)) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="C 1/8, N 1/16, 32 new tokens")
+    parser.add_argument("--concurrency", type=int, nargs="+")
+    parser.add_argument("--adapters", type=int, nargs="+")
+    parser.add_argument("--new-tokens", type=int)
+    parser.add_argument("--requests", type=int, help="per configuration (default 2 x C, >= 4)")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    concurrency = args.concurrency or ([1, 8] if args.quick else [1, 8, 32])
+    counts = args.adapters or ([1, 16] if args.quick else [1, 16, 64])
+    new_tokens = args.new_tokens or (32 if args.quick else 128)
+
+    from core.decoder.base import DEFAULT_DECODER_NAME, load_decoder_base
+
+    base = load_decoder_base(device="cpu")
+    chats, source = prompts(base, 64)
+    ids = [list(base.tokenizer.apply_chat_template(c, add_generation_prompt=True)) for c in chats]
+    states = random_adapters(base, max(counts))
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        server = ServerProcess(
+            Path(tmp),
+            {
+                "bases": DEFAULT_DECODER_NAME,
+                "embedded_worker": "false",
+                "generation_context_tokens": MAX_PROMPT + new_tokens,
+                "generation_kv_cache_mb": 2048,
+            },
+        ).start()
+        try:
+            names = store(Path(tmp), base, states)
+            for n in counts:
+                for c in concurrency:
+                    requests = args.requests or max(4, 2 * c)
+                    row = asyncio.run(drive(server, names[:n], chats, c, requests, new_tokens))
+                    row = {"concurrency": c, "adapters": n, **row}
+                    print(json.dumps(row), flush=True)
+                    rows.append(row)
+        finally:
+            server.stop()
+    k = max(4, min(8, len(ids)))
+    hf = hf_sequential(base, ids[:k], new_tokens, None)
+    peft = hf_sequential(base, ids[:k], new_tokens, states[: max(counts)])
+    bare = {c: bare_decode(base, ids, c, new_tokens) for c in concurrency}
+    for row in rows:
+        row["ratio_to_bare_decode"] = round(row["output_tok_s"] / bare[row["concurrency"]], 3)
+        row["ratio_to_hf_sequential"] = round(row["output_tok_s"] / hf, 3)
+    report = {
+        "prompts": source,
+        "new_tokens": new_tokens,
+        "hf_sequential_tok_s": round(hf, 1),
+        f"hf_peft_sequential_{max(counts)}_adapters_tok_s": round(peft, 1),
+        "bare_decode_tok_s": {str(c): round(v, 1) for c, v in bare.items()},
+        "results": rows,
+        "median_ratio_to_bare_decode": statistics.median(r["ratio_to_bare_decode"] for r in rows),
+    }
+    print(json.dumps(report, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    print("[generate_load] done", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
