@@ -4,9 +4,9 @@ Starts ``loraplex serve`` (uvicorn, temporary SQLite, SmolLM2 only, no embedded 
 stores N random non-zero chat LoRA adapters (r=8, every linear) straight into its database,
 then for each concurrency C and adapter count N runs C streaming clients, each sending its
 share of ``--requests`` requests one after another, after an untimed request per adapter has
-made it resident (prompts of 20-200 tokens: HH-RLHF
-harmless-base dialogues when ``../shared`` has them, Rotten Tomatoes reviews otherwise;
-greedy, ``--new-tokens`` new tokens at most; adapters round robin). Per configuration:
+made it resident (prompts of 20-200 tokens: HH-RLHF harmless-base dialogues when
+``../shared`` has them, Rotten Tomatoes reviews otherwise; greedy, ``--new-tokens`` new tokens
+at most; adapters round robin). Per configuration:
 aggregate output tokens/s (usage's completion tokens over the wall time), time to first token
 and inter-token latency p50/p99 (between content chunks), errors. Then, in this process with
 the server stopped, the references over the same prompts:
