@@ -55,8 +55,9 @@ def base_specs(settings: Settings) -> dict[str, BaseSpec]:
 def resolve_job_base(
     settings: Settings, model: str | None, *, default_kind: BaseKind = "encoder"
 ) -> BaseSpec:
-    """The base a job trains on: the one ``model`` names, or by default the first configured
-    base of ``default_kind`` (the first configured base if there is none of that kind).
+    """The base a job trains on (or an adapter is imported onto): the one ``model`` names, or
+    by default the first configured base of ``default_kind`` (the first configured base if
+    there is none of that kind).
 
     An unknown ``model`` is the caller's to fix: ServiceError not_found for ``model``.
     """

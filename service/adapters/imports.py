@@ -26,6 +26,7 @@ from service.jobs.queue import job_count
 
 if TYPE_CHECKING:
     from core.base import FrozenBase
+    from core.decoder.base import DecoderBase
 
 
 def archive_limits(settings: Settings) -> ArchiveLimits:
@@ -57,7 +58,11 @@ def precheck(factory: sessionmaker[Session], tenant_id: str, name: str, settings
 
 
 def load(
-    data: bytes, name: str, base: FrozenBase, head: HeadSpec | None, limits: ArchiveLimits
+    data: bytes,
+    name: str,
+    base: FrozenBase | DecoderBase,
+    head: HeadSpec | None,
+    limits: ArchiveLimits,
 ) -> AdapterRow:
     """Unzip, import and serialise: a new, unsaved row called ``name``."""
     adapter = import_files(read_archive(data, limits), base, head)
@@ -68,9 +73,7 @@ def insert(
     factory: sessionmaker[Session], tenant_id: str, row: AdapterRow, settings: Settings
 ) -> AdapterRow:
     """Store ``row`` as the tenant's newest adapter version; returned detached, refreshed."""
-    taken = conflict(
-        f"An adapter named '{row.name}' already exists.", "name", "adapter_name_taken"
-    )
+    taken = conflict(f"An adapter named '{row.name}' already exists.", "name", "adapter_name_taken")
     with factory() as session:
         with committed_or_conflict(session, taken):
             _check_room(session, tenant_id, row.name, settings, incoming=row.size_bytes)

@@ -112,7 +112,9 @@ def _peft_carries_head(files: dict[str, bytes]) -> bool:
     return HEAD_FILE in files and isinstance(extra, dict) and extra.get("head") is not None
 
 
-def _import_loraplex(files: dict[str, bytes], base: FrozenBase, head: HeadConfig | None) -> Adapter:
+def _import_loraplex(
+    files: dict[str, bytes], base: FrozenBase | DecoderBase, head: HeadConfig | None
+) -> Adapter:
     from core.io.peft import check_servable
     from core.io.serialization import adapter_from_bytes
 
@@ -139,7 +141,7 @@ def _import_loraplex(files: dict[str, bytes], base: FrozenBase, head: HeadConfig
 
 
 def import_files(
-    files: dict[str, bytes], base: FrozenBase, head: HeadSpec | None = None
+    files: dict[str, bytes], base: FrozenBase | DecoderBase, head: HeadSpec | None = None
 ) -> Adapter:
     """A core ``Adapter`` for ``base`` from an archive's files (see ``read_archive``)."""
     from core.errors import CoreError

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hmac
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 from fastapi import Depends, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -26,9 +26,6 @@ from service.serving.lookups import LookupCache
 from service.serving.queries import AdapterRef, KeyLookup, find_adapter, find_key_and_adapter
 from service.state import AppState, app_state
 from service.tenants.keys import hash_api_key, key_by_secret
-
-if TYPE_CHECKING:  # core imports torch; the API imports it only through the lifespan hooks
-    from core.base import FrozenBase
 
 
 async def get_state(request: Request) -> AppState:
@@ -181,14 +178,6 @@ async def require_admin(principal: PrincipalDep) -> Principal:
 
 
 AdminDep = Annotated[Principal, Depends(require_admin)]
-
-
-# --- the loaded base model ---------------------------------------------------------------------
-
-
-def get_base_model(request: Request) -> FrozenBase:
-    """The encoder the serving lifespan hook loaded; 503 until it has (or without the hook)."""
-    return app_state(request).require_base_model()
 
 
 def adapter_caches(state: StateDep) -> list[ForgetAdapter]:

@@ -288,6 +288,14 @@ def test_an_adapter_runs_only_on_its_own_base(both: TestClient, settings: Settin
     imported = both.post("/v1/adapters/import", data={"name": "again"}, files=files, headers=auth)
     assert_error(imported, 422, code="base_model_mismatch")
     assert TINY_LLAMA_NAME in imported.json()["error"]["message"]
+    # ``model`` names the base to import onto.
+    form = {"name": "again", "model": TINY_LLAMA_NAME}
+    imported = both.post("/v1/adapters/import", data=form, files=files, headers=auth)
+    assert imported.status_code == 200, imported.text
+    assert imported.json()["base_model"] == TINY_LLAMA_NAME
+    form = {"name": "again2", "model": "gpt-17"}
+    unknown = both.post("/v1/adapters/import", data=form, files=files, headers=auth)
+    assert_error(unknown, 404, param="model")
 
 
 def test_an_adapter_of_a_base_not_loaded_is_refused(

@@ -33,14 +33,13 @@ from service.api.deps import (
     SessionDep,
     SessionFactoryDep,
     SettingsDep,
-    get_base_model,
 )
 from service.api.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery, keyset_page
 from service.api.params import AdapterNamePath
 from service.api.schemas.adapters import ADAPTER_EXAMPLE, AdapterObject
 from service.api.schemas.common import NAME_PATTERN, DeletedResponse, ListResponse
 from service.api.uploads import form_text, read_upload, require_multipart
-from service.bases import adapter_base
+from service.bases import adapter_base, resolve_job_base
 from service.db.models import AdapterRow
 from service.errors import invalid, not_found
 from service.state import app_state
@@ -88,6 +87,13 @@ _IMPORT_OPENAPI: dict[str, Any] = {
                             "type": "boolean",
                             "description": "For PEFT adapters without a loraplex head: whether "
                             "the new head reads text pairs. Default: false.",
+                        },
+                        "model": {
+                            "type": "string",
+                            "description": "The base the adapter belongs to, by its id in "
+                            "/v1/models (a decoder's chat adapter: the decoder). Default: the "
+                            "encoder. An adapter of another base is refused (422 "
+                            "base_model_mismatch).",
                         },
                     },
                 }
@@ -220,11 +226,13 @@ async def import_adapter(
     async with request.form(max_files=1, max_fields=64) as form:
         name = _import_name(form)
         head = _head_spec(form)
+        form_model = form_text(form.get("model"), "model", _MAX_NAME)
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
             raise invalid("A zip archive is required in the 'file' field.", "file", "missing_file")
         data = await read_upload(upload, settings.max_upload_bytes)
-    base = get_base_model(request)
+    spec = resolve_job_base(settings, form_model)
+    base = app_state(request).require_base(spec.name)
     await run_in_threadpool(precheck, factory, tenant.id, name, settings)
     row = await run_in_threadpool(load, data, name, base, head, archive_limits(settings))
     row = await run_in_threadpool(insert, factory, tenant.id, row, settings)
