@@ -206,8 +206,10 @@ def test_a_job_s_base_is_its_model_or_by_default_the_encoder(tmp_path: Path) -> 
 
 
 # --- the serving hook with both bases ---------------------------------------------------------
+# (sqlite_only: which base serves what does not depend on the database.)
 
 
+@pytest.mark.sqlite_only
 def test_both_bases_load_once_and_are_listed_with_their_kind(
     both: TestClient, settings: Settings
 ) -> None:
@@ -257,6 +259,7 @@ def test_a_job_s_model_picks_its_base(
     assert stored is not None and stored.model == TINY_LLAMA_NAME
 
 
+@pytest.mark.sqlite_only
 def test_an_adapter_runs_only_on_its_own_base(both: TestClient, settings: Settings) -> None:
     auth = _auth(settings)
     state = app_state(both.app)
@@ -298,6 +301,7 @@ def test_an_adapter_runs_only_on_its_own_base(both: TestClient, settings: Settin
     assert_error(unknown, 404, param="model")
 
 
+@pytest.mark.sqlite_only
 def test_an_adapter_of_a_base_not_loaded_is_refused(
     settings: Settings, tiny_model_dir: Path, tiny_llama_dir: Path, tiny_base: FrozenBase
 ) -> None:
@@ -326,6 +330,7 @@ def test_an_adapter_of_a_base_not_loaded_is_refused(
 # --- one base -----------------------------------------------------------------------------------
 
 
+@pytest.mark.sqlite_only
 def test_a_decoder_only_deployment_starts_and_says_it_has_no_encoder(
     settings: Settings, tiny_model_dir: Path, tiny_llama_dir: Path
 ) -> None:
