@@ -15,6 +15,7 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -142,24 +143,60 @@ def load_decoder_base(
     )
 
 
+# Layers the name map of a GGUF file's tensors is built for (before the file says how many it
+# has): more than any Llama GGUF file holds (Llama 3.1 405B has 126). Names past the file's
+# layers match no tensor, and _check_state_dict refuses a file whose tensors the map left out.
+_GGUF_NAME_MAP_LAYERS = 256
+
+
+def _llama_names(num_layers: int) -> dict[str, None]:
+    """Every weight name a Llama of ``num_layers`` layers may have (biases included)."""
+    names = dict.fromkeys(("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"))
+    subs = ("input_layernorm", "post_attention_layernorm", *DECODER_TARGET_PATHS.values())
+    for i in range(num_layers):
+        for sub in subs:
+            names.update(
+                dict.fromkeys((f"model.layers.{i}.{sub}.weight", f"model.layers.{i}.{sub}.bias"))
+            )
+    return names
+
+
 def _read_gguf(
     file: Path, dtype: torch.dtype
 ) -> tuple[dict[str, Any], dict[str, Tensor], Any, list[Path]]:
-    # Deferred: a slow import, needed only while loading.
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Config, tensors and tokenizer from one parse of the file's metadata.
 
-    folder, gguf_file = str(file.parent), file.name
-    model = AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=gguf_file, dtype=dtype, local_files_only=True
+    ``from_pretrained(gguf_file=...)`` parses the metadata (the vocabulary and merges: most of
+    the load's time) three times: for the config, the weights and the tokenizer. transformers'
+    ``load_gguf_checkpoint(return_tensors=True)`` returns all three from one parse; it needs a
+    model only for its tensor names, which the Llama names of more layers than the file has
+    give.
+    """
+    # Deferred: slow imports, needed only while loading.
+    from transformers import AutoConfig, LlamaTokenizerFast
+    from transformers.integrations.ggml import convert_gguf_tokenizer
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    # What load_gguf_checkpoint reads of a model: its type, layer count and weight names (a
+    # real model's name map recurses through every submodule, minutes for 256 layers).
+    names = _llama_names(_GGUF_NAME_MAP_LAYERS)
+    model_names = SimpleNamespace(
+        config=SimpleNamespace(model_type="llama", num_hidden_layers=_GGUF_NAME_MAP_LAYERS),
+        state_dict=lambda: names,
+        named_children=lambda: [],  # no submodules to recurse into
     )
-    # Given the model's config, the tokenizer reads the file's metadata once, not twice: each
-    # read parses the ~100k vocabulary and merge strings again (seconds).
-    tokenizer = AutoTokenizer.from_pretrained(
-        folder, gguf_file=gguf_file, config=model.config, local_files_only=True
+    parsed = load_gguf_checkpoint(str(file), return_tensors=True, model_to_load=model_names)
+    raw_cfg = AutoConfig.for_model(**parsed["config"]).to_dict()
+    if raw_cfg.get("model_type") != "llama":
+        raise DecoderBaseError(
+            f"{file}: unsupported model_type {raw_cfg.get('model_type')!r} (Llama family: 'llama')"
+        )
+    fast, extra = convert_gguf_tokenizer(raw_cfg["model_type"], parsed["tokenizer"])
+    tokenizer = LlamaTokenizerFast(
+        tokenizer_object=fast, name_or_path=str(file), **parsed["tokenizer_config"], **extra
     )
-    # Keep the tensors, drop the module: the forward is loraplex's own (core/decoder/forward.py).
-    state_dict = dict(model.state_dict())
-    return model.config.to_dict(), state_dict, tokenizer, [file]
+    state_dict = {k: v.to(dtype) for k, v in parsed["tensors"].items()}
+    return raw_cfg, state_dict, tokenizer, [file]
 
 
 def _read_hf_folder(

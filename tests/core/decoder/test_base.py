@@ -109,3 +109,25 @@ def test_smollm2_gguf_loads_dequantised(real_decoder: DecoderBase) -> None:
     assert real_decoder.tokenizer.convert_ids_to_tokens(list(real_decoder.stop_token_ids)) == [
         "<|im_end|>"
     ]
+
+
+@pytest.mark.real_model
+def test_smollm2_gguf_reads_as_transformers_from_pretrained(real_decoder: DecoderBase) -> None:
+    """One parse of the file's metadata gives what from_pretrained's three parses give: the
+    same tensors bit for bit, config and tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(real_decoder.path.parent), real_decoder.path.name
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, local_files_only=True)
+    theirs = model.state_dict()
+    assert all(torch.equal(v, theirs[k]) for k, v in real_decoder.state_dict.items())
+    assert set(theirs) - set(real_decoder.state_dict) == {"lm_head.weight"}  # tied
+    tokenizer = AutoTokenizer.from_pretrained(
+        folder, gguf_file=name, config=model.config, local_files_only=True
+    )
+    ours = real_decoder.tokenizer
+    assert type(ours) is type(tokenizer) and ours.get_vocab() == tokenizer.get_vocab()
+    assert ours.chat_template == tokenizer.chat_template
+    text = "  The naïve café, 東京 🙂\n\n<|im_start|>user\nhi<|im_end|>"
+    assert ours(text)["input_ids"] == tokenizer(text)["input_ids"]
+    assert ours.all_special_tokens == tokenizer.all_special_tokens
