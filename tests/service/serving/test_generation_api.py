@@ -165,6 +165,25 @@ def test_completions_seed_n_and_logprobs(server: Server) -> None:
         if v is not None
     )
 
+    pieces = sdk.completions.create(
+        model=DEFAULT_DECODER_NAME, prompt=prompt, max_tokens=5, temperature=0, stream=True
+    )
+    assert "".join(c.choices[0].text for c in pieces if c.choices) == out.choices[0].text
+    chat = sdk.chat.completions.create(
+        model=DEFAULT_DECODER_NAME,
+        messages=QUESTION,
+        max_tokens=4,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+    )
+    content = chat.choices[0].logprobs
+    assert content is not None and content.content is not None and len(content.content) == 4
+    assert "".join(t.token for t in content.content) == chat.choices[0].message.content
+    for token in content.content:
+        assert len(token.top_logprobs) == 2 and token.top_logprobs[0].token == token.token
+        assert bytes(token.bytes or []).decode() == token.token
+
     def sampled() -> list[str]:
         reply = sdk.chat.completions.create(
             model=DEFAULT_DECODER_NAME,
