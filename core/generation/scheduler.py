@@ -114,6 +114,7 @@ class Scheduler:
         self._ids = itertools.count()
         self.prefill_tokens = 0  # prompt tokens run through prefill so far (n candidates: once)
         self.cancelled_sequences = 0  # running sequences stopped by cancel() so far
+        self.generated_tokens = 0  # sampled so far, stop tokens included
         # Shared with other threads, under the lock:
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -314,6 +315,7 @@ class Scheduler:
     def _accept(self, seq: _Sequence, token: int, lp: TokenLogprob | None) -> SequenceEvent:
         """Record a sampled token and decide whether the sequence ends with it."""
         seq.completion_tokens += 1
+        self.generated_tokens += 1
         event = SequenceEvent(seq.request_id, seq.index)
         if token in self.stop_token_ids:
             event.text, event.finish_reason = seq.stops.flush(), "stop"

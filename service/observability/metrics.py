@@ -8,8 +8,8 @@ at scrape time by a collector instead of being mirrored into a second set of cou
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -20,6 +20,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.db.models import Job, JobStatus
 from service.serving.lookups import LookupCache
+
+if TYPE_CHECKING:  # imports torch; this module is imported by the API
+    from service.serving.generation import GenerationServer
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -87,6 +90,36 @@ class EngineCollector(Collector):
         yield GaugeMetricFamily(
             "loraplex_merged_cache_bytes", "Bytes of merged LoRA weights.", s.merged_cache_bytes
         )
+
+
+class GenerationCollector(Collector):
+    """Each decoder base's scheduler (/v1/chat/completions), read at scrape time: plain ints
+    its owner thread writes, so reading them is safe."""
+
+    def __init__(self, servers: Mapping[str, GenerationServer]) -> None:
+        self._servers = servers
+
+    def collect(self) -> Iterator[Any]:
+        gauges = (
+            ("running_sequences", "Sequences generating now.", lambda s: s.running),
+            ("waiting_requests", "Requests waiting for free sequence slots.", lambda s: s.waiting),
+            ("free_slots", "KV-cache slots free for new sequences.", lambda s: s.free_slots),
+        )
+        counters = (
+            ("tokens", "Tokens generated (stop tokens included).", lambda s: s.generated_tokens),
+            ("prefill_tokens", "Prompt tokens prefilled (once for n).", lambda s: s.prefill_tokens),
+            ("cancelled_sequences", "Sequences cancelled.", lambda s: s.cancelled_sequences),
+        )
+        for name, help_, read in gauges:
+            family = GaugeMetricFamily(f"loraplex_generation_{name}", help_, labels=["base"])
+            for base, server in self._servers.items():
+                family.add_metric([base], read(server.scheduler))
+            yield family
+        for name, help_, read in counters:
+            counter = CounterMetricFamily(f"loraplex_generation_{name}", help_, labels=["base"])
+            for base, server in self._servers.items():
+                counter.add_metric([base], read(server.scheduler))
+            yield counter
 
 
 class LookupCacheCollector(Collector):

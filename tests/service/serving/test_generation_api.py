@@ -145,6 +145,13 @@ def test_chat_greedy_equals_core_and_stream_equals_whole(server: Server) -> None
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
     assert chunks[-1].choices == [] and chunks[-1].usage is not None
     assert chunks[-1].usage.completion_tokens == len(ids) + 1
+    scrape = httpx.get(f"{server.url}/metrics").text
+    base = f'base="{DEFAULT_DECODER_NAME}"'
+    generated = next(
+        line for line in scrape.splitlines() if line.startswith("loraplex_generation_tokens_total")
+    )
+    assert base in generated and float(generated.split()[-1]) >= 2 * (len(ids) + 1)
+    assert f"loraplex_generation_running_sequences{{{base}}} 0.0" in scrape
 
 
 def test_completions_seed_n_and_logprobs(server: Server) -> None:
