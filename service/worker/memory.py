@@ -5,6 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
+# mallopt's parameter number for the mmap threshold (glibc malloc.h), and the threshold the
+# worker sets: a training step's activations are blocks of 1-30 MiB, all above it.
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 1 << 20
+
 
 def release_free_memory() -> bool:
     """Hand freed heap pages back to the OS (glibc ``malloc_trim``); False where unavailable.
@@ -15,6 +20,32 @@ def release_free_memory() -> bool:
     SQLite statement-cache setting in ``service.db.session``). The worker then holds little
     more than the base model between jobs; ``tests/e2e/test_faults.py`` checks it.
     """
+    libc = _load_libc()
+    if not libc or not hasattr(libc, "malloc_trim"):
+        return False
+    return bool(libc.malloc_trim(0))
+
+
+def limit_heap_growth(threshold: int = MMAP_THRESHOLD) -> bool:
+    """Serve allocations of ``threshold`` bytes and more from their own mappings, which are
+    unmapped when freed; False where glibc's ``mallopt`` is unavailable. Call once, at start.
+
+    glibc starts at 128 KiB but raises the threshold to the largest block freed (up to 32 MiB),
+    so after the first training steps every activation tensor comes from the heap, whose freed
+    pages stay resident and fragment: a worker's resident memory then creeps up step by step.
+    A fixed threshold turns the dynamic raise off. The default HH-RLHF reward job (MiniLM LoRA,
+    16 pairs x 128 tokens, one training thread) climbed from 1.0 to 2,099 MiB peak RSS over one
+    epoch as a ``loraplex worker``; 40 of its steps through the Trainer peaked at 1,696 MiB, and
+    1,115 MiB with a 1 MiB threshold (issue 15), in 710 s against 953 s on shared cores.
+    """
+    libc = _load_libc()
+    if not libc or not hasattr(libc, "mallopt"):
+        return False
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))
+
+
+def _load_libc() -> Any:
+    """The C library via ctypes, or False where it cannot be loaded."""
     import ctypes
     import ctypes.util
 
@@ -25,9 +56,7 @@ def release_free_memory() -> bool:
             _libc = ctypes.CDLL(name) if name else False
         except OSError:
             _libc = False
-    if not _libc or not hasattr(_libc, "malloc_trim"):
-        return False
-    return bool(_libc.malloc_trim(0))
+    return _libc
 
 
 _libc: Any = None

@@ -115,7 +115,9 @@ def run_worker(settings: Settings, worker_id: str | None = None) -> int:
     import torch
 
     from service.db.migrate import upgrade
+    from service.worker.memory import limit_heap_growth
 
+    limit_heap_growth()  # before the first job allocates (see its docstring for the figures)
     torch.set_num_threads(train_threads(settings))
     upgrade(settings.db_url)
     db_engine = make_db_engine(
