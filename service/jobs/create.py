@@ -63,12 +63,11 @@ _OPENAI_TYPE_FOR_KIND = {
     kind: openai for openai, kinds in OPENAI_METHOD_KINDS.items() for kind in kinds
 }
 # The tasks each kind of base trains here, the first kind listing a task being its default.
-# A decoder's classifiers and reward models (core's last-token heads, DecoderHeadTrainer) are
-# not offered yet: adding "classification" and "reward" to the decoder's set lifts it, with the
-# worker's choice of trainer for them (service.worker.job_run.JobRun._make_trainer).
+# A decoder trains classifiers and reward models too (core's last-token heads: the worker's
+# DecoderHeadTrainer); a task without a model goes to the first kind listing it (the encoder).
 BASE_TASKS: dict[BaseKind, frozenset[str]] = {
     "encoder": frozenset({"classification", "reward"}),
-    "decoder": frozenset({"chat", "dpo"}),
+    "decoder": frozenset({"chat", "dpo", "classification", "reward"}),
 }
 # The dataset kind that trains each task, for messages.
 _KIND_OF_TASK = {task: kind.value for kind, task in TASKS.items()}

@@ -45,6 +45,7 @@ class AdapterRef:
     # The base it was trained on (name and weights' SHA-256): it runs on no other.
     base_model: str = ""
     base_fingerprint: str = ""
+    base_kind: str = "encoder"  # "decoder": served by service.serving.decoder_scoring
 
     def window(self, base_max_length: int) -> int:
         """Tokens per input served: as ``HeadConfig.window`` (core's, which loads torch)."""
@@ -67,6 +68,7 @@ def _ref(tenant_id: str, name: str, row: Row[Any]) -> AdapterRef | None:
     if row.adapter_id is None:
         return None
     head = (row.config or {}).get("head", {})
+    kind = _base_kind(row.config)
     return AdapterRef(
         id=row.adapter_id,
         key=(tenant_id, name, row.version),
@@ -74,22 +76,30 @@ def _ref(tenant_id: str, name: str, row: Row[Any]) -> AdapterRef | None:
         method=row.method,
         label_names=tuple(row.label_names or ()),
         text_pair=bool(head.get("text_pair", False)),
-        reserved=_reserved_positions(row.task, row.config),
+        reserved=_reserved_positions(row.config, kind),
         max_seq_length=head.get("max_seq_length"),
         split_shared_prefix=bool(head.get("split_shared_prefix", False)),
         base_model=row.base_model,
         base_fingerprint=row.base_fingerprint,
+        base_kind=kind,
     )
 
 
-def _reserved_positions(task: str, config: dict[str, Any]) -> int:
+def _reserved_positions(config: dict[str, Any], kind: str) -> int:
     """Read by core's own method config for the adapter's kind of base, as loading the
     adapter will (``Adapter``)."""
-    from core.heads import task_base_kind
     from core.methods import parse_method_config
 
     method = dict(config["method"])
-    return parse_method_config(method.pop("type"), method, task_base_kind(task)).reserved_positions
+    return parse_method_config(method.pop("type"), method, kind).reserved_positions
+
+
+def _base_kind(config: dict[str, Any]) -> str:
+    """The kind of base the adapter runs on, as its head says (a last-token head is a
+    decoder's): not its task, since a reward model or classifier trains on either base."""
+    from core.heads import HeadConfig
+
+    return HeadConfig(**config["head"]).base_kind
 
 
 # The request path's two queries are built once, with bound parameters: building and

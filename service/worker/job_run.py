@@ -1,7 +1,8 @@
 """Running one claimed job: data → core ``Trainer`` → events, checkpoints → adapter row.
 
 The training file's kind decides the trainer: ``Trainer`` on an encoder base (classification,
-reward), ``DecoderTrainer`` on a decoder base (chat SFT, DPO); everything else (events,
+reward), ``DecoderTrainer`` on a decoder base (chat SFT, DPO) and ``DecoderHeadTrainer`` for a
+decoder's classifiers and reward models (last-token heads); everything else (events,
 checkpoints and resume, cancel, time limit, the adapter row) is one path for both.
 
 The training loop reports through callbacks on the training thread; they write to the
@@ -164,9 +165,11 @@ class JobRun:
             return self._store(result)
 
     def _make_trainer(self) -> Trainer:
+        from core.decoder.base import DecoderBase
         from core.heads import LANGUAGE_MODEL_TASKS
         from core.training.checkpoint import CheckpointError
         from core.training.decoder import DecoderTrainer
+        from core.training.decoder_head import DecoderHeadTrainer
         from core.training.trainer import Trainer, TrainerCallbacks
 
         job = self.job
@@ -197,6 +200,8 @@ class JobRun:
             self._check_decoder_base()
             trainer_cls = DecoderTrainer
             options = {"reference_adapter": reference}
+        elif isinstance(self.base, DecoderBase):  # a classifier or reward model, last token
+            trainer_cls = DecoderHeadTrainer
         callbacks = TrainerCallbacks(
             on_progress=self._on_progress,
             on_eval=self._on_eval,

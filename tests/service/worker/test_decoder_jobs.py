@@ -178,8 +178,19 @@ def test_job_creation_checks_base_task_and_settings(
 
     error = refused(422, "model", training_file=chat, model=DEFAULT_BASE_MODEL_NAME)
     assert "encoder" in error["message"] and "chat" in error["message"]
-    # A decoder's classifiers and reward models are not offered yet.
-    refused(422, "model", training_file=classification, model=TINY_LLAMA_NAME)
+    # A classification file trains on the encoder by default, on the decoder when named.
+    assert create_job(client, auth, training_file=classification)["model"] != TINY_LLAMA_NAME
+    decoder_classifier = create_job(
+        client, auth, training_file=classification, model=TINY_LLAMA_NAME
+    )
+    assert decoder_classifier["model"] == TINY_LLAMA_NAME
+    refused(
+        422,
+        "method.lora.target_modules",
+        training_file=classification,
+        model=TINY_LLAMA_NAME,
+        method={"type": "lora", "lora": {"target_modules": ["query"]}},
+    )
     refused(
         422,
         "method.hyperparameters.beta",
