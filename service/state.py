@@ -39,6 +39,7 @@ if TYPE_CHECKING:  # the serving types import torch; the state only names them
     from service.observability.metrics import ServiceMetrics
     from service.readiness import Readiness
     from service.serving.batcher import Batcher
+    from service.serving.decoder_scoring import DecoderScorer
     from service.serving.generation import GenerationServer
     from service.serving.invalidation import InvalidationListener
     from service.serving.lookups import LookupCache
@@ -84,6 +85,9 @@ class AppState:
     batcher: Batcher | None = None
     # Generation (/v1/chat/completions): a scheduler owner thread per decoder base, by name.
     generation: dict[str, GenerationServer] | None = None
+    # A decoder's classifiers and reward models (/predict, /reward/compare, best-of-n's
+    # scores): a DecoderScorer per decoder base, by name.
+    decoder_scoring: dict[str, DecoderScorer] | None = None
     # The invalidation hook: listens for other replicas' adapter changes (PostgreSQL only).
     invalidation_listener: InvalidationListener | None = None
 

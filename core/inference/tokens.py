@@ -37,34 +37,43 @@ def encode_batch(tokenizer: Any, texts: list[str], pairs: list[str] | None, max_
     return tokenizer(texts, pairs, truncation=True, max_length=max_length, padding=False)
 
 
-class RowEncoder:
-    """Token ids of rows, on any thread: each call borrows a tokenizer copy no other thread uses.
+class TokenizerCopies:
+    """Copies of one tokenizer, lent one thread at a time (:meth:`borrow`).
 
     Copies are made when first needed, at most ``copies`` (each ~6 MiB and ~25 ms to make for
-    MiniLM); past that a caller waits for one. A few are enough: one batch call already spreads
-    over every core inside the tokenizer.
+    MiniLM); past that a borrower waits for one. A few are enough: one batch call already
+    spreads over every core inside the tokenizer.
     """
 
-    def __init__(self, base: FrozenBase, copies: int = 4) -> None:
-        self._base = base
+    def __init__(self, tokenizer: Any, copies: int = 4) -> None:
+        self._tokenizer = tokenizer
         self._copies = copies
         self._made = 0
         self._lock = threading.Lock()
         self._free: queue.LifoQueue[Any] = queue.LifoQueue()
 
     @contextmanager
-    def _tokenizer(self) -> Iterator[Any]:
+    def borrow(self) -> Iterator[Any]:
         try:
             tokenizer = self._free.get_nowait()
         except queue.Empty:
             with self._lock:
                 make = self._made < self._copies
                 self._made += make
-            tokenizer = deepcopy(self._base.tokenizer) if make else self._free.get()
+            tokenizer = deepcopy(self._tokenizer) if make else self._free.get()
         try:
             yield tokenizer
         finally:
             self._free.put(tokenizer)
+
+
+class RowEncoder:
+    """Token ids of rows, on any thread: each call borrows a tokenizer copy no other thread
+    uses (:class:`TokenizerCopies`)."""
+
+    def __init__(self, base: FrozenBase, copies: int = 4) -> None:
+        self._copies = TokenizerCopies(base.tokenizer, copies)
+        self._tokenizer = self._copies.borrow
 
     def count(self, text: str, pair: str | None) -> int:
         """Tokens of the whole input, special tokens included (nothing is cut)."""

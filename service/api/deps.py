@@ -189,6 +189,8 @@ def adapter_caches(state: StateDep) -> list[ForgetAdapter]:
         forget.append(state.batcher.invalidate)
     for server in (state.generation or {}).values():  # the decoders' generation banks
         forget.append(server.forget)
+    for scorer in (state.decoder_scoring or {}).values():  # the decoders' resident heads
+        forget.append(scorer.invalidate)
     return forget
 
 

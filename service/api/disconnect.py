@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from starlette.requests import ClientDisconnect, Request
 
 from service.bases import check_adapter_base
+from service.serving.decoder_scoring import decoder_scorer_for
 from service.serving.run import infer
 from service.state import app_state
 
@@ -37,8 +38,13 @@ async def served_results(
 ) -> list[RowResult]:
     """The inference routes' one path: ``items`` tokenized and computed on ``ref``'s adapter
     by the app's tokenizer and batcher (:func:`service.serving.run.infer`), given up if the
-    client disconnects meanwhile. An adapter of another base (a decoder's) is refused first."""
+    client disconnects meanwhile. A decoder's classifier or reward model is computed by its
+    base's scorer (:mod:`service.serving.decoder_scoring`); an adapter of a base this
+    deployment does not load, or a decoder's chat adapter, is refused first."""
     state = app_state(request)
+    if ref.base_kind == "decoder":
+        scorer = decoder_scorer_for(state, ref, "adapter")
+        return await unless_disconnected(request, scorer.results(ref, items, truncate, param))
     tokenizer, batcher = state.require_request_tokenizer(), state.require_batcher()
     check_adapter_base(
         ref.base_model,

@@ -13,6 +13,7 @@ from anyio.to_thread import run_sync
 from service.config import Settings
 from service.observability.metrics import EngineCollector, GenerationCollector
 from service.serving.batcher import Batcher
+from service.serving.decoder_scoring import start_decoder_scoring
 from service.serving.generation import start_generation
 from service.serving.queries import DatabaseLoader
 from service.serving.run import RequestTokenizer
@@ -78,6 +79,9 @@ async def serving(state: AppState) -> AsyncIterator[None]:
     # A scheduler owner thread per decoder base (/v1/chat/completions, /v1/completions).
     generation = await run_sync(lambda: start_generation(bases, decoders, settings, loader))
     state.generation = generation
+    # A decoder's classifiers and reward models (/predict, /reward/compare, best-of-n).
+    scoring = start_decoder_scoring(bases, decoders, settings, state.sessionmaker, threads)
+    state.decoder_scoring = scoring
     state.metrics.add_collector(GenerationCollector(generation))
     state.bases = bases
     readiness.ready("model")
@@ -86,6 +90,8 @@ async def serving(state: AppState) -> AsyncIterator[None]:
     finally:
         for server in generation.values():
             server.stop()
+        for scorer in scoring.values():
+            scorer.stop()
         if batcher is not None:
             batcher.stop()
 

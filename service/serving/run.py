@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Hashable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Hashable
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import anyio.to_thread
 
@@ -18,6 +18,55 @@ if TYPE_CHECKING:
     from core.inference import Row, RowResult
 
 RETRY_AFTER_S = 1
+T = TypeVar("T")
+
+
+class RowSource(Protocol):
+    """Turns a request's inputs into engine rows in the request's thread, in its tenant's
+    turn: the encoder's :class:`RequestTokenizer`, a decoder's
+    :class:`service.serving.decoder_scoring.DecoderRowEncoder`."""
+
+    async def rows_in_turn(
+        self, ref: AdapterRef, items: list[tuple[str, str | None]], truncate: bool, param: str
+    ) -> list[Row]: ...
+
+
+class TenantTurns:
+    """One request of a tenant at a time in a worker thread (:meth:`run`); the tenant's other
+    requests wait on the event loop, holding no thread (see :class:`RequestTokenizer`).
+    Used on the event loop only."""
+
+    def __init__(self) -> None:
+        # A tenant's turn, and how many of its requests hold or wait for it (the entry goes
+        # once none do).
+        self._turns: dict[Hashable, tuple[asyncio.Lock, int]] = {}
+
+    async def run(self, tenant: Hashable, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` in a worker thread, in ``tenant``'s turn."""
+        turn, users = self._turns.get(tenant) or (asyncio.Lock(), 0)
+        self._turns[tenant] = (turn, users + 1)
+        try:
+            async with turn:
+                return await anyio.to_thread.run_sync(fn, *args)
+        finally:
+            turn, users = self._turns[tenant]
+            if users == 1:
+                del self._turns[tenant]
+            else:
+                self._turns[tenant] = (turn, users - 1)
+
+
+def check_request_chars(items: list[tuple[str, str | None]], limit: int, param: str) -> None:
+    """413 when a request's texts hold more than ``limit`` characters in all."""
+    chars = sum(len(text) + len(pair or "") for text, pair in items)
+    if chars > limit:
+        raise ServiceError(
+            f"the {param} hold {chars} characters in all; one request takes at most "
+            f"{limit} (LORAPLEX_MAX_REQUEST_CHARS): split it",
+            code="request_too_large",
+            param=param,
+            kind=ErrorKind.TOO_LARGE,
+        )
 
 
 class RequestTokenizer:
@@ -43,27 +92,14 @@ class RequestTokenizer:
         self._encoder = RowEncoder(base)
         self.max_length = base.max_length
         self.max_request_chars = max_request_chars
-        # A tenant's turn to tokenize, and how many of its requests hold or wait for it
-        # (the entry goes once none do). Used on the event loop only.
-        self._turns: dict[Hashable, tuple[asyncio.Lock, int]] = {}
+        self._turns = TenantTurns()
 
     async def rows_in_turn(
         self, ref: AdapterRef, items: list[tuple[str, str | None]], truncate: bool, param: str
     ) -> list[Row]:
         """:meth:`rows` in a worker thread, once no other request of ``ref``'s tenant is
         being tokenized."""
-        tenant = tenant_of(ref.key)
-        turn, users = self._turns.get(tenant) or (asyncio.Lock(), 0)
-        self._turns[tenant] = (turn, users + 1)
-        try:
-            async with turn:
-                return await anyio.to_thread.run_sync(self.rows, ref, items, truncate, param)
-        finally:
-            turn, users = self._turns[tenant]
-            if users == 1:
-                del self._turns[tenant]
-            else:
-                self._turns[tenant] = (turn, users - 1)
+        return await self._turns.run(tenant_of(ref.key), self.rows, ref, items, truncate, param)
 
     def rows(
         self, ref: AdapterRef, items: list[tuple[str, str | None]], truncate: bool, param: str
@@ -72,15 +108,7 @@ class RequestTokenizer:
         422 for the first input longer than the adapter's window."""
         from core.inference import Row
 
-        chars = sum(len(text) + len(pair or "") for text, pair in items)
-        if chars > self.max_request_chars:
-            raise ServiceError(
-                f"the {param} hold {chars} characters in all; one request takes at most "
-                f"{self.max_request_chars} (LORAPLEX_MAX_REQUEST_CHARS): split it",
-                code="request_too_large",
-                param=param,
-                kind=ErrorKind.TOO_LARGE,
-            )
+        check_request_chars(items, self.max_request_chars, param)
         window = ref.window(self.max_length)  # the adapter's trained length
         if not truncate:
             self._check(items, window, param)
@@ -104,7 +132,7 @@ class RequestTokenizer:
 
 
 async def infer(
-    tokenizer: RequestTokenizer,
+    tokenizer: RowSource,
     batcher: Batcher,
     ref: AdapterRef,
     items: list[tuple[str, str | None]],

@@ -270,11 +270,11 @@ def test_an_adapter_runs_only_on_its_own_base(both: TestClient, settings: Settin
     body = {"inputs": ["a fine day"]}
     assert both.post("/predict?adapter=clf", json=body, headers=auth).status_code == 200
 
+    # The decoder serves its classifiers and reward models here; a chat adapter generates.
     resp = both.post("/predict?adapter=chat", json=body, headers=auth)
-    assert_error(resp, 422, param="adapter", code="base_model_mismatch")
+    assert_error(resp, 422, param="adapter", code="adapter_task_mismatch")
     message = resp.json()["error"]["message"]
-    assert TINY_LLAMA_NAME in message and TINY_NAME in message
-    assert "/v1/chat/completions" in message
+    assert TINY_LLAMA_NAME in message and "/v1/chat/completions" in message
 
     # The chat adapter lists its base; its PEFT export is laid out for it (the decoder's).
     chat = both.get("/v1/models/chat", headers=auth).json()
@@ -351,7 +351,8 @@ def test_a_decoder_only_deployment_starts_and_says_it_has_no_encoder(
             if path.startswith("/reward"):  # a chat adapter is no reward model, first of all
                 assert_error(resp, 422)
                 continue
-            assert_error(resp, 400, code="no_encoder_base")
+            # The decoder is served here too, but a chat adapter generates text.
+            assert_error(resp, 422, code="adapter_task_mismatch")
             assert "/v1/chat/completions" in resp.json()["error"]["message"]
         models = client.get("/v1/models", headers=auth).json()["data"]
         assert [(m["id"], m.get("base_kind")) for m in models] == [

@@ -1,0 +1,214 @@
+"""A decoder's reward models and classifiers through the service, on a tiny random Llama.
+
+Jobs are created over HTTP and trained by a real ``JobRun`` on the app's own decoder; the
+stored adapters are served by ``/reward/compare`` and ``/predict`` (the serving hook's
+``DecoderScorer``) and by the in-process ``score`` best-of-n calls. Which base serves what does
+not depend on the database, so these run on SQLite only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.decoder.base import DecoderBase
+from service.config import Settings
+from service.db.models import AdapterRow
+from service.errors import ErrorKind, ServiceError
+from service.jobs import queue
+from service.main import create_app
+from service.serving.decoder_scoring import DecoderScorer
+from service.serving.lifespan import serving
+from service.state import app_state
+from service.worker.job_run import JobRun, RunOutcome
+from tests.core.decoder.tiny_llama import TINY_LLAMA_NAME, build_tiny_llama
+from tests.service.helpers import ADMIN_KEY, Headers, assert_error, create_dataset
+from tests.tiny_bert import TINY_NAME
+
+pytestmark = pytest.mark.sqlite_only
+
+JOBS = "/v1/fine_tuning/jobs"
+MAX_REQUEST_CHARS = 3000  # small, so that a test reaches it cheaply
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+WORDS = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree", "fish", "bird", "rain"]
+# As core's own decoder reward test (tests/core/decoder/test_heads.py), which ranks every
+# held-out pair after these epochs.
+LORA = {"type": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.1}}
+HYPER = {"n_epochs": 10, "batch_size": 4, "learning_rate": 1e-2}
+
+
+def preference_rows(words: list[str]) -> list[dict[str, Any]]:
+    """The preferred reply says the question's word back; the other refuses."""
+    return [{"prompt": f"Say {w}.", "chosen": f"{w}!", "rejected": "No."} for w in words]
+
+
+def temperature_rows(words: list[str]) -> list[dict[str, Any]]:
+    return [{"text": f"{w} is warm", "label": "warm"} for w in words] + [
+        {"text": f"{w} is cold", "label": "cold"} for w in words
+    ]
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def _settings(settings: Settings, tiny_model_dir: Path, llama: Path, *names: str) -> Settings:
+    return settings.model_copy(
+        update={
+            "base_model_path": tiny_model_dir,
+            "base_model_name": TINY_NAME,
+            "decoder_model_path": llama,
+            "decoder_model_name": TINY_LLAMA_NAME,
+            "bases": list(names),
+            "embedded_worker": False,
+            "torch_threads": 1,
+            "max_request_chars": MAX_REQUEST_CHARS,
+        }
+    )
+
+
+@pytest.fixture
+def both_settings(settings: Settings, tiny_model_dir: Path, tiny_llama_dir: Path) -> Settings:
+    return _settings(settings, tiny_model_dir, tiny_llama_dir, TINY_NAME, TINY_LLAMA_NAME)
+
+
+@pytest.fixture
+def both(both_settings: Settings) -> Iterator[TestClient]:
+    """The app with its real serving hook on the tiny encoder and the tiny decoder."""
+    with TestClient(create_app(both_settings, hooks=[serving])) as client:
+        yield client
+
+
+def _auth(settings: Settings) -> Headers:
+    return {"Authorization": f"Bearer {settings.default_key_path.read_text().strip()}"}
+
+
+def _decoder(client: TestClient) -> DecoderBase:
+    decoder = app_state(client.app).require_bases().decoder
+    assert decoder is not None
+    return decoder
+
+
+def _train(client: TestClient, settings: Settings, auth: Headers, **body: Any) -> dict[str, Any]:
+    """Create a job over HTTP and run it to success with a real JobRun on the app's decoder."""
+    resp = client.post(JOBS, json=body, headers=auth)
+    assert resp.status_code == 200, resp.text
+    job_id = resp.json()["id"]
+    factory: sessionmaker[Session] = app_state(client.app).sessionmaker
+    with factory() as session:
+        job = queue.claim_next_job(session, "w1", settings.lease_seconds)
+        assert job is not None and job.id == job_id
+        session.expunge(job)
+    run = JobRun(
+        job,
+        factory=factory,
+        base=_decoder(client),
+        settings=settings,
+        worker_id="w1",
+        shutdown=threading.Event(),
+    )
+    assert run.run() is RunOutcome.SUCCEEDED
+    job_out: dict[str, Any] = client.get(f"{JOBS}/{job_id}", headers=auth).json()
+    assert job_out["status"] == "succeeded", job_out["error"]
+    return job_out
+
+
+def _other_tenant(client: TestClient) -> Headers:
+    resp = client.post("/v1/tenants", json={"name": "other"}, headers=ADMIN)
+    assert resp.status_code == 200, resp.text
+    return {"Authorization": f"Bearer {resp.json()['api_key']['key']}"}
+
+
+def _key(client: TestClient, name: str) -> tuple[str, str, int]:
+    """The adapter's serving key ``(tenant_id, name, version)``."""
+    with app_state(client.app).sessionmaker() as session:
+        row = session.scalar(select(AdapterRow).where(AdapterRow.name == name))
+        assert row is not None
+        return (row.tenant_id, row.name, row.version)
+
+
+def _scorer(client: TestClient) -> DecoderScorer:
+    scoring = app_state(client.app).decoder_scoring
+    assert scoring is not None
+    return scoring[TINY_LLAMA_NAME]
+
+
+def test_a_decoder_reward_model_trained_over_http_ranks_as_trained(
+    both: TestClient, both_settings: Settings
+) -> None:
+    auth = _auth(both_settings)
+    train = create_dataset(both, auth, preference_rows(WORDS[:8]), kind="preference")
+    val = create_dataset(both, auth, preference_rows(WORDS[8:]), kind="preference")
+    job = _train(
+        both,
+        both_settings,
+        auth,
+        training_file=train,
+        validation_file=val,
+        model=TINY_LLAMA_NAME,
+        method={**LORA, "hyperparameters": HYPER},
+        suffix="rm",
+        seed=3,
+    )
+    name = job["fine_tuned_model"]
+    stored = both.get(f"/v1/adapters/{name}", headers=auth).json()
+    assert (stored["task"], stored["base_model"]) == ("reward", TINY_LLAMA_NAME)
+    assert job["metrics"]["val_accuracy"] == 1.0
+
+    # Held-out pairs, batched in one request and one by one: the chosen reply wins each.
+    pairs = [{"prompt": f"Say {w}.", "response_a": f"{w}!", "response_b": "No."} for w in WORDS[8:]]
+    resp = both.post(f"/reward/compare?adapter={name}", json={"pairs": pairs}, headers=auth)
+    assert resp.status_code == 200, resp.text
+    results = resp.json()["results"]
+    assert [r["preferred"] for r in results] == ["a"] * 3
+    assert all(r["reward_a"] > r["reward_b"] and r["p_a_preferred"] > 0.5 for r in results)
+    one = both.post(f"/reward/compare?adapter={name}", json=pairs[0], headers=auth).json()
+    assert one["preferred"] == "a" and one["reward_a"] == pytest.approx(results[0]["reward_a"])
+    # /predict gives the same rewards for (prompt, response) pairs.
+    inputs = [[p["prompt"], p["response_a"]] for p in pairs]
+    predicted = both.post(f"/predict?adapter={name}", json={"inputs": inputs}, headers=auth)
+    assert predicted.status_code == 200, predicted.text
+    body = predicted.json()
+    assert body["task"] == "reward"
+    rewards = [p["reward"] for p in body["predictions"]]
+    assert rewards == pytest.approx([r["reward_a"] for r in results], abs=1e-5)
+
+    # The in-process API best-of-n calls: by the adapter's key, in the responses' order.
+    scorer, key = _scorer(both), _key(both, name)
+    assert key in scorer.engine.resident_keys()
+    scores = asyncio.run(scorer.score(key, "Say rain.", ["No.", "rain!"]))
+    assert len(scores) == 2 and scores[1] > scores[0]
+    assert scores[1] == pytest.approx(results[-1]["reward_a"], abs=1e-5)
+
+    # Bounds: the window with truncate=false, max_request_chars over all texts.
+    url = f"/reward/compare?adapter={name}"
+    long = {"prompt": "Say it.", "response_a": "word " * 400, "response_b": "No."}
+    too_long = both.post(url, json={**long, "truncate": False}, headers=auth)
+    assert_error(too_long, 422, code="input_too_long", param="pairs.0")
+    assert both.post(url, json=long, headers=auth).status_code == 200  # cut as in training
+    # Each pair's prompt goes with both its responses: 3 x 2 x 600 characters in all.
+    huge = {"pairs": [{"prompt": "x" * 600, "response_a": "a", "response_b": "b"}] * 3}
+    assert_error(both.post(url, json=huge, headers=auth), 413, code="request_too_large")
+
+    # Another tenant's adapter is not found, by either route.
+    other = _other_tenant(both)
+    for path, payload in [("/reward/compare", pairs[0]), ("/predict", {"inputs": ["hi"]})]:
+        resp = both.post(f"{path}?adapter={name}", json=payload, headers=other)
+        assert_error(resp, 404, param="adapter")
+
+    # Deleted: the resident copy goes, later requests are 404s (the scorer's too).
+    assert both.delete(f"/v1/adapters/{name}", headers=auth).status_code == 200
+    assert_error(both.post(url, json=pairs[0], headers=auth), 404, param="adapter")
+    with pytest.raises(ServiceError) as gone:
+        asyncio.run(scorer.score(key, "Say rain.", ["rain!"]))
+    assert gone.value.kind is ErrorKind.NOT_FOUND
+    assert key not in scorer.engine.resident_keys()
