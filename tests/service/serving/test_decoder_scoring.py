@@ -15,11 +15,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from core.adapter import Adapter
 from core.decoder.base import DecoderBase
+from core.heads import HeadConfig
+from core.methods import parse_method_config
+from core.methods.lora.model import lora_key
 from service.config import Settings
 from service.db.models import AdapterRow
 from service.errors import ErrorKind, ServiceError
@@ -136,6 +141,40 @@ def _key(client: TestClient, name: str) -> tuple[str, str, int]:
         return (row.tenant_id, row.name, row.version)
 
 
+def _key_of(client: TestClient, auth: Headers, name: str) -> tuple[str, str, int]:
+    """The serving key of the caller's adapter ``name``."""
+    stored = client.get(f"/v1/adapters/{name}", headers=auth).json()
+    with app_state(client.app).sessionmaker() as session:
+        row = session.get(AdapterRow, stored["id"])
+        assert row is not None
+        return (row.tenant_id, row.name, row.version)
+
+
+def _reward_adapter(decoder: DecoderBase, seed: int = 0) -> Adapter:
+    """A decoder reward model: random LoRA on q_proj and a random head on the last token."""
+    method = parse_method_config("lora", {"r": 2, "target_modules": ["q_proj"]}, "decoder")
+    gen = torch.Generator().manual_seed(seed)
+    state: dict[str, torch.Tensor] = {}
+    for layer in range(decoder.num_layers):
+        n_in, n_out = decoder.config.linear_shape("q_proj")
+        state[lora_key(layer, "q_proj", "A")] = torch.randn(2, n_in, generator=gen) * 0.1
+        state[lora_key(layer, "q_proj", "B")] = torch.randn(n_out, 2, generator=gen) * 0.1
+    head = HeadConfig(task="reward", pooling="last_token", max_seq_length=64)
+    hidden = decoder.config.hidden_size
+    head_state = {
+        "out.weight": torch.randn(1, hidden, generator=gen),
+        "out.bias": torch.zeros(1),
+    }
+    return Adapter(
+        method=method,
+        head=head,
+        method_state=state,
+        head_state=head_state,
+        base_name=decoder.name,
+        base_fingerprint=decoder.fingerprint,
+    )
+
+
 def _scorer(client: TestClient) -> DecoderScorer:
     scoring = app_state(client.app).decoder_scoring
     assert scoring is not None
@@ -212,3 +251,90 @@ def test_a_decoder_reward_model_trained_over_http_ranks_as_trained(
         asyncio.run(scorer.score(key, "Say rain.", ["rain!"]))
     assert gone.value.kind is ErrorKind.NOT_FOUND
     assert key not in scorer.engine.resident_keys()
+
+
+def test_a_decoder_classifier_predicts_labels_as_the_encoder_s_do(
+    both: TestClient, both_settings: Settings
+) -> None:
+    auth = _auth(both_settings)
+    rows = create_dataset(both, auth, temperature_rows(WORDS), kind="classification")
+    job = _train(
+        both,
+        both_settings,
+        auth,
+        training_file=rows,
+        validation_file=rows,
+        model=TINY_LLAMA_NAME,
+        method={**LORA, "hyperparameters": {**HYPER, "n_epochs": 8}},
+        suffix="temp",
+        seed=3,
+    )
+    assert job["metrics"]["val_accuracy"] == 1.0
+    name = job["fine_tuned_model"]
+    inputs = ["moon is cold", "sun is warm", {"text": "rain is warm"}]
+    resp = both.post(f"/predict?adapter={name}", json={"inputs": inputs}, headers=auth)
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert (body["adapter"], body["task"]) == (name, "classification")
+    predictions = body["predictions"]
+    assert [p["label"] for p in predictions] == ["cold", "warm", "warm"]
+    for p in predictions:  # the encoder's shape: label, its probability, every label's
+        assert set(p["probabilities"]) == {"cold", "warm"}
+        assert sum(p["probabilities"].values()) == pytest.approx(1.0)
+        assert p["score"] == p["probabilities"][p["label"]] > 0.5
+    # A classifier is no reward model.
+    pair = {"prompt": "p", "response_a": "a", "response_b": "b"}
+    resp = both.post(f"/reward/compare?adapter={name}", json=pair, headers=auth)
+    assert_error(resp, 422, code="adapter_task_mismatch")
+
+
+def test_one_tenant_s_flood_does_not_hold_up_another_s_scores(
+    both: TestClient, both_settings: Settings
+) -> None:
+    """Tenant A queues many requests before tenant B sends one: B's is served within A's
+    next batches (its queue is served in turn), not after A's whole flood."""
+    from tests.service.helpers import store_adapter
+
+    auth, other = _auth(both_settings), _other_tenant(both)
+    decoder = _decoder(both)
+    store_adapter(both, auth, "rm", _reward_adapter(decoder, seed=1), base=decoder)
+    store_adapter(both, other, "rm", _reward_adapter(decoder, seed=2), base=decoder)
+    scorer = _scorer(both)
+    key_a, key_b = _key_of(both, auth, "rm"), _key_of(both, other, "rm")
+    responses = [f"reply number {i} " * 4 for i in range(16)]
+
+    async def flood() -> list[str]:
+        done: list[str] = []
+
+        async def one(key: tuple[str, str, int], label: str) -> None:
+            await scorer.score(key, "Say something.", responses)
+            done.append(label)
+
+        flood_a = [asyncio.ensure_future(one(key_a, f"a{i}")) for i in range(8)]
+        await asyncio.sleep(0)  # A's requests are queued first
+        await asyncio.gather(*flood_a, one(key_b, "b"))
+        return done
+
+    done = asyncio.run(flood())
+    assert len(done) == 9
+    # B's one request finished before most of A's: it did not wait behind A's queue.
+    assert done.index("b") <= 4, done
+
+
+@pytest.mark.sqlite_only
+def test_a_decoder_reward_adapter_on_an_encoder_only_deployment_is_refused(
+    both_settings: Settings,
+) -> None:
+    from tests.service.helpers import store_adapter
+
+    with TestClient(create_app(both_settings, hooks=[serving])) as client:
+        decoder = _decoder(client)
+        store_adapter(client, _auth(both_settings), "rm", _reward_adapter(decoder), base=decoder)
+    encoder_only = both_settings.model_copy(update={"bases": [TINY_NAME]})
+    with TestClient(create_app(encoder_only, hooks=[serving])) as client:
+        auth = _auth(encoder_only)
+        pair = {"prompt": "p", "response_a": "a", "response_b": "b"}
+        for path, body in [("/reward/compare", pair), ("/predict", {"inputs": ["hi"]})]:
+            resp = client.post(f"{path}?adapter=rm", json=body, headers=auth)
+            error = assert_error(resp, 422, param="adapter", code="base_model_mismatch")
+            assert TINY_LLAMA_NAME in error["message"] and "does not load" in error["message"]

@@ -178,12 +178,24 @@ def test_job_creation_checks_base_task_and_settings(
 
     error = refused(422, "model", training_file=chat, model=DEFAULT_BASE_MODEL_NAME)
     assert "encoder" in error["message"] and "chat" in error["message"]
-    # A classification file trains on the encoder by default, on the decoder when named.
-    assert create_job(client, auth, training_file=classification)["model"] != TINY_LLAMA_NAME
-    decoder_classifier = create_job(
-        client, auth, training_file=classification, model=TINY_LLAMA_NAME
+    # A classification or preference file trains on the decoder when model names it (the
+    # encoder by default); OpenAI's names map as on the encoder: supervised trains a
+    # classifier, dpo a reward model.
+    preference = create_dataset(
+        client, auth, [{"prompt": "p", "chosen": "a", "rejected": "b"}] * 4, kind="preference"
     )
-    assert decoder_classifier["model"] == TINY_LLAMA_NAME
+    for file, openai in [(classification, "supervised"), (preference, "dpo")]:
+        job = create_job(
+            client, auth, training_file=file, model=TINY_LLAMA_NAME, method={"type": openai}
+        )
+        assert job["model"] == TINY_LLAMA_NAME
+    refused(
+        422,
+        "training_file",
+        training_file=classification,
+        model=TINY_LLAMA_NAME,
+        method={"type": "dpo"},
+    )
     refused(
         422,
         "method.lora.target_modules",
@@ -263,3 +275,40 @@ def test_a_requeued_chat_job_resumes_to_the_uninterrupted_adapter(
             )
         }
     assert rows[job["adapter_name"]] == rows[clean["adapter_name"]]  # bit-exact resume
+
+
+def test_a_requeued_decoder_reward_job_resumes_to_the_uninterrupted_adapter(
+    client: TestClient,
+    auth: Headers,
+    db: sessionmaker[Session],
+    settings: Settings,
+    decoder: DecoderBase,
+) -> None:
+    rows = [{"prompt": f"Say {i}.", "chosen": f"{i}!", "rejected": "No."} for i in range(20)]
+    pairs = create_dataset(client, auth, rows, kind="preference")
+    body = {
+        "training_file": pairs,
+        "model": TINY_LLAMA_NAME,  # a preference file trains on the encoder by default
+        "method": {"type": "lora", "hyperparameters": {**HYPER, "validation_fraction": 0}},
+        "seed": 5,
+    }
+    clean = create_job(client, auth, **body)
+    assert run_next(db, settings, decoder) is RunOutcome.SUCCEEDED
+    job = create_job(client, auth, **body)
+    assert run_next(db, settings, decoder, _ShutdownAtStep2) is RunOutcome.REQUEUED
+    assert run_next(db, settings, decoder) is RunOutcome.SUCCEEDED
+
+    clean = client.get(f"{JOBS}/{clean['id']}", headers=auth).json()
+    job = client.get(f"{JOBS}/{job['id']}", headers=auth).json()
+    assert job["progress"] == clean["progress"] == {"step": 5, "total_steps": 5, "epoch": 1.0}
+    with db() as session:
+        stored = {
+            r.name: r
+            for r in session.scalars(
+                select(AdapterRow).where(AdapterRow.source_job_id.is_not(None))
+            )
+        }
+        resumed, uninterrupted = stored[job["adapter_name"]], stored[clean["adapter_name"]]
+        assert (resumed.task, resumed.base_fingerprint) == ("reward", decoder.fingerprint)
+        assert resumed.config["head"]["pooling"] == "last_token"
+        assert resumed.weights == uninterrupted.weights  # bit-exact resume
