@@ -289,17 +289,23 @@ async def invalidation(state: AppState) -> AsyncIterator[None]:
     """Lifespan hook (after ``serving``): listen for adapter changes from other processes."""
     settings = state.settings
     conninfo = listen_conninfo(settings.listen_database_url or settings.db_url)
-    batcher = state.batcher
-    if conninfo is None or batcher is None:
-        # SQLite: one API process, which invalidates its own batcher on delete.
+    # The encoder's batcher and each decoder's scoring batcher hold resident adapters.
+    scorers = (state.decoder_scoring or {}).values()
+    batchers = [b for b in [state.batcher, *(s.batcher for s in scorers)] if b is not None]
+    if conninfo is None or not batchers:
+        # SQLite: one API process, which invalidates its own batchers on delete.
         yield
         return
     factory = state.sessionmaker
-    listener = InvalidationListener(
-        conninfo,
-        lambda change: drop_stale(batcher, change),
-        on_resync=lambda: resync_batcher(batcher, factory),
-    )
+
+    def on_change(change: AdapterChange) -> None:
+        for batcher in batchers:
+            drop_stale(batcher, change)
+
+    def on_resync() -> int:
+        return sum(resync_batcher(batcher, factory) for batcher in batchers)
+
+    listener = InvalidationListener(conninfo, on_change, on_resync=on_resync)
     state.invalidation_listener = listener
     state.metrics.add_collector(ListenerCollector(listener))
     listener.start()

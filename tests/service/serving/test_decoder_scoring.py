@@ -3,7 +3,8 @@
 Jobs are created over HTTP and trained by a real ``JobRun`` on the app's own decoder; the
 stored adapters are served by ``/reward/compare`` and ``/predict`` (the serving hook's
 ``DecoderScorer``) and by the in-process ``score`` best-of-n calls. Which base serves what does
-not depend on the database, so these run on SQLite only.
+not depend on the database, so these run on SQLite only; PostgreSQL's cross-replica
+invalidation reaches the decoder's resident copies too.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.adapter import Adapter
@@ -37,8 +38,6 @@ from service.worker.job_run import JobRun, RunOutcome
 from tests.core.decoder.tiny_llama import TINY_LLAMA_NAME, build_tiny_llama
 from tests.service.helpers import ADMIN_KEY, Headers, assert_error, create_dataset
 from tests.tiny_bert import TINY_NAME
-
-pytestmark = pytest.mark.sqlite_only
 
 JOBS = "/v1/fine_tuning/jobs"
 MAX_REQUEST_CHARS = 3000  # small, so that a test reaches it cheaply
@@ -181,6 +180,7 @@ def _scorer(client: TestClient) -> DecoderScorer:
     return scoring[TINY_LLAMA_NAME]
 
 
+@pytest.mark.sqlite_only
 def test_a_decoder_reward_model_trained_over_http_ranks_as_trained(
     both: TestClient, both_settings: Settings
 ) -> None:
@@ -253,6 +253,7 @@ def test_a_decoder_reward_model_trained_over_http_ranks_as_trained(
     assert key not in scorer.engine.resident_keys()
 
 
+@pytest.mark.sqlite_only
 def test_a_decoder_classifier_predicts_labels_as_the_encoder_s_do(
     both: TestClient, both_settings: Settings
 ) -> None:
@@ -288,6 +289,7 @@ def test_a_decoder_classifier_predicts_labels_as_the_encoder_s_do(
     assert_error(resp, 422, code="adapter_task_mismatch")
 
 
+@pytest.mark.sqlite_only
 def test_one_tenant_s_flood_does_not_hold_up_another_s_scores(
     both: TestClient, both_settings: Settings
 ) -> None:
@@ -338,3 +340,37 @@ def test_a_decoder_reward_adapter_on_an_encoder_only_deployment_is_refused(
             resp = client.post(f"{path}?adapter=rm", json=body, headers=auth)
             error = assert_error(resp, 422, param="adapter", code="base_model_mismatch")
             assert TINY_LLAMA_NAME in error["message"] and "does not load" in error["message"]
+
+
+@pytest.mark.postgres_only
+def test_a_decoder_adapter_deleted_by_another_replica_leaves_the_scorer(
+    both_settings: Settings,
+) -> None:
+    """The invalidation listener (PostgreSQL) drops a decoder head deleted elsewhere."""
+    from service.db.session import make_db_engine, make_sessionmaker
+    from service.serving.invalidation import invalidation
+    from tests.service.helpers import store_adapter
+    from tests.service.serving.test_scale_out import WAIT_S, wait_for
+
+    with TestClient(create_app(both_settings, hooks=[serving, invalidation])) as client:
+        auth = _auth(both_settings)
+        listener = app_state(client.app).invalidation_listener
+        assert listener is not None and listener.connected.wait(WAIT_S)
+        decoder = _decoder(client)
+        store_adapter(client, auth, "rm", _reward_adapter(decoder), base=decoder)
+        pair = {"prompt": "p", "response_a": "a", "response_b": "b"}
+        assert client.post("/reward/compare?adapter=rm", json=pair, headers=auth).status_code == 200
+        scorer = _scorer(client)
+        key = _key_of(client, auth, "rm")
+        assert scorer.engine.resident_keys() == [key]
+
+        # "Another replica" deletes it: a plain SQL delete on its own connection.
+        other = make_db_engine(both_settings.db_url)
+        with make_sessionmaker(other)() as session:
+            session.execute(delete(AdapterRow).where(AdapterRow.name == "rm"))
+            session.commit()
+        other.dispose()
+        assert wait_for(lambda: not scorer.engine.resident_keys())
+        assert scorer.engine.bytes == 0
+        resp = client.post("/reward/compare?adapter=rm", json=pair, headers=auth)
+        assert_error(resp, 404, param="adapter")
