@@ -44,20 +44,41 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 from service.serving.policy import AutoModePolicy, RequestMode
 
 if TYPE_CHECKING:
     from core.adapter import Adapter
-    from core.inference import InferenceEngine, Plan, Row, RowResult
+    from core.inference import Row, RowResult
 
 logger = logging.getLogger(__name__)
 
 _arrivals = itertools.count()  # ties between tenants go to the earlier request
+
+
+class ServingEngine(Protocol):
+    """What the batcher drives, from its owner thread (``plan``, ``release``, ``unload``) and
+    its compute threads (``execute``): core's :class:`InferenceEngine` for the encoder, or a
+    decoder's :class:`service.serving.decoder_scoring.DecoderHeadEngine`."""
+
+    @property
+    def base(self) -> Any: ...  # its ``max_length``: a bare-text row's cost
+
+    def __contains__(self, key: Hashable) -> bool: ...
+
+    def resident_keys(self) -> list[Hashable]: ...
+
+    def unload(self, key: Hashable) -> bool: ...
+
+    def plan(self, rows: Sequence[Row], *, loader: Callable[[Hashable], Adapter]) -> Any: ...
+
+    def execute(self, plan: Any) -> list[RowResult]: ...
+
+    def release(self, plan: Any) -> None: ...
 
 
 class QueueFullError(RuntimeError):
@@ -107,7 +128,7 @@ class _Work:
 
     slots: list[tuple[_Request, int]] = field(default_factory=list)
     tenants: set[Hashable] = field(default_factory=set)  # counted in their ``in_flight``
-    plan: Plan | None = None
+    plan: Any = None  # the engine's plan, once planned
 
 
 @dataclass
@@ -119,7 +140,7 @@ class BatchStats:
 class Batcher:
     def __init__(
         self,
-        engine: InferenceEngine,
+        engine: ServingEngine,
         loader: Callable[[Hashable], Adapter],
         *,
         max_batch_size: int,
@@ -148,7 +169,7 @@ class Batcher:
         self._virtual_time = 0
         self._queued_rows = 0
         self._commands: deque[Callable[[], object]] = deque()
-        self._done: deque[Plan] = deque()  # computed, waiting for the owner to release them
+        self._done: deque[Any] = deque()  # computed, waiting for the owner to release them
         self._running = 0  # batches handed to compute threads and not finished
         self._cond = threading.Condition()
         self._stopping = False
@@ -284,7 +305,7 @@ class Batcher:
 
     def _next_step(
         self,
-    ) -> tuple[list[Callable[[], object]], list[Plan], _Work | None] | None:
+    ) -> tuple[list[Callable[[], object]], list[Any], _Work | None] | None:
         """What the owner does next: commands and plans to release, or a batch to plan (none
         if collecting it failed: its requests are answered with the error). ``None``: stop
         (stopping, nothing queued)."""

@@ -127,7 +127,7 @@ class DecoderHeadEngine:
         self._retire(entry)
         return True
 
-    def plan(self, rows: Sequence[Row], loader: Callable[[Hashable], Adapter]) -> _Plan:
+    def plan(self, rows: Sequence[Row], *, loader: Callable[[Hashable], Adapter]) -> _Plan:
         """Make each row's adapter resident (``loader`` on a miss) and pin it; a row whose
         adapter fails to load gets that error, the others run."""
         plan = _Plan(list(rows))
@@ -390,7 +390,7 @@ def start_decoder_scoring(
         base: DecoderBase = bases[name]  # type: ignore[assignment]
         engine = DecoderHeadEngine(base, max_resident_bytes=settings.adapter_cache_mb << 20)
         batcher = Batcher(
-            engine,  # type: ignore[arg-type]
+            engine,
             DatabaseLoader(factory),
             max_batch_size=settings.max_batch_size,
             max_batch_tokens=max_batch_tokens(settings, base.device.type == "cuda"),
