@@ -29,7 +29,6 @@ from service.serving.queries import AdapterGone, AdapterKey
 if TYPE_CHECKING:
     from core.adapter import Adapter
     from core.decoder.base import DecoderBase
-    from core.decoder.scoring import DecoderHeadModel
     from core.generation.adapters import LoraWeights
     from core.generation.scheduler import GenerationRequest, Scheduler, SequenceEvent
     from service.config import Settings
@@ -40,8 +39,6 @@ RETRY_AFTER_S = 1
 # Adapters whose weights stay read (as LoRA pairs) between requests; the bank itself holds
 # what running sequences use.
 WEIGHTS_CACHE_ENTRIES = 64
-# Reward models (best-of-n) kept built between requests.
-REWARD_CACHE_ENTRIES = 8
 
 
 class Generation:
@@ -88,10 +85,9 @@ class GenerationServer:
         self.load_adapter = load_adapter
         # Request threads' tokenizer (one at a time); the owner thread has the scheduler's.
         self._tokenizer_lock = threading.Lock()
-        self._lock = threading.Lock()  # guards _sinks, _weights and _rewards
+        self._lock = threading.Lock()  # guards _sinks and _weights
         self._sinks: dict[int, tuple[asyncio.AbstractEventLoop, Generation]] = {}
         self._weights: OrderedDict[AdapterKey, LoraWeights] = OrderedDict()
-        self._rewards: OrderedDict[AdapterKey, DecoderHeadModel] = OrderedDict()
         self._stopping = threading.Event()
         self._thread = threading.Thread(
             target=self._own, name=f"generation:{base.name}", daemon=True
@@ -179,46 +175,6 @@ class GenerationServer:
                 self._weights.popitem(last=False)
         return weights
 
-    def reward_model(self, key: AdapterKey) -> DecoderHeadModel:
-        """The reward adapter ``key`` built on this base (best-of-n), read on a miss."""
-        from core.errors import AdapterFormatError
-
-        with self._lock:
-            cached = self._rewards.get(key)
-            if cached is not None:
-                self._rewards.move_to_end(key)
-                return cached
-        name = key[1]
-        try:
-            adapter = self.load_adapter(key)
-        except AdapterGone:
-            raise not_found("adapter", name, "reward_adapter") from None
-        if adapter.task != "reward":
-            raise invalid(
-                f"adapter {name!r} is a {adapter.task} adapter, not a reward model",
-                "reward_adapter",
-            )
-        try:
-            model = adapter.build_decoder_head(self.base)
-        except AdapterFormatError as exc:
-            raise invalid(str(exc), "reward_adapter") from None
-        with self._lock:
-            self._rewards[key] = model
-            while len(self._rewards) > REWARD_CACHE_ENTRIES:
-                self._rewards.popitem(last=False)
-        return model
-
-    def rewards(
-        self, model: DecoderHeadModel, prompt: str | None, responses: Sequence[str]
-    ) -> list[float]:
-        """Each response's reward for ``prompt`` (a worker thread: a forward of the base)."""
-        from core.decoder.scoring import score_decoder_pairs
-
-        # The scorer renders rows with the base's tokenizer, which request threads share.
-        with self._tokenizer_lock:
-            scores = score_decoder_pairs(model, [prompt] * len(responses), list(responses))
-        return [float(s) for s in scores]
-
     # --- the event loop -------------------------------------------------------------------
 
     def submit(self, request: GenerationRequest, prompt_param: str) -> Generation:
@@ -261,8 +217,6 @@ class GenerationServer:
             keys = [k for k in self._weights if k[:2] == (tenant_id, name)]
             for key in keys:
                 del self._weights[key]
-            for key in [k for k in self._rewards if k[:2] == (tenant_id, name)]:
-                del self._rewards[key]
         for key in keys:
             self.scheduler.invalidate_adapter(key)
 

@@ -44,12 +44,13 @@ from service.api.schemas.generation import (
 )
 from service.errors import ErrorKind, ServiceError, invalid, not_found, unavailable
 from service.serving.generation import Generation, GenerationServer
+from service.serving.queries import AdapterKey
 from service.state import app_state
 
 if TYPE_CHECKING:
-    from core.decoder.scoring import DecoderHeadModel
     from core.generation.adapters import LoraWeights
     from core.generation.sampling import SamplingParams, TokenLogprob
+    from service.serving.decoder_scoring import DecoderScorer
 
 router = APIRouter(tags=["generation"])
 
@@ -103,10 +104,11 @@ def _find_adapter(
         return (tenant_id, name, row.version), row.task, row.base_model
 
 
-async def _reward_model(
+async def _reward_key(
     request: Request, tenant_id: str | None, name: str, server: GenerationServer
-) -> DecoderHeadModel:
-    """The caller's reward adapter ``name`` on ``server``'s base, built (best-of-n)."""
+) -> AdapterKey:
+    """The key of the caller's reward adapter ``name`` on ``server``'s base (best-of-n),
+    checked before anything is generated."""
     found = None
     if tenant_id is not None:
         found = await run_in_threadpool(_find_adapter, request, tenant_id, name)
@@ -120,7 +122,18 @@ async def _reward_model(
             f"reward adapter {name!r} scores on {base_model}, not on {server.name}",
             "reward_adapter",
         )
-    return await run_in_threadpool(server.reward_model, key)
+    return key
+
+
+def _scorer(request: Request, server: GenerationServer) -> DecoderScorer:
+    """The decoder's reward-model scorer (service.serving.decoder_scoring): the policy and the
+    reward model share the one frozen base."""
+    scorer = (app_state(request).decoder_scoring or {}).get(server.name)
+    if scorer is None:
+        raise unavailable(
+            "The base models are still loading; retry shortly.", "model_not_ready", retry_after=5
+        )
+    return scorer
 
 
 def _not_generative(message: str) -> ServiceError:
@@ -302,7 +315,7 @@ async def chat_completions(
     server = target.server
     reward = None
     if body.reward_adapter is not None:  # refused before anything is generated
-        reward = await _reward_model(request, tenant_id, body.reward_adapter, server)
+        reward = await _reward_key(request, tenant_id, body.reward_adapter, server)
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     prompt = await run_in_threadpool(server.encode_chat, messages)
     asked = (
@@ -331,7 +344,7 @@ async def chat_completions(
     if reward is not None:
         # Scored against the last user turn, as the reward model was trained on prompts.
         asked = next((m.text() for m in reversed(body.messages) if m.role == "user"), None)
-        scores = await run_in_threadpool(server.rewards, reward, asked, done.texts)
+        scores = await _scorer(request, server).score(reward, asked, done.texts)
         for choice, score in zip(choices, scores, strict=True):
             choice.reward = score
         choices.sort(key=lambda c: -(c.reward or 0.0))

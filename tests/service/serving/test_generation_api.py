@@ -332,6 +332,8 @@ def test_best_of_n_ranks_candidates_by_the_reward_adapter(server: Server) -> Non
         LoraModel(config, base), head_config, 1, {}, head_state=head.state_dict()
     )
     _store(server, "smol-reward", adapter)
+    chat = Adapter.from_method(LoraModel(config, base), HeadConfig(task="chat"), 1, {})
+    _store(server, "bon-chat", chat)
     sdk = server.sdk()
     reply = sdk.chat.completions.create(
         model=DEFAULT_DECODER_NAME,
@@ -353,7 +355,7 @@ def test_best_of_n_ranks_candidates_by_the_reward_adapter(server: Server) -> Non
     # The reward adapter must be the caller's own reward model, and the reply whole.
     for key, name, error in (
         (server.other_key, "smol-reward", openai.NotFoundError),
-        (server.key, "smol-chat", openai.UnprocessableEntityError),
+        (server.key, "bon-chat", openai.UnprocessableEntityError),
     ):
         with pytest.raises(error) as err:
             server.sdk(key).chat.completions.create(
