@@ -123,3 +123,41 @@ def _assert_peft_export(http: httpx.Client, name: str) -> None:
         assert "adapter_model.safetensors" in archive.namelist()
     assert config["task_type"] == "CAUSAL_LM"
     assert config["base_model_name_or_path"] == DEFAULT_DECODER_NAME
+
+
+PREFERENCE = [
+    {"prompt": f"What is {i} plus {i}?", "chosen": f"{2 * i}", "rejected": f"I think it is {i}."}
+    for i in range(8)
+]
+
+
+def test_a_reward_model_on_smollm2_through_the_sdk_serves_compare_and_predict(
+    server: ServerProcess, client: openai.OpenAI
+) -> None:
+    # OpenAI's dpo on preference rows trains a reward model, as on the encoder; model picks
+    # the decoder (the only base here).
+    pairs = client.files.create(file=("pairs.jsonl", jsonl(PREFERENCE)), purpose="fine-tune")
+    assert pairs.model_extra and pairs.model_extra["kind"] == "preference"
+    job = client.fine_tuning.jobs.create(
+        model=DEFAULT_DECODER_NAME,
+        training_file=pairs.id,
+        method={"type": "dpo", "dpo": {"hyperparameters": HYPER}},
+        seed=3,
+    )
+    job, _ = wait_for(client, job.id)
+    assert job.status == "succeeded", (job.error, server.log_tail())
+    name = job.fine_tuned_model
+    with server.client() as http:
+        adapter = http.get(f"/v1/adapters/{name}").raise_for_status().json()
+        assert (adapter["task"], adapter["base_model"]) == ("reward", DEFAULT_DECODER_NAME)
+        pair = {"prompt": "What is 9 plus 9?", "response_a": "18", "response_b": "It is 9."}
+        compared = http.post(f"/reward/compare?adapter={name}", json=pair)
+        assert compared.status_code == 200, (compared.text, server.log_tail())
+        result = compared.json()
+        assert 0.0 < result["p_a_preferred"] < 1.0
+        inputs = [[pair["prompt"], pair["response_a"]], [pair["prompt"], pair["response_b"]]]
+        predicted = http.post(f"/predict?adapter={name}", json={"inputs": inputs})
+        assert predicted.status_code == 200, predicted.text
+        rewards = [p["reward"] for p in predicted.json()["predictions"]]
+        # The same rows through the same scorer: the same rewards.
+        assert rewards == pytest.approx([result["reward_a"], result["reward_b"]], abs=1e-4)
