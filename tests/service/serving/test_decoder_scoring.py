@@ -324,7 +324,7 @@ def test_one_tenant_s_flood_does_not_hold_up_another_s_scores(
 
 
 @pytest.mark.sqlite_only
-def test_a_decoder_reward_adapter_on_an_encoder_only_deployment_is_refused(
+def test_a_decoder_reward_adapter_needs_its_decoder_not_the_encoder(
     both_settings: Settings,
 ) -> None:
     from tests.service.helpers import store_adapter
@@ -340,6 +340,12 @@ def test_a_decoder_reward_adapter_on_an_encoder_only_deployment_is_refused(
             resp = client.post(f"{path}?adapter=rm", json=body, headers=auth)
             error = assert_error(resp, 422, param="adapter", code="base_model_mismatch")
             assert TINY_LLAMA_NAME in error["message"] and "does not load" in error["message"]
+    # A decoder-only deployment serves it on the same routes (no encoder needed).
+    decoder_only = both_settings.model_copy(update={"bases": [TINY_LLAMA_NAME]})
+    with TestClient(create_app(decoder_only, hooks=[serving])) as client:
+        resp = client.post("/reward/compare?adapter=rm", json=pair, headers=_auth(decoder_only))
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["preferred"] in ("a", "b")
 
 
 @pytest.mark.postgres_only
