@@ -65,7 +65,8 @@ class JobEventObject(BaseModel):
     )
     data: dict[str, Any] | None = Field(
         description="Machine-readable details: step, epoch and metrics for `metrics` events; "
-        "null for plain messages."
+        "null for plain messages. `step_loss` is the step's loss; `train_loss` is the epoch's "
+        "running mean, except in a chat job's events, where it is the step's loss (OpenAI's)."
     )
 
     @classmethod
