@@ -9,6 +9,7 @@ threads; a client that disconnects frees its sequences at the scheduler's next s
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Literal
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.types import Receive, Scope, Send
 
 from service.adapters.records import find_adapter_row
 from service.api.deps import CallerTenantId
@@ -256,6 +258,25 @@ def _sse(payload: str) -> str:
     return f"data: {payload}\n\n"
 
 
+class _GenerationStream(StreamingResponse):
+    """A streamed generation that frees the request's sequences however the response ends:
+    a client gone before the first chunk leaves the body's generator never started (so its
+    own ``finally`` never runs), and one gone between chunks leaves it suspended until
+    garbage collection."""
+
+    def __init__(self, generation: Generation, body: AsyncIterator[str]) -> None:
+        super().__init__(
+            body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
+        self.generation = generation
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.generation.cancel()  # a no-op once finished
+
+
 def _stream(generation: Generation, chunks: AsyncIterator[str]) -> StreamingResponse:
     """SSE of ``chunks`` then ``[DONE]``; a failure mid-stream ends it with an error event.
     However the stream ends (the client gone included), the request's sequences are freed."""
@@ -267,12 +288,8 @@ def _stream(generation: Generation, chunks: AsyncIterator[str]) -> StreamingResp
             yield _sse("[DONE]")
         except ServiceError as exc:
             yield _sse(json.dumps(error_body(exc.message, "server_error", exc.param, exc.code)))
-        finally:
-            generation.cancel()
 
-    return StreamingResponse(
-        body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
-    )
+    return _GenerationStream(generation, body())
 
 
 async def _finished(request: Request, generation: Generation) -> _Collected:
@@ -280,6 +297,59 @@ async def _finished(request: Request, generation: Generation) -> _Collected:
         return await unless_disconnected(request, _collect(generation))
     finally:
         generation.cancel()  # a no-op once finished; frees the slots of a client that left
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One conversation's reply (a single candidate), as ``/predict`` reports it."""
+
+    text: str
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+
+
+async def chat_replies(
+    request: Request,
+    server: GenerationServer,
+    adapter: LoraWeights | None,
+    conversations: list[list[dict[str, str]]],
+    max_tokens: int,
+    temperature: float,
+    seed: int | None,
+    param: str,
+) -> list[Reply]:
+    """One reply to each conversation, rendered with the base's chat template as ``messages``
+    is here, at most ``max_tokens`` each (fewer where the context leaves fewer). Every
+    conversation is queued before any is awaited, so all decode in the same continuous batch;
+    a refusal (queue full, context) names ``{param}.{i}`` and frees the ones already queued,
+    and so does a client that disconnects."""
+    from core.generation.sampling import SamplingParams
+
+    prompts = await run_in_threadpool(lambda: [server.encode_chat(c) for c in conversations])
+    generations: list[Generation] = []
+
+    async def collect_all() -> list[_Collected]:
+        async with asyncio.TaskGroup() as group:  # one failing cancels the others
+            tasks = [group.create_task(_collect(g)) for g in generations]
+        return [t.result() for t in tasks]
+
+    try:
+        for i, prompt in enumerate(prompts):
+            params = SamplingParams(
+                max_tokens=min(max_tokens, _max_tokens(None, server, prompt)),
+                temperature=temperature,
+                seed=seed,
+            )
+            generations.append(_submit(server, prompt, params, adapter, f"{param}.{i}"))
+        done = await unless_disconnected(request, collect_all())
+    finally:
+        for generation in generations:
+            generation.cancel()  # a no-op once finished
+    return [
+        Reply(d.texts[0], d.finish[0] or "length", g.prompt_tokens, d.completion_tokens[0])
+        for g, d in zip(generations, done, strict=True)
+    ]
 
 
 def _response_id(prefix: str) -> str:

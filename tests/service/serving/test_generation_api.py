@@ -4,6 +4,8 @@ non-streamed text, adapters are the caller's own, errors are OpenAI's."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -17,6 +19,7 @@ import torch
 import uvicorn
 from fastapi import FastAPI
 from openai.types.chat import ChatCompletionMessageParam
+from starlette.requests import ClientDisconnect
 
 from core.adapter import Adapter
 from core.decoder.base import DEFAULT_DECODER_NAME, DecoderBase
@@ -392,3 +395,56 @@ def _store(server: Server, name: str, adapter: Adapter) -> None:
         row.version = next_adapter_version(session, tenant_id)
         session.add(row)
         session.commit()
+
+
+def test_a_stream_whose_client_left_before_its_first_chunk_frees_its_sequence(
+    server: Server,
+) -> None:
+    """The client is gone when the response starts (the send of its headers fails), so the
+    body's generator never runs: the request must still be cancelled and its sink dropped."""
+    generation = app_state(server.app).generation
+    assert generation is not None
+    gen_server = generation[DEFAULT_DECODER_NAME]
+    body = json.dumps(
+        {"model": DEFAULT_DECODER_NAME, "messages": QUESTION, "max_tokens": 400, "stream": True}
+    ).encode()
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.4"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/chat/completions",
+        "raw_path": b"/v1/chat/completions",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [
+            (b"authorization", f"Bearer {server.key}".encode()),
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+        ],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+    }
+    started: list[int] = []
+
+    async def receive() -> dict[str, object]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: dict[str, object]) -> None:
+        if message["type"] == "http.response.start":
+            started.append(int(message["status"]))  # type: ignore[call-overload]
+            raise OSError("the client is gone")
+
+    async def call() -> None:
+        # However the middleware reports a response that could not start.
+        with pytest.raises((ClientDisconnect, RuntimeError)):
+            await server.app(scope, receive, send)  # type: ignore[arg-type]
+
+    asyncio.run(call())
+    assert started == [200]
+    assert gen_server._sinks == {}  # nothing left waiting for events nobody reads
+    deadline = time.monotonic() + 30
+    while gen_server.scheduler.running and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert gen_server.scheduler.running == 0
