@@ -122,7 +122,8 @@ class Budget:
 
 # Sized on 2 cores shared with five other jobs (load average 7-8), where at 128 tokens a LoRA
 # SFT row took 2.7 s, a DPO pair 5.4 s (ours and TRL's alike) and scoring a held-out pair 2 s:
-# the full run fits in about 25 minutes, --quick in about 5. Batch 4 gives DPO 16 steps.
+# the full run took 28 minutes there (with --arms reward another 9), --quick 7. Batch 4 gives
+# DPO 16 steps.
 FULL = Budget(train_pairs=64, test_pairs=64, max_seq_length=128, batch_size=4)
 QUICK = Budget(train_pairs=8, test_pairs=8, max_seq_length=128, batch_size=4)
 REFERENCE_CHECK_PAIRS = 4  # held-out pairs whose reference transformers also scores
