@@ -171,6 +171,12 @@ class Settings(BaseSettings):
         description="LoRA adapters resident in the generation bank at once (least recently "
         "used evicted first; never one a running sequence uses).",
     )
+    predict_max_tokens: int = Field(
+        default=256,
+        ge=1,
+        description="Tokens /predict generates at most per input for a chat or DPO adapter: its "
+        "default and the largest max_tokens it takes (more is refused with 422).",
+    )
     # bfloat16 measured ~3x faster than float32 on AVX-512 CPUs (logits within ~3e-3).
     serve_dtype: Literal["float32", "bfloat16"] = "float32"
 

@@ -137,11 +137,12 @@ class GenerationServer:
         with self._tokenizer_lock:
             return [self.base.tokenizer.decode([i]) for i in ids]
 
-    def lora_weights(self, key: AdapterKey) -> LoraWeights:
+    def lora_weights(self, key: AdapterKey, param: str = "model") -> LoraWeights:
         """The LoRA pairs of the adapter ``key``, read from the database on a miss.
 
-        Refused with a 4xx: a deleted adapter (404), one that cannot generate (a reward or
-        classifier head, a method other than LoRA) or that belongs to another base (400).
+        Refused with a 4xx naming ``param`` (the request field that named the adapter): a
+        deleted adapter (404), one that cannot generate (a reward or classifier head, a method
+        other than LoRA) or that belongs to another base (400).
         """
         from core.errors import AdapterFormatError
         from core.generation.adapters import LoraWeights
@@ -156,17 +157,18 @@ class GenerationServer:
         try:
             adapter = self.load_adapter(key)
         except AdapterGone:
-            raise not_found("model", name, "model") from None
+            raise not_found(param, name, param) from None
         if adapter.task not in LANGUAGE_MODEL_TASKS:
-            raise _cannot_generate(f"adapter {name!r} is a {adapter.task} adapter")
+            raise _cannot_generate(f"adapter {name!r} is a {adapter.task} adapter", param)
         if adapter.method.type != "lora":
             raise _cannot_generate(
-                f"adapter {name!r} uses {adapter.method.type}; only LoRA adapters generate here"
+                f"adapter {name!r} uses {adapter.method.type}; only LoRA adapters generate here",
+                param,
             )
         try:
             method = adapter.load_method(self.base)
         except AdapterFormatError as exc:
-            raise _cannot_generate(str(exc)) from None
+            raise _cannot_generate(str(exc), param) from None
         pairs = {site: (a.detach(), b.detach()) for site, (a, b) in method.pairs().items()}
         weights = LoraWeights(key, pairs, float(method.config.scaling))
         with self._lock:
@@ -249,9 +251,9 @@ class GenerationServer:
                     self._sinks.pop(request_id, None)
 
 
-def _cannot_generate(message: str) -> ServiceError:
+def _cannot_generate(message: str, param: str) -> ServiceError:
     return ServiceError(
-        message, code="model_not_generative", param="model", kind=ErrorKind.UNSUPPORTED
+        message, code="model_not_generative", param=param, kind=ErrorKind.UNSUPPORTED
     )
 
 

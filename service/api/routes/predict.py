@@ -1,22 +1,33 @@
-"""``POST /predict?adapter=NAME&mode=auto|unmerged|merged``: labels or rewards for texts."""
+"""``POST /predict?adapter=NAME&mode=auto|unmerged|merged``: labels or rewards for texts, or
+for a chat or DPO adapter (or a decoder base named as the adapter) a generated reply to each
+text, through /v1/chat/completions' own path
+(:func:`service.api.routes.generation.chat_replies`)."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
+from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import AdapterName, ServedAdapter
 from service.api.disconnect import served_results
 from service.api.json_body import OffLoopJSONRoute
+from service.api.routes.generation import chat_replies
+from service.api.schemas.generation import Usage
 from service.api.schemas.inference import (
     Prediction,
     PredictRequest,
     PredictResponse,
     TextPair,
 )
-from service.errors import not_found
+from service.bases import adapter_base
+from service.errors import invalid, not_found
+from service.serving.generation import GenerationServer
 from service.serving.policy import RequestMode
+from service.serving.queries import AdapterRef
+from service.serving.run import check_request_chars
+from service.state import AppState, app_state
 
 # Bodies parsed off the event loop (service.api.json_body).
 router = APIRouter(tags=["inference"], route_class=OffLoopJSONRoute)
@@ -34,11 +45,89 @@ def _items(body: PredictRequest) -> list[tuple[str, str | None]]:
     return out
 
 
+GENERATING_TASKS = ("chat", "dpo")
+# Fields only generation reads: refused, not ignored, for a classifier or reward model.
+_SAMPLING_FIELDS = ("max_tokens", "temperature", "seed")
+
+
+def _generation_server(state: AppState, ref: AdapterRef) -> GenerationServer:
+    """The generation server of the decoder ``ref`` was trained on: 422
+    ``base_model_mismatch`` if this deployment does not load it."""
+    base = adapter_base(state.require_bases(), ref.base_model, ref.base_fingerprint, "adapter")
+    server = (state.generation or {}).get(base.name)
+    if server is None:  # test hooks that set a base alone
+        raise invalid(f"decoder {base.name!r} is not served here", "adapter", "base_model_mismatch")
+    return server
+
+
+async def _generate(
+    request: Request,
+    body: PredictRequest,
+    server: GenerationServer,
+    ref: AdapterRef | None,
+    name: str,
+    mode: RequestMode,
+) -> PredictResponse:
+    """A reply to each input, sent as the user's one message, from ``ref``'s LoRA adapter or
+    (``ref`` None) the base itself; all inputs decode in the same continuous batch."""
+    settings = app_state(request).settings
+    if body.max_tokens is not None and body.max_tokens > settings.predict_max_tokens:
+        raise invalid(
+            f"max_tokens is {body.max_tokens}; /predict generates at most "
+            f"{settings.predict_max_tokens} tokens per input (LORAPLEX_PREDICT_MAX_TOKENS)",
+            "max_tokens",
+        )
+    # Each input waits for a sequence slot as a request of its own: more than may wait at
+    # once could never all be queued.
+    if len(body.inputs) > settings.generation_max_waiting:
+        raise invalid(
+            f"{len(body.inputs)} inputs; a generating adapter takes at most "
+            f"{settings.generation_max_waiting} per request (LORAPLEX_GENERATION_MAX_WAITING)",
+            "inputs",
+        )
+    texts: list[str] = []
+    for i, item in enumerate(body.inputs):
+        if not isinstance(item, str):
+            raise invalid(
+                f"input {i} is a text pair; a chat adapter answers one text (the user's message)",
+                f"inputs.{i}",
+            )
+        texts.append(item)
+    check_request_chars([(t, None) for t in texts], settings.max_request_chars, "inputs")
+    weights = None
+    if ref is not None:
+        weights = await run_in_threadpool(server.lora_weights, ref.key, "adapter")
+    replies = await chat_replies(
+        request,
+        server,
+        weights,
+        [[{"role": "user", "content": t}] for t in texts],
+        body.max_tokens or settings.predict_max_tokens,
+        body.temperature or 0.0,
+        body.seed,
+        "inputs",
+    )
+    predictions = [
+        Prediction(
+            text=r.text,
+            finish_reason=r.finish_reason,
+            usage=Usage(
+                prompt_tokens=r.prompt_tokens,
+                completion_tokens=r.completion_tokens,
+                total_tokens=r.prompt_tokens + r.completion_tokens,
+            ),
+        )
+        for r in replies
+    ]
+    task = ref.task if ref is not None else "chat"
+    return PredictResponse(adapter=name, mode=mode, task=task, predictions=predictions)
+
+
 @router.post(
     "/predict",
     response_model=PredictResponse,
     response_model_exclude_none=True,
-    summary="Classify or score texts",
+    summary="Classify, score or answer texts",
 )
 async def predict(
     request: Request,
@@ -56,9 +145,24 @@ async def predict(
 ) -> PredictResponse:
     """Runs the texts through the base model with the adapter named in `adapter`: labels
     with probabilities for a classifier, a reward per text for a reward model. Requests for
-    different adapters are batched together and share one forward pass of the base model."""
+    different adapters are batched together and share one forward pass of the base model.
+
+    A chat or DPO adapter, or a decoder base's id in `adapter`, generates a reply to each text
+    (sent as the user's message, rendered with the base's chat template): its `text`,
+    `finish_reason` and token `usage`, greedy unless `temperature` is above 0; the inputs
+    decode in one continuous batch with every other generation on that base."""
+    state = app_state(request)
+    servers = state.generation or {}
+    if adapter in servers:  # a decoder base's id: the base itself answers
+        return await _generate(request, body, servers[adapter], None, adapter, mode)
     if ref is None:
         raise not_found("adapter", adapter, "adapter")
+    if ref.base_kind == "decoder" and ref.task in GENERATING_TASKS:
+        server = _generation_server(state, ref)
+        return await _generate(request, body, server, ref, adapter, mode)
+    for field in _SAMPLING_FIELDS:
+        if getattr(body, field) is not None:
+            raise invalid(f"{field} is for chat and DPO adapters, which generate", field)
     items = _items(body)
     results = await served_results(request, ref, items, body.truncate, "inputs", mode)
     if ref.task == "reward":

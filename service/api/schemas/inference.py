@@ -6,6 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from service.api.schemas.generation import Usage
 from service.serving.policy import RequestMode
 
 MAX_INPUTS = 256
@@ -80,10 +81,35 @@ class PredictRequest(BaseModel):
         )
     )
     truncate: bool = Field(True, description=TRUNCATE)
+    max_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Chat and DPO adapters (and a decoder base named in `adapter`): tokens to "
+        "generate at most per input; by default, and at most, `LORAPLEX_PREDICT_MAX_TOKENS` "
+        "(256). Refused for classifiers and reward models.",
+    )
+    temperature: float | None = Field(
+        None,
+        ge=0.0,
+        le=2.0,
+        description="Chat and DPO adapters: 0 (the default) generates greedily, the likeliest "
+        "token each step; above 0 samples. Refused for classifiers and reward models.",
+    )
+    seed: int | None = Field(
+        None,
+        ge=0,
+        lt=2**63,
+        description="Chat and DPO adapters, with `temperature` above 0: the same seed and "
+        "request give the same texts. Refused for classifiers and reward models.",
+    )
+
+
+FinishReason = Literal["stop", "length"]
 
 
 class Prediction(BaseModel):
-    """One input's result: a label with probabilities (classification) or a reward."""
+    """One input's result: a label with probabilities (classification), a reward, or the
+    generated reply (chat and DPO adapters)."""
 
     label: str | None = Field(None, description="Classification: the most probable label.")
     score: float | None = Field(None, description="Classification: the label's probability.")
@@ -92,6 +118,19 @@ class Prediction(BaseModel):
     )
     reward: float | None = Field(
         None, description="Reward adapters: the score; higher means preferred."
+    )
+    text: str | None = Field(
+        None,
+        description="Chat and DPO adapters: the reply generated to the input, sent as the "
+        "user's message rendered with the base's chat template.",
+    )
+    finish_reason: FinishReason | None = Field(
+        None,
+        description="Chat and DPO adapters: `stop` at the end-of-turn token, `length` at "
+        "`max_tokens`.",
+    )
+    usage: Usage | None = Field(
+        None, description="Chat and DPO adapters: the input's prompt and reply tokens."
     )
 
 
@@ -125,7 +164,10 @@ class PredictResponse(BaseModel):
         "copy for an adapter that dominates recent traffic), `unmerged` shares one forward "
         "pass with other adapters, `merged` uses LoRA weights merged into a copy of the base."
     )
-    task: str = Field(description="`classification` or `reward`: which fields each result has.")
+    task: str = Field(
+        description="`classification`, `reward`, or `chat` / `dpo` (generated `text`, its "
+        "`finish_reason` and `usage`): which fields each result has."
+    )
     predictions: list[Prediction] = Field(description="One result per input, in order.")
 
 

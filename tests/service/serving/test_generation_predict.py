@@ -1,0 +1,242 @@
+"""``/predict`` on a chat adapter (or a decoder base named as the adapter), on the tiny random
+Llama behind the real serving hook: each input's reply is the one /v1/chat/completions gives
+to the same user message, every input bounded, and adapters are the caller's own."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from core.adapter import Adapter
+from core.decoder.base import DecoderBase
+from core.heads import HeadConfig
+from core.methods import parse_method_config
+from core.methods.lora.model import lora_key
+from service.config import Settings
+from service.main import create_app
+from service.serving.lifespan import serving
+from service.state import app_state
+from tests.core.decoder.tiny_llama import TINY_LLAMA_NAME, build_tiny_llama
+from tests.service.helpers import ADMIN_KEY, Headers, assert_error, store_adapter
+
+pytestmark = pytest.mark.sqlite_only
+
+MAX_TOKENS = 128  # LORAPLEX_PREDICT_MAX_TOKENS here
+MAX_WAITING = 6
+MAX_REQUEST_CHARS = 3000
+INPUTS = ["Hello there.", "What is two and two?", "Bye!"]
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture
+def app_settings(settings: Settings, tiny_llama_dir: Path) -> Settings:
+    return settings.model_copy(
+        update={
+            "decoder_model_path": tiny_llama_dir,
+            "decoder_model_name": TINY_LLAMA_NAME,
+            "bases": [TINY_LLAMA_NAME],
+            "embedded_worker": False,
+            "torch_threads": 1,
+            "max_request_chars": MAX_REQUEST_CHARS,
+            "predict_max_tokens": MAX_TOKENS,
+            "generation_max_waiting": MAX_WAITING,
+            "generation_kv_cache_mb": 1,  # 8 sequences of the tiny model's 256 positions
+        }
+    )
+
+
+@pytest.fixture
+def client(app_settings: Settings) -> Iterator[TestClient]:
+    with TestClient(create_app(app_settings, hooks=[serving])) as test_client:
+        yield test_client
+
+
+def _auth(settings: Settings) -> Headers:
+    return {"Authorization": f"Bearer {settings.default_key_path.read_text().strip()}"}
+
+
+def _decoder(client: TestClient) -> DecoderBase:
+    decoder = app_state(client.app).require_bases().decoder
+    assert decoder is not None
+    return decoder
+
+
+def _chat_adapter(decoder: DecoderBase, task: str = "chat") -> Adapter:
+    """A LoRA on q/v with B far from zero, so that its replies differ from the base's."""
+    method = parse_method_config(
+        "lora", {"r": 4, "target_modules": ["q_proj", "v_proj"]}, "decoder"
+    )
+    gen = torch.Generator().manual_seed(0)
+    state: dict[str, torch.Tensor] = {}
+    for layer in range(decoder.num_layers):
+        for target in ("q_proj", "v_proj"):
+            n_in, n_out = decoder.config.linear_shape(target)
+            state[lora_key(layer, target, "A")] = torch.randn(4, n_in, generator=gen) * 0.5
+            state[lora_key(layer, target, "B")] = torch.randn(n_out, 4, generator=gen) * 0.5
+    return Adapter(
+        method=method,
+        head=HeadConfig(task=task),
+        method_state=state,
+        head_state={},
+        base_name=decoder.name,
+        base_fingerprint=decoder.fingerprint,
+    )
+
+
+def _chat(client: TestClient, auth: Headers, model: str, text: str, **extra: Any) -> Any:
+    body = {"model": model, "messages": [{"role": "user", "content": text}], **extra}
+    resp = client.post("/v1/chat/completions", json=body, headers=auth)
+    assert resp.status_code == 200, resp.text
+    return resp.json()
+
+
+def test_replies_equal_chat_completions_greedy_replies(
+    client: TestClient, app_settings: Settings
+) -> None:
+    auth = _auth(app_settings)
+    decoder = _decoder(client)
+    store_adapter(client, auth, "chat", _chat_adapter(decoder), base=decoder)
+    store_adapter(client, auth, "prefs", _chat_adapter(decoder, "dpo"), base=decoder)
+    texts: dict[str, list[str]] = {}
+    for name, task in (("chat", "chat"), ("prefs", "dpo"), (TINY_LLAMA_NAME, "chat")):
+        resp = client.post(
+            f"/predict?adapter={name}", json={"inputs": INPUTS, "max_tokens": 10}, headers=auth
+        )
+        assert resp.status_code == 200, resp.text
+        body = resp.json()
+        assert (body["object"], body["adapter"], body["task"]) == ("prediction", name, task)
+        predictions = body["predictions"]
+        assert len(predictions) == len(INPUTS)
+        texts[name] = [p["text"] for p in predictions]
+        for text, prediction in zip(INPUTS, predictions, strict=True):
+            assert set(prediction) == {"text", "finish_reason", "usage"}  # no labels
+            chat = _chat(client, auth, name, text, max_tokens=10, temperature=0)
+            choice = chat["choices"][0]
+            assert prediction["text"] == choice["message"]["content"]
+            assert prediction["finish_reason"] == choice["finish_reason"]
+            assert prediction["usage"] == chat["usage"]
+            assert prediction["usage"]["completion_tokens"] <= 10
+    assert texts["chat"] != texts[TINY_LLAMA_NAME]  # the adapter is applied
+    # Greedy by default, at most LORAPLEX_PREDICT_MAX_TOKENS; the same request, the same text.
+    again = client.post("/predict?adapter=chat", json={"inputs": INPUTS[:1]}, headers=auth)
+    assert again.status_code == 200, again.text
+    (reply,) = again.json()["predictions"]
+    chat = _chat(client, auth, "chat", INPUTS[0], max_tokens=MAX_TOKENS, temperature=0)
+    assert reply["text"] == chat["choices"][0]["message"]["content"]
+    assert reply["usage"]["completion_tokens"] <= MAX_TOKENS
+    # Sampling: a seed makes it repeatable.
+    seeded = {"inputs": INPUTS, "temperature": 1.0, "seed": 5, "max_tokens": 8}
+    first = client.post("/predict?adapter=chat", json=seeded, headers=auth).json()
+    assert client.post("/predict?adapter=chat", json=seeded, headers=auth).json() == first
+
+
+def test_bounds_are_4xx_naming_the_field(client: TestClient, app_settings: Settings) -> None:
+    auth = _auth(app_settings)
+    decoder = _decoder(client)
+    store_adapter(client, auth, "chat", _chat_adapter(decoder), base=decoder)
+
+    def predict(**body: Any) -> Any:
+        return client.post("/predict?adapter=chat", json=body, headers=auth)
+
+    over = assert_error(predict(inputs=INPUTS, max_tokens=MAX_TOKENS + 1), 422, param="max_tokens")
+    assert "LORAPLEX_PREDICT_MAX_TOKENS" in over["message"]
+    assert_error(predict(inputs=INPUTS, max_tokens=0), 422, param="max_tokens")
+    assert_error(predict(inputs=INPUTS, temperature=2.5), 422, param="temperature")
+    assert_error(predict(inputs=["hi", ["a", "b"]]), 422, param="inputs.1")
+    many = assert_error(predict(inputs=["hi"] * (MAX_WAITING + 1)), 422, param="inputs")
+    assert "LORAPLEX_GENERATION_MAX_WAITING" in many["message"]
+    half = "x" * (MAX_REQUEST_CHARS // 2 + 1)
+    assert_error(predict(inputs=[half, half]), 413, param="inputs", code="request_too_large")
+    # A prompt the context cannot hold (one byte a token; 256 positions) names its input.
+    long = "y" * 400
+    assert_error(
+        predict(inputs=["hi", long]), 400, param="inputs.1", code="context_length_exceeded"
+    )
+    # Nothing of a refused request is left running.
+    generation = app_state(client.app).generation
+    assert generation is not None
+    assert generation[TINY_LLAMA_NAME]._sinks == {}
+
+
+def test_another_tenants_or_a_deleted_adapter_is_404(
+    client: TestClient, app_settings: Settings
+) -> None:
+    auth = _auth(app_settings)
+    decoder = _decoder(client)
+    store_adapter(client, auth, "chat", _chat_adapter(decoder), base=decoder)
+    made = client.post(
+        "/v1/tenants", json={"name": "other"}, headers={"Authorization": f"Bearer {ADMIN_KEY}"}
+    )
+    assert made.status_code == 200, made.text
+    other = {"Authorization": f"Bearer {made.json()['api_key']['key']}"}
+    body = {"inputs": ["hi"], "max_tokens": 2}
+    resp = client.post("/predict?adapter=chat", json=body, headers=other)
+    assert_error(resp, 404, param="adapter", code="adapter_not_found")
+    # The base is everyone's.
+    assert client.post(f"/predict?adapter={TINY_LLAMA_NAME}", json=body, headers=other).is_success
+    assert client.post("/predict?adapter=chat", json=body, headers=auth).status_code == 200
+    assert client.delete("/v1/models/chat", headers=auth).status_code == 200
+    resp = client.post("/predict?adapter=chat", json=body, headers=auth)
+    assert_error(resp, 404, param="adapter", code="adapter_not_found")
+
+
+def test_a_client_that_leaves_frees_its_sequences(
+    client: TestClient, app_settings: Settings
+) -> None:
+    """The client is gone as soon as its body is read: every input's sequence is cancelled
+    and nothing is left waiting for events nobody reads."""
+    server = app_state(client.app).generation
+    assert server is not None
+    gen_server = server[TINY_LLAMA_NAME]
+    body = json.dumps({"inputs": INPUTS, "max_tokens": MAX_TOKENS}).encode()
+    query = f"adapter={TINY_LLAMA_NAME}".encode()
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.4"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/predict",
+        "raw_path": b"/predict",
+        "query_string": query,
+        "root_path": "",
+        "headers": [
+            (b"authorization", _auth(app_settings)["Authorization"].encode()),
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+        ],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+    }
+    messages = iter([{"type": "http.request", "body": body, "more_body": False}])
+    statuses: list[int] = []
+    before = gen_server.scheduler.generated_tokens
+
+    async def receive() -> dict[str, object]:
+        return next(messages, {"type": "http.disconnect"})
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            statuses.append(int(message["status"]))
+
+    asyncio.run(client.app(scope, receive, send))  # type: ignore[arg-type]
+    assert statuses == [499]
+    assert gen_server._sinks == {}
+    # Every sequence stops at the scheduler's next step, long before its MAX_TOKENS.
+    deadline = time.monotonic() + 30
+    while gen_server.scheduler.running and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert gen_server.scheduler.running == 0
+    assert gen_server.scheduler.generated_tokens - before < len(INPUTS) * MAX_TOKENS
