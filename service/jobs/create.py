@@ -23,10 +23,11 @@ from core.training.config import (
 )
 from service import ids
 from service.adapters.quota import check_adapter_bytes_quota, check_adapter_quota, name_taken
+from service.adapters.records import find_adapter_row
 from service.bases import BaseKind, BaseSpec, resolve_job_base
 from service.config import Settings
 from service.datasets.rows import MESSAGE_KINDS, TASKS, DatasetKind
-from service.db.models import AdapterRow, Dataset, Job, JobStatus, Tenant
+from service.db.models import Dataset, Job, JobStatus, Tenant
 from service.db.session import committed_or_conflict
 from service.errors import ErrorKind, ServiceError, conflict, invalid, not_found, quota_exceeded
 from service.jobs.events import add_event
@@ -281,9 +282,7 @@ def _reference_adapter(
             param,
             "setting_not_read",
         )
-    row = session.scalar(
-        select(AdapterRow).where(AdapterRow.tenant_id == tenant_id, AdapterRow.name == name)
-    )
+    row = find_adapter_row(session, tenant_id, name)
     if row is None:
         raise not_found("adapter", name, param)
     if row.base_model != base.name:
