@@ -17,9 +17,10 @@ from fastapi.testclient import TestClient
 
 from core.adapter import Adapter
 from core.decoder.base import DecoderBase
-from core.heads import HeadConfig
+from core.heads import Head, HeadConfig
 from core.methods import parse_method_config
-from core.methods.lora.model import lora_key
+from core.methods.lora.config import LoraConfig
+from core.methods.lora.model import LoraModel, lora_key
 from service.config import Settings
 from service.main import create_app
 from service.serving.lifespan import serving
@@ -95,6 +96,16 @@ def _chat_adapter(decoder: DecoderBase, task: str = "chat") -> Adapter:
     )
 
 
+def _reward_adapter(decoder: DecoderBase) -> Adapter:
+    config = parse_method_config("lora", {"r": 2, "target_modules": ["q_proj"]}, "decoder")
+    assert isinstance(config, LoraConfig)
+    head_config = HeadConfig(task="reward", pooling="last_token", max_seq_length=128)
+    head = Head(head_config, decoder.config.hidden_size)
+    return Adapter.from_method(
+        LoraModel(config, decoder), head_config, 1, {}, head_state=head.state_dict()
+    )
+
+
 def _chat(client: TestClient, auth: Headers, model: str, text: str, **extra: Any) -> Any:
     body = {"model": model, "messages": [{"role": "user", "content": text}], **extra}
     resp = client.post("/v1/chat/completions", json=body, headers=auth)
@@ -164,6 +175,15 @@ def test_bounds_are_4xx_naming_the_field(client: TestClient, app_settings: Setti
     assert_error(
         predict(inputs=["hi", long]), 400, param="inputs.1", code="context_length_exceeded"
     )
+    # A reward model does not generate: the sampling fields are refused, not ignored.
+    store_adapter(client, auth, "rm", _reward_adapter(decoder), base=decoder)
+    for field, value in (("max_tokens", 4), ("temperature", 0.5), ("seed", 1)):
+        body = {"inputs": ["hi"], field: value}
+        resp = client.post("/predict?adapter=rm", json=body, headers=auth)
+        assert_error(resp, 422, param=field)
+    scored = client.post("/predict?adapter=rm", json={"inputs": ["hi"]}, headers=auth)
+    assert scored.status_code == 200, scored.text
+    assert set(scored.json()["predictions"][0]) == {"reward"}
     # Nothing of a refused request is left running.
     generation = app_state(client.app).generation
     assert generation is not None
