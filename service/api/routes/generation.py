@@ -168,6 +168,13 @@ def _params(
         raise invalid(exc.message, exc.field) from None
 
 
+def _check_stream_options(body: SamplingFields) -> None:
+    """``stream_options`` says how to stream: without ``stream`` it would be silently
+    ignored (OpenAI refuses it too)."""
+    if body.stream_options is not None and not body.stream:
+        raise invalid("stream_options needs stream to be true", "stream_options")
+
+
 def _max_tokens(asked: int | None, server: GenerationServer, prompt: list[int]) -> int:
     """What the caller asked for, or all the context leaves (at least one, so that a prompt
     that fills the context is refused by the scheduler naming the limit)."""
@@ -372,6 +379,7 @@ async def chat_completions(
     """The assistant's reply to `messages`, rendered with the base's chat template, from the
     base or one of your chat/DPO adapters (`model`). With `stream: true`, server-sent
     `chat.completion.chunk` events and a final `[DONE]`."""
+    _check_stream_options(body)
     if body.top_logprobs and not body.logprobs:
         raise invalid("top_logprobs needs logprobs to be true", "top_logprobs")
     if body.reward_adapter is not None and body.stream:
@@ -487,6 +495,7 @@ async def completions(
     """The continuation of `prompt` (no chat template), from the base or one of your
     chat/DPO adapters. With `stream: true`, server-sent `text_completion` chunks and a final
     `[DONE]`."""
+    _check_stream_options(body)
     target = await _target(request, tenant_id, body.model)
     server = target.server
     prompt = await run_in_threadpool(server.encode_text, body.prompt)

@@ -448,3 +448,18 @@ def test_a_stream_whose_client_left_before_its_first_chunk_frees_its_sequence(
     while gen_server.scheduler.running and time.monotonic() < deadline:
         time.sleep(0.05)
     assert gen_server.scheduler.running == 0
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_stream_options_without_stream_is_refused(server: Server, path: str) -> None:
+    body = {
+        "model": DEFAULT_DECODER_NAME,
+        "stream_options": {"include_usage": True},
+        "max_tokens": 2,
+        **({"prompt": "Paris is"} if path == "/v1/completions" else {"messages": QUESTION}),
+    }
+    resp = httpx.post(
+        f"{server.url}{path}", json=body, headers={"Authorization": f"Bearer {server.key}"}
+    )
+    assert resp.status_code == 422, resp.text
+    assert resp.json()["error"]["param"] == "stream_options"
