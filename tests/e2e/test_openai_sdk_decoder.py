@@ -4,8 +4,9 @@ A real ``loraplex serve`` holding the decoder alone (embedded worker, SQLite in 
 OpenAI chat and DPO files go up with ``client.files.create``, an SFT job is created with the
 SDK's own ``method={"type": "supervised", ...}``, then DPO with its adapter as the reference
 policy through loraplex's own job API; the adapters are stored on SmolLM2 and export as PEFT
-folders for a causal LM. Few rows, short windows and a handful of steps keep it to tens of
-seconds on two cores.
+folders for a causal LM, and the SFT job's ``fine_tuned_model`` answers chat completions
+(README's "Chat with your adapter"). Few rows, short windows and a handful of steps keep it to
+tens of seconds on two cores.
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ import io
 import json
 import zipfile
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
+from openai.types.fine_tuning import FineTuningJob
 
 from service.config import DEFAULT_DECODER_NAME
 from tests.e2e.server import ServerProcess, wait_job
@@ -59,7 +61,11 @@ DPO = [
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     proc = ServerProcess(
         tmp_path_factory.mktemp("loraplex-decoder"),
-        settings={"bases": DEFAULT_DECODER_NAME, "checkpoint_every_steps": 2},
+        settings={
+            "bases": DEFAULT_DECODER_NAME,
+            "checkpoint_every_steps": 2,
+            "generation_kv_cache_mb": 128,
+        },
     )
     proc.start()
     try:
@@ -74,9 +80,10 @@ def client(server: ServerProcess) -> Iterator[openai.OpenAI]:
         yield c
 
 
-def test_chat_sft_with_the_sdk_then_dpo_from_its_adapter(
-    server: ServerProcess, client: openai.OpenAI, tmp_path: Path
-) -> None:
+@pytest.fixture(scope="module")
+def sft_job(server: ServerProcess, client: openai.OpenAI) -> FineTuningJob:
+    """One chat SFT job through the SDK, succeeded: its events, the DPO run it is the
+    reference of and the chat with its adapter all read it (one training run, not three)."""
     chat = client.files.create(file=("chat.jsonl", jsonl(CHAT)), purpose="fine-tune")
     assert chat.model_extra and chat.model_extra["kind"] == "chat"
     job = client.fine_tuning.jobs.create(
@@ -87,6 +94,13 @@ def test_chat_sft_with_the_sdk_then_dpo_from_its_adapter(
     )
     job, _ = wait_for(client, job.id)
     assert job.status == "succeeded", (job.error, server.log_tail())
+    return job
+
+
+def test_chat_sft_with_the_sdk_then_dpo_from_its_adapter(
+    server: ServerProcess, client: openai.OpenAI, sft_job: FineTuningJob
+) -> None:
+    job = sft_job
     assert job.model == DEFAULT_DECODER_NAME and job.fine_tuned_model
     assert job.trained_tokens and job.trained_tokens > 0
     events = list(client.fine_tuning.jobs.list_events(job.id, limit=50))
@@ -113,6 +127,26 @@ def test_chat_sft_with_the_sdk_then_dpo_from_its_adapter(
         adapter = http.get(f"/v1/adapters/{done['fine_tuned_model']}").raise_for_status().json()
         assert (adapter["task"], adapter["base_model"]) == ("dpo", DEFAULT_DECODER_NAME)
         _assert_peft_export(http, adapter["name"])
+
+
+def test_chat_with_the_adapter_a_job_trained(client: openai.OpenAI, sft_job: FineTuningJob) -> None:
+    """README's "Chat with your adapter": the job's fine_tuned_model is a model to chat with,
+    whole and streamed."""
+    model = sft_job.fine_tuned_model
+    assert model
+    question: list[ChatCompletionMessageParam] = [
+        {"role": "system", "content": "Answer with the number only."},
+        {"role": "user", "content": "What is 3 plus 3?"},
+    ]
+    reply = client.chat.completions.create(
+        model=model, messages=question, max_tokens=6, temperature=0
+    )
+    text = reply.choices[0].message.content
+    assert text and reply.model == model
+    stream = client.chat.completions.create(
+        model=model, messages=question, max_tokens=6, temperature=0, stream=True
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == text
 
 
 def _assert_peft_export(http: httpx.Client, name: str) -> None:
