@@ -273,7 +273,7 @@ class Scheduler:
         for seq in seqs:
             self._running[seq.slot] = seq
         try:
-            hooks = self.adapters.hooks(torch.tensor([adapter_slot], device=device))
+            hooks = self.adapters.hooks(torch.tensor([adapter_slot], device=device), keep=False)
             ids = torch.tensor([prompt], device=device)
             first = seqs[0].slot
             hidden = forward(self.weights, ids, hooks=hooks, cache=self.cache.slot_view(first))

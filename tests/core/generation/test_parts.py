@@ -8,7 +8,7 @@ import torch
 
 from core.decoder.base import DecoderBase
 from core.errors import ConfigError
-from core.generation.adapters import AdapterFull, AdapterSlots
+from core.generation.adapters import AdapterFull, AdapterSlots, LoraWeights
 from core.generation.detok import IncrementalDetokenizer, StopStrings
 from core.generation.kv import bytes_per_slot, slots_for_budget
 from core.generation.sampling import SamplingParams, sample
@@ -98,3 +98,32 @@ def test_kv_budget_counts_slots(tiny_decoder: DecoderBase) -> None:
     per = bytes_per_slot(cfg, 128, torch.float32)
     assert per == 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 128 * 4
     assert slots_for_budget(cfg, 128, torch.float32, 5 * per + per // 2) == 5
+
+
+def test_grouped_lora_delta_per_row_and_never_stale(tiny_decoder: DecoderBase) -> None:
+    """Each row gets its own adapter's delta (none for -1), and the pairs the hooks keep
+    gathered between steps are re-read once a slot holds another adapter."""
+    slots = AdapterSlots(tiny_decoder.weights, max_adapters=2)
+    a, b, c = (random_lora(tiny_decoder, k, 2 + i, seed=i) for i, k in enumerate("abc"))
+    sa, sb = slots.acquire(a), slots.acquire(b)
+    site = (0, "q_proj")
+    n_in, n_out = tiny_decoder.config.linear_shape("q_proj")
+    x = torch.randn(4, 3, n_in)
+
+    def delta(adapter: LoraWeights, row: torch.Tensor) -> torch.Tensor:
+        lora_a, lora_b = adapter.pairs[site]
+        return adapter.scaling * (row @ lora_a.T) @ lora_b.T
+
+    def check(rows: list[LoraWeights | None], slot_ids: list[int]) -> None:
+        hooks = slots.hooks(torch.tensor(slot_ids))
+        got = hooks.linear(*site, x, torch.zeros(4, 3, n_out))
+        for i, adapter in enumerate(rows):
+            want = torch.zeros(3, n_out) if adapter is None else delta(adapter, x[i])
+            torch.testing.assert_close(got[i], want)
+
+    check([a, None, b, a], [sa, -1, sb, sa])
+    check([a, None, b, a], [sa, -1, sb, sa])  # the gathered pairs, reused
+    slots.release(sa, "a")
+    sc = slots.acquire(c)  # evicts a: c now sits in a's slot (and has a larger rank)
+    assert sc == sa
+    check([c, None, b, c], [sc, -1, sb, sc])
