@@ -463,3 +463,35 @@ def test_stream_options_without_stream_is_refused(server: Server, path: str) -> 
     )
     assert resp.status_code == 422, resp.text
     assert resp.json()["error"]["param"] == "stream_options"
+
+
+def test_streamed_logprobs_equal_the_whole_response_s(server: Server) -> None:
+    sdk = server.sdk()
+    asked = {"model": DEFAULT_DECODER_NAME, "max_tokens": 5, "temperature": 0}
+    whole = sdk.chat.completions.create(messages=QUESTION, logprobs=True, top_logprobs=2, **asked)
+    chunks = sdk.chat.completions.create(
+        messages=QUESTION, logprobs=True, top_logprobs=2, stream=True, **asked
+    )
+    streamed = [
+        t
+        for c in chunks
+        if c.choices and c.choices[0].logprobs and c.choices[0].logprobs.content
+        for t in c.choices[0].logprobs.content
+    ]
+    assert whole.choices[0].logprobs and whole.choices[0].logprobs.content
+    assert [t.model_dump() for t in streamed] == [
+        t.model_dump() for t in whole.choices[0].logprobs.content
+    ]
+
+    prompt = "The capital of France is"
+    out = sdk.completions.create(prompt=prompt, logprobs=2, **asked)
+    pieces = [
+        c.choices[0].logprobs
+        for c in sdk.completions.create(prompt=prompt, logprobs=2, stream=True, **asked)
+        if c.choices and c.choices[0].logprobs
+    ]
+    expected = out.choices[0].logprobs
+    assert expected is not None
+    assert [t for p in pieces for t in p.tokens or []] == expected.tokens
+    assert [v for p in pieces for v in p.token_logprobs or []] == expected.token_logprobs
+    assert [o for p in pieces for o in p.text_offset or []] == expected.text_offset
