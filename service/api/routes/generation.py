@@ -52,6 +52,7 @@ from service.state import app_state
 if TYPE_CHECKING:
     from core.generation.adapters import LoraWeights
     from core.generation.sampling import SamplingParams, TokenLogprob
+    from core.generation.scheduler import SequenceEvent
     from service.serving.decoder_scoring import DecoderScorer
 
 router = APIRouter(tags=["generation"])
@@ -261,6 +262,22 @@ def _completion_logprobs(
     )
 
 
+async def _said(
+    server: GenerationServer, generation: Generation, completion: list[int]
+) -> AsyncIterator[tuple[SequenceEvent, dict[int, str]]]:
+    """A streamed request's events that have something to say (a held-back piece has nothing
+    yet), each with the text of the tokens its logprobs name, read in a worker thread;
+    ``completion`` keeps each candidate's generated tokens for the usage chunk."""
+    async for event in generation.events():
+        completion[event.index] = event.completion_tokens
+        if not (event.text or event.finish_reason or event.logprobs):
+            continue
+        texts: dict[int, str] = {}
+        if event.logprobs:
+            texts = await run_in_threadpool(_token_texts, server, event.logprobs)
+        yield event, texts
+
+
 def _sse(payload: str) -> str:
     return f"data: {payload}\n\n"
 
@@ -457,14 +474,8 @@ async def _chat_chunks(
         ]
     )
     completion = [0] * generation.n
-    async for event in generation.events():
-        completion[event.index] = event.completion_tokens
-        if not (event.text or event.finish_reason or event.logprobs):
-            continue  # a held-back piece: nothing to say yet
-        logprobs = None
-        if event.logprobs:
-            texts = await run_in_threadpool(_token_texts, server, event.logprobs)
-            logprobs = _chat_logprobs(event.logprobs, texts)
+    async for event, texts in _said(server, generation, completion):
+        logprobs = _chat_logprobs(event.logprobs, texts) if event.logprobs else None
         yield chunk(
             [
                 ChunkChoice(
@@ -549,14 +560,10 @@ async def _completion_chunks(
 
     completion = [0] * generation.n
     offsets = [0] * generation.n
-    async for event in generation.events():
+    async for event, texts in _said(server, generation, completion):
         i = event.index
-        completion[i] = event.completion_tokens
-        if not (event.text or event.finish_reason or event.logprobs):
-            continue
         logprobs = None
         if event.logprobs:
-            texts = await run_in_threadpool(_token_texts, server, event.logprobs)
             logprobs = _completion_logprobs(event.logprobs, texts, offsets[i])
         offsets[i] += len(event.text)
         yield chunk(
