@@ -355,19 +355,21 @@ class JobRun:
             p.metrics["steps_per_second"] = ev.step / ev.elapsed
         done = ev.step >= ev.total_steps
         if ev.step % p.log_every == 0 or done:
+            data = {
+                "step": ev.step,
+                "total_steps": ev.total_steps,
+                "epoch": ev.epoch,
+                "train_loss": ev.train_loss,
+                "step_loss": ev.step_loss,
+                "lr": ev.lr,
+                "trained_tokens": ev.trained_tokens,
+                **self._task_metrics(ev),
+            }
+            # The message shows the event's own train_loss (a chat job's is the step's).
             self._event(
-                f"Step {ev.step}/{ev.total_steps}: training loss={ev.train_loss:.4f}",
+                f"Step {ev.step}/{ev.total_steps}: training loss={data['train_loss']:.4f}",
                 type="metrics",
-                data={
-                    "step": ev.step,
-                    "total_steps": ev.total_steps,
-                    "epoch": ev.epoch,
-                    "train_loss": ev.train_loss,
-                    "step_loss": ev.step_loss,
-                    "lr": ev.lr,
-                    "trained_tokens": ev.trained_tokens,
-                    **self._task_metrics(ev),
-                },
+                data=data,
             )
         now = time.monotonic()
         if ev.step == 1 or done or now - p.last_log >= LOG_INTERVAL_S:

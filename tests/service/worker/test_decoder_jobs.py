@@ -127,8 +127,13 @@ def test_chat_sft_then_dpo_with_the_sft_adapter_as_reference(
     events = metrics_events(client, auth, job["id"])
     steps = [e for e in events if "lr" in e]  # a step's event (validation's has no lr)
     assert [e["step"] for e in steps] == [1, 2, 3]  # 12 rows, batches of 4
-    # OpenAI's names: train_loss is the step's loss, as in OpenAI's events.
+    # OpenAI's names: train_loss is the step's loss, as in OpenAI's events; so is the loss
+    # each event's message shows.
     assert all(e["train_loss"] == e["step_loss"] for e in steps)
+    page = client.get(f"{JOBS}/{job['id']}/events?order=asc&limit=100", headers=auth).json()
+    messages = [e["message"] for e in page["data"] if e["type"] == "metrics"]
+    shown = [m for m in messages if m.startswith("Step ")]
+    assert shown == [f"Step {e['step']}/3: training loss={e['train_loss']:.4f}" for e in steps]
     assert all(0 <= e["train_mean_token_accuracy"] <= 1 for e in steps)
     (valid,) = [e for e in events if "val_loss" in e]
     assert valid["valid_loss"] == valid["full_valid_loss"] == valid["val_loss"] > 0
