@@ -241,8 +241,18 @@ def forward(
     return _rms_norm(h[:, n_prefix:], weights.norm, c.rms_norm_eps)
 
 
+# Up to this many rows, logits come from ``lm_head @ hiddenᵀ``: with the [vocab, hidden]
+# matrix as the GEMM's left operand MKL does not repack it on every call. SmolLM2's 49152 x 576
+# head on 2 cores: 30 vs 69 ms at 8 rows, 83 vs 125 ms at 32, equal at 1; the same dot products.
+_FEW_ROWS = 64
+
+
 def logits(weights: DecoderWeights, hidden: Tensor) -> Tensor:
     """Next-token logits ``[..., vocab]`` from :func:`forward`'s hidden states."""
+    rows = hidden.shape[:-1].numel()
+    if 1 < rows <= _FEW_ROWS:
+        flat = hidden.reshape(rows, hidden.shape[-1])
+        return torch.mm(weights.lm_head, flat.t()).t().reshape(*hidden.shape[:-1], -1)
     return F.linear(hidden, weights.lm_head)
 
 
