@@ -4,9 +4,9 @@ OpenAI's shapes (so the official SDKs work unchanged). Fields loraplex does not 
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 
 MAX_MESSAGES = 256
 MAX_CONTENT_CHARS = 100_000
@@ -14,8 +14,29 @@ MAX_STOP = 4
 MAX_STOP_CHARS = 64
 MAX_N = 16
 
+
+def _check_stop(value: Any) -> Any:
+    """``stop`` checked as one field: as a union of a string and a list, pydantic would report
+    a bad list against the string member first ("stop.constrained-str: Input should be a valid
+    string"), naming neither the field nor the problem."""
+    if value is None:
+        return None
+    strings = [value] if isinstance(value, str) else value
+    if not isinstance(strings, list) or not all(isinstance(s, str) for s in strings):
+        raise ValueError("must be a string or a list of strings")
+    if len(strings) > MAX_STOP:
+        raise ValueError(f"at most {MAX_STOP} stop strings")
+    if any(not 1 <= len(s) <= MAX_STOP_CHARS for s in strings):
+        raise ValueError(f"each stop string needs 1 to {MAX_STOP_CHARS} characters")
+    return value
+
+
+# The bounds are also in the types, so the OpenAPI document shows them.
 StopString = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]
-Stop = StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None
+Stop = Annotated[
+    StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None,
+    BeforeValidator(_check_stop),
+]
 
 MODEL = (
     "A decoder base id (`GET /v1/models`) or the name of one of your chat or DPO adapters "

@@ -495,3 +495,25 @@ def test_streamed_logprobs_equal_the_whole_response_s(server: Server) -> None:
     assert [t for p in pieces for t in p.tokens or []] == expected.tokens
     assert [v for p in pieces for v in p.token_logprobs or []] == expected.token_logprobs
     assert [o for p in pieces for o in p.text_offset or []] == expected.text_offset
+
+
+@pytest.mark.parametrize(
+    ("stop", "says"),
+    [
+        (["a"] * 5, "at most 4 stop strings"),
+        ("a" * 65, "each stop string needs 1 to 64 characters"),
+        ([3], "must be a string or a list of strings"),
+    ],
+)
+def test_a_bad_stop_is_422_naming_stop_and_the_problem(
+    server: Server, stop: object, says: str
+) -> None:
+    body = {"model": DEFAULT_DECODER_NAME, "prompt": "Paris is", "max_tokens": 2, "stop": stop}
+    resp = httpx.post(
+        f"{server.url}/v1/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {server.key}"},
+    )
+    assert resp.status_code == 422, resp.text
+    error = resp.json()["error"]
+    assert error["param"] == "stop" and says in error["message"]
