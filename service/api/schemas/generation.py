@@ -6,7 +6,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StringConstraints,
+    Tag,
+)
 
 MAX_MESSAGES = 256
 MAX_CONTENT_CHARS = 100_000
@@ -52,13 +60,26 @@ class TextPart(BaseModel):
     )
 
 
+def _content_shape(value: Any) -> str | None:
+    if isinstance(value, str):
+        return "text"
+    return "parts" if isinstance(value, list) else None
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
     role: Literal["system", "user", "assistant"] = Field(description="Who says it.")
-    content: (
-        Annotated[str, StringConstraints(max_length=MAX_CONTENT_CHARS)]
-        | Annotated[list[TextPart], Field(max_length=64)]
-    ) = Field(description="The message's text, or its text parts.")
+    # Tagged by the value's own type, so an error names the shape that was sent (a plain union
+    # reported a list's bad part as "content.constrained-str: Input should be a valid string").
+    content: Annotated[
+        Annotated[str, StringConstraints(max_length=MAX_CONTENT_CHARS), Tag("text")]
+        | Annotated[list[TextPart], Field(max_length=64), Tag("parts")],
+        Discriminator(
+            _content_shape,
+            custom_error_type="invalid_type",
+            custom_error_message="Input should be a string or a list of text parts",
+        ),
+    ] = Field(description="The message's text, or its text parts.")
     name: str | None = Field(None, max_length=64, description="Accepted and not used.")
 
     def text(self) -> str:

@@ -517,3 +517,29 @@ def test_a_bad_stop_is_422_naming_stop_and_the_problem(
     assert resp.status_code == 422, resp.text
     error = resp.json()["error"]
     assert error["param"] == "stop" and says in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("content", "param", "says"),
+    [
+        (
+            [{"type": "image_url", "image_url": {"url": "x"}}],
+            "messages.0.content.parts.0.type",
+            "'text'",
+        ),
+        (5, "messages.0.content", "a string or a list of text parts"),
+        ("a" * 100_001, "messages.0.content.text", "at most 100000 characters"),
+    ],
+)
+def test_a_bad_message_content_is_422_naming_the_shape_sent(
+    server: Server, content: object, param: str, says: str
+) -> None:
+    body = {"model": DEFAULT_DECODER_NAME, "messages": [{"role": "user", "content": content}]}
+    resp = httpx.post(
+        f"{server.url}/v1/chat/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {server.key}"},
+    )
+    assert resp.status_code == 422, resp.text
+    error = resp.json()["error"]
+    assert error["param"] == param and says in error["message"]
