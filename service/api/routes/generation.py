@@ -439,7 +439,10 @@ async def chat_completions(
     if reward is not None:
         # Scored against the last user turn, as the reward model was trained on prompts.
         asked = next((m.text() for m in reversed(body.messages) if m.role == "user"), None)
-        scores = await _scorer(request, server).score(reward, asked, done.texts)
+        # A client gone meanwhile takes its candidates' rows out of the scorer's queue.
+        scores = await unless_disconnected(
+            request, _scorer(request, server).score(reward, asked, done.texts)
+        )
         for choice, score in zip(choices, scores, strict=True):
             choice.reward = score
         choices.sort(key=lambda c: -(c.reward or 0.0))
