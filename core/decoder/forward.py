@@ -271,7 +271,20 @@ def _attention_mask(key_real: Tensor, past: int, seq: int) -> Tensor:
 
 def _linear(hooks: LinearHooks, i: int, target: str, layer: _Layer, x: Tensor) -> Tensor:
     weight, bias = layer.linears[target]
-    return hooks.linear(i, target, x, F.linear(x, hooks.weight(i, target, weight), bias))
+    return hooks.linear(i, target, x, _project(x, hooks.weight(i, target, weight), bias))
+
+
+def _project(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``F.linear``; a decode step's few rows (without autograd) as ``weight @ xᵀ``, which
+    MKL runs without repacking the weight (see ``_FEW_ROWS``). SmolLM2's 1536 x 576 linears,
+    40 of them out of cache on 2 cores: 44 -> 29 ms at 8 rows, 83 -> 65 ms at 32."""
+    rows = x.shape[:-1].numel()
+    if not 1 < rows <= _FEW_ROWS or torch.is_grad_enabled():
+        return F.linear(x, weight, bias)
+    y = torch.mm(weight, x.reshape(rows, x.shape[-1]).t()).t().contiguous()
+    if bias is not None:
+        y += bias
+    return y.view(*x.shape[:-1], -1)
 
 
 def _attention(
