@@ -88,6 +88,9 @@ class GenerationServer:
         self._lock = threading.Lock()  # guards _sinks and _weights
         self._sinks: dict[int, tuple[asyncio.AbstractEventLoop, Generation]] = {}
         self._weights: OrderedDict[AdapterKey, LoraWeights] = OrderedDict()
+        # Every key whose weights were handed out, by (tenant, name): the bank may still hold
+        # one that _weights has dropped, and forget() must reach it too.
+        self._issued: dict[tuple[str, str], set[AdapterKey]] = {}
         self._stopping = threading.Event()
         self._thread = threading.Thread(
             target=self._own, name=f"generation:{base.name}", daemon=True
@@ -173,6 +176,7 @@ class GenerationServer:
         weights = LoraWeights(key, pairs, float(method.config.scaling))
         with self._lock:
             self._weights[key] = weights
+            self._issued.setdefault(key[:2], set()).add(key)
             while len(self._weights) > WEIGHTS_CACHE_ENTRIES:
                 self._weights.popitem(last=False)
         return weights
@@ -216,9 +220,9 @@ class GenerationServer:
     def forget(self, tenant_id: str, name: str) -> None:
         """An adapter was deleted or replaced: drop its weights and free its bank slot."""
         with self._lock:
-            keys = [k for k in self._weights if k[:2] == (tenant_id, name)]
+            keys = self._issued.pop((tenant_id, name), set())
             for key in keys:
-                del self._weights[key]
+                self._weights.pop(key, None)
         for key in keys:
             self.scheduler.invalidate_adapter(key)
 

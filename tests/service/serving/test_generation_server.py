@@ -4,6 +4,7 @@ delivered onto the event loop, and a cancelled request's slot given back."""
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import pytest
@@ -84,3 +85,40 @@ def test_events_arrive_and_a_cancel_frees_the_slot(decoder: DecoderBase) -> None
         server.stop()
     assert tokens == 3  # the short request ran to its end once the long one was cancelled
     assert server.scheduler.running == 0 and server.scheduler.free_slots == 1
+
+
+def test_a_deleted_adapter_leaves_the_bank_even_once_its_weights_left_the_cache(
+    decoder: DecoderBase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The weights cache keeps the last few adapters read; the bank may hold more. Deleting an
+    adapter whose weights the cache has already dropped must still free its bank slot."""
+    from core.adapter import Adapter
+    from core.heads import HeadConfig
+    from core.methods import parse_method_config
+    from core.methods.lora.model import LoraModel
+    from service.serving import generation
+
+    config = parse_method_config("lora", {"r": 2, "target_modules": ["q_proj"]}, "decoder")
+    adapter = Adapter.from_method(LoraModel(config, decoder), HeadConfig(task="chat"), 1, {})
+    scheduler = Scheduler(decoder.weights, decoder.tokenizer, num_slots=1, capacity=64)
+    server = GenerationServer(decoder, scheduler, lambda key: adapter)
+    monkeypatch.setattr(generation, "WEIGHTS_CACHE_ENTRIES", 0)  # read, used, then dropped
+    key = ("tenant", "chat", 1)
+    server.start()
+
+    async def run() -> None:
+        weights = server.lora_weights(key)
+        params = SamplingParams(max_tokens=2, temperature=0.0)
+        async for _ in server.submit(GenerationRequest([5, 6], params, weights), "p").events():
+            pass
+
+    try:
+        asyncio.run(run())
+        assert scheduler.adapters.resident_keys() == [key]  # in the bank, not in the cache
+        server.forget("tenant", "chat")
+        deadline = time.monotonic() + 10  # the owner thread applies it at its next step
+        while scheduler.adapters.resident_keys() and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        server.stop()
+    assert scheduler.adapters.resident_keys() == []
