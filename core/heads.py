@@ -27,6 +27,13 @@ def task_base_kind(task: str) -> BaseKind:
     return "decoder" if task in LANGUAGE_MODEL_TASKS else "encoder"
 
 
+def head_base_kind(task: str, pooling: str) -> BaseKind:
+    """The kind of base a head of ``task`` pooling by ``pooling`` runs on: a last-token head
+    is a decoder's. :attr:`HeadConfig.base_kind`, callable on a stored head's two fields
+    without validating the rest (the request path reads it per request)."""
+    return "decoder" if pooling == "last_token" else task_base_kind(task)
+
+
 class HeadConfig(BaseModel):
     """Saved with the adapter: what the head predicts and how inputs are encoded."""
 
@@ -68,7 +75,7 @@ class HeadConfig(BaseModel):
     @property
     def base_kind(self) -> BaseKind:
         """The kind of base this head's adapter trains on and is served by."""
-        return "decoder" if self.pooling == "last_token" else task_base_kind(self.task)
+        return head_base_kind(self.task, self.pooling)
 
     def window(self, base_window: int) -> int:
         """Tokens per input served: the trained length, or ``base_window`` (the base's limit

@@ -68,7 +68,7 @@ def _ref(tenant_id: str, name: str, row: Row[Any]) -> AdapterRef | None:
     if row.adapter_id is None:
         return None
     head = (row.config or {}).get("head", {})
-    kind = _base_kind(row.config)
+    kind = _base_kind(row.task, head)
     return AdapterRef(
         id=row.adapter_id,
         key=(tenant_id, name, row.version),
@@ -94,12 +94,17 @@ def _reserved_positions(config: dict[str, Any], kind: str) -> int:
     return parse_method_config(method.pop("type"), method, kind).reserved_positions
 
 
-def _base_kind(config: dict[str, Any]) -> str:
+def _base_kind(task: str, head: dict[str, Any]) -> str:
     """The kind of base the adapter runs on, as its head says (a last-token head is a
-    decoder's): not its task, since a reward model or classifier trains on either base."""
-    from core.heads import HeadConfig
+    decoder's): not its task alone, since a reward model or classifier trains on either base.
 
-    return HeadConfig(**config["head"]).base_kind
+    Read from the two fields that decide it, not by validating the whole stored head: the
+    request path must not fail on a head this release would refuse (a field added or
+    tightened since it was saved); loading the adapter validates it, where a bad one is the
+    loader's error, not an uncaught one on every lookup."""
+    from core.heads import head_base_kind
+
+    return head_base_kind(task, str(head.get("pooling", "base")))
 
 
 # The request path's two queries are built once, with bound parameters: building and
