@@ -167,7 +167,8 @@ class GroupedLoraHooks:
     per decode step, on top of the bare step's 540 MB of weights. Here each distinct adapter is
     copied once, into ``gathered``, which the caller keeps and hands back while the same set of
     adapters runs (the bank slots of running sequences are pinned, so their contents cannot
-    change meanwhile; any bank write starts a new set): steady decoding copies no weights.
+    change meanwhile; any bank write starts a new set): steady decoding copies no weights. The
+    price: the running adapters' pairs are held twice (at most the bank's size again).
     A dense ``x [B, in] @ A_all [in, U·r]`` with a one-hot row mask was measured too: its
     multiply-adds grow with U·B (5 GFLOP per step at B=U=32, as much as the base's), slower.
     """
