@@ -46,12 +46,18 @@ def reviews(full: bool, tag: str, download: bool = True) -> tuple[list[dict[str,
     return fixture_reviews(), "fixture"
 
 
+def _status_kib(field: str) -> int:
+    """A ``/proc/self/status`` memory field in KiB; 0 where it is not reported."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    return 0
+
+
 def rss_mib() -> float:
     """This process's resident memory now (VmRSS), in MiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    kib = _status_kib("VmRSS")
+    return kib / 1024 if kib else float("nan")
 
 
 def peak_rss_mib() -> float:
@@ -69,9 +75,14 @@ def reset_peak_rss() -> bool:
     return True
 
 
-def peak_rss_since_reset_mib() -> float:
-    """This process's peak resident memory (``VmHWM``) since :func:`reset_peak_rss`, in MiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return peak_rss_mib()
+def peak_rss_since_reset_mib(was_reset: bool) -> tuple[float, str]:
+    """The peak resident memory since :func:`reset_peak_rss` (``VmHWM``), in MiB, and what it
+    covers: ``"phase"``; or ``"process"``, the process's lifetime peak (``ru_maxrss``,
+    earlier phases included), where the reset was refused (``was_reset`` False) or the kernel
+    does not report VmHWM (0 in some sandboxes). Never below the RSS now: a peak is at least
+    what is resident."""
+    rss = _status_kib("VmRSS") / 1024
+    hwm = _status_kib("VmHWM") / 1024
+    if was_reset and hwm > 0:
+        return max(hwm, rss), "phase"
+    return max(peak_rss_mib(), rss), "process"
