@@ -85,6 +85,7 @@ class GenerationServer:
         self.load_adapter = load_adapter
         # Request threads' tokenizer (one at a time); the owner thread has the scheduler's.
         self._tokenizer_lock = threading.Lock()
+        self._max_token_chars = max_token_chars(base.tokenizer)
         self._lock = threading.Lock()  # guards _sinks and _weights
         self._sinks: dict[int, tuple[asyncio.AbstractEventLoop, Generation]] = {}
         self._weights: OrderedDict[AdapterKey, LoraWeights] = OrderedDict()
@@ -113,8 +114,11 @@ class GenerationServer:
 
     # --- request threads ------------------------------------------------------------------
 
-    def encode_chat(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
-        """The prompt ids of a conversation, rendered with the base's chat template."""
+    def encode_chat(
+        self, messages: Sequence[Mapping[str, str]], param: str = "messages"
+    ) -> list[int]:
+        """The prompt ids of a conversation, rendered with the base's chat template; refused
+        (400 naming ``param``) untokenized where its text cannot fit in the context."""
         if self.base.chat_template is None:
             raise ServiceError(
                 f"{self.name} has no chat template; use /v1/completions with a prompt",
@@ -122,6 +126,8 @@ class GenerationServer:
                 param="messages",
                 kind=ErrorKind.UNSUPPORTED,
             )
+        # The rendered prompt holds every message's content, so at least these characters.
+        self._check_fits(sum(len(m["content"]) for m in messages), param)
         with self._tokenizer_lock:
             ids = self.base.tokenizer.apply_chat_template(
                 list(messages),
@@ -131,9 +137,29 @@ class GenerationServer:
             )
         return list(ids)
 
-    def encode_text(self, text: str) -> list[int]:
+    def encode_text(self, text: str, param: str = "prompt") -> list[int]:
+        """The ids of ``text``; refused (400 naming ``param``) untokenized where it cannot fit
+        in the context."""
+        self._check_fits(len(text), param)
         with self._tokenizer_lock:
             return list(self.base.tokenizer.encode(text))
+
+    def _check_fits(self, chars: int, param: str) -> None:
+        """Refuse a text of ``chars`` characters that is more tokens than the context holds
+        (each token stands for at most ``_max_token_chars`` of them) before tokenizing it: a
+        prompt may be 1 MiB, and tokenizing it whole holds the one tokenizer lock every
+        request thread waits on (0.65 s for 1 MiB of SmolLM2 prompt, 2 shared cores). Where
+        no such bound is known, the scheduler refuses it after tokenizing (:meth:`submit`)."""
+        limit = self.context_length
+        if self._max_token_chars is not None and chars > limit * self._max_token_chars:
+            raise ServiceError(
+                f"this model's maximum context length is {limit} tokens; the prompt's {chars} "
+                f"characters are more tokens than that (a token is at most "
+                f"{self._max_token_chars} characters)",
+                code="context_length_exceeded",
+                param=param,
+                kind=ErrorKind.UNSUPPORTED,
+            )
 
     def token_texts(self, ids: Sequence[int]) -> list[str]:
         """Each token's own text (logprobs name tokens this way)."""
@@ -253,6 +279,33 @@ class GenerationServer:
                     loop.call_soon_threadsafe(generation.queue.put_nowait, batch)
                 except RuntimeError:  # the loop is closed (shutdown)
                     self._sinks.pop(request_id, None)
+
+
+def max_token_chars(tokenizer: Any) -> int | None:
+    """The most characters of input one token of ``tokenizer`` can stand for, or None where
+    no bound holds.
+
+    A byte-level BPE token's vocabulary string has one character per byte it stands for, and
+    a byte is at most one character of input; an added token is matched literally. So its
+    longest vocabulary entry bounds it, if nothing rewrites the input first (a normalizer may
+    merge characters) and no unknown-token fuses a run of characters into one (never with
+    byte-level pre-tokenization: every byte is in the vocabulary).
+    """
+    from tokenizers import normalizers, pre_tokenizers
+    from tokenizers.models import BPE
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not isinstance(backend.model, BPE):
+        return None
+    normalizer = backend.normalizer
+    if normalizer is not None and not (
+        isinstance(normalizer, normalizers.Sequence) and len(normalizer) == 0
+    ):
+        return None
+    byte_level = isinstance(backend.pre_tokenizer, pre_tokenizers.ByteLevel)
+    if backend.model.fuse_unk and not byte_level:
+        return None
+    return max(len(token) for token in tokenizer.get_vocab())
 
 
 def _cannot_generate(message: str, param: str) -> ServiceError:

@@ -350,7 +350,9 @@ async def chat_replies(
     and so does a client that disconnects."""
     from core.generation.sampling import SamplingParams
 
-    prompts = await run_in_threadpool(lambda: [server.encode_chat(c) for c in conversations])
+    prompts = await run_in_threadpool(
+        lambda: [server.encode_chat(c, f"{param}.{i}") for i, c in enumerate(conversations)]
+    )
     generations: list[Generation] = []
 
     async def collect_all() -> list[_Collected]:

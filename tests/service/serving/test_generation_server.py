@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -122,3 +123,31 @@ def test_a_deleted_adapter_leaves_the_bank_even_once_its_weights_left_the_cache(
     finally:
         server.stop()
     assert scheduler.adapters.resident_keys() == []
+
+
+def test_a_prompt_longer_than_the_context_can_hold_is_refused_before_tokenizing(
+    decoder: DecoderBase,
+) -> None:
+    """A byte-level token stands for at most its vocabulary entry's characters (13 here), so
+    a prompt of more than 64 x 13 characters cannot fit in 64 tokens: refused naming the
+    limit without tokenizing it (1 MiB held the tokenizer lock for seconds). One character
+    less is tokenized, and the scheduler's own check refuses it."""
+    from service.serving.generation import max_token_chars
+
+    server = make_server(decoder)
+    per_token = max_token_chars(decoder.tokenizer)
+    assert per_token == max(len(t) for t in decoder.tokenizer.get_vocab()) == 13
+    bound = server.context_length * per_token
+    encoders: list[tuple[Callable[[str, str], object], str]] = [
+        (server.encode_text, "prompt"),
+        (lambda text, p: server.encode_chat([{"role": "user", "content": text}], p), "messages.0"),
+    ]
+    for encode, param in encoders:
+        for text in ("x" * (bound + 1), "x" * (1 << 20)):
+            with pytest.raises(ServiceError) as long:
+                encode(text, param)
+            assert (long.value.code, long.value.param) == ("context_length_exceeded", param)
+            assert "maximum context length is 64 tokens" in long.value.message
+            assert f"the prompt's {len(text)} characters" in long.value.message
+    assert len(server.encode_text("x" * bound)) > server.context_length  # not refused early
+    assert server.encode_text("hello") == list(decoder.tokenizer.encode("hello"))
