@@ -144,9 +144,19 @@ def check_servable(adapter: Adapter, base: FrozenBase | DecoderBase) -> None:
         )
 
 
+# Tokens in the decoder probe row: as many as a short sentence.
+PROBE_TOKENS = 8
+
+
 def _decoder_probe(adapter: Adapter, base: DecoderBase) -> Tensor:
-    """The adapter's output on a decoder base for one probe text: logits, or its head's."""
-    ids = torch.tensor([base.tokenizer("a probe sentence")["input_ids"]], device=base.device)
+    """The adapter's output on a decoder base for one probe row: logits, or its head's.
+
+    The row is fixed token ids spread over the vocabulary, not a tokenized text: the base's
+    tokenizer is shared by the request threads under GenerationServer's lock, and an
+    import (a request thread of its own) would use it unlocked; a fast tokenizer is not safe
+    from two threads at once."""
+    vocab = base.config.vocab_size
+    ids = torch.arange(PROBE_TOKENS, device=base.device).mul_(vocab // PROBE_TOKENS)[None]
     mask = torch.ones_like(ids)
     if adapter.head.task in LANGUAGE_MODEL_TASKS:
         method = adapter.load_method(base)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import peft
@@ -14,7 +15,7 @@ from core.decoder.base import DecoderBase
 from core.decoder.forward import forward, logits
 from core.errors import AdapterFormatError
 from core.heads import HeadConfig
-from core.io.peft import CONFIG_FILE, WEIGHTS_FILE, export_peft, import_peft
+from core.io.peft import CONFIG_FILE, WEIGHTS_FILE, check_servable, export_peft, import_peft
 from core.io.serialization import tensors_from_bytes, tensors_to_bytes
 from core.methods import parse_method_config
 from core.methods.lora.model import lora_key
@@ -100,3 +101,34 @@ def test_foreign_or_misdescribed_weights_are_refused(tiny_decoder: DecoderBase) 
     with pytest.raises(AdapterFormatError, match="shape"):
         wide = {k: torch.zeros(2, n_in + 1) if "lora_A" in k else v for k, v in good.items()}
         import_peft({CONFIG_FILE: cfg, WEIGHTS_FILE: tensors_to_bytes(wide)}, tiny_decoder)
+
+
+def test_the_servable_check_probes_a_decoder_without_its_tokenizer(
+    tiny_decoder: DecoderBase,
+) -> None:
+    """Request threads share the base's tokenizer under GenerationServer's lock: the import's
+    probe must not use it (here there is none), and still refuses outputs that overflow."""
+    no_tokenizer = dataclasses.replace(tiny_decoder, tokenizer=None)
+    gen = torch.Generator().manual_seed(2)
+    for alpha, servable in ((4.0, True), (1e38, False)):
+        method = parse_method_config(
+            "lora", {"r": 2, "alpha": alpha, "target_modules": ["q_proj"]}, "decoder"
+        )
+        state = {}
+        for layer in range(tiny_decoder.num_layers):
+            n_in, n_out = tiny_decoder.config.linear_shape("q_proj")
+            state[lora_key(layer, "q_proj", "A")] = torch.randn(2, n_in, generator=gen)
+            state[lora_key(layer, "q_proj", "B")] = torch.randn(n_out, 2, generator=gen)
+        adapter = Adapter(
+            method=method,
+            head=HeadConfig(task="chat"),
+            method_state=state,
+            head_state={},
+            base_name=tiny_decoder.name,
+            base_fingerprint=tiny_decoder.fingerprint,
+        )
+        if servable:
+            check_servable(adapter, no_tokenizer)
+        else:
+            with pytest.raises(AdapterFormatError, match="not finite"):
+                check_servable(adapter, no_tokenizer)
