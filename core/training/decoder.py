@@ -138,9 +138,7 @@ class DecoderTrainer(Trainer):
             train, val = split_validation(train, cfg.validation_fraction, cfg.seed)
             self.held_out_examples = len(val)
         self.split_rows = 0
-        # Prompt tuning's virtual tokens take positions too: real text gets what is left.
-        reserved = int(getattr(self.method_config, "reserved_positions", 0))
-        self.max_length = min(cfg.resolved_max_seq_length(task), self.base.max_length - reserved)
+        self.max_length = self._row_length(task)
         tok, template = self.base.tokenizer, self.base.chat_template
         self.train_data = encode_decoder(train, tok, template, self.max_length, "training")
         self.val_data = (

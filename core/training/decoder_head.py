@@ -147,10 +147,7 @@ class DecoderHeadTrainer(Trainer):
         self.head_config = inputs.head
         self.held_out_examples = inputs.held_out
         self.split_rows = inputs.split_rows
-        # Prompt tuning's virtual tokens take positions too: real text gets what is left.
-        reserved = int(getattr(self.method_config, "reserved_positions", 0))
-        wanted = cfg.resolved_max_seq_length(self.head_config.task)
-        self.max_length = min(wanted, self.base.max_length - reserved)
+        self.max_length = self._row_length(self.head_config.task)
         labels = self.head_config.label_names
         self.train_data = encode_decoder_rows(
             inputs.train, self.base, self.max_length, labels, cfg.margin

@@ -176,6 +176,13 @@ class Trainer:
 
     # --- the task's parts (a decoder's trainer overrides these) -------------------------------
 
+    def _row_length(self, task: str) -> int:
+        """Tokens per row of ``task``: its ``max_seq_length`` within the base's window, less
+        the positions prompt tuning's virtual tokens take (real text gets what is left)."""
+        reserved = int(getattr(self.method_config, "reserved_positions", 0))
+        wanted = self.config.resolved_max_seq_length(task)
+        return min(wanted, self.base.max_length - reserved)
+
     def _prepare_data(self) -> None:
         """Check and tokenize the rows: sets ``head_config``, ``held_out_examples``,
         ``split_rows``, ``max_length``, ``train_data`` and ``val_data``."""
@@ -188,10 +195,7 @@ class Trainer:
         self.held_out_examples = inputs.held_out
         self.split_rows = inputs.split_rows
 
-        # Prompt tuning's virtual tokens take positions too: real text gets what is left.
-        reserved = int(getattr(self.method_config, "reserved_positions", 0))
-        wanted = cfg.resolved_max_seq_length(self.head_config.task)
-        self.max_length = min(wanted, self.base.max_length - reserved)
+        self.max_length = self._row_length(self.head_config.task)
         tok, labels = self.base.tokenizer, self.head_config.label_names
         self.train_data = encode(inputs.train, tok, self.max_length, labels, cfg.margin)
         self.val_data = (

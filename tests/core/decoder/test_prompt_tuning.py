@@ -11,6 +11,7 @@ from transformers import LlamaForCausalLM
 from core.decoder.base import DecoderBase
 from core.decoder.forward import forward, left_pad, logits
 from core.training.decoder import DecoderTrainer
+from core.training.decoder_head import DecoderHeadTrainer
 from tests.core.decoder.test_training import CHAT_CFG, chat_rows
 
 PROMPT = {"type": "prompt_tuning", "n_virtual_tokens": 4}
@@ -56,3 +57,18 @@ def test_chat_sft_trains_only_the_prompt_embeddings(tiny_decoder: DecoderBase) -
     assert all(torch.equal(v, base_before[k]) for k, v in tiny_decoder.state_dict.items())
     # The virtual tokens take positions: real text gets the base's window less theirs.
     assert trainer.max_length <= tiny_decoder.max_length - 4
+
+
+def test_every_decoder_trainer_gives_real_text_the_window_less_the_virtual_tokens(
+    tiny_decoder: DecoderBase,
+) -> None:
+    """Asked for more than the base's window, chat SFT and a reward head both train rows of
+    the window less prompt tuning's 4 positions (Trainer._row_length, one rule for both)."""
+    cfg = {**CHAT_CFG, "max_seq_length": 1000, "validation_fraction": 0}
+    pairs = [{"prompt": "p", "chosen": "yes", "rejected": "no"}] * 4
+    for trainer in (
+        DecoderTrainer(tiny_decoder, PROMPT, {"task": "chat"}, chat_rows(4), None, cfg),
+        DecoderHeadTrainer(tiny_decoder, PROMPT, {"task": "reward"}, pairs, None, cfg),
+    ):
+        trainer.setup()
+        assert trainer.max_length == tiny_decoder.max_length - 4 == 252
