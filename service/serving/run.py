@@ -144,11 +144,15 @@ async def infer(
     tenant's turn (:meth:`RequestTokenizer.rows_in_turn`), then computed by ``batcher``.
     Cancelled (its client gone), it queues nothing more, and the batcher drops its rows not
     yet in a batch."""
+    from core.errors import AdapterFormatError
+
     rows = await tokenizer.rows_in_turn(ref, items, truncate, param)
     try:
         results = await batcher.submit(rows, mode)
     except AdapterGone:
         raise not_found("adapter", str(rows[0].key[1]), "adapter") from None  # type: ignore[index]
+    except AdapterFormatError as e:
+        raise _unreadable(ref, e) from None
     except QueueFullError as e:
         raise unavailable(
             f"Too many queued requests ({e}); retry shortly.", "queue_full", RETRY_AFTER_S
@@ -157,6 +161,18 @@ async def infer(
         if not r.ok:
             raise _row_error(r.error, rows[0].key)
     return results
+
+
+def _unreadable(ref: AdapterRef, error: Exception) -> ServiceError:
+    """A stored adapter this release cannot load (its config refused, say one saved by a
+    release whose head fields differ): its state forbids serving it, not the request."""
+    return ServiceError(
+        f"adapter {ref.key[1]!r} is stored in a form this server cannot load ({error}); "
+        "train or upload it again",
+        code="adapter_unreadable",
+        param="adapter",
+        kind=ErrorKind.CONFLICT,
+    )
 
 
 def _row_error(error: Any, key: Any) -> ServiceError:

@@ -72,6 +72,25 @@ def test_inference_without_the_serving_hook_asks_to_retry(
         assert resp.headers["Retry-After"] == "5"
 
 
+def test_a_stored_adapter_this_server_cannot_load_is_named_not_a_500(
+    serving_client: TestClient, auth: Headers
+) -> None:
+    """A stored head config this release refuses (here: no task) is read on the request path
+    without validating it, and loading it answers 409 naming the adapter."""
+    state = app_state(serving_client.app)
+    base = state.require_base_model()
+    db = state.sessionmaker
+    with db() as session:
+        row = adapter_row(
+            tenant_id_by_name(db), "old", base_model=base.name, base_fingerprint=base.fingerprint
+        )
+        session.add(row)
+        session.commit()
+    resp = serving_client.post("/predict?adapter=old", json={"inputs": ["fine"]}, headers=auth)
+    assert_error(resp, 409, param="adapter", code="adapter_unreadable")
+    assert "'old'" in resp.json()["error"]["message"]
+
+
 def test_app_state_is_only_on_apps_create_app_built() -> None:
     with pytest.raises(TypeError, match="create_app"):
         app_state(FastAPI())
