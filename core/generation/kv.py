@@ -56,15 +56,11 @@ class SlotCache:
     def num_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
 
-    def slot_view(self, slot: int) -> KVCache:
-        """An empty batch-1 :class:`KVCache` whose tensors are views of ``slot``, so a prefill
-        through :func:`core.decoder.forward.forward` writes the prompt straight into the slot."""
-        return KVCache(
-            [k[slot : slot + 1] for k in self.keys], [v[slot : slot + 1] for v in self.values]
-        )
-
-    def copy_prefix(self, src: int, dst: int, length: int) -> None:
-        """Copy the first ``length`` tokens of ``src`` into ``dst`` (a shared prompt)."""
-        for k, v in zip(self.keys, self.values, strict=True):
-            k[dst, :, :length].copy_(k[src, :, :length])
-            v[dst, :, :length].copy_(v[src, :, :length])
+    def write_prefix(self, prefill: KVCache, slots: list[list[int]], lengths: list[int]) -> None:
+        """Copy row ``r`` of a batched prefill's cache, its first ``lengths[r]`` tokens, into
+        each slot of ``slots[r]`` (a request's candidates share its prompt)."""
+        for k, v, pk, pv in zip(self.keys, self.values, prefill.keys, prefill.values, strict=True):
+            for row, (dsts, length) in enumerate(zip(slots, lengths, strict=True)):
+                for dst in dsts:
+                    k[dst, :, :length].copy_(pk[row, :, :length])
+                    v[dst, :, :length].copy_(pv[row, :, :length])

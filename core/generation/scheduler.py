@@ -1,8 +1,9 @@
 """Continuous batching (vLLM / TGI style): sequences join and leave between decode steps.
 
 Each :meth:`Scheduler.step` frees the slots of cancelled sequences, admits waiting requests
-into free slots (one prefill per request; its ``n`` candidates share it by copying the
-prompt's keys and values), runs ONE decode step for every sequence that was already running,
+into free slots (all of a step's admissions prefilled in one right-padded forward pass,
+bounded by a token budget; a request's ``n`` candidates share its row by copying the prompt's
+keys and values), runs ONE decode step for every sequence that was already running,
 and retires the finished ones. A long generation only ever costs others one decode row, never
 their turn.
 
@@ -24,7 +25,7 @@ from typing import Any, Literal
 
 import torch
 
-from core.decoder.forward import DecoderWeights, forward, logits
+from core.decoder.forward import DecoderWeights, KVCache, forward, logits
 from core.errors import ConfigError, CoreError
 from core.generation.adapters import AdapterFull, AdapterSlots, LoraWeights
 from core.generation.decode import decode_step
@@ -208,30 +209,37 @@ class Scheduler:
         return events
 
     def _admit(self, events: list[SequenceEvent]) -> None:
-        budget = self.prefill_tokens_per_step
-        admitted = 0
+        """Take waiting requests (in order) while slots, adapters and the step's prefill budget
+        last, and prefill them all in one forward pass."""
+        admitted: list[tuple[int, GenerationRequest, int]] = []
+        longest = 0
+        slots_left = len(self._free)
         while True:
             with self._lock:
                 if not self._waiting:
-                    return
+                    break
                 request_id, request = self._waiting[0]
             n = request.params.n
-            # One prefill per step at least, however long; more while the token budget lasts.
-            if len(self._free) < n or (admitted and len(request.prompt_ids) > budget):
-                return
+            # The budget bounds the padded batch (rows x longest prompt): what the pass costs.
+            # One request per step at least, however long.
+            padded = (len(admitted) + 1) * max(longest, len(request.prompt_ids))
+            if slots_left < n or (admitted and padded > self.prefill_tokens_per_step):
+                break
             try:
                 adapter_slot = self._pin_adapter(request, n)
             except AdapterFull:
-                return  # waits (in order) until a running sequence releases its adapter
+                break  # waits (in order) until a running sequence releases its adapter
             except Exception as exc:  # a bad adapter fails its own request only
                 log.exception("request %d: adapter could not be loaded", request_id)
                 self._pop_waiting()
                 events.extend(SequenceEvent(request_id, j, error=str(exc)) for j in range(n))
                 continue
             self._pop_waiting()
-            self._prefill(request_id, request, adapter_slot, events)
-            budget -= len(request.prompt_ids)
-            admitted += 1
+            admitted.append((request_id, request, adapter_slot))
+            longest = max(longest, len(request.prompt_ids))
+            slots_left -= n
+        if admitted:
+            self._prefill(admitted, events)
 
     def _pop_waiting(self) -> None:
         with self._lock:
@@ -246,49 +254,69 @@ class Scheduler:
         return slot
 
     def _prefill(
-        self,
-        request_id: int,
-        request: GenerationRequest,
-        adapter_slot: int,
-        events: list[SequenceEvent],
+        self, admitted: list[tuple[int, GenerationRequest, int]], events: list[SequenceEvent]
     ) -> None:
-        params, prompt = request.params, request.prompt_ids
+        """One forward pass over the admitted prompts, right-padded to the longest.
+
+        Right padding keeps each row's real tokens at positions ``0..len-1`` under the plain
+        causal mask, which never lets a real token see the padding after it, so a row computes
+        what it would alone. The pass writes into a scratch cache; each row's real tokens are
+        copied into its slot, and a request's ``n`` candidates are one row copied into each
+        candidate's slot.
+        """
         device = self.weights.device
-        key = request.adapter.key if request.adapter is not None else None
-        seqs = [
-            _Sequence(
-                request_id=request_id,
-                index=j,
-                params=params,
-                slot=heapq.heappop(self._free),
-                adapter_key=key,
-                adapter_slot=adapter_slot,
-                generator=params.generator(j, device),
-                detok=IncrementalDetokenizer(self.tokenizer),
-                stops=StopStrings(params.stop),
-                length=len(prompt),
-            )
-            for j in range(params.n)
-        ]
-        for seq in seqs:
-            self._running[seq.slot] = seq
-        try:
-            hooks = self.adapters.hooks(torch.tensor([adapter_slot], device=device), keep=False)
-            ids = torch.tensor([prompt], device=device)
-            first = seqs[0].slot
-            hidden = forward(self.weights, ids, hooks=hooks, cache=self.cache.slot_view(first))
-            self.prefill_tokens += len(prompt)
-            for seq in seqs[1:]:  # the candidates share the prompt: computed once
-                self.cache.copy_prefix(first, seq.slot, len(prompt))
-            last = logits(self.weights, hidden[:, -1]).expand(len(seqs), -1)
-            tokens, lps = sample(last, [params] * len(seqs), [s.generator for s in seqs])
-        except Exception as exc:
-            log.exception("request %d: prefill failed", request_id)
+        rows: list[list[_Sequence]] = []
+        for request_id, request, adapter_slot in admitted:
+            params, prompt = request.params, request.prompt_ids
+            key = request.adapter.key if request.adapter is not None else None
+            seqs = [
+                _Sequence(
+                    request_id=request_id,
+                    index=j,
+                    params=params,
+                    slot=heapq.heappop(self._free),
+                    adapter_key=key,
+                    adapter_slot=adapter_slot,
+                    generator=params.generator(j, device),
+                    detok=IncrementalDetokenizer(self.tokenizer),
+                    stops=StopStrings(params.stop),
+                    length=len(prompt),
+                )
+                for j in range(params.n)
+            ]
             for seq in seqs:
-                self._retire(seq)
-                events.append(SequenceEvent(request_id, seq.index, error=str(exc)))
+                self._running[seq.slot] = seq
+            rows.append(seqs)
+        prompts = [request.prompt_ids for _, request, _ in admitted]
+        lengths = [len(p) for p in prompts]
+        longest = max(lengths)
+        try:
+            hooks = self.adapters.hooks(
+                torch.tensor([slot for _, _, slot in admitted], device=device), keep=False
+            )
+            ids = torch.tensor([p + [0] * (longest - len(p)) for p in prompts], device=device)
+            scratch = KVCache.allocate(self.weights, len(prompts), longest)
+            hidden = forward(self.weights, ids, hooks=hooks, cache=scratch)
+            self.prefill_tokens += sum(lengths)
+            self.cache.write_prefix(scratch, [[s.slot for s in seqs] for seqs in rows], lengths)
+            last = hidden[
+                torch.arange(len(prompts), device=device), torch.tensor(lengths, device=device) - 1
+            ]
+            flat = [s for seqs in rows for s in seqs]
+            repeats = torch.tensor([len(seqs) for seqs in rows], device=device)
+            tokens, lps = sample(
+                logits(self.weights, last).repeat_interleave(repeats, dim=0),
+                [s.params for s in flat],
+                [s.generator for s in flat],
+            )
+        except Exception as exc:
+            log.exception("prefill of %d requests failed", len(admitted))
+            for seqs in rows:
+                for seq in seqs:
+                    self._retire(seq)
+                    events.append(SequenceEvent(seq.request_id, seq.index, error=str(exc)))
             return
-        for seq, token, lp in zip(seqs, tokens, lps, strict=True):
+        for seq, token, lp in zip(flat, tokens, lps, strict=True):
             events.append(self._accept(seq, token, lp))
 
     def _decode(self, seqs: list[_Sequence], events: list[SequenceEvent]) -> None:

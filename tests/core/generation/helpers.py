@@ -52,6 +52,7 @@ def scheduler(
     max_waiting: int = 64,
     max_adapters: int = 8,
     stop_token_ids: tuple[int, ...] | None = None,
+    prefill_tokens_per_step: int = 2048,
 ) -> Scheduler:
     return Scheduler(
         base.weights,
@@ -61,6 +62,7 @@ def scheduler(
         stop_token_ids=base.stop_token_ids if stop_token_ids is None else stop_token_ids,
         max_waiting=max_waiting,
         max_adapters=max_adapters,
+        prefill_tokens_per_step=prefill_tokens_per_step,
     )
 
 

@@ -108,6 +108,44 @@ def test_sequences_joining_mid_flight_change_nothing(
     assert finished.index(late[0]) < finished.index(long_id)
 
 
+def test_prompts_of_different_lengths_prefilled_together_equal_each_alone(
+    tiny_decoder: DecoderBase, adapters: list[LoraWeights]
+) -> None:
+    prompts = random_rows(tiny_decoder.config.vocab_size, [3, 31, 12, 1, 17], seed=12)
+    which: list[LoraWeights | None] = [adapters[0], None, adapters[2], adapters[1], adapters[0]]
+    requests = [
+        GenerationRequest(p, greedy(16, n=2 if i == 2 else 1), a)
+        for i, (p, a) in enumerate(zip(prompts, which, strict=True))
+    ]
+    sched = scheduler(tiny_decoder)
+    ids = [sched.add(r) for r in requests]
+    out = Outputs()
+    out.take(sched.step())
+    # One step admitted all five in one padded pass: each prompt counted once, all running.
+    assert sched.prefill_tokens == sum(map(len, prompts))
+    assert sched.running == 6
+    while sched.running:
+        out.take(sched.step())
+    for rid, request in zip(ids, requests, strict=True):
+        (alone_id,), alone = run_all(scheduler(tiny_decoder), [request])
+        for j in range(request.params.n):
+            assert out.tokens[(rid, j)] == alone.tokens[(alone_id, j)]
+            assert out.text[(rid, j)] == alone.text[(alone_id, j)]
+
+
+def test_prefill_budget_bounds_the_padded_batch(tiny_decoder: DecoderBase) -> None:
+    prompts = random_rows(tiny_decoder.config.vocab_size, [20, 4, 30, 4], seed=13)
+    sched = scheduler(tiny_decoder, prefill_tokens_per_step=48)
+    for p in prompts:
+        sched.add(GenerationRequest(p, greedy(4)))
+    sched.step()
+    # 20 and 4 pad to 2 x 20 = 40 <= 48; with the 30 it would be 3 x 30 = 90.
+    assert (sched.running, sched.waiting) == (2, 2)
+    sched.step()
+    # The 30-token prompt alone exceeds nothing (one request a step at least); 2 x 30 = 60 > 48.
+    assert (sched.running, sched.waiting) == (3, 1)
+
+
 def test_n_candidates_share_one_prefill(tiny_decoder: DecoderBase) -> None:
     prompt = random_rows(tiny_decoder.config.vocab_size, [21], seed=8)[0]
     sched = scheduler(tiny_decoder)
