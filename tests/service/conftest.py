@@ -181,6 +181,14 @@ def other_auth(new_tenant: Callable[[str], Headers]) -> Headers:
     return new_tenant("other")
 
 
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Folder of the tiny random Llama (``tests.core.decoder.tiny_llama``), built once."""
+    from tests.core.decoder.tiny_llama import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
 @pytest.fixture
 def tiny_serving_settings(settings: Settings, tiny_model_dir: Path) -> Settings:
     """The test settings, serving the tiny random base on one thread, without a worker."""

@@ -21,7 +21,10 @@ from tests.ci import IN_CI
 from tests.postgres import DEFAULT_ADMIN_URL, scratch_database
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from core.base import FrozenBase
+    from core.decoder.base import DecoderBase
     from service.config import Settings
     from service.worker.job_run import JobRun
 
@@ -183,6 +186,42 @@ def store_adapter(
         session.add(row)
         session.commit()
         return row.version
+
+
+def default_auth(settings: Settings) -> Headers:
+    """The default tenant's key, read from the file the app wrote at its first start."""
+    return {"Authorization": f"Bearer {settings.default_key_path.read_text().strip()}"}
+
+
+def served_decoder(client: TestClient) -> DecoderBase:
+    """The decoder base the app's serving hook loaded."""
+    from service.state import app_state
+
+    decoder = app_state(client.app).require_bases().decoder
+    assert decoder is not None
+    return decoder
+
+
+def tiny_bases_settings(
+    settings: Settings, tiny_model_dir: Path, llama: Path, *names: str, **extra: Any
+) -> Settings:
+    """``settings`` with the tiny encoder and the tiny decoder configured, ``names`` loaded,
+    no worker, one torch thread; ``extra`` overrides any other field."""
+    from tests.core.decoder.tiny_llama import TINY_LLAMA_NAME
+    from tests.tiny_bert import TINY_NAME
+
+    return settings.model_copy(
+        update={
+            "base_model_path": tiny_model_dir,
+            "base_model_name": TINY_NAME,
+            "decoder_model_path": llama,
+            "decoder_model_name": TINY_LLAMA_NAME,
+            "bases": list(names),
+            "embedded_worker": False,
+            "torch_threads": 1,
+            **extra,
+        }
+    )
 
 
 def serve_base(*bases: Any) -> Any:

@@ -35,18 +35,19 @@ from service.main import create_app
 from service.serving.lifespan import serving
 from service.state import app_state
 from service.worker.embedded import settings_env
-from tests.core.decoder.tiny_llama import TINY_LLAMA_NAME, build_tiny_llama
+from tests.core.decoder.tiny_llama import TINY_LLAMA_NAME
 from tests.core.inference.helpers import lora
 from tests.e2e.server import free_port
 from tests.service.conftest import make_settings
 from tests.service.helpers import (
-    Headers,
     add_queued_job,
     assert_error,
     create_dataset,
+    default_auth,
     job_body,
     store_adapter,
     tenant_id_by_name,
+    tiny_bases_settings,
 )
 from tests.tiny_bert import TINY_NAME
 
@@ -55,30 +56,6 @@ CHAT_ROWS = [
     {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
     for q, a in [("hi", "hello"), ("2+2?", "4"), ("sky?", "blue"), ("bye", "goodbye")]
 ]
-
-
-@pytest.fixture(scope="module")
-def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
-
-
-def _settings(settings: Settings, tiny_model_dir: Path, llama: Path, *names: str) -> Settings:
-    """``settings`` with the tiny encoder and the tiny decoder configured, ``names`` loaded."""
-    return settings.model_copy(
-        update={
-            "base_model_path": tiny_model_dir,
-            "base_model_name": TINY_NAME,
-            "decoder_model_path": llama,
-            "decoder_model_name": TINY_LLAMA_NAME,
-            "bases": list(names),
-            "embedded_worker": False,
-            "torch_threads": 1,
-        }
-    )
-
-
-def _auth(settings: Settings) -> Headers:
-    return {"Authorization": f"Bearer {settings.default_key_path.read_text().strip()}"}
 
 
 def _chat_adapter(decoder: DecoderBase) -> Adapter:
@@ -103,7 +80,7 @@ def _chat_adapter(decoder: DecoderBase) -> Adapter:
 @pytest.fixture
 def both(settings: Settings, tiny_model_dir: Path, tiny_llama_dir: Path) -> Iterator[TestClient]:
     """The app with its real serving hook on the tiny encoder and the tiny decoder."""
-    both = _settings(settings, tiny_model_dir, tiny_llama_dir, TINY_NAME, TINY_LLAMA_NAME)
+    both = tiny_bases_settings(settings, tiny_model_dir, tiny_llama_dir, TINY_NAME, TINY_LLAMA_NAME)
     with TestClient(create_app(both, hooks=[serving])) as client:
         yield client
 
@@ -219,9 +196,9 @@ def test_both_bases_load_once_and_are_listed_with_their_kind(
     assert isinstance(bases.encoder, FrozenBase) and isinstance(bases.decoder, DecoderBase)
     assert state.require_base_model() is bases.encoder  # the encoder routes' base, as before
     assert state.require_base(TINY_LLAMA_NAME) is bases.decoder
-    assert_error(both.get("/v1/models/gpt-17", headers=_auth(settings)), 404)
+    assert_error(both.get("/v1/models/gpt-17", headers=default_auth(settings)), 404)
 
-    models = both.get("/v1/models", headers=_auth(settings)).json()["data"]
+    models = both.get("/v1/models", headers=default_auth(settings)).json()["data"]
     assert [(m["id"], m["kind"], m["base_kind"]) for m in models] == [
         (TINY_NAME, "base", "encoder"),
         (TINY_LLAMA_NAME, "base", "decoder"),
@@ -230,13 +207,15 @@ def test_both_bases_load_once_and_are_listed_with_their_kind(
     assert decoder["max_model_len"] == 256 and decoder["num_layers"] == 2
     assert decoder["hidden_size"] == 64 and decoder["num_params"] == bases.decoder.num_params
     assert decoder["fingerprint"] == bases.decoder.fingerprint and decoder["created"] > 0
-    assert both.get(f"/v1/models/{TINY_LLAMA_NAME}", headers=_auth(settings)).json() == decoder
+    assert (
+        both.get(f"/v1/models/{TINY_LLAMA_NAME}", headers=default_auth(settings)).json() == decoder
+    )
 
 
 def test_a_job_s_model_picks_its_base(
     both: TestClient, settings: Settings, tiny_model_dir: Path, tiny_llama_dir: Path
 ) -> None:
-    auth = _auth(settings)
+    auth = default_auth(settings)
     train = create_dataset(both, auth)
     chats = create_dataset(both, auth, CHAT_ROWS, kind="chat")
     on_decoder = both.post(JOBS, json=job_body(chats, model=TINY_LLAMA_NAME), headers=auth)
@@ -261,7 +240,7 @@ def test_a_job_s_model_picks_its_base(
 
 @pytest.mark.sqlite_only
 def test_an_adapter_runs_only_on_its_own_base(both: TestClient, settings: Settings) -> None:
-    auth = _auth(settings)
+    auth = default_auth(settings)
     state = app_state(both.app)
     encoder, decoder = state.require_base_model(), state.require_bases().decoder
     assert decoder is not None
@@ -306,14 +285,14 @@ def test_an_adapter_of_a_base_not_loaded_is_refused(
 ) -> None:
     # The decoder's adapter, stored while the decoder was loaded; the deployment then loads
     # only the encoder.
-    both = _settings(settings, tiny_model_dir, tiny_llama_dir, TINY_NAME, TINY_LLAMA_NAME)
+    both = tiny_bases_settings(settings, tiny_model_dir, tiny_llama_dir, TINY_NAME, TINY_LLAMA_NAME)
     with TestClient(create_app(both, hooks=[serving])) as client:
         decoder = app_state(client.app).require_bases().decoder
         assert decoder is not None
-        store_adapter(client, _auth(both), "chat", _chat_adapter(decoder), base=decoder)
+        store_adapter(client, default_auth(both), "chat", _chat_adapter(decoder), base=decoder)
     encoder_only = both.model_copy(update={"bases": [TINY_NAME]})
     with TestClient(create_app(encoder_only, hooks=[serving])) as client:
-        auth = _auth(encoder_only)
+        auth = default_auth(encoder_only)
         export = client.get("/v1/adapters/chat/export?format=peft", headers=auth)
         assert_error(export, 422, param="name", code="base_model_mismatch")
         assert "does not load" in export.json()["error"]["message"]
@@ -333,9 +312,9 @@ def test_an_adapter_of_a_base_not_loaded_is_refused(
 def test_a_decoder_only_deployment_starts_and_says_it_has_no_encoder(
     settings: Settings, tiny_model_dir: Path, tiny_llama_dir: Path
 ) -> None:
-    decoder_only = _settings(settings, tiny_model_dir, tiny_llama_dir, TINY_LLAMA_NAME)
+    decoder_only = tiny_bases_settings(settings, tiny_model_dir, tiny_llama_dir, TINY_LLAMA_NAME)
     with TestClient(create_app(decoder_only, hooks=[serving])) as client:
-        auth = _auth(decoder_only)
+        auth = default_auth(decoder_only)
         assert client.get("/readyz").status_code == 200
         state = app_state(client.app)
         assert state.base_model is None and state.require_bases().encoder is None

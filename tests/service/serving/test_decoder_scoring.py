@@ -35,8 +35,16 @@ from service.serving.decoder_scoring import DecoderScorer
 from service.serving.lifespan import serving
 from service.state import app_state
 from service.worker.job_run import JobRun, RunOutcome
-from tests.core.decoder.tiny_llama import TINY_LLAMA_NAME, build_tiny_llama
-from tests.service.helpers import ADMIN_KEY, Headers, assert_error, create_dataset
+from tests.core.decoder.tiny_llama import TINY_LLAMA_NAME
+from tests.service.helpers import (
+    ADMIN_KEY,
+    Headers,
+    assert_error,
+    create_dataset,
+    default_auth,
+    served_decoder,
+    tiny_bases_settings,
+)
 from tests.tiny_bert import TINY_NAME
 
 JOBS = "/v1/fine_tuning/jobs"
@@ -60,29 +68,16 @@ def temperature_rows(words: list[str]) -> list[dict[str, Any]]:
     ]
 
 
-@pytest.fixture(scope="module")
-def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
-
-
-def _settings(settings: Settings, tiny_model_dir: Path, llama: Path, *names: str) -> Settings:
-    return settings.model_copy(
-        update={
-            "base_model_path": tiny_model_dir,
-            "base_model_name": TINY_NAME,
-            "decoder_model_path": llama,
-            "decoder_model_name": TINY_LLAMA_NAME,
-            "bases": list(names),
-            "embedded_worker": False,
-            "torch_threads": 1,
-            "max_request_chars": MAX_REQUEST_CHARS,
-        }
-    )
-
-
 @pytest.fixture
 def both_settings(settings: Settings, tiny_model_dir: Path, tiny_llama_dir: Path) -> Settings:
-    return _settings(settings, tiny_model_dir, tiny_llama_dir, TINY_NAME, TINY_LLAMA_NAME)
+    return tiny_bases_settings(
+        settings,
+        tiny_model_dir,
+        tiny_llama_dir,
+        TINY_NAME,
+        TINY_LLAMA_NAME,
+        max_request_chars=MAX_REQUEST_CHARS,
+    )
 
 
 @pytest.fixture
@@ -90,16 +85,6 @@ def both(both_settings: Settings) -> Iterator[TestClient]:
     """The app with its real serving hook on the tiny encoder and the tiny decoder."""
     with TestClient(create_app(both_settings, hooks=[serving])) as client:
         yield client
-
-
-def _auth(settings: Settings) -> Headers:
-    return {"Authorization": f"Bearer {settings.default_key_path.read_text().strip()}"}
-
-
-def _decoder(client: TestClient) -> DecoderBase:
-    decoder = app_state(client.app).require_bases().decoder
-    assert decoder is not None
-    return decoder
 
 
 def _train(client: TestClient, settings: Settings, auth: Headers, **body: Any) -> dict[str, Any]:
@@ -115,7 +100,7 @@ def _train(client: TestClient, settings: Settings, auth: Headers, **body: Any) -
     run = JobRun(
         job,
         factory=factory,
-        base=_decoder(client),
+        base=served_decoder(client),
         settings=settings,
         worker_id="w1",
         shutdown=threading.Event(),
@@ -184,7 +169,7 @@ def _scorer(client: TestClient) -> DecoderScorer:
 def test_a_decoder_reward_model_trained_over_http_ranks_as_trained(
     both: TestClient, both_settings: Settings
 ) -> None:
-    auth = _auth(both_settings)
+    auth = default_auth(both_settings)
     train = create_dataset(both, auth, preference_rows(WORDS[:8]), kind="preference")
     val = create_dataset(both, auth, preference_rows(WORDS[8:]), kind="preference")
     job = _train(
@@ -257,7 +242,7 @@ def test_a_decoder_reward_model_trained_over_http_ranks_as_trained(
 def test_a_decoder_classifier_predicts_labels_as_the_encoder_s_do(
     both: TestClient, both_settings: Settings
 ) -> None:
-    auth = _auth(both_settings)
+    auth = default_auth(both_settings)
     rows = create_dataset(both, auth, temperature_rows(WORDS), kind="classification")
     job = _train(
         both,
@@ -297,8 +282,8 @@ def test_one_tenant_s_flood_does_not_hold_up_another_s_scores(
     next batches (its queue is served in turn), not after A's whole flood."""
     from tests.service.helpers import store_adapter
 
-    auth, other = _auth(both_settings), _other_tenant(both)
-    decoder = _decoder(both)
+    auth, other = default_auth(both_settings), _other_tenant(both)
+    decoder = served_decoder(both)
     store_adapter(both, auth, "rm", _reward_adapter(decoder, seed=1), base=decoder)
     store_adapter(both, other, "rm", _reward_adapter(decoder, seed=2), base=decoder)
     scorer = _scorer(both)
@@ -330,11 +315,13 @@ def test_a_decoder_reward_adapter_needs_its_decoder_not_the_encoder(
     from tests.service.helpers import store_adapter
 
     with TestClient(create_app(both_settings, hooks=[serving])) as client:
-        decoder = _decoder(client)
-        store_adapter(client, _auth(both_settings), "rm", _reward_adapter(decoder), base=decoder)
+        decoder = served_decoder(client)
+        store_adapter(
+            client, default_auth(both_settings), "rm", _reward_adapter(decoder), base=decoder
+        )
     encoder_only = both_settings.model_copy(update={"bases": [TINY_NAME]})
     with TestClient(create_app(encoder_only, hooks=[serving])) as client:
-        auth = _auth(encoder_only)
+        auth = default_auth(encoder_only)
         pair = {"prompt": "p", "response_a": "a", "response_b": "b"}
         for path, body in [("/reward/compare", pair), ("/predict", {"inputs": ["hi"]})]:
             resp = client.post(f"{path}?adapter=rm", json=body, headers=auth)
@@ -343,7 +330,9 @@ def test_a_decoder_reward_adapter_needs_its_decoder_not_the_encoder(
     # A decoder-only deployment serves it on the same routes (no encoder needed).
     decoder_only = both_settings.model_copy(update={"bases": [TINY_LLAMA_NAME]})
     with TestClient(create_app(decoder_only, hooks=[serving])) as client:
-        resp = client.post("/reward/compare?adapter=rm", json=pair, headers=_auth(decoder_only))
+        resp = client.post(
+            "/reward/compare?adapter=rm", json=pair, headers=default_auth(decoder_only)
+        )
         assert resp.status_code == 200, resp.text
         assert resp.json()["preferred"] in ("a", "b")
 
@@ -359,10 +348,10 @@ def test_a_decoder_adapter_deleted_by_another_replica_leaves_the_scorer(
     from tests.service.serving.test_scale_out import WAIT_S, wait_for
 
     with TestClient(create_app(both_settings, hooks=[serving, invalidation])) as client:
-        auth = _auth(both_settings)
+        auth = default_auth(both_settings)
         listener = app_state(client.app).invalidation_listener
         assert listener is not None and listener.connected.wait(WAIT_S)
-        decoder = _decoder(client)
+        decoder = served_decoder(client)
         store_adapter(client, auth, "rm", _reward_adapter(decoder), base=decoder)
         pair = {"prompt": "p", "response_a": "a", "response_b": "b"}
         assert client.post("/reward/compare?adapter=rm", json=pair, headers=auth).status_code == 200

@@ -25,8 +25,15 @@ from service.config import Settings
 from service.main import create_app
 from service.serving.lifespan import serving
 from service.state import app_state
-from tests.core.decoder.tiny_llama import TINY_LLAMA_NAME, build_tiny_llama
-from tests.service.helpers import ADMIN_KEY, Headers, assert_error, store_adapter
+from tests.core.decoder.tiny_llama import TINY_LLAMA_NAME
+from tests.service.helpers import (
+    ADMIN_KEY,
+    Headers,
+    assert_error,
+    default_auth,
+    served_decoder,
+    store_adapter,
+)
 
 pytestmark = pytest.mark.sqlite_only
 
@@ -34,11 +41,6 @@ MAX_TOKENS = 128  # LORAPLEX_PREDICT_MAX_TOKENS here
 MAX_WAITING = 6
 MAX_REQUEST_CHARS = 3000
 INPUTS = ["Hello there.", "What is two and two?", "Bye!"]
-
-
-@pytest.fixture(scope="module")
-def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture
@@ -62,16 +64,6 @@ def app_settings(settings: Settings, tiny_llama_dir: Path) -> Settings:
 def client(app_settings: Settings) -> Iterator[TestClient]:
     with TestClient(create_app(app_settings, hooks=[serving])) as test_client:
         yield test_client
-
-
-def _auth(settings: Settings) -> Headers:
-    return {"Authorization": f"Bearer {settings.default_key_path.read_text().strip()}"}
-
-
-def _decoder(client: TestClient) -> DecoderBase:
-    decoder = app_state(client.app).require_bases().decoder
-    assert decoder is not None
-    return decoder
 
 
 def _chat_adapter(decoder: DecoderBase, task: str = "chat") -> Adapter:
@@ -116,8 +108,8 @@ def _chat(client: TestClient, auth: Headers, model: str, text: str, **extra: Any
 def test_replies_equal_chat_completions_greedy_replies(
     client: TestClient, app_settings: Settings
 ) -> None:
-    auth = _auth(app_settings)
-    decoder = _decoder(client)
+    auth = default_auth(app_settings)
+    decoder = served_decoder(client)
     store_adapter(client, auth, "chat", _chat_adapter(decoder), base=decoder)
     store_adapter(client, auth, "prefs", _chat_adapter(decoder, "dpo"), base=decoder)
     texts: dict[str, list[str]] = {}
@@ -154,8 +146,8 @@ def test_replies_equal_chat_completions_greedy_replies(
 
 
 def test_bounds_are_4xx_naming_the_field(client: TestClient, app_settings: Settings) -> None:
-    auth = _auth(app_settings)
-    decoder = _decoder(client)
+    auth = default_auth(app_settings)
+    decoder = served_decoder(client)
     store_adapter(client, auth, "chat", _chat_adapter(decoder), base=decoder)
 
     def predict(**body: Any) -> Any:
@@ -193,8 +185,8 @@ def test_bounds_are_4xx_naming_the_field(client: TestClient, app_settings: Setti
 def test_another_tenants_or_a_deleted_adapter_is_404(
     client: TestClient, app_settings: Settings
 ) -> None:
-    auth = _auth(app_settings)
-    decoder = _decoder(client)
+    auth = default_auth(app_settings)
+    decoder = served_decoder(client)
     store_adapter(client, auth, "chat", _chat_adapter(decoder), base=decoder)
     made = client.post(
         "/v1/tenants", json={"name": "other"}, headers={"Authorization": f"Bearer {ADMIN_KEY}"}
@@ -233,7 +225,7 @@ def test_a_client_that_leaves_frees_its_sequences(
         "query_string": query,
         "root_path": "",
         "headers": [
-            (b"authorization", _auth(app_settings)["Authorization"].encode()),
+            (b"authorization", default_auth(app_settings)["Authorization"].encode()),
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),
         ],

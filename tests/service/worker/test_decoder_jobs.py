@@ -24,7 +24,7 @@ from service.config import DEFAULT_BASE_MODEL_NAME, Settings
 from service.db.models import AdapterRow
 from service.jobs import queue
 from service.worker.job_run import JobRun, RunOutcome
-from tests.core.decoder.tiny_llama import TINY_LLAMA_NAME, build_tiny_llama
+from tests.core.decoder.tiny_llama import TINY_LLAMA_NAME
 from tests.service.conftest import make_settings
 from tests.service.helpers import ADMIN_KEY, Headers, assert_error, create_dataset
 
@@ -54,11 +54,6 @@ def dpo_rows(n: int) -> list[dict[str, Any]]:
         }
         for i in range(n)
     ]
-
-
-@pytest.fixture(scope="module")
-def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(scope="module")
