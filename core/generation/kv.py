@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from core.decoder.config import DecoderConfig
-from core.decoder.forward import DecoderWeights, KVCache
+from core.decoder.forward import DecoderWeights
 
 
 def bytes_per_slot(config: DecoderConfig, capacity: int, dtype: torch.dtype) -> int:
@@ -55,12 +55,3 @@ class SlotCache:
     @property
     def num_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
-
-    def write_prefix(self, prefill: KVCache, slots: list[list[int]], lengths: list[int]) -> None:
-        """Copy row ``r`` of a batched prefill's cache, its first ``lengths[r]`` tokens, into
-        each slot of ``slots[r]`` (a request's candidates share its prompt)."""
-        for k, v, pk, pv in zip(self.keys, self.values, prefill.keys, prefill.values, strict=True):
-            for row, (dsts, length) in enumerate(zip(slots, lengths, strict=True)):
-                for dst in dsts:
-                    k[dst, :, :length].copy_(pk[row, :, :length])
-                    v[dst, :, :length].copy_(pv[row, :, :length])

@@ -1,8 +1,8 @@
 """Continuous batching (vLLM / TGI style): sequences join and leave between decode steps.
 
 Each :meth:`Scheduler.step` frees the slots of cancelled sequences, admits waiting requests
-into free slots (all of a step's admissions prefilled in one right-padded forward pass,
-bounded by a token budget; a request's ``n`` candidates share its row by copying the prompt's
+into free slots (all of a step's admissions prefilled in one packed pass, bounded by a
+prompt-token budget; a request's ``n`` candidates share its row by copying the prompt's
 keys and values), runs ONE decode step for every sequence that was already running,
 and retires the finished ones. A long generation only ever costs others one decode row, never
 their turn.
@@ -25,12 +25,13 @@ from typing import Any, Literal
 
 import torch
 
-from core.decoder.forward import DecoderWeights, KVCache, forward, logits
+from core.decoder.forward import DecoderWeights, logits
 from core.errors import ConfigError, CoreError
 from core.generation.adapters import AdapterFull, AdapterSlots, LoraWeights
 from core.generation.decode import decode_step
 from core.generation.detok import IncrementalDetokenizer, StopStrings
 from core.generation.kv import SlotCache
+from core.generation.prefill import prefill
 from core.generation.sampling import SamplingParams, TokenLogprob, sample
 
 log = logging.getLogger(__name__)
@@ -212,7 +213,7 @@ class Scheduler:
         """Take waiting requests (in order) while slots, adapters and the step's prefill budget
         last, and prefill them all in one forward pass."""
         admitted: list[tuple[int, GenerationRequest, int]] = []
-        longest = 0
+        budget = self.prefill_tokens_per_step
         slots_left = len(self._free)
         while True:
             with self._lock:
@@ -220,10 +221,8 @@ class Scheduler:
                     break
                 request_id, request = self._waiting[0]
             n = request.params.n
-            # The budget bounds the padded batch (rows x longest prompt): what the pass costs.
-            # One request per step at least, however long.
-            padded = (len(admitted) + 1) * max(longest, len(request.prompt_ids))
-            if slots_left < n or (admitted and padded > self.prefill_tokens_per_step):
+            # One request per step at least, however long; more while the token budget lasts.
+            if slots_left < n or (admitted and len(request.prompt_ids) > budget):
                 break
             try:
                 adapter_slot = self._pin_adapter(request, n)
@@ -236,7 +235,7 @@ class Scheduler:
                 continue
             self._pop_waiting()
             admitted.append((request_id, request, adapter_slot))
-            longest = max(longest, len(request.prompt_ids))
+            budget -= len(request.prompt_ids)
             slots_left -= n
         if admitted:
             self._prefill(admitted, events)
@@ -256,14 +255,8 @@ class Scheduler:
     def _prefill(
         self, admitted: list[tuple[int, GenerationRequest, int]], events: list[SequenceEvent]
     ) -> None:
-        """One forward pass over the admitted prompts, right-padded to the longest.
-
-        Right padding keeps each row's real tokens at positions ``0..len-1`` under the plain
-        causal mask, which never lets a real token see the padding after it, so a row computes
-        what it would alone. The pass writes into a scratch cache; each row's real tokens are
-        copied into its slot, and a request's ``n`` candidates are one row copied into each
-        candidate's slot.
-        """
+        """One packed pass over the admitted prompts (:func:`core.generation.prefill.prefill`);
+        a request's ``n`` candidates share its prompt's keys and values, computed once."""
         device = self.weights.device
         rows: list[list[_Sequence]] = []
         for request_id, request, adapter_slot in admitted:
@@ -288,21 +281,16 @@ class Scheduler:
                 self._running[seq.slot] = seq
             rows.append(seqs)
         prompts = [request.prompt_ids for _, request, _ in admitted]
-        lengths = [len(p) for p in prompts]
-        longest = max(lengths)
+        flat = [s for seqs in rows for s in seqs]
         try:
-            hooks = self.adapters.hooks(
-                torch.tensor([slot for _, _, slot in admitted], device=device), keep=False
-            )
-            ids = torch.tensor([p + [0] * (longest - len(p)) for p in prompts], device=device)
-            scratch = KVCache.allocate(self.weights, len(prompts), longest)
-            hidden = forward(self.weights, ids, hooks=hooks, cache=scratch)
-            self.prefill_tokens += sum(lengths)
-            self.cache.write_prefix(scratch, [[s.slot for s in seqs] for seqs in rows], lengths)
-            last = hidden[
-                torch.arange(len(prompts), device=device), torch.tensor(lengths, device=device) - 1
+            # The adapter of every packed token: its prompt's.
+            token_adapters = [
+                slot for p, (_, _, slot) in zip(prompts, admitted, strict=True) for _ in p
             ]
-            flat = [s for seqs in rows for s in seqs]
+            hooks = self.adapters.hooks(torch.tensor(token_adapters, device=device), keep=False)
+            slots = [[s.slot for s in seqs] for seqs in rows]
+            last = prefill(self.weights, self.cache, prompts, slots, hooks)
+            self.prefill_tokens += len(token_adapters)
             repeats = torch.tensor([len(seqs) for seqs in rows], device=device)
             tokens, lps = sample(
                 logits(self.weights, last).repeat_interleave(repeats, dim=0),

@@ -121,7 +121,7 @@ def test_prompts_of_different_lengths_prefilled_together_equal_each_alone(
     ids = [sched.add(r) for r in requests]
     out = Outputs()
     out.take(sched.step())
-    # One step admitted all five in one padded pass: each prompt counted once, all running.
+    # One step admitted all five in one packed pass: each prompt counted once, all running.
     assert sched.prefill_tokens == sum(map(len, prompts))
     assert sched.running == 6
     while sched.running:
@@ -133,16 +133,16 @@ def test_prompts_of_different_lengths_prefilled_together_equal_each_alone(
             assert out.text[(rid, j)] == alone.text[(alone_id, j)]
 
 
-def test_prefill_budget_bounds_the_padded_batch(tiny_decoder: DecoderBase) -> None:
-    prompts = random_rows(tiny_decoder.config.vocab_size, [20, 4, 30, 4], seed=13)
+def test_prefill_budget_bounds_a_steps_prompt_tokens(tiny_decoder: DecoderBase) -> None:
+    prompts = random_rows(tiny_decoder.config.vocab_size, [20, 4, 30, 20], seed=13)
     sched = scheduler(tiny_decoder, prefill_tokens_per_step=48)
     for p in prompts:
         sched.add(GenerationRequest(p, greedy(4)))
     sched.step()
-    # 20 and 4 pad to 2 x 20 = 40 <= 48; with the 30 it would be 3 x 30 = 90.
+    # 20 + 4 = 24 <= 48; with the 30 it would be 54.
     assert (sched.running, sched.waiting) == (2, 2)
     sched.step()
-    # The 30-token prompt alone exceeds nothing (one request a step at least); 2 x 30 = 60 > 48.
+    # The next step: 30, and 30 + 20 = 50 > 48 leaves the last one waiting.
     assert (sched.running, sched.waiting) == (3, 1)
 
 
