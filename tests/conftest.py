@@ -7,6 +7,7 @@ Tests that use ``real_base`` are marked ``real_model`` automatically, so
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -39,3 +40,15 @@ def tiny_base(tiny_model_dir: Path) -> FrozenBase:
 def real_base() -> FrozenBase:
     """all-MiniLM-L6-v2 from its wheel (~4 s once per session)."""
     return load_base_model(device="cpu")
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op thread for the test: tiny models run faster without spin-waiting on a
+    shared, busy machine. The library never sets it (process-wide); tests may, and restore it."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

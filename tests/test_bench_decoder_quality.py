@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from bench import decoder_quality as dq
 from bench.hh_convert import to_chat, to_dpo
@@ -27,12 +26,7 @@ def tiny_decoder(tmp_path_factory: pytest.TempPathFactory) -> DecoderBase:
     return load_decoder_base(folder, name=TINY_LLAMA_NAME, device="cpu")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def split() -> dq.Split:

@@ -25,13 +25,7 @@ LORA = {"type": "lora", "r": 8, "alpha": 16, "dropout": 0.1}
 CFG = {"n_epochs": 10, "batch_size": 4, "learning_rate": 1e-2, "seed": 3}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: tiny models run faster without spin-waiting on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def preference_rows(words: list[str]) -> list[dict[str, Any]]:

@@ -58,13 +58,7 @@ CHAT_CFG = {"n_epochs": 8, "batch_size": 8, "learning_rate": 1e-2, "seed": 3}
 LORA = {"type": "lora", "r": 8, "alpha": 16, "dropout": 0.1}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: tiny models run faster without spin-waiting on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
