@@ -24,7 +24,6 @@ from core.base import FrozenBase
 from core.decoder.base import DEFAULT_DECODER_NAME, DecoderBase
 from core.heads import HeadConfig
 from core.methods import parse_method_config
-from core.methods.lora.model import lora_key
 from service.bases import Bases, base_specs, resolve_job_base
 from service.cli import EXIT_STARTUP_ERROR, main
 from service.config import DEFAULT_BASE_MODEL_NAME, Settings
@@ -35,6 +34,7 @@ from service.main import create_app
 from service.serving.lifespan import serving
 from service.state import app_state
 from service.worker.embedded import settings_env
+from tests.core.decoder.helpers import random_decoder_lora
 from tests.core.decoder.tiny_llama import TINY_LLAMA_NAME
 from tests.core.inference.helpers import lora
 from tests.e2e.server import free_port
@@ -62,19 +62,7 @@ def _chat_adapter(decoder: DecoderBase) -> Adapter:
     """A decoder's LoRA adapter for chat (non-zero B, so it changes the logits)."""
     method = parse_method_config("lora", {"r": 2, "target_modules": ["q_proj"]}, "decoder")
     gen = torch.Generator().manual_seed(0)
-    state: dict[str, torch.Tensor] = {}
-    for layer in range(decoder.num_layers):
-        n_in, n_out = decoder.config.linear_shape("q_proj")
-        state[lora_key(layer, "q_proj", "A")] = torch.randn(2, n_in, generator=gen) * 0.1
-        state[lora_key(layer, "q_proj", "B")] = torch.randn(n_out, 2, generator=gen) * 0.1
-    return Adapter(
-        method=method,
-        head=HeadConfig(task="chat"),
-        method_state=state,
-        head_state={},
-        base_name=decoder.name,
-        base_fingerprint=decoder.fingerprint,
-    )
+    return random_decoder_lora(decoder, method, HeadConfig(task="chat"), gen, scale=0.1)
 
 
 @pytest.fixture

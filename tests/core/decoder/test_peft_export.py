@@ -10,13 +10,12 @@ import peft
 import torch
 from transformers import LlamaForCausalLM
 
-from core.adapter import Adapter
 from core.decoder.base import DecoderBase
 from core.decoder.forward import forward, logits
 from core.heads import HeadConfig
 from core.io.peft import CONFIG_FILE, export_peft
 from core.methods import parse_method_config
-from core.methods.lora.model import lora_key
+from tests.core.decoder.helpers import random_decoder_lora
 
 
 def test_decoder_lora_export_loads_in_peft_with_the_same_logits(
@@ -27,20 +26,7 @@ def test_decoder_lora_export_loads_in_peft_with_the_same_logits(
         "lora", {"r": 4, "alpha": 8, "target_modules": targets, "layers": [1]}, "decoder"
     )
     gen = torch.Generator().manual_seed(0)
-    state: dict[str, torch.Tensor] = {}
-    for target in targets:
-        n_in, n_out = tiny_decoder.config.linear_shape(target)
-        # B non-zero (PEFT's init is zero): the adapter must change the logits.
-        state[lora_key(1, target, "A")] = torch.randn(4, n_in, generator=gen) * 0.1
-        state[lora_key(1, target, "B")] = torch.randn(n_out, 4, generator=gen) * 0.1
-    adapter = Adapter(
-        method=method,
-        head=HeadConfig(task="chat"),
-        method_state=state,
-        head_state={},
-        base_name=tiny_decoder.name,
-        base_fingerprint=tiny_decoder.fingerprint,
-    )
+    adapter = random_decoder_lora(tiny_decoder, method, HeadConfig(task="chat"), gen, scale=0.1)
     files = export_peft(adapter, tiny_decoder)
     config = json.loads(files[CONFIG_FILE])
     assert config["task_type"] == "CAUSAL_LM"

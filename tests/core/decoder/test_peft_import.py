@@ -10,7 +10,6 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from core.adapter import Adapter
 from core.decoder.base import DecoderBase
 from core.decoder.forward import forward, logits
 from core.errors import AdapterFormatError
@@ -18,7 +17,7 @@ from core.heads import HeadConfig
 from core.io.peft import CONFIG_FILE, WEIGHTS_FILE, check_servable, export_peft, import_peft
 from core.io.serialization import tensors_from_bytes, tensors_to_bytes
 from core.methods import parse_method_config
-from core.methods.lora.model import lora_key
+from tests.core.decoder.helpers import random_decoder_lora
 
 
 def _folder(path: Path) -> dict[str, bytes]:
@@ -62,20 +61,8 @@ def test_export_then_import_round_trips(tiny_decoder: DecoderBase) -> None:
     targets = ["k_proj", "gate_proj", "up_proj"]
     method = parse_method_config("lora", {"r": 2, "alpha": 4, "target_modules": targets}, "decoder")
     gen = torch.Generator().manual_seed(1)
-    state = {}
-    for layer in range(tiny_decoder.num_layers):
-        for target in targets:
-            n_in, n_out = tiny_decoder.config.linear_shape(target)
-            state[lora_key(layer, target, "A")] = torch.randn(2, n_in, generator=gen)
-            state[lora_key(layer, target, "B")] = torch.randn(n_out, 2, generator=gen)
-    adapter = Adapter(
-        method=method,
-        head=HeadConfig(task="dpo"),
-        method_state=state,
-        head_state={},
-        base_name=tiny_decoder.name,
-        base_fingerprint=tiny_decoder.fingerprint,
-    )
+    adapter = random_decoder_lora(tiny_decoder, method, HeadConfig(task="dpo"), gen)
+    state = adapter.method_state
     back = import_peft(export_peft(adapter, tiny_decoder), tiny_decoder)
     assert back.method == method and back.head == adapter.head  # the loraplex head config
     assert back.method_state.keys() == state.keys()
@@ -114,19 +101,7 @@ def test_the_servable_check_probes_a_decoder_without_its_tokenizer(
         method = parse_method_config(
             "lora", {"r": 2, "alpha": alpha, "target_modules": ["q_proj"]}, "decoder"
         )
-        state = {}
-        for layer in range(tiny_decoder.num_layers):
-            n_in, n_out = tiny_decoder.config.linear_shape("q_proj")
-            state[lora_key(layer, "q_proj", "A")] = torch.randn(2, n_in, generator=gen)
-            state[lora_key(layer, "q_proj", "B")] = torch.randn(n_out, 2, generator=gen)
-        adapter = Adapter(
-            method=method,
-            head=HeadConfig(task="chat"),
-            method_state=state,
-            head_state={},
-            base_name=tiny_decoder.name,
-            base_fingerprint=tiny_decoder.fingerprint,
-        )
+        adapter = random_decoder_lora(tiny_decoder, method, HeadConfig(task="chat"), gen)
         if servable:
             check_servable(adapter, no_tokenizer)
         else:

@@ -25,7 +25,6 @@ from core.adapter import Adapter
 from core.decoder.base import DecoderBase
 from core.heads import HeadConfig
 from core.methods import parse_method_config
-from core.methods.lora.model import lora_key
 from service.config import Settings
 from service.db.models import AdapterRow
 from service.errors import ErrorKind, ServiceError
@@ -35,6 +34,7 @@ from service.serving.decoder_scoring import DecoderScorer
 from service.serving.lifespan import serving
 from service.state import app_state
 from service.worker.job_run import JobRun, RunOutcome
+from tests.core.decoder.helpers import random_decoder_lora
 from tests.core.decoder.tiny_llama import TINY_LLAMA_NAME
 from tests.service.helpers import (
     ADMIN_KEY,
@@ -138,25 +138,13 @@ def _reward_adapter(decoder: DecoderBase, seed: int = 0) -> Adapter:
     """A decoder reward model: random LoRA on q_proj and a random head on the last token."""
     method = parse_method_config("lora", {"r": 2, "target_modules": ["q_proj"]}, "decoder")
     gen = torch.Generator().manual_seed(seed)
-    state: dict[str, torch.Tensor] = {}
-    for layer in range(decoder.num_layers):
-        n_in, n_out = decoder.config.linear_shape("q_proj")
-        state[lora_key(layer, "q_proj", "A")] = torch.randn(2, n_in, generator=gen) * 0.1
-        state[lora_key(layer, "q_proj", "B")] = torch.randn(n_out, 2, generator=gen) * 0.1
     head = HeadConfig(task="reward", pooling="last_token", max_seq_length=64)
-    hidden = decoder.config.hidden_size
-    head_state = {
-        "out.weight": torch.randn(1, hidden, generator=gen),
+    adapter = random_decoder_lora(decoder, method, head, gen, scale=0.1)
+    adapter.head_state = {
+        "out.weight": torch.randn(1, decoder.config.hidden_size, generator=gen),
         "out.bias": torch.zeros(1),
     }
-    return Adapter(
-        method=method,
-        head=head,
-        method_state=state,
-        head_state=head_state,
-        base_name=decoder.name,
-        base_fingerprint=decoder.fingerprint,
-    )
+    return adapter
 
 
 def _scorer(client: TestClient) -> DecoderScorer:

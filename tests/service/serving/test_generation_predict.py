@@ -20,11 +20,12 @@ from core.decoder.base import DecoderBase
 from core.heads import Head, HeadConfig
 from core.methods import parse_method_config
 from core.methods.lora.config import LoraConfig
-from core.methods.lora.model import LoraModel, lora_key
+from core.methods.lora.model import LoraModel
 from service.config import Settings
 from service.main import create_app
 from service.serving.lifespan import serving
 from service.state import app_state
+from tests.core.decoder.helpers import random_decoder_lora
 from tests.core.decoder.tiny_llama import TINY_LLAMA_NAME
 from tests.service.helpers import (
     ADMIN_KEY,
@@ -72,20 +73,7 @@ def _chat_adapter(decoder: DecoderBase, task: str = "chat") -> Adapter:
         "lora", {"r": 4, "target_modules": ["q_proj", "v_proj"]}, "decoder"
     )
     gen = torch.Generator().manual_seed(0)
-    state: dict[str, torch.Tensor] = {}
-    for layer in range(decoder.num_layers):
-        for target in ("q_proj", "v_proj"):
-            n_in, n_out = decoder.config.linear_shape(target)
-            state[lora_key(layer, target, "A")] = torch.randn(4, n_in, generator=gen) * 0.5
-            state[lora_key(layer, target, "B")] = torch.randn(n_out, 4, generator=gen) * 0.5
-    return Adapter(
-        method=method,
-        head=HeadConfig(task=task),
-        method_state=state,
-        head_state={},
-        base_name=decoder.name,
-        base_fingerprint=decoder.fingerprint,
-    )
+    return random_decoder_lora(decoder, method, HeadConfig(task=task), gen, scale=0.5)
 
 
 def _reward_adapter(decoder: DecoderBase) -> Adapter:
