@@ -6,6 +6,7 @@ import io
 import json
 import os
 import threading
+import time
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
 
     from core.base import FrozenBase
     from core.decoder.base import DecoderBase
+    from core.generation.scheduler import Scheduler
     from service.config import Settings
     from service.worker.job_run import JobRun
 
@@ -222,6 +224,39 @@ def tiny_bases_settings(
             **extra,
         }
     )
+
+
+def json_post_scope(
+    path: str, body: bytes, authorization: str, query: bytes = b""
+) -> dict[str, Any]:
+    """The ASGI scope of a JSON POST of ``body`` to ``path``: for tests that call the app
+    themselves, to play a client that leaves at a chosen moment."""
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.4"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": query,
+        "root_path": "",
+        "headers": [
+            (b"authorization", authorization.encode()),
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+        ],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+    }
+
+
+def wait_until_idle(scheduler: Scheduler, timeout_s: float = 30.0) -> None:
+    """Wait, at most ``timeout_s``, until ``scheduler`` runs no sequence: a cancelled one is
+    dropped at its next step. The caller asserts what must hold then."""
+    deadline = time.monotonic() + timeout_s
+    while scheduler.running and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def serve_base(*bases: Any) -> Any:

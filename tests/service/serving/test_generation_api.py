@@ -34,7 +34,7 @@ from service.serving.lifespan import serving
 from service.state import app_state
 from tests.e2e.server import free_port
 from tests.service.conftest import make_settings
-from tests.service.helpers import ADMIN_KEY
+from tests.service.helpers import ADMIN_KEY, json_post_scope, wait_until_idle
 
 pytestmark = pytest.mark.real_model
 
@@ -280,9 +280,7 @@ def test_a_client_that_leaves_frees_its_sequence(server: Server) -> None:
         assert next(lines).startswith("data: ")  # the role chunk, sent before admission
         assert next(line for line in lines if '"content"' in line)  # it is generating
         assert scheduler.running == 1
-    deadline = time.monotonic() + 30
-    while scheduler.running and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until_idle(scheduler)
     # Freed by the disconnect, long before its 400 tokens (greedy, the story runs on).
     assert scheduler.running == 0
     assert scheduler.cancelled_sequences == cancelled + 1
@@ -313,9 +311,7 @@ def test_deleting_an_adapter_mid_stream_404s_after_and_frees_its_slot(server: Se
     # ... later requests find no such model, and the bank lets the adapter go.
     with pytest.raises(openai.NotFoundError):
         sdk.chat.completions.create(model="short-lived", messages=QUESTION, max_tokens=2)
-    deadline = time.monotonic() + 30
-    while scheduler.running and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until_idle(scheduler)
     resident = scheduler.adapters.resident_keys()
     assert all(key[1] != "short-lived" for key in resident)  # type: ignore[index]
     assert len(scheduler.adapters.bank) == len(resident)  # its slot freed, not just hidden
@@ -408,24 +404,7 @@ def test_a_stream_whose_client_left_before_its_first_chunk_frees_its_sequence(
     body = json.dumps(
         {"model": DEFAULT_DECODER_NAME, "messages": QUESTION, "max_tokens": 400, "stream": True}
     ).encode()
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.4"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/v1/chat/completions",
-        "raw_path": b"/v1/chat/completions",
-        "query_string": b"",
-        "root_path": "",
-        "headers": [
-            (b"authorization", f"Bearer {server.key}".encode()),
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-        ],
-        "client": ("127.0.0.1", 1),
-        "server": ("127.0.0.1", 80),
-    }
+    scope = json_post_scope("/v1/chat/completions", body, f"Bearer {server.key}")
     started: list[int] = []
 
     async def receive() -> dict[str, object]:
@@ -444,9 +423,7 @@ def test_a_stream_whose_client_left_before_its_first_chunk_frees_its_sequence(
     asyncio.run(call())
     assert started == [200]
     assert gen_server._sinks == {}  # nothing left waiting for events nobody reads
-    deadline = time.monotonic() + 30
-    while gen_server.scheduler.running and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until_idle(gen_server.scheduler)
     assert gen_server.scheduler.running == 0
 
 

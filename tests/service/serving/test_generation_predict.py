@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,8 +31,10 @@ from tests.service.helpers import (
     Headers,
     assert_error,
     default_auth,
+    json_post_scope,
     served_decoder,
     store_adapter,
+    wait_until_idle,
 )
 
 pytestmark = pytest.mark.sqlite_only
@@ -202,24 +203,8 @@ def test_a_client_that_leaves_frees_its_sequences(
     gen_server = server[TINY_LLAMA_NAME]
     body = json.dumps({"inputs": INPUTS, "max_tokens": MAX_TOKENS}).encode()
     query = f"adapter={TINY_LLAMA_NAME}".encode()
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.4"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/predict",
-        "raw_path": b"/predict",
-        "query_string": query,
-        "root_path": "",
-        "headers": [
-            (b"authorization", default_auth(app_settings)["Authorization"].encode()),
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-        ],
-        "client": ("127.0.0.1", 1),
-        "server": ("127.0.0.1", 80),
-    }
+    authorization = default_auth(app_settings)["Authorization"]
+    scope = json_post_scope("/predict", body, authorization, query)
     messages = iter([{"type": "http.request", "body": body, "more_body": False}])
     statuses: list[int] = []
     before = gen_server.scheduler.generated_tokens
@@ -235,8 +220,6 @@ def test_a_client_that_leaves_frees_its_sequences(
     assert statuses == [499]
     assert gen_server._sinks == {}
     # Every sequence stops at the scheduler's next step, long before its MAX_TOKENS.
-    deadline = time.monotonic() + 30
-    while gen_server.scheduler.running and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until_idle(gen_server.scheduler)
     assert gen_server.scheduler.running == 0
     assert gen_server.scheduler.generated_tokens - before < len(INPUTS) * MAX_TOKENS
