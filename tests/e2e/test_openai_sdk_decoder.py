@@ -22,6 +22,7 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 from openai.types.fine_tuning import FineTuningJob
+from openai.types.fine_tuning.job_create_params import Method
 
 from service.config import DEFAULT_DECODER_NAME
 from tests.e2e.server import ServerProcess, wait_job
@@ -80,21 +81,31 @@ def client(server: ServerProcess) -> Iterator[openai.OpenAI]:
         yield c
 
 
-@pytest.fixture(scope="module")
-def sft_job(server: ServerProcess, client: openai.OpenAI) -> FineTuningJob:
-    """One chat SFT job through the SDK, succeeded: its events, the DPO run it is the
-    reference of and the chat with its adapter all read it (one training run, not three)."""
-    chat = client.files.create(file=("chat.jsonl", jsonl(CHAT)), purpose="fine-tune")
-    assert chat.model_extra and chat.model_extra["kind"] == "chat"
+def _trained(
+    server: ServerProcess,
+    client: openai.OpenAI,
+    kind: str,
+    rows: list[dict[str, Any]],
+    method: Method,
+) -> FineTuningJob:
+    """A job of ``method`` on the decoder, trained on ``rows`` uploaded through the SDK (the
+    upload read as ``kind``), succeeded."""
+    upload = client.files.create(file=(f"{kind}.jsonl", jsonl(rows)), purpose="fine-tune")
+    assert upload.model_extra and upload.model_extra["kind"] == kind
     job = client.fine_tuning.jobs.create(
-        model=DEFAULT_DECODER_NAME,
-        training_file=chat.id,
-        method={"type": "supervised", "supervised": {"hyperparameters": HYPER}},
-        seed=3,
+        model=DEFAULT_DECODER_NAME, training_file=upload.id, method=method, seed=3
     )
     job, _ = wait_for(client, job.id)
     assert job.status == "succeeded", (job.error, server.log_tail())
     return job
+
+
+@pytest.fixture(scope="module")
+def sft_job(server: ServerProcess, client: openai.OpenAI) -> FineTuningJob:
+    """One chat SFT job through the SDK, succeeded: its events, the DPO run it is the
+    reference of and the chat with its adapter all read it (one training run, not three)."""
+    method: Method = {"type": "supervised", "supervised": {"hyperparameters": HYPER}}
+    return _trained(server, client, "chat", CHAT, method)
 
 
 def test_chat_sft_with_the_sdk_then_dpo_from_its_adapter(
@@ -170,16 +181,8 @@ def test_a_reward_model_on_smollm2_through_the_sdk_serves_compare_and_predict(
 ) -> None:
     # OpenAI's dpo on preference rows trains a reward model, as on the encoder; model picks
     # the decoder (the only base here).
-    pairs = client.files.create(file=("pairs.jsonl", jsonl(PREFERENCE)), purpose="fine-tune")
-    assert pairs.model_extra and pairs.model_extra["kind"] == "preference"
-    job = client.fine_tuning.jobs.create(
-        model=DEFAULT_DECODER_NAME,
-        training_file=pairs.id,
-        method={"type": "dpo", "dpo": {"hyperparameters": HYPER}},
-        seed=3,
-    )
-    job, _ = wait_for(client, job.id)
-    assert job.status == "succeeded", (job.error, server.log_tail())
+    method: Method = {"type": "dpo", "dpo": {"hyperparameters": HYPER}}
+    job = _trained(server, client, "preference", PREFERENCE, method)
     name = job.fine_tuned_model
     with server.client() as http:
         adapter = http.get(f"/v1/adapters/{name}").raise_for_status().json()
