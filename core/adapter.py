@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from core.base import FrozenBase
@@ -95,14 +96,19 @@ class Adapter:
     def build(self, base: FrozenBase) -> AdaptedModel:
         """An eval-ready model on ``base`` with this adapter's weights (base weights untouched)."""
         method = self.load_method(base)
-        head = Head(self.head, base.hidden_size).to(base.device)
-        try:
-            head.load_state_dict({k: v.to(base.device) for k, v in self.head_state.items()})
-        except (ValueError, RuntimeError) as e:
-            raise AdapterFormatError(f"adapter weights do not fit its config: {e}") from None
-        model = AdaptedModel(base, method, head)
+        model = AdaptedModel(base, method, self._load_head(base.hidden_size, base.device))
         model.requires_grad_(False).eval()
         return model
+
+    def _load_head(self, hidden_size: int, device: torch.device) -> Head:
+        """This adapter's head on ``device`` with its weights; weights that do not fit the
+        head's config are refused."""
+        head = Head(self.head, hidden_size).to(device)
+        try:
+            head.load_state_dict({k: v.to(device) for k, v in self.head_state.items()})
+        except (ValueError, RuntimeError) as e:
+            raise AdapterFormatError(f"adapter weights do not fit its config: {e}") from None
+        return head
 
     def build_decoder_head(self, base: DecoderBase) -> DecoderHeadModel:
         """An eval-ready reward model or classifier on decoder ``base`` (its head reads the
@@ -110,11 +116,7 @@ class Adapter:
         if self.head.task not in ("classification", "reward"):
             raise AdapterFormatError(f"a {self.task!r} adapter has no head")
         method = self.load_method(base)
-        head = Head(self.head, base.config.hidden_size).to(base.device)
-        try:
-            head.load_state_dict({k: v.to(base.device) for k, v in self.head_state.items()})
-        except (ValueError, RuntimeError) as e:
-            raise AdapterFormatError(f"adapter weights do not fit its config: {e}") from None
+        head = self._load_head(base.config.hidden_size, base.device)
         model = DecoderHeadModel(base, method, head)
         model.requires_grad_(False).eval()
         return model
