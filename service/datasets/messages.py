@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from service.datasets.rows import DatasetKind, Limits, Where, check_unicode, type_name
+from service.datasets.rows import DatasetKind, Limits, Where, check_text, type_name
 
 ROLES = ("system", "user", "assistant")
 # A row's contents together: the budget of a preference row's three texts.
@@ -104,13 +104,7 @@ def _message(
         )
     at = f"{field}.content"
     content = _content(m.get("content"), at, where)
-    check_unicode(content, at, where)
-    if len(content) > limits.max_text_chars:
-        raise where.error(
-            f"field '{at}' is longer than {limits.max_text_chars} characters",
-            at,
-            "field_too_long",
-        )
+    check_text(content, at, where, limits)
     if role == "assistant" and not content.strip():
         raise where.error(f"field '{at}' must not be empty", at, "empty_field")
     budget.spend(content, at, where, limits)

@@ -132,6 +132,17 @@ def check_unicode(value: str, field: str, where: Where) -> None:
         ) from None
 
 
+def check_text(value: str, field: str, where: Where, limits: Limits) -> None:
+    """A row's text ``field``: storable Unicode, at most ``limits.max_text_chars`` long."""
+    check_unicode(value, field, where)
+    if len(value) > limits.max_text_chars:
+        raise where.error(
+            f"field '{field}' is longer than {limits.max_text_chars} characters",
+            field,
+            "field_too_long",
+        )
+
+
 def _text(
     obj: Mapping[str, Any], field: str, where: Where, limits: Limits, *, required: bool
 ) -> str | None:
@@ -146,13 +157,7 @@ def _text(
         )
     if not value.strip():
         raise where.error(f"field '{field}' must not be empty", field, "empty_field")
-    check_unicode(value, field, where)
-    if len(value) > limits.max_text_chars:
-        raise where.error(
-            f"field '{field}' is longer than {limits.max_text_chars} characters",
-            field,
-            "field_too_long",
-        )
+    check_text(value, field, where, limits)
     return value
 
 
