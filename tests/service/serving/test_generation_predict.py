@@ -34,6 +34,7 @@ from tests.service.helpers import (
     json_post_scope,
     served_decoder,
     store_adapter,
+    tiny_bases_settings,
     wait_until_idle,
 )
 
@@ -46,19 +47,16 @@ INPUTS = ["Hello there.", "What is two and two?", "Bye!"]
 
 
 @pytest.fixture
-def app_settings(settings: Settings, tiny_llama_dir: Path) -> Settings:
-    return settings.model_copy(
-        update={
-            "decoder_model_path": tiny_llama_dir,
-            "decoder_model_name": TINY_LLAMA_NAME,
-            "bases": [TINY_LLAMA_NAME],
-            "embedded_worker": False,
-            "torch_threads": 1,
-            "max_request_chars": MAX_REQUEST_CHARS,
-            "predict_max_tokens": MAX_TOKENS,
-            "generation_max_waiting": MAX_WAITING,
-            "generation_kv_cache_mb": 1,  # 8 sequences of the tiny model's 256 positions
-        }
+def app_settings(settings: Settings, tiny_model_dir: Path, tiny_llama_dir: Path) -> Settings:
+    return tiny_bases_settings(
+        settings,
+        tiny_model_dir,
+        tiny_llama_dir,
+        TINY_LLAMA_NAME,
+        max_request_chars=MAX_REQUEST_CHARS,
+        predict_max_tokens=MAX_TOKENS,
+        generation_max_waiting=MAX_WAITING,
+        generation_kv_cache_mb=1,  # 8 sequences of the tiny model's 256 positions
     )
 
 
