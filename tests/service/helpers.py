@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from core.base import FrozenBase
     from core.decoder.base import DecoderBase
     from core.generation.scheduler import Scheduler
+    from core.training.trainer import ProgressEvent
     from service.config import Settings
     from service.worker.job_run import JobRun
 
@@ -345,6 +346,19 @@ def zip_bytes(files: dict[str, bytes]) -> bytes:
         for name, data in files.items():
             zf.writestr(name, data)
     return buf.getvalue()
+
+
+def shutdown_at_step(step: int) -> type[JobRun]:
+    """A ``JobRun`` whose worker is told to stop (SIGTERM) while ``step`` is reported."""
+    from service.worker.job_run import JobRun
+
+    class ShutdownAtStep(JobRun):
+        def _on_progress(self, ev: ProgressEvent) -> None:
+            super()._on_progress(ev)
+            if ev.step == step:
+                self.shutdown.set()
+
+    return ShutdownAtStep
 
 
 def claimed_run(

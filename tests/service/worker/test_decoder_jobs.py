@@ -18,7 +18,6 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.decoder.base import DecoderBase, load_decoder_base
-from core.training.trainer import ProgressEvent
 from service.adapters.store import adapter_from_row
 from service.config import DEFAULT_BASE_MODEL_NAME, Settings
 from service.db.models import AdapterRow
@@ -26,7 +25,7 @@ from service.jobs import queue
 from service.worker.job_run import JobRun, RunOutcome
 from tests.core.decoder.tiny_llama import TINY_LLAMA_NAME
 from tests.service.conftest import make_settings
-from tests.service.helpers import ADMIN_KEY, Headers, assert_error, create_dataset
+from tests.service.helpers import ADMIN_KEY, Headers, assert_error, create_dataset, shutdown_at_step
 
 JOBS = "/v1/fine_tuning/jobs"
 # Short rows and windows: a step of the tiny model takes milliseconds.
@@ -238,15 +237,6 @@ def test_job_creation_checks_base_task_and_settings(
     refused(404, "training_file", training_file=other_chat)
 
 
-class _ShutdownAtStep2(JobRun):
-    """The worker is told to stop (SIGTERM) while step 2 is reported."""
-
-    def _on_progress(self, ev: ProgressEvent) -> None:
-        super()._on_progress(ev)
-        if ev.step == 2:
-            self.shutdown.set()
-
-
 def test_a_requeued_chat_job_resumes_to_the_uninterrupted_adapter(
     client: TestClient,
     auth: Headers,
@@ -259,7 +249,7 @@ def test_a_requeued_chat_job_resumes_to_the_uninterrupted_adapter(
     clean = create_job(client, auth, **body)
     assert run_next(db, settings, decoder) is RunOutcome.SUCCEEDED
     job = create_job(client, auth, **body)
-    assert run_next(db, settings, decoder, _ShutdownAtStep2) is RunOutcome.REQUEUED
+    assert run_next(db, settings, decoder, shutdown_at_step(2)) is RunOutcome.REQUEUED
     assert client.get(f"{JOBS}/{job['id']}", headers=auth).json()["status"] == "queued"
     assert run_next(db, settings, decoder) is RunOutcome.SUCCEEDED
 
@@ -295,7 +285,7 @@ def test_a_requeued_decoder_reward_job_resumes_to_the_uninterrupted_adapter(
     clean = create_job(client, auth, **body)
     assert run_next(db, settings, decoder) is RunOutcome.SUCCEEDED
     job = create_job(client, auth, **body)
-    assert run_next(db, settings, decoder, _ShutdownAtStep2) is RunOutcome.REQUEUED
+    assert run_next(db, settings, decoder, shutdown_at_step(2)) is RunOutcome.REQUEUED
     assert run_next(db, settings, decoder) is RunOutcome.SUCCEEDED
 
     clean = client.get(f"{JOBS}/{clean['id']}", headers=auth).json()

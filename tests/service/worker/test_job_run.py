@@ -23,7 +23,7 @@ from service.config import Settings
 from service.jobs import queue
 from service.worker.job_run import JobRun, RunOutcome
 from tests.core.training.conftest import sentiment_rows
-from tests.service.helpers import Headers, claimed_run, create_dataset
+from tests.service.helpers import Headers, claimed_run, create_dataset, shutdown_at_step
 
 JOBS = "/v1/fine_tuning/jobs"
 
@@ -163,15 +163,6 @@ def test_cancel_stops_at_the_next_step_and_the_job_agrees_with_its_last_event(
     assert job["trained_tokens"] == last_metrics["trained_tokens"] > 0
 
 
-class _ShutdownAtStep3(JobRun):
-    """The worker is told to stop (SIGTERM) while step 3 is reported."""
-
-    def _on_progress(self, ev: ProgressEvent) -> None:
-        super()._on_progress(ev)
-        if ev.step == 3:
-            self.shutdown.set()
-
-
 def test_a_resumed_job_counts_tokens_and_epochs_as_an_uninterrupted_one(
     client: TestClient,
     auth: Headers,
@@ -184,7 +175,7 @@ def test_a_resumed_job_counts_tokens_and_epochs_as_an_uninterrupted_one(
     assert claimed_run(db, settings, tiny_base).run() == RunOutcome.SUCCEEDED
     job_id = _create(client, auth, 20, hyper)
 
-    assert claimed_run(db, settings, tiny_base, _ShutdownAtStep3).run() == RunOutcome.REQUEUED
+    assert claimed_run(db, settings, tiny_base, shutdown_at_step(3)).run() == RunOutcome.REQUEUED
     requeued = client.get(f"{JOBS}/{job_id}", headers=auth).json()
     assert requeued["status"] == "queued"
     assert requeued["progress"] == {"step": 3, "total_steps": 10, "epoch": 0.6}
