@@ -15,6 +15,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from core.decoder.forward import NO_HOOKS, DecoderWeights, LinearHooks
@@ -124,12 +125,9 @@ class AdapterSlots:
         self.bank.remove(slot)
         self._bank_version += 1
 
-    def hooks(self, slots: Tensor, *, keep: bool = True) -> LinearHooks:
-        """Hooks adding each row's LoRA delta (``slots[i]`` = -1: the bare base).
-
-        ``keep``: the adapters' gathered pairs are kept for the next call with the same
-        adapters (decode steps); False for a one-off batch (a prefill between decode steps),
-        which would otherwise replace the decode steps' set.
+    def hooks(self, slots: Tensor) -> LinearHooks:
+        """Hooks adding each row's LoRA delta (``slots[i]`` = -1: the bare base), for decode
+        steps: the adapters' gathered pairs are kept for the next call with the same adapters.
         """
         rows_of: dict[int, list[int]] = {}
         for row, slot in enumerate(slots.tolist()):
@@ -138,12 +136,9 @@ class AdapterSlots:
         if not rows_of:
             return NO_HOOKS
         adapters = sorted(rows_of)
-        gathered: dict[Site, tuple[Tensor, Tensor]] = {}
-        if keep:
-            key = (self._bank_version, tuple(adapters))
-            if key != self._gathered_key:
-                self._gathered_key, self._gathered = key, {}
-            gathered = self._gathered
+        key = (self._bank_version, tuple(adapters))
+        if key != self._gathered_key:
+            self._gathered_key, self._gathered = key, {}
         index = torch.tensor(adapters, device=slots.device)
         return GroupedLoraHooks(
             self.bank.site_tensors(),
@@ -151,8 +146,52 @@ class AdapterSlots:
             self.bank.scale.index_select(0, index).view(-1, 1, 1),
             [rows_of[s] for s in adapters],
             slots.shape[0],
-            gathered,
+            self._gathered,
         )
+
+    def segment_hooks(self, segments: list[tuple[int, int, int]]) -> LinearHooks:
+        """Hooks for a packed prefill: ``(slot, start, stop)`` = rows ``start..stop-1`` are one
+        prompt's tokens, with the adapter at bank ``slot`` (-1: the bare base)."""
+        runs = [(slot, start, stop) for slot, start, stop in segments if slot >= 0]
+        if not runs:
+            return NO_HOOKS
+        return SegmentLoraHooks(self.bank.site_tensors(), self.bank.scale.tolist(), runs)
+
+
+class SegmentLoraHooks:
+    """``y[rows] += scale · B (A x[rows])`` per prompt of a packed prefill, straight from the bank.
+
+    A prompt's tokens are contiguous rows with one adapter, so each prompt's delta is two small
+    matmuls on its rows and its adapter's bank views: nothing gathered or copied. Grouping the
+    rows by adapter instead (:class:`GroupedLoraHooks`, padded to the largest group) copied
+    every site's inputs and deltas of ~2000 prompt tokens, ~1.3 s of a 5 s SmolLM2 prefill of
+    16 prompts on 2 cores. A prompt's rows meet the same matmuls as its prefill alone.
+    """
+
+    def __init__(
+        self,
+        sites: dict[Site, tuple[Tensor, Tensor]],
+        scale: list[float],
+        runs: list[tuple[int, int, int]],
+    ) -> None:
+        self.sites = sites
+        self.scale = scale  # by bank slot
+        self.runs = runs
+
+    def weight(self, layer: int, target: str, weight: Tensor) -> Tensor:
+        return weight
+
+    def linear(self, layer: int, target: str, x: Tensor, y: Tensor) -> Tensor:
+        stacked = self.sites.get((layer, target))
+        if stacked is None:
+            return y
+        a, b = stacked
+        flat_x = x.reshape(-1, x.shape[-1])
+        flat_y = y.view(-1, y.shape[-1])
+        for slot, start, stop in self.runs:
+            h = F.linear(flat_x[start:stop], a[slot]).mul_(self.scale[slot])
+            flat_y[start:stop].add_(F.linear(h, b[slot]))
+        return y
 
 
 class GroupedLoraHooks:

@@ -1,11 +1,11 @@
 """One prefill pass for several prompts, packed end to end (no padding), each into its slots.
 
 The prompts' tokens are one batch of ``T`` rows for every linear (where a prefill's time goes,
-and where one pass over the weights for all prompts pays), each row carrying its prompt's
-adapter through the grouped LoRA hooks; attention runs per prompt, causal over its own tokens
-at positions ``0..len-1``, exactly as that prompt's prefill alone, and writes its keys and
-values into the prompt's cache slot(s). Padding the prompts to the longest instead would spend
-the budget on padding: prompts of 20-200 tokens are about half padding.
+and where one pass over the weights for all prompts pays), each prompt's rows carrying its
+adapter (:class:`core.generation.adapters.SegmentLoraHooks`); attention runs per prompt, causal
+over its own tokens at positions ``0..len-1``, exactly as that prompt's prefill alone, and
+writes its keys and values into the prompt's cache slot(s). Padding the prompts to the longest
+instead would spend the budget on padding: prompts of 20-200 tokens are about half padding.
 """
 
 from __future__ import annotations

@@ -283,14 +283,16 @@ class Scheduler:
         prompts = [request.prompt_ids for _, request, _ in admitted]
         flat = [s for seqs in rows for s in seqs]
         try:
-            # The adapter of every packed token: its prompt's.
-            token_adapters = [
-                slot for p, (_, _, slot) in zip(prompts, admitted, strict=True) for _ in p
+            # Each prompt's packed rows, with its adapter.
+            starts = itertools.accumulate((len(p) for p in prompts), initial=0)
+            segments = [
+                (slot, start, start + len(p))
+                for (_, _, slot), p, start in zip(admitted, prompts, starts, strict=False)
             ]
-            hooks = self.adapters.hooks(torch.tensor(token_adapters, device=device), keep=False)
+            hooks = self.adapters.segment_hooks(segments)
             slots = [[s.slot for s in seqs] for seqs in rows]
             last = prefill(self.weights, self.cache, prompts, slots, hooks)
-            self.prefill_tokens += len(token_adapters)
+            self.prefill_tokens += sum(len(p) for p in prompts)
             repeats = torch.tensor([len(seqs) for seqs in rows], device=device)
             tokens, lps = sample(
                 logits(self.weights, last).repeat_interleave(repeats, dim=0),
