@@ -17,8 +17,10 @@ def test_a_decoder_adapters_lora_config_is_read_as_a_decoders() -> None:
         {"task": "classification", "pooling": "last_token", "label_names": ["a", "b"]},
     ]:
         config = {"method": lora, "head": head}
-        assert _base_kind(config) == "decoder"
+        assert _base_kind(head["task"], head) == "decoder"
         assert _reserved_positions(config, "decoder") == 0
     encoder = {"method": {"type": "prompt_tuning", "n_virtual_tokens": 5}, "head": {}}
-    assert _base_kind({**encoder, "head": {"task": "reward"}}) == "encoder"
+    assert _base_kind("reward", {"task": "reward"}) == "encoder"
+    # A head this release would refuse (here: no task) is still read for its kind alone.
+    assert _base_kind("reward", {"pooling": "last_token"}) == "decoder"
     assert _reserved_positions(encoder, "encoder") == 5
