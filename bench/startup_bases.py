@@ -14,78 +14,42 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-import httpx
-
 from service.config import DEFAULT_BASE_MODEL_NAME, DEFAULT_DECODER_NAME
-from tests.e2e.server import REPO, free_port
+from tests.e2e.server import ServerProcess, status_kib
 
 CASES = {
     "encoder": DEFAULT_BASE_MODEL_NAME,
     "decoder": DEFAULT_DECODER_NAME,
     "both": f"{DEFAULT_BASE_MODEL_NAME},{DEFAULT_DECODER_NAME}",
 }
-READY_TIMEOUT_S = 300.0
-
-
-def _status_mib(pid: int, field: str) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1]) / 1024
-    raise KeyError(field)
 
 
 def measure(bases: str, kv_cache_mb: int | None = None) -> dict[str, float]:
     """One start: seconds to ready, RSS and peak RSS (MiB) of the API process once ready."""
     with tempfile.TemporaryDirectory(prefix="lpx-startup-") as data_dir:
-        port = free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("LORAPLEX_")}
-        env |= {
-            "LORAPLEX_DATA_DIR": data_dir,
-            "LORAPLEX_BASES": bases,
-            "LORAPLEX_EMBEDDED_WORKER": "false",
-            "LORAPLEX_LOG_LEVEL": "WARNING",
-            "OMP_WAIT_POLICY": "PASSIVE",
+        settings: dict[str, object] = {
+            "bases": bases,
+            "embedded_worker": "false",
+            "generation_kv_cache_mb": kv_cache_mb,  # None: the default
         }
-        if kv_cache_mb is not None:
-            env["LORAPLEX_GENERATION_KV_CACHE_MB"] = str(kv_cache_mb)
+        server = ServerProcess(Path(data_dir), settings)
         started = time.perf_counter()
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "service", "serve", "--port", str(port)],
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
         try:
-            deadline = started + READY_TIMEOUT_S
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"serve exited with {proc.returncode} ({bases})")
-                try:
-                    if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.perf_counter() > deadline:
-                    raise TimeoutError(f"not ready after {READY_TIMEOUT_S:.0f} s ({bases})")
-                time.sleep(0.05)
+            server.start()
             ready_s = time.perf_counter() - started
+            assert server.proc is not None
             return {
                 "ready_s": ready_s,
-                "rss_mib": _status_mib(proc.pid, "VmRSS"),
-                "peak_rss_mib": _status_mib(proc.pid, "VmHWM"),
+                "rss_mib": status_kib(server.proc.pid, "VmRSS") / 1024,
+                "peak_rss_mib": status_kib(server.proc.pid, "VmHWM") / 1024,
             }
         finally:
-            proc.terminate()
-            proc.wait(60)
+            server.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
