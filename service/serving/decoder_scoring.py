@@ -48,7 +48,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.config import Settings
 from service.errors import invalid, not_found
 from service.serving.batcher import Batcher
-from service.serving.queries import AdapterKey, AdapterRef, find_adapter
+from service.serving.queries import AdapterKey, AdapterRef, DatabaseLoader, find_adapter
 from service.serving.run import TenantTurns, check_request_chars, infer, tenant_of
 
 if TYPE_CHECKING:
@@ -378,12 +378,12 @@ def start_decoder_scoring(
     bases: Bases,
     names: Sequence[str],
     settings: Settings,
-    factory: sessionmaker[Session],
+    loader: DatabaseLoader,
     threads: int,
 ) -> dict[str, DecoderScorer]:
-    """A started :class:`DecoderScorer` for each decoder base in ``names``."""
+    """A started :class:`DecoderScorer` for each decoder base in ``names``; ``loader`` reads
+    an adapter on a cache miss, and its session factory serves the scorers' reads too."""
     from service.serving.lifespan import max_batch_tokens
-    from service.serving.queries import DatabaseLoader
 
     scorers: dict[str, DecoderScorer] = {}
     for name in names:
@@ -391,7 +391,7 @@ def start_decoder_scoring(
         engine = DecoderHeadEngine(base, max_resident_bytes=settings.adapter_cache_mb << 20)
         batcher = Batcher(
             engine,
-            DatabaseLoader(factory),
+            loader,
             max_batch_size=settings.max_batch_size,
             max_batch_tokens=max_batch_tokens(settings, base.device.type == "cuda"),
             max_wait_ms=settings.max_wait_ms,
@@ -399,7 +399,7 @@ def start_decoder_scoring(
             threads=threads,
         )
         encoder = DecoderRowEncoder(base, settings.max_request_chars)
-        scorer = DecoderScorer(base, batcher, encoder, factory)
+        scorer = DecoderScorer(base, batcher, encoder, loader.factory)
         scorer.start()
         scorers[name] = scorer
     return scorers

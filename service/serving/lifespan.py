@@ -72,15 +72,16 @@ async def serving(state: AppState) -> AsyncIterator[None]:
     threads = serving_threads(settings)
     torch.set_num_threads(threads)
     bases = await run_sync(lambda: load_bases(settings))
-    base = bases.encoder
-    batcher = _start_encoder(state, base, threads) if base is not None else None
-    decoders = [name for name in bases if bases.kind(name) == "decoder"]
+    # One adapter loader (stateless but for its session factory) for every engine's misses.
     loader = DatabaseLoader(state.sessionmaker)
+    base = bases.encoder
+    batcher = _start_encoder(state, base, threads, loader) if base is not None else None
+    decoders = [name for name in bases if bases.kind(name) == "decoder"]
     # A scheduler owner thread per decoder base (/v1/chat/completions, /v1/completions).
     generation = await run_sync(lambda: start_generation(bases, decoders, settings, loader))
     state.generation = generation
     # A decoder's classifiers and reward models (/predict, /reward/compare, best-of-n).
-    scoring = start_decoder_scoring(bases, decoders, settings, state.sessionmaker, threads)
+    scoring = start_decoder_scoring(bases, decoders, settings, loader, threads)
     state.decoder_scoring = scoring
     state.metrics.add_collector(GenerationCollector(generation))
     state.bases = bases
@@ -96,7 +97,9 @@ async def serving(state: AppState) -> AsyncIterator[None]:
             batcher.stop()
 
 
-def _start_encoder(state: AppState, base: FrozenBase, threads: int) -> Batcher:
+def _start_encoder(
+    state: AppState, base: FrozenBase, threads: int, loader: DatabaseLoader
+) -> Batcher:
     """The encoder's serving: the inference engine, its batcher (started) and input check."""
     import torch
 
@@ -114,7 +117,7 @@ def _start_encoder(state: AppState, base: FrozenBase, threads: int) -> Batcher:
     metrics = state.metrics
     batcher = Batcher(
         engine,
-        DatabaseLoader(state.sessionmaker),
+        loader,
         max_batch_size=settings.max_batch_size,
         max_batch_tokens=max_batch_tokens(settings, on_cuda),
         max_wait_ms=settings.max_wait_ms,
