@@ -1,4 +1,4 @@
-"""The worker loop: reap expired leases, claim the oldest queued job, run it, repeat.
+"""The worker loop: reap expired leases, claim the next queued job on its bases, run it, repeat.
 
 Run it with ``loraplex worker`` (standalone, any number of them against one database) or let
 ``loraplex serve`` start one as a child process (the embedded default). A separate process,
