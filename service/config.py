@@ -151,13 +151,21 @@ class Settings(BaseSettings):
         ge=1,
         description="Memory for the decoder's KV cache (/v1/chat/completions): it holds this "
         "many MiB / (bytes one sequence of generation_context_tokens takes) sequences at once; "
-        "SmolLM2-135M in fp32 takes 45 KiB a token, so 1024 MiB hold 22 sequences of 1024.",
+        "SmolLM2-135M in fp32 takes 45 KiB a token, so 1024 MiB hold 22 sequences of 1024 "
+        "(twice as many in bfloat16, see generation_dtype).",
     )
     generation_context_tokens: int = Field(
         default=1024,
         ge=2,
         description="Tokens one generated sequence may hold, prompt included (at most the "
         "decoder's own context); a longer request is refused with 400 naming the limit.",
+    )
+    generation_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        default="auto",
+        description="The dtype the decoder generates in (/v1/chat/completions): auto = "
+        "bfloat16 on CUDA or on a CPU with AMX (amx_bf16 in /proc/cpuinfo), float32 elsewhere. "
+        "bfloat16 keeps a second, half-size copy of the decoder's weights and halves the KV "
+        "cache's bytes a token; its tokens may differ from float32's where two are near-tied.",
     )
     generation_max_waiting: int = Field(
         default=64,
@@ -170,6 +178,19 @@ class Settings(BaseSettings):
         ge=1,
         description="LoRA adapters resident in the generation bank at once (least recently "
         "used evicted first; never one a running sequence uses).",
+    )
+    generation_merged_mb: int = Field(
+        default=512,
+        ge=0,
+        description="Memory for one adapter merged into a copy of the decoder's linears, which "
+        "decode steps that adapter has alone run on (`mode` on /v1/chat/completions); SmolLM2 "
+        "with all seven targets merged takes 405 MiB in fp32. 0: never merge.",
+    )
+    generation_prefill_tokens: int = Field(
+        default=2048,
+        ge=1,
+        description="Prompt tokens one generation step prefills at most; a longer prompt is "
+        "prefilled in chunks of this many, with the running sequences' tokens in between.",
     )
     predict_max_tokens: int = Field(
         default=256,

@@ -62,6 +62,7 @@ class DecoderWeights:
 
     def __init__(self, config: DecoderConfig, state_dict: Mapping[str, Tensor]) -> None:
         self.config = config
+        self._state_dict = state_dict
         self.embed = state_dict["model.embed_tokens.weight"]
         self.norm = state_dict["model.norm.weight"]
         self.lm_head = self.embed if config.tie_word_embeddings else state_dict["lm_head.weight"]
@@ -82,6 +83,12 @@ class DecoderWeights:
                 )
             )
         self.inv_freq = rope_inv_freq(config).to(self.embed.device)
+
+    def to(self, dtype: torch.dtype) -> DecoderWeights:
+        """These weights in ``dtype``: ``self`` if they already are, else a converted copy."""
+        if dtype == self.dtype:
+            return self
+        return DecoderWeights(self.config, {k: v.to(dtype) for k, v in self._state_dict.items()})
 
     @property
     def dtype(self) -> torch.dtype:

@@ -325,13 +325,16 @@ def start_generation(
 
     from core.generation.kv import slots_for_budget
     from core.generation.scheduler import Scheduler
+    from core.hardware import resolve_dtype
 
     servers: dict[str, GenerationServer] = {}
     for name in decoder_names:
         base: DecoderBase = bases[name]
         capacity = min(settings.generation_context_tokens, base.max_length)
+        # The base's own weights stay for training and scoring; bf16 adds a half-size copy.
+        weights = base.weights.to(resolve_dtype(settings.generation_dtype, base.weights.device))
         slots = slots_for_budget(
-            base.config, capacity, base.dtype, settings.generation_kv_cache_mb << 20
+            base.config, capacity, weights.dtype, settings.generation_kv_cache_mb << 20
         )
         if slots < 1:
             raise ValueError(
@@ -339,21 +342,24 @@ def start_generation(
                 f"{capacity} tokens of {name}; raise it or lower generation_context_tokens"
             )
         scheduler = Scheduler(
-            base.weights,
+            weights,
             copy.deepcopy(base.tokenizer),
             num_slots=slots,
             capacity=capacity,
             stop_token_ids=base.stop_token_ids,
             max_waiting=settings.generation_max_waiting,
             max_adapters=settings.generation_max_adapters,
+            prefill_tokens_per_step=settings.generation_prefill_tokens,
+            merged_bytes=settings.generation_merged_mb << 20,
         )
         server = GenerationServer(base, scheduler, load_adapter)
         server.start()
         servers[name] = server
         logger.info(
-            "generating with %s on %s: %d sequences of %d tokens",
+            "generating with %s on %s in %s: %d sequences of %d tokens",
             name,
             torch.device(base.device),
+            weights.dtype,
             slots,
             capacity,
         )

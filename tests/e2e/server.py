@@ -32,6 +32,8 @@ def base_env(data_dir: Path, **settings: object) -> dict[str, str]:
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     # The encoder alone unless a test asks for more (the decoder would slow every start).
     settings.setdefault("bases", settings.get("base_model_name") or DEFAULT_BASE_MODEL_NAME)
+    # Generation in float32 whatever the CPU: tests compare its tokens with transformers'.
+    settings.setdefault("generation_dtype", "float32")
     for key, value in settings.items():
         if value is not None:
             env[f"LORAPLEX_{key.upper()}"] = str(value)

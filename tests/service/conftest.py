@@ -44,6 +44,8 @@ def make_settings(data_dir: Path, **overrides: Any) -> Settings:
     # The encoder alone unless a test asks for more: loading the decoder too would slow every
     # start-up test for nothing.
     overrides.setdefault("bases", [overrides.get("base_model_name", DEFAULT_BASE_MODEL_NAME)])
+    # Generation in float32 whatever the CPU: tests compare its tokens with transformers'.
+    overrides.setdefault("generation_dtype", "float32")
     return Settings(_env_file=None, data_dir=data_dir, **overrides)  # type: ignore[call-arg]
 
 
