@@ -16,6 +16,9 @@ step of the B sequences on the bare base and one with their mixed adapters (same
 lengths), medians ``step_ms_bare`` / ``step_ms_mixed`` and ``step_ratio`` = bare / mixed (the
 throughput ratio of the decode loop, which load drifting over the run does not bias).
 
+``--dtype`` is the ``generation_dtype`` setting's (auto: bfloat16 on a CPU with AMX); the
+report names the dtype run and the CPU's bf16 flags.
+
     nice -n 10 python -m bench.generate_engine --json bench_generate_engine.json
 """
 
@@ -44,6 +47,7 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
@@ -59,8 +63,10 @@ def main() -> None:
     from core.generation.kv import SlotCache
     from core.generation.sampling import SamplingParams
     from core.generation.scheduler import GenerationRequest, Scheduler
+    from core.hardware import bf16_cpu_flags, resolve_dtype
 
     base = load_decoder_base(device="cpu")
+    weights = base.weights.to(resolve_dtype(args.dtype, base.weights.device))
     cfg = base.config
     g = torch.Generator().manual_seed(0)
     adapters = []
@@ -81,7 +87,7 @@ def main() -> None:
 
     def scheduled(rows: list[list[int]], mixed: bool) -> float:
         sched = Scheduler(
-            base.weights,
+            weights,
             base.tokenizer,
             num_slots=len(rows),
             capacity=args.prompt_tokens + args.new_tokens,
@@ -101,9 +107,9 @@ def main() -> None:
     @torch.inference_mode()
     def step_ms(b: int) -> tuple[float, float]:
         """Median ms of one decode step of b sequences: bare base, then mixed adapters."""
-        slots = AdapterSlots(base.weights, max(args.adapters, 1))
+        slots = AdapterSlots(weights, max(args.adapters, 1))
         rows = torch.tensor([slots.acquire(adapters[i % args.adapters]) for i in range(b)])
-        cache = SlotCache(base.weights, b, args.prompt_tokens + 2)
+        cache = SlotCache(weights, b, args.prompt_tokens + 2)
         which = torch.arange(b)
         tokens = torch.randint(100, cfg.vocab_size, (b,), generator=g)
         lengths = torch.full((b,), args.prompt_tokens)
@@ -112,9 +118,7 @@ def main() -> None:
             for mixed in (False, True):
                 hooks = slots.hooks(rows if mixed else torch.full((b,), -1))
                 t0 = time.perf_counter()
-                logits(
-                    base.weights, decode_step(base.weights, cache, which, tokens, lengths, hooks)
-                )
+                logits(weights, decode_step(weights, cache, which, tokens, lengths, hooks))
                 times[mixed].append((time.perf_counter() - t0) * 1000)
         return statistics.median(times[False]), statistics.median(times[True])
 
@@ -122,7 +126,7 @@ def main() -> None:
     for b in args.batch:
         rows = prompts(b)
         t0 = time.perf_counter()
-        greedy_generate(base.weights, rows, args.new_tokens)
+        greedy_generate(weights, rows, args.new_tokens)
         bare = b * args.new_tokens / (time.perf_counter() - t0)
         sched_bare = scheduled(rows, mixed=False)
         mixed = scheduled(rows, mixed=True)
@@ -141,11 +145,14 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     report = {
         "model": base.name,
+        "dtype": str(weights.dtype).removeprefix("torch."),
+        "cpu_bf16_flags": bf16_cpu_flags(),
         "adapters": args.adapters,
         "prompt_tokens": args.prompt_tokens,
         "new_tokens": args.new_tokens,
         "threads": torch.get_num_threads(),
         "peak_rss_mib": round(peak_rss_mib()),
+        "loadavg": [round(x, 2) for x in os.getloadavg()],
         "results": results,
     }
     if args.json:
