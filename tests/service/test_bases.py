@@ -102,37 +102,6 @@ def test_bases_are_read_comma_separated_and_reach_the_worker_process(
     assert Settings(_env_file=None, data_dir=tmp_path).bases == settings.bases  # type: ignore[call-arg]
 
 
-@pytest.mark.parametrize(
-    ("env", "expected"),
-    [
-        ({"LORAPLEX_BASES": "gpt-17"}, "LORAPLEX_BASES='gpt-17': unknown base 'gpt-17'; list one"),
-        ({"LORAPLEX_BASES": ","}, "LORAPLEX_BASES='': no base listed"),
-        (
-            {"LORAPLEX_BASES": f"{DEFAULT_DECODER_NAME},{DEFAULT_DECODER_NAME}"},
-            "a base is listed twice",
-        ),
-        (
-            {"LORAPLEX_DECODER_MODEL_NAME": DEFAULT_BASE_MODEL_NAME},
-            "LORAPLEX_BASE_MODEL_NAME and LORAPLEX_DECODER_MODEL_NAME are both",
-        ),
-    ],
-)
-def test_a_wrong_list_of_bases_is_one_start_up_line(
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-    env: dict[str, str],
-    expected: str,
-) -> None:
-    monkeypatch.chdir(tmp_path)
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    assert main(["serve"]) == EXIT_STARTUP_ERROR
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("loraplex: ") and expected in err
-    assert "pydantic" not in err
-
-
 def test_a_missing_decoder_is_refused_before_anything_is_written(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

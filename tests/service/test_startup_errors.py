@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from service.cli import EXIT_STARTUP_ERROR, main
-from service.config import unknown_variables
+from service.config import DEFAULT_BASE_MODEL_NAME, DEFAULT_DECODER_NAME, unknown_variables
 from tests.e2e.server import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -341,6 +341,18 @@ def test_invalid_settings_name_their_variables_one_line_each(tmp_path: Path) -> 
             {"LORAPLEX_LEASE_SECONDS": "5"},
             [],
             "LORAPLEX_HEARTBEAT_SECONDS (10) must be smaller than LORAPLEX_LEASE_SECONDS (5)",
+        ),
+        ({"LORAPLEX_BASES": "gpt-17"}, [], "LORAPLEX_BASES='gpt-17': unknown base 'gpt-17'; list"),
+        ({"LORAPLEX_BASES": ","}, [], "LORAPLEX_BASES='': no base listed"),
+        (
+            {"LORAPLEX_BASES": f"{DEFAULT_DECODER_NAME},{DEFAULT_DECODER_NAME}"},
+            [],
+            "a base is listed twice",
+        ),
+        (
+            {"LORAPLEX_DECODER_MODEL_NAME": DEFAULT_BASE_MODEL_NAME},
+            [],
+            "LORAPLEX_BASE_MODEL_NAME and LORAPLEX_DECODER_MODEL_NAME are both",
         ),
     ],
 )
