@@ -2,13 +2,15 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import create_engine, inspect, text
+from sqlalchemy import Connection, create_engine, inspect, text
 
 from service.db.migrate import alembic_config, current_revision, head_revision, upgrade
 from service.db.models import Base
@@ -30,20 +32,28 @@ EXPECTED_TABLES = {
 NON_TENANT_TABLES = {"tenants", "worker_heartbeats"}
 
 
-def _check_schema(url: str) -> None:
+@contextmanager
+def _connection(url: str, *, write: bool = False) -> Iterator[Connection]:
+    """A connection to ``url`` (in a committed transaction with ``write``), its engine disposed
+    afterwards: a test's upgrades and downgrades run on engines of their own."""
     db_engine = create_engine(url)
     try:
-        with db_engine.connect() as conn:
-            tables = set(inspect(conn).get_table_names())
-            assert tables == EXPECTED_TABLES | {"alembic_version"}
-            assert set(Base.metadata.tables) == EXPECTED_TABLES
-            # The migration and the models describe the same schema, column for column.
-            diff = compare_metadata(
-                MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata
-            )
-            assert diff == []
+        with db_engine.begin() if write else db_engine.connect() as conn:
+            yield conn
     finally:
         db_engine.dispose()
+
+
+def _check_schema(url: str) -> None:
+    with _connection(url) as conn:
+        tables = set(inspect(conn).get_table_names())
+        assert tables == EXPECTED_TABLES | {"alembic_version"}
+        assert set(Base.metadata.tables) == EXPECTED_TABLES
+        # The migration and the models describe the same schema, column for column.
+        diff = compare_metadata(
+            MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata
+        )
+        assert diff == []
 
 
 def test_upgrade_creates_every_table_on_an_empty_sqlite_file(tmp_path: Path) -> None:
@@ -106,26 +116,22 @@ def test_postgres_upgrade_from_the_first_revision_keeps_data_and_binary_columns(
         upgrade(url)
         assert current_revision(url) == head_revision()
         _check_schema(url)
-        db_engine = create_engine(url)
-        try:
-            with db_engine.connect() as conn:
-                cols = {
-                    (t, c["name"]): str(c["type"]).upper()
-                    for t in ("adapters", "checkpoints", "datasets")
-                    for c in inspect(conn).get_columns(t)
-                }
-                stored = conn.execute(text("SELECT weights FROM adapters")).scalar_one()
-                storage = dict(
-                    conn.execute(
-                        text(
-                            "SELECT attname, attstorage FROM pg_attribute WHERE attnum > 0 AND "
-                            "(attrelid, attname) IN (('adapters'::regclass, 'weights'), "
-                            "('checkpoints'::regclass, 'state'), ('datasets'::regclass, 'rows'))"
-                        )
-                    ).all()
-                )
-        finally:
-            db_engine.dispose()
+        with _connection(url) as conn:
+            cols = {
+                (t, c["name"]): str(c["type"]).upper()
+                for t in ("adapters", "checkpoints", "datasets")
+                for c in inspect(conn).get_columns(t)
+            }
+            stored = conn.execute(text("SELECT weights FROM adapters")).scalar_one()
+            storage = dict(
+                conn.execute(
+                    text(
+                        "SELECT attname, attstorage FROM pg_attribute WHERE attnum > 0 AND "
+                        "(attrelid, attname) IN (('adapters'::regclass, 'weights'), "
+                        "('checkpoints'::regclass, 'state'), ('datasets'::regclass, 'rows'))"
+                    )
+                ).all()
+            )
         assert cols[("adapters", "weights")] == "BYTEA"
         assert cols[("checkpoints", "state")] == "BYTEA"
         assert cols[("datasets", "rows")] == "BYTEA"
@@ -137,12 +143,8 @@ def test_postgres_upgrade_from_the_first_revision_keeps_data_and_binary_columns(
         assert current_revision(url) == "0001"
         upgrade(url)
         assert current_revision(url) == head_revision()
-        db_engine = create_engine(url)
-        try:
-            with db_engine.connect() as conn:
-                again = conn.execute(text("SELECT weights FROM adapters")).scalar_one()
-        finally:
-            db_engine.dispose()
+        with _connection(url) as conn:
+            again = conn.execute(text("SELECT weights FROM adapters")).scalar_one()
         assert bytes(again) == weights
 
 
@@ -151,13 +153,9 @@ def test_sqlite_binary_columns_are_blobs(tmp_path: Path) -> None:
     upgrade(url)
     weights = bytes(range(256)) * 4096
     _insert_adapter(url, weights)
-    db_engine = create_engine(url)
-    try:
-        with db_engine.connect() as conn:
-            col = {c["name"]: c for c in inspect(conn).get_columns("adapters")}["weights"]
-            stored = conn.execute(text("SELECT weights FROM adapters")).scalar_one()
-    finally:
-        db_engine.dispose()
+    with _connection(url) as conn:
+        col = {c["name"]: c for c in inspect(conn).get_columns("adapters")}["weights"]
+        stored = conn.execute(text("SELECT weights FROM adapters")).scalar_one()
     assert str(col["type"]).upper() == "BLOB"
     assert stored == weights
 
@@ -183,19 +181,15 @@ def test_concurrent_upgrades_of_an_empty_postgres_all_succeed() -> None:
 
 
 def _insert_dataset(url: str, kind: str) -> None:
-    db_engine = create_engine(url)
-    try:
-        with db_engine.begin() as conn:
-            conn.execute(
-                text(
-                    "INSERT INTO datasets (id, tenant_id, name, kind, rows, rows_encoding, "
-                    "row_count, bytes, sha256, created_at) VALUES (:id, 't1', 'd', :kind, :rows, "
-                    "'jsonl+gzip', 1, 1, 'x', CURRENT_TIMESTAMP)"
-                ),
-                {"id": f"file-{kind}", "kind": kind, "rows": b"\x00"},
-            )
-    finally:
-        db_engine.dispose()
+    with _connection(url, write=True) as conn:
+        conn.execute(
+            text(
+                "INSERT INTO datasets (id, tenant_id, name, kind, rows, rows_encoding, "
+                "row_count, bytes, sha256, created_at) VALUES (:id, 't1', 'd', :kind, :rows, "
+                "'jsonl+gzip', 1, 1, 'x', CURRENT_TIMESTAMP)"
+            ),
+            {"id": f"file-{kind}", "kind": kind, "rows": b"\x00"},
+        )
 
 
 def _kind_constraint_holds(url: str) -> None:
@@ -203,17 +197,10 @@ def _kind_constraint_holds(url: str) -> None:
     from sqlalchemy.exc import IntegrityError
 
     upgrade(url, "0006")
-    db_engine = create_engine(url)
-    try:
-        with db_engine.begin() as conn:
-            conn.execute(
-                text(
-                    "INSERT INTO tenants (id, name, created_at) "
-                    "VALUES ('t1', 't', CURRENT_TIMESTAMP)"
-                )
-            )
-    finally:
-        db_engine.dispose()
+    with _connection(url, write=True) as conn:
+        conn.execute(
+            text("INSERT INTO tenants (id, name, created_at) VALUES ('t1', 't', CURRENT_TIMESTAMP)")
+        )
     _insert_dataset(url, "preference")
     with pytest.raises(IntegrityError):
         _insert_dataset(url, "chat")
