@@ -6,6 +6,11 @@ adapter (:class:`core.generation.adapters.SegmentLoraHooks`); attention runs per
 over its own tokens at positions ``0..len-1``, exactly as that prompt's prefill alone, and
 writes its keys and values into the prompt's cache slot(s). Padding the prompts to the longest
 instead would spend the budget on padding: prompts of 20-200 tokens are about half padding.
+
+A prompt may also be the next chunk of one whose earlier tokens are already in its slot
+(chunked prefill, :mod:`core.generation.scheduler`): its tokens sit at positions
+``past..past+len-1`` and attend to the slot's ``past`` cached tokens as well as causally to
+each other, which is what the whole prompt's pass computes for them.
 """
 
 from __future__ import annotations
@@ -33,21 +38,27 @@ def prefill(
     prompts: list[list[int]],
     slots: list[list[int]],
     hooks: LinearHooks = NO_HOOKS,
+    past: list[int] | None = None,
 ) -> Tensor:
     """Final hidden states ``[len(prompts), hidden]`` of each prompt's last token.
 
     ``slots[r]``: the cache slots prompt ``r``'s keys and values go to (its ``n`` candidates
     share them). ``hooks`` see the packed tokens as rows ``[T, 1, in]``, prompt after prompt.
+    ``past[r]``: tokens of prompt ``r`` already in its slots (a chunk continuing them); none
+    where omitted.
     """
     c = weights.config
     device = weights.device
     lengths = [len(p) for p in prompts]
-    if max(lengths) > cache.capacity:
+    pasts = past if past is not None else [0] * len(prompts)
+    if max(p + n for p, n in zip(pasts, lengths, strict=True)) > cache.capacity:
         raise ValueError(f"a prompt is longer than a slot ({cache.capacity} tokens)")
     total = sum(lengths)
     starts = list(itertools.accumulate(lengths, initial=0))[:-1]
     ids = torch.tensor([t for p in prompts for t in p], device=device)
-    positions = torch.cat([torch.arange(n, device=device) for n in lengths])
+    positions = torch.cat(
+        [torch.arange(p, p + n, device=device) for p, n in zip(pasts, lengths, strict=True)]
+    )
     freqs = positions[:, None].float() * weights.inv_freq
     angles = torch.cat((freqs, freqs), dim=-1)
     cos = angles.cos().to(weights.dtype)[:, None, :]  # [T, 1, head_dim]
@@ -62,17 +73,26 @@ def prefill(
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         ctx = torch.empty_like(q)
-        for start, n, dsts in zip(starts, lengths, slots, strict=True):
+        for start, n, p, dsts in zip(starts, lengths, pasts, slots, strict=True):
             pk = k[start : start + n].transpose(0, 1)  # [kv_heads, n, head_dim]
             pv = v[start : start + n].transpose(0, 1)
             for slot in dsts:
-                cache.keys[i][slot, :, :n] = pk
-                cache.values[i][slot, :, :n] = pv
+                cache.keys[i][slot, :, p : p + n] = pk
+                cache.values[i][slot, :, p : p + n] = pv
+            mask = None
+            if p:  # the chunk's queries see the cached tokens and, causally, their own
+                pk = cache.keys[i][dsts[0], :, : p + n]
+                pv = cache.values[i][dsts[0], :, : p + n]
+                mask = (
+                    torch.arange(p + n, device=device)
+                    <= torch.arange(p, p + n, device=device)[:, None]
+                )
             out = F.scaled_dot_product_attention(
                 q[start : start + n].transpose(0, 1)[None],
                 pk[None],
                 pv[None],
-                is_causal=n > 1,
+                attn_mask=mask,
+                is_causal=mask is None and n > 1,
                 scale=c.head_dim**-0.5,
                 enable_gqa=c.kv_groups > 1,
             )

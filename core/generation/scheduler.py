@@ -7,6 +7,20 @@ keys and values), runs ONE decode step for every sequence that was already runni
 and retires the finished ones. A long generation only ever costs others one decode row, never
 their turn.
 
+Chunked prefill (vLLM's): a prompt longer than the whole budget is prefilled a budget's worth
+of tokens per step, each chunk continuing from the keys and values already in its slot, with
+the running sequences' decode steps in between; one such prompt at a time, it gets its first
+token with its last chunk. Prefilled whole it stalled every running sequence for its whole
+pass (SmolLM2, a 4000-token prompt beside 4 decoding sequences: see bench/generate_merged.py).
+
+Merged steps: a decode step whose sequences all use one adapter can run on a copy of the
+base's linears with that adapter merged in (:mod:`core.generation.merged`), no per-row
+deltas. Each request says whether it may (``mode``): ``unmerged`` never, ``merged`` whenever
+its step is one adapter's alone, ``auto`` when that adapter also has at least
+:data:`MERGE_PAYS_AFTER` tokens left to generate (a merge costs as much as that many steps
+save). One merged copy at a time, built when first used, dropped when another adapter's
+replaces it or the adapter is invalidated; ``merged_bytes`` bounds its size (0: never merge).
+
 Threads: :meth:`add`, :meth:`cancel` and :meth:`invalidate_adapter` may be called from any
 thread (they only queue work under a lock); :meth:`step` and everything it touches (the cache,
 the adapter bank, the sequences) belong to the one thread that calls it.
@@ -31,12 +45,20 @@ from core.generation.adapters import AdapterFull, AdapterSlots, LoraWeights
 from core.generation.decode import decode_step
 from core.generation.detok import IncrementalDetokenizer, StopStrings
 from core.generation.kv import SlotCache
+from core.generation.merged import MergedHooks, MergedLinears, merged_bytes
 from core.generation.prefill import prefill
 from core.generation.sampling import SamplingParams, TokenLogprob, sample
 
 log = logging.getLogger(__name__)
 
 FinishReason = Literal["stop", "length"]
+MergeMode = Literal["auto", "unmerged", "merged"]
+
+# ``auto`` merges an adapter that runs alone only if it has this many tokens left to generate:
+# a merge (0.37 s for SmolLM2 with all targets) costs what ~40 merged steps save at one
+# sequence (9 ms each), ~25 at eight (15 ms); with margin for sequences that stop early.
+# Figures in core.generation.merged.
+MERGE_PAYS_AFTER = 64
 
 
 class QueueFull(RuntimeError):  # noqa: N818 - a state the caller answers with 503
@@ -52,6 +74,7 @@ class GenerationRequest:
     prompt_ids: list[int]
     params: SamplingParams
     adapter: LoraWeights | None = None  # None: the bare base
+    mode: MergeMode = "auto"  # whether its decode steps may run on merged weights
 
 
 @dataclass
@@ -78,14 +101,40 @@ class _Sequence:
     index: int
     params: SamplingParams
     slot: int
-    adapter_key: Hashable | None
+    adapter: LoraWeights | None
     adapter_slot: int  # bank slot, -1 for the bare base
+    mode: MergeMode
     generator: torch.Generator
     detok: IncrementalDetokenizer
     stops: StopStrings
     length: int  # tokens whose keys and values are in the slot
     pending: int = -1  # the newest token: sampled, not yet in the cache
     completion_tokens: int = 0
+    stale: bool = False  # its adapter was invalidated: never merge it again
+
+    @property
+    def adapter_key(self) -> Hashable | None:
+        return self.adapter.key if self.adapter is not None else None
+
+
+@dataclass
+class _Chunk:
+    """A step's prefill of one prompt, or of the next chunk of a long one."""
+
+    seqs: list[_Sequence]
+    tokens: list[int]
+    past: int  # the prompt's tokens already in its slots
+    final: bool  # the prompt's last tokens: its candidates start running
+
+
+@dataclass
+class _Chunking:
+    """A request whose prompt is being prefilled in chunks: its slots are taken, its
+    candidates not running yet."""
+
+    seqs: list[_Sequence]
+    prompt: list[int]
+    done: int = 0  # prompt tokens already in its slots
 
 
 class Scheduler:
@@ -102,6 +151,7 @@ class Scheduler:
         max_waiting: int = 64,
         max_adapters: int = 64,
         prefill_tokens_per_step: int = 2048,
+        merged_bytes: int = 512 << 20,
     ) -> None:
         self.weights = weights
         self.tokenizer = tokenizer
@@ -110,9 +160,16 @@ class Scheduler:
         self.adapters = AdapterSlots(weights, max_adapters)
         self.stop_token_ids = frozenset(stop_token_ids)
         self.max_waiting = max_waiting
+        if prefill_tokens_per_step < 1:
+            raise ValueError("prefill_tokens_per_step must be at least 1")
         self.prefill_tokens_per_step = prefill_tokens_per_step
+        self.merged_bytes = merged_bytes
         self._free = list(range(num_slots))  # a heap: lowest slot first keeps batches contiguous
         self._running: dict[int, _Sequence] = {}  # by slot
+        self._chunking: _Chunking | None = None
+        self._merged: MergedLinears | None = None
+        self.merges = 0  # merged copies built so far
+        self.merged_steps = 0  # decode steps run on merged weights so far
         self._ids = itertools.count()
         self.prefill_tokens = 0  # prompt tokens run through prefill so far (n candidates: once)
         self.cancelled_sequences = 0  # running sequences stopped by cancel() so far
@@ -169,7 +226,13 @@ class Scheduler:
     def wait_for_work(self, timeout: float) -> bool:
         """Block until there is something to step (or ``timeout`` seconds); True if there is."""
         with self._lock:
-            if self._waiting or self._running or self._cancelled or self._invalidated:
+            if (
+                self._waiting
+                or self._running
+                or self._chunking is not None
+                or self._cancelled
+                or self._invalidated
+            ):
                 return True
             self._wake.clear()  # under the lock: an add() after this sets it again
         return self._wake.wait(timeout)
@@ -178,7 +241,9 @@ class Scheduler:
 
     @property
     def running(self) -> int:
-        return len(self._running)
+        """Sequences holding a slot: decoding, or their prompt being prefilled in chunks."""
+        chunking = len(self._chunking.seqs) if self._chunking is not None else 0
+        return len(self._running) + chunking
 
     @property
     def waiting(self) -> int:
@@ -188,6 +253,11 @@ class Scheduler:
     @property
     def free_slots(self) -> int:
         return len(self._free)
+
+    @property
+    def merged_key(self) -> Hashable | None:
+        """The adapter whose merged copy is held, if any."""
+        return self._merged.key if self._merged is not None else None
 
     @torch.inference_mode()
     def step(self) -> list[SequenceEvent]:
@@ -200,8 +270,17 @@ class Scheduler:
         for seq in [s for s in self._running.values() if s.request_id in cancelled]:
             self._retire(seq)
             self.cancelled_sequences += 1
+        if self._chunking is not None and self._chunking.seqs[0].request_id in cancelled:
+            for seq in self._chunking.seqs:
+                self._release(seq)
+            self._chunking = None
         for key in invalidated:
             self.adapters.invalidate(key)
+            if self.merged_key == key:
+                self._merged = None
+            chunking = self._chunking.seqs if self._chunking is not None else []
+            for seq in (*self._running.values(), *chunking):
+                seq.stale = seq.stale or seq.adapter_key == key
         events: list[SequenceEvent] = []
         earlier = sorted(self._running.values(), key=lambda s: s.slot)
         self._admit(events)
@@ -211,18 +290,31 @@ class Scheduler:
 
     def _admit(self, events: list[SequenceEvent]) -> None:
         """Take waiting requests (in order) while slots, adapters and the step's prefill budget
-        last, and prefill them all in one forward pass."""
-        admitted: list[tuple[int, GenerationRequest, int]] = []
+        last, and prefill them all, with the next chunk of a long prompt, in one forward pass.
+
+        A prompt up to the budget is prefilled whole (it waits for a step with room for it);
+        a longer one starts chunking with what the step has left, if no other is chunking."""
+        chunks: list[_Chunk] = []
         budget = self.prefill_tokens_per_step
+        chunking = self._chunking
+        if chunking is not None:
+            piece = chunking.prompt[chunking.done : chunking.done + budget]
+            final = chunking.done + len(piece) == len(chunking.prompt)
+            chunks.append(_Chunk(chunking.seqs, piece, chunking.done, final))
+            budget -= len(piece)
         slots_left = len(self._free)
-        while True:
+        while budget > 0:
             with self._lock:
                 if not self._waiting:
                     break
                 request_id, request = self._waiting[0]
-            n = request.params.n
-            # One request per step at least, however long; more while the token budget lasts.
-            if slots_left < n or (admitted and len(request.prompt_ids) > budget):
+            n, prompt = request.params.n, request.prompt_ids
+            long = len(prompt) > self.prefill_tokens_per_step
+            if (
+                slots_left < n
+                or (long and chunking is not None)
+                or (not long and len(prompt) > budget)
+            ):
                 break
             try:
                 adapter_slot = self._pin_adapter(request, n)
@@ -234,11 +326,17 @@ class Scheduler:
                 events.extend(SequenceEvent(request_id, j, error=str(exc)) for j in range(n))
                 continue
             self._pop_waiting()
-            admitted.append((request_id, request, adapter_slot))
-            budget -= len(request.prompt_ids)
+            seqs = self._sequences(request_id, request, adapter_slot)
+            if long:
+                chunking = self._chunking = _Chunking(seqs, prompt)
+                chunks.append(_Chunk(seqs, prompt[:budget], 0, final=False))
+                budget = 0
+            else:
+                chunks.append(_Chunk(seqs, prompt, 0, final=True))
+                budget -= len(prompt)
             slots_left -= n
-        if admitted:
-            self._prefill(admitted, events)
+        if chunks:
+            self._prefill(chunks, events)
 
     def _pop_waiting(self) -> None:
         with self._lock:
@@ -252,60 +350,84 @@ class Scheduler:
             self.adapters.acquire(request.adapter)
         return slot
 
-    def _prefill(
-        self, admitted: list[tuple[int, GenerationRequest, int]], events: list[SequenceEvent]
-    ) -> None:
-        """One packed pass over the admitted prompts (:func:`core.generation.prefill.prefill`);
-        a request's ``n`` candidates share its prompt's keys and values, computed once."""
+    def _sequences(
+        self, request_id: int, request: GenerationRequest, adapter_slot: int
+    ) -> list[_Sequence]:
+        """The request's ``n`` candidates, each in a slot of its own (not running yet)."""
+        params = request.params
+        return [
+            _Sequence(
+                request_id=request_id,
+                index=j,
+                params=params,
+                slot=heapq.heappop(self._free),
+                adapter=request.adapter,
+                adapter_slot=adapter_slot,
+                mode=request.mode,
+                generator=params.generator(j, self.weights.device),
+                detok=IncrementalDetokenizer(self.tokenizer),
+                stops=StopStrings(params.stop),
+                length=len(request.prompt_ids),
+            )
+            for j in range(params.n)
+        ]
+
+    def _prefill(self, chunks: list[_Chunk], events: list[SequenceEvent]) -> None:
+        """One packed pass over the step's prompts and chunks
+        (:func:`core.generation.prefill.prefill`); a request's ``n`` candidates share its
+        prompt's keys and values, computed once. A prompt's last chunk starts its candidates
+        running, with their first tokens."""
         device = self.weights.device
-        rows: list[list[_Sequence]] = []
-        for request_id, request, adapter_slot in admitted:
-            params, prompt = request.params, request.prompt_ids
-            key = request.adapter.key if request.adapter is not None else None
-            seqs = [
-                _Sequence(
-                    request_id=request_id,
-                    index=j,
-                    params=params,
-                    slot=heapq.heappop(self._free),
-                    adapter_key=key,
-                    adapter_slot=adapter_slot,
-                    generator=params.generator(j, device),
-                    detok=IncrementalDetokenizer(self.tokenizer),
-                    stops=StopStrings(params.stop),
-                    length=len(prompt),
-                )
-                for j in range(params.n)
-            ]
-            for seq in seqs:
+        finals = [c for c in chunks if c.final]
+        for chunk in finals:
+            for seq in chunk.seqs:
                 self._running[seq.slot] = seq
-            rows.append(seqs)
-        prompts = [request.prompt_ids for _, request, _ in admitted]
-        flat = [s for seqs in rows for s in seqs]
+        flat = [s for c in finals for s in c.seqs]
         try:
             # Each prompt's packed rows, with its adapter.
-            starts = itertools.accumulate((len(p) for p in prompts), initial=0)
+            starts = itertools.accumulate((len(c.tokens) for c in chunks), initial=0)
             segments = [
-                (slot, start, start + len(p))
-                for (_, _, slot), p, start in zip(admitted, prompts, starts, strict=False)
+                (c.seqs[0].adapter_slot, start, start + len(c.tokens))
+                for c, start in zip(chunks, starts, strict=False)
             ]
             hooks = self.adapters.segment_hooks(segments)
-            slots = [[s.slot for s in seqs] for seqs in rows]
-            last = prefill(self.weights, self.cache, prompts, slots, hooks)
-            self.prefill_tokens += sum(len(p) for p in prompts)
-            repeats = torch.tensor([len(seqs) for seqs in rows], device=device)
-            tokens, lps = sample(
-                logits(self.weights, last).repeat_interleave(repeats, dim=0),
-                [s.params for s in flat],
-                [s.generator for s in flat],
+            last = prefill(
+                self.weights,
+                self.cache,
+                [c.tokens for c in chunks],
+                [[s.slot for s in c.seqs] for c in chunks],
+                hooks,
+                past=[c.past for c in chunks],
             )
+            self.prefill_tokens += sum(len(c.tokens) for c in chunks)
+            tokens: list[int] = []
+            lps: list[TokenLogprob | None] = []
+            if finals:
+                # An unfinished prompt's row is dropped: its candidates sample nothing yet.
+                repeats = torch.tensor([len(c.seqs) for c in finals], device=device)
+                rows = torch.tensor([i for i, c in enumerate(chunks) if c.final], device=device)
+                tokens, lps = sample(
+                    logits(self.weights, last[rows]).repeat_interleave(repeats, dim=0),
+                    [s.params for s in flat],
+                    [s.generator for s in flat],
+                )
         except Exception as exc:
-            log.exception("prefill of %d requests failed", len(admitted))
-            for seqs in rows:
-                for seq in seqs:
-                    self._retire(seq)
+            log.exception("prefill of %d prompts failed", len(chunks))
+            for chunk in chunks:
+                for seq in chunk.seqs:
+                    if chunk.final:
+                        self._retire(seq)
+                    else:
+                        self._release(seq)
                     events.append(SequenceEvent(seq.request_id, seq.index, error=str(exc)))
+            self._chunking = None  # if one was chunking, it was in this pass and failed
             return
+        chunking = self._chunking
+        if chunking is not None:
+            chunk = next(c for c in chunks if c.seqs is chunking.seqs)
+            chunking.done += len(chunk.tokens)
+            if chunk.final:
+                self._chunking = None
         for seq, token, lp in zip(flat, tokens, lps, strict=True):
             events.append(self._accept(seq, token, lp))
 
@@ -314,7 +436,9 @@ class Scheduler:
         slots = torch.tensor([s.slot for s in seqs], device=device)
         tokens = torch.tensor([s.pending for s in seqs], device=device)
         lengths = torch.tensor([s.length for s in seqs], device=device)
-        hooks = self.adapters.hooks(torch.tensor([s.adapter_slot for s in seqs], device=device))
+        hooks = self._merged_hooks(seqs)
+        if hooks is None:
+            hooks = self.adapters.hooks(torch.tensor([s.adapter_slot for s in seqs], device=device))
         try:
             hidden = decode_step(self.weights, self.cache, slots, tokens, lengths, hooks)
             new, lps = sample(
@@ -329,6 +453,28 @@ class Scheduler:
         for seq, token, lp in zip(seqs, new, lps, strict=True):
             seq.length += 1
             events.append(self._accept(seq, token, lp))
+
+    def _merged_hooks(self, seqs: list[_Sequence]) -> MergedHooks | None:
+        """Hooks running the step on its one adapter's merged copy, if the step's sequences
+        all use that adapter and their modes allow it (building the copy if needed)."""
+        adapter = seqs[0].adapter
+        if adapter is None or self.merged_bytes <= 0:
+            return None
+        for seq in seqs:
+            if seq.adapter_key != adapter.key or seq.mode == "unmerged" or seq.stale:
+                return None
+        if self.merged_key != adapter.key:
+            left = max(s.params.max_tokens - s.completion_tokens for s in seqs)
+            if all(s.mode == "auto" for s in seqs) and left < MERGE_PAYS_AFTER:
+                return None
+            if merged_bytes(self.weights, adapter) > self.merged_bytes:
+                return None
+            self._merged = None  # the old copy goes before the new one is built
+            self._merged = MergedLinears(self.weights, adapter)
+            self.merges += 1
+        assert self._merged is not None
+        self.merged_steps += 1
+        return self._merged.hooks()
 
     def _accept(self, seq: _Sequence, token: int, lp: TokenLogprob | None) -> SequenceEvent:
         """Record a sampled token and decide whether the sequence ends with it."""
@@ -355,6 +501,10 @@ class Scheduler:
 
     def _retire(self, seq: _Sequence) -> None:
         del self._running[seq.slot]
+        self._release(seq)
+
+    def _release(self, seq: _Sequence) -> None:
+        """Free the sequence's slot and its pin on its adapter."""
         heapq.heappush(self._free, seq.slot)
         if seq.adapter_slot >= 0:
             self.adapters.release(seq.adapter_slot, seq.adapter_key)

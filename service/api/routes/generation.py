@@ -52,7 +52,7 @@ from service.state import app_state
 if TYPE_CHECKING:
     from core.generation.adapters import LoraWeights
     from core.generation.sampling import SamplingParams, TokenLogprob
-    from core.generation.scheduler import SequenceEvent
+    from core.generation.scheduler import MergeMode, SequenceEvent
     from service.serving.decoder_scoring import DecoderScorer
 
 router = APIRouter(tags=["generation"])
@@ -188,10 +188,11 @@ def _submit(
     params: SamplingParams,
     adapter: LoraWeights | None,
     prompt_param: str,
+    mode: MergeMode,
 ) -> Generation:
     from core.generation.scheduler import GenerationRequest
 
-    return server.submit(GenerationRequest(prompt, params, adapter), prompt_param)
+    return server.submit(GenerationRequest(prompt, params, adapter, mode), prompt_param)
 
 
 @dataclass
@@ -342,6 +343,7 @@ async def chat_replies(
     temperature: float,
     seed: int | None,
     param: str,
+    mode: MergeMode = "auto",
 ) -> list[Reply]:
     """One reply to each conversation, rendered with the base's chat template as ``messages``
     is here, at most ``max_tokens`` each (fewer where the context leaves fewer). Every
@@ -367,7 +369,7 @@ async def chat_replies(
                 temperature=temperature,
                 seed=seed,
             )
-            generations.append(_submit(server, prompt, params, adapter, f"{param}.{i}"))
+            generations.append(_submit(server, prompt, params, adapter, f"{param}.{i}", mode))
         done = await unless_disconnected(request, collect_all())
     finally:
         for generation in generations:
@@ -421,7 +423,7 @@ async def chat_completions(
     params = _params(
         body, _max_tokens(asked, server, prompt), body.logprobs, body.top_logprobs or 0
     )
-    generation = _submit(server, prompt, params, target.adapter, "messages")
+    generation = _submit(server, prompt, params, target.adapter, "messages", body.mode)
     response_id, created = _response_id("chatcmpl"), int(time.time())
     if body.stream:
         usage = body.stream_options is not None and body.stream_options.include_usage
@@ -519,7 +521,7 @@ async def completions(
     params = _params(
         body, _max_tokens(body.max_tokens, server, prompt), body.logprobs is not None, top
     )
-    generation = _submit(server, prompt, params, target.adapter, "prompt")
+    generation = _submit(server, prompt, params, target.adapter, "prompt", body.mode)
     response_id, created = _response_id("cmpl"), int(time.time())
     if body.stream:
         usage = body.stream_options is not None and body.stream_options.include_usage

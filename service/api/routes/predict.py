@@ -106,6 +106,7 @@ async def _generate(
         body.temperature or 0.0,
         body.seed,
         "inputs",
+        mode,
     )
     predictions = [
         Prediction(

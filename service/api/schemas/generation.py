@@ -118,6 +118,15 @@ class SamplingFields(BaseModel):
     )
     stream_options: StreamOptions | None = Field(None, description="With `stream` only.")
     user: str | None = Field(None, max_length=256, description="Accepted and not used.")
+    mode: Literal["auto", "unmerged", "merged"] = Field(
+        "auto",
+        description="loraplex, for an adapter: `unmerged` adds its LoRA delta to each of its "
+        "sequences' rows, in decode steps shared with any other adapters; `merged` runs the "
+        "steps its sequences have alone (no other adapter or base in the batch) on a copy of "
+        "the base with the adapter merged in; `auto` (default) does so only when the merge "
+        "pays (that adapter alone, with 64 tokens or more left to generate). The same "
+        "tokens up to float rounding; ignored for a base model.",
+    )
 
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:

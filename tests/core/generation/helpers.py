@@ -53,6 +53,7 @@ def scheduler(
     max_adapters: int = 8,
     stop_token_ids: tuple[int, ...] | None = None,
     prefill_tokens_per_step: int = 2048,
+    merged_bytes: int = 512 << 20,
 ) -> Scheduler:
     return Scheduler(
         base.weights,
@@ -63,6 +64,7 @@ def scheduler(
         max_waiting=max_waiting,
         max_adapters=max_adapters,
         prefill_tokens_per_step=prefill_tokens_per_step,
+        merged_bytes=merged_bytes,
     )
 
 

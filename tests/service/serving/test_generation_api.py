@@ -520,3 +520,41 @@ def test_a_bad_message_content_is_422_naming_the_shape_sent(
     assert resp.status_code == 422, resp.text
     error = resp.json()["error"]
     assert error["param"] == param and says in error["message"]
+
+
+def test_mode_merged_replies_as_unmerged_and_a_bad_mode_is_refused(server: Server) -> None:
+    base = server.decoder
+    config = parse_method_config("lora", {"r": 4, "alpha": 8}, base_kind="decoder")
+    assert isinstance(config, LoraConfig)
+    torch.manual_seed(1)
+    lora = LoraModel(config, base)
+    with torch.no_grad():
+        for b in lora.lora_B:
+            b.normal_(std=0.05)
+    _store(server, "smol-merged", Adapter.from_method(lora, HeadConfig(task="chat"), 1, {}))
+    servers = app_state(server.app).generation
+    assert servers is not None
+    scheduler = servers[DEFAULT_DECODER_NAME].scheduler
+    texts = {}
+    for mode in ("merged", "unmerged"):
+        steps = scheduler.merged_steps
+        reply = server.sdk().chat.completions.create(
+            model="smol-merged",
+            messages=QUESTION,
+            max_tokens=6,
+            temperature=0,
+            extra_body={"mode": mode},
+        )
+        texts[mode] = reply.choices[0].message.content
+        assert reply.usage is not None
+        # Alone in the batch: every decode step after the prefill's token ran merged, or none.
+        decode_steps = reply.usage.completion_tokens - 1
+        assert scheduler.merged_steps - steps == (decode_steps if mode == "merged" else 0)
+    assert texts["merged"] == texts["unmerged"] == core_greedy(base, chat_prompt(base), 6, lora)
+    resp = httpx.post(
+        f"{server.url}/v1/completions",
+        json={"model": "smol-merged", "prompt": "Paris is", "max_tokens": 2, "mode": "fused"},
+        headers={"Authorization": f"Bearer {server.key}"},
+    )
+    assert resp.status_code == 422, resp.text
+    assert resp.json()["error"]["param"] == "mode"

@@ -1,0 +1,140 @@
+"""Merged decode steps: one adapter's weights merged into the base while it runs alone."""
+
+from __future__ import annotations
+
+import pytest
+
+from core.decoder.base import DecoderBase
+from core.generation.adapters import LoraWeights
+from core.generation.sampling import SamplingParams
+from core.generation.scheduler import MERGE_PAYS_AFTER, GenerationRequest, MergeMode, Scheduler
+from tests.core.decoder.test_forward import random_rows
+from tests.core.generation.helpers import Outputs, greedy, random_lora, run_all, scheduler
+from tests.core.generation.test_scheduler import hf_greedy
+
+
+def _sched(base: DecoderBase, **kw: int) -> Scheduler:
+    return scheduler(base, capacity=256, stop_token_ids=(), **kw)
+
+
+def _greedy_lp(max_tokens: int) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=True)
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_decoder: DecoderBase) -> LoraWeights:
+    return random_lora(tiny_decoder, "all-r4", 4, seed=1)
+
+
+def test_merged_steps_generate_what_per_row_deltas_do(
+    tiny_decoder: DecoderBase, adapter: LoraWeights
+) -> None:
+    prompts = random_rows(tiny_decoder.config.vocab_size, [9, 17], seed=31)
+
+    def run(mode: MergeMode) -> tuple[Scheduler, Outputs, list[int]]:
+        sched = _sched(tiny_decoder)
+        requests = [GenerationRequest(p, _greedy_lp(24), adapter, mode) for p in prompts]
+        ids, out = run_all(sched, requests)
+        return sched, out, ids
+
+    merged_sched, merged, m_ids = run("merged")
+    hooked_sched, hooked, h_ids = run("unmerged")
+    # Both prompts share the first step's prefill, then 23 decode steps, all merged.
+    assert (merged_sched.merges, merged_sched.merged_steps) == (1, 23)
+    assert (hooked_sched.merges, hooked_sched.merged_steps) == (0, 0)
+    for m, h in zip(m_ids, h_ids, strict=True):
+        assert merged.tokens[(m, 0)] == hooked.tokens[(h, 0)]
+        m_lps = [lp.logprob for e in merged.events if e.request_id == m for lp in e.logprobs]
+        h_lps = [lp.logprob for e in hooked.events if e.request_id == h for lp in e.logprobs]
+        assert m_lps == pytest.approx(h_lps, abs=1e-4)
+    # The adapter matters: the bare base continues differently.
+    (bare_id,), bare = run_all(_sched(tiny_decoder), [GenerationRequest(prompts[0], greedy(24))])
+    assert bare.tokens[(bare_id, 0)] != merged.tokens[(m_ids[0], 0)]
+
+
+@pytest.mark.parametrize(
+    ("modes", "max_tokens", "merged_bytes", "merges"),
+    [
+        (("auto",), MERGE_PAYS_AFTER + 1, 512 << 20, 1),  # one adapter, enough steps left
+        (("auto",), 16, 512 << 20, 0),  # too few tokens left to pay for a merge
+        (("merged",), 16, 512 << 20, 1),  # asked for: merged however short
+        (("merged", "auto"), 16, 512 << 20, 1),  # one asks, the other allows it
+        (("merged", "unmerged"), 16, 512 << 20, 0),  # one refuses: the step keeps the deltas
+        (("merged",), 16, 0, 0),  # the server allows no merged copy
+    ],
+)
+def test_when_a_step_merges(
+    tiny_decoder: DecoderBase,
+    adapter: LoraWeights,
+    modes: tuple[MergeMode, ...],
+    max_tokens: int,
+    merged_bytes: int,
+    merges: int,
+) -> None:
+    prompts = random_rows(tiny_decoder.config.vocab_size, [8] * len(modes), seed=32)
+    sched = _sched(tiny_decoder, merged_bytes=merged_bytes)
+    run_all(
+        sched,
+        [
+            GenerationRequest(p, greedy(max_tokens), adapter, m)
+            for p, m in zip(prompts, modes, strict=True)
+        ],
+    )
+    assert sched.merges == merges
+    assert sched.merged_steps == (max_tokens - 1 if merges else 0)
+
+
+def test_a_step_of_several_adapters_or_the_base_never_merges(
+    tiny_decoder: DecoderBase, adapter: LoraWeights
+) -> None:
+    other = random_lora(tiny_decoder, "mlp-r2", 2, ("gate_proj", "up_proj"), seed=3)
+    prompts = random_rows(tiny_decoder.config.vocab_size, [8, 8], seed=33)
+    for which in ([adapter, other], [adapter, None]):
+        sched = _sched(tiny_decoder)
+        requests = [
+            GenerationRequest(p, greedy(16), a, "merged")
+            for p, a in zip(prompts, which, strict=True)
+        ]
+        run_all(sched, requests)
+        assert (sched.merges, sched.merged_steps) == (0, 0)
+
+
+def test_one_merged_copy_replaced_by_the_next_adapter_and_dropped_when_invalidated(
+    tiny_decoder: DecoderBase, adapter: LoraWeights
+) -> None:
+    other = random_lora(tiny_decoder, "qv-r8", 8, ("q_proj", "v_proj"), seed=2)
+    (prompt,) = random_rows(tiny_decoder.config.vocab_size, [8], seed=34)
+    sched = _sched(tiny_decoder)
+    run_all(sched, [GenerationRequest(prompt, greedy(4), adapter, "merged")])
+    assert sched.merged_key == adapter.key  # kept for the adapter's next requests
+    run_all(sched, [GenerationRequest(prompt, greedy(4), other, "merged")])
+    assert (sched.merged_key, sched.merges) == (other.key, 2)
+    # Invalidated mid-generation: the copy goes, and the sequence finishes with the
+    # weights it started with through the bank, never merged again.
+    (alone_id,), alone = run_all(
+        _sched(tiny_decoder), [GenerationRequest(prompt, greedy(12), other, "unmerged")]
+    )
+    out = Outputs()
+    rid = sched.add(GenerationRequest(prompt, greedy(12), other, "merged"))
+    for _ in range(4):
+        out.take(sched.step())
+    steps = sched.merged_steps
+    sched.invalidate_adapter(other.key)
+    while sched.running:
+        out.take(sched.step())
+    assert sched.merged_key is None
+    assert (sched.merges, sched.merged_steps) == (2, steps)
+    assert out.tokens[(rid, 0)] == alone.tokens[(alone_id, 0)]
+
+
+@pytest.mark.real_model
+def test_smollm2_merged_steps_equal_hf_generate(real_decoder: DecoderBase) -> None:
+    tok = real_decoder.tokenizer
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True
+    )
+    adapter = random_lora(real_decoder, "smol-r8", 8, std=0.02)
+    sched = scheduler(real_decoder, num_slots=1, capacity=256)
+    (rid,), out = run_all(sched, [GenerationRequest(prompt, greedy(10), adapter, "merged")])
+    assert sched.merges == 1 and sched.merged_steps > 0
+    assert out.tokens[(rid, 0)] == hf_greedy(real_decoder, adapter, prompt, 10)
