@@ -48,6 +48,14 @@ def decode_step(
     angles = torch.cat((freqs, freqs), dim=-1)
     cos = angles.cos().to(weights.dtype)[:, None, None, :]  # [B, 1, 1, head_dim]
     sin = angles.sin().to(weights.dtype)[:, None, None, :]
+    # Each row's new keys go to row ``(slot · kv_heads + head) · capacity + length`` of a
+    # layer's cache seen as ``[slots · kv_heads · capacity, head_dim]``: one index_copy_ per
+    # layer with these rows, computed once per step, instead of an advanced-index assignment
+    # (index_put_), which rebuilds and broadcasts its index tensors in every layer. Profiled
+    # on SmolLM2 at 32 rows in bf16 (2 loaded cores): 11 -> 1.7 ms of the step's self time.
+    heads_of = torch.arange(c.num_key_value_heads, device=tokens.device)
+    slot_heads = slots[:, None] * c.num_key_value_heads + heads_of  # [B, kv_heads]
+    kv_rows = (slot_heads * cache.capacity + lengths[:, None]).view(-1)
     first = int(slots[0])
     # The common case (slots handed out lowest first): a plain slice, no gather copy.
     contiguous = bool(torch.equal(slots, torch.arange(first, first + bsz, device=slots.device)))
@@ -69,8 +77,8 @@ def decode_step(
         v = heads(_linear(hooks, i, "v_proj", layer, x), c.num_key_value_heads)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
-        cache.keys[i][slots, :, lengths] = k[:, :, 0]
-        cache.values[i][slots, :, lengths] = v[:, :, 0]
+        cache.keys[i].view(-1, c.head_dim).index_copy_(0, kv_rows, k.reshape(-1, c.head_dim))
+        cache.values[i].view(-1, c.head_dim).index_copy_(0, kv_rows, v.reshape(-1, c.head_dim))
         ctx = F.scaled_dot_product_attention(
             q,
             cached(cache.keys[i]),
