@@ -1,4 +1,4 @@
-"""In-process measurements of merged decode steps and chunked prefill on SmolLM2 (fp32).
+"""In-process measurements of merged decode steps and chunked prefill on SmolLM2.
 
 Merged steps (:mod:`core.generation.merged`): one LoRA adapter (r=8, all seven targets,
 non-zero B) merged into a copy of the base's linears, against the per-row deltas through the
@@ -39,11 +39,12 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--batch", type=int, nargs="*", default=[1, 8])
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--long-tokens", type=int, default=4000)
     parser.add_argument("--budget", type=int, nargs="+", default=[2048, 512])
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--skip-chunked", action="store_true")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -60,7 +61,7 @@ def main() -> None:
     from core.generation.scheduler import GenerationRequest, Scheduler
 
     base = load_decoder_base(device="cpu")
-    weights, cfg = base.weights, base.config
+    weights, cfg = base.weights.to(getattr(torch, args.dtype)), base.config
     g = torch.Generator().manual_seed(0)
     pairs = {}
     for layer in range(cfg.num_hidden_layers):
