@@ -110,7 +110,7 @@ class _Sequence:
     length: int  # tokens whose keys and values are in the slot
     pending: int = -1  # the newest token: sampled, not yet in the cache
     completion_tokens: int = 0
-    stale: bool = False  # its adapter was invalidated: never merge it again
+    stale: bool = False  # its adapter was invalidated (or failed to merge): never merge it
 
     @property
     def adapter_key(self) -> Hashable | None:
@@ -470,7 +470,15 @@ class Scheduler:
             if merged_bytes(self.weights, adapter) > self.merged_bytes:
                 return None
             self._merged = None  # the old copy goes before the new one is built
-            self._merged = MergedLinears(self.weights, adapter)
+            try:
+                self._merged = MergedLinears(self.weights, adapter)
+            except Exception:  # out of memory, say: the deltas give the same tokens
+                log.exception(
+                    "merging adapter %r failed; its sequences keep the deltas", adapter.key
+                )
+                for seq in seqs:
+                    seq.stale = True
+                return None
             self.merges += 1
         assert self._merged is not None
         self.merged_steps += 1
