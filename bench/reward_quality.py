@@ -5,7 +5,9 @@ best checkpoint on a held-out tenth of the training pairs) and scores the held-o
 the trained adapter built afresh, as it is served: pair accuracy (chosen scored above
 rejected; ties count as wrong), exact ties, pairs that were one input after encoding, the
 mean margin, training seconds and the case's peak RSS. Every case runs in its own
-subprocess, so ``peak_rss_mib`` (``ru_maxrss``) is that case's alone. The default case is
+subprocess, with the worker's fixed mmap threshold (service.worker.memory), so
+``peak_rss_mib`` (``ru_maxrss``) is that case's alone, training and scoring, as a worker
+would hold it. The default case is
 also scored through :class:`core.inference.InferenceEngine` (``engine_max_abs_diff``: 0 when
 the serving path encodes pairs as training did, at the adapter's trained ``max_seq_length``).
 
@@ -63,7 +65,7 @@ from core.training import data as training_data
 from core.training.data import coerce_examples, encode, eval_batches, forward_chunks
 
 RT_FIXTURE = ROOT / "tests" / "fixtures" / "rt_preference_small.jsonl"
-HH_TRAIN = 0.8  # the seeded 80/20 split of issue 15: 1,849 train, 463 held out of 2,312
+HH_TRAIN = 0.8  # the seeded 80/20 split of issue 15: 1,850 train, 462 held out of 2,312
 EVAL_BATCH = 32
 Rows = Sequence[Mapping[str, Any]]
 
@@ -217,7 +219,7 @@ def hh_pairs(
 ) -> tuple[list[dict[str, str]], list[dict[str, str]]] | None:
     """The HH file as it comes, split 80/20 by ``RandomState(0).permutation``; None if absent.
     ``validation``: the held-out pairs are left alone and the last fifth of the training pairs
-    (370 of 1,849) is scored instead, so settings are chosen without looking at the test set."""
+    (370 of 1,850) is scored instead, so settings are chosen without looking at the test set."""
     if not path.is_file():
         return None
     rows = [{"chosen": r["chosen"], "rejected": r["rejected"]} for r in load_jsonl(path)]
@@ -256,7 +258,10 @@ def rt_pairs(quick: bool) -> tuple[list[dict[str, str]], list[dict[str, str]], s
 def _child(args: argparse.Namespace) -> None:
     """One case on one dataset, in this process; prints its row as JSON."""
     from core.base import load_base_model
+    from service.worker.memory import limit_heap_growth
 
+    # The worker's heap setting, so peak_rss_mib is what a worker running this job would hold.
+    limit_heap_growth()
     torch.set_num_threads(args.threads)
     base = load_base_model(device="cpu")
     if args.dataset == "hh":
