@@ -11,12 +11,18 @@ aggregate output tokens/s (usage's completion tokens over the wall time), time t
 and inter-token latency p50/p99 (between content chunks), errors. Then, in this process with
 the server stopped, the references over the same prompts:
 
-(a) transformers ``generate`` on the bare base, one request at a time;
-(b) transformers + PEFT ``generate`` with the N adapters loaded, ``set_adapter`` per request;
-(c) loraplex's in-process greedy loop on the bare base at batch C (the limit).
+(a) transformers ``generate`` on the bare base, one request at a time, in float32 and, where
+    the CPU has AMX (or on CUDA), in bfloat16 too: the faster of the two is the denominator;
+(b) transformers + PEFT ``generate`` with the N adapters loaded, ``set_adapter`` per request
+    (in (a)'s faster dtype);
+(c) loraplex's in-process greedy loop on the bare base at batch C, in the server's dtype (the
+    limit).
+
+``--dtype`` is the server's ``generation_dtype`` (auto: bfloat16 on a CPU with AMX); the report
+names the dtype it resolved to and the CPU's bf16 flags.
 
 ``ratio_to_bare_decode`` = server tokens/s / (c) at the same C; ``ratio_to_hf_sequential`` =
-server tokens/s / (a). Client and server share the machine: the clients' CPU is not the
+server tokens/s / the faster (a). Client and server share the machine: the clients' CPU is not the
 server's.
 
     nice -n 10 python -m bench.generate_load --quick --json bench_generate_load.json
@@ -45,7 +51,10 @@ from bench.common import fixture_reviews
 from tests.e2e.server import ServerProcess
 
 if TYPE_CHECKING:
+    import torch
+
     from core.decoder.base import DecoderBase
+    from core.decoder.forward import DecoderWeights
 
 R = 8
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -212,10 +221,14 @@ async def drive(
 
 
 def hf_sequential(
-    base: DecoderBase, ids: list[list[int]], new_tokens: int, peft_states: list[Any] | None
+    base: DecoderBase,
+    ids: list[list[int]],
+    new_tokens: int,
+    peft_states: list[Any] | None,
+    dtype: torch.dtype,
 ) -> float:
-    """Output tokens/s of transformers ``generate`` one request at a time (with PEFT and
-    ``set_adapter`` per request when ``peft_states`` is given)."""
+    """Output tokens/s of transformers ``generate`` in ``dtype`` one request at a time (with
+    PEFT and ``set_adapter`` per request when ``peft_states`` is given)."""
     import torch
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model, set_peft_model_state_dict
@@ -235,6 +248,7 @@ def hf_sequential(
             set_peft_model_state_dict(model, prefixed, adapter_name=name)
             names.append(name)
         model.eval()
+    model.to(dtype)
     tokens = 0
     start = time.perf_counter()
     for i, prompt in enumerate(ids):
@@ -253,13 +267,15 @@ def hf_sequential(
     return tokens / (time.perf_counter() - start)
 
 
-def bare_decode(base: DecoderBase, ids: list[list[int]], batch: int, new_tokens: int) -> float:
+def bare_decode(
+    weights: DecoderWeights, base: DecoderBase, ids: list[list[int]], batch: int, new_tokens: int
+) -> float:
     """Output tokens/s of loraplex's greedy loop on the bare base, ``batch`` rows at once."""
     from core.decoder.generate import greedy_generate
 
     rows = [ids[i % len(ids)] for i in range(batch)]
     start = time.perf_counter()
-    out = greedy_generate(base.weights, rows, new_tokens, base.stop_token_ids)
+    out = greedy_generate(weights, rows, new_tokens, base.stop_token_ids)
     return sum(map(len, out)) / (time.perf_counter() - start)
 
 
@@ -270,15 +286,21 @@ def main() -> None:
     parser.add_argument("--adapters", type=int, nargs="+")
     parser.add_argument("--new-tokens", type=int)
     parser.add_argument("--requests", type=int, help="per configuration (default 2 x C, >= 4)")
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     concurrency = args.concurrency or ([1, 8] if args.quick else [1, 8, 32])
     counts = args.adapters or ([1, 16] if args.quick else [1, 16, 64])
     new_tokens = args.new_tokens or (32 if args.quick else 128)
 
+    import torch
+
     from core.decoder.base import DEFAULT_DECODER_NAME, load_decoder_base
+    from core.hardware import bf16_cpu_flags, resolve_dtype
 
     base = load_decoder_base(device="cpu")
+    weights = base.weights.to(resolve_dtype(args.dtype, base.weights.device))
+    fast_bf16 = resolve_dtype("auto", base.weights.device) == torch.bfloat16
     chats, source = prompts(base, 64)
     ids = [list(base.tokenizer.apply_chat_template(c, add_generation_prompt=True)) for c in chats]
     states = random_adapters(base, max(counts))
@@ -291,6 +313,7 @@ def main() -> None:
                 "embedded_worker": "false",
                 "generation_context_tokens": MAX_PROMPT + new_tokens,
                 "generation_kv_cache_mb": 2048,
+                "generation_dtype": args.dtype,
             },
         ).start()
         try:
@@ -305,16 +328,25 @@ def main() -> None:
         finally:
             server.stop()
     k = max(4, min(8, len(ids)))
-    hf = hf_sequential(base, ids[:k], new_tokens, None)
-    peft = hf_sequential(base, ids[:k], new_tokens, states[: max(counts)])
-    bare = {c: bare_decode(base, ids, c, new_tokens) for c in concurrency}
+    hf_dtypes = (torch.float32, torch.bfloat16) if fast_bf16 else (torch.float32,)
+    hf_by_dtype = {d: hf_sequential(base, ids[:k], new_tokens, None, d) for d in hf_dtypes}
+    hf_dtype = max(hf_by_dtype, key=hf_by_dtype.__getitem__)
+    hf = hf_by_dtype[hf_dtype]
+    peft = hf_sequential(base, ids[:k], new_tokens, states[: max(counts)], hf_dtype)
+    bare = {c: bare_decode(weights, base, ids, c, new_tokens) for c in concurrency}
     for row in rows:
         row["ratio_to_bare_decode"] = round(row["output_tok_s"] / bare[row["concurrency"]], 3)
         row["ratio_to_hf_sequential"] = round(row["output_tok_s"] / hf, 3)
     report = {
         "prompts": source,
         "new_tokens": new_tokens,
+        "dtype": str(weights.dtype).removeprefix("torch."),
+        "cpu_bf16_flags": bf16_cpu_flags(),
         "hf_sequential_tok_s": round(hf, 1),
+        "hf_sequential_dtype": str(hf_dtype).removeprefix("torch."),
+        "hf_sequential_tok_s_by_dtype": {
+            str(d).removeprefix("torch."): round(v, 1) for d, v in hf_by_dtype.items()
+        },
         f"hf_peft_sequential_{max(counts)}_adapters_tok_s": round(peft, 1),
         "bare_decode_tok_s": {str(c): round(v, 1) for c, v in bare.items()},
         "results": rows,
