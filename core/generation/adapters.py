@@ -251,6 +251,8 @@ class GroupedLoraHooks:
         self.all_rows = len(self.source) == bsz and not self.padded
         self.in_order = self.all_rows and self.source == list(range(bsz))
         self._token_index: dict[int, tuple[Tensor, Tensor]] = {}
+        # q/k/v and gate/up see one input tensor: it is converted and grouped once for them.
+        self._input: tuple[Tensor, Tensor] | None = None
 
     def weight(self, layer: int, target: str, weight: Tensor) -> Tensor:
         return weight
@@ -273,6 +275,17 @@ class GroupedLoraHooks:
             self._token_index[seq] = index
         return index
 
+    def _grouped(self, x: Tensor, dtype: torch.dtype) -> Tensor:
+        """``x`` ``[B, seq, in]`` as the grouped rows ``[U·m·seq, in]`` in ``dtype``."""
+        bsz, seq, n_in = x.shape
+        flat = x.reshape(bsz * seq, n_in).to(dtype)
+        if self.in_order:
+            return flat
+        source, _ = self._tokens(seq)
+        if self.padded:
+            flat = torch.cat((flat, flat.new_zeros(1, n_in)))
+        return flat.index_select(0, source)
+
     def linear(self, layer: int, target: str, x: Tensor, y: Tensor) -> Tensor:
         site = (layer, target)
         pair = self.gathered.get(site)
@@ -289,15 +302,15 @@ class GroupedLoraHooks:
             self.gathered[site] = pair
         a, bt = pair
         bsz, seq, n_in = x.shape
-        flat = x.reshape(bsz * seq, n_in).to(a.dtype)
-        if not self.in_order:
-            source, position = self._tokens(seq)
-            if self.padded:
-                flat = torch.cat((flat, flat.new_zeros(1, n_in)))
-            flat = flat.index_select(0, source)
+        if self._input is not None and self._input[0] is x:
+            flat = self._input[1]
+        else:
+            flat = self._grouped(x, a.dtype)
+            self._input = (x, flat)
         h = torch.bmm(flat.view(a.shape[0], -1, n_in), a.transpose(1, 2)).mul_(self.scale)
         delta = torch.bmm(h, bt).view(-1, bt.shape[-1])  # [U·m·seq, out]
         if not self.in_order:
+            _, position = self._tokens(seq)
             if not self.all_rows:
                 delta = torch.cat((delta, delta.new_zeros(1, delta.shape[-1])))
             delta = delta.index_select(0, position)
