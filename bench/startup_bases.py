@@ -36,6 +36,8 @@ def measure(bases: str, kv_cache_mb: int | None = None) -> dict[str, float]:
             "bases": bases,
             "embedded_worker": "false",
             "generation_kv_cache_mb": kv_cache_mb,  # None: the default
+            # None: the server's default dtype (auto), not the float32 the e2e harness pins.
+            "generation_dtype": None,
         }
         server = ServerProcess(Path(data_dir), settings)
         started = time.perf_counter()
