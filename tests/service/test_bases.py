@@ -257,9 +257,34 @@ def test_an_adapter_of_a_base_not_loaded_is_refused(
         assert loraplex.status_code == 200  # its own format needs no base
         predict = client.post("/predict?adapter=chat", json={"inputs": ["hi"]}, headers=auth)
         assert_error(predict, 422, code="base_model_mismatch")
+        chat = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
+        completion = client.post("/v1/chat/completions", json=chat, headers=auth)
+        assert_error(completion, 422, param="model", code="base_model_mismatch")
         models = client.get("/v1/models", headers=auth).json()["data"]
         assert [m["id"] for m in models] == [TINY_NAME, "chat"]
         assert "base_kind" not in models[1]  # its base is not one this deployment knows
+
+
+def test_a_decoder_adapter_of_another_fingerprint_is_refused_as_predict_refuses_it(
+    both: TestClient, settings: Settings
+) -> None:
+    # Trained on a base of the loaded decoder's name but other weights: generation answers
+    # as /predict does (invariant 8), not that the adapter cannot generate.
+    decoder = app_state(both.app).require_bases().decoder
+    assert decoder is not None
+    adapter = _chat_adapter(decoder)
+    adapter.base_fingerprint = "sha256:" + "0" * 64
+    auth = default_auth(settings)
+    store_adapter(both, auth, "other-weights", adapter, base=decoder)
+    predict = both.post("/predict?adapter=other-weights", json={"inputs": ["hi"]}, headers=auth)
+    assert_error(predict, 422, param="adapter", code="base_model_mismatch")
+    for path, body in [
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+        ("/v1/completions", {"prompt": "hi"}),
+    ]:
+        resp = both.post(path, json={"model": "other-weights", **body}, headers=auth)
+        error = assert_error(resp, 422, param="model", code="base_model_mismatch")
+        assert TINY_LLAMA_NAME in error["message"]
 
 
 # --- one base -----------------------------------------------------------------------------------

@@ -44,10 +44,11 @@ from service.api.schemas.generation import (
     TopLogprob,
     Usage,
 )
+from service.bases import adapter_base
 from service.errors import ErrorKind, ServiceError, invalid, not_found, unavailable
 from service.serving.generation import Generation, GenerationServer
 from service.serving.queries import AdapterKey
-from service.state import app_state
+from service.state import AppState, app_state
 
 if TYPE_CHECKING:
     from core.generation.adapters import LoraWeights
@@ -85,26 +86,36 @@ async def _target(request: Request, tenant_id: str | None, model: str) -> _Targe
     found = await run_in_threadpool(_find_adapter, request, tenant_id, model)
     if found is None:  # another tenant's included: its existence is never confirmed
         raise not_found("model", model, "model")
-    key, task, base_model = found
+    key, task, base_model, base_fingerprint = found
     if task not in ("chat", "dpo"):
         raise _not_generative(f"adapter {model!r} is a {task} adapter; it does not generate text")
-    server = servers.get(base_model)
-    if server is None:
-        raise _not_generative(
-            f"adapter {model!r} was trained on {base_model}, which this deployment does not serve"
-        )
+    server = generation_server(state, base_model, base_fingerprint, "model")
     return _Target(server, await run_in_threadpool(server.lora_weights, key))
+
+
+def generation_server(
+    state: AppState, base_model: str, base_fingerprint: str, param: str
+) -> GenerationServer:
+    """The generation server of the decoder an adapter was trained on (by its fingerprint, as
+    /predict and /reward/compare check it): 422 ``base_model_mismatch`` naming ``param`` if
+    this deployment does not load it (docs/architecture.md invariant 8)."""
+    base = adapter_base(state.require_bases(), base_model, base_fingerprint, param)
+    server = (state.generation or {}).get(base.name)
+    if server is None:  # test hooks that set a base alone
+        raise invalid(f"decoder {base.name!r} is not served here", param, "base_model_mismatch")
+    return server
 
 
 def _find_adapter(
     request: Request, tenant_id: str, name: str
-) -> tuple[tuple[str, str, int], str, str] | None:
-    """``(key, task, base_model)`` of the tenant's adapter ``name``, or None."""
+) -> tuple[tuple[str, str, int], str, str, str] | None:
+    """``(key, task, base_model, base_fingerprint)`` of the tenant's adapter ``name``, or
+    None."""
     with app_state(request).sessionmaker() as session:
         row = find_adapter_row(session, tenant_id, name)
         if row is None:
             return None
-        return (tenant_id, name, row.version), row.task, row.base_model
+        return (tenant_id, name, row.version), row.task, row.base_model, row.base_fingerprint
 
 
 async def _reward_key(
@@ -117,10 +128,11 @@ async def _reward_key(
         found = await run_in_threadpool(_find_adapter, request, tenant_id, name)
     if found is None:
         raise not_found("adapter", name, "reward_adapter")
-    key, task, base_model = found
+    key, task, base_model, base_fingerprint = found
     if task != "reward":
         raise invalid(f"adapter {name!r} is a {task} adapter, not a reward model", "reward_adapter")
-    if base_model != server.name:
+    bases = app_state(request).require_bases()
+    if adapter_base(bases, base_model, base_fingerprint, "reward_adapter").name != server.name:
         raise invalid(
             f"reward adapter {name!r} scores on {base_model}, not on {server.name}",
             "reward_adapter",

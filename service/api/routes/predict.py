@@ -13,7 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from service.api.deps import AdapterName, ServedAdapter
 from service.api.disconnect import served_results
 from service.api.json_body import OffLoopJSONRoute
-from service.api.routes.generation import chat_replies
+from service.api.routes.generation import chat_replies, generation_server
 from service.api.schemas.generation import Usage
 from service.api.schemas.inference import (
     Prediction,
@@ -21,13 +21,12 @@ from service.api.schemas.inference import (
     PredictResponse,
     TextPair,
 )
-from service.bases import adapter_base
 from service.errors import invalid, not_found
 from service.serving.generation import GenerationServer
 from service.serving.policy import RequestMode
 from service.serving.queries import AdapterRef
 from service.serving.run import check_request_chars
-from service.state import AppState, app_state
+from service.state import app_state
 
 # Bodies parsed off the event loop (service.api.json_body).
 router = APIRouter(tags=["inference"], route_class=OffLoopJSONRoute)
@@ -48,16 +47,6 @@ def _items(body: PredictRequest) -> list[tuple[str, str | None]]:
 GENERATING_TASKS = ("chat", "dpo")
 # Fields only generation reads: refused, not ignored, for a classifier or reward model.
 _SAMPLING_FIELDS = ("max_tokens", "temperature", "seed")
-
-
-def _generation_server(state: AppState, ref: AdapterRef) -> GenerationServer:
-    """The generation server of the decoder ``ref`` was trained on: 422
-    ``base_model_mismatch`` if this deployment does not load it."""
-    base = adapter_base(state.require_bases(), ref.base_model, ref.base_fingerprint, "adapter")
-    server = (state.generation or {}).get(base.name)
-    if server is None:  # test hooks that set a base alone
-        raise invalid(f"decoder {base.name!r} is not served here", "adapter", "base_model_mismatch")
-    return server
 
 
 async def _generate(
@@ -159,7 +148,7 @@ async def predict(
     if ref is None:
         raise not_found("adapter", adapter, "adapter")
     if ref.base_kind == "decoder" and ref.task in GENERATING_TASKS:
-        server = _generation_server(state, ref)
+        server = generation_server(state, ref.base_model, ref.base_fingerprint, "adapter")
         return await _generate(request, body, server, ref, adapter, mode)
     for field in _SAMPLING_FIELDS:
         if getattr(body, field) is not None:
