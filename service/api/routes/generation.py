@@ -13,9 +13,10 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from functools import partial
+from typing import TYPE_CHECKING, Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
@@ -471,7 +472,7 @@ async def chat_completions(
     )
 
 
-async def _chat_chunks(
+def _chat_chunks(
     server: GenerationServer,
     generation: Generation,
     response_id: str,
@@ -479,34 +480,19 @@ async def _chat_chunks(
     model: str,
     include_usage: bool,
 ) -> AsyncIterator[str]:
-    def chunk(choices: list[ChunkChoice], usage: Usage | None = None) -> str:
-        return _sse(
-            ChatCompletionChunk(
-                id=response_id, created=created, model=model, choices=choices, usage=usage
-            ).model_dump_json(exclude_none=True)
+    def choice(event: SequenceEvent, texts: dict[int, str]) -> ChunkChoice:
+        return ChunkChoice(
+            index=event.index,
+            delta=Delta(content=event.text) if event.text else Delta(),
+            finish_reason=event.finish_reason,
+            logprobs=_chat_logprobs(event.logprobs, texts) if event.logprobs else None,
         )
 
-    yield chunk(
-        [
-            ChunkChoice(index=i, delta=Delta(role="assistant", content=""))
-            for i in range(generation.n)
-        ]
-    )
-    completion = [0] * generation.n
-    async for event, texts in _said(server, generation, completion):
-        logprobs = _chat_logprobs(event.logprobs, texts) if event.logprobs else None
-        yield chunk(
-            [
-                ChunkChoice(
-                    index=event.index,
-                    delta=Delta(content=event.text) if event.text else Delta(),
-                    finish_reason=event.finish_reason,
-                    logprobs=logprobs,
-                )
-            ]
-        )
-    if include_usage:
-        yield chunk([], _usage(generation.prompt_tokens, sum(completion)))
+    envelope = partial(ChatCompletionChunk, id=response_id, created=created, model=model)
+    role = [
+        ChunkChoice(index=i, delta=Delta(role="assistant", content="")) for i in range(generation.n)
+    ]
+    return _chunks(server, generation, envelope, choice, include_usage, role)
 
 
 # --- /v1/completions -----------------------------------------------------------------------
@@ -562,7 +548,7 @@ async def completions(
     )
 
 
-async def _completion_chunks(
+def _completion_chunks(
     server: GenerationServer,
     generation: Generation,
     response_id: str,
@@ -570,27 +556,41 @@ async def _completion_chunks(
     model: str,
     include_usage: bool,
 ) -> AsyncIterator[str]:
-    def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
-        return _sse(
-            Completion(
-                id=response_id, created=created, model=model, choices=choices, usage=usage
-            ).model_dump_json(exclude_none=True)
-        )
+    offsets = [0] * generation.n  # each candidate's text so far, for its logprobs' offsets
 
-    completion = [0] * generation.n
-    offsets = [0] * generation.n
-    async for event, texts in _said(server, generation, completion):
+    def choice(event: SequenceEvent, texts: dict[int, str]) -> CompletionChoice:
         i = event.index
         logprobs = None
         if event.logprobs:
             logprobs = _completion_logprobs(event.logprobs, texts, offsets[i])
         offsets[i] += len(event.text)
-        yield chunk(
-            [
-                CompletionChoice(
-                    index=i, text=event.text, finish_reason=event.finish_reason, logprobs=logprobs
-                )
-            ]
+        return CompletionChoice(
+            index=i, text=event.text, finish_reason=event.finish_reason, logprobs=logprobs
         )
+
+    envelope = partial(Completion, id=response_id, created=created, model=model)
+    return _chunks(server, generation, envelope, choice, include_usage)
+
+
+async def _chunks(
+    server: GenerationServer,
+    generation: Generation,
+    envelope: Callable[..., ChatCompletionChunk | Completion],
+    choice: Callable[[SequenceEvent, dict[int, str]], ChunkChoice | CompletionChoice],
+    include_usage: bool,
+    first: list[ChunkChoice] | None = None,
+) -> AsyncIterator[str]:
+    """A stream's server-sent chunks, each ``envelope(choices=, usage=)``: ``first`` (chat's
+    role chunk) if given, then one ``choice`` per event that says something, then the usage
+    chunk if the client asked for it."""
+
+    def sse(choices: list[Any], usage: Usage | None = None) -> str:
+        return _sse(envelope(choices=choices, usage=usage).model_dump_json(exclude_none=True))
+
+    if first:
+        yield sse(first)
+    completion = [0] * generation.n
+    async for event, texts in _said(server, generation, completion):
+        yield sse([choice(event, texts)])
     if include_usage:
-        yield chunk([], _usage(generation.prompt_tokens, sum(completion)))
+        yield sse([], _usage(generation.prompt_tokens, sum(completion)))
