@@ -68,6 +68,15 @@ def scheduler(
     )
 
 
+def chat_prompts(base: DecoderBase, *questions: str) -> list[list[int]]:
+    """Each question as a user's one message through the base's chat template."""
+    template = base.tokenizer.apply_chat_template
+    return [
+        list(template([{"role": "user", "content": q}], add_generation_prompt=True))
+        for q in questions
+    ]
+
+
 def greedy(max_tokens: int, n: int = 1, stop: tuple[str, ...] = ()) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=0.0, n=n, stop=stop)
 

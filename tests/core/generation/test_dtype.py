@@ -9,7 +9,7 @@ from core.decoder.base import DecoderBase
 from core.generation.kv import SlotCache
 from core.generation.scheduler import GenerationRequest, Scheduler
 from core.hardware import resolve_dtype
-from tests.core.generation.helpers import greedy, random_lora, run_all
+from tests.core.generation.helpers import chat_prompts, greedy, random_lora, run_all
 
 
 def test_resolve_dtype_names_and_auto() -> None:
@@ -21,6 +21,7 @@ def test_resolve_dtype_names_and_auto() -> None:
         resolve_dtype("float16", torch.device("cpu"))
 
 
+@pytest.mark.real_model
 def test_bf16_weights_are_a_half_size_copy(real_decoder: DecoderBase) -> None:
     fp32 = real_decoder.weights
     bf16 = fp32.to(torch.bfloat16)
@@ -30,13 +31,10 @@ def test_bf16_weights_are_a_half_size_copy(real_decoder: DecoderBase) -> None:
     assert SlotCache(bf16, 1, 8).num_bytes * 2 == SlotCache(fp32, 1, 8).num_bytes
 
 
+@pytest.mark.real_model
 def test_smollm2_bf16_greedy_agrees_with_fp32(real_decoder: DecoderBase) -> None:
     tok = real_decoder.tokenizer
-    chats = ["What is the capital of France?", "Name a colour."]
-    prompts = [
-        tok.apply_chat_template([{"role": "user", "content": c}], add_generation_prompt=True)
-        for c in chats
-    ]
+    prompts = chat_prompts(real_decoder, "What is the capital of France?", "Name a colour.")
     adapter = random_lora(real_decoder, "smol-r8", 8, ("q_proj", "v_proj", "down_proj"), std=0.02)
     requests = [GenerationRequest(prompts[0], greedy(8)), GenerationRequest(prompts[1], greedy(8))]
     requests.append(GenerationRequest(prompts[0], greedy(8), adapter))

@@ -9,7 +9,14 @@ from core.generation.adapters import LoraWeights
 from core.generation.sampling import SamplingParams
 from core.generation.scheduler import MERGE_PAYS_AFTER, GenerationRequest, MergeMode, Scheduler
 from tests.core.decoder.test_forward import random_rows
-from tests.core.generation.helpers import Outputs, greedy, random_lora, run_all, scheduler
+from tests.core.generation.helpers import (
+    Outputs,
+    chat_prompts,
+    greedy,
+    random_lora,
+    run_all,
+    scheduler,
+)
 from tests.core.generation.test_scheduler import hf_greedy
 
 
@@ -129,10 +136,7 @@ def test_one_merged_copy_replaced_by_the_next_adapter_and_dropped_when_invalidat
 
 @pytest.mark.real_model
 def test_smollm2_merged_steps_equal_hf_generate(real_decoder: DecoderBase) -> None:
-    tok = real_decoder.tokenizer
-    prompt = tok.apply_chat_template(
-        [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True
-    )
+    (prompt,) = chat_prompts(real_decoder, "What is the capital of France?")
     adapter = random_lora(real_decoder, "smol-r8", 8, std=0.02)
     sched = scheduler(real_decoder, num_slots=1, capacity=256)
     (rid,), out = run_all(sched, [GenerationRequest(prompt, greedy(10), adapter, "merged")])

@@ -15,6 +15,7 @@ from core.generation.scheduler import ContextLengthError, GenerationRequest, Que
 from tests.core.decoder.test_forward import hf_model, random_rows
 from tests.core.generation.helpers import (
     Outputs,
+    chat_prompts,
     greedy,
     merged,
     random_lora,
@@ -230,12 +231,7 @@ def test_stop_string_ends_the_text_before_it(tiny_decoder: DecoderBase) -> None:
 
 @pytest.mark.real_model
 def test_smollm2_greedy_equals_hf_generate(real_decoder: DecoderBase) -> None:
-    tok = real_decoder.tokenizer
-    chats = ["What is the capital of France?", "Name a colour."]
-    prompts = [
-        tok.apply_chat_template([{"role": "user", "content": c}], add_generation_prompt=True)
-        for c in chats
-    ]
+    prompts = chat_prompts(real_decoder, "What is the capital of France?", "Name a colour.")
     adapter = random_lora(real_decoder, "smol-r8", 8, ("q_proj", "v_proj", "down_proj"), std=0.02)
     which: list[LoraWeights | None] = [None, adapter]
     requests = [GenerationRequest(p, greedy(10), a) for p, a in zip(prompts, which, strict=True)]
