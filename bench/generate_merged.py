@@ -34,8 +34,6 @@ from typing import Any
 
 from bench.common import peak_rss_mib
 
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -53,25 +51,18 @@ def main() -> None:
 
     from core.decoder.base import load_decoder_base
     from core.decoder.forward import NO_HOOKS, logits
-    from core.generation.adapters import AdapterSlots, LoraWeights
+    from core.generation.adapters import AdapterSlots
     from core.generation.decode import decode_step
     from core.generation.kv import SlotCache
     from core.generation.merged import MergedLinears
     from core.generation.sampling import SamplingParams
     from core.generation.scheduler import GenerationRequest, Scheduler
+    from tests.core.generation.helpers import random_lora
 
     base = load_decoder_base(device="cpu")
     weights, cfg = base.weights.to(getattr(torch, args.dtype)), base.config
     g = torch.Generator().manual_seed(0)
-    pairs = {}
-    for layer in range(cfg.num_hidden_layers):
-        for t in TARGETS:
-            n_in, n_out = cfg.linear_shape(t)
-            pairs[(layer, t)] = (
-                torch.randn(8, n_in, generator=g) * 0.02,
-                torch.randn(n_out, 8, generator=g) * 0.02,
-            )
-    adapter = LoraWeights("bench", pairs, scaling=2.0)
+    adapter = random_lora(base, "bench", 8, std=0.02)  # every decoder target, non-zero B
 
     merge_times = []
     for _ in range(3):

@@ -8,16 +8,14 @@ from core.decoder.base import DecoderBase
 from core.generation.adapters import LoraWeights
 from core.generation.sampling import SamplingParams
 from core.generation.scheduler import GenerationRequest, Scheduler, SequenceEvent
-from core.targets import module_path
-
-ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from core.targets import DECODER_TARGET_MODULES, module_path
 
 
 def random_lora(
     base: DecoderBase,
     key: str,
     r: int,
-    targets: tuple[str, ...] = ALL_TARGETS,
+    targets: tuple[str, ...] = DECODER_TARGET_MODULES,
     layers: list[int] | None = None,
     seed: int = 0,
     std: float = 0.1,
