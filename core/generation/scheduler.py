@@ -172,7 +172,7 @@ class Scheduler:
         self.merged_steps = 0  # decode steps run on merged weights so far
         self._ids = itertools.count()
         self.prefill_tokens = 0  # prompt tokens run through prefill so far (n candidates: once)
-        self.cancelled_sequences = 0  # running sequences stopped by cancel() so far
+        self.cancelled_sequences = 0  # sequences holding a slot stopped by cancel() so far
         self.generated_tokens = 0  # sampled so far, stop tokens included
         # Shared with other threads, under the lock:
         self._lock = threading.Lock()
@@ -273,6 +273,7 @@ class Scheduler:
         if self._chunking is not None and self._chunking.seqs[0].request_id in cancelled:
             for seq in self._chunking.seqs:
                 self._release(seq)
+                self.cancelled_sequences += 1
             self._chunking = None
         for key in invalidated:
             self.adapters.invalidate(key)

@@ -92,3 +92,4 @@ def test_cancelling_a_chunking_prompt_frees_its_slots(tiny_decoder: DecoderBase)
     assert sched.step() == []
     assert (sched.running, sched.free_slots, sched.adapters.pins(adapter.key)) == (0, 3, 0)
     assert sched.prefill_tokens == 16
+    assert sched.cancelled_sequences == 2  # its candidates held slots, as running ones do
