@@ -8,7 +8,7 @@ import torch
 from core.decoder.base import DecoderBase
 from core.generation.kv import SlotCache
 from core.generation.scheduler import GenerationRequest, Scheduler
-from core.hardware import resolve_dtype
+from core.hardware import cpu_flags, resolve_dtype
 from tests.core.generation.helpers import chat_prompts, greedy, random_lora, run_all
 
 
@@ -16,7 +16,8 @@ def test_resolve_dtype_names_and_auto() -> None:
     assert resolve_dtype("float32", torch.device("cpu")) == torch.float32
     assert resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
     assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
-    assert resolve_dtype("auto", torch.device("cpu")) in (torch.float32, torch.bfloat16)
+    amx = "amx_bf16" in cpu_flags()
+    assert resolve_dtype("auto", torch.device("cpu")) == (torch.bfloat16 if amx else torch.float32)
     with pytest.raises(ValueError, match="float16"):
         resolve_dtype("float16", torch.device("cpu"))
 
