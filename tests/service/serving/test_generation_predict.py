@@ -221,3 +221,20 @@ def test_a_client_that_leaves_frees_its_sequences(
     wait_until_idle(gen_server.scheduler)
     assert gen_server.scheduler.running == 0
     assert gen_server.scheduler.generated_tokens - before < len(INPUTS) * MAX_TOKENS
+
+
+def test_bfloat16_generation_halves_a_token_s_bytes_and_keeps_the_fp32_base(
+    app_settings: Settings,
+) -> None:
+    bf16 = app_settings.model_copy(update={"generation_dtype": "bfloat16"})
+    with TestClient(create_app(bf16, hooks=[serving])) as client:
+        servers = app_state(client.app).generation
+        assert servers is not None
+        scheduler = servers[TINY_LLAMA_NAME].scheduler
+        assert scheduler.weights.dtype == torch.bfloat16
+        # Training and scoring keep the base's own fp32 weights beside the bf16 copy.
+        assert served_decoder(client).weights.dtype == torch.float32
+        assert scheduler.cache.slots == 16  # the same MiB as float32's 8 sequences
+        reply = _chat(client, default_auth(bf16), TINY_LLAMA_NAME, INPUTS[0], max_tokens=4)
+        assert reply["choices"][0]["finish_reason"] in ("stop", "length")
+        assert 1 <= reply["usage"]["completion_tokens"] <= 4
