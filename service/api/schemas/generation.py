@@ -123,9 +123,10 @@ class SamplingFields(BaseModel):
         description="loraplex, for an adapter: `unmerged` adds its LoRA delta to each of its "
         "sequences' rows, in decode steps shared with any other adapters; `merged` runs the "
         "steps its sequences have alone (no other adapter or base in the batch) on a copy of "
-        "the base with the adapter merged in; `auto` (default) does so only when the merge "
-        "pays (that adapter alone, with 64 tokens or more left to generate). The same "
-        "tokens up to float rounding; ignored for a base model.",
+        "the base with the adapter merged in; `auto` (default) merges only when it pays (that "
+        "adapter alone, with 64 tokens or more left to generate) and runs on a merged copy "
+        "already built whenever its adapter is alone. The same tokens up to float rounding; "
+        "ignored for a base model.",
     )
 
     def stop_strings(self) -> tuple[str, ...]:
