@@ -331,6 +331,21 @@ def test_invalid_settings_name_their_variables_one_line_each(tmp_path: Path) -> 
         ({}, ["--port", "0"], "--port 0: Input should be greater than or equal to 1"),
         ({"LORAPLEX_LOG_LEVEL": "loud"}, [], "LORAPLEX_LOG_LEVEL='loud': should be one of"),
         ({"LORAPLEX_SERVE_DTYPE": "float16"}, [], "LORAPLEX_SERVE_DTYPE='float16': Input should"),
+        (
+            {"LORAPLEX_GENERATION_DTYPE": "float16"},
+            [],
+            "LORAPLEX_GENERATION_DTYPE='float16': Input should be 'auto', 'float32' or 'bfloat16'",
+        ),
+        (
+            {"LORAPLEX_GENERATION_PREFILL_TOKENS": "0"},
+            [],
+            "LORAPLEX_GENERATION_PREFILL_TOKENS='0': Input should be greater than or equal to 1",
+        ),
+        (
+            {"LORAPLEX_GENERATION_MERGED_MB": "-1"},
+            [],
+            "LORAPLEX_GENERATION_MERGED_MB='-1': Input should be greater than or equal to 0",
+        ),
         ({"LORAPLEX_AUTH_DISABLED": "maybe"}, [], "LORAPLEX_AUTH_DISABLED='maybe': Input should"),
         (
             {"LORAPLEX_AUTH_DISABLED": "true", "LORAPLEX_HOST": "0.0.0.0"},
