@@ -154,6 +154,16 @@ def test_bounds_are_4xx_naming_the_field(client: TestClient, app_settings: Setti
     assert_error(
         predict(inputs=["hi", long]), 400, param="inputs.1", code="context_length_exceeded"
     )
+    # mode on every generating route (the SDK's extra_body on the OpenAI ones).
+    fused = client.post("/predict?adapter=chat&mode=fused", json={"inputs": ["hi"]}, headers=auth)
+    assert_error(fused, 422, param="mode")
+    for path, body in [
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+        ("/v1/completions", {"prompt": "hi"}),
+    ]:
+        resp = client.post(path, json={"model": "chat", "mode": "fused", **body}, headers=auth)
+        error = assert_error(resp, 422, param="mode")
+        assert "merged" in error["message"]  # what it accepts
     # A reward model does not generate: the sampling fields are refused, not ignored.
     store_adapter(client, auth, "rm", _reward_adapter(decoder), base=decoder)
     for field, value in (("max_tokens", 4), ("temperature", 0.5), ("seed", 1)):
