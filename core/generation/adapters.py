@@ -66,7 +66,7 @@ class AdapterSlots:
         # run (see GroupedLoraHooks); any bank write starts a new generation of them.
         self._bank_version = 0
         self._gathered_key: tuple[int, tuple[int, ...]] | None = None
-        self._gathered: dict[Site, tuple[Tensor, Tensor]] = {}
+        self._gathered: dict[tuple[int, str], _SiteGroup | None] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -129,13 +129,13 @@ class AdapterSlots:
         """Hooks adding each row's LoRA delta (``slots[i]`` = -1: the bare base), for decode
         steps: the adapters' gathered pairs are kept for the next call with the same adapters.
         """
-        rows_of: dict[int, list[int]] = {}
+        rows_of: dict[int, list[int]] = {}  # in order of their first row
         for row, slot in enumerate(slots.tolist()):
             if slot >= 0:
                 rows_of.setdefault(slot, []).append(row)
         if not rows_of:
             return NO_HOOKS
-        adapters = sorted(rows_of)
+        adapters = list(rows_of)
         key = (self._bank_version, tuple(adapters))
         if key != self._gathered_key:
             self._gathered_key, self._gathered = key, {}
@@ -206,18 +206,56 @@ class SegmentLoraHooks:
         return y
 
 
+# Targets of one decoder layer that read the same input tensor (core.decoder.forward): their
+# A matrices are stacked along the rank axis so one batched matmul gives all their low-rank
+# activations. Any other target is a group of its own.
+SHARED_INPUT = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+_GROUP_OF = {target: group for group in SHARED_INPUT for target in group}
+
+
+@dataclass(frozen=True)
+class _SiteGroup:
+    """A layer's targets that share an input, for the running adapters.
+
+    ``a`` is ``[U, R, in]``: each target's ``scale · A`` stacked along the rank axis (R = the
+    sum of their bank ranks); ``parts[target] = (start, stop, Bᵀ [U, r, out])`` is that
+    target's rank range of ``a`` and its up-projection.
+    """
+
+    a: Tensor
+    parts: dict[str, tuple[int, int, Tensor]]
+
+
 class GroupedLoraHooks:
     """``y[i] += scale[s_i] · B[s_i] (A[s_i] x_i)``, gathering each running adapter once.
 
-    Rows are grouped by adapter: per site, the U distinct adapters' pairs ``A [U, r, in]`` and
-    ``Bᵀ [U, r, out]`` meet the rows' inputs ``[U, m, in]`` (m = the largest group, others
-    padded with zero rows) in two batched matmuls, and each row adds its own delta.
+    Rows are grouped by adapter (groups in order of their first row): per site, the U
+    distinct adapters' pairs meet the rows' inputs ``[U, m, in]`` (m = the largest group,
+    others padded with zero rows) in two batched matmuls, and each row adds its own delta.
+    Targets sharing an input (q/k/v, gate/up: :data:`SHARED_INPUT`) share the first matmul:
+    the first of them to be called computes all their low-rank activations ``[U, m, R]``
+    from the stacked ``scale · A`` and keeps them for the others, which only expand their rank
+    range (same arithmetic as one matmul per target: a strided view of a row meets the same
+    dot products), and ``scale`` is folded into the gathered A. Where the grouped rows already
+    lie in batch order (every running sequence on its own adapter, or each adapter's rows
+    consecutive and equally many; bare rows only before or after them: the scheduler orders a
+    step's rows by adapter), inputs and deltas are views of ``x`` and ``y``: nothing copied.
+    A SmolLM2 layer (7 targets) then runs 11 matmuls and 7 adds, where one shrink matmul,
+    scale, expand matmul and add per target ran 28 kernels (50 with rows out of order).
+
+    The fewer kernels save little (SmolLM2, 64 adapters, the 210 sites of one decode step
+    alone, fp32, 2 AMX cores at load 7: rows in slot order 8 rows 36.0 -> 32.4 ms, 32 rows
+    82.6 -> 80.7 ms; rows out of order 30.7 -> 24.9, 71.0 -> 64.1 ms): the cost is the
+    matmuls, 92% of it, and they stream every running adapter's pairs from memory each step
+    (U x 9.8 MB fp32, ~8 GB/s a matmul at that load), so it grows with the distinct adapters
+    in the batch. The same pairs in bf16 halve the bytes but ran 1.5-2x slower (bf16 kernels
+    for these shapes; converting them to fp32 per site costs more than it saves).
 
     Why not gather A and B per row every step (:class:`core.inference.bank.MixedLoraHooks`'
     BGMV): on SmolLM2 (all 7 targets, r=8) one adapter is 9.8 MB fp32, so 32 rows copied 312 MB
     per decode step, on top of the bare step's 540 MB of weights. Here each distinct adapter is
-    copied once, into ``gathered``, which the caller keeps and hands back while the same set of
-    adapters runs (the bank slots of running sequences are pinned, so their contents cannot
+    copied once, into ``gathered``, which the caller keeps and hands back while the same
+    adapters run (the bank slots of running sequences are pinned, so their contents cannot
     change meanwhile; any bank write starts a new set): steady decoding copies no weights. The
     price: the running adapters' pairs are held twice (at most the bank's size again).
     A dense ``x [B, in] @ A_all [in, U·r]`` with a one-hot row mask was measured too: its
@@ -231,12 +269,12 @@ class GroupedLoraHooks:
         scale: Tensor,
         groups: list[list[int]],
         bsz: int,
-        gathered: dict[Site, tuple[Tensor, Tensor]],
+        gathered: dict[tuple[int, str], _SiteGroup | None],
     ) -> None:
         self.sites = sites
-        self.adapters = adapters  # [U] bank slots, ascending
+        self.adapters = adapters  # [U] bank slots, the groups' order
         self.scale = scale  # [U, 1, 1]
-        self.gathered = gathered
+        self.gathered = gathered  # by (layer, first target of the group); None: no site
         self.bsz = bsz
         self.most = max(map(len, groups))
         self.padded = any(len(g) < self.most for g in groups)
@@ -248,11 +286,14 @@ class GroupedLoraHooks:
             for j, row in enumerate(rows):
                 self.position[row] = u * self.most + j
                 self.source[u * self.most + j] = row
-        self.all_rows = len(self.source) == bsz and not self.padded
-        self.in_order = self.all_rows and self.source == list(range(bsz))
+        self.bare = sum(map(len, groups)) < bsz
+        # Grouped rows that are the batch rows first..first+U·m-1 in order: views, no copies.
+        first = self.source[0]
+        in_order = not self.padded and self.source == list(range(first, first + len(self.source)))
+        self.rows: tuple[int, int] | None = (first, first + len(self.source)) if in_order else None
         self._token_index: dict[int, tuple[Tensor, Tensor]] = {}
-        # q/k/v and gate/up see one input tensor: it is converted and grouped once for them.
-        self._input: tuple[Tensor, Tensor] | None = None
+        # The last group's input and low-rank activations, for its other targets.
+        self._low: tuple[Tensor, _SiteGroup, Tensor] | None = None
 
     def weight(self, layer: int, target: str, weight: Tensor) -> Tensor:
         return weight
@@ -275,44 +316,58 @@ class GroupedLoraHooks:
             self._token_index[seq] = index
         return index
 
+    def _group(self, layer: int, target: str) -> _SiteGroup | None:
+        members = _GROUP_OF.get(target, (target,))
+        key = (layer, members[0])
+        if key in self.gathered:
+            return self.gathered[key]
+        a_parts, parts, start = [], {}, 0
+        for member in members:
+            stacked = self.sites.get((layer, member))
+            if stacked is None:
+                continue
+            a, b = stacked
+            a_parts.append(a.index_select(0, self.adapters).mul_(self.scale))  # [U, r, in]
+            # [U, r, out], contiguous: the second bmm is 3x slower on a transposed view.
+            bt = b.transpose(1, 2).index_select(0, self.adapters)
+            parts[member] = (start, start + a.shape[1], bt)
+            start += a.shape[1]
+        group = _SiteGroup(torch.cat(a_parts, 1), parts) if parts else None
+        self.gathered[key] = group
+        return group
+
     def _grouped(self, x: Tensor, dtype: torch.dtype) -> Tensor:
-        """``x`` ``[B, seq, in]`` as the grouped rows ``[U·m·seq, in]`` in ``dtype``."""
+        """``x`` ``[B, seq, in]`` as the grouped rows ``[U, m·seq, in]`` in ``dtype``."""
         bsz, seq, n_in = x.shape
+        if self.rows is not None:
+            first, stop = self.rows
+            return x[first:stop].to(dtype).view(self.adapters.shape[0], -1, n_in)
         flat = x.reshape(bsz * seq, n_in).to(dtype)
-        if self.in_order:
-            return flat
-        source, _ = self._tokens(seq)
         if self.padded:
             flat = torch.cat((flat, flat.new_zeros(1, n_in)))
-        return flat.index_select(0, source)
+        source, _ = self._tokens(seq)
+        return flat.index_select(0, source).view(self.adapters.shape[0], -1, n_in)
 
     def linear(self, layer: int, target: str, x: Tensor, y: Tensor) -> Tensor:
-        site = (layer, target)
-        pair = self.gathered.get(site)
-        if pair is None:
-            stacked = self.sites.get(site)
-            if stacked is None:
-                return y
-            a, b = stacked
-            pair = (
-                a.index_select(0, self.adapters),  # [U, r, in]
-                # [U, r, out], contiguous: the second bmm is 3x slower on a transposed view.
-                b.transpose(1, 2).index_select(0, self.adapters),
-            )
-            self.gathered[site] = pair
-        a, bt = pair
-        bsz, seq, n_in = x.shape
-        if self._input is not None and self._input[0] is x:
-            flat = self._input[1]
+        group = self._group(layer, target)
+        part = group.parts.get(target) if group is not None else None
+        if group is None or part is None:
+            return y
+        if self._low is not None and self._low[0] is x and self._low[1] is group:
+            low = self._low[2]
         else:
-            flat = self._grouped(x, a.dtype)
-            self._input = (x, flat)
-        h = torch.bmm(flat.view(a.shape[0], -1, n_in), a.transpose(1, 2)).mul_(self.scale)
-        delta = torch.bmm(h, bt).view(-1, bt.shape[-1])  # [U·m·seq, out]
-        if not self.in_order:
-            _, position = self._tokens(seq)
-            if not self.all_rows:
-                delta = torch.cat((delta, delta.new_zeros(1, delta.shape[-1])))
-            delta = delta.index_select(0, position)
-        y.view(bsz * seq, -1).add_(delta)
+            low = torch.bmm(self._grouped(x, group.a.dtype), group.a.transpose(1, 2))
+            self._low = (x, group, low)  # [U, m·seq, R]
+        start, stop, bt = part
+        delta = torch.bmm(low[:, :, start:stop], bt)  # [U, m·seq, out]
+        if self.rows is not None:
+            first, last = self.rows
+            y[first:last].view_as(delta).add_(delta)
+            return y
+        bsz, seq, n_out = y.shape
+        delta = delta.view(-1, n_out)
+        if self.bare:  # rows without an adapter: the zero row's
+            delta = torch.cat((delta, delta.new_zeros(1, n_out)))
+        _, position = self._tokens(seq)
+        y.view(bsz * seq, n_out).add_(delta.index_select(0, position))
         return y

@@ -433,6 +433,8 @@ class Scheduler:
             events.append(self._accept(seq, token, lp))
 
     def _decode(self, seqs: list[_Sequence], events: list[SequenceEvent]) -> None:
+        # Each adapter's rows consecutive: GroupedLoraHooks then reads them in place.
+        seqs = sorted(seqs, key=lambda s: s.adapter_slot)
         device = self.weights.device
         slots = torch.tensor([s.slot for s in seqs], device=device)
         tokens = torch.tensor([s.pending for s in seqs], device=device)

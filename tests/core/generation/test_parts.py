@@ -101,28 +101,35 @@ def test_kv_budget_counts_slots(tiny_decoder: DecoderBase) -> None:
 
 
 def test_grouped_lora_delta_per_row_and_never_stale(tiny_decoder: DecoderBase) -> None:
-    """Each row gets its own adapter's delta (none for -1), and the pairs the hooks keep
-    gathered between steps are re-read once a slot holds another adapter."""
+    """Each row gets its own adapter's delta (none for -1) at every target, mixed ranks and
+    bare rows in one batch, whatever the rows' order, and the pairs the hooks keep gathered
+    between steps are re-read once a slot holds another adapter."""
     slots = AdapterSlots(tiny_decoder.weights, max_adapters=2)
     a, b, c = (random_lora(tiny_decoder, k, 2 + i, seed=i) for i, k in enumerate("abc"))
     sa, sb = slots.acquire(a), slots.acquire(b)
-    site = (0, "q_proj")
-    n_in, n_out = tiny_decoder.config.linear_shape("q_proj")
-    x = torch.randn(4, 3, n_in)
-
-    def delta(adapter: LoraWeights, row: torch.Tensor) -> torch.Tensor:
-        lora_a, lora_b = adapter.pairs[site]
-        return adapter.scaling * (row @ lora_a.T) @ lora_b.T
+    cfg = tiny_decoder.config
+    # q/k/v share one input (one stacked shrink matmul), as gate/up do; o_proj has its own.
+    shared, own = (torch.randn(4, 3, cfg.linear_shape(t)[0]) for t in ("q_proj", "o_proj"))
+    sites = [
+        (1, t, own if t == "o_proj" else shared) for t in ("q_proj", "k_proj", "v_proj", "o_proj")
+    ]
 
     def check(rows: list[LoraWeights | None], slot_ids: list[int]) -> None:
         hooks = slots.hooks(torch.tensor(slot_ids))
-        got = hooks.linear(*site, x, torch.zeros(4, 3, n_out))
-        for i, adapter in enumerate(rows):
-            want = torch.zeros(3, n_out) if adapter is None else delta(adapter, x[i])
-            torch.testing.assert_close(got[i], want)
+        for layer, target, x in sites:
+            got = hooks.linear(layer, target, x, torch.zeros(4, 3, cfg.linear_shape(target)[1]))
+            for i, adapter in enumerate(rows):
+                if adapter is None:
+                    want = torch.zeros_like(got[i])
+                else:
+                    lora_a, lora_b = adapter.pairs[(layer, target)]
+                    want = adapter.scaling * (x[i] @ lora_a.T) @ lora_b.T
+                torch.testing.assert_close(got[i], want)
 
-    check([a, None, b, a], [sa, -1, sb, sa])
+    check([a, None, b, a], [sa, -1, sb, sa])  # out of order: gathered rows, a padded group
     check([a, None, b, a], [sa, -1, sb, sa])  # the gathered pairs, reused
+    check([None, None, b, a], [-1, -1, sb, sa])  # in order after bare rows: views of x and y
+    check([b, b, a, a], [sb, sb, sa, sa])  # in order, two rows per adapter
     slots.release(sa, "a")
     sc = slots.acquire(c)  # evicts a: c now sits in a's slot (and has a larger rank)
     assert sc == sa
