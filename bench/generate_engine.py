@@ -108,8 +108,8 @@ def main() -> None:
     def step_ms(b: int) -> tuple[float, float]:
         """Median ms of one decode step of b sequences: bare base, then mixed adapters."""
         slots = AdapterSlots(weights, max(args.adapters, 1))
-        # Ordered by slot, as the scheduler orders a step's rows (each adapter's consecutive).
-        rows = torch.tensor(sorted(slots.acquire(adapters[i % args.adapters]) for i in range(b)))
+        # Round robin, as requests arrive: the scheduler keeps a step's rows in KV slot order.
+        rows = torch.tensor([slots.acquire(adapters[i % args.adapters]) for i in range(b)])
         cache = SlotCache(weights, b, args.prompt_tokens + 2)
         which = torch.arange(b)
         tokens = torch.randint(100, cfg.vocab_size, (b,), generator=g)

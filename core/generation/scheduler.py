@@ -433,8 +433,10 @@ class Scheduler:
             events.append(self._accept(seq, token, lp))
 
     def _decode(self, seqs: list[_Sequence], events: list[SequenceEvent]) -> None:
-        # Each adapter's rows consecutive: GroupedLoraHooks then reads them in place.
-        seqs = sorted(seqs, key=lambda s: s.adapter_slot)
+        # Rows stay in slot order, not grouped by adapter: sorting by adapter would save the
+        # hooks a [rows, hidden] gather but cost decode_step a gather of every layer's cached
+        # keys and values (SmolLM2 bf16, 32 rows of 250 tokens in 4 adapters' round robin:
+        # step + logits 143 ms in slot order vs 182 ms permuted, /tmp A/B, AMX CPU).
         device = self.weights.device
         slots = torch.tensor([s.slot for s in seqs], device=device)
         tokens = torch.tensor([s.pending for s in seqs], device=device)

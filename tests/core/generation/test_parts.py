@@ -1,5 +1,5 @@
 """The scheduler's parts on their own: sampling, incremental detokenization, stop strings,
-adapter pins, the KV budget."""
+adapter pins, the KV budget, a decode step's rows over any slots."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import torch
 from core.decoder.base import DecoderBase
 from core.errors import ConfigError
 from core.generation.adapters import AdapterFull, AdapterSlots, LoraWeights
+from core.generation.decode import decode_step
 from core.generation.detok import IncrementalDetokenizer, StopStrings
-from core.generation.kv import bytes_per_slot, slots_for_budget
+from core.generation.kv import SlotCache, bytes_per_slot, slots_for_budget
 from core.generation.sampling import SamplingParams, sample
 from tests.core.generation.helpers import random_lora
 
@@ -134,3 +135,37 @@ def test_grouped_lora_delta_per_row_and_never_stale(tiny_decoder: DecoderBase) -
     sc = slots.acquire(c)  # evicts a: c now sits in a's slot (and has a larger rank)
     assert sc == sa
     check([c, None, b, c], [sc, -1, sb, sc])
+
+
+@pytest.mark.parametrize(
+    "slots",
+    [[2, 3, 4], [2, 4, 5], [1, 2, 6], [0, 7]],
+    ids=["contiguous", "one-hole", "holes-in-span", "far-apart-gathered"],
+)
+def test_decode_step_rows_equal_each_slot_alone(
+    tiny_decoder: DecoderBase, slots: list[int]
+) -> None:
+    """Whether a step's slots are a slice, a slice with holes or gathered, each row's hidden
+    state is the one that slot's sequence gets decoded alone."""
+    weights = tiny_decoder.weights
+    cache = SlotCache(weights, 8, 16)
+    g = torch.Generator().manual_seed(0)
+    for layer in range(len(weights.layers)):  # each slot a different random history
+        cache.keys[layer].copy_(torch.randn(cache.keys[layer].shape, generator=g))
+        cache.values[layer].copy_(torch.randn(cache.values[layer].shape, generator=g))
+    lengths = {s: 3 + s for s in range(8)}
+    tokens = {s: 10 + 7 * s for s in range(8)}
+
+    def step(which: list[int]) -> torch.Tensor:
+        return decode_step(
+            weights,
+            cache,
+            torch.tensor(which),
+            torch.tensor([tokens[s] for s in which]),
+            torch.tensor([lengths[s] for s in which]),
+        )
+
+    with torch.inference_mode():
+        together = step(slots)
+        for row, slot in enumerate(slots):
+            torch.testing.assert_close(together[row], step([slot])[0], rtol=1e-5, atol=1e-5)
