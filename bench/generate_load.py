@@ -1,7 +1,8 @@
 """HTTP generation load on the real server: /v1/chat/completions over many LoRA adapters.
 
 Starts ``loraplex serve`` (uvicorn, temporary SQLite, SmolLM2 only, no embedded worker),
-stores N random non-zero chat LoRA adapters (r=8, every linear) straight into its database,
+stores N random non-zero chat LoRA adapters (r=8, every linear or ``--targets``) straight into
+its database (N=0: requests go to the bare base),
 then for each concurrency C and adapter count N runs C streaming clients, each sending its
 share of ``--requests`` requests one after another, after an untimed request per adapter has
 made it resident (prompts of 20-200 tokens: HH-RLHF harmless-base dialogues when
@@ -87,8 +88,8 @@ def prompts(base: DecoderBase, k: int) -> tuple[list[list[dict[str, str]]], str]
     return fits, source
 
 
-def random_adapters(base: DecoderBase, n: int) -> list[dict[str, Any]]:
-    """``n`` LoRA state dicts (PEFT names) with random non-zero A and B."""
+def random_adapters(base: DecoderBase, n: int, targets: tuple[str, ...]) -> list[dict[str, Any]]:
+    """``n`` LoRA state dicts (PEFT names) on ``targets`` with random non-zero A and B."""
     import torch
 
     from core.methods.lora.model import lora_key
@@ -98,7 +99,7 @@ def random_adapters(base: DecoderBase, n: int) -> list[dict[str, Any]]:
     for _ in range(n):
         state = {}
         for layer in range(base.num_layers):
-            for t in TARGETS:
+            for t in targets:
                 n_in, n_out = base.config.linear_shape(t)
                 state[lora_key(layer, t, "A")] = torch.randn(R, n_in, generator=gen) * 0.02
                 state[lora_key(layer, t, "B")] = torch.randn(n_out, R, generator=gen) * 0.02
@@ -106,7 +107,9 @@ def random_adapters(base: DecoderBase, n: int) -> list[dict[str, Any]]:
     return out
 
 
-def store(data_dir: Path, base: DecoderBase, states: list[dict[str, Any]]) -> list[str]:
+def store(
+    data_dir: Path, base: DecoderBase, states: list[dict[str, Any]], targets: tuple[str, ...]
+) -> list[str]:
     """Insert the adapters as the default tenant's chat adapters ``g0`` ...; their names."""
     from core.adapter import Adapter
     from core.heads import HeadConfig
@@ -119,7 +122,7 @@ def store(data_dir: Path, base: DecoderBase, states: list[dict[str, Any]]) -> li
     key = (data_dir / "default_api_key").read_text().strip()
     db_engine = make_db_engine(f"sqlite:///{data_dir / 'loraplex.db'}")
     cfg = parse_method_config(
-        "lora", {"r": R, "alpha": 16, "target_modules": list(TARGETS)}, base_kind="decoder"
+        "lora", {"r": R, "alpha": 16, "target_modules": list(targets)}, base_kind="decoder"
     )
     names = []
     with make_sessionmaker(db_engine)() as session:
@@ -226,6 +229,7 @@ def hf_sequential(
     new_tokens: int,
     peft_states: list[Any] | None,
     dtype: torch.dtype,
+    targets: tuple[str, ...] = TARGETS,
 ) -> float:
     """Output tokens/s of transformers ``generate`` in ``dtype`` one request at a time (with
     PEFT and ``set_adapter`` per request when ``peft_states`` is given)."""
@@ -238,7 +242,7 @@ def hf_sequential(
     model: Any = hf_model(base)
     names: list[str] = []
     if peft_states:
-        cfg = PeftLoraConfig(r=R, lora_alpha=16, target_modules=list(TARGETS))
+        cfg = PeftLoraConfig(r=R, lora_alpha=16, target_modules=list(targets))
         model = get_peft_model(model, cfg, adapter_name="g0")
         for i, state in enumerate(peft_states):
             name = f"g{i}"
@@ -283,7 +287,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="C 1/8, N 1/16, 32 new tokens")
     parser.add_argument("--concurrency", type=int, nargs="+")
-    parser.add_argument("--adapters", type=int, nargs="+")
+    parser.add_argument(
+        "--adapters", type=int, nargs="+", help="adapter counts N; 0 = the bare base over HTTP"
+    )
+    parser.add_argument(
+        "--targets",
+        nargs="+",
+        choices=TARGETS,
+        default=list(TARGETS),
+        help="the random adapters' LoRA targets (default every linear, loraplex's default; "
+        "q_proj v_proj is PEFT's default for Llama)",
+    )
     parser.add_argument("--new-tokens", type=int)
     parser.add_argument("--requests", type=int, help="per configuration (default 2 x C, >= 4)")
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto")
@@ -303,7 +317,8 @@ def main() -> None:
     fast_bf16 = resolve_dtype("auto", base.weights.device) == torch.bfloat16
     chats, source = prompts(base, 64)
     ids = [list(base.tokenizer.apply_chat_template(c, add_generation_prompt=True)) for c in chats]
-    states = random_adapters(base, max(counts))
+    targets = tuple(args.targets)
+    states = random_adapters(base, max(counts), targets)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         server = ServerProcess(
@@ -317,11 +332,12 @@ def main() -> None:
             },
         ).start()
         try:
-            names = store(Path(tmp), base, states)
+            names = store(Path(tmp), base, states, targets)
             for n in counts:
                 for c in concurrency:
                     requests = args.requests or max(4, 2 * c)
-                    row = asyncio.run(drive(server, names[:n], chats, c, requests, new_tokens))
+                    models = names[:n] or [base.name]
+                    row = asyncio.run(drive(server, models, chats, c, requests, new_tokens))
                     row = {"concurrency": c, "adapters": n, **row}
                     print(json.dumps(row), flush=True)
                     rows.append(row)
@@ -332,7 +348,7 @@ def main() -> None:
     hf_by_dtype = {d: hf_sequential(base, ids[:k], new_tokens, None, d) for d in hf_dtypes}
     hf_dtype = max(hf_by_dtype, key=hf_by_dtype.__getitem__)
     hf = hf_by_dtype[hf_dtype]
-    peft = hf_sequential(base, ids[:k], new_tokens, states[: max(counts)], hf_dtype)
+    peft = hf_sequential(base, ids[:k], new_tokens, states[: max(counts)], hf_dtype, targets)
     bare = {c: bare_decode(weights, base, ids, c, new_tokens) for c in concurrency}
     for row in rows:
         row["ratio_to_bare_decode"] = round(row["output_tok_s"] / bare[row["concurrency"]], 3)
@@ -340,6 +356,7 @@ def main() -> None:
     report = {
         "prompts": source,
         "new_tokens": new_tokens,
+        "lora_targets": list(targets),
         "dtype": str(weights.dtype).removeprefix("torch."),
         "cpu_bf16_flags": bf16_cpu_flags(),
         "hf_sequential_tok_s": round(hf, 1),
