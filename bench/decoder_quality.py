@@ -1,7 +1,7 @@
 """Decoder quality on real preference pairs: LoRA chat SFT and DPO on SmolLM2-135M-Instruct.
 
 Data: the Anthropic HH-RLHF harmless-base test file, split as :mod:`bench.reward_quality`
-splits it (``np.random.RandomState(0).permutation``, 1,849 train / 463 held out of 2,312),
+splits it (``np.random.RandomState(0).permutation``, 1,850 train / 462 held out of 2,312),
 converted by :mod:`bench.hh_convert` (chat rows: ``chosen`` as the SFT target, earlier replies
 at weight 0; DPO rows: the shared prompt, the two final replies). The first ``train_pairs`` of
 the training part and the first ``test_pairs`` of the held-out part are used (2 shared CPU

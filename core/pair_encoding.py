@@ -3,7 +3,7 @@
 A preference row is a (prompt, response) pair; what a reward model must tell apart is the
 response. The tokenizer's own truncation cuts from the right, which on long dialogues (the
 whole HH-RLHF conversation as ``chosen`` / ``rejected``) cut exactly the final turns where the
-two differ: at 128 tokens 52 of 463 held-out HH pairs became the same input. So here the
+two differ: at 128 tokens 52 of issue 15's 463 held-out HH pairs became one input. So here the
 response keeps the window first, up to all of it but :data:`PROMPT_SHARE` when there is a
 prompt, and the prompt fills what is left from its end: its most recent turns survive, the
 start of a long dialogue is what is cut.
