@@ -16,8 +16,8 @@ the server stopped, the references over the same prompts:
     the CPU has AMX (or on CUDA), in bfloat16 too: the faster of the two is the denominator;
 (b) transformers + PEFT ``generate`` with the N adapters loaded, ``set_adapter`` per request
     (in (a)'s faster dtype);
-(c) loraplex's in-process greedy loop on the bare base at batch C, in the server's dtype (the
-    limit).
+(c) loraplex's scheduler in this process on the bare base, C requests added at once, in the
+    server's dtype: the engine without HTTP, streaming or staggered arrivals (the limit).
 
 ``--dtype`` is the server's ``generation_dtype`` (auto: bfloat16 on a CPU with AMX); the report
 names the dtype it resolved to and the CPU's bf16 flags.
@@ -274,13 +274,26 @@ def hf_sequential(
 def bare_decode(
     weights: DecoderWeights, base: DecoderBase, ids: list[list[int]], batch: int, new_tokens: int
 ) -> float:
-    """Output tokens/s of loraplex's greedy loop on the bare base, ``batch`` rows at once."""
-    from core.decoder.generate import greedy_generate
+    """Output tokens/s of loraplex's scheduler in this process on the bare base: ``batch``
+    requests added at once, then stepped until all are done (prefill included, no HTTP)."""
+    from core.generation.sampling import SamplingParams
+    from core.generation.scheduler import GenerationRequest, Scheduler
 
     rows = [ids[i % len(ids)] for i in range(batch)]
+    scheduler = Scheduler(
+        weights,
+        base.tokenizer,
+        num_slots=batch,
+        capacity=max(map(len, rows)) + new_tokens,
+        stop_token_ids=base.stop_token_ids,
+    )
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0)
     start = time.perf_counter()
-    out = greedy_generate(weights, rows, new_tokens, base.stop_token_ids)
-    return sum(map(len, out)) / (time.perf_counter() - start)
+    for row in rows:
+        scheduler.add(GenerationRequest(row, params))
+    while scheduler.running or scheduler.waiting:
+        scheduler.step()
+    return scheduler.generated_tokens / (time.perf_counter() - start)
 
 
 def main() -> None:
