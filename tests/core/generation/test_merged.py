@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from core.decoder.base import DecoderBase
 from core.generation.adapters import LoraWeights
+from core.generation.merged import merged_bytes
 from core.generation.sampling import SamplingParams
 from core.generation.scheduler import MERGE_PAYS_AFTER, GenerationRequest, MergeMode, Scheduler
 from tests.core.decoder.test_forward import random_rows
@@ -132,6 +134,63 @@ def test_one_merged_copy_replaced_by_the_next_adapter_and_dropped_when_invalidat
     assert sched.merged_key is None
     assert (sched.merges, sched.merged_steps) == (2, steps)
     assert out.tokens[(rid, 0)] == alone.tokens[(alone_id, 0)]
+
+
+def test_a_copy_over_the_budget_falls_back_to_the_deltas_and_serving_goes_on(
+    tiny_decoder: DecoderBase, adapter: LoraWeights
+) -> None:
+    small = random_lora(tiny_decoder, "qv-r8", 8, ("q_proj", "v_proj"), seed=2)
+    budget = merged_bytes(tiny_decoder.weights, adapter) - 1  # one byte short of the copy
+    assert merged_bytes(tiny_decoder.weights, small) <= budget
+    prompts = random_rows(tiny_decoder.config.vocab_size, [9, 13], seed=35)
+    (unmerged_id,), unmerged = run_all(
+        _sched(tiny_decoder), [GenerationRequest(prompts[0], greedy(20), adapter, "unmerged")]
+    )
+    sched = _sched(tiny_decoder, merged_bytes=budget)
+    (rid,), out = run_all(sched, [GenerationRequest(prompts[0], greedy(20), adapter, "merged")])
+    # Asked for merged, refused by the budget at every one of its 19 decode steps: the
+    # per-row deltas generate what the unmerged path does, and no copy is held.
+    assert (sched.merges, sched.merged_steps, sched.merged_key) == (0, 0, None)
+    assert out.tokens[(rid, 0)] == unmerged.tokens[(unmerged_id, 0)]
+    assert out.finish[(rid, 0)] == "length" and sched.free_slots == 8
+    # The same scheduler goes on: an adapter whose copy fits merges, and the big one's next
+    # requests (two at once) still run on the deltas.
+    run_all(sched, [GenerationRequest(prompts[1], greedy(20), small, "merged")])
+    assert (sched.merges, sched.merged_steps, sched.merged_key) == (1, 19, small.key)
+    ids, again = run_all(
+        sched, [GenerationRequest(p, greedy(20), adapter, "merged") for p in prompts]
+    )
+    assert (sched.merges, sched.merged_steps) == (1, 19)
+    assert again.tokens[(ids[0], 0)] == unmerged.tokens[(unmerged_id, 0)]
+    assert len(again.tokens[(ids[1], 0)]) == 20
+
+
+def test_a_merge_that_runs_out_of_memory_falls_back_once_and_serving_goes_on(
+    tiny_decoder: DecoderBase, adapter: LoraWeights, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No real allocation of the tiny Llama's copy fails, so torch's own CPU out-of-memory
+    # error is raised where the copy is allocated (torch, not loraplex code, is replaced).
+    attempts = []
+
+    def no_memory(*args: object, **kwargs: object) -> torch.Tensor:
+        attempts.append(1)
+        raise RuntimeError("DefaultCPUAllocator: not enough memory")
+
+    (prompt,) = random_rows(tiny_decoder.config.vocab_size, [9], seed=36)
+    (unmerged_id,), unmerged = run_all(
+        _sched(tiny_decoder), [GenerationRequest(prompt, greedy(20), adapter, "unmerged")]
+    )
+    sched = _sched(tiny_decoder)
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "addmm", no_memory)
+        (rid,), out = run_all(sched, [GenerationRequest(prompt, greedy(20), adapter, "merged")])
+    # Tried at the first decode step only: its sequence is never offered a merge again.
+    assert (len(attempts), sched.merges, sched.merged_steps, sched.merged_key) == (1, 0, 0, None)
+    assert out.tokens[(rid, 0)] == unmerged.tokens[(unmerged_id, 0)]
+    # Memory back, the adapter's next request merges on the same scheduler, same tokens.
+    (rid,), out = run_all(sched, [GenerationRequest(prompt, greedy(20), adapter, "merged")])
+    assert (sched.merges, sched.merged_steps, sched.merged_key) == (1, 19, adapter.key)
+    assert out.tokens[(rid, 0)] == unmerged.tokens[(unmerged_id, 0)]
 
 
 @pytest.mark.real_model
