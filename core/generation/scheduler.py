@@ -32,6 +32,7 @@ import heapq
 import itertools
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Hashable
 from dataclasses import dataclass, field
@@ -169,7 +170,9 @@ class Scheduler:
         self._chunking: _Chunking | None = None
         self._merged: MergedLinears | None = None
         self.merges = 0  # merged copies built so far
+        self.merge_seconds = 0.0  # spent building them
         self.merged_steps = 0  # decode steps run on merged weights so far
+        self.unmerged_steps = 0  # decode steps run on the base's weights (and per-row deltas)
         self._ids = itertools.count()
         self.prefill_tokens = 0  # prompt tokens run through prefill so far (n candidates: once)
         self.cancelled_sequences = 0  # sequences holding a slot stopped by cancel() so far
@@ -258,6 +261,12 @@ class Scheduler:
     def merged_key(self) -> Hashable | None:
         """The adapter whose merged copy is held, if any."""
         return self._merged.key if self._merged is not None else None
+
+    @property
+    def merged_copy_bytes(self) -> int:
+        """Bytes of the merged copy held (0 when none); safe to read from any thread."""
+        merged = self._merged
+        return merged.num_bytes if merged is not None else 0
 
     @torch.inference_mode()
     def step(self) -> list[SequenceEvent]:
@@ -443,6 +452,7 @@ class Scheduler:
         lengths = torch.tensor([s.length for s in seqs], device=device)
         hooks = self._merged_hooks(seqs)
         if hooks is None:
+            self.unmerged_steps += 1
             hooks = self.adapters.hooks(torch.tensor([s.adapter_slot for s in seqs], device=device))
         try:
             hidden = decode_step(self.weights, self.cache, slots, tokens, lengths, hooks)
@@ -475,6 +485,7 @@ class Scheduler:
             if merged_bytes(self.weights, adapter) > self.merged_bytes:
                 return None
             self._merged = None  # the old copy goes before the new one is built
+            start = time.perf_counter()
             try:
                 self._merged = MergedLinears(self.weights, adapter)
             except Exception:  # out of memory, say: the deltas give the same tokens
@@ -485,6 +496,7 @@ class Scheduler:
                     seq.stale = True
                 return None
             self.merges += 1
+            self.merge_seconds += time.perf_counter() - start
         assert self._merged is not None
         self.merged_steps += 1
         return self._merged.hooks()

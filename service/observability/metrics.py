@@ -104,11 +104,18 @@ class GenerationCollector(Collector):
             ("running_sequences", "Sequences generating now.", lambda s: s.running),
             ("waiting_requests", "Requests waiting for free sequence slots.", lambda s: s.waiting),
             ("free_slots", "KV-cache slots free for new sequences.", lambda s: s.free_slots),
+            (
+                "merged_bytes",
+                "Bytes of the one adapter's merged copy held for merged decode steps.",
+                lambda s: s.merged_copy_bytes,
+            ),
         )
         counters = (
             ("tokens", "Tokens generated (stop tokens included).", lambda s: s.generated_tokens),
             ("prefill_tokens", "Prompt tokens prefilled (once for n).", lambda s: s.prefill_tokens),
             ("cancelled_sequences", "Sequences cancelled.", lambda s: s.cancelled_sequences),
+            ("merges", "Merged adapter copies built.", lambda s: s.merges),
+            ("merge_seconds", "Seconds spent building merged copies.", lambda s: s.merge_seconds),
         )
         for name, help_, read in gauges:
             family = GaugeMetricFamily(f"loraplex_generation_{name}", help_, labels=["base"])
@@ -120,6 +127,16 @@ class GenerationCollector(Collector):
             for base, server in self._servers.items():
                 counter.add_metric([base], read(server.scheduler))
             yield counter
+        steps = CounterMetricFamily(
+            "loraplex_generation_decode_steps",
+            "Decode steps, on one adapter's merged copy or on the base's weights plus each "
+            "row's LoRA delta.",
+            labels=["base", "weights"],
+        )
+        for base, server in self._servers.items():
+            steps.add_metric([base, "merged"], server.scheduler.merged_steps)
+            steps.add_metric([base, "unmerged"], server.scheduler.unmerged_steps)
+        yield steps
 
 
 class LookupCacheCollector(Collector):

@@ -49,8 +49,11 @@ def test_merged_steps_generate_what_per_row_deltas_do(
     merged_sched, merged, m_ids = run("merged")
     hooked_sched, hooked, h_ids = run("unmerged")
     # Both prompts share the first step's prefill, then 23 decode steps, all merged.
-    assert (merged_sched.merges, merged_sched.merged_steps) == (1, 23)
-    assert (hooked_sched.merges, hooked_sched.merged_steps) == (0, 0)
+    for sched, counts in ((merged_sched, (1, 0, 23)), (hooked_sched, (0, 23, 0))):
+        assert (sched.merges, sched.unmerged_steps, sched.merged_steps) == counts
+    assert merged_sched.merge_seconds > 0 and hooked_sched.merge_seconds == 0
+    assert merged_sched.merged_copy_bytes == merged_bytes(tiny_decoder.weights, adapter)
+    assert hooked_sched.merged_copy_bytes == 0
     for m, h in zip(m_ids, h_ids, strict=True):
         assert merged.tokens[(m, 0)] == hooked.tokens[(h, 0)]
         m_lps = [lp.logprob for e in merged.events if e.request_id == m for lp in e.logprobs]

@@ -19,6 +19,7 @@ import torch
 import uvicorn
 from fastapi import FastAPI
 from openai.types.chat import ChatCompletionMessageParam
+from prometheus_client.parser import text_string_to_metric_families
 from starlette.requests import ClientDisconnect
 
 from core.adapter import Adapter
@@ -522,6 +523,18 @@ def test_a_bad_message_content_is_422_naming_the_shape_sent(
     assert error["param"] == param and says in error["message"]
 
 
+def _generation_metrics(server: Server) -> dict[tuple[str, str], float]:
+    """The default decoder's ``loraplex_generation_*`` samples by (name, ``weights`` label)."""
+    scrape = httpx.get(f"{server.url}/metrics").text
+    return {
+        (sample.name, sample.labels.get("weights", "")): sample.value
+        for family in text_string_to_metric_families(scrape)
+        for sample in family.samples
+        if sample.name.startswith("loraplex_generation_")
+        and sample.labels.get("base") == DEFAULT_DECODER_NAME
+    }
+
+
 def test_mode_merged_replies_as_unmerged_and_a_bad_mode_is_refused(server: Server) -> None:
     base = server.decoder
     config = parse_method_config("lora", {"r": 4, "alpha": 8}, base_kind="decoder")
@@ -535,9 +548,15 @@ def test_mode_merged_replies_as_unmerged_and_a_bad_mode_is_refused(server: Serve
     servers = app_state(server.app).generation
     assert servers is not None
     scheduler = servers[DEFAULT_DECODER_NAME].scheduler
+    # All seven targets on every layer: the copy is every linear of the base, in its dtype.
+    copy_bytes = sum(
+        w.numel() * w.element_size()
+        for layer in scheduler.weights.layers
+        for w, _ in layer.linears.values()
+    )
     texts = {}
     for mode in ("merged", "unmerged"):
-        steps = scheduler.merged_steps
+        before = _generation_metrics(server)
         reply = server.sdk().chat.completions.create(
             model="smol-merged",
             messages=QUESTION,
@@ -545,11 +564,19 @@ def test_mode_merged_replies_as_unmerged_and_a_bad_mode_is_refused(server: Serve
             temperature=0,
             extra_body={"mode": mode},
         )
+        after = _generation_metrics(server)
         texts[mode] = reply.choices[0].message.content
         assert reply.usage is not None
-        # Alone in the batch: every decode step after the prefill's token ran merged, or none.
+        # Alone in the batch: every decode step after the prefill's token ran merged, or none;
+        # the copy is built once, by the merged request, and kept for the adapter's next ones.
         decode_steps = reply.usage.completion_tokens - 1
-        assert scheduler.merged_steps - steps == (decode_steps if mode == "merged" else 0)
+        moved = {k: after[k] - before[k] for k in before}
+        for weights, steps in {"merged": 0, "unmerged": 0, mode: decode_steps}.items():
+            assert moved["loraplex_generation_decode_steps_total", weights] == steps
+        merged = mode == "merged"
+        assert moved["loraplex_generation_merges_total", ""] == merged
+        assert (moved["loraplex_generation_merge_seconds_total", ""] > 0) == merged
+        assert after["loraplex_generation_merged_bytes", ""] == copy_bytes
     assert texts["merged"] == texts["unmerged"] == core_greedy(base, chat_prompt(base), 6, lora)
     resp = httpx.post(
         f"{server.url}/v1/completions",
