@@ -37,8 +37,6 @@ from typing import Any
 
 from bench.common import peak_rss_mib
 
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -58,28 +56,20 @@ def main() -> None:
     from core.decoder.base import load_decoder_base
     from core.decoder.forward import logits
     from core.decoder.generate import greedy_generate
-    from core.generation.adapters import AdapterSlots, LoraWeights
+    from core.generation.adapters import AdapterSlots
     from core.generation.decode import decode_step
     from core.generation.kv import SlotCache
     from core.generation.sampling import SamplingParams
     from core.generation.scheduler import GenerationRequest, Scheduler
     from core.hardware import bf16_cpu_flags, resolve_dtype
+    from tests.core.generation.helpers import random_lora
 
     base = load_decoder_base(device="cpu")
     weights = base.weights.to(resolve_dtype(args.dtype, base.weights.device))
     cfg = base.config
     g = torch.Generator().manual_seed(0)
-    adapters = []
-    for k in range(args.adapters):
-        pairs = {}
-        for layer in range(cfg.num_hidden_layers):
-            for t in TARGETS:
-                n_in, n_out = cfg.linear_shape(t)
-                pairs[(layer, t)] = (
-                    torch.randn(8, n_in, generator=g) * 0.02,
-                    torch.randn(n_out, 8, generator=g) * 0.02,
-                )
-        adapters.append(LoraWeights(f"bench-{k}", pairs, scaling=2.0))
+    # Every decoder target, non-zero B, one seed each.
+    adapters = [random_lora(base, f"bench-{k}", 8, seed=k, std=0.02) for k in range(args.adapters)]
     params = SamplingParams(max_tokens=args.new_tokens, temperature=0.0)
 
     def prompts(b: int) -> list[list[int]]:

@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from bench.common import fixture_reviews
+from core.targets import DECODER_TARGET_MODULES
 from tests.e2e.server import ServerProcess
 
 if TYPE_CHECKING:
@@ -58,7 +59,6 @@ if TYPE_CHECKING:
     from core.decoder.forward import DecoderWeights
 
 R = 8
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MIN_PROMPT, MAX_PROMPT = 20, 200
 
 
@@ -90,20 +90,19 @@ def prompts(base: DecoderBase, k: int) -> tuple[list[list[dict[str, str]]], str]
 
 def random_adapters(base: DecoderBase, n: int, targets: tuple[str, ...]) -> list[dict[str, Any]]:
     """``n`` LoRA state dicts (PEFT names) on ``targets`` with random non-zero A and B."""
-    import torch
-
     from core.methods.lora.model import lora_key
+    from tests.core.generation.helpers import random_lora
 
-    gen = torch.Generator().manual_seed(0)
     out = []
-    for _ in range(n):
-        state = {}
-        for layer in range(base.num_layers):
-            for t in targets:
-                n_in, n_out = base.config.linear_shape(t)
-                state[lora_key(layer, t, "A")] = torch.randn(R, n_in, generator=gen) * 0.02
-                state[lora_key(layer, t, "B")] = torch.randn(n_out, R, generator=gen) * 0.02
-        out.append(state)
+    for i in range(n):
+        lora = random_lora(base, f"g{i}", R, targets, seed=i, std=0.02)
+        out.append(
+            {
+                lora_key(layer, t, part): weight
+                for (layer, t), (a, b) in lora.pairs.items()
+                for part, weight in (("A", a), ("B", b))
+            }
+        )
     return out
 
 
@@ -229,7 +228,7 @@ def hf_sequential(
     new_tokens: int,
     peft_states: list[Any] | None,
     dtype: torch.dtype,
-    targets: tuple[str, ...] = TARGETS,
+    targets: tuple[str, ...] = DECODER_TARGET_MODULES,
 ) -> float:
     """Output tokens/s of transformers ``generate`` in ``dtype`` one request at a time (with
     PEFT and ``set_adapter`` per request when ``peft_states`` is given)."""
@@ -306,8 +305,8 @@ def main() -> None:
     parser.add_argument(
         "--targets",
         nargs="+",
-        choices=TARGETS,
-        default=list(TARGETS),
+        choices=DECODER_TARGET_MODULES,
+        default=list(DECODER_TARGET_MODULES),
         help="the random adapters' LoRA targets (default every linear, loraplex's default; "
         "q_proj v_proj is PEFT's default for Llama)",
     )
