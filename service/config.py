@@ -170,8 +170,16 @@ class Settings(BaseSettings):
     generation_max_waiting: int = Field(
         default=64,
         ge=1,
-        description="Generation requests that may wait for a free sequence slot; past them a "
-        "request gets 503 with Retry-After.",
+        description="Generation requests one tenant may have waiting for a free sequence slot; "
+        "past them its requests get 503 with Retry-After (other tenants' are still queued).",
+    )
+    generation_reserved_slots: int | None = Field(
+        default=None,
+        ge=0,
+        description="Sequence slots no tenant that already holds slots may take, so that a "
+        "tenant with nothing running starts at the next decode step however many requests "
+        "another keeps running. Default: an eighth of the slots (at least one where there are "
+        "two or more); 0 lets one tenant hold them all.",
     )
     generation_max_adapters: int = Field(
         default=64,

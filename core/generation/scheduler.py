@@ -13,6 +13,14 @@ the running sequences' decode steps in between; one such prompt at a time, it ge
 token with its last chunk. Prefilled whole it stalled every running sequence for its whole
 pass (SmolLM2, a 4000-token prompt beside 4 decoding sequences: see bench/generate_merged.py).
 
+Owners (tenants): each request has one, and each owner waits in a queue of its own, bounded by
+``max_waiting``, so one owner's flood of requests is refused (:class:`QueueFull`) while others'
+are still queued. Each step admits from the owner holding the fewest slots first (ties: the
+earliest request), so a slot that frees goes to the owner with the least running. No owner
+that already holds slots may take the last ``reserved_slots`` free ones: an owner with nothing
+running always finds a slot at the next step, however many requests another owner keeps
+running, instead of waiting for one of them to finish (there is no preemption).
+
 Merged steps: a decode step whose sequences all use one adapter can run on a copy of the
 base's linears with that adapter merged in (:mod:`core.generation.merged`), no per-row
 deltas. Each request says whether it may (``mode``): ``unmerged`` never, ``merged`` whenever
@@ -76,6 +84,7 @@ class GenerationRequest:
     params: SamplingParams
     adapter: LoraWeights | None = None  # None: the bare base
     mode: MergeMode = "auto"  # whether its decode steps may run on merged weights
+    owner: Hashable = None  # whose request (a tenant): its waiting queue and share of slots
 
 
 @dataclass
@@ -105,6 +114,7 @@ class _Sequence:
     adapter: LoraWeights | None
     adapter_slot: int  # bank slot, -1 for the bare base
     mode: MergeMode
+    owner: Hashable
     generator: torch.Generator
     detok: IncrementalDetokenizer
     stops: StopStrings
@@ -150,6 +160,7 @@ class Scheduler:
         capacity: int,
         stop_token_ids: tuple[int, ...] = (),
         max_waiting: int = 64,
+        reserved_slots: int = 0,
         max_adapters: int = 64,
         prefill_tokens_per_step: int = 2048,
         merged_bytes: int = 512 << 20,
@@ -160,13 +171,17 @@ class Scheduler:
         self.cache = SlotCache(weights, num_slots, capacity)
         self.adapters = AdapterSlots(weights, max_adapters)
         self.stop_token_ids = frozenset(stop_token_ids)
-        self.max_waiting = max_waiting
+        self.max_waiting = max_waiting  # per owner
+        if reserved_slots < 0 or (reserved_slots and reserved_slots >= num_slots):
+            raise ValueError(f"reserved_slots must be 0 or less than num_slots ({num_slots})")
+        self.reserved_slots = reserved_slots
         if prefill_tokens_per_step < 1:
             raise ValueError("prefill_tokens_per_step must be at least 1")
         self.prefill_tokens_per_step = prefill_tokens_per_step
         self.merged_bytes = merged_bytes
         self._free = list(range(num_slots))  # a heap: lowest slot first keeps batches contiguous
         self._running: dict[int, _Sequence] = {}  # by slot
+        self._held: dict[Hashable, int] = {}  # slots held (running or chunking) by owner
         self._chunking: _Chunking | None = None
         self._merged: MergedLinears | None = None
         self.merges = 0  # merged copies built so far
@@ -180,7 +195,8 @@ class Scheduler:
         # Shared with other threads, under the lock:
         self._lock = threading.Lock()
         self._wake = threading.Event()
-        self._waiting: deque[tuple[int, GenerationRequest]] = deque()
+        # Each owner's waiting requests, oldest first; an owner with none has no entry.
+        self._waiting: dict[Hashable, deque[tuple[int, GenerationRequest]]] = {}
         self._cancelled: set[int] = set()
         self._invalidated: list[Hashable] = []
 
@@ -207,10 +223,11 @@ class Scheduler:
                 f"has {len(prompt)} and max_tokens asks for {params.max_tokens} more"
             )
         with self._lock:
-            if len(self._waiting) >= self.max_waiting:
-                raise QueueFull(f"{self.max_waiting} requests are already waiting")
+            queue = self._waiting.get(request.owner)
+            if queue is not None and len(queue) >= self.max_waiting:
+                raise QueueFull(f"{self.max_waiting} of its owner's requests are already waiting")
             request_id = next(self._ids)
-            self._waiting.append((request_id, request))
+            self._waiting.setdefault(request.owner, deque()).append((request_id, request))
             self._wake.set()
         return request_id
 
@@ -251,7 +268,7 @@ class Scheduler:
     @property
     def waiting(self) -> int:
         with self._lock:
-            return len(self._waiting)
+            return sum(map(len, self._waiting.values()))
 
     @property
     def free_slots(self) -> int:
@@ -275,7 +292,12 @@ class Scheduler:
             cancelled, self._cancelled = self._cancelled, set()
             invalidated, self._invalidated = self._invalidated, []
             if cancelled:
-                self._waiting = deque(w for w in self._waiting if w[0] not in cancelled)
+                for owner, queue in list(self._waiting.items()):
+                    kept = deque(w for w in queue if w[0] not in cancelled)
+                    if kept:
+                        self._waiting[owner] = kept
+                    else:
+                        del self._waiting[owner]
         for seq in [s for s in self._running.values() if s.request_id in cancelled]:
             self._retire(seq)
             self.cancelled_sequences += 1
@@ -299,11 +321,18 @@ class Scheduler:
         return events
 
     def _admit(self, events: list[SequenceEvent]) -> None:
-        """Take waiting requests (in order) while slots, adapters and the step's prefill budget
-        last, and prefill them all, with the next chunk of a long prompt, in one forward pass.
+        """Take waiting requests while slots, adapters and the step's prefill budget last, and
+        prefill them all, with the next chunk of a long prompt, in one forward pass.
 
-        A prompt up to the budget is prefilled whole (it waits for a step with room for it);
-        a longer one starts chunking with what the step has left, if no other is chunking."""
+        The next request is the oldest of the owner holding the fewest slots
+        (:meth:`_next_waiting`). One that finds too few free slots, or no room in the step's
+        budget, ends the step's admissions: it goes first once slots free, not overtaken by
+        smaller ones. An owner whose next request would take one of the last
+        ``reserved_slots`` while it holds slots, waits for a longer one to be prefilled, or
+        needs an adapter while every bank slot is pinned, sits the step out; others still
+        come in. A prompt up to the budget is prefilled whole (it waits for a step with room
+        for it); a longer one starts chunking with what the step has left, if no other is
+        chunking."""
         chunks: list[_Chunk] = []
         budget = self.prefill_tokens_per_step
         chunking = self._chunking
@@ -313,29 +342,32 @@ class Scheduler:
             chunks.append(_Chunk(chunking.seqs, piece, chunking.done, final))
             budget -= len(piece)
         slots_left = len(self._free)
+        share = self.cache.slots - self.reserved_slots  # the most one owner may hold
+        sitting_out: set[Hashable] = set()
         while budget > 0:
-            with self._lock:
-                if not self._waiting:
-                    break
-                request_id, request = self._waiting[0]
-            n, prompt = request.params.n, request.prompt_ids
+            head = self._next_waiting(sitting_out)
+            if head is None:
+                break
+            request_id, request = head
+            owner, n, prompt = request.owner, request.params.n, request.prompt_ids
             long = len(prompt) > self.prefill_tokens_per_step
-            if (
-                slots_left < n
-                or (long and chunking is not None)
-                or (not long and len(prompt) > budget)
-            ):
+            held = self._held.get(owner, 0)
+            if (held and held + n > share) or (long and chunking is not None):
+                sitting_out.add(owner)
+                continue
+            if slots_left < n or (not long and len(prompt) > budget):
                 break
             try:
                 adapter_slot = self._pin_adapter(request, n)
-            except AdapterFull:
-                break  # waits (in order) until a running sequence releases its adapter
+            except AdapterFull:  # until a running sequence releases its adapter
+                sitting_out.add(owner)
+                continue
             except Exception as exc:  # a bad adapter fails its own request only
                 log.exception("request %d: adapter could not be loaded", request_id)
-                self._pop_waiting()
+                self._pop_waiting(owner)
                 events.extend(SequenceEvent(request_id, j, error=str(exc)) for j in range(n))
                 continue
-            self._pop_waiting()
+            self._pop_waiting(owner)
             seqs = self._sequences(request_id, request, adapter_slot)
             if long:
                 chunking = self._chunking = _Chunking(seqs, prompt)
@@ -348,9 +380,23 @@ class Scheduler:
         if chunks:
             self._prefill(chunks, events)
 
-    def _pop_waiting(self) -> None:
+    def _next_waiting(self, sitting_out: set[Hashable]) -> tuple[int, GenerationRequest] | None:
+        """The oldest waiting request of the owner (not sitting out) holding the fewest slots;
+        among owners holding equally many, the oldest such request."""
         with self._lock:
-            self._waiting.popleft()
+            heads = [
+                (self._held.get(owner, 0), queue[0][0], queue[0])
+                for owner, queue in self._waiting.items()
+                if owner not in sitting_out
+            ]
+        return min(heads, key=lambda h: h[:2])[2] if heads else None
+
+    def _pop_waiting(self, owner: Hashable) -> None:
+        with self._lock:
+            queue = self._waiting[owner]
+            queue.popleft()
+            if not queue:
+                del self._waiting[owner]
 
     def _pin_adapter(self, request: GenerationRequest, n: int) -> int:
         if request.adapter is None:
@@ -365,6 +411,7 @@ class Scheduler:
     ) -> list[_Sequence]:
         """The request's ``n`` candidates, each in a slot of its own (not running yet)."""
         params = request.params
+        self._held[request.owner] = self._held.get(request.owner, 0) + params.n
         return [
             _Sequence(
                 request_id=request_id,
@@ -374,6 +421,7 @@ class Scheduler:
                 adapter=request.adapter,
                 adapter_slot=adapter_slot,
                 mode=request.mode,
+                owner=request.owner,
                 generator=params.generator(j, self.weights.device),
                 detok=IncrementalDetokenizer(self.tokenizer),
                 stops=StopStrings(params.stop),
@@ -531,5 +579,10 @@ class Scheduler:
     def _release(self, seq: _Sequence) -> None:
         """Free the sequence's slot and its pin on its adapter."""
         heapq.heappush(self._free, seq.slot)
+        held = self._held[seq.owner] - 1
+        if held:
+            self._held[seq.owner] = held
+        else:
+            del self._held[seq.owner]
         if seq.adapter_slot >= 0:
             self.adapters.release(seq.adapter_slot, seq.adapter_key)

@@ -169,6 +169,13 @@ def _tenant_of_secret(request: Request, secret: str) -> str | None:
 CallerTenantId = Annotated[str | None, Depends(get_caller_tenant_id)]
 
 
+async def caller_tenant_id(request: Request) -> str | None:
+    """:data:`CallerTenantId` for a route that needs it on one path only (a dependency would
+    cost every request of the route the lookup)."""
+    credentials = await _bearer(request)
+    return await get_caller_tenant_id(request, app_state(request).settings, credentials)
+
+
 async def require_admin(principal: PrincipalDep) -> Principal:
     if not principal.is_admin:
         raise ServiceError(

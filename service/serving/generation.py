@@ -219,9 +219,10 @@ class GenerationServer:
         with self._lock:  # registered before the owner thread can answer it
             try:
                 request_id = self.scheduler.add(request)
-            except QueueFull as exc:
+            except QueueFull:
                 raise unavailable(
-                    f"too many generation requests are waiting ({exc}); retry shortly",
+                    f"{self.scheduler.max_waiting} of your generation requests are already "
+                    "waiting; retry shortly",
                     "generation_queue_full",
                     retry_after=RETRY_AFTER_S,
                 ) from None
@@ -341,6 +342,14 @@ def start_generation(
                 f"generation_kv_cache_mb={settings.generation_kv_cache_mb} holds no sequence of "
                 f"{capacity} tokens of {name}; raise it or lower generation_context_tokens"
             )
+        reserved = settings.generation_reserved_slots
+        if reserved is None:
+            reserved = max(1, slots // 8) if slots > 1 else 0
+        elif reserved >= slots:
+            raise ValueError(
+                f"generation_reserved_slots={reserved} leaves no slot of the {slots} that "
+                f"generation_kv_cache_mb holds for {name}; lower it or raise the cache"
+            )
         scheduler = Scheduler(
             weights,
             copy.deepcopy(base.tokenizer),
@@ -348,6 +357,7 @@ def start_generation(
             capacity=capacity,
             stop_token_ids=base.stop_token_ids,
             max_waiting=settings.generation_max_waiting,
+            reserved_slots=reserved,
             max_adapters=settings.generation_max_adapters,
             prefill_tokens_per_step=settings.generation_prefill_tokens,
             merged_bytes=settings.generation_merged_mb << 20,

@@ -202,10 +202,13 @@ def _submit(
     adapter: LoraWeights | None,
     prompt_param: str,
     mode: MergeMode,
+    tenant_id: str | None,
 ) -> Generation:
     from core.generation.scheduler import GenerationRequest
 
-    return server.submit(GenerationRequest(prompt, params, adapter, mode), prompt_param)
+    # The tenant owns the request: its own waiting queue and share of the sequence slots.
+    request = GenerationRequest(prompt, params, adapter, mode, owner=tenant_id)
+    return server.submit(request, prompt_param)
 
 
 @dataclass
@@ -356,7 +359,8 @@ async def chat_replies(
     temperature: float,
     seed: int | None,
     param: str,
-    mode: MergeMode = "auto",
+    mode: MergeMode,
+    tenant_id: str | None,
 ) -> list[Reply]:
     """One reply to each conversation, rendered with the base's chat template as ``messages``
     is here, at most ``max_tokens`` each (fewer where the context leaves fewer). Every
@@ -382,7 +386,9 @@ async def chat_replies(
                 temperature=temperature,
                 seed=seed,
             )
-            generations.append(_submit(server, prompt, params, adapter, f"{param}.{i}", mode))
+            generations.append(
+                _submit(server, prompt, params, adapter, f"{param}.{i}", mode, tenant_id)
+            )
         done = await unless_disconnected(request, collect_all())
     finally:
         for generation in generations:
@@ -436,7 +442,7 @@ async def chat_completions(
     params = _params(
         body, _max_tokens(asked, server, prompt), body.logprobs, body.top_logprobs or 0
     )
-    generation = _submit(server, prompt, params, target.adapter, "messages", body.mode)
+    generation = _submit(server, prompt, params, target.adapter, "messages", body.mode, tenant_id)
     response_id, created = _response_id("chatcmpl"), int(time.time())
     if body.stream:
         usage = body.stream_options is not None and body.stream_options.include_usage
@@ -519,7 +525,7 @@ async def completions(
     params = _params(
         body, _max_tokens(body.max_tokens, server, prompt), body.logprobs is not None, top
     )
-    generation = _submit(server, prompt, params, target.adapter, "prompt", body.mode)
+    generation = _submit(server, prompt, params, target.adapter, "prompt", body.mode, tenant_id)
     response_id, created = _response_id("cmpl"), int(time.time())
     if body.stream:
         usage = body.stream_options is not None and body.stream_options.include_usage

@@ -10,7 +10,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request
 from starlette.concurrency import run_in_threadpool
 
-from service.api.deps import AdapterName, ServedAdapter
+from service.api.deps import AdapterName, ServedAdapter, caller_tenant_id
 from service.api.disconnect import served_results
 from service.api.json_body import OffLoopJSONRoute
 from service.api.routes.generation import chat_replies, generation_server
@@ -96,6 +96,7 @@ async def _generate(
         body.seed,
         "inputs",
         mode,
+        ref.key[0] if ref is not None else await caller_tenant_id(request),
     )
     predictions = [
         Prediction(

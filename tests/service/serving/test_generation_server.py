@@ -40,8 +40,9 @@ def make_server(decoder: DecoderBase, slots: int = 1, waiting: int = 1) -> Gener
     return GenerationServer(decoder, scheduler, _gone)  # type: ignore[arg-type]
 
 
-def request(max_tokens: int) -> GenerationRequest:
-    return GenerationRequest([5, 6, 7], SamplingParams(max_tokens=max_tokens, temperature=0.0))
+def request(max_tokens: int, owner: str | None = None) -> GenerationRequest:
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    return GenerationRequest([5, 6, 7], params, owner=owner)
 
 
 def test_refusals_are_service_errors(decoder: DecoderBase) -> None:
@@ -62,6 +63,21 @@ def test_refusals_are_service_errors(decoder: DecoderBase) -> None:
     with pytest.raises(ServiceError) as gone:
         server.lora_weights(("tenant", "deleted", 3))
     assert gone.value.kind == ErrorKind.NOT_FOUND and gone.value.param == "model"
+
+
+def test_a_full_queue_refuses_its_own_tenant_only(decoder: DecoderBase) -> None:
+    server = make_server(decoder, waiting=1)
+
+    async def run() -> None:
+        server.submit(request(4, owner="a"), "messages")  # waits: the thread is not started
+        with pytest.raises(ServiceError) as full:
+            server.submit(request(4, owner="a"), "messages")
+        assert full.value.code == "generation_queue_full"
+        assert "1 of your generation requests are already waiting" in full.value.message
+        server.submit(request(4, owner="b"), "messages")  # b's queue is its own
+        assert server.scheduler.waiting == 2
+
+    asyncio.run(run())
 
 
 def test_events_arrive_and_a_cancel_frees_the_slot(decoder: DecoderBase) -> None:

@@ -1,0 +1,81 @@
+"""Owners (tenants) in the scheduler: queues of their own, fewest-held first, reserved slots."""
+
+from __future__ import annotations
+
+import pytest
+
+from core.decoder.base import DecoderBase
+from core.generation.scheduler import GenerationRequest, QueueFull
+from tests.core.decoder.test_forward import random_rows
+from tests.core.generation.helpers import greedy, run_all, scheduler
+
+
+def _rows(base: DecoderBase, count: int, seed: int) -> list[list[int]]:
+    return random_rows(base.config.vocab_size, [6] * count, seed=seed)
+
+
+def test_a_flooding_owner_leaves_the_reserved_slot_to_another(tiny_decoder: DecoderBase) -> None:
+    rows = _rows(tiny_decoder, 6, seed=40)
+    sched = scheduler(tiny_decoder, num_slots=4, reserved_slots=1, stop_token_ids=())
+    for row in rows[:5]:
+        sched.add(GenerationRequest(row, greedy(40), owner="a"))
+    sched.step()
+    assert sched.running == 3 and sched.waiting == 2 and sched.free_slots == 1
+    sched.step()  # the free slot stays free: "a" holds its whole share
+    assert sched.running == 3 and sched.waiting == 2
+    late = sched.add(GenerationRequest(rows[5], greedy(5), owner="b"))
+    events = sched.step()
+    # "b" gets its first token in the very next step, while "a"'s requests still wait.
+    assert [len(e.token_ids) for e in events if e.request_id == late] == [1]
+    assert sched.running == 4 and sched.waiting == 2
+    tokens = list(events[[e.request_id for e in events].index(late)].token_ids)
+    while any(e.request_id == late and e.finish_reason for e in events) is False:
+        events = sched.step()
+        tokens += [t for e in events if e.request_id == late for t in e.token_ids]
+    # Fairness decides when a request runs, never what it generates.
+    (alone,), out = run_all(
+        scheduler(tiny_decoder, stop_token_ids=()), [GenerationRequest(rows[5], greedy(5))]
+    )
+    assert tokens == out.tokens[(alone, 0)]
+
+
+def test_a_freed_slot_goes_to_the_owner_holding_fewest(tiny_decoder: DecoderBase) -> None:
+    rows = _rows(tiny_decoder, 7, seed=41)
+    sched = scheduler(tiny_decoder, num_slots=3, stop_token_ids=())
+    running = [sched.add(GenerationRequest(r, greedy(40), owner="a")) for r in rows[:3]]
+    sched.step()
+    queued_a = [sched.add(GenerationRequest(r, greedy(40), owner="a")) for r in rows[3:5]]
+    queued_b = [sched.add(GenerationRequest(r, greedy(40), owner="b")) for r in rows[5:7]]
+    sched.step()
+    assert sched.waiting == 4
+    # "a"'s queued requests are older, but "b" holds nothing: the freed slot is "b"'s.
+    sched.cancel(running[0])
+    assert {e.request_id for e in sched.step()} == {*running[1:], queued_b[0]}
+    # Now each holds 1 once another of "a"'s is cancelled: the oldest request goes first.
+    sched.cancel(running[1])
+    assert {e.request_id for e in sched.step()} == {running[2], queued_b[0], queued_a[0]}
+    assert sched.waiting == 2
+
+
+def test_waiting_requests_are_bounded_per_owner(tiny_decoder: DecoderBase) -> None:
+    rows = _rows(tiny_decoder, 3, seed=42)
+    sched = scheduler(tiny_decoder, num_slots=1, max_waiting=1)
+    sched.add(GenerationRequest(rows[0], greedy(3), owner="a"))
+    with pytest.raises(QueueFull, match="1 of its owner's requests"):
+        sched.add(GenerationRequest(rows[1], greedy(3), owner="a"))
+    sched.add(GenerationRequest(rows[2], greedy(3), owner="b"))  # another owner's queue
+    assert sched.waiting == 2
+
+
+def test_an_owner_holding_nothing_may_take_the_reserve(tiny_decoder: DecoderBase) -> None:
+    """The reserve bounds an owner that holds slots; a request with more candidates than the
+    share still runs on an idle server, or it never could."""
+    (row,) = _rows(tiny_decoder, 1, seed=43)
+    sched = scheduler(tiny_decoder, num_slots=4, reserved_slots=1)
+    (rid,), out = run_all(sched, [GenerationRequest(row, greedy(4, n=4), owner="a")])
+    assert {index for request, index in out.tokens if request == rid} == {0, 1, 2, 3}
+
+
+def test_reserved_slots_must_leave_a_share(tiny_decoder: DecoderBase) -> None:
+    with pytest.raises(ValueError, match="reserved_slots"):
+        scheduler(tiny_decoder, num_slots=2, reserved_slots=2)
