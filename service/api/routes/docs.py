@@ -44,22 +44,28 @@ def install_docs(app: FastAPI) -> None:
         # Behind a proxy that mounts the API under a prefix, every URL the page loads carries it.
         return f"{request.scope.get('root_path', '')}{path}"
 
+    # The pages read the app from the request, not from this closure: FastAPI keeps every
+    # endpoint it has inspected in a module-level cache (4096 entries, dependencies/models.py),
+    # so an endpoint that closed over its app would keep that app, and whatever its lifespan
+    # left in its state, alive after shutdown.
     @app.get(DOCS_URL, include_in_schema=False)
     def swagger_ui(request: Request) -> HTMLResponse:
+        this: FastAPI = request.app
         return get_swagger_ui_html(
-            openapi_url=_url(request, app.openapi_url or "/openapi.json"),
-            title=f"{app.title} - Swagger UI",
+            openapi_url=_url(request, this.openapi_url or "/openapi.json"),
+            title=f"{this.title} - Swagger UI",
             swagger_js_url=_url(request, f"{ASSETS_URL}/swagger-ui-bundle.js"),
             swagger_css_url=_url(request, f"{ASSETS_URL}/swagger-ui.css"),
             swagger_favicon_url=_url(request, f"{ASSETS_URL}/favicon.png"),
-            swagger_ui_parameters=app.swagger_ui_parameters,
+            swagger_ui_parameters=this.swagger_ui_parameters,
         )
 
     @app.get(REDOC_URL, include_in_schema=False)
     def redoc(request: Request) -> HTMLResponse:
+        this: FastAPI = request.app
         return get_redoc_html(
-            openapi_url=_url(request, app.openapi_url or "/openapi.json"),
-            title=f"{app.title} - ReDoc",
+            openapi_url=_url(request, this.openapi_url or "/openapi.json"),
+            title=f"{this.title} - ReDoc",
             redoc_js_url=_url(request, f"{ASSETS_URL}/redoc.standalone.js"),
             redoc_favicon_url=_url(request, f"{ASSETS_URL}/favicon.png"),
             with_google_fonts=False,

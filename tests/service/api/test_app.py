@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import threading
+import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -18,9 +21,18 @@ from service.db.migrate import current_revision, head_revision
 from service.db.models import ApiKey, Tenant
 from service.db.session import make_db_engine, make_sessionmaker
 from service.main import LifespanHook, create_app
+from service.serving.lifespan import serving
 from service.state import AppState, app_state
 from service.tenants.keys import hash_api_key
-from tests.service.helpers import Headers, adapter_row, assert_error, tenant_id_by_name
+from tests.core.decoder.tiny_llama import TINY_LLAMA_NAME
+from tests.service.helpers import (
+    Headers,
+    adapter_row,
+    assert_error,
+    tenant_id_by_name,
+    tiny_bases_settings,
+)
+from tests.tiny_bert import TINY_NAME
 
 
 def test_hooks_run_in_order_and_exit_in_reverse(settings: Settings) -> None:
@@ -40,6 +52,37 @@ def test_hooks_run_in_order_and_exit_in_reverse(settings: Settings) -> None:
     with TestClient(create_app(settings, hooks=[hook("model"), hook("worker")])):
         assert calls == ["start model", "start worker"]
     assert calls == ["start model", "start worker", "stop worker", "stop model"]
+
+
+@pytest.mark.sqlite_only
+def test_an_app_that_has_shut_down_is_freed_with_what_its_hooks_started(
+    settings: Settings, tiny_model_dir: Path, tiny_llama_dir: Path
+) -> None:
+    """Nothing outside an app keeps it once its lifespan has ended, so what the serving hook
+    started goes with it: the generation scheduler's KV cache (1 GiB by default), the bases.
+    FastAPI keeps every endpoint it inspects in a module-level cache, so one route closing
+    over its app kept each test's app, ~1 GiB a test, until the suite's end (18 GB RSS)."""
+    both = tiny_bases_settings(settings, tiny_model_dir, tiny_llama_dir, TINY_NAME, TINY_LLAMA_NAME)
+    with TestClient(create_app(both, hooks=[serving])) as client:
+        state = app_state(client.app)
+        assert state.generation is not None and state.bases is not None
+        (server,) = state.generation.values()
+        # The scheduler's owner thread and the encoder batcher's threads.
+        hook_threads = [
+            t for t in threading.enumerate() if t.name.startswith(("generation:", "inference"))
+        ]
+        assert {f"generation:{TINY_LLAMA_NAME}", "inference"} <= {t.name for t in hook_threads}
+        gone = [
+            weakref.ref(client.app),
+            weakref.ref(server.scheduler),
+            weakref.ref(server.scheduler.cache.keys[0]),
+            weakref.ref(state.bases[TINY_LLAMA_NAME]),
+            weakref.ref(state.bases[TINY_NAME]),
+        ]
+    del client, state, server
+    gc.collect()
+    assert [ref() for ref in gone] == [None] * len(gone)
+    assert [t.name for t in hook_threads if t.is_alive()] == []
 
 
 def test_healthz_and_readyz(client: TestClient) -> None:
