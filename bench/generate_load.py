@@ -157,11 +157,14 @@ async def drive(
     concurrency: int,
     requests: int,
     new_tokens: int,
+    key: str | None = None,
 ) -> dict[str, Any]:
+    """``concurrency`` streaming clients sharing ``requests`` requests, as ``key``'s tenant
+    (default: the server's default key)."""
     ttft: list[float] = []
     itl: list[float] = []
     tokens = errors = 0
-    headers = {"Authorization": f"Bearer {server.api_key}"}
+    headers = {"Authorization": f"Bearer {key or server.api_key}"}
     limits = httpx.Limits(max_connections=concurrency)
     async with httpx.AsyncClient(
         base_url=server.base_url, headers=headers, timeout=600, limits=limits
@@ -213,6 +216,7 @@ async def drive(
         elapsed = time.perf_counter() - start
     return {
         "requests": requests,
+        "completion_tokens": tokens,
         "output_tok_s": round(tokens / elapsed, 1),
         "ttft_p50_ms": pct(ttft, 50),
         "ttft_p99_ms": pct(ttft, 99),

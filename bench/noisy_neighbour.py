@@ -85,11 +85,21 @@ def dataset_body(rows: list[dict[str, str]], max_bytes: int, max_rows: int) -> b
 
 class Flood:
     """Tenant A's load: ``concurrency`` clients posting one fixed body in a closed loop, on a
-    thread with its own event loop (B's measuring loop never waits behind A's sends)."""
+    thread with its own event loop (B's measuring loop never waits behind A's sends). With
+    ``retry_after``, a client refused with 503 waits the Retry-After it was given, as the
+    OpenAI SDK does, instead of resending at once."""
 
-    def __init__(self, url: str, key: str, path: str, body: bytes, concurrency: int) -> None:
+    def __init__(
+        self,
+        url: str,
+        key: str,
+        path: str,
+        body: bytes,
+        concurrency: int,
+        retry_after: bool = False,
+    ) -> None:
         self.url, self.key, self.path, self.body = url, key, path, body
-        self.concurrency = concurrency
+        self.concurrency, self.retry_after = concurrency, retry_after
         self.statuses: Counter[str] = Counter()
         self.latencies: list[float] = []
         self._stop = threading.Event()
@@ -109,9 +119,13 @@ class Flood:
                     try:
                         r = await client.post(self.path, content=self.body)
                         self.statuses[str(r.status_code)] += 1
+                        wait = float(r.headers.get("Retry-After", 1)) if r.status_code == 503 else 0
                     except httpx.HTTPError as e:
                         self.statuses[type(e).__name__] += 1
+                        wait = 0
                     self.latencies.append(time.perf_counter() - t0)
+                    if self.retry_after and wait:
+                        await asyncio.sleep(wait)
 
             self._task = asyncio.gather(*(one() for _ in range(self.concurrency)))
             # Stopped with requests in flight: their connections are closed.
