@@ -8,8 +8,9 @@ when:
 - created with the app (``create_app``), never reassigned: settings, the database, readiness,
   metrics, the lookup cache;
 - set during start-up, before the first request: the default tenant (``_startup``, only
-  with auth disabled), then what each lifespan hook starts; ``None`` until then, and for good
-  where that hook is not installed (``create_app(hooks=[])`` in tests);
+  with auth disabled), then what each lifespan hook starts; ``None`` until then, for good
+  where that hook is not installed (``create_app(hooks=[])`` in tests), and again once the
+  serving hook has stopped (it lets go of the bases and the KV caches);
 - set by ``loraplex serve`` before uvicorn runs: its server.
 
 A hook part that a request needs (the bases, the encoder's batcher) is read through a

@@ -58,9 +58,22 @@ class ServiceMetrics:
             "Requests refused with 503 because the queue was full.",
             registry=self.registry,
         )
+        self._engine_stats: EngineCollector | None = None
 
-    def watch_queue(self, depth: Callable[[], int]) -> None:
-        self.queue_rows.set_function(depth)
+    def watch_engine(self, stats: Callable[[], Any], queued_rows: Callable[[], int]) -> None:
+        """The encoder engine's cache statistics and its batcher's queue, read at scrape time."""
+        self._engine_stats = EngineCollector(stats)
+        self.registry.register(self._engine_stats)
+        self.queue_rows.set_function(queued_rows)
+
+    def unwatch_engine(self) -> None:
+        """Let go of the engine and its batcher (the serving hook has stopped them): an app
+        outlives its lifespan wherever something holds it, and so would they, through these
+        functions."""
+        if self._engine_stats is not None:
+            self.registry.unregister(self._engine_stats)
+            self._engine_stats = None
+        self.queue_rows.set_function(lambda: 0)
 
     def add_collector(self, collector: Collector) -> None:
         self.registry.register(collector)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from anyio.to_thread import run_sync
 
 from service.config import Settings
-from service.observability.metrics import EngineCollector, GenerationCollector
+from service.observability.metrics import GenerationCollector
 from service.serving.batcher import Batcher
 from service.serving.decoder_scoring import start_decoder_scoring
 from service.serving.generation import start_generation
@@ -95,6 +95,15 @@ async def serving(state: AppState) -> AsyncIterator[None]:
             scorer.stop()
         if batcher is not None:
             batcher.stop()
+            state.metrics.unwatch_engine()
+        # Let go of what this hook loaded: the app may outlive its lifespan (a test's client
+        # holds it; its own reference cycles wait for Python's collector), and through its
+        # state it would keep the KV caches (1 GiB each by default), the bf16 and merged
+        # copies and the bases. GenerationCollector reads the same dict, so it is emptied.
+        generation.clear()
+        scoring.clear()
+        state.generation = state.decoder_scoring = None
+        state.bases = state.base_model = state.request_tokenizer = state.batcher = None
 
 
 def _start_encoder(
@@ -126,8 +135,7 @@ def _start_encoder(
         threads=max(1, threads // workers),
         on_batch=metrics.batch_rows.observe,
     )
-    metrics.add_collector(EngineCollector(lambda: engine.stats))
-    metrics.watch_queue(lambda: batcher.queued_rows)
+    metrics.watch_engine(lambda: engine.stats, lambda: batcher.queued_rows)
     state.base_model = base
     state.request_tokenizer = RequestTokenizer(base, settings.max_request_chars)
     state.batcher = batcher

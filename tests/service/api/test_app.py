@@ -55,34 +55,43 @@ def test_hooks_run_in_order_and_exit_in_reverse(settings: Settings) -> None:
 
 
 @pytest.mark.sqlite_only
-def test_an_app_that_has_shut_down_is_freed_with_what_its_hooks_started(
+def test_an_app_that_has_shut_down_holds_nothing_its_hooks_started(
     settings: Settings, tiny_model_dir: Path, tiny_llama_dir: Path
 ) -> None:
-    """Nothing outside an app keeps it once its lifespan has ended, so what the serving hook
-    started goes with it: the generation scheduler's KV cache (1 GiB by default), the bases.
-    FastAPI keeps every endpoint it inspects in a module-level cache, so one route closing
-    over its app kept each test's app, ~1 GiB a test, until the suite's end (18 GB RSS)."""
+    """The serving hook lets go of what it started as it stops, while the app is still held
+    (a test's client holds it; its own reference cycles wait for Python's collector): the
+    generation scheduler with its KV cache (1 GiB by default) and the bases go at once, and
+    once nothing holds the app it is freed too: FastAPI keeps every endpoint it inspects in a
+    module-level cache, so a route closing over its app kept every test's app, ~1 GiB each,
+    until the suite's end (~18 GB RSS)."""
     both = tiny_bases_settings(settings, tiny_model_dir, tiny_llama_dir, TINY_NAME, TINY_LLAMA_NAME)
-    with TestClient(create_app(both, hooks=[serving])) as client:
-        state = app_state(client.app)
-        assert state.generation is not None and state.bases is not None
-        (server,) = state.generation.values()
-        # The scheduler's owner thread and the encoder batcher's threads.
-        hook_threads = [
-            t for t in threading.enumerate() if t.name.startswith(("generation:", "inference"))
-        ]
-        assert {f"generation:{TINY_LLAMA_NAME}", "inference"} <= {t.name for t in hook_threads}
-        gone = [
-            weakref.ref(client.app),
-            weakref.ref(server.scheduler),
-            weakref.ref(server.scheduler.cache.keys[0]),
-            weakref.ref(state.bases[TINY_LLAMA_NAME]),
-            weakref.ref(state.bases[TINY_NAME]),
-        ]
-    del client, state, server
+    gc.disable()  # released means freed as the references go, not at a later collection
+    try:
+        with TestClient(create_app(both, hooks=[serving])) as client:
+            state = app_state(client.app)
+            assert state.generation is not None and state.bases is not None
+            (server,) = state.generation.values()
+            # The scheduler's owner thread and the encoder batcher's threads.
+            hook_threads = [
+                t for t in threading.enumerate() if t.name.startswith(("generation:", "inference"))
+            ]
+            assert {f"generation:{TINY_LLAMA_NAME}", "inference"} <= {t.name for t in hook_threads}
+            released = [
+                weakref.ref(server.scheduler),
+                weakref.ref(server.scheduler.cache.keys[0]),
+                weakref.ref(state.bases[TINY_LLAMA_NAME]),
+                weakref.ref(state.bases[TINY_NAME]),
+            ]
+            del server
+        assert [t.name for t in hook_threads if t.is_alive()] == []
+        assert (state.generation, state.decoder_scoring, state.bases, state.batcher) == (None,) * 4
+        assert [ref() for ref in released] == [None] * len(released)
+    finally:
+        gc.enable()
+    app = weakref.ref(client.app)
+    del client, state
     gc.collect()
-    assert [ref() for ref in gone] == [None] * len(gone)
-    assert [t.name for t in hook_threads if t.is_alive()] == []
+    assert app() is None
 
 
 def test_healthz_and_readyz(client: TestClient) -> None:
