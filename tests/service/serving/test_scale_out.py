@@ -227,16 +227,22 @@ class _FakeBatcher:
 
     def __init__(self, keys: list[Any]) -> None:
         self.engine = _FakeEngine(keys)
-        self.commands: stdlib_queue.Queue[Callable[[], None]] = stdlib_queue.Queue()
-        threading.Thread(target=self._loop, daemon=True).start()
+        self.commands: stdlib_queue.Queue[Callable[[], None] | None] = stdlib_queue.Queue()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
 
     def _loop(self) -> None:
-        while True:
-            self.commands.get()()
+        while (command := self.commands.get()) is not None:
+            command()
             self.commands.task_done()
 
     def call_soon(self, fn: Callable[[], None]) -> None:
         self.commands.put(fn)
+
+    def stop(self) -> None:
+        """Run what is queued, then end the thread (it would idle until the suite ends)."""
+        self.commands.put(None)
+        self._thread.join()
 
 
 def test_resync_drops_only_versions_gone_from_the_database(migrated_db: Factory) -> None:
@@ -254,7 +260,7 @@ def test_resync_drops_only_versions_gone_from_the_database(migrated_db: Factory)
         ]
     )
     assert resync_batcher(batcher, migrated_db) == 2  # type: ignore[arg-type]
-    batcher.commands.join()
+    batcher.stop()
     assert sorted(batcher.engine.unloaded) == [
         (tenant_id, "deleted", 1),
         (tenant_id, "replaced", 3),
