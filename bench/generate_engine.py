@@ -16,8 +16,9 @@ step of the B sequences on the bare base and one with their mixed adapters (same
 lengths), medians ``step_ms_bare`` / ``step_ms_mixed`` and ``step_ratio`` = bare / mixed (the
 throughput ratio of the decode loop, which load drifting over the run does not bias).
 
-``--dtype`` is the ``generation_dtype`` setting's (auto: bfloat16 on a CPU with AMX); the
-report names the dtype run and the CPU's bf16 flags.
+``--dtype`` is the ``generation_dtype`` setting's (auto: bfloat16 on a CPU with AMX or
+avx512_bf16), the KV cache's dtype the server's; the report names both and the CPU's bf16
+flags.
 
     nice -n 10 python -m bench.generate_engine --json bench_generate_engine.json
 """
@@ -61,11 +62,12 @@ def main() -> None:
     from core.generation.kv import SlotCache
     from core.generation.sampling import SamplingParams
     from core.generation.scheduler import GenerationRequest, Scheduler
-    from core.hardware import bf16_cpu_flags, resolve_dtype
+    from core.hardware import bf16_cpu_flags, kv_dtype, resolve_dtype
     from tests.core.generation.helpers import random_lora
 
     base = load_decoder_base(device="cpu")
     weights = base.weights.to(resolve_dtype(args.dtype, base.weights.device))
+    cache_dtype = kv_dtype(weights.dtype, weights.device)  # as the server's
     cfg = base.config
     g = torch.Generator().manual_seed(0)
     # Every decoder target, non-zero B, one seed each.
@@ -82,6 +84,7 @@ def main() -> None:
             num_slots=len(rows),
             capacity=args.prompt_tokens + args.new_tokens,
             max_adapters=max(args.adapters, 1),
+            kv_dtype=cache_dtype,
         )
         t0 = time.perf_counter()
         for i, row in enumerate(rows):
@@ -100,7 +103,7 @@ def main() -> None:
         slots = AdapterSlots(weights, max(args.adapters, 1))
         # Round robin, as requests arrive: the scheduler keeps a step's rows in KV slot order.
         rows = torch.tensor([slots.acquire(adapters[i % args.adapters]) for i in range(b)])
-        cache = SlotCache(weights, b, args.prompt_tokens + 2)
+        cache = SlotCache(weights, b, args.prompt_tokens + 2, cache_dtype)
         which = torch.arange(b)
         tokens = torch.randint(100, cfg.vocab_size, (b,), generator=g)
         lengths = torch.full((b,), args.prompt_tokens)
@@ -137,6 +140,7 @@ def main() -> None:
     report = {
         "model": base.name,
         "dtype": str(weights.dtype).removeprefix("torch."),
+        "kv_dtype": str(cache_dtype).removeprefix("torch."),
         "cpu_bf16_flags": bf16_cpu_flags(),
         "adapters": args.adapters,
         "prompt_tokens": args.prompt_tokens,

@@ -19,8 +19,8 @@ the server stopped, the references over the same prompts:
 (c) loraplex's scheduler in this process on the bare base, C requests added at once, in the
     server's dtype: the engine without HTTP, streaming or staggered arrivals (the limit).
 
-``--dtype`` is the server's ``generation_dtype`` (auto: bfloat16 on a CPU with AMX); the report
-names the dtype it resolved to and the CPU's bf16 flags.
+``--dtype`` is the server's ``generation_dtype`` (auto: bfloat16 on a CPU with AMX or
+avx512_bf16); the report names the dtype it resolved to and the CPU's bf16 flags.
 
 ``ratio_to_bare_decode`` = server tokens/s / (c) at the same C; ``ratio_to_hf_sequential`` =
 server tokens/s / the faster (a). Client and server share the machine: the clients' CPU is not the
@@ -281,6 +281,7 @@ def bare_decode(
     requests added at once, then stepped until all are done (prefill included, no HTTP)."""
     from core.generation.sampling import SamplingParams
     from core.generation.scheduler import GenerationRequest, Scheduler
+    from core.hardware import kv_dtype
 
     rows = [ids[i % len(ids)] for i in range(batch)]
     scheduler = Scheduler(
@@ -289,6 +290,7 @@ def bare_decode(
         num_slots=batch,
         capacity=max(map(len, rows)) + new_tokens,
         stop_token_ids=base.stop_token_ids,
+        kv_dtype=kv_dtype(weights.dtype, weights.device),  # as the server's
     )
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0)
     start = time.perf_counter()

@@ -57,10 +57,12 @@ def main() -> None:
     from core.generation.merged import MergedLinears
     from core.generation.sampling import SamplingParams
     from core.generation.scheduler import GenerationRequest, Scheduler
+    from core.hardware import kv_dtype
     from tests.core.generation.helpers import random_lora
 
     base = load_decoder_base(device="cpu")
     weights, cfg = base.weights.to(getattr(torch, args.dtype)), base.config
+    cache_dtype = kv_dtype(weights.dtype, weights.device)  # as the server's
     g = torch.Generator().manual_seed(0)
     adapter = random_lora(base, "bench", 8, std=0.02)  # every decoder target, non-zero B
 
@@ -83,7 +85,7 @@ def main() -> None:
     def step_ms(b: int) -> dict[str, float]:
         slots = AdapterSlots(weights, 1)
         rows = torch.tensor([slots.acquire(adapter) for _ in range(b)])
-        cache = SlotCache(weights, b, args.prompt_tokens + 2)
+        cache = SlotCache(weights, b, args.prompt_tokens + 2, cache_dtype)
         which = torch.arange(b)
         tokens = torch.randint(100, cfg.vocab_size, (b,), generator=g)
         lengths = torch.full((b,), args.prompt_tokens)
@@ -111,6 +113,7 @@ def main() -> None:
             num_slots=decoding + 1,
             capacity=capacity,
             prefill_tokens_per_step=budget,
+            kv_dtype=cache_dtype,
         )
         many = SamplingParams(max_tokens=capacity - args.prompt_tokens, temperature=0.0)
         prompts = torch.randint(100, cfg.vocab_size, (decoding + 1, capacity), generator=g)

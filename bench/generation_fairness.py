@@ -23,9 +23,9 @@ Per phase: B's TTFT p50/p99 and their ratios to idle, A's tokens/s (the server's
 finished and refused with 503 while B measured. The KV cache is sized for about ``--slots``
 sequences (default 22, as many as the server's default cache holds in fp32; ``--quick``: 10,
 affordable on 2 cores) of ``--a-tokens`` + ``PROMPT_ROOM`` tokens; the slots the server made
-are read from ``/metrics`` and printed. The server
-generates in ``LORAPLEX_GENERATION_DTYPE`` (``--dtype``, default auto: bf16 on an AMX CPU);
-the report names the dtype and the CPU's bf16 flags. Clients and server share the machine's
+are read from ``/metrics`` and printed. The server generates in ``LORAPLEX_GENERATION_DTYPE``
+(``--dtype``, default auto: bf16 on an AMX or avx512_bf16 CPU); the report names the dtype
+and the CPU's bf16 flags. Clients and server share the machine's
 cores: the figures compare phases of one run.
 
     nice -n 10 python -m bench.generation_fairness --quick --json generation_fairness.json
@@ -166,11 +166,14 @@ def kv_cache_mb(slots: int, context: int, bf16: bool) -> int:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from core.hardware import bf16_cpu_flags, resolve_dtype
+    from core.hardware import bf16_cpu_flags, kv_dtype, resolve_dtype
 
-    dtype = str(resolve_dtype(args.dtype, torch.device("cpu"))).removeprefix("torch.")
+    cpu = torch.device("cpu")
+    weights_dtype = resolve_dtype(args.dtype, cpu)
+    dtype = str(weights_dtype).removeprefix("torch.")
     context = args.a_tokens + PROMPT_ROOM
-    kv_mb = args.kv_cache_mb or kv_cache_mb(args.slots, context, dtype == "bfloat16")
+    bf16_cache = kv_dtype(weights_dtype, cpu) == torch.bfloat16
+    kv_mb = args.kv_cache_mb or kv_cache_mb(args.slots, context, bf16_cache)
     settings: dict[str, Any] = {
         "admin_key": ADMIN_KEY,
         "bases": DEFAULT_DECODER_NAME,

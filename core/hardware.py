@@ -8,8 +8,9 @@ from pathlib import Path
 import torch
 
 # The x86 flags that make bfloat16 matmuls fast on a CPU: AMX tiles (Sapphire Rapids and
-# later) run bf16 GEMMs through oneDNN several times faster than fp32; avx512_bf16 alone has
-# only dot-product instructions and is reported for the record.
+# later) run bf16 GEMMs through oneDNN several times faster than fp32; avx512_bf16's
+# dot-product instructions about twice as fast (SmolLM2's q_proj at 32 rows, AMD EPYC: 201 vs
+# 99 us).
 BF16_CPU_FLAGS = ("amx_bf16", "amx_tile", "avx512_bf16")
 
 
@@ -32,16 +33,35 @@ def bf16_cpu_flags() -> list[str]:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``float32`` / ``bfloat16`` as named; ``auto``: bfloat16 on CUDA or on a CPU with AMX,
-    float32 elsewhere (without AMX a CPU's bf16 matmuls are no faster than fp32 ones)."""
+    """``float32`` / ``bfloat16`` as named; ``auto``: bfloat16 on CUDA or on a CPU with AMX or
+    avx512_bf16, float32 elsewhere (without them a CPU's bf16 matmuls are no faster)."""
     # Both prefill and decode: SmolLM2 on 2 AMX cores (load ~5), one process alternating fp32
     # and bf16: decode step + logits 126 vs 139 ms at 1 row, 272 vs 160 at 4, 318 vs 180 at 8,
     # 481 vs 304 at 32; prefill of 1x100 tokens 1018 vs 530 ms, 8x100 2937 vs 1126. An fp32
     # copy for one-row steps would cost no memory (the base is fp32) but would need its own
     # fp32 KV cache, for a gain lost in the noise.
+    # On avx512_bf16 without AMX, with the KV cache in fp32 (kv_dtype), AMD EPYC, 2 loaded
+    # cores, one process alternating: decode step + logits at 32 rows 254 ms fp32 vs 180 bf16
+    # (368 with a bf16 cache), at 8 rows 116 vs 80, at 1 row 58 vs 56; prefill of 1x100
+    # tokens 485 vs 198 ms.
     if name == "auto":
-        fast = device.type == "cuda" or (device.type == "cpu" and "amx_bf16" in cpu_flags())
+        flags = cpu_flags() if device.type == "cpu" else frozenset()
+        fast = device.type == "cuda" or "amx_bf16" in flags or "avx512_bf16" in flags
         return torch.bfloat16 if fast else torch.float32
     if name not in ("float32", "bfloat16"):
         raise ValueError(f"dtype must be auto, float32 or bfloat16, not {name!r}")
     return getattr(torch, name)
+
+
+def kv_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype of generation's KV cache and attention for weights in ``dtype``: theirs,
+    except bfloat16 on a CPU without AMX, where it is float32.
+
+    There PyTorch's CPU attention kernel runs bf16 several times slower than fp32 (one decode
+    step of SmolLM2, 32 rows of 250 tokens, AMD EPYC with avx512_bf16: 814 vs 187 ms of
+    attention over 3 steps), more than the bf16 linears save. With AMX it was measured in bf16
+    throughout (the figures in :func:`resolve_dtype`), where a bf16 cache holds twice the
+    sequences."""
+    if dtype == torch.bfloat16 and device.type == "cpu" and "amx_bf16" not in cpu_flags():
+        return torch.float32
+    return dtype

@@ -163,9 +163,11 @@ class Settings(BaseSettings):
     generation_dtype: Literal["auto", "float32", "bfloat16"] = Field(
         default="auto",
         description="The dtype the decoder generates in (/v1/chat/completions): auto = "
-        "bfloat16 on CUDA or on a CPU with AMX (amx_bf16 in /proc/cpuinfo), float32 elsewhere. "
-        "bfloat16 keeps a second, half-size copy of the decoder's weights and halves the KV "
-        "cache's bytes a token; its tokens may differ from float32's where two are near-tied.",
+        "bfloat16 on CUDA or on a CPU with AMX or avx512_bf16 (in /proc/cpuinfo), float32 "
+        "elsewhere. bfloat16 keeps a second, half-size copy of the decoder's weights and, on "
+        "CUDA or with AMX, halves the KV cache's bytes a token (on other CPUs the cache and "
+        "attention stay float32, where their bf16 kernel is slower); its tokens may differ from "
+        "float32's where two are near-tied.",
     )
     generation_max_waiting: int = Field(
         default=64,

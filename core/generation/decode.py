@@ -103,9 +103,11 @@ def decode_step(
         v = heads(_linear(hooks, i, "v_proj", layer, x), c.num_key_value_heads)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
-        cache.keys[i].view(-1, c.head_dim).index_copy_(0, kv_rows, k.reshape(-1, c.head_dim))
-        cache.values[i].view(-1, c.head_dim).index_copy_(0, kv_rows, v.reshape(-1, c.head_dim))
-        ctx = attend(q, cache.keys[i], cache.values[i])
+        # Attention runs in the cache's dtype (fp32 under bf16 weights on a CPU without AMX).
+        k, v = k.reshape(-1, c.head_dim).to(cache.dtype), v.reshape(-1, c.head_dim).to(cache.dtype)
+        cache.keys[i].view(-1, c.head_dim).index_copy_(0, kv_rows, k)
+        cache.values[i].view(-1, c.head_dim).index_copy_(0, kv_rows, v)
+        ctx = attend(q.to(cache.dtype), cache.keys[i], cache.values[i]).to(weights.dtype)
         ctx = ctx.transpose(1, 2).reshape(bsz, 1, c.num_attention_heads * c.head_dim)
         h = h + _linear(hooks, i, "o_proj", layer, ctx)
         x = _rms_norm(h, layer.post_attention_norm, c.rms_norm_eps)

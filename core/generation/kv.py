@@ -29,9 +29,16 @@ def slots_for_budget(
 
 
 class SlotCache:
-    """Keys and values ``[slots, kv_heads, capacity, head_dim]`` per layer, allocated once."""
+    """Keys and values ``[slots, kv_heads, capacity, head_dim]`` per layer, allocated once, in
+    ``dtype`` (the weights' where None): attention runs in it (:mod:`core.hardware`)."""
 
-    def __init__(self, weights: DecoderWeights, slots: int, capacity: int) -> None:
+    def __init__(
+        self,
+        weights: DecoderWeights,
+        slots: int,
+        capacity: int,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         if slots < 1 or capacity < 2:
             raise ValueError("a slot cache needs at least one slot of two tokens")
         c = weights.config
@@ -39,10 +46,14 @@ class SlotCache:
         # Zeros, not empty: a decode step reads a slot's columns past its length (masked out),
         # and a NaN bit pattern there would still poison the masked softmax.
         self.keys: list[Tensor] = [
-            torch.zeros(shape, dtype=weights.dtype, device=weights.device)
+            torch.zeros(shape, dtype=dtype or weights.dtype, device=weights.device)
             for _ in range(c.num_hidden_layers)
         ]
         self.values: list[Tensor] = [torch.zeros_like(k) for k in self.keys]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.keys[0].dtype
 
     @property
     def slots(self) -> int:

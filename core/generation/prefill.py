@@ -80,6 +80,8 @@ def prefill(
         v = _linear(hooks, i, "v_proj", layer, x).view(total, c.num_key_value_heads, c.head_dim)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
+        # Attention in the cache's dtype, as decode steps run it (core.hardware.kv_dtype).
+        q, k, v = q.to(cache.dtype), k.to(cache.dtype), v.to(cache.dtype)
         ctx = torch.empty_like(q)
         for start, n, p, dsts, mask in zip(starts, lengths, pasts, slots, masks, strict=True):
             pk = k[start : start + n].transpose(0, 1)  # [kv_heads, n, head_dim]
@@ -108,7 +110,7 @@ def prefill(
                 enable_gqa=gqa,
             )
             ctx[start : start + n] = out[0].transpose(0, 1)
-        h = h + _linear(hooks, i, "o_proj", layer, ctx.view(total, 1, -1))
+        h = h + _linear(hooks, i, "o_proj", layer, ctx.view(total, 1, -1).to(weights.dtype))
         x = _rms_norm(h, layer.post_attention_norm, c.rms_norm_eps)
         gate = _linear(hooks, i, "gate_proj", layer, x)
         up = _linear(hooks, i, "up_proj", layer, x)

@@ -164,11 +164,12 @@ class Scheduler:
         max_adapters: int = 64,
         prefill_tokens_per_step: int = 2048,
         merged_bytes: int = 512 << 20,
+        kv_dtype: torch.dtype | None = None,
     ) -> None:
         self.weights = weights
         self.tokenizer = tokenizer
         capacity = min(capacity, weights.config.max_position_embeddings)
-        self.cache = SlotCache(weights, num_slots, capacity)
+        self.cache = SlotCache(weights, num_slots, capacity, kv_dtype)
         self.adapters = AdapterSlots(weights, max_adapters)
         self.stop_token_ids = frozenset(stop_token_ids)
         self.max_waiting = max_waiting  # per owner

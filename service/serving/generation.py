@@ -326,7 +326,7 @@ def start_generation(
 
     from core.generation.kv import slots_for_budget
     from core.generation.scheduler import Scheduler
-    from core.hardware import resolve_dtype
+    from core.hardware import kv_dtype, resolve_dtype
 
     servers: dict[str, GenerationServer] = {}
     for name in decoder_names:
@@ -334,8 +334,9 @@ def start_generation(
         capacity = min(settings.generation_context_tokens, base.max_length)
         # The base's own weights stay for training and scoring; bf16 adds a half-size copy.
         weights = base.weights.to(resolve_dtype(settings.generation_dtype, base.weights.device))
+        cache_dtype = kv_dtype(weights.dtype, weights.device)
         slots = slots_for_budget(
-            base.config, capacity, weights.dtype, settings.generation_kv_cache_mb << 20
+            base.config, capacity, cache_dtype, settings.generation_kv_cache_mb << 20
         )
         if slots < 1:
             raise ValueError(
@@ -361,15 +362,17 @@ def start_generation(
             max_adapters=settings.generation_max_adapters,
             prefill_tokens_per_step=settings.generation_prefill_tokens,
             merged_bytes=settings.generation_merged_mb << 20,
+            kv_dtype=cache_dtype,
         )
         server = GenerationServer(base, scheduler, load_adapter)
         server.start()
         servers[name] = server
         logger.info(
-            "generating with %s on %s in %s: %d sequences of %d tokens",
+            "generating with %s on %s in %s (KV cache in %s): %d sequences of %d tokens",
             name,
             torch.device(base.device),
             weights.dtype,
+            cache_dtype,
             slots,
             capacity,
         )

@@ -8,7 +8,7 @@ import torch
 from core.decoder.base import DecoderBase
 from core.generation.kv import SlotCache
 from core.generation.scheduler import GenerationRequest, Scheduler
-from core.hardware import cpu_flags, resolve_dtype
+from core.hardware import cpu_flags, kv_dtype, resolve_dtype
 from tests.core.generation.helpers import chat_prompts, greedy, random_lora, run_all
 
 
@@ -16,10 +16,18 @@ def test_resolve_dtype_names_and_auto() -> None:
     assert resolve_dtype("float32", torch.device("cpu")) == torch.float32
     assert resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
     assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
-    amx = "amx_bf16" in cpu_flags()
-    assert resolve_dtype("auto", torch.device("cpu")) == (torch.bfloat16 if amx else torch.float32)
+    fast = {"amx_bf16", "avx512_bf16"} & cpu_flags()
+    assert resolve_dtype("auto", torch.device("cpu")) == (torch.bfloat16 if fast else torch.float32)
     with pytest.raises(ValueError, match="float16"):
         resolve_dtype("float16", torch.device("cpu"))
+
+
+def test_the_kv_cache_is_fp32_under_bf16_weights_on_a_cpu_without_amx() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert kv_dtype(torch.float32, cpu) == torch.float32
+    assert kv_dtype(torch.bfloat16, cuda) == torch.bfloat16
+    amx = "amx_bf16" in cpu_flags()
+    assert kv_dtype(torch.bfloat16, cpu) == (torch.bfloat16 if amx else torch.float32)
 
 
 @pytest.mark.real_model
@@ -33,7 +41,11 @@ def test_bf16_weights_are_a_half_size_copy(real_decoder: DecoderBase) -> None:
 
 
 @pytest.mark.real_model
-def test_smollm2_bf16_greedy_agrees_with_fp32(real_decoder: DecoderBase) -> None:
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float32])
+def test_smollm2_bf16_greedy_agrees_with_fp32(
+    real_decoder: DecoderBase, cache_dtype: torch.dtype
+) -> None:
+    """bf16 weights with a bf16 KV cache (AMX CPUs, CUDA) or an fp32 one (other CPUs)."""
     tok = real_decoder.tokenizer
     prompts = chat_prompts(real_decoder, "What is the capital of France?", "Name a colour.")
     adapter = random_lora(real_decoder, "smol-r8", 8, ("q_proj", "v_proj", "down_proj"), std=0.02)
@@ -42,8 +54,13 @@ def test_smollm2_bf16_greedy_agrees_with_fp32(real_decoder: DecoderBase) -> None
     tokens = {}
     for dtype in (torch.float32, torch.bfloat16):
         sched = Scheduler(
-            real_decoder.weights.to(dtype), real_decoder.tokenizer, num_slots=3, capacity=128
+            real_decoder.weights.to(dtype),
+            real_decoder.tokenizer,
+            num_slots=3,
+            capacity=128,
+            kv_dtype=cache_dtype if dtype == torch.bfloat16 else None,
         )
+        assert sched.cache.dtype == (cache_dtype if dtype == torch.bfloat16 else torch.float32)
         ids, out = run_all(sched, requests)
         tokens[dtype] = [out.tokens[(rid, 0)] for rid in ids]
     # bf16 rounds every matmul's inputs to 8 bits of mantissa: a near-tie later in a sequence
