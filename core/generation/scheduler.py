@@ -343,7 +343,6 @@ class Scheduler:
             chunks.append(_Chunk(chunking.seqs, piece, chunking.done, final))
             budget -= len(piece)
         slots_left = len(self._free)
-        share = self.cache.slots - self.reserved_slots  # the most one owner may hold
         sitting_out: set[Hashable] = set()
         while budget > 0:
             head = self._next_waiting(sitting_out)
@@ -352,8 +351,10 @@ class Scheduler:
             request_id, request = head
             owner, n, prompt = request.owner, request.params.n, request.prompt_ids
             long = len(prompt) > self.prefill_tokens_per_step
-            held = self._held.get(owner, 0)
-            if (held and held + n > share) or (long and chunking is not None):
+            # The last reserved free slots are kept for owners holding none, whoever else
+            # holds the rest (a cap on each owner's own count would let two owners fill them).
+            reserved = self.reserved_slots if self._held.get(owner) else 0
+            if n <= slots_left < n + reserved or (long and chunking is not None):
                 sitting_out.add(owner)
                 continue
             if slots_left < n or (not long and len(prompt) > budget):

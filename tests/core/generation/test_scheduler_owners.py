@@ -39,6 +39,25 @@ def test_a_flooding_owner_leaves_the_reserved_slot_to_another(tiny_decoder: Deco
     assert tokens == out.tokens[(alone, 0)]
 
 
+def test_two_flooding_owners_leave_the_reserved_slot_to_a_third(
+    tiny_decoder: DecoderBase,
+) -> None:
+    """The reserve is the last free slots, not a cap on each owner's count: "a" and "b" hold
+    2 and 1 of 4 slots, each under a cap of 3, and still neither takes the fourth."""
+    rows = _rows(tiny_decoder, 7, seed=44)
+    sched = scheduler(tiny_decoder, num_slots=4, reserved_slots=1, stop_token_ids=())
+    for owner, row in zip("ababab", rows, strict=False):
+        sched.add(GenerationRequest(row, greedy(40), owner=owner))
+    sched.step()
+    assert sched.running == 3 and sched.waiting == 3 and sched.free_slots == 1
+    sched.step()
+    assert sched.running == 3 and sched.free_slots == 1
+    late = sched.add(GenerationRequest(rows[6], greedy(5), owner="c"))
+    events = sched.step()
+    assert [len(e.token_ids) for e in events if e.request_id == late] == [1]
+    assert sched.running == 4 and sched.waiting == 3
+
+
 def test_a_freed_slot_goes_to_the_owner_holding_fewest(tiny_decoder: DecoderBase) -> None:
     rows = _rows(tiny_decoder, 7, seed=41)
     sched = scheduler(tiny_decoder, num_slots=3, stop_token_ids=())
