@@ -9,6 +9,7 @@ from core.decoder.base import DecoderBase
 from core.generation.kv import SlotCache
 from core.generation.scheduler import GenerationRequest, Scheduler
 from core.hardware import cpu_flags, kv_dtype, resolve_dtype
+from tests.core.decoder.test_forward import random_rows
 from tests.core.generation.helpers import chat_prompts, greedy, random_lora, run_all
 
 
@@ -68,3 +69,36 @@ def test_smollm2_bf16_greedy_agrees_with_fp32(
     for fp32, bf16 in zip(tokens[torch.float32], tokens[torch.bfloat16], strict=True):
         assert bf16[:3] == fp32[:3]
     assert "Paris" in tok.decode(tokens[torch.bfloat16][0])
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_chunked_prefill_into_an_fp32_cache_under_bf16_weights(
+    tiny_decoder: DecoderBase, n: int
+) -> None:
+    """The CPU-without-AMX layout (bf16 linears, fp32 keys and values): a prompt's later chunks
+    read the earlier ones' fp32 keys beside their own, cast from bf16, and generate what one
+    pass does, with and without an adapter's hooks (and ``n`` candidates copying the
+    prompt's keys)."""
+    (prompt,) = random_rows(tiny_decoder.config.vocab_size, [45], seed=25)
+    adapter = random_lora(tiny_decoder, "all-r4", 4, seed=1)
+    requests = [
+        GenerationRequest(prompt, greedy(12, n=n), adapter),
+        GenerationRequest(prompt, greedy(12, n=n)),
+    ]
+    weights = tiny_decoder.weights.to(torch.bfloat16)
+    tokens = {}
+    for budget in (2048, 16):
+        sched = Scheduler(
+            weights,
+            tiny_decoder.tokenizer,
+            num_slots=4,
+            capacity=64,
+            prefill_tokens_per_step=budget,
+            kv_dtype=torch.float32,
+        )
+        assert sched.cache.dtype == torch.float32
+        ids, out = run_all(sched, requests)
+        assert sched.prefill_tokens == 2 * 45
+        tokens[budget] = [out.tokens[(rid, j)] for rid in ids for j in range(n)]
+    assert all(len(t) == 12 for t in tokens[16])
+    assert tokens[16] == tokens[2048]
