@@ -262,9 +262,12 @@ class Scheduler:
 
     @property
     def running(self) -> int:
-        """Sequences holding a slot: decoding, or their prompt being prefilled in chunks."""
-        chunking = len(self._chunking.seqs) if self._chunking is not None else 0
-        return len(self._running) + chunking
+        """Sequences holding a slot: decoding, or their prompt being prefilled in chunks.
+
+        /metrics reads it from another thread: ``_chunking`` is read once, as the owner
+        thread may set it to None between a test and a second read."""
+        chunking = self._chunking
+        return len(self._running) + (len(chunking.seqs) if chunking is not None else 0)
 
     @property
     def waiting(self) -> int:
