@@ -13,7 +13,8 @@ and inter-token latency p50/p99 (between content chunks), errors. Then, in this 
 the server stopped, the references over the same prompts:
 
 (a) transformers ``generate`` on the bare base, one request at a time, in float32 and, where
-    the CPU has AMX (or on CUDA), in bfloat16 too: the faster of the two is the denominator;
+    ``auto`` picks bfloat16 (CUDA, a CPU with AMX or avx512_bf16), in bfloat16 too: the faster
+    of the two is the denominator;
 (b) transformers + PEFT ``generate`` with the N adapters loaded, ``set_adapter`` per request
     (in (a)'s faster dtype);
 (c) loraplex's scheduler in this process on the bare base, C requests added at once, in the
