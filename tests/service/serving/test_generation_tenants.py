@@ -54,16 +54,23 @@ class Call:
         return json.loads(self.body)["error"]
 
 
-def chat(app: Any, auth: Headers) -> Call:
-    body = json.dumps(
-        {
-            "model": TINY_LLAMA_NAME,
-            "messages": [{"role": "user", "content": "Hello there."}],
-            "max_tokens": 4,
-            "stream": True,
-        }
-    ).encode()
-    scope = json_post_scope("/v1/chat/completions", body, auth["Authorization"])
+CHAT = {
+    "model": TINY_LLAMA_NAME,
+    "messages": [{"role": "user", "content": "Hello there."}],
+    "max_tokens": 4,
+    "stream": True,
+}
+
+
+def chat(
+    app: Any,
+    auth: Headers,
+    path: str = "/v1/chat/completions",
+    payload: dict[str, Any] = CHAT,
+    query: bytes = b"",
+) -> Call:
+    body = json.dumps(payload).encode()
+    scope = json_post_scope(path, body, auth["Authorization"], query)
     messages = [{"type": "http.request", "body": body, "more_body": False}]
     call: Call
 
@@ -105,6 +112,18 @@ def test_a_tenants_full_queue_refuses_it_while_another_tenant_is_queued(
         assert second_a.error()["code"] == "generation_queue_full"
         assert "1 of your generation requests are already waiting" in second_a.error()["message"]
         assert second_a.headers[b"retry-after"] == b"1"
+        # So is A's on the other generating routes: each queues under the caller's tenant,
+        # /predict on the base's id too (no adapter names the tenant there).
+        completion = {"model": TINY_LLAMA_NAME, "prompt": "Hello", "max_tokens": 4}
+        predict = {"inputs": ["Hello there."], "max_tokens": 4}
+        for path, payload, query in (
+            ("/v1/completions", completion, b""),
+            ("/predict", predict, f"adapter={TINY_LLAMA_NAME}".encode()),
+        ):
+            other_a = chat(client.app, a, path, payload, query)
+            assert await asyncio.wait_for(other_a.status, HANG_GUARD_S) == 503, path
+            await other_a.task
+            assert other_a.error()["code"] == "generation_queue_full", path
         # B's queue is its own: B's request is accepted and waits beside A's.
         first_b = chat(client.app, b)
         try:
