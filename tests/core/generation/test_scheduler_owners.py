@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from core.decoder.base import DecoderBase
 from core.generation.scheduler import GenerationRequest, QueueFull
@@ -98,3 +99,29 @@ def test_an_owner_holding_nothing_may_take_the_reserve(tiny_decoder: DecoderBase
 def test_reserved_slots_must_leave_a_share(tiny_decoder: DecoderBase) -> None:
     with pytest.raises(ValueError, match="reserved_slots"):
         scheduler(tiny_decoder, num_slots=2, reserved_slots=2)
+
+
+def test_a_failed_prefill_gives_its_owners_slots_back(
+    tiny_decoder: DecoderBase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A prefill that raises fails the step's requests, a chunking one's and a whole one's,
+    and each owner holds nothing after it: "a" may then take the reserve again, as an owner
+    holding nothing may, with a request of every slot's candidates."""
+    long, short, again = random_rows(tiny_decoder.config.vocab_size, [40, 6, 6], seed=45)
+    sched = scheduler(tiny_decoder, num_slots=4, reserved_slots=1, prefill_tokens_per_step=16)
+    sched.add(GenerationRequest(short, greedy(4), owner="b"))
+    sched.add(GenerationRequest(long, greedy(4, n=2), owner="a"))
+
+    # No real input makes the tiny Llama's prefill raise: torch's attention is replaced.
+    def broken(*args: object, **kwargs: object) -> torch.Tensor:
+        raise RuntimeError("attention failed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.nn.functional, "scaled_dot_product_attention", broken)
+        events = sched.step()  # "b"'s prompt and the first chunk of "a"'s, in one pass
+    assert sorted((e.index, e.error) for e in events) == [(0, "attention failed")] * 2 + [
+        (1, "attention failed")
+    ]
+    assert (sched.running, sched.free_slots, sched._held) == (0, 4, {})
+    (rid,), out = run_all(sched, [GenerationRequest(again, greedy(3, n=4), owner="a")])
+    assert sorted(index for request, index in out.tokens if request == rid) == [0, 1, 2, 3]
