@@ -40,10 +40,10 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     # 481 vs 304 at 32; prefill of 1x100 tokens 1018 vs 530 ms, 8x100 2937 vs 1126. An fp32
     # copy for one-row steps would cost no memory (the base is fp32) but would need its own
     # fp32 KV cache, for a gain lost in the noise.
-    # On avx512_bf16 without AMX, with the KV cache in fp32 (kv_dtype), AMD EPYC, 2 loaded
-    # cores, one process alternating: decode step + logits at 32 rows 254 ms fp32 vs 180 bf16
-    # (368 with a bf16 cache), at 8 rows 116 vs 80, at 1 row 58 vs 56; prefill of 1x100
-    # tokens 485 vs 198 ms.
+    # On avx512_bf16 without AMX, with the KV cache in fp32 (kv_dtype), AMD EPYC, 2 cores at
+    # load 1, one process alternating 7 times: decode step + logits at 32 rows 167 ms fp32 vs
+    # 104 bf16 (203 with a bf16 cache), at 8 rows 88 vs 56, at 1 row 57 vs 45 (at load 2:
+    # 254 vs 180 at 32 rows); prefill of 1x100 tokens 485 vs 198 ms.
     if name == "auto":
         flags = cpu_flags() if device.type == "cpu" else frozenset()
         fast = device.type == "cuda" or "amx_bf16" in flags or "avx512_bf16" in flags
