@@ -10,8 +10,9 @@ thread, like the bank.
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from core.decoder.forward import NO_HOOKS, DecoderWeights, LinearHooks
+from core.generation.gathered import GatheredPairs, GroupKey, SiteGroup, group_key
 from core.inference.bank import LoraBank, Site
 
 
@@ -62,11 +64,11 @@ class AdapterSlots:
         self.max_adapters = max_adapters
         self._entries: OrderedDict[Hashable, _Entry] = OrderedDict()  # least recent first
         self._retired: dict[int, _Entry] = {}  # by slot
-        # The running adapters' pairs gathered out of the bank, reused while the same adapters
-        # run (see GroupedLoraHooks); any bank write starts a new generation of them.
-        self._bank_version = 0
-        self._gathered_key: tuple[int, tuple[int, ...]] | None = None
-        self._gathered: dict[tuple[int, str], _SiteGroup | None] = {}
+        # Each slot's current load (a new number whenever an adapter is written into it), so
+        # the running adapters' gathered copies can tell a reused slot from the same adapter.
+        self._loads = itertools.count()
+        self._load_of: dict[int, int] = {}  # by slot
+        self.gathered = GatheredPairs()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -93,7 +95,7 @@ class AdapterSlots:
                 site: (a.to(dev, dtype), b.to(dev, dtype)) for site, (a, b) in adapter.pairs.items()
             }
             entry = _Entry(self.bank.add(pairs, adapter.scaling))
-            self._bank_version += 1
+            self._load_of[entry.slot] = next(self._loads)
             self._entries[adapter.key] = entry
         self._entries.move_to_end(adapter.key)
         entry.pins += 1
@@ -123,31 +125,24 @@ class AdapterSlots:
 
     def _remove(self, slot: int) -> None:
         self.bank.remove(slot)
-        self._bank_version += 1
+        del self._load_of[slot]
 
     def hooks(self, slots: Tensor) -> LinearHooks:
         """Hooks adding each row's LoRA delta (``slots[i]`` = -1: the bare base), for decode
-        steps: the adapters' gathered pairs are kept for the next call with the same adapters.
+        steps: the adapters these rows use become :attr:`gathered`'s running set (copying
+        only those that were not running in the previous call).
         """
-        rows_of: dict[int, list[int]] = {}  # in order of their first row
+        rows_of: dict[int, list[int]] = {}
         for row, slot in enumerate(slots.tolist()):
             if slot >= 0:
                 rows_of.setdefault(slot, []).append(row)
-        if not rows_of:
+        running = [(self._load_of[slot], slot) for slot in rows_of]
+        pairs = self.gathered.update(self.bank, running)
+        if not running:
             return NO_HOOKS
-        adapters = list(rows_of)
-        key = (self._bank_version, tuple(adapters))
-        if key != self._gathered_key:
-            self._gathered_key, self._gathered = key, {}
-        index = torch.tensor(adapters, device=slots.device)
-        return GroupedLoraHooks(
-            self.bank.site_tensors(),
-            index,
-            self.bank.scale.index_select(0, index).view(-1, 1, 1),
-            [rows_of[s] for s in adapters],
-            slots.shape[0],
-            self._gathered,
-        )
+        slot_of = dict(running)
+        groups = [rows_of[slot_of[load]] for load in self.gathered.order]
+        return GroupedLoraHooks(pairs, groups, slots.shape[0], slots.device)
 
     def segment_hooks(self, segments: list[tuple[int, int, int]]) -> LinearHooks:
         """Hooks for a packed prefill: ``(slot, start, stop)`` = rows ``start..stop-1`` are one
@@ -206,40 +201,20 @@ class SegmentLoraHooks:
         return y
 
 
-# Targets of one decoder layer that read the same input tensor (core.decoder.forward): their
-# A matrices are stacked along the rank axis so one batched matmul gives all their low-rank
-# activations. Any other target is a group of its own.
-SHARED_INPUT = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
-_GROUP_OF = {target: group for group in SHARED_INPUT for target in group}
-
-
-@dataclass(frozen=True)
-class _SiteGroup:
-    """A layer's targets that share an input, for the running adapters.
-
-    ``a`` is ``[U, R, in]``: each target's ``scale · A`` stacked along the rank axis (R = the
-    sum of their bank ranks); ``parts[target] = (start, stop, Bᵀ [U, r, out])`` is that
-    target's rank range of ``a`` and its up-projection.
-    """
-
-    a: Tensor
-    parts: dict[str, tuple[int, int, Tensor]]
-
-
 class GroupedLoraHooks:
-    """``y[i] += scale[s_i] · B[s_i] (A[s_i] x_i)``, gathering each running adapter once.
+    """``y[i] += scale[s_i] · B[s_i] (A[s_i] x_i)`` from the running adapters' gathered pairs.
 
-    Rows are grouped by adapter (groups in order of their first row): per site, the U
+    Rows are grouped by adapter (groups in :class:`GatheredPairs`' order): per site, the U
     distinct adapters' pairs meet the rows' inputs ``[U, m, in]`` (m = the largest group,
     others padded with zero rows) in two batched matmuls, and each row adds its own delta.
-    Targets sharing an input (q/k/v, gate/up: :data:`SHARED_INPUT`) share the first matmul:
+    Targets sharing an input (q/k/v, gate/up: ``SHARED_INPUT``) share the first matmul:
     the first of them to be called computes all their low-rank activations ``[U, m, R]``
     from the stacked ``scale · A`` and keeps them for the others, which only expand their rank
     range (same arithmetic as one matmul per target: a strided view of a row meets the same
-    dot products), and ``scale`` is folded into the gathered A. Where the grouped rows already
-    lie in batch order (every running sequence on its own adapter, or each adapter's rows
-    consecutive and equally many; bare rows only before or after them: the scheduler orders a
-    step's rows by adapter), inputs and deltas are views of ``x`` and ``y``: nothing copied.
+    dot products), and ``scale`` is folded into the gathered A. Where the grouped rows happen
+    to lie in batch order (each adapter's rows consecutive and equally many, in the gathered
+    order; bare rows only before or after them), inputs and deltas are views of ``x`` and
+    ``y``; otherwise the rows' inputs and deltas are gathered ([rows, in] and [rows, out]).
     A SmolLM2 layer (7 targets) then runs 11 matmuls and 7 adds, where one shrink matmul,
     scale, expand matmul and add per target ran 28 kernels (50 with rows out of order).
 
@@ -253,28 +228,23 @@ class GroupedLoraHooks:
 
     Why not gather A and B per row every step (:class:`core.inference.bank.MixedLoraHooks`'
     BGMV): on SmolLM2 (all 7 targets, r=8) one adapter is 9.8 MB fp32, so 32 rows copied 312 MB
-    per decode step, on top of the bare step's 540 MB of weights. Here each distinct adapter is
-    copied once, into ``gathered``, which the caller keeps and hands back while the same
-    adapters run (the bank slots of running sequences are pinned, so their contents cannot
-    change meanwhile; any bank write starts a new set): steady decoding copies no weights. The
-    price: the running adapters' pairs are held twice (at most the bank's size again).
+    per decode step, on top of the bare step's 540 MB of weights. Here each adapter is copied
+    once when it starts running (:class:`core.generation.gathered.GatheredPairs`): decoding
+    copies no weights. The price: the running adapters' pairs are held twice.
     A dense ``x [B, in] @ A_all [in, U·r]`` with a one-hot row mask was measured too: its
     multiply-adds grow with U·B (5 GFLOP per step at B=U=32, as much as the base's), slower.
     """
 
     def __init__(
         self,
-        sites: dict[Site, tuple[Tensor, Tensor]],
-        adapters: Tensor,
-        scale: Tensor,
+        pairs: Mapping[GroupKey, SiteGroup],
         groups: list[list[int]],
         bsz: int,
-        gathered: dict[tuple[int, str], _SiteGroup | None],
+        device: torch.device,
     ) -> None:
-        self.sites = sites
-        self.adapters = adapters  # [U] bank slots, the groups' order
-        self.scale = scale  # [U, 1, 1]
-        self.gathered = gathered  # by (layer, first target of the group); None: no site
+        self.pairs = pairs  # the U running adapters', in the groups' order
+        self.groups = len(groups)  # U
+        self.device = device
         self.bsz = bsz
         self.most = max(map(len, groups))
         self.padded = any(len(g) < self.most for g in groups)
@@ -293,7 +263,7 @@ class GroupedLoraHooks:
         self.rows: tuple[int, int] | None = (first, first + len(self.source)) if in_order else None
         self._token_index: dict[int, tuple[Tensor, Tensor]] = {}
         # The last group's input and low-rank activations, for its other targets.
-        self._low: tuple[Tensor, _SiteGroup, Tensor] | None = None
+        self._low: tuple[Tensor, SiteGroup, Tensor] | None = None
 
     def weight(self, layer: int, target: str, weight: Tensor) -> Tensor:
         return weight
@@ -303,7 +273,7 @@ class GroupedLoraHooks:
         row standing for its ``seq`` tokens (the zero rows stay single)."""
         index = self._token_index.get(seq)
         if index is None:
-            device = self.adapters.device
+            device = self.device
 
             def expand(rows: list[int], zero: int) -> Tensor:
                 # Row ``zero`` is the one zero row, after the ``zero * seq`` real tokens.
@@ -316,40 +286,20 @@ class GroupedLoraHooks:
             self._token_index[seq] = index
         return index
 
-    def _group(self, layer: int, target: str) -> _SiteGroup | None:
-        members = _GROUP_OF.get(target, (target,))
-        key = (layer, members[0])
-        if key in self.gathered:
-            return self.gathered[key]
-        a_parts, parts, start = [], {}, 0
-        for member in members:
-            stacked = self.sites.get((layer, member))
-            if stacked is None:
-                continue
-            a, b = stacked
-            a_parts.append(a.index_select(0, self.adapters).mul_(self.scale))  # [U, r, in]
-            # [U, r, out], contiguous: the second bmm is 3x slower on a transposed view.
-            bt = b.transpose(1, 2).index_select(0, self.adapters)
-            parts[member] = (start, start + a.shape[1], bt)
-            start += a.shape[1]
-        group = _SiteGroup(torch.cat(a_parts, 1), parts) if parts else None
-        self.gathered[key] = group
-        return group
-
     def _grouped(self, x: Tensor, dtype: torch.dtype) -> Tensor:
         """``x`` ``[B, seq, in]`` as the grouped rows ``[U, m·seq, in]`` in ``dtype``."""
         bsz, seq, n_in = x.shape
         if self.rows is not None:
             first, stop = self.rows
-            return x[first:stop].to(dtype).view(self.adapters.shape[0], -1, n_in)
+            return x[first:stop].to(dtype).view(self.groups, -1, n_in)
         flat = x.reshape(bsz * seq, n_in).to(dtype)
         if self.padded:
             flat = torch.cat((flat, flat.new_zeros(1, n_in)))
         source, _ = self._tokens(seq)
-        return flat.index_select(0, source).view(self.adapters.shape[0], -1, n_in)
+        return flat.index_select(0, source).view(self.groups, -1, n_in)
 
     def linear(self, layer: int, target: str, x: Tensor, y: Tensor) -> Tensor:
-        group = self._group(layer, target)
+        group = self.pairs.get(group_key(layer, target))
         part = group.parts.get(target) if group is not None else None
         if group is None or part is None:
             return y

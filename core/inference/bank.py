@@ -69,6 +69,9 @@ class LoraBank:
         self._free: list[int] = list(range(self._capacity))  # a heap: lowest slot first
         self._slot_sites: dict[int, tuple[Site, ...]] = {}
         self._slot_rank: dict[int, int] = {}
+        # Counts changes of which sites exist and their ranks (not of slots' contents), for
+        # copies of slots that must be rebuilt when the layout changes (core.generation).
+        self.layout_version = 0
 
     # --- inspection -----------------------------------------------------------------------
 
@@ -156,6 +159,7 @@ class LoraBank:
             w.users -= 1
             if w.users == 0:
                 del self._sites[site]
+                self.layout_version += 1
         heapq.heappush(self._free, slot)
 
     def _clear_slot(self, slot: int, sites: list[Site] | tuple[Site, ...]) -> None:
@@ -175,12 +179,14 @@ class LoraBank:
                 b=self._zeros(self._capacity, n_out, rank),
             )
             self._sites[site] = w
+            self.layout_version += 1
         elif w.rank < rank:
             # Grow this site's rank only: zero padding is exact for the adapters already here.
             a, b = self._zeros(self._capacity, rank, n_in), self._zeros(self._capacity, n_out, rank)
             a[:, : w.rank].copy_(w.a)
             b[:, :, : w.rank].copy_(w.b)
             w.a, w.b = a, b
+            self.layout_version += 1
         return w
 
     def _grow_capacity(self, capacity: int) -> None:

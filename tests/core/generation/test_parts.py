@@ -137,6 +137,53 @@ def test_grouped_lora_delta_per_row_and_never_stale(tiny_decoder: DecoderBase) -
     check([c, None, b, c], [sc, -1, sb, sc])
 
 
+def test_running_set_changes_copy_only_the_adapters_that_start(tiny_decoder: DecoderBase) -> None:
+    """As sequences start and end, only adapters that were not running are copied out of the
+    bank; every row still gets exactly its own adapter's delta (positions reshuffled, rows out
+    of the gathered order, bare rows), and a slot refilled by another adapter of the same rank
+    (the bank's layout unchanged) is copied anew, not served from its old copy."""
+    slots = AdapterSlots(tiny_decoder.weights, max_adapters=6)
+    adapters = [random_lora(tiny_decoder, f"a{i}", 2 + i % 2, seed=i) for i in range(7)]
+    slot_of = {a.key: slots.acquire(a) for a in adapters[:6]}
+    cfg = tiny_decoder.config
+    x = torch.randn(5, 1, cfg.linear_shape("gate_proj")[0])
+
+    def check(rows: list[LoraWeights | None]) -> None:
+        ids = [-1 if a is None else slot_of[a.key] for a in rows]
+        hooks = slots.hooks(torch.tensor(ids))
+        for target in ("gate_proj", "up_proj"):
+            got = hooks.linear(1, target, x, torch.zeros(5, 1, cfg.linear_shape(target)[1]))
+            for i, adapter in enumerate(rows):
+                want = torch.zeros_like(got[i])
+                if adapter is not None:
+                    lora_a, lora_b = adapter.pairs[(1, target)]
+                    want = adapter.scaling * (x[i] @ lora_a.T) @ lora_b.T
+                torch.testing.assert_close(got[i], want)
+
+    a = adapters
+    steps = [
+        ([a[0], a[1], a[2], a[3], None], 4),  # four start
+        ([a[0], a[1], a[2], a[3], None], 0),  # the same set: nothing copied
+        ([a[4], a[1], a[2], None, a[0]], 1),  # a3 ends, a4 starts; rows reordered
+        ([a[2], a[2], a[5], None, None], 1),  # three end, a2 moves down, a5 starts
+        ([a[5], a[4], a[0], a[1], a[2]], 3),  # a4, a0 and a1 start again
+        ([None, None, None, None, None], 0),  # nothing running: the copies are dropped
+        ([a[3], None, None, None, a[3]], 1),
+    ]
+    for rows, started in steps:
+        before = slots.gathered.copies
+        check(rows)
+        assert slots.gathered.copies - before == started
+    check([a[3], a[4], None, None, a[3]])
+    layout = slots.bank.layout_version
+    slots.release(slot_of["a4"], "a4")  # a4's sequence ends: the only unpinned adapter...
+    slot_of["a6"] = slots.acquire(a[6])  # ...so a6 (rank 2, as a4) takes its slot
+    assert slot_of["a6"] == slot_of.pop("a4") and slots.bank.layout_version == layout
+    before = slots.gathered.copies
+    check([a[3], a[6], None, None, a[3]])
+    assert slots.gathered.copies - before == 1
+
+
 @pytest.mark.parametrize(
     "slots",
     [[2, 3, 4], [2, 4, 5], [1, 2, 6], [0, 7]],
