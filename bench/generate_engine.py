@@ -14,7 +14,10 @@ Reported per B: output tokens/s (B x new tokens / wall seconds, prefill included
 the decode step itself is also timed in isolation: ``--rounds`` alternating pairs of one decode
 step of the B sequences on the bare base and one with their mixed adapters (same cache, same
 lengths), medians ``step_ms_bare`` / ``step_ms_mixed`` and ``step_ratio`` = bare / mixed (the
-throughput ratio of the decode loop, which load drifting over the run does not bias).
+throughput ratio of the decode loop, which load drifting over the run does not bias). A third
+step in each round, ``step_ms_churn``, has one sequence's adapter replaced by one that was not
+running (where N > B), as when one request ends and another starts under staggered traffic:
+what a change of the running set costs (hooks included in every timing).
 
 ``--dtype`` is the ``generation_dtype`` setting's (auto: bfloat16 on a CPU with AMX or
 avx512_bf16), the KV cache's dtype the server's; the report names both and the CPU's bf16
@@ -55,7 +58,7 @@ def main() -> None:
     import torch
 
     from core.decoder.base import load_decoder_base
-    from core.decoder.forward import logits
+    from core.decoder.forward import NO_HOOKS, logits
     from core.decoder.generate import greedy_generate
     from core.generation.adapters import AdapterSlots
     from core.generation.decode import decode_step
@@ -98,23 +101,27 @@ def main() -> None:
         return tokens / wall
 
     @torch.inference_mode()
-    def step_ms(b: int) -> tuple[float, float]:
-        """Median ms of one decode step of b sequences: bare base, then mixed adapters."""
+    def step_ms(b: int) -> dict[str, float]:
+        """Median ms of one decode step of b sequences: bare base, mixed adapters (the running
+        set of the step before), mixed with one adapter that starts running."""
         slots = AdapterSlots(weights, max(args.adapters, 1))
+        bank = [slots.acquire(a) for a in adapters]
         # Round robin, as requests arrive: the scheduler keeps a step's rows in KV slot order.
-        rows = torch.tensor([slots.acquire(adapters[i % args.adapters]) for i in range(b)])
+        rows = [bank[i % args.adapters] for i in range(b)]
         cache = SlotCache(weights, b, args.prompt_tokens + 2, cache_dtype)
         which = torch.arange(b)
         tokens = torch.randint(100, cfg.vocab_size, (b,), generator=g)
         lengths = torch.full((b,), args.prompt_tokens)
-        times: dict[bool, list[float]] = {False: [], True: []}
-        for _ in range(args.rounds):
-            for mixed in (False, True):
-                hooks = slots.hooks(rows if mixed else torch.full((b,), -1))
+        times: dict[str, list[float]] = {"bare": [], "mixed": [], "churn": []}
+        for r in range(args.rounds):
+            for case, samples in times.items():
+                if case == "churn":  # row r's request ends, the next adapter's starts
+                    rows[r % b] = bank[(b + r) % args.adapters]
                 t0 = time.perf_counter()
+                hooks = slots.hooks(torch.tensor(rows)) if case != "bare" else NO_HOOKS
                 logits(weights, decode_step(weights, cache, which, tokens, lengths, hooks))
-                times[mixed].append((time.perf_counter() - t0) * 1000)
-        return statistics.median(times[False]), statistics.median(times[True])
+                samples.append((time.perf_counter() - t0) * 1000)
+        return {case: statistics.median(samples) for case, samples in times.items()}
 
     results: list[dict[str, Any]] = []
     for b in args.batch:
@@ -124,16 +131,18 @@ def main() -> None:
         bare = b * args.new_tokens / (time.perf_counter() - t0)
         sched_bare = scheduled(rows, mixed=False)
         mixed = scheduled(rows, mixed=True)
-        bare_ms, mixed_ms = step_ms(b)
+        ms = step_ms(b)
         row = {
             "batch": b,
             "bare_loop_tok_s": round(bare, 1),
             "sched_bare_tok_s": round(sched_bare, 1),
             "sched_mixed_tok_s": round(mixed, 1),
             "ratio_to_bare_decode": round(mixed / bare, 3),
-            "step_ms_bare": round(bare_ms, 1),
-            "step_ms_mixed": round(mixed_ms, 1),
-            "step_ratio": round(bare_ms / mixed_ms, 3),
+            "step_ms_bare": round(ms["bare"], 1),
+            "step_ms_mixed": round(ms["mixed"], 1),
+            "step_ms_churn": round(ms["churn"], 1),
+            "step_ratio": round(ms["bare"] / ms["mixed"], 3),
+            "step_ratio_churn": round(ms["bare"] / ms["churn"], 3),
         }
         results.append(row)
         print(json.dumps(row), flush=True)
