@@ -196,8 +196,11 @@ class SegmentLoraHooks:
         flat_x = x.reshape(-1, x.shape[-1]).to(a.dtype)
         flat_y = y.view(-1, y.shape[-1])
         for slot, start, stop in self.runs:
-            h = F.linear(flat_x[start:stop], a[slot]).mul_(self.scale[slot])
-            flat_y[start:stop].add_(F.linear(h, b[slot]))
+            h = F.linear(flat_x[start:stop], a[slot])
+            if flat_y.dtype == h.dtype:  # scale and add inside the expand matmul: 2 kernels
+                flat_y[start:stop].addmm_(h, b[slot].t(), alpha=self.scale[slot])
+            else:  # the delta in the bank's dtype, rounded once into y's
+                flat_y[start:stop].add_(F.linear(h.mul_(self.scale[slot]), b[slot]))
         return y
 
 
