@@ -69,6 +69,7 @@ class AdapterSlots:
         self._loads = itertools.count()
         self._load_of: dict[int, int] = {}  # by slot
         self.gathered = GatheredPairs()
+        self._pins = 0  # over all adapters: at 0 nothing runs, and the gathered copies go
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -99,6 +100,7 @@ class AdapterSlots:
             self._entries[adapter.key] = entry
         self._entries.move_to_end(adapter.key)
         entry.pins += 1
+        self._pins += 1
         return entry.slot
 
     def release(self, slot: int, key: Hashable) -> None:
@@ -107,6 +109,9 @@ class AdapterSlots:
         if entry is None:
             entry = self._entries[key]
         entry.pins -= 1
+        self._pins -= 1
+        if self._pins == 0:
+            self.gathered.clear()
         if entry.retired and entry.pins == 0:
             del self._retired[slot]
             self._remove(slot)
@@ -130,7 +135,8 @@ class AdapterSlots:
     def hooks(self, slots: Tensor) -> LinearHooks:
         """Hooks adding each row's LoRA delta (``slots[i]`` = -1: the bare base), for decode
         steps: the adapters these rows use become :attr:`gathered`'s running set (copying
-        only those that were not running in the previous call).
+        those that were not running in the previous call, or all of them where the bank has
+        since added a site or grown a rank).
         """
         rows_of: dict[int, list[int]] = {}
         for row, slot in enumerate(slots.tolist()):
@@ -233,7 +239,7 @@ class GroupedLoraHooks:
     BGMV): on SmolLM2 (all 7 targets, r=8) one adapter is 9.8 MB fp32, so 32 rows copied 312 MB
     per decode step, on top of the bare step's 540 MB of weights. Here each adapter is copied
     once when it starts running (:class:`core.generation.gathered.GatheredPairs`): decoding
-    copies no weights. The price: the running adapters' pairs are held twice.
+    copies no weights. The price: while adapters run, their pairs are held twice.
     A dense ``x [B, in] @ A_all [in, U·r]`` with a one-hot row mask was measured too: its
     multiply-adds grow with U·B (5 GFLOP per step at B=U=32, as much as the base's), slower.
     """
@@ -246,7 +252,7 @@ class GroupedLoraHooks:
         device: torch.device,
     ) -> None:
         self.pairs = pairs  # the U running adapters', in the groups' order
-        self.groups = len(groups)  # U
+        self.n_groups = len(groups)  # U
         self.device = device
         self.bsz = bsz
         self.most = max(map(len, groups))
@@ -294,12 +300,12 @@ class GroupedLoraHooks:
         bsz, seq, n_in = x.shape
         if self.rows is not None:
             first, stop = self.rows
-            return x[first:stop].to(dtype).view(self.groups, -1, n_in)
+            return x[first:stop].to(dtype).view(self.n_groups, -1, n_in)
         flat = x.reshape(bsz * seq, n_in).to(dtype)
         if self.padded:
             flat = torch.cat((flat, flat.new_zeros(1, n_in)))
         source, _ = self._tokens(seq)
-        return flat.index_select(0, source).view(self.groups, -1, n_in)
+        return flat.index_select(0, source).view(self.n_groups, -1, n_in)
 
     def linear(self, layer: int, target: str, x: Tensor, y: Tensor) -> Tensor:
         group = self.pairs.get(group_key(layer, target))

@@ -10,10 +10,11 @@ of 32 rows on 2 AVX2 cores, 7 alternations: 241 ms with the copies kept, 514 ms 
 that starts or ends changes it), so the rebuild, not the matmuls, was most of what 64 adapters
 cost over HTTP.
 
-Here each running adapter keeps a position: one that starts is copied into a free position
-(one adapter's pairs, 9.8 MB on SmolLM2), one that stops frees its position and an adapter from
-past the new end moves into it, so the U running adapters are always the first U positions of
-buffers allocated for ``capacity`` and a step reads views of them.
+Here each running adapter keeps a position: one that stops frees its position, one that starts
+is copied into a free one (one adapter's pairs, 9.8 MB on SmolLM2), and an adapter left past
+the new end moves down into one, so the U running adapters are always the first U positions
+of the buffers and a step reads views of them. The buffers hold U rounded up to 8 positions
+(at most the bank's capacity) and are dropped when nothing runs.
 """
 
 from __future__ import annotations
@@ -63,30 +64,56 @@ class GatheredPairs:
 
     ``load`` identifies one adapter's stay in one bank slot (the caller's counter): a slot
     reused by another adapter is another load, so positions can never hold stale pairs. The
-    copies of running adapters stay valid while they run because their bank slots are pinned;
-    a change of the bank's layout (a site added or dropped, a rank grown) rebuilds them all.
+    copies of running adapters stay valid while they run because their bank slots are pinned.
+    A site the bank adds, or whose rank it grows, rebuilds the buffers (every running adapter
+    copied again); a site it drops stays in them, zeros for any adapter copied in later, so an
+    idle adapter that comes and goes with a site of its own costs the running ones nothing.
     """
 
     def __init__(self) -> None:
-        self._layout = -1  # the bank's layout_version the buffers follow
+        self._layout = -1  # the bank's layout_version the buffers were last checked against
         self._buffers: dict[GroupKey, SiteGroup] = {}  # [capacity, ...] each
-        self._capacity = 0
         self.order: list[Hashable] = []  # the load at each position
         self.copies = 0  # adapters copied out of the bank (moves not counted), for tests
+
+    @property
+    def capacity(self) -> int:
+        """Positions the buffers hold."""
+        return next(iter(self._buffers.values())).a.shape[0] if self._buffers else 0
+
+    def clear(self) -> None:
+        """Drop the buffers (nothing runs: their memory goes back)."""
+        self._buffers, self.order = {}, []
 
     def update(
         self, bank: LoraBank, running: list[tuple[Hashable, int]]
     ) -> dict[GroupKey, SiteGroup]:
         """Make ``running`` (each adapter's ``(load, bank slot)``) the first positions; return
         every group's views of them, in :attr:`order`."""
-        if bank.layout_version != self._layout or not running:
-            self._buffers, self._capacity, self.order = {}, 0, []
-            self._layout = bank.layout_version
-        if not running:
-            return {}
         n = len(running)
-        if n > self._capacity:
-            self._grow(bank, -(-n // 8) * 8)
+        if not n:
+            self.clear()
+            return {}
+        if bank.layout_version != self._layout:
+            if not self._fits(bank):
+                self.clear()
+            self._layout = bank.layout_version
+        try:
+            if n > self.capacity:
+                # Room for a few more than run now, never more than the bank holds.
+                capacity = max(n, min(-(-n // 8) * 8, bank.capacity))
+                if self._buffers:
+                    self._grow(capacity)
+                else:
+                    self._build(bank, capacity)
+            self._place(bank, running)
+        except BaseException:  # half-written positions: forget them all
+            self.clear()
+            raise
+        return {key: group.first(n) for key, group in self._buffers.items()}
+
+    def _place(self, bank: LoraBank, running: list[tuple[Hashable, int]]) -> None:
+        n = len(running)
         where = {load: pos for pos, load in enumerate(self.order)}
         order: list[Hashable | None] = [None] * n
         for load, _ in running:
@@ -99,43 +126,62 @@ class GatheredPairs:
             if pos is not None and pos < n:
                 continue
             hole = next(holes)
-            if pos is None:
+            if pos is None:  # starts running
                 self._copy_in(bank, slot, hole)
-            else:  # past the new end: moved down (its old position is not read again)
+            else:  # was past the new end: moves down (its old position is not read again)
                 self._move(pos, hole)
             order[hole] = load
         self.order = order
-        return {key: group.first(n) for key, group in self._buffers.items()}
 
-    def _grow(self, bank: LoraBank, capacity: int) -> None:
-        kept = len(self.order)
-        buffers: dict[GroupKey, SiteGroup] = {}
-        sites = bank.site_tensors()
+    def _fits(self, bank: LoraBank) -> bool:
+        """Every site of the bank is in the buffers, at its bank rank."""
+        for (layer, target), (a, _) in bank.site_tensors().items():
+            group = self._buffers.get(group_key(layer, target))
+            part = group.parts.get(target) if group is not None else None
+            if part is None or part[1] - part[0] != a.shape[1]:
+                return False
+        return True
+
+    def _build(self, bank: LoraBank, capacity: int) -> None:
         by_key: dict[GroupKey, list[tuple[str, Tensor, Tensor]]] = {}
-        for (layer, target), (a, b) in sites.items():
+        for (layer, target), (a, b) in bank.site_tensors().items():
             by_key.setdefault(group_key(layer, target), []).append((target, a, b))
         for key, members in by_key.items():
             members.sort(key=lambda m: _MEMBER_ORDER.get(m[0], 0))
-            old = self._buffers.get(key)
             rank = sum(a.shape[1] for _, a, _ in members)
-            a_buf = members[0][1].new_zeros(capacity, rank, members[0][1].shape[2])
             parts, start = {}, 0
             for target, a, b in members:
                 bt = b.new_zeros(capacity, a.shape[1], b.shape[1])
-                if old is not None:
-                    bt[:kept].copy_(old.parts[target][2][:kept])
                 parts[target] = (start, start + a.shape[1], bt)
                 start += a.shape[1]
-            if old is not None:
-                a_buf[:kept].copy_(old.a[:kept])
-            buffers[key] = SiteGroup(a_buf, parts)
-        self._buffers, self._capacity = buffers, capacity
+            a0 = members[0][1]
+            self._buffers[key] = SiteGroup(a0.new_zeros(capacity, rank, a0.shape[2]), parts)
+        self.order = []
+
+    def _grow(self, capacity: int) -> None:
+        kept = len(self.order)
+        grown = {}
+        for key, group in self._buffers.items():
+            a = group.a.new_zeros(capacity, *group.a.shape[1:])
+            a[:kept].copy_(group.a[:kept])
+            parts = {}
+            for target, (start, stop, bt) in group.parts.items():
+                wider = bt.new_zeros(capacity, *bt.shape[1:])
+                wider[:kept].copy_(bt[:kept])
+                parts[target] = (start, stop, wider)
+            grown[key] = SiteGroup(a, parts)
+        self._buffers = grown
 
     def _copy_in(self, bank: LoraBank, slot: int, pos: int) -> None:
         sites, scale = bank.site_tensors(), bank.scale[slot]
         for (layer, _), group in self._buffers.items():
             for target, (start, stop, bt) in group.parts.items():
-                a, b = sites[(layer, target)]
+                pair = sites.get((layer, target))
+                if pair is None:  # a site the bank dropped: no adapter there has pairs
+                    group.a[pos, start:stop].zero_()
+                    bt[pos].zero_()
+                    continue
+                a, b = pair
                 torch.mul(a[slot], scale, out=group.a[pos, start:stop])
                 bt[pos].copy_(b[slot].t())
         self.copies += 1

@@ -504,10 +504,11 @@ class Scheduler:
         tokens = torch.tensor([s.pending for s in seqs], device=device)
         lengths = torch.tensor([s.length for s in seqs], device=device)
         hooks = self._merged_hooks(seqs)
-        if hooks is None:
-            self.unmerged_steps += 1
-            hooks = self.adapters.hooks(torch.tensor([s.adapter_slot for s in seqs], device=device))
         try:
+            if hooks is None:
+                self.unmerged_steps += 1
+                rows = torch.tensor([s.adapter_slot for s in seqs], device=device)
+                hooks = self.adapters.hooks(rows)  # copies adapters that start running
             hidden = decode_step(self.weights, self.cache, slots, tokens, lengths, hooks)
             new, lps = sample(
                 logits(self.weights, hidden), [s.params for s in seqs], [s.generator for s in seqs]

@@ -11,6 +11,7 @@ from core.errors import ConfigError
 from core.generation.adapters import AdapterFull, AdapterSlots, LoraWeights
 from core.generation.decode import decode_step
 from core.generation.detok import IncrementalDetokenizer, StopStrings
+from core.generation.gathered import GatheredPairs
 from core.generation.kv import SlotCache, bytes_per_slot, slots_for_budget
 from core.generation.sampling import SamplingParams, sample
 from tests.core.generation.helpers import random_lora
@@ -137,6 +138,30 @@ def test_grouped_lora_delta_per_row_and_never_stale(tiny_decoder: DecoderBase) -
     check([c, None, b, c], [sc, -1, sb, sc])
 
 
+def _check_deltas(
+    slots: AdapterSlots,
+    rows: list[LoraWeights | None],
+    slot_of: dict[str, int],
+    targets: tuple[str, ...] = ("gate_proj", "up_proj"),
+) -> None:
+    """Each of 5 rows gets exactly its adapter's delta at layer 1 (none for None, or where its
+    adapter has no pair)."""
+    ids = [-1 if a is None else slot_of[str(a.key)] for a in rows]
+    hooks = slots.hooks(torch.tensor(ids))
+    cfg = slots.bank.config
+    g = torch.Generator().manual_seed(0)
+    for target in targets:
+        n_in, n_out = cfg.linear_shape(target)
+        x = torch.randn(5, 1, n_in, generator=g)
+        got = hooks.linear(1, target, x, torch.zeros(5, 1, n_out))
+        for i, adapter in enumerate(rows):
+            want = torch.zeros_like(got[i])
+            pair = adapter.pairs.get((1, target)) if adapter is not None else None
+            if adapter is not None and pair is not None:
+                want = adapter.scaling * (x[i] @ pair[0].T) @ pair[1].T
+            torch.testing.assert_close(got[i], want)
+
+
 def test_running_set_changes_copy_only_the_adapters_that_start(tiny_decoder: DecoderBase) -> None:
     """As sequences start and end, only adapters that were not running are copied out of the
     bank; every row still gets exactly its own adapter's delta (positions reshuffled, rows out
@@ -144,21 +169,10 @@ def test_running_set_changes_copy_only_the_adapters_that_start(tiny_decoder: Dec
     (the bank's layout unchanged) is copied anew, not served from its old copy."""
     slots = AdapterSlots(tiny_decoder.weights, max_adapters=6)
     adapters = [random_lora(tiny_decoder, f"a{i}", 2 + i % 2, seed=i) for i in range(7)]
-    slot_of = {a.key: slots.acquire(a) for a in adapters[:6]}
-    cfg = tiny_decoder.config
-    x = torch.randn(5, 1, cfg.linear_shape("gate_proj")[0])
+    slot_of = {str(a.key): slots.acquire(a) for a in adapters[:6]}
 
     def check(rows: list[LoraWeights | None]) -> None:
-        ids = [-1 if a is None else slot_of[a.key] for a in rows]
-        hooks = slots.hooks(torch.tensor(ids))
-        for target in ("gate_proj", "up_proj"):
-            got = hooks.linear(1, target, x, torch.zeros(5, 1, cfg.linear_shape(target)[1]))
-            for i, adapter in enumerate(rows):
-                want = torch.zeros_like(got[i])
-                if adapter is not None:
-                    lora_a, lora_b = adapter.pairs[(1, target)]
-                    want = adapter.scaling * (x[i] @ lora_a.T) @ lora_b.T
-                torch.testing.assert_close(got[i], want)
+        _check_deltas(slots, rows, slot_of)
 
     a = adapters
     steps = [
@@ -182,6 +196,54 @@ def test_running_set_changes_copy_only_the_adapters_that_start(tiny_decoder: Dec
     before = slots.gathered.copies
     check([a[3], a[6], None, None, a[3]])
     assert slots.gathered.copies - before == 1
+
+
+def test_gathered_copies_dropped_sites_failures_and_memory(
+    tiny_decoder: DecoderBase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A site the bank adds rebuilds the running adapters' copies, one it drops (an idle
+    adapter with a target of its own evicted) costs them nothing; a placement that fails
+    half-way leaves no position that could be served stale; the copies take at most the
+    bank's capacity in positions and go with the last pin."""
+    slots = AdapterSlots(tiny_decoder.weights, max_adapters=3)
+    gate_up = ("gate_proj", "up_proj")
+    run1, run2, third = (
+        random_lora(tiny_decoder, key, 2, targets=gate_up, seed=i)
+        for i, key in enumerate(("run1", "run2", "third"))
+    )
+    own = random_lora(tiny_decoder, "own", 2, targets=(*gate_up, "o_proj"), seed=5)
+    slot_of = {str(a.key): slots.acquire(a) for a in (run1, run2)}
+    gathered = slots.gathered
+
+    def copies(rows: list[LoraWeights | None], targets: tuple[str, ...] = gate_up) -> int:
+        before = gathered.copies
+        _check_deltas(slots, rows, slot_of, targets)
+        return gathered.copies - before
+
+    assert copies([run1, run2, None, None, run1]) == 2
+    assert gathered.capacity == 3  # 2 rounded up to 8, but the bank holds 3
+    slot_of["own"] = slots.acquire(own)  # idle, and adds o_proj sites...
+    slots.release(slot_of["own"], "own")
+    assert copies([run1, run2, None, None, run1], (*gate_up, "o_proj")) == 2  # ...a rebuild
+    slot_of["third"] = slots.acquire(third)  # evicts own: the bank drops its o_proj sites
+    assert "own" not in slots.resident_keys()
+    assert copies([run1, run2, third, None, run1], (*gate_up, "o_proj")) == 1
+
+    real_move = GatheredPairs._move
+
+    def move_then_fail(self: GatheredPairs, src: int, dst: int) -> None:
+        real_move(self, src, dst)  # position dst now holds another adapter's pairs...
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(GatheredPairs, "_move", move_then_fail)
+    with pytest.raises(RuntimeError):
+        _check_deltas(slots, [third, None, None, None, None], slot_of)  # third moves to 0
+    monkeypatch.undo()
+    assert copies([run1, None, None, None, None]) == 1  # ...so run1 is copied, not reused
+
+    for key in ("run1", "run2", "third"):
+        slots.release(slot_of[key], key)
+    assert gathered.capacity == 0 and gathered.order == []
 
 
 @pytest.mark.parametrize(

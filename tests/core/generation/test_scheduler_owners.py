@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from core.decoder.base import DecoderBase
+from core.generation.gathered import GatheredPairs
 from core.generation.scheduler import GenerationRequest, QueueFull
 from tests.core.decoder.test_forward import random_rows
-from tests.core.generation.helpers import greedy, run_all, scheduler
+from tests.core.generation.helpers import greedy, random_lora, run_all, scheduler
 
 
 def _rows(base: DecoderBase, count: int, seed: int) -> list[list[int]]:
@@ -125,3 +126,30 @@ def test_a_failed_prefill_gives_its_owners_slots_back(
     assert (sched.running, sched.free_slots, sched._held) == (0, 4, {})
     (rid,), out = run_all(sched, [GenerationRequest(again, greedy(3, n=4), owner="a")])
     assert sorted(index for request, index in out.tokens if request == rid) == [0, 1, 2, 3]
+
+
+def test_a_decode_step_whose_adapters_cannot_be_copied_fails_its_sequences(
+    tiny_decoder: DecoderBase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Copying the running adapters' pairs is part of the decode step: when it raises (out of
+    memory, say), the step's sequences end with the error and give their slots back, rather
+    than the step raising out of the scheduler with their first tokens undelivered; the next
+    request runs."""
+    one, two = (random_lora(tiny_decoder, key, 2, seed=i) for i, key in enumerate("xy"))
+    first, second = random_rows(tiny_decoder.config.vocab_size, [6, 7], seed=46)
+    sched = scheduler(tiny_decoder, num_slots=2)
+    sched.add(GenerationRequest(first, greedy(4), one))
+    sched.add(GenerationRequest(second, greedy(4), two))
+    prefilled = sched.step()  # both prompts in one pass, their first tokens
+    assert [e.error for e in prefilled] == [None, None]
+
+    def no_memory(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("DefaultCPUAllocator: not enough memory")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(GatheredPairs, "_copy_in", no_memory)
+        failed = sched.step()  # two adapters: no merged copy, the pairs must be gathered
+    assert sorted(e.error or "" for e in failed) == ["DefaultCPUAllocator: not enough memory"] * 2
+    assert (sched.running, sched.free_slots) == (0, 2)
+    (rid,), out = run_all(sched, [GenerationRequest(first, greedy(3), one)])
+    assert len(out.tokens[(rid, 0)]) == 3
