@@ -35,6 +35,7 @@ _GROUP_OF = {target: group for group in SHARED_INPUT for target in group}
 # A group's targets in a fixed order along its stacked A's rank axis.
 _MEMBER_ORDER = {target: i for group in SHARED_INPUT for i, target in enumerate(group)}
 
+
 GroupKey = tuple[int, str]  # (layer, the first target of the target's group)
 
 
@@ -53,6 +54,11 @@ class SiteGroup:
 
     a: Tensor
     parts: dict[str, tuple[int, int, Tensor]]
+
+    @property
+    def num_bytes(self) -> int:
+        tensors = (self.a, *(bt for _, _, bt in self.parts.values()))
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def first(self, n: int) -> SiteGroup:
         """Positions ``0..n-1``: views, contiguous (the leading axis is sliced)."""
@@ -74,7 +80,9 @@ class GatheredPairs:
         self._layout = -1  # the bank's layout_version the buffers were last checked against
         self._buffers: dict[GroupKey, SiteGroup] = {}  # [capacity, ...] each
         self.order: list[Hashable] = []  # the load at each position
-        self.copies = 0  # adapters copied out of the bank (moves not counted), for tests
+        # Plain numbers the owner thread writes, for /metrics to read from another thread.
+        self.copies = 0  # adapters copied out of the bank (moves not counted)
+        self.num_bytes = 0  # the buffers' bytes
 
     @property
     def capacity(self) -> int:
@@ -83,7 +91,7 @@ class GatheredPairs:
 
     def clear(self) -> None:
         """Drop the buffers (nothing runs: their memory goes back)."""
-        self._buffers, self.order = {}, []
+        self._buffers, self.order, self.num_bytes = {}, [], 0
 
     def update(
         self, bank: LoraBank, running: list[tuple[Hashable, int]]
@@ -107,6 +115,7 @@ class GatheredPairs:
                 else:
                     self._build(bank, capacity)
             self._place(bank, running)
+            self.num_bytes = sum(g.num_bytes for g in self._buffers.values())
         except BaseException:  # half-written positions: forget them all
             self.clear()
             raise

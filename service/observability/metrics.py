@@ -122,6 +122,11 @@ class GenerationCollector(Collector):
                 "Bytes of the one adapter's merged copy held for merged decode steps.",
                 lambda s: s.merged_copy_bytes,
             ),
+            (
+                "adapter_copy_bytes",
+                "Bytes of the running adapters' LoRA pairs copied into the decode step's layout.",
+                lambda s: s.adapters.gathered.num_bytes,
+            ),
         )
         counters = (
             ("tokens", "Tokens generated (stop tokens included).", lambda s: s.generated_tokens),
@@ -129,6 +134,12 @@ class GenerationCollector(Collector):
             ("cancelled_sequences", "Sequences cancelled.", lambda s: s.cancelled_sequences),
             ("merges", "Merged adapter copies built.", lambda s: s.merges),
             ("merge_seconds", "Seconds spent building merged copies.", lambda s: s.merge_seconds),
+            (
+                "adapter_copies",
+                "Adapters' LoRA pairs copied into the decode step's layout: one per adapter that "
+                "starts running, every running one when the bank adds a site or grows a rank.",
+                lambda s: s.adapters.gathered.copies,
+            ),
         )
         for name, help_, read in gauges:
             family = GaugeMetricFamily(f"loraplex_generation_{name}", help_, labels=["base"])

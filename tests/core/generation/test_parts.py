@@ -222,6 +222,10 @@ def test_gathered_copies_dropped_sites_failures_and_memory(
 
     assert copies([run1, run2, None, None, run1]) == 2
     assert gathered.capacity == 3  # 2 rounded up to 8, but the bank holds 3
+    cfg = tiny_decoder.config
+    n_in, n_out = cfg.linear_shape("gate_proj")  # as up_proj's
+    per_layer = 3 * (2 * 2 * n_in + 2 * 2 * n_out)  # A stacked [3, 2+2, in], two Bᵀ [3, 2, out]
+    assert gathered.num_bytes == cfg.num_hidden_layers * per_layer * 4  # fp32
     slot_of["own"] = slots.acquire(own)  # idle, and adds o_proj sites...
     slots.release(slot_of["own"], "own")
     assert copies([run1, run2, None, None, run1], (*gate_up, "o_proj")) == 2  # ...a rebuild
@@ -243,7 +247,7 @@ def test_gathered_copies_dropped_sites_failures_and_memory(
 
     for key in ("run1", "run2", "third"):
         slots.release(slot_of[key], key)
-    assert gathered.capacity == 0 and gathered.order == []
+    assert (gathered.capacity, gathered.num_bytes, gathered.order) == (0, 0, [])
 
 
 @pytest.mark.parametrize(

@@ -570,4 +570,10 @@ def test_mode_merged_replies_as_unmerged_and_shows_on_metrics(server: Server) ->
         assert moved["loraplex_generation_merges_total", ""] == merged
         assert (moved["loraplex_generation_merge_seconds_total", ""] > 0) == merged
         assert after["loraplex_generation_merged_bytes", ""] == copy_bytes
+        # Unmerged, the adapter's pairs are copied into the decode layout once as it starts
+        # running, and the copy goes with the request.
+        assert moved["loraplex_generation_adapter_copies_total", ""] == (
+            not merged and decode_steps > 0
+        )
+        assert after["loraplex_generation_adapter_copy_bytes", ""] == 0
     assert texts["merged"] == texts["unmerged"] == core_greedy(base, chat_prompt(base), 6, lora)
