@@ -223,10 +223,19 @@ def test_stream_ends_when_its_key_is_revoked_and_does_not_reopen(
     headers = {"Authorization": f"Bearer {key['key']}"}
     job_id = _job(client, headers)  # stays queued: no worker here
     revoke = f"/v1/tenants/{created['id']}/keys/{key['id']}"
-    timer = threading.Timer(0.3, lambda: client.delete(revoke, headers=admin))
-    timer.start()
+    revoker = threading.Thread(target=lambda: client.delete(revoke, headers=admin))
+    real_poll = job_stream._poll
+
+    # The key goes once the stream has read its first snapshot (a timer raced a slow start).
+    def poll_then_revoke(*args: Any) -> Any:
+        snapshot = real_poll(*args)
+        if revoker.ident is None:
+            revoker.start()
+        return snapshot
+
+    monkeypatch.setattr(job_stream, "_poll", poll_then_revoke)
     msgs = parse_sse(client.get(f"{JOBS}/{job_id}/events/stream", headers=headers).text)
-    timer.join()
+    revoker.join()
     assert msgs[1]["event"] == "job"
     assert msgs[-1]["event"] == "error"
     assert msgs[-1]["data"]["error"]["code"] == "revoked_api_key"
