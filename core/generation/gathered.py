@@ -82,7 +82,7 @@ class GatheredPairs:
         self.order: list[Hashable] = []  # the load at each position
         # Plain numbers the owner thread writes, for /metrics to read from another thread.
         self.copies = 0  # adapters copied out of the bank (moves not counted)
-        self.num_bytes = 0  # the buffers' bytes
+        self.num_bytes = 0  # the buffers' bytes, counted when they are allocated
 
     @property
     def capacity(self) -> int:
@@ -114,8 +114,8 @@ class GatheredPairs:
                     self._grow(capacity)
                 else:
                     self._build(bank, capacity)
+                self.num_bytes = sum(g.num_bytes for g in self._buffers.values())
             self._place(bank, running)
-            self.num_bytes = sum(g.num_bytes for g in self._buffers.values())
         except BaseException:  # half-written positions: forget them all
             self.clear()
             raise
