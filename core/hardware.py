@@ -65,3 +65,15 @@ def kv_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     if dtype == torch.bfloat16 and device.type == "cpu" and "amx_bf16" not in cpu_flags():
         return torch.float32
     return dtype
+
+
+def set_thread_torch_threads(threads: int) -> None:
+    """Make the calling thread's torch ops run on ``threads`` intra-op threads.
+
+    ``torch.set_num_threads`` alone does not last in a thread that has not run torch yet: its
+    first torch call sets the thread's count to the last count any thread set (PyTorch's lazy
+    per-thread init), so a thread started beside others that set theirs could end up with
+    theirs. Reading the count first runs that init now.
+    """
+    torch.get_num_threads()
+    torch.set_num_threads(threads)

@@ -483,9 +483,9 @@ class Batcher:
 
     def _compute_loop(self) -> None:
         if self.threads:
-            import torch
+            from core.hardware import set_thread_torch_threads
 
-            torch.set_num_threads(self.threads)
+            set_thread_torch_threads(self.threads)
         while (work := self._work.get()) is not None:
             assert work.plan is not None
             try:

@@ -79,10 +79,12 @@ class GenerationServer:
         base: DecoderBase,
         scheduler: Scheduler,
         load_adapter: Callable[[AdapterKey], Adapter],
+        threads: int,
     ) -> None:
         self.base = base
         self.scheduler = scheduler
         self.load_adapter = load_adapter
+        self.threads = threads  # torch threads of the owner thread (Settings.generation_threads)
         # Request threads' tokenizer (one at a time); the owner thread has the scheduler's.
         self._tokenizer_lock = threading.Lock()
         self._max_token_chars = max_token_chars(base.tokenizer)
@@ -256,6 +258,9 @@ class GenerationServer:
     # --- the owner thread -----------------------------------------------------------------
 
     def _own(self) -> None:
+        from core.hardware import set_thread_torch_threads
+
+        set_thread_torch_threads(self.threads)
         while not self._stopping.is_set():
             if not self.scheduler.wait_for_work(timeout=0.5):
                 continue
@@ -320,8 +325,10 @@ def start_generation(
     decoder_names: Sequence[str],
     settings: Settings,
     load_adapter: Callable[[AdapterKey], Adapter],
+    threads: int,
 ) -> dict[str, GenerationServer]:
-    """A started :class:`GenerationServer` for each decoder base, by name."""
+    """A started :class:`GenerationServer` for each decoder base, by name, each computing on
+    ``threads`` torch threads."""
     import torch
 
     from core.generation.kv import slots_for_budget
@@ -364,13 +371,15 @@ def start_generation(
             merged_bytes=settings.generation_merged_mb << 20,
             kv_dtype=cache_dtype,
         )
-        server = GenerationServer(base, scheduler, load_adapter)
+        server = GenerationServer(base, scheduler, load_adapter, threads)
         server.start()
         servers[name] = server
         logger.info(
-            "generating with %s on %s in %s (KV cache in %s): %d sequences of %d tokens",
+            "generating with %s on %s (%d threads) in %s (KV cache in %s): %d sequences of "
+            "%d tokens",
             name,
             torch.device(base.device),
+            threads,
             weights.dtype,
             cache_dtype,
             slots,

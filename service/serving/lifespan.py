@@ -78,7 +78,10 @@ async def serving(state: AppState) -> AsyncIterator[None]:
     batcher = _start_encoder(state, base, threads, loader) if base is not None else None
     decoders = [name for name in bases if bases.kind(name) == "decoder"]
     # A scheduler owner thread per decoder base (/v1/chat/completions, /v1/completions).
-    generation = await run_sync(lambda: start_generation(bases, decoders, settings, loader))
+    generation_threads = settings.generation_threads or threads
+    generation = await run_sync(
+        lambda: start_generation(bases, decoders, settings, loader, generation_threads)
+    )
     state.generation = generation
     # A decoder's classifiers and reward models (/predict, /reward/compare, best-of-n).
     scoring = start_decoder_scoring(bases, decoders, settings, loader, threads)

@@ -1,5 +1,6 @@
 """GenerationServer on the tiny random Llama: the scheduler's refusals as service errors, events
-delivered onto the event loop, and a cancelled request's slot given back."""
+delivered onto the event loop, a cancelled request's slot given back, and the torch threads
+its owner thread computes on."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import pytest
 
 from core.decoder.base import DecoderBase, load_decoder_base
 from core.generation.sampling import SamplingParams
-from core.generation.scheduler import GenerationRequest, Scheduler
+from core.generation.scheduler import GenerationRequest, Scheduler, SequenceEvent
+from service.config import Settings
 from service.errors import ErrorKind, ServiceError
 from service.serving.generation import GenerationServer
 from service.serving.queries import AdapterGone, AdapterKey
@@ -37,7 +39,7 @@ def make_server(decoder: DecoderBase, slots: int = 1, waiting: int = 1) -> Gener
         capacity=64,
         max_waiting=waiting,
     )
-    return GenerationServer(decoder, scheduler, _gone)  # type: ignore[arg-type]
+    return GenerationServer(decoder, scheduler, _gone, threads=1)  # type: ignore[arg-type]
 
 
 def request(max_tokens: int, owner: str | None = None) -> GenerationRequest:
@@ -118,7 +120,7 @@ def test_a_deleted_adapter_leaves_the_bank_even_once_its_weights_left_the_cache(
     config = parse_method_config("lora", {"r": 2, "target_modules": ["q_proj"]}, "decoder")
     adapter = Adapter.from_method(LoraModel(config, decoder), HeadConfig(task="chat"), 1, {})
     scheduler = Scheduler(decoder.weights, decoder.tokenizer, num_slots=1, capacity=64)
-    server = GenerationServer(decoder, scheduler, lambda key: adapter)
+    server = GenerationServer(decoder, scheduler, lambda key: adapter, threads=1)
     monkeypatch.setattr(generation, "WEIGHTS_CACHE_ENTRIES", 0)  # read, used, then dropped
     key = ("tenant", "chat", 1)
     server.start()
@@ -167,3 +169,55 @@ def test_a_prompt_longer_than_the_context_can_hold_is_refused_before_tokenizing(
             assert f"the prompt's {len(text)} characters" in long.value.message
     assert len(server.encode_text("x" * bound)) > server.context_length  # not refused early
     assert server.encode_text("hello") == list(decoder.tokenizer.encode("hello"))
+
+
+@pytest.mark.sqlite_only
+@pytest.mark.parametrize(
+    ("overrides", "threads"),
+    [
+        # The encoder's compute thread sets 2 threads, the last count set before the owner
+        # thread starts: it must not inherit it.
+        ({"torch_threads": 2, "inference_workers": 1, "generation_threads": 1}, 1),
+        # Default: the serving budget, not the encoder workers' share of it (1 each).
+        ({"torch_threads": 2, "inference_workers": 2}, 2),
+    ],
+)
+def test_the_owner_thread_computes_on_the_generation_thread_budget(
+    settings: Settings,
+    tiny_model_dir: Path,
+    tiny_llama_dir: Path,
+    overrides: dict[str, int],
+    threads: int,
+) -> None:
+    import torch
+    from fastapi.testclient import TestClient
+
+    from service.main import create_app
+    from service.serving.lifespan import serving
+    from service.state import app_state
+    from tests.service.helpers import default_auth, tiny_bases_settings
+    from tests.tiny_bert import TINY_NAME
+
+    app_settings = tiny_bases_settings(
+        settings, tiny_model_dir, tiny_llama_dir, TINY_NAME, TINY_LLAMA_NAME, **overrides
+    )
+    seen: list[int] = []
+    before = torch.get_num_threads()
+    try:
+        with TestClient(create_app(app_settings, hooks=[serving])) as client:
+            generation = app_state(client.app).generation
+            assert generation is not None
+            server = generation[TINY_LLAMA_NAME]
+            step = server.scheduler.step
+
+            def recording_step() -> list[SequenceEvent]:
+                seen.append(torch.get_num_threads())  # on the owner thread
+                return step()
+
+            server.scheduler.step = recording_step  # type: ignore[method-assign]
+            body = {"model": TINY_LLAMA_NAME, "prompt": "hi", "max_tokens": 2}
+            resp = client.post("/v1/completions", json=body, headers=default_auth(app_settings))
+            assert resp.status_code == 200, resp.text
+    finally:
+        torch.set_num_threads(before)
+    assert seen and set(seen) == {threads}
