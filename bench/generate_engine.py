@@ -7,7 +7,8 @@ For each batch size B (``--batch``), B prompts of ``--prompt-tokens`` tokens eac
   batched prefill, then one decode step per token): the limit the scheduler is measured by;
 * ``sched_bare``: :class:`core.generation.scheduler.Scheduler`, all B requests on the base;
 * ``sched_mixed``: the scheduler with request i on adapter ``i % N`` of N (``--adapters``)
-  random LoRA adapters (r=8, every linear target, non-zero B): mixed adapters in every step.
+  random LoRA adapters (r=8, every linear target or ``--targets``, non-zero B): mixed adapters
+  in every step.
 
 Reported per B: output tokens/s (B x new tokens / wall seconds, prefill included) and
 ``ratio_to_bare_decode`` = sched_mixed / bare_loop. Timings on a shared machine are noisy, so
@@ -40,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import peak_rss_mib
+from core.targets import DECODER_TARGET_MODULES
 
 
 def main() -> None:
@@ -50,6 +52,13 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto")
+    parser.add_argument(
+        "--targets",
+        nargs="+",
+        choices=DECODER_TARGET_MODULES,
+        help="the random adapters' LoRA targets (default every linear)",
+    )
+    parser.add_argument("--threads", type=int, help="torch threads (default: every core)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
@@ -68,13 +77,18 @@ def main() -> None:
     from core.hardware import bf16_cpu_flags, kv_dtype, resolve_dtype
     from tests.core.generation.helpers import random_lora
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     base = load_decoder_base(device="cpu")
     weights = base.weights.to(resolve_dtype(args.dtype, base.weights.device))
     cache_dtype = kv_dtype(weights.dtype, weights.device)  # as the server's
     cfg = base.config
     g = torch.Generator().manual_seed(0)
-    # Every decoder target, non-zero B, one seed each.
-    adapters = [random_lora(base, f"bench-{k}", 8, seed=k, std=0.02) for k in range(args.adapters)]
+    targets = tuple(args.targets or DECODER_TARGET_MODULES)
+    # Non-zero B, one seed each.
+    adapters = [
+        random_lora(base, f"bench-{k}", 8, targets, seed=k, std=0.02) for k in range(args.adapters)
+    ]
     params = SamplingParams(max_tokens=args.new_tokens, temperature=0.0)
 
     def prompts(b: int) -> list[list[int]]:
@@ -152,6 +166,7 @@ def main() -> None:
         "kv_dtype": str(cache_dtype).removeprefix("torch."),
         "cpu_bf16_flags": bf16_cpu_flags(),
         "adapters": args.adapters,
+        "lora_targets": list(targets),
         "prompt_tokens": args.prompt_tokens,
         "new_tokens": args.new_tokens,
         "threads": torch.get_num_threads(),

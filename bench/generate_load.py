@@ -22,6 +22,7 @@ the server stopped, the references over the same prompts:
 
 ``--dtype`` is the server's ``generation_dtype`` (auto: bfloat16 on a CPU with AMX or
 avx512_bf16); the report names the dtype it resolved to and the CPU's bf16 flags.
+``--threads`` sets the torch threads of the server's generation and of the references alike.
 
 ``ratio_to_bare_decode`` = server tokens/s / (c) at the same C; ``ratio_to_hf_sequential`` =
 server tokens/s / the faster (a). Client and server share the machine: the clients' CPU is not the
@@ -320,6 +321,12 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int)
     parser.add_argument("--requests", type=int, help="per configuration (default 2 x C, >= 4)")
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads of the server's generation (LORAPLEX_TORCH_THREADS) and of the "
+        "references here (default: every core, the server's count without an embedded worker)",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     concurrency = args.concurrency or ([1, 8] if args.quick else [1, 8, 32])
@@ -331,6 +338,8 @@ def main() -> None:
     from core.decoder.base import DEFAULT_DECODER_NAME, load_decoder_base
     from core.hardware import bf16_cpu_flags, resolve_dtype
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     base = load_decoder_base(device="cpu")
     weights = base.weights.to(resolve_dtype(args.dtype, base.weights.device))
     fast_bf16 = resolve_dtype("auto", base.weights.device) == torch.bfloat16
@@ -348,6 +357,7 @@ def main() -> None:
                 "generation_context_tokens": MAX_PROMPT + new_tokens,
                 "generation_kv_cache_mb": 2048,
                 "generation_dtype": args.dtype,
+                **({"torch_threads": args.threads} if args.threads else {}),
             },
         ).start()
         try:
@@ -378,6 +388,7 @@ def main() -> None:
         "lora_targets": list(targets),
         "dtype": str(weights.dtype).removeprefix("torch."),
         "cpu_bf16_flags": bf16_cpu_flags(),
+        "threads": torch.get_num_threads(),
         "hf_sequential_tok_s": round(hf, 1),
         "hf_sequential_dtype": str(hf_dtype).removeprefix("torch."),
         "hf_sequential_tok_s_by_dtype": {
