@@ -10,15 +10,22 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
+from fastapi.testclient import TestClient
 
 from core.decoder.base import DecoderBase, load_decoder_base
 from core.generation.sampling import SamplingParams
 from core.generation.scheduler import GenerationRequest, Scheduler, SequenceEvent
 from service.config import Settings
 from service.errors import ErrorKind, ServiceError
+from service.main import create_app
 from service.serving.generation import GenerationServer
+from service.serving.lifespan import serving
 from service.serving.queries import AdapterGone, AdapterKey
+from service.state import app_state
 from tests.core.decoder.tiny_llama import TINY_LLAMA_NAME, build_tiny_llama
+from tests.service.helpers import default_auth, tiny_bases_settings
+from tests.tiny_bert import TINY_NAME
 
 
 @pytest.fixture(scope="module")
@@ -189,15 +196,6 @@ def test_the_owner_thread_computes_on_the_generation_thread_budget(
     overrides: dict[str, int],
     threads: int,
 ) -> None:
-    import torch
-    from fastapi.testclient import TestClient
-
-    from service.main import create_app
-    from service.serving.lifespan import serving
-    from service.state import app_state
-    from tests.service.helpers import default_auth, tiny_bases_settings
-    from tests.tiny_bert import TINY_NAME
-
     app_settings = tiny_bases_settings(
         settings, tiny_model_dir, tiny_llama_dir, TINY_NAME, TINY_LLAMA_NAME, **overrides
     )
