@@ -5,9 +5,9 @@ stores N random non-zero chat LoRA adapters (r=8, every linear or ``--targets``)
 its database (N=0: requests go to the bare base),
 then for each concurrency C and adapter count N runs C streaming clients, each sending its
 share of ``--requests`` requests one after another, after an untimed request per adapter has
-made it resident (prompts of 20-200 tokens: HH-RLHF harmless-base dialogues when
-``../shared`` has them, Rotten Tomatoes reviews otherwise; greedy, ``--new-tokens`` new tokens
-at most; adapters round robin). Per configuration:
+made it resident (prompts of 20-200 tokens, or ``--prompt-tokens MIN MAX``: HH-RLHF
+harmless-base dialogues when ``../shared`` has them, Rotten Tomatoes reviews otherwise; greedy,
+``--new-tokens`` new tokens at most; adapters round robin). Per configuration:
 aggregate output tokens/s (usage's completion tokens over the wall time), time to first token
 and inter-token latency p50/p99 (between content chunks), errors. Then, in this process with
 the server stopped, the references over the same prompts:
@@ -64,8 +64,11 @@ R = 8
 MIN_PROMPT, MAX_PROMPT = 20, 200
 
 
-def prompts(base: DecoderBase, k: int) -> tuple[list[list[dict[str, str]]], str]:
-    """``k`` conversations of 20-200 rendered tokens, and where they come from."""
+def prompts(
+    base: DecoderBase, k: int, lengths: tuple[int, int] = (MIN_PROMPT, MAX_PROMPT)
+) -> tuple[list[list[dict[str, str]]], str]:
+    """``k`` conversations of ``lengths`` (min, max) rendered tokens, and where they come
+    from."""
     from bench.datasets import DEFAULT_HH_RLHF_PATH, load_jsonl
     from bench.hh_convert import HHFormatError, split_pair
 
@@ -83,7 +86,7 @@ def prompts(base: DecoderBase, k: int) -> tuple[list[list[dict[str, str]]], str]
     fits = []
     for chat in chats:
         n = len(base.tokenizer.apply_chat_template(chat, add_generation_prompt=True))
-        if MIN_PROMPT <= n <= MAX_PROMPT:
+        if lengths[0] <= n <= lengths[1]:
             fits.append(chat)
         if len(fits) == k:
             break
@@ -319,6 +322,14 @@ def main() -> None:
         "q_proj v_proj is PEFT's default for Llama)",
     )
     parser.add_argument("--new-tokens", type=int)
+    parser.add_argument(
+        "--prompt-tokens",
+        type=int,
+        nargs=2,
+        default=[MIN_PROMPT, MAX_PROMPT],
+        metavar=("MIN", "MAX"),
+        help="rendered prompt lengths to draw (issue 17's TTFT target is for 100 tokens: 90 110)",
+    )
     parser.add_argument("--requests", type=int, help="per configuration (default 2 x C, >= 4)")
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto")
     parser.add_argument(
@@ -329,6 +340,9 @@ def main() -> None:
     )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    lengths = tuple(args.prompt_tokens)
+    if not 1 <= lengths[0] <= lengths[1] <= MAX_PROMPT:
+        parser.error(f"--prompt-tokens: 1 <= MIN <= MAX <= {MAX_PROMPT} (the server's context)")
     concurrency = args.concurrency or ([1, 8] if args.quick else [1, 8, 32])
     counts = args.adapters or ([1, 16] if args.quick else [1, 16, 64])
     new_tokens = args.new_tokens or (32 if args.quick else 128)
@@ -343,7 +357,7 @@ def main() -> None:
     base = load_decoder_base(device="cpu")
     weights = base.weights.to(resolve_dtype(args.dtype, base.weights.device))
     fast_bf16 = resolve_dtype("auto", base.weights.device) == torch.bfloat16
-    chats, source = prompts(base, 64)
+    chats, source = prompts(base, 64, lengths)
     ids = [list(base.tokenizer.apply_chat_template(c, add_generation_prompt=True)) for c in chats]
     targets = tuple(args.targets)
     states = random_adapters(base, max(counts), targets)
@@ -385,6 +399,11 @@ def main() -> None:
     report = {
         "prompts": source,
         "new_tokens": new_tokens,
+        "prompt_tokens": {
+            "min": min(map(len, ids)),
+            "median": statistics.median(map(len, ids)),
+            "max": max(map(len, ids)),
+        },
         "lora_targets": list(targets),
         "dtype": str(weights.dtype).removeprefix("torch."),
         "cpu_bf16_flags": bf16_cpu_flags(),

@@ -135,6 +135,11 @@ class GenerationCollector(Collector):
             ("merges", "Merged adapter copies built.", lambda s: s.merges),
             ("merge_seconds", "Seconds spent building merged copies.", lambda s: s.merge_seconds),
             (
+                "merged_prefills",
+                "Prefill passes run on a merged copy (every prompt of the pass on its adapter).",
+                lambda s: s.merged_prefills,
+            ),
+            (
                 "adapter_copies",
                 "Adapters' LoRA pairs copied into the decode step's layout: one per adapter that "
                 "starts running, every running one when the bank adds a site or grows a rank.",

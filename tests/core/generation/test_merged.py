@@ -111,6 +111,40 @@ def test_a_step_of_several_adapters_or_the_base_never_merges(
         assert (sched.merges, sched.merged_steps) == (0, 0)
 
 
+def test_a_prefill_of_the_copys_adapter_alone_runs_on_the_copy(
+    tiny_decoder: DecoderBase, adapter: LoraWeights
+) -> None:
+    other = random_lora(tiny_decoder, "mlp-r2", 2, ("gate_proj", "up_proj"), seed=3)
+    first, prompt, second = random_rows(tiny_decoder.config.vocab_size, [9, 13, 11], seed=37)
+    (hooked_id,), hooked = run_all(
+        _sched(tiny_decoder), [GenerationRequest(prompt, _greedy_lp(8), adapter, "unmerged")]
+    )
+    sched = _sched(tiny_decoder)
+    # The copy is built at the first decode step, after that request's prefill.
+    run_all(sched, [GenerationRequest(first, greedy(4), adapter, "merged")])
+    assert (sched.merges, sched.merged_prefills) == (1, 0)
+    (rid,), out = run_all(sched, [GenerationRequest(prompt, _greedy_lp(8), adapter)])
+    # Prefilled on the copy (its first token too), then 7 merged decode steps: the tokens
+    # and log-probabilities of the per-row deltas, up to rounding.
+    assert (sched.merges, sched.merged_prefills, sched.merged_steps) == (1, 1, 3 + 7)
+    assert out.tokens[(rid, 0)] == hooked.tokens[(hooked_id, 0)]
+    lps = [lp.logprob for e in out.events for lp in e.logprobs]
+    hooked_lps = [lp.logprob for e in hooked.events for lp in e.logprobs]
+    assert lps == pytest.approx(hooked_lps, abs=1e-4)
+    # A pass the copy's adapter does not have alone, or a prompt that refuses merged
+    # weights, keeps the deltas; the copy itself stays.
+    for pair in ((adapter, None), (adapter, other), (other, other)):
+        run_all(
+            sched,
+            [
+                GenerationRequest(p, greedy(2), a)
+                for p, a in zip((prompt, second), pair, strict=True)
+            ],
+        )
+    run_all(sched, [GenerationRequest(prompt, greedy(2), adapter, "unmerged")])
+    assert (sched.merged_prefills, sched.merged_key) == (1, adapter.key)
+
+
 def test_one_merged_copy_replaced_by_the_next_adapter_and_dropped_when_invalidated(
     tiny_decoder: DecoderBase, adapter: LoraWeights
 ) -> None:

@@ -576,4 +576,16 @@ def test_mode_merged_replies_as_unmerged_and_shows_on_metrics(server: Server) ->
             not merged and decode_steps > 0
         )
         assert after["loraplex_generation_adapter_copy_bytes", ""] == 0
-    assert texts["merged"] == texts["unmerged"] == core_greedy(base, chat_prompt(base), 6, lora)
+        # The merged request's prompt was prefilled before its copy was built.
+        assert moved["loraplex_generation_merged_prefills_total", ""] == 0
+    # The adapter's next request (auto) runs on the copy from its prefill on.
+    before = _generation_metrics(server)
+    reply = server.sdk().chat.completions.create(
+        model="smol-merged", messages=QUESTION, max_tokens=6, temperature=0
+    )
+    moved = {k: v - before[k] for k, v in _generation_metrics(server).items()}
+    assert moved["loraplex_generation_merged_prefills_total", ""] == 1
+    assert moved["loraplex_generation_merges_total", ""] == 0
+    texts["auto"] = reply.choices[0].message.content
+    greedy_text = core_greedy(base, chat_prompt(base), 6, lora)
+    assert texts == {"merged": greedy_text, "unmerged": greedy_text, "auto": greedy_text}
