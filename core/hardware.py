@@ -1,8 +1,10 @@
-"""What the machine's processor does fast, for settings that say ``auto``."""
+"""What the machine's processor does fast, for settings that say ``auto``, and threads."""
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -77,3 +79,18 @@ def set_thread_torch_threads(threads: int) -> None:
     """
     torch.get_num_threads()
     torch.set_num_threads(threads)
+
+
+@contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """Run the block's torch ops on ``threads`` intra-op threads, then restore the calling
+    thread's count (OpenMP's and MKL's counts are per thread: other threads keep theirs)."""
+    before = torch.get_num_threads()
+    if before == threads:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

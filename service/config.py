@@ -209,7 +209,8 @@ class Settings(BaseSettings):
         "the serving budget (torch_threads). Fewer can be faster: a decode step runs ~1,000 "
         "small kernels, and with passive OpenMP waiting each one wakes the other threads "
         "(SmolLM2 in bf16 on 2 AMX cores, a 32-row step + logits on 64 adapters: 102 ms on 1 "
-        "thread, 134 on 2; python -m bench.generate_engine --batch 32 --adapters 64 --threads N).",
+        "thread, 134 on 2; python -m bench.generate_engine --batch 32 --adapters 64 --threads N; "
+        "measured before the LoRA deltas' kernels ran on one thread whatever this count).",
     )
     predict_max_tokens: int = Field(
         default=256,

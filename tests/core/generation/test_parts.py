@@ -3,8 +3,11 @@ adapter pins, the KV budget, a decode step's rows over any slots."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 from core.decoder.base import DecoderBase
 from core.errors import ConfigError
@@ -136,6 +139,39 @@ def test_grouped_lora_delta_per_row_and_never_stale(tiny_decoder: DecoderBase) -
     sc = slots.acquire(c)  # evicts a: c now sits in a's slot (and has a larger rank)
     assert sc == sa
     check([c, None, b, c], [sc, -1, sb, sc])
+
+
+def test_the_lora_side_path_computes_on_one_thread(tiny_decoder: DecoderBase) -> None:
+    """A step on two threads runs its LoRA deltas' kernels (decode and prefill hooks) on one,
+    and gets its two back: their small kernels lose more waking a thread than it shares."""
+    slots = AdapterSlots(tiny_decoder.weights, max_adapters=1)
+    slot = slots.acquire(random_lora(tiny_decoder, "a", 2, seed=0))
+    n_in, n_out = tiny_decoder.config.linear_shape("q_proj")
+    counts: list[int] = []
+
+    class Threads(TorchFunctionMode):  # each torch call's thread count, as it runs
+        def __torch_function__(
+            self, func: Any, types: Any, args: Any = (), kwargs: Any = None
+        ) -> Any:
+            counts.append(torch.get_num_threads())
+            return func(*args, **(kwargs or {}))
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for hooks, rows in (
+            (slots.hooks(torch.tensor([slot, -1])), 2),
+            (slots.segment_hooks([(slot, 0, 3)]), 3),
+        ):
+            counts.clear()
+            x, y = torch.randn(rows, 1, n_in), torch.zeros(rows, 1, n_out)
+            with Threads():
+                hooks.linear(0, "q_proj", x, y)
+            assert y.abs().sum() > 0  # the delta was added
+            assert counts and set(counts) == {1}
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 def _check_deltas(
