@@ -130,6 +130,10 @@ class _Sequence:
     def adapter_key(self) -> Hashable | None:
         return self.adapter.key if self.adapter is not None else None
 
+    def may_merge(self, key: Hashable) -> bool:
+        """Whether it may run on the merged copy of the adapter ``key``."""
+        return self.adapter_key == key and self.mode != "unmerged" and not self.stale
+
 
 @dataclass
 class _Chunk:
@@ -536,10 +540,9 @@ class Scheduler:
         merged = self._merged
         if merged is None:
             return None
-        for chunk in chunks:
-            seq = chunk.seqs[0]  # a prompt's candidates share its adapter and mode
-            if seq.adapter_key != merged.key or seq.mode == "unmerged" or seq.stale:
-                return None
+        # A prompt's candidates share its adapter and mode.
+        if not all(chunk.seqs[0].may_merge(merged.key) for chunk in chunks):
+            return None
         self.merged_prefills += 1
         return merged.hooks()
 
@@ -549,9 +552,8 @@ class Scheduler:
         adapter = seqs[0].adapter
         if adapter is None or self.merged_bytes <= 0:
             return None
-        for seq in seqs:
-            if seq.adapter_key != adapter.key or seq.mode == "unmerged" or seq.stale:
-                return None
+        if not all(seq.may_merge(adapter.key) for seq in seqs):
+            return None
         if self.merged_key != adapter.key:
             left = max(s.params.max_tokens - s.completion_tokens for s in seqs)
             if all(s.mode == "auto" for s in seqs) and left < MERGE_PAYS_AFTER:
