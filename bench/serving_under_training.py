@@ -1,4 +1,4 @@
-"""Serving while training: /predict latency idle vs during a fine-tuning job, same server.
+"""Serving while training: latency idle vs during a fine-tuning job, same server.
 
 Starts ``loraplex serve`` the default way (real MiniLM, embedded worker child process, SQLite
 in a temp dir), stores one random LoRA adapter, then drives ``/predict`` (one text a request,
@@ -14,7 +14,16 @@ worker) and training threads (``LORAPLEX_TRAIN_THREADS``, default the other half
 "Training ..." event reports). ``--train-threads`` overrides the training budget, e.g. to show
 what an unbounded trainer does to serving.
 
+``--generate`` serves SmolLM2 beside MiniLM and drives streaming ``/v1/chat/completions``
+instead (``bench.generate_load.drive``: C clients sharing 4 x C greedy requests of
+``--new-tokens`` tokens on the bare base, prompts asking about the fixture reviews), reporting
+tokens/s and time to first token idle and while training. ``--generation-threads`` sets
+``LORAPLEX_GENERATION_THREADS`` (default: the serving budget), to show whether generation may
+take more threads than the budget while the worker trains. Both modes also report the job's
+training steps/s with no load (``--seconds`` before the load starts) and under the load.
+
     python -m bench.serving_under_training --quick --json serving_under_training.json
+    python -m bench.serving_under_training --generate --generation-threads 2
 """
 
 from __future__ import annotations
@@ -29,14 +38,20 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from bench.common import fixture_reviews
 from bench.http_load import drive, store_random_adapters
+from core.decoder.base import DEFAULT_DECODER_NAME
+from core.hardware import bf16_cpu_flags
+from service.config import DEFAULT_BASE_MODEL_NAME
 from tests.e2e.server import ServerProcess
 
 TARGET_RATIO = 3.0
+
+Load = Callable[[], dict[str, Any]]  # one measurement window's figures
 
 
 def _job_body(file_id: str) -> dict[str, Any]:
@@ -53,9 +68,33 @@ def _job_body(file_id: str) -> dict[str, Any]:
     }
 
 
-def _step(client: Any, job_id: str) -> tuple[str, int]:
+def _step(client: Any, job_id: str) -> tuple[str, int, float]:
     job = client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
-    return job["status"], int(job["progress"]["step"] or 0)
+    return job["status"], int(job["progress"]["step"] or 0), time.monotonic()
+
+
+def _steps_per_s(before: tuple[str, int, float], after: tuple[str, int, float]) -> float:
+    return round((after[1] - before[1]) / (after[2] - before[2]), 3)
+
+
+def _predict_load(server: ServerProcess, texts: list[str], args: argparse.Namespace) -> Load:
+    """C closed-loop /predict clients on one random LoRA adapter for ``args.seconds``."""
+    names = store_random_adapters(server.data_dir, 1, prefix="serve")
+    url, key = server.base_url, server.api_key
+    # Warm-up: the adapter becomes resident, the first batches pay their costs.
+    asyncio.run(drive(url, key, names, texts, 2, 3.0))
+    return lambda: asyncio.run(drive(url, key, names, texts, args.concurrency, args.seconds))
+
+
+def _generation_load(server: ServerProcess, texts: list[str], args: argparse.Namespace) -> Load:
+    """C streaming chat-completion clients on the bare decoder, 4 x C requests in all."""
+    from bench.generate_load import drive as drive_generation
+
+    chats = [[{"role": "user", "content": f"What does this review say? {t}"}] for t in texts[:64]]
+    c = args.concurrency
+    return lambda: asyncio.run(
+        drive_generation(server, [DEFAULT_DECODER_NAME], chats, c, 4 * c, args.new_tokens)
+    )
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -66,19 +105,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         settings["torch_threads"] = args.serve_threads
     if args.train_threads:
         settings["train_threads"] = args.train_threads
+    if args.generate:
+        settings["bases"] = f"{DEFAULT_BASE_MODEL_NAME},{DEFAULT_DECODER_NAME}"
+        settings["generation_dtype"] = "auto"
+        settings["generation_threads"] = args.generation_threads
     with tempfile.TemporaryDirectory(prefix="loraplex-sut-") as tmp:
         server = ServerProcess(Path(tmp), settings=settings).start()
         try:
-            names = store_random_adapters(server.data_dir, 1, prefix="serve")
+            load = (_generation_load if args.generate else _predict_load)(server, texts, args)
             with server.client() as client:
-                # Warm-up: the adapter becomes resident, the first batches pay their costs.
-                asyncio.run(drive(server.base_url, server.api_key, names, texts, 2, 3.0))
-
-                def load() -> dict[str, Any]:
-                    url, key, c, s = server.base_url, server.api_key, args.concurrency, args.seconds
-                    return asyncio.run(drive(url, key, names, texts, c, s))
-
+                t0 = time.monotonic()
                 idle = load()
+                idle["seconds"] = round(time.monotonic() - t0, 1)
                 print(f"[sut] idle: {idle}", file=sys.stderr, flush=True)
 
                 up = client.post(
@@ -94,9 +132,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     if time.monotonic() > deadline:
                         raise RuntimeError("the training job never started")
                     time.sleep(0.5)
-                status0, step0 = _step(client, job_id)
+                alone0 = _step(client, job_id)
+                time.sleep(args.seconds)  # the job with no load: its steps/s to compare
+                before = _step(client, job_id)
                 training = load()
-                status1, step1 = _step(client, job_id)
+                after = _step(client, job_id)
+                training["seconds"] = round(after[2] - before[2], 1)
                 print(f"[sut] training: {training}", file=sys.stderr, flush=True)
                 events = client.get(
                     f"/v1/fine_tuning/jobs/{job_id}/events", params={"order": "asc"}
@@ -107,23 +148,34 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         finally:
             server.stop()
     serving_threads = args.serve_threads or max(1, (os.cpu_count() or 2) // 2)
-    ratio = training["p99_ms"] / idle["p99_ms"] if idle["p99_ms"] else float("nan")
-    return {
+    figures: dict[str, Any] = {
+        "mode": "generate" if args.generate else "predict",
         "cores": os.cpu_count(),
+        "cpu_bf16_flags": bf16_cpu_flags(),
         "concurrency": args.concurrency,
-        "seconds_per_phase": args.seconds,
         "serving_threads": serving_threads,
         "training_threads": (started.get("data") or {}).get("threads"),
         "idle": idle,
         "training": training,
-        "job_ran_through_window": status0 == status1 == "running" and step1 > step0,
-        "train_steps_during_window": step1 - step0,
+        "job_ran_through_window": before[0] == after[0] == "running" and after[1] > before[1],
+        "train_steps_per_s_alone": _steps_per_s(alone0, before),
+        "train_steps_per_s_under_load": _steps_per_s(before, after),
+        "server_errors_logged": log.count("unhandled error on"),
+    }
+    if args.generate:
+        figures["generation_threads"] = args.generation_threads or serving_threads
+        figures["tok_s_ratio"] = round(training["output_tok_s"] / idle["output_tok_s"], 2)
+        figures["ttft_p50_ratio"] = round(training["ttft_p50_ms"] / idle["ttft_p50_ms"], 2)
+        return figures
+    ratio = training["p99_ms"] / idle["p99_ms"] if idle["p99_ms"] else float("nan")
+    figures |= {
+        "seconds_per_phase": args.seconds,
         "p50_ratio": round(training["p50_ms"] / idle["p50_ms"], 2) if idle["p50_ms"] else None,
         "p99_ratio": round(ratio, 2),
         "target_p99_ratio": TARGET_RATIO,
         "meets_target": training["errors"] == 0 and ratio <= TARGET_RATIO,
-        "server_errors_logged": log.count("unhandled error on"),
     }
+    return figures
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--serve-threads", type=int, default=None)
     parser.add_argument("--train-threads", type=int, default=None)
+    parser.add_argument("--generate", action="store_true", help="chat completions on SmolLM2")
+    parser.add_argument("--generation-threads", type=int, default=None)
+    parser.add_argument("--new-tokens", type=int, default=64, help="per chat completion")
     parser.add_argument("--quick", action="store_true", help="20 s per phase (< 2 min)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
