@@ -17,9 +17,12 @@ what an unbounded trainer does to serving.
 ``--generate`` serves SmolLM2 beside MiniLM and drives streaming ``/v1/chat/completions``
 instead (``bench.generate_load.drive``: C clients sharing 4 x C greedy requests of
 ``--new-tokens`` tokens on the bare base, prompts asking about the fixture reviews), reporting
-tokens/s and time to first token idle and while training. ``--generation-threads`` sets
-``LORAPLEX_GENERATION_THREADS`` (default: the serving budget), to show whether generation may
-take more threads than the budget while the worker trains. Both modes also report the job's
+tokens/s and time to first token idle and while training, and between the two, with no job,
+side by side with 2 closed-loop ``/predict`` clients on an encoder adapter (``beside_predict``:
+their latency alone and beside generation, generation's tokens/s beside them): the two things
+generation's borrowed cores (``service/serving/cores.py``) must be handed back for.
+``--generation-threads`` sets ``LORAPLEX_GENERATION_THREADS`` (default: the serving budget,
+plus the worker's cores while nothing else computes). Both modes also report the job's
 training steps/s with no load (``--seconds`` before the load starts) and under the load.
 
     python -m bench.serving_under_training --quick --json serving_under_training.json
@@ -37,6 +40,7 @@ import asyncio
 import json
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -97,6 +101,28 @@ def _generation_load(server: ServerProcess, texts: list[str], args: argparse.Nam
     )
 
 
+def _beside_predict(
+    server: ServerProcess, texts: list[str], args: argparse.Namespace, generate: Load
+) -> dict[str, Any]:
+    """2 closed-loop /predict clients alone, then beside the generation load (no job): what
+    generation's threads do to another tenant's encoder requests, and the reverse."""
+    predict = _predict_load(server, texts, argparse.Namespace(concurrency=2, seconds=20.0))
+    alone = predict()
+    result: dict[str, Any] = {}
+    thread = threading.Thread(target=lambda: result.update(predict()))
+    thread.start()
+    generation = generate()
+    thread.join()
+    figures = {
+        "predict_alone": alone,
+        "predict_beside_generation": result,
+        "generation_beside_predict": generation,
+        "predict_p99_ratio": round(result["p99_ms"] / alone["p99_ms"], 2),
+    }
+    print(f"[sut] beside /predict: {figures}", file=sys.stderr, flush=True)
+    return figures
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     rows = fixture_reviews()
     texts = [r["text"] for r in rows]
@@ -118,6 +144,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 idle = load()
                 idle["seconds"] = round(time.monotonic() - t0, 1)
                 print(f"[sut] idle: {idle}", file=sys.stderr, flush=True)
+                beside = _beside_predict(server, texts, args, load) if args.generate else None
 
                 up = client.post(
                     "/v1/datasets",
@@ -163,7 +190,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "server_errors_logged": log.count("unhandled error on"),
     }
     if args.generate:
-        figures["generation_threads"] = args.generation_threads or serving_threads
+        figures["generation_threads"] = args.generation_threads  # None: the default
+        figures["beside_predict"] = beside
         figures["tok_s_ratio"] = round(training["output_tok_s"] / idle["output_tok_s"], 2)
         figures["ttft_p50_ratio"] = round(training["ttft_p50_ms"] / idle["ttft_p50_ms"], 2)
         return figures
