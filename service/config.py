@@ -206,8 +206,10 @@ class Settings(BaseSettings):
         default=None,
         ge=1,
         description="Torch threads each decoder's generation thread computes with. Default: "
-        "the serving budget (torch_threads). Fewer can be faster: a decode step runs ~1,000 "
-        "small kernels, and with passive OpenMP waiting each one wakes the other threads "
+        "the serving budget (torch_threads), plus the embedded worker's cores for each step "
+        "taken while its process and the other serving engines idle (with the default split "
+        "and one decoder base; service/serving/cores.py). Fewer can be faster: a decode step "
+        "runs ~1,000 small kernels, and with passive OpenMP waiting each one wakes the others "
         "(SmolLM2 in bf16 on 2 AMX cores, a 32-row step + logits on 64 adapters: 102 ms on 1 "
         "thread, 134 on 2; python -m bench.generate_engine --batch 32 --adapters 64 --threads N; "
         "measured before the LoRA deltas' kernels ran on one thread whatever this count).",

@@ -91,6 +91,9 @@ class AppState:
     decoder_scoring: dict[str, DecoderScorer] | None = None
     # The invalidation hook: listens for other replicas' adapter changes (PostgreSQL only).
     invalidation_listener: InvalidationListener | None = None
+    # The embedded worker hook: its child process's pid while one runs (generation borrows
+    # its cores while it idles, service.serving.cores).
+    worker_pid: int | None = None
 
     # --- set by ``loraplex serve`` --------------------------------------------------------
     # Job event streams end themselves once this says the server is shutting down.

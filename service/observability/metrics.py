@@ -166,6 +166,15 @@ class GenerationCollector(Collector):
             steps.add_metric([base, "merged"], server.scheduler.merged_steps)
             steps.add_metric([base, "unmerged"], server.scheduler.unmerged_steps)
         yield steps
+        threads = GaugeMetricFamily(
+            "loraplex_generation_step_threads",
+            "Torch threads the last generation step computed on: the budget, or more while it "
+            "borrowed the idle embedded worker's cores.",
+            labels=["base"],
+        )
+        for base, server in self._servers.items():
+            threads.add_metric([base], server.step_threads)
+        yield threads
 
 
 class LookupCacheCollector(Collector):

@@ -59,6 +59,11 @@ logger = logging.getLogger(__name__)
 
 _arrivals = itertools.count()  # ties between tenants go to the earlier request
 
+# How long after its last batch a batcher still counts as busy (:meth:`Batcher.busy`): about
+# the gap between one client's requests in a closed loop over HTTP, and long enough that
+# generation hands back borrowed cores (service.serving.cores) before a burst's next batch.
+BUSY_HOLD_S = 1.0
+
 
 class ServingEngine(Protocol):
     """What the batcher drives, from its owner thread (``plan``, ``release``, ``unload``) and
@@ -183,12 +188,20 @@ class Batcher:
         ]
         self._fetching: dict[Hashable, asyncio.Future[Adapter]] = {}
         self._last_arrival = float("-inf")
+        self._last_finished = float("-inf")  # monotonic time the last batch ended
 
     # --- called from the event loop / request threads ----------------------------------------
 
     @property
     def queued_rows(self) -> int:
         return self._queued_rows
+
+    def busy(self) -> bool:
+        """Whether rows wait or compute, or a batch ended under :data:`BUSY_HOLD_S` ago (so
+        that a stream of requests with gaps between them counts as busy throughout)."""
+        if self._queued_rows or self._running:
+            return True
+        return time.monotonic() - self._last_finished < BUSY_HOLD_S
 
     def start(self) -> None:
         for thread in [self._owner, *self._pool]:
@@ -462,6 +475,7 @@ class Batcher:
             if work.plan is not None:
                 self._done.append(work.plan)
             self._running -= 1
+            self._last_finished = time.monotonic()
             for tenant in work.tenants:
                 self._tenants[tenant].in_flight -= 1
             self._forget_idle()

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from core.generation.adapters import LoraWeights
     from core.generation.scheduler import GenerationRequest, Scheduler, SequenceEvent
     from service.config import Settings
+    from service.serving.cores import CoreLender
 
 logger = logging.getLogger(__name__)
 
@@ -80,11 +81,15 @@ class GenerationServer:
         scheduler: Scheduler,
         load_adapter: Callable[[AdapterKey], Adapter],
         threads: int,
+        lender: CoreLender | None = None,
     ) -> None:
         self.base = base
         self.scheduler = scheduler
         self.load_adapter = load_adapter
         self.threads = threads  # torch threads of the owner thread (Settings.generation_threads)
+        # Where set, each step's threads instead: more while the embedded worker idles.
+        self.lender = lender
+        self.step_threads = threads  # the last step's
         # Request threads' tokenizer (one at a time); the owner thread has the scheduler's.
         self._tokenizer_lock = threading.Lock()
         self._max_token_chars = max_token_chars(base.tokenizer)
@@ -260,10 +265,15 @@ class GenerationServer:
     def _own(self) -> None:
         from core.hardware import set_thread_torch_threads
 
-        set_thread_torch_threads(self.threads)
+        threads = self.threads
+        set_thread_torch_threads(threads)
         while not self._stopping.is_set():
             if not self.scheduler.wait_for_work(timeout=0.5):
                 continue
+            if self.lender is not None and (lent := self.lender.threads()) != threads:
+                threads = lent
+                set_thread_torch_threads(threads)
+            self.step_threads = threads
             try:
                 events = self.scheduler.step()
             except Exception:  # the scheduler fails sequences itself; this is a bug: keep going

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
@@ -13,6 +13,7 @@ from anyio.to_thread import run_sync
 from service.config import Settings
 from service.observability.metrics import GenerationCollector
 from service.serving.batcher import Batcher
+from service.serving.cores import CoreLender, ProcessActivity
 from service.serving.decoder_scoring import start_decoder_scoring
 from service.serving.generation import start_generation
 from service.serving.queries import DatabaseLoader
@@ -36,6 +37,21 @@ def serving_threads(settings: Settings) -> int:
         return settings.torch_threads
     cores = os.cpu_count() or 2
     return max(1, cores // 2) if settings.embedded_worker else cores
+
+
+def spare_cores(settings: Settings, threads: int, decoders: Sequence[str]) -> int:
+    """Cores a generation step may borrow while the embedded worker idles: those outside the
+    serving budget, where that budget is the default split with an embedded worker, the
+    generation threads are not set, and one decoder base generates (two would borrow the same
+    cores)."""
+    if (
+        not settings.embedded_worker
+        or settings.torch_threads
+        or settings.generation_threads
+        or len(decoders) != 1
+    ):
+        return 0
+    return max(0, (os.cpu_count() or 2) - threads)
 
 
 def inference_workers(settings: Settings, threads: int, on_cuda: bool) -> int:
@@ -86,6 +102,14 @@ async def serving(state: AppState) -> AsyncIterator[None]:
     # A decoder's classifiers and reward models (/predict, /reward/compare, best-of-n).
     scoring = start_decoder_scoring(bases, decoders, settings, loader, threads)
     state.decoder_scoring = scoring
+    spare = spare_cores(settings, threads, decoders)
+    if spare:
+        # The worker's cores while it and every other engine here idle (service/serving/cores).
+        worker = ProcessActivity(lambda: state.worker_pid)
+        engines = [b for b in (batcher, *(s.batcher for s in scoring.values())) if b is not None]
+        lender = CoreLender(threads, spare, [worker.busy, *(b.busy for b in engines)])
+        for server in generation.values():
+            server.lender = lender
     state.metrics.add_collector(GenerationCollector(generation))
     state.bases = bases
     readiness.ready("model")

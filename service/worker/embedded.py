@@ -53,6 +53,7 @@ async def embedded_worker(state: AppState) -> AsyncIterator[None]:
     readiness = state.readiness
     readiness.expect("worker")
     worker: dict[str, subprocess.Popen[bytes]] = {"proc": _spawn(settings)}
+    state.worker_pid = worker["proc"].pid
     readiness.ready("worker")
 
     async def supervise() -> None:
@@ -63,11 +64,13 @@ async def embedded_worker(state: AppState) -> AsyncIterator[None]:
             if code is None:
                 continue
             readiness.expect("worker")
+            state.worker_pid = None
             delay = RESTART_BACKOFF_S[min(failures, len(RESTART_BACKOFF_S) - 1)]
             logger.error("embedded worker exited with %s; restarting in %.0f s", code, delay)
             failures += 1
             await asyncio.sleep(delay)
             worker["proc"] = _spawn(settings)
+            state.worker_pid = worker["proc"].pid
             readiness.ready("worker")
 
     task = asyncio.create_task(supervise())
@@ -78,6 +81,7 @@ async def embedded_worker(state: AppState) -> AsyncIterator[None]:
         with contextlib.suppress(asyncio.CancelledError):
             await task
         proc = worker["proc"]
+        state.worker_pid = None
         if proc.poll() is None:
             proc.terminate()  # SIGTERM: the worker checkpoints and requeues its running job
             try:

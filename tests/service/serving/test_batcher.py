@@ -325,3 +325,33 @@ def test_a_flooding_tenant_is_refused_past_half_the_queue_and_others_still_get_i
         asyncio.run(main())
     finally:
         batcher.stop()
+
+
+def test_busy_while_rows_wait_or_compute_and_for_a_moment_after(
+    tiny_base: FrozenBase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What lets generation borrow cores only while no encoder batch runs (busy())."""
+    from service.serving import batcher as batcher_module
+
+    engine = RecordingEngine(tiny_base, hold={A})
+    batcher = two_tenants(engine, tiny_base, max_batch_size=2)
+    assert not batcher.busy()  # never ran
+    batcher.start()
+
+    async def main() -> None:
+        pending = asyncio.ensure_future(batcher.submit([Row(A, "held")], "unmerged"))
+        for _ in range(200):  # until the batch is planned and computing (held)
+            if engine.planned:
+                break
+            await asyncio.sleep(0.01)
+        assert engine.planned and batcher.busy()
+        engine.held.set()
+        await asyncio.wait_for(pending, 60)
+
+    try:
+        asyncio.run(main())
+        assert batcher.busy()  # just finished: within BUSY_HOLD_S
+        monkeypatch.setattr(batcher_module, "BUSY_HOLD_S", 0.0)
+        assert not batcher.busy()
+    finally:
+        batcher.stop()

@@ -219,3 +219,95 @@ def test_the_owner_thread_computes_on_the_generation_thread_budget(
     finally:
         torch.set_num_threads(before)
     assert seen and set(seen) == {threads}
+
+
+def test_each_step_computes_on_the_threads_the_lender_gives(decoder: DecoderBase) -> None:
+    from service.serving.cores import CoreLender
+
+    busy = {"worker": False}
+    server = make_server(decoder)
+    server.lender = CoreLender(1, 1, [lambda: busy["worker"]])
+    seen: list[int] = []
+    step = server.scheduler.step
+
+    def recording_step() -> list[SequenceEvent]:
+        seen.append(torch.get_num_threads())  # on the owner thread
+        return step()
+
+    server.scheduler.step = recording_step  # type: ignore[method-assign]
+    server.start()
+
+    async def generate() -> None:
+        async for _ in server.submit(request(3), "messages").events():
+            pass
+
+    try:
+        asyncio.run(generate())
+        lent, seen[:] = list(seen), []
+        busy["worker"] = True
+        asyncio.run(generate())
+    finally:
+        server.stop()
+    assert lent and set(lent) == {2}  # the budget and the worker's idle core
+    assert seen and set(seen) == {1}  # the budget alone while the worker is busy
+    assert server.step_threads == 1
+
+
+@pytest.mark.sqlite_only
+def test_with_the_default_split_generation_borrows_the_idle_workers_cores(
+    settings: Settings, tiny_model_dir: Path, tiny_llama_dir: Path
+) -> None:
+    """``loraplex serve``'s default: serving on half the cores, the embedded worker on the
+    rest, which a generation step borrows while the worker's process idles."""
+    import os
+    import subprocess
+    import sys
+
+    from service.serving.cores import WINDOW_S
+
+    cores = os.cpu_count() or 1
+    if cores < 2:
+        pytest.skip("one core: nothing to lend")
+    # The worker's setting on but not its hook: the test plays the worker's process.
+    app_settings = tiny_bases_settings(
+        settings,
+        tiny_model_dir,
+        tiny_llama_dir,
+        TINY_NAME,
+        TINY_LLAMA_NAME,
+        embedded_worker=True,
+        torch_threads=None,
+    )
+    idle_worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    seen: list[int] = []
+    before = torch.get_num_threads()
+    try:
+        with TestClient(create_app(app_settings, hooks=[serving])) as client:
+            state = app_state(client.app)
+            assert state.generation is not None
+            server = state.generation[TINY_LLAMA_NAME]
+            lender = server.lender
+            assert lender is not None and lender.budget == cores // 2
+            assert lender.threads() == cores // 2  # no worker process known: busy
+            state.worker_pid = idle_worker.pid
+            lender.threads()  # its first sample
+            time.sleep(WINDOW_S + 0.1)
+            assert lender.threads() == cores  # idle over a window
+            step = server.scheduler.step
+
+            def recording_step() -> list[SequenceEvent]:
+                seen.append(torch.get_num_threads())
+                return step()
+
+            server.scheduler.step = recording_step  # type: ignore[method-assign]
+            body = {"model": TINY_LLAMA_NAME, "prompt": "hi", "max_tokens": 2}
+            resp = client.post("/v1/completions", json=body, headers=default_auth(app_settings))
+            assert resp.status_code == 200, resp.text
+            scrape = client.get("/metrics").text
+    finally:
+        idle_worker.kill()
+        idle_worker.wait()
+        torch.set_num_threads(before)
+    assert seen and set(seen) == {cores}
+    gauge = f'loraplex_generation_step_threads{{base="{TINY_LLAMA_NAME}"}} {float(cores)}'
+    assert gauge in scrape.splitlines()
