@@ -81,14 +81,14 @@ class GenerationServer:
         scheduler: Scheduler,
         load_adapter: Callable[[AdapterKey], Adapter],
         threads: int,
-        lender: CoreLender | None = None,
     ) -> None:
         self.base = base
         self.scheduler = scheduler
         self.load_adapter = load_adapter
         self.threads = threads  # torch threads of the owner thread (Settings.generation_threads)
-        # Where set, each step's threads instead: more while the embedded worker idles.
-        self.lender = lender
+        # Where the lifespan sets one, each step's threads instead: more while the embedded
+        # worker idles (service.serving.cores).
+        self.lender: CoreLender | None = None
         self.step_threads = threads  # the last step's
         # Request threads' tokenizer (one at a time); the owner thread has the scheduler's.
         self._tokenizer_lock = threading.Lock()

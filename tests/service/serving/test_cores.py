@@ -15,20 +15,22 @@ from service.serving.cores import WINDOW_S, CoreLender, ProcessActivity, cpu_sec
 pytestmark = pytest.mark.skipif(cpu_seconds(1) is None, reason="needs Linux's /proc")
 
 
-@pytest.fixture
-def spinning() -> Iterator[int]:
-    proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+def _child(code: str) -> Iterator[int]:
+    """The pid of a Python process running ``code``, killed afterwards."""
+    proc = subprocess.Popen([sys.executable, "-c", code])
     yield proc.pid
     proc.kill()
     proc.wait()
+
+
+@pytest.fixture
+def spinning() -> Iterator[int]:
+    yield from _child("while True: pass")
 
 
 @pytest.fixture
 def sleeping() -> Iterator[int]:
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
-    yield proc.pid
-    proc.kill()
-    proc.wait()
+    yield from _child("import time; time.sleep(600)")
 
 
 def test_cpu_seconds_counts_a_process_s_cpu_time(spinning: int) -> None:

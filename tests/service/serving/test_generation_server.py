@@ -290,9 +290,11 @@ def test_with_the_default_split_generation_borrows_the_idle_workers_cores(
             assert lender is not None and lender.budget == cores // 2
             assert lender.threads() == cores // 2  # no worker process known: busy
             state.worker_pid = idle_worker.pid
-            lender.threads()  # its first sample
-            time.sleep(WINDOW_S + 0.1)
-            assert lender.threads() == cores  # idle over a window
+            # Lent once a window has shown that process idle (and no batch ran for a second).
+            deadline = time.monotonic() + 10 * WINDOW_S + 2
+            while lender.threads() != cores and time.monotonic() < deadline:
+                time.sleep(WINDOW_S / 5)
+            assert lender.threads() == cores
             step = server.scheduler.step
 
             def recording_step() -> list[SequenceEvent]:
