@@ -39,19 +39,20 @@ def cpu_seconds(pid: int) -> float | None:
     """CPU seconds (user + system, every thread) process ``pid`` has used; None where it is
     gone or ``/proc`` does not exist (not Linux)."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
     except OSError:
         return None
-    # After the command name in parentheses (which may hold spaces), field 3 (state) comes
-    # first, so fields 14 (utime) and 15 (stime) are at 11 and 12.
-    fields = stat.rpartition(")")[2].split()
+    # After the command name in parentheses (any bytes, spaces and parentheses included),
+    # field 3 (state) comes first, so fields 14 (utime) and 15 (stime) are at 11 and 12.
+    fields = stat.rpartition(b")")[2].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class ProcessActivity:
     """Whether a process used at least :data:`BUSY_CORE_SHARE` of a core over the last
     :data:`WINDOW_S`; ``pid`` is asked each time, so a restarted worker is followed. Unknown
-    (no pid yet, no ``/proc``) counts as busy: cores are lent only when known to be idle."""
+    (no pid yet, no ``/proc``, no recent sample) counts as busy: cores are lent only when
+    known to be idle."""
 
     def __init__(
         self, pid: Callable[[], int | None], clock: Callable[[], float] = time.monotonic
@@ -73,7 +74,9 @@ class ProcessActivity:
                 self._sample, self._busy = None, True
                 return True
             last = self._sample
-            if last is None or last[0] != pid:  # a first sample, or a new process
+            # A first sample, a new process, or one from long ago (generation idled): over a
+            # long gap a job that started a moment ago would average out as idle.
+            if last is None or last[0] != pid or now - last[1] > 2 * WINDOW_S:
                 self._busy = True
             else:
                 self._busy = cpu - last[2] >= BUSY_CORE_SHARE * (now - last[1])

@@ -270,7 +270,7 @@ class GenerationServer:
         while not self._stopping.is_set():
             if not self.scheduler.wait_for_work(timeout=0.5):
                 continue
-            if self.lender is not None and (lent := self.lender.threads()) != threads:
+            if (lent := self._step_threads()) != threads:
                 threads = lent
                 set_thread_torch_threads(threads)
             self.step_threads = threads
@@ -280,6 +280,17 @@ class GenerationServer:
                 logger.exception("generation step failed on %s", self.name)
                 continue
             self._deliver(events)
+
+    def _step_threads(self) -> int:
+        """The lender's count for the next step, or the budget (nothing may end this thread:
+        a lender that fails is logged and the step runs on the budget)."""
+        if self.lender is None:
+            return self.threads
+        try:
+            return self.lender.threads()
+        except Exception:
+            logger.exception("asking for generation threads failed on %s", self.name)
+            return self.threads
 
     def _deliver(self, events: list[SequenceEvent]) -> None:
         by_request: dict[int, list[SequenceEvent]] = {}

@@ -120,3 +120,17 @@ def test_cores_are_lent_only_with_the_default_split_and_one_decoder(
     cores = os.cpu_count() or 1
     expected = cores - threads if lends else 0
     assert spare_cores(settings, threads, decoders) == expected
+
+
+def test_a_sample_from_long_ago_counts_as_busy(sleeping: int) -> None:
+    """Generation asks only when it steps: after it idled, the CPU time averaged over the
+    whole gap could hide a job that started a moment ago, so a stale sample starts afresh."""
+    clock = Clock()
+    activity = ProcessActivity(lambda: sleeping, clock)
+    activity.busy()
+    clock.now += WINDOW_S
+    assert not activity.busy()
+    clock.now += 60
+    assert activity.busy()  # afresh
+    clock.now += WINDOW_S
+    assert not activity.busy()

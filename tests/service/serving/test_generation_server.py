@@ -313,3 +313,27 @@ def test_with_the_default_split_generation_borrows_the_idle_workers_cores(
     assert seen and set(seen) == {cores}
     gauge = f'loraplex_generation_step_threads{{base="{TINY_LLAMA_NAME}"}} {float(cores)}'
     assert gauge in scrape.splitlines()
+
+
+def test_a_lender_that_fails_leaves_the_step_on_the_budget(decoder: DecoderBase) -> None:
+    """Nothing may end the owner thread: every request would wait forever."""
+    from service.serving.cores import CoreLender
+
+    def broken() -> bool:
+        raise ValueError("unreadable /proc")
+
+    server = make_server(decoder)
+    server.lender = CoreLender(1, 1, [broken])
+    server.start()
+
+    async def generate() -> int:
+        tokens = 0
+        async for event in server.submit(request(3), "messages").events():
+            tokens += len(event.token_ids)
+        return tokens
+
+    try:
+        assert asyncio.run(asyncio.wait_for(generate(), 60)) == 3
+    finally:
+        server.stop()
+    assert server.step_threads == 1
