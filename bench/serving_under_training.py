@@ -81,32 +81,36 @@ def _steps_per_s(before: tuple[str, int, float], after: tuple[str, int, float]) 
     return round((after[1] - before[1]) / (after[2] - before[2]), 3)
 
 
-def _predict_load(server: ServerProcess, texts: list[str], args: argparse.Namespace) -> Load:
-    """C closed-loop /predict clients on one random LoRA adapter for ``args.seconds``."""
+def _predict_load(
+    server: ServerProcess, texts: list[str], concurrency: int, seconds: float
+) -> Load:
+    """``concurrency`` closed-loop /predict clients on one random LoRA adapter for
+    ``seconds``."""
     names = store_random_adapters(server.data_dir, 1, prefix="serve")
     url, key = server.base_url, server.api_key
     # Warm-up: the adapter becomes resident, the first batches pay their costs.
     asyncio.run(drive(url, key, names, texts, 2, 3.0))
-    return lambda: asyncio.run(drive(url, key, names, texts, args.concurrency, args.seconds))
+    return lambda: asyncio.run(drive(url, key, names, texts, concurrency, seconds))
 
 
-def _generation_load(server: ServerProcess, texts: list[str], args: argparse.Namespace) -> Load:
-    """C streaming chat-completion clients on the bare decoder, 4 x C requests in all."""
+def _generation_load(
+    server: ServerProcess, texts: list[str], concurrency: int, new_tokens: int
+) -> Load:
+    """``concurrency`` streaming chat-completion clients on the bare decoder, 4 x that many
+    requests in all."""
     from bench.generate_load import drive as drive_generation
 
     chats = [[{"role": "user", "content": f"What does this review say? {t}"}] for t in texts[:64]]
-    c = args.concurrency
+    c = concurrency
     return lambda: asyncio.run(
-        drive_generation(server, [DEFAULT_DECODER_NAME], chats, c, 4 * c, args.new_tokens)
+        drive_generation(server, [DEFAULT_DECODER_NAME], chats, c, 4 * c, new_tokens)
     )
 
 
-def _beside_predict(
-    server: ServerProcess, texts: list[str], args: argparse.Namespace, generate: Load
-) -> dict[str, Any]:
+def _beside_predict(server: ServerProcess, texts: list[str], generate: Load) -> dict[str, Any]:
     """2 closed-loop /predict clients alone, then beside the generation load (no job): what
     generation's threads do to another tenant's encoder requests, and the reverse."""
-    predict = _predict_load(server, texts, argparse.Namespace(concurrency=2, seconds=20.0))
+    predict = _predict_load(server, texts, concurrency=2, seconds=20.0)
     alone = predict()
     result: dict[str, Any] = {}
     thread = threading.Thread(target=lambda: result.update(predict()))
@@ -138,13 +142,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="loraplex-sut-") as tmp:
         server = ServerProcess(Path(tmp), settings=settings).start()
         try:
-            load = (_generation_load if args.generate else _predict_load)(server, texts, args)
+            if args.generate:
+                load = _generation_load(server, texts, args.concurrency, args.new_tokens)
+            else:
+                load = _predict_load(server, texts, args.concurrency, args.seconds)
             with server.client() as client:
                 t0 = time.monotonic()
                 idle = load()
                 idle["seconds"] = round(time.monotonic() - t0, 1)
                 print(f"[sut] idle: {idle}", file=sys.stderr, flush=True)
-                beside = _beside_predict(server, texts, args, load) if args.generate else None
+                beside = _beside_predict(server, texts, load) if args.generate else None
 
                 up = client.post(
                     "/v1/datasets",

@@ -54,6 +54,19 @@ def request(max_tokens: int, owner: str | None = None) -> GenerationRequest:
     return GenerationRequest([5, 6, 7], params, owner=owner)
 
 
+def record_step_threads(server: GenerationServer) -> list[int]:
+    """The torch threads of every scheduler step from now on, read on the owner thread."""
+    seen: list[int] = []
+    step = server.scheduler.step
+
+    def recording_step() -> list[SequenceEvent]:
+        seen.append(torch.get_num_threads())
+        return step()
+
+    server.scheduler.step = recording_step  # type: ignore[method-assign]
+    return seen
+
+
 def test_refusals_are_service_errors(decoder: DecoderBase) -> None:
     server = make_server(decoder)
 
@@ -199,20 +212,13 @@ def test_the_owner_thread_computes_on_the_generation_thread_budget(
     app_settings = tiny_bases_settings(
         settings, tiny_model_dir, tiny_llama_dir, TINY_NAME, TINY_LLAMA_NAME, **overrides
     )
-    seen: list[int] = []
     before = torch.get_num_threads()
     try:
         with TestClient(create_app(app_settings, hooks=[serving])) as client:
             generation = app_state(client.app).generation
             assert generation is not None
             server = generation[TINY_LLAMA_NAME]
-            step = server.scheduler.step
-
-            def recording_step() -> list[SequenceEvent]:
-                seen.append(torch.get_num_threads())  # on the owner thread
-                return step()
-
-            server.scheduler.step = recording_step  # type: ignore[method-assign]
+            seen = record_step_threads(server)
             body = {"model": TINY_LLAMA_NAME, "prompt": "hi", "max_tokens": 2}
             resp = client.post("/v1/completions", json=body, headers=default_auth(app_settings))
             assert resp.status_code == 200, resp.text
@@ -227,14 +233,7 @@ def test_each_step_computes_on_the_threads_the_lender_gives(decoder: DecoderBase
     busy = {"worker": False}
     server = make_server(decoder)
     server.lender = CoreLender(1, 1, [lambda: busy["worker"]])
-    seen: list[int] = []
-    step = server.scheduler.step
-
-    def recording_step() -> list[SequenceEvent]:
-        seen.append(torch.get_num_threads())  # on the owner thread
-        return step()
-
-    server.scheduler.step = recording_step  # type: ignore[method-assign]
+    seen = record_step_threads(server)
     server.start()
 
     async def generate() -> None:
@@ -279,7 +278,6 @@ def test_with_the_default_split_generation_borrows_the_idle_workers_cores(
         torch_threads=None,
     )
     idle_worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
-    seen: list[int] = []
     before = torch.get_num_threads()
     try:
         with TestClient(create_app(app_settings, hooks=[serving])) as client:
@@ -295,13 +293,7 @@ def test_with_the_default_split_generation_borrows_the_idle_workers_cores(
             while lender.threads() != cores and time.monotonic() < deadline:
                 time.sleep(WINDOW_S / 5)
             assert lender.threads() == cores
-            step = server.scheduler.step
-
-            def recording_step() -> list[SequenceEvent]:
-                seen.append(torch.get_num_threads())
-                return step()
-
-            server.scheduler.step = recording_step  # type: ignore[method-assign]
+            seen = record_step_threads(server)
             body = {"model": TINY_LLAMA_NAME, "prompt": "hi", "max_tokens": 2}
             resp = client.post("/v1/completions", json=body, headers=default_auth(app_settings))
             assert resp.status_code == 200, resp.text
