@@ -21,6 +21,12 @@ that already holds slots may take the last ``reserved_slots`` free ones: an owne
 running always finds a slot at the next step, however many requests another owner keeps
 running, instead of waiting for one of them to finish (there is no preemption).
 
+Prefix caching (vLLM's): with ``prefix_cache_bytes``, the keys and values of prompts (when
+prefilled) and of whole sequences (when they finish) are kept in blocks
+(:mod:`core.generation.prefix`), by owner and adapter, and a request whose prompt starts with
+cached blocks has them copied into its slots and prefills only the rest, continuing from them
+as a chunk does (its first event's ``cached_tokens`` says how many).
+
 Merged steps: a decode step whose sequences all use one adapter can run on a copy of the
 base's linears with that adapter merged in (:mod:`core.generation.merged`), no per-row
 deltas. Each request says whether it may (``mode``): ``unmerged`` never, ``merged`` whenever
@@ -59,6 +65,7 @@ from core.generation.detok import IncrementalDetokenizer, StopStrings
 from core.generation.kv import SlotCache
 from core.generation.merged import MergedHooks, MergedLinears, merged_bytes
 from core.generation.prefill import prefill
+from core.generation.prefix import BLOCK_TOKENS, PrefixCache, Scope
 from core.generation.sampling import SamplingParams, TokenLogprob, sample
 
 log = logging.getLogger(__name__)
@@ -105,6 +112,7 @@ class SequenceEvent:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     completion_tokens: int = 0  # so far, counting a stop token
+    cached_tokens: int = 0  # on a candidate's first event: prompt tokens the prefix cache gave
     error: str | None = None  # the request failed (its other candidates fail alike)
 
 
@@ -121,14 +129,22 @@ class _Sequence:
     generator: torch.Generator
     detok: IncrementalDetokenizer
     stops: StopStrings
+    prompt: list[int]
     length: int  # tokens whose keys and values are in the slot
     pending: int = -1  # the newest token: sampled, not yet in the cache
+    generated: list[int] = field(default_factory=list)  # sampled so far, no stop token
+    cached: int = 0  # prompt tokens copied from the prefix cache
     completion_tokens: int = 0
     stale: bool = False  # its adapter was invalidated (or failed to merge): never merge it
 
     @property
     def adapter_key(self) -> Hashable | None:
         return self.adapter.key if self.adapter is not None else None
+
+    @property
+    def scope(self) -> Scope:
+        """Whose cached prefixes it may use and adds to."""
+        return self.owner, self.adapter_key
 
     def may_merge(self, key: Hashable) -> bool:
         """Whether it may run on the merged copy of the adapter ``key``."""
@@ -172,11 +188,15 @@ class Scheduler:
         prefill_tokens_per_step: int = 2048,
         merged_bytes: int = 512 << 20,
         kv_dtype: torch.dtype | None = None,
+        prefix_cache_bytes: int = 0,
     ) -> None:
         self.weights = weights
         self.tokenizer = tokenizer
         capacity = min(capacity, weights.config.max_position_embeddings)
         self.cache = SlotCache(weights, num_slots, capacity, kv_dtype)
+        self.prefixes = PrefixCache.for_budget(
+            weights.config, prefix_cache_bytes, self.cache.dtype, weights.device
+        )
         self.adapters = AdapterSlots(weights, max_adapters)
         self.stop_token_ids = frozenset(stop_token_ids)
         self.max_waiting = max_waiting  # per owner
@@ -320,6 +340,8 @@ class Scheduler:
             self._chunking = None
         for key in invalidated:
             self.adapters.invalidate(key)
+            if self.prefixes is not None:
+                self.prefixes.invalidate(key)
             if self.merged_key == key:
                 self._merged = None
             chunking = self._chunking.seqs if self._chunking is not None else []
@@ -361,14 +383,16 @@ class Scheduler:
                 break
             request_id, request = head
             owner, n, prompt = request.owner, request.params.n, request.prompt_ids
-            long = len(prompt) > self.prefill_tokens_per_step
+            cached = self._cached_prefix(request)
+            rest = len(prompt) - len(cached) * BLOCK_TOKENS  # tokens to prefill
+            long = rest > self.prefill_tokens_per_step
             # The last reserved free slots are kept for owners holding none, whoever else
             # holds the rest (a cap on each owner's own count would let two owners fill them).
             reserved = self.reserved_slots if self._held.get(owner) else 0
             if n <= slots_left < n + reserved or (long and chunking is not None):
                 sitting_out.add(owner)
                 continue
-            if slots_left < n or (not long and len(prompt) > budget):
+            if slots_left < n or (not long and rest > budget):
                 break
             try:
                 adapter_slot = self._pin_adapter(request, n)
@@ -382,16 +406,42 @@ class Scheduler:
                 continue
             self._pop_waiting(owner)
             seqs = self._sequences(request_id, request, adapter_slot)
+            past = self._load_prefix(cached, seqs)
             if long:
-                chunking = self._chunking = _Chunking(seqs, prompt)
-                chunks.append(_Chunk(seqs, prompt[:budget], 0, final=False))
+                chunking = self._chunking = _Chunking(seqs, prompt, done=past)
+                chunks.append(_Chunk(seqs, prompt[past : past + budget], past, final=False))
                 budget = 0
             else:
-                chunks.append(_Chunk(seqs, prompt, 0, final=True))
-                budget -= len(prompt)
+                chunks.append(_Chunk(seqs, prompt[past:], past, final=True))
+                budget -= rest
             slots_left -= n
         if chunks:
             self._prefill(chunks, events)
+
+    def _cached_prefix(self, request: GenerationRequest) -> list[int]:
+        """The prefix cache's entries for the start of the request's prompt (none without one)."""
+        if self.prefixes is None:
+            return []
+        adapter = request.adapter.key if request.adapter is not None else None
+        return self.prefixes.lookup((request.owner, adapter), request.prompt_ids)
+
+    def _load_prefix(self, entries: list[int], seqs: list[_Sequence]) -> int:
+        """Copy the cached prefix ``entries`` into the candidates' slots; its tokens."""
+        if self.prefixes is None or not entries:
+            return 0
+        tokens = self.prefixes.load(entries, self.cache, [s.slot for s in seqs])
+        for seq in seqs:
+            seq.cached = tokens
+        return tokens
+
+    def _remember(self, seq: _Sequence) -> None:
+        """Cache the blocks of what the sequence's slot holds (its prompt, and what it has
+        generated so far), for later prompts that start with them: the next turn of its
+        conversation, or the same prompt again."""
+        if self.prefixes is None or seq.stale:
+            return
+        fed = seq.generated[: seq.length - len(seq.prompt)]
+        self.prefixes.store(seq.scope, seq.prompt + fed, self.cache, seq.slot)
 
     def _next_waiting(self, sitting_out: set[Hashable]) -> tuple[int, GenerationRequest] | None:
         """The oldest waiting request of the owner (not sitting out) holding the fewest slots;
@@ -438,6 +488,7 @@ class Scheduler:
                 generator=params.generator(j, self.weights.device),
                 detok=IncrementalDetokenizer(self.tokenizer),
                 stops=StopStrings(params.stop),
+                prompt=request.prompt_ids,
                 length=len(request.prompt_ids),
             )
             for j in range(params.n)
@@ -493,6 +544,8 @@ class Scheduler:
                     events.append(SequenceEvent(seq.request_id, seq.index, error=str(exc)))
             self._chunking = None  # if one was chunking, it was in this pass and failed
             return
+        for chunk in finals:  # each prompt once: its candidates share its keys and values
+            self._remember(chunk.seqs[0])
         chunking = self._chunking
         if chunking is not None:
             chunk = next(c for c in chunks if c.seqs is chunking.seqs)
@@ -582,10 +635,13 @@ class Scheduler:
         seq.completion_tokens += 1
         self.generated_tokens += 1
         event = SequenceEvent(seq.request_id, seq.index)
+        if seq.completion_tokens == 1:
+            event.cached_tokens = seq.cached
         if token in self.stop_token_ids:
             event.text, event.finish_reason = seq.stops.flush(), "stop"
         else:
             seq.pending = token
+            seq.generated.append(token)
             event.token_ids.append(token)
             if lp is not None:
                 event.logprobs.append(lp)
@@ -597,6 +653,7 @@ class Scheduler:
                 event.finish_reason = "length"
         event.completion_tokens = seq.completion_tokens
         if event.finish_reason is not None:
+            self._remember(seq)
             self._retire(seq)
         return event
 

@@ -53,6 +53,7 @@ def scheduler(
     stop_token_ids: tuple[int, ...] | None = None,
     prefill_tokens_per_step: int = 2048,
     merged_bytes: int = 512 << 20,
+    prefix_cache_bytes: int = 0,
 ) -> Scheduler:
     return Scheduler(
         base.weights,
@@ -65,6 +66,7 @@ def scheduler(
         max_adapters=max_adapters,
         prefill_tokens_per_step=prefill_tokens_per_step,
         merged_bytes=merged_bytes,
+        prefix_cache_bytes=prefix_cache_bytes,
     )
 
 
