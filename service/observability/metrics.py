@@ -123,6 +123,11 @@ class GenerationCollector(Collector):
                 lambda s: s.merged_copy_bytes,
             ),
             (
+                "prefix_cache_blocks",
+                "Blocks of the prefix cache holding a prompt prefix's keys and values.",
+                lambda s: s.prefixes.used if s.prefixes is not None else 0,
+            ),
+            (
                 "adapter_copy_bytes",
                 "Bytes of the running adapters' LoRA pairs copied into the decode step's layout.",
                 lambda s: s.adapters.gathered.num_bytes,
@@ -131,6 +136,11 @@ class GenerationCollector(Collector):
         counters = (
             ("tokens", "Tokens generated (stop tokens included).", lambda s: s.generated_tokens),
             ("prefill_tokens", "Prompt tokens prefilled (once for n).", lambda s: s.prefill_tokens),
+            (
+                "prefix_cached_tokens",
+                "Prompt tokens copied from the prefix cache instead of prefilled (once for n).",
+                lambda s: s.prefixes.hit_tokens if s.prefixes is not None else 0,
+            ),
             ("cancelled_sequences", "Sequences cancelled.", lambda s: s.cancelled_sequences),
             ("merges", "Merged adapter copies built.", lambda s: s.merges),
             ("merge_seconds", "Seconds spent building merged copies.", lambda s: s.merge_seconds),

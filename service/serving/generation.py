@@ -50,6 +50,7 @@ class Generation:
         self.request_id = request_id
         self.n = n
         self.prompt_tokens = prompt_tokens
+        self.cached_tokens = 0  # of the prompt, from the prefix cache: known with a first token
         self.queue: asyncio.Queue[list[SequenceEvent]] = asyncio.Queue()
 
     async def events(self) -> AsyncIterator[SequenceEvent]:
@@ -65,6 +66,7 @@ class Generation:
                     )
                 if event.finish_reason is not None:
                     open_candidates -= 1
+                self.cached_tokens = max(self.cached_tokens, event.cached_tokens)
                 yield event
 
     def cancel(self) -> None:
@@ -391,6 +393,7 @@ def start_generation(
             prefill_tokens_per_step=settings.generation_prefill_tokens,
             merged_bytes=settings.generation_merged_mb << 20,
             kv_dtype=cache_dtype,
+            prefix_cache_bytes=settings.generation_prefix_cache_mb << 20,
         )
         server = GenerationServer(base, scheduler, load_adapter, threads)
         server.start()

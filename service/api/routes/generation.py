@@ -234,12 +234,8 @@ async def _collect(generation: Generation) -> _Collected:
     return out
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> Usage:
-    return Usage(
-        prompt_tokens=prompt_tokens,
-        completion_tokens=completion_tokens,
-        total_tokens=prompt_tokens + completion_tokens,
-    )
+def _usage(generation: Generation, completion_tokens: int) -> Usage:
+    return Usage.of(generation.prompt_tokens, completion_tokens, generation.cached_tokens)
 
 
 def _token_texts(server: GenerationServer, lps: list[TokenLogprob]) -> dict[int, str]:
@@ -348,6 +344,7 @@ class Reply:
     finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int
 
 
 async def chat_replies(
@@ -394,7 +391,13 @@ async def chat_replies(
         for generation in generations:
             generation.cancel()  # a no-op once finished
     return [
-        Reply(d.texts[0], d.finish[0] or "length", g.prompt_tokens, d.completion_tokens[0])
+        Reply(
+            d.texts[0],
+            d.finish[0] or "length",
+            g.prompt_tokens,
+            d.completion_tokens[0],
+            g.cached_tokens,
+        )
         for g, d in zip(generations, done, strict=True)
     ]
 
@@ -474,7 +477,7 @@ async def chat_completions(
         created=created,
         model=body.model,
         choices=choices,
-        usage=_usage(generation.prompt_tokens, sum(done.completion_tokens)),
+        usage=_usage(generation, sum(done.completion_tokens)),
     )
 
 
@@ -550,7 +553,7 @@ async def completions(
             )
             for i in range(generation.n)
         ],
-        usage=_usage(generation.prompt_tokens, sum(done.completion_tokens)),
+        usage=_usage(generation, sum(done.completion_tokens)),
     )
 
 
@@ -599,4 +602,4 @@ async def _chunks(
     async for event, texts in _said(server, generation, completion):
         yield sse([choice(event, texts)])
     if include_usage:
-        yield sse([], _usage(generation.prompt_tokens, sum(completion)))
+        yield sse([], _usage(generation, sum(completion)))

@@ -102,11 +102,7 @@ async def _generate(
         Prediction(
             text=r.text,
             finish_reason=r.finish_reason,
-            usage=Usage(
-                prompt_tokens=r.prompt_tokens,
-                completion_tokens=r.completion_tokens,
-                total_tokens=r.prompt_tokens + r.completion_tokens,
-            ),
+            usage=Usage.of(r.prompt_tokens, r.completion_tokens, r.cached_tokens),
         )
         for r in replies
     ]

@@ -190,8 +190,23 @@ class CompletionRequest(SamplingFields):
     )
 
 
-USAGE_EXAMPLE = {"prompt_tokens": 36, "completion_tokens": 8, "total_tokens": 44}
+USAGE_EXAMPLE = {
+    "prompt_tokens": 36,
+    "completion_tokens": 8,
+    "total_tokens": 44,
+    "prompt_tokens_details": {"cached_tokens": 24},
+}
 FINISH = "`stop`: a stop token or string ended it; `length`: `max_tokens` or the context did."
+
+
+class PromptTokensDetails(BaseModel):
+    """Where the prompt's tokens came from."""
+
+    cached_tokens: int = Field(
+        description="Prompt tokens whose keys and values were copied from the prefix cache (an "
+        "earlier request of the same tenant and model started the same way) instead of "
+        "computed; see generation_prefix_cache_mb."
+    )
 
 
 class Usage(BaseModel):
@@ -200,6 +215,18 @@ class Usage(BaseModel):
     prompt_tokens: int = Field(description="Tokens of the rendered prompt.")
     completion_tokens: int = Field(description="Tokens generated, over all candidates.")
     total_tokens: int = Field(description="The two added.")
+    prompt_tokens_details: PromptTokensDetails = Field(
+        description="How many of the prompt's tokens were cached."
+    )
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> Usage:
+        return cls(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens),
+        )
 
 
 class TopLogprob(BaseModel):

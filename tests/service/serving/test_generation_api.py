@@ -158,6 +158,51 @@ def test_chat_greedy_equals_core_and_stream_equals_whole(server: Server) -> None
     assert f"loraplex_generation_running_sequences{{{base}}} 0.0" in scrape
 
 
+def test_a_prompt_starting_like_an_earlier_one_of_its_tenant_prefills_only_the_rest(
+    server: Server,
+) -> None:
+    """Prefix caching: the second question behind the same system prompt reports the shared
+    whole blocks as cached and replies as core does; another tenant's same request caches
+    nothing of the first tenant's."""
+    system: ChatCompletionMessageParam = {
+        "role": "system",
+        "content": "You are a terse geography assistant. Answer with one word.",
+    }
+    first: list[ChatCompletionMessageParam] = [
+        system,
+        {"role": "user", "content": "What is the capital of Italy?"},
+    ]
+    second: list[ChatCompletionMessageParam] = [
+        system,
+        {"role": "user", "content": "What is the capital of Spain?"},
+    ]
+
+    def ask(key: str, messages: list[ChatCompletionMessageParam]) -> tuple[str, int]:
+        reply = server.sdk(key).chat.completions.create(
+            model=DEFAULT_DECODER_NAME, messages=messages, max_tokens=8, temperature=0
+        )
+        assert reply.usage is not None and reply.usage.prompt_tokens_details is not None
+        cached = reply.usage.prompt_tokens_details.cached_tokens
+        return reply.choices[0].message.content or "", cached or 0
+
+    template = server.decoder.tokenizer.apply_chat_template
+    before = list(template(first, add_generation_prompt=True))
+    prompt = list(template(second, add_generation_prompt=True))
+    shared = next(i for i, (a, b) in enumerate(zip(before, prompt, strict=False)) if a != b)
+    ask(server.key, first)
+    text, cached = ask(server.key, second)
+    assert cached == shared // 8 * 8 > 0  # whole blocks of 8 tokens
+    assert text == core_greedy(server.decoder, prompt, 8)
+    assert ask(server.other_key, second) == (text, 0)
+    scrape = httpx.get(f"{server.url}/metrics").text
+    hits = next(
+        line
+        for line in scrape.splitlines()
+        if line.startswith("loraplex_generation_prefix_cached_tokens_total")
+    )
+    assert float(hits.split()[-1]) >= cached
+
+
 def test_completions_seed_n_and_logprobs(server: Server) -> None:
     sdk = server.sdk()
     prompt = "The capital of France is"

@@ -117,7 +117,13 @@ def test_replies_equal_chat_completions_greedy_replies(
             choice = chat["choices"][0]
             assert prediction["text"] == choice["message"]["content"]
             assert prediction["finish_reason"] == choice["finish_reason"]
-            assert prediction["usage"] == chat["usage"]
+            counts = ("prompt_tokens", "completion_tokens", "total_tokens")
+            assert [prediction["usage"][k] for k in counts] == [chat["usage"][k] for k in counts]
+            # /predict's request of the same conversation left its prompt in the prefix
+            # cache: all of it but the last token (whole blocks of 8) was not prefilled again.
+            prompt_tokens = chat["usage"]["prompt_tokens"]
+            cached = chat["usage"]["prompt_tokens_details"]["cached_tokens"]
+            assert cached == (prompt_tokens - 1) // 8 * 8
             assert prediction["usage"]["completion_tokens"] <= 10
     assert texts["chat"] != texts[TINY_LLAMA_NAME]  # the adapter is applied
     # Greedy by default, at most LORAPLEX_PREDICT_MAX_TOKENS; the same request, the same text.
