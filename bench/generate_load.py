@@ -53,6 +53,7 @@ import httpx
 
 from bench.common import fixture_reviews
 from core.targets import DECODER_TARGET_MODULES
+from service.config import Settings
 from tests.e2e.server import ServerProcess
 
 if TYPE_CHECKING:
@@ -63,6 +64,9 @@ if TYPE_CHECKING:
 
 R = 8
 MIN_PROMPT, MAX_PROMPT = 20, 200
+
+
+WARM_UP = [{"role": "user", "content": "Hello."}]
 
 
 def prompts(
@@ -169,7 +173,7 @@ async def drive(
     (default: the server's default key)."""
     ttft: list[float] = []
     itl: list[float] = []
-    tokens = errors = 0
+    tokens = errors = prompt_tokens = cached_tokens = 0
     headers = {"Authorization": f"Bearer {key or server.api_key}"}
     limits = httpx.Limits(max_connections=concurrency)
     async with httpx.AsyncClient(
@@ -177,7 +181,7 @@ async def drive(
     ) as client:
 
         async def one(i: int) -> None:
-            nonlocal tokens, errors
+            nonlocal tokens, errors, prompt_tokens, cached_tokens
             body = {
                 "model": models[i % len(models)],
                 "messages": chats[i % len(chats)],
@@ -197,8 +201,10 @@ async def drive(
                         if not line.startswith("data: ") or line == "data: [DONE]":
                             continue
                         chunk = json.loads(line[6:])
-                        if chunk.get("usage"):
-                            tokens += chunk["usage"]["completion_tokens"]
+                        if usage := chunk.get("usage"):
+                            tokens += usage["completion_tokens"]
+                            prompt_tokens += usage["prompt_tokens"]
+                            cached_tokens += usage["prompt_tokens_details"]["cached_tokens"]
                         if any(c["delta"].get("content") for c in chunk.get("choices", [])):
                             now = time.perf_counter()
                             (itl if last is not None else ttft).append(now - (last or t0))
@@ -206,11 +212,13 @@ async def drive(
             except httpx.HTTPError:
                 errors += 1
 
-        # Warm-up, untimed: every adapter read from the database into the bank once.
+        # Warm-up, untimed: every adapter read from the database into the bank once, and the
+        # prefix cache holding what a server in steady state holds for it (the template's
+        # system turn); main gives each configuration prompts no earlier one sent.
         for model in models:
             await client.post(
                 "/v1/chat/completions",
-                json={"model": model, "messages": chats[0], "max_tokens": 1},
+                json={"model": model, "messages": WARM_UP, "max_tokens": 1},
             )
 
         async def client_loop(c: int) -> None:
@@ -229,6 +237,8 @@ async def drive(
         "itl_p50_ms": pct(itl, 50),
         "itl_p99_ms": pct(itl, 99),
         "errors": errors,
+        # Of the prompts' tokens, those the prefix cache held (--prefix-cache-mb).
+        "cached_prompt_share": round(cached_tokens / max(prompt_tokens, 1), 3),
     }
 
 
@@ -287,6 +297,7 @@ def bare_decode(
     concurrency: int,
     requests: int,
     new_tokens: int,
+    prefix_cache_mb: int,
 ) -> float:
     """Output tokens/s of loraplex's scheduler in this process on the bare base, driven as
     :func:`drive` drives the server: ``concurrency`` clients sharing ``requests`` requests,
@@ -307,6 +318,7 @@ def bare_decode(
         capacity=max(map(len, ids)) + new_tokens,
         stop_token_ids=base.stop_token_ids,
         kv_dtype=kv_dtype(weights.dtype, weights.device),  # as the server's
+        prefix_cache_bytes=prefix_cache_mb << 20,
     )
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0)
     # Each client's requests in order, as drive's client_loop sends them.
@@ -360,6 +372,14 @@ def main() -> None:
         help="torch threads of the server's generation (LORAPLEX_TORCH_THREADS) and of the "
         "references here (default: every core, the server's count without an embedded worker)",
     )
+    parser.add_argument(
+        "--prefix-cache-mb",
+        type=int,
+        default=Settings.model_fields["generation_prefix_cache_mb"].default,
+        help="the server's LORAPLEX_GENERATION_PREFIX_CACHE_MB, and (c)'s the same (default: "
+        "the server's default; 0: off). Every prompt here opens with SmolLM2's 25-token "
+        "system turn, which each tenant's and adapter's later requests find cached",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     lengths = tuple(args.prompt_tokens)
@@ -382,7 +402,17 @@ def main() -> None:
     base = load_decoder_base(device="cpu")
     weights = base.weights.to(resolve_dtype(args.dtype, base.weights.device))
     fast_bf16 = resolve_dtype("auto", base.weights.device) == torch.bfloat16
-    chats, source = prompts(base, 64, lengths)
+    # Each configuration its own prompts: a server that had seen one (and its reply) would
+    # find it in its prefix cache. Where too few fit --prompt-tokens they repeat (warned).
+    sent = len(counts) * sum(map(requests_at, concurrency))
+    chats, source = prompts(base, max(64, sent), lengths)
+    if len(chats) < sent:
+        print(
+            f"[generate_load] {len(chats)} prompts of {lengths} tokens for {sent} requests: "
+            "later configurations repeat earlier prompts, which the prefix cache holds",
+            file=sys.stderr,
+        )
+    offset = 0
     ids = [list(base.tokenizer.apply_chat_template(c, add_generation_prompt=True)) for c in chats]
     targets = tuple(args.targets)
     states = random_adapters(base, max(counts), targets)
@@ -396,6 +426,7 @@ def main() -> None:
                 "generation_context_tokens": MAX_PROMPT + new_tokens,
                 "generation_kv_cache_mb": 2048,
                 "generation_dtype": args.dtype,
+                "generation_prefix_cache_mb": args.prefix_cache_mb,
                 **({"torch_threads": args.threads} if args.threads else {}),
             },
         ).start()
@@ -405,7 +436,9 @@ def main() -> None:
                 for c in concurrency:
                     requests = requests_at(c)
                     models = names[:n] or [base.name]
-                    row = asyncio.run(drive(server, models, chats, c, requests, new_tokens))
+                    mine = [chats[(offset + i) % len(chats)] for i in range(requests)]
+                    offset += requests
+                    row = asyncio.run(drive(server, models, mine, c, requests, new_tokens))
                     row = {"concurrency": c, "adapters": n, **row}
                     print(json.dumps(row), flush=True)
                     rows.append(row)
@@ -417,7 +450,10 @@ def main() -> None:
     hf_dtype = max(hf_by_dtype, key=hf_by_dtype.__getitem__)
     hf = hf_by_dtype[hf_dtype]
     peft = hf_sequential(base, ids[:k], new_tokens, states[: max(counts)], hf_dtype, targets)
-    bare = {c: bare_decode(weights, base, ids, c, requests_at(c), new_tokens) for c in concurrency}
+    bare = {
+        c: bare_decode(weights, base, ids, c, requests_at(c), new_tokens, args.prefix_cache_mb)
+        for c in concurrency
+    }
     for row in rows:
         row["ratio_to_bare_decode"] = round(row["output_tok_s"] / bare[row["concurrency"]], 3)
         row["ratio_to_hf_sequential"] = round(row["output_tok_s"] / hf, 3)
@@ -433,6 +469,7 @@ def main() -> None:
         "dtype": str(weights.dtype).removeprefix("torch."),
         "cpu_bf16_flags": bf16_cpu_flags(),
         "threads": torch.get_num_threads(),
+        "prefix_cache_mb": args.prefix_cache_mb,
         "hf_sequential_tok_s": round(hf, 1),
         "hf_sequential_dtype": str(hf_dtype).removeprefix("torch."),
         "hf_sequential_tok_s_by_dtype": {

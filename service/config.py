@@ -203,8 +203,9 @@ class Settings(BaseSettings):
         "(vLLM's automatic prefix caching): a request whose prompt starts like an earlier one of "
         "the same tenant and model (a shared system prompt, the previous turn of a "
         "conversation and its reply) prefills only the rest, and its usage says how many "
-        "prompt tokens were cached. Least recently used blocks go first; SmolLM2 in fp32 takes "
-        "45 KiB a token, so 128 MiB hold ~2,900 tokens. 0: off.",
+        "prompt tokens were cached. Allocated at start for each decoder base; least recently "
+        "used blocks go first. SmolLM2 in fp32 takes 45 KiB a token, so 128 MiB hold ~2,900 "
+        "tokens. 0: off.",
     )
     generation_prefill_tokens: int = Field(
         default=2048,

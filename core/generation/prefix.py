@@ -19,10 +19,11 @@ one learn from its own first token's latency whether another had just sent a pro
 (the side channel vLLM's ``cache_salt`` closes). The keys and values a block holds were
 computed by whichever pass first prefilled it (packed with other prompts or not, on a merged
 copy of its adapter or with the deltas), which rounds differently in the last bits than a
-prompt's own pass: in fp32 the logits move by ~1e-6.
+prompt's own pass: in fp32 the logits move by ~1e-6; in bfloat16 a near-tie may go the other
+way, as it may between a prompt packed with others and the same prompt alone.
 
 Blocks live in one pool per layer, allocated when the cache is made; the least recently used
-block goes first when the pool is full. A lookup or a store touches a prefix's blocks from the
+block goes first when the pool is full. A load or a store touches a prefix's blocks from the
 last to the first, so a block is always more recent than the blocks after it and evicted
 after them. Owned by the scheduler's thread, like the slot cache.
 """
@@ -69,9 +70,8 @@ class PrefixCache:
         self._blocks: OrderedDict[int, tuple[int, _Key]] = OrderedDict()  # least recent first
         self._free = list(range(blocks))
         self._entries = itertools.count()
-        # Plain numbers the owner thread writes, for /metrics to read from another thread.
+        # A plain number the owner thread writes, for /metrics to read from another thread.
         self.hit_tokens = 0  # prompt tokens copied from the cache instead of prefilled
-        self.stored_blocks = 0  # blocks written into the pool
 
     @classmethod
     def for_budget(
@@ -131,39 +131,43 @@ class PrefixCache:
 
     def store(self, scope: Scope, tokens: list[int], cache: SlotCache, slot: int) -> None:
         """Cache the whole blocks of ``tokens``, whose keys and values are columns ``0..`` of
-        ``slot``; blocks already cached are kept (and touched), not copied again."""
-        chain: list[int] = []
-        new: list[tuple[int, int]] = []  # (block number in tokens, pool row)
+        ``slot``; blocks already cached are kept (and touched), not copied again. New blocks
+        can be found only once their columns are copied: a copy that fails adds none."""
+        chain: list[int] = []  # the prefix's blocks already cached, in order
+        new: list[tuple[int, _Key, int]] = []  # the blocks after them: (entry, key, pool row)
         parent = -1
         for j in range(len(tokens) // BLOCK_TOKENS):
             key: _Key = (scope, parent, tuple(tokens[j * BLOCK_TOKENS : (j + 1) * BLOCK_TOKENS]))
-            entry = self._entry_of.get(key)
+            # After the first block not cached no later one is: each is keyed by its parent.
+            entry = None if new else self._entry_of.get(key)
             if entry is None:
                 row = self._allocate(protected=set(chain))
                 if row is None:  # the pool holds less than this prefix: keep what fits
                     break
                 entry = next(self._entries)
-                self._entry_of[key] = entry
-                self._blocks[entry] = (row, key)
-                new.append((j, row))
+                new.append((entry, key, row))
             else:
                 self._blocks.move_to_end(entry)  # not evicted for this prefix's later blocks
-            chain.append(entry)
+                chain.append(entry)
             parent = entry
         if new:
-            # After the first block not cached no later one is (each is keyed by its parent),
-            # so the new blocks are one run of columns.
-            first, count = new[0][0], len(new)
-            start, stop = first * BLOCK_TOKENS, (first + count) * BLOCK_TOKENS
-            rows = torch.tensor([row for _, row in new], device=self.keys[0].device)
-            for pool, layers in ((self.keys, cache.keys), (self.values, cache.values)):
-                for block, layer in zip(pool, layers, strict=True):
-                    _, kv_heads, _, head_dim = layer.shape
-                    columns = layer[slot, :, start:stop].reshape(
-                        kv_heads, count, BLOCK_TOKENS, head_dim
-                    )
-                    block[rows] = columns.transpose(0, 1)
-            self.stored_blocks += count
+            start, stop = len(chain) * BLOCK_TOKENS, (len(chain) + len(new)) * BLOCK_TOKENS
+            rows = torch.tensor([row for _, _, row in new], device=self.keys[0].device)
+            try:
+                for pool, layers in ((self.keys, cache.keys), (self.values, cache.values)):
+                    for block, layer in zip(pool, layers, strict=True):
+                        _, kv_heads, _, head_dim = layer.shape
+                        columns = layer[slot, :, start:stop].reshape(
+                            kv_heads, len(new), BLOCK_TOKENS, head_dim
+                        )
+                        block[rows] = columns.transpose(0, 1)
+            except BaseException:
+                self._free.extend(row for _, _, row in new)
+                raise
+            for entry, key, row in new:
+                self._entry_of[key] = entry
+                self._blocks[entry] = (row, key)
+                chain.append(entry)
         self._touch(chain)
 
     def invalidate(self, adapter: Hashable) -> None:
@@ -174,9 +178,11 @@ class PrefixCache:
 
     def _allocate(self, protected: set[int]) -> int | None:
         """A free pool row, evicting the least recently used block if none is free (never one
-        in ``protected``); None if only protected blocks are left."""
+        in ``protected``); None if only protected blocks, or rows being stored, are left."""
         if self._free:
             return self._free.pop()
+        if not self._blocks:
+            return None
         entry, (row, key) = next(iter(self._blocks.items()))
         if entry in protected:
             return None

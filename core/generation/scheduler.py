@@ -135,7 +135,8 @@ class _Sequence:
     generated: list[int] = field(default_factory=list)  # sampled so far, no stop token
     cached: int = 0  # prompt tokens copied from the prefix cache
     completion_tokens: int = 0
-    stale: bool = False  # its adapter was invalidated (or failed to merge): never merge it
+    # Its adapter was invalidated (or failed to merge): never merge it, nor cache its keys.
+    stale: bool = False
 
     @property
     def adapter_key(self) -> Hashable | None:
@@ -426,10 +427,15 @@ class Scheduler:
         return self.prefixes.lookup((request.owner, adapter), request.prompt_ids)
 
     def _load_prefix(self, entries: list[int], seqs: list[_Sequence]) -> int:
-        """Copy the cached prefix ``entries`` into the candidates' slots; its tokens."""
+        """Copy the cached prefix ``entries`` into the candidates' slots; its tokens (0 if the
+        copy failed: the prompt is prefilled whole, over whatever was copied)."""
         if self.prefixes is None or not entries:
             return 0
-        tokens = self.prefixes.load(entries, self.cache, [s.slot for s in seqs])
+        try:
+            tokens = self.prefixes.load(entries, self.cache, [s.slot for s in seqs])
+        except Exception:
+            log.exception("copying a cached prefix failed; prefilling the prompt whole")
+            return 0
         for seq in seqs:
             seq.cached = tokens
         return tokens
@@ -441,7 +447,10 @@ class Scheduler:
         if self.prefixes is None or seq.stale:
             return
         fed = seq.generated[: seq.length - len(seq.prompt)]
-        self.prefixes.store(seq.scope, seq.prompt + fed, self.cache, seq.slot)
+        try:
+            self.prefixes.store(seq.scope, seq.prompt + fed, self.cache, seq.slot)
+        except Exception:  # the cache only saves work: the sequence is unharmed
+            log.exception("caching a prefix failed")
 
     def _next_waiting(self, sitting_out: set[Hashable]) -> tuple[int, GenerationRequest] | None:
         """The oldest waiting request of the owner (not sitting out) holding the fewest slots;

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from core.decoder.base import DecoderBase
@@ -84,6 +85,17 @@ def test_the_least_recently_used_blocks_go_first_and_a_prefix_outlives_its_tail(
     assert prefixes.lookup(BASE, [*first, 0]) == []
 
 
+def test_a_store_whose_copy_fails_adds_no_block(tiny_decoder: DecoderBase) -> None:
+    (prompt,) = random_rows(tiny_decoder.config.vocab_size, [2 * BLOCK_TOKENS], seed=50)
+    cache = filled(tiny_decoder, prompt)
+    prefixes = pool(tiny_decoder, 2)
+    with pytest.raises(IndexError):
+        prefixes.store(BASE, prompt, cache, 5)  # no such slot
+    assert prefixes.used == 0 and prefixes.lookup(BASE, [*prompt, 0]) == []
+    prefixes.store(BASE, prompt, cache, 0)  # its rows were given back
+    assert len(prefixes.lookup(BASE, [*prompt, 0])) == 2
+
+
 def test_invalidating_an_adapter_drops_its_blocks_only(tiny_decoder: DecoderBase) -> None:
     (prompt,) = random_rows(tiny_decoder.config.vocab_size, [2 * BLOCK_TOKENS + 1], seed=44)
     cache = filled(tiny_decoder, prompt)
@@ -114,7 +126,7 @@ def test_requests_after_a_shared_prefix_prefill_the_rest_to_the_same_tokens(
     requests = [
         GenerationRequest(system + tails[0], greedy(10)),
         GenerationRequest(system + tails[1], greedy(10, n=2), adapter),
-        GenerationRequest(system + tails[2], greedy(10), adapter),
+        GenerationRequest(system + tails[2], greedy(10, n=2), adapter),
     ]
     ids, plain = run_all(scheduler(tiny_decoder), requests)
     sched = scheduler(tiny_decoder, prefix_cache_bytes=64 << 20)
@@ -129,10 +141,11 @@ def test_requests_after_a_shared_prefix_prefill_the_rest_to_the_same_tokens(
         cached[new_id] = [e.cached_tokens for e in out.events if e.request_id == new_id]
     shared = 3 * BLOCK_TOKENS
     # The first of each adapter (or of the base) prefills its whole prompt; the second request
-    # on the adapter finds the prefix the first stored, and both its candidates say so.
+    # on the adapter finds the prefix the first stored, and both its candidates say so on
+    # their first events.
     first, on_adapter, again = cached.values()
     assert first[0] == 0 and on_adapter[:2] == [0, 0]
-    assert again[0] == shared and not any(again[1:])
+    assert again[:2] == [shared, shared] and not any(again[2:])
     lengths = [len(r.prompt_ids) for r in requests]
     assert sched.prefill_tokens == sum(lengths) - shared
     assert sched.prefixes is not None and sched.prefixes.hit_tokens == shared
@@ -142,7 +155,8 @@ def test_the_next_turn_finds_the_previous_turn_and_its_reply_cached(
     tiny_decoder: DecoderBase,
 ) -> None:
     vocab = tiny_decoder.config.vocab_size
-    (prompt, follow) = random_rows(vocab, [20, 6], seed=47)
+    # 17 + 15 - 1 tokens held: three whole blocks, where the 17 + 15 sampled would be four.
+    (prompt, follow) = random_rows(vocab, [17, 6], seed=47)
     sched = scheduler(tiny_decoder, stop_token_ids=(), prefix_cache_bytes=64 << 20)
     (first,), out = run_all(sched, [GenerationRequest(prompt, greedy(15))])
     reply = out.tokens[(first, 0)]

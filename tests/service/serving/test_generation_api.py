@@ -189,18 +189,23 @@ def test_a_prompt_starting_like_an_earlier_one_of_its_tenant_prefills_only_the_r
     before = list(template(first, add_generation_prompt=True))
     prompt = list(template(second, add_generation_prompt=True))
     shared = next(i for i, (a, b) in enumerate(zip(before, prompt, strict=False)) if a != b)
+
+    def hits() -> float:
+        scrape = httpx.get(f"{server.url}/metrics").text
+        line = next(
+            line
+            for line in scrape.splitlines()
+            if line.startswith("loraplex_generation_prefix_cached_tokens_total")
+        )
+        return float(line.split()[-1])
+
     ask(server.key, first)
+    counted = hits()
     text, cached = ask(server.key, second)
     assert cached == shared // 8 * 8 > 0  # whole blocks of 8 tokens
     assert text == core_greedy(server.decoder, prompt, 8)
     assert ask(server.other_key, second) == (text, 0)
-    scrape = httpx.get(f"{server.url}/metrics").text
-    hits = next(
-        line
-        for line in scrape.splitlines()
-        if line.startswith("loraplex_generation_prefix_cached_tokens_total")
-    )
-    assert float(hits.split()[-1]) >= cached
+    assert hits() - counted == cached
 
 
 def test_completions_seed_n_and_logprobs(server: Server) -> None:
