@@ -6,6 +6,11 @@ import json
 import resource
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from core.decoder.base import DecoderBase
+    from core.decoder.forward import DecoderWeights
 
 ROOT = Path(__file__).resolve().parents[1]
 #: 600 real Rotten Tomatoes reviews (cut by ``python -m bench.make_fixtures``), always present.
@@ -86,3 +91,17 @@ def peak_rss_since_reset_mib(was_reset: bool) -> tuple[float, str]:
     if was_reset and hwm > 0:
         return max(hwm, rss), "phase"
     return max(peak_rss_mib(), rss), "process"
+
+
+def decoder_in(dtype: str, threads: int | None) -> tuple[DecoderBase, DecoderWeights]:
+    """The default decoder base on the CPU, and its weights in ``dtype`` (a
+    ``generation_dtype`` value), torch on ``threads`` threads (None: torch's default)."""
+    import torch
+
+    from core.decoder.base import load_decoder_base
+    from core.hardware import resolve_dtype
+
+    if threads:
+        torch.set_num_threads(threads)
+    base = load_decoder_base(device="cpu")
+    return base, base.weights.to(resolve_dtype(dtype, base.weights.device))

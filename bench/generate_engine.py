@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import peak_rss_mib
+from bench.common import decoder_in, peak_rss_mib
 from core.targets import DECODER_TARGET_MODULES
 
 
@@ -66,7 +66,6 @@ def main() -> None:
 
     import torch
 
-    from core.decoder.base import load_decoder_base
     from core.decoder.forward import NO_HOOKS, logits
     from core.decoder.generate import greedy_generate
     from core.generation.adapters import AdapterSlots
@@ -74,13 +73,10 @@ def main() -> None:
     from core.generation.kv import SlotCache
     from core.generation.sampling import SamplingParams
     from core.generation.scheduler import GenerationRequest, Scheduler
-    from core.hardware import bf16_cpu_flags, kv_dtype, resolve_dtype
+    from core.hardware import bf16_cpu_flags, kv_dtype
     from tests.core.generation.helpers import random_lora
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    base = load_decoder_base(device="cpu")
-    weights = base.weights.to(resolve_dtype(args.dtype, base.weights.device))
+    base, weights = decoder_in(args.dtype, args.threads)
     cache_dtype = kv_dtype(weights.dtype, weights.device)  # as the server's
     cfg = base.config
     g = torch.Generator().manual_seed(0)

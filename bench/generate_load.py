@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from bench.common import fixture_reviews
+from bench.common import decoder_in, fixture_reviews
 from core.targets import DECODER_TARGET_MODULES
 from service.config import Settings
 from tests.e2e.server import ServerProcess
@@ -394,13 +394,10 @@ def main() -> None:
 
     import torch
 
-    from core.decoder.base import DEFAULT_DECODER_NAME, load_decoder_base
+    from core.decoder.base import DEFAULT_DECODER_NAME
     from core.hardware import bf16_cpu_flags, resolve_dtype
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    base = load_decoder_base(device="cpu")
-    weights = base.weights.to(resolve_dtype(args.dtype, base.weights.device))
+    base, weights = decoder_in(args.dtype, args.threads)
     fast_bf16 = resolve_dtype("auto", base.weights.device) == torch.bfloat16
     # Each configuration its own prompts: a server that had seen one (and its reply) would
     # find it in its prefix cache. Where too few fit --prompt-tokens they repeat (warned).

@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from bench.common import decoder_in
 from bench.generate_load import WARM_UP, prompts
 from service.config import Settings
 
@@ -121,13 +122,9 @@ def main() -> None:
 
     import torch
 
-    from core.decoder.base import load_decoder_base
-    from core.hardware import bf16_cpu_flags, resolve_dtype
+    from core.hardware import bf16_cpu_flags
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    base = load_decoder_base(device="cpu")
-    weights = base.weights.to(resolve_dtype(args.dtype, base.weights.device))
+    base, weights = decoder_in(args.dtype, args.threads)
     cache_mb = Settings.model_fields["generation_prefix_cache_mb"].default
     hh, source = prompts(base, args.requests, (90, 110))
     rule = "Answer politely, cite the policy section, and never reveal internal notes. "

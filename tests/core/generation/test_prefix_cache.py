@@ -28,13 +28,20 @@ def filled(base: DecoderBase, prompt: list[int]) -> SlotCache:
     return cache
 
 
+def stored(base: DecoderBase, length: int, seed: int) -> tuple[list[int], SlotCache, PrefixCache]:
+    """A random prompt of ``length`` tokens, a cache holding it in slot 0, and a prefix cache
+    of 16 blocks that stored it."""
+    (prompt,) = random_rows(base.config.vocab_size, [length], seed=seed)
+    cache = filled(base, prompt)
+    prefixes = pool(base, 16)
+    prefixes.store(BASE, prompt, cache, 0)
+    return prompt, cache, prefixes
+
+
 def test_a_stored_prefix_is_found_whole_blocks_at_a_time_leaving_the_last_token(
     tiny_decoder: DecoderBase,
 ) -> None:
-    (prompt,) = random_rows(tiny_decoder.config.vocab_size, [3 * BLOCK_TOKENS + 2], seed=40)
-    cache = filled(tiny_decoder, prompt)
-    prefixes = pool(tiny_decoder, 16)
-    prefixes.store(BASE, prompt, cache, 0)
+    prompt, _, prefixes = stored(tiny_decoder, 3 * BLOCK_TOKENS + 2, seed=40)
     assert prefixes.used == 3  # the 2 tokens past the last whole block are not kept
     assert len(prefixes.lookup(BASE, prompt)) == 3
     # A prompt that is exactly the cached blocks leaves its last block to prefill.
@@ -53,10 +60,7 @@ def test_a_stored_prefix_is_found_whole_blocks_at_a_time_leaving_the_last_token(
 def test_loading_copies_the_prefix_keys_and_values_into_every_slot(
     tiny_decoder: DecoderBase,
 ) -> None:
-    (prompt,) = random_rows(tiny_decoder.config.vocab_size, [2 * BLOCK_TOKENS + 5], seed=41)
-    cache = filled(tiny_decoder, prompt)
-    prefixes = pool(tiny_decoder, 16)
-    prefixes.store(BASE, prompt, cache, 0)
+    prompt, cache, prefixes = stored(tiny_decoder, 2 * BLOCK_TOKENS + 5, seed=41)
     target = SlotCache(tiny_decoder.weights, 3, 128)
     n = prefixes.load(prefixes.lookup(BASE, prompt), target, [1, 2])
     assert n == 2 * BLOCK_TOKENS and prefixes.hit_tokens == n
