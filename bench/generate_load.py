@@ -17,17 +17,23 @@ the server stopped, the references over the same prompts:
     of the two is the denominator;
 (b) transformers + PEFT ``generate`` with the N adapters loaded, ``set_adapter`` per request
     (in (a)'s faster dtype);
-(c) loraplex's scheduler in this process on the bare base, in the server's dtype, driven
-    like the server: C clients sharing the same requests, each client's next added when its
-    last ends: the engine without HTTP or streaming (the limit).
+(c) loraplex's scheduler in this process on the bare base, in the server's dtype, for each
+    configuration on its own prompts and driven like the server: C clients sharing the same
+    requests, each client's next added when its last ends: the engine without HTTP or
+    streaming (the limit).
+
+Each configuration sends prompts no earlier one sent: a server that had seen a prompt and its
+reply would find them in its prefix cache (``--prefix-cache-mb``, the server's default), as
+(c), on a fresh scheduler, could not. So configurations differ in their prompts, and in how
+long the replies run, and (c) is run on each one's own.
 
 ``--dtype`` is the server's ``generation_dtype`` (auto: bfloat16 on a CPU with AMX or
 avx512_bf16); the report names the dtype it resolved to and the CPU's bf16 flags.
 ``--threads`` sets the torch threads of the server's generation and of the references alike.
 
-``ratio_to_bare_decode`` = server tokens/s / (c) at the same C; ``ratio_to_hf_sequential`` =
-server tokens/s / the faster (a). Client and server share the machine: the clients' CPU is not the
-server's.
+``ratio_to_bare_decode`` = server tokens/s / (c) on the same prompts at the same C;
+``ratio_to_hf_sequential`` = server tokens/s / the faster (a). Client and server share the
+machine: the clients' CPU is not the server's.
 
     nice -n 10 python -m bench.generate_load --quick --json bench_generate_load.json
 """
@@ -414,6 +420,7 @@ def main() -> None:
     targets = tuple(args.targets)
     states = random_adapters(base, max(counts), targets)
     rows: list[dict[str, Any]] = []
+    prompts_of: list[list[int]] = []  # each row's prompts, as indices into chats and ids
     with tempfile.TemporaryDirectory() as tmp:
         server = ServerProcess(
             Path(tmp),
@@ -433,12 +440,14 @@ def main() -> None:
                 for c in concurrency:
                     requests = requests_at(c)
                     models = names[:n] or [base.name]
-                    mine = [chats[(offset + i) % len(chats)] for i in range(requests)]
+                    mine = [(offset + i) % len(chats) for i in range(requests)]
                     offset += requests
-                    row = asyncio.run(drive(server, models, mine, c, requests, new_tokens))
+                    sent_chats = [chats[i] for i in mine]
+                    row = asyncio.run(drive(server, models, sent_chats, c, requests, new_tokens))
                     row = {"concurrency": c, "adapters": n, **row}
                     print(json.dumps(row), flush=True)
                     rows.append(row)
+                    prompts_of.append(mine)
         finally:
             server.stop()
     k = max(4, min(8, len(ids)))
@@ -447,12 +456,12 @@ def main() -> None:
     hf_dtype = max(hf_by_dtype, key=hf_by_dtype.__getitem__)
     hf = hf_by_dtype[hf_dtype]
     peft = hf_sequential(base, ids[:k], new_tokens, states[: max(counts)], hf_dtype, targets)
-    bare = {
-        c: bare_decode(weights, base, ids, c, requests_at(c), new_tokens, args.prefix_cache_mb)
-        for c in concurrency
-    }
-    for row in rows:
-        row["ratio_to_bare_decode"] = round(row["output_tok_s"] / bare[row["concurrency"]], 3)
+    for row, mine in zip(rows, prompts_of, strict=True):
+        c = row["concurrency"]
+        row_ids = [ids[i] for i in mine]
+        bare = bare_decode(weights, base, row_ids, c, len(mine), new_tokens, args.prefix_cache_mb)
+        row["bare_decode_tok_s"] = round(bare, 1)
+        row["ratio_to_bare_decode"] = round(row["output_tok_s"] / bare, 3)
         row["ratio_to_hf_sequential"] = round(row["output_tok_s"] / hf, 3)
     report = {
         "prompts": source,
@@ -473,7 +482,6 @@ def main() -> None:
             str(d).removeprefix("torch."): round(v, 1) for d, v in hf_by_dtype.items()
         },
         f"hf_peft_sequential_{max(counts)}_adapters_tok_s": round(peft, 1),
-        "bare_decode_tok_s": {str(c): round(v, 1) for c, v in bare.items()},
         "results": rows,
         "median_ratio_to_bare_decode": statistics.median(r["ratio_to_bare_decode"] for r in rows),
     }
