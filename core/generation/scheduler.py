@@ -132,7 +132,6 @@ class _Sequence:
     prompt: list[int]
     length: int  # tokens whose keys and values are in the slot
     pending: int = -1  # the newest token: sampled, not yet in the cache
-    generated: list[int] = field(default_factory=list)  # sampled so far, no stop token
     cached: int = 0  # prompt tokens copied from the prefix cache
     completion_tokens: int = 0
     # Its adapter was invalidated (or failed to merge): never merge it, nor cache its keys.
@@ -446,7 +445,8 @@ class Scheduler:
         conversation, or the same prompt again."""
         if self.prefixes is None or seq.stale:
             return
-        fed = seq.generated[: seq.length - len(seq.prompt)]
+        # detok.ids: every token sampled so far but a stop token; the last one is not fed yet.
+        fed = seq.detok.ids[: seq.length - len(seq.prompt)]
         try:
             self.prefixes.store(seq.scope, seq.prompt + fed, self.cache, seq.slot)
         except Exception:  # the cache only saves work: the sequence is unharmed
@@ -650,7 +650,6 @@ class Scheduler:
             event.text, event.finish_reason = seq.stops.flush(), "stop"
         else:
             seq.pending = token
-            seq.generated.append(token)
             event.token_ids.append(token)
             if lp is not None:
                 event.logprobs.append(lp)
