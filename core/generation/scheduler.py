@@ -96,6 +96,16 @@ class GenerationRequest:
     mode: MergeMode = "auto"  # whether its decode steps may run on merged weights
     owner: Hashable = None  # whose request (a tenant): its waiting queue and share of slots
 
+    @property
+    def scope(self) -> Scope:
+        """Whose cached prefixes it may use."""
+        return _scope(self.owner, self.adapter)
+
+
+def _scope(owner: Hashable, adapter: LoraWeights | None) -> Scope:
+    """A prefix cache scope: an owner's prefixes under one adapter's weights (or the base's)."""
+    return owner, adapter.key if adapter is not None else None
+
 
 @dataclass
 class SequenceEvent:
@@ -144,7 +154,7 @@ class _Sequence:
     @property
     def scope(self) -> Scope:
         """Whose cached prefixes it may use and adds to."""
-        return self.owner, self.adapter_key
+        return _scope(self.owner, self.adapter)
 
     def may_merge(self, key: Hashable) -> bool:
         """Whether it may run on the merged copy of the adapter ``key``."""
@@ -422,8 +432,7 @@ class Scheduler:
         """The prefix cache's entries for the start of the request's prompt (none without one)."""
         if self.prefixes is None:
             return []
-        adapter = request.adapter.key if request.adapter is not None else None
-        return self.prefixes.lookup((request.owner, adapter), request.prompt_ids)
+        return self.prefixes.lookup(request.scope, request.prompt_ids)
 
     def _load_prefix(self, entries: list[int], seqs: list[_Sequence]) -> int:
         """Copy the cached prefix ``entries`` into the candidates' slots; its tokens (0 if the
