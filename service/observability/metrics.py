@@ -128,6 +128,11 @@ class GenerationCollector(Collector):
                 lambda s: s.prefixes.used if s.prefixes is not None else 0,
             ),
             (
+                "prefix_cache_capacity_blocks",
+                "Blocks the prefix cache holds at most (its memory budget; 0 when off).",
+                lambda s: s.prefixes.capacity if s.prefixes is not None else 0,
+            ),
+            (
                 "adapter_copy_bytes",
                 "Bytes of the running adapters' LoRA pairs copied into the decode step's layout.",
                 lambda s: s.adapters.gathered.num_bytes,

@@ -25,6 +25,7 @@ from starlette.requests import ClientDisconnect
 from core.adapter import Adapter
 from core.decoder.base import DEFAULT_DECODER_NAME, DecoderBase
 from core.decoder.generate import greedy_generate
+from core.generation.kv import bytes_per_slot
 from core.heads import HeadConfig
 from core.methods import parse_method_config
 from core.methods.lora.config import LoraConfig
@@ -190,14 +191,13 @@ def test_a_prompt_starting_like_an_earlier_one_of_its_tenant_prefills_only_the_r
     prompt = list(template(second, add_generation_prompt=True))
     shared = next(i for i, (a, b) in enumerate(zip(before, prompt, strict=False)) if a != b)
 
-    def hits() -> float:
+    def metric(name: str) -> float:
         scrape = httpx.get(f"{server.url}/metrics").text
-        line = next(
-            line
-            for line in scrape.splitlines()
-            if line.startswith("loraplex_generation_prefix_cached_tokens_total")
-        )
+        line = next(line for line in scrape.splitlines() if line.startswith(name))
         return float(line.split()[-1])
+
+    def hits() -> float:
+        return metric("loraplex_generation_prefix_cached_tokens_total")
 
     ask(server.key, first)
     counted = hits()
@@ -206,6 +206,12 @@ def test_a_prompt_starting_like_an_earlier_one_of_its_tenant_prefills_only_the_r
     assert text == core_greedy(server.decoder, prompt, 8)
     assert ask(server.other_key, second) == (text, 0)
     assert hits() - counted == cached
+    # The default budget (128 MiB) in blocks of 8 tokens' keys and values, in the cache's dtype.
+    servers = app_state(server.app).generation
+    assert servers is not None
+    kv = servers[DEFAULT_DECODER_NAME].scheduler.cache.dtype
+    block = bytes_per_slot(server.decoder.config, 8, kv)
+    assert metric("loraplex_generation_prefix_cache_capacity_blocks") == (128 << 20) // block
 
 
 def test_completions_seed_n_and_logprobs(server: Server) -> None:
