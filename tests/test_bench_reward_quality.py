@@ -65,3 +65,23 @@ def test_hh_split_is_the_seeded_80_20_permutation(tmp_path: Path) -> None:
     fit, val = got
     assert (len(fit), len(val)) == (6, 2) and fit + val == train
     assert rq.hh_pairs(tmp_path / "absent.jsonl.gz", quick=False) is None
+
+
+def test_summary_over_seeds_is_each_cases_mean_and_spread() -> None:
+    def row(case: str, seed: int, acc: float, ties: int, margin: float) -> dict[str, object]:
+        fields = ("dataset", "case", "seed", "accuracy", "ties", "mean_margin")
+        return dict(zip(fields, ("hh", case, seed, acc, ties, margin), strict=True))
+
+    rows = [
+        row("default", 0, 0.632, 0, 0.18),
+        row("default", 1, 0.600, 2, 0.05),
+        row("default", 2, 0.628, 1, 0.15),
+        row("frozen", 0, 0.605, 0, 0.40),
+    ]
+    default, frozen = rq.summarize(rows)
+    assert default["case"] == "default" and default["seeds"] == [0, 1, 2]
+    assert default["accuracy_mean"] == 0.62 and default["accuracy_sd"] == 0.0174
+    assert (default["accuracy_min"], default["accuracy_max"]) == (0.6, 0.632)
+    assert default["ties_mean"] == 1.0 and default["mean_margin"] == 0.1267
+    assert frozen["accuracy_mean"] == 0.605 and frozen["accuracy_sd"] == 0.0
+    assert "0.620 ± 0.017" in rq._summary_line(default)
