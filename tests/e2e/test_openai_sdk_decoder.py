@@ -15,6 +15,7 @@ import io
 import json
 import zipfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -25,8 +26,10 @@ from openai.types.fine_tuning import FineTuningJob
 from openai.types.fine_tuning.job_create_params import Method
 
 from service.config import DEFAULT_DECODER_NAME
+from tests.e2e.conftest import FIXTURES
 from tests.e2e.server import ServerProcess, wait_job
 from tests.e2e.test_openai_sdk import sdk_client, wait_for
+from tests.e2e.test_readme import laid_out, readme_blocks, run_block, walkthrough_blocks
 
 pytestmark = [pytest.mark.e2e, pytest.mark.real_model]
 
@@ -38,24 +41,9 @@ def jsonl(rows: list[dict[str, Any]]) -> bytes:
     return b"".join(json.dumps(r).encode() + b"\n" for r in rows)
 
 
-CHAT = [
-    {
-        "messages": [
-            {"role": "system", "content": "Answer with the number only."},
-            {"role": "user", "content": f"What is {i} plus {i}?"},
-            {"role": "assistant", "content": f"{2 * i}"},
-        ]
-    }
-    for i in range(10)
-]
-DPO = [
-    {
-        "input": {"messages": [{"role": "user", "content": f"What is {i} plus {i}?"}]},
-        "preferred_output": [{"role": "assistant", "content": f"{2 * i}"}],
-        "non_preferred_output": [{"role": "assistant", "content": f"I think it is {i}."}],
-    }
-    for i in range(8)
-]
+# The README's chat rows and DPO rows ("Fine-tune a chat model" uploads the same files).
+CHAT = [json.loads(line) for line in (FIXTURES / "chat_small.jsonl").read_text().splitlines()]
+DPO = [json.loads(line) for line in (FIXTURES / "dpo_small.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -198,3 +186,35 @@ def test_a_reward_model_on_smollm2_through_the_sdk_serves_compare_and_predict(
         rewards = [p["reward"] for p in predicted.json()["predictions"]]
         # The same rows through the same scorer: the same rewards.
         assert rewards == pytest.approx([result["reward_a"], result["reward_b"]], abs=1e-4)
+
+
+def test_readme_chat_fine_tuning_and_generation_run_as_pasted(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    """README's "Fine-tune a chat model" SDK block, then "Generate: chat completions" up to
+    "Chat with your adapter" (curl with the walkthrough's variables; the SDK blocks, which go
+    on from the first one's ``client`` and ``sft``), as written against a real server."""
+    root = laid_out(tmp_path, server)
+    tune = [
+        code
+        for lang, code in readme_blocks("## Fine-tune a chat model", "\n### ")
+        if lang == "python"
+    ]
+    generate = readme_blocks("## Generate: chat completions", "\n`/predict` takes")
+    assert len(tune) == 1 and [lang for lang, _ in generate] == ["bash", "python", "python"]
+    (_, curl), (_, sdk), (_, adapter_chat) = generate
+
+    out = run_block("python", "\n".join((tune[0], sdk, adapter_chat)), root, server)
+    lines = out.splitlines()
+    sft, dpo = (
+        next(line.split() for line in lines if line.startswith(f"{job} ")) for job in ("sft", "dpo")
+    )
+    assert sft[1] == dpo[1] == "succeeded", (out, server.log_tail())
+    assert "Paris" in lines[2], out  # the base's greedy answer, then the streamed haiku
+    # The adapter's reply to "What is 3 plus 3?", then its usage.
+    assert "CompletionUsage(" in lines[-1] and "prompt_tokens_details" in lines[-1], out
+
+    prelude = walkthrough_blocks()[0][1]
+    prelude = prelude[: prelude.index("\n", prelude.index("URL="))]  # KEY, H and URL
+    reply = json.loads(run_block("bash", f"{prelude}\n{curl}", root, server))
+    assert "Paris" in reply["choices"][0]["message"]["content"], reply

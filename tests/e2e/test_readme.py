@@ -23,19 +23,30 @@ README_URL = "http://127.0.0.1:8000"
 TIMEOUT_S = 900
 
 
+def readme_blocks(heading: str, end: str = "\n## ") -> list[tuple[str, str]]:
+    """(language, code) of each fenced block of the README from ``heading`` to ``end``."""
+    text = (REPO / "README.md").read_text()
+    start = text.index(heading)
+    section = text[start : text.index(end, start + len(heading))]
+    return re.findall(r"```(\w+)\n(.*?)```", section, flags=re.DOTALL)
+
+
 def walkthrough_blocks() -> list[tuple[str, str]]:
     """(language, code) of each fenced block in the README's walkthrough section."""
-    text = (REPO / "README.md").read_text()
-    start = text.index("## Walkthrough (curl)")
-    section = text[start : text.index("\n## ", start + 1)]
-    return re.findall(r"```(\w+)\n(.*?)```", section, flags=re.DOTALL)
+    return readme_blocks("## Walkthrough (curl)")
+
+
+def laid_out(root: Path, server: ServerProcess) -> Path:
+    """``root`` laid out like the repository root after ``make serve``: ``data/`` is the
+    server's data dir, ``tests/`` the repository's."""
+    (root / "data").symlink_to(server.data_dir)
+    (root / "tests").symlink_to(REPO / "tests")
+    return root
 
 
 @pytest.fixture
 def readme_root(tmp_path: Path, live_server: ServerProcess) -> Path:
-    (tmp_path / "data").symlink_to(live_server.data_dir)
-    (tmp_path / "tests").symlink_to(REPO / "tests")
-    return tmp_path
+    return laid_out(tmp_path, live_server)
 
 
 def run_block(language: str, code: str, root: Path, server: ServerProcess) -> str:
