@@ -53,6 +53,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
         settings={
             "bases": DEFAULT_DECODER_NAME,
             "checkpoint_every_steps": 2,
+            # 5 sequences of 512 tokens (22.5 MiB each in fp32), one of them reserved: the
+            # README's best-of-n asks for 4 candidates.
+            "generation_context_tokens": 512,
             "generation_kv_cache_mb": 128,
         },
     )
@@ -159,8 +162,7 @@ def _assert_peft_export(http: httpx.Client, name: str) -> None:
 
 
 PREFERENCE = [
-    {"prompt": f"What is {i} plus {i}?", "chosen": f"{2 * i}", "rejected": f"I think it is {i}."}
-    for i in range(8)
+    json.loads(line) for line in (FIXTURES / "preference_small.jsonl").read_text().splitlines()
 ]
 
 
@@ -192,8 +194,9 @@ def test_readme_chat_fine_tuning_and_generation_run_as_pasted(
     server: ServerProcess, tmp_path: Path
 ) -> None:
     """README's "Fine-tune a chat model" SDK block, then "Generate: chat completions" up to
-    "Chat with your adapter" (curl with the walkthrough's variables; the SDK blocks, which go
-    on from the first one's ``client`` and ``sft``), as written against a real server."""
+    "Chat with your adapter" and best-of-n (curl with the walkthrough's variables; the SDK
+    blocks, which go on from the first one's ``client``, ``finished`` and ``sft``), as
+    written against a real server."""
     root = laid_out(tmp_path, server)
     tune = [
         code
@@ -201,10 +204,13 @@ def test_readme_chat_fine_tuning_and_generation_run_as_pasted(
         if lang == "python"
     ]
     generate = readme_blocks("## Generate: chat completions", "\n`/predict` takes")
+    best_of_n = readme_blocks("**Best-of-n with a reward adapter**", "\nOver HTTP")
     assert len(tune) == 1 and [lang for lang, _ in generate] == ["bash", "python", "python"]
     (_, curl), (_, sdk), (_, adapter_chat) = generate
+    assert [lang for lang, _ in best_of_n] == ["python"]
 
-    out = run_block("python", "\n".join((tune[0], sdk, adapter_chat)), root, server)
+    script = "\n".join((tune[0], sdk, adapter_chat, best_of_n[0][1]))
+    out = run_block("python", script, root, server)
     lines = out.splitlines()
     sft, dpo = (
         next(line.split() for line in lines if line.startswith(f"{job} ")) for job in ("sft", "dpo")
@@ -212,7 +218,10 @@ def test_readme_chat_fine_tuning_and_generation_run_as_pasted(
     assert sft[1] == dpo[1] == "succeeded", (out, server.log_tail())
     assert "Paris" in lines[2], out  # the base's greedy answer, then the streamed haiku
     # The adapter's reply to "What is 3 plus 3?", then its usage.
-    assert "CompletionUsage(" in lines[-1] and "prompt_tokens_details" in lines[-1], out
+    assert "CompletionUsage(" in lines[-5] and "prompt_tokens_details" in lines[-5], out
+    # Best-of-n: four candidates, best first, each with its reward.
+    rewards = [float(line.split()[0]) for line in lines[-4:]]
+    assert rewards == sorted(rewards, reverse=True), out
 
     prelude = walkthrough_blocks()[0][1]
     prelude = prelude[: prelude.index("\n", prelude.index("URL="))]  # KEY, H and URL
