@@ -65,6 +65,10 @@ test: install browser-deps deploy-deps
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q
 
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
 bench-quick: install
 	$(BIN)/python -m bench.mixed_batch --quick
 	$(BIN)/python -m bench.train_step --quick
