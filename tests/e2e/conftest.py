@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -33,5 +34,5 @@ def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProc
         server.stop()
 
 
-def load_jsonl(name: str) -> list[dict[str, str]]:
+def load_jsonl(name: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (FIXTURES / name).read_text().splitlines() if line]

@@ -26,7 +26,7 @@ from openai.types.fine_tuning import FineTuningJob
 from openai.types.fine_tuning.job_create_params import Method
 
 from service.config import DEFAULT_DECODER_NAME
-from tests.e2e.conftest import FIXTURES
+from tests.e2e.conftest import load_jsonl
 from tests.e2e.server import ServerProcess, wait_job
 from tests.e2e.test_openai_sdk import sdk_client, wait_for
 from tests.e2e.test_readme import laid_out, readme_blocks, run_block, walkthrough_blocks
@@ -42,8 +42,8 @@ def jsonl(rows: list[dict[str, Any]]) -> bytes:
 
 
 # The README's chat rows and DPO rows ("Fine-tune a chat model" uploads the same files).
-CHAT = [json.loads(line) for line in (FIXTURES / "chat_small.jsonl").read_text().splitlines()]
-DPO = [json.loads(line) for line in (FIXTURES / "dpo_small.jsonl").read_text().splitlines()]
+CHAT = load_jsonl("chat_small.jsonl")
+DPO = load_jsonl("dpo_small.jsonl")
 
 
 @pytest.fixture(scope="module")
@@ -161,9 +161,7 @@ def _assert_peft_export(http: httpx.Client, name: str) -> None:
     assert config["base_model_name_or_path"] == DEFAULT_DECODER_NAME
 
 
-PREFERENCE = [
-    json.loads(line) for line in (FIXTURES / "preference_small.jsonl").read_text().splitlines()
-]
+PREFERENCE = load_jsonl("preference_small.jsonl")
 
 
 def test_a_reward_model_on_smollm2_through_the_sdk_serves_compare_and_predict(
