@@ -71,9 +71,7 @@ class ReadmeRun:
 
 
 @pytest.fixture(scope="module")
-def readme(
-    server: ServerProcess, client: openai.OpenAI, tmp_path_factory: pytest.TempPathFactory
-) -> ReadmeRun:
+def readme(server: ServerProcess, tmp_path_factory: pytest.TempPathFactory) -> ReadmeRun:
     """README's "Fine-tune a chat model" SDK block, then the SDK blocks of "Generate: chat
     completions" that go on from its ``client``, ``finished`` and ``sft`` (the base, "Chat
     with your adapter", best-of-n), as written, against a real server: SFT, DPO from the SFT
