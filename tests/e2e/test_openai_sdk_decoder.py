@@ -116,9 +116,16 @@ def test_readme_curl_answers_with_the_walkthroughs_variables(
     assert "Paris" in reply["choices"][0]["message"]["content"], reply
 
 
-def test_sdk_sft_then_dpo_store_decoder_adapters_with_openais_metrics(
+def test_sdk_uploads_and_jobs_store_decoder_adapters_with_openais_metrics(
     server: ServerProcess, client: openai.OpenAI, readme: ReadmeRun
 ) -> None:
+    # /v1/files read each upload's kind from its first row.
+    kinds = {f.filename: (f.model_extra or {}).get("kind") for f in client.files.list()}
+    assert kinds == {
+        "chat_small.jsonl": "chat",
+        "dpo_small.jsonl": "dpo",
+        "preference_small.jsonl": "preference",
+    }
     sft = next(j for j in client.fine_tuning.jobs.list() if j.fine_tuned_model == readme.sft)
     assert sft.model == DEFAULT_DECODER_NAME and sft.trained_tokens and sft.trained_tokens > 0
     events = list(client.fine_tuning.jobs.list_events(sft.id, limit=50))
