@@ -55,6 +55,26 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
+def one_thread_below(dtype: torch.dtype, device: torch.device) -> int:
+    """Generation passes (a decode step's rows, a prefill's packed prompt tokens) of fewer
+    tokens than this run on one torch thread whatever the step's count; 0 = none do.
+
+    bf16 on a CPU with AMX: oneDNN's bf16 matmul of a few dozen rows gains nothing from a
+    second thread (SmolLM2's 576 -> 1536 linear on 2 Xeon cores, one thread against two: 220
+    vs 222 GFLOP/s at 32 rows, 529 vs 556 at 100, 1,114 vs 1,817 at 1,024), while each of a
+    pass's ~1,000 kernels pays to wake it. SmolLM2 there, one thread against two: a decode
+    step + logits of 32 rows 67-76 vs 100-113 ms; a prefill and its first token (one
+    process alternating, best of 3) 102 vs 174 ms for one 100-token prompt, 211 vs 303 for
+    4 x 100, 311 vs 380 for one of 500, but 677 vs 602 for one of 1,000 and 609 vs 559 for
+    4 x 250. Elsewhere a second thread pays for itself (fp32 on 2 AMD EPYC cores: a 32-row
+    step 1.37x faster on two), and the AMX figures say nothing of more cores than two, so
+    passes there keep the step's count.
+    """
+    if dtype == torch.bfloat16 and device.type == "cpu" and "amx_bf16" in cpu_flags():
+        return 768
+    return 0
+
+
 def kv_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """The dtype of generation's KV cache and attention for weights in ``dtype``: theirs,
     except bfloat16 on a CPU without AMX, where it is float32.

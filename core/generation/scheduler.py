@@ -52,6 +52,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Hashable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -67,6 +68,7 @@ from core.generation.merged import MergedHooks, MergedLinears, merged_bytes
 from core.generation.prefill import prefill
 from core.generation.prefix import BLOCK_TOKENS, PrefixCache, Scope
 from core.generation.sampling import SamplingParams, TokenLogprob, sample
+from core.hardware import one_thread_below, torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -199,8 +201,15 @@ class Scheduler:
         merged_bytes: int = 512 << 20,
         kv_dtype: torch.dtype | None = None,
         prefix_cache_bytes: int = 0,
+        one_thread_tokens: int | None = None,
     ) -> None:
         self.weights = weights
+        # Passes of fewer tokens run on one torch thread (None: the hardware's rule).
+        self.one_thread_tokens = (
+            one_thread_below(weights.dtype, weights.device)
+            if one_thread_tokens is None
+            else one_thread_tokens
+        )
         self.tokenizer = tokenizer
         capacity = min(capacity, weights.config.max_position_embeddings)
         self.cache = SlotCache(weights, num_slots, capacity, kv_dtype)
@@ -531,26 +540,28 @@ class Scheduler:
                 for c, start in zip(chunks, starts, strict=False)
             ]
             hooks = self._merged_prefill_hooks(chunks) or self.adapters.segment_hooks(segments)
-            last = prefill(
-                self.weights,
-                self.cache,
-                [c.tokens for c in chunks],
-                [[s.slot for s in c.seqs] for c in chunks],
-                hooks,
-                past=[c.past for c in chunks],
-            )
-            self.prefill_tokens += sum(len(c.tokens) for c in chunks)
+            n_tokens = sum(len(c.tokens) for c in chunks)
             tokens: list[int] = []
             lps: list[TokenLogprob | None] = []
-            if finals:
-                # An unfinished prompt's row is dropped: its candidates sample nothing yet.
-                repeats = torch.tensor([len(c.seqs) for c in finals], device=device)
-                rows = torch.tensor([i for i, c in enumerate(chunks) if c.final], device=device)
-                tokens, lps = sample(
-                    logits(self.weights, last[rows]).repeat_interleave(repeats, dim=0),
-                    [s.params for s in flat],
-                    [s.generator for s in flat],
+            with self._threads_for(n_tokens):
+                last = prefill(
+                    self.weights,
+                    self.cache,
+                    [c.tokens for c in chunks],
+                    [[s.slot for s in c.seqs] for c in chunks],
+                    hooks,
+                    past=[c.past for c in chunks],
                 )
+                self.prefill_tokens += n_tokens
+                if finals:
+                    # An unfinished prompt's row is dropped: its candidates sample nothing yet.
+                    repeats = torch.tensor([len(c.seqs) for c in finals], device=device)
+                    rows = torch.tensor([i for i, c in enumerate(chunks) if c.final], device=device)
+                    tokens, lps = sample(
+                        logits(self.weights, last[rows]).repeat_interleave(repeats, dim=0),
+                        [s.params for s in flat],
+                        [s.generator for s in flat],
+                    )
         except Exception as exc:
             log.exception("prefill of %d prompts failed", len(chunks))
             for chunk in chunks:
@@ -588,10 +599,13 @@ class Scheduler:
                 self.unmerged_steps += 1
                 rows = torch.tensor([s.adapter_slot for s in seqs], device=device)
                 hooks = self.adapters.hooks(rows)  # copies adapters that start running
-            hidden = decode_step(self.weights, self.cache, slots, tokens, lengths, hooks)
-            new, lps = sample(
-                logits(self.weights, hidden), [s.params for s in seqs], [s.generator for s in seqs]
-            )
+            with self._threads_for(len(seqs)):
+                hidden = decode_step(self.weights, self.cache, slots, tokens, lengths, hooks)
+                new, lps = sample(
+                    logits(self.weights, hidden),
+                    [s.params for s in seqs],
+                    [s.generator for s in seqs],
+                )
         except Exception as exc:  # nothing of this step is usable: fail its sequences
             log.exception("decode step failed for %d sequences", len(seqs))
             for seq in seqs:
@@ -601,6 +615,13 @@ class Scheduler:
         for seq, token, lp in zip(seqs, new, lps, strict=True):
             seq.length += 1
             events.append(self._accept(seq, token, lp))
+
+    def _threads_for(self, tokens: int) -> AbstractContextManager[None]:
+        """One torch thread for a pass of fewer than :attr:`one_thread_tokens` tokens, else the
+        calling thread's count (see :func:`core.hardware.one_thread_below`)."""
+        if tokens < self.one_thread_tokens:
+            return torch_threads(1)
+        return nullcontext()
 
     def _merged_prefill_hooks(self, chunks: list[_Chunk]) -> MergedHooks | None:
         """Hooks running a prefill pass on the merged copy that exists, if every prompt of the

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
+import core.generation.scheduler as scheduler_module
 from core.decoder.base import DecoderBase
 from core.generation.kv import SlotCache
 from core.generation.scheduler import GenerationRequest, Scheduler
-from core.hardware import cpu_flags, kv_dtype, resolve_dtype
+from core.hardware import cpu_flags, kv_dtype, one_thread_below, resolve_dtype
 from tests.core.decoder.test_forward import random_rows
 from tests.core.generation.helpers import chat_prompts, greedy, random_lora, run_all
 
@@ -29,6 +32,58 @@ def test_the_kv_cache_is_fp32_under_bf16_weights_on_a_cpu_without_amx() -> None:
     assert kv_dtype(torch.bfloat16, cuda) == torch.bfloat16
     amx = "amx_bf16" in cpu_flags()
     assert kv_dtype(torch.bfloat16, cpu) == (torch.bfloat16 if amx else torch.float32)
+
+
+def test_small_passes_run_on_one_thread_only_in_bf16_on_an_amx_cpu() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert one_thread_below(torch.float32, cpu) == 0
+    assert one_thread_below(torch.bfloat16, cuda) == 0
+    amx = "amx_bf16" in cpu_flags()
+    assert one_thread_below(torch.bfloat16, cpu) == (768 if amx else 0)
+
+
+def test_a_pass_under_one_thread_tokens_computes_on_one_thread(
+    tiny_decoder: DecoderBase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a two-thread step, a prefill or decode pass of fewer tokens than
+    ``one_thread_tokens`` runs on one thread and a larger one on both; the count comes back."""
+    seen: list[tuple[str, int, int]] = []  # (pass, its tokens, threads while it ran)
+    real_prefill, real_decode = scheduler_module.prefill, scheduler_module.decode_step
+
+    def prefill(weights: Any, cache: Any, prompts: list[list[int]], *a: Any, **k: Any) -> Any:
+        seen.append(("prefill", sum(map(len, prompts)), torch.get_num_threads()))
+        return real_prefill(weights, cache, prompts, *a, **k)
+
+    def decode_step(weights: Any, cache: Any, slots: torch.Tensor, *a: Any, **k: Any) -> Any:
+        seen.append(("decode", len(slots), torch.get_num_threads()))
+        return real_decode(weights, cache, slots, *a, **k)
+
+    monkeypatch.setattr(scheduler_module, "prefill", prefill)
+    monkeypatch.setattr(scheduler_module, "decode_step", decode_step)
+    weights = tiny_decoder.weights
+    # The hardware's rule by default: none for fp32 weights.
+    assert (
+        Scheduler(weights, tiny_decoder.tokenizer, num_slots=1, capacity=8).one_thread_tokens == 0
+    )
+    sched = Scheduler(
+        weights, tiny_decoder.tokenizer, num_slots=2, capacity=32, one_thread_tokens=6
+    )
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        vocab = tiny_decoder.config.vocab_size
+        run_all(sched, [GenerationRequest(random_rows(vocab, [4], seed=1)[0], greedy(3))])
+        run_all(sched, [GenerationRequest(random_rows(vocab, [8], seed=2)[0], greedy(2))])
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [
+        ("prefill", 4, 1),
+        ("decode", 1, 1),
+        ("decode", 1, 1),
+        ("prefill", 8, 2),
+        ("decode", 1, 1),
+    ]
 
 
 @pytest.mark.real_model
