@@ -13,10 +13,11 @@ and inter-token latency p50/p99 (between content chunks), errors. Then, in this 
 the server stopped, the references over the same prompts:
 
 (a) transformers ``generate`` on the bare base, one request at a time, in float32 and, where
-    ``auto`` picks bfloat16 (CUDA, a CPU with AMX or avx512_bf16), in bfloat16 too: the faster
-    of the two is the denominator;
+    ``auto`` picks bfloat16 (CUDA, a CPU with AMX or avx512_bf16), in bfloat16 too, each on the
+    run's threads and, where those are several, on one (bf16 on 2 AMX cores ran faster on one):
+    the fastest is the denominator;
 (b) transformers + PEFT ``generate`` with the N adapters loaded, ``set_adapter`` per request
-    (in (a)'s faster dtype);
+    (in (a)'s fastest dtype and threads);
 (c) loraplex's scheduler in this process on the bare base, in the server's dtype, for each
     configuration on its own prompts and driven like the server: C clients sharing the same
     requests, each client's next added when its last ends: the engine without HTTP or
@@ -401,7 +402,7 @@ def main() -> None:
     import torch
 
     from core.decoder.base import DEFAULT_DECODER_NAME
-    from core.hardware import bf16_cpu_flags, resolve_dtype
+    from core.hardware import bf16_cpu_flags, resolve_dtype, torch_threads
 
     base, weights = decoder_in(args.dtype, args.threads)
     fast_bf16 = resolve_dtype("auto", base.weights.device) == torch.bfloat16
@@ -452,10 +453,15 @@ def main() -> None:
             server.stop()
     k = max(4, min(8, len(ids)))
     hf_dtypes = (torch.float32, torch.bfloat16) if fast_bf16 else (torch.float32,)
-    hf_by_dtype = {d: hf_sequential(base, ids[:k], new_tokens, None, d) for d in hf_dtypes}
-    hf_dtype = max(hf_by_dtype, key=hf_by_dtype.__getitem__)
-    hf = hf_by_dtype[hf_dtype]
-    peft = hf_sequential(base, ids[:k], new_tokens, states[: max(counts)], hf_dtype, targets)
+    hf_by: dict[tuple[torch.dtype, int], float] = {}
+    for dtype in hf_dtypes:
+        for threads in sorted({torch.get_num_threads(), 1}, reverse=True):
+            with torch_threads(threads):
+                hf_by[dtype, threads] = hf_sequential(base, ids[:k], new_tokens, None, dtype)
+    hf_dtype, hf_threads = max(hf_by, key=hf_by.__getitem__)
+    hf = hf_by[hf_dtype, hf_threads]
+    with torch_threads(hf_threads):
+        peft = hf_sequential(base, ids[:k], new_tokens, states[: max(counts)], hf_dtype, targets)
     for row, mine in zip(rows, prompts_of, strict=True):
         c = row["concurrency"]
         row_ids = [ids[i] for i in mine]
@@ -478,8 +484,10 @@ def main() -> None:
         "prefix_cache_mb": args.prefix_cache_mb,
         "hf_sequential_tok_s": round(hf, 1),
         "hf_sequential_dtype": str(hf_dtype).removeprefix("torch."),
-        "hf_sequential_tok_s_by_dtype": {
-            str(d).removeprefix("torch."): round(v, 1) for d, v in hf_by_dtype.items()
+        "hf_sequential_threads": hf_threads,
+        "hf_sequential_tok_s_by_setting": {
+            f"{str(d).removeprefix('torch.')}, {t} thread{'s' if t > 1 else ''}": round(v, 1)
+            for (d, t), v in hf_by.items()
         },
         f"hf_peft_sequential_{max(counts)}_adapters_tok_s": round(peft, 1),
         "results": rows,
