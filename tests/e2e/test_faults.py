@@ -223,6 +223,29 @@ def _adapter_rows(server: ServerProcess, job_id: str) -> int:
     return int(count)
 
 
+def _stop_outside_a_write(server: ServerProcess, worker: WorkerProcess) -> None:
+    """SIGSTOP ``worker`` at a moment it holds no SQLite write lock: stopped inside a write
+    transaction (a heartbeat, a progress row, a checkpoint) it would keep every other process
+    from writing until it resumes, the reaper and the worker taking over included, which no
+    lease can undo (see the README's failure table). Retried a few ms later if it did."""
+    db = server.data_dir / "loraplex.db"
+    for _ in range(100):
+        worker.signal(signal.SIGSTOP)
+        conn = sqlite3.connect(db, timeout=0.2, isolation_level=None)
+        try:
+            conn.execute("BEGIN IMMEDIATE")  # takes the write lock, or finds it held
+            conn.execute("ROLLBACK")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc):
+                raise
+        finally:
+            conn.close()
+        worker.signal(signal.SIGCONT)
+        time.sleep(0.01)
+    raise AssertionError("the worker held the database's write lock at 100 tries")
+
+
 def _weights(client: httpx.Client, name: str) -> dict[str, Any]:
     resp = client.get(f"/v1/adapters/{name}/export", params={"format": "loraplex"})
     assert resp.status_code == 200, resp.text
@@ -305,7 +328,7 @@ def test_stalled_worker_that_lost_its_lease_writes_nothing(
     job_id = _submit(client, files, "zombie")
     _until(lambda: _checkpoints(client, job_id), "a first checkpoint")
     zombie = workers[_until(lambda: _holder(client, job_id), "the job's worker")]
-    zombie.signal(signal.SIGSTOP)
+    _stop_outside_a_write(server, zombie)
     try:
         job = wait_job(client, job_id, WAIT_S)
         assert job["status"] == "succeeded", job
