@@ -126,13 +126,17 @@ def get_principal(
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
 
 
+def _tenant_key_required() -> ServiceError:
+    return ServiceError(
+        "The admin key manages tenants only; use a tenant's API key here.",
+        code="tenant_key_required",
+        kind=ErrorKind.FORBIDDEN,
+    )
+
+
 def _tenant_id(principal: Principal) -> str:
     if principal.tenant_id is None:
-        raise ServiceError(
-            "The admin key manages tenants only; use a tenant's API key here.",
-            code="tenant_key_required",
-            kind=ErrorKind.FORBIDDEN,
-        )
+        raise _tenant_key_required()
     return principal.tenant_id
 
 
@@ -167,6 +171,23 @@ def _tenant_of_secret(request: Request, secret: str) -> str | None:
 
 
 CallerTenantId = Annotated[str | None, Depends(get_caller_tenant_id)]
+
+
+async def get_uploading_tenant_id(
+    request: Request, settings: SettingsDep, credentials: BearerDep
+) -> str:
+    """The caller's tenant id (a tenant key required), checked like :data:`CurrentTenant`
+    but holding no connection after: for routes that read their body themselves (uploads),
+    at the pace the client sends it. Held through the upload, a dependency's session kept a
+    pooled connection per slow client, and a few dozen of them stalled every other
+    tenant's requests on the pool (``tests/service/api/test_slow_uploads.py``)."""
+    tenant_id = await get_caller_tenant_id(request, settings, credentials)
+    if tenant_id is None:
+        raise _tenant_key_required()
+    return tenant_id
+
+
+UploadingTenantId = Annotated[str, Depends(get_uploading_tenant_id)]
 
 
 async def caller_tenant_id(request: Request) -> str | None:

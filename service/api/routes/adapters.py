@@ -33,6 +33,7 @@ from service.api.deps import (
     SessionDep,
     SessionFactoryDep,
     SettingsDep,
+    UploadingTenantId,
 )
 from service.api.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery, keyset_page
 from service.api.params import AdapterNamePath
@@ -215,7 +216,10 @@ def _import_name(form: FormData) -> str:
     openapi_extra=_IMPORT_OPENAPI,
 )
 async def import_adapter(
-    request: Request, tenant: CurrentTenant, settings: SettingsDep, factory: SessionFactoryDep
+    request: Request,
+    tenant_id: UploadingTenantId,
+    settings: SettingsDep,
+    factory: SessionFactoryDep,
 ) -> AdapterObject:
     """Stores an uploaded adapter under `name`, as if it had been trained here: a zip of a
     PEFT folder (LoRA or prompt tuning, safetensors only) or of a loraplex export. A PEFT
@@ -233,9 +237,9 @@ async def import_adapter(
         data = await read_upload(upload, settings.max_upload_bytes)
     spec = resolve_job_base(settings, form_model)
     base = app_state(request).require_base(spec.name)
-    await run_in_threadpool(precheck, factory, tenant.id, name, settings)
+    await run_in_threadpool(precheck, factory, tenant_id, name, settings)
     row = await run_in_threadpool(load, data, name, base, head, archive_limits(settings))
-    row = await run_in_threadpool(insert, factory, tenant.id, row, settings)
+    row = await run_in_threadpool(insert, factory, tenant_id, row, settings)
     return AdapterObject.from_row(row)
 
 

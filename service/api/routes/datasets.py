@@ -11,7 +11,13 @@ from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from service.api.deps import CurrentTenant, SessionDep, SessionFactoryDep, SettingsDep
+from service.api.deps import (
+    CurrentTenant,
+    SessionDep,
+    SessionFactoryDep,
+    SettingsDep,
+    UploadingTenantId,
+)
 from service.api.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery, keyset_page
 from service.api.params import DatasetId
 from service.api.schemas.common import DeletedResponse, ListResponse
@@ -148,7 +154,10 @@ def _media_type(request: Request) -> str:
     openapi_extra=_body_openapi(kind_required=True),
 )
 async def create_dataset(
-    request: Request, tenant: CurrentTenant, settings: SettingsDep, factory: SessionFactoryDep
+    request: Request,
+    tenant_id: UploadingTenantId,
+    settings: SettingsDep,
+    factory: SessionFactoryDep,
 ) -> DatasetObject:
     """Upload a dataset: a multipart `file` with its `kind` (and optional `name`), or JSON
     `records`. The rows are checked whole before anything is stored; the first problem is
@@ -165,7 +174,7 @@ async def create_dataset(
     row = await run_in_threadpool(
         store_dataset,
         factory,
-        tenant.id,
+        tenant_id,
         name,
         parsed,
         received,
@@ -197,7 +206,7 @@ def _check_upload(upload: _Upload, limits: Limits) -> DatasetValidation:
     openapi_extra=_body_openapi(kind_required=False),
 )
 async def validate_dataset(
-    request: Request, _tenant: CurrentTenant, settings: SettingsDep
+    request: Request, _tenant_id: UploadingTenantId, settings: SettingsDep
 ) -> DatasetValidation:
     limits = Limits(max_rows=settings.max_dataset_rows)
     if _media_type(request) == "multipart/form-data":

@@ -16,7 +16,13 @@ from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from service.api.deps import CurrentTenant, SessionDep, SessionFactoryDep, SettingsDep
+from service.api.deps import (
+    CurrentTenant,
+    SessionDep,
+    SessionFactoryDep,
+    SettingsDep,
+    UploadingTenantId,
+)
 from service.api.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery, keyset_page
 from service.api.params import FileId
 from service.api.schemas.common import ListResponse
@@ -74,7 +80,10 @@ _CREATE_OPENAPI: dict[str, Any] = {
     "", response_model=FileObject, summary="Upload a training file", openapi_extra=_CREATE_OPENAPI
 )
 async def create_file(
-    request: Request, tenant: CurrentTenant, settings: SettingsDep, factory: SessionFactoryDep
+    request: Request,
+    tenant_id: UploadingTenantId,
+    settings: SettingsDep,
+    factory: SessionFactoryDep,
 ) -> FileObject:
     """OpenAI's file upload (`client.files.create(file=..., purpose="fine-tune")`): the file
     is checked and stored as a dataset, whose kind is inferred from the first row unless the
@@ -112,7 +121,7 @@ async def create_file(
     row = await run_in_threadpool(
         store_dataset,
         factory,
-        tenant.id,
+        tenant_id,
         filename,
         parsed,
         UploadDigest.of(data),
