@@ -3,9 +3,9 @@
 Routes and domain code raise :class:`service.errors.ServiceError`; :data:`RENDERING` maps its
 kind to a status, an error ``type`` and headers. The handlers installed by
 :func:`install_error_handlers` turn it, FastAPI's request validation errors, Starlette's HTTP
-errors (unknown URL, wrong method, body too large) and any unexpected exception into that
-shape. Unexpected exceptions are logged with their traceback and answered with a generic 500
-that reveals nothing about the internals.
+errors (unknown URL, wrong method, body too large), a busy database (503, Retry-After) and
+any unexpected exception into that shape. Unexpected exceptions are logged with their
+traceback and answered with a generic 500 that reveals nothing about the internals.
 """
 
 from __future__ import annotations
@@ -18,10 +18,12 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from service.errors import ErrorKind, ServiceError, invalid
+from service.errors import ErrorKind, ServiceError, invalid, unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -164,6 +166,27 @@ async def _client_disconnect_handler(request: Request, exc: Exception) -> Respon
     return Response(status_code=CLIENT_CLOSED_REQUEST)
 
 
+def _database_busy(exc: Exception) -> bool:
+    """Load on the database rather than a fault: every pooled connection in use past the
+    pool's timeout, or SQLite's write lock held by another process past ``busy_timeout``."""
+    if isinstance(exc, PoolTimeoutError):
+        return True
+    return isinstance(exc, OperationalError) and "database is locked" in str(exc.orig)
+
+
+async def _database_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    if not _database_busy(exc):
+        return await _unhandled_error_handler(request, exc)
+    # The request's transaction was rolled back: nothing of it is stored, and it may be sent
+    # again as it was.
+    logger.warning(
+        "database busy on %s %s: %s", request.method, request.url.path, str(exc).splitlines()[0]
+    )
+    return error_response(
+        unavailable("The database is busy; retry shortly.", "database_busy", retry_after=1)
+    )
+
+
 async def _unhandled_error_handler(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return JSONResponse(
@@ -182,5 +205,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_handler)
     app.add_exception_handler(StarletteHTTPException, _http_error_handler)
     app.add_exception_handler(ClientDisconnect, _client_disconnect_handler)
+    app.add_exception_handler(PoolTimeoutError, _database_error_handler)
+    app.add_exception_handler(OperationalError, _database_error_handler)
     # Exception → Starlette's ServerErrorMiddleware: the outermost catch-all.
     app.add_exception_handler(Exception, _unhandled_error_handler)

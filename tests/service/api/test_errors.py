@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import sqlite3
+from pathlib import Path
+
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from sqlalchemy.pool import QueuePool
 
 from service.adapters.archive import ArchiveError
 from service.adapters.transfer import TransferError
@@ -14,7 +18,16 @@ from service.datasets.rows import DatasetError
 from service.errors import ErrorKind, ServiceError, unavailable
 from service.jobs.validate import MethodConfigError
 from service.main import create_app
-from tests.service.helpers import Headers, assert_error
+from service.state import app_state
+from tests.service.conftest import make_settings
+from tests.service.helpers import (
+    CLASSIFICATION_ROWS,
+    Headers,
+    assert_error,
+    default_auth,
+    jsonl,
+    upload,
+)
 
 
 def test_unknown_url_is_404_in_standard_shape(client: TestClient) -> None:
@@ -159,3 +172,51 @@ def test_loc_to_param() -> None:
     assert loc_to_param(("query", "limit")) == "limit"
     assert loc_to_param(("body", "records", 3, "text")) == "records.3.text"
     assert loc_to_param(("body",)) is None
+
+
+@pytest.mark.sqlite_only
+def test_a_database_locked_past_the_busy_timeout_is_a_503_and_stores_nothing(
+    tmp_path: Path, database_url: str
+) -> None:
+    """Another process holding SQLite's write lock longer than ``sqlite_busy_timeout_ms`` is
+    load, not a fault: 503 with Retry-After, nothing half-written, and the same request goes
+    through once the lock is gone."""
+    settings = make_settings(tmp_path, sqlite_busy_timeout_ms=50)
+    with TestClient(create_app(settings, hooks=[])) as client:
+        auth = default_auth(settings)
+        holder = sqlite3.connect(tmp_path / "loraplex.db", isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")  # the write lock, as a worker's checkpoint holds it
+        try:
+            resp = upload(client, auth, jsonl(CLASSIFICATION_ROWS), name="locked")
+            assert_error(resp, 503, code="database_busy", type="service_unavailable_error")
+            assert resp.headers["retry-after"] == "1"
+            # Reads go on under WAL while the lock is held: nothing was stored.
+            assert client.get("/v1/datasets", headers=auth).json()["data"] == []
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        resp = upload(client, auth, jsonl(CLASSIFICATION_ROWS), name="locked")
+        assert resp.status_code == 200, resp.text
+        assert [d["name"] for d in client.get("/v1/datasets", headers=auth).json()["data"]] == [
+            "locked"
+        ]
+
+
+def test_a_connection_pool_used_up_past_its_timeout_is_a_503(settings: Settings) -> None:
+    app = create_app(settings, hooks=[])
+    with TestClient(app) as client:
+        auth = default_auth(settings)
+        db_engine = app_state(app).db_engine
+        pool = db_engine.pool
+        assert isinstance(pool, QueuePool)
+        # Every connection the pool may open, held, and a short wait for one.
+        held = [db_engine.connect() for _ in range(pool.size() + pool._max_overflow)]
+        pool._timeout = 0.1
+        try:
+            resp = client.get("/v1/datasets", headers=auth)
+            assert_error(resp, 503, code="database_busy", type="service_unavailable_error")
+            assert resp.headers["retry-after"] == "1"
+        finally:
+            for conn in held:
+                conn.close()
+        assert client.get("/v1/datasets", headers=auth).status_code == 200
