@@ -63,6 +63,14 @@ class Settings(BaseSettings):
     # None means a SQLite file inside data_dir; filled in by the validator below.
     database_url: str | None = None
     sqlite_busy_timeout_ms: int = Field(default=5000, ge=0)
+    postgres_idle_in_transaction_timeout_s: float = Field(
+        default=60.0,
+        ge=0,
+        description="PostgreSQL only: the server ends a session of this process's that sits "
+        "in an open transaction, doing nothing, this long (idle_in_transaction_session_timeout)"
+        ", so a process stalled inside a transaction cannot hold its row locks, a job's "
+        "included, for longer. Every transaction here lasts milliseconds. 0: never.",
+    )
     # PostgreSQL only: where each API process LISTENs for adapter changes. LISTEN needs a
     # session-mode connection; set this to a direct URL when database_url goes through a
     # transaction-mode pooler (PgBouncer). None = database_url.

@@ -33,7 +33,7 @@ from service.api.routes.docs import install_docs
 from service.api.schemas.inference import max_body_bytes
 from service.config import Settings
 from service.db.migrate import upgrade
-from service.db.session import make_db_engine, make_sessionmaker
+from service.db.session import db_engine_for, make_sessionmaker
 from service.observability.metrics import (
     JobCollector,
     LookupCacheCollector,
@@ -118,9 +118,7 @@ def create_app(
         docs_url=None,
         redoc_url=None,
     )
-    db_engine = make_db_engine(
-        settings.db_url, sqlite_busy_timeout_ms=settings.sqlite_busy_timeout_ms
-    )
+    db_engine = db_engine_for(settings)
     state = AppState(
         settings=settings,
         db_engine=db_engine,

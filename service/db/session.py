@@ -14,6 +14,7 @@ from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.config import Settings
 from service.errors import ServiceError
 
 logger = logging.getLogger(__name__)
@@ -47,7 +48,13 @@ def normalize_url(url: str | URL) -> URL:
 SQLITE_POOL_SIZE = 20
 
 
-def make_db_engine(url: str | URL, *, sqlite_busy_timeout_ms: int = 5000, **kwargs: Any) -> Engine:
+def make_db_engine(
+    url: str | URL,
+    *,
+    sqlite_busy_timeout_ms: int = 5000,
+    postgres_idle_in_transaction_timeout_ms: int = 0,
+    **kwargs: Any,
+) -> Engine:
     url = normalize_url(url)
     if url.get_backend_name() == "sqlite":
         ensure_sqlite_dir(url)
@@ -69,7 +76,44 @@ def make_db_engine(url: str | URL, *, sqlite_busy_timeout_ms: int = 5000, **kwar
         _configure_sqlite(db_engine, busy_timeout_ms=sqlite_busy_timeout_ms, wal=path is not None)
         return db_engine
     kwargs.setdefault("pool_pre_ping", True)
-    return create_engine(url, **kwargs)
+    db_engine = create_engine(url, **kwargs)
+    if postgres_idle_in_transaction_timeout_ms > 0:
+        _end_idle_transactions(db_engine, postgres_idle_in_transaction_timeout_ms)
+    return db_engine
+
+
+def db_engine_for(settings: Settings, **kwargs: Any) -> Engine:
+    """The engine of ``settings.db_url`` with the settings' lock and transaction timeouts."""
+    return make_db_engine(
+        settings.db_url,
+        sqlite_busy_timeout_ms=settings.sqlite_busy_timeout_ms,
+        postgres_idle_in_transaction_timeout_ms=round(
+            settings.postgres_idle_in_transaction_timeout_s * 1000
+        ),
+        **kwargs,
+    )
+
+
+def _end_idle_transactions(db_engine: Engine, timeout_ms: int) -> None:
+    """Have PostgreSQL end any of this engine's sessions that sits in an open transaction,
+    doing nothing, for ``timeout_ms``: a process stalled there (stopped, swapped out, a VM
+    paused) would otherwise hold its row locks, a job's included, for as long as it stalls,
+    and every write to those rows, the reaper's and the worker taking over the job included,
+    would wait for it. The session's next statement fails, so the stalled process finds out
+    when it resumes; every transaction here is short (milliseconds), and the routes that wait
+    on a client hold none."""
+
+    @event.listens_for(db_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # A plain SET, not the startup packet's `options`, which PgBouncer refuses. In
+        # autocommit, so that it is not rolled back with the pool's first reset.
+        autocommit = dbapi_connection.autocommit
+        dbapi_connection.autocommit = True
+        try:
+            with dbapi_connection.cursor() as cursor:
+                cursor.execute(f"SET idle_in_transaction_session_timeout = {int(timeout_ms)}")
+        finally:
+            dbapi_connection.autocommit = autocommit
 
 
 def _configure_sqlite(db_engine: Engine, *, busy_timeout_ms: int, wal: bool) -> None:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.config import Settings
-from service.db.session import make_db_engine, make_sessionmaker
+from service.db.session import db_engine_for, make_sessionmaker
 from service.jobs import queue
 from service.worker.health import HeartbeatWriter
 
@@ -120,9 +120,7 @@ def run_worker(settings: Settings, worker_id: str | None = None) -> int:
     limit_heap_growth()  # before the first job allocates (see its docstring for the figures)
     torch.set_num_threads(train_threads(settings))
     upgrade(settings.db_url)
-    db_engine = make_db_engine(
-        settings.db_url, sqlite_busy_timeout_ms=settings.sqlite_busy_timeout_ms
-    )
+    db_engine = db_engine_for(settings)
     worker = Worker(settings, make_sessionmaker(db_engine), worker_id=worker_id)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

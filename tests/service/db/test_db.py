@@ -9,12 +9,18 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import select, text
-from sqlalchemy.exc import IntegrityError, StatementError
+from sqlalchemy.exc import DBAPIError, IntegrityError, StatementError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.cli import main
 from service.db.models import ApiKey, Tenant
-from service.db.session import make_db_engine, make_sessionmaker, reclaim_free_pages
+from service.db.session import (
+    db_engine_for,
+    make_db_engine,
+    make_sessionmaker,
+    reclaim_free_pages,
+)
+from tests.service.conftest import make_settings
 
 
 @pytest.mark.sqlite_only
@@ -89,3 +95,55 @@ def test_reclaim_after_a_delete_never_fails_the_delete(
             reclaim_free_pages(session)
     db_engine.dispose()
     assert "incremental_vacuum after a delete failed: database is locked" in caplog.text
+
+
+@pytest.mark.postgres_only
+def test_a_session_stalled_inside_a_transaction_is_ended_and_its_row_locks_freed(
+    migrated_db: sessionmaker[Session], database_url: str
+) -> None:
+    """A process stalled inside a transaction (here: a session that locks a tenant's row and
+    then does nothing) is ended by PostgreSQL after the setting's timeout, so a write to the
+    row that waited for it goes through, and the stalled session's next statement fails."""
+    with migrated_db() as session:
+        tenant = Tenant(name="locked")
+        session.add(tenant)
+        session.commit()
+        tenant_id = tenant.id
+    stalled_engine = make_db_engine(database_url, postgres_idle_in_transaction_timeout_ms=500)
+    try:
+        with Session(stalled_engine) as stalled:
+            assert stalled.execute(text("SHOW idle_in_transaction_session_timeout")).scalar() == (
+                "500ms"
+            )
+            stalled.execute(select(Tenant).where(Tenant.id == tenant_id).with_for_update())
+            with migrated_db() as writer:
+                # Waits for the stalled session's row lock until PostgreSQL ends that session;
+                # the lock_timeout fails the test instead of hanging it if it never does.
+                writer.execute(text("SET LOCAL lock_timeout = '20s'"))
+                writer.execute(
+                    text("UPDATE tenants SET name = 'renamed' WHERE id = :id"), {"id": tenant_id}
+                )
+                writer.commit()
+            with pytest.raises(DBAPIError, match="idle-in-transaction timeout"):
+                stalled.execute(text("SELECT 1"))
+        with migrated_db() as session:
+            assert session.get(Tenant, tenant_id).name == "renamed"  # type: ignore[union-attr]
+        # The pool replaces the ended connection: the engine works on.
+        with stalled_engine.connect() as conn:
+            assert conn.execute(text("SELECT 1")).scalar() == 1
+    finally:
+        stalled_engine.dispose()
+
+
+@pytest.mark.postgres_only
+@pytest.mark.parametrize(("seconds", "shown"), [(None, "1min"), (2.5, "2500ms"), (0, "0")])
+def test_the_engines_idle_transaction_timeout_is_the_settings(
+    database_url: str, tmp_path: Path, seconds: float | None, shown: str
+) -> None:
+    overrides = {} if seconds is None else {"postgres_idle_in_transaction_timeout_s": seconds}
+    db_engine = db_engine_for(make_settings(tmp_path, database_url=database_url, **overrides))
+    try:
+        with db_engine.connect() as conn:
+            assert conn.execute(text("SHOW idle_in_transaction_session_timeout")).scalar() == shown
+    finally:
+        db_engine.dispose()
