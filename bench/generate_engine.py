@@ -4,7 +4,9 @@ For each batch size B (``--batch``), B prompts of ``--prompt-tokens`` tokens eac
 ``--new-tokens`` tokens greedily (no end-of-sequence stop), three ways, one after another:
 
 * ``bare_loop``: :func:`core.decoder.generate.greedy_generate`, the whole batch at once (one
-  batched prefill, then one decode step per token): the limit the scheduler is measured by;
+  batched prefill, then one decode step per token): the limit the scheduler is measured by,
+  run on the run's threads and on one, the faster counting (the scheduler runs small passes
+  on one thread where that is faster, :func:`core.hardware.one_thread_below`);
 * ``sched_bare``: :class:`core.generation.scheduler.Scheduler`, all B requests on the base;
 * ``sched_mixed``: the scheduler with request i on adapter ``i % N`` of N (``--adapters``)
   random LoRA adapters (r=8, every linear target or ``--targets``, non-zero B): mixed adapters
@@ -73,7 +75,7 @@ def main() -> None:
     from core.generation.kv import SlotCache
     from core.generation.sampling import SamplingParams
     from core.generation.scheduler import GenerationRequest, Scheduler
-    from core.hardware import bf16_cpu_flags, kv_dtype
+    from core.hardware import bf16_cpu_flags, kv_dtype, torch_threads
     from tests.core.generation.helpers import random_lora
 
     base, weights = decoder_in(args.dtype, args.threads)
@@ -136,9 +138,12 @@ def main() -> None:
     results: list[dict[str, Any]] = []
     for b in args.batch:
         rows = prompts(b)
-        t0 = time.perf_counter()
-        greedy_generate(weights, rows, args.new_tokens)
-        bare = b * args.new_tokens / (time.perf_counter() - t0)
+        bare = 0.0
+        for threads in sorted({torch.get_num_threads(), 1}, reverse=True):
+            with torch_threads(threads):
+                t0 = time.perf_counter()
+                greedy_generate(weights, rows, args.new_tokens)
+                bare = max(bare, b * args.new_tokens / (time.perf_counter() - t0))
         sched_bare = scheduled(rows, mixed=False)
         mixed = scheduled(rows, mixed=True)
         ms = step_ms(b)

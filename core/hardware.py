@@ -69,6 +69,12 @@ def one_thread_below(dtype: torch.dtype, device: torch.device) -> int:
     4 x 250. Elsewhere a second thread pays for itself (fp32 on 2 AMD EPYC cores: a 32-row
     step 1.37x faster on two), and the AMX figures say nothing of more cores than two, so
     passes there keep the step's count.
+
+    Nor does bf16 on avx512_bf16 without AMX (2 AMD EPYC cores) gain: a decode step + logits of
+    one row took 46 vs 58 ms on one thread against two in a first A/B (medians of 9,
+    alternating), 69 vs 69 ms in a rerun, and the scheduler itself with passes of fewer than 8
+    tokens on one thread (every step of 1 to 7 streams) against none, one process alternating
+    6 times, 100-token prompts: one stream's step 62.9 vs 62.0 ms, 8 streams' 71.8 vs 67.0.
     """
     if dtype == torch.bfloat16 and device.type == "cpu" and "amx_bf16" in cpu_flags():
         return 768
