@@ -8,7 +8,7 @@ import os
 import threading
 import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -250,6 +250,38 @@ def json_post_scope(
         "client": ("127.0.0.1", 1),
         "server": ("127.0.0.1", 80),
     }
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float = 30.0) -> bool:
+    """Whether ``condition`` held within ``timeout_s`` (polled every 10 ms)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+@contextmanager
+def uvicorn_serving(app: Any, timeout_s: float = 30.0) -> Iterator[int]:
+    """A real uvicorn server on ``app`` whose lifespan a test client already ran, on a free
+    loopback port (yielded), in a thread."""
+    import uvicorn
+
+    from tests.e2e.server import free_port
+
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=free_port(), lifespan="off", log_config=None
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        assert wait_until(lambda: server.started, timeout_s), "uvicorn did not start"
+        yield config.port
+    finally:
+        server.should_exit = True
+        thread.join(timeout=timeout_s)
 
 
 def wait_until_idle(scheduler: Scheduler, timeout_s: float = 30.0) -> None:

@@ -11,19 +11,15 @@ the headers and the first part of a multipart body, then nothing.
 from __future__ import annotations
 
 import socket
-import threading
-import time
 from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 from sqlalchemy import event
 
 from service.state import app_state
-from tests.e2e.server import free_port
-from tests.service.helpers import Headers
+from tests.service.helpers import Headers, uvicorn_serving, wait_until
 
 WAIT_S = 20.0  # under the pool's 30 s checkout timeout: a starved request fails the test
 BOUNDARY = "slow-upload-boundary"
@@ -38,19 +34,8 @@ FIELDS = {
 
 @pytest.fixture
 def port(client: TestClient) -> Iterator[int]:
-    """A real uvicorn server on the app the test client started (its lifespan already ran)."""
-    config = uvicorn.Config(
-        client.app, host="127.0.0.1", port=free_port(), lifespan="off", log_config=None
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        assert wait_until(lambda: server.started), "uvicorn did not start"
-        yield config.port
-    finally:
-        server.should_exit = True
-        thread.join(timeout=WAIT_S)
+    with uvicorn_serving(client.app, WAIT_S) as port:
+        yield port
 
 
 @pytest.fixture
@@ -66,15 +51,6 @@ def checkouts(client: TestClient) -> Iterator[Callable[[], int]]:
     event.listen(pool, "checkout", counted)
     yield lambda: count
     event.remove(pool, "checkout", counted)
-
-
-def wait_until(condition: Callable[[], bool]) -> bool:
-    deadline = time.monotonic() + WAIT_S
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def start_slow_upload(port: int, path: str, auth: Headers) -> socket.socket:
@@ -108,8 +84,8 @@ def test_a_slow_upload_holds_no_connection(
     uploads = [start_slow_upload(port, path, auth) for _ in range(3)]
     try:
         # Each request's caller is looked up (a connection taken), then its body awaited.
-        assert wait_until(lambda: checkouts() >= len(uploads)), f"{checkouts()} checkouts"
-        assert wait_until(lambda: pool.checkedout() == 0), f"{pool.checkedout()} held"
+        assert wait_until(lambda: checkouts() >= len(uploads), WAIT_S), f"{checkouts()} checkouts"
+        assert wait_until(lambda: pool.checkedout() == 0, WAIT_S), f"{pool.checkedout()} held"
     finally:
         for sock in uploads:
             sock.close()
@@ -126,7 +102,7 @@ def test_slow_uploads_past_the_pool_do_not_stall_another_tenant(
     uploads = [start_slow_upload(port, "/v1/datasets", auth) for _ in range(32)]
     try:
         # Every slow request gets as far as its body (its caller looked up) first.
-        assert wait_until(lambda: checkouts() >= len(uploads)), f"{checkouts()} checkouts"
+        assert wait_until(lambda: checkouts() >= len(uploads), WAIT_S), f"{checkouts()} checkouts"
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=WAIT_S) as other:
             resp = other.get("/v1/datasets", headers=other_auth)
             assert resp.status_code == 200, resp.text

@@ -12,18 +12,15 @@ import json
 import logging
 import socket
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 
 from service.state import app_state
 from tests.core.inference.helpers import lora
-from tests.e2e.server import free_port
-from tests.service.helpers import Headers, store_adapter
+from tests.service.helpers import Headers, store_adapter, uvicorn_serving, wait_until
 
 WAIT_S = 30.0
 PAIR = {"prompt": "a question", "response_a": "one answer", "response_b": "another answer"}
@@ -31,28 +28,8 @@ PAIR = {"prompt": "a question", "response_a": "one answer", "response_b": "anoth
 
 @pytest.fixture
 def port(serving_client: TestClient) -> Iterator[int]:
-    """A real uvicorn server on the app the test client started (its lifespan already ran)."""
-    config = uvicorn.Config(
-        serving_client.app, host="127.0.0.1", port=free_port(), lifespan="off", log_config=None
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        assert wait_until(lambda: server.started), "uvicorn did not start"
-        yield config.port
-    finally:
-        server.should_exit = True
-        thread.join(timeout=WAIT_S)
-
-
-def wait_until(condition: Callable[[], bool]) -> bool:
-    deadline = time.monotonic() + WAIT_S
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
+    with uvicorn_serving(serving_client.app, WAIT_S) as port:
+        yield port
 
 
 @pytest.mark.parametrize(
