@@ -105,3 +105,12 @@ def decoder_in(dtype: str, threads: int | None) -> tuple[DecoderBase, DecoderWei
         torch.set_num_threads(threads)
     base = load_decoder_base(device="cpu")
     return base, base.weights.to(resolve_dtype(dtype, base.weights.device))
+
+
+def reference_threads() -> list[int]:
+    """The torch thread counts a reference is timed at, the faster counting: the run's and, where
+    those are several, one (the scheduler runs small passes on one thread where that is faster,
+    ``core.hardware.one_thread_below``; bf16 on 2 AMX cores ran faster on one)."""
+    import torch
+
+    return sorted({torch.get_num_threads(), 1}, reverse=True)

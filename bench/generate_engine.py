@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import decoder_in, peak_rss_mib
+from bench.common import decoder_in, peak_rss_mib, reference_threads
 from core.targets import DECODER_TARGET_MODULES
 
 
@@ -139,7 +139,7 @@ def main() -> None:
     for b in args.batch:
         rows = prompts(b)
         bare = 0.0
-        for threads in sorted({torch.get_num_threads(), 1}, reverse=True):
+        for threads in reference_threads():
             with torch_threads(threads):
                 t0 = time.perf_counter()
                 greedy_generate(weights, rows, args.new_tokens)

@@ -58,7 +58,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from bench.common import decoder_in, fixture_reviews
+from bench.common import decoder_in, fixture_reviews, reference_threads
 from core.targets import DECODER_TARGET_MODULES
 from service.config import Settings
 from tests.e2e.server import ServerProcess
@@ -455,7 +455,7 @@ def main() -> None:
     hf_dtypes = (torch.float32, torch.bfloat16) if fast_bf16 else (torch.float32,)
     hf_by: dict[tuple[torch.dtype, int], float] = {}
     for dtype in hf_dtypes:
-        for threads in sorted({torch.get_num_threads(), 1}, reverse=True):
+        for threads in reference_threads():
             with torch_threads(threads):
                 hf_by[dtype, threads] = hf_sequential(base, ids[:k], new_tokens, None, dtype)
     hf_dtype, hf_threads = max(hf_by, key=hf_by.__getitem__)

@@ -287,9 +287,7 @@ def uvicorn_serving(app: Any, timeout_s: float = 30.0) -> Iterator[int]:
 def wait_until_idle(scheduler: Scheduler, timeout_s: float = 30.0) -> None:
     """Wait, at most ``timeout_s``, until ``scheduler`` runs no sequence: a cancelled one is
     dropped at its next step. The caller asserts what must hold then."""
-    deadline = time.monotonic() + timeout_s
-    while scheduler.running and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: not scheduler.running, timeout_s)
 
 
 def serve_base(*bases: Any) -> Any:

@@ -36,19 +36,17 @@ from service.serving.invalidation import (
 from service.state import app_state
 from service.worker.lease import LeaseKeeper
 from tests.service.conftest import reset_postgres
-from tests.service.helpers import Headers, adapter_row, add_queued_job, add_tenant, store_adapter
+from tests.service.helpers import (
+    Headers,
+    adapter_row,
+    add_queued_job,
+    add_tenant,
+    store_adapter,
+    wait_until,
+)
 
 Factory = sessionmaker[Session]
 WAIT_S = 30.0  # generous: the box is shared and loaded
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = WAIT_S) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
 
 
 @pytest.fixture
@@ -183,8 +181,8 @@ def test_listener_delivers_changes_and_resyncs_after_reconnect(
             ).scalar_one()
         admin.dispose()
         assert killed == 1
-        assert wait_for(lambda: listener.connects >= 2 and listener.connected.is_set())
-        assert wait_for(lambda: len(resyncs) == 1)
+        assert wait_until(lambda: listener.connects >= 2 and listener.connected.is_set(), WAIT_S)
+        assert wait_until(lambda: len(resyncs) == 1, WAIT_S)
 
         with pg() as session:
             session.execute(delete(AdapterRow).where(AdapterRow.name == "m"))
@@ -294,7 +292,7 @@ def test_a_change_made_elsewhere_frees_the_resident_copy(
             session.execute(delete(AdapterRow).where(AdapterRow.name == "shared"))
             session.commit()
         other.dispose()
-        assert wait_for(lambda: engine.stats.resident_count == 0)
+        assert wait_until(lambda: engine.stats.resident_count == 0, WAIT_S)
         assert listener.received >= 1
         resp = client.post("/predict?adapter=shared", json={"inputs": ["good"]}, headers=auth)
         assert resp.status_code == 404
