@@ -332,8 +332,8 @@ def test_a_decoder_adapter_deleted_by_another_replica_leaves_the_scorer(
     """The invalidation listener (PostgreSQL) drops a decoder head deleted elsewhere."""
     from service.db.session import make_db_engine, make_sessionmaker
     from service.serving.invalidation import invalidation
-    from tests.service.helpers import store_adapter
-    from tests.service.serving.test_scale_out import WAIT_S, wait_for
+    from tests.service.helpers import store_adapter, wait_until
+    from tests.service.serving.test_scale_out import WAIT_S
 
     with TestClient(create_app(both_settings, hooks=[serving, invalidation])) as client:
         auth = default_auth(both_settings)
@@ -353,7 +353,7 @@ def test_a_decoder_adapter_deleted_by_another_replica_leaves_the_scorer(
             session.execute(delete(AdapterRow).where(AdapterRow.name == "rm"))
             session.commit()
         other.dispose()
-        assert wait_for(lambda: not scorer.engine.resident_keys())
+        assert wait_until(lambda: not scorer.engine.resident_keys(), WAIT_S)
         assert scorer.engine.bytes == 0
         resp = client.post("/reward/compare?adapter=rm", json=pair, headers=auth)
         assert_error(resp, 404, param="adapter")
