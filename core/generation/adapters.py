@@ -79,7 +79,7 @@ class AdapterSlots:
         # the running adapters' gathered copies can tell a reused slot from the same adapter.
         self._loads = itertools.count()
         self._load_of: dict[int, int] = {}  # by slot
-        self.gathered = GatheredPairs()
+        self.gathered = GatheredPairs(weights.dtype)
         self._pins = 0  # over all adapters: at 0 nothing runs, and the gathered copies go
 
     def __len__(self) -> int:
@@ -149,17 +149,14 @@ class AdapterSlots:
         those that were not running in the previous call, or all of them where the bank has
         since added a site or grown a rank).
         """
-        rows_of: dict[int, list[int]] = {}
-        for row, slot in enumerate(slots.tolist()):
-            if slot >= 0:
-                rows_of.setdefault(slot, []).append(row)
-        running = [(self._load_of[slot], slot) for slot in rows_of]
+        slot_ids = slots.tolist()
+        running = [(self._load_of[slot], slot) for slot in dict.fromkeys(slot_ids) if slot >= 0]
         pairs = self.gathered.update(self.bank, running)
         if not running:
             return NO_HOOKS
-        slot_of = dict(running)
-        groups = [rows_of[slot_of[load]] for load in self.gathered.order]
-        return GroupedLoraHooks(pairs, groups, slots.shape[0], slots.device)
+        pos_of = {slot: self.gathered.position[load] for load, slot in running}
+        position = [pos_of.get(slot, -1) for slot in slot_ids]
+        return GroupedLoraHooks(pairs, position, slots.device)
 
     def segment_hooks(self, segments: list[tuple[int, int, int]]) -> LinearHooks:
         """Hooks for a packed prefill: ``(slot, start, stop)`` = rows ``start..stop-1`` are one
@@ -171,12 +168,13 @@ class AdapterSlots:
 
 
 def lora_dtype(weights: DecoderWeights) -> torch.dtype:
-    """The bank's dtype: the base's, but fp32 under a bf16 base on a CPU, where the deltas' small
-    matmuls (r=8, a few rows) are slower in bf16 than in fp32 (no AMX tiles for such shapes,
-    conversions in every kernel); the hooks convert a site's input up and add the delta back
-    down. SmolLM2 in bf16, 16 adapters, one decode step + logits, 9 alternations on 2 AMX cores
-    at load 5.7: 32 rows 735 ms with a bf16 bank, 635 with fp32 (bare 403); 8 rows 634 vs 539
-    (bare 334)."""
+    """The bank's dtype: the base's, but fp32 under a bf16 base on a CPU, where a prefill's
+    small matmuls (r=8 columns) are slower in bf16 than in fp32 (no AMX tiles for such shapes,
+    conversions in every kernel); :class:`SegmentLoraHooks` converts a site's input up and
+    adds the delta back down. SmolLM2 in bf16, 16 adapters, one decode step + logits through
+    these matmuls, 9 alternations on 2 AMX cores at load 5.7: 32 rows 735 ms with a bf16
+    bank, 635 with fp32 (bare 403); 8 rows 634 vs 539 (bare 334). Decode steps read bf16
+    copies of the running adapters' pairs instead (:class:`GroupedLoraHooks`)."""
     if weights.device.type == "cpu" and weights.dtype == torch.bfloat16:
         return torch.float32
     return weights.dtype
@@ -232,99 +230,61 @@ class SegmentLoraHooks:
 class GroupedLoraHooks:
     """``y[i] += scale[s_i] · B[s_i] (A[s_i] x_i)`` from the running adapters' gathered pairs.
 
-    Rows are grouped by adapter (groups in :class:`GatheredPairs`' order): per site, the U
-    distinct adapters' pairs meet the rows' inputs ``[U, m, in]`` (m = the largest group,
-    others padded with zero rows) in two batched matmuls, and each row adds its own delta.
-    Targets sharing an input (q/k/v, gate/up: ``SHARED_INPUT``) share the first matmul:
-    the first of them to be called computes all their low-rank activations ``[U, m, R]``
-    from the stacked ``scale · A`` and keeps them for the others, which only expand their rank
-    range (same arithmetic as one matmul per target: a strided view of a row meets the same
-    dot products), and ``scale`` is folded into the gathered A. Where the grouped rows happen
-    to lie in batch order (each adapter's rows consecutive and equally many, in the gathered
-    order; bare rows only before or after them), inputs and deltas are views of ``x`` and
-    ``y``; otherwise the rows' inputs and deltas are gathered ([rows, in] and [rows, out]).
-    A SmolLM2 layer (7 targets) then runs 11 matmuls and 7 adds, where one shrink matmul,
-    scale, expand matmul and add per target ran 28 kernels (50 with rows out of order).
+    Both products are weighted sums of table rows, so each is one ``embedding_bag`` over
+    :class:`GatheredPairs`' tables, one bag per token: the shrink sums row ``x_t[j]`` ·
+    ``(scale·A)ᵀ[p·in + j]`` over the input dims j (position p = the token's adapter), the
+    expand sums ``low_t[k]`` · ``Bᵀ[p·r + k]`` over its rank. Rows stay in batch order: no
+    grouping by adapter, no padding, no gathered inputs or deltas; a token without an adapter
+    reads the table's zero row. Targets sharing an input (q/k/v, gate/up: ``SHARED_INPUT``)
+    share the shrink: the first of them to be called computes all their low-rank activations
+    ``[tokens, R]`` and keeps them for the others, which only expand their rank range.
 
-    The fewer kernels save little (SmolLM2, 64 adapters, the 210 sites of one decode step
-    alone, fp32, 2 AMX cores at load 7: rows in slot order 8 rows 36.0 -> 32.4 ms, 32 rows
-    82.6 -> 80.7 ms; rows out of order 30.7 -> 24.9, 71.0 -> 64.1 ms): the cost is the
-    matmuls, 92% of it, and they stream every running adapter's pairs from memory each step
-    (U x 9.8 MB fp32, ~8 GB/s a matmul at that load), so it grows with the distinct adapters
-    in the batch. The same pairs in bf16 halve the bytes but ran 1.5-2x slower (bf16 kernels
-    for these shapes; converting them to fp32 per site costs more than it saves).
+    Why bags, not batched matmuls over the rows grouped by adapter (``[U, m, in] @ [U, in, R]``,
+    as before): the cost is streaming every running adapter's pairs from memory each step
+    (U x 9.8 MB fp32 on SmolLM2, r=8 on its 7 targets), and MKL's batched matmuls of such
+    shapes stream at a fraction of the memory's rate, slower still in bf16, while the bag
+    kernel streams rows and sums them in fp32 in any dtype. So the tables are in the base's
+    dtype: bf16 halves the bytes. The 210 sites of one SmolLM2 decode step of 32 rows on 32
+    adapters, one thread of a 2-core avx512_bf16 EPYC (no AMX), kernels alone (scratch,
+    medians of 9): grouped matmuls fp32 40.5 ms, bags fp32 30.1, bags bf16 23.6; a whole step
+    + logits (``python -m bench.generate_engine --batch 32 --adapters 64``, two alternations
+    with the matmuls): 48-51 ms over the bare step -> 38. bf16 tables round each pair to bf16,
+    as a bf16 base's own weights are (deltas within ~0.4% of fp32 ones).
 
     Why not gather A and B per row every step (:class:`core.inference.bank.MixedLoraHooks`'
-    BGMV): on SmolLM2 (all 7 targets, r=8) one adapter is 9.8 MB fp32, so 32 rows copied 312 MB
-    per decode step, on top of the bare step's 540 MB of weights. Here each adapter is copied
-    once when it starts running (:class:`core.generation.gathered.GatheredPairs`): decoding
-    copies no weights. The price: while adapters run, their pairs are held twice.
-    A dense ``x [B, in] @ A_all [in, U·r]`` with a one-hot row mask was measured too: its
-    multiply-adds grow with U·B (5 GFLOP per step at B=U=32, as much as the base's), slower.
+    BGMV): 32 rows would copy 312 MB fp32 per decode step, on top of the bare step's weights.
+    Here each adapter is copied once when it starts running: decoding copies no weights. The
+    price: while adapters run, their pairs are held twice. A dense ``x [B, in] @ A_all [in,
+    U·r]`` with a one-hot row mask was measured too: its multiply-adds grow with U·B (5 GFLOP
+    per step at B=U=32, as much as the base's), slower.
     """
 
     def __init__(
-        self,
-        pairs: Mapping[GroupKey, SiteGroup],
-        groups: list[list[int]],
-        bsz: int,
-        device: torch.device,
+        self, pairs: Mapping[GroupKey, SiteGroup], position: list[int], device: torch.device
     ) -> None:
-        self.pairs = pairs  # the U running adapters', in the groups' order
-        self.n_groups = len(groups)  # U
+        self.pairs = pairs
+        self.position = position  # each row's buffer position; -1: no adapter
         self.device = device
-        self.bsz = bsz
-        self.most = max(map(len, groups))
-        self.padded = any(len(g) < self.most for g in groups)
-        # Grouped position of every row (the zero row U·m for rows without an adapter), and
-        # the row at every grouped position (the zero row B for padding).
-        self.position = [len(groups) * self.most] * bsz
-        self.source = [bsz] * (len(groups) * self.most)
-        for u, rows in enumerate(groups):
-            for j, row in enumerate(rows):
-                self.position[row] = u * self.most + j
-                self.source[u * self.most + j] = row
-        self.bare = sum(map(len, groups)) < bsz
-        # Grouped rows that are the batch rows first..first+U·m-1 in order: views, no copies.
-        first = self.source[0]
-        in_order = not self.padded and self.source == list(range(first, first + len(self.source)))
-        self.rows: tuple[int, int] | None = (first, first + len(self.source)) if in_order else None
-        self._token_index: dict[int, tuple[Tensor, Tensor]] = {}
+        self._bags: dict[tuple[int, int, int], tuple[Tensor, Tensor]] = {}
         # The last group's input and low-rank activations, for its other targets.
         self._low: tuple[Tensor, SiteGroup, Tensor] | None = None
 
     def weight(self, layer: int, target: str, weight: Tensor) -> Tensor:
         return weight
 
-    def _tokens(self, seq: int) -> tuple[Tensor, Tensor]:
-        """``(source, position)`` per token: :attr:`source` and :attr:`position` with each
-        row standing for its ``seq`` tokens (the zero rows stay single)."""
-        index = self._token_index.get(seq)
-        if index is None:
-            device = self.device
-
-            def expand(rows: list[int], zero: int) -> Tensor:
-                # Row ``zero`` is the one zero row, after the ``zero * seq`` real tokens.
-                return torch.tensor(
-                    [zero * seq if r == zero else r * seq + t for r in rows for t in range(seq)],
-                    device=device,
-                )
-
-            index = (expand(self.source, self.bsz), expand(self.position, len(self.source)))
-            self._token_index[seq] = index
-        return index
-
-    def _grouped(self, x: Tensor, dtype: torch.dtype) -> Tensor:
-        """``x`` ``[B, seq, in]`` as the grouped rows ``[U, m·seq, in]`` in ``dtype``."""
-        bsz, seq, n_in = x.shape
-        if self.rows is not None:
-            first, stop = self.rows
-            return x[first:stop].to(dtype).view(self.n_groups, -1, n_in)
-        flat = x.reshape(bsz * seq, n_in).to(dtype)
-        if self.padded:
-            flat = torch.cat((flat, flat.new_zeros(1, n_in)))
-        source, _ = self._tokens(seq)
-        return flat.index_select(0, source).view(self.n_groups, -1, n_in)
+    def _bags_of(self, seq: int, width: int, zero: int) -> tuple[Tensor, Tensor]:
+        """``(indices, offsets)`` of one bag per token: token t of row i sums table rows
+        ``p_i·width .. p_i·width+width-1``; a token of a row without an adapter, row ``zero``
+        ``width`` times."""
+        key = (seq, width, zero)
+        bags = self._bags.get(key)
+        if bags is None:
+            pos = torch.tensor(self.position, device=self.device).repeat_interleave(seq)
+            index = (pos * width).unsqueeze(1) + torch.arange(width, device=self.device)
+            index[pos < 0] = zero
+            offsets = torch.arange(0, index.numel(), width, device=self.device)
+            bags = self._bags[key] = (index.view(-1), offsets)
+        return bags
 
     def linear(self, layer: int, target: str, x: Tensor, y: Tensor) -> Tensor:
         group = self.pairs.get(group_key(layer, target))
@@ -340,18 +300,21 @@ class GroupedLoraHooks:
         if self._low is not None and self._low[0] is x and self._low[1] is group:
             low = self._low[2]
         else:
-            low = torch.bmm(self._grouped(x, group.a.dtype), group.a.transpose(1, 2))
-            self._low = (x, group, low)  # [U, m·seq, R]
+            seq = x.shape[1]
+            index, offsets = self._bags_of(seq, group.n_in, group.zero_row)
+            low = _weighted_bags(group.a, index, offsets, x.reshape(-1).to(group.a.dtype))
+            self._low = (x, group, low)  # [B·seq, R]
         start, stop, bt = part
-        delta = torch.bmm(low[:, :, start:stop], bt)  # [U, m·seq, out]
-        if self.rows is not None:
-            first, last = self.rows
-            y[first:last].view_as(delta).add_(delta)
-            return y
-        bsz, seq, n_out = y.shape
-        delta = delta.view(-1, n_out)
-        if self.bare:  # rows without an adapter: the zero row's
-            delta = torch.cat((delta, delta.new_zeros(1, n_out)))
-        _, position = self._tokens(seq)
-        y.view(bsz * seq, n_out).add_(delta.index_select(0, position))
+        rank = stop - start
+        index, offsets = self._bags_of(x.shape[1], rank, 0)  # a bare token's low row is 0
+        weights = low[:, start:stop] if rank == low.shape[1] else low[:, start:stop].contiguous()
+        delta = _weighted_bags(bt, index, offsets, weights.view(-1))
+        y.view(delta.shape[0], -1).add_(delta)
         return y
+
+
+def _weighted_bags(table: Tensor, index: Tensor, offsets: Tensor, weights: Tensor) -> Tensor:
+    """``out[b] = Σ weights[i] · table[index[i]]`` over bag b's entries (``offsets``): the op
+    ``F.embedding_bag(mode="sum")`` calls, without its per-call checks and offsets."""
+    mode_sum = 0
+    return torch.embedding_bag(table, index, offsets, False, mode_sum, False, weights)[0]

@@ -1,20 +1,20 @@
 """The running adapters' LoRA pairs, copied out of the bank once per adapter that starts running.
 
-A decode step's :class:`core.generation.adapters.GroupedLoraHooks` multiplies the U running
-adapters' pairs as batches ``[U, R, in]`` and ``[U, r, out]``, which must be contiguous copies:
-running adapters sit in scattered bank slots, and the bank stores B as ``[out, r]``. Rebuilding
-those copies whenever an adapter starts or stops copied every running adapter's pairs again
-(313 MB fp32 for 32 SmolLM2 adapters of r=8 on its 7 targets), and under staggered traffic
-the running set changes nearly every step (each request that starts or ends changes it). A
-decode step + logits of 32 rows on 64 such adapters just after one started, hooks included,
-fp32 on 2 quiet AVX2 cores (``python -m bench.generate_engine --batch 32 --adapters 64``,
-``step_ms_churn``): 548 ms with the rebuild, 282-309 ms with the copy below; bare 202-228.
+A decode step's :class:`core.generation.adapters.GroupedLoraHooks` reads the running adapters'
+pairs as embedding tables (``(scale·A)ᵀ`` rows by input dim, ``Bᵀ`` rows by rank, in the base's
+dtype), which must be copies: the bank stores ``A [r, in]`` and ``B [out, r]`` per slot, in
+fp32 on a CPU (prefill's matmuls read it there). Rebuilding those copies whenever an adapter
+starts or stops copied every running adapter's pairs again (313 MB fp32 for 32 SmolLM2 adapters
+of r=8 on its 7 targets), and under staggered traffic the running set changes nearly every step
+(each request that starts or ends changes it). A decode step + logits of 32 rows on 64 such
+adapters just after one started, hooks included, fp32 on 2 quiet AVX2 cores (``python -m
+bench.generate_engine --batch 32 --adapters 64``, ``step_ms_churn``): 548 ms with the rebuild,
+282-309 ms with one copy per adapter that starts; bare 202-228.
 
-Here each running adapter keeps a position: one that stops frees its position, one that starts
-is copied into a free one (one adapter's pairs, 9.8 MB on SmolLM2), and an adapter left past
-the new end moves down into one, so the U running adapters are always the first U positions
-of the buffers and a step reads views of them. The buffers hold U rounded up to 8 positions
-(at most the bank's capacity) and are dropped when nothing runs.
+Here each running adapter keeps a position while it runs: one that stops frees its position,
+one that starts is copied into a free one (one adapter's pairs, 9.8 MB fp32 on SmolLM2). The
+buffers hold the running count rounded up to 8 positions (at most the bank's capacity), grow
+when more run, and are dropped when nothing runs.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from torch import Tensor
 from core.inference.bank import LoraBank
 
 # Targets of one decoder layer that read the same input tensor (core.decoder.forward): their
-# A matrices are stacked along the rank axis so one batched matmul gives all their low-rank
-# activations. Any other target is a group of its own.
+# A matrices are stacked along the rank axis so one pass over the input gives all their
+# low-rank activations. Any other target is a group of its own.
 SHARED_INPUT = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 _GROUP_OF = {target: group for group in SHARED_INPUT for target in group}
 # A group's targets in a fixed order along its stacked A's rank axis.
@@ -45,24 +45,28 @@ def group_key(layer: int, target: str) -> GroupKey:
 
 @dataclass(frozen=True)
 class SiteGroup:
-    """A layer's targets that share an input, for the running adapters (or buffer positions).
+    """A layer's targets that share an input, for every buffer position, as embedding tables.
 
-    ``a`` is ``[U, R, in]``: each target's ``scale · A`` stacked along the rank axis (R = the
-    sum of their bank ranks); ``parts[target] = (start, stop, Bᵀ [U, r, out])`` is that
-    target's rank range of ``a`` and its up-projection.
+    ``a`` is ``[capacity·in + 1, R]``: position p's rows ``p·in .. p·in+in-1`` hold its targets'
+    ``(scale · A)ᵀ`` side by side along R (the sum of their bank ranks), and the last row is
+    zeros, for tokens without an adapter. ``parts[target] = (start, stop, Bᵀ [capacity·r, out])``
+    is that target's rank range of ``a`` and its up-projection, position p at rows
+    ``p·r .. p·r+r-1``.
     """
 
     a: Tensor
     parts: dict[str, tuple[int, int, Tensor]]
+    n_in: int
+    capacity: int
+
+    @property
+    def zero_row(self) -> int:
+        return self.capacity * self.n_in
 
     @property
     def num_bytes(self) -> int:
         tensors = (self.a, *(bt for _, _, bt in self.parts.values()))
         return sum(t.numel() * t.element_size() for t in tensors)
-
-    def first(self, n: int) -> SiteGroup:
-        """Positions ``0..n-1``: views, contiguous (the leading axis is sliced)."""
-        return SiteGroup(self.a[:n], {t: (s, e, bt[:n]) for t, (s, e, bt) in self.parts.items()})
 
 
 class GatheredPairs:
@@ -76,28 +80,29 @@ class GatheredPairs:
     idle adapter that comes and goes with a site of its own costs the running ones nothing.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype  # the copies', the base's: the hooks read them in its activations' dtype
         self._layout = -1  # the bank's layout_version the buffers were last checked against
-        self._buffers: dict[GroupKey, SiteGroup] = {}  # [capacity, ...] each
-        self.order: list[Hashable] = []  # the load at each position
+        self._buffers: dict[GroupKey, SiteGroup] = {}
+        self.position: dict[Hashable, int] = {}  # each running load's position
         # Plain numbers the owner thread writes, for /metrics to read from another thread.
-        self.copies = 0  # adapters copied out of the bank (moves not counted)
+        self.copies = 0  # adapters copied out of the bank
         self.num_bytes = 0  # the buffers' bytes, counted when they are allocated
 
     @property
     def capacity(self) -> int:
         """Positions the buffers hold."""
-        return next(iter(self._buffers.values())).a.shape[0] if self._buffers else 0
+        return next(iter(self._buffers.values())).capacity if self._buffers else 0
 
     def clear(self) -> None:
         """Drop the buffers (nothing runs: their memory goes back)."""
-        self._buffers, self.order, self.num_bytes = {}, [], 0
+        self._buffers, self.position, self.num_bytes = {}, {}, 0
 
     def update(
         self, bank: LoraBank, running: list[tuple[Hashable, int]]
     ) -> dict[GroupKey, SiteGroup]:
-        """Make ``running`` (each adapter's ``(load, bank slot)``) the first positions; return
-        every group's views of them, in :attr:`order`."""
+        """Give each of ``running`` (each adapter's ``(load, bank slot)``) a position in
+        :attr:`position`, copying those that were not running; return every group's tables."""
         n = len(running)
         if not n:
             self.clear()
@@ -116,31 +121,22 @@ class GatheredPairs:
                     self._build(bank, capacity)
                 self.num_bytes = sum(g.num_bytes for g in self._buffers.values())
             self._place(bank, running)
-        except BaseException:  # half-written positions: forget them all
+        except BaseException:  # a half-written position: forget them all
             self.clear()
             raise
-        return {key: group.first(n) for key, group in self._buffers.items()}
+        return self._buffers
 
     def _place(self, bank: LoraBank, running: list[tuple[Hashable, int]]) -> None:
-        n = len(running)
-        where = {load: pos for pos, load in enumerate(self.order)}
-        order: list[Hashable | None] = [None] * n
-        for load, _ in running:
-            pos = where.get(load)
-            if pos is not None and pos < n:
-                order[pos] = load  # stays put
-        holes = (pos for pos in range(n) if order[pos] is None)
+        """Adapters still running keep their positions; those that start take freed ones."""
+        kept = {load: self.position[load] for load, _ in running if load in self.position}
+        taken = set(kept.values())
+        free = (pos for pos in range(self.capacity) if pos not in taken)
+        self.position = kept
         for load, slot in running:
-            pos = where.get(load)
-            if pos is not None and pos < n:
-                continue
-            hole = next(holes)
-            if pos is None:  # starts running
-                self._copy_in(bank, slot, hole)
-            else:  # was past the new end: moves down (its old position is not read again)
-                self._move(pos, hole)
-            order[hole] = load
-        self.order = order
+            if load not in kept:
+                pos = next(free)
+                self._copy_in(bank, slot, pos)
+                kept[load] = pos
 
     def _fits(self, bank: LoraBank) -> bool:
         """Every site of the bank is in the buffers, at its bank rank."""
@@ -158,46 +154,43 @@ class GatheredPairs:
         for key, members in by_key.items():
             members.sort(key=lambda m: _MEMBER_ORDER.get(m[0], 0))
             rank = sum(a.shape[1] for _, a, _ in members)
+            n_in = members[0][1].shape[2]
             parts, start = {}, 0
             for target, a, b in members:
-                # Bᵀ [U, r, out] contiguous: the expand bmm is 3x slower on a transposed view.
-                bt = b.new_zeros(capacity, a.shape[1], b.shape[1])
+                bt = b.new_zeros(capacity * a.shape[1], b.shape[1], dtype=self.dtype)
                 parts[target] = (start, start + a.shape[1], bt)
                 start += a.shape[1]
-            a0 = members[0][1]
-            self._buffers[key] = SiteGroup(a0.new_zeros(capacity, rank, a0.shape[2]), parts)
-        self.order = []
+            table = members[0][1].new_zeros(capacity * n_in + 1, rank, dtype=self.dtype)
+            self._buffers[key] = SiteGroup(table, parts, n_in, capacity)
+        self.position = {}
 
     def _grow(self, capacity: int) -> None:
-        kept = len(self.order)
+        """More positions, the old ones' rows copied as they are (the new zero row included)."""
         grown = {}
         for key, group in self._buffers.items():
-            a = group.a.new_zeros(capacity, *group.a.shape[1:])
+            kept = group.capacity * group.n_in
+            a = group.a.new_zeros(capacity * group.n_in + 1, group.a.shape[1])
             a[:kept].copy_(group.a[:kept])
             parts = {}
             for target, (start, stop, bt) in group.parts.items():
-                wider = bt.new_zeros(capacity, *bt.shape[1:])
-                wider[:kept].copy_(bt[:kept])
+                wider = bt.new_zeros(capacity * (stop - start), bt.shape[1])
+                wider[: bt.shape[0]].copy_(bt)
                 parts[target] = (start, stop, wider)
-            grown[key] = SiteGroup(a, parts)
+            grown[key] = SiteGroup(a, parts, group.n_in, capacity)
         self._buffers = grown
 
     def _copy_in(self, bank: LoraBank, slot: int, pos: int) -> None:
         sites, scale = bank.site_tensors(), bank.scale[slot]
         for (layer, _), group in self._buffers.items():
+            rows = group.a[pos * group.n_in : (pos + 1) * group.n_in]
             for target, (start, stop, bt) in group.parts.items():
+                r = stop - start
                 pair = sites.get((layer, target))
                 if pair is None:  # a site the bank dropped: no adapter there has pairs
-                    group.a[pos, start:stop].zero_()
-                    bt[pos].zero_()
+                    rows[:, start:stop].zero_()
+                    bt[pos * r : (pos + 1) * r].zero_()
                     continue
                 a, b = pair
-                torch.mul(a[slot], scale, out=group.a[pos, start:stop])
-                bt[pos].copy_(b[slot].t())
+                rows[:, start:stop].copy_(a[slot].t() * scale)
+                bt[pos * r : (pos + 1) * r].copy_(b[slot].t())
         self.copies += 1
-
-    def _move(self, src: int, dst: int) -> None:
-        for group in self._buffers.values():
-            group.a[dst].copy_(group.a[src])
-            for _, _, bt in group.parts.values():
-                bt[dst].copy_(bt[src])

@@ -17,6 +17,7 @@ from core.generation.detok import IncrementalDetokenizer, StopStrings
 from core.generation.gathered import GatheredPairs
 from core.generation.kv import SlotCache, bytes_per_slot, slots_for_budget
 from core.generation.sampling import SamplingParams, sample
+from core.inference.bank import LoraBank
 from tests.core.generation.helpers import random_lora
 
 
@@ -131,14 +132,40 @@ def test_grouped_lora_delta_per_row_and_never_stale(tiny_decoder: DecoderBase) -
                     want = adapter.scaling * (x[i] @ lora_a.T) @ lora_b.T
                 torch.testing.assert_close(got[i], want)
 
-    check([a, None, b, a], [sa, -1, sb, sa])  # out of order: gathered rows, a padded group
+    check([a, None, b, a], [sa, -1, sb, sa])  # rows of one adapter apart, a bare row between
     check([a, None, b, a], [sa, -1, sb, sa])  # the gathered pairs, reused
-    check([None, None, b, a], [-1, -1, sb, sa])  # in order after bare rows: views of x and y
-    check([b, b, a, a], [sb, sb, sa, sa])  # in order, two rows per adapter
+    check([None, None, b, a], [-1, -1, sb, sa])  # bare rows first
+    check([b, b, a, a], [sb, sb, sa, sa])  # two rows per adapter
     slots.release(sa, "a")
     sc = slots.acquire(c)  # evicts a: c now sits in a's slot (and has a larger rank)
     assert sc == sa
     check([c, None, b, c], [sc, -1, sb, sc])
+
+
+def test_bf16_base_reads_bf16_copies_of_the_pairs(tiny_decoder: DecoderBase) -> None:
+    """Under a bf16 base the decode hooks read the running adapters' pairs as bf16 copies (half
+    the bytes a step streams) while the bank keeps fp32 for prefill; each row's delta is its
+    adapter's fp32 one within bf16's rounding, and a bare row's stays exactly zero."""
+    adapters = [random_lora(tiny_decoder, k, 4, seed=i) for i, k in enumerate("ab")]
+    gathered_bytes = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        slots = AdapterSlots(tiny_decoder.weights.to(dtype), max_adapters=2)
+        sa, sb = (slots.acquire(adapter) for adapter in adapters)
+        hooks = slots.hooks(torch.tensor([sb, -1, sa]))
+        gathered_bytes[dtype] = slots.gathered.num_bytes
+        assert slots.bank.dtype == torch.float32
+    assert gathered_bytes[torch.bfloat16] * 2 == gathered_bytes[torch.float32]
+    cfg = tiny_decoder.config
+    for target in ("q_proj", "down_proj"):
+        n_in, n_out = cfg.linear_shape(target)
+        x = torch.randn(3, 1, n_in).bfloat16()
+        got = hooks.linear(1, target, x, torch.zeros(3, 1, n_out).bfloat16())
+        assert got.dtype == torch.bfloat16 and not got[1].any()
+        for row, adapter in ((0, adapters[1]), (2, adapters[0])):
+            lora_a, lora_b = adapter.pairs[(1, target)]
+            want = adapter.scaling * (x[row].float() @ lora_a.T) @ lora_b.T
+            scale = want.abs().max().item()
+            torch.testing.assert_close(got[row].float(), want, rtol=0, atol=2e-2 * scale)
 
 
 def test_the_lora_side_path_computes_on_one_thread(tiny_decoder: DecoderBase) -> None:
@@ -215,7 +242,7 @@ def test_running_set_changes_copy_only_the_adapters_that_start(tiny_decoder: Dec
         ([a[0], a[1], a[2], a[3], None], 4),  # four start
         ([a[0], a[1], a[2], a[3], None], 0),  # the same set: nothing copied
         ([a[4], a[1], a[2], None, a[0]], 1),  # a3 ends, a4 starts; rows reordered
-        ([a[2], a[2], a[5], None, None], 1),  # three end, a2 moves down, a5 starts
+        ([a[2], a[2], a[5], None, None], 1),  # three end, a5 starts in a freed position
         ([a[5], a[4], a[0], a[1], a[2]], 3),  # a4, a0 and a1 start again
         ([None, None, None, None, None], 0),  # nothing running: the copies are dropped
         ([a[3], None, None, None, a[3]], 1),
@@ -238,8 +265,8 @@ def test_gathered_copies_dropped_sites_failures_and_memory(
     tiny_decoder: DecoderBase, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A site the bank adds rebuilds the running adapters' copies, one it drops (an idle
-    adapter with a target of its own evicted) costs them nothing; a placement that fails
-    half-way leaves no position that could be served stale; the copies take at most the
+    adapter with a target of its own evicted) costs them nothing; a copy that fails half-way
+    leaves no position that could be served stale; the copies take at most the
     bank's capacity in positions and go with the last pin."""
     slots = AdapterSlots(tiny_decoder.weights, max_adapters=3)
     gate_up = ("gate_proj", "up_proj")
@@ -260,7 +287,8 @@ def test_gathered_copies_dropped_sites_failures_and_memory(
     assert gathered.capacity == 3  # 2 rounded up to 8, but the bank holds 3
     cfg = tiny_decoder.config
     n_in, n_out = cfg.linear_shape("gate_proj")  # as up_proj's
-    per_layer = 3 * (2 * 2 * n_in + 2 * 2 * n_out)  # A stacked [3, 2+2, in], two Bᵀ [3, 2, out]
+    # Aᵀ side by side [3·in + 1 zero row, 2+2], two Bᵀ [3·2, out]
+    per_layer = (3 * n_in + 1) * (2 + 2) + 2 * 3 * 2 * n_out
     assert gathered.num_bytes == cfg.num_hidden_layers * per_layer * 4  # fp32
     slot_of["own"] = slots.acquire(own)  # idle, and adds o_proj sites...
     slots.release(slot_of["own"], "own")
@@ -269,21 +297,23 @@ def test_gathered_copies_dropped_sites_failures_and_memory(
     assert "own" not in slots.resident_keys()
     assert copies([run1, run2, third, None, run1], (*gate_up, "o_proj")) == 1
 
-    real_move = GatheredPairs._move
+    real_copy_in = GatheredPairs._copy_in
 
-    def move_then_fail(self: GatheredPairs, src: int, dst: int) -> None:
-        real_move(self, src, dst)  # position dst now holds another adapter's pairs...
+    def copy_wrong_then_fail(self: GatheredPairs, bank: LoraBank, slot: int, pos: int) -> None:
+        real_copy_in(self, bank, slot_of["run2"], pos)  # pos holds another adapter's pairs...
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr(GatheredPairs, "_move", move_then_fail)
+    assert copies([third, None, None, None, None]) == 0  # run1 and run2 stop
+    monkeypatch.setattr(GatheredPairs, "_copy_in", copy_wrong_then_fail)
     with pytest.raises(RuntimeError):
-        _check_deltas(slots, [third, None, None, None, None], slot_of)  # third moves to 0
+        _check_deltas(slots, [third, run1, None, None, None], slot_of)  # run1 starts again
     monkeypatch.undo()
-    assert copies([run1, None, None, None, None]) == 1  # ...so run1 is copied, not reused
+    # ...so run1 gets its own pairs (every copy was dropped: third's is made again too).
+    assert copies([third, run1, None, None, None]) == 2
 
     for key in ("run1", "run2", "third"):
         slots.release(slot_of[key], key)
-    assert (gathered.capacity, gathered.num_bytes, gathered.order) == (0, 0, [])
+    assert (gathered.capacity, gathered.num_bytes, gathered.position) == (0, 0, {})
 
 
 @pytest.mark.parametrize(
