@@ -221,12 +221,25 @@ async def drive(
 
         # Warm-up, untimed: every adapter read from the database into the bank once, and the
         # prefix cache holding what a server in steady state holds for it (the template's
-        # system turn); main gives each configuration prompts no earlier one sent.
+        # system turn); main gives each configuration prompts no earlier one sent. Then C
+        # requests at once, so the timed run meets no decode batch size for the first time:
+        # a server's first configuration ran ~1.5x slower than the same one repeated later
+        # (the base at C=32, 2 avx512_bf16 EPYC cores: 117.9 tokens/s first, then 184.2
+        # and 182.6, alternating with 64 adapters).
         for model in models:
             await client.post(
                 "/v1/chat/completions",
                 json={"model": model, "messages": WARM_UP, "max_tokens": 1},
             )
+        await asyncio.gather(
+            *(
+                client.post(
+                    "/v1/chat/completions",
+                    json={"model": models[i % len(models)], "messages": WARM_UP, "max_tokens": 16},
+                )
+                for i in range(concurrency)
+            )
+        )
 
         async def client_loop(c: int) -> None:
             for i in range(c, requests, concurrency):
