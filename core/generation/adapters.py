@@ -246,10 +246,11 @@ class GroupedLoraHooks:
     kernel streams rows and sums them in fp32 in any dtype. So the tables are in the base's
     dtype: bf16 halves the bytes. The 210 sites of one SmolLM2 decode step of 32 rows on 32
     adapters, one thread of a 2-core avx512_bf16 EPYC (no AMX), kernels alone (scratch,
-    medians of 9): grouped matmuls fp32 40.5 ms, bags fp32 30.1, bags bf16 23.6; a whole step
-    + logits (``python -m bench.generate_engine --batch 32 --adapters 64``, two alternations
-    with the matmuls): 48-51 ms over the bare step -> 38. bf16 tables round each pair to bf16,
-    as a bf16 base's own weights are (deltas within ~0.4% of fp32 ones).
+    medians of 9): grouped matmuls fp32 40.5 ms, bags fp32 30.1, bags bf16 23.6. A whole step
+    + logits of 32 rows on 64 adapters, bf16, one process alternating both (17 rounds): bare
+    76.9 ms, grouped matmuls 115.6, bags 100.5 (step ratio 0.665 -> 0.765; ``python -m
+    bench.generate_engine --batch 32 --adapters 64`` gives a step's ratio). bf16 tables round
+    each pair to bf16, as a bf16 base's own weights are (deltas within ~0.4% of fp32 ones).
 
     Why not gather A and B per row every step (:class:`core.inference.bank.MixedLoraHooks`'
     BGMV): 32 rows would copy 312 MB fp32 per decode step, on top of the bare step's weights.
