@@ -2,7 +2,7 @@
 
 Merged steps (:mod:`core.generation.merged`): one LoRA adapter (r=8, all seven targets,
 non-zero B) merged into a copy of the base's linears, against the per-row deltas through the
-bank (:class:`core.generation.adapters.GroupedLoraHooks`) and the bare base. Reported:
+bank (:class:`core.generation.adapters.BagLoraHooks`) and the bare base. Reported:
 ``merge_s`` (median time to build the merged copy), ``merged_mb``, and per batch size B
 (``--batch``) the median ms of one decode step (and its logits) of B sequences all on that
 adapter, over ``--rounds`` alternations of bare / hooked / merged on the same cache.

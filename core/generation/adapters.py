@@ -1,8 +1,9 @@
 """The LoRA adapters running sequences use, stacked in one bank, pinned while in use.
 
-Each sequence's LoRA delta comes from :class:`core.inference.bank.LoraBank` by its adapter's
-slot (:class:`GroupedLoraHooks`), so sequences of different adapters, ranks and target sets, and
-sequences of the bare base, share one decode step. An adapter is pinned by every running
+Each sequence's LoRA delta comes from its adapter's pairs in :class:`core.inference.bank.LoraBank`
+(a prefill's, :class:`SegmentLoraHooks`) or from the running adapters' copies of them (a decode
+step's, :class:`BagLoraHooks`), so sequences of different adapters, ranks and target sets, and
+sequences of the bare base, share one step. An adapter is pinned by every running
 sequence that uses it and never evicted while pinned; unpinned adapters stay resident (least
 recently used evicted first) until the bank holds ``max_adapters``. Owned by the scheduler's
 thread, like the bank.
@@ -156,7 +157,7 @@ class AdapterSlots:
             return NO_HOOKS
         pos_of = {slot: self.gathered.position[load] for load, slot in running}
         position = [pos_of.get(slot, -1) for slot in slot_ids]
-        return GroupedLoraHooks(pairs, position, slots.device)
+        return BagLoraHooks(pairs, position, slots.device)
 
     def segment_hooks(self, segments: list[tuple[int, int, int]]) -> LinearHooks:
         """Hooks for a packed prefill: ``(slot, start, stop)`` = rows ``start..stop-1`` are one
@@ -174,7 +175,7 @@ def lora_dtype(weights: DecoderWeights) -> torch.dtype:
     adds the delta back down. SmolLM2 in bf16, 16 adapters, one decode step + logits through
     these matmuls, 9 alternations on 2 AMX cores at load 5.7: 32 rows 735 ms with a bf16
     bank, 635 with fp32 (bare 403); 8 rows 634 vs 539 (bare 334). Decode steps read bf16
-    copies of the running adapters' pairs instead (:class:`GroupedLoraHooks`)."""
+    copies of the running adapters' pairs instead (:class:`BagLoraHooks`)."""
     if weights.device.type == "cpu" and weights.dtype == torch.bfloat16:
         return torch.float32
     return weights.dtype
@@ -185,7 +186,7 @@ class SegmentLoraHooks:
 
     A prompt's tokens are contiguous rows with one adapter, so each prompt's delta is two small
     matmuls on its rows and its adapter's bank views: nothing gathered or copied. Grouping the
-    rows by adapter instead (:class:`GroupedLoraHooks`, padded to the largest group) copied
+    rows by adapter instead (as decode steps once did, padded to the largest group) copied
     every site's inputs and deltas of ~2000 prompt tokens, ~1.3 s of a 5 s SmolLM2 prefill of
     16 prompts on 2 cores. A prompt's rows meet the same matmuls as its prefill alone.
     """
@@ -227,7 +228,7 @@ class SegmentLoraHooks:
         return y
 
 
-class GroupedLoraHooks:
+class BagLoraHooks:
     """``y[i] += scale[s_i] · B[s_i] (A[s_i] x_i)`` from the running adapters' gathered pairs.
 
     Both products are weighted sums of table rows, so each is one ``embedding_bag`` over

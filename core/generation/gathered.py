@@ -1,6 +1,6 @@
 """The running adapters' LoRA pairs, copied out of the bank once per adapter that starts running.
 
-A decode step's :class:`core.generation.adapters.GroupedLoraHooks` reads the running adapters'
+A decode step's :class:`core.generation.adapters.BagLoraHooks` reads the running adapters'
 pairs as embedding tables (``(scale·A)ᵀ`` rows by input dim, ``Bᵀ`` rows by rank, in the base's
 dtype), which must be copies: the bank stores ``A [r, in]`` and ``B [out, r]`` per slot, in
 fp32 on a CPU (prefill's matmuls read it there). Rebuilding those copies whenever an adapter

@@ -2,7 +2,7 @@
 
 When every sequence of a decode step uses the same adapter, the step can run on
 ``W + scaling · B @ A`` at the adapter's sites (:class:`MergedHooks`) instead of the base's
-weights plus each row's low-rank delta (:class:`core.generation.adapters.GroupedLoraHooks`):
+weights plus each row's low-rank delta (:class:`core.generation.adapters.BagLoraHooks`):
 the same arithmetic up to rounding, with no side path at any of its sites.
 
 What it costs: a copy of every linear the adapter targets, in the base's dtype. SmolLM2-135M
