@@ -70,7 +70,7 @@ class AdapterSlots:
         self.bank = LoraBank(
             weights.config,  # type: ignore[arg-type]
             device=weights.device,
-            dtype=lora_dtype(weights),
+            dtype=weights.dtype,
             initial_capacity=min(max_adapters, 8),
         )
         self.max_adapters = max_adapters
@@ -80,7 +80,7 @@ class AdapterSlots:
         # the running adapters' gathered copies can tell a reused slot from the same adapter.
         self._loads = itertools.count()
         self._load_of: dict[int, int] = {}  # by slot
-        self.gathered = GatheredPairs(weights.dtype)
+        self.gathered = GatheredPairs()
         self._pins = 0  # over all adapters: at 0 nothing runs, and the gathered copies go
 
     def __len__(self) -> int:
@@ -168,19 +168,6 @@ class AdapterSlots:
         return SegmentLoraHooks(self.bank.site_tensors(), self.bank.scale.tolist(), runs)
 
 
-def lora_dtype(weights: DecoderWeights) -> torch.dtype:
-    """The bank's dtype: the base's, but fp32 under a bf16 base on a CPU, where a prefill's
-    small matmuls (r=8 columns) are slower in bf16 than in fp32 (no AMX tiles for such shapes,
-    conversions in every kernel); :class:`SegmentLoraHooks` converts a site's input up and
-    adds the delta back down. SmolLM2 in bf16, 16 adapters, one decode step + logits through
-    these matmuls, 9 alternations on 2 AMX cores at load 5.7: 32 rows 735 ms with a bf16
-    bank, 635 with fp32 (bare 403); 8 rows 634 vs 539 (bare 334). Decode steps read bf16
-    copies of the running adapters' pairs instead (:class:`BagLoraHooks`)."""
-    if weights.device.type == "cpu" and weights.dtype == torch.bfloat16:
-        return torch.float32
-    return weights.dtype
-
-
 class SegmentLoraHooks:
     """``y[rows] += scale · B (A x[rows])`` per prompt of a packed prefill, straight from the bank.
 
@@ -189,6 +176,15 @@ class SegmentLoraHooks:
     rows by adapter instead (as decode steps once did, padded to the largest group) copied
     every site's inputs and deltas of ~2000 prompt tokens, ~1.3 s of a 5 s SmolLM2 prefill of
     16 prompts on 2 cores. A prompt's rows meet the same matmuls as its prefill alone.
+
+    The bank holds the pairs in the base's dtype. Under a bf16 base on a CPU it held fp32, so
+    every site converted the prompt's inputs up and its outputs up and back down; SmolLM2 in
+    bf16, 8 adapters on all seven linears, r=8, 2 avx512_bf16 EPYC cores (no AMX), one process
+    alternating both (scratch, medians of 6, two runs), the deltas' cost over the bare
+    prefill: one 1,000-token prompt 361-519 -> 70-100 ms, eight 100-token prompts 240-244 ->
+    158-179, one 100-token prompt 34-35 -> 24-31; the final hidden states as close to an
+    all-fp32 prefill's either way (1.2-2.1% against 1.3-1.4%, the bare bf16 base's own
+    1.1-1.4%).
     """
 
     def __init__(
@@ -210,21 +206,11 @@ class SegmentLoraHooks:
             return y
         a, b = stacked
         with torch_threads(SIDE_PATH_THREADS):
-            flat_x = x.reshape(-1, x.shape[-1]).to(a.dtype)
+            flat_x = x.reshape(-1, x.shape[-1])
             flat_y = y.view(-1, y.shape[-1])
             for slot, start, stop in self.runs:
                 h = F.linear(flat_x[start:stop], a[slot])
-                rows = flat_y[start:stop]
-                if rows.dtype == h.dtype:  # scale and add inside the expand matmul: 2 kernels
-                    rows.addmm_(h, b[slot].t(), alpha=self.scale[slot])
-                else:
-                    # In the bank's dtype, rounded once into y's. Not ``rows.add_(delta)``: an
-                    # in-place add across dtypes goes through a temporary and a casting copy
-                    # (a 1,000-token prompt on 2 avx512_bf16 EPYC cores, one thread: the
-                    # deltas' 752 -> 614 ms, the same top log-probabilities).
-                    rows.copy_(
-                        torch.addmm(rows.to(h.dtype), h, b[slot].t(), alpha=self.scale[slot])
-                    )
+                flat_y[start:stop].addmm_(h, b[slot].t(), alpha=self.scale[slot])
         return y
 
 

@@ -1,9 +1,9 @@
 """The running adapters' LoRA pairs, copied out of the bank once per adapter that starts running.
 
 A decode step's :class:`core.generation.adapters.BagLoraHooks` reads the running adapters'
-pairs as embedding tables (``(scale·A)ᵀ`` rows by input dim, ``Bᵀ`` rows by rank, in the base's
-dtype), which must be copies: the bank stores ``A [r, in]`` and ``B [out, r]`` per slot, in
-fp32 on a CPU (prefill's matmuls read it there). Rebuilding those copies whenever an adapter
+pairs as embedding tables (``(scale·A)ᵀ`` rows by input dim, ``Bᵀ`` rows by rank, in the bank's
+dtype, the base's), which must be copies: the bank stores ``A [r, in]`` and ``B [out, r]`` per
+slot, as a prefill's matmuls read them. Rebuilding those copies whenever an adapter
 starts or stops copied every running adapter's pairs again (313 MB fp32 for 32 SmolLM2 adapters
 of r=8 on its 7 targets), and under staggered traffic the running set changes nearly every step
 (each request that starts or ends changes it). A decode step + logits of 32 rows on 64 such
@@ -22,7 +22,6 @@ from __future__ import annotations
 from collections.abc import Hashable
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from core.inference.bank import LoraBank
@@ -80,8 +79,7 @@ class GatheredPairs:
     idle adapter that comes and goes with a site of its own costs the running ones nothing.
     """
 
-    def __init__(self, dtype: torch.dtype) -> None:
-        self.dtype = dtype  # the copies', the base's: the hooks read them in its activations' dtype
+    def __init__(self) -> None:
         self._layout = -1  # the bank's layout_version the buffers were last checked against
         self._buffers: dict[GroupKey, SiteGroup] = {}
         self.position: dict[Hashable, int] = {}  # each running load's position
@@ -157,10 +155,10 @@ class GatheredPairs:
             n_in = members[0][1].shape[2]
             parts, start = {}, 0
             for target, a, b in members:
-                bt = b.new_zeros(capacity * a.shape[1], b.shape[1], dtype=self.dtype)
+                bt = b.new_zeros(capacity * a.shape[1], b.shape[1])
                 parts[target] = (start, start + a.shape[1], bt)
                 start += a.shape[1]
-            table = members[0][1].new_zeros(capacity * n_in + 1, rank, dtype=self.dtype)
+            table = members[0][1].new_zeros(capacity * n_in + 1, rank)
             self._buffers[key] = SiteGroup(table, parts, n_in, capacity)
         self.position = {}
 

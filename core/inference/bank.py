@@ -64,7 +64,8 @@ class LoraBank:
         self.device = torch.device(device)
         self.dtype = dtype
         self._capacity = max(1, initial_capacity)
-        self.scale = torch.zeros(self._capacity, device=self.device, dtype=dtype)
+        # fp32 whatever the pairs' dtype: a scale such as alpha / sqrt(r) is not a bf16 number.
+        self.scale = torch.zeros(self._capacity, device=self.device, dtype=torch.float32)
         self._sites: dict[Site, _SiteWeights] = {}
         self._free: list[int] = list(range(self._capacity))  # a heap: lowest slot first
         self._slot_sites: dict[int, tuple[Site, ...]] = {}
@@ -191,7 +192,7 @@ class LoraBank:
 
     def _grow_capacity(self, capacity: int) -> None:
         old = self._capacity
-        scale = self._zeros(capacity)
+        scale = torch.zeros(capacity, device=self.device, dtype=torch.float32)
         scale[:old].copy_(self.scale)
         grown: dict[Site, tuple[Tensor, Tensor]] = {}
         for site, w in self._sites.items():

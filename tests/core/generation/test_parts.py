@@ -3,6 +3,7 @@ adapter pins, the KV budget, a decode step's rows over any slots."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -142,30 +143,38 @@ def test_grouped_lora_delta_per_row_and_never_stale(tiny_decoder: DecoderBase) -
     check([c, None, b, c], [sc, -1, sb, sc])
 
 
-def test_bf16_base_reads_bf16_copies_of_the_pairs(tiny_decoder: DecoderBase) -> None:
-    """Under a bf16 base the decode hooks read the running adapters' pairs as bf16 copies (half
-    the bytes a step streams) while the bank keeps fp32 for prefill; each row's delta is its
-    adapter's fp32 one within bf16's rounding, and a bare row's stays exactly zero."""
+def test_bf16_base_keeps_bf16_pairs_and_an_fp32_scale(tiny_decoder: DecoderBase) -> None:
+    """Under a bf16 base the bank and the decode step's copies hold bf16 pairs (half the bytes
+    a step streams) and the scale stays fp32 (alpha / sqrt(r) is not a bf16 number); each
+    row's delta, decoding and prefilling, is its adapter's fp32 one within bf16's rounding, and
+    a bare row's stays exactly zero."""
     adapters = [random_lora(tiny_decoder, k, 4, seed=i) for i, k in enumerate("ab")]
-    gathered_bytes = {}
+    adapters[0] = dataclasses.replace(adapters[0], scaling=8 / 3)  # bf16 would round it by 0.2%
+    sizes = {}
     for dtype in (torch.float32, torch.bfloat16):
         slots = AdapterSlots(tiny_decoder.weights.to(dtype), max_adapters=2)
         sa, sb = (slots.acquire(adapter) for adapter in adapters)
-        hooks = slots.hooks(torch.tensor([sb, -1, sa]))
-        gathered_bytes[dtype] = slots.gathered.num_bytes
-        assert slots.bank.dtype == torch.float32
-    assert gathered_bytes[torch.bfloat16] * 2 == gathered_bytes[torch.float32]
+        decode = slots.hooks(torch.tensor([sb, -1, sa]))
+        sizes[dtype] = (slots.bank.num_bytes, slots.gathered.num_bytes)
+        assert slots.bank.dtype == dtype and slots.bank.scale.dtype == torch.float32
+    assert slots.bank.scale[sa].item() == pytest.approx(8 / 3, rel=1e-7)
+    # The bank's fp32 scale vector does not halve; everything else does.
+    scale_bytes = 4 * slots.bank.capacity
+    assert sizes[torch.bfloat16][0] - scale_bytes == (sizes[torch.float32][0] - scale_bytes) // 2
+    assert sizes[torch.bfloat16][1] * 2 == sizes[torch.float32][1]
+    prefill = slots.segment_hooks([(sb, 0, 1), (sa, 2, 3)])  # rows 0 and 2, row 1 bare
     cfg = tiny_decoder.config
-    for target in ("q_proj", "down_proj"):
-        n_in, n_out = cfg.linear_shape(target)
-        x = torch.randn(3, 1, n_in).bfloat16()
-        got = hooks.linear(1, target, x, torch.zeros(3, 1, n_out).bfloat16())
-        assert got.dtype == torch.bfloat16 and not got[1].any()
-        for row, adapter in ((0, adapters[1]), (2, adapters[0])):
-            lora_a, lora_b = adapter.pairs[(1, target)]
-            want = adapter.scaling * (x[row].float() @ lora_a.T) @ lora_b.T
-            scale = want.abs().max().item()
-            torch.testing.assert_close(got[row].float(), want, rtol=0, atol=2e-2 * scale)
+    for hooks in (decode, prefill):
+        for target in ("q_proj", "down_proj"):
+            n_in, n_out = cfg.linear_shape(target)
+            x = torch.randn(3, 1, n_in).bfloat16()
+            got = hooks.linear(1, target, x, torch.zeros(3, 1, n_out).bfloat16())
+            assert got.dtype == torch.bfloat16 and not got[1].any()
+            for row, adapter in ((0, adapters[1]), (2, adapters[0])):
+                lora_a, lora_b = adapter.pairs[(1, target)]
+                want = adapter.scaling * (x[row].float() @ lora_a.T) @ lora_b.T
+                scale = want.abs().max().item()
+                torch.testing.assert_close(got[row].float(), want, rtol=0, atol=2e-2 * scale)
 
 
 def test_the_lora_side_path_computes_on_one_thread(tiny_decoder: DecoderBase) -> None:
