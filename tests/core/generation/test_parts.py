@@ -325,6 +325,35 @@ def test_gathered_copies_dropped_sites_failures_and_memory(
     assert (gathered.capacity, gathered.num_bytes, gathered.position) == (0, 0, {})
 
 
+def test_gathered_copies_grow_keeping_the_running_adapters_positions(
+    tiny_decoder: DecoderBase,
+) -> None:
+    """More adapters running than the copies have positions for: the buffers grow, adapters
+    already running keep their positions and pairs (not copied again), the new ones are
+    copied, and every row still gets exactly its own adapter's delta."""
+    slots = AdapterSlots(tiny_decoder.weights, max_adapters=12)
+    adapters = [random_lora(tiny_decoder, f"a{i}", 2 + i % 3, seed=i) for i in range(12)]
+    slot_of = [slots.acquire(a) for a in adapters]
+    gathered = slots.gathered
+    slots.hooks(torch.tensor([slot_of[0], -1, slot_of[1]]))
+    assert gathered.capacity == 8  # 2 running, rounded up to 8
+    before = dict(gathered.position)
+    copies = gathered.copies
+    hooks = slots.hooks(torch.tensor([*slot_of, -1]))
+    assert gathered.capacity == 16  # 12 running, rounded up to 16 (the bank holds 16)
+    assert gathered.copies - copies == 10
+    assert all(gathered.position[load] == pos for load, pos in before.items())
+    cfg = tiny_decoder.config
+    for target in ("q_proj", "down_proj"):
+        n_in, n_out = cfg.linear_shape(target)
+        x = torch.randn(13, 1, n_in)
+        got = hooks.linear(1, target, x, torch.zeros(13, 1, n_out))
+        for row, adapter in enumerate(adapters):
+            lora_a, lora_b = adapter.pairs[(1, target)]
+            torch.testing.assert_close(got[row], adapter.scaling * (x[row] @ lora_a.T) @ lora_b.T)
+        assert not got[12].any()
+
+
 @pytest.mark.parametrize(
     "slots",
     [[2, 3, 4], [2, 4, 5], [1, 2, 6], [0, 7]],
