@@ -290,7 +290,7 @@ class BagLoraHooks:
         else:
             seq = x.shape[1]
             index, offsets = self._bags_of(seq, group.n_in, group.zero_row)
-            low = _weighted_bags(group.a, index, offsets, x.reshape(-1).to(group.a.dtype))
+            low = _weighted_bags(group.a, index, offsets, x.reshape(-1))
             self._low = (x, group, low)  # [B·seq, R]
         start, stop, bt = part
         rank = stop - start
