@@ -126,15 +126,15 @@ class GatheredPairs:
 
     def _place(self, bank: LoraBank, running: list[tuple[Hashable, int]]) -> None:
         """Adapters still running keep their positions; those that start take freed ones."""
-        kept = {load: self.position[load] for load, _ in running if load in self.position}
-        taken = set(kept.values())
+        placed = {load: self.position[load] for load, _ in running if load in self.position}
+        taken = set(placed.values())
         free = (pos for pos in range(self.capacity) if pos not in taken)
-        self.position = kept
         for load, slot in running:
-            if load not in kept:
+            if load not in placed:
                 pos = next(free)
                 self._copy_in(bank, slot, pos)
-                kept[load] = pos
+                placed[load] = pos
+        self.position = placed
 
     def _fits(self, bank: LoraBank) -> bool:
         """Every site of the bank is in the buffers, at its bank rank."""
@@ -163,7 +163,8 @@ class GatheredPairs:
         self.position = {}
 
     def _grow(self, capacity: int) -> None:
-        """More positions, the old ones' rows copied as they are (the new zero row included)."""
+        """More positions: the old positions' rows copied as they are, then zeros (the new
+        positions and the tables' zero row, which moves to the new end)."""
         grown = {}
         for key, group in self._buffers.items():
             kept = group.capacity * group.n_in
