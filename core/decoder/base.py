@@ -11,7 +11,9 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import mmap
 import os
+import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,11 +194,72 @@ def _read_gguf(
             f"{file}: unsupported model_type {raw_cfg.get('model_type')!r} (Llama family: 'llama')"
         )
     fast, extra = convert_gguf_tokenizer(raw_cfg["model_type"], parsed["tokenizer"])
-    tokenizer = LlamaTokenizerFast(
-        tokenizer_object=fast, name_or_path=str(file), **parsed["tokenizer_config"], **extra
-    )
+    settings = {**parsed["tokenizer_config"], **extra, **_gguf_tokenizer_fixes(file, parsed)}
+    tokenizer = LlamaTokenizerFast(tokenizer_object=fast, name_or_path=str(file), **settings)
     state_dict = {k: v.to(dtype) for k, v in parsed["tensors"].items()}
     return raw_cfg, state_dict, tokenizer, [file]
+
+
+def _gguf_tokenizer_fixes(file: Path, parsed: dict[str, Any]) -> dict[str, Any]:
+    """The tokenizer settings transformers' GGUF conversion gets wrong, as the file (and
+    llama.cpp, which it is made for) has them.
+
+    The converter names the BOS token as the EOS token too (it reads ``bos_token_id`` for
+    both), ignores ``tokenizer.ggml.add_bos_token`` (SmolLM2's is false, yet every raw prompt
+    got ``<|im_start|>`` in front), and turns on Hugging Face's clean-up of decoded spaces,
+    which rewrites generated text: " 's" loses its space, so "'so what'" came back as
+    "'o what'" from the incremental detokenizer. llama.cpp never cleans up.
+    """
+    info = parsed["tokenizer"]
+    fixes: dict[str, Any] = {"clean_up_tokenization_spaces": False}
+    for name in ("bos", "eos"):
+        token_id = info.get(f"{name}_token_id")
+        if token_id is not None:
+            fixes[f"{name}_token"] = info["tokens"][token_id]
+    add_bos = _gguf_bool(file, "tokenizer.ggml.add_bos_token")
+    if add_bos is not None:
+        fixes["add_bos_token"] = add_bos
+    return fixes
+
+
+# GGUF metadata value types (the spec's ``gguf_type``) -> bytes of one value, for skipping.
+_GGUF_FIXED_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_GGUF_BOOL, _GGUF_STRING, _GGUF_ARRAY = 7, 8, 9
+
+
+def _gguf_bool(file: Path, key: str) -> bool | None:
+    """The boolean metadata value ``key`` of a GGUF file (version 2 or later, little-endian), or
+    None where it has none. A walk over the header that skips every other value: gguf's
+    ``GGUFReader`` decodes them all, 2.3 s for SmolLM2's 98k token and merge strings."""
+    with open(file, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        if buf[:4] != b"GGUF" or struct.unpack_from("<I", buf, 4)[0] < 2:
+            return None
+        (n_values,) = struct.unpack_from("<Q", buf, 16)
+        at, wanted = 24, key.encode()
+        for _ in range(n_values):
+            (n,) = struct.unpack_from("<Q", buf, at)
+            name = buf[at + 8 : at + 8 + n]
+            (kind,) = struct.unpack_from("<I", buf, at + 8 + n)
+            at += 12 + n
+            if name == wanted:
+                return bool(buf[at]) if kind == _GGUF_BOOL else None
+            at = _gguf_skip(buf, at, kind)
+    return None
+
+
+def _gguf_skip(buf: mmap.mmap, at: int, kind: int) -> int:
+    """Where the GGUF value of type ``kind`` starting at ``at`` ends."""
+    if kind == _GGUF_STRING:
+        return at + 8 + struct.unpack_from("<Q", buf, at)[0]
+    if kind != _GGUF_ARRAY:
+        return at + _GGUF_FIXED_SIZES[kind]
+    item, count = struct.unpack_from("<IQ", buf, at)
+    at += 12
+    if item in _GGUF_FIXED_SIZES:
+        return at + count * _GGUF_FIXED_SIZES[item]
+    for _ in range(count):
+        at = _gguf_skip(buf, at, item)
+    return at
 
 
 def _read_hf_folder(

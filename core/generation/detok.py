@@ -8,6 +8,8 @@ incomplete character, so nothing is emitted until the character's last byte arri
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from typing import Any
 
 REPLACEMENT = "\ufffd"
@@ -32,7 +34,63 @@ class IncrementalDetokenizer:
         return ""
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        # Without Hugging Face's clean-up of spaces, whatever the tokenizer's own setting:
+        # it rewrites text already decoded (" 's" -> "'s"), so a window's text would no longer
+        # begin with the previous window's and characters would be lost from the difference.
+        return self.tokenizer.decode(
+            ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
+        )
+
+
+class TokenBytes:
+    """Each token's own bytes, for logprobs: a byte-level BPE token may hold part of a UTF-8
+    character (SmolLM2 splits 🍕 into three), which as text is U+FFFD whatever its bytes.
+
+    A byte-level vocabulary entry spells one byte per character (GPT-2's byte-to-unicode
+    table); a SentencePiece entry is text with ``▁`` for a space, or ``<0xNN>`` for one byte
+    (byte fallback); an added token (``<|im_end|>``) is its text.
+    """
+
+    _BYTE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+    def __init__(self, tokenizer: Any) -> None:
+        from tokenizers import pre_tokenizers
+
+        self.tokenizer = tokenizer
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        byte_level = backend is not None and isinstance(
+            backend.pre_tokenizer, pre_tokenizers.ByteLevel
+        )
+        self.byte_of: dict[str, int] | None = None  # a byte-level entry's character -> byte
+        if byte_level:
+            from transformers.models.gpt2.tokenization_gpt2 import bytes_to_unicode
+
+            self.byte_of = {char: byte for byte, char in bytes_to_unicode().items()}
+        self.added = {i: t.content for i, t in tokenizer.added_tokens_decoder.items()}
+
+    def __call__(self, ids: Sequence[int]) -> list[bytes]:
+        pieces = self.tokenizer.convert_ids_to_tokens(list(ids))
+        return [self._bytes(i, piece) for i, piece in zip(ids, pieces, strict=True)]
+
+    def _bytes(self, token_id: int, piece: str) -> bytes:
+        if token_id in self.added:
+            return self.added[token_id].encode()
+        if self.byte_of is not None:
+            return bytes(self.byte_of[c] for c in piece)
+        byte = self._BYTE.fullmatch(piece)
+        if byte is not None:
+            return bytes([int(byte.group(1), 16)])
+        return piece.replace("▁", " ").encode()
+
+
+def token_text(piece: bytes) -> str:
+    """A token's name in logprobs: its text, or where its bytes are not whole UTF-8 characters,
+    ``bytes:`` and their escapes (``bytes:\\xf0\\x9f``), as OpenAI's API names such tokens,
+    so alternatives with different bytes keep different names."""
+    try:
+        return piece.decode()
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in piece)
 
 
 class StopStrings:

@@ -23,6 +23,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from core.generation.detok import TokenBytes
 from service.errors import ErrorKind, ServiceError, invalid, not_found, unavailable
 from service.serving.queries import AdapterGone, AdapterKey
 
@@ -95,6 +96,7 @@ class GenerationServer:
         # Request threads' tokenizer (one at a time); the owner thread has the scheduler's.
         self._tokenizer_lock = threading.Lock()
         self._max_token_chars = max_token_chars(base.tokenizer)
+        self._token_bytes = TokenBytes(base.tokenizer)
         self._lock = threading.Lock()  # guards _sinks and _weights
         self._sinks: dict[int, tuple[asyncio.AbstractEventLoop, Generation]] = {}
         self._weights: OrderedDict[AdapterKey, LoraWeights] = OrderedDict()
@@ -170,10 +172,10 @@ class GenerationServer:
                 kind=ErrorKind.UNSUPPORTED,
             )
 
-    def token_texts(self, ids: Sequence[int]) -> list[str]:
-        """Each token's own text (logprobs name tokens this way)."""
+    def token_bytes(self, ids: Sequence[int]) -> list[bytes]:
+        """Each token's own bytes (logprobs name tokens by them)."""
         with self._tokenizer_lock:
-            return [self.base.tokenizer.decode([i]) for i in ids]
+            return self._token_bytes(ids)
 
     def lora_weights(self, key: AdapterKey, param: str = "model") -> LoraWeights:
         """The LoRA pairs of the adapter ``key``, read from the database on a miss.

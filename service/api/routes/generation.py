@@ -10,6 +10,7 @@ threads; a client that disconnects frees its sequences at the scheduler's next s
 from __future__ import annotations
 
 import asyncio
+import codecs
 import json
 import time
 import uuid
@@ -23,6 +24,7 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.types import Receive, Scope, Send
 
+from core.generation.detok import token_text
 from service.adapters.records import find_adapter_row
 from service.api.deps import CallerTenantId
 from service.api.disconnect import unless_disconnected
@@ -238,16 +240,16 @@ def _usage(generation: Generation, completion_tokens: int) -> Usage:
     return Usage.of(generation.prompt_tokens, completion_tokens, generation.cached_tokens)
 
 
-def _token_texts(server: GenerationServer, lps: list[TokenLogprob]) -> dict[int, str]:
-    """The text of every token ``lps`` names (the chosen ones and the alternatives)."""
+def _token_bytes(server: GenerationServer, lps: list[TokenLogprob]) -> dict[int, bytes]:
+    """The bytes of every token ``lps`` names (the chosen ones and the alternatives)."""
     ids = sorted({lp.token_id for lp in lps} | {t for lp in lps for t, _ in lp.top})
-    return dict(zip(ids, server.token_texts(ids), strict=True))
+    return dict(zip(ids, server.token_bytes(ids), strict=True))
 
 
-def _chat_logprobs(lps: list[TokenLogprob], texts: dict[int, str]) -> ChoiceLogprobs:
+def _chat_logprobs(lps: list[TokenLogprob], pieces: dict[int, bytes]) -> ChoiceLogprobs:
     def top(token: int, logprob: float) -> TopLogprob:
-        text = texts[token]
-        return TopLogprob(token=text, logprob=logprob, bytes=list(text.encode()))
+        piece = pieces[token]
+        return TopLogprob(token=token_text(piece), logprob=logprob, bytes=list(piece))
 
     return ChoiceLogprobs(
         content=[
@@ -260,35 +262,51 @@ def _chat_logprobs(lps: list[TokenLogprob], texts: dict[int, str]) -> ChoiceLogp
     )
 
 
+class _TextOffsets:
+    """Where each of a candidate's tokens starts in its text, in characters, token after token
+    (over a whole reply, or over its stream's chunks in turn: the same numbers either way).
+
+    A token that ends inside a UTF-8 character adds no character until the one that completes
+    it does, as the text itself has none until then.
+    """
+
+    def __init__(self) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._chars = 0
+
+    def of(self, pieces: list[bytes]) -> list[int]:
+        starts = []
+        for piece in pieces:
+            starts.append(self._chars)
+            self._chars += len(self._decoder.decode(piece))
+        return starts
+
+
 def _completion_logprobs(
-    lps: list[TokenLogprob], texts: dict[int, str], offset: int
+    lps: list[TokenLogprob], pieces: dict[int, bytes], offsets: _TextOffsets
 ) -> CompletionLogprobs:
-    offsets = []
-    for lp in lps:
-        offsets.append(offset)
-        offset += len(texts[lp.token_id])
     return CompletionLogprobs(
-        tokens=[texts[lp.token_id] for lp in lps],
+        tokens=[token_text(pieces[lp.token_id]) for lp in lps],
         token_logprobs=[lp.logprob for lp in lps],
-        top_logprobs=[{texts[t]: v for t, v in lp.top} for lp in lps],
-        text_offset=offsets,
+        top_logprobs=[{token_text(pieces[t]): v for t, v in lp.top} for lp in lps],
+        text_offset=offsets.of([pieces[lp.token_id] for lp in lps]),
     )
 
 
 async def _said(
     server: GenerationServer, generation: Generation, completion: list[int]
-) -> AsyncIterator[tuple[SequenceEvent, dict[int, str]]]:
+) -> AsyncIterator[tuple[SequenceEvent, dict[int, bytes]]]:
     """A streamed request's events that have something to say (a held-back piece has nothing
-    yet), each with the text of the tokens its logprobs name, read in a worker thread;
+    yet), each with the bytes of the tokens its logprobs name, read in a worker thread;
     ``completion`` keeps each candidate's generated tokens for the usage chunk."""
     async for event in generation.events():
         completion[event.index] = event.completion_tokens
         if not (event.text or event.finish_reason or event.logprobs):
             continue
-        texts: dict[int, str] = {}
+        pieces: dict[int, bytes] = {}
         if event.logprobs:
-            texts = await run_in_threadpool(_token_texts, server, event.logprobs)
-        yield event, texts
+            pieces = await run_in_threadpool(_token_bytes, server, event.logprobs)
+        yield event, pieces
 
 
 def _sse(payload: str) -> str:
@@ -452,13 +470,13 @@ async def chat_completions(
         chunks = _chat_chunks(server, generation, response_id, created, body.model, usage)
         return _stream(generation, chunks)
     done = await _finished(request, generation)
-    texts = await run_in_threadpool(_token_texts, server, [lp for c in done.logprobs for lp in c])
+    pieces = await run_in_threadpool(_token_bytes, server, [lp for c in done.logprobs for lp in c])
     choices = [
         ChatChoice(
             index=i,
             message=AssistantMessage(content=done.texts[i]),
             finish_reason=done.finish[i] or "length",
-            logprobs=_chat_logprobs(done.logprobs[i], texts) if body.logprobs else None,
+            logprobs=_chat_logprobs(done.logprobs[i], pieces) if body.logprobs else None,
         )
         for i in range(generation.n)
     ]
@@ -489,12 +507,12 @@ def _chat_chunks(
     model: str,
     include_usage: bool,
 ) -> AsyncIterator[str]:
-    def choice(event: SequenceEvent, texts: dict[int, str]) -> ChunkChoice:
+    def choice(event: SequenceEvent, pieces: dict[int, bytes]) -> ChunkChoice:
         return ChunkChoice(
             index=event.index,
             delta=Delta(content=event.text) if event.text else Delta(),
             finish_reason=event.finish_reason,
-            logprobs=_chat_logprobs(event.logprobs, texts) if event.logprobs else None,
+            logprobs=_chat_logprobs(event.logprobs, pieces) if event.logprobs else None,
         )
 
     envelope = partial(ChatCompletionChunk, id=response_id, created=created, model=model)
@@ -535,7 +553,7 @@ async def completions(
         chunks = _completion_chunks(server, generation, response_id, created, body.model, usage)
         return _stream(generation, chunks)
     done = await _finished(request, generation)
-    texts = await run_in_threadpool(_token_texts, server, [lp for c in done.logprobs for lp in c])
+    pieces = await run_in_threadpool(_token_bytes, server, [lp for c in done.logprobs for lp in c])
     return Completion(
         id=response_id,
         created=created,
@@ -546,7 +564,7 @@ async def completions(
                 text=done.texts[i],
                 finish_reason=done.finish[i] or "length",
                 logprobs=(
-                    _completion_logprobs(done.logprobs[i], texts, 0)
+                    _completion_logprobs(done.logprobs[i], pieces, _TextOffsets())
                     if body.logprobs is not None
                     else None
                 ),
@@ -565,14 +583,13 @@ def _completion_chunks(
     model: str,
     include_usage: bool,
 ) -> AsyncIterator[str]:
-    offsets = [0] * generation.n  # each candidate's text so far, for its logprobs' offsets
+    offsets = [_TextOffsets() for _ in range(generation.n)]
 
-    def choice(event: SequenceEvent, texts: dict[int, str]) -> CompletionChoice:
+    def choice(event: SequenceEvent, pieces: dict[int, bytes]) -> CompletionChoice:
         i = event.index
         logprobs = None
         if event.logprobs:
-            logprobs = _completion_logprobs(event.logprobs, texts, offsets[i])
-        offsets[i] += len(event.text)
+            logprobs = _completion_logprobs(event.logprobs, pieces, offsets[i])
         return CompletionChoice(
             index=i, text=event.text, finish_reason=event.finish_reason, logprobs=logprobs
         )
@@ -585,7 +602,7 @@ async def _chunks(
     server: GenerationServer,
     generation: Generation,
     envelope: Callable[..., ChatCompletionChunk | Completion],
-    choice: Callable[[SequenceEvent, dict[int, str]], ChunkChoice | CompletionChoice],
+    choice: Callable[[SequenceEvent, dict[int, bytes]], ChunkChoice | CompletionChoice],
     include_usage: bool,
     first: list[ChunkChoice] | None = None,
 ) -> AsyncIterator[str]:
@@ -599,7 +616,7 @@ async def _chunks(
     if first:
         yield sse(first)
     completion = [0] * generation.n
-    async for event, texts in _said(server, generation, completion):
-        yield sse([choice(event, texts)])
+    async for event, pieces in _said(server, generation, completion):
+        yield sse([choice(event, pieces)])
     if include_usage:
         yield sse([], _usage(generation, sum(completion)))

@@ -129,5 +129,21 @@ def test_smollm2_gguf_reads_as_transformers_from_pretrained(real_decoder: Decode
     assert type(ours) is type(tokenizer) and ours.get_vocab() == tokenizer.get_vocab()
     assert ours.chat_template == tokenizer.chat_template
     text = "  The naïve café, 東京 🙂\n\n<|im_start|>user\nhi<|im_end|>"
-    assert ours(text)["input_ids"] == tokenizer(text)["input_ids"]
-    assert ours.all_special_tokens == tokenizer.all_special_tokens
+    plain = {"add_special_tokens": False}
+    assert ours(text, **plain)["input_ids"] == tokenizer(text, **plain)["input_ids"]
+    # Where transformers' conversion departs from the file (see the next test), ours follows it.
+    assert ours(text)["input_ids"] == tokenizer(text)["input_ids"][1:]
+    assert (tokenizer.bos_token, tokenizer.eos_token) == ("<|im_start|>", "<|im_start|>")
+
+
+@pytest.mark.real_model
+def test_smollm2_tokenizer_is_as_the_gguf_file_says(real_decoder: DecoderBase) -> None:
+    """The file says to add no BOS token and that its EOS is <|im_end|>; nothing in it asks for
+    Hugging Face's clean-up of decoded spaces, which rewrote replies (" 's" lost its space)."""
+    tokenizer = real_decoder.tokenizer
+    ids = tokenizer("The capital of France is")["input_ids"]
+    assert ids == tokenizer("The capital of France is", add_special_tokens=False)["input_ids"]
+    assert (tokenizer.bos_token, tokenizer.eos_token) == ("<|im_start|>", "<|im_end|>")
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") == real_decoder.stop_token_ids[0]
+    text = "He said 'so what' , isn't it ?"
+    assert tokenizer.decode(tokenizer(text)["input_ids"]) == text

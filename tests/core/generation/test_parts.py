@@ -3,6 +3,7 @@ adapter pins, the KV budget, a decode step's rows over any slots."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any
 
@@ -14,7 +15,7 @@ from core.decoder.base import DecoderBase
 from core.errors import ConfigError
 from core.generation.adapters import AdapterFull, AdapterSlots, LoraWeights
 from core.generation.decode import decode_step
-from core.generation.detok import IncrementalDetokenizer, StopStrings
+from core.generation.detok import IncrementalDetokenizer, StopStrings, TokenBytes, token_text
 from core.generation.gathered import GatheredPairs
 from core.generation.kv import SlotCache, bytes_per_slot, slots_for_budget
 from core.generation.sampling import SamplingParams, sample
@@ -33,6 +34,37 @@ def test_incremental_detok_never_emits_half_a_character(tiny_decoder: DecoderBas
     # "€" is three bytes: nothing until its last one, then the whole character.
     euro = text.encode().index("€".encode())
     assert pieces[euro : euro + 3] == ["", "", "€"]
+
+
+def test_incremental_detok_ignores_the_tokenizers_clean_up_of_spaces(
+    tiny_decoder: DecoderBase,
+) -> None:
+    """Clean-up rewrites text already emitted (" 's" -> "'s"): with it, each window's
+    difference lost characters ("'so what'" came back as "'o what'")."""
+    tokenizer = copy.deepcopy(tiny_decoder.tokenizer)
+    tokenizer.clean_up_tokenization_spaces = True
+    text = "He said 'so what' , isn't it ? 'sure' ."
+    assert tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)) != text
+    detok = IncrementalDetokenizer(tokenizer)
+    assert "".join(detok.push(t) for t in tokenizer.encode(text, add_special_tokens=False)) == text
+
+
+def test_token_bytes_keep_the_parts_of_a_character(tiny_decoder: DecoderBase) -> None:
+    tokenizer = tiny_decoder.tokenizer
+    text = "a €"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    pieces = TokenBytes(tokenizer)(ids)
+    assert b"".join(pieces) == text.encode() and pieces[2:] == [b"\xe2", b"\x82", b"\xac"]
+    # Named by their bytes, OpenAI's way, so different bytes never share a name.
+    assert [token_text(p) for p in pieces] == [
+        "a",
+        " ",
+        "bytes:\\xe2",
+        "bytes:\\x82",
+        "bytes:\\xac",
+    ]
+    special = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
+    assert TokenBytes(tokenizer)([special]) == [tokenizer.eos_token.encode()]
 
 
 def test_stop_strings_hold_back_what_could_start_one() -> None:

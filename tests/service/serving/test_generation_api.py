@@ -531,6 +531,41 @@ def test_streamed_logprobs_equal_the_whole_response_s(server: Server) -> None:
     assert [o for p in pieces for o in p.text_offset or []] == expected.text_offset
 
 
+def test_replies_keep_every_character_and_name_tokens_by_their_bytes(server: Server) -> None:
+    """Decoding with Hugging Face's clean-up of spaces lost characters (" 's" -> "'"), and
+    logprobs named a token holding part of a character U+FFFD, with U+FFFD's bytes."""
+    sdk = server.sdk()
+    asked = {"model": DEFAULT_DECODER_NAME, "temperature": 0, "max_tokens": 12}
+    prompt = "He said 'so what' and she said 'so what' and they said 'so what' and we said"
+    said = sdk.completions.create(prompt=prompt, logprobs=0, **asked).choices[0]
+    assert said.logprobs is not None and said.logprobs.tokens
+    assert "".join(said.logprobs.tokens) == said.text and "'o what'" not in said.text
+
+    emoji = "🍕🍕🍕🍕🍕🍕🍕🍕"  # SmolLM2 spells 🍕 in three tokens: f0 9f | 8d | 95
+    chat = sdk.chat.completions.create(
+        messages=[{"role": "user", "content": f"Repeat: {emoji}"}], logprobs=True, **asked
+    ).choices[0]
+    assert chat.logprobs is not None and chat.logprobs.content
+    tokens = chat.logprobs.content
+    assert b"".join(bytes(t.bytes or []) for t in tokens).decode() == chat.message.content
+    assert "🍕" in (chat.message.content or "")
+    assert {t.token for t in tokens} >= {"bytes:\\xf0\\x9f", "bytes:\\x8d", "bytes:\\x95"}
+
+    whole = sdk.completions.create(prompt=emoji, logprobs=1, **asked).choices[0]
+    assert whole.text.startswith("🍕") and whole.logprobs is not None
+    streamed = [
+        c.choices[0].logprobs
+        for c in sdk.completions.create(prompt=emoji, logprobs=1, stream=True, **asked)
+        if c.choices and c.choices[0].logprobs
+    ]
+    # A token starts where the character it (partly) spells does.
+    pizza = ["bytes:\\xf0\\x9f", "bytes:\\x8d", "bytes:\\x95"]
+    assert whole.logprobs.tokens[:6] == pizza * 2
+    assert whole.logprobs.text_offset[:6] == [0, 0, 0, 1, 1, 1]
+    assert [o for p in streamed for o in p.text_offset or []] == whole.logprobs.text_offset
+    assert [t for p in streamed for t in p.tokens or []] == whole.logprobs.tokens
+
+
 @pytest.mark.parametrize(
     ("path", "field", "param", "says"),
     [
