@@ -17,6 +17,7 @@ MAX_N = 16
 MAX_TOP_LOGPROBS = 20
 MAX_STOP_STRINGS = 4
 MAX_STOP_CHARS = 64
+_TINY = torch.finfo(torch.float32).tiny
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,12 @@ def sample(
     for i, p in enumerate(params):
         if p.temperature == 0.0:
             continue
-        probs = torch.softmax(logits[i] / p.temperature, dim=-1)
+        # Shifted so the best logit is 0 before dividing: a tiny temperature then sends the
+        # others to -inf rather than every logit to ±inf, whose softmax is NaN (1e-40 failed
+        # the request, and every other one sharing its step, in torch.multinomial). The floor
+        # keeps a temperature that is 0 in float32 (5e-324) from dividing 0 by 0.
+        scaled = (logits[i] - logits[i].max()) / max(p.temperature, _TINY)
+        probs = torch.softmax(scaled, dim=-1)
         if p.top_p < 1.0:
             probs = _top_p(probs, p.top_p)
         chosen[i] = torch.multinomial(probs, 1, generator=generators[i])[0]

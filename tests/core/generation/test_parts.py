@@ -113,6 +113,19 @@ def test_sample_greedy_top_p_and_logprobs() -> None:
     assert 0.2 < draws.count(0) / 2000 < 0.3
 
 
+@pytest.mark.parametrize("temperature", [1e-40, 3e-38, 5e-324, 1e-6])
+def test_a_tiny_temperature_is_greedy_and_fails_no_row(temperature: float) -> None:
+    """logits / 1e-40 is ±inf in float32, whose softmax is NaN: torch.multinomial raised, and
+    the step's other rows failed with it."""
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.9], [5.0, -1.0, 0.0, 4.0], [1.0, 1.0, 0.0, 0.0]])
+    tiny = SamplingParams(max_tokens=1, temperature=temperature, seed=0)
+    other = SamplingParams(max_tokens=1, temperature=0.0, logprobs=True)
+    params = [tiny, other, tiny]
+    tokens, lps = sample(logits, params, [p.generator(0, torch.device("cpu")) for p in params])
+    assert tokens[:2] == [1, 0] and lps[1] is not None
+    assert tokens[2] in (0, 1)  # a tie at the top: either, never a token below it
+
+
 def test_adapter_pins_block_eviction_and_invalidation_waits_for_them(
     tiny_decoder: DecoderBase,
 ) -> None:
