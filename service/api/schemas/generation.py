@@ -14,6 +14,8 @@ from pydantic import (
     Field,
     StringConstraints,
     Tag,
+    ValidationInfo,
+    field_validator,
 )
 
 MAX_MESSAGES = 256
@@ -128,6 +130,17 @@ class SamplingFields(BaseModel):
         "already built whenever its adapter is alone. The same tokens up to float rounding; "
         "ignored for a base model.",
     )
+
+    @field_validator(
+        "temperature", "top_p", "n", "stream", "logprobs", mode="before", check_fields=False
+    )
+    @classmethod
+    def _null_is_default(cls, value: Any, info: ValidationInfo) -> Any:
+        """The openai SDK sends ``null`` for a parameter set to None, which OpenAI reads as its
+        default (a 422 here broke ``create(..., temperature=None)``)."""
+        if value is None and info.field_name is not None:
+            return cls.model_fields[info.field_name].default
+        return value
 
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:

@@ -566,6 +566,22 @@ def test_replies_keep_every_character_and_name_tokens_by_their_bytes(server: Ser
     assert [t for p in streamed for t in p.tokens or []] == whole.logprobs.tokens
 
 
+def test_a_tiny_temperature_is_greedy_and_null_parameters_are_defaults(server: Server) -> None:
+    """temperature 1e-40 overflowed to a NaN distribution: a 500, for every request sharing its
+    step. The SDK sends null for a parameter given as None, which OpenAI reads as its default."""
+    sdk = server.sdk()
+    asked = {"model": DEFAULT_DECODER_NAME, "messages": QUESTION, "max_tokens": 6}
+    greedy = sdk.chat.completions.create(temperature=0, **asked).choices[0].message.content
+    tiny = sdk.chat.completions.create(temperature=1e-40, **asked).choices[0].message.content
+    assert tiny == greedy
+    nulls = sdk.chat.completions.create(
+        temperature=None, top_p=None, n=None, logprobs=None, seed=3, **asked
+    )
+    seeded = sdk.chat.completions.create(seed=3, **asked)
+    assert len(nulls.choices) == 1 and nulls.choices[0].logprobs is None
+    assert nulls.choices[0].message.content == seeded.choices[0].message.content
+
+
 @pytest.mark.parametrize(
     ("path", "field", "param", "says"),
     [
