@@ -51,8 +51,10 @@ def test_both_bases_are_listed_with_their_kind_and_size(client: openai.OpenAI) -
     assert (encoder["kind"], encoder["base_kind"]) == ("base", "encoder")
     assert encoder["max_model_len"] == 256 and encoder["num_params"] == 22_565_376
     assert (decoder["kind"], decoder["base_kind"]) == ("base", "decoder")
-    # SmolLM2-135M: 134.5 M parameters (tied embeddings counted once), 8192 positions, 30 layers.
-    assert decoder["num_params"] == 134_515_008 and decoder["max_model_len"] == 8192
+    # SmolLM2-135M: 134.5 M parameters (tied embeddings counted once), 30 layers; of its 8192
+    # positions, generation holds LORAPLEX_GENERATION_CONTEXT_TOKENS' default, 1024, and
+    # refuses longer prompts, so that is the length a client may send.
+    assert decoder["num_params"] == 134_515_008 and decoder["max_model_len"] == 1024
     assert decoder["num_layers"] == 30 and decoder["hidden_size"] == 576
     assert len(decoder["fingerprint"]) == 64 and decoder["fingerprint"] != encoder["fingerprint"]
     # A slash in the id, percent-encoded by the SDK.

@@ -48,6 +48,8 @@ def _base_object(request: Request, spec: BaseSpec) -> ModelObject:
             id=spec.name, created=0, owned_by=BASE_OWNER, kind="base", base_kind=spec.kind
         )
     base = bases[spec.name]
+    # A decoder's limit is what generation holds (prompt and reply), not the position table's.
+    server = (app_state(request).generation or {}).get(spec.name)
     return ModelObject(
         id=spec.name,
         created=_weights_date(base),
@@ -55,7 +57,7 @@ def _base_object(request: Request, spec: BaseSpec) -> ModelObject:
         kind="base",
         base_kind=spec.kind,
         root=base.name,
-        max_model_len=base.max_length,
+        max_model_len=server.context_length if server is not None else base.max_length,
         hidden_size=base.config.hidden_size,
         num_layers=base.num_layers,
         num_params=base.num_params,

@@ -87,7 +87,9 @@ class ModelObject(BaseModel):
     parent: str | None = Field(None, description=_ADAPTER_ONLY + "the base model it extends.")
     # base model
     max_model_len: int | None = Field(
-        None, description=_BASE_ONLY + "the longest input in tokens; longer ones are truncated."
+        None,
+        description=_BASE_ONLY + "the longest input in tokens: an encoder truncates longer "
+        "ones; a decoder generates with prompt and reply within it (longer prompts: 400).",
     )
     hidden_size: int | None = Field(None, description=_BASE_ONLY + "the embedding width.")
     num_layers: int | None = Field(None, description=_BASE_ONLY + "the number of layers.")
