@@ -36,7 +36,13 @@ from service.serving.lifespan import serving
 from service.state import app_state
 from tests.e2e.server import free_port
 from tests.service.conftest import make_settings
-from tests.service.helpers import ADMIN_KEY, assert_error, json_post_scope, wait_until_idle
+from tests.service.helpers import (
+    ADMIN_KEY,
+    assert_error,
+    json_post_scope,
+    wait_until,
+    wait_until_idle,
+)
 
 pytestmark = pytest.mark.real_model
 
@@ -368,9 +374,15 @@ def test_deleting_an_adapter_mid_stream_404s_after_and_frees_its_slot(server: Se
     # ... later requests find no such model, and the bank lets the adapter go.
     with pytest.raises(openai.NotFoundError):
         sdk.chat.completions.create(model="short-lived", messages=QUESTION, max_tokens=2)
-    wait_until_idle(scheduler)
+    # The scheduler applies the deletion at its next step, which a loaded machine may not have
+    # run yet when the last sequence retires: wait for both.
+    assert wait_until(
+        lambda: (
+            not scheduler.running
+            and all(key[1] != "short-lived" for key in scheduler.adapters.resident_keys())
+        )  # type: ignore[index]
+    )
     resident = scheduler.adapters.resident_keys()
-    assert all(key[1] != "short-lived" for key in resident)  # type: ignore[index]
     assert len(scheduler.adapters.bank) == len(resident)  # its slot freed, not just hidden
 
 
