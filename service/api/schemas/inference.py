@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, StringConstraints, Tag
 
 from service.api.schemas.generation import Usage
 from service.serving.policy import RequestMode
@@ -55,6 +55,30 @@ class TextPair(BaseModel):
     text_pair: Text | None = Field(None, description="The second text; null for a single text.")
 
 
+def _input_shape(value: object) -> str | None:
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, list):
+        return "array"
+    return "object" if isinstance(value, dict) else None
+
+
+# Tagged by the value's own type, so an error names the shape that was sent: a plain union
+# answered `[5]` or `[""]` with "inputs.0.constrained-str: ... (and 2 more errors)", the
+# string branch's complaint, even for an item meant as a pair.
+PredictInput = Annotated[
+    Annotated[Text, Tag("text")]
+    | Annotated[list[Text], Field(min_length=2, max_length=2), Tag("array")]
+    | Annotated[TextPair, Tag("object")],
+    Discriminator(
+        _input_shape,
+        custom_error_type="invalid_type",
+        custom_error_message="Input should be a text, a [text, text_pair] array or a "
+        "{text, text_pair} object",
+    ),
+]
+
+
 class PredictRequest(BaseModel):
     """Texts to classify or score with one adapter."""
 
@@ -72,13 +96,11 @@ class PredictRequest(BaseModel):
             ]
         },
     )
-    inputs: list[Text | Annotated[list[Text], Field(min_length=2, max_length=2)] | TextPair] = (
-        Field(
-            min_length=1,
-            max_length=MAX_INPUTS,
-            description=f"Up to {MAX_INPUTS} inputs, each a text, a `[text, text_pair]` array or "
-            "a `{text, text_pair}` object; answered in order.",
-        )
+    inputs: list[PredictInput] = Field(
+        min_length=1,
+        max_length=MAX_INPUTS,
+        description=f"Up to {MAX_INPUTS} inputs, each a text, a `[text, text_pair]` array or "
+        "a `{text, text_pair}` object; answered in order.",
     )
     truncate: bool = Field(True, description=TRUNCATE)
     max_tokens: int | None = Field(

@@ -124,6 +124,26 @@ def test_wrong_types_in_json_bodies(c: TestClient, auth: Headers) -> None:
     assert resp.json()["error"]["param"].startswith("inputs.0")
 
 
+@pytest.mark.parametrize(
+    ("item", "param", "says"),
+    [
+        (5, "inputs.0", "a text, a [text, text_pair] array or a {text, text_pair} object"),
+        (None, "inputs.0", "a text, a [text, text_pair] array or a {text, text_pair} object"),
+        ("", "inputs.0.text", "at least 1 character"),
+        (["a"], "inputs.0.array", "at least 2 items"),
+        ({"text": "a", "foo": "b"}, "inputs.0.object.foo", "Extra inputs are not permitted"),
+    ],
+)
+def test_a_bad_predict_input_is_named_by_the_shape_sent(
+    c: TestClient, auth: Headers, item: Any, param: str, says: str
+) -> None:
+    """A plain union answered each with its string branch's complaint
+    ("inputs.0.constrained-str", "and 2 more errors"), even for an item meant as a pair."""
+    resp = c.post("/predict?adapter=x", headers=auth, json={"inputs": [item]})
+    error = assert_error(resp, 422, param=param)
+    assert says in error["message"] and "more errors" not in error["message"]
+
+
 def test_unknown_labels_in_validation_data(c: TestClient, auth: Headers) -> None:
     train = create_dataset(c, auth)
     val = create_dataset(c, auth, [{"text": "meh", "label": "neutral"}, *CLASSIFICATION_ROWS])
