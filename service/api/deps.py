@@ -22,6 +22,7 @@ from service.adapters.records import ForgetAdapter
 from service.config import Settings
 from service.db.models import ApiKey, Tenant
 from service.errors import ErrorKind, ServiceError
+from service.names import NoControlCharacters, has_control_characters
 from service.serving.lookups import LookupCache
 from service.serving.queries import AdapterRef, KeyLookup, find_adapter, find_key_and_adapter
 from service.state import AppState, app_state
@@ -228,7 +229,11 @@ AdapterCachesDep = Annotated[list[ForgetAdapter], Depends(adapter_caches)]
 # --- the adapter an inference request names ----------------------------------------------------
 
 
-AdapterName = Annotated[str, Query(min_length=1, max_length=64, description="adapter name")]
+AdapterName = Annotated[
+    str,
+    Query(min_length=1, max_length=64, description="adapter name"),
+    NoControlCharacters,  # no name has one (service.names)
+]
 
 
 async def get_served_adapter(
@@ -248,6 +253,10 @@ async def get_served_adapter(
     """
     found = _without_database(request, settings, credentials)
     name = request.query_params.get("adapter", "")
+    if has_control_characters(name):
+        # No adapter is named so, and PostgreSQL refuses a NUL in a query: the caller alone
+        # is looked up, and AdapterName's 422 follows.
+        name = ""
     if isinstance(found, Principal):  # the admin key or auth disabled: no key to look up
         return await run_in_threadpool(_find_adapter_for, request, found, name)
     key_hash = hash_api_key(found)

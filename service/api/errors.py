@@ -3,9 +3,10 @@
 Routes and domain code raise :class:`service.errors.ServiceError`; :data:`RENDERING` maps its
 kind to a status, an error ``type`` and headers. The handlers installed by
 :func:`install_error_handlers` turn it, FastAPI's request validation errors, Starlette's HTTP
-errors (unknown URL, wrong method, body too large), a busy database (503, Retry-After) and
-any unexpected exception into that shape. Unexpected exceptions are logged with their
-traceback and answered with a generic 500 that reveals nothing about the internals.
+errors (unknown URL, wrong method, body too large), a busy database (503, Retry-After), a
+value the database refused (422) and any unexpected exception into that shape. Unexpected
+exceptions are logged with their traceback and answered with a generic 500 that reveals
+nothing about the internals.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DataError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
@@ -187,6 +188,27 @@ async def _database_error_handler(request: Request, exc: Exception) -> JSONRespo
     )
 
 
+async def _data_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    # A value the database refused (PostgreSQL: a NUL in text, text longer than its column, a
+    # number out of range): the request's, since every stored value comes from one. The edge
+    # checks should have refused it with the field's name, so the warning marks a check to add;
+    # the transaction was rolled back, nothing of the request is stored.
+    logger.warning(
+        "database refused a value on %s %s: %s",
+        request.method,
+        request.url.path,
+        str(exc).splitlines()[0],
+    )
+    return error_response(
+        invalid(
+            "The request holds a value the database cannot store (a control character, or "
+            "text too long for its field).",
+            None,
+            "unstorable_value",
+        )
+    )
+
+
 async def _unhandled_error_handler(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return JSONResponse(
@@ -207,5 +229,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ClientDisconnect, _client_disconnect_handler)
     app.add_exception_handler(PoolTimeoutError, _database_error_handler)
     app.add_exception_handler(OperationalError, _database_error_handler)
+    app.add_exception_handler(DataError, _data_error_handler)
     # Exception → Starlette's ServerErrorMiddleware: the outermost catch-all.
     app.add_exception_handler(Exception, _unhandled_error_handler)

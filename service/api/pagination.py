@@ -14,6 +14,7 @@ from sqlalchemy import ColumnElement, and_, or_, select
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from service.errors import invalid
+from service.names import NoControlCharacters
 
 DEFAULT_LIMIT = 20
 MAX_LIMIT = 100
@@ -32,6 +33,7 @@ AfterQuery = Annotated[
         max_length=128,
         description="Cursor: the `last_id` of the previous page; leave it out for the first.",
     ),
+    NoControlCharacters,  # no id or name has one (service.names)
 ]
 
 

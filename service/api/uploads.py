@@ -12,9 +12,11 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
 from service.api.middleware import limit_message
+from service.datasets.reading import MAX_NAME_CHARS
 from service.datasets.rows import DatasetKind
 from service.datasets.store import UploadDigest
 from service.errors import ErrorKind, ServiceError, invalid
+from service.names import CONTROL_CHARACTER_CODE, CONTROL_CHARACTERS, has_control_characters
 
 _READ_CHUNK = 1024 * 1024
 DATASET_KINDS = [k.value for k in DatasetKind]
@@ -85,15 +87,30 @@ def dataset_kind(value: Any) -> DatasetKind:
     return DatasetKind(value)
 
 
-def form_text(value: Any, param: str, max_length: int = 256) -> str | None:
-    """A text form field; None when absent or empty, 422 when a file or too long."""
+def form_text(
+    value: Any, param: str, max_length: int = MAX_NAME_CHARS, what: str | None = None
+) -> str | None:
+    """A text form field (``what`` names it in messages, default ``param``); None when absent
+    or empty, 422 when a file, too long or holding a control character (the rule of every
+    name, :mod:`service.names`)."""
     if value is None or value == "":
         return None
+    what = what or param
     if not isinstance(value, str):
-        raise invalid(f"{param} must be a text field.", param)
+        raise invalid(f"{what} must be a text field.", param)
     if len(value) > max_length:
-        raise invalid(f"{param} must be at most {max_length} characters.", param)
+        raise invalid(f"{what} must be at most {max_length} characters.", param)
+    if has_control_characters(value):
+        raise invalid(
+            f"{what} must not contain {CONTROL_CHARACTERS}.", param, CONTROL_CHARACTER_CODE
+        )
     return value
+
+
+def upload_name(upload: UploadFile) -> str | None:
+    """The name an uploaded file gives its dataset when the form names none: checked as a
+    ``name`` field is (a file's name is the client's text too), refused naming ``file``."""
+    return form_text(upload.filename, "file", what="The file's name")
 
 
 class BodyChunks:

@@ -26,6 +26,7 @@ from service.datasets.rows import (
     type_name,
 )
 from service.jsonstream import JsonSyntaxError, ObjectReader, ValueTooLongError, loads
+from service.names import NoControlCharacters
 
 T = TypeVar("T")
 
@@ -204,13 +205,15 @@ def _unreadable(where: Record, exc: JsonSyntaxError | ValueTooLongError) -> Data
 # The longest JSON text of a body's kind or name (a name is at most 256 characters, each
 # at most 12 characters of JSON when escaped as a surrogate pair).
 _MAX_FIELD_CHARS = 4096
-_MAX_NAME_CHARS = 256
+MAX_NAME_CHARS = 256
 _BODY_FIELDS = "kind, name and records"
 
 # A body's kind and name are checked by pydantic with the types DatasetCreateJSON declares
 # them with (the model documents the body, this reader checks it): one definition, which also
 # refuses a string that is not valid Unicode (a lone surrogate such as "\ud800").
-DatasetName = Annotated[str, StringConstraints(min_length=1, max_length=_MAX_NAME_CHARS)]
+DatasetName = Annotated[
+    str, StringConstraints(min_length=1, max_length=MAX_NAME_CHARS), NoControlCharacters
+]
 _KIND: TypeAdapter[DatasetKind] = TypeAdapter(DatasetKind)
 _NAME: TypeAdapter[str | None] = TypeAdapter(DatasetName | None)
 

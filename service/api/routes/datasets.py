@@ -31,9 +31,10 @@ from service.api.uploads import (
     media_type,
     read_upload,
     unsupported_media_type,
+    upload_name,
 )
 from service.datasets.infer import infer_kind
-from service.datasets.reading import DatasetFormat, detect_format
+from service.datasets.reading import MAX_NAME_CHARS, DatasetFormat, detect_format
 from service.datasets.rows import DatasetError, DatasetKind, Limits
 from service.datasets.store import (
     UploadDigest,
@@ -57,7 +58,7 @@ T = TypeVar("T")
 
 _NAME_FIELD = {
     "type": "string",
-    "maxLength": 256,
+    "maxLength": MAX_NAME_CHARS,
     "description": "A name to show; default: the file's name.",
 }
 _FORMAT_FIELD = {
@@ -112,6 +113,7 @@ async def _read_multipart(request: Request, max_bytes: int, *, kind_required: bo
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
             raise invalid("A dataset file is required in the 'file' field.", "file", "missing_file")
+        name = name or upload_name(upload)
         data = await read_upload(upload, max_bytes)
         filename, content_type = upload.filename, upload.content_type
     if fmt_field is not None:
@@ -120,7 +122,7 @@ async def _read_multipart(request: Request, max_bytes: int, *, kind_required: bo
         fmt = DatasetFormat(fmt_field)
     else:
         fmt = detect_format(filename, content_type, data)
-    return _Upload(kind=kind, fmt=fmt, data=data, name=name or filename)
+    return _Upload(kind=kind, fmt=fmt, data=data, name=name)
 
 
 async def _read_json(

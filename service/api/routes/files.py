@@ -34,6 +34,7 @@ from service.api.uploads import (
     form_text,
     read_upload,
     require_multipart,
+    upload_name,
 )
 from service.datasets import codec
 from service.datasets.infer import infer_kind
@@ -111,6 +112,7 @@ async def create_file(
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
             raise invalid("A file is required in the 'file' field.", "file", "missing_file")
+        name = upload_name(upload)
         data = await read_upload(upload, settings.max_upload_bytes)
         filename, upload_type = upload.filename, upload.content_type
 
@@ -122,7 +124,7 @@ async def create_file(
         store_dataset,
         factory,
         tenant_id,
-        filename,
+        name,
         parsed,
         UploadDigest.of(data),
         settings.max_dataset_bytes_per_tenant,

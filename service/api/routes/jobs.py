@@ -18,6 +18,7 @@ from service.db.models import Checkpoint, Job, JobEvent
 from service.errors import invalid, not_found
 from service.jobs.cancel import cancel_job
 from service.jobs.create import create_job
+from service.names import NoControlCharacters
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 
@@ -48,7 +49,9 @@ def list_fine_tuning_jobs(
     after: AfterQuery = None,
     limit: LimitQuery = DEFAULT_LIMIT,
     training_file: Annotated[
-        str | None, Query(max_length=64, description="Only jobs trained on this dataset.")
+        str | None,
+        Query(max_length=64, description="Only jobs trained on this dataset."),
+        NoControlCharacters,  # no id has one (service.names)
     ] = None,
 ) -> ListResponse[JobObject]:
     """The caller's jobs, newest first, one page at a time."""

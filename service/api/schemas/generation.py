@@ -18,6 +18,8 @@ from pydantic import (
     field_validator,
 )
 
+from service.names import NoControlCharacters
+
 MAX_MESSAGES = 256
 MAX_CONTENT_CHARS = 100_000
 MAX_STOP = 4
@@ -99,7 +101,9 @@ class SamplingFields(BaseModel):
     """What both endpoints share."""
 
     model_config = ConfigDict(extra="forbid")
-    model: str = Field(min_length=1, max_length=256, description=MODEL)
+    model: Annotated[str, NoControlCharacters] = Field(
+        min_length=1, max_length=256, description=MODEL
+    )
     max_tokens: int | None = Field(
         None, ge=1, description="Tokens to generate at most; default: what the context leaves."
     )
@@ -169,7 +173,7 @@ class ChatCompletionRequest(SamplingFields):
     )
     max_completion_tokens: int | None = Field(None, ge=1, description="`max_tokens`' new name.")
     logprobs: bool = Field(False, description="Return each reply token's log-probability.")
-    reward_adapter: str | None = Field(
+    reward_adapter: Annotated[str | None, NoControlCharacters] = Field(
         None,
         min_length=1,
         max_length=256,

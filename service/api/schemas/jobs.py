@@ -27,6 +27,7 @@ from service.db.models import Job
 from service.db.types import to_unix
 from service.jobs.create import JobRequest
 from service.jobs.openai_compat import OPENAI_METHOD_TYPES, translate_job_request
+from service.names import NoControlCharacters
 
 MethodType = StrEnum(  # type: ignore[misc]
     "MethodType",
@@ -162,10 +163,11 @@ class JobCreate(BaseModel):
         },
     )
 
-    training_file: str = Field(
+    # No id or name has a control character (service.names).
+    training_file: Annotated[str, NoControlCharacters] = Field(
         min_length=1, max_length=64, description="Id of the training dataset (file-...)."
     )
-    validation_file: str | None = Field(
+    validation_file: Annotated[str | None, NoControlCharacters] = Field(
         default=None,
         min_length=1,
         max_length=64,
@@ -192,7 +194,7 @@ class JobCreate(BaseModel):
         description="Seed of the run: the same seed and data give the same adapter. null = "
         "a random seed, reported on the job.",
     )
-    model: str | None = Field(
+    model: Annotated[str | None, NoControlCharacters] = Field(
         default=None,
         min_length=1,
         max_length=256,

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.api.schemas.common import CREATED_AT, NAME_PATTERN
 from service.db.models import ApiKey, Tenant
 from service.db.types import to_unix
+from service.names import NoControlCharacters
 
 TENANT_ID = "tenant-1a2b3c4d5e6f7a8b9c0d1e2f"
 KEY_EXAMPLE = {
@@ -51,7 +52,7 @@ class ApiKeyCreate(BaseModel):
         extra="forbid", json_schema_extra={"examples": [{"name": "ci", "is_admin": False}]}
     )
 
-    name: str | None = Field(
+    name: Annotated[str | None, NoControlCharacters] = Field(
         default=None, min_length=1, max_length=128, description="A label to recognise the key by."
     )
     is_admin: bool = Field(
