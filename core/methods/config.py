@@ -19,7 +19,9 @@ from core.targets import BaseKind
 class MethodConfig(BaseModel):
     """Base of every method config. ``type`` is the method's registry name."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Every parameter is finite, as every training setting is (TrainingConfig): Infinity
+    # passes a lower bound alone (LoRA's alpha > 0).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     type: ClassVar[str]
 
     def to_dict(self) -> dict[str, Any]:

@@ -73,7 +73,10 @@ class TrainingConfig(BaseModel):
     API's request schema, ``GET /v1/methods`` and the dashboard's form are derived from them.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Every setting is finite: Python's JSON parser reads NaN and Infinity, which pass a field
+    # with no bound (margin: NaN trained a NaN model that still "succeeded") and Infinity a
+    # lower bound alone (adam_epsilon > 0).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     n_epochs: int = Field(
         3,

@@ -122,11 +122,18 @@ def optional_fields(
     return fields
 
 
+def _request_config(model: type[BaseModel]) -> ConfigDict:
+    """The config of a request model mirroring ``model``: unknown keys are 422s naming them,
+    and numbers are finite where core's are (its ``allow_inf_nan`` is model-wide, so
+    :func:`optional_fields` cannot copy it with a field's range)."""
+    return ConfigDict(extra="forbid", allow_inf_nan=model.model_config.get("allow_inf_nan", True))
+
+
 def optional_model(name: str, model: type[BaseModel], doc: str, **kwargs: Any) -> type[BaseModel]:
-    """A request model with ``model``'s fields, all optional; unknown keys are 422s naming them."""
+    """A request model with ``model``'s fields, all optional (see :func:`_request_config`)."""
     return create_model(
         name,
-        __config__=ConfigDict(extra="forbid"),
+        __config__=_request_config(model),
         __doc__=doc,
         **optional_fields(model, **kwargs),
     )
@@ -163,7 +170,7 @@ _REFUSED_FIELDS: dict[str, Any] = {
 
 Hyperparameters: type[BaseModel] = create_model(
     "Hyperparameters",
-    __config__=ConfigDict(extra="forbid"),
+    __config__=_request_config(TrainingConfig),
     __doc__="Training settings. Absent (or null) fields take the defaults shown; "
     "'learning_rate': 'auto' is the method's default (see GET /v1/methods).",
     **optional_fields(TrainingConfig, exclude=set(_REFUSED_SETTINGS)),
