@@ -156,13 +156,28 @@ class Adapter:
             method = parse_method_config(method_cfg.pop("type"), method_cfg, head.base_kind)
         except (KeyError, TypeError, ValueError) as e:
             raise AdapterFormatError(f"invalid adapter config: {e}") from None
+        base_name, fingerprint = cfg.get("base_name", ""), cfg.get("base_fingerprint", "")
+        if not isinstance(base_name, str) or not isinstance(fingerprint, str):
+            raise AdapterFormatError(
+                "invalid adapter config: base_name and base_fingerprint must be strings"
+            )
+        trainable = cfg.get("trainable_params", 0)
+        # A count of parameters, as the trainer writes it (the database holds 64-bit ints);
+        # no conversion, which would take "12", 1.5 or true, and fail on "abc" or Infinity.
+        if type(trainable) is not int or not 0 <= trainable < 2**63:
+            raise AdapterFormatError(
+                f"invalid adapter config: trainable_params must be a count, got {trainable!r:.40}"
+            )
+        metrics = cfg.get("metrics", {})
+        if not isinstance(metrics, dict):
+            raise AdapterFormatError("invalid adapter config: metrics must be a JSON object")
         return cls(
             method=method,
             head=head,
             method_state=method_state,
             head_state=head_state,
-            base_name=cfg.get("base_name", ""),
-            base_fingerprint=cfg.get("base_fingerprint", ""),
-            trainable_params=int(cfg.get("trainable_params", 0)),
-            metrics=dict(cfg.get("metrics", {})),
+            base_name=base_name,
+            base_fingerprint=fingerprint,
+            trainable_params=trainable,
+            metrics=dict(metrics),
         )

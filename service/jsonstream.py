@@ -89,7 +89,7 @@ def loads(text: str) -> Any:
         raise JsonSyntaxError(_reason(exc), 1, 1) from None
 
 
-def _is_unicode(text: str) -> bool:
+def is_unicode(text: str) -> bool:
     """False for a string with a lone surrogate: JSON's "\\ud800" escape parses to one."""
     try:
         text.encode("utf-8")
@@ -240,7 +240,7 @@ class ObjectReader:
                     key, start = self._decode(self._max_key_chars)
                 except ValueTooLongError:
                     raise self._error("Property name too long", self._pos) from None
-                if not _is_unicode(key):
+                if not is_unicode(key):
                     # Valid JSON, but no UTF-8 text holds it: not even an error naming the key.
                     raise self._error(
                         "Property name is not valid Unicode (a lone surrogate)", start

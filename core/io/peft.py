@@ -96,7 +96,8 @@ def import_peft(
     if peft_type == "LORA":
         method, state = import_lora(cfg, tensors, base)
     elif peft_type == "PROMPT_TUNING" and isinstance(base, FrozenBase):
-        method, state = import_prompt(cfg, tensors, base, extra.get("method"))
+        ours = extra.get("method")
+        method, state = import_prompt(cfg, tensors, base, ours if isinstance(ours, dict) else None)
     else:
         supported = "'LORA', 'PROMPT_TUNING'" if isinstance(base, FrozenBase) else "'LORA'"
         raise AdapterFormatError(
@@ -187,6 +188,14 @@ def _parse_config(data: bytes) -> dict[str, Any]:
         raise AdapterFormatError(f"{CONFIG_FILE} is not valid JSON: {e}") from None
     if not isinstance(cfg, dict):
         raise AdapterFormatError(f"{CONFIG_FILE} must hold a JSON object")
+    try:
+        # JSON's "\ud800" escape parses to a lone surrogate, which a tokenizer (prompt
+        # tuning's init_text) and every UTF-8 store refuse with an exception of their own.
+        json.dumps(cfg, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise AdapterFormatError(
+            f"{CONFIG_FILE} holds text that is not valid Unicode (a lone surrogate)"
+        ) from None
     return cfg
 
 
@@ -210,9 +219,13 @@ def _check_base(cfg: dict[str, Any], extra: dict[str, Any], base: FrozenBase | D
     if not name or not isinstance(name, str):
         return
     if _looks_like_path(name):
-        # A local path: the same folder is a match; a path we cannot see proves nothing.
-        path = Path(name).expanduser()
-        if not path.exists() or path.resolve() == base.path.resolve():
+        # A local path: the same folder is a match; a path we cannot see proves nothing (nor
+        # one this system cannot even look up: an unknown ~user, a NUL byte, a name too long).
+        try:
+            path = Path(name).expanduser()
+            if not path.exists() or path.resolve() == base.path.resolve():
+                return
+        except (RuntimeError, ValueError, OSError):
             return
     if _tail(name) == _tail(base.name):
         return

@@ -194,7 +194,9 @@ def _target_modules(cfg: dict[str, Any], base: FrozenBase | DecoderBase) -> list
     if isinstance(targets, str):
         try:
             re.compile(targets)
-        except re.error as e:
+        # re raises OverflowError for a repeat count past its limit ("a{4294967296}") and
+        # RecursionError for thousands of nested groups.
+        except (re.error, OverflowError, RecursionError) as e:
             raise AdapterFormatError(f"PEFT target_modules {targets!r} is no regex: {e}") from None
     elif not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
         raise AdapterFormatError(f"PEFT target_modules={targets!r} is not a list of names")
@@ -272,6 +274,10 @@ def import_lora(
             raise AdapterFormatError(f"layer {i} {target}: lora_A and lora_B must both be present")
         n_in, n_out = base.config.linear_shape(target)
         (key_a, a), (key_b, b) = pair["A"], pair["B"]
+        # The rank is read off lora_A, so anything but a matrix is refused before that.
+        for key, t in ((key_a, a), (key_b, b)):
+            if t.ndim != 2:
+                raise AdapterFormatError(f"{key}: a LoRA matrix, got shape {tuple(t.shape)}")
         r = a.shape[0]
         ranks.add(r)
         for key, t, want in ((key_a, a, (r, n_in)), (key_b, b, (n_out, r))):
@@ -283,13 +289,15 @@ def import_lora(
                 )
         state[lora_key(i, target, "A")] = a
         state[lora_key(i, target, "B")] = b
-    if len(ranks) != 1 or ranks != {cfg.get("r", next(iter(ranks)))}:
+    rank = min(ranks)
+    # Compared, not put in a set: the config's r may be any JSON value, a list too.
+    if len(ranks) != 1 or cfg.get("r", rank) != rank:
         raise AdapterFormatError(
             f"LoRA ranks {sorted(ranks)} in the weights disagree with r={cfg.get('r')} "
             "in the config"
         )
     params = {
-        "r": ranks.pop(),
+        "r": rank,
         "alpha": cfg.get("lora_alpha", 8),  # PEFT's default
         "dropout": cfg.get("lora_dropout", 0.0),
         "target_modules": targets,

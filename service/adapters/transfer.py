@@ -7,6 +7,7 @@ refusal is a :class:`TransferError` carrying the ``code`` and ``param`` of a 422
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -17,8 +18,10 @@ from service.adapters.archive import (
     archive_format,
 )
 from service.adapters.store import adapter_from_row
+from service.datasets.rows import Limits
 from service.db.models import AdapterRow
 from service.errors import ServiceError
+from service.jsonstream import is_unicode
 
 if TYPE_CHECKING:
     from core.adapter import Adapter
@@ -39,6 +42,19 @@ class HeadSpec:
     task: str
     label_names: list[str]
     text_pair: bool = False
+
+
+# An imported head's labels are held to what a dataset here may train: as many and as long
+# (every /predict returns one score per label, and the row keeps them all).
+_LABEL_LIMITS = Limits()
+# A loraplex archive's metrics as the trainer writes them: scalars (finite numbers, booleans,
+# null, a short text such as imported_from) and a classifier's per-class table of six numbers
+# a label (metrics -> val_per_class -> label -> f1: three objects deep). The bounds leave room
+# for that table at the most labels, each of the longest name, and refuse more: every GET of
+# the adapter returns them.
+_METRICS_DEPTH = 3
+_METRICS_ENTRIES = 8 * _LABEL_LIMITS.max_labels
+_METRICS_CHARS = 2 * _LABEL_LIMITS.max_labels * _LABEL_LIMITS.max_label_chars
 
 
 def _format_error_code(message: str) -> str:
@@ -82,11 +98,94 @@ def export_files(
 # --- import ----------------------------------------------------------------------------------
 
 
+def _check_labels(labels: list[str], param: str) -> None:
+    """Label names within a dataset's limits, storable; ``param`` names where they came from."""
+    limits = _LABEL_LIMITS
+    if len(labels) > limits.max_labels:
+        raise TransferError(
+            f"{len(labels)} label names; at most {limits.max_labels} are supported",
+            code="too_many_labels",
+            param=param,
+        )
+    for i, label in enumerate(labels):
+        if len(label) > limits.max_label_chars:
+            raise TransferError(
+                f"label name {i} is longer than {limits.max_label_chars} characters",
+                code="field_too_long",
+                param=param,
+            )
+        if not is_unicode(label):
+            raise TransferError(
+                f"label name {i} is not valid Unicode (a lone surrogate)",
+                code="invalid_unicode",
+                param=param,
+            )
+
+
+def _check_metrics(metrics: dict[str, Any]) -> None:
+    """An archive's metrics within the bounds above (see ``_METRICS_DEPTH``), numbers finite
+    (PostgreSQL's JSON has no NaN)."""
+    entries = chars = 0
+
+    def text(value: str, where: str) -> None:
+        nonlocal chars
+        chars += len(value)
+        if len(value) > _LABEL_LIMITS.max_label_chars:
+            raise TransferError(
+                f"{LORAPLEX_CONFIG_FILE}: {where} is longer than "
+                f"{_LABEL_LIMITS.max_label_chars} characters"
+            )
+
+    def walk(obj: dict[str, Any], path: str, depth: int) -> None:
+        nonlocal entries
+        if depth > _METRICS_DEPTH:
+            raise TransferError(
+                f"{LORAPLEX_CONFIG_FILE}: {path} nests objects more than {_METRICS_DEPTH} deep"
+            )
+        for key, value in obj.items():
+            entries += 1
+            text(key, f"a key of {path}")
+            where = f"{path}.{key[:64]}"
+            if isinstance(value, dict):
+                walk(value, where, depth + 1)
+            elif isinstance(value, str):
+                text(value, where)
+            elif isinstance(value, float) and not math.isfinite(value):
+                raise TransferError(f"{LORAPLEX_CONFIG_FILE}: {where} must be a finite number")
+            elif isinstance(value, int) and not -(2**63) <= value < 2**63:
+                raise TransferError(f"{LORAPLEX_CONFIG_FILE}: {where} must be a 64-bit integer")
+            elif not (value is None or isinstance(value, int | float)):
+                raise TransferError(
+                    f"{LORAPLEX_CONFIG_FILE}: {where} must be a number, true, false, null, "
+                    "text or an object"
+                )
+
+    walk(metrics, "metrics", 1)
+    if entries > _METRICS_ENTRIES or chars > _METRICS_CHARS:
+        raise TransferError(
+            f"{LORAPLEX_CONFIG_FILE}: metrics hold more than {_METRICS_ENTRIES} entries or "
+            f"{_METRICS_CHARS} characters of names and text"
+        )
+
+
+def _check_metadata(adapter: Adapter) -> None:
+    """What an archive says besides its weights (an export's own head, its metrics) held to
+    what this service writes itself: the row keeps it and every GET returns it."""
+    _check_labels(adapter.head.label_names, "file")
+    _check_metrics(adapter.metrics)
+    if not is_unicode(json.dumps(adapter.config_dict(), ensure_ascii=False)):
+        raise TransferError(
+            "the archive's config holds text that is not valid Unicode (a lone surrogate)",
+            code="invalid_unicode",
+        )
+
+
 def _head_config(spec: HeadSpec) -> HeadConfig:
     from pydantic import ValidationError
 
     from core.heads import HeadConfig
 
+    _check_labels(spec.label_names, "label_names")
     try:
         return HeadConfig(task=spec.task, label_names=spec.label_names, text_pair=spec.text_pair)  # type: ignore[arg-type]
     except ValidationError as exc:
@@ -127,6 +226,7 @@ def _import_loraplex(
     if not isinstance(config, dict):
         raise TransferError(f"{LORAPLEX_CONFIG_FILE} must hold a JSON object")
     adapter = adapter_from_bytes(config, files[LORAPLEX_WEIGHTS_FILE])
+    _check_metadata(adapter)  # before building it: prompt tuning tokenizes its init_text
     if head is not None and head != adapter.head:
         raise TransferError(
             "a loraplex export carries its trained head; leave task and label_names out "
@@ -136,6 +236,9 @@ def _import_loraplex(
         )
     adapter.check_base(base)
     check_servable(adapter, base)
+    # The row records the base the adapter was checked against, as a PEFT import's does: the
+    # archive's base_name is free text (its fingerprint, where it has one, has matched).
+    adapter.base_name, adapter.base_fingerprint = base.name, base.fingerprint
     adapter.metrics = {**adapter.metrics, "imported_from": "loraplex"}
     return adapter
 
@@ -159,7 +262,9 @@ def import_files(
                 code="head_required",
                 param="task",
             )
-        return import_peft(files, base, head_cfg)
+        adapter = import_peft(files, base, head_cfg)
+        _check_metadata(adapter)  # the head of our own export, labels and all
+        return adapter
     except CoreError as exc:
         raise TransferError(str(exc), code=_format_error_code(str(exc))) from None
     except RecursionError:  # json.loads on a config nested thousands of levels deep

@@ -21,6 +21,7 @@ BAD_CONFIGS = [
     ("prompt_tuning", {"init": "text"}, "init_text"),
     ("prompt_tuning", {"init": "text", "init_text": "   "}, "init_text"),
     ("prompt_tuning", {"init_text": "hello"}, "init_text"),
+    ("prompt_tuning", {"init": "text", "init_text": "a" * 4097}, "init_text"),
     ("feature_extraction", {"r": 8}, "r"),
     ("full", {"lr": 1e-5}, "lr"),
     ("scratch", {"x": 1}, "x"),

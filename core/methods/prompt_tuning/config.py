@@ -32,6 +32,9 @@ class PromptTuningConfig(MethodConfig):
     )
     init_text: str | None = Field(
         None,
+        # Tokens past n_virtual_tokens are dropped; the bound keeps a config (an imported one
+        # too, which the adapter's row stores and every GET returns) to what could matter.
+        max_length=4096,
         validate_default=True,
         description="Required with init='text', refused otherwise: its tokens' embeddings "
         "(repeated or truncated to n_virtual_tokens) start the prompt.",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import random
 import stat
 import warnings
 import zipfile
@@ -26,12 +27,15 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core.adapter import Adapter
 from core.base import FrozenBase
+from core.heads import Head, HeadConfig
+from core.training.metrics import ClassificationMetrics
 from service.adapters.store import adapter_from_row, adapter_row_from
 from service.config import Settings
+from service.datasets.rows import Limits
 from service.db.models import AdapterRow, Tenant
 from service.main import create_app
 from service.state import app_state
-from tests.core.util import make_model, randomize
+from tests.core.util import make_method, make_model, randomize
 from tests.service.helpers import Headers, adapter_row, assert_error, serve_base, tenant_id_by_name
 
 peft = pytest.importorskip("peft")
@@ -110,13 +114,17 @@ def store_core_adapter(
     model = make_model(base, method, **params)
     randomize(model, std=0.1)
     adapter = Adapter.from_model(model, model.num_trainable(), {"val_accuracy": 0.5})
+    store_adapter(db, base, adapter, name)
+    return adapter
+
+
+def store_adapter(db: sessionmaker[Session], base: FrozenBase, adapter: Adapter, name: str) -> None:
     with db() as session:
         row = adapter_row_from(adapter, base, name=name)
         row.tenant_id = session.scalars(select(Tenant.id).where(Tenant.name == "default")).one()
         row.version = 1
         session.add(row)
         session.commit()
-    return adapter
 
 
 def stored(db: sessionmaker[Session], name: str) -> Adapter:
@@ -617,3 +625,249 @@ def test_imported_adapter_keeps_its_bytes_like_a_trained_one(
         assert row.config["format"] == "loraplex.adapter/1"
         assert row.base_model == "loraplex-tests/tiny-bert"
         assert set(st_load(row.weights))  # safetensors, never pickle
+
+
+# --- bounded, well-typed metadata ------------------------------------------------------------
+
+
+def _loraplex_export(client: TestClient, auth: Headers, name: str) -> dict[str, bytes]:
+    resp = client.get(f"/v1/adapters/{name}/export?format=loraplex", headers=auth)
+    assert resp.status_code == 200, resp.text
+    return unzip(resp.content)
+
+
+def _with_loraplex_config(files: dict[str, bytes], **changes: Any) -> bytes:
+    config = json.loads(files["loraplex_adapter.json"])
+    config.update(changes)
+    return zip_bytes({**files, "loraplex_adapter.json": json.dumps(config).encode()})
+
+
+def _adapter_names(db: sessionmaker[Session]) -> list[str]:
+    with db() as session:
+        return list(session.scalars(select(AdapterRow.name)))
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"trainable_params": "abc"},
+        {"trainable_params": [1]},
+        {"trainable_params": float("inf")},
+        {"trainable_params": -1},
+        {"trainable_params": 2**64},
+        {"metrics": [1]},
+        {"metrics": "ab"},
+        {"metrics": {"x": float("nan")}},
+        {"metrics": {"x": float("-inf")}},
+        {"metrics": {"x": 10**400}},
+        {"metrics": {"x": [1, 2]}},
+        {"metrics": {"x": random.Random(0).randbytes(2_500_000).hex()}},  # 5 MB, incompressible
+        {"metrics": {"k" * 257: 1}},
+        {"metrics": {"a": {"b": {"c": {"d": 1}}}}},
+        {"metrics": {f"m{i}": i for i in range(8_001)}},
+        {"base_name": ["x"]},
+    ],
+    ids=[
+        "params-text",
+        "params-list",
+        "params-infinity",
+        "params-negative",
+        "params-past-64-bits",
+        "metrics-list",
+        "metrics-text",
+        "metric-nan",
+        "metric-infinity",
+        "metric-huge-int",
+        "metric-list",
+        "metric-5mb-text",
+        "metric-long-name",
+        "metrics-too-deep",
+        "metrics-too-many",
+        "base-name-list",
+    ],
+)
+def test_a_loraplex_config_with_bad_metadata_is_422_and_stores_nothing(
+    client: TestClient,
+    auth: Headers,
+    db: sessionmaker[Session],
+    tiny_base: FrozenBase,
+    changes: dict[str, Any],
+) -> None:
+    """These were 500s (int("abc"), dict("ab"), NaN on PostgreSQL) or stored megabytes."""
+    store_core_adapter(db, tiny_base, "src", "lora", r=2)
+    data = _with_loraplex_config(_loraplex_export(client, auth, "src"), **changes)
+    resp = upload(client, auth, data, name="dst")
+    assert_error(resp, 422, param="file", code="invalid_adapter")
+    assert _adapter_names(db) == ["src"]
+
+
+@pytest.mark.parametrize(
+    ("changes", "code"),
+    [
+        ({"metrics": {"\ud800": 1}}, "invalid_unicode"),
+        ({"head": {"task": "classification", "label_names": ["neg", "\ud800"]}}, "invalid_unicode"),
+        # The method config's own check (a bounded string) refuses it first.
+        (
+            {"method": {"type": "prompt_tuning", "init": "text", "init_text": "\ud800"}},
+            "invalid_adapter",
+        ),
+        ({"base_name": "\ud800"}, "invalid_unicode"),
+    ],
+    ids=["metric-name", "label-name", "init-text", "base-name"],
+)
+def test_a_lone_surrogate_in_a_loraplex_config_is_422(
+    client: TestClient,
+    auth: Headers,
+    db: sessionmaker[Session],
+    tiny_base: FrozenBase,
+    changes: dict[str, Any],
+    code: str,
+) -> None:
+    """JSON's "\\ud800" escape parses to text no UTF-8 store holds: a 500 on storing it."""
+    method = "prompt_tuning" if "method" in changes else "lora"
+    store_core_adapter(db, tiny_base, "src", method)
+    data = _with_loraplex_config(_loraplex_export(client, auth, "src"), **changes)
+    resp = upload(client, auth, data, name="dst")
+    assert_error(resp, 422, param="file", code=code)
+    assert _adapter_names(db) == ["src"]
+
+
+def test_a_lone_surrogate_in_a_peft_config_is_422(
+    client: TestClient, auth: Headers, db: sessionmaker[Session], tiny_base: FrozenBase
+) -> None:
+    """Our export's prompt-tuning init_text is tokenized on import: the tokenizer's
+    TypeError on a lone surrogate was a 500."""
+    store_core_adapter(db, tiny_base, "src", "prompt_tuning", n_virtual_tokens=4)
+    files = unzip(client.get("/v1/adapters/src/export?format=peft", headers=auth).content)
+    config = json.loads(files["adapter_config.json"])
+    config["loraplex"]["method"].update(init="text", init_text="\ud800")
+    files["adapter_config.json"] = json.dumps(config).encode()
+    resp = upload(client, auth, zip_bytes(files), name="dst")
+    error = assert_error(resp, 422, param="file", code="invalid_adapter")
+    assert "not valid Unicode" in error["message"]
+
+
+def test_a_loraplex_import_records_the_base_it_was_checked_against(
+    client: TestClient, auth: Headers, db: sessionmaker[Session], tiny_base: FrozenBase
+) -> None:
+    """The archive's base_name went into the row as it was, past the column's 256
+    characters (refused by PostgreSQL alone)."""
+    store_core_adapter(db, tiny_base, "src", "lora", r=2)
+    data = _with_loraplex_config(_loraplex_export(client, auth, "src"), base_name="x" * 300)
+    resp = upload(client, auth, data, name="dst")
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["base_model"] == tiny_base.name
+    assert resp.json()["config"]["base_name"] == tiny_base.name
+
+
+def test_the_metrics_of_the_largest_classifier_import(
+    client: TestClient, auth: Headers, db: sessionmaker[Session], tiny_base: FrozenBase
+) -> None:
+    """The metric bounds hold what the trainer writes for the most labels a dataset may have,
+    each of the longest name: its scalars and a per-class table (imported again, too)."""
+    limits = Limits()
+    labels = [f"{i:04d}".ljust(limits.max_label_chars, "é") for i in range(limits.max_labels)]
+    val = ClassificationMetrics(labels).compute()
+    metrics: dict[str, Any] = {f"val_{k}": v for k, v in val.items()}
+    metrics.update(
+        {
+            "train_loss": None,
+            "best_step": 10,
+            "steps": 10,
+            "epochs": 1.0,
+            "trained_tokens": 1000,
+            "stopped_early": False,
+            "train_examples": 1000,
+            "val_examples": 1000,
+            "imported_from": "peft",
+        }
+    )
+    head = HeadConfig(task="classification", label_names=labels)
+    method = make_method(tiny_base, "lora", r=2)
+    head_state = Head(head, tiny_base.hidden_size).state_dict()
+    store_adapter(db, tiny_base, Adapter.from_method(method, head, 7, metrics, head_state), "wide")
+    resp = upload(client, auth, zip_bytes(_loraplex_export(client, auth, "wide")), name="copy")
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["metrics"] == {**metrics, "imported_from": "loraplex"}
+    assert len(resp.json()["label_names"]) == limits.max_labels
+
+
+@pytest.mark.parametrize(
+    ("which", "bad"),
+    [("lora_A", torch.tensor(1.0)), ("lora_B", torch.tensor(1.0)), ("lora_A", torch.ones(4))],
+    ids=["A-0d", "B-0d", "A-1d"],
+)
+def test_a_peft_lora_whose_matrix_is_not_a_matrix_is_422(
+    client: TestClient, auth: Headers, peft_files: dict[str, bytes], which: str, bad: torch.Tensor
+) -> None:
+    """A 0-dimensional lora_A was an IndexError (a 500) reading its rank."""
+    key = sorted(k for k in st_load(peft_files["adapter_model.safetensors"]) if which in k)[0]
+    files = _with_weights(peft_files, lambda tensors: tensors.update({key: bad}))
+    resp = upload(client, auth, zip_bytes(files), task="classification", label_names=LABELS)
+    error = assert_error(resp, 422, param="file", code="invalid_adapter")
+    assert key in error["message"] and "matrix" in error["message"]
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{"r": [4]}, {"target_modules": "query{4294967296}"}, {"target_modules": "(" * 5000}],
+    ids=["r-list", "regex-repeat-overflow", "regex-nested-groups"],
+)
+def test_peft_config_values_of_the_wrong_kind_are_422(
+    client: TestClient, auth: Headers, peft_files: dict[str, bytes], changes: dict[str, Any]
+) -> None:
+    files = _edit_config(peft_files, **changes)
+    resp = upload(client, auth, zip_bytes(files), task="classification", label_names=LABELS)
+    assert_error(resp, 422, param="file", code="invalid_adapter")
+
+
+@pytest.mark.parametrize(
+    "path", ["~no-such-user-here/model", "/" + "a" * 5000], ids=["unknown-user", "too-long"]
+)
+def test_a_base_path_the_system_cannot_look_up_proves_nothing(
+    client: TestClient, auth: Headers, peft_files: dict[str, bytes], path: str
+) -> None:
+    """Path() raised on these (an unknown user, a name too long): a 500."""
+    files = _edit_config(peft_files, base_model_name_or_path=path)
+    resp = upload(client, auth, zip_bytes(files), task="classification", label_names=LABELS)
+    assert resp.status_code == 200, resp.text
+
+
+def test_label_names_of_a_headless_import_are_held_to_the_dataset_limits(
+    client: TestClient, auth: Headers, db: sessionmaker[Session], peft_files: dict[str, bytes]
+) -> None:
+    """100,000 label names were stored (a 154 MB row; every /predict 100,000 scores)."""
+    limits = Limits()
+    data = zip_bytes(peft_files)
+    many = json.dumps([f"l{i}" for i in range(100_000)])
+    resp = upload(client, auth, data, task="classification", label_names=many)
+    error = assert_error(resp, 422, param="label_names", code="too_many_labels")
+    assert str(limits.max_labels) in error["message"]
+    long = ["a", "b" * (limits.max_label_chars + 1)]
+    resp = upload(client, auth, data, task="classification", label_names=long)
+    assert_error(resp, 422, param="label_names", code="field_too_long")
+    resp = upload(client, auth, data, task="classification", label_names='["a", "\\ud800"]')
+    assert_error(resp, 422, param="label_names", code="invalid_unicode")
+    assert _adapter_names(db) == []
+
+    # At the limits, it imports.
+    most = [f"{i:04d}".ljust(limits.max_label_chars, "x") for i in range(limits.max_labels)]
+    resp = upload(client, auth, data, task="classification", label_names=json.dumps(most))
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["label_names"] == most
+
+
+@pytest.mark.parametrize("fmt", ["loraplex", "peft"])
+def test_an_archive_head_past_the_label_limit_is_422(
+    client: TestClient, auth: Headers, db: sessionmaker[Session], tiny_base: FrozenBase, fmt: str
+) -> None:
+    """An export carries its head's labels; an archive's are held to the same limit."""
+    head = HeadConfig(task="classification", label_names=[str(i) for i in range(1_001)])
+    method = make_method(tiny_base, "lora", r=2)
+    head_state = Head(head, tiny_base.hidden_size).state_dict()
+    store_adapter(db, tiny_base, Adapter.from_method(method, head, 1, {}, head_state), "src")
+    export = client.get(f"/v1/adapters/src/export?format={fmt}", headers=auth)
+    assert export.status_code == 200, export.text
+    resp = upload(client, auth, export.content, name="dst")
+    assert_error(resp, 422, param="file", code="too_many_labels")
+    assert _adapter_names(db) == ["src"]
