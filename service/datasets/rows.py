@@ -165,9 +165,10 @@ def _label(obj: Mapping[str, Any], where: Where, limits: Limits) -> str:
     value = obj.get("label")
     if value is None:
         raise where.error("missing required field 'label'", "label", "missing_field")
-    # bool is an int subclass, but True is no class name anyone means.
+    # bool is an int subclass, but True is no class name anyone means. An integer is its
+    # digits, held to the same length as any other label (JSON allows thousands of them).
     if isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
+        value = str(value)
     if not isinstance(value, str):
         raise where.error(
             f"field 'label' must be a string or an integer, got {type_name(value)}",

@@ -69,6 +69,13 @@ def test_nan_is_not_json() -> None:
         (b'{"text": "a", "label": true}', "label", "invalid_type", "got boolean"),
         (b'{"text": "a", "label": 1.5}', "label", "invalid_type", "got number"),
         (b'{"text": "a", "label": ""}', "label", "empty_field", "must not be empty"),
+        # An integer label is held to the label length too (JSON allows 4,300 digits).
+        (
+            b'{"text": "a", "label": 1' + b"0" * 300 + b"}",
+            "label",
+            "field_too_long",
+            "longer than 256 characters",
+        ),
         (
             b'{"text": "a", "label": "x", "text_pair": 3}',
             "text_pair",
