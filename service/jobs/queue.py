@@ -238,7 +238,13 @@ def requeue_expired(
     requeued: list[str] = []
     for job_id, status, attempts in expired:
         attempts += 1
-        values: dict[str, Any] = {"worker_id": None, "lease_expires_at": None, "attempts": attempts}
+        # No finish estimate survives the worker that made it (outcomes._ended clears it too).
+        values: dict[str, Any] = {
+            "worker_id": None,
+            "lease_expires_at": None,
+            "estimated_finish": None,
+            "attempts": attempts,
+        }
         if status == JobStatus.CANCEL_REQUESTED:
             values |= {"status": JobStatus.CANCELLED, "finished_at": now}
             level, message = "warning", "Worker lost while cancelling; job cancelled"
@@ -305,7 +311,9 @@ def release_job(session: Session, job: Job, *, worker_id: str, reason: str) -> b
     result = session.execute(
         update(Job)
         .where(*_owned(job.id, worker_id), Job.status == JobStatus.RUNNING)
-        .values(status=JobStatus.QUEUED, worker_id=None, lease_expires_at=None)
+        .values(
+            status=JobStatus.QUEUED, worker_id=None, lease_expires_at=None, estimated_finish=None
+        )
         .execution_options(synchronize_session=False)
     )
     if result.rowcount != 1:  # type: ignore[attr-defined]

@@ -345,14 +345,37 @@ def test_cancelled_event_names_the_step_of_the_jobs_progress(migrated_db: Factor
         assert event.data == {"step": 7, "total_steps": 20, "epoch": 1.4}
 
 
-def test_release_job_requeues_without_an_attempt(migrated_db: Factory) -> None:
-    job_id = add_queued_job(migrated_db, add_tenant(migrated_db))
-    with migrated_db() as session:
+def _claimed_with_an_estimate(db: Factory, job_id: str) -> Job:
+    with db() as session:
         job = queue.claim_next_job(session, "w1", 30)
         assert job is not None
+        finish = utcnow() + timedelta(minutes=3)
+        assert queue.report_progress(
+            session, job_id, "w1", 30, step=7, total_steps=20, estimated_finish=finish
+        )
+    assert _get(db, job_id).estimated_finish is not None
+    return job
+
+
+def test_release_job_requeues_without_an_attempt_or_estimate(migrated_db: Factory) -> None:
+    job_id = add_queued_job(migrated_db, add_tenant(migrated_db))
+    job = _claimed_with_an_estimate(migrated_db, job_id)
+    with migrated_db() as session:
         assert queue.release_job(session, job, worker_id="w1", reason="shutdown")
     job = _get(migrated_db, job_id)
     assert job.status == JobStatus.QUEUED and job.attempts == 0
+    # A queued job has no finish to expect: the estimate was the stopped worker's.
+    assert job.estimated_finish is None
+
+
+def test_a_requeue_after_a_lost_lease_drops_the_estimate(migrated_db: Factory) -> None:
+    job_id = add_queued_job(migrated_db, add_tenant(migrated_db))
+    _claimed_with_an_estimate(migrated_db, job_id)
+    with migrated_db() as session:
+        later = utcnow() + timedelta(seconds=31)
+        assert queue.requeue_expired(session, now=later) == [job_id]
+    job = _get(migrated_db, job_id)
+    assert job.status == JobStatus.QUEUED and job.estimated_finish is None
 
 
 def test_checkpoints_keep_only_recent_states(migrated_db: Factory) -> None:
