@@ -28,7 +28,10 @@ def save_checkpoint(
 
     ``keep_states`` bounds storage: only the newest few checkpoints keep their state blob.
     """
-    touch_owned(session, job, worker_id, step=step)
+    # Under the lease, and without moving the job's progress: the last progress write sets
+    # step, epoch, tokens and metrics together, and a step moved here alone disagreed with the
+    # rest until the next one (step 36 beside the epoch and tokens of step 30).
+    touch_owned(session, job, worker_id, lease_expires_at=Job.lease_expires_at)
     ckpt = Checkpoint(
         job_id=job.id,
         tenant_id=job.tenant_id,
