@@ -12,8 +12,9 @@ from collections.abc import Callable, Iterable
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, undefer
 
-from service.db.models import AdapterRow, Tenant
+from service.db.models import ACTIVE_STATUSES, AdapterRow, Job, Tenant
 from service.db.session import reclaim_free_pages
+from service.errors import conflict
 
 # Told (tenant id, adapter name) after a delete commits: what serving holds of it must go.
 ForgetAdapter = Callable[[str, str], None]
@@ -45,13 +46,27 @@ def next_adapter_version(session: Session, tenant_id: str) -> int:
 def delete_adapter_row(
     session: Session, row: AdapterRow, forget: Iterable[ForgetAdapter] = ()
 ) -> None:
-    """Delete and commit ``row``, then tell each of ``forget`` to drop what it holds of it.
+    """Delete and commit ``row``, then tell each of ``forget`` to drop what it holds of it;
+    a conflict while a job that has not finished starts from it.
 
     Serving caches key on (tenant, name, version) and versions are never reused, so even
     before the drop a cached copy cannot be served for a later adapter of the same name;
     the drop frees its memory.
     """
     tenant_id, name = row.tenant_id, row.name
+    # A job not yet finished may start from this adapter (a DPO job's reference_adapter,
+    # pinned by id): deleting it would fail that job later, as deleting its dataset would.
+    # The tenant's active jobs are few (its quotas bound them), so they are read whole.
+    active = session.scalars(
+        select(Job).where(Job.tenant_id == tenant_id, Job.status.in_(ACTIVE_STATUSES))
+    )
+    user = next((job.id for job in active if job.method.get("reference_adapter") == row.id), None)
+    if user is not None:
+        raise conflict(
+            f"Adapter '{name}' is the reference_adapter of job {user}, which has not finished.",
+            None,
+            "adapter_in_use",
+        )
     session.delete(row)
     session.commit()
     reclaim_free_pages(session)

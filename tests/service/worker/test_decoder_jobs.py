@@ -152,6 +152,9 @@ def test_chat_sft_then_dpo_with_the_sft_adapter_as_reference(
         client, auth, training_file=dpo, method=dpo_method, reference_adapter=sft["name"], seed=1
     )
     assert job["method"]["reference_adapter"] == sft["id"]
+    # The queued job starts from the SFT adapter: deleting it would fail the job later.
+    for path in (f"/v1/adapters/{sft['name']}", f"/v1/models/{sft['name']}"):
+        assert_error(client.delete(path, headers=auth), 409, code="adapter_in_use")
     assert run_next(db, settings, decoder) is RunOutcome.SUCCEEDED
     job = client.get(f"{JOBS}/{job['id']}", headers=auth).json()
     assert job["status"] == "succeeded", job["error"]
@@ -163,6 +166,8 @@ def test_chat_sft_then_dpo_with_the_sft_adapter_as_reference(
     assert (stored["task"], stored["base_model"]) == ("dpo", TINY_LLAMA_NAME)
     listed = client.get("/v1/adapters", headers=auth).json()["data"]
     assert {a["name"] for a in listed} == {sft["name"], stored["name"]}
+    # The job has finished: its reference is free to go.
+    assert client.delete(f"/v1/models/{sft['name']}", headers=auth).status_code == 200
 
 
 def test_job_creation_checks_base_task_and_settings(
