@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -35,15 +35,18 @@ def create_fine_tuning_job(
     body: JobCreate, session: SessionDep, tenant: CurrentTenant, settings: SettingsDep
 ) -> JobObject:
     """Queues a job that trains a new adapter on the base model. The training (and
-    validation) file is checked against the method before this returns, so a job that is
-    created can start; it then runs on a worker. Follow it with the events or their stream.
-    OpenAI's request shape (method types `supervised` and `dpo`, top-level hyperparameters)
-    is accepted too."""
+    validation) file is checked against the method before this returns (its kind, labels and
+    planned steps); it then runs on a worker, which splits and encodes the rows: a file that
+    fails there (too few rows of a label to hold out `validation_fraction` of them) fails
+    the job with `invalid_training_data`, as OpenAI fails a job whose file does not validate.
+    Follow it with the events or their stream. OpenAI's request shape (method types
+    `supervised` and `dpo`, top-level hyperparameters) is accepted too."""
     return JobObject.from_row(create_job(session, tenant, body.job_request(), settings))
 
 
 @router.get("", response_model=ListResponse[JobObject], summary="List fine-tuning jobs")
 def list_fine_tuning_jobs(
+    request: Request,
     session: SessionDep,
     tenant: CurrentTenant,
     after: AfterQuery = None,
@@ -54,7 +57,11 @@ def list_fine_tuning_jobs(
         NoControlCharacters,  # no id has one (service.names)
     ] = None,
 ) -> ListResponse[JobObject]:
-    """The caller's jobs, newest first, one page at a time."""
+    """The caller's jobs, newest first, one page at a time. OpenAI's `metadata[key]=value`
+    filters match no job: loraplex refuses jobs with metadata."""
+    if any(key.startswith("metadata[") for key in request.query_params):
+        # Dropped silently, the filter listed every job (as FastAPI ignores unknown keys).
+        return ListResponse.page([], False)
     where = [Job.tenant_id == tenant.id]
     if training_file is not None:
         where.append(Job.training_file == training_file)

@@ -246,6 +246,9 @@ def test_jobs_list_retrieve_cancel_events_checkpoints(
         for _ in range(5)
     ]
     assert [j.id for j in sdk.fine_tuning.jobs.list(limit=2)] == ids[::-1]
+    # No job has metadata (create refuses it), so a metadata filter matches none; ignored,
+    # it listed them all.
+    assert list(sdk.fine_tuning.jobs.list(metadata={"team": "x"})) == []
     assert sdk.fine_tuning.jobs.retrieve(ids[0]).id == ids[0]
 
     # A queued job is cancelled at once.
