@@ -67,6 +67,12 @@ def check_model_dir(model_dir: Path) -> dict[str, Any]:
     # A fast tokenizer is read from tokenizer.json, or built from a BERT vocab.txt.
     if not any((model_dir / name).is_file() for name in TOKENIZER_FILES):
         raise BaseModelError(f"no tokenizer in {model_dir} (needs {' or '.join(TOKENIZER_FILES)})")
+    # The encoder is built from these fields; one missing would fail the load, after the start
+    # had written its database.
+    try:
+        EncoderConfig.from_hf_dict(raw_cfg)
+    except (TypeError, ValueError) as exc:
+        raise BaseModelError(f"{cfg_path} is not a usable encoder config: {exc}") from None
     return raw_cfg
 
 

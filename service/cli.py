@@ -30,6 +30,8 @@ from service.preflight import (
     bind_listener,
     check_bases,
     check_database,
+    check_listen_database,
+    check_schema,
     check_writable_dir,
     database_variable,
 )
@@ -47,16 +49,27 @@ EXIT_STARTUP_ERROR = 2
 
 def _settings(**flags: tuple[str, object]) -> Settings:
     """Settings from the environment, overridden by ``flags``: setting → (flag, value or None)."""
-    # The embedded worker inherits the API process's environment: the parent warned already.
-    if "LORAPLEX_PARENT_PID" not in os.environ:
-        for warning in unknown_variables(os.environ, env_file()):
-            print(f"loraplex: warning: {warning}", file=sys.stderr)
     values = {name: value for name, (_, value) in flags.items() if value is not None}
     try:
+        # The embedded worker inherits the API process's environment: the parent warned
+        # already.
+        if "LORAPLEX_PARENT_PID" not in os.environ:
+            for warning in unknown_variables(os.environ, env_file()):
+                print(f"loraplex: warning: {warning}", file=sys.stderr)
         return Settings(**values)  # type: ignore[arg-type]
     except ValidationError as exc:
         given = {name: flag for name, (flag, value) in flags.items() if value is not None}
         raise StartupError("\n".join(settings_errors(exc, given))) from None
+    except (UnicodeDecodeError, OSError) as exc:  # the .env file, read by both of the above
+        raise StartupError(
+            f"{env_file()}: cannot read the settings file ({exc}); save it as UTF-8 "
+            "text this user can read, or remove it"
+        ) from None
+
+
+def _url_variable(url: str | None, settings: Settings) -> str:
+    """What set ``settings.db_url``: ``--url`` when given (even empty), else the variable."""
+    return "--url" if url is not None else database_variable(settings)
 
 
 def _version() -> str:
@@ -95,8 +108,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(host=("--host", args.host), port=("--port", args.port))
     check_writable_dir(settings.data_dir, "LORAPLEX_DATA_DIR")  # the first key file goes there
     check_database(settings.db_url, database_variable(settings))
+    check_schema(settings.db_url, database_variable(settings))
     if settings.listen_database_url:
-        check_database(settings.listen_database_url, "LORAPLEX_LISTEN_DATABASE_URL")
+        check_listen_database(settings.listen_database_url)
     listener = bind_listener(settings.host, settings.port)
     try:
         check_bases(settings)
@@ -126,7 +140,9 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     from service.db.migrate import current_revision, upgrade
 
     settings = _settings(database_url=("--url", args.url))
-    check_database(settings.db_url, "--url" if args.url else database_variable(settings))
+    variable = _url_variable(args.url, settings)
+    check_database(settings.db_url, variable)
+    check_schema(settings.db_url, variable)
     _setup_logging(settings.log_level)
     upgrade(settings.db_url)
     print(f"database at revision {current_revision(settings.db_url)}")
@@ -138,15 +154,32 @@ def cmd_worker(args: argparse.Namespace) -> int:
         # Before anything heavy is imported: a container runs this every few seconds.
         from service.worker.health import check
 
-        return check(_settings(), worker_id=args.worker_id)
+        settings = _settings()
+        # The URL only: a server that does not answer is the check's to report (unhealthy).
+        check_database(settings.db_url, database_variable(settings), connect=False)
+        return check(settings, worker_id=args.worker_id)
 
     from service.worker.runner import run_worker
 
     settings = _settings()
     check_database(settings.db_url, database_variable(settings))
+    check_schema(settings.db_url, database_variable(settings))
     check_bases(settings)
     _setup_logging(settings.log_level)
     return run_worker(settings, worker_id=args.worker_id)
+
+
+def _check_names(args: argparse.Namespace) -> None:
+    """The tenant and key names follow the rules the API's admin routes apply to them."""
+    from service.api.schemas.tenants import ApiKeyCreate, TenantCreate
+
+    checks = (("--tenant", TenantCreate, args.tenant), ("--name", ApiKeyCreate, args.name))
+    for flag, schema, value in checks:
+        try:
+            schema(name=value)
+        except ValidationError as exc:
+            # repr: a control character in the value must not break the line.
+            raise StartupError(f"{flag} {value!r}: {exc.errors()[0]['msg']}") from None
 
 
 def cmd_create_key(args: argparse.Namespace) -> int:
@@ -154,8 +187,11 @@ def cmd_create_key(args: argparse.Namespace) -> int:
     from service.db.session import make_db_engine, make_sessionmaker
     from service.tenants.keys import create_api_key, create_tenant, tenant_by_name
 
+    _check_names(args)
     settings = _settings(database_url=("--url", args.url))
-    check_database(settings.db_url, "--url" if args.url else database_variable(settings))
+    variable = _url_variable(args.url, settings)
+    check_database(settings.db_url, variable)
+    check_schema(settings.db_url, variable)
     upgrade(settings.db_url)
     db_engine = make_db_engine(settings.db_url)
     try:
@@ -176,13 +212,20 @@ def cmd_create_key(args: argparse.Namespace) -> int:
 
 
 def cmd_vacuum(args: argparse.Namespace) -> int:
+    from sqlalchemy.engine import make_url
+
     from service.db.session import make_db_engine, sqlite_file, vacuum
     from service.storage_quota import format_bytes
 
     settings = _settings(database_url=("--url", args.url))
-    check_database(settings.db_url, "--url" if args.url else database_variable(settings))
+    variable = _url_variable(args.url, settings)
+    check_database(settings.db_url, variable)
+    path = sqlite_file(make_url(settings.db_url))
+    if path is not None and not path.is_file():
+        # Opening it would create an empty database (and its folder) only to vacuum it.
+        raise StartupError(f"{variable}: no database at {path}; nothing to vacuum")
+    check_schema(settings.db_url, variable)
     db_engine = make_db_engine(settings.db_url)
-    path = sqlite_file(db_engine.url)
     before = path.stat().st_size if path is not None else 0
     try:
         vacuum(db_engine)

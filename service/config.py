@@ -56,6 +56,9 @@ class Settings(BaseSettings):
         env_file=".env",
         env_file_encoding="utf-8",
         extra="ignore",
+        # An infinite or NaN float passes every bound (inf > 0) and then breaks what it times:
+        # Event.wait(inf) and timedelta(seconds=inf) raise, after the database was written.
+        allow_inf_nan=False,
     )
 
     # --- storage -----------------------------------------------------------------------

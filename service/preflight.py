@@ -13,7 +13,7 @@ import socket
 from pathlib import Path
 
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy.exc import ArgumentError, DatabaseError, OperationalError
 from sqlalchemy.pool import NullPool
 
 from service.bases import base_specs
@@ -61,8 +61,15 @@ def _check_sqlite(url: URL, variable: str) -> None:
             f"{variable}: the SQLite driver {url.drivername!r} is not supported; "
             "use sqlite:///<file>"
         )
+    if url.database in (None, "", ":memory:"):
+        # Each connection would get a database of its own: the migrated tables would be gone
+        # before the first query ("no such table").
+        raise StartupError(
+            f"{variable}: an in-memory SQLite database cannot be shared between connections; "
+            "use sqlite:///<file>"
+        )
     path = sqlite_file(url)
-    if path is None:  # in memory: nothing on disk to check
+    if path is None:  # a URI filename (file:...): left to SQLite
         return
     check_writable_dir(path.parent, variable)
     if path.exists() and not os.access(path, os.R_OK | os.W_OK):
@@ -72,7 +79,7 @@ def _check_sqlite(url: URL, variable: str) -> None:
         )
 
 
-def _check_postgres(url: URL, variable: str) -> None:
+def _check_postgres(url: URL, variable: str, *, connect: bool = True) -> None:
     shown = url.render_as_string(hide_password=True)
     if normalize_url(url).drivername != "postgresql+psycopg":
         raise StartupError(
@@ -86,6 +93,8 @@ def _check_postgres(url: URL, variable: str) -> None:
             f"{variable}={shown}: PostgreSQL needs psycopg 3, which does not import "
             f"({_one_line(str(exc))}): {PSYCOPG_REQUIREMENT}"
         ) from None
+    if not connect:
+        return
     db_engine = make_db_engine(
         url, poolclass=NullPool, connect_args={"connect_timeout": POSTGRES_CONNECT_TIMEOUT_S}
     )
@@ -101,26 +110,77 @@ def _check_postgres(url: URL, variable: str) -> None:
         db_engine.dispose()
 
 
-def check_database(url: str, variable: str) -> None:
-    """``url`` names a supported database that this process can open (nothing is written).
-
-    SQLite: its folder and file are writable (or creatable). PostgreSQL: psycopg 3 imports and
-    the server accepts a connection.
-    """
+def _parse_url(url: str, variable: str) -> URL:
     try:
-        parsed = make_url(url)
-    except ArgumentError:
+        return make_url(url)
+    except (ArgumentError, ValueError):  # ValueError: a port that is not a number
         # Not echoed: a malformed URL may still carry a password.
         raise StartupError(f"{variable}: not a database URL; use {SUPPORTED_DATABASES}") from None
+
+
+def _is_postgres(url: URL) -> bool:
+    return url.get_backend_name() in ("postgresql", "postgres")
+
+
+def check_database(url: str, variable: str, *, connect: bool = True) -> None:
+    """``url`` names a supported database that this process can open (nothing is written).
+
+    SQLite: a file (not in memory) whose folder and file are writable (or creatable).
+    PostgreSQL: psycopg 3 imports and, unless ``connect`` is False, the server accepts a
+    connection.
+    """
+    parsed = _parse_url(url, variable)
     backend = parsed.get_backend_name()
     if backend == "sqlite":
         _check_sqlite(parsed, variable)
-    elif backend in ("postgresql", "postgres"):
-        _check_postgres(parsed, variable)
+    elif _is_postgres(parsed):
+        _check_postgres(parsed, variable, connect=connect)
     else:
         raise StartupError(
             f"{variable}={parsed.render_as_string(hide_password=True)}: {backend!r} databases "
             f"are not supported; use {SUPPORTED_DATABASES} ({PSYCOPG_REQUIREMENT} for PostgreSQL)"
+        )
+
+
+def check_listen_database(url: str) -> None:
+    """``LORAPLEX_LISTEN_DATABASE_URL`` names a PostgreSQL server that accepts a connection:
+    nothing else can LISTEN, and any other URL would be ignored without a word."""
+    variable = "LORAPLEX_LISTEN_DATABASE_URL"
+    parsed = _parse_url(url, variable)
+    if not _is_postgres(parsed):
+        raise StartupError(
+            f"{variable}={parsed.render_as_string(hide_password=True)}: LISTEN needs "
+            "PostgreSQL; set it to a postgresql:// URL of the database in "
+            "LORAPLEX_DATABASE_URL, or unset it"
+        )
+    _check_postgres(parsed, variable)
+
+
+def check_schema(url: str, variable: str) -> None:
+    """The database at ``url`` (a supported one, see :func:`check_database`), if it exists
+    yet, is one this release's migrations can bring up to date: it can be read, and its
+    revision is one they know (not that of a newer loraplex). Nothing is written.
+    """
+    from service.db.migrate import current_revision, known_revision
+
+    parsed = make_url(url)
+    path = sqlite_file(parsed)
+    if path is not None and not path.is_file():
+        return  # the first migration creates it
+    shown = path if path is not None else parsed.render_as_string(hide_password=True)
+    try:
+        revision = current_revision(url)
+    except DatabaseError as exc:  # a file that is not a SQLite database, a table not readable
+        raise StartupError(
+            f"{variable}: cannot read the database {shown} "
+            f"({_one_line(str(exc.orig or exc))}); point {variable} at a loraplex database, "
+            "or move that one away"
+        ) from None
+    if revision is not None and not known_revision(revision):
+        raise StartupError(
+            f"{variable}: the database {shown} is at schema revision {revision!r}, which this "
+            f"loraplex does not know (a newer release migrated it); upgrade loraplex, or point "
+            f"{variable} at another database"
         )
 
 
@@ -164,10 +224,13 @@ def _check_encoder(path: Path | None) -> None:
 
 def _check_decoder(path: Path | None) -> None:
     from core.decoder.base import (
+        GGUF_MAGIC,
         SAFETENSORS_FILE,
         SAFETENSORS_INDEX,
         DecoderBaseError,
         default_decoder_file,
+        is_gguf,
+        read_hf_config,
     )
 
     without = "or leave the decoder out of LORAPLEX_BASES"
@@ -182,20 +245,26 @@ def _check_decoder(path: Path | None) -> None:
             raise StartupError(f"the default decoder's file {file} is missing; reinstall it")
         return
     if path.is_file() and path.suffix == ".gguf":
-        return
-    problem = None
-    if not path.is_dir():
-        problem = "is neither a .gguf file nor a folder"
+        if is_gguf(path):
+            return
+        problem = f"{path} is not a GGUF file (it does not start with {GGUF_MAGIC!r})"
+    elif not path.is_dir():
+        problem = f"{path} is neither a .gguf file nor a folder"
     elif not (path / "config.json").is_file():
-        problem = "has no config.json"
+        problem = f"{path} has no config.json"
     elif not ((path / SAFETENSORS_FILE).is_file() or (path / SAFETENSORS_INDEX).is_file()):
-        problem = f"has no {SAFETENSORS_FILE} (nor {SAFETENSORS_INDEX})"
-    if problem:
-        raise StartupError(
-            f"LORAPLEX_DECODER_MODEL_PATH={path}: {path} {problem}; point it at a GGUF file or "
-            "a local Hugging Face Llama-family folder (config.json, safetensors, tokenizer), "
-            f"unset it to use the default decoder, {without}"
-        )
+        problem = f"{path} has no {SAFETENSORS_FILE} (nor {SAFETENSORS_INDEX})"
+    else:
+        try:
+            read_hf_config(path)  # another family (a BERT folder) is refused by its config
+            return
+        except DecoderBaseError as exc:  # named "<path>: ..." by core: the path is named here
+            problem = _one_line(str(exc)).removeprefix(f"{path}: ")
+    raise StartupError(
+        f"LORAPLEX_DECODER_MODEL_PATH={path}: {problem}; point it at a GGUF file or "
+        "a local Hugging Face Llama-family folder (config.json, safetensors, tokenizer), "
+        f"unset it to use the default decoder, {without}"
+    )
 
 
 def bind_listener(host: str, port: int) -> socket.socket:

@@ -222,6 +222,15 @@ def _gguf_tokenizer_fixes(file: Path, parsed: dict[str, Any]) -> dict[str, Any]:
     return fixes
 
 
+GGUF_MAGIC = b"GGUF"  # the first four bytes of every GGUF file
+
+
+def is_gguf(file: Path) -> bool:
+    """Whether ``file`` starts as a GGUF file does (its name's suffix proves nothing)."""
+    with open(file, "rb") as fh:
+        return fh.read(len(GGUF_MAGIC)) == GGUF_MAGIC
+
+
 # GGUF metadata value types (the spec's ``gguf_type``) -> bytes of one value, for skipping.
 _GGUF_FIXED_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
 _GGUF_BOOL, _GGUF_STRING, _GGUF_ARRAY = 7, 8, 9
@@ -232,7 +241,7 @@ def _gguf_bool(file: Path, key: str) -> bool | None:
     None where it has none. A walk over the header that skips every other value: gguf's
     ``GGUFReader`` decodes them all, 2.3 s for SmolLM2's 98k token and merge strings."""
     with open(file, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        if buf[:4] != b"GGUF" or struct.unpack_from("<I", buf, 4)[0] < 2:
+        if buf[:4] != GGUF_MAGIC or struct.unpack_from("<I", buf, 4)[0] < 2:
             return None
         (n_values,) = struct.unpack_from("<Q", buf, 16)
         at, wanted = 24, key.encode()
@@ -267,6 +276,20 @@ def _read_hf_folder(
 ) -> tuple[dict[str, Any], dict[str, Tensor], Any, list[Path]]:
     from transformers import AutoTokenizer
 
+    raw_cfg = read_hf_config(folder)
+    files = _safetensors_files(folder)
+    state_dict: dict[str, Tensor] = {}
+    for file in files:
+        state_dict.update({k: v.to(dtype) for k, v in load_file(str(file)).items()})
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, use_fast=True)
+    return raw_cfg, state_dict, tokenizer, files
+
+
+def read_hf_config(folder: Path) -> dict[str, Any]:
+    """The folder's config.json, refused unless it describes a supported decoder.
+
+    Cheap (no weights are read): the service checks a folder with it before it writes anything.
+    """
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
         raise DecoderBaseError(f"{cfg_path} not found")
@@ -277,12 +300,7 @@ def _read_hf_folder(
     if not isinstance(raw_cfg, dict):
         raise DecoderBaseError(f"{cfg_path} is not a JSON object")
     _decoder_config(raw_cfg, folder)  # an unsupported model is refused before its weights are read
-    files = _safetensors_files(folder)
-    state_dict: dict[str, Tensor] = {}
-    for file in files:
-        state_dict.update({k: v.to(dtype) for k, v in load_file(str(file)).items()})
-    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, use_fast=True)
-    return raw_cfg, state_dict, tokenizer, files
+    return raw_cfg
 
 
 def _decoder_config(raw_cfg: dict[str, Any], source: Path) -> DecoderConfig:

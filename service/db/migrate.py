@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from alembic import command
 from alembic.config import Config
 
-from service.db.session import ensure_sqlite_dir, make_db_engine
+from service.db.session import ensure_sqlite_dir, normalize_url
+
+if TYPE_CHECKING:
+    from alembic.script import ScriptDirectory
 
 MIGRATIONS_PACKAGE = "migrations"
 
@@ -47,21 +51,35 @@ def upgrade(url: str, revision: str = "head") -> None:
     command.upgrade(alembic_config(url), revision)
 
 
-def head_revision() -> str:
-    """The newest revision in ``migrations/versions`` (what ``upgrade`` brings a database to)."""
+def _scripts() -> ScriptDirectory:
     from alembic.script import ScriptDirectory
 
-    head = ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+    return ScriptDirectory.from_config(alembic_config("sqlite://"))
+
+
+def head_revision() -> str:
+    """The newest revision in ``migrations/versions`` (what ``upgrade`` brings a database to)."""
+    head = _scripts().get_current_head()
     assert head is not None
     return head
+
+
+def known_revision(revision: str) -> bool:
+    """Whether ``revision`` is in ``migrations/versions``: not, when a newer loraplex
+    migrated the database (``upgrade`` would fail to locate it)."""
+    return any(script.revision == revision for script in _scripts().walk_revisions())
 
 
 def current_revision(url: str) -> str | None:
     """The revision the database is at (None before the first migration)."""
     from alembic.runtime.migration import MigrationContext
+    from sqlalchemy import create_engine
     from sqlalchemy.pool import NullPool
 
-    db_engine = make_db_engine(url, poolclass=NullPool)
+    # A plain engine, without make_db_engine's SQLite pragmas: start-up checks read the
+    # revision of an existing file before anything is written, and journal_mode=WAL would
+    # rewrite its header.
+    db_engine = create_engine(normalize_url(url), poolclass=NullPool)
     try:
         with db_engine.connect() as conn:
             return MigrationContext.configure(conn).get_current_revision()

