@@ -26,6 +26,15 @@ ENV_PREFIX = "LORAPLEX_"
 OTHER_VARIABLES = frozenset({"LORAPLEX_PARENT_PID", "LORAPLEX_CACHE_DIR"})
 LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
 
+# Upper bounds on the timing and thread settings. A finite value can still break what it
+# sets: timedelta(seconds=1e300) and Event.wait(1e10) raise inside the worker after start-up,
+# and a thread count of a million would be honoured. Each bound is far past any sane setting.
+HOUR_S = 3600.0
+DAY_S = 24 * HOUR_S
+MAX_THREADS = 1024
+# PostgreSQL's idle_in_transaction_session_timeout is an int of milliseconds.
+POSTGRES_TIMEOUT_MAX_S = (2**31 - 1) // 1000
+
 _LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
 
 
@@ -65,10 +74,12 @@ class Settings(BaseSettings):
     data_dir: Path = Path("./data")
     # None means a SQLite file inside data_dir; filled in by the validator below.
     database_url: str | None = None
-    sqlite_busy_timeout_ms: int = Field(default=5000, ge=0)
+    # SQLite stores busy_timeout in a C int and reads a larger value as 0: no waiting at all.
+    sqlite_busy_timeout_ms: int = Field(default=5000, ge=0, le=2**31 - 1)
     postgres_idle_in_transaction_timeout_s: float = Field(
         default=60.0,
         ge=0,
+        le=POSTGRES_TIMEOUT_MAX_S,
         description="PostgreSQL only: the server ends a session of this process's that sits "
         "in an open transaction, doing nothing, this long (idle_in_transaction_session_timeout)"
         ", so a process stalled inside a transaction cannot hold its row locks, a job's "
@@ -116,14 +127,14 @@ class Settings(BaseSettings):
     embedded_worker: bool = True
     # Serving's torch thread budget (None: all cores, half with the embedded worker), split
     # evenly over the inference workers (None: one per budgeted core, at most 4; 1 on CUDA).
-    torch_threads: int | None = Field(default=None, ge=1)
-    inference_workers: int | None = Field(default=None, ge=1)
-    train_threads: int | None = Field(default=None, ge=1)
-    lease_seconds: float = Field(default=30.0, gt=0)
-    heartbeat_seconds: float = Field(default=10.0, gt=0)
+    torch_threads: int | None = Field(default=None, ge=1, le=MAX_THREADS)
+    inference_workers: int | None = Field(default=None, ge=1, le=MAX_THREADS)
+    train_threads: int | None = Field(default=None, ge=1, le=MAX_THREADS)
+    lease_seconds: float = Field(default=30.0, gt=0, le=DAY_S)
+    heartbeat_seconds: float = Field(default=10.0, gt=0, le=DAY_S)
     # Resumable state is written every this many optimizer steps (and at each epoch's end).
     checkpoint_every_steps: int = Field(default=50, ge=1)
-    worker_poll_seconds: float = Field(default=1.0, gt=0)
+    worker_poll_seconds: float = Field(default=1.0, gt=0, le=HOUR_S)
     # A job whose lease expired this many times is failed instead of requeued.
     max_job_attempts: int = Field(default=3, ge=1)
 
@@ -139,7 +150,7 @@ class Settings(BaseSettings):
         "were within 3 % of batches 16x larger) and 8192 on CUDA, where 256 would throttle "
         "throughput (8192 is not measured: no GPU was available when it was set).",
     )
-    max_wait_ms: float = Field(default=5.0, ge=0)
+    max_wait_ms: float = Field(default=5.0, ge=0, le=60_000)
     max_queue_rows: int = Field(
         default=4096,
         ge=1,
@@ -227,6 +238,7 @@ class Settings(BaseSettings):
     generation_threads: int | None = Field(
         default=None,
         ge=1,
+        le=MAX_THREADS,
         description="Torch threads each decoder's generation thread computes with. Default: "
         "the serving budget (torch_threads), plus the embedded worker's cores for each step "
         "taken while its process and the other serving engines idle (with the default split "
@@ -274,8 +286,9 @@ class Settings(BaseSettings):
         "training rows at its batch_size); a job planned longer is refused at creation (422).",
     )
     max_job_seconds: float = Field(
-        default=6 * 3600.0,
+        default=6 * HOUR_S,
         gt=0,
+        le=365 * DAY_S,
         description="Seconds of training one job may take, summed over its attempts; a job "
         "that passes it is failed (job_time_limit_exceeded) after saving a checkpoint.",
     )

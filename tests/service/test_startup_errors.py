@@ -629,6 +629,34 @@ def test_an_infinite_or_nan_float_is_refused(
     assert not (tmp_path / "data").exists()
 
 
+@pytest.mark.parametrize(
+    ("variable", "value", "bound"),
+    [
+        ("LORAPLEX_LEASE_SECONDS", "1e300", "86400"),  # timedelta overflowed in the worker
+        ("LORAPLEX_WORKER_POLL_SECONDS", "1e10", "3600"),  # past threading.TIMEOUT_MAX
+        ("LORAPLEX_MAX_JOB_SECONDS", "1e300", "31536000"),
+        ("LORAPLEX_SQLITE_BUSY_TIMEOUT_MS", str(10**12), "2147483647"),  # SQLite read it as 0
+        ("LORAPLEX_POSTGRES_IDLE_IN_TRANSACTION_TIMEOUT_S", "1e10", "2147483"),
+        ("LORAPLEX_TORCH_THREADS", "1000000", "1024"),
+    ],
+)
+def test_a_finite_value_past_what_it_sets_is_refused(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    variable: str,
+    value: str,
+    bound: str,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LORAPLEX_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv(variable, value)
+    assert main(["migrate"]) == EXIT_STARTUP_ERROR
+    err = capsys.readouterr().err
+    assert err == f"loraplex: {variable}={value!r}: Input should be less than or equal to {bound}\n"
+    assert not (tmp_path / "data").exists()
+
+
 def test_a_dotenv_that_is_not_utf8_is_one_line_naming_it(tmp_path: Path) -> None:
     (tmp_path / ".env").write_bytes(b"LORAPLEX_LOG_LEVEL=\xff\xfe\n")
     result = run_cli(["migrate"], tmp_path, settings={"LORAPLEX_DATA_DIR": str(tmp_path / "data")})
