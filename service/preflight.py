@@ -229,6 +229,7 @@ def _check_decoder(path: Path | None) -> None:
         SAFETENSORS_INDEX,
         DecoderBaseError,
         default_decoder_file,
+        gguf_architecture,
         is_gguf,
         read_hf_config,
     )
@@ -245,9 +246,12 @@ def _check_decoder(path: Path | None) -> None:
             raise StartupError(f"the default decoder's file {file} is missing; reinstall it")
         return
     if path.is_file() and path.suffix == ".gguf":
-        if is_gguf(path):
+        if not is_gguf(path):
+            problem = f"{path} is not a GGUF file (it does not start with {GGUF_MAGIC!r})"
+        elif (architecture := gguf_architecture(path)) != "llama":
+            problem = f"{path} holds a {architecture!r} model, not a Llama-family one ('llama')"
+        else:
             return
-        problem = f"{path} is not a GGUF file (it does not start with {GGUF_MAGIC!r})"
     elif not path.is_dir():
         problem = f"{path} is neither a .gguf file nor a folder"
     elif not (path / "config.json").is_file():

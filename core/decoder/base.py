@@ -216,8 +216,8 @@ def _gguf_tokenizer_fixes(file: Path, parsed: dict[str, Any]) -> dict[str, Any]:
         token_id = info.get(f"{name}_token_id")
         if token_id is not None:
             fixes[f"{name}_token"] = info["tokens"][token_id]
-    add_bos = _gguf_bool(file, "tokenizer.ggml.add_bos_token")
-    if add_bos is not None:
+    add_bos = _gguf_value(file, "tokenizer.ggml.add_bos_token")
+    if isinstance(add_bos, bool):
         fixes["add_bos_token"] = add_bos
     return fixes
 
@@ -236,10 +236,17 @@ _GGUF_FIXED_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 
 _GGUF_BOOL, _GGUF_STRING, _GGUF_ARRAY = 7, 8, 9
 
 
-def _gguf_bool(file: Path, key: str) -> bool | None:
-    """The boolean metadata value ``key`` of a GGUF file (version 2 or later, little-endian), or
-    None where it has none. A walk over the header that skips every other value: gguf's
-    ``GGUFReader`` decodes them all, 2.3 s for SmolLM2's 98k token and merge strings."""
+def gguf_architecture(file: Path) -> str | None:
+    """The file's ``general.architecture`` ("llama" for the Llama family), or None."""
+    value = _gguf_value(file, "general.architecture")
+    return value if isinstance(value, str) else None
+
+
+def _gguf_value(file: Path, key: str) -> bool | str | None:
+    """The boolean or string metadata value ``key`` of a GGUF file (version 2 or later,
+    little-endian), or None where it has none. A walk over the header that skips every other
+    value: gguf's ``GGUFReader`` decodes them all, 2.3 s for SmolLM2's 98k token and merge
+    strings."""
     with open(file, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
         if buf[:4] != GGUF_MAGIC or struct.unpack_from("<I", buf, 4)[0] < 2:
             return None
@@ -250,9 +257,15 @@ def _gguf_bool(file: Path, key: str) -> bool | None:
             name = buf[at + 8 : at + 8 + n]
             (kind,) = struct.unpack_from("<I", buf, at + 8 + n)
             at += 12 + n
-            if name == wanted:
-                return bool(buf[at]) if kind == _GGUF_BOOL else None
-            at = _gguf_skip(buf, at, kind)
+            if name != wanted:
+                at = _gguf_skip(buf, at, kind)
+            elif kind == _GGUF_BOOL:
+                return bool(buf[at])
+            elif kind == _GGUF_STRING:
+                (length,) = struct.unpack_from("<Q", buf, at)
+                return buf[at + 8 : at + 8 + length].decode("utf-8", "replace")
+            else:
+                return None
     return None
 
 

@@ -21,6 +21,7 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import gguf
 import pytest
 import sqlalchemy
 from sqlalchemy.pool import NullPool
@@ -222,7 +223,7 @@ def test_a_missing_model_wheel_says_what_to_install(tmp_path: Path, command: str
     assert not data_dir.exists()
 
 
-@pytest.mark.parametrize("model", ["text.gguf", "bert-folder"])
+@pytest.mark.parametrize("model", ["text.gguf", "gpt2.gguf", "bert-folder"])
 def test_a_decoder_path_that_is_no_decoder_is_refused_before_the_database_is_written(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -230,9 +231,16 @@ def test_a_decoder_path_that_is_no_decoder_is_refused_before_the_database_is_wri
     model: str,
 ) -> None:
     path = tmp_path / model
-    if model.endswith(".gguf"):
+    if model == "text.gguf":
         path.write_text("a text file, named like a GGUF file\n")
         expected = f"{path} is not a GGUF file"
+    elif model == "gpt2.gguf":  # a real GGUF file of another family: found only at load before
+        writer = gguf.GGUFWriter(str(path), "gpt2")
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        expected = "holds a 'gpt2' model, not a Llama-family one ('llama')"
     else:  # a complete encoder folder: another family's config
         path.mkdir()
         (path / "config.json").write_text(json.dumps({"model_type": "bert"}))
