@@ -23,6 +23,7 @@ from service.db.models import AdapterRow
 from service.db.session import committed_or_conflict
 from service.errors import conflict
 from service.jobs.queue import job_count
+from service.tenants.lock import lock_tenant
 
 if TYPE_CHECKING:
     from core.base import FrozenBase
@@ -76,6 +77,7 @@ def insert(
     taken = conflict(f"An adapter named '{row.name}' already exists.", "name", "adapter_name_taken")
     with factory() as session:
         with committed_or_conflict(session, taken):
+            lock_tenant(session, tenant_id)
             _check_room(session, tenant_id, row.name, settings, incoming=row.size_bytes)
             row.tenant_id = tenant_id
             row.version = next_adapter_version(session, tenant_id)

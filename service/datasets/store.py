@@ -20,6 +20,7 @@ from service.db.models import ACTIVE_STATUSES, Dataset, Job
 from service.db.session import reclaim_free_pages
 from service.errors import conflict, not_found
 from service.storage_quota import check_bytes_quota
+from service.tenants.lock import lock_tenant
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ def store_dataset(
     )
     # One INSERT in one transaction: a dataset is stored whole or not at all.
     with factory() as session, session.begin():
+        lock_tenant(session, tenant_id)
         check_bytes_quota(
             session,
             Dataset.bytes,

@@ -34,6 +34,7 @@ from service.jobs.events import add_event
 from service.jobs.openai_compat import OPENAI_METHOD_KINDS
 from service.jobs.queue import job_count
 from service.jobs.validate import MethodConfigError, base_layer_count, validate_method
+from service.tenants.lock import lock_tenant
 
 
 @dataclass(frozen=True)
@@ -189,6 +190,7 @@ def _check_steps(
 
 
 def _check_quotas(session: Session, tenant_id: str, settings: Settings) -> None:
+    lock_tenant(session, tenant_id)  # held to the commit: parallel creates count each other
     active = job_count(session, tenant_id)
     if active >= settings.max_concurrent_jobs_per_tenant:
         raise quota_exceeded(

@@ -13,6 +13,7 @@ import stat
 import warnings
 import zipfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -566,6 +567,25 @@ def test_adapter_quota_is_429(
         session.commit()
     resp = upload(client, auth, zip_bytes(peft_files), task="reward")
     assert_error(resp, 429, code="adapter_limit", type="rate_limit_error")
+
+
+def test_parallel_imports_take_no_more_than_the_adapter_quota(
+    client: TestClient, auth: Headers, peft_files: dict[str, bytes]
+) -> None:
+    # Each import checks the quota before and after building its adapter; without the
+    # tenant's row held from the second check to the commit, 10 parallel imports stored 4
+    # where 3 fit.
+    app_state(client.app).settings.max_adapters_per_tenant = 3
+    archive = zip_bytes(peft_files)
+    with ThreadPoolExecutor(8) as pool:
+        codes = sorted(
+            pool.map(
+                lambda i: upload(client, auth, archive, name=f"p{i}", task="reward").status_code,
+                range(8),
+            )
+        )
+    assert codes == [200] * 3 + [429] * 5
+    assert len(client.get("/v1/adapters", headers=auth).json()["data"]) == 3
 
 
 def test_adapter_byte_quota_is_429_at_import(
