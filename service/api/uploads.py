@@ -1,13 +1,13 @@
-"""Reading uploads: bounded reads and form fields of multipart forms, and a body streamed to a
-parser in a worker thread; shared by the upload routes."""
+"""Reading uploads: bounded reads and form fields of multipart forms, and a JSON body spooled
+for a parser in a worker thread; shared by the upload routes."""
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncGenerator, Iterator
+from collections.abc import Iterator
+from tempfile import SpooledTemporaryFile
 from typing import Any
 
-from anyio import from_thread
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
@@ -19,6 +19,7 @@ from service.errors import ErrorKind, ServiceError, invalid
 from service.names import CONTROL_CHARACTER_CODE, CONTROL_CHARACTERS, has_control_characters
 
 _READ_CHUNK = 1024 * 1024
+_SPOOL_IN_MEMORY = 1024 * 1024  # a JSON body past this waits on disk
 DATASET_KINDS = [k.value for k in DatasetKind]
 
 
@@ -113,34 +114,46 @@ def upload_name(upload: UploadFile) -> str | None:
     return form_text(upload.filename, "file", what="The file's name")
 
 
-class BodyChunks:
-    """A request's body as an iterable of byte chunks for a parser running in a worker thread
-    (``run_in_threadpool``): each chunk is awaited on the event loop when the parser asks for
-    it, so the body is parsed as it arrives, off the loop, and never held whole. Chunks are
-    counted and hashed as they pass; :meth:`aclose` on the loop once the parser is done."""
+class SpooledBody:
+    """A request's body, received on the event loop, then read in chunks by a parser running
+    in a worker thread (``run_in_threadpool``).
 
-    def __init__(self, request: Request) -> None:
-        self._stream = request.stream()
+    The body is received whole before a thread is taken: a parser thread that waited for a
+    slow client's next chunk held one of the thread pool's 40 tokens, which every sync route
+    and key lookup needs, and 41 clients sending a JSON upload a byte a second stalled every
+    tenant's requests, ``/healthz`` included. Past 1 MiB it waits on disk (Starlette's
+    ``UploadFile`` spooling, as multipart files do), so memory stays bounded whatever the
+    body's size; the middleware bounds that size. Counted and hashed as it arrives;
+    :meth:`aclose` once the parser is done."""
+
+    def __init__(self) -> None:
+        # Closed by aclose, which the caller runs in a finally.
+        self._file = UploadFile(SpooledTemporaryFile(max_size=_SPOOL_IN_MEMORY))  # noqa: SIM115
         self._sha256 = hashlib.sha256()
         self._size = 0
 
+    @classmethod
+    async def receive(cls, request: Request) -> SpooledBody:
+        body = cls()
+        try:
+            async for chunk in request.stream():
+                body._size += len(chunk)
+                body._sha256.update(chunk)
+                await body._file.write(chunk)
+            await body._file.seek(0)
+        except BaseException:
+            await body.aclose()
+            raise
+        return body
+
     def __iter__(self) -> Iterator[bytes]:
-        while True:
-            try:
-                chunk = from_thread.run(_next_chunk, self._stream)
-            except StopAsyncIteration:
-                return
-            self._size += len(chunk)
-            self._sha256.update(chunk)
+        """The body's chunks, read from the spool (in the parser's thread: a blocking read)."""
+        while chunk := self._file.file.read(_READ_CHUNK):
             yield chunk
 
     def digest(self) -> UploadDigest:
-        """The body's size and checksum, once it has been read to its end."""
+        """The body's size and checksum."""
         return UploadDigest(size=self._size, sha256=self._sha256.hexdigest())
 
     async def aclose(self) -> None:
-        await self._stream.aclose()
-
-
-async def _next_chunk(stream: AsyncGenerator[bytes, None]) -> bytes:
-    return await anext(stream)
+        await self._file.close()

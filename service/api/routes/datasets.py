@@ -24,7 +24,7 @@ from service.api.schemas.common import DeletedResponse, ListResponse
 from service.api.schemas.datasets import KIND, DatasetCreateJSON, DatasetObject, DatasetValidation
 from service.api.uploads import (
     DATASET_KINDS,
-    BodyChunks,
+    SpooledBody,
     dataset_kind,
     dataset_upload_body,
     form_text,
@@ -128,14 +128,14 @@ async def _read_multipart(request: Request, max_bytes: int, *, kind_required: bo
 async def _read_json(
     request: Request, read: Callable[[Iterable[bytes], Limits], T], limits: Limits
 ) -> tuple[T, UploadDigest]:
-    """``read``'s answer on a JSON upload, parsed in a worker thread as the body arrives: the
-    event loop only hands it chunks, and rows are kept, not the body's parsed objects."""
-    chunks = BodyChunks(request)
+    """``read``'s answer on a JSON upload, received on the event loop (no thread waits on the
+    client) and parsed in a worker thread: rows are kept, not the body's parsed objects."""
+    body = await SpooledBody.receive(request)
     try:
-        answer = await run_in_threadpool(read, chunks, limits)
+        answer = await run_in_threadpool(read, body, limits)
     finally:
-        await chunks.aclose()
-    return answer, chunks.digest()
+        await body.aclose()
+    return answer, body.digest()
 
 
 def _media_type(request: Request) -> str:

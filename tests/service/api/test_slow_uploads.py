@@ -1,4 +1,5 @@
-"""A client that sends its upload slowly holds no database connection while it does.
+"""A client that sends its upload slowly holds no database connection, and no thread, while it
+does.
 
 The upload routes read their body themselves, at the client's pace. Their caller was checked by
 a dependency whose session, and so its pooled connection, lived as long as the request: a few
@@ -6,6 +7,10 @@ dozen clients sending uploads slowly took the whole pool (SQLite's 20 + 10 overf
 PostgreSQL's 5 + 10), and every other tenant's request waited 30 s for a connection, then
 failed. The app runs behind a real uvicorn server; the slow clients are raw sockets that send
 the headers and the first part of a multipart body, then nothing.
+
+A JSON upload was parsed in a worker thread as it arrived, so each slow one held one of the
+thread pool's 40 tokens: 41 of them stalled every request that needs a thread, ``/healthz``
+included. Its body is now received on the event loop first.
 """
 
 from __future__ import annotations
@@ -109,6 +114,46 @@ def test_slow_uploads_past_the_pool_do_not_stall_another_tenant(
             assert resp.json()["data"] == []
             # And the slow clients' own tenant, on a request that is not an upload.
             assert other.get("/v1/datasets", headers=auth).status_code == 200
+    finally:
+        for sock in uploads:
+            sock.close()
+
+
+def start_slow_json_upload(port: int, path: str, auth: Headers) -> socket.socket:
+    """Send a JSON upload's headers and the start of its body of a declared 1 MB."""
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Authorization: {auth['Authorization']}\r\n"
+        "Content-Type: application/json\r\nContent-Length: 1000000\r\n\r\n"
+    )
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall((head + '{"kind": "classification", "records": [').encode())
+    return sock
+
+
+@pytest.mark.parametrize("path", ["/v1/datasets", "/v1/datasets/validate"])
+def test_slow_json_uploads_past_the_thread_pool_do_not_stall_another_tenant(
+    client: TestClient,
+    port: int,
+    auth: Headers,
+    other_auth: Headers,
+    checkouts: Callable[[], int],
+    path: str,
+) -> None:
+    # More slow clients than the thread pool's 40 tokens.
+    uploads = [start_slow_json_upload(port, path, auth) for _ in range(48)]
+    try:
+        assert wait_until(lambda: checkouts() >= len(uploads), WAIT_S), f"{checkouts()} checkouts"
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=WAIT_S) as other:
+            assert other.get("/healthz").status_code == 200
+            resp = other.get("/v1/datasets", headers=other_auth)
+            assert resp.status_code == 200, resp.text
+            # And a whole JSON upload of the other tenant is parsed and stored meanwhile.
+            records = [{"text": "fine", "label": "pos"}, {"text": "dull", "label": "neg"}]
+            body = {"kind": "classification", "records": records}
+            resp = other.post("/v1/datasets", json=body, headers=other_auth)
+            assert resp.status_code == 200, resp.text
+            assert resp.json()["row_count"] == 2
     finally:
         for sock in uploads:
             sock.close()
