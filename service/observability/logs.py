@@ -11,18 +11,27 @@ from __future__ import annotations
 import logging
 import re
 
+from service.tenants.keys import KEY_PREFIX
+
 ACCESS_LOGGER = "uvicorn.access"
 REDACTED = "[REDACTED]"
 
-# Query parameters a client may put a secret in, whatever this service reads.
+# Query parameters a client may put a secret in, whatever this service reads: any name that
+# holds one of these words (`x-api-key`, `authorization`, `api%5Fkey` encoded, `bearer`).
 _CREDENTIAL = re.compile(
-    r"(?i)([?&](?:api[-_]?key|key|token|access[-_]?token|auth|password|secret)=)[^&#\s]*"
+    r"(?i)([?&][^=&#\s]*(?:key|token|auth|password|passwd|secret|bearer|credential)"
+    r"[^=&#\s]*=)[^&#\s]*"
 )
+# A key of this service wherever it stands (a path segment, a parameter of any name): the
+# prefix plus what ``generate_api_key`` appends, 43 URL-safe characters. From 20 on, so most
+# of a cut key goes too, while a name like `lpx_sentiment` stays readable.
+_KEY = re.compile(rf"{re.escape(KEY_PREFIX)}[A-Za-z0-9_-]{{20,}}")
 
 
 def redact_url(url: str) -> str:
-    """``url`` with the values of credential-like query parameters replaced."""
-    return _CREDENTIAL.sub(rf"\g<1>{REDACTED}", url)
+    """``url`` with the values of credential-like query parameters, and anything shaped like
+    one of this service's keys, replaced."""
+    return _KEY.sub(REDACTED, _CREDENTIAL.sub(rf"\g<1>{REDACTED}", url))
 
 
 class RedactCredentials(logging.Filter):

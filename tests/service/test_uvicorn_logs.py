@@ -88,6 +88,24 @@ def test_a_key_in_the_query_is_redacted_from_the_access_log(server: Server) -> N
     )
 
 
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/models?x-api-key={key}",
+        "/v1/models?authorization=Bearer%20{key}",
+        "/v1/models?api%5Fkey={key}",
+        "/v1/models?limit=5&bearer={key}",
+        "/v1/datasets/{key}",  # a key pasted where an id goes
+    ],
+)
+def test_a_key_anywhere_in_the_request_line_is_redacted(server: Server, path: str) -> None:
+    with Lines("uvicorn.access") as log:
+        resp = httpx.get(server.url + path.format(key=server.key))
+        assert resp.status_code == 401  # keys go in the Authorization header only
+        log.wait_for("[REDACTED]")
+    assert not [line for _, line in log.lines if server.key[4:] in line], log.lines
+
+
 def test_a_client_that_leaves_mid_upload_is_logged_as_a_disconnect(server: Server) -> None:
     head = (
         "POST /v1/files HTTP/1.1\r\nHost: test\r\n"
