@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from alembic import command
 from alembic.config import Config
 
-from service.db.session import ensure_sqlite_dir, normalize_url
+from service.db.session import ensure_sqlite_file, normalize_url
 
 if TYPE_CHECKING:
     from alembic.script import ScriptDirectory
@@ -47,7 +47,7 @@ def alembic_config(url: str) -> Config:
 
 def upgrade(url: str, revision: str = "head") -> None:
     """``alembic upgrade head`` on ``url``; safe to run on every start."""
-    ensure_sqlite_dir(url)
+    ensure_sqlite_file(url)
     command.upgrade(alembic_config(url), revision)
 
 

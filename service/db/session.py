@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,11 +33,18 @@ def sqlite_file(url: URL) -> Path | None:
     return Path(database)
 
 
-def ensure_sqlite_dir(url: str | URL) -> None:
-    """Create the folder of a SQLite file so a fresh ``data_dir`` just works."""
+def ensure_sqlite_file(url: str | URL) -> None:
+    """Create a SQLite file's folder, so a fresh ``data_dir`` just works, and the file itself,
+    readable by its owner only: it holds every tenant's datasets and adapter weights, and
+    SQLite would create it under the umask (0644 by default: readable by every local user).
+    Its -wal and -shm files take the database file's mode. An existing file is left as it is.
+    """
     path = sqlite_file(make_url(url))
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
 
 def normalize_url(url: str | URL) -> URL:
@@ -59,7 +67,7 @@ def make_db_engine(
 ) -> Engine:
     url = normalize_url(url)
     if url.get_backend_name() == "sqlite":
-        ensure_sqlite_dir(url)
+        ensure_sqlite_file(url)
         # Sessions cross threads (FastAPI runs sync dependencies and routes in a pool).
         connect_args = kwargs.setdefault("connect_args", {})
         connect_args.setdefault("check_same_thread", False)

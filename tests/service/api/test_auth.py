@@ -16,7 +16,7 @@ from service.main import create_app
 from service.state import app_state
 from service.tenants.keys import hash_api_key
 from tests.service.conftest import make_settings
-from tests.service.helpers import Headers, assert_error, create_dataset
+from tests.service.helpers import Headers, assert_error, create_dataset, default_auth
 
 
 def test_bootstrap_writes_default_key_file_0600(
@@ -49,6 +49,19 @@ def test_bootstrap_runs_only_on_an_empty_database(tmp_path: Path) -> None:
             assert len(session.scalars(select(ApiKey)).all()) == 1
     assert not settings.default_key_path.exists()  # no second key was made
     assert first.startswith("lpx_")
+
+
+def test_a_new_sqlite_database_is_readable_by_its_owner_only(tmp_path: Path) -> None:
+    # It holds every tenant's datasets and adapter weights; SQLite made it 0644 under the
+    # default umask, readable by every local user, beside a 0600 key file.
+    settings = make_settings(tmp_path / "data")
+    with TestClient(create_app(settings, hooks=[])) as test_client:
+        create_dataset(test_client, default_auth(settings))
+        files = sorted((tmp_path / "data").glob("loraplex.db*"))
+        assert [f.name for f in files] == ["loraplex.db", "loraplex.db-shm", "loraplex.db-wal"]
+        assert {f.name: stat.S_IMODE(f.stat().st_mode) for f in files} == {
+            f.name: 0o600 for f in files
+        }
 
 
 def test_missing_key_is_401(client: TestClient) -> None:
