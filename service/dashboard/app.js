@@ -63,7 +63,14 @@ async function render() {
   for (const [pattern, fn] of routes) {
     const m = hash.match(pattern);
     if (!m) continue;
-    const args = m.slice(1).map((x) => (x === undefined ? undefined : decodeURIComponent(x)));
+    let args;
+    try {
+      args = m.slice(1).map((x) => (x === undefined ? undefined : decodeURIComponent(x)));
+    } catch {
+      // A malformed %-escape (#/jobs/%E0%A4%A) names nothing: the not-found page, not a
+      // URIError that leaves <main> blank.
+      break;
+    }
     document.title = "loraplex";
     try {
       await fn(ctx, ...args);

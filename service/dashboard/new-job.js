@@ -206,15 +206,20 @@ export async function newJobView(ctx) {
 
   startBtn.addEventListener("click", async () => {
     clear(startError);
-    const params = readFields(paramFields);
-    const method = { type: methodType, hyperparameters: readFields(hp) };
-    if (Object.keys(params).length) method[methodType] = params;
-    const body = { training_file: trainSelect.value, method };
-    if (valSelect.value) body.validation_file = valSelect.value;
-    if (nameInput.value.trim()) body.adapter_name = nameInput.value.trim();
-    if (seedInput.value !== "") body.seed = Number(seedInput.value);
     startBtn.disabled = true;
     try {
+      // Inside the try: a field that cannot be sent is shown like the server's field errors.
+      const params = readFields(paramFields, `method.${methodType}`);
+      const method = { type: methodType, hyperparameters: readFields(hp, "method.hyperparameters") };
+      if (Object.keys(params).length) method[methodType] = params;
+      const body = { training_file: trainSelect.value, method };
+      if (valSelect.value) body.validation_file = valSelect.value;
+      if (nameInput.value.trim()) body.adapter_name = nameInput.value.trim();
+      // 1e400 empties a number box (badInput): a random seed would be used without a word.
+      if (seedInput.validity.badInput) {
+        throw Object.assign(new Error("must be a whole number"), { param: "seed" });
+      }
+      if (seedInput.value !== "") body.seed = Number(seedInput.value);
       const job = await api("/v1/fine_tuning/jobs", { method: "POST", json: body });
       location.hash = `#/jobs/${encodeURIComponent(job.id)}`;
     } catch (err) {

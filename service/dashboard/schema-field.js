@@ -2,6 +2,15 @@
 
 import { h } from "./dom.js";
 
+const NOT_FINITE = "must be a finite number";
+
+// JSON has no Infinity or NaN: JSON.stringify sends them as null, so a learning_rate of 1e400
+// (Infinity once parsed) reached the server as null and the job trained at the default.
+function finite(value) {
+  if (typeof value === "number") return Number.isFinite(value);
+  return value === null || typeof value !== "object" || Object.values(value).every(finite);
+}
+
 // One form field from a JSON Schema property of GET /v1/methods (core's config field): the
 // input fits the type, starts at core's default and carries its range and description.
 // read() gives the value to send, or undefined when the field is blank or left at the default
@@ -53,8 +62,13 @@ export function schemaField(id, prop, placeholder = null) {
   const start = input.type === "checkbox" ? input.checked : input.value;
   const read = () => {
     if (input.type === "checkbox") return input.checked === start ? undefined : input.checked;
+    // A number box holding what the browser cannot read as a finite number (1e400) has the
+    // value "" and badInput: not a blank field to leave at the default.
+    if (input.validity.badInput) throw new Error(NOT_FINITE);
     const v = input.value.trim();
-    return v === "" || v === start ? undefined : parse(v);
+    const value = v === "" || v === start ? undefined : parse(v);
+    if (!finite(value)) throw new Error(NOT_FINITE);
+    return value;
   };
   // Labelled with the API's own name for the setting, as the job page shows it.
   const name = id.replace(/^(mp|hp)-/, "");
@@ -65,10 +79,18 @@ export function schemaField(id, prop, placeholder = null) {
   return { input, el, read };
 }
 
-export function readFields(fields) {
+// The fields' values to send. A value that cannot be sent throws an error whose param is its
+// place in the request (`${at}.${key}`), as the server's 422 would name it.
+export function readFields(fields, at) {
   const out = {};
   for (const [key, f] of Object.entries(fields)) {
-    const v = f.read();
+    let v;
+    try {
+      v = f.read();
+    } catch (err) {
+      err.param = `${at}.${key}`;
+      throw err;
+    }
     if (v !== undefined) out[key] = v;
   }
   return out;

@@ -432,6 +432,52 @@ describe("loraplex dashboard", { concurrency: 1 }, () => {
     assertClean("cancel");
   });
 
+  test("a malformed %-escape in the address shows the not-found page", async () => {
+    // decodeURIComponent throws on these; the page went blank with an uncaught URIError.
+    for (const hash of ["#/jobs/%E0%A4%A", "#/adapters/%ZZ", "#/compare/%"]) {
+      await go("#/adapters");
+      await page.locator("#adapters-table").waitFor();
+      await go(hash);
+      await page.waitForFunction(() => document.querySelector("#view h1")?.textContent === "Not found");
+      assert.match(await page.textContent("#view"), /No such page/);
+      assertClean(hash);
+    }
+  });
+
+  test("the job form refuses a number that overflows to Infinity, sending nothing", async () => {
+    // JSON has no Infinity: 1e400 was sent as null and the job trained at the default.
+    await go("#/new");
+    await page.locator("#dataset-select").waitFor();
+    await page.selectOption("#dataset-select", state.dataset);
+    const jobsBefore = (await apiCall("/v1/fine_tuning/jobs")).data.length;
+    const posts = [];
+    const onRequest = (req) => {
+      if (req.method() === "POST" && req.url().includes("/v1/fine_tuning/jobs")) posts.push(req.postData());
+    };
+    page.on("request", onRequest);
+    // The text box (JSON or "auto"), and a number box, which the browser leaves "" (badInput).
+    await page.fill("#hp-learning_rate", "1e400");
+    await page.click("#start-button");
+    await page.getByText("method.hyperparameters.learning_rate: must be a finite number").waitFor();
+    await page.fill("#hp-learning_rate", "");
+    await page.click("#hp-more summary");
+    await page.fill("#hp-max_grad_norm", "1e400");
+    await page.click("#start-button");
+    await page.getByText("method.hyperparameters.max_grad_norm: must be a finite number").waitFor();
+    await page.fill("#hp-max_grad_norm", "");
+    await page.fill("#seed", "1e400");  // a random seed was used instead, without a word
+    await page.click("#start-button");
+    await page.getByText("seed: must be a whole number").waitFor();
+    await page.fill("#seed", "");
+    page.off("request", onRequest);
+    assert.deepEqual(posts, []);
+    assert.ok(!(await page.isDisabled("#start-button")), "the form can be corrected and sent");
+    assert.match(page.url(), /#\/new$/);
+    assert.equal((await apiCall("/v1/fine_tuning/jobs")).data.length, jobsBefore);
+    await shot("14-new-job-not-finite");
+    assertClean("non-finite number");
+  });
+
   test("signing out forgets the key", async () => {
     await page.click("#sign-out");
     await page.waitForURL(/#\/login$/);

@@ -192,15 +192,19 @@ def _insert_dataset(url: str, kind: str) -> None:
         )
 
 
+def _insert_tenant(url: str) -> None:
+    with _connection(url, write=True) as conn:
+        conn.execute(
+            text("INSERT INTO tenants (id, name, created_at) VALUES ('t1', 't', CURRENT_TIMESTAMP)")
+        )
+
+
 def _kind_constraint_holds(url: str) -> None:
     """0007 widens datasets.kind to chat and dpo, and still refuses unknown kinds."""
     from sqlalchemy.exc import IntegrityError
 
     upgrade(url, "0006")
-    with _connection(url, write=True) as conn:
-        conn.execute(
-            text("INSERT INTO tenants (id, name, created_at) VALUES ('t1', 't', CURRENT_TIMESTAMP)")
-        )
+    _insert_tenant(url)
     _insert_dataset(url, "preference")
     with pytest.raises(IntegrityError):
         _insert_dataset(url, "chat")
@@ -220,3 +224,39 @@ def test_sqlite_dataset_kinds_chat_and_dpo(tmp_path: Path) -> None:
 def test_postgres_dataset_kinds_chat_and_dpo() -> None:
     with scratch_postgres_database() as url:
         _kind_constraint_holds(url)
+
+
+def _downgrade_refused_while_chat_or_dpo_datasets_exist(url: str) -> None:
+    """0007's downgrade refuses, naming the datasets, before touching the schema (SQLite's
+    batch copy is not transactional); once they are deleted it goes through."""
+    from alembic.util import CommandError
+
+    upgrade(url)
+    _insert_tenant(url)
+    _insert_dataset(url, "preference")
+    _insert_dataset(url, "chat")
+    _insert_dataset(url, "dpo")
+    for _ in range(2):  # a refusal leaves nothing behind that would change the next answer
+        with pytest.raises(CommandError, match=r"2 dataset\(s\).*file-chat.*file-dpo"):
+            command.downgrade(alembic_config(url), "0006")
+        assert current_revision(url) == head_revision()
+        _check_schema(url)  # no _alembic_tmp_datasets left behind
+        with _connection(url) as conn:
+            assert conn.execute(text("SELECT count(*) FROM datasets")).scalar_one() == 3
+    with _connection(url, write=True) as conn:
+        conn.execute(text("DELETE FROM datasets WHERE kind IN ('chat', 'dpo')"))
+    command.downgrade(alembic_config(url), "0006")
+    assert current_revision(url) == "0006"
+    with _connection(url) as conn:
+        assert set(inspect(conn).get_table_names()) == EXPECTED_TABLES | {"alembic_version"}
+        assert conn.execute(text("SELECT id FROM datasets")).scalars().all() == ["file-preference"]
+
+
+def test_sqlite_downgrade_refused_while_chat_or_dpo_datasets_exist(tmp_path: Path) -> None:
+    _downgrade_refused_while_chat_or_dpo_datasets_exist(f"sqlite:///{tmp_path / 'down.db'}")
+
+
+@pytest.mark.postgres
+def test_postgres_downgrade_refused_while_chat_or_dpo_datasets_exist() -> None:
+    with scratch_postgres_database() as url:
+        _downgrade_refused_while_chat_or_dpo_datasets_exist(url)
