@@ -28,6 +28,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service.api.errors import install_error_handlers
 from service.api.middleware import BodyLimit, BodySizeLimitMiddleware
+from service.api.openapi import install_openapi
 from service.api.routes import api_router
 from service.api.routes.docs import install_docs
 from service.api.schemas.inference import max_body_bytes
@@ -142,4 +143,5 @@ def create_app(
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     app.include_router(api_router)
     install_docs(app)
+    install_openapi(app)
     return app

@@ -3,10 +3,10 @@
 Routes and domain code raise :class:`service.errors.ServiceError`; :data:`RENDERING` maps its
 kind to a status, an error ``type`` and headers. The handlers installed by
 :func:`install_error_handlers` turn it, FastAPI's request validation errors, Starlette's HTTP
-errors (unknown URL, wrong method, body too large), a busy database (503, Retry-After), a
-value the database refused (422) and any unexpected exception into that shape. Unexpected
-exceptions are logged with their traceback and answered with a generic 500 that reveals
-nothing about the internals.
+errors (unknown URL, wrong method, body too large), a busy or unreachable database (503,
+Retry-After), a value the database refused (422) and any unexpected exception into that
+shape. Unexpected exceptions are logged with their traceback and answered with a generic 500
+that reveals nothing about the internals.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from sqlalchemy.exc import DataError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
@@ -175,17 +175,52 @@ def _database_busy(exc: Exception) -> bool:
     return isinstance(exc, OperationalError) and "database is locked" in str(exc.orig)
 
 
+# SQLSTATEs of a session PostgreSQL ended or would not open: class 08 (connection exception),
+# and the server shut down, crashed or still starting (pg_terminate_backend ends one as 57P01).
+_CONNECTION_SQLSTATES = ("08", "57P01", "57P02", "57P03")
+
+
+def _database_unreachable(exc: Exception) -> bool:
+    """PostgreSQL out of reach: a connection it ended or that broke mid-request (SQLAlchemy
+    then invalidates it), or none to be had (refused, reset, the server going down). Not a
+    refused statement (syntax, constraint, a timeout): those stay faults."""
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    if not isinstance(exc, OperationalError):
+        return False
+    # psycopg's errors carry a SQLSTATE, None where libpq itself failed (no connection could
+    # be opened, or the one in use broke); SQLite's have none ("").
+    sqlstate = getattr(exc.orig, "sqlstate", "")
+    return sqlstate is None or str(sqlstate).startswith(_CONNECTION_SQLSTATES)
+
+
+def _transient_database_error(exc: Exception) -> ServiceError | None:
+    """The 503 for a database that is busy or out of reach for now, else None (a fault)."""
+    if _database_busy(exc):
+        return unavailable("The database is busy; retry shortly.", "database_busy", retry_after=1)
+    if _database_unreachable(exc):
+        # Longer than a lock wait: PostgreSQL restarting or failing over takes seconds.
+        return unavailable(
+            "The database is unreachable; retry shortly.", "database_unavailable", retry_after=5
+        )
+    return None
+
+
 async def _database_error_handler(request: Request, exc: Exception) -> JSONResponse:
-    if not _database_busy(exc):
+    error = _transient_database_error(exc)
+    if error is None:
         return await _unhandled_error_handler(request, exc)
-    # The request's transaction was rolled back: nothing of it is stored, and it may be sent
-    # again as it was.
+    # The request's transaction was rolled back (or ended with its connection): nothing of it
+    # is stored, and it may be sent again as it was. One line, no traceback: an outage would
+    # otherwise log one per request.
     logger.warning(
-        "database busy on %s %s: %s", request.method, request.url.path, str(exc).splitlines()[0]
+        "%s on %s %s: %s",
+        error.code,
+        request.method,
+        request.url.path,
+        str(exc).splitlines()[0],
     )
-    return error_response(
-        unavailable("The database is busy; retry shortly.", "database_busy", retry_after=1)
-    )
+    return error_response(error)
 
 
 async def _data_error_handler(request: Request, exc: Exception) -> JSONResponse:
@@ -228,7 +263,9 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _http_error_handler)
     app.add_exception_handler(ClientDisconnect, _client_disconnect_handler)
     app.add_exception_handler(PoolTimeoutError, _database_error_handler)
-    app.add_exception_handler(OperationalError, _database_error_handler)
+    # Every DBAPIError: SQLAlchemy marks a connection lost mid-statement on whichever error
+    # class the driver raised. What is neither busy nor unreachable still gets the 500.
+    app.add_exception_handler(DBAPIError, _database_error_handler)
     app.add_exception_handler(DataError, _data_error_handler)
     # Exception → Starlette's ServerErrorMiddleware: the outermost catch-all.
     app.add_exception_handler(Exception, _unhandled_error_handler)

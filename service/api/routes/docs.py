@@ -1,5 +1,4 @@
-"""``/docs`` (Swagger UI) and ``/redoc`` (ReDoc), with their files served by this server, and
-the error answers documented as they are.
+"""``/docs`` (Swagger UI) and ``/redoc`` (ReDoc), with their files served by this server.
 
 FastAPI's default pages load Swagger UI and ReDoc from a CDN, so they are blank on a machine
 without internet access. The files come from the ``fastapi-offline`` package instead (Swagger
@@ -7,32 +6,23 @@ UI 5, ReDoc 2) and are served under :data:`ASSETS_URL`, following FastAPI's self
 (https://fastapi.tiangolo.com/how-to/custom-docs-ui-assets/). Like the OpenAPI document itself,
 these pages need no API key: they hold no data. (No OAuth2 redirect page: keys are bearer
 tokens, typed into Swagger UI's "Authorize" dialog.)
-
-FastAPI documents every 422 as its own ``HTTPValidationError`` (``{"detail": [...]}``); this
-service answers every error as :class:`ErrorResponse`, so the document says that instead.
 """
 
 from __future__ import annotations
 
 from importlib.resources import files
 from pathlib import Path
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
-from service.api.schemas.common import ErrorResponse
-
 DOCS_URL = "/docs"
 REDOC_URL = "/redoc"
 ASSETS_URL = "/docs/assets"
 # swagger-ui-bundle.js, swagger-ui.css, redoc.standalone.js and favicon.png.
 ASSETS_DIR = Path(str(files("fastapi_offline") / "static"))
-
-_SCHEMAS = "#/components/schemas/"
-_FASTAPI_422 = f"{_SCHEMAS}HTTPValidationError"
 
 
 def install_docs(app: FastAPI) -> None:
@@ -70,34 +60,3 @@ def install_docs(app: FastAPI) -> None:
             redoc_favicon_url=_url(request, f"{ASSETS_URL}/favicon.png"),
             with_google_fonts=False,
         )
-
-    generate = app.openapi
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            app.openapi_schema = _document_errors(generate())
-        return app.openapi_schema
-
-    app.openapi = openapi  # type: ignore[method-assign]
-
-
-def _document_errors(spec: dict[str, Any]) -> dict[str, Any]:
-    """Point every 422 answer at :class:`ErrorResponse`, FastAPI's own shape for it gone."""
-    schemas = spec.setdefault("components", {}).setdefault("schemas", {})
-    error = ErrorResponse.model_json_schema(ref_template=_SCHEMAS + "{model}")
-    schemas.update(error.pop("$defs", {}))
-    schemas[ErrorResponse.__name__] = error
-    for name in ("HTTPValidationError", "ValidationError"):
-        schemas.pop(name, None)
-    for item in spec.get("paths", {}).values():
-        for operation in item.values():
-            answer = operation.get("responses", {}).get("422")
-            if answer is None:
-                continue
-            json = answer.get("content", {}).get("application/json", {})
-            if json.get("schema", {}).get("$ref") == _FASTAPI_422:
-                json["schema"] = {"$ref": _SCHEMAS + ErrorResponse.__name__}
-                answer["description"] = (
-                    "A value is missing or invalid: `param` names the field, `message` says why."
-                )
-    return spec
