@@ -115,11 +115,17 @@ class AdapterSlots:
         self._pins += 1
         return entry.slot
 
+    def pin(self, slot: int, key: Hashable) -> None:
+        """One pin more on the adapter ``key`` loaded at ``slot``, which is pinned already (a
+        request's candidate starting after its first ones): the weights they run with, even
+        where ``key`` was invalidated since."""
+        entry = self._pinned(slot, key)
+        entry.pins += 1
+        self._pins += 1
+
     def release(self, slot: int, key: Hashable) -> None:
         """One pin fewer on the adapter ``key`` loaded at ``slot``."""
-        entry = self._retired.get(slot)
-        if entry is None:
-            entry = self._entries[key]
+        entry = self._pinned(slot, key)
         entry.pins -= 1
         self._pins -= 1
         if self._pins == 0:
@@ -139,6 +145,11 @@ class AdapterSlots:
         else:
             entry.retired = True
             self._retired[entry.slot] = entry
+
+    def _pinned(self, slot: int, key: Hashable) -> _Entry:
+        """The entry of the adapter ``key`` pinned at ``slot`` (retired there, if invalidated)."""
+        entry = self._retired.get(slot)
+        return entry if entry is not None else self._entries[key]
 
     def _remove(self, slot: int) -> None:
         self.bank.remove(slot)

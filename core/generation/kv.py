@@ -66,3 +66,10 @@ class SlotCache:
     @property
     def num_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+    def copy_columns(self, source: int, slots: list[int], tokens: int) -> None:
+        """Copy columns ``0..tokens-1`` of slot ``source`` into each of ``slots``, every layer
+        (a request's candidate starting from the prompt its first ones hold)."""
+        for layer in (*self.keys, *self.values):
+            for slot in slots:
+                layer[slot, :, :tokens] = layer[source, :, :tokens]

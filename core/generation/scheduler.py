@@ -7,6 +7,13 @@ keys and values), runs ONE decode step for every sequence that was already runni
 and retires the finished ones. A long generation only ever costs others one decode row, never
 their turn.
 
+Each of a request's ``n`` candidates is a sequence of its own (as vLLM's V1 fans ``n`` out):
+a request starts with as many as there are free slots it may take, and the others start in
+later steps as slots free, from the prompt as the first ones have it (its keys and values
+copied from one of their slots, its first token drawn from the prompt's logits), so it never
+waits for ``n`` slots at once. The last of its running candidates to finish keeps its slot
+for the next, as the only copy of the prompt.
+
 Chunked prefill (vLLM's): a prompt longer than the whole budget is prefilled a budget's worth
 of tokens per step, each chunk continuing from the keys and values already in its slot, with
 the running sequences' decode steps in between; one such prompt at a time, it gets its first
@@ -18,8 +25,9 @@ Owners (tenants): each request has one, and each owner waits in a queue of its o
 are still queued. Each step admits from the owner holding the fewest slots first (ties: the
 earliest request), so a slot that frees goes to the owner with the least running. No owner
 that already holds slots may take the last ``reserved_slots`` free ones: an owner with nothing
-running always finds a slot at the next step, however many requests another owner keeps
-running, instead of waiting for one of them to finish (there is no preemption).
+running always starts its request at the next step, however many requests another owner
+keeps running (with as many of its candidates as the reserve holds, the others as slots
+free), instead of waiting for one of them to finish (there is no preemption).
 
 Prefix caching (vLLM's): with ``prefix_cache_bytes``, the keys and values of prompts (when
 prefilled) and of whole sequences (when they finish) are kept in blocks
@@ -57,6 +65,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+from torch import Tensor
 
 from core.decoder.forward import DecoderWeights, logits
 from core.errors import ConfigError, CoreError
@@ -183,6 +192,24 @@ class _Chunking:
     done: int = 0  # prompt tokens already in its slots
 
 
+@dataclass
+class _Rest:
+    """A request whose first candidates hold slots while its others wait for free ones (it
+    stays at the head of its owner's queue until the last starts). Each of those starts from
+    the prompt as the first ones have it, no prefill: its keys and values copied from one of
+    their slots, its first token sampled from the prompt's logits with its own generator."""
+
+    request: GenerationRequest
+    adapter_slot: int  # pinned by each of its candidates, and by a parked slot
+    next: int  # the next candidate to start
+    cached: int  # prompt tokens the prefix cache gave the first ones
+    logits: Tensor | None = None  # [vocab]: its prompt's last token's, once prefilled
+    # The last of its running candidates to finish: its slot (the prompt in its first
+    # columns, its adapter pinned) kept for the next one, which would find the prompt nowhere.
+    parked: _Sequence | None = None
+    stale: bool = False  # its adapter was invalidated: as _Sequence.stale
+
+
 class Scheduler:
     """Slots x capacity of KV cache, a bank of adapters, and the sequences using them."""
 
@@ -230,6 +257,7 @@ class Scheduler:
         self._running: dict[int, _Sequence] = {}  # by slot
         self._held: dict[Hashable, int] = {}  # slots held (running or chunking) by owner
         self._chunking: _Chunking | None = None
+        self._rests: dict[int, _Rest] = {}  # by request id
         self._merged: MergedLinears | None = None
         self.merges = 0  # merged copies built so far
         self.merge_seconds = 0.0  # spent building them
@@ -318,6 +346,7 @@ class Scheduler:
 
     @property
     def waiting(self) -> int:
+        """Requests with candidates that have not started (some of whose others may run)."""
         with self._lock:
             return sum(map(len, self._waiting.values()))
 
@@ -349,6 +378,8 @@ class Scheduler:
                         self._waiting[owner] = kept
                     else:
                         del self._waiting[owner]
+        for request_id in cancelled:
+            self._drop_rest(request_id)
         for seq in [s for s in self._running.values() if s.request_id in cancelled]:
             self._retire(seq)
             self.cancelled_sequences += 1
@@ -366,6 +397,9 @@ class Scheduler:
             chunking = self._chunking.seqs if self._chunking is not None else []
             for seq in (*self._running.values(), *chunking):
                 seq.stale = seq.stale or seq.adapter_key == key
+            for rest in self._rests.values():
+                adapter = rest.request.adapter
+                rest.stale = rest.stale or (adapter is not None and adapter.key == key)
         events: list[SequenceEvent] = []
         earlier = sorted(self._running.values(), key=lambda s: s.slot)
         self._admit(events)
@@ -378,14 +412,17 @@ class Scheduler:
         prefill them all, with the next chunk of a long prompt, in one forward pass.
 
         The next request is the oldest of the owner holding the fewest slots
-        (:meth:`_next_waiting`). One that finds too few free slots, or no room in the step's
-        budget, ends the step's admissions: it goes first once slots free, not overtaken by
-        smaller ones. An owner whose next request would take one of the last
-        ``reserved_slots`` while it holds slots, waits for a longer one to be prefilled, or
-        needs an adapter while every bank slot is pinned, sits the step out; others still
-        come in. A prompt up to the budget is prefilled whole (it waits for a step with room
-        for it); a longer one starts chunking with what the step has left, if no other is
-        chunking."""
+        (:meth:`_next_waiting`). Each candidate is a sequence of its own: a request takes
+        slots for as many of its ``n`` as it finds (at least one), and its others start in
+        later steps as slots free (:meth:`_join`, no prefill), so a request of many
+        candidates never waits for that many slots to be free at once. An owner that holds
+        slots never takes the last ``reserved_slots`` free ones; an owner that finds no slot
+        it may take, whose next request waits for a longer one to be prefilled, or needs an
+        adapter while every bank slot is pinned, sits the step out; others still come in. A
+        prompt up to the budget is prefilled whole (it waits for a step with room for it, and
+        no later prompt is prefilled in that step: it goes first once there is room, not
+        overtaken by smaller ones); a longer one starts chunking with what the step has left,
+        if no other is chunking."""
         chunks: list[_Chunk] = []
         budget = self.prefill_tokens_per_step
         chunking = self._chunking
@@ -396,25 +433,36 @@ class Scheduler:
             budget -= len(piece)
         slots_left = len(self._free)
         sitting_out: set[Hashable] = set()
-        while budget > 0:
-            head = self._next_waiting(sitting_out)
-            if head is None:
-                break
+        while head := self._next_waiting(sitting_out):
             request_id, request = head
             owner, n, prompt = request.owner, request.params.n, request.prompt_ids
-            cached = self._cached_prefix(request)
-            rest = len(prompt) - len(cached) * BLOCK_TOKENS  # tokens to prefill
-            long = rest > self.prefill_tokens_per_step
             # The last reserved free slots are kept for owners holding none, whoever else
             # holds the rest (a cap on each owner's own count would let two owners fill them).
             reserved = self.reserved_slots if self._held.get(owner) else 0
-            if n <= slots_left < n + reserved or (long and chunking is not None):
+            free = max(0, slots_left - reserved)
+            rest = self._rests.get(request_id)
+            if rest is not None:  # its first candidates run: the next start from theirs
+                parked = 1 if rest.parked is not None else 0  # a slot it holds already
+                take = min(n - rest.next, free + parked)
+                if rest.logits is None or take < 1:  # its prompt is still chunking, or no slot
+                    sitting_out.add(owner)
+                    continue
+                slots_left -= take - parked
+                self._join(request_id, rest, take, events)
+                continue
+            cached = self._cached_prefix(request)
+            tokens = len(prompt) - len(cached) * BLOCK_TOKENS  # to prefill
+            long = tokens > self.prefill_tokens_per_step
+            take = min(n, free)
+            if take < 1 or (long and chunking is not None):
                 sitting_out.add(owner)
                 continue
-            if slots_left < n or (not long and rest > budget):
-                break
+            if budget < 1 or (not long and tokens > budget):
+                budget = 0  # no later prompt overtakes it in this step
+                sitting_out.add(owner)
+                continue
             try:
-                adapter_slot = self._pin_adapter(request, n)
+                adapter_slot = self._pin_adapter(request, take)
             except AdapterFull:  # until a running sequence releases its adapter
                 sitting_out.add(owner)
                 continue
@@ -423,19 +471,86 @@ class Scheduler:
                 self._pop_waiting(owner)
                 events.extend(SequenceEvent(request_id, j, error=str(exc)) for j in range(n))
                 continue
-            self._pop_waiting(owner)
-            seqs = self._sequences(request_id, request, adapter_slot)
+            seqs = self._sequences(
+                request_id, request, adapter_slot, range(take), self._take_slots(owner, take)
+            )
+            slots_left -= take
             past = self._load_prefix(cached, seqs)
+            if take < n:  # its others start once its prompt is in, as slots free
+                self._rests[request_id] = _Rest(request, adapter_slot, next=take, cached=past)
+            else:
+                self._pop_waiting(owner)
             if long:
                 chunking = self._chunking = _Chunking(seqs, prompt, done=past)
                 chunks.append(_Chunk(seqs, prompt[past : past + budget], past, final=False))
                 budget = 0
             else:
                 chunks.append(_Chunk(seqs, prompt[past:], past, final=True))
-                budget -= rest
-            slots_left -= n
+                budget -= tokens
         if chunks:
             self._prefill(chunks, events)
+
+    def _join(self, request_id: int, rest: _Rest, take: int, events: list[SequenceEvent]) -> None:
+        """Start ``take`` more of a request's candidates (:class:`_Rest`), in its parked slot
+        and free ones, with their first tokens. Their prompt's keys and values are a copy of
+        its first candidates' and their first tokens are drawn from the same logits, each
+        with its own generator: the text each would have had started beside them."""
+        request, parked, logits = rest.request, rest.parked, rest.logits
+        assert logits is not None  # _admit starts none before the prompt is prefilled
+        owner, adapter = request.owner, request.adapter
+        kept = [parked.slot] if parked is not None else []
+        running = (s.slot for s in self._running.values() if s.request_id == request_id)
+        source = kept[0] if kept else next(running)
+        new = self._take_slots(owner, take - len(kept))
+        if adapter is not None:
+            for _ in new:  # the parked slot's pin goes on to the candidate taking it over
+                self.adapters.pin(rest.adapter_slot, adapter.key)
+        rest.parked = None
+        indices = range(rest.next, rest.next + take)
+        seqs = self._sequences(request_id, request, rest.adapter_slot, indices, kept + new)
+        rest.next += take
+        if rest.next == request.params.n:
+            del self._rests[request_id]
+            self._pop_waiting(owner)
+        for seq in seqs:
+            seq.cached, seq.stale = rest.cached, rest.stale
+            self._running[seq.slot] = seq
+        try:
+            self.cache.copy_columns(source, new, len(request.prompt_ids))
+            tokens, lps = sample(
+                logits.expand(take, -1),
+                [s.params for s in seqs],
+                [s.generator for s in seqs],
+            )
+        except Exception as exc:  # its candidates fail alike, as in a failed prefill
+            log.exception("starting %d more candidates of request %d failed", take, request_id)
+            self._fail_rest(request_id, str(exc), events)
+            for seq in [s for s in self._running.values() if s.request_id == request_id]:
+                self._retire(seq)
+                events.append(SequenceEvent(request_id, seq.index, error=str(exc)))
+            return
+        for seq, token, lp in zip(seqs, tokens, lps, strict=True):
+            events.append(self._accept(seq, token, lp))
+
+    def _drop_rest(self, request_id: int) -> _Rest | None:
+        """Forget the request's candidates that have not started (it was cancelled or
+        failed), freeing the slot parked for them; what it was, if any."""
+        rest = self._rests.pop(request_id, None)
+        if rest is not None and rest.parked is not None:
+            self._release(rest.parked)
+        return rest
+
+    def _fail_rest(self, request_id: int, error: str, events: list[SequenceEvent]) -> None:
+        """The request failed: its candidates that have not started fail alike, and it leaves
+        its owner's queue (whose head it is)."""
+        rest = self._drop_rest(request_id)
+        if rest is None:
+            return
+        self._pop_waiting(rest.request.owner)
+        events.extend(
+            SequenceEvent(request_id, j, error=error)
+            for j in range(rest.next, rest.request.params.n)
+        )
 
     def _cached_prefix(self, request: GenerationRequest) -> list[int]:
         """The prefix cache's entries for the start of the request's prompt (none without one)."""
@@ -496,18 +611,27 @@ class Scheduler:
             self.adapters.acquire(request.adapter)
         return slot
 
+    def _take_slots(self, owner: Hashable, count: int) -> list[int]:
+        """``count`` free slots, lowest first, now held by ``owner``."""
+        self._held[owner] = self._held.get(owner, 0) + count
+        return [heapq.heappop(self._free) for _ in range(count)]
+
     def _sequences(
-        self, request_id: int, request: GenerationRequest, adapter_slot: int
+        self,
+        request_id: int,
+        request: GenerationRequest,
+        adapter_slot: int,
+        indices: range,
+        slots: list[int],
     ) -> list[_Sequence]:
-        """The request's ``n`` candidates, each in a slot of its own (not running yet)."""
+        """The request's candidates ``indices``, in ``slots`` (not running yet)."""
         params = request.params
-        self._held[request.owner] = self._held.get(request.owner, 0) + params.n
         return [
             _Sequence(
                 request_id=request_id,
                 index=j,
                 params=params,
-                slot=heapq.heappop(self._free),
+                slot=slot,
                 adapter=request.adapter,
                 adapter_slot=adapter_slot,
                 mode=request.mode,
@@ -518,7 +642,7 @@ class Scheduler:
                 prompt=request.prompt_ids,
                 length=len(request.prompt_ids),
             )
-            for j in range(params.n)
+            for j, slot in zip(indices, slots, strict=True)
         ]
 
     def _prefill(self, chunks: list[_Chunk], events: list[SequenceEvent]) -> None:
@@ -557,14 +681,20 @@ class Scheduler:
                     # An unfinished prompt's row is dropped: its candidates sample nothing yet.
                     repeats = torch.tensor([len(c.seqs) for c in finals], device=device)
                     rows = torch.tensor([i for i, c in enumerate(chunks) if c.final], device=device)
+                    first = logits(self.weights, last[rows])
+                    for chunk, row in zip(finals, first, strict=True):
+                        rest = self._rests.get(chunk.seqs[0].request_id)
+                        if rest is not None:  # its later candidates' first tokens
+                            rest.logits = row.clone()
                     tokens, lps = sample(
-                        logits(self.weights, last[rows]).repeat_interleave(repeats, dim=0),
+                        first.repeat_interleave(repeats, dim=0),
                         [s.params for s in flat],
                         [s.generator for s in flat],
                     )
         except Exception as exc:
             log.exception("prefill of %d prompts failed", len(chunks))
             for chunk in chunks:
+                self._fail_rest(chunk.seqs[0].request_id, str(exc), events)
                 for seq in chunk.seqs:
                     if chunk.final:
                         self._retire(seq)
@@ -609,6 +739,7 @@ class Scheduler:
         except Exception as exc:  # nothing of this step is usable: fail its sequences
             log.exception("decode step failed for %d sequences", len(seqs))
             for seq in seqs:
+                self._fail_rest(seq.request_id, str(exc), events)
                 self._retire(seq)
                 events.append(SequenceEvent(seq.request_id, seq.index, error=str(exc)))
             return
@@ -700,7 +831,16 @@ class Scheduler:
         self._release(seq)
 
     def _release(self, seq: _Sequence) -> None:
-        """Free the sequence's slot and its pin on its adapter."""
+        """Free the sequence's slot and its pin on its adapter; but the last of a request's
+        running candidates, while others wait to start, keeps both for the next (parked)."""
+        rest = self._rests.get(seq.request_id)
+        if (
+            rest is not None
+            and rest.parked is None
+            and not any(s.request_id == seq.request_id for s in self._running.values())
+        ):
+            rest.parked = seq
+            return
         heapq.heappush(self._free, seq.slot)
         held = self._held[seq.owner] - 1
         if held:

@@ -174,21 +174,22 @@ def _tenant_of_secret(request: Request, secret: str) -> str | None:
 CallerTenantId = Annotated[str | None, Depends(get_caller_tenant_id)]
 
 
-async def get_uploading_tenant_id(
+async def get_long_request_tenant_id(
     request: Request, settings: SettingsDep, credentials: BearerDep
 ) -> str:
     """The caller's tenant id (a tenant key required), checked like :data:`CurrentTenant`
-    but holding no connection after: for routes that read their body themselves (uploads),
-    at the pace the client sends it. Held through the upload, a dependency's session kept a
-    pooled connection per slow client, and a few dozen of them stalled every other
-    tenant's requests on the pool (``tests/service/api/test_slow_uploads.py``)."""
+    but holding no connection after: for routes that keep their request open long, reading
+    their body at the pace the client sends it (uploads) or streaming (generation). Held
+    through an upload, a dependency's session kept a pooled connection per slow client, and
+    a few dozen of them stalled every other tenant's requests on the pool
+    (``tests/service/api/test_slow_uploads.py``)."""
     tenant_id = await get_caller_tenant_id(request, settings, credentials)
     if tenant_id is None:
         raise _tenant_key_required()
     return tenant_id
 
 
-UploadingTenantId = Annotated[str, Depends(get_uploading_tenant_id)]
+LongRequestTenantId = Annotated[str, Depends(get_long_request_tenant_id)]
 
 
 async def caller_tenant_id(request: Request) -> str | None:

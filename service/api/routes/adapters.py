@@ -32,8 +32,8 @@ from service.api.deps import (
     CurrentTenant,
     SessionDep,
     SessionFactoryDep,
+    LongRequestTenantId,
     SettingsDep,
-    UploadingTenantId,
 )
 from service.api.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery, keyset_page
 from service.api.params import AdapterNamePath
@@ -217,7 +217,7 @@ def _import_name(form: FormData) -> str:
 )
 async def import_adapter(
     request: Request,
-    tenant_id: UploadingTenantId,
+    tenant_id: LongRequestTenantId,
     settings: SettingsDep,
     factory: SessionFactoryDep,
 ) -> AdapterObject:

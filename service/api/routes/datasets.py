@@ -13,10 +13,10 @@ from starlette.datastructures import UploadFile
 
 from service.api.deps import (
     CurrentTenant,
+    LongRequestTenantId,
     SessionDep,
     SessionFactoryDep,
     SettingsDep,
-    UploadingTenantId,
 )
 from service.api.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery, keyset_page
 from service.api.params import DatasetId
@@ -157,7 +157,7 @@ def _media_type(request: Request) -> str:
 )
 async def create_dataset(
     request: Request,
-    tenant_id: UploadingTenantId,
+    tenant_id: LongRequestTenantId,
     settings: SettingsDep,
     factory: SessionFactoryDep,
 ) -> DatasetObject:
@@ -208,7 +208,7 @@ def _check_upload(upload: _Upload, limits: Limits) -> DatasetValidation:
     openapi_extra=_body_openapi(kind_required=False),
 )
 async def validate_dataset(
-    request: Request, _tenant_id: UploadingTenantId, settings: SettingsDep
+    request: Request, _tenant_id: LongRequestTenantId, settings: SettingsDep
 ) -> DatasetValidation:
     limits = Limits(max_rows=settings.max_dataset_rows)
     if _media_type(request) == "multipart/form-data":

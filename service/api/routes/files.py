@@ -18,10 +18,10 @@ from starlette.datastructures import UploadFile
 
 from service.api.deps import (
     CurrentTenant,
+    LongRequestTenantId,
     SessionDep,
     SessionFactoryDep,
     SettingsDep,
-    UploadingTenantId,
 )
 from service.api.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery, keyset_page
 from service.api.params import FileId
@@ -82,7 +82,7 @@ _CREATE_OPENAPI: dict[str, Any] = {
 )
 async def create_file(
     request: Request,
-    tenant_id: UploadingTenantId,
+    tenant_id: LongRequestTenantId,
     settings: SettingsDep,
     factory: SessionFactoryDep,
 ) -> FileObject:

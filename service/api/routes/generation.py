@@ -26,7 +26,7 @@ from starlette.types import Receive, Scope, Send
 
 from core.generation.detok import token_text
 from service.adapters.records import find_adapter_row
-from service.api.deps import CallerTenantId
+from service.api.deps import LongRequestTenantId
 from service.api.disconnect import unless_disconnected
 from service.api.errors import error_body
 from service.api.schemas.generation import (
@@ -73,7 +73,7 @@ class _Target:
     adapter: LoraWeights | None
 
 
-async def _target(request: Request, tenant_id: str | None, model: str) -> _Target:
+async def _target(request: Request, tenant_id: str, model: str) -> _Target:
     state = app_state(request)
     servers = state.generation
     if servers is None:
@@ -84,8 +84,6 @@ async def _target(request: Request, tenant_id: str | None, model: str) -> _Targe
         return _Target(servers[model], None)
     if state.bases is not None and model in state.bases:
         raise _not_generative(f"{model} is an encoder base; it does not generate text")
-    if tenant_id is None:  # the admin key has no adapters
-        raise not_found("model", model, "model")
     found = await run_in_threadpool(_find_adapter, request, tenant_id, model)
     if found is None:  # another tenant's included: its existence is never confirmed
         raise not_found("model", model, "model")
@@ -122,13 +120,11 @@ def _find_adapter(
 
 
 async def _reward_key(
-    request: Request, tenant_id: str | None, name: str, server: GenerationServer
+    request: Request, tenant_id: str, name: str, server: GenerationServer
 ) -> AdapterKey:
     """The key of the caller's reward adapter ``name`` on ``server``'s base (best-of-n),
     checked before anything is generated."""
-    found = None
-    if tenant_id is not None:
-        found = await run_in_threadpool(_find_adapter, request, tenant_id, name)
+    found = await run_in_threadpool(_find_adapter, request, tenant_id, name)
     if found is None:
         raise not_found("adapter", name, "reward_adapter")
     key, task, base_model, base_fingerprint = found
@@ -435,7 +431,7 @@ def _response_id(prefix: str) -> str:
     responses={200: {"content": {"text/event-stream": {}}}},
 )
 async def chat_completions(
-    request: Request, body: ChatCompletionRequest, tenant_id: CallerTenantId
+    request: Request, body: ChatCompletionRequest, tenant_id: LongRequestTenantId
 ) -> ChatCompletion | StreamingResponse:
     """The assistant's reply to `messages`, rendered with the base's chat template, from the
     base or one of your chat/DPO adapters (`model`). With `stream: true`, server-sent
@@ -533,7 +529,7 @@ def _chat_chunks(
     responses={200: {"content": {"text/event-stream": {}}}},
 )
 async def completions(
-    request: Request, body: CompletionRequest, tenant_id: CallerTenantId
+    request: Request, body: CompletionRequest, tenant_id: LongRequestTenantId
 ) -> Completion | StreamingResponse:
     """The continuation of `prompt` (no chat template), from the base or one of your
     chat/DPO adapters. With `stream: true`, server-sent `text_completion` chunks and a final

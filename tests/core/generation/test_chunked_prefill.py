@@ -7,6 +7,7 @@ import torch
 from core.decoder.base import DecoderBase
 from core.generation.kv import SlotCache
 from core.generation.prefill import prefill
+from core.generation.sampling import SamplingParams
 from core.generation.scheduler import GenerationRequest
 from tests.core.decoder.test_forward import random_rows
 from tests.core.generation.helpers import Outputs, greedy, random_lora, run_all, scheduler
@@ -93,3 +94,36 @@ def test_cancelling_a_chunking_prompt_frees_its_slots(tiny_decoder: DecoderBase)
     assert (sched.running, sched.free_slots, sched.adapters.pins(adapter.key)) == (0, 3, 0)
     assert sched.prefill_tokens == 16
     assert sched.cancelled_sequences == 2  # its candidates held slots, as running ones do
+
+
+def test_candidates_waiting_for_slots_start_from_a_chunked_prompt(
+    tiny_decoder: DecoderBase,
+) -> None:
+    """A long prompt's request that found one free slot for three candidates chunks its
+    prompt in that slot; the other two start after it, one at a time in the slot its first
+    one leaves, from its prompt (prefilled once) and with the weights of its adapter as it was
+    when the request started, although the adapter was replaced meanwhile: each generates what
+    it does when all three start together."""
+    adapter = random_lora(tiny_decoder, "all-r4", 4, seed=1)
+    *others, prompt = random_rows(tiny_decoder.config.vocab_size, [5, 7, 40], seed=25)
+    params = SamplingParams(max_tokens=4, temperature=1.0, seed=99, n=3)
+    request = GenerationRequest(prompt, params, adapter)
+    sched = scheduler(tiny_decoder, num_slots=3, prefill_tokens_per_step=16, stop_token_ids=())
+    for row in others:
+        sched.add(GenerationRequest(row, greedy(100)))
+    sched.step()
+    rid = sched.add(request)
+    out = Outputs()
+    for _ in range(3):  # 16 + 16 + 8 prompt tokens: candidate 0's first token
+        out.take(sched.step())
+    assert [key for key in out.tokens if key[0] == rid] == [(rid, 0)]
+    sched.invalidate_adapter(adapter.key)
+    while len(out.finish) < 3:
+        out.take(sched.step())
+    assert sched.prefill_tokens == 5 + 7 + len(prompt)
+    # The replaced weights stayed pinned for them, and went with the last one.
+    assert (sched.running, sched.waiting, sched.adapters._retired) == (2, 0, {})
+    (alone,), together = run_all(scheduler(tiny_decoder, stop_token_ids=()), [request])
+    assert [out.tokens[(rid, j)] for j in range(3)] == [
+        together.tokens[(alone, j)] for j in range(3)
+    ]

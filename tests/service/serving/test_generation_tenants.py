@@ -25,7 +25,13 @@ from service.main import create_app
 from service.serving.lifespan import serving
 from service.state import app_state
 from tests.core.decoder.tiny_llama import TINY_LLAMA_NAME
-from tests.service.helpers import Headers, json_post_scope, tenant_id_by_name, tiny_bases_settings
+from tests.service.helpers import (
+    Headers,
+    assert_error,
+    json_post_scope,
+    tenant_id_by_name,
+    tiny_bases_settings,
+)
 
 pytestmark = pytest.mark.sqlite_only
 
@@ -140,3 +146,22 @@ def test_a_tenants_full_queue_refuses_it_while_another_tenant_is_queued(
             await asyncio.gather(first_a.task, first_b.task, return_exceptions=True)
 
     asyncio.run(run())
+
+
+@pytest.mark.parametrize(
+    ("path", "payload"),
+    [
+        ("/v1/chat/completions", {**CHAT, "stream": False}),
+        ("/v1/completions", {"model": TINY_LLAMA_NAME, "prompt": "Hello", "max_tokens": 4}),
+    ],
+)
+def test_the_admin_key_may_not_generate_on_a_base(
+    client: TestClient, admin: Headers, path: str, payload: dict[str, Any]
+) -> None:
+    """The environment admin key manages tenants only: generation on a decoder base is a
+    tenant's, as every other tenant route, and nothing is queued under no owner."""
+    generation = app_state(client.app).generation
+    assert generation is not None
+    scheduler = generation[TINY_LLAMA_NAME].scheduler
+    assert_error(client.post(path, json=payload, headers=admin), 403, code="tenant_key_required")
+    assert (scheduler.waiting, scheduler.generated_tokens) == (0, 0)
