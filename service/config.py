@@ -166,7 +166,13 @@ class Settings(BaseSettings):
         "texts; more is refused with 413. What a request costs to tokenize is bounded "
         "per text by the model's window as well.",
     )
-    adapter_cache_mb: int = Field(default=512, ge=0)
+    adapter_cache_mb: int = Field(
+        default=512,
+        ge=1,
+        description="Memory for resident adapters (an LRU by bytes; the encoder and each "
+        "decoder base's scorer have this much each). An adapter is served only if it fits "
+        "alone, so 0 would serve none.",
+    )
     merged_cache_mb: int = Field(default=128, ge=0)
     generation_kv_cache_mb: int = Field(
         default=1024,

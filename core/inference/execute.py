@@ -31,6 +31,11 @@ log = logging.getLogger(__name__)
 Encode = Callable[[dict[str, Tensor], EncoderHooks], Tensor]
 
 
+class NonFiniteOutputError(ArithmeticError):
+    """A row's head output is inf or NaN: its adapter's weights overflow on that input (an
+    import's probe forward passed on another input). Its row's error, never its result."""
+
+
 @dataclass
 class Group:
     """Rows that share one forward pass, and what that pass runs with (built by ``plan``)."""
@@ -102,6 +107,8 @@ def _finish(plan: Plan, idx: list[int], feats: Tensor, logits: Tensor | None) ->
             outs.append(F.linear(feats.index_select(0, sel), e.head_weight, e.head_bias))
     # One device→host copy for the whole group (one sync on CUDA).
     flat = torch.cat([o.reshape(-1) for o in outs]).cpu() if outs else None
+    # One check for the whole group; rows are looked at one by one only when it fails.
+    finite = flat is None or bool(torch.isfinite(flat).all())
     need_feats = with_features or None in by_key
     feats_host = feats.cpu() if need_feats else None
     offset = 0
@@ -119,6 +126,10 @@ def _finish(plan: Plan, idx: list[int], feats: Tensor, logits: Tensor | None) ->
         block = flat[offset : offset + len(js) * width].view(len(js), width)
         offset += len(js) * width
         for j, out in zip(js, block, strict=True):
+            if not finite and not bool(torch.isfinite(out).all()):
+                error = NonFiniteOutputError(f"the head's output is not finite: {out.tolist()}")
+                results[idx[j]] = RowResult(key, error=error)
+                continue
             res = _head_result(key, head, out)
             if with_features:
                 assert feats_host is not None

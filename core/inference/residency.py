@@ -12,6 +12,12 @@ the ledger at once (no later plan sees it) but stays *retired*, still charged an
 its bank slot, until the last pin goes, because a forward on another thread may be reading that
 slot. Freeing it earlier would let the next load overwrite weights mid-forward.
 
+Refusals. A load whose adapter alone exceeds the budget raises :class:`AdapterTooLargeError`,
+which no retry can cure; one that fits the budget but finds the room held by entries in use
+(pinned, or kept for the batch being planned) raises :class:`ResidencyBusyError`: with no plan
+unreleased and nothing kept it would load, so its rows can run later (the service's batcher
+runs them again).
+
 Like the engine it belongs to, the ledger has one owner thread (docs/architecture.md
 invariant 3) and takes no locks.
 """
@@ -37,6 +43,20 @@ from core.tensors import tensor_bytes
 
 class ResidencyError(CoreError):
     """An adapter cannot be made resident within ``max_resident_bytes``."""
+
+
+class AdapterTooLargeError(ResidencyError):
+    """The adapter alone needs more than ``max_resident_bytes``: it can never be resident."""
+
+    def __init__(self, nbytes: int, budget: int) -> None:
+        super().__init__(f"adapter needs {nbytes} bytes; the budget is {budget}")
+        self.nbytes = nbytes
+        self.budget = budget
+
+
+class ResidencyBusyError(ResidencyError):
+    """The adapter fits the budget, but adapters in use (pinned by unreleased plans, or kept
+    for the batch being planned) hold the room it needs: it fits once they are released."""
 
 
 @dataclass
@@ -166,7 +186,7 @@ class Residency(CountedLru[Resident]):
     def _make_room(self, key: Hashable, nbytes: int, keep: Collection[Hashable]) -> list[Hashable]:
         budget = self.max_bytes
         if nbytes > budget:
-            raise ResidencyError(f"adapter needs {nbytes} bytes; the budget is {budget}")
+            raise AdapterTooLargeError(nbytes, budget)
         # Retired entries still pinned by an unreleased plan count until they are released.
         total = self.bytes
         old = self._entries.get(key)
@@ -181,9 +201,9 @@ class Residency(CountedLru[Resident]):
             victims.append(k)
             total -= e.nbytes
         if total + nbytes > budget:
-            raise ResidencyError(
+            raise ResidencyBusyError(
                 f"adapter needs {nbytes} bytes; only {budget - total} can be freed "
-                "without evicting adapters that batches in flight use"
+                "without evicting adapters that this batch or batches in flight use"
             )
         for k in victims:
             self._retire(k, self._entries.pop(k))

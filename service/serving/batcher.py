@@ -32,6 +32,16 @@ adapters) once its thread reports it done.
 Beyond ``max_queue_rows`` waiting rows, or half of them from one tenant, ``submit`` refuses at
 once (HTTP 503 + Retry-After) instead of letting the queue and the latency grow without bound;
 the tenant's half keeps one tenant's flood from refusing everyone else.
+
+Parked rows. A row whose adapter fits the adapter cache alone but found its room held by
+adapters in use (:class:`core.inference.residency.ResidencyBusyError`: pinned by batches in
+flight, or kept for other rows of its own batch) is not answered: it is *parked*. Batches
+cannot be cut by adapter bytes beforehand (a cold adapter's bytes are known only once the
+engine has built it), so the batcher stops starting batches, and once none is in flight it
+runs the parked rows alone, oldest first. Nothing is pinned then, so each such batch serves
+at least one of them: its first row's adapter loads, or the resident adapters that held its
+room belong to rows of the same batch, which run. A cache too small for the adapters in use
+at once thus costs throughput (batches wait for each other), never an error.
 """
 
 from __future__ import annotations
@@ -68,7 +78,9 @@ BUSY_HOLD_S = 1.0
 class ServingEngine(Protocol):
     """What the batcher drives, from its owner thread (``plan``, ``release``, ``unload``) and
     its compute threads (``execute``): core's :class:`InferenceEngine` for the encoder, or a
-    decoder's :class:`service.serving.decoder_scoring.DecoderHeadEngine`."""
+    decoder's :class:`service.serving.decoder_scoring.DecoderHeadEngine`. A row whose result's
+    error is a :class:`~core.inference.residency.ResidencyBusyError` is parked and run again
+    (see the module docstring)."""
 
     @property
     def base(self) -> Any: ...  # its ``max_length``: a bare-text row's cost
@@ -156,6 +168,7 @@ class Batcher:
         threads: int | None = None,
         policy: AutoModePolicy | None = None,
         on_batch: Callable[[int], None] | None = None,
+        on_reject: Callable[[], None] | None = None,
     ) -> None:
         self.engine = engine
         self.loader = loader
@@ -167,12 +180,15 @@ class Batcher:
         self.threads = threads
         self.policy = policy or AutoModePolicy()
         self.on_batch = on_batch
+        self.on_reject = on_reject  # each request ``submit`` refuses (QueueFullError)
         self.stats = BatchStats()
         self._tenants: dict[Hashable, _Tenant] = {}
         # The least-served busy tenant's counter when a row was last taken: where a tenant
         # whose queue was empty starts again (never below what it was already served).
         self._virtual_time = 0
-        self._queued_rows = 0
+        self._queued_rows = 0  # parked rows included
+        # Rows run again once no batch is in flight, oldest first (see the module docstring).
+        self._parked: deque[tuple[_Request, int]] = deque()
         self._commands: deque[Callable[[], object]] = deque()
         self._done: deque[Any] = deque()  # computed, waiting for the owner to release them
         self._running = 0  # batches handed to compute threads and not finished
@@ -235,14 +251,14 @@ class Batcher:
         request = _Request(tenant, rows, mode, loop.create_future(), loop, adapters)
         with self._cond:
             if self._stopping:
-                raise QueueFullError("the server is shutting down")
+                raise self._refuse("the server is shutting down")
             if self._queued_rows and self._queued_rows + len(rows) > self.max_queue_rows:
-                raise QueueFullError(f"{self._queued_rows} rows are already waiting")
+                raise self._refuse(f"{self._queued_rows} rows are already waiting")
             state = self._tenants.get(tenant)
             waiting, share = (state.queued if state is not None else 0), self.max_queue_rows // 2
             # A tenant with nothing waiting gets in whatever the request's size, as above.
             if waiting and waiting + len(rows) > share:
-                raise QueueFullError(
+                raise self._refuse(
                     f"{waiting} rows of this tenant are already waiting; one tenant may hold at "
                     f"most {share}"
                 )
@@ -262,6 +278,12 @@ class Batcher:
             with self._cond:  # its rows not yet in a batch are computed for nobody
                 self._drop(request)
             raise
+
+    def _refuse(self, reason: str) -> QueueFullError:
+        """The error refusing a request (under the lock), reported to ``on_reject``."""
+        if self.on_reject is not None:
+            self.on_reject()
+        return QueueFullError(reason)
 
     async def _fetch_missing(self, keys: set[Hashable]) -> dict[Hashable, Adapter]:
         out: dict[Hashable, Adapter] = {}
@@ -334,10 +356,13 @@ class Batcher:
                 self._commands.clear()
                 self._done.clear()
                 return commands, done, None
-            work, only_idle = _Work(), self._lane() == "idle"
+            work, lane = _Work(), self._lane()
             self._running += 1  # the lane is taken until _finished frees it
             try:
-                self._collect(work, only_idle)
+                if lane == "parked":
+                    self._collect_parked(work)
+                else:
+                    self._collect(work, only_idle=lane == "idle")
             except Exception as exc:  # a bug guard, like _plan's
                 logger.exception("collecting a batch failed after %d rows", len(work.slots))
                 self._finished(work, exc)
@@ -347,9 +372,12 @@ class Batcher:
         return [], [], work
 
     def _lane(self) -> str | None:
-        """Which lane may take a batch now (under the lock): a ``worker``; when every worker
+        """Which lane may take a batch now (under the lock): while rows are parked, only
+        theirs (``parked``), once no batch is in flight; else a ``worker``; when every worker
         is busy, the ``idle`` lane, if the tenant whose row is next has nothing in flight;
         or none."""
+        if self._parked:
+            return None if self._running else "parked"
         if self._running < self.workers:
             return "worker"
         if self._running == self.workers and self._next_row(only_idle=True) is not None:
@@ -370,9 +398,8 @@ class Batcher:
                 tenant, request = picked
                 row = request.rows[request.taken]
                 tokens = _tokens(row, self.engine.base.max_length)
-                padded = (len(work.slots) + 1) * max(longest, tokens)
-                if work.slots and self.max_batch_tokens and padded > self.max_batch_tokens:
-                    break  # the batch is full; a row longer than the budget runs alone
+                if self._full(work, max(longest, tokens)):
+                    break
                 self._take(work, tenant, request, tokens)
                 longest = max(longest, tokens)
                 if deadline is None:
@@ -389,6 +416,27 @@ class Batcher:
             if remaining <= 0 or self._stopping:
                 break
             self._cond.wait(remaining)
+
+    def _collect_parked(self, work: _Work) -> None:
+        """Fill ``work`` with parked rows, oldest first (under the lock, nothing in flight)."""
+        longest = 0
+        while self._parked and len(work.slots) < self.max_batch_size:
+            request, i = self._parked[0]
+            tokens = _tokens(request.rows[i], self.engine.base.max_length)
+            if self._full(work, max(longest, tokens)):
+                break
+            self._parked.popleft()
+            self._queued_rows -= 1
+            # Its tenant was charged the row's tokens when the row was first taken.
+            self._join(work, request)
+            work.slots.append((request, i))
+            longest = max(longest, tokens)
+
+    def _full(self, work: _Work, longest: int) -> bool:
+        """Whether one more row, ``longest`` the longest of them, would pass the batch's
+        token budget (padded: rows x the longest); a row longer than the budget runs alone."""
+        padded = (len(work.slots) + 1) * longest
+        return bool(work.slots) and bool(self.max_batch_tokens) and padded > self.max_batch_tokens
 
     def _next_row(
         self, only_idle: bool, collecting: _Work | None = None
@@ -413,9 +461,7 @@ class Batcher:
 
     def _take(self, work: _Work, state: _Tenant, request: _Request, tokens: int) -> None:
         """Move ``request``'s next row into ``work`` (under the lock)."""
-        if request.tenant not in work.tenants:
-            work.tenants.add(request.tenant)
-            state.in_flight += 1  # from now on, not forgotten (the lock is let go in _collect)
+        self._join(work, request)
         work.slots.append((request, request.taken))
         self._virtual_time = max(self._virtual_time, state.served)
         state.served += tokens
@@ -424,6 +470,14 @@ class Batcher:
         self._queued_rows -= 1
         if request.taken == len(request.rows):
             state.requests.popleft()
+
+    def _join(self, work: _Work, request: _Request) -> None:
+        """Count ``work`` in the batches in flight of ``request``'s tenant (under the lock)."""
+        if request.tenant not in work.tenants:
+            work.tenants.add(request.tenant)
+            # From now on, not forgotten (the lock is let go in _collect). A tenant whose only
+            # rows were parked may have been forgotten: it comes back with nothing queued.
+            self._tenants.setdefault(request.tenant, _Tenant()).in_flight += 1
 
     def _drop(self, request: _Request) -> None:
         """A request is over, failed or abandoned (under the lock): its rows not yet in a batch
@@ -434,6 +488,9 @@ class Batcher:
             state.requests.remove(request)
             state.queued -= len(request.rows) - request.taken
             self._queued_rows -= len(request.rows) - request.taken
+        parked = len(self._parked)
+        self._parked = deque(p for p in self._parked if p[0] is not request)
+        self._queued_rows -= parked - len(self._parked)
 
     def _plan(self, work: _Work) -> None:
         fetched: dict[Hashable, Adapter] = {}
@@ -457,8 +514,11 @@ class Batcher:
 
     def _finished(self, work: _Work, outcome: list[RowResult] | BaseException) -> None:
         """Back from collecting, planning or computing (any thread): each row's result goes to
-        its request, requests with every row computed (or one failed) are answered, the owner
-        releases the plan, and the lane and the batch's tenants are free."""
+        its request (a row refused for room in the adapter cache is parked instead), requests
+        with every row computed (or one failed) are answered, the owner releases the plan, and
+        the lane and the batch's tenants are free."""
+        from core.inference.residency import ResidencyBusyError
+
         answered: list[tuple[_Request, list[RowResult] | BaseException]] = []
         with self._cond:
             for n, (request, i) in enumerate(work.slots):
@@ -467,6 +527,10 @@ class Batcher:
                 if isinstance(outcome, BaseException):
                     self._drop(request)
                     answered.append((request, outcome))
+                    continue
+                if isinstance(outcome[n].error, ResidencyBusyError):
+                    self._parked.append((request, i))
+                    self._queued_rows += 1
                     continue
                 request.results[i] = outcome[n]
                 request.left -= 1

@@ -8,7 +8,8 @@ parts swapped in, not a second copy of it:
 - rows are encoded in the request's thread, in its tenant's turn
   (:class:`service.serving.run.TenantTurns`), on a tokenizer copy no other thread holds, by
   core's own encoding for these heads (:func:`core.decoder.scoring.encode_scored_turns`, what
-  training used); ``max_request_chars`` and the adapter's window bound what a request costs;
+  training used); ``max_request_chars`` (checked by the routes) and the adapter's window bound
+  what a request costs;
 - the rows queue in the same :class:`service.serving.batcher.Batcher` the encoder uses (its
   own instance): per-tenant queues served fewest-tokens-first, a tenant's share of the queue
   capped, cold adapters read once per key off the event loop, batches computed in its pool
@@ -31,7 +32,7 @@ In-process API (best-of-n, on the event loop)::
 lookup, already the caller's tenant's) or its key ``(tenant_id, name, version)``; ``prompt``
 (None: none) is the user turn each response answers. Rewards come back in ``responses``' order.
 Refusals are ``ServiceError``: 404 for an adapter deleted meanwhile, 422 for one that is not a
-reward model on this base, 413 past ``max_request_chars``, 503 with a full queue. Responses
+reward model on this base, 503 with a full queue. Responses
 longer than the window are cut as in training (the response kept from its start).
 """
 
@@ -49,7 +50,7 @@ from service.config import Settings
 from service.errors import invalid, not_found
 from service.serving.batcher import Batcher
 from service.serving.queries import AdapterKey, AdapterRef, DatabaseLoader, find_adapter
-from service.serving.run import TenantTurns, check_request_chars, infer, tenant_of
+from service.serving.run import TenantTurns, infer, tenant_of
 
 if TYPE_CHECKING:
     from core.adapter import Adapter
@@ -250,11 +251,10 @@ class DecoderRowEncoder:
     """A request's items to engine rows on the decoder's chat template, in the request's
     thread and its tenant's turn (the encoder's :class:`RequestTokenizer` for a decoder)."""
 
-    def __init__(self, base: DecoderBase, max_request_chars: int) -> None:
+    def __init__(self, base: DecoderBase) -> None:
         from core.inference.tokens import TokenizerCopies
 
         self.base = base
-        self.max_request_chars = max_request_chars
         self._copies = TokenizerCopies(base.tokenizer)
         self._turns = TenantTurns()
 
@@ -264,13 +264,12 @@ class DecoderRowEncoder:
         return await self._turns.run(tenant_of(ref.key), self.rows, ref, items, truncate, param)
 
     def rows(self, ref: AdapterRef, items: list[Item], truncate: bool, param: str) -> list[Row]:
-        """Rows for ``items``; 413 past ``max_request_chars``, and with ``truncate=False`` a
-        422 for the first input longer than the adapter's window."""
+        """Rows for ``items``; with ``truncate=False``, a 422 for the first input longer than
+        the adapter's window."""
         from core.decoder.scoring import encode_scored_turns
         from core.errors import DataError
         from core.inference import Encoded, Row
 
-        check_request_chars(items, self.max_request_chars, param)
         window = ref.window(self.base.max_length)
         # Encoded a token past the window, a row that fills it was longer than the window;
         # the window's own ids are the same either way (the response is kept from its start).
@@ -398,7 +397,7 @@ def start_decoder_scoring(
             max_queue_rows=settings.max_queue_rows,
             threads=threads,
         )
-        encoder = DecoderRowEncoder(base, settings.max_request_chars)
+        encoder = DecoderRowEncoder(base)
         scorer = DecoderScorer(base, batcher, encoder, loader.factory)
         scorer.start()
         scorers[name] = scorer

@@ -161,10 +161,11 @@ def _start_encoder(
         workers=workers,
         threads=max(1, threads // workers),
         on_batch=metrics.batch_rows.observe,
+        on_reject=metrics.rejected.inc,
     )
     metrics.watch_engine(lambda: engine.stats, lambda: batcher.queued_rows)
     state.base_model = base
-    state.request_tokenizer = RequestTokenizer(base, settings.max_request_chars)
+    state.request_tokenizer = RequestTokenizer(base)
     state.batcher = batcher
     batcher.start()
     logger.info(

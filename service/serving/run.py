@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import anyio.to_thread
 
-from service.errors import ErrorKind, ServiceError, invalid, not_found, unavailable
+from service.errors import ErrorKind, ServiceError, not_found, unavailable
 from service.serving.batcher import Batcher, QueueFullError, tenant_of
 from service.serving.policy import RequestMode
 from service.serving.queries import AdapterGone, AdapterRef
@@ -16,6 +16,7 @@ from service.serving.queries import AdapterGone, AdapterRef
 if TYPE_CHECKING:
     from core.base import FrozenBase
     from core.inference import Row, RowResult
+    from core.inference.residency import AdapterTooLargeError
 
 RETRY_AFTER_S = 1
 T = TypeVar("T")
@@ -57,7 +58,9 @@ class TenantTurns:
 
 
 def check_request_chars(items: list[tuple[str, str | None]], limit: int, param: str) -> None:
-    """413 when a request's texts hold more than ``limit`` characters in all."""
+    """413 when a request's texts hold more than ``limit`` characters in all. The routes check
+    the texts as the client sent them, before any are tokenized: /reward/compare's rows hold a
+    pair's prompt twice (once per response), so a check of the rows would count it twice."""
     chars = sum(len(text) + len(pair or "") for text, pair in items)
     if chars > limit:
         raise ServiceError(
@@ -69,12 +72,43 @@ def check_request_chars(items: list[tuple[str, str | None]], limit: int, param: 
         )
 
 
+class RowError(ServiceError):
+    """An error of one of a request's rows (``row``, its index in the request's items): its
+    message is ``f"{subject} {predicate}"``, and it names the row ``input {row}``, ``param``
+    ``{param}.{row}``, as /predict numbers its inputs. A route whose rows are not its body's
+    items one to one (/reward/compare: two rows a pair) names the field itself
+    (:meth:`named`). ``first_text``: the row's first text is at fault, not its second (a pair
+    whose second text fits the window alone, such as a reward row's response)."""
+
+    def __init__(
+        self,
+        predicate: str,
+        *,
+        code: str,
+        kind: ErrorKind,
+        param: str,
+        row: int,
+        first_text: bool = False,
+    ) -> None:
+        super().__init__(f"input {row} {predicate}", code=code, param=f"{param}.{row}", kind=kind)
+        self.predicate = predicate
+        self.row = row
+        self.first_text = first_text
+
+    def named(self, subject: str, param: str) -> ServiceError:
+        """The same error about the field ``param``, called ``subject`` in the message."""
+        return ServiceError(
+            f"{subject} {self.predicate}", code=self.code, param=param, kind=self.kind
+        )
+
+
 class RequestTokenizer:
     """Turns a request's inputs into engine rows with their token ids, in the request's thread.
 
     The batcher's owner thread then never tokenizes (docs/architecture.md invariant 3), so a
     request's texts cost its own thread, not every tenant's batch. What one request may cost
-    is bounded twice: ``max_request_chars`` over all its texts, and the window per text
+    is bounded twice: ``max_request_chars`` over all its texts (checked by the routes, on the
+    texts as sent: :func:`check_request_chars`), and the window per text
     (:class:`core.inference.RowEncoder` reads no more than the window needs).
 
     Each tenant tokenizes one request at a time (:meth:`rows_in_turn`); its other requests
@@ -86,12 +120,11 @@ class RequestTokenizer:
     them far slower (a maximal request: ~0.5 s to tokenize, ~35 s to compute on 2 cores).
     """
 
-    def __init__(self, base: FrozenBase, max_request_chars: int) -> None:
+    def __init__(self, base: FrozenBase) -> None:
         from core.inference import RowEncoder
 
         self._encoder = RowEncoder(base)
         self.max_length = base.max_length
-        self.max_request_chars = max_request_chars
         self._turns = TenantTurns()
 
     async def rows_in_turn(
@@ -104,11 +137,10 @@ class RequestTokenizer:
     def rows(
         self, ref: AdapterRef, items: list[tuple[str, str | None]], truncate: bool, param: str
     ) -> list[Row]:
-        """Rows for ``items``; 413 past ``max_request_chars``, and with ``truncate=False`` a
-        422 for the first input longer than the adapter's window."""
+        """Rows for ``items``; with ``truncate=False``, a 422 for the first input longer than
+        the adapter's window."""
         from core.inference import Row
 
-        check_request_chars(items, self.max_request_chars, param)
         window = ref.window(self.max_length)  # the adapter's trained length
         if not truncate:
             self._check(items, window, param)
@@ -123,11 +155,14 @@ class RequestTokenizer:
         for i, (text, pair) in enumerate(items):
             n = self._encoder.count(text, pair)
             if n > window:
-                raise invalid(
-                    f"input {i} is {n} tokens long; the model takes at most {window} "
-                    "(send truncate=true to cut it)",
-                    f"{param}.{i}",
-                    "input_too_long",
+                raise RowError(
+                    f"is {n} tokens long; the model takes at most {window} (send "
+                    "truncate=true to cut it)",
+                    code="input_too_long",
+                    kind=ErrorKind.INVALID,
+                    param=param,
+                    row=i,
+                    first_text=pair is None or self._encoder.count(pair, None) <= window,
                 )
 
 
@@ -145,6 +180,7 @@ async def infer(
     Cancelled (its client gone), it queues nothing more, and the batcher drops its rows not
     yet in a batch."""
     from core.errors import AdapterFormatError
+    from core.inference.execute import NonFiniteOutputError
 
     rows = await tokenizer.rows_in_turn(ref, items, truncate, param)
     try:
@@ -157,10 +193,25 @@ async def infer(
         raise unavailable(
             f"Too many queued requests ({e}); retry shortly.", "queue_full", RETRY_AFTER_S
         ) from None
-    for r in results:
+    for i, r in enumerate(results):
+        if isinstance(r.error, NonFiniteOutputError):
+            raise _non_finite(ref, i, param)
         if not r.ok:
             raise _row_error(r.error, rows[0].key)
     return results
+
+
+def _non_finite(ref: AdapterRef, row: int, param: str) -> RowError:
+    """A row the adapter's weights overflow on (inf or NaN): never a 200 with nulls. The
+    adapter's state forbids the answer, not the request (as for ``adapter_unreadable``)."""
+    return RowError(
+        f"gives adapter {ref.key[1]!r} an output that is not a finite number (inf or NaN): its "
+        "weights overflow on it; train or import the adapter again with smaller weights",
+        code="non_finite_output",
+        kind=ErrorKind.CONFLICT,
+        param=param,
+        row=row,
+    )
 
 
 def _unreadable(ref: AdapterRef, error: Exception) -> ServiceError:
@@ -177,12 +228,32 @@ def _unreadable(ref: AdapterRef, error: Exception) -> ServiceError:
 
 def _row_error(error: Any, key: Any) -> ServiceError:
     from core.inference import AdapterNotResidentError, ResidencyError
+    from core.inference.residency import AdapterTooLargeError
 
     name = key[1] if isinstance(key, tuple) else str(key)
     if isinstance(error, AdapterGone | AdapterNotResidentError):
         return not_found("adapter", name, "adapter")
+    if isinstance(error, AdapterTooLargeError):
+        return _too_large_for_cache(name, error)
+    # Rows refused for room that adapters in use hold (ResidencyBusyError) are run again by
+    # the batcher; only a decoder head engine's refusals, which do not say which they are,
+    # come here.
     if isinstance(error, ResidencyError):
         return unavailable(
             f"adapter {name!r} does not fit the adapter cache: {error}", "adapter_cache_full"
         )
     return ServiceError("inference failed", code="inference_failed", kind=ErrorKind.INTERNAL)
+
+
+def _too_large_for_cache(name: str, error: AdapterTooLargeError) -> ServiceError:
+    """An adapter larger than the whole adapter cache: no retry serves it, only a larger
+    LORAPLEX_ADAPTER_CACHE_MB (the engine's budget is that many MiB)."""
+    mib = 1 << 20
+    return ServiceError(
+        f"adapter {name!r} needs {error.nbytes} bytes in the adapter cache, more than all of it "
+        f"(LORAPLEX_ADAPTER_CACHE_MB={error.budget // mib}): it can be served once that is at "
+        f"least {-(-error.nbytes // mib)}",
+        code="adapter_too_large_for_cache",
+        param="adapter",
+        kind=ErrorKind.CONFLICT,
+    )

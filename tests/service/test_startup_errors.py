@@ -570,6 +570,11 @@ def test_invalid_settings_name_their_variables_one_line_each(tmp_path: Path) -> 
             [],
             "LORAPLEX_GENERATION_MERGED_MB='-1': Input should be greater than or equal to 0",
         ),
+        (  # no adapter would fit: every adapter request would fail
+            {"LORAPLEX_ADAPTER_CACHE_MB": "0"},
+            [],
+            "LORAPLEX_ADAPTER_CACHE_MB='0': Input should be greater than or equal to 1",
+        ),
         ({"LORAPLEX_AUTH_DISABLED": "maybe"}, [], "LORAPLEX_AUTH_DISABLED='maybe': Input should"),
         (
             {"LORAPLEX_AUTH_DISABLED": "true", "LORAPLEX_HOST": "0.0.0.0"},

@@ -82,7 +82,6 @@ async def _generate(
                 f"inputs.{i}",
             )
         texts.append(item)
-    check_request_chars([(t, None) for t in texts], settings.max_request_chars, "inputs")
     weights = None
     if ref is not None:
         weights = await run_in_threadpool(server.lora_weights, ref.key, "adapter")
@@ -139,6 +138,8 @@ async def predict(
     `finish_reason` and token `usage`, greedy unless `temperature` is above 0; the inputs
     decode in one continuous batch with every other generation on that base."""
     state = app_state(request)
+    items = _items(body)
+    check_request_chars(items, state.settings.max_request_chars, "inputs")
     servers = state.generation or {}
     if adapter in servers:  # a decoder base's id: the base itself answers
         return await _generate(request, body, servers[adapter], None, adapter, mode)
@@ -150,7 +151,6 @@ async def predict(
     for field in _SAMPLING_FIELDS:
         if getattr(body, field) is not None:
             raise invalid(f"{field} is for chat and DPO adapters, which generate", field)
-    items = _items(body)
     results = await served_results(request, ref, items, body.truncate, "inputs", mode)
     if ref.task == "reward":
         predictions = [Prediction(reward=r.reward) for r in results]

@@ -17,7 +17,9 @@ from service.api.schemas.inference import (
     CompareResponse,
     CompareResult,
 )
-from service.errors import invalid, not_found
+from service.errors import ServiceError, invalid, not_found
+from service.serving.run import RowError, check_request_chars
+from service.state import app_state
 
 # Bodies parsed off the event loop (service.api.json_body).
 router = APIRouter(tags=["inference"], route_class=OffLoopJSONRoute)
@@ -25,6 +27,8 @@ router = APIRouter(tags=["inference"], route_class=OffLoopJSONRoute)
 
 def _pairs(body: CompareRequest) -> list[ComparePair]:
     if body.pairs is not None:
+        if body.prompt is not None:  # refused, not ignored: it would apply to no pair
+            raise invalid("send each pair's prompt inside the pair, not beside pairs", "prompt")
         if body.response_a is not None or body.response_b is not None:
             raise invalid("send either response_a/response_b or pairs, not both", "pairs")
         return body.pairs
@@ -32,6 +36,20 @@ def _pairs(body: CompareRequest) -> list[ComparePair]:
         if getattr(body, field) is None:
             raise invalid(f"{field} is required (or send pairs)", field, "missing")
     return [ComparePair(prompt=body.prompt, response_a=body.response_a, response_b=body.response_b)]
+
+
+def _named(error: RowError, body: CompareRequest, pairs: list[ComparePair]) -> ServiceError:
+    """``error`` about the field it concerns: its row is one response of a pair (two rows a
+    pair, each with the pair's prompt), and the prompt is at fault where the response alone
+    is not (a prompt split from two whole dialogues is theirs, named by the response)."""
+    k, side = divmod(error.row, 2)
+    response = ("response_a", "response_b")[side]
+    prompted = bool(pairs[k].prompt)
+    field = "prompt" if prompted and error.first_text else response
+    param = field if body.pairs is None else f"pairs.{k}.{field}"
+    if not prompted:
+        return error.named(param, param)
+    return error.named(f"{param} with {'its prompt' if field == response else response}", param)
 
 
 def _result(reward_a: float, reward_b: float) -> CompareResult:
@@ -68,6 +86,9 @@ async def compare(
             "adapter_task_mismatch",
         )
     pairs = _pairs(body)
+    # The texts as sent: the rows below hold less where a prompt is split from two dialogues.
+    sent = [(t, None) for p in pairs for t in (p.prompt, p.response_a, p.response_b) if t]
+    check_request_chars(sent, app_state(request).settings.max_request_chars, "pairs")
     items: list[tuple[str, str | None]] = []
     for p in pairs:
         prompt, a, b = p.prompt, p.response_a, p.response_b
@@ -77,7 +98,10 @@ async def compare(
             prompt, a, b = split_shared_prefix(a, b) or (prompt, a, b)
         for response in (a, b):
             items.append((prompt, response) if prompt else (response, None))
-    results = await served_results(request, ref, items, body.truncate, "pairs", "auto")
+    try:
+        results = await served_results(request, ref, items, body.truncate, "pairs", "auto")
+    except RowError as e:
+        raise _named(e, body, pairs) from None
     rewards = [float(r.reward) for r in results]  # type: ignore[arg-type]
     out = [_result(rewards[2 * i], rewards[2 * i + 1]) for i in range(len(pairs))]
     if body.pairs is not None:

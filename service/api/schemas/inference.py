@@ -223,7 +223,11 @@ class CompareRequest(BaseModel):
             ]
         },
     )
-    prompt: OptionalText | None = Field(None, description=PROMPT)
+    prompt: OptionalText | None = Field(
+        None,
+        description=f"{PROMPT} One-pair form only: each of `pairs` has its own (sent beside "
+        "`pairs`, it is a 422).",
+    )
     response_a: Text | None = Field(None, description="The first response (one-pair form).")
     response_b: Text | None = Field(None, description="The second response (one-pair form).")
     pairs: list[ComparePair] | None = Field(

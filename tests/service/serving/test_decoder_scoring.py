@@ -207,9 +207,12 @@ def test_a_decoder_reward_model_trained_over_http_ranks_as_trained(
     too_long = both.post(url, json={**long, "truncate": False}, headers=auth)
     assert_error(too_long, 422, code="input_too_long", param="pairs.0")
     assert both.post(url, json=long, headers=auth).status_code == 200  # cut as in training
-    # Each pair's prompt goes with both its responses: 3 x 2 x 600 characters in all.
-    huge = {"pairs": [{"prompt": "x" * 600, "response_a": "a", "response_b": "b"}] * 3}
+    # Each text counts once, though a pair's prompt goes with both its responses: 5 x 602
+    # characters in all (3 such pairs, 1,806, are served).
+    huge = {"pairs": [{"prompt": "x" * 600, "response_a": "a", "response_b": "b"}] * 5}
     assert_error(both.post(url, json=huge, headers=auth), 413, code="request_too_large")
+    fits = both.post(url, json={"pairs": huge["pairs"][:3]}, headers=auth)
+    assert fits.status_code == 200, fits.text
 
     # Another tenant's adapter is not found, by either route.
     other = _other_tenant(both)

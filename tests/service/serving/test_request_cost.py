@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from core.base import FrozenBase
 from core.inference import Row
 from core.inference.tokens import MAX_CHARS_PER_TOKEN
+from core.pair_encoding import _cut
 from service.config import Settings
 from service.main import create_app
 from service.serving.queries import AdapterRef
@@ -54,7 +55,8 @@ def test_the_batcher_thread_never_tokenizes(
     assert batcher_threads, "the batcher's threads are running"
     assert not threads & batcher_threads
     bound = base.max_length * MAX_CHARS_PER_TOKEN
-    assert max(length for _, length in tokenizer_calls) == bound  # never the whole 95,000
+    cut = len(_cut(long_text, bound, keep_end=False))  # at the bound's last word boundary
+    assert max(length for _, length in tokenizer_calls) == cut  # never the whole 95,000
 
 
 @pytest.fixture
@@ -143,7 +145,7 @@ def test_a_tenant_tokenizes_one_request_at_a_time(
 ) -> None:
     """A's other requests wait on the event loop while one of its requests is tokenized: they
     hold no worker thread and no tokenizer copy, and B's request is tokenized meanwhile."""
-    tokenizer = RequestTokenizer(tiny_base, max_request_chars=10_000)
+    tokenizer = RequestTokenizer(tiny_base)
     tokenize = tokenizer.rows
     held = threading.Event()  # A's requests are slow to tokenize until set
     entered: list[str] = []

@@ -169,6 +169,9 @@ def test_queue_limit_answers_503_with_retry_after(
     rejected = next(r for r in responses if r.status_code == 503)
     assert rejected.headers["Retry-After"] == "1"
     assert_error(rejected, 503, code="queue_full")
+    # Each refusal is counted (the counter stayed 0 while requests were refused).
+    metrics = serving_client.get("/metrics").text
+    assert f"loraplex_queue_rejected_requests_total {float(codes.count(503))}" in metrics
 
 
 def test_reward_compare_and_predict_on_reward_adapter(
