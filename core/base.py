@@ -87,7 +87,9 @@ def _pooling_mode(model_dir: Path) -> str:
     return "cls"  # plain BERT checkpoints are fine-tuned on [CLS]
 
 
-def _max_length(model_dir: Path, cfg: EncoderConfig) -> int:
+def window_of(model_dir: Path, cfg: EncoderConfig) -> int:
+    """The tokens the base takes at once: its positions, or a sentence-transformers folder's
+    ``max_seq_length`` where that is lower (MiniLM: 256 of 512). Cheap: no weights read."""
     limit = cfg.max_position_embeddings
     st = model_dir / "sentence_bert_config.json"
     if st.is_file():
@@ -206,7 +208,7 @@ def load_base_model(
         encoder=encoder,
         tokenizer=tokenizer,
         pooling=_pooling_mode(model_dir),
-        max_length=_max_length(model_dir, cfg),
+        max_length=window_of(model_dir, cfg),
         fingerprint=_file_digest(model_dir / WEIGHTS_FILE),
         device=dev,
     )

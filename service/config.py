@@ -115,6 +115,14 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     max_upload_mb: int = Field(default=50, ge=1)
+    max_import_mb: int = Field(
+        default=128,
+        ge=1,
+        description="The zip an adapter import (POST /v1/adapters/import) may send, held in "
+        "memory while it imports. The default fits the export of any encoder adapter trained "
+        "here (a `full` MiniLM's loraplex zip is 79 MiB); a decoder's `full` adapter (513 "
+        "MiB stored) needs more.",
+    )
     max_dataset_rows: int = Field(default=200_000, ge=1)
     log_level: str = "INFO"  # one of LOG_LEVELS, any case
 
@@ -367,6 +375,10 @@ class Settings(BaseSettings):
     @property
     def max_upload_bytes(self) -> int:
         return self.max_upload_mb * 1024 * 1024
+
+    @property
+    def max_import_bytes(self) -> int:
+        return self.max_import_mb * 1024 * 1024
 
     @property
     def default_key_path(self) -> Path:

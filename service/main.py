@@ -64,7 +64,9 @@ MULTIPART_OVERHEAD_BYTES = 1024 * 1024
 # The body of any route without a limit of its own (a job, a tenant, a key): small.
 SMALL_BODY_BYTES = 1024 * 1024
 # Routes that take a file (multipart) or a dataset's JSON records: max_upload_mb.
-UPLOAD_PATHS = ("/v1/datasets", "/v1/datasets/validate", "/v1/files", "/v1/adapters/import")
+UPLOAD_PATHS = ("/v1/datasets", "/v1/datasets/validate", "/v1/files")
+# An adapter archive: max_import_mb, so the export of the largest adapter trained here fits.
+IMPORT_PATH = "/v1/adapters/import"
 INFERENCE_PATHS = ("/predict", "/reward/compare")
 
 API_VERSION = "0.1.0"
@@ -89,8 +91,13 @@ def body_limits(settings: Settings) -> dict[str, BodyLimit]:
     body) or that plus multipart framing (a form's file is capped by the route); an
     inference request's is what its largest valid body needs."""
     upload = BodyLimit(settings.max_upload_bytes, multipart_overhead=MULTIPART_OVERHEAD_BYTES)
+    adapter = BodyLimit(settings.max_import_bytes, multipart_overhead=MULTIPART_OVERHEAD_BYTES)
     inference = BodyLimit(max_body_bytes(settings.max_request_chars))
-    return {path: upload for path in UPLOAD_PATHS} | {path: inference for path in INFERENCE_PATHS}
+    return (
+        {path: upload for path in UPLOAD_PATHS}
+        | {IMPORT_PATH: adapter}
+        | {path: inference for path in INFERENCE_PATHS}
+    )
 
 
 def create_app(

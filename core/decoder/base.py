@@ -233,6 +233,8 @@ def is_gguf(file: Path) -> bool:
 
 # GGUF metadata value types (the spec's ``gguf_type``) -> bytes of one value, for skipping.
 _GGUF_FIXED_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+# The integer types -> their struct format (uint8, int8, ..., uint64, int64).
+_GGUF_INTS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 10: "<Q", 11: "<q"}
 _GGUF_BOOL, _GGUF_STRING, _GGUF_ARRAY = 7, 8, 9
 
 
@@ -242,9 +244,28 @@ def gguf_architecture(file: Path) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _gguf_value(file: Path, key: str) -> bool | str | None:
-    """The boolean or string metadata value ``key`` of a GGUF file (version 2 or later,
-    little-endian), or None where it has none. A walk over the header that skips every other
+def decoder_dims(path: Path | None = None) -> tuple[int, int]:
+    """``(layers, context window)`` of a GGUF file or Hugging Face folder (default: SmolLM2's
+    GGUF file), as :func:`load_decoder_base` would give them (``num_layers``, ``max_length``),
+    without reading a weight: the GGUF header's ``<architecture>.block_count`` and
+    ``.context_length`` (transformers' ``num_hidden_layers`` and ``max_position_embeddings``),
+    or config.json. Lets the service check a job's layer indices before a worker loads the base.
+    """
+    source = path if path is not None else default_decoder_file()
+    if source.is_dir():
+        config = _decoder_config(read_hf_config(source), source)
+        return config.num_hidden_layers, config.max_position_embeddings
+    arch = gguf_architecture(source) if source.is_file() else None
+    layers = _gguf_value(source, f"{arch}.block_count") if arch else None
+    window = _gguf_value(source, f"{arch}.context_length") if arch else None
+    if not isinstance(layers, int) or not isinstance(window, int):
+        raise DecoderBaseError(f"{source}: no GGUF block_count and context_length")
+    return layers, window
+
+
+def _gguf_value(file: Path, key: str) -> bool | int | str | None:
+    """The boolean, integer or string metadata value ``key`` of a GGUF file (version 2 or
+    later, little-endian), or None where it has none. A walk over the header that skips every other
     value: gguf's ``GGUFReader`` decodes them all, 2.3 s for SmolLM2's 98k token and merge
     strings."""
     with open(file, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
@@ -261,6 +282,8 @@ def _gguf_value(file: Path, key: str) -> bool | str | None:
                 at = _gguf_skip(buf, at, kind)
             elif kind == _GGUF_BOOL:
                 return bool(buf[at])
+            elif kind in _GGUF_INTS:
+                return int(struct.unpack_from(_GGUF_INTS[kind], buf, at)[0])
             elif kind == _GGUF_STRING:
                 (length,) = struct.unpack_from("<Q", buf, at)
                 return buf[at + 8 : at + 8 + length].decode("utf-8", "replace")

@@ -8,7 +8,8 @@ it) travels in ``loraplex_head.safetensors``, which PEFT ignores, with its confi
 
 Only safetensors and JSON are read: pickle files (``adapter_model.bin``) are refused.
 Methods without a PEFT equivalent (bottleneck adapters, full, scratch, feature extraction)
-cannot be exported. Prompt-tuning details: see :mod:`core.io.peft_prompt`.
+cannot be exported, nor can prompt tuning on a decoder (:func:`peft_export_refusal`).
+Prompt-tuning details: see :mod:`core.io.peft_prompt`.
 """
 
 from __future__ import annotations
@@ -42,18 +43,29 @@ EXTRA_FORMAT = "loraplex.peft/1"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 
+def peft_export_refusal(method_type: str, base: FrozenBase | DecoderBase) -> str | None:
+    """Why an adapter of ``method_type`` on ``base`` has no PEFT folder; None where it has one:
+    LoRA on either kind of base, prompt tuning on an encoder (its layout,
+    :mod:`core.io.peft_prompt`, is mapped for an encoder's embeddings only)."""
+    if method_type == "lora" or (method_type == "prompt_tuning" and isinstance(base, FrozenBase)):
+        return None
+    if method_type == "prompt_tuning":
+        return "prompt tuning on a decoder base has no PEFT export"
+    return f"method {method_type!r} has no PEFT equivalent (PEFT has lora and prompt_tuning)"
+
+
 def export_peft(adapter: Adapter, base: FrozenBase | DecoderBase) -> dict[str, bytes]:
     """``{file name: bytes}`` of a PEFT adapter folder (plus our head file)."""
     adapter.check_base(base)
     method = adapter.method
+    refusal = peft_export_refusal(method.type, base)
+    if refusal is not None:
+        raise AdapterFormatError(refusal)
     if isinstance(method, LoraConfig):
         config, tensors = export_lora(method, adapter.method_state, base)
-    elif isinstance(method, PromptTuningConfig) and isinstance(base, FrozenBase):
-        config, tensors = export_prompt(method, adapter.method_state, base)
     else:
-        raise AdapterFormatError(
-            f"method {method.type!r} has no PEFT equivalent; only lora and prompt_tuning export"
-        )
+        assert isinstance(method, PromptTuningConfig) and isinstance(base, FrozenBase)
+        config, tensors = export_prompt(method, adapter.method_state, base)
     config["base_model_name_or_path"] = base.name
     config[EXTRA_KEY] = {
         "format": EXTRA_FORMAT,
@@ -207,6 +219,14 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~", "\\")) or (len(name) > 1 and name[1] == ":")
 
 
+def _base_paths(base: FrozenBase | DecoderBase) -> tuple[Path, ...]:
+    """The local paths a PEFT config may record for ``base``: its folder or file, and for a
+    GGUF file the folder it sits in (transformers loads one as ``from_pretrained(folder,
+    gguf_file=...)`` and records the folder; PEFT keeps only that, as SmolLM2's wheel shows)."""
+    path = base.path.resolve()
+    return (path, path.parent) if path.is_file() else (path,)
+
+
 def _check_base(cfg: dict[str, Any], extra: dict[str, Any], base: FrozenBase | DecoderBase) -> None:
     """Refuse adapters that say they belong to another base; shapes are checked later."""
     fingerprint = extra.get("base_fingerprint")
@@ -223,7 +243,7 @@ def _check_base(cfg: dict[str, Any], extra: dict[str, Any], base: FrozenBase | D
         # one this system cannot even look up: an unknown ~user, a NUL byte, a name too long).
         try:
             path = Path(name).expanduser()
-            if not path.exists() or path.resolve() == base.path.resolve():
+            if not path.exists() or path.resolve() in _base_paths(base):
                 return
         except (RuntimeError, ValueError, OSError):
             return

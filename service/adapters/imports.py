@@ -32,8 +32,8 @@ if TYPE_CHECKING:
 
 def archive_limits(settings: Settings) -> ArchiveLimits:
     # Unpacked, an adapter is at most a little more than it is packed (weights barely
-    # compress); twice the upload limit leaves room for that and for JSON.
-    cap = 2 * settings.max_upload_bytes
+    # compress); twice the import limit leaves room for that and for JSON.
+    cap = 2 * settings.max_import_bytes
     return ArchiveLimits(max_member_bytes=cap, max_total_bytes=cap)
 
 

@@ -68,6 +68,16 @@ def _format_error_code(message: str) -> str:
 # --- export ----------------------------------------------------------------------------------
 
 
+def default_export_format(row: AdapterRow, base: FrozenBase | DecoderBase | None) -> str:
+    """``peft`` where PEFT has a layout for ``row`` on its ``base`` (loaded by the caller for
+    the PEFT methods only, else None), ``loraplex`` otherwise."""
+    if base is None:
+        return "loraplex"
+    from core.io.peft import peft_export_refusal
+
+    return "peft" if peft_export_refusal(row.method, base) is None else "loraplex"
+
+
 def export_files(
     row: AdapterRow, fmt: str, base: FrozenBase | DecoderBase | None
 ) -> dict[str, bytes]:
@@ -87,8 +97,13 @@ def export_files(
         )
     assert base is not None
     from core.errors import CoreError
-    from core.io.peft import export_peft
+    from core.io.peft import export_peft, peft_export_refusal
 
+    refusal = peft_export_refusal(row.method, base)
+    if refusal is not None:
+        raise TransferError(
+            f"{refusal}; export it with format=loraplex", code="no_peft_format", param="format"
+        )
     try:
         return export_peft(adapter_from_row(row), base)
     except CoreError as exc:
@@ -180,14 +195,40 @@ def _check_metadata(adapter: Adapter) -> None:
         )
 
 
-def _head_config(spec: HeadSpec) -> HeadConfig:
+def _head_config(spec: HeadSpec, base: FrozenBase | DecoderBase) -> HeadConfig:
+    """The head ``spec`` asks for, as it runs on ``base``'s kind."""
     from pydantic import ValidationError
 
-    from core.heads import HeadConfig
+    from core.adapter import base_kind_of
+    from core.heads import LANGUAGE_MODEL_TASKS, HeadConfig
 
+    decoder = base_kind_of(base) == "decoder"
+    if spec.task in LANGUAGE_MODEL_TASKS:
+        if not decoder:
+            raise TransferError(
+                f"task {spec.task!r} is a decoder's adapter (the base's own language-model "
+                "head): send model naming the decoder base",
+                code="invalid_head",
+                param="task",
+            )
+        if spec.label_names or spec.text_pair:
+            raise TransferError(
+                f"a {spec.task} adapter has no head of its own: leave label_names and "
+                "text_pair out",
+                code="invalid_head",
+                param="label_names" if spec.label_names else "text_pair",
+            )
     _check_labels(spec.label_names, "label_names")
+    # A decoder's heads read the last real token's state, the only pooling there (as
+    # training gives them); an encoder's new head keeps the base's own pooling.
+    pooling = "last_token" if decoder and spec.task not in LANGUAGE_MODEL_TASKS else "base"
     try:
-        return HeadConfig(task=spec.task, label_names=spec.label_names, text_pair=spec.text_pair)  # type: ignore[arg-type]
+        return HeadConfig(
+            task=spec.task,  # type: ignore[arg-type]
+            label_names=spec.label_names,
+            text_pair=spec.text_pair,
+            pooling=pooling,
+        )
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = [str(p) for p in err.get("loc", ())]
@@ -247,18 +288,23 @@ def import_files(
     files: dict[str, bytes], base: FrozenBase | DecoderBase, head: HeadSpec | None = None
 ) -> Adapter:
     """A core ``Adapter`` for ``base`` from an archive's files (see ``read_archive``)."""
+    from core.adapter import base_kind_of
     from core.errors import CoreError
     from core.io.peft import import_peft
 
     fmt = archive_format(files)
-    head_cfg = _head_config(head) if head is not None else None
+    head_cfg = _head_config(head, base) if head is not None else None
     try:
         if fmt == "loraplex":
             return _import_loraplex(files, base, head_cfg)
-        if head_cfg is None and not _peft_carries_head(files):
+        # Without a head, a decoder's LoRA is a chat adapter (import_peft); an encoder's
+        # adapter needs one to predict anything.
+        encoder = base_kind_of(base) == "encoder"
+        if head_cfg is None and encoder and not _peft_carries_head(files):
             raise TransferError(
                 "this PEFT adapter has no loraplex head: send task (classification or "
-                "reward) and, for classification, label_names",
+                "reward) and, for classification, label_names; a decoder's LoRA imports as "
+                "a chat adapter with model naming the decoder base",
                 code="head_required",
                 param="task",
             )

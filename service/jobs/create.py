@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from core.methods import parse_method_config
 from core.training.config import (
     DPO_ONLY_SETTINGS,
     REWARD_ONLY_SETTINGS,
@@ -26,14 +27,14 @@ from service.adapters.quota import check_adapter_bytes_quota, check_adapter_quot
 from service.adapters.records import find_adapter_row
 from service.bases import BaseKind, BaseSpec, resolve_job_base
 from service.config import Settings
-from service.datasets.rows import MESSAGE_KINDS, TASKS, DatasetKind
+from service.datasets.rows import TASKS, DatasetKind
 from service.db.models import Dataset, Job, JobStatus, Tenant
 from service.db.session import committed_or_conflict
 from service.errors import ErrorKind, ServiceError, conflict, invalid, not_found, quota_exceeded
 from service.jobs.events import add_event
 from service.jobs.openai_compat import OPENAI_METHOD_KINDS
 from service.jobs.queue import job_count
-from service.jobs.validate import MethodConfigError, base_layer_count, validate_method
+from service.jobs.validate import MethodConfigError, base_limits, validate_method
 from service.tenants.lock import lock_tenant
 
 
@@ -73,8 +74,6 @@ BASE_TASKS: dict[BaseKind, frozenset[str]] = {
 }
 # The dataset kind that trains each task, for messages.
 _KIND_OF_TASK = {task: kind.value for kind, task in TASKS.items()}
-# A decoder's language-model tasks (chat SFT, DPO), whose rows are OpenAI's message lists.
-_LM_TASKS = frozenset(TASKS[kind] for kind in MESSAGE_KINDS)
 
 
 def _hold_out_note(config: TrainingConfig, has_validation_file: bool) -> str:
@@ -249,7 +248,7 @@ def _check_task_settings(
     """Refuse a setting that only another task reads, so no client believes it took effect."""
     only: list[tuple[frozenset[str], str, bool]] = [
         (DPO_ONLY_SETTINGS, "DPO on a decoder base (a dpo dataset)", task == "dpo"),
-        (REWARD_ONLY_SETTINGS, "reward models (a preference dataset)", task not in _LM_TASKS),
+        (REWARD_ONLY_SETTINGS, "reward models (a preference dataset)", task == "reward"),
     ]
     for names, reader, applies in only:
         for name in sorted(names & set(hyper)):
@@ -270,11 +269,17 @@ def _reference_adapter(
     name: str | None,
     task: str | None,
     base: BaseSpec,
-    method_type: str,
-) -> str | None:
-    """The id of the adapter a DPO job's ``reference_adapter`` names (checked: the tenant's,
-    a chat adapter of the job's base, of the job's method), or None (also when the training
-    file does not exist: that 404 comes later, as for any job)."""
+    method: dict[str, Any],
+) -> dict[str, Any] | None:
+    """The job's method block for a DPO job with a ``reference_adapter`` (checked: the
+    tenant's, a chat adapter of the job's base, of the job's method type), or None without one
+    (also when the training file does not exist: that 404 comes later, as for any job).
+
+    The policy starts from the reference's weights, so it trains the reference's method config:
+    the block gets the reference's parameters (what the request left out is inherited, as
+    OpenAI's ``dpo`` type, which carries none, needs) and the reference pinned by id; a
+    parameter the request set to another value than the reference's is refused, naming it.
+    """
     if name is None or task is None:
         return None
     param = "reference_adapter"
@@ -301,6 +306,7 @@ def _reference_adapter(
             param,
             "reference_adapter_task",
         )
+    method_type = method["type"]
     if row.method != method_type:
         raise invalid(
             f"reference_adapter '{name}' is a {row.method} adapter; the policy starts from its "
@@ -308,7 +314,21 @@ def _reference_adapter(
             param,
             "reference_adapter_method",
         )
-    return row.id
+    own = {k: v for k, v in row.config["method"].items() if k != "type"}
+    given = method.get(method_type) or {}
+    reference = parse_method_config(method_type, own, base.kind)
+    wanted = parse_method_config(method_type, {**own, **given}, base.kind)
+    for field in given:
+        if getattr(wanted, field) != getattr(reference, field):
+            param = f"method.{method_type}.{field}"
+            raise invalid(
+                f"{param} is {given[field]!r}, but reference_adapter '{name}' has "
+                f"{getattr(reference, field)!r}: the policy starts from its weights, so it "
+                f"trains its {method_type} config; leave {param} out to use it.",
+                param,
+                "reference_adapter_method",
+            )
+    return {**method, method_type: own, "reference_adapter": row.id}
 
 
 def create_job(session: Session, tenant: Tenant, body: JobRequest, settings: Settings) -> Job:
@@ -318,19 +338,20 @@ def create_job(session: Session, tenant: Tenant, body: JobRequest, settings: Set
     task = _training_task(session, tenant.id, body.training_file)
     base = _job_base(settings, body.model, task)
     model = base.name
-    # The layer count is read cheaply for the encoder only; the worker checks a decoder's.
-    num_layers = base_layer_count(settings) if base.kind == "encoder" else None
     try:
         validate_method(
-            {**body.method, "hyperparameters": body.hyperparameters}, num_layers, base.kind
+            {**body.method, "hyperparameters": body.hyperparameters},
+            base_limits(base),
+            base.kind,
+            task,
         )
     except MethodConfigError as exc:
         # validate_method names fields inside the method block; the request's field is method.*
         param = f"method.{exc.param}" if exc.param else "method"
         raise MethodConfigError(exc.message, param=param) from exc
     _check_task_settings(task, body.hyperparameters, body.openai_method)
-    reference = _reference_adapter(
-        session, tenant.id, body.reference_adapter, task, base, body.method["type"]
+    with_reference = _reference_adapter(
+        session, tenant.id, body.reference_adapter, task, base, body.method
     )
 
     _check_quotas(session, tenant.id, settings)
@@ -342,9 +363,7 @@ def create_job(session: Session, tenant: Tenant, body: JobRequest, settings: Set
         model=model,
         # The reference adapter is pinned by id: the job trains against the weights checked
         # here, whatever is later stored under the name.
-        method=body.method
-        if reference is None
-        else {**body.method, "reference_adapter": reference},
+        method=body.method if with_reference is None else with_reference,
         hyperparameters=body.hyperparameters,
         training_file=body.training_file,
         validation_file=body.validation_file,

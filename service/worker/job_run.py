@@ -49,6 +49,7 @@ from service.jobs import checkpoints, outcomes, queue
 from service.worker.lease import LeaseKeeper
 from service.worker.memory import release_free_memory
 from service.worker.report import (
+    checkpoint_metrics,
     json_safe,
     pair_summary,
     plan_summary,
@@ -149,7 +150,10 @@ class JobRun:
                 )
             except CoreError as e:
                 return self._finish(
-                    outcomes.finish_failure, message=str(e), code="invalid_training_data"
+                    outcomes.finish_failure,
+                    message=str(e),
+                    code="invalid_training_data",
+                    param=self._setting_param(e),
                 )
             except Cancelled:
                 return self._on_stopped()
@@ -275,6 +279,23 @@ class JobRun:
             message=message,
             data=json_safe(data),
         )
+
+    def _setting_param(self, error: Exception) -> str | None:
+        """The request field a core ``ConfigError`` names (``layers``: ``method.lora.layers``,
+        ``metric_for_best``: ``method.hyperparameters.metric_for_best``), as the create
+        route's 422 names it; None for any other error or a field the request has not."""
+        from core.errors import ConfigError
+        from core.methods import METHODS
+        from core.training.config import TrainingConfig
+
+        if not isinstance(error, ConfigError):
+            return None
+        field, method_type = error.field, self.job.method["type"]
+        if field in TrainingConfig.model_fields:
+            return f"method.hyperparameters.{field}"
+        if method_type in METHODS and field in METHODS[method_type].model_fields:
+            return f"method.{method_type}.{field}"
+        return {"type": "method.type", "reference_adapter": "reference_adapter"}.get(field)
 
     def _check_decoder_base(self) -> None:
         from core.decoder.base import DecoderBase
@@ -455,7 +476,7 @@ class JobRun:
                     step=step,
                     state=state,
                     epoch=float(epoch),
-                    metrics=val_metrics(metrics) or None,
+                    metrics=checkpoint_metrics(metrics, step, self.task),
                 )
             except queue.LeaseLostError:
                 self.keeper.lost.set()

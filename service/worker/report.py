@@ -1,5 +1,6 @@
 """What a job's run writes about itself, as values: the plan's one-sentence summary, the torch
-thread budget, validation metrics as flat ``val_*`` scalars, and JSON the database accepts.
+thread budget, validation metrics as flat ``val_*`` scalars, a checkpoint's metrics under
+OpenAI's names, and JSON the database accepts.
 Pure functions, kept apart from the run's flow in ``job_run.py``."""
 
 from __future__ import annotations
@@ -70,3 +71,24 @@ def val_metrics(raw: dict[str, Any] | None) -> dict[str, Any]:
         if isinstance(v, int | float):
             out[k if k.startswith("val_") else f"val_{k}"] = v
     return out
+
+
+def checkpoint_metrics(raw: dict[str, Any], step: int, task: str) -> dict[str, Any]:
+    """A checkpoint's metrics (``raw``: the trainer's ``train_loss`` and its last validation,
+    if any) under the names of OpenAI's checkpoint ``metrics``, where the values exist:
+    ``step``, ``train_loss`` (the epoch's running mean, as in the job's final metrics),
+    ``valid_loss`` and ``full_valid_loss`` (every validation here scores the whole set, so
+    both are the same number) and a chat run's ``valid_`` / ``full_valid_mean_token_accuracy``
+    (its validation accuracy is per token). The validation's ``val_*`` scalars, loraplex's
+    names, stay beside them (``val_accuracy``, ``val_macro_f1``, ...)."""
+    out: dict[str, Any] = {"step": float(step)}  # OpenAI's is a number, as in chat events
+    train_loss = raw.get("train_loss")
+    if isinstance(train_loss, int | float):
+        out["train_loss"] = train_loss
+    val = val_metrics({k: v for k, v in raw.items() if k != "train_loss"})
+    if "val_loss" in val:
+        for prefix in ("valid", "full_valid"):
+            out[f"{prefix}_loss"] = val["val_loss"]
+            if task == "chat" and "val_accuracy" in val:
+                out[f"{prefix}_mean_token_accuracy"] = val["val_accuracy"]
+    return {**out, **val}

@@ -186,8 +186,7 @@ def test_a_job_s_model_picks_its_base(
         param="model",
         code="model_not_found",
     )
-    # Only the encoder's layer count is known at creation: a decoder's layers are not
-    # checked against the encoder's 2.
+    # Each base's own layer count is checked at creation: the encoder's 2, not the decoder's.
     lora_on_layer_5 = {"type": "lora", "lora": {"r": 8, "layers": [5]}}
     refused = both.post(JOBS, json=job_body(train, method=lora_on_layer_5), headers=auth)
     assert_error(refused, 422)

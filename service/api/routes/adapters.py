@@ -2,11 +2,13 @@
 
 Export: ``GET /v1/adapters/{name}/export?format=peft|loraplex``. ``peft`` is PEFT's folder
 (``adapter_config.json``, ``adapter_model.safetensors``, plus ``loraplex_head.safetensors``),
-for LoRA and prompt tuning; ``loraplex`` is our stored config JSON and safetensors, for every
-method. The default is ``peft`` where it exists, else ``loraplex``.
+for LoRA and an encoder's prompt tuning; ``loraplex`` is our stored config JSON and
+safetensors, for every method. The default is ``peft`` where it exists, else ``loraplex``.
 
 Import: ``POST /v1/adapters/import`` (multipart ``file`` = zip of either format, ``name``;
-``task`` + ``label_names`` for PEFT adapters that carry no loraplex head). Archives are read
+``task`` + ``label_names`` for PEFT adapters that carry no loraplex head; a decoder's LoRA
+without one is a ``chat`` adapter). The body may be ``max_import_mb``, not ``max_upload_mb``:
+an export of the largest adapter trained here must import back. Archives are read
 defensively (``service.adapters.archive``) and the adapter is stored like a trained one.
 """
 
@@ -26,13 +28,13 @@ from starlette.datastructures import FormData, UploadFile
 from service.adapters.archive import PEFT_METHODS, write_archive
 from service.adapters.imports import archive_limits, insert, load, precheck
 from service.adapters.records import delete_adapter_row, find_adapter_row
-from service.adapters.transfer import HeadSpec, export_files
+from service.adapters.transfer import HeadSpec, default_export_format, export_files
 from service.api.deps import (
     AdapterCachesDep,
     CurrentTenant,
+    LongRequestTenantId,
     SessionDep,
     SessionFactoryDep,
-    LongRequestTenantId,
     SettingsDep,
 )
 from service.api.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery, keyset_page
@@ -48,7 +50,7 @@ from service.state import app_state
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
 
 _NAME_RE = re.compile(NAME_PATTERN)
-_TASKS = ("classification", "reward")
+_TASKS = ("classification", "reward", "chat")
 _MAX_NAME = 64
 
 _IMPORT_OPENAPI: dict[str, Any] = {
@@ -64,7 +66,7 @@ _IMPORT_OPENAPI: dict[str, Any] = {
                             "type": "string",
                             "format": "binary",
                             "description": "A zip of a PEFT adapter folder (safetensors only) "
-                            "or of a loraplex export.",
+                            "or of a loraplex export, at most LORAPLEX_MAX_IMPORT_MB.",
                         },
                         "name": {
                             "type": "string",
@@ -76,7 +78,8 @@ _IMPORT_OPENAPI: dict[str, Any] = {
                             "type": "string",
                             "enum": list(_TASKS),
                             "description": "For PEFT adapters without a loraplex head: the "
-                            "new (untrained) head's task.",
+                            "new (untrained) head's task, or `chat` for a decoder's LoRA "
+                            "(the decoder's own language-model head; the default there).",
                         },
                         "label_names": {
                             "type": "array",
@@ -189,7 +192,7 @@ def _head_spec(form: FormData) -> HeadSpec | None:
             )
         return None
     if task not in _TASKS:
-        raise invalid(f"task must be classification or reward; got {task!r}.", "task")
+        raise invalid(f"task must be one of {', '.join(_TASKS)}; got {task!r}.", "task")
     pair = (pair_field or "false").lower()
     if pair not in ("true", "false", "1", "0"):
         raise invalid("text_pair must be true or false.", "text_pair")
@@ -223,9 +226,9 @@ async def import_adapter(
 ) -> AdapterObject:
     """Stores an uploaded adapter under `name`, as if it had been trained here: a zip of a
     PEFT folder (LoRA or prompt tuning, safetensors only) or of a loraplex export. A PEFT
-    adapter without a loraplex head gets a new, untrained head from `task` and `label_names`.
-    The archive is read defensively and checked against the base model before anything is
-    stored."""
+    adapter without a loraplex head gets a new, untrained head from `task` and `label_names`;
+    a decoder's LoRA without one is a `chat` adapter. The archive is read defensively and
+    checked against the base model before anything is stored."""
     require_multipart(request, "adapter", "file, name")
     async with request.form(max_files=1, max_fields=64) as form:
         name = _import_name(form)
@@ -234,7 +237,7 @@ async def import_adapter(
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
             raise invalid("A zip archive is required in the 'file' field.", "file", "missing_file")
-        data = await read_upload(upload, settings.max_upload_bytes)
+        data = await read_upload(upload, settings.max_import_bytes)
     spec = resolve_job_base(settings, form_model)
     base = app_state(request).require_base(spec.name)
     await run_in_threadpool(precheck, factory, tenant_id, name, settings)
@@ -265,19 +268,22 @@ def export_adapter(
     tenant: CurrentTenant,
     format: Annotated[
         Literal["peft", "loraplex"] | None,
-        Query(description="Default: peft for lora and prompt_tuning, loraplex otherwise."),
+        Query(
+            description="Default: peft where PEFT has the adapter's layout (lora; "
+            "prompt_tuning on the encoder), loraplex otherwise."
+        ),
     ] = None,
 ) -> Response:
     """The adapter's weights as a zip: `peft` is PEFT's folder (`adapter_config.json`,
-    `adapter_model.safetensors`, plus `loraplex_head.safetensors`) for LoRA and prompt tuning;
-    `loraplex` is the stored config and safetensors, for every method, and imports back
-    as it was."""
+    `adapter_model.safetensors`, plus `loraplex_head.safetensors`) for LoRA and an encoder's
+    prompt tuning; `loraplex` is the stored config and safetensors, for every method, and
+    imports back as it was."""
     row = _get_owned(session, tenant.id, name, weights=True)
-    fmt = format or ("peft" if row.method in PEFT_METHODS else "loraplex")
     base = None
-    if fmt == "peft" and row.method in PEFT_METHODS:  # PEFT's layout names the base's modules
+    if format != "loraplex" and row.method in PEFT_METHODS:  # PEFT's layout names its modules
         bases = app_state(request).require_bases()
         base = adapter_base(bases, row.base_model, row.base_fingerprint, "name")
+    fmt = format or default_export_format(row, base)
     files = export_files(row, fmt, base)
     filename = f"{row.name}-v{row.version}-{fmt}.zip"
     return Response(

@@ -95,7 +95,14 @@ class CheckpointObject(BaseModel):
                     "fine_tuned_model_checkpoint": "sentiment-lora:ckpt-step-100",
                     "step_number": 100,
                     "epoch": 2.0,
-                    "metrics": {"val_loss": 0.44, "val_accuracy": 0.81},
+                    "metrics": {
+                        "step": 100.0,
+                        "train_loss": 0.52,
+                        "valid_loss": 0.44,
+                        "full_valid_loss": 0.44,
+                        "val_loss": 0.44,
+                        "val_accuracy": 0.81,
+                    },
                 }
             ]
         }
@@ -113,8 +120,12 @@ class CheckpointObject(BaseModel):
     step_number: int = Field(description="The optimizer step it was saved at.")
     epoch: float | None = Field(description="The epoch it was saved in, if known.")
     metrics: dict[str, Any] = Field(
-        description="Validation metrics at that step (e.g. `val_loss`, `val_accuracy`); empty "
-        "when there was no validation yet."
+        description="OpenAI's checkpoint metrics where they exist: `step`, `train_loss` (the "
+        "epoch's running mean), and from the last validation, if there was one yet, "
+        "`valid_loss` and `full_valid_loss` (the same number: validation scores the whole "
+        "set) and a chat job's `valid_mean_token_accuracy` and "
+        "`full_valid_mean_token_accuracy`; beside them that validation's metrics under "
+        "loraplex's names (`val_loss`, `val_accuracy`, `val_macro_f1`, ...)."
     )
 
     @classmethod
@@ -126,5 +137,15 @@ class CheckpointObject(BaseModel):
             fine_tuned_model_checkpoint=f"{adapter_name}:ckpt-step-{ckpt.step}",
             step_number=ckpt.step,
             epoch=ckpt.epoch,
-            metrics=ckpt.metrics or {},
+            metrics=_stored_metrics(ckpt.metrics or {}, ckpt.step),
         )
+
+
+def _stored_metrics(metrics: dict[str, Any], step: int) -> dict[str, Any]:
+    """A checkpoint row's metrics as the API names them. Rows written before checkpoints
+    carried OpenAI's names hold the training loss as ``val_train_loss`` (every such row has
+    it): read as ``train_loss``, with the ``step``."""
+    if "val_train_loss" not in metrics:
+        return metrics
+    rest = {k: v for k, v in metrics.items() if k != "val_train_loss"}
+    return {"step": float(step), "train_loss": metrics["val_train_loss"], **rest}

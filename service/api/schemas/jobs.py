@@ -207,8 +207,9 @@ class JobCreate(BaseModel):
         max_length=64,
         pattern=NAME_PATTERN,
         description="DPO only: the name of one of your chat (SFT) adapters on the same base, "
-        "with the same method, that is DPO's reference policy and the policy's starting "
-        "weights (SFT, then DPO). null = the base with the adapter off.",
+        "with the same method type, that is DPO's reference policy and the policy's starting "
+        "weights (SFT, then DPO); the job trains its method parameters (r, targets, ...), "
+        "which the request may leave out. null = the base with the adapter off.",
     )
     # OpenAI's method types (supervised, dpo) and its deprecated top-level hyperparameters,
     # integrations and metadata are accepted too: see service.jobs.openai_compat.
@@ -366,7 +367,8 @@ class JobObject(BaseModel):
     adapter_name: str = Field(description="The name the trained adapter is saved under.")
     method: dict[str, Any] = Field(
         description="The method as requested: type, its parameters, and the hyperparameters "
-        "exactly as sent; a DPO job's reference_adapter by the id of the adapter it pinned."
+        "exactly as sent; a DPO job with a reference_adapter holds that adapter's parameters "
+        "(which it trains) and the id of the adapter it pinned."
     )
     hyperparameters: dict[str, Any] = Field(
         description="The hyperparameters sent; once a worker has set the job up, n_epochs, "

@@ -27,9 +27,9 @@ from pydantic.json_schema import SkipJsonSchema
 from pydantic_core import PydanticCustomError, to_jsonable_python
 
 from core.methods import METHODS
-from core.targets import DECODER_METHODS
 from core.training.config import DPO_ONLY_SETTINGS, REWARD_ONLY_SETTINGS, TrainingConfig
 from service.datasets.rows import MESSAGE_KINDS, TASKS
+from service.jobs.validate import LANGUAGE_MODEL_METHODS
 
 # Core's research baseline (the architecture trained from random init) is not offered by the
 # service: it needs far more data than a tenant uploads and is never the right choice.
@@ -285,8 +285,8 @@ def method_catalog() -> MethodCatalog:
                 tasks={
                     kind: _task_defaults(m, task)
                     for kind, task in TASKS.items()
-                    # chat and dpo train a decoder, which only some methods train
-                    if kind not in MESSAGE_KINDS or m in DECODER_METHODS
+                    # chat and dpo train adapters generation serves: LoRA only
+                    if kind not in MESSAGE_KINDS or m in LANGUAGE_MODEL_METHODS
                 },
             )
             for m in API_METHODS

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import LlamaForCausalLM
 
-from core.decoder.base import DecoderBase, DecoderBaseError, load_decoder_base
+from core.decoder.base import DecoderBase, DecoderBaseError, decoder_dims, load_decoder_base
 
 
 def sha256(path: Path) -> str:
@@ -94,6 +94,23 @@ def test_a_tensor_the_forward_would_ignore_is_refused(tiny_llama_dir: Path, tmp_
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(DecoderBaseError, match="q_norm"):
         load_decoder_base(folder, device="cpu")
+
+
+def test_dims_are_read_without_the_weights_as_the_loaded_base_has_them(
+    tiny_decoder: DecoderBase, tiny_llama_dir: Path
+) -> None:
+    """What the service checks a job's layers and prompt length against before a worker has
+    loaded the base: config.json, or the GGUF header (SmolLM2's 30 layers and 8,192
+    positions, as the loaded base has them: test_smollm2_gguf_loads_dequantised)."""
+    assert decoder_dims(tiny_llama_dir) == (tiny_decoder.num_layers, tiny_decoder.max_length)
+    assert decoder_dims() == (30, 8192)
+
+
+def test_dims_of_a_file_that_is_no_gguf_are_refused(tmp_path: Path) -> None:
+    file = tmp_path / "model.gguf"
+    file.write_bytes(b"GGML" + bytes(64))
+    with pytest.raises(DecoderBaseError, match="block_count"):
+        decoder_dims(file)
 
 
 @pytest.mark.real_model

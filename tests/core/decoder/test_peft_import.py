@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import peft
@@ -107,3 +108,36 @@ def test_the_servable_check_probes_a_decoder_without_its_tokenizer(
         else:
             with pytest.raises(AdapterFormatError, match="not finite"):
                 check_servable(adapter, no_tokenizer)
+
+
+@pytest.mark.real_model
+def test_the_folder_of_a_gguf_base_is_the_path_peft_records_for_it(
+    real_decoder: DecoderBase, tmp_path: Path
+) -> None:
+    """transformers loads SmolLM2's GGUF file as ``from_pretrained(folder, gguf_file=...)``
+    and PEFT records the folder: a LoRA made so was refused as another base's."""
+    n_in, n_out = real_decoder.config.linear_shape("q_proj")
+    prefix = "base_model.model.model.layers.0.self_attn.q_proj"
+    weights = tensors_to_bytes(
+        {
+            f"{prefix}.lora_A.weight": torch.zeros(2, n_in),
+            f"{prefix}.lora_B.weight": torch.zeros(n_out, 2),
+        }
+    )
+
+    def files(recorded: str) -> dict[str, bytes]:
+        config = {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "r": 2,
+            "target_modules": ["q_proj"],
+            "base_model_name_or_path": recorded,
+        }
+        return {CONFIG_FILE: json.dumps(config).encode(), WEIGHTS_FILE: weights}
+
+    assert real_decoder.path.suffix == ".gguf"
+    adapter = import_peft(files(str(real_decoder.path.parent)), real_decoder)
+    assert adapter.task == "chat" and adapter.base_name == real_decoder.name
+    # Another folder that exists is another base.
+    with pytest.raises(AdapterFormatError, match="trained on base model"):
+        import_peft(files(str(tmp_path)), real_decoder)

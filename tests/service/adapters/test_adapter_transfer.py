@@ -37,7 +37,14 @@ from service.db.models import AdapterRow, Tenant
 from service.main import create_app
 from service.state import app_state
 from tests.core.util import make_method, make_model, randomize
-from tests.service.helpers import Headers, adapter_row, assert_error, serve_base, tenant_id_by_name
+from tests.service.helpers import (
+    Headers,
+    adapter_row,
+    assert_error,
+    default_auth,
+    serve_base,
+    tenant_id_by_name,
+)
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -499,7 +506,7 @@ def test_zip_bomb_is_refused_before_unpacking(client: TestClient, auth: Headers)
 
 
 def test_declared_size_over_the_cap_is_refused(client: TestClient, auth: Headers) -> None:
-    app_state(client.app).settings.max_upload_mb = 1  # cap: 2 MB
+    app_state(client.app).settings.max_import_mb = 1  # cap: 2 MB
     data = _zip_with(
         [("adapter_config.json", CONFIG), ("adapter_model.safetensors", bytes(3 << 20))]
     )
@@ -508,8 +515,61 @@ def test_declared_size_over_the_cap_is_refused(client: TestClient, auth: Headers
 
 
 def test_upload_over_the_limit_is_413(client: TestClient, auth: Headers) -> None:
-    app_state(client.app).settings.max_upload_mb = 1
+    app_state(client.app).settings.max_import_mb = 1
     assert_error(upload(client, auth, bytes(1_500_000)), 413, code="request_too_large")
+
+
+def _padded_zip(files: dict[str, bytes], size: int) -> bytes:
+    """A zip of ``files`` and a stored padding.txt (never read) making it exactly ``size``
+    bytes: a stored member's bytes add one to one to the archive."""
+
+    def build(pad: int) -> bytes:
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            for name, data in files.items():
+                zf.writestr(name, data)
+            zf.writestr("padding.txt", bytes(pad), compress_type=zipfile.ZIP_STORED)
+        return buf.getvalue()
+
+    data = build(size - len(build(0)))
+    assert len(data) == size
+    return data
+
+
+def test_an_import_may_be_max_import_mb_not_max_upload_mb(
+    client: TestClient, auth: Headers, peft_files: dict[str, bytes]
+) -> None:
+    """A `full` adapter's loraplex export (79 MiB) was a 413: an import was held to
+    max_upload_mb (50). The app's body limit is the one it started with (128 MiB and the
+    form's framing): the route's own read decides here."""
+    settings = app_state(client.app).settings
+    settings.max_upload_mb, settings.max_import_mb = 1, 2
+    resp = upload(client, auth, _padded_zip(peft_files, 2 << 20), task="reward")
+    assert resp.status_code == 200, resp.text
+    over = upload(client, auth, _padded_zip(peft_files, (2 << 20) + 1), "over", task="reward")
+    error = assert_error(over, 413, param="file", code="request_too_large")
+    assert "2 MB" in error["message"]
+
+
+def test_the_import_route_s_body_limit_is_max_import_mb(
+    settings: Settings, tiny_base: FrozenBase, peft_files: dict[str, bytes]
+) -> None:
+    """Past an upload's limit and its framing (1 + 1 MiB), within max_import_mb: accepted
+    before the route reads it, while a dataset upload keeps max_upload_mb."""
+    settings.base_model_name, settings.bases = tiny_base.name, [tiny_base.name]
+    settings.max_upload_mb, settings.max_import_mb = 1, 3
+    with TestClient(create_app(settings, hooks=[serve_base(tiny_base)])) as app:
+        auth = default_auth(settings)
+        data = _padded_zip(peft_files, 5 << 19)  # 2.5 MiB
+        resp = upload(app, auth, data, task="reward")
+        assert resp.status_code == 200, resp.text
+        dataset = app.post(
+            "/v1/datasets",
+            headers=auth,
+            data={"kind": "classification"},
+            files={"file": ("d.jsonl", data, "application/jsonl")},
+        )
+        assert_error(dataset, 413, code="request_too_large")
 
 
 @pytest.mark.parametrize("data", [b"not a zip", b"PK\x03\x04broken"], ids=["text", "truncated"])

@@ -191,6 +191,68 @@ def test_lora_layers_outside_the_base_are_422_at_creation(
     assert client.post(JOBS, json=body, headers=auth).status_code == 200
 
 
+def test_an_empty_lora_layer_list_is_422_at_creation(client: TestClient, auth: Headers) -> None:
+    """It was accepted, and trained the head alone."""
+    body = job_body(create_dataset(client, auth))
+    body["method"]["lora"]["layers"] = []
+    error = assert_error(
+        client.post(JOBS, json=body, headers=auth), 422, param="method.lora.layers"
+    )
+    assert "adapts no layer" in error["message"]
+    assert client.get(JOBS, headers=auth).json()["data"] == []
+
+
+def test_prompt_tuning_that_fills_the_window_is_422_at_creation(
+    client: TestClient, auth: Headers
+) -> None:
+    """256 virtual tokens fill MiniLM's 256-token window: the worker failed the job."""
+    train = create_dataset(client, auth)
+    for n, status in [(256, 422), (255, 200)]:
+        method = {"type": "prompt_tuning", "prompt_tuning": {"n_virtual_tokens": n}}
+        resp = client.post(JOBS, json={"training_file": train, "method": method}, headers=auth)
+        if status == 422:
+            error = assert_error(resp, 422, param="method.prompt_tuning.n_virtual_tokens")
+            assert "window of 256 tokens" in error["message"]
+        else:
+            assert resp.status_code == 200, resp.text
+
+
+def test_macro_f1_is_422_at_creation_on_a_preference_job(client: TestClient, auth: Headers) -> None:
+    """A reward model has no macro_f1: the worker failed the job."""
+    prefs = create_dataset(client, auth, [{"chosen": "a", "rejected": "b"}] * 4, kind="preference")
+    hyper = {"metric_for_best": "macro_f1"}
+    body = {"training_file": prefs, "method": {"type": "lora", "hyperparameters": hyper}}
+    error = assert_error(
+        client.post(JOBS, json=body, headers=auth),
+        422,
+        param="method.hyperparameters.metric_for_best",
+        code="invalid_method",
+    )
+    assert "classification metric" in error["message"] and "reward" in error["message"]
+    body["training_file"] = create_dataset(client, auth)  # a classifier has it
+    assert client.post(JOBS, json=body, headers=auth).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [("margin", 5.0), ("center_rewards_coefficient", 0.5), ("split_shared_prefix", False)],
+)
+def test_reward_settings_are_refused_on_a_classification_job(
+    client: TestClient, auth: Headers, setting: str, value: Any
+) -> None:
+    """They were accepted and ignored: a classifier's loss reads none of them."""
+    body = job_body(create_dataset(client, auth))
+    body["method"]["hyperparameters"][setting] = value
+    param = f"method.hyperparameters.{setting}"
+    error = assert_error(
+        client.post(JOBS, json=body, headers=auth), 422, param=param, code="setting_not_read"
+    )
+    assert "reward models" in error["message"] and "classification" in error["message"]
+    prefs = create_dataset(client, auth, [{"chosen": "a", "rejected": "b"}] * 4, kind="preference")
+    body["training_file"] = prefs  # a reward model reads it
+    assert client.post(JOBS, json=body, headers=auth).status_code == 200
+
+
 def test_unknown_model_is_404(client: TestClient, auth: Headers) -> None:
     train = create_dataset(client, auth)
     resp = client.post(JOBS, json=job_body(train, model="gpt-17"), headers=auth)

@@ -166,6 +166,59 @@ def test_a_started_job_shows_the_values_it_trains_with(
     assert extra["progress"] == {"step": 4, "total_steps": 4, "epoch": 2.0}
 
 
+@pytest.mark.parametrize("validation_fraction", [0.1, 0], ids=["held-out", "none"])
+def test_checkpoint_metrics_carry_openai_s_names(
+    sdk: openai.OpenAI,
+    settings: Settings,
+    db: sessionmaker[Session],
+    tiny_base: FrozenBase,
+    validation_fraction: float,
+) -> None:
+    """Every OpenAI field of a checkpoint's metrics read None through the SDK, and without
+    validation the training loss was labelled ``val_train_loss``."""
+    file = _upload(sdk, [{"text": f"row {i}", "label": "ab"[i % 2]} for i in range(20)])
+    hyper = {"n_epochs": 2, "validation_fraction": validation_fraction}
+    job = sdk.fine_tuning.jobs.create(
+        model=tiny_base.name,
+        training_file=file.id,
+        method={"type": "lora", "hyperparameters": hyper},  # type: ignore[typeddict-item,misc]
+    )
+    assert claimed_run(db, settings, tiny_base).run() == RunOutcome.SUCCEEDED
+    # 2 epochs of 2 steps: the end of the first is checkpointed (the last step is the adapter).
+    (ckpt,) = sdk.fine_tuning.jobs.checkpoints.list(job.id)
+    metrics = ckpt.metrics
+    assert ckpt.step_number == 2 and metrics.step == 2.0
+    assert isinstance(metrics.train_loss, float) and metrics.train_loss > 0
+    extra = metrics.model_extra or {}
+    assert "val_train_loss" not in extra
+    # Token accuracy is a chat job's.
+    assert metrics.train_mean_token_accuracy is None and metrics.valid_mean_token_accuracy is None
+    if validation_fraction:
+        assert metrics.valid_loss == metrics.full_valid_loss == extra["val_loss"]
+        assert isinstance(metrics.valid_loss, float)
+        assert 0 <= extra["val_accuracy"] <= 1 and "val_macro_f1" in extra
+    else:
+        assert metrics.valid_loss is None and metrics.full_valid_loss is None
+        assert extra == {}
+
+
+def test_a_checkpoint_stored_before_openai_s_names_reads_with_them(
+    sdk: openai.OpenAI, db: sessionmaker[Session], tiny_base: FrozenBase
+) -> None:
+    """Rows the worker wrote before hold the training loss as ``val_train_loss``."""
+    job = sdk.fine_tuning.jobs.create(model=tiny_base.name, training_file=_upload(sdk).id)
+    with db() as session:
+        claimed = queue.claim_next_job(session, "w1", 30)
+        assert claimed is not None and claimed.id == job.id
+        old = {"val_train_loss": 0.5, "val_loss": 0.4, "val_accuracy": 0.75}
+        save_checkpoint(
+            session, claimed, worker_id="w1", step=6, epoch=1.0, state=b"S", metrics=old
+        )
+    (ckpt,) = sdk.fine_tuning.jobs.checkpoints.list(job.id)
+    assert (ckpt.metrics.step, ckpt.metrics.train_loss) == (6.0, 0.5)
+    assert ckpt.metrics.model_extra == {"val_loss": 0.4, "val_accuracy": 0.75}
+
+
 def test_loraplex_method_and_extra_body(sdk: openai.OpenAI, tiny_base: FrozenBase) -> None:
     file = _upload(sdk)
     job = sdk.fine_tuning.jobs.create(

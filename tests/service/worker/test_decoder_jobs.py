@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from core.decoder.base import DecoderBase, load_decoder_base
 from service.adapters.store import adapter_from_row
 from service.config import DEFAULT_BASE_MODEL_NAME, Settings
-from service.db.models import AdapterRow
+from service.db.models import AdapterRow, Job
 from service.jobs import queue
 from service.worker.job_run import JobRun, RunOutcome
 from tests.core.decoder.tiny_llama import TINY_LLAMA_NAME
@@ -242,6 +242,29 @@ def test_job_creation_checks_base_task_and_settings(
     refused(404, "training_file", training_file=other_chat)
 
 
+def test_a_chat_job_s_checkpoint_has_openai_s_token_accuracy(
+    client: TestClient,
+    auth: Headers,
+    db: sessionmaker[Session],
+    settings: Settings,
+    decoder: DecoderBase,
+) -> None:
+    """A chat validation's accuracy is per token: OpenAI's ``valid_mean_token_accuracy``."""
+    chat = create_dataset(client, auth, chat_rows(8), kind="chat")
+    chat_val = create_dataset(client, auth, chat_rows(3), kind="chat")
+    method = {"type": "lora", "hyperparameters": {**HYPER, "n_epochs": 2}}
+    job = create_job(client, auth, training_file=chat, validation_file=chat_val, method=method)
+    assert run_next(db, settings, decoder) is RunOutcome.SUCCEEDED
+    page = client.get(f"{JOBS}/{job['id']}/checkpoints", headers=auth).json()
+    (ckpt,) = page["data"]  # the end of the first epoch (2 steps of 4 rows)
+    metrics = ckpt["metrics"]
+    assert ckpt["step_number"] == 2 and metrics["step"] == 2.0 and metrics["train_loss"] > 0
+    assert metrics["valid_loss"] == metrics["full_valid_loss"] == metrics["val_loss"]
+    accuracy = metrics["val_accuracy"]
+    assert metrics["valid_mean_token_accuracy"] == accuracy
+    assert metrics["full_valid_mean_token_accuracy"] == accuracy and 0 <= accuracy <= 1
+
+
 def test_a_requeued_chat_job_resumes_to_the_uninterrupted_adapter(
     client: TestClient,
     auth: Headers,
@@ -307,3 +330,125 @@ def test_a_requeued_decoder_reward_job_resumes_to_the_uninterrupted_adapter(
         assert (resumed.task, resumed.base_fingerprint) == ("reward", decoder.fingerprint)
         assert resumed.config["head"]["pooling"] == "last_token"
         assert resumed.weights == uninterrupted.weights  # bit-exact resume
+
+
+def test_dpo_trains_its_reference_adapters_method_config(
+    client: TestClient,
+    auth: Headers,
+    db: sessionmaker[Session],
+    settings: Settings,
+    decoder: DecoderBase,
+) -> None:
+    """OpenAI's dpo type carries no lora block: with an SFT adapter of non-default LoRA
+    settings as reference, the job was accepted and then failed in the worker."""
+    chat = create_dataset(client, auth, chat_rows(8), kind="chat")
+    lora = {"r": 4, "alpha": 8.0, "target_modules": ["q_proj", "v_proj"]}
+    hyper = {**HYPER, "validation_fraction": 0}
+    method = {"type": "lora", "lora": lora, "hyperparameters": hyper}
+    create_job(client, auth, training_file=chat, adapter_name="sft-r4", method=method, seed=1)
+    assert run_next(db, settings, decoder) is RunOutcome.SUCCEEDED
+    dpo = create_dataset(client, auth, dpo_rows(8), kind="dpo")
+    body: dict[str, Any] = {"training_file": dpo, "reference_adapter": "sft-r4", "seed": 1}
+
+    # What the request sets must be the reference's: the policy starts from its weights.
+    conflict = {"type": "lora", "lora": {"r": 8}, "hyperparameters": hyper}
+    error = assert_error(
+        client.post(JOBS, json={**body, "method": conflict}, headers=auth),
+        422,
+        param="method.lora.r",
+        code="reference_adapter_method",
+    )
+    assert "'sft-r4' has 4" in error["message"]
+    same = {"type": "lora", "lora": {"r": 4, "target_modules": ["v_proj", "q_proj"]}}
+    create_job(client, auth, **body, method={**same, "hyperparameters": hyper})
+    assert run_next(db, settings, decoder) is RunOutcome.SUCCEEDED
+
+    # What it leaves out is the reference's.
+    openai = {"type": "dpo", "dpo": {"hyperparameters": {**hyper, "beta": 0.1}}}
+    job = create_job(client, auth, **body, method=openai)
+    assert {k: job["method"]["lora"][k] for k in lora} == lora
+    assert run_next(db, settings, decoder) is RunOutcome.SUCCEEDED
+    job = client.get(f"{JOBS}/{job['id']}", headers=auth).json()
+    with db() as session:
+        rows = {r.name: r for r in session.scalars(select(AdapterRow))}
+        assert rows[job["adapter_name"]].config["method"] == rows["sft-r4"].config["method"]
+
+
+def test_decoder_job_creation_refuses_what_the_worker_would_fail(
+    client: TestClient, auth: Headers
+) -> None:
+    """Each of these was a 200, then a job failed in the worker (or one that trained an
+    adapter nothing serves)."""
+    chat = create_dataset(client, auth, chat_rows(4), kind="chat")
+    dpo = create_dataset(client, auth, dpo_rows(4), kind="dpo")
+    classification = create_dataset(client, auth)
+
+    def refused(param: str, **body: Any) -> str:
+        resp = client.post(JOBS, json=body, headers=auth)
+        message: str = assert_error(resp, 422, param=param)["message"]
+        return message
+
+    # The tiny Llama's 2 layers and 256-token window, read from its config.json.
+    for file in (chat, dpo):
+        message = refused(
+            "method.lora.layers",
+            training_file=file,
+            method={"type": "lora", "lora": {"layers": [2]}},
+        )
+        assert "2 layers (0 to 1)" in message
+        refused(
+            "method.hyperparameters.metric_for_best",
+            training_file=file,
+            method={"type": "lora", "hyperparameters": {"metric_for_best": "macro_f1"}},
+        )
+        # Generation serves LoRA adapters only.
+        for other in ("full", "prompt_tuning", "adapter"):
+            message = refused("method.type", training_file=file, method={"type": other})
+            assert "generation serves LoRA adapters only; use one of ['lora']" in message
+    create_job(client, auth, training_file=chat, method={"type": "lora", "lora": {"layers": [1]}})
+    # A decoder's classifiers and reward models are served whatever their decoder method.
+    on_decoder: dict[str, Any] = {"training_file": classification, "model": TINY_LLAMA_NAME}
+    for other in ("full", "prompt_tuning"):
+        create_job(client, auth, **on_decoder, method={"type": other})
+    message = refused("method.type", **on_decoder, method={"type": "adapter"})
+    assert "use one of ['lora', 'full', 'prompt_tuning']" in message
+    refused(
+        "method.prompt_tuning.n_virtual_tokens",
+        **on_decoder,
+        method={"type": "prompt_tuning", "prompt_tuning": {"n_virtual_tokens": 256}},
+    )
+
+
+@pytest.mark.parametrize(
+    ("method", "hyper", "param"),
+    [
+        ({"type": "lora", "lora": {"layers": [5]}}, {}, "method.lora.layers"),
+        (
+            {"type": "lora", "lora": {}},
+            {"metric_for_best": "macro_f1"},
+            "method.hyperparameters.metric_for_best",
+        ),
+    ],
+)
+def test_a_bad_setting_failing_in_the_worker_names_its_field(
+    client: TestClient,
+    auth: Headers,
+    db: sessionmaker[Session],
+    settings: Settings,
+    decoder: DecoderBase,
+    method: dict[str, Any],
+    hyper: dict[str, Any],
+    param: str,
+) -> None:
+    chat = create_dataset(client, auth, chat_rows(4), kind="chat")
+    job = create_job(client, auth, training_file=chat, method={"type": "lora"})
+    # As a job stored before creation checked these (or past a check that missed them).
+    with db() as session:
+        row = session.get(Job, job["id"])
+        assert row is not None
+        row.method = method
+        row.hyperparameters = {**HYPER, "validation_fraction": 0, **hyper}
+        session.commit()
+    assert run_next(db, settings, decoder) is RunOutcome.FAILED
+    error = client.get(f"{JOBS}/{job['id']}", headers=auth).json()["error"]
+    assert error["param"] == param and error["message"].startswith(param.rsplit(".", 1)[1]), error
