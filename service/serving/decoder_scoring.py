@@ -17,7 +17,11 @@ parts swapped in, not a second copy of it:
 - :class:`DecoderHeadEngine` is the engine that batcher owns: resident adapter models
   (``Adapter.build_decoder_head`` on the shared frozen base) in an LRU charged by their own
   tensors' bytes (``adapter_cache_mb``), pinned while a batch uses them, and each batch's rows
-  run adapter by adapter, in length order, ``SCORE_BATCH_SIZE`` to a forward.
+  run adapter by adapter, in length order, ``SCORE_BATCH_SIZE`` to a forward. It refuses as
+  core's residency does (:mod:`core.inference.residency`): a row whose room adapters in use
+  hold is parked by the batcher (``ResidencyBusyError``), an adapter larger than the whole
+  cache fails its rows (``AdapterTooLargeError``); a row whose output is inf or NaN fails with
+  the encoder's ``NonFiniteOutputError``.
 
 Deleting or replacing an adapter drops its resident versions (:meth:`DecoderScorer.invalidate`,
 told by the delete as the encoder's batcher is); a new version has a new key
@@ -32,7 +36,8 @@ In-process API (best-of-n, on the event loop)::
 lookup, already the caller's tenant's) or its key ``(tenant_id, name, version)``; ``prompt``
 (None: none) is the user turn each response answers. Rewards come back in ``responses``' order.
 Refusals are ``ServiceError``: 404 for an adapter deleted meanwhile, 422 for one that is not a
-reward model on this base, 503 with a full queue. Responses
+reward model on this base, 409 for one larger than the adapter cache or whose weights overflow
+on a response, 503 with a full queue. Responses
 longer than the window are cut as in training (the response kept from its start).
 """
 
@@ -47,10 +52,10 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.config import Settings
-from service.errors import invalid, not_found
+from service.errors import ErrorKind, invalid, not_found
 from service.serving.batcher import Batcher
 from service.serving.queries import AdapterKey, AdapterRef, DatabaseLoader, find_adapter
-from service.serving.run import TenantTurns, infer, tenant_of
+from service.serving.run import RowError, TenantTurns, infer, tenant_of
 
 if TYPE_CHECKING:
     from core.adapter import Adapter
@@ -154,6 +159,7 @@ class DecoderHeadEngine:
 
         from core.decoder.scoring import SCORE_BATCH_SIZE, right_pad
         from core.inference import RowResult
+        from core.inference.execute import NonFiniteOutputError
 
         out: list[RowResult | None] = [None] * len(plan.rows)
         for i, exc in plan.errors.items():
@@ -166,7 +172,15 @@ class DecoderHeadEngine:
                 batch = right_pad([_ids(plan.rows[i]) for i in chunk], self.base.device)
                 with torch.inference_mode():
                     scores = entry.model(batch).float().cpu()
+                # One check per forward; rows are looked at one by one only when it fails.
+                finite = bool(torch.isfinite(scores).all())
                 for i, score in zip(chunk, scores, strict=True):
+                    if not finite and not bool(torch.isfinite(score).all()):
+                        error = NonFiniteOutputError(
+                            f"the head's output is not finite: {score.tolist()}"
+                        )
+                        out[i] = RowResult(key, error=error)
+                        continue
                     out[i] = _result(key, head.task, head.label_names, score)
         return [r for r in out if r is not None]
 
@@ -179,7 +193,7 @@ class DecoderHeadEngine:
     def _resident(
         self, key: Hashable, loader: Callable[[Hashable], Adapter], keep: Any
     ) -> _Resident:
-        from core.inference.residency import ResidencyError
+        from core.inference.residency import AdapterTooLargeError, ResidencyBusyError
         from core.tensors import tensor_bytes
 
         entry = self._ledger.get(key)
@@ -194,9 +208,7 @@ class DecoderHeadEngine:
         # the head); the frozen base is shared and not its.
         nbytes = tensor_bytes([*model.parameters(), *model.buffers()])
         if nbytes > self.max_resident_bytes:
-            raise ResidencyError(
-                f"adapter needs {nbytes} bytes; the budget is {self.max_resident_bytes}"
-            )
+            raise AdapterTooLargeError(nbytes, self.max_resident_bytes)
         for victim in list(self._ledger):  # least recently used first
             if self.bytes + nbytes <= self.max_resident_bytes:
                 break
@@ -204,9 +216,10 @@ class DecoderHeadEngine:
                 self.unload(victim)
                 self.evictions += 1
         if self.bytes + nbytes > self.max_resident_bytes:
-            raise ResidencyError(
+            # The batcher parks the row and runs it once nothing is pinned or kept.
+            raise ResidencyBusyError(
                 f"adapter needs {nbytes} bytes; only {self.max_resident_bytes - self.bytes} "
-                "can be freed without evicting adapters that batches in flight use"
+                "can be freed without evicting adapters that this batch or batches in flight use"
             )
         entry = _Resident(model, nbytes)
         self._ledger[key] = entry
@@ -274,22 +287,32 @@ class DecoderRowEncoder:
         # Encoded a token past the window, a row that fills it was longer than the window;
         # the window's own ids are the same either way (the response is kept from its start).
         width = window if truncate else window + 1
+        template = self.base.chat_template
         ids: list[list[int]] = []
         with self._copies.borrow() as tokenizer:
             for i, item in enumerate(items):
                 prompt, response, role = prompt_and_response(item, ref.task)
                 try:
                     (row,) = encode_scored_turns(
-                        tokenizer, self.base.chat_template, [prompt], [response], width, role=role
+                        tokenizer, template, [prompt], [response], width, role=role
                     )
                 except DataError as exc:
                     raise invalid(str(exc), f"{param}.{i}") from None
                 if len(row) > window:
-                    raise invalid(
-                        f"input {i} is longer than the {window} tokens the model takes (send "
+                    first_text = prompt is None
+                    if not first_text:  # the prompt is at fault where the response alone fits
+                        (alone,) = encode_scored_turns(
+                            tokenizer, template, [None], [response], width, role=role
+                        )
+                        first_text = len(alone) <= window
+                    raise RowError(
+                        f"is longer than the {window} tokens the model takes (send "
                         "truncate=true to cut it)",
-                        f"{param}.{i}",
-                        "input_too_long",
+                        code="input_too_long",
+                        kind=ErrorKind.INVALID,
+                        param=param,
+                        row=i,
+                        first_text=first_text,
                     )
                 ids.append(row)
         return [
@@ -354,7 +377,10 @@ class DecoderScorer:
                 "base_model_mismatch",
             )
         items: list[Item] = [(prompt, r) if prompt is not None else (r, None) for r in responses]
-        results = await self.results(ref, items, True, "reward_adapter")
+        try:
+            results = await self.results(ref, items, True, "reward_adapter")
+        except RowError as e:  # a candidate the server generated, not a field of the request
+            raise e.named(f"candidate {e.row}", "reward_adapter") from None
         return [float(r.reward) for r in results]  # type: ignore[arg-type]
 
     async def _ref(self, key: AdapterKey) -> AdapterRef:

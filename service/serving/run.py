@@ -227,7 +227,7 @@ def _unreadable(ref: AdapterRef, error: Exception) -> ServiceError:
 
 
 def _row_error(error: Any, key: Any) -> ServiceError:
-    from core.inference import AdapterNotResidentError, ResidencyError
+    from core.inference import AdapterNotResidentError
     from core.inference.residency import AdapterTooLargeError
 
     name = key[1] if isinstance(key, tuple) else str(key)
@@ -235,13 +235,6 @@ def _row_error(error: Any, key: Any) -> ServiceError:
         return not_found("adapter", name, "adapter")
     if isinstance(error, AdapterTooLargeError):
         return _too_large_for_cache(name, error)
-    # Rows refused for room that adapters in use hold (ResidencyBusyError) are run again by
-    # the batcher; only a decoder head engine's refusals, which do not say which they are,
-    # come here.
-    if isinstance(error, ResidencyError):
-        return unavailable(
-            f"adapter {name!r} does not fit the adapter cache: {error}", "adapter_cache_full"
-        )
     return ServiceError("inference failed", code="inference_failed", kind=ErrorKind.INTERNAL)
 
 

@@ -12,9 +12,12 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import torch
 from fastapi.testclient import TestClient
@@ -43,7 +46,9 @@ from tests.service.helpers import (
     create_dataset,
     default_auth,
     served_decoder,
+    store_adapter,
     tiny_bases_settings,
+    wait_until,
 )
 from tests.tiny_bert import TINY_NAME
 
@@ -55,6 +60,7 @@ WORDS = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree", "fish", "b
 # held-out pair after these epochs.
 LORA = {"type": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.1}}
 HYPER = {"n_epochs": 10, "batch_size": 4, "learning_rate": 1e-2}
+WINDOW = 64  # the stored random adapters' max_seq_length
 
 
 def preference_rows(words: list[str]) -> list[dict[str, Any]]:
@@ -134,15 +140,21 @@ def _key_of(client: TestClient, auth: Headers, name: str) -> tuple[str, str, int
         return (row.tenant_id, row.name, row.version)
 
 
-def _reward_adapter(decoder: DecoderBase, seed: int = 0) -> Adapter:
-    """A decoder reward model: random LoRA on q_proj and a random head on the last token."""
+def _reward_adapter(
+    decoder: DecoderBase, seed: int = 0, labels: list[str] | None = None, window: int = WINDOW
+) -> Adapter:
+    """A decoder reward model (a classifier with ``labels``) trained at ``window`` tokens:
+    random LoRA on q_proj and a random head on the last token."""
     method = parse_method_config("lora", {"r": 2, "target_modules": ["q_proj"]}, "decoder")
     gen = torch.Generator().manual_seed(seed)
-    head = HeadConfig(task="reward", pooling="last_token", max_seq_length=64)
+    task = "reward" if labels is None else "classification"
+    head = HeadConfig(
+        task=task, label_names=labels or [], pooling="last_token", max_seq_length=window
+    )
     adapter = random_decoder_lora(decoder, method, head, gen, scale=0.1)
     adapter.head_state = {
-        "out.weight": torch.randn(1, decoder.config.hidden_size, generator=gen),
-        "out.bias": torch.zeros(1),
+        "out.weight": torch.randn(head.out_features, decoder.config.hidden_size, generator=gen),
+        "out.bias": torch.zeros(head.out_features),
     }
     return adapter
 
@@ -205,7 +217,7 @@ def test_a_decoder_reward_model_trained_over_http_ranks_as_trained(
     url = f"/reward/compare?adapter={name}"
     long = {"prompt": "Say it.", "response_a": "word " * 400, "response_b": "No."}
     too_long = both.post(url, json={**long, "truncate": False}, headers=auth)
-    assert_error(too_long, 422, code="input_too_long", param="pairs.0")
+    assert_error(too_long, 422, code="input_too_long", param="response_a")
     assert both.post(url, json=long, headers=auth).status_code == 200  # cut as in training
     # Each text counts once, though a pair's prompt goes with both its responses: 5 x 602
     # characters in all (3 such pairs, 1,806, are served).
@@ -271,8 +283,6 @@ def test_one_tenant_s_flood_does_not_hold_up_another_s_scores(
 ) -> None:
     """Tenant A queues many requests before tenant B sends one: B's is served within A's
     next batches (its queue is served in turn), not after A's whole flood."""
-    from tests.service.helpers import store_adapter
-
     auth, other = default_auth(both_settings), _other_tenant(both)
     decoder = served_decoder(both)
     store_adapter(both, auth, "rm", _reward_adapter(decoder, seed=1), base=decoder)
@@ -303,8 +313,6 @@ def test_one_tenant_s_flood_does_not_hold_up_another_s_scores(
 def test_a_decoder_reward_adapter_needs_its_decoder_not_the_encoder(
     both_settings: Settings,
 ) -> None:
-    from tests.service.helpers import store_adapter
-
     with TestClient(create_app(both_settings, hooks=[serving])) as client:
         decoder = served_decoder(client)
         store_adapter(
@@ -335,7 +343,6 @@ def test_a_decoder_adapter_deleted_by_another_replica_leaves_the_scorer(
     """The invalidation listener (PostgreSQL) drops a decoder head deleted elsewhere."""
     from service.db.session import make_db_engine, make_sessionmaker
     from service.serving.invalidation import invalidation
-    from tests.service.helpers import store_adapter, wait_until
     from tests.service.serving.test_scale_out import WAIT_S
 
     with TestClient(create_app(both_settings, hooks=[serving, invalidation])) as client:
@@ -360,3 +367,171 @@ def test_a_decoder_adapter_deleted_by_another_replica_leaves_the_scorer(
         assert scorer.engine.bytes == 0
         resp = client.post("/reward/compare?adapter=rm", json=pair, headers=auth)
         assert_error(resp, 404, param="adapter")
+
+
+def _set_cache(scorer: DecoderScorer, nbytes: int) -> None:
+    """The engine's budget set to ``nbytes``, emptied, on the batcher's thread (its owner)."""
+    engine = scorer.engine
+
+    def empty() -> None:
+        engine.max_resident_bytes = nbytes
+        for key in engine.resident_keys():
+            engine.unload(key)
+
+    scorer.batcher.call_soon(empty)
+
+
+@pytest.mark.sqlite_only
+def test_a_decoder_head_larger_than_the_whole_cache_is_refused_for_good(
+    both: TestClient, both_settings: Settings
+) -> None:
+    auth, decoder = default_auth(both_settings), served_decoder(both)
+    store_adapter(both, auth, "rm", _reward_adapter(decoder), base=decoder)
+    url, body = "/predict?adapter=rm", {"inputs": ["hi"]}
+    alone = both.post(url, json=body, headers=auth)
+    assert alone.status_code == 200, alone.text
+    scorer = _scorer(both)
+    nbytes = scorer.engine.bytes  # the one adapter's
+    _set_cache(scorer, nbytes - 1)
+    resp = both.post(url, json=body, headers=auth)
+    error = assert_error(
+        resp,
+        409,
+        code="adapter_too_large_for_cache",
+        param="adapter",
+        contains="LORAPLEX_ADAPTER_CACHE_MB",
+    )
+    assert f"needs {nbytes} bytes" in error["message"]
+    assert "retry-after" not in resp.headers
+    _set_cache(scorer, nbytes)  # it fits alone again: served
+    again = both.post(url, json=body, headers=auth)
+    assert again.status_code == 200, again.text
+    assert again.json()["predictions"] == alone.json()["predictions"]
+
+
+@pytest.mark.sqlite_only
+def test_one_batch_of_more_decoder_heads_than_the_cache_holds_answers_every_request(
+    both: TestClient, both_settings: Settings
+) -> None:
+    auth, decoder = default_auth(both_settings), served_decoder(both)
+    names = ["rm0", "rm1", "rm2", "rm3"]
+    for i, name in enumerate(names):  # one size: each charges the cache the same bytes
+        store_adapter(both, auth, name, _reward_adapter(decoder, seed=i), base=decoder)
+
+    def predict(name: str) -> httpx.Response:
+        return both.post(f"/predict?adapter={name}", json={"inputs": ["hi"]}, headers=auth)
+
+    alone = {name: predict(name).json()["predictions"] for name in names}
+    scorer = _scorer(both)
+    one = scorer.engine.bytes // len(names)
+    _set_cache(scorer, 2 * one)  # room for two of the four
+    gate = threading.Event()
+    scorer.batcher.call_soon(lambda: gate.wait(60))  # the batcher waits: the four queue
+    try:
+        with ThreadPoolExecutor(max_workers=len(names)) as pool:
+            pending = [pool.submit(predict, name) for name in names]
+            assert wait_until(lambda: scorer.batcher.queued_rows == len(names), 60)
+            gate.set()  # one batch of all four: two load, two wait for them to finish
+            responses = [p.result() for p in pending]
+    finally:
+        gate.set()
+    for name, resp in zip(names, responses, strict=True):
+        assert resp.status_code == 200, resp.text
+        got = resp.json()["predictions"][0]["reward"]
+        assert got == pytest.approx(alone[name][0]["reward"], abs=1e-5)
+    assert scorer.engine.evictions >= 2 and scorer.engine.bytes <= 2 * one
+
+
+def _huge_head(adapter: Adapter, weight: torch.Tensor) -> Adapter:
+    """``adapter`` with head weights ``weight`` and no bias: finite, but the float32 output
+    (largest 3.4e38) overflows where ``weight`` is large enough against the features."""
+    head_state = {"out.weight": weight, "out.bias": torch.zeros(weight.shape[0])}
+    return replace(adapter, head_state=head_state)
+
+
+@pytest.mark.sqlite_only
+@pytest.mark.parametrize("labels", [None, ["cold", "warm"]], ids=["reward", "classification"])
+def test_a_decoder_head_s_non_finite_output_is_refused(
+    both: TestClient, both_settings: Settings, labels: list[str] | None
+) -> None:
+    auth, decoder = default_auth(both_settings), served_decoder(both)
+    adapter = _reward_adapter(decoder, labels=labels)
+    huge = torch.full_like(adapter.head_state["out.weight"], 3e38)
+    store_adapter(both, auth, "nan", _huge_head(adapter, huge), base=decoder)
+    resp = both.post("/predict?adapter=nan", json={"inputs": ["x"]}, headers=auth)
+    error = assert_error(resp, 409, param="inputs.0", code="non_finite_output")
+    assert "'nan'" in error["message"] and "input 0 " in error["message"]
+
+
+@pytest.mark.sqlite_only
+def test_the_decoder_s_non_finite_error_names_the_input_that_overflows(
+    both: TestClient, both_settings: Settings
+) -> None:
+    from core.decoder.scoring import encode_scored_turns, right_pad
+
+    auth, decoder = default_auth(both_settings), served_decoder(both)
+    adapter = _reward_adapter(decoder, seed=5)
+    ok, bad = "x", "a longer sentence to score"
+    # The head reads one feature j, which is small for ``ok`` and large for ``bad``: times
+    # 3e38, only ``bad``'s reward overflows (no other feature adds to the sum).
+    ids = encode_scored_turns(
+        decoder.tokenizer, decoder.chat_template, [None, None], [ok, bad], WINDOW
+    )
+    with torch.inference_mode():
+        feats = adapter.build_decoder_head(decoder).features(right_pad(ids, decoder.device))
+    fits, overflows = feats[0].abs() < 0.5, feats[1].abs() > 2.0
+    j = int(torch.nonzero(fits & overflows)[0])
+    weight = torch.zeros(1, decoder.config.hidden_size)
+    weight[0, j] = 3e38
+    store_adapter(both, auth, "rm", _huge_head(adapter, weight), base=decoder)
+
+    def post(path: str, body: dict[str, Any]) -> httpx.Response:
+        return both.post(f"{path}?adapter=rm", json=body, headers=auth)
+
+    assert_error(post("/predict", {"inputs": [ok, ok, bad]}), 409, param="inputs.2")
+    pairs = [{"response_a": ok, "response_b": ok}, {"response_a": ok, "response_b": bad}]
+    resp = post("/reward/compare", {"pairs": pairs})
+    error = assert_error(resp, 409, param="pairs.1.response_b", code="non_finite_output")
+    assert error["message"].startswith("pairs.1.response_b gives adapter 'rm' an output")
+    resp = post("/reward/compare", {"response_a": bad, "response_b": ok})
+    assert_error(resp, 409, param="response_a", code="non_finite_output")
+    fine = post("/reward/compare", {"response_a": ok, "response_b": ok})
+    assert fine.status_code == 200, fine.text
+    # Best-of-n's scores: the candidate is named, under the reward adapter's field.
+    scorer = _scorer(both)
+    with pytest.raises(ServiceError) as refused:
+        asyncio.run(scorer.score(_key_of(both, auth, "rm"), None, [ok, bad]))
+    assert (refused.value.code, refused.value.param) == ("non_finite_output", "reward_adapter")
+    assert str(refused.value).startswith("candidate 1 gives adapter 'rm'")
+
+
+@pytest.mark.sqlite_only
+def test_a_decoder_input_too_long_names_its_pair_s_field(
+    both: TestClient, both_settings: Settings
+) -> None:
+    auth, decoder = default_auth(both_settings), served_decoder(both)
+    # The tiny Llama's chat template alone (its system prompt) is 90 tokens: a window of 160
+    # holds it with a short text, not with a long one.
+    window = 160
+    store_adapter(both, auth, "rm", _reward_adapter(decoder, window=window), base=decoder)
+    long = "word " * window
+
+    def compare(body: dict[str, Any]) -> httpx.Response:
+        body = {**body, "truncate": False}
+        return both.post("/reward/compare?adapter=rm", json=body, headers=auth)
+
+    short = {"response_a": "x", "response_b": "y"}
+    resp = compare({"pairs": [short, {"response_a": "x", "response_b": long}]})
+    error = assert_error(resp, 422, param="pairs.1.response_b", code="input_too_long")
+    assert error["message"].startswith(f"pairs.1.response_b is longer than the {window} tokens")
+    # A prompt too long for the window beside a response that fits is the prompt's fault.
+    resp = compare({"pairs": [short, {"prompt": long, **short}]})
+    error = assert_error(resp, 422, param="pairs.1.prompt", code="input_too_long")
+    assert error["message"].startswith("pairs.1.prompt with response_a is longer")
+    resp = compare({"prompt": "Say it.", "response_a": "No.", "response_b": long})
+    assert_error(resp, 422, param="response_b", code="input_too_long")
+    resp = both.post(
+        "/predict?adapter=rm", json={"inputs": ["hi", long], "truncate": False}, headers=auth
+    )
+    error = assert_error(resp, 422, param="inputs.1", code="input_too_long")
+    assert error["message"].startswith("input 1 is longer")
