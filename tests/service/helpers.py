@@ -191,6 +191,10 @@ def store_adapter(
         return row.version
 
 
+# A request-size limit small enough to reach in a test (serving's `small_client`).
+SMALL_REQUEST_CHARS = 4000
+
+
 def default_auth(settings: Settings) -> Headers:
     """The default tenant's key, read from the file the app wrote at its first start."""
     return {"Authorization": f"Bearer {settings.default_key_path.read_text().strip()}"}
@@ -409,3 +413,19 @@ def claimed_run(
     return (cls or JobRun)(
         job, factory=db, base=base, settings=settings, worker_id="w1", shutdown=threading.Event()
     )
+
+
+def assert_compare_names_the_non_finite_text(
+    post: Callable[[str, dict[str, Any]], httpx.Response], ok: str, bad: str
+) -> None:
+    """``/reward/compare`` on the adapter ``rm`` (``post(path, body)``), whose output is
+    finite for ``ok`` and not for ``bad``: 409 ``non_finite_output`` naming the text's field,
+    in either form, and 200 where every text is fine."""
+    pairs = [{"response_a": ok, "response_b": ok}, {"response_a": ok, "response_b": bad}]
+    resp = post("/reward/compare", {"pairs": pairs})
+    error = assert_error(resp, 409, param="pairs.1.response_b", code="non_finite_output")
+    assert error["message"].startswith("pairs.1.response_b gives adapter 'rm' an output")
+    resp = post("/reward/compare", {"response_a": bad, "response_b": ok})
+    assert_error(resp, 409, param="response_a", code="non_finite_output")
+    fine = post("/reward/compare", {"response_a": ok, "response_b": ok})
+    assert fine.status_code == 200, fine.text

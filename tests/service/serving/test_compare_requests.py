@@ -4,21 +4,18 @@ rather than ignored, and LORAPLEX_MAX_REQUEST_CHARS counts each text sent once."
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
-from service.config import Settings
-from service.main import create_app
 from service.state import app_state
 from tests.core.inference.helpers import random_adapter
-from tests.service.helpers import Headers, assert_error, store_adapter
+from tests.service.helpers import SMALL_REQUEST_CHARS, Headers, assert_error, store_adapter
 
 URL = "/reward/compare?adapter=rm"
-LIMIT = 4000
+LIMIT = SMALL_REQUEST_CHARS
 
 
 def _store_rm(client: TestClient, auth: Headers, split: bool = False) -> None:
@@ -78,15 +75,6 @@ def test_a_top_level_prompt_beside_pairs_is_refused(
     _store_rm(serving_client, auth)
     body = {"prompt": prompt, "pairs": [{"response_a": "x", "response_b": "y"}]}
     assert_error(serving_client.post(URL, json=body, headers=auth), 422, param="prompt")
-
-
-@pytest.fixture
-def small_client(tiny_serving_settings: Settings) -> Iterator[TestClient]:
-    from service.serving.lifespan import serving
-
-    settings = tiny_serving_settings.model_copy(update={"max_request_chars": LIMIT})
-    with TestClient(create_app(settings, hooks=[serving])) as client:
-        yield client
 
 
 def test_a_pairs_prompt_counts_once_against_max_request_chars(

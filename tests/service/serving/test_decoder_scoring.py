@@ -42,6 +42,7 @@ from tests.core.decoder.tiny_llama import TINY_LLAMA_NAME
 from tests.service.helpers import (
     ADMIN_KEY,
     Headers,
+    assert_compare_names_the_non_finite_text,
     assert_error,
     create_dataset,
     default_auth,
@@ -489,14 +490,7 @@ def test_the_decoder_s_non_finite_error_names_the_input_that_overflows(
         return both.post(f"{path}?adapter=rm", json=body, headers=auth)
 
     assert_error(post("/predict", {"inputs": [ok, ok, bad]}), 409, param="inputs.2")
-    pairs = [{"response_a": ok, "response_b": ok}, {"response_a": ok, "response_b": bad}]
-    resp = post("/reward/compare", {"pairs": pairs})
-    error = assert_error(resp, 409, param="pairs.1.response_b", code="non_finite_output")
-    assert error["message"].startswith("pairs.1.response_b gives adapter 'rm' an output")
-    resp = post("/reward/compare", {"response_a": bad, "response_b": ok})
-    assert_error(resp, 409, param="response_a", code="non_finite_output")
-    fine = post("/reward/compare", {"response_a": ok, "response_b": ok})
-    assert fine.status_code == 200, fine.text
+    assert_compare_names_the_non_finite_text(post, ok, bad)
     # Best-of-n's scores: the candidate is named, under the reward adapter's field.
     scorer = _scorer(both)
     with pytest.raises(ServiceError) as refused:

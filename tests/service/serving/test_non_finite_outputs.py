@@ -15,7 +15,12 @@ from fastapi.testclient import TestClient
 from core.adapter import Adapter
 from service.state import app_state
 from tests.core.inference.helpers import lora, reference
-from tests.service.helpers import Headers, assert_error, store_adapter
+from tests.service.helpers import (
+    Headers,
+    assert_compare_names_the_non_finite_text,
+    assert_error,
+    store_adapter,
+)
 
 TEXTS = ["x", "good", "a longer sentence to score", "[SEP]", "bad"]
 
@@ -58,11 +63,4 @@ def test_the_error_names_the_input_that_overflows(
 
     resp = post("/predict", {"inputs": [ok, ok, bad]})
     assert_error(resp, 409, param="inputs.2", code="non_finite_output")
-    pairs = [{"response_a": ok, "response_b": ok}, {"response_a": ok, "response_b": bad}]
-    resp = post("/reward/compare", {"pairs": pairs})
-    error = assert_error(resp, 409, param="pairs.1.response_b", code="non_finite_output")
-    assert error["message"].startswith("pairs.1.response_b gives adapter 'rm' an output")
-    resp = post("/reward/compare", {"response_a": bad, "response_b": ok})
-    assert_error(resp, 409, param="response_a", code="non_finite_output")
-    fine = post("/reward/compare", {"response_a": ok, "response_b": ok})
-    assert fine.status_code == 200, fine.text
+    assert_compare_names_the_non_finite_text(post, ok, bad)

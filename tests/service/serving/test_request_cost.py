@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -16,15 +15,13 @@ from core.base import FrozenBase
 from core.inference import Row
 from core.inference.tokens import MAX_CHARS_PER_TOKEN
 from core.pair_encoding import _cut
-from service.config import Settings
-from service.main import create_app
 from service.serving.queries import AdapterRef
 from service.serving.run import RequestTokenizer
 from service.state import app_state
 from tests.core.inference.helpers import lora, random_adapter, spy_tokenizer
-from tests.service.helpers import Headers, assert_error, store_adapter
+from tests.service.helpers import SMALL_REQUEST_CHARS, Headers, assert_error, store_adapter
 
-LIMIT = 4000
+LIMIT = SMALL_REQUEST_CHARS
 WAIT_S = 30.0
 
 
@@ -57,15 +54,6 @@ def test_the_batcher_thread_never_tokenizes(
     bound = base.max_length * MAX_CHARS_PER_TOKEN
     cut = len(_cut(long_text, bound, keep_end=False))  # at the bound's last word boundary
     assert max(length for _, length in tokenizer_calls) == cut  # never the whole 95,000
-
-
-@pytest.fixture
-def small_client(tiny_serving_settings: Settings) -> Iterator[TestClient]:
-    from service.serving.lifespan import serving
-
-    settings = tiny_serving_settings.model_copy(update={"max_request_chars": LIMIT})
-    with TestClient(create_app(settings, hooks=[serving])) as client:
-        yield client
 
 
 def test_a_request_over_max_request_chars_is_refused(
