@@ -64,7 +64,7 @@ def split_shared_prefix(chosen: str, rejected: str) -> tuple[str, str, str] | No
     return prompt, chosen, rejected
 
 
-def _cut(text: str, chars: int, keep_end: bool) -> str:
+def cut_at_word(text: str, chars: int, keep_end: bool) -> str:
     """At most ``chars`` characters of ``text`` from its start (or its end), cut at whitespace
     so no word is split. Without whitespace inside the cut (CJK, a long URL) it is cut there
     anyway: an empty cut would be widened to the whole text, a row costing its length to
@@ -89,7 +89,7 @@ def bounded_ids(
     chars = [limit * MAX_CHARS_PER_TOKEN] * len(texts)
     todo = list(range(len(texts)))
     while todo:
-        cuts = [_cut(texts[i], chars[i], keep_end) for i in todo]
+        cuts = [cut_at_word(texts[i], chars[i], keep_end) for i in todo]
         # verbose=False: no warning that a text is longer than the model; it is cut below.
         enc = tokenizer(
             cuts,

@@ -33,7 +33,7 @@ from core.decoder.forward import DecoderWeights, LinearHooks, forward
 from core.errors import DataError
 from core.heads import Head
 from core.methods.method import AdapterMethod
-from core.pair_encoding import MAX_CHARS_PER_TOKEN, PROMPT_SHARE, _cut
+from core.pair_encoding import MAX_CHARS_PER_TOKEN, PROMPT_SHARE, cut_at_word
 
 # Rows per forward when scoring (no gradients: activations are freed layer by layer).
 SCORE_BATCH_SIZE = 16
@@ -76,8 +76,8 @@ def _encode_row(
 ) -> tuple[list[int], bool]:
     """Ids of one row in ``max_length`` tokens, and whether a character cut (``chars`` per
     text) reached into the window (then the caller widens it and encodes the row again)."""
-    prompt_cut = None if prompt is None else _cut(prompt, chars, keep_end=True)
-    response_cut = _cut(response, chars, keep_end=False)
+    prompt_cut = None if prompt is None else cut_at_word(prompt, chars, keep_end=True)
+    response_cut = cut_at_word(response, chars, keep_end=False)
     # The template's own text: before the prompt, between the turns, after the response.
     if prompt is None:
         marks = _render(tokenizer, template, _messages(None, _RESPONSE_MARK, role))

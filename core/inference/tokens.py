@@ -2,7 +2,7 @@
 
 A row costs at most its window to tokenize, not its length: texts are cut by characters before
 the tokenizer sees them (:data:`MAX_CHARS_PER_TOKEN`), at a word boundary as reward rows are
-(:func:`core.pair_encoding._cut`: a word cut inside the window would change its ids), and a
+(:func:`core.pair_encoding.cut_at_word`: a word cut inside the window would change its ids), and a
 cut that left fewer tokens than the window is widened until it fills the window or the text
 ends, so the ids are always those of the whole text truncated to the window (one exception,
 see :meth:`RowEncoder.encode`).
@@ -28,7 +28,7 @@ from torch import Tensor
 
 from core.base import FrozenBase
 from core.inference.rows import Encoded
-from core.pair_encoding import MAX_CHARS_PER_TOKEN, _cut, encode_responses
+from core.pair_encoding import MAX_CHARS_PER_TOKEN, cut_at_word, encode_responses
 
 Item = tuple[str, str | None]  # (text, text_pair or None)
 
@@ -98,10 +98,10 @@ class RowEncoder:
                 idx = [i for i in todo if (items[i][1] is not None) == is_pair]
                 if not idx:
                     continue
-                texts = [_cut(items[i][0], bound[i], keep_end=False) for i in idx]
+                texts = [cut_at_word(items[i][0], bound[i], keep_end=False) for i in idx]
                 pairs: list[str] | None = None
                 if is_pair:
-                    pairs = [_cut(items[i][1] or "", bound[i], keep_end=False) for i in idx]
+                    pairs = [cut_at_word(items[i][1] or "", bound[i], keep_end=False) for i in idx]
                 with self._tokenizer() as tokenizer:
                     enc = encode_batch(tokenizer, texts, pairs, max_length)
                 for k, i in enumerate(idx):

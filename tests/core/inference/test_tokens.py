@@ -12,7 +12,7 @@ from core.base import FrozenBase
 from core.errors import CoreError
 from core.inference import Encoded, InferenceEngine, Row, RowEncoder
 from core.inference.tokens import MAX_CHARS_PER_TOKEN
-from core.pair_encoding import _cut
+from core.pair_encoding import cut_at_word
 from tests.core.inference.helpers import lora, output, reference, spy_tokenizer
 
 PROSE = (Path(__file__).parents[3] / "README.md").read_text()
@@ -74,7 +74,8 @@ def test_a_long_text_costs_the_window_not_its_length(
     bound = real_base.max_length * MAX_CHARS_PER_TOKEN
     encoded = RowEncoder(real_base).encode([(TEXTS["prose"], None)] * 64, real_base.max_length)
     # One call, each text cut to the bound (at its last word boundary).
-    assert [length for _, length in seen] == [len(_cut(TEXTS["prose"], bound, keep_end=False))]
+    cut = cut_at_word(TEXTS["prose"], bound, keep_end=False)
+    assert [length for _, length in seen] == [len(cut)]
     assert all(len(e.input_ids) == real_base.max_length for e in encoded)
 
 
@@ -85,7 +86,7 @@ def test_a_cut_short_of_the_window_is_widened(
     text = TEXTS["huge_words"]
     RowEncoder(real_base).encode([(text, None)], real_base.max_length)
     lengths = [length for _, length in seen]
-    assert lengths[:2] == [len(_cut(text, n, keep_end=False)) for n in (bound, 2 * bound)]
+    assert lengths[:2] == [len(cut_at_word(text, n, keep_end=False)) for n in (bound, 2 * bound)]
     assert lengths[-1] < len(text)  # it stopped once the window was full
 
 

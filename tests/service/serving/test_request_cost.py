@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from core.base import FrozenBase
 from core.inference import Row
 from core.inference.tokens import MAX_CHARS_PER_TOKEN
-from core.pair_encoding import _cut
+from core.pair_encoding import cut_at_word
 from service.serving.queries import AdapterRef
 from service.serving.run import RequestTokenizer
 from service.state import app_state
@@ -52,7 +52,7 @@ def test_the_batcher_thread_never_tokenizes(
     assert batcher_threads, "the batcher's threads are running"
     assert not threads & batcher_threads
     bound = base.max_length * MAX_CHARS_PER_TOKEN
-    cut = len(_cut(long_text, bound, keep_end=False))  # at the bound's last word boundary
+    cut = len(cut_at_word(long_text, bound, keep_end=False))  # at the bound's last word boundary
     assert max(length for _, length in tokenizer_calls) == cut  # never the whole 95,000
 
 
