@@ -1,9 +1,10 @@
 """Importing an uploaded adapter archive: the workflow behind ``POST /v1/adapters/import``.
 
 Three steps, each blocking (call them from a thread): :func:`precheck` refuses a taken name
-or a full quota before the expensive part; :func:`load` unzips the archive and builds the
-adapter on the base (torch-bound); :func:`insert` stores it, checking name and quota again
-inside the inserting transaction because other requests may have raced it meanwhile.
+or a full quota before the expensive part; :func:`load` builds the adapter from the
+archive's files (``read_archive``) on the base (torch-bound); :func:`insert` stores it,
+checking name and quota again inside the inserting transaction because other requests may
+have raced it meanwhile.
 Refusals are :class:`service.errors.ServiceError` (archive and transfer errors included).
 """
 
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.adapters.archive import ArchiveLimits, read_archive
+from service.adapters.archive import ArchiveLimits
 from service.adapters.quota import check_adapter_bytes_quota, check_adapter_quota, name_taken
 from service.adapters.records import next_adapter_version
 from service.adapters.store import adapter_row_from
@@ -59,14 +60,11 @@ def precheck(factory: sessionmaker[Session], tenant_id: str, name: str, settings
 
 
 def load(
-    data: bytes,
-    name: str,
-    base: FrozenBase | DecoderBase,
-    head: HeadSpec | None,
-    limits: ArchiveLimits,
+    files: dict[str, bytes], name: str, base: FrozenBase | DecoderBase, head: HeadSpec | None
 ) -> AdapterRow:
-    """Unzip, import and serialise: a new, unsaved row called ``name``."""
-    adapter = import_files(read_archive(data, limits), base, head)
+    """Import and serialise an archive's files (``read_archive``): a new, unsaved row called
+    ``name``."""
+    adapter = import_files(files, base, head)
     return adapter_row_from(adapter, base, name=name)
 
 

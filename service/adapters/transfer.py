@@ -284,6 +284,20 @@ def _import_loraplex(
     return adapter
 
 
+def recorded_base(files: dict[str, bytes]) -> str | None:
+    """The base an archive says it was made on (a loraplex export's ``base_name``, a PEFT
+    config's ``base_model_name_or_path``), or None where it says none readably. A claim
+    only, to pick the base it is checked against: the check itself is the import's."""
+    name = LORAPLEX_CONFIG_FILE if LORAPLEX_CONFIG_FILE in files else "adapter_config.json"
+    try:
+        config = json.loads(files.get(name, b""))
+    except (ValueError, UnicodeDecodeError):
+        return None  # the import names what is wrong with it
+    key = "base_name" if name == LORAPLEX_CONFIG_FILE else "base_model_name_or_path"
+    value = config.get(key) if isinstance(config, dict) else None
+    return value if isinstance(value, str) else None
+
+
 def import_files(
     files: dict[str, bytes], base: FrozenBase | DecoderBase, head: HeadSpec | None = None
 ) -> Adapter:

@@ -25,10 +25,15 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
 
-from service.adapters.archive import PEFT_METHODS, write_archive
+from service.adapters.archive import PEFT_METHODS, read_archive, write_archive
 from service.adapters.imports import archive_limits, insert, load, precheck
 from service.adapters.records import delete_adapter_row, find_adapter_row
-from service.adapters.transfer import HeadSpec, default_export_format, export_files
+from service.adapters.transfer import (
+    HeadSpec,
+    default_export_format,
+    export_files,
+    recorded_base,
+)
 from service.api.deps import (
     AdapterCachesDep,
     CurrentTenant,
@@ -42,7 +47,8 @@ from service.api.params import AdapterNamePath
 from service.api.schemas.adapters import ADAPTER_EXAMPLE, AdapterObject
 from service.api.schemas.common import NAME_PATTERN, DeletedResponse, ListResponse
 from service.api.uploads import form_text, read_upload, require_multipart
-from service.bases import adapter_base, resolve_job_base
+from service.bases import adapter_base, base_specs, resolve_job_base
+from service.config import Settings
 from service.db.models import AdapterRow
 from service.errors import invalid, not_found
 from service.state import app_state
@@ -96,8 +102,9 @@ _IMPORT_OPENAPI: dict[str, Any] = {
                             "type": "string",
                             "description": "The base the adapter belongs to, by its id in "
                             "/v1/models (a decoder's chat adapter: the decoder). Default: the "
-                            "encoder. An adapter of another base is refused (422 "
-                            "base_model_mismatch).",
+                            "base the archive names, where it is one of these (a loraplex or "
+                            "PEFT export of this service names its own), else the encoder. An "
+                            "adapter of another base is refused (422 base_model_mismatch).",
                         },
                     },
                 }
@@ -238,12 +245,20 @@ async def import_adapter(
         if not isinstance(upload, UploadFile):
             raise invalid("A zip archive is required in the 'file' field.", "file", "missing_file")
         data = await read_upload(upload, settings.max_import_bytes)
-    spec = resolve_job_base(settings, form_model)
+    files = await run_in_threadpool(read_archive, data, archive_limits(settings))
+    spec = resolve_job_base(settings, form_model or _configured(settings, recorded_base(files)))
     base = app_state(request).require_base(spec.name)
     await run_in_threadpool(precheck, factory, tenant_id, name, settings)
-    row = await run_in_threadpool(load, data, name, base, head, archive_limits(settings))
+    row = await run_in_threadpool(load, files, name, base, head)
     row = await run_in_threadpool(insert, factory, tenant_id, row, settings)
     return AdapterObject.from_row(row)
+
+
+def _configured(settings: Settings, name: str | None) -> str | None:
+    """``name`` where it is a base this deployment configures, else None: an archive's own
+    export names its base, so it imports back without ``model``; a path or another model's
+    name leaves the choice to the default (the encoder), whose check then refuses it."""
+    return name if name is not None and name in base_specs(settings) else None
 
 
 # --- one adapter -----------------------------------------------------------------------------

@@ -245,3 +245,28 @@ def test_a_decoder_prompt_tuning_adapter_exports_as_loraplex_by_default(
     peft_export = both.get("/v1/adapters/pt-rm/export?format=peft", headers=auth)
     error = assert_error(peft_export, 422, param="format", code="no_peft_format")
     assert "prompt tuning on a decoder base has no PEFT export" in error["message"]
+
+
+@pytest.mark.parametrize("fmt", ["peft", "loraplex"])
+def test_a_decoder_adapter_s_export_imports_back_without_model(
+    both: TestClient, settings: Settings, peft_llama_files: dict[str, bytes], fmt: str
+) -> None:
+    """The archive names its base, and that base is loaded: without `model`, the import was
+    checked against the encoder (the default) and refused as another base's."""
+    auth = default_auth(settings)
+    files = _with_base_name(peft_llama_files, TINY_LLAMA_NAME)
+    stored = _upload(both, auth, _zip(files), name="chat", model=TINY_LLAMA_NAME)
+    assert stored.status_code == 200, stored.text
+    export = both.get(f"/v1/adapters/chat/export?format={fmt}", headers=auth)
+    assert export.status_code == 200, export.text
+    again = _upload(both, auth, export.content, name="chat-again")
+    assert again.status_code == 200, again.text
+    assert again.json()["base_model"] == TINY_LLAMA_NAME
+    assert (
+        _stored(both, "chat-again").method_state.keys() == _stored(both, "chat").method_state.keys()
+    )
+    # An archive naming no loaded base still goes to the default, the encoder, which refuses
+    # it, saying how to send it to the decoder.
+    elsewhere = _zip(_with_base_name(peft_llama_files, "someone/else"))
+    error = assert_error(_upload(both, auth, elsewhere, name="x"), 422, code="head_required")
+    assert "with model naming the decoder base" in error["message"]
