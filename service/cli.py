@@ -95,7 +95,9 @@ def uvicorn_config(app: ASGIApp, settings: Settings) -> uvicorn.Config:
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level.lower()
     )
-    redact_access_log()  # after Config: it (re)configures uvicorn's loggers
+    # After Config: it (re)configures uvicorn's loggers.
+    admin_key = settings.admin_key.get_secret_value() if settings.admin_key else None
+    redact_access_log([admin_key] if admin_key else [])
     return config
 
 

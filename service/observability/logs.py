@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterable
+from urllib.parse import quote
 
 from service.tenants.keys import KEY_PREFIX
 
@@ -36,18 +38,30 @@ def redact_url(url: str) -> str:
 
 class RedactCredentials(logging.Filter):
     """Masks credentials in uvicorn access records, whose args are ``(client, method,
-    path with query, http version, status)``."""
+    path with query, http version, status)``: :func:`redact_url`'s, and ``secrets`` (the
+    admin key, which has no shape of its own), as sent or percent-encoded."""
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        super().__init__()
+        self._secrets = sorted(
+            {form for s in secrets if s for form in (s, quote(s, safe=""))}, key=len, reverse=True
+        )
 
     def filter(self, record: logging.LogRecord) -> bool:
         args = record.args
         if isinstance(args, tuple) and len(args) == 5 and isinstance(args[2], str):
-            record.args = (*args[:2], redact_url(args[2]), *args[3:])
+            url = redact_url(args[2])
+            for secret in self._secrets:
+                url = url.replace(secret, REDACTED)
+            record.args = (*args[:2], url, *args[3:])
         return True
 
 
-def redact_access_log() -> None:
-    """Install :class:`RedactCredentials` on uvicorn's access logger (once). Call it after
-    ``uvicorn.Config`` is made: that is when uvicorn configures its loggers."""
+def redact_access_log(secrets: Iterable[str] = ()) -> None:
+    """Install :class:`RedactCredentials` (masking ``secrets`` too) on uvicorn's access
+    logger, in place of one installed before. Call it after ``uvicorn.Config`` is made: that
+    is when uvicorn configures its loggers."""
     access = logging.getLogger(ACCESS_LOGGER)
-    if not any(isinstance(f, RedactCredentials) for f in access.filters):
-        access.addFilter(RedactCredentials())
+    for old in [f for f in access.filters if isinstance(f, RedactCredentials)]:
+        access.removeFilter(old)
+    access.addFilter(RedactCredentials(secrets))

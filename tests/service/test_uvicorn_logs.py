@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -20,6 +21,7 @@ from tests.e2e.server import free_port
 from tests.service.conftest import make_settings
 
 WAIT_S = 30.0
+ADMIN_KEY = "operator's admin/secret"  # no key shape: masked as the configured value
 
 
 class Server:
@@ -31,7 +33,7 @@ class Server:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     data_dir = tmp_path_factory.mktemp("uvicorn-logs")
-    settings = make_settings(data_dir, host="127.0.0.1", port=free_port())
+    settings = make_settings(data_dir, host="127.0.0.1", port=free_port(), admin_key=ADMIN_KEY)
     uv = uvicorn.Server(uvicorn_config(create_app(settings, hooks=[]), settings))
     thread = threading.Thread(target=uv.run, daemon=True)
     thread.start()
@@ -104,6 +106,14 @@ def test_a_key_anywhere_in_the_request_line_is_redacted(server: Server, path: st
         assert resp.status_code == 401  # keys go in the Authorization header only
         log.wait_for("[REDACTED]")
     assert not [line for _, line in log.lines if server.key[4:] in line], log.lines
+
+
+@pytest.mark.parametrize("path", ["/v1/models?foo={key}", "/v1/datasets/{key}"])
+def test_the_admin_key_is_redacted_wherever_it_stands(server: Server, path: str) -> None:
+    with Lines("uvicorn.access") as log:
+        httpx.get(server.url + path.format(key=quote(ADMIN_KEY, safe="")))
+        log.wait_for("[REDACTED]")
+    assert not [line for _, line in log.lines if "secret" in line], log.lines
 
 
 def test_a_client_that_leaves_mid_upload_is_logged_as_a_disconnect(server: Server) -> None:
