@@ -223,8 +223,10 @@ export async function newJobView(ctx) {
       const job = await api("/v1/fine_tuning/jobs", { method: "POST", json: body });
       location.hash = `#/jobs/${encodeURIComponent(job.id)}`;
     } catch (err) {
+      // The server's messages start with the field already ("seed: ..."): named once.
+      const named = !err.param || err.message.startsWith(`${err.param}:`);
       replace(startError, h("div", { class: "alert error", role: "alert" },
-        err.param ? `${err.param}: ${err.message}` : err.message));
+        named ? err.message : `${err.param}: ${err.message}`));
       startBtn.disabled = false;
     }
   });
