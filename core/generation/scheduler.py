@@ -157,6 +157,13 @@ class _Sequence:
     completion_tokens: int = 0
     # Its adapter was invalidated (or failed to merge): never merge it, nor cache its keys.
     stale: bool = False
+    # Characters of text decoded so far, and sent so far (the stop strings hold some back).
+    decoded_chars: int = 0
+    sent_chars: int = 0
+    # Logprobs of tokens whose text is held back, with where that text ends (None: a piece of
+    # a character still incomplete): each is sent with its text, and those of a stop
+    # string's tokens never (OpenAI's cover the text returned).
+    held_logprobs: deque[tuple[int | None, TokenLogprob]] = field(default_factory=deque)
 
     @property
     def adapter_key(self) -> Hashable | None:
@@ -813,18 +820,41 @@ class Scheduler:
             seq.pending = token
             event.token_ids.append(token)
             if lp is not None:
-                event.logprobs.append(lp)
-            event.text, stopped = seq.stops.feed(seq.detok.push(token))
+                seq.held_logprobs.append((None, lp))
+            piece = seq.detok.push(token)
+            if piece:  # it completes its own and any earlier tokens' characters
+                seq.decoded_chars += len(piece)
+                held = seq.held_logprobs
+                for i in range(len(held) - 1, -1, -1):
+                    if held[i][0] is not None:
+                        break
+                    held[i] = (seq.decoded_chars, held[i][1])
+            event.text, stopped = seq.stops.feed(piece)
             if stopped:
                 event.finish_reason = "stop"
             elif seq.completion_tokens >= seq.params.max_tokens or seq.length >= self.capacity:
                 event.text += seq.stops.flush()
                 event.finish_reason = "length"
+        seq.sent_chars += len(event.text)
+        self._send_logprobs(seq, event)
         event.completion_tokens = seq.completion_tokens
         if event.finish_reason is not None:
             self._remember(seq)
             self._retire(seq)
         return event
+
+    @staticmethod
+    def _send_logprobs(seq: _Sequence, event: SequenceEvent) -> None:
+        """Put in ``event`` the logprobs of the tokens whose text is sent by now. A sequence that
+        ends on a stop string drops the rest (the string's tokens: their text is not returned);
+        one cut by its length sends them all (a character's bytes the end cut short, too)."""
+        held = seq.held_logprobs
+        while held and (end := held[0][0]) is not None and end <= seq.sent_chars:
+            event.logprobs.append(held.popleft()[1])
+        if event.finish_reason == "length":
+            event.logprobs.extend(lp for _, lp in held)
+        if event.finish_reason is not None:
+            held.clear()
 
     def _retire(self, seq: _Sequence) -> None:
         del self._running[seq.slot]

@@ -291,7 +291,7 @@ def recorded_base(files: dict[str, bytes]) -> str | None:
     name = LORAPLEX_CONFIG_FILE if LORAPLEX_CONFIG_FILE in files else "adapter_config.json"
     try:
         config = json.loads(files.get(name, b""))
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return None  # the import names what is wrong with it
     key = "base_name" if name == LORAPLEX_CONFIG_FILE else "base_model_name_or_path"
     value = config.get(key) if isinstance(config, dict) else None

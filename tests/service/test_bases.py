@@ -219,17 +219,17 @@ def test_an_adapter_runs_only_on_its_own_base(both: TestClient, settings: Settin
         config = json.loads(archive.read("adapter_config.json"))
     assert config["task_type"] == "CAUSAL_LM"
     assert config["base_model_name_or_path"] == TINY_LLAMA_NAME
-    # Imports go to the encoder: the decoder's adapter is refused naming both bases.
+    # An export imports onto the base it names (this one is loaded) ...
     exported = both.get("/v1/adapters/chat/export?format=loraplex", headers=auth).content
     files = {"file": ("chat.zip", exported, "application/zip")}
     imported = both.post("/v1/adapters/import", data={"name": "again"}, files=files, headers=auth)
-    assert_error(imported, 422, code="base_model_mismatch")
-    assert TINY_LLAMA_NAME in imported.json()["error"]["message"]
-    # ``model`` names the base to import onto.
-    form = {"name": "again", "model": TINY_LLAMA_NAME}
-    imported = both.post("/v1/adapters/import", data=form, files=files, headers=auth)
     assert imported.status_code == 200, imported.text
     assert imported.json()["base_model"] == TINY_LLAMA_NAME
+    # ... and ``model`` naming another base is refused, naming both.
+    form = {"name": "again1", "model": TINY_NAME}
+    imported = both.post("/v1/adapters/import", data=form, files=files, headers=auth)
+    assert_error(imported, 422, code="base_model_mismatch")
+    assert TINY_LLAMA_NAME in imported.json()["error"]["message"]
     form = {"name": "again2", "model": "gpt-17"}
     unknown = both.post("/v1/adapters/import", data=form, files=files, headers=auth)
     assert_error(unknown, 404, param="model")

@@ -229,6 +229,37 @@ def test_stop_string_ends_the_text_before_it(tiny_decoder: DecoderBase) -> None:
     assert "".join(e.text for e in out.events) == out.text[(sid, 0)]
 
 
+def test_logprobs_cover_the_text_returned_not_the_stop_string(tiny_decoder: DecoderBase) -> None:
+    # Each token's logprob was sent as the token came, also for the tokens of a stop string,
+    # whose text is never returned: OpenAI's logprobs cover the text returned.
+    prompt = random_rows(tiny_decoder.config.vocab_size, [8], seed=13)[0]
+    sched = scheduler(tiny_decoder, stop_token_ids=())
+    params = dataclasses.replace(greedy(30), logprobs=True)
+    (rid,), full = run_all(sched, [GenerationRequest(prompt, params)])
+    tokens, text = full.tokens[(rid, 0)], full.text[(rid, 0)]
+
+    def decode(ids: list[int]) -> str:
+        return str(tiny_decoder.tokenizer.decode(ids, clean_up_tokenization_spaces=False))
+
+    # A stop string of three tokens' text, starting after the first few tokens, where their
+    # text is whole (no character split across tokens before it).
+    assert decode(tokens) == text
+    k, start = next(
+        (k, len(decode(tokens[:k])))
+        for k in range(3, len(tokens) - 3)
+        if text.startswith(decode(tokens[:k]))
+        and text.index(text[len(decode(tokens[:k])) :][:3]) == len(decode(tokens[:k]))
+    )
+    stop = text[start : start + 3]
+    request = GenerationRequest(prompt, dataclasses.replace(params, stop=(stop,)))
+    (sid,), out = run_all(sched, [request])
+    returned = out.text[(sid, 0)]
+    assert out.finish[(sid, 0)] == "stop" and returned == text[: text.index(stop)]
+    sent = [lp.token_id for e in out.events for lp in e.logprobs]
+    assert returned == text[:start]
+    assert sent == tokens[:k]  # not those of the stop string's text, nor later ones
+
+
 @pytest.mark.real_model
 def test_smollm2_greedy_equals_hf_generate(real_decoder: DecoderBase) -> None:
     prompts = chat_prompts(real_decoder, "What is the capital of France?", "Name a colour.")
