@@ -1,5 +1,6 @@
-// An adapter's playground: texts in, label probabilities out (/predict, with LoRA's merged or
-// unmerged choice), or, for a reward model, two responses in and P(A preferred) out.
+// An adapter's playground: texts in, label probabilities (a classifier) or a reply each (a chat
+// or DPO adapter) out (/predict, with LoRA's merged or unmerged choice), or, for a reward model,
+// two responses in and P(A preferred) out.
 
 import { api } from "./api.js";
 import { fmtNum, fmtPct, h, replace } from "./dom.js";
@@ -18,6 +19,13 @@ function probBars(probabilities, predicted) {
     }));
 }
 
+// What /predict answered for one text: a label, a chat adapter's reply, or a reward.
+function outcome(p) {
+  if (p.label !== undefined) return h("strong", { class: "predicted" }, p.label);
+  if (p.text !== undefined) return h("span", { class: "reply" }, p.text);
+  return h("strong", null, `reward ${fmtNum(p.reward)}`);
+}
+
 export function classifyPlayground(a) {
   const isLora = a.method === "lora";
   const input = h("textarea", { id: "playground-input", rows: 4, placeholder: "One text per line" });
@@ -25,7 +33,7 @@ export function classifyPlayground(a) {
   let mode = "auto";
   const modes = h("div", { class: "modes", role: "radiogroup" },
     h("span", { class: "muted" }, "LoRA weights: "),
-    [["auto", "auto"], ["unmerged", "unmerged (shared batch)"], ["merged", "merged into the encoder"]].map(([m, text]) => {
+    [["auto", "auto"], ["unmerged", "unmerged (shared batch)"], ["merged", "merged into the base"]].map(([m, text]) => {
       const r = h("input", { type: "radio", name: "mode", id: `mode-${m}`, value: m, checked: m === mode, disabled: !isLora });
       r.addEventListener("change", () => {
         mode = m;
@@ -45,7 +53,7 @@ export function classifyPlayground(a) {
       });
       replace(out, res.predictions.map((p, i) => h("div", { class: "prediction", "data-index": String(i) },
         h("div", { class: "prediction-head" }, h("q", null, texts[i]), " → ",
-          p.label !== undefined ? h("strong", { class: "predicted" }, p.label) : h("strong", null, `reward ${fmtNum(p.reward)}`)),
+          outcome(p)),
         p.probabilities ? probBars(p.probabilities, p.label) : null)),
       h("p", { class: "muted small", id: "predict-mode" }, `mode: ${res.mode}`));
     } catch (err) {
