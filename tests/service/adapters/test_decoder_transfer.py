@@ -40,6 +40,7 @@ from tests.service.helpers import (
     default_auth,
     store_adapter,
     tiny_bases_settings,
+    zip_bytes,
 )
 from tests.tiny_bert import TINY_NAME
 
@@ -75,14 +76,6 @@ def peft_llama_files(
     recorded = json.loads(files["adapter_config.json"])["base_model_name_or_path"]
     assert Path(recorded).resolve() == tiny_llama_dir.resolve()
     return files
-
-
-def _zip(files: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        for name, data in files.items():
-            zf.writestr(name, data)
-    return buf.getvalue()
 
 
 def _with_base_name(files: dict[str, bytes], name: str) -> dict[str, bytes]:
@@ -123,7 +116,7 @@ def test_a_peft_causal_lm_lora_without_a_head_imports_as_a_chat_adapter(
     files = peft_llama_files
     if recorded == "hub id":
         files = _with_base_name(files, TINY_LLAMA_NAME)
-    resp = _upload(both, auth, _zip(files), name="peft-chat", model=TINY_LLAMA_NAME)
+    resp = _upload(both, auth, zip_bytes(files), name="peft-chat", model=TINY_LLAMA_NAME)
     assert resp.status_code == 200, resp.text
     body = resp.json()
     assert (body["task"], body["method"]) == ("chat", "lora")
@@ -145,7 +138,9 @@ def test_a_peft_causal_lm_lora_without_a_head_imports_as_a_chat_adapter(
     assert completion.json()["model"] == "peft-chat"
 
     # task=chat says the same.
-    again = _upload(both, auth, _zip(files), name="peft-chat-2", model=TINY_LLAMA_NAME, task="chat")
+    again = _upload(
+        both, auth, zip_bytes(files), name="peft-chat-2", model=TINY_LLAMA_NAME, task="chat"
+    )
     assert again.status_code == 200, again.text
     assert again.json()["task"] == "chat"
 
@@ -156,7 +151,7 @@ def test_a_reward_head_for_a_decoder_lora_is_a_decoder_s_head(
     """task=reward built an encoder's head (pooling "base"), then refused its own adapter as
     'trained on encoder base model'."""
     auth = default_auth(settings)
-    data = _zip(peft_llama_files)
+    data = zip_bytes(peft_llama_files)
     resp = _upload(both, auth, data, name="peft-rm", model=TINY_LLAMA_NAME, task="reward")
     assert resp.status_code == 200, resp.text
     assert resp.json()["task"] == "reward" and resp.json()["base_model"] == TINY_LLAMA_NAME
@@ -176,7 +171,7 @@ def test_a_chat_task_is_refused_where_it_cannot_be(
     both: TestClient, settings: Settings, peft_llama_files: dict[str, bytes]
 ) -> None:
     auth = default_auth(settings)
-    data = _zip(peft_llama_files)
+    data = zip_bytes(peft_llama_files)
     # The encoder (the default base) has no language-model head.
     on_encoder = _upload(both, auth, data, name="x", task="chat")
     error = assert_error(on_encoder, 422, param="task", code="invalid_head")
@@ -199,7 +194,7 @@ def test_a_peft_lora_of_another_decoder_is_still_refused(
     auth = default_auth(settings)
     for name in ("HuggingFaceTB/SmolLM2-360M-Instruct", str(tmp_path)):
         files = _with_base_name(peft_llama_files, name)
-        resp = _upload(both, auth, _zip(files), name="other", model=TINY_LLAMA_NAME)
+        resp = _upload(both, auth, zip_bytes(files), name="other", model=TINY_LLAMA_NAME)
         assert_error(resp, 422, param="file", code="base_model_mismatch")
 
 
@@ -255,7 +250,7 @@ def test_a_decoder_adapter_s_export_imports_back_without_model(
     checked against the encoder (the default) and refused as another base's."""
     auth = default_auth(settings)
     files = _with_base_name(peft_llama_files, TINY_LLAMA_NAME)
-    stored = _upload(both, auth, _zip(files), name="chat", model=TINY_LLAMA_NAME)
+    stored = _upload(both, auth, zip_bytes(files), name="chat", model=TINY_LLAMA_NAME)
     assert stored.status_code == 200, stored.text
     export = both.get(f"/v1/adapters/chat/export?format={fmt}", headers=auth)
     assert export.status_code == 200, export.text
@@ -267,6 +262,6 @@ def test_a_decoder_adapter_s_export_imports_back_without_model(
     )
     # An archive naming no loaded base still goes to the default, the encoder, which refuses
     # it, saying how to send it to the decoder.
-    elsewhere = _zip(_with_base_name(peft_llama_files, "someone/else"))
+    elsewhere = zip_bytes(_with_base_name(peft_llama_files, "someone/else"))
     error = assert_error(_upload(both, auth, elsewhere, name="x"), 422, code="head_required")
     assert "with model naming the decoder base" in error["message"]
