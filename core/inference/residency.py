@@ -59,6 +59,32 @@ class ResidencyBusyError(ResidencyError):
     for the batch being planned) hold the room it needs: it fits once they are released."""
 
 
+def choose_victims(
+    evictable: Iterable[tuple[Hashable, int]], held: int, nbytes: int, budget: int
+) -> list[Hashable]:
+    """The entries to evict so that ``nbytes`` more fit ``budget`` beside the ``held`` bytes.
+
+    ``evictable`` lists the ``(key, bytes)`` of entries that may go, least recently used first.
+    The victims are chosen before any is evicted, so a load that cannot fit evicts nothing.
+    Raises :class:`AdapterTooLargeError` when ``nbytes`` alone exceeds the budget and
+    :class:`ResidencyBusyError` when evicting every candidate would still not make room.
+    """
+    if nbytes > budget:
+        raise AdapterTooLargeError(nbytes, budget)
+    victims: list[Hashable] = []
+    for key, size in evictable:
+        if held + nbytes <= budget:
+            break
+        victims.append(key)
+        held -= size
+    if held + nbytes > budget:
+        raise ResidencyBusyError(
+            f"adapter needs {nbytes} bytes; only {budget - held} can be freed "
+            "without evicting adapters that this batch or batches in flight use"
+        )
+    return victims
+
+
 @dataclass
 class Resident:
     """One resident adapter: what its rows' forward and head need, and its ledger state."""
@@ -184,27 +210,17 @@ class Residency(CountedLru[Resident]):
         return Resident(head=adapter.head, nbytes=nbytes, reserved=reserved, model=model), None
 
     def _make_room(self, key: Hashable, nbytes: int, keep: Collection[Hashable]) -> list[Hashable]:
-        budget = self.max_bytes
-        if nbytes > budget:
-            raise AdapterTooLargeError(nbytes, budget)
         # Retired entries still pinned by an unreleased plan count until they are released.
-        total = self.bytes
+        held = self.bytes
         old = self._entries.get(key)
         if old is not None and not old.pins:
-            total -= old.nbytes  # replaced once the new version is in
-        victims: list[Hashable] = []
-        for k, e in self._entries.items():  # least recently used first
-            if total + nbytes <= budget:
-                break
-            if k == key or k in keep or e.pins:
-                continue
-            victims.append(k)
-            total -= e.nbytes
-        if total + nbytes > budget:
-            raise ResidencyBusyError(
-                f"adapter needs {nbytes} bytes; only {budget - total} can be freed "
-                "without evicting adapters that this batch or batches in flight use"
-            )
+            held -= old.nbytes  # replaced once the new version is in
+        evictable = (
+            (k, e.nbytes)
+            for k, e in self._entries.items()  # least recently used first
+            if k != key and k not in keep and not e.pins
+        )
+        victims = choose_victims(evictable, held, nbytes, self.max_bytes)
         for k in victims:
             self._retire(k, self._entries.pop(k))
             self.evictions += 1

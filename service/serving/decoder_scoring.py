@@ -193,7 +193,7 @@ class DecoderHeadEngine:
     def _resident(
         self, key: Hashable, loader: Callable[[Hashable], Adapter], keep: Any
     ) -> _Resident:
-        from core.inference.residency import AdapterTooLargeError, ResidencyBusyError
+        from core.inference.residency import choose_victims
         from core.tensors import tensor_bytes
 
         entry = self._ledger.get(key)
@@ -207,20 +207,14 @@ class DecoderHeadEngine:
         # Its own tensors (LoRA pairs, prompt tuning's tokens, full fine-tuning's weight copy,
         # the head); the frozen base is shared and not its.
         nbytes = tensor_bytes([*model.parameters(), *model.buffers()])
-        if nbytes > self.max_resident_bytes:
-            raise AdapterTooLargeError(nbytes, self.max_resident_bytes)
-        for victim in list(self._ledger):  # least recently used first
-            if self.bytes + nbytes <= self.max_resident_bytes:
-                break
-            if victim not in keep and not self._ledger[victim].pins:
-                self.unload(victim)
-                self.evictions += 1
-        if self.bytes + nbytes > self.max_resident_bytes:
-            # The batcher parks the row and runs it once nothing is pinned or kept.
-            raise ResidencyBusyError(
-                f"adapter needs {nbytes} bytes; only {self.max_resident_bytes - self.bytes} "
-                "can be freed without evicting adapters that this batch or batches in flight use"
-            )
+        evictable = (
+            (k, e.nbytes)
+            for k, e in self._ledger.items()  # least recently used first
+            if k not in keep and not e.pins
+        )
+        for victim in choose_victims(evictable, self.bytes, nbytes, self.max_resident_bytes):
+            self.unload(victim)
+            self.evictions += 1
         entry = _Resident(model, nbytes)
         self._ledger[key] = entry
         self.bytes += nbytes

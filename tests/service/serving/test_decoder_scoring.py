@@ -142,11 +142,15 @@ def _key_of(client: TestClient, auth: Headers, name: str) -> tuple[str, str, int
 
 
 def _reward_adapter(
-    decoder: DecoderBase, seed: int = 0, labels: list[str] | None = None, window: int = WINDOW
+    decoder: DecoderBase,
+    seed: int = 0,
+    labels: list[str] | None = None,
+    window: int = WINDOW,
+    r: int = 2,
 ) -> Adapter:
     """A decoder reward model (a classifier with ``labels``) trained at ``window`` tokens:
-    random LoRA on q_proj and a random head on the last token."""
-    method = parse_method_config("lora", {"r": 2, "target_modules": ["q_proj"]}, "decoder")
+    random LoRA of rank ``r`` on q_proj and a random head on the last token."""
+    method = parse_method_config("lora", {"r": r, "target_modules": ["q_proj"]}, "decoder")
     gen = torch.Generator().manual_seed(seed)
     task = "reward" if labels is None else "classification"
     head = HeadConfig(
@@ -441,6 +445,39 @@ def test_one_batch_of_more_decoder_heads_than_the_cache_holds_answers_every_requ
         got = resp.json()["predictions"][0]["reward"]
         assert got == pytest.approx(alone[name][0]["reward"], abs=1e-5)
     assert scorer.engine.evictions >= 2 and scorer.engine.bytes <= 2 * one
+
+
+@pytest.mark.sqlite_only
+def test_a_decoder_head_that_cannot_fit_beside_those_in_use_evicts_nothing(
+    both: TestClient,
+) -> None:
+    from core.inference import Row
+    from core.inference.residency import ResidencyBusyError
+    from service.serving.decoder_scoring import DecoderHeadEngine
+
+    decoder = served_decoder(both)
+    adapters = {
+        "in_use": _reward_adapter(decoder, seed=0),
+        "idle": _reward_adapter(decoder, seed=1),
+        "big": _reward_adapter(decoder, seed=2, r=16),
+    }
+    sizes = {}
+    for key in adapters:
+        alone = DecoderHeadEngine(decoder, max_resident_bytes=1 << 30)
+        alone.plan([Row(key, "")], loader=adapters.__getitem__)
+        sizes[key] = alone.bytes
+    assert sizes["big"] >= sizes["in_use"] + sizes["idle"]
+    # Room for the big one alone, or for the two small ones.
+    engine = DecoderHeadEngine(decoder, max_resident_bytes=sizes["big"])
+    held = engine.plan([Row("in_use", "")], loader=adapters.__getitem__)  # pinned until released
+    engine.release(engine.plan([Row("idle", "")], loader=adapters.__getitem__))
+    # Evicting "idle" leaves too little beside the pinned "in_use": it must stay resident.
+    busy = engine.plan([Row("big", "")], loader=adapters.__getitem__)
+    assert isinstance(busy.errors[0], ResidencyBusyError)
+    assert engine.resident_keys() == ["in_use", "idle"] and engine.evictions == 0
+    engine.release(held)
+    engine.release(engine.plan([Row("big", "")], loader=adapters.__getitem__))
+    assert engine.resident_keys() == ["big"] and engine.evictions == 2
 
 
 def _huge_head(adapter: Adapter, weight: torch.Tensor) -> Adapter:
