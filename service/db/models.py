@@ -175,6 +175,12 @@ class Job(Base):
     # the step plan and the validation split) once the trainer is set up.
     hyperparameters: Mapped[dict[str, Any]] = mapped_column(JsonColumn)
     resolved_hyperparameters: Mapped[dict[str, Any] | None] = mapped_column(JsonColumn)
+    # What the request named that the job object echoes but training does not read, one plain
+    # column each (null when the request did not use it, and on jobs created before 0008):
+    # OpenAI's method type (supervised, dpo), which ``method`` maps onto LoRA, and the name of
+    # the DPO reference adapter, which ``method`` pins by id.
+    openai_method: Mapped[str | None] = mapped_column(String(16))
+    reference_adapter_name: Mapped[str | None] = mapped_column(String(64))
     # Plain ids, not foreign keys: a job's history outlives a deleted dataset.
     training_file: Mapped[str] = mapped_column(String(64))
     validation_file: Mapped[str | None] = mapped_column(String(64))

@@ -53,7 +53,7 @@ class JobRequest:
     seed: int | None = None
     model: str | None = None
     # OpenAI's method type (supervised, dpo) when the request used one: it fixes the kind of
-    # training data the job accepts.
+    # training data the job accepts, and the job object echoes it.
     openai_method: str | None = None
     # DPO only: the name of the tenant's chat (SFT) adapter on the same base that is DPO's
     # reference policy and the policy's starting weights, instead of the bare base.
@@ -365,6 +365,10 @@ def create_job(session: Session, tenant: Tenant, body: JobRequest, settings: Set
         # here, whatever is later stored under the name.
         method=body.method if with_reference is None else with_reference,
         hyperparameters=body.hyperparameters,
+        # What the job object echoes as the client sent it (the method block holds what
+        # training reads: LoRA, the reference's id); the name is kept with the id it pinned.
+        openai_method=body.openai_method,
+        reference_adapter_name=None if with_reference is None else body.reference_adapter,
         training_file=body.training_file,
         validation_file=body.validation_file,
         adapter_name=adapter_name,

@@ -23,6 +23,10 @@ DPO's ``beta`` passes through as loraplex's ``beta``, which job creation refuses
 model (it has no counterpart there). Other keys pass through to loraplex's hyperparameters
 (checked by the core trainer).
 
+The job keeps OpenAI's type, and its job object echoes it in OpenAI's shape
+(``{"type": "dpo", "dpo": {"hyperparameters": {...}}}``, see
+:func:`openai_job_hyperparameters`), with the LoRA block beside it.
+
 Features loraplex does not offer (``integrations``, ``metadata``, ``reinforcement``) are
 ``unsupported`` errors (400s, as OpenAI answers for features it lacks); malformed values stay
 ``invalid`` (422s).
@@ -44,6 +48,16 @@ OPENAI_METHOD_KINDS: dict[str, tuple[str, ...]] = {
     "dpo": ("dpo", "preference"),
 }
 _AUTO = "auto"
+# OpenAI's hyperparameters of each method type, as its job object shows them (the SDK's
+# SupervisedHyperparameters and DpoHyperparameters).
+_OPENAI_JOB_HYPERPARAMETERS: dict[str, tuple[str, ...]] = {
+    "supervised": ("n_epochs", "batch_size", "learning_rate_multiplier"),
+    "dpo": ("n_epochs", "batch_size", "learning_rate_multiplier", "beta"),
+}
+# learning_rate_multiplier is shown to this many significant digits: the learning rate it
+# maps onto is the multiplier times LoRA's default, and dividing back is not always exact
+# (1e-3 * 7.85 / 1e-3 is 7.849999999999999).
+_MULTIPLIER_DIGITS = 12
 
 
 def openai_hyperparameters(value: Any, param: str, *, method_type: str = "lora") -> dict[str, Any]:
@@ -73,6 +87,30 @@ def openai_hyperparameters(value: Any, param: str, *, method_type: str = "lora")
             out["learning_rate"] = auto * float(item)
         else:
             out[key] = item
+    return out
+
+
+def openai_job_hyperparameters(
+    openai_type: str, sent: dict[str, Any], resolved: dict[str, Any] | None
+) -> dict[str, Any]:
+    """The job object's ``method.<openai_type>.hyperparameters``, as OpenAI's shows them.
+
+    Each of OpenAI's settings as the run uses it once a worker has set the job up
+    (``resolved``), before that as the request set it (``sent``, loraplex's names), else
+    ``"auto"``. ``learning_rate_multiplier`` is the learning rate over LoRA's default: the
+    inverse of what :func:`openai_hyperparameters` maps it onto.
+    """
+    values = {**sent, **(resolved or {})}
+    out: dict[str, Any] = {}
+    for key in _OPENAI_JOB_HYPERPARAMETERS[openai_type]:
+        if key == "learning_rate_multiplier":
+            rate = values.get("learning_rate", _AUTO)
+            if rate != _AUTO:
+                auto = TrainingConfig().resolved_learning_rate("lora")
+                rate = float(f"{float(rate) / auto:.{_MULTIPLIER_DIGITS}g}")
+            out[key] = rate
+        else:
+            out[key] = values.get(key, _AUTO)
     return out
 
 

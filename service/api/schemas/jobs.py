@@ -26,7 +26,11 @@ from service.api.schemas.methods import API_METHODS, METHOD_PARAMS, Hyperparamet
 from service.db.models import Job
 from service.db.types import to_unix
 from service.jobs.create import JobRequest
-from service.jobs.openai_compat import OPENAI_METHOD_TYPES, translate_job_request
+from service.jobs.openai_compat import (
+    OPENAI_METHOD_TYPES,
+    openai_job_hyperparameters,
+    translate_job_request,
+)
 from service.names import NoControlCharacters
 
 MethodType = StrEnum(  # type: ignore[misc]
@@ -367,8 +371,14 @@ class JobObject(BaseModel):
     adapter_name: str = Field(description="The name the trained adapter is saved under.")
     method: dict[str, Any] = Field(
         description="The method as requested: type, its parameters, and the hyperparameters "
-        "exactly as sent; a DPO job with a reference_adapter holds that adapter's parameters "
-        "(which it trains) and the id of the adapter it pinned."
+        "exactly as sent. A job created with OpenAI's type supervised or dpo echoes it in "
+        'OpenAI\'s shape, {"type": "dpo", "dpo": {"hyperparameters": {n_epochs, batch_size, '
+        "learning_rate_multiplier, beta (dpo only)}}}, each the value the run uses once a "
+        'worker has set the job up, before that as sent or "auto"; beside it, "lora" holds '
+        'the LoRA parameters it trains and "hyperparameters" loraplex\'s as sent. A DPO job '
+        "with a reference_adapter holds that adapter's parameters (which it trains), "
+        "reference_adapter, the name sent, and reference_adapter_id, the adapter version it "
+        "pinned (jobs created before loraplex kept the name hold that id as reference_adapter)."
     )
     hyperparameters: dict[str, Any] = Field(
         description="The hyperparameters sent; once a worker has set the job up, n_epochs, "
@@ -425,7 +435,7 @@ class JobObject(BaseModel):
             training_file=job.training_file,
             validation_file=job.validation_file,
             adapter_name=job.adapter_name,
-            method={**job.method, "hyperparameters": job.hyperparameters},
+            method=_echoed_method(job),
             hyperparameters=_with_resolved(job.hyperparameters, job.resolved_hyperparameters),
             resolved_hyperparameters=job.resolved_hyperparameters,
             seed=job.seed,
@@ -437,6 +447,27 @@ class JobObject(BaseModel):
             metrics=job.metrics or {},
             estimated_finish=to_unix(job.estimated_finish),
         )
+
+
+def _echoed_method(job: Job) -> dict[str, Any]:
+    """The job object's ``method`` (see its description). The stored block is what training
+    reads: OpenAI's types mapped onto LoRA, the reference adapter pinned by id; the columns
+    beside it keep what the client named (null on jobs from before migration 0008, which
+    echo the stored block as they always did)."""
+    method = {**job.method, "hyperparameters": job.hyperparameters}
+    if job.reference_adapter_name is not None:
+        method["reference_adapter_id"] = method["reference_adapter"]
+        method["reference_adapter"] = job.reference_adapter_name
+    openai_type = job.openai_method
+    if openai_type is None:
+        return method
+    hyperparameters = openai_job_hyperparameters(
+        openai_type, job.hyperparameters, job.resolved_hyperparameters
+    )
+    # OpenAI's fields first; loraplex's blocks ("lora", "hyperparameters", the reference
+    # adapter) stay beside them, where OpenAI's SDK keeps unknown fields as extras.
+    rest = {k: v for k, v in method.items() if k != "type"}
+    return {"type": openai_type, openai_type: {"hyperparameters": hyperparameters}, **rest}
 
 
 def _with_resolved(sent: dict[str, Any], resolved: dict[str, Any] | None) -> dict[str, Any]:

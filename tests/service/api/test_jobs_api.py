@@ -551,3 +551,20 @@ def test_preference_jobs_accept_preference_files(
     prefs = create_dataset(client, auth, [{"chosen": "a", "rejected": "b"}], kind="preference")
     job = _create(client, auth, job_body(prefs, validation_file=prefs))
     assert job["status"] == "queued"
+
+
+def test_a_job_stored_before_the_echo_columns_echoes_as_it_did(
+    client: TestClient, auth: Headers, db: sessionmaker[Session]
+) -> None:
+    """Rows from before migration 0008 have no OpenAI method type nor reference adapter name:
+    their method echoes the stored block, the pinned reference's id included."""
+    job = _create(client, auth, job_body(create_dataset(client, auth)))
+    stored = {"type": "lora", "lora": {"r": 8}, "reference_adapter": "adapter-0123"}
+    with db() as session:
+        row = session.get(Job, job["id"])
+        assert row is not None
+        assert (row.openai_method, row.reference_adapter_name) == (None, None)
+        row.method = stored
+        session.commit()
+    echoed = client.get(f"{JOBS}/{job['id']}", headers=auth).json()["method"]
+    assert echoed == {**stored, "hyperparameters": {"n_epochs": 1}}

@@ -15,7 +15,12 @@ import openai
 import pytest
 from fastapi.testclient import TestClient
 from openai.types import FileObject, Model
-from openai.types.fine_tuning import FineTuningJob, FineTuningJobEvent
+from openai.types.fine_tuning import (
+    DpoHyperparameters,
+    FineTuningJob,
+    FineTuningJobEvent,
+    SupervisedHyperparameters,
+)
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -141,10 +146,21 @@ def test_supervised_job_maps_onto_lora(sdk: openai.OpenAI, tiny_base: FrozenBase
     assert job.organization_id.startswith("tenant-") and job.result_files == []
     assert job.fine_tuned_model is None and job.error is None
     assert job.hyperparameters.n_epochs == 2
-    assert job.method is not None and job.method.type == "lora"  # type: ignore[comparison-overlap]
     extra = job.model_extra or {}
     assert job.hyperparameters.model_extra == {"learning_rate": pytest.approx(2e-3)}
     assert extra["adapter_name"].startswith("lora-sdk-")
+    # The method comes back as OpenAI's, what it trains (LoRA) beside it.
+    for echoed in (job, sdk.fine_tuning.jobs.retrieve(job.id), *sdk.fine_tuning.jobs.list()):
+        method = echoed.method
+        assert method is not None and method.type == "supervised"
+        assert method.supervised is not None and method.dpo is None
+        assert method.supervised.hyperparameters == SupervisedHyperparameters(
+            n_epochs=2, batch_size="auto", learning_rate_multiplier=2.0
+        )
+        assert method.model_extra == {
+            "lora": {},
+            "hyperparameters": {"n_epochs": 2, "learning_rate": pytest.approx(2e-3)},
+        }
 
 
 def test_a_started_job_shows_the_values_it_trains_with(
@@ -160,6 +176,11 @@ def test_a_started_job_shows_the_values_it_trains_with(
     assert claimed_run(db, settings, tiny_base).run() == RunOutcome.SUCCEEDED
     done = sdk.fine_tuning.jobs.retrieve(job.id)
     assert done.hyperparameters.batch_size == 16 and done.hyperparameters.n_epochs == 2
+    # OpenAI's method block shows the values used too, as OpenAI's job object does.
+    assert done.method is not None and done.method.supervised is not None
+    assert done.method.supervised.hyperparameters == SupervisedHyperparameters(
+        n_epochs=2, batch_size=16, learning_rate_multiplier=1.0
+    )
     assert isinstance(done.trained_tokens, int) and done.trained_tokens > 0
     extra = done.model_extra or {}
     assert extra["resolved_hyperparameters"]["held_out_examples"] == 2
@@ -233,11 +254,15 @@ def test_loraplex_method_and_extra_body(sdk: openai.OpenAI, tiny_base: FrozenBas
         extra_body={"adapter_name": "named-by-me"},
     )
     assert (job.model_extra or {})["adapter_name"] == "named-by-me"
-    assert job.method is not None
-    assert job.method.model_extra == {
-        "lora": {"r": 4, "target_modules": ["query", "value"]},
-        "hyperparameters": {"n_epochs": 1, "max_steps": 20, "batch_size": 8},
-    }
+    # loraplex's own method type echoes as sent, not in OpenAI's shape.
+    for echoed in (job, sdk.fine_tuning.jobs.retrieve(job.id), *sdk.fine_tuning.jobs.list()):
+        method = echoed.method
+        assert method is not None and method.type == "lora"  # type: ignore[comparison-overlap]
+        assert method.supervised is None and method.dpo is None
+        assert method.model_extra == {
+            "lora": {"r": 4, "target_modules": ["query", "value"]},
+            "hyperparameters": {"n_epochs": 1, "max_steps": 20, "batch_size": 8},
+        }
 
 
 def test_dpo_trains_a_reward_model_on_preferences(
@@ -250,6 +275,14 @@ def test_dpo_trains_a_reward_model_on_preferences(
         method={"type": "dpo", "dpo": {"hyperparameters": {"beta": "auto", "n_epochs": 1}}},
     )
     assert job.status == "queued" and job.hyperparameters.n_epochs == 1
+    for echoed in (job, sdk.fine_tuning.jobs.retrieve(job.id), *sdk.fine_tuning.jobs.list()):
+        method = echoed.method
+        assert method is not None and method.type == "dpo"
+        assert method.dpo is not None and method.supervised is None
+        assert method.dpo.hyperparameters == DpoHyperparameters(
+            n_epochs=1, batch_size="auto", learning_rate_multiplier="auto", beta="auto"
+        )
+        assert method.model_extra == {"lora": {}, "hyperparameters": {"n_epochs": 1}}
     classification = _upload(sdk)
     with pytest.raises(openai.UnprocessableEntityError) as info:
         sdk.fine_tuning.jobs.create(

@@ -231,7 +231,9 @@ def _downgrade_refused_while_chat_or_dpo_datasets_exist(url: str) -> None:
     batch copy is not transactional); once they are deleted it goes through."""
     from alembic.util import CommandError
 
-    upgrade(url)
+    # At 0007 itself: from a later head, SQLite would keep the later downgrades that ran
+    # before 0007's refused (PostgreSQL rolls them back), and the test is about 0007's.
+    upgrade(url, "0007")
     _insert_tenant(url)
     _insert_dataset(url, "preference")
     _insert_dataset(url, "chat")
@@ -239,9 +241,10 @@ def _downgrade_refused_while_chat_or_dpo_datasets_exist(url: str) -> None:
     for _ in range(2):  # a refusal leaves nothing behind that would change the next answer
         with pytest.raises(CommandError, match=r"2 dataset\(s\).*file-chat.*file-dpo"):
             command.downgrade(alembic_config(url), "0006")
-        assert current_revision(url) == head_revision()
-        _check_schema(url)  # no _alembic_tmp_datasets left behind
+        assert current_revision(url) == "0007"
         with _connection(url) as conn:
+            # No _alembic_tmp_datasets left behind.
+            assert set(inspect(conn).get_table_names()) == EXPECTED_TABLES | {"alembic_version"}
             assert conn.execute(text("SELECT count(*) FROM datasets")).scalar_one() == 3
     with _connection(url, write=True) as conn:
         conn.execute(text("DELETE FROM datasets WHERE kind IN ('chat', 'dpo')"))
@@ -260,3 +263,60 @@ def test_sqlite_downgrade_refused_while_chat_or_dpo_datasets_exist(tmp_path: Pat
 def test_postgres_downgrade_refused_while_chat_or_dpo_datasets_exist() -> None:
     with scratch_postgres_database() as url:
         _downgrade_refused_while_chat_or_dpo_datasets_exist(url)
+
+
+_JOB_COLUMNS_0008 = {"openai_method", "reference_adapter_name"}
+
+
+def _job_columns(url: str) -> set[str]:
+    with _connection(url) as conn:
+        return {c["name"] for c in inspect(conn).get_columns("jobs")}
+
+
+def _job_echo_columns_up_and_down(url: str) -> None:
+    """0008 adds the job's OpenAI method type and reference adapter name, null on the jobs
+    already there; its downgrade drops them and keeps the jobs."""
+    upgrade(url, "0007")
+    _insert_tenant(url)
+    with _connection(url, write=True) as conn:
+        conn.execute(
+            text(
+                "INSERT INTO jobs (id, tenant_id, status, model, method, hyperparameters, "
+                "training_file, adapter_name, seed, created_at) VALUES ('ftjob-old', 't1', "
+                "'queued', 'm', :method, '{}', 'file-x', 'a', 1, CURRENT_TIMESTAMP)"
+            ),
+            {"method": '{"type": "lora", "lora": {}}'},
+        )
+    assert not _JOB_COLUMNS_0008 & _job_columns(url)
+    upgrade(url)
+    assert current_revision(url) == head_revision()
+    _check_schema(url)
+    with _connection(url, write=True) as conn:
+        old = conn.execute(
+            text("SELECT openai_method, reference_adapter_name FROM jobs WHERE id = 'ftjob-old'")
+        ).one()
+        assert tuple(old) == (None, None)
+        conn.execute(
+            text(
+                "UPDATE jobs SET openai_method = 'dpo', reference_adapter_name = 'sft' "
+                "WHERE id = 'ftjob-old'"
+            )
+        )
+    command.downgrade(alembic_config(url), "0007")
+    assert current_revision(url) == "0007"
+    assert not _JOB_COLUMNS_0008 & _job_columns(url)
+    with _connection(url) as conn:
+        assert set(inspect(conn).get_table_names()) == EXPECTED_TABLES | {"alembic_version"}
+        assert conn.execute(text("SELECT id FROM jobs")).scalars().all() == ["ftjob-old"]
+    upgrade(url)
+    _check_schema(url)
+
+
+def test_sqlite_job_echo_columns_up_and_down(tmp_path: Path) -> None:
+    _job_echo_columns_up_and_down(f"sqlite:///{tmp_path / 'echo.db'}")
+
+
+@pytest.mark.postgres
+def test_postgres_job_echo_columns_up_and_down() -> None:
+    with scratch_postgres_database() as url:
+        _job_echo_columns_up_and_down(url)

@@ -8,7 +8,7 @@ import pytest
 
 from core.training.config import DEFAULT_LEARNING_RATES
 from service.errors import ErrorKind, ServiceError
-from service.jobs.openai_compat import translate_job_request
+from service.jobs.openai_compat import openai_job_hyperparameters, translate_job_request
 
 
 def translate(body: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
@@ -122,3 +122,35 @@ def test_openai_blocks_beside_another_method_type_are_a_validation_error() -> No
     job = JobCreate.model_validate({"training_file": "file-1", "method": dpo})
     assert job.method.type == "lora" and job.openai_method == "dpo"
     assert "learning_rate" not in job.method.stored_hyperparameters()
+
+
+def test_the_job_object_shows_openai_s_hyperparameters_as_sent_then_as_used() -> None:
+    sent, _ = translate(
+        {
+            "method": {
+                "type": "dpo",
+                "dpo": {"hyperparameters": {"learning_rate_multiplier": 7.85, "n_epochs": "auto"}},
+            }
+        }
+    )
+    hyper = sent["method"]["hyperparameters"]
+    # The multiplier comes back as sent, not as the division's 7.849999999999999.
+    assert openai_job_hyperparameters("dpo", hyper, None) == {
+        "n_epochs": "auto",
+        "batch_size": "auto",
+        "learning_rate_multiplier": 7.85,
+        "beta": "auto",
+    }
+    resolved = {"n_epochs": 2, "batch_size": 16, "learning_rate": 5e-4, "beta": 0.1, "x": 1}
+    assert openai_job_hyperparameters("dpo", hyper, resolved) == {
+        "n_epochs": 2,
+        "batch_size": 16,
+        "learning_rate_multiplier": 0.5,
+        "beta": 0.1,
+    }
+    # supervised has no beta; loraplex's "auto" learning rate is OpenAI's "auto" multiplier.
+    assert openai_job_hyperparameters("supervised", {"learning_rate": "auto"}, None) == {
+        "n_epochs": "auto",
+        "batch_size": "auto",
+        "learning_rate_multiplier": "auto",
+    }

@@ -93,6 +93,11 @@ def create_job(client: TestClient, auth: Headers, **body: Any) -> dict[str, Any]
     return job
 
 
+def rows_by_name(db: sessionmaker[Session]) -> dict[str, AdapterRow]:
+    with db() as session:
+        return {r.name: r for r in session.scalars(select(AdapterRow))}
+
+
 def metrics_events(client: TestClient, auth: Headers, job_id: str) -> list[dict[str, Any]]:
     page = client.get(f"{JOBS}/{job_id}/events?order=asc&limit=100", headers=auth).json()
     return [e["data"] for e in page["data"] if e["type"] == "metrics"]
@@ -151,7 +156,10 @@ def test_chat_sft_then_dpo_with_the_sft_adapter_as_reference(
     job = create_job(
         client, auth, training_file=dpo, method=dpo_method, reference_adapter=sft["name"], seed=1
     )
-    assert job["method"]["reference_adapter"] == sft["id"]
+    # Echoed by the name sent; the adapter version the job pinned is beside it.
+    assert job["method"]["reference_adapter"] == sft["name"]
+    assert job["method"]["reference_adapter_id"] == sft["id"]
+    assert job["method"]["type"] == "lora"  # loraplex's own type: echoed as sent
     # The queued job starts from the SFT adapter: deleting it would fail the job later.
     for path in (f"/v1/adapters/{sft['name']}", f"/v1/models/{sft['name']}"):
         assert_error(client.delete(path, headers=auth), 409, code="adapter_in_use")
@@ -367,11 +375,23 @@ def test_dpo_trains_its_reference_adapters_method_config(
     openai = {"type": "dpo", "dpo": {"hyperparameters": {**hyper, "beta": 0.1}}}
     job = create_job(client, auth, **body, method=openai)
     assert {k: job["method"]["lora"][k] for k in lora} == lora
+    # Echoed as sent: OpenAI's type and block, the reference by name, on create, list and
+    # retrieve (the learning rate sent is 10 times LoRA's default).
+    sent = {"n_epochs": 1, "batch_size": 4, "learning_rate_multiplier": 10.0, "beta": 0.1}
+    listed = client.get(JOBS, headers=auth).json()["data"][0]
+    assert listed["id"] == job["id"]
+    for echoed in (job, listed, client.get(f"{JOBS}/{job['id']}", headers=auth).json()):
+        method = echoed["method"]
+        assert method["type"] == "dpo" and method["dpo"] == {"hyperparameters": sent}
+        assert method["reference_adapter"] == "sft-r4"
+        assert method["reference_adapter_id"] == rows_by_name(db)["sft-r4"].id
+        assert method["hyperparameters"] == {**hyper, "beta": 0.1}
     assert run_next(db, settings, decoder) is RunOutcome.SUCCEEDED
     job = client.get(f"{JOBS}/{job['id']}", headers=auth).json()
-    with db() as session:
-        rows = {r.name: r for r in session.scalars(select(AdapterRow))}
-        assert rows[job["adapter_name"]].config["method"] == rows["sft-r4"].config["method"]
+    # The values the run used; the multiplier as sent.
+    assert job["method"]["dpo"]["hyperparameters"] == sent
+    rows = rows_by_name(db)
+    assert rows[job["adapter_name"]].config["method"] == rows["sft-r4"].config["method"]
 
 
 def test_decoder_job_creation_refuses_what_the_worker_would_fail(
