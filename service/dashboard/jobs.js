@@ -4,7 +4,7 @@
 import { api, followJob, listAll } from "./api.js";
 import { createChart } from "./chart.js";
 import { fmtAge, fmtClock, fmtDuration, fmtNum, fmtPct, fmtTime, h, replace } from "./dom.js";
-import { ACTIVE, CANCELLABLE, methodLabel, trainSeconds, valAccuracy } from "./records.js";
+import { ACTIVE, CANCELLABLE, methodLabel, trainedMethod, trainSeconds, valAccuracy } from "./records.js";
 import {
   adapterLink,
   card,
@@ -196,10 +196,11 @@ export async function jobView(ctx, jobId) {
           trainSeconds(j) !== null ? `trained in ${fmtDuration(trainSeconds(j))}` : null,
           eta].filter(Boolean).join(" · "))));
     const method = j.method || {};
-    const params = method[method.type] || {};
+    const trained = trainedMethod(method);
+    const params = method[trained] || {};
     replace(summary, kv([
       ["Method", methodLabel(method)],
-      ...Object.entries(params).map(([k, v]) => [`${method.type}.${k}`, show(v)]),
+      ...Object.entries(params).map(([k, v]) => [`${trained}.${k}`, show(v)]),
       ...Object.entries(j.hyperparameters || {}).map(([k, v]) => [k, show(v)]),
       ["seed", String(j.seed)],
       ["training file", h("a", { href: `#/compare/${encodeURIComponent(j.training_file)}`, class: "mono",

@@ -14,15 +14,25 @@ export const METHOD_NAMES = {
   full: "Full fine-tuning",
 };
 
+// OpenAI's method types: a job created with one trains LoRA, whose parameters it echoes under
+// "lora" beside OpenAI's block.
+const OPENAI_TYPES = new Set(["supervised", "dpo"]);
+
+// The loraplex method a job or adapter trains: its type, and where its parameters are.
+export function trainedMethod(method) {
+  return OPENAI_TYPES.has(method.type) ? "lora" : method.type;
+}
+
 export function methodLabel(method) {
   if (!method) return "—";
-  const type = typeof method === "string" ? method : method.type;
+  const type = typeof method === "string" ? method : trainedMethod(method);
   const params = (typeof method === "object" && method[type]) || {};
   let extra = "";
   if (type === "lora" && params.r) extra = ` r=${params.r}`;
   if (type === "adapter" && params.bottleneck_size) extra = ` ${params.bottleneck_size}`;
   if (type === "prompt_tuning" && params.n_virtual_tokens) extra = ` ${params.n_virtual_tokens} tok`;
-  return `${METHOD_NAMES[type] || type}${extra}`;
+  const openai = typeof method === "object" && type !== method.type ? ` (OpenAI ${method.type})` : "";
+  return `${METHOD_NAMES[type] || type}${extra}${openai}`;
 }
 
 export function valAccuracy(job, adapter) {

@@ -267,8 +267,9 @@ describe("loraplex dashboard", { concurrency: 1 }, () => {
     const prefs = await apiCall("/v1/datasets", { method: "POST", json: { kind: "preference", name: "prefs", records: PREFS } });
     state.rewardJob = (await apiCall("/v1/fine_tuning/jobs", {
       method: "POST",
+      // OpenAI's method type, as the SDK sends it: the job trains LoRA and echoes "dpo".
       json: { training_file: prefs.id, adapter_name: "dash-reward", seed: 7,
-        method: { type: "lora", hyperparameters: { max_steps: 10, batch_size: 8 } } },
+        method: { type: "dpo", dpo: { hyperparameters: { batch_size: 8 } }, hyperparameters: { max_steps: 10 } } },
     })).id;
     assertClean("new job");
   });
@@ -327,6 +328,8 @@ describe("loraplex dashboard", { concurrency: 1 }, () => {
     assert.match(text, /30\/30/);
     assert.match(text, /just now|min ago/);
     assert.equal(await page.locator("#jobs-table tbody tr").count(), 3);
+    const reward = page.locator(`#jobs-table tr[data-job="${state.rewardJob}"]`);
+    assert.match(await reward.textContent(), /LoRA( r=\d+)? \(OpenAI dpo\)/);
     await shot("08-jobs");
     assertClean("jobs list");
   });
