@@ -99,6 +99,53 @@ def loc_to_param(loc: Sequence[str | int]) -> str | None:
     return ".".join(str(p) for p in parts) or None
 
 
+def sent_steps(loc: Sequence[str | int], sent: Any, error_type: str) -> list[str | int] | None:
+    """``loc``, an error's location in ``sent`` (a parsed JSON body), without the steps that
+    name no part of ``sent``; None where ``loc`` does not follow ``sent``.
+
+    In a union, pydantic adds the member it tried to the location: a discriminator's tag
+    (``inputs.1.object.text``, ``inputs.1.text`` for a plain string), else the member's type
+    (``str``, ``function-after[...]``, a model's name). The client sent no such field. Below a
+    string, a number or a list (whose parts are indexes) a named step is such a tag; in an
+    object, only one standing before a key the object holds (or the required field it left
+    out). Other steps an object lacks come from a validator that reshaped the body before
+    validation (a job's OpenAI method block becomes ``method.hyperparameters``): there the
+    location is left as pydantic gives it (None)."""
+    kept: list[str | int] = []
+    value = sent
+    last = len(loc) - 1
+    for i, step in enumerate(loc):
+        if isinstance(value, dict):
+            if step in value:
+                value = value[step]
+            elif not (i == last and error_type == "missing"):
+                follows = i < last and (
+                    loc[i + 1] in value or (i + 1 == last and error_type == "missing")
+                )
+                if not follows:
+                    return None
+                continue  # a member's tag, between the object and its field
+        elif isinstance(value, list) and isinstance(step, int) and 0 <= step < len(value):
+            value = value[step]
+        else:
+            continue  # a member's tag
+        kept.append(step)
+    return kept
+
+
+def _error_param(err: Mapping[str, Any], body: Any) -> str | None:
+    # A JSON decode error's loc is (body, character offset): an offset is no field name.
+    if err.get("type") == "json_invalid":
+        return None
+    loc = list(err.get("loc", ()))
+    # Only a JSON body is walked: a form's fields are flat, and hold no union.
+    if loc[:1] == ["body"] and isinstance(body, dict | list):
+        steps = sent_steps(loc[1:], body, str(err.get("type")))
+        if steps is not None:
+            loc = ["body", *steps]
+    return loc_to_param(loc)
+
+
 def _validation_message(err: Mapping[str, Any], param: str | None) -> str:
     if err.get("type") == "json_invalid":
         detail = (err.get("ctx") or {}).get("error", "invalid JSON")
@@ -107,14 +154,13 @@ def _validation_message(err: Mapping[str, Any], param: str | None) -> str:
     return f"{param}: {msg}" if param else msg
 
 
-def _from_validation_errors(errors: Sequence[Mapping[str, Any]]) -> ServiceError:
-    """Report the first problem precisely, and say how many more there are."""
+def _from_validation_errors(errors: Sequence[Mapping[str, Any]], body: Any) -> ServiceError:
+    """Report the first problem precisely, naming the field of ``body`` (the request's body
+    as sent) it is in, and say how many more there are."""
     if not errors:
         return invalid("Invalid request.")
     first = errors[0]
-    loc = first.get("loc", ())
-    # A JSON decode error's loc is (body, character offset): an offset is no field name.
-    param = None if first.get("type") == "json_invalid" else loc_to_param(loc)
+    param = _error_param(first, body)
     message = _validation_message(first, param)
     if len(errors) > 1:
         more = len(errors) - 1
@@ -132,7 +178,7 @@ async def _service_error_handler(_request: Request, exc: Exception) -> JSONRespo
 
 async def _validation_handler(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    return error_response(_from_validation_errors(exc.errors()))
+    return error_response(_from_validation_errors(exc.errors(), exc.body))
 
 
 _HTTP_CODES = {

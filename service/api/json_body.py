@@ -14,7 +14,7 @@ as it would have: the body is declared as usual.
 from __future__ import annotations
 
 import types
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Union, get_args, get_origin
 
@@ -72,7 +72,7 @@ class ModelBodyReader:
                     raise _error("extra_forbidden", (key[:64],), "Extra inputs are not permitted")
                 field = self._lists.get(key)
                 if field is not None and reader.is_array():
-                    parsed[key] = list(self._items(reader, key, field))
+                    parsed[key] = self._items(reader, key, field)
                 else:
                     parsed[key] = reader.value(self._max_value_chars)
         except JsonSyntaxError as exc:
@@ -96,7 +96,8 @@ class ModelBodyReader:
             ) from None
         return parsed
 
-    def _items(self, reader: ObjectReader, key: str, field: _ListField) -> Iterator[Any]:
+    def _items(self, reader: ObjectReader, key: str, field: _ListField) -> list[Any]:
+        items: list[Any] = []
         for index, item in enumerate(reader.items(self._max_value_chars)):
             if index == field.max_items:
                 raise _error(
@@ -107,10 +108,14 @@ class ModelBodyReader:
             try:
                 field.items.validate_python(item)
             except ValidationError as exc:
+                # The body as read so far: the error handler names the field by it (an
+                # error's location may hold a union member's tag, which names none).
                 raise RequestValidationError(
-                    [{**e, "loc": ("body", key, index, *e["loc"])} for e in exc.errors()]
+                    [{**e, "loc": ("body", key, index, *e["loc"])} for e in exc.errors()],
+                    body={key: [*items, item]},
                 ) from None
-            yield item
+            items.append(item)
+        return items
 
 
 def _list_field(annotation: Any, metadata: list[Any]) -> _ListField | None:

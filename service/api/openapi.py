@@ -3,10 +3,11 @@
 FastAPI documents a route's 200 and, where it validates parameters or a JSON body, a 422. The
 other answers come from the auth dependencies, the body limits, the error handlers
 (:mod:`service.api.errors`) and the domain code, so :func:`install_openapi` adds them to each
-operation from what the operation is: one that takes a key can answer 401 and 403, and 503
-when the database it looks the key up in is busy or unreachable; a path id 404; a body 413
-and 422, a multipart one 415; the rest (409 for names and states, 429 for quotas, ...) from
-:data:`_ALSO`. Each is documented as :class:`ErrorResponse` with its headers and an example.
+operation from what the operation is: one that takes a key can answer 401, 403 (all but
+:data:`_ANY_KEY`'s) and 503 when the database it looks the key up in is busy or unreachable; a
+path id 404; a body 413 and 422, a multipart one 415; the rest (409 for names and states, 429
+for quotas, ...) from :data:`_ALSO`. Each is documented as :class:`ErrorResponse` with its
+headers and an example.
 
 FastAPI also encodes the whole document with ``exclude_none``, which drops the nulls inside
 hand-written examples (fastapi/fastapi#5559): an example's required nullable field went
@@ -53,7 +54,8 @@ _ANSWERS: Mapping[int, _ErrorAnswer] = {
     ),
     403: _ErrorAnswer(
         "The key may not do this: a tenant key on an admin route (`admin_required`), the "
-        "admin key on a tenant's (`tenant_key_required`).",
+        "admin key on a tenant's (`tenant_key_required`); the base model may not be deleted "
+        "(`base_model_not_deletable`).",
         ("This endpoint needs an admin key.", None, "admin_required"),
     ),
     404: _ErrorAnswer(
@@ -97,6 +99,10 @@ _ANSWERS: Mapping[int, _ErrorAnswer] = {
     ),
 }
 
+# Keyed operations that any valid key may call, admin or tenant: they never answer 403. Every
+# other keyed one refuses one kind of key (tests/service/api/test_openapi_answers.py asks each
+# with both).
+_ANY_KEY = frozenset({("get", "/v1/methods")})
 # The answers an operation's shape does not show: the names and states it checks (409), the
 # objects its body or query names (404), its quotas (429), the features it refuses (400).
 _ALSO: Mapping[tuple[str, str], frozenset[int]] = {
@@ -175,7 +181,7 @@ def _error_statuses(method: str, path: str, operation: Mapping[str, Any]) -> set
     statuses = set(_ALSO.get((method, path), ()))
     if operation.get("security"):
         # The key is looked up in the database, which every such route also reads.
-        statuses |= {401, 403, 503}
+        statuses |= {401, 503} if (method, path) in _ANY_KEY else {401, 403, 503}
     parameters = operation.get("parameters", [])
     if parameters:
         statuses.add(422)

@@ -129,9 +129,9 @@ def test_wrong_types_in_json_bodies(c: TestClient, auth: Headers) -> None:
     [
         (5, "inputs.0", "a text, a [text, text_pair] array or a {text, text_pair} object"),
         (None, "inputs.0", "a text, a [text, text_pair] array or a {text, text_pair} object"),
-        ("", "inputs.0.text", "at least 1 character"),
-        (["a"], "inputs.0.array", "at least 2 items"),
-        ({"text": "a", "foo": "b"}, "inputs.0.object.foo", "Extra inputs are not permitted"),
+        ("", "inputs.0", "at least 1 character"),
+        (["a"], "inputs.0", "at least 2 items"),
+        ({"text": "a", "foo": "b"}, "inputs.0.foo", "Extra inputs are not permitted"),
     ],
 )
 def test_a_bad_predict_input_is_named_by_the_shape_sent(

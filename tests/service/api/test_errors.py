@@ -12,7 +12,8 @@ from sqlalchemy.pool import QueuePool
 
 from service.adapters.archive import ArchiveError
 from service.adapters.transfer import TransferError
-from service.api.errors import loc_to_param
+from service.api.errors import loc_to_param, sent_steps
+from service.api.schemas.inference import MAX_TEXT_CHARS
 from service.config import Settings
 from service.datasets.rows import DatasetError
 from service.errors import ErrorKind, ServiceError, unavailable
@@ -79,6 +80,85 @@ def test_malformed_json_body(client: TestClient, auth: Headers) -> None:
 
 def test_query_param_validation(client: TestClient, auth: Headers) -> None:
     assert_error(client.get("/v1/datasets?limit=0", headers=auth), 422, param="limit")
+
+
+# --- union members in an error's location ---------------------------------------------------
+
+LONG_TEXT = "x" * (MAX_TEXT_CHARS + 1)
+
+
+@pytest.mark.parametrize(
+    ("item", "param"),
+    [
+        (LONG_TEXT, "inputs.1"),
+        (5, "inputs.1"),
+        (["a", 5], "inputs.1.1"),
+        ({"text": LONG_TEXT}, "inputs.1.text"),
+        ({"text": 5}, "inputs.1.text"),
+        ({"text_pair": "b"}, "inputs.1.text"),
+    ],
+    ids=["long-text", "number", "array-item", "long-object-text", "object-text", "no-text"],
+)
+def test_a_bad_predict_input_names_what_was_sent(
+    client: TestClient, auth: Headers, item: object, param: str
+) -> None:
+    """An input is a union (a text, an array or an object): pydantic puts the member it tried
+    in the location ("inputs.1.text" for a plain text, "inputs.1.object.text"), a field the
+    client never sent."""
+    resp = client.post("/predict?adapter=x", headers=auth, json={"inputs": ["fine", item]})
+    error = assert_error(resp, 422, param=param)
+    assert error["message"].startswith(f"{param}: ")
+
+
+@pytest.mark.parametrize(
+    ("content", "param"),
+    [
+        ([{"type": "text", "text": 5}], "messages.0.content.0.text"),
+        ([{"type": "text"}], "messages.0.content.0.text"),
+        ([{"type": "text", "text": "hi", "x": 1}], "messages.0.content.0.x"),
+        (5, "messages.0.content"),
+    ],
+    ids=["part-text", "part-without-text", "part-extra-field", "number"],
+)
+def test_a_bad_message_content_names_what_was_sent(
+    client: TestClient, auth: Headers, content: object, param: str
+) -> None:
+    # A message's content is a text or a list of parts; a part's error was "content.parts.0".
+    body = {"model": "m", "messages": [{"role": "user", "content": content}]}
+    error = assert_error(client.post("/v1/chat/completions", headers=auth, json=body), 422)
+    assert error["param"] == param and error["message"].startswith(f"{param}: ")
+
+
+def test_a_job_body_mapped_before_validation_is_named_where_it_can_be(
+    client: TestClient, auth: Headers
+) -> None:
+    # OpenAI's deprecated top-level hyperparameters are moved under `method` before
+    # validation; the client sent them at the top.
+    body = {"training_file": "file-x", "hyperparameters": {"n_epochs": "three"}}
+    resp = client.post("/v1/fine_tuning/jobs", headers=auth, json=body)
+    assert_error(resp, 422, param="hyperparameters.n_epochs")
+    # A supervised block's hyperparameters become method.hyperparameters: that location does
+    # not follow the body sent, and is reported as it is (not cut to "method").
+    body = {
+        "training_file": "file-x",
+        "method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": "x"}}},
+    }
+    resp = client.post("/v1/fine_tuning/jobs", headers=auth, json=body)
+    assert_error(resp, 422, param="method.hyperparameters.n_epochs")
+
+
+def test_sent_steps_drops_the_union_members_pydantic_names() -> None:
+    sent = {"items": ["text", {"name": 5}, [1]], "n": 1}
+    # A plain union's member types, below a text, an object and a list.
+    assert sent_steps(("items", 0, "str"), sent, "string_too_long") == ["items", 0]
+    assert sent_steps(("items", 0, "function-after[f(), str]"), sent, "x") == ["items", 0]
+    assert sent_steps(("items", 1, "Item", "name"), sent, "string_type") == ["items", 1, "name"]
+    assert sent_steps(("items", 1, "Item", "size"), sent, "missing") == ["items", 1, "size"]
+    assert sent_steps(("items", 2, "list[int]", 0), sent, "int_type") == ["items", 2, 0]
+    assert sent_steps(("n",), sent, "int_type") == ["n"]
+    assert sent_steps(("size",), sent, "missing") == ["size"]
+    # Steps an object lacks that lead to no key of it: not the body sent, no tags to drop.
+    assert sent_steps(("items", 1, "size", "unit"), sent, "string_type") is None
 
 
 def test_unhandled_exception_is_a_generic_500(settings: Settings) -> None:

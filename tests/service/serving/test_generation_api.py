@@ -603,7 +603,7 @@ def test_a_tiny_temperature_is_greedy_and_null_parameters_are_defaults(server: S
         (
             "chat/completions",
             {"content": [{"type": "image_url", "image_url": {"url": "x"}}]},
-            "messages.0.content.parts.0.type",
+            "messages.0.content.0.type",
             "'text'",
         ),
         (
@@ -615,12 +615,12 @@ def test_a_tiny_temperature_is_greedy_and_null_parameters_are_defaults(server: S
         (
             "chat/completions",
             {"content": "a" * 100_001},
-            "messages.0.content.text",
+            "messages.0.content",
             "at most 100000 characters",
         ),
     ],
 )
-def test_a_bad_stop_or_message_content_is_422_naming_the_shape_sent(
+def test_a_bad_stop_or_message_content_is_422_naming_the_field_sent(
     server: Server, path: str, field: dict[str, object], param: str, says: str
 ) -> None:
     if path == "completions":
