@@ -2,6 +2,9 @@
 
 Layout: ``b"LPXCKPT1"`` + 8-byte little-endian JSON length + UTF-8 JSON + safetensors bytes.
 Nothing is ever unpickled: a checkpoint from the database is parsed like any user input.
+
+:func:`adapter_from_checkpoint` serves a checkpoint as the adapter its job would have given had
+it stopped at that step (OpenAI's ``fine_tuned_model_checkpoint``).
 """
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ from __future__ import annotations
 import json
 import struct
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
@@ -17,11 +20,20 @@ from safetensors.torch import save as st_save
 from torch import Tensor
 from torch.optim.lr_scheduler import LRScheduler
 
+from core.adapter import Adapter
 from core.errors import CoreError
+from core.heads import HeadConfig
+from core.methods import build_method, parse_method_config
+from core.training.rng import forked_rng
+
+if TYPE_CHECKING:
+    from core.base import FrozenBase
+    from core.decoder.base import DecoderBase
 
 MAGIC = b"LPXCKPT1"
 FORMAT = "loraplex.train_checkpoint/1"
 _HEADER = struct.Struct("<Q")
+PREFIX_SIZE = len(MAGIC) + _HEADER.size  # the magic and the JSON's length
 
 
 class CheckpointError(CoreError):
@@ -36,24 +48,30 @@ def pack(meta: dict[str, Any], tensors: dict[str, Tensor]) -> bytes:
 
 def _read_meta(data: bytes) -> tuple[dict[str, Any], int]:
     """The JSON part and where the tensors start."""
-    head = len(MAGIC) + _HEADER.size
-    if len(data) < head or data[: len(MAGIC)] != MAGIC:
-        raise CheckpointError("not a loraplex training checkpoint")
-    (n,) = _HEADER.unpack_from(data, len(MAGIC))
-    if n > len(data) - head:
+    end = meta_size(data)
+    if end > len(data):
         raise CheckpointError("truncated checkpoint")
     try:
-        meta = json.loads(data[head : head + n])
+        meta = json.loads(data[PREFIX_SIZE:end])
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"bad checkpoint metadata: {e}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"unsupported checkpoint format (expected {FORMAT})")
-    return meta, head + n
+    return meta, end
 
 
 def read_meta(data: bytes) -> dict[str, Any]:
-    """Only the JSON part (step, epoch, configs, history): cheap, tensors are not parsed."""
+    """Only the JSON part (step, epoch, configs, history): cheap, tensors are not parsed.
+    ``data`` may end where the JSON does (:func:`meta_size`)."""
     return _read_meta(data)[0]
+
+
+def meta_size(prefix: bytes) -> int:
+    """How many leading bytes of a checkpoint :func:`read_meta` needs, from its first
+    :data:`PREFIX_SIZE` or more: a reader of a stored checkpoint fetches only those."""
+    if len(prefix) < PREFIX_SIZE or prefix[: len(MAGIC)] != MAGIC:
+        raise CheckpointError("not a loraplex training checkpoint")
+    return PREFIX_SIZE + _HEADER.unpack_from(prefix, len(MAGIC))[0]
 
 
 def unpack(data: bytes) -> tuple[dict[str, Any], dict[str, Tensor]]:
@@ -137,3 +155,65 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, Tensor):
         return value.tolist()
     return value
+
+
+# --- a checkpoint as an adapter ----------------------------------------------------------------
+
+
+def checkpoint_adapter_config(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """The config (``Adapter.config_dict()``'s shape) of the adapter a checkpoint's weights
+    make, from its JSON alone (:func:`read_meta`): the method and base of its identity, the
+    head as the trainer saves it with an adapter (``Trainer._served_head``). Its metrics are
+    the checkpoint's step and its last validation's ``val_*``.
+
+    Checkpoints saved before they recorded the served head cannot be served:
+    :class:`CheckpointError`.
+    """
+    try:
+        ident, served = meta["identity"], meta["adapter"]
+        # Validated as an adapter's configs are: the JSON is read like any stored input.
+        head = HeadConfig(**served["head"])
+        method = dict(ident["method"])
+        method_config = parse_method_config(method.pop("type"), method, head.base_kind)
+        step = int(meta["position"]["step"])
+        last_val = meta["state"].get("last_val") or {}
+        return {
+            "format": "loraplex.adapter/1",
+            "method": method_config.to_dict(),
+            "head": head.model_dump(mode="json"),
+            "base_name": str(served["base_name"]),
+            "base_fingerprint": str(ident["base_fingerprint"]),
+            "trainable_params": served["trainable_params"],
+            "metrics": {"steps": step, **{f"val_{k}": v for k, v in dict(last_val).items()}},
+        }
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"checkpoint does not describe its adapter: {e!r:.80}") from None
+
+
+def adapter_from_checkpoint(data: bytes, base: FrozenBase | DecoderBase) -> Adapter:
+    """The adapter the checkpoint's job would have returned had it stopped at its step: the
+    weights at that step (not the best ones so far), the configs the trainer saves an adapter
+    with (:func:`checkpoint_adapter_config`).
+
+    ``base`` is the job's base (refused otherwise, invariant 8): the checkpoint holds the
+    trainable modules' ``state_dict`` (the trainer's ``model.method.*`` and ``model.head.*``),
+    whose names are the method's modules' and become the adapter's (``saved_state``) only
+    through a method built on its base. Raises :class:`CheckpointError` or
+    :class:`~core.errors.AdapterFormatError`.
+    """
+    meta, tensors = unpack(data)
+    head_state = unprefixed("model.head.", tensors)
+    adapter = Adapter.from_config_dict(checkpoint_adapter_config(meta), {}, head_state)
+    adapter.check_base(base)
+    # A fresh method's initialisation draws random numbers: not from the caller's generators.
+    with forked_rng(base.device):
+        method = build_method(adapter.method, base)
+    device = base.device
+    try:
+        method.load_state_dict(
+            {k: v.to(device) for k, v in unprefixed("model.method.", tensors).items()}
+        )
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint weights do not fit its method: {e}") from None
+    adapter.method_state = {k: v.detach().cpu().clone() for k, v in method.saved_state().items()}
+    return adapter

@@ -263,8 +263,11 @@ class DecoderTrainer(Trainer):
             metrics["tokens"] = count
         return metrics
 
+    def _served_head(self) -> HeadConfig:
+        return self.head_config  # a chat or DPO adapter's head records its task alone
+
     def _make_adapter(self, metrics: dict[str, Any]) -> Adapter:
-        return Adapter.from_method(self.method, self.head_config, self.trainable_params, metrics)
+        return Adapter.from_method(self.method, self._served_head(), self.trainable_params, metrics)
 
     def close(self) -> None:
         self.reference = None  # a full fine-tuning reference is a whole copy of the model

@@ -521,18 +521,25 @@ class Trainer:
         self.close()
         return result
 
-    def _make_adapter(self, metrics: dict[str, Any]) -> Adapter:
-        # The saved head records how rows were encoded, so serving encodes them alike; the
-        # trainer's own head_config stays as given (checkpoints are identified by it).
-        served = self.head_config.model_copy(
+    def _served_head(self) -> HeadConfig:
+        """The head config the adapter is saved with. It records how rows were encoded, so
+        serving encodes them alike; the trainer's own head_config stays as given (checkpoints
+        are identified by it)."""
+        return self.head_config.model_copy(
             update={
                 "max_seq_length": self.max_length,
                 "split_shared_prefix": self.head_config.task == "reward"
                 and self.config.split_shared_prefix,
             }
         )
+
+    def _make_adapter(self, metrics: dict[str, Any]) -> Adapter:
         return Adapter.from_method(
-            self.model.method, served, self.trainable_params, metrics, self.model.head.state_dict()
+            self.model.method,
+            self._served_head(),
+            self.trainable_params,
+            metrics,
+            self.model.head.state_dict(),
         )
 
     def close(self) -> None:
@@ -607,6 +614,13 @@ class Trainer:
             "optimizer": optim_meta,
             "scheduler": ckpt.scheduler_to_json(self.scheduler),
             "state": {**saved["state"], "has_best": self._best_state is not None},
+            # What the adapter of these weights records besides the method and base in
+            # ``identity``: ckpt.adapter_from_checkpoint serves a checkpoint as that adapter.
+            "adapter": {
+                "head": self._served_head().model_dump(mode="json"),
+                "base_name": self.base.name,
+                "trainable_params": self.trainable_params,
+            },
         }
         return ckpt.pack(meta, tensors)
 

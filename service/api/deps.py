@@ -22,6 +22,7 @@ from service.adapters.records import ForgetAdapter
 from service.config import Settings
 from service.db.models import ApiKey, Tenant
 from service.errors import ErrorKind, ServiceError
+from service.jobs.checkpoints import CHECKPOINT_MODEL_MAX_LENGTH
 from service.names import NoControlCharacters, has_control_characters
 from service.serving.lookups import LookupCache
 from service.serving.queries import AdapterRef, KeyLookup, find_adapter, find_key_and_adapter
@@ -232,7 +233,12 @@ AdapterCachesDep = Annotated[list[ForgetAdapter], Depends(adapter_caches)]
 
 AdapterName = Annotated[
     str,
-    Query(min_length=1, max_length=64, description="adapter name"),
+    Query(
+        min_length=1,
+        max_length=CHECKPOINT_MODEL_MAX_LENGTH,
+        description="adapter name, or a job checkpoint's `fine_tuned_model_checkpoint` "
+        "(`<adapter name>:ckpt-step-<step>`)",
+    ),
     NoControlCharacters,  # no name has one (service.names)
 ]
 
@@ -282,7 +288,7 @@ def _look_up_served_adapter(
     _principal_of(key)  # 401 for an unknown or revoked key
     if key is None or not key.tenant_exists:  # key outlived its tenant
         raise _invalid_key()
-    if cache is not None and ref is not None:
+    if cache is not None and ref is not None and not ref.checkpoint:
         cache.put(key_hash, name, ref, key.id, generation)
     return ref
 

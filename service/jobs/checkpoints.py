@@ -1,11 +1,19 @@
 """A job's resumable checkpoints: a worker saves them under its lease, a requeued job's next
-run starts from the newest one that still has its state."""
+run starts from the newest one that still has its state.
+
+A checkpoint that still has its state is also a model, as OpenAI's
+``fine_tuned_model_checkpoint``: ``<adapter name>:ckpt-step-<step>`` (:func:`checkpoint_model`)
+names the checkpoint of that step of the tenant's most recent job training that adapter name
+(a name retrained by a later job names the later job's checkpoints), served as the adapter its
+weights make (:func:`core.training.checkpoint.adapter_from_checkpoint`).
+"""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import Connection, LargeBinary, bindparam, func, select, update
 from sqlalchemy.orm import Session, undefer
 
 from service.db.models import Checkpoint, Job
@@ -77,4 +85,104 @@ def latest_checkpoint(session: Session, job_id: str) -> Checkpoint | None:
         .order_by(Checkpoint.step.desc(), Checkpoint.created_at.desc())
         .limit(1)
         .options(undefer(Checkpoint.state))
+    )
+
+
+# --- a checkpoint as a model -------------------------------------------------------------------
+
+# An adapter name (service.api.schemas.common.NAME_PATTERN, at most 64 characters), then the
+# step as the checkpoint object writes it: no sign, no leading zero, at most 10 digits (the
+# column is a 32-bit integer). Matched whole; nothing else is a checkpoint's model name.
+_CHECKPOINT_MODEL = re.compile(r"([A-Za-z0-9][A-Za-z0-9._-]{0,63}):ckpt-step-(0|[1-9][0-9]{0,9})")
+_MAX_STEP = 2**31 - 1
+CHECKPOINT_MODEL_MAX_LENGTH = 64 + len(":ckpt-step-") + len(str(_MAX_STEP))
+# Leading bytes of a state read for its JSON part: most checkpoints' JSON fits (the RNG states
+# and the history are most of it); a longer one costs a second read of exactly its length.
+_META_READ_BYTES = 64 << 10
+# Past this the length is no trainer's (a history of ~80,000 evaluations): not read.
+_META_MAX_BYTES = 16 << 20
+
+
+def checkpoint_model(adapter_name: str, step: int) -> str:
+    """The model name of a job's checkpoint (OpenAI's ``fine_tuned_model_checkpoint``)."""
+    return f"{adapter_name}:ckpt-step-{step}"
+
+
+def parse_checkpoint_model(name: str) -> tuple[str, int] | None:
+    """``(adapter name, step)`` of a checkpoint's model name; None for any other name."""
+    match = _CHECKPOINT_MODEL.fullmatch(name)
+    if match is None or int(match[2]) > _MAX_STEP:
+        return None
+    return match[1], int(match[2])
+
+
+_LATEST_JOB = (
+    select(Job.id)
+    .where(Job.tenant_id == bindparam("tenant_id"), Job.adapter_name == bindparam("adapter"))
+    .order_by(Job.created_at.desc(), Job.id.desc())
+    .limit(1)
+    .scalar_subquery()
+)
+_FIND_SERVED = (
+    select(
+        Checkpoint.id,
+        func.substr(Checkpoint.state, 1, _META_READ_BYTES, type_=LargeBinary).label("prefix"),
+    )
+    .where(
+        Checkpoint.job_id == _LATEST_JOB,
+        Checkpoint.tenant_id == bindparam("tenant_id"),
+        Checkpoint.step == bindparam("step"),
+        Checkpoint.state.is_not(None),
+    )
+    # A step saved twice (a requeued job checkpointed again where it stopped): the same
+    # weights, resume being bit-exact; the newer is taken.
+    .order_by(Checkpoint.created_at.desc(), Checkpoint.id.desc())
+    .limit(1)
+)
+
+
+def find_served_checkpoint(
+    conn: Connection, tenant_id: str, adapter_name: str, step: int
+) -> tuple[str, dict[str, Any]] | None:
+    """The id and adapter config (``Adapter.config_dict()``'s shape) of the checkpoint
+    ``checkpoint_model(adapter_name, step)`` names in the tenant, read from its state's JSON
+    part; None if there is none, its state was dropped, or it cannot be served (saved before
+    checkpoints described their adapter)."""
+    from core.training.checkpoint import (
+        CheckpointError,
+        checkpoint_adapter_config,
+        meta_size,
+        read_meta,
+    )
+
+    params = {"tenant_id": tenant_id, "adapter": adapter_name, "step": step}
+    row = conn.execute(_FIND_SERVED, params).one_or_none()
+    if row is None:
+        return None
+    prefix = bytes(row.prefix)
+    try:
+        size = meta_size(prefix)
+        if size > _META_MAX_BYTES:
+            return None
+        if size > len(prefix):
+            longer = conn.execute(
+                select(func.substr(Checkpoint.state, 1, size, type_=LargeBinary)).where(
+                    Checkpoint.id == row.id
+                )
+            ).scalar()
+            if longer is None:  # its state dropped (or its job deleted) meanwhile
+                return None
+            prefix = bytes(longer)
+        return row.id, checkpoint_adapter_config(read_meta(prefix))
+    except CheckpointError:
+        return None
+
+
+def served_checkpoint_state(session: Session, tenant_id: str, checkpoint_id: str) -> bytes | None:
+    """The state of the tenant's checkpoint ``checkpoint_id``, or None once it is dropped (or
+    the job deleted)."""
+    return session.scalar(
+        select(Checkpoint.state).where(
+            Checkpoint.id == checkpoint_id, Checkpoint.tenant_id == tenant_id
+        )
     )

@@ -89,7 +89,7 @@ async def serving(state: AppState) -> AsyncIterator[None]:
     torch.set_num_threads(threads)
     bases = await run_sync(lambda: load_bases(settings))
     # One adapter loader (stateless but for its session factory) for every engine's misses.
-    loader = DatabaseLoader(state.sessionmaker)
+    loader = DatabaseLoader(state.sessionmaker, bases)
     base = bases.encoder
     batcher = _start_encoder(state, base, threads, loader) if base is not None else None
     decoders = [name for name in bases if bases.kind(name) == "decoder"]

@@ -8,10 +8,18 @@ path resolves the current version from the database (one indexed query, together
 caller's key: :func:`find_key_and_adapter`; remembered on SQLite, see
 :mod:`service.serving.lookups`), so after a delete or replace returns, later requests never
 reach the old weights; the stale resident copy is dropped through :meth:`Batcher.invalidate`.
+
+A job's checkpoint is served under its model name (``sentiment:ckpt-step-100``,
+:mod:`service.jobs.checkpoints`), which no adapter name can be, at a version made of the
+checkpoint's id: its key is never the adapter's nor another checkpoint's (a later job's of the
+same name and step). Checkpoints never change; each request reads whether the checkpoint
+still has its state, so one dropped (or its job deleted) is a 404 from the next request on,
+and its resident copy, which no lookup reaches any more, waits for eviction.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -19,10 +27,18 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Connection, Row, and_, bindparam, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from service import ids
 from service.db.models import AdapterRow, ApiKey, Tenant
+from service.jobs.checkpoints import (
+    find_served_checkpoint,
+    parse_checkpoint_model,
+    served_checkpoint_state,
+)
 
 if TYPE_CHECKING:
     from core.adapter import Adapter
+    from core.base import FrozenBase
+    from core.decoder.base import DecoderBase
 
 AdapterKey = tuple[str, str, int]  # (tenant_id, name, version)
 
@@ -46,6 +62,9 @@ class AdapterRef:
     base_model: str = ""
     base_fingerprint: str = ""
     base_kind: str = "encoder"  # "decoder": served by service.serving.decoder_scoring
+    # A job's checkpoint served as a model (its id is the checkpoint's): its state may be
+    # dropped by a worker this process does not hear from, so no lookup cache remembers it.
+    checkpoint: bool = False
 
     def window(self, base_max_length: int) -> int:
         """Tokens per input served: as ``HeadConfig.window`` (core's, which loads torch)."""
@@ -67,22 +86,89 @@ _REF_COLUMNS = (
 def _ref(tenant_id: str, name: str, row: Row[Any]) -> AdapterRef | None:
     if row.adapter_id is None:
         return None
-    head = (row.config or {}).get("head", {})
-    kind = _base_kind(row.task, head)
+    return _make_ref(
+        row.adapter_id,
+        (tenant_id, name, row.version),
+        row.task,
+        row.method,
+        row.label_names,
+        row.config,
+        row.base_model,
+        row.base_fingerprint,
+    )
+
+
+def _make_ref(
+    ref_id: str,
+    key: AdapterKey,
+    task: str,
+    method: str,
+    label_names: list[str] | None,
+    config: dict[str, Any],
+    base_model: str,
+    base_fingerprint: str,
+    checkpoint: bool = False,
+) -> AdapterRef:
+    head = (config or {}).get("head", {})
+    kind = _base_kind(task, head)
     return AdapterRef(
-        id=row.adapter_id,
-        key=(tenant_id, name, row.version),
-        task=row.task,
-        method=row.method,
-        label_names=tuple(row.label_names or ()),
+        id=ref_id,
+        key=key,
+        task=task,
+        method=method,
+        label_names=tuple(label_names or ()),
         text_pair=bool(head.get("text_pair", False)),
-        reserved=_reserved_positions(row.config, kind),
+        reserved=_reserved_positions(config, kind),
         max_seq_length=head.get("max_seq_length"),
         split_shared_prefix=bool(head.get("split_shared_prefix", False)),
-        base_model=row.base_model,
-        base_fingerprint=row.base_fingerprint,
+        base_model=base_model,
+        base_fingerprint=base_fingerprint,
         base_kind=kind,
+        checkpoint=checkpoint,
     )
+
+
+def _checkpoint_ref(
+    conn: Connection, tenant_id: str, name: str, checkpoint: tuple[str, int]
+) -> AdapterRef | None:
+    """The ref of the checkpoint model ``name`` (``checkpoint``: its adapter name and step),
+    if the tenant has it and it still has its state."""
+    found = find_served_checkpoint(conn, tenant_id, *checkpoint)
+    if found is None:
+        return None
+    checkpoint_id, config = found
+    version = _checkpoint_version(checkpoint_id)
+    if version is None:
+        return None
+    head = config["head"]
+    return _make_ref(
+        checkpoint_id,
+        (tenant_id, name, version),
+        head["task"],
+        config["method"]["type"],
+        head.get("label_names"),
+        config,
+        config["base_name"],
+        config["base_fingerprint"],
+        checkpoint=True,
+    )
+
+
+_CHECKPOINT_ID_PREFIX = f"{ids.CHECKPOINT}-"
+_CHECKPOINT_ID_HEX = 24  # ids.new_id's random part
+
+
+def _checkpoint_version(checkpoint_id: str) -> int | None:
+    """A served checkpoint's key version: its id's random hex as a number (the loader reads
+    the id back from it), so each checkpoint has a key of its own."""
+    digits = checkpoint_id.removeprefix(_CHECKPOINT_ID_PREFIX)
+    if len(digits) != _CHECKPOINT_ID_HEX or digits.strip("0123456789abcdef"):
+        return None
+    return int(digits, 16)
+
+
+def _checkpoint_id(version: int) -> str:
+    return f"{_CHECKPOINT_ID_PREFIX}{version:0{_CHECKPOINT_ID_HEX}x}"
 
 
 def _reserved_positions(config: dict[str, Any], kind: str) -> int:
@@ -115,6 +201,10 @@ _FIND_ADAPTER = select(*_REF_COLUMNS).where(
 
 
 def find_adapter(conn: Connection, tenant_id: str, name: str) -> AdapterRef | None:
+    """The tenant's adapter ``name``, or the checkpoint a checkpoint's model name names."""
+    checkpoint = parse_checkpoint_model(name)
+    if checkpoint is not None:
+        return _checkpoint_ref(conn, tenant_id, name, checkpoint)
     row = conn.execute(_FIND_ADAPTER, {"tenant_id": tenant_id, "name": name}).one_or_none()
     return None if row is None else _ref(tenant_id, name, row)
 
@@ -163,6 +253,10 @@ def find_key_and_adapter(
     key = KeyLookup(
         row.id, row.tenant_id, bool(row.is_admin), row.revoked_at, row.tenant_found is not None
     )
+    checkpoint = parse_checkpoint_model(name)
+    if checkpoint is not None and key.revoked_at is None and key.tenant_exists:
+        # No adapter is named so (the join found none): a second query, for checkpoints only.
+        return key, _checkpoint_ref(conn, row.tenant_id, name, checkpoint)
     return key, _ref(row.tenant_id, name, row)
 
 
@@ -171,15 +265,23 @@ class AdapterGone(LookupError):  # noqa: N818 - reads as a state: "the adapter i
 
 
 class DatabaseLoader:
-    """``engine.run(loader=...)``: reads one adapter's bytes on a cache miss."""
+    """``engine.run(loader=...)``: reads one adapter's bytes on a cache miss; a checkpoint's
+    (:func:`find_adapter`) is built on its base, one of ``bases``."""
 
-    def __init__(self, factory: sessionmaker[Session]) -> None:
+    def __init__(
+        self,
+        factory: sessionmaker[Session],
+        bases: Mapping[str, FrozenBase | DecoderBase] | None = None,
+    ) -> None:
         self.factory = factory
+        self.bases = bases or {}
 
     def __call__(self, key: object) -> Adapter:
         from core.io.serialization import adapter_from_bytes
 
         tenant_id, name, version = key  # type: ignore[misc]
+        if parse_checkpoint_model(name) is not None:
+            return self._checkpoint(tenant_id, name, version)
         with self.factory() as session:
             row = session.execute(
                 select(AdapterRow.config, AdapterRow.weights).where(
@@ -191,3 +293,25 @@ class DatabaseLoader:
         if row is None:
             raise AdapterGone(f"adapter {name!r} version {version} no longer exists")
         return adapter_from_bytes(row.config, row.weights)
+
+    def _checkpoint(self, tenant_id: str, name: str, version: int) -> Adapter:
+        from core.errors import AdapterFormatError
+        from core.training.checkpoint import (
+            CheckpointError,
+            adapter_from_checkpoint,
+            checkpoint_adapter_config,
+            read_meta,
+        )
+
+        with self.factory() as session:
+            state = served_checkpoint_state(session, tenant_id, _checkpoint_id(version))
+        if state is None:
+            raise AdapterGone(f"checkpoint {name!r} no longer has its state")
+        try:
+            fingerprint = checkpoint_adapter_config(read_meta(state))["base_fingerprint"]
+            base = next((b for b in self.bases.values() if b.fingerprint == fingerprint), None)
+            if base is None:  # the request path refused it already (invariant 8)
+                raise AdapterFormatError(f"checkpoint {name!r} was trained on a base not loaded")
+            return adapter_from_checkpoint(state, base)
+        except CheckpointError as e:
+            raise AdapterFormatError(str(e)) from None

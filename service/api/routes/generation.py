@@ -25,7 +25,6 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import Receive, Scope, Send
 
 from core.generation.detok import token_text
-from service.adapters.records import find_adapter_row
 from service.api.deps import LongRequestTenantId
 from service.api.disconnect import unless_disconnected
 from service.api.errors import error_body
@@ -50,7 +49,7 @@ from service.api.schemas.generation import (
 from service.bases import adapter_base
 from service.errors import ErrorKind, ServiceError, invalid, not_found, unavailable
 from service.serving.generation import Generation, GenerationServer
-from service.serving.queries import AdapterKey
+from service.serving.queries import AdapterKey, find_adapter
 from service.state import AppState, app_state
 
 if TYPE_CHECKING:
@@ -110,13 +109,13 @@ def generation_server(
 def _find_adapter(
     request: Request, tenant_id: str, name: str
 ) -> tuple[tuple[str, str, int], str, str, str] | None:
-    """``(key, task, base_model, base_fingerprint)`` of the tenant's adapter ``name``, or
-    None."""
-    with app_state(request).sessionmaker() as session:
-        row = find_adapter_row(session, tenant_id, name)
-        if row is None:
-            return None
-        return (tenant_id, name, row.version), row.task, row.base_model, row.base_fingerprint
+    """``(key, task, base_model, base_fingerprint)`` of the tenant's adapter ``name`` (or of
+    the job checkpoint a checkpoint's model name names), or None."""
+    with app_state(request).db_engine.connect() as conn:
+        ref = find_adapter(conn, tenant_id, name)
+    if ref is None:
+        return None
+    return ref.key, ref.task, ref.base_model, ref.base_fingerprint
 
 
 async def _reward_key(

@@ -11,6 +11,7 @@ from service.api.schemas.common import CREATED_AT
 from service.db.models import Checkpoint, JobEvent
 from service.db.types import to_unix
 from service.ids import EVENT
+from service.jobs.checkpoints import checkpoint_model
 
 
 def event_public_id(event_id: int) -> str:
@@ -115,7 +116,12 @@ class CheckpointObject(BaseModel):
     created_at: int = Field(description=CREATED_AT)
     fine_tuning_job_id: str = Field(description="The job that saved it.")
     fine_tuned_model_checkpoint: str = Field(
-        description="A name for it: the job's adapter name and the step."
+        description="Its model name: the job's adapter name and the step. While the checkpoint "
+        "keeps its state (the newest 2 of a job), the name serves as a model wherever an "
+        "adapter's does (`model` of chat and text completions, `adapter` of `/predict` and "
+        "`/reward/compare`), with the weights of that step; it names the checkpoint of the "
+        "tenant's most recent job training that adapter name. Once the state is dropped it "
+        "is a 404."
     )
     step_number: int = Field(description="The optimizer step it was saved at.")
     epoch: float | None = Field(description="The epoch it was saved in, if known.")
@@ -134,7 +140,7 @@ class CheckpointObject(BaseModel):
             id=ckpt.id,
             created_at=to_unix(ckpt.created_at) or 0,
             fine_tuning_job_id=ckpt.job_id,
-            fine_tuned_model_checkpoint=f"{adapter_name}:ckpt-step-{ckpt.step}",
+            fine_tuned_model_checkpoint=checkpoint_model(adapter_name, ckpt.step),
             step_number=ckpt.step,
             epoch=ckpt.epoch,
             metrics=_stored_metrics(ckpt.metrics or {}, ckpt.step),
