@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session, undefer
 from service.db.models import ACTIVE_STATUSES, AdapterRow, Job, Tenant
 from service.db.session import reclaim_free_pages
 from service.errors import conflict
+from service.jobs.checkpoints import drop_served_checkpoints
 
 # Told (tenant id, adapter name) after a delete commits: what serving holds of it must go.
 ForgetAdapter = Callable[[str, str], None]
@@ -68,6 +69,9 @@ def delete_adapter_row(
             "adapter_in_use",
         )
     session.delete(row)
+    # Its jobs' checkpoints are models too ('<name>:ckpt-step-N'): a deleted adapter stops
+    # being served under those names as well.
+    drop_served_checkpoints(session, tenant_id, name)
     session.commit()
     reclaim_free_pages(session)
     for drop in forget:

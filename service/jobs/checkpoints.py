@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import Connection, LargeBinary, bindparam, func, select, update
 from sqlalchemy.orm import Session, undefer
 
-from service.db.models import Checkpoint, Job
+from service.db.models import TERMINAL_STATUSES, Checkpoint, Job
 from service.jobs.events import add_event
 from service.jobs.queue import touch_owned
 
@@ -176,6 +176,28 @@ def find_served_checkpoint(
         return row.id, checkpoint_adapter_config(read_meta(prefix))
     except CheckpointError:
         return None
+
+
+def drop_served_checkpoints(session: Session, tenant_id: str, adapter_name: str) -> None:
+    """Drop the states of the checkpoints of the tenant's finished jobs that trained
+    ``adapter_name`` (joins the caller's transaction): with the adapter deleted, its
+    checkpoints' model names must stop serving too, and their bytes go. A job not finished
+    keeps its states, which it resumes from."""
+    finished = select(Job.id).where(
+        Job.tenant_id == tenant_id,
+        Job.adapter_name == adapter_name,
+        Job.status.in_(TERMINAL_STATUSES),
+    )
+    session.execute(
+        update(Checkpoint)
+        .where(
+            Checkpoint.tenant_id == tenant_id,
+            Checkpoint.job_id.in_(finished),
+            Checkpoint.state.is_not(None),
+        )
+        .values(state=None)
+        .execution_options(synchronize_session=False)
+    )
 
 
 def served_checkpoint_state(session: Session, tenant_id: str, checkpoint_id: str) -> bytes | None:

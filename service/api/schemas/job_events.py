@@ -120,8 +120,8 @@ class CheckpointObject(BaseModel):
         "keeps its state (the newest 2 of a job), the name serves as a model wherever an "
         "adapter's does (`model` of chat and text completions, `adapter` of `/predict` and "
         "`/reward/compare`), with the weights of that step; it names the checkpoint of the "
-        "tenant's most recent job training that adapter name. Once the state is dropped it "
-        "is a 404."
+        "tenant's most recent job training that adapter name. Once the state is dropped (or "
+        "the adapter deleted, which drops its jobs' states) it is a 404."
     )
     step_number: int = Field(description="The optimizer step it was saved at.")
     epoch: float | None = Field(description="The epoch it was saved in, if known.")

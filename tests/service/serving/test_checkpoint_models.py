@@ -169,6 +169,12 @@ def test_a_checkpoint_name_predicts_as_the_adapter_of_its_step(
     # The name retrained by a later job names that job's checkpoints, never the first's.
     middle = predict(app, auth, "ck:ckpt-step-6")
     assert app.delete("/v1/adapters/ck", headers=auth).status_code == 200
+    # Deleting the adapter withdraws its checkpoints too: their states are gone.
+    resp = app.post("/predict?adapter=ck:ckpt-step-6", json={"inputs": TEXTS}, headers=auth)
+    assert_error(resp, 404, param="adapter")
+    with app_state(app.app).sessionmaker() as session:
+        states = session.scalars(select(Checkpoint.id).where(Checkpoint.state.is_not(None))).all()
+    assert states == []
     retrained = encoder_job(app, auth, seed=4)
     store_checkpoint_adapter(app, auth, retrained[1], "expected-2")
     again = predict(app, auth, "ck:ckpt-step-6")
