@@ -29,7 +29,12 @@ from service.db.models import Base
 from service.db.session import make_db_engine, make_sessionmaker
 from service.main import create_app
 from service.state import app_state
-from tests.service.helpers import ADMIN_KEY, Headers, scratch_postgres_database
+from tests.service.helpers import (
+    ADMIN_KEY,
+    Headers,
+    scratch_postgres_database,
+    tiny_bases_settings,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -136,6 +141,19 @@ def settings(tmp_path: Path, db_backend: str, database_url: str) -> Settings:
 def client(settings: Settings) -> Iterator[TestClient]:
     # hooks=[]: no base model, batcher or worker; start-up = migrations + bootstrap.
     with TestClient(create_app(settings, hooks=[])) as test_client:
+        yield test_client
+
+
+@pytest.fixture
+def both(settings: Settings, tiny_model_dir: Path, tiny_llama_dir: Path) -> Iterator[TestClient]:
+    """The app with its real serving hook on the tiny encoder and the tiny decoder, no worker
+    (a test runs its jobs itself)."""
+    from service.serving.lifespan import serving
+    from tests.core.decoder.tiny_llama import TINY_LLAMA_NAME
+    from tests.tiny_bert import TINY_NAME
+
+    both = tiny_bases_settings(settings, tiny_model_dir, tiny_llama_dir, TINY_NAME, TINY_LLAMA_NAME)
+    with TestClient(create_app(both, hooks=[serving])) as test_client:
         yield test_client
 
 

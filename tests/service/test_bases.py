@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import json
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -63,14 +62,6 @@ def _chat_adapter(decoder: DecoderBase) -> Adapter:
     method = parse_method_config("lora", {"r": 2, "target_modules": ["q_proj"]}, "decoder")
     gen = torch.Generator().manual_seed(0)
     return random_decoder_lora(decoder, method, HeadConfig(task="chat"), gen, scale=0.1)
-
-
-@pytest.fixture
-def both(settings: Settings, tiny_model_dir: Path, tiny_llama_dir: Path) -> Iterator[TestClient]:
-    """The app with its real serving hook on the tiny encoder and the tiny decoder."""
-    both = tiny_bases_settings(settings, tiny_model_dir, tiny_llama_dir, TINY_NAME, TINY_LLAMA_NAME)
-    with TestClient(create_app(both, hooks=[serving])) as client:
-        yield client
 
 
 # --- settings ----------------------------------------------------------------------------------

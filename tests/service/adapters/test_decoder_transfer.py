@@ -12,7 +12,6 @@ import io
 import json
 import warnings
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +29,6 @@ from core.methods import parse_method_config
 from service.adapters.store import adapter_from_row
 from service.config import Settings
 from service.db.models import AdapterRow
-from service.main import create_app
-from service.serving.lifespan import serving
 from service.state import app_state
 from tests.core.decoder.tiny_llama import TINY_LLAMA_NAME
 from tests.service.helpers import (
@@ -39,23 +36,14 @@ from tests.service.helpers import (
     assert_error,
     default_auth,
     store_adapter,
-    tiny_bases_settings,
     zip_bytes,
 )
-from tests.tiny_bert import TINY_NAME
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 IMPORT = "/v1/adapters/import"
 TARGETS = ["q_proj", "v_proj", "down_proj"]
-
-
-@pytest.fixture
-def both(settings: Settings, tiny_model_dir: Path, tiny_llama_dir: Path) -> Iterator[TestClient]:
-    both = tiny_bases_settings(settings, tiny_model_dir, tiny_llama_dir, TINY_NAME, TINY_LLAMA_NAME)
-    with TestClient(create_app(both, hooks=[serving])) as client:
-        yield client
 
 
 @pytest.fixture(scope="module")

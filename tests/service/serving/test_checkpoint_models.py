@@ -1,26 +1,21 @@
 """A job's checkpoint served as a model under its ``fine_tuned_model_checkpoint`` name
 (``<adapter>:ckpt-step-<N>``): /predict, /reward/compare, chat and text completions.
 
-Jobs are created over HTTP, trained by a real ``JobRun`` on the bases the app serves, and their
+Jobs are created over HTTP, trained by a real ``JobRun`` on the bases the both serves, and their
 checkpoints are compared with the adapter ``adapter_from_checkpoint`` builds from the stored
 state, inserted as an ordinary adapter.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select, update
 
 from core.training.checkpoint import adapter_from_checkpoint
 from service.config import Settings
 from service.db.models import Checkpoint
-from service.main import create_app
-from service.serving.lifespan import serving
 from service.state import app_state
 from service.worker.job_run import RunOutcome
 from tests.core.decoder.tiny_llama import TINY_LLAMA_NAME
@@ -33,20 +28,11 @@ from tests.service.helpers import (
     create_dataset,
     default_auth,
     store_adapter,
-    tiny_bases_settings,
 )
 from tests.tiny_bert import TINY_NAME
 
 JOBS = "/v1/fine_tuning/jobs"
 TEXTS = ["the movie was great", "a terrible , boring film that i hate", "fun"]
-
-
-@pytest.fixture
-def app(settings: Settings, tiny_model_dir: Path, tiny_llama_dir: Path) -> Iterator[TestClient]:
-    """Both tiny bases served, no worker (jobs run in the test)."""
-    both = tiny_bases_settings(settings, tiny_model_dir, tiny_llama_dir, TINY_NAME, TINY_LLAMA_NAME)
-    with TestClient(create_app(both, hooks=[serving])) as client:
-        yield client
 
 
 def train(client: TestClient, auth: Headers, **body: Any) -> list[dict[str, Any]]:
@@ -118,26 +104,26 @@ def encoder_job(client: TestClient, auth: Headers, seed: int) -> list[dict[str, 
 
 
 def test_a_checkpoint_name_predicts_as_the_adapter_of_its_step(
-    app: TestClient, settings: Settings
+    both: TestClient, settings: Settings
 ) -> None:
     auth = default_auth(settings)
-    checkpoints = encoder_job(app, auth, seed=3)
+    checkpoints = encoder_job(both, auth, seed=3)
     names = [c["fine_tuned_model_checkpoint"] for c in checkpoints]
     assert names == ["ck:ckpt-step-9", "ck:ckpt-step-6", "ck:ckpt-step-3"]
     newest = checkpoints[0]
-    store_checkpoint_adapter(app, auth, newest, "expected")
-    served = predict(app, auth, newest["fine_tuned_model_checkpoint"])
-    assert_close(served, predict(app, auth, "expected"))
+    store_checkpoint_adapter(both, auth, newest, "expected")
+    served = predict(both, auth, newest["fine_tuned_model_checkpoint"])
+    assert_close(served, predict(both, auth, "expected"))
     # Not the finished adapter's numbers (trained 3 steps more), nor the adapter's key.
-    final = predict(app, auth, "ck")
+    final = predict(both, auth, "ck")
     assert any(abs(a["pos"] - b["pos"]) > 1e-4 for a, b in zip(served, final, strict=True))
-    assert_close(predict(app, auth, newest["fine_tuned_model_checkpoint"]), served)
+    assert_close(predict(both, auth, newest["fine_tuned_model_checkpoint"]), served)
 
     # As unknown as a name nobody has: another tenant's, a checkpoint without its state, and
     # names that are not a checkpoint's.
-    unknown = app.post("/predict?adapter=nope", json={"inputs": TEXTS}, headers=auth)
+    unknown = both.post("/predict?adapter=nope", json={"inputs": TEXTS}, headers=auth)
     shape = assert_error(unknown, 404, param="adapter")
-    other = other_tenant(app)
+    other = other_tenant(both)
     for name, headers in [
         ("ck:ckpt-step-9", other),
         ("ck:ckpt-step-3", auth),  # pruned by the job itself
@@ -152,37 +138,37 @@ def test_a_checkpoint_name_predicts_as_the_adapter_of_its_step(
         ("ck:ckpt-9", auth),
         (":ckpt-step-9", auth),
     ]:
-        resp = app.post(f"/predict?adapter={name}", json={"inputs": TEXTS}, headers=headers)
+        resp = both.post(f"/predict?adapter={name}", json={"inputs": TEXTS}, headers=headers)
         error = assert_error(resp, 404, param="adapter", code=shape["code"], type=shape["type"])
         assert error["message"] == shape["message"].replace("nope", name), name
     # A step of 10,000 digits is past the name's length bound, as any over-long name is.
-    resp = app.post(
+    resp = both.post(
         f"/predict?adapter=ck:ckpt-step-{'9' * 10_000}", json={"inputs": TEXTS}, headers=auth
     )
     assert_error(resp, 422, param="adapter")
 
     # Its state dropped: a 404 from the next request on, whatever this process holds.
-    drop_state(app, newest["id"])
-    resp = app.post("/predict?adapter=ck:ckpt-step-9", json={"inputs": TEXTS}, headers=auth)
+    drop_state(both, newest["id"])
+    resp = both.post("/predict?adapter=ck:ckpt-step-9", json={"inputs": TEXTS}, headers=auth)
     assert_error(resp, 404, param="adapter")
 
     # The name retrained by a later job names that job's checkpoints, never the first's.
-    middle = predict(app, auth, "ck:ckpt-step-6")
-    assert app.delete("/v1/adapters/ck", headers=auth).status_code == 200
+    middle = predict(both, auth, "ck:ckpt-step-6")
+    assert both.delete("/v1/adapters/ck", headers=auth).status_code == 200
     # Deleting the adapter withdraws its checkpoints too: their states are gone.
-    resp = app.post("/predict?adapter=ck:ckpt-step-6", json={"inputs": TEXTS}, headers=auth)
+    resp = both.post("/predict?adapter=ck:ckpt-step-6", json={"inputs": TEXTS}, headers=auth)
     assert_error(resp, 404, param="adapter")
-    with app_state(app.app).sessionmaker() as session:
+    with app_state(both.app).sessionmaker() as session:
         states = session.scalars(select(Checkpoint.id).where(Checkpoint.state.is_not(None))).all()
     assert states == []
-    retrained = encoder_job(app, auth, seed=4)
-    store_checkpoint_adapter(app, auth, retrained[1], "expected-2")
-    again = predict(app, auth, "ck:ckpt-step-6")
-    assert_close(again, predict(app, auth, "expected-2"))
+    retrained = encoder_job(both, auth, seed=4)
+    store_checkpoint_adapter(both, auth, retrained[1], "expected-2")
+    again = predict(both, auth, "ck:ckpt-step-6")
+    assert_close(again, predict(both, auth, "expected-2"))
     assert any(abs(a["pos"] - b["pos"]) > 1e-4 for a, b in zip(again, middle, strict=True))
 
 
-def test_decoder_checkpoints_generate_and_score(app: TestClient, settings: Settings) -> None:
+def test_decoder_checkpoints_generate_and_score(both: TestClient, settings: Settings) -> None:
     auth = default_auth(settings)
     hyper = {"n_epochs": 2, "batch_size": 4, "max_seq_length": 64, "learning_rate": 5e-2}
     chat_rows = [
@@ -195,15 +181,15 @@ def test_decoder_checkpoints_generate_and_score(app: TestClient, settings: Setti
         for i in range(8)
     ]
     (chat,) = train(
-        app,
+        both,
         auth,
-        training_file=create_dataset(app, auth, chat_rows, kind="chat"),
+        training_file=create_dataset(both, auth, chat_rows, kind="chat"),
         adapter_name="chat",
         method={"type": "lora", "hyperparameters": {**hyper, "validation_fraction": 0}},
         seed=1,
     )
     assert chat["fine_tuned_model_checkpoint"] == "chat:ckpt-step-2"
-    store_checkpoint_adapter(app, auth, chat, "chat-expected")
+    store_checkpoint_adapter(both, auth, chat, "chat-expected")
     ask = {
         "messages": [{"role": "user", "content": "What is 3 plus 3?"}],
         "max_tokens": 8,
@@ -211,7 +197,7 @@ def test_decoder_checkpoints_generate_and_score(app: TestClient, settings: Setti
     }
 
     def reply(model: str, headers: Headers = auth) -> Any:
-        return app.post("/v1/chat/completions", json={**ask, "model": model}, headers=headers)
+        return both.post("/v1/chat/completions", json={**ask, "model": model}, headers=headers)
 
     resp = reply("chat:ckpt-step-2")
     assert resp.status_code == 200, resp.text
@@ -220,30 +206,30 @@ def test_decoder_checkpoints_generate_and_score(app: TestClient, settings: Setti
     assert text == reply("chat-expected").json()["choices"][0]["message"]["content"]
     prompt = {"prompt": "What is", "max_tokens": 6, "temperature": 0}
     completions = [
-        app.post("/v1/completions", json={**prompt, "model": m}, headers=auth)
+        both.post("/v1/completions", json={**prompt, "model": m}, headers=auth)
         for m in ("chat:ckpt-step-2", "chat-expected")
     ]
     assert [c.status_code for c in completions] == [200, 200]
     texts = [c.json()["choices"][0]["text"] for c in completions]
     assert texts[0] == texts[1]
-    assert_error(reply("chat:ckpt-step-2", other_tenant(app)), 404, param="model")
+    assert_error(reply("chat:ckpt-step-2", other_tenant(both)), 404, param="model")
     assert_error(reply("chat:ckpt-step-1"), 404, param="model")
 
     # A decoder reward model's checkpoint on /reward/compare.
     rows = [{"prompt": f"Say {i}.", "chosen": f"{i}!", "rejected": "No."} for i in range(8)]
     (rm,) = train(
-        app,
+        both,
         auth,
-        training_file=create_dataset(app, auth, rows, kind="preference"),
+        training_file=create_dataset(both, auth, rows, kind="preference"),
         model=TINY_LLAMA_NAME,
         adapter_name="rm",
         method={"type": "lora", "hyperparameters": {**hyper, "validation_fraction": 0}},
         seed=1,
     )
-    store_checkpoint_adapter(app, auth, rm, "rm-expected")
+    store_checkpoint_adapter(both, auth, rm, "rm-expected")
     pairs = {"pairs": [{"prompt": "Say 3.", "response_a": "3!", "response_b": "No."}]}
     scored = [
-        app.post(f"/reward/compare?adapter={name}", json=pairs, headers=auth)
+        both.post(f"/reward/compare?adapter={name}", json=pairs, headers=auth)
         for name in (rm["fine_tuned_model_checkpoint"], "rm-expected")
     ]
     assert [s.status_code for s in scored] == [200, 200], scored[0].text
