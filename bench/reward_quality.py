@@ -15,10 +15,13 @@ Cases (the encoding choices of issue 15):
 
 * ``before``: the encoding before issue 15, reproduced here: texts as given, the
   tokenizer's own right truncation at 128 tokens (HH: whole dialogues, no prompt), features
-  pooled over every token.
+  pooled over every token, LoRA on query and value, dropout on.
 * ``default``: the trainer's defaults: (prompt, response) as a text pair, the response kept
   and the prompt cut from its start (core.pair_encoding), whole dialogues split at their
-  shared turns, the head reading the mean over the response's tokens, 128 tokens.
+  shared turns, the head reading the mean over the response's tokens, 128 tokens, LoRA on
+  every linear layer, no dropout.
+* ``qv_dropout``: the default before it trained without dropout and on every linear layer
+  (LoRA on query and value, the base's and head's dropout on).
 * ``pair_mean``: the default, but the head reads every token (the base's pooling).
 * ``pair_256``: the default at 256 tokens (MiniLM's own limit).
 * ``response``: the responses alone (prompts dropped after the split).
@@ -83,14 +86,18 @@ class Case:
 
 
 _WHOLE = {"pooling": "base"}
+# LoRA's targets on the encoder for other tasks, a reward model's before it took every linear.
+_QUERY_VALUE = {"target_modules": ["query", "value"]}
 CASES = [
     Case(
         "before",
-        {"max_seq_length": 128, "split_shared_prefix": False},
+        {"max_seq_length": 128, "split_shared_prefix": False, "disable_dropout": False},
+        method_params=_QUERY_VALUE,
         head=_WHOLE,
         encoding="before",
     ),
     Case("default"),
+    Case("qv_dropout", {"disable_dropout": False}, method_params=_QUERY_VALUE),
     Case("pair_mean", head=_WHOLE),
     Case("pair_256", {"max_seq_length": 256}),
     Case("response", {"split_shared_prefix": False}, encoding="response"),

@@ -27,6 +27,11 @@ class MethodConfig(BaseModel):
     def to_dict(self) -> dict[str, Any]:
         return {"type": self.type, **self.model_dump(mode="json")}
 
+    def for_task(self, task: str) -> MethodConfig:
+        """The config a run of ``task`` trains: this one, with any default that depends on the
+        task (known once the training rows are read) filled in where none was given."""
+        return self
+
     @property
     def reserved_positions(self) -> int:
         """Sequence positions the method occupies before the real tokens (prompt tuning's

@@ -42,7 +42,9 @@ PositiveRate = Annotated[float, Field(gt=0.0, le=10.0)]
 UnfreezeCount = Annotated[int, Field(ge=0)]
 AdamBeta = Annotated[float, Field(ge=0.0, lt=1.0)]
 # Settings that only preference (reward-model) training reads.
-REWARD_ONLY_SETTINGS = frozenset({"margin", "center_rewards_coefficient", "split_shared_prefix"})
+REWARD_ONLY_SETTINGS = frozenset(
+    {"margin", "center_rewards_coefficient", "disable_dropout", "split_shared_prefix"}
+)
 # Settings that only DPO training (task "dpo" on a decoder base) reads.
 DPO_ONLY_SETTINGS = frozenset({"beta", "label_smoothing"})
 
@@ -203,6 +205,16 @@ class TrainingConfig(BaseModel):
         ge=0.0,
         description="Preference data only: weight of a penalty on mean((r_chosen + "
         "r_rejected)^2) that keeps rewards centred on 0; null = off.",
+    )
+    # Held-out HH-RLHF pair accuracy at 1 epoch (README "Reward models"): LoRA on every linear
+    # 0.654/0.647/0.625 without dropout, 0.645/0.623/0.636 with it (seeds 0/1/2); on query +
+    # value 0.638/0.613 without, 0.632/0.600 with (seeds 0/1). Peak RSS fell by ~300 MiB.
+    disable_dropout: bool = Field(
+        True,
+        description="Preference data only: train without the base's and the head's dropout "
+        "(TRL's RewardTrainer default). The chosen and rejected texts would pass through "
+        "different dropout masks, whose noise lands in the difference the loss reads. false "
+        "= dropout as a classifier trains with.",
     )
     split_shared_prefix: bool = Field(
         True,

@@ -122,6 +122,9 @@ class Trainer:
             raise RuntimeError("trainer was closed (cancelled or finished); resume a checkpoint")
         cfg = self.config
         self._prepare_data()
+        self.method_config = self.method_config.for_task(self.head_config.task)
+        # Dropout while training; a reward model trains without it by default (disable_dropout).
+        self.dropout = not (self.head_config.task == "reward" and cfg.disable_dropout)
         # Seeded initialisation inside a forked RNG: same seed, same initial weights, whatever
         # else the process did before, and the global RNG is left as it was.
         with forked_rng(self.base.device):
@@ -408,9 +411,9 @@ class Trainer:
         data, device = self.train_data, self.base.device
         if self.frozen_features:
             assert self._train_feats is not None
-            out = self.model.head(_flatten_pairs(self._train_feats[part]), dropout=True)
+            out = self.model.head(_flatten_pairs(self._train_feats[part]), dropout=self.dropout)
         else:
-            out = self.model(data.collate(part, device), dropout=True)
+            out = self.model(data.collate(part, device), dropout=self.dropout)
         # The loss is a mean over the batch's rows.
         return self._loss(out, data.targets(part, device)) * (len(part) / len(idx)), {}
 

@@ -566,3 +566,47 @@ def test_checkpoint_taken_during_validation(tiny_base, easy_rows) -> None:
     assert _states_equal(full.adapter, result.adapter)
     strip = [{k: v for k, v in h.items() if k != "elapsed"} for h in full.history]
     assert [{k: v for k, v in h.items() if k != "elapsed"} for h in result.history] == strip
+
+
+def _first_batch_losses(tiny_base, rows, method: dict, config: dict) -> tuple[Trainer, Any, Any]:
+    """A set-up trainer, and its first 8 rows' loss as a training step computes it and with
+    every dropout off (torch's generators seeded alike for both)."""
+    trainer = Trainer(tiny_base, method, {"task": "reward"}, rows, None, {"seed": 0, **config})
+    trainer.setup()
+    idx, device = list(range(8)), tiny_base.device
+    with torch.no_grad():
+        torch.manual_seed(0)
+        step, _ = trainer._part_loss(idx, idx)
+        out = trainer.model(trainer.train_data.collate(idx, device), dropout=False)
+        plain = trainer._loss(out, trainer.train_data.targets(idx, device))
+    return trainer, step, plain
+
+
+def test_a_reward_model_trains_without_dropout_unless_asked(tiny_base) -> None:
+    rows = preference_rows(16)
+    _, step, plain = _first_batch_losses(tiny_base, rows, {"type": "lora"}, {})
+    assert torch.equal(step, plain)
+    _, step, plain = _first_batch_losses(
+        tiny_base, rows, {"type": "lora"}, {"disable_dropout": False}
+    )
+    assert not torch.equal(step, plain)  # the base's and head's dropout (0.1) are on
+
+
+def test_a_reward_model_s_lora_adapts_every_linear_unless_told(tiny_base, easy_rows) -> None:
+    from core.targets import TARGET_MODULES
+
+    def pairs_trained(trainer: Trainer) -> int:  # one A (and one B) per adapted linear
+        return sum(name.startswith("method.lora_A.") for name in trainer.named_params)
+
+    rows, layers = preference_rows(16), tiny_base.num_layers
+    trainer, _, _ = _first_batch_losses(tiny_base, rows, {"type": "lora"}, {})
+    assert trainer.method_config.target_modules == list(TARGET_MODULES)
+    assert pairs_trained(trainer) == layers * len(TARGET_MODULES)
+    told = {"type": "lora", "target_modules": ["query"]}
+    trainer, _, _ = _first_batch_losses(tiny_base, rows, told, {})
+    assert trainer.method_config.target_modules == ["query"]
+    assert pairs_trained(trainer) == layers
+    # A classifier keeps LoRA's default, query and value.
+    classifier = Trainer(tiny_base, {"type": "lora"}, {"task": "classification"}, easy_rows)
+    classifier.setup()
+    assert pairs_trained(classifier) == layers * 2
