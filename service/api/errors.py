@@ -109,8 +109,8 @@ def sent_steps(loc: Sequence[str | int], sent: Any, error_type: str) -> list[str
     string, a number or a list (whose parts are indexes) a named step is such a tag; in an
     object, only one standing before a key the object holds (or the required field it left
     out). Other steps an object lacks come from a validator that reshaped the body before
-    validation (a job's OpenAI method block becomes ``method.hyperparameters``): there the
-    location is left as pydantic gives it (None)."""
+    validation and did not map its errors back: there the location is left as pydantic gives
+    it (None)."""
     kept: list[str | int] = []
     value = sent
     last = len(loc) - 1

@@ -35,7 +35,9 @@ Features loraplex does not offer (``integrations``, ``metadata``, ``reinforcemen
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
+
+from pydantic import ValidationError
 
 from core.training.config import TrainingConfig
 from service.errors import invalid, unsupported
@@ -74,9 +76,9 @@ def openai_hyperparameters(value: Any, param: str, *, method_type: str = "lora")
         if item is None or item == _AUTO:
             continue
         if key == "learning_rate_multiplier":
+            where = f"{param}.{key}"
             ok = isinstance(item, int | float) and not isinstance(item, bool)
             if not ok or not math.isfinite(item) or item <= 0:
-                where = f"{param}.{key}"
                 raise invalid(f"{where} must be a positive number or 'auto'.", where)
             if "learning_rate" in value and value["learning_rate"] not in (None, _AUTO):
                 raise invalid(
@@ -84,10 +86,32 @@ def openai_hyperparameters(value: Any, param: str, *, method_type: str = "lora")
                     f"{param}.{key}",
                 )
             auto = TrainingConfig().resolved_learning_rate(method_type)
-            out["learning_rate"] = auto * float(item)
+            rate = auto * float(item)
+            try:
+                TrainingConfig(learning_rate=rate)
+            except ValidationError as e:
+                # Named here: past this point the error would name learning_rate, unsent.
+                bound = e.errors()[0]["msg"].removeprefix("Input should be ")
+                raise invalid(
+                    f"{where}: {item} x the default learning rate {auto:g} is {rate:g}; the "
+                    f"learning rate should be {bound}.",
+                    where,
+                ) from None
+            out["learning_rate"] = rate
         else:
             out[key] = item
     return out
+
+
+def _sent_paths(value: Any, param: str) -> dict[str, str]:
+    """Where each hyperparameter of :func:`openai_hyperparameters`' result was sent."""
+    if not isinstance(value, dict):
+        return {}
+    return {
+        "learning_rate" if key == "learning_rate_multiplier" else key: f"{param}.{key}"
+        for key, item in value.items()
+        if item is not None and item != _AUTO
+    }
 
 
 def openai_job_hyperparameters(
@@ -124,8 +148,10 @@ def _merge(first: dict[str, Any], second: dict[str, Any], param: str) -> dict[st
     return {**first, **second}
 
 
-def _translate_method(method: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
-    """(loraplex method block, the OpenAI type it came from or None)."""
+def _translate_method(
+    method: dict[str, Any],
+) -> tuple[dict[str, Any], str | None, dict[str, str]]:
+    """(loraplex method block, the OpenAI type it came from or None, the sent paths)."""
     method_type = method.get("type")
     if method_type == "reinforcement":
         raise unsupported(
@@ -136,7 +162,7 @@ def _translate_method(method: dict[str, Any]) -> tuple[dict[str, Any], str | Non
             "unsupported_method",
         )
     if method_type not in OPENAI_METHOD_TYPES:
-        return method, None
+        return method, None, {}
     block = method.get(method_type)
     if block is None:
         block = {}
@@ -161,17 +187,30 @@ def _translate_method(method: dict[str, Any]) -> tuple[dict[str, Any], str | Non
     own = method.get("hyperparameters") or {}
     if not isinstance(own, dict):
         raise invalid("method.hyperparameters must be an object.", "method.hyperparameters")
-    return {"type": "lora", "hyperparameters": _merge(hyper, own, param)}, method_type
+    merged = _merge(hyper, own, param)
+    return (
+        {"type": "lora", "hyperparameters": merged},
+        method_type,
+        _sent_paths(block.get("hyperparameters"), param),
+    )
 
 
-def translate_job_request(data: Any) -> tuple[Any, str | None]:
-    """``(body in loraplex's shape, OpenAI method type or None)``; non-dicts pass unchanged.
+class Translation(NamedTuple):
+    body: Any  # the request in loraplex's shape
+    openai_method: str | None  # the OpenAI method type it used, if any
+    # loraplex hyperparameter name → the path the client sent it at, for those sent elsewhere
+    # than method.hyperparameters (so a 422 names what was sent)
+    sent_paths: dict[str, str]
+
+
+def translate_job_request(data: Any) -> Translation:
+    """The request in loraplex's shape; non-dicts pass unchanged.
 
     Raises :class:`service.errors.ServiceError` for what cannot be mapped (see the module
     docstring).
     """
     if not isinstance(data, dict):
-        return data, None
+        return Translation(data, None, {})
     body = dict(data)
     for key in ("integrations", "metadata"):
         if body.get(key):
@@ -181,12 +220,13 @@ def translate_job_request(data: Any) -> tuple[Any, str | None]:
     method = body.get("method")
     if method is None:
         method = {"type": "lora"}
-    openai_type = None
+    openai_type, sent_paths = None, {}
     if isinstance(method, dict):
-        method, openai_type = _translate_method(method)
+        method, openai_type, sent_paths = _translate_method(method)
         method_type = method.get("type")
+        deprecated = body.pop("hyperparameters", None)
         top = openai_hyperparameters(
-            body.pop("hyperparameters", None),
+            deprecated,
             "hyperparameters",
             method_type=method_type if isinstance(method_type, str) else "lora",
         )
@@ -194,5 +234,6 @@ def translate_job_request(data: Any) -> tuple[Any, str | None]:
             own = method.get("hyperparameters") or {}
             if isinstance(own, dict):
                 method = {**method, "hyperparameters": _merge(own, top, "hyperparameters")}
+                sent_paths = {**sent_paths, **_sent_paths(deprecated, "hyperparameters")}
     body["method"] = method
-    return body, openai_type
+    return Translation(body, openai_type, sent_paths)

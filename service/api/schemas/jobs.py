@@ -17,9 +17,11 @@ from pydantic import (
     Field,
     ModelWrapValidatorHandler,
     PrivateAttr,
+    ValidationError,
     create_model,
     model_validator,
 )
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from service.api.schemas.common import NAME_PATTERN
 from service.api.schemas.methods import API_METHODS, METHOD_PARAMS, Hyperparameters, NotBool
@@ -230,9 +232,14 @@ class JobCreate(BaseModel):
     def _from_openai(cls, data: Any, handler: ModelWrapValidatorHandler[JobCreate]) -> JobCreate:
         # The OpenAI SDK's body (method types, deprecated top-level hyperparameters) mapped
         # onto ours first; see service.jobs.openai_compat.
-        translated, openai_method = translate_job_request(data)
-        job = handler(translated)
-        job._openai_method = openai_method
+        translated = translate_job_request(data)
+        try:
+            job = handler(translated.body)
+        except ValidationError as e:
+            if not translated.sent_paths:
+                raise
+            raise _at_sent_paths(e, translated.sent_paths) from None
+        job._openai_method = translated.openai_method
         return job
 
     @property
@@ -253,6 +260,28 @@ class JobCreate(BaseModel):
             openai_method=self.openai_method,
             reference_adapter=self.reference_adapter,
         )
+
+
+_HYPERPARAMETERS_LOC = ("method", "hyperparameters")
+
+
+def _at_sent_paths(error: ValidationError, sent_paths: dict[str, str]) -> ValidationError:
+    """``error`` with each hyperparameter's location where the client sent it (an OpenAI
+    method block, the deprecated top-level block), not the ``method.hyperparameters`` it
+    was moved to."""
+    details: list[InitErrorDetails] = []
+    for err in error.errors(include_url=False):
+        loc = err["loc"]
+        if loc[:2] == _HYPERPARAMETERS_LOC and len(loc) > 2 and loc[2] in sent_paths:
+            loc = (*sent_paths[str(loc[2])].split("."), *loc[3:])
+        details.append(
+            {
+                "type": PydanticCustomError(err["type"], err["msg"]),
+                "loc": loc,
+                "input": err["input"],
+            }
+        )
+    return ValidationError.from_exception_data(error.title, details)
 
 
 # --- responses -------------------------------------------------------------------------------

@@ -62,7 +62,7 @@ def test_openai_shaped_hyperparameters_are_held_to_the_same_rule(
     dpo = {"hyperparameters": {"margin": VALUE}}
     body = {"training_file": prefs, "method": {"type": "dpo", "dpo": dpo}}
     resp = _post(client, auth, body, "NaN")
-    assert_error(resp, 422, param="method.hyperparameters.margin", code="finite_number")
+    assert_error(resp, 422, param="method.dpo.hyperparameters.margin", code="finite_number")
     assert client.get(JOBS, headers=auth).json()["data"] == []
 
 

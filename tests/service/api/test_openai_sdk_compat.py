@@ -303,6 +303,45 @@ def test_dpo_trains_a_reward_model_on_preferences(
     assert bad.value.param == "method.dpo.hyperparameters.beta"
 
 
+def test_a_bad_openai_hyperparameter_is_named_where_it_was_sent(
+    sdk: openai.OpenAI, tiny_base: FrozenBase
+) -> None:
+    """The SDK's blocks are moved into method.hyperparameters before the schema checks them;
+    a 422 still names the path the client sent, and no job is left behind."""
+    file = _upload(sdk)
+    calls: list[tuple[dict[str, Any], str]] = [
+        (
+            {"method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 0}}}},
+            "method.supervised.hyperparameters.n_epochs",
+        ),
+        (
+            {"method": {"type": "dpo", "dpo": {"hyperparameters": {"batch_size": "many"}}}},
+            "method.dpo.hyperparameters.batch_size",
+        ),
+        # The multiplier maps onto a learning rate past its bound (10): named as sent.
+        (
+            {
+                "method": {
+                    "type": "supervised",
+                    "supervised": {"hyperparameters": {"learning_rate_multiplier": 1e5}},
+                }
+            },
+            "method.supervised.hyperparameters.learning_rate_multiplier",
+        ),
+        ({"hyperparameters": {"n_epochs": -2}}, "hyperparameters.n_epochs"),
+        # loraplex's own block keeps its path.
+        (
+            {"method": {"type": "lora", "hyperparameters": {"n_epochs": 0}}},
+            "method.hyperparameters.n_epochs",
+        ),
+    ]
+    for extra, param in calls:
+        with pytest.raises(openai.UnprocessableEntityError) as info:
+            sdk.fine_tuning.jobs.create(model=tiny_base.name, training_file=file.id, **extra)
+        assert info.value.param == param, extra
+    assert list(sdk.fine_tuning.jobs.list()) == []
+
+
 def test_unsupported_openai_features_are_bad_requests(
     sdk: openai.OpenAI, tiny_base: FrozenBase
 ) -> None:

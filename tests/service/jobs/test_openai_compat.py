@@ -12,8 +12,8 @@ from service.jobs.openai_compat import openai_job_hyperparameters, translate_job
 
 
 def translate(body: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
-    out, openai_type = translate_job_request({"training_file": "file-1", **body})
-    return out, openai_type
+    out = translate_job_request({"training_file": "file-1", **body})
+    return out.body, out.openai_method
 
 
 def test_no_method_is_default_lora_without_a_data_kind() -> None:
@@ -37,6 +37,25 @@ def test_supervised_and_dpo_become_lora() -> None:
     # DPO's beta is loraplex's beta (job creation refuses it on a reward model).
     body, _ = translate({"method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2}}}})
     assert body["method"] == {"type": "lora", "hyperparameters": {"beta": 0.2}}
+
+
+def test_each_moved_hyperparameter_keeps_the_path_it_was_sent_at() -> None:
+    out = translate_job_request(
+        {
+            "method": {
+                "type": "dpo",
+                "dpo": {"hyperparameters": {"beta": 0.2, "learning_rate_multiplier": 2}},
+                "hyperparameters": {"seed": 3},
+            },
+            "hyperparameters": {"n_epochs": 2, "batch_size": "auto"},
+        }
+    )
+    assert out.sent_paths == {
+        "beta": "method.dpo.hyperparameters.beta",
+        "learning_rate": "method.dpo.hyperparameters.learning_rate_multiplier",
+        "n_epochs": "hyperparameters.n_epochs",
+    }  # seed stays where it was sent; "auto" is not sent at all
+    assert translate_job_request({"method": {"type": "lora"}}).sent_paths == {}
 
 
 def test_learning_rate_multiplier_scales_the_methods_default() -> None:
