@@ -18,8 +18,10 @@ from service.api.deps import AdapterCachesDep, CurrentTenant, SessionDep
 from service.api.params import ModelId
 from service.api.schemas.models import BASE_OWNER, ModelDeleted, ModelList, ModelObject
 from service.bases import BaseSpec, base_specs
-from service.db.models import AdapterRow
-from service.errors import ErrorKind, ServiceError, not_found
+from service.db.models import AdapterRow, Checkpoint
+from service.db.types import to_unix
+from service.errors import ErrorKind, ServiceError, not_found, unsupported
+from service.jobs.checkpoints import find_served_checkpoint, parse_checkpoint_model
 from service.state import app_state
 
 if TYPE_CHECKING:
@@ -71,6 +73,28 @@ def _adapter_object(request: Request, row: AdapterRow) -> ModelObject:
     return ModelObject.from_adapter(row, base_kind=spec.kind if spec is not None else None)
 
 
+def _checkpoint_object(
+    request: Request, session: Session, tenant_id: str, model_id: str
+) -> ModelObject | None:
+    """The caller's checkpoint model ``model_id`` (``<adapter>:ckpt-step-<N>``) while it
+    serves; None for any other name."""
+    parsed = parse_checkpoint_model(model_id)
+    found = find_served_checkpoint(session.connection(), tenant_id, *parsed) if parsed else None
+    if found is None:
+        return None
+    checkpoint_id, config = found
+    created = session.scalar(select(Checkpoint.created_at).where(Checkpoint.id == checkpoint_id))
+    spec = base_specs(app_state(request).settings).get(config["base_name"])
+    return ModelObject.from_checkpoint(
+        model_id,
+        checkpoint_id,
+        config,
+        created=to_unix(created) or 0,
+        tenant_id=tenant_id,
+        base_kind=spec.kind if spec is not None else None,
+    )
+
+
 def _owned_adapter(session: Session, tenant_id: str, model_id: str) -> AdapterRow:
     row = find_adapter_row(session, tenant_id, model_id)
     if row is None:  # another tenant's adapter included: its existence is never confirmed
@@ -107,10 +131,14 @@ def list_models(request: Request, session: SessionDep, tenant: CurrentTenant) ->
 def retrieve_model(
     model_id: ModelId, request: Request, session: SessionDep, tenant: CurrentTenant
 ) -> ModelObject:
-    """A base (by its name, slash included) or one of the caller's adapters (by its name)."""
+    """A base (by its name, slash included), one of the caller's adapters (by its name) or a
+    checkpoint of the caller's jobs (`<adapter>:ckpt-step-<N>`, while it serves)."""
     spec = base_specs(app_state(request).settings).get(model_id)
     if spec is not None:
         return _base_object(request, spec)
+    checkpoint = _checkpoint_object(request, session, tenant.id, model_id)
+    if checkpoint is not None:
+        return checkpoint
     return _adapter_object(request, _owned_adapter(session, tenant.id, model_id))
 
 
@@ -122,14 +150,23 @@ def delete_model(
     tenant: CurrentTenant,
     caches: AdapterCachesDep,
 ) -> ModelDeleted:
-    """Deletes a fine-tuned model, i.e. an adapter, as `DELETE /v1/adapters/{name}` does;
-    403 for the base model, which every tenant shares."""
+    """Deletes a fine-tuned model, i.e. an adapter, as `DELETE /v1/adapters/{name}` does
+    (its jobs' checkpoint models stop serving with it); 403 for the base model, which every
+    tenant shares; 400 for a checkpoint model, which goes with its adapter."""
     if model_id in base_specs(app_state(request).settings):
         raise ServiceError(
             "The base model is shared by every tenant and cannot be deleted.",
             code="base_model_not_deletable",
             param="model",
             kind=ErrorKind.FORBIDDEN,
+        )
+    parsed = parse_checkpoint_model(model_id)
+    if parsed and _checkpoint_object(request, session, tenant.id, model_id) is not None:
+        raise unsupported(
+            f"A checkpoint model is not deleted on its own: it serves while its job keeps its "
+            f"state. Delete the model '{parsed[0]}' to withdraw it with its checkpoints.",
+            "model",
+            "checkpoint_not_deletable",
         )
     delete_adapter_row(session, _owned_adapter(session, tenant.id, model_id), caches)
     return ModelDeleted(id=model_id)

@@ -7,7 +7,7 @@ base model it runs on. The extras are loraplex's and optional for OpenAI clients
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -50,6 +50,7 @@ ADAPTER_MODEL_EXAMPLE = {
 }
 _BASE_ONLY = "Base model only: "
 _ADAPTER_ONLY = "Adapters only: "
+_FINE_TUNED = "Adapters and checkpoints only: "
 
 
 class ModelObject(BaseModel):
@@ -66,15 +67,18 @@ class ModelObject(BaseModel):
     )
     object: Literal["model"] = Field("model", description="Always `model`.")
     created: int = Field(
-        description="Unix seconds: when the adapter was stored, or the date of the base "
-        "model's weights file."
+        description="Unix seconds: when the adapter or checkpoint was stored, or the date of "
+        "the base model's weights file."
     )
     owned_by: str = Field(
         description=f"`{BASE_OWNER}` for the shared base model, else the owning tenant's id."
     )
     # --- loraplex extras ---
-    kind: Literal["base", "adapter"] = Field(
-        description="`base` for a shared base model, `adapter` for a fine-tuned model."
+    kind: Literal["base", "adapter", "checkpoint"] = Field(
+        description="`base` for a shared base model, `adapter` for a fine-tuned model, "
+        "`checkpoint` for a job's checkpoint (`<adapter>:ckpt-step-<N>`, served while the "
+        "checkpoint keeps its state; retrieved by name, not listed: a job's checkpoints list "
+        "them)."
     )
     base_kind: Literal["encoder", "decoder"] | None = Field(
         None,
@@ -84,7 +88,7 @@ class ModelObject(BaseModel):
         "does not load.",
     )
     root: str | None = Field(None, description="The base model everything here runs on.")
-    parent: str | None = Field(None, description=_ADAPTER_ONLY + "the base model it extends.")
+    parent: str | None = Field(None, description=_FINE_TUNED + "the base model it extends.")
     # base model
     max_model_len: int | None = Field(
         None,
@@ -100,10 +104,16 @@ class ModelObject(BaseModel):
     # adapter
     adapter_id: str | None = Field(None, description=_ADAPTER_ONLY + "the adapter's id.")
     version: int | None = Field(None, description=_ADAPTER_ONLY + "the adapter's version.")
-    method: str | None = Field(None, description=_ADAPTER_ONLY + "the fine-tuning method.")
-    task: str | None = Field(None, description=_ADAPTER_ONLY + "`classification` or `reward`.")
+    method: str | None = Field(None, description=_FINE_TUNED + "the fine-tuning method.")
+    task: str | None = Field(
+        None, description=_FINE_TUNED + "`classification`, `reward`, `chat` or `dpo`."
+    )
     label_names: list[str] | None = Field(
-        None, description=_ADAPTER_ONLY + "the labels a classifier predicts, in output order."
+        None, description=_FINE_TUNED + "the labels a classifier predicts, in output order."
+    )
+    # checkpoint
+    checkpoint_id: str | None = Field(
+        None, description="Checkpoints only: the checkpoint's id (`ftckpt-…`)."
     )
 
     @classmethod
@@ -124,6 +134,33 @@ class ModelObject(BaseModel):
             method=row.method,
             task=row.task,
             label_names=row.label_names,
+        )
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        name: str,
+        checkpoint_id: str,
+        config: dict[str, Any],
+        created: int,
+        tenant_id: str,
+        base_kind: Literal["encoder", "decoder"] | None = None,
+    ) -> ModelObject:
+        """``config``: the adapter config the checkpoint's state describes
+        (``Adapter.config_dict()``'s shape)."""
+        head = config["head"]
+        return cls(
+            id=name,
+            created=created,
+            owned_by=tenant_id,
+            kind="checkpoint",
+            base_kind=base_kind,
+            root=config["base_name"],
+            parent=config["base_name"],
+            checkpoint_id=checkpoint_id,
+            method=config["method"]["type"],
+            task=head["task"],
+            label_names=head.get("label_names"),
         )
 
 

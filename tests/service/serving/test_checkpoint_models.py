@@ -168,6 +168,45 @@ def test_a_checkpoint_name_predicts_as_the_adapter_of_its_step(
     assert any(abs(a["pos"] - b["pos"]) > 1e-4 for a, b in zip(again, middle, strict=True))
 
 
+def test_a_checkpoint_name_is_a_model_while_it_serves(both: TestClient, settings: Settings) -> None:
+    auth = default_auth(settings)
+    newest, _, pruned = encoder_job(both, auth, seed=3)
+    name = newest["fine_tuned_model_checkpoint"]
+    resp = both.get(f"/v1/models/{name}", headers=auth)
+    assert resp.status_code == 200, resp.text
+    model, adapter = resp.json(), both.get("/v1/models/ck", headers=auth).json()
+    assert model == {
+        "id": name,
+        "object": "model",
+        "created": newest["created_at"],
+        "owned_by": adapter["owned_by"],
+        "kind": "checkpoint",
+        "base_kind": "encoder",
+        "root": TINY_NAME,
+        "parent": TINY_NAME,
+        "checkpoint_id": newest["id"],
+        "method": "lora",
+        "task": "classification",
+        "label_names": adapter["label_names"],
+    }
+    # Retrieved by name, not listed (the job's checkpoints list them).
+    listed = [m["id"] for m in both.get("/v1/models", headers=auth).json()["data"]]
+    assert "ck" in listed and name not in listed
+    # Another tenant's, and one the job pruned, are unknown models.
+    for model_id, headers in [
+        (name, other_tenant(both)),
+        (pruned["fine_tuned_model_checkpoint"], auth),
+    ]:
+        assert_error(both.get(f"/v1/models/{model_id}", headers=headers), 404)
+        assert_error(both.delete(f"/v1/models/{model_id}", headers=headers), 404)
+    # It goes with its adapter, not on its own.
+    refused = both.delete(f"/v1/models/{name}", headers=auth)
+    assert_error(refused, 400, param="model", code="checkpoint_not_deletable")
+    assert both.get(f"/v1/models/{name}", headers=auth).status_code == 200
+    assert both.delete("/v1/models/ck", headers=auth).status_code == 200
+    assert_error(both.get(f"/v1/models/{name}", headers=auth), 404)
+
+
 def test_decoder_checkpoints_generate_and_score(both: TestClient, settings: Settings) -> None:
     auth = default_auth(settings)
     hyper = {"n_epochs": 2, "batch_size": 4, "max_seq_length": 64, "learning_rate": 5e-2}
