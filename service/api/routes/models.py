@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from fastapi import APIRouter, Request
 from sqlalchemy import select
 from sqlalchemy.orm import Session
+from starlette.convertors import PathConvertor, register_url_convertor
 
 from service.adapters.records import delete_adapter_row, find_adapter_row
 from service.api.deps import AdapterCachesDep, CurrentTenant, SessionDep
@@ -29,6 +30,17 @@ if TYPE_CHECKING:
     from core.decoder.base import DecoderBase
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
+
+
+class _ModelIdConvertor(PathConvertor):
+    """Starlette's ``path``, newlines included: its ``.*`` stops at one, so ``abc%0A``
+    matched no route (a bare 404) where every other id with a control character is a 422
+    naming it (service.names)."""
+
+    regex = r"[\s\S]*"
+
+
+register_url_convertor("model_id", _ModelIdConvertor())
 
 
 def _weights_date(base: FrozenBase | DecoderBase) -> int:
@@ -120,10 +132,10 @@ def list_models(request: Request, session: SessionDep, tenant: CurrentTenant) ->
     )
 
 
-# ``:path``: a base model id such as ``sentence-transformers/all-MiniLM-L6-v2`` holds a slash
-# (the SDK sends it as %2F, which the server decodes before routing).
+# ``:model_id`` (a path): a base model id such as ``sentence-transformers/all-MiniLM-L6-v2``
+# holds a slash (the SDK sends it as %2F, which the server decodes before routing).
 @router.get(
-    "/{model_id:path}",
+    "/{model_id:model_id}",
     response_model=ModelObject,
     response_model_exclude_none=True,
     summary="Get a model",
@@ -142,7 +154,7 @@ def retrieve_model(
     return _adapter_object(request, _owned_adapter(session, tenant.id, model_id))
 
 
-@router.delete("/{model_id:path}", response_model=ModelDeleted, summary="Delete a model")
+@router.delete("/{model_id:model_id}", response_model=ModelDeleted, summary="Delete a model")
 def delete_model(
     model_id: ModelId,
     request: Request,

@@ -71,6 +71,8 @@ def _nothing_stored(client: TestClient) -> None:
         # Other control characters too: no id or name has one.
         ("GET", "/v1/datasets/a%1Fb", "dataset_id"),
         ("GET", f"{JOBS}/a%0Ab", "job_id"),
+        ("GET", "/v1/models/abc%0A", "model_id"),  # a path parameter: newlines included
+        ("DELETE", "/v1/models/a%0Ab", "model_id"),
     ],
 )
 def test_an_id_with_a_control_character_is_a_422_naming_it(
