@@ -18,7 +18,7 @@ from service.adapters.records import delete_adapter_row, find_adapter_row
 from service.api.deps import AdapterCachesDep, CurrentTenant, SessionDep
 from service.api.params import ModelId
 from service.api.schemas.models import BASE_OWNER, ModelDeleted, ModelList, ModelObject
-from service.bases import BaseSpec, base_specs
+from service.bases import BaseKind, BaseSpec, base_specs
 from service.db.models import AdapterRow, Checkpoint
 from service.db.types import to_unix
 from service.errors import ErrorKind, ServiceError, not_found, unsupported
@@ -79,10 +79,14 @@ def _base_object(request: Request, spec: BaseSpec) -> ModelObject:
     )
 
 
+def _base_kind(request: Request, base_model: str) -> BaseKind | None:
+    # A fine-tuned model of a base this deployment does not load says no base kind.
+    spec = base_specs(app_state(request).settings).get(base_model)
+    return spec.kind if spec is not None else None
+
+
 def _adapter_object(request: Request, row: AdapterRow) -> ModelObject:
-    spec = base_specs(app_state(request).settings).get(row.base_model)
-    # An adapter of a base this deployment does not load says no base kind.
-    return ModelObject.from_adapter(row, base_kind=spec.kind if spec is not None else None)
+    return ModelObject.from_adapter(row, base_kind=_base_kind(request, row.base_model))
 
 
 def _checkpoint_object(
@@ -96,14 +100,13 @@ def _checkpoint_object(
         return None
     checkpoint_id, config = found
     created = session.scalar(select(Checkpoint.created_at).where(Checkpoint.id == checkpoint_id))
-    spec = base_specs(app_state(request).settings).get(config["base_name"])
     return ModelObject.from_checkpoint(
         model_id,
         checkpoint_id,
         config,
         created=to_unix(created) or 0,
         tenant_id=tenant_id,
-        base_kind=spec.kind if spec is not None else None,
+        base_kind=_base_kind(request, config["base_name"]),
     )
 
 
