@@ -129,22 +129,21 @@ def test_a_bad_message_content_names_what_was_sent(
     assert error["param"] == param and error["message"].startswith(f"{param}: ")
 
 
-def test_a_job_body_mapped_before_validation_is_named_where_it_can_be(
+def test_a_job_body_mapped_before_validation_is_named_where_it_was_sent(
     client: TestClient, auth: Headers
 ) -> None:
-    # OpenAI's deprecated top-level hyperparameters are moved under `method` before
-    # validation; the client sent them at the top.
+    # OpenAI's deprecated top-level hyperparameters, and a supervised block's, are moved under
+    # `method.hyperparameters` before validation; the errors name what the client sent.
     body = {"training_file": "file-x", "hyperparameters": {"n_epochs": "three"}}
     resp = client.post("/v1/fine_tuning/jobs", headers=auth, json=body)
     assert_error(resp, 422, param="hyperparameters.n_epochs")
-    # A supervised block's hyperparameters become method.hyperparameters: that location does
-    # not follow the body sent, and is reported as it is (not cut to "method").
     body = {
         "training_file": "file-x",
         "method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": "x"}}},
     }
     resp = client.post("/v1/fine_tuning/jobs", headers=auth, json=body)
-    assert_error(resp, 422, param="method.hyperparameters.n_epochs")
+    error = assert_error(resp, 422, param="method.supervised.hyperparameters.n_epochs")
+    assert error["message"].startswith("method.supervised.hyperparameters.n_epochs: ")
 
 
 def test_sent_steps_drops_the_union_members_pydantic_names() -> None:
