@@ -115,7 +115,7 @@ _ALSO: Mapping[tuple[str, str], frozenset[int]] = {
     ("post", "/v1/fine_tuning/jobs/{job_id}/cancel"): frozenset({409}),
     ("post", "/v1/adapters/import"): frozenset({404, 409, 429}),
     ("delete", "/v1/adapters/{name}"): frozenset({409}),
-    ("delete", "/v1/models/{model_id}"): frozenset({400, 409}),  # 400: a checkpoint model
+    ("delete", "/v1/models/{model_id}"): frozenset({409}),
     # 409: an adapter stored in a form this server cannot load, or larger than its cache.
     ("post", "/predict"): frozenset({400, 404, 409}),
     ("post", "/reward/compare"): frozenset({400, 404, 409}),

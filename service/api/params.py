@@ -27,7 +27,8 @@ ModelId = Annotated[
     str,
     Path(
         description="The base model's name (slash included, e.g. "
-        "`sentence-transformers/all-MiniLM-L6-v2`) or an adapter's name."
+        "`sentence-transformers/all-MiniLM-L6-v2`), an adapter's name, or a job checkpoint's "
+        "(`<adapter>:ckpt-step-<N>`)."
     ),
     NoControlCharacters,
 ]

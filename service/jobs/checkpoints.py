@@ -200,6 +200,26 @@ def drop_served_checkpoints(session: Session, tenant_id: str, adapter_name: str)
     )
 
 
+def withdraw_checkpoint(session: Session, tenant_id: str, checkpoint_id: str) -> bool:
+    """Drop the state of the tenant's checkpoint ``checkpoint_id`` (joins the caller's
+    transaction), so it stops serving as a model, if its job has finished; False, dropping
+    nothing, while the job may still resume from it."""
+    status = session.scalar(
+        select(Job.status)
+        .join(Checkpoint, Checkpoint.job_id == Job.id)
+        .where(Checkpoint.id == checkpoint_id, Checkpoint.tenant_id == tenant_id)
+    )
+    if status not in TERMINAL_STATUSES:
+        return False
+    session.execute(
+        update(Checkpoint)
+        .where(Checkpoint.id == checkpoint_id)
+        .values(state=None)
+        .execution_options(synchronize_session=False)
+    )
+    return True
+
+
 def served_checkpoint_state(session: Session, tenant_id: str, checkpoint_id: str) -> bytes | None:
     """The state of the tenant's checkpoint ``checkpoint_id``, or None once it is dropped (or
     the job deleted)."""

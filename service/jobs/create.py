@@ -7,7 +7,10 @@ back, so a rejected request leaves no job behind.
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +35,7 @@ from service.db.models import Dataset, Job, JobStatus, Tenant
 from service.db.session import committed_or_conflict
 from service.errors import ErrorKind, ServiceError, conflict, invalid, not_found, quota_exceeded
 from service.jobs.events import add_event
-from service.jobs.openai_compat import OPENAI_METHOD_KINDS
+from service.jobs.openai_compat import HYPERPARAMETERS_PATH, OPENAI_METHOD_KINDS, SentPath
 from service.jobs.queue import job_count
 from service.jobs.validate import MethodConfigError, base_limits, validate_method
 from service.tenants.lock import lock_tenant
@@ -58,6 +61,9 @@ class JobRequest:
     # DPO only: the name of the tenant's chat (SFT) adapter on the same base that is DPO's
     # reference policy and the policy's starting weights, instead of the bare base.
     reference_adapter: str | None = None
+    # Where the client sent each hyperparameter it did not send in method.hyperparameters (an
+    # OpenAI method block, the deprecated top-level block): errors name that path.
+    sent_paths: Mapping[str, SentPath] = dataclasses.field(default_factory=dict)
 
 
 _SHOWN_LABELS = 5
@@ -242,9 +248,7 @@ def _job_base(settings: Settings, model: str | None, task: str | None) -> BaseSp
     )
 
 
-def _check_task_settings(
-    task: str | None, hyper: dict[str, Any], openai_method: str | None
-) -> None:
+def _check_task_settings(task: str | None, hyper: dict[str, Any]) -> None:
     """Refuse a setting that only another task reads, so no client believes it took effect."""
     only: list[tuple[frozenset[str], str, bool]] = [
         (DPO_ONLY_SETTINGS, "DPO on a decoder base (a dpo dataset)", task == "dpo"),
@@ -254,8 +258,7 @@ def _check_task_settings(
         for name in sorted(names & set(hyper)):
             if applies or task is None:
                 continue
-            block = f"method.{openai_method}.hyperparameters" if openai_method else None
-            param = f"{block or 'method.hyperparameters'}.{name}"
+            param = f"method.hyperparameters.{name}"
             raise invalid(
                 f"{param}: only {reader} reads {name}; this job trains {task}.",
                 param,
@@ -331,7 +334,34 @@ def _reference_adapter(
     return {**method, method_type: own, "reference_adapter": row.id}
 
 
+_HYPERPARAMETERS_PARAM = ".".join(HYPERPARAMETERS_PATH) + "."
+
+
+@contextmanager
+def _named_as_sent(sent_paths: Mapping[str, SentPath]) -> Iterator[None]:
+    """Errors about a hyperparameter name it where the client sent it: the request keeps them
+    all in method.hyperparameters, and the checks name that path."""
+    try:
+        yield
+    except ServiceError as e:
+        rest = (e.param or "").removeprefix(_HYPERPARAMETERS_PARAM)
+        key, dot, below = rest.partition(".")
+        if rest == e.param or key not in sent_paths:
+            raise
+        sent = ".".join(sent_paths[key]) + dot + below
+        if e.message.startswith(f"{e.param}:"):
+            e.message = sent + e.message.removeprefix(e.param)
+            e.args = (e.message,)
+        e.param = sent
+        raise
+
+
 def create_job(session: Session, tenant: Tenant, body: JobRequest, settings: Settings) -> Job:
+    with _named_as_sent(body.sent_paths):
+        return _create_job(session, tenant, body, settings)
+
+
+def _create_job(session: Session, tenant: Tenant, body: JobRequest, settings: Settings) -> Job:
     # The training file's kind decides the task, and the task the kind of base: ``model``
     # picks the base (404 for one this deployment does not configure), by default the first
     # of the kind that trains the task.
@@ -349,7 +379,7 @@ def create_job(session: Session, tenant: Tenant, body: JobRequest, settings: Set
         # validate_method names fields inside the method block; the request's field is method.*
         param = f"method.{exc.param}" if exc.param else "method"
         raise MethodConfigError(exc.message, param=param) from exc
-    _check_task_settings(task, body.hyperparameters, body.openai_method)
+    _check_task_settings(task, body.hyperparameters)
     with_reference = _reference_adapter(
         session, tenant.id, body.reference_adapter, task, base, body.method
     )

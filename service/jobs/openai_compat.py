@@ -50,6 +50,7 @@ OPENAI_METHOD_KINDS: dict[str, tuple[str, ...]] = {
     "dpo": ("dpo", "preference"),
 }
 _AUTO = "auto"
+SentPath = tuple[str, ...]  # a field's location in the request body, key by key
 # OpenAI's hyperparameters of each method type, as its job object shows them (the SDK's
 # SupervisedHyperparameters and DpoHyperparameters).
 _OPENAI_JOB_HYPERPARAMETERS: dict[str, tuple[str, ...]] = {
@@ -103,12 +104,16 @@ def openai_hyperparameters(value: Any, param: str, *, method_type: str = "lora")
     return out
 
 
-def _sent_paths(value: Any, param: str) -> dict[str, str]:
+# Where loraplex's own hyperparameters are sent, and where a translated request keeps them all.
+HYPERPARAMETERS_PATH: SentPath = ("method", "hyperparameters")
+
+
+def _sent_paths(value: Any, block: SentPath) -> dict[str, SentPath]:
     """Where each hyperparameter of :func:`openai_hyperparameters`' result was sent."""
     if not isinstance(value, dict):
         return {}
     return {
-        "learning_rate" if key == "learning_rate_multiplier" else key: f"{param}.{key}"
+        "learning_rate" if key == "learning_rate_multiplier" else key: (*block, key)
         for key, item in value.items()
         if item is not None and item != _AUTO
     }
@@ -138,19 +143,26 @@ def openai_job_hyperparameters(
     return out
 
 
-def _merge(first: dict[str, Any], second: dict[str, Any], param: str) -> dict[str, Any]:
+def _merge(
+    first: dict[str, Any],
+    first_paths: dict[str, SentPath],
+    second: dict[str, Any],
+    second_paths: dict[str, SentPath],
+) -> dict[str, Any]:
+    """Two hyperparameter blocks in one, refusing a setting both set (``*_paths``: where each
+    key was sent, when not in loraplex's own block)."""
     twice = sorted(set(first) & set(second))
     if twice:
-        raise invalid(
-            f"hyperparameter {twice[0]!r} is given twice (in {param} and elsewhere); give it once.",
-            param,
-        )
+        key = twice[0]
+        one = ".".join(first_paths.get(key, (*HYPERPARAMETERS_PATH, key)))
+        other = ".".join(second_paths.get(key, (*HYPERPARAMETERS_PATH, key)))
+        raise invalid(f"{other}: sets {key}, as {one} does; give it once.", other)
     return {**first, **second}
 
 
 def _translate_method(
     method: dict[str, Any],
-) -> tuple[dict[str, Any], str | None, dict[str, str]]:
+) -> tuple[dict[str, Any], str | None, dict[str, SentPath]]:
     """(loraplex method block, the OpenAI type it came from or None, the sent paths)."""
     method_type = method.get("type")
     if method_type == "reinforcement":
@@ -182,17 +194,14 @@ def _translate_method(
             "to set them).",
             f"method.{other[0]}",
         )
-    param = f"method.{method_type}.hyperparameters"
-    hyper = openai_hyperparameters(block.get("hyperparameters"), param)
+    where: SentPath = ("method", method_type, "hyperparameters")
+    hyper = openai_hyperparameters(block.get("hyperparameters"), ".".join(where))
+    sent_paths = _sent_paths(block.get("hyperparameters"), where)
     own = method.get("hyperparameters") or {}
     if not isinstance(own, dict):
         raise invalid("method.hyperparameters must be an object.", "method.hyperparameters")
-    merged = _merge(hyper, own, param)
-    return (
-        {"type": "lora", "hyperparameters": merged},
-        method_type,
-        _sent_paths(block.get("hyperparameters"), param),
-    )
+    merged = _merge(hyper, sent_paths, own, {})
+    return {"type": "lora", "hyperparameters": merged}, method_type, sent_paths
 
 
 class Translation(NamedTuple):
@@ -200,7 +209,7 @@ class Translation(NamedTuple):
     openai_method: str | None  # the OpenAI method type it used, if any
     # loraplex hyperparameter name → the path the client sent it at, for those sent elsewhere
     # than method.hyperparameters (so a 422 names what was sent)
-    sent_paths: dict[str, str]
+    sent_paths: dict[str, SentPath]
 
 
 def translate_job_request(data: Any) -> Translation:
@@ -233,7 +242,9 @@ def translate_job_request(data: Any) -> Translation:
         if top:
             own = method.get("hyperparameters") or {}
             if isinstance(own, dict):
-                method = {**method, "hyperparameters": _merge(own, top, "hyperparameters")}
-                sent_paths = {**sent_paths, **_sent_paths(deprecated, "hyperparameters")}
+                top_paths = _sent_paths(deprecated, ("hyperparameters",))
+                merged = _merge(own, sent_paths, top, top_paths)
+                method = {**method, "hyperparameters": merged}
+                sent_paths = {**sent_paths, **top_paths}
     body["method"] = method
     return Translation(body, openai_type, sent_paths)

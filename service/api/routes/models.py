@@ -7,7 +7,7 @@ name (``LORAPLEX_BASES``), the name jobs are created with (``model=``).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request
 from sqlalchemy import select
@@ -21,8 +21,12 @@ from service.api.schemas.models import BASE_OWNER, ModelDeleted, ModelList, Mode
 from service.bases import BaseKind, BaseSpec, base_specs
 from service.db.models import AdapterRow, Checkpoint
 from service.db.types import to_unix
-from service.errors import ErrorKind, ServiceError, not_found, unsupported
-from service.jobs.checkpoints import find_served_checkpoint, parse_checkpoint_model
+from service.errors import ErrorKind, ServiceError, conflict, not_found
+from service.jobs.checkpoints import (
+    find_served_checkpoint,
+    parse_checkpoint_model,
+    withdraw_checkpoint,
+)
 from service.state import app_state
 
 if TYPE_CHECKING:
@@ -89,13 +93,19 @@ def _adapter_object(request: Request, row: AdapterRow) -> ModelObject:
     return ModelObject.from_adapter(row, base_kind=_base_kind(request, row.base_model))
 
 
+def _served_checkpoint(
+    session: Session, tenant_id: str, model_id: str
+) -> tuple[str, dict[str, Any]] | None:
+    """``(checkpoint id, adapter config)`` of the caller's checkpoint model ``model_id``
+    (``<adapter>:ckpt-step-<N>``) while it serves; None for any other name."""
+    parsed = parse_checkpoint_model(model_id)
+    return find_served_checkpoint(session.connection(), tenant_id, *parsed) if parsed else None
+
+
 def _checkpoint_object(
     request: Request, session: Session, tenant_id: str, model_id: str
 ) -> ModelObject | None:
-    """The caller's checkpoint model ``model_id`` (``<adapter>:ckpt-step-<N>``) while it
-    serves; None for any other name."""
-    parsed = parse_checkpoint_model(model_id)
-    found = find_served_checkpoint(session.connection(), tenant_id, *parsed) if parsed else None
+    found = _served_checkpoint(session, tenant_id, model_id)
     if found is None:
         return None
     checkpoint_id, config = found
@@ -167,7 +177,8 @@ def delete_model(
 ) -> ModelDeleted:
     """Deletes a fine-tuned model, i.e. an adapter, as `DELETE /v1/adapters/{name}` does
     (its jobs' checkpoint models stop serving with it); 403 for the base model, which every
-    tenant shares; 400 for a checkpoint model, which goes with its adapter."""
+    tenant shares. A checkpoint model (`<adapter>:ckpt-step-<N>`) is withdrawn: its state is
+    dropped once its job has finished (409 before: the job resumes from it)."""
     if model_id in base_specs(app_state(request).settings):
         raise ServiceError(
             "The base model is shared by every tenant and cannot be deleted.",
@@ -175,13 +186,18 @@ def delete_model(
             param="model",
             kind=ErrorKind.FORBIDDEN,
         )
-    parsed = parse_checkpoint_model(model_id)
-    if parsed and _checkpoint_object(request, session, tenant.id, model_id) is not None:
-        raise unsupported(
-            f"A checkpoint model is not deleted on its own: it serves while its job keeps its "
-            f"state. Delete the model '{parsed[0]}' to withdraw it with its checkpoints.",
-            "model",
-            "checkpoint_not_deletable",
-        )
+    checkpoint = _served_checkpoint(session, tenant.id, model_id)
+    if checkpoint is not None:
+        if not withdraw_checkpoint(session, tenant.id, checkpoint[0]):
+            raise conflict(
+                f"Checkpoint model '{model_id}' belongs to a job that has not finished and may "
+                "resume from it; cancel the job, or wait for it to end, first.",
+                "model",
+                "checkpoint_in_use",
+            )
+        session.commit()
+        for drop in caches:
+            drop(tenant.id, model_id)
+        return ModelDeleted(id=model_id)
     delete_adapter_row(session, _owned_adapter(session, tenant.id, model_id), caches)
     return ModelDeleted(id=model_id)

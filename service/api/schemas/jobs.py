@@ -29,7 +29,9 @@ from service.db.models import Job
 from service.db.types import to_unix
 from service.jobs.create import JobRequest
 from service.jobs.openai_compat import (
+    HYPERPARAMETERS_PATH,
     OPENAI_METHOD_TYPES,
+    SentPath,
     openai_job_hyperparameters,
     translate_job_request,
 )
@@ -226,6 +228,9 @@ class JobCreate(BaseModel):
     # OpenAI's method type (supervised, dpo) when the request used one: it fixes the kind of
     # training data the job accepts. Set by the validator below, never by the client.
     _openai_method: str | None = PrivateAttr(default=None)
+    # Where the client sent each hyperparameter the validator moved (service.jobs.create names
+    # them so in its errors).
+    _sent_paths: dict[str, SentPath] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="wrap")
     @classmethod
@@ -240,6 +245,7 @@ class JobCreate(BaseModel):
                 raise
             raise _at_sent_paths(e, translated.sent_paths) from None
         job._openai_method = translated.openai_method
+        job._sent_paths = translated.sent_paths
         return job
 
     @property
@@ -259,21 +265,19 @@ class JobCreate(BaseModel):
             model=self.model,
             openai_method=self.openai_method,
             reference_adapter=self.reference_adapter,
+            sent_paths=self._sent_paths,
         )
 
 
-_HYPERPARAMETERS_LOC = ("method", "hyperparameters")
-
-
-def _at_sent_paths(error: ValidationError, sent_paths: dict[str, str]) -> ValidationError:
+def _at_sent_paths(error: ValidationError, sent_paths: dict[str, SentPath]) -> ValidationError:
     """``error`` with each hyperparameter's location where the client sent it (an OpenAI
     method block, the deprecated top-level block), not the ``method.hyperparameters`` it
     was moved to."""
     details: list[InitErrorDetails] = []
     for err in error.errors(include_url=False):
         loc = err["loc"]
-        if loc[:2] == _HYPERPARAMETERS_LOC and len(loc) > 2 and loc[2] in sent_paths:
-            loc = (*sent_paths[str(loc[2])].split("."), *loc[3:])
+        if loc[:2] == HYPERPARAMETERS_PATH and len(loc) > 2 and loc[2] in sent_paths:
+            loc = (*sent_paths[str(loc[2])], *loc[3:])
         details.append(
             {
                 "type": PydanticCustomError(err["type"], err["msg"]),

@@ -78,7 +78,7 @@ class ModelObject(BaseModel):
         description="`base` for a shared base model, `adapter` for a fine-tuned model, "
         "`checkpoint` for a job's checkpoint (`<adapter>:ckpt-step-<N>`, served while the "
         "checkpoint keeps its state; retrieved by name, not listed: a job's checkpoints list "
-        "them)."
+        "them; DELETE withdraws it once its job has finished)."
     )
     base_kind: Literal["encoder", "decoder"] | None = Field(
         None,
@@ -160,7 +160,7 @@ class ModelObject(BaseModel):
             checkpoint_id=checkpoint_id,
             method=config["method"]["type"],
             task=head["task"],
-            label_names=head.get("label_names"),
+            label_names=head.get("label_names") or None,  # as an adapter row: none, not []
         )
 
 

@@ -329,6 +329,28 @@ def test_a_bad_openai_hyperparameter_is_named_where_it_was_sent(
             "method.supervised.hyperparameters.learning_rate_multiplier",
         ),
         ({"hyperparameters": {"n_epochs": -2}}, "hyperparameters.n_epochs"),
+        # Checked after the schema, by job creation: named where sent too.
+        (
+            {
+                "method": {
+                    "type": "supervised",
+                    "supervised": {"hyperparameters": {"max_steps": 10**7}},
+                }
+            },
+            "method.supervised.hyperparameters.max_steps",  # the step limit
+        ),
+        (
+            {"hyperparameters": {"warmup_ratio": 0.1, "warmup_steps": 3}},
+            "hyperparameters.warmup_steps",  # core's cross-field rule
+        ),
+        (
+            {"method": {"type": "supervised"}, "hyperparameters": {"beta": 0.1}},
+            "hyperparameters.beta",  # a setting only DPO reads
+        ),
+        (
+            {"method": {"type": "supervised", "hyperparameters": {"beta": 0.1}}},
+            "method.hyperparameters.beta",
+        ),
         # loraplex's own block keeps its path.
         (
             {"method": {"type": "lora", "hyperparameters": {"n_epochs": 0}}},

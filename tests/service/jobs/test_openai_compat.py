@@ -51,11 +51,45 @@ def test_each_moved_hyperparameter_keeps_the_path_it_was_sent_at() -> None:
         }
     )
     assert out.sent_paths == {
-        "beta": "method.dpo.hyperparameters.beta",
-        "learning_rate": "method.dpo.hyperparameters.learning_rate_multiplier",
-        "n_epochs": "hyperparameters.n_epochs",
+        "beta": ("method", "dpo", "hyperparameters", "beta"),
+        "learning_rate": ("method", "dpo", "hyperparameters", "learning_rate_multiplier"),
+        "n_epochs": ("hyperparameters", "n_epochs"),
     }  # seed stays where it was sent; "auto" is not sent at all
     assert translate_job_request({"method": {"type": "lora"}}).sent_paths == {}
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "message"),
+    [
+        (
+            {
+                "method": {
+                    "type": "supervised",
+                    "supervised": {"hyperparameters": {"learning_rate_multiplier": 2}},
+                    "hyperparameters": {"learning_rate": 1e-3},
+                }
+            },
+            "method.hyperparameters.learning_rate",
+            "method.hyperparameters.learning_rate: sets learning_rate, as "
+            "method.supervised.hyperparameters.learning_rate_multiplier does; give it once.",
+        ),
+        (
+            {
+                "method": {"type": "dpo", "dpo": {"hyperparameters": {"n_epochs": 2}}},
+                "hyperparameters": {"n_epochs": 3},
+            },
+            "hyperparameters.n_epochs",
+            "hyperparameters.n_epochs: sets n_epochs, as method.dpo.hyperparameters.n_epochs "
+            "does; give it once.",
+        ),
+    ],
+)
+def test_a_setting_given_twice_names_both_places(
+    body: dict[str, Any], param: str, message: str
+) -> None:
+    with pytest.raises(ServiceError) as info:
+        translate(body)
+    assert (info.value.param, info.value.message) == (param, message)
 
 
 def test_learning_rate_multiplier_scales_the_methods_default() -> None:
@@ -112,7 +146,7 @@ def test_empty_integrations_and_metadata_are_dropped() -> None:
                 "hyperparameters": {"n_epochs": 3},
             },
             ErrorKind.INVALID,
-            "hyperparameters",
+            "hyperparameters.n_epochs",  # the second of the two places
         ),
     ],
 )

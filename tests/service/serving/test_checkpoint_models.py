@@ -15,7 +15,7 @@ from sqlalchemy import select, update
 
 from core.training.checkpoint import adapter_from_checkpoint
 from service.config import Settings
-from service.db.models import Checkpoint
+from service.db.models import Checkpoint, Job, JobStatus
 from service.state import app_state
 from service.worker.job_run import RunOutcome
 from tests.core.decoder.tiny_llama import TINY_LLAMA_NAME
@@ -199,12 +199,36 @@ def test_a_checkpoint_name_is_a_model_while_it_serves(both: TestClient, settings
     ]:
         assert_error(both.get(f"/v1/models/{model_id}", headers=headers), 404)
         assert_error(both.delete(f"/v1/models/{model_id}", headers=headers), 404)
-    # It goes with its adapter, not on its own.
+    # DELETE withdraws it (its state dropped) once its job has finished, not while the job may
+    # resume from it.
+    middle = checkpoints_of(both, auth, newest["fine_tuning_job_id"])[1]
+    set_job_status(both, newest["fine_tuning_job_id"], JobStatus.RUNNING)
     refused = both.delete(f"/v1/models/{name}", headers=auth)
-    assert_error(refused, 400, param="model", code="checkpoint_not_deletable")
+    assert_error(refused, 409, param="model", code="checkpoint_in_use")
     assert both.get(f"/v1/models/{name}", headers=auth).status_code == 200
-    assert both.delete("/v1/models/ck", headers=auth).status_code == 200
+    set_job_status(both, newest["fine_tuning_job_id"], JobStatus.CANCELLED)
+    assert predict(both, auth, name)  # served, so cached
+    deleted = both.delete(f"/v1/models/{name}", headers=auth)
+    assert deleted.status_code == 200 and deleted.json()["id"] == name, deleted.text
     assert_error(both.get(f"/v1/models/{name}", headers=auth), 404)
+    resp = both.post(f"/predict?adapter={name}", json={"inputs": TEXTS}, headers=auth)
+    assert_error(resp, 404, param="adapter")
+    # The job's other checkpoint, and the adapter, still serve; the adapter takes the rest.
+    other = middle["fine_tuned_model_checkpoint"]
+    assert both.get(f"/v1/models/{other}", headers=auth).status_code == 200
+    assert both.delete("/v1/models/ck", headers=auth).status_code == 200
+    assert_error(both.get(f"/v1/models/{other}", headers=auth), 404)
+
+
+def checkpoints_of(client: TestClient, auth: Headers, job_id: str) -> list[dict[str, Any]]:
+    page = client.get(f"{JOBS}/{job_id}/checkpoints", headers=auth).json()
+    return page["data"]  # type: ignore[no-any-return]
+
+
+def set_job_status(client: TestClient, job_id: str, status: JobStatus) -> None:
+    with app_state(client.app).sessionmaker() as session:
+        session.execute(update(Job).where(Job.id == job_id).values(status=status))
+        session.commit()
 
 
 def test_decoder_checkpoints_generate_and_score(both: TestClient, settings: Settings) -> None:
@@ -228,6 +252,10 @@ def test_decoder_checkpoints_generate_and_score(both: TestClient, settings: Sett
         seed=1,
     )
     assert chat["fine_tuned_model_checkpoint"] == "chat:ckpt-step-2"
+    model = both.get("/v1/models/chat:ckpt-step-2", headers=auth).json()
+    # A chat model has no labels: left out, as the adapter's object leaves them out.
+    assert (model["kind"], model["task"], model["base_kind"]) == ("checkpoint", "chat", "decoder")
+    assert "label_names" not in model
     store_checkpoint_adapter(both, auth, chat, "chat-expected")
     ask = {
         "messages": [{"role": "user", "content": "What is 3 plus 3?"}],
