@@ -7,7 +7,7 @@ name (``LORAPLEX_BASES``), the name jobs are created with (``model=``).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Request
 from sqlalchemy import select
@@ -22,11 +22,8 @@ from service.bases import BaseKind, BaseSpec, base_specs
 from service.db.models import AdapterRow, Checkpoint
 from service.db.types import to_unix
 from service.errors import ErrorKind, ServiceError, conflict, not_found
-from service.jobs.checkpoints import (
-    find_served_checkpoint,
-    parse_checkpoint_model,
-    withdraw_checkpoint,
-)
+from service.jobs.checkpoints import parse_checkpoint_model, withdraw_checkpoint
+from service.serving.queries import AdapterRef, find_adapter
 from service.state import app_state
 
 if TYPE_CHECKING:
@@ -93,30 +90,23 @@ def _adapter_object(request: Request, row: AdapterRow) -> ModelObject:
     return ModelObject.from_adapter(row, base_kind=_base_kind(request, row.base_model))
 
 
-def _served_checkpoint(
-    session: Session, tenant_id: str, model_id: str
-) -> tuple[str, dict[str, Any]] | None:
-    """``(checkpoint id, adapter config)`` of the caller's checkpoint model ``model_id``
-    (``<adapter>:ckpt-step-<N>``) while it serves; None for any other name."""
-    parsed = parse_checkpoint_model(model_id)
-    return find_served_checkpoint(session.connection(), tenant_id, *parsed) if parsed else None
+def _served_checkpoint(session: Session, tenant_id: str, model_id: str) -> AdapterRef | None:
+    """The caller's checkpoint model ``model_id`` (``<adapter>:ckpt-step-<N>``) while it
+    serves, resolved as serving resolves it; None for any other name."""
+    if parse_checkpoint_model(model_id) is None:
+        return None
+    return find_adapter(session.connection(), tenant_id, model_id)
 
 
 def _checkpoint_object(
     request: Request, session: Session, tenant_id: str, model_id: str
 ) -> ModelObject | None:
-    found = _served_checkpoint(session, tenant_id, model_id)
-    if found is None:
+    ref = _served_checkpoint(session, tenant_id, model_id)
+    if ref is None:
         return None
-    checkpoint_id, config = found
-    created = session.scalar(select(Checkpoint.created_at).where(Checkpoint.id == checkpoint_id))
+    created = session.scalar(select(Checkpoint.created_at).where(Checkpoint.id == ref.id))
     return ModelObject.from_checkpoint(
-        model_id,
-        checkpoint_id,
-        config,
-        created=to_unix(created) or 0,
-        tenant_id=tenant_id,
-        base_kind=_base_kind(request, config["base_name"]),
+        ref, created=to_unix(created) or 0, base_kind=_base_kind(request, ref.base_model)
     )
 
 
@@ -188,7 +178,7 @@ def delete_model(
         )
     checkpoint = _served_checkpoint(session, tenant.id, model_id)
     if checkpoint is not None:
-        if not withdraw_checkpoint(session, tenant.id, checkpoint[0]):
+        if not withdraw_checkpoint(session, tenant.id, checkpoint.id):
             raise conflict(
                 f"Checkpoint model '{model_id}' belongs to a job that has not finished and may "
                 "resume from it; cancel the job, or wait for it to end, first.",

@@ -7,13 +7,14 @@ base model it runs on. The extras are loraplex's and optional for OpenAI clients
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.api.schemas.adapters import ADAPTER_EXAMPLE
 from service.db.models import AdapterRow
 from service.db.types import to_unix
+from service.serving.queries import AdapterRef
 
 # OpenAI marks its own base models this way; here it is the server's shared bases.
 BASE_OWNER = "system"
@@ -139,28 +140,25 @@ class ModelObject(BaseModel):
     @classmethod
     def from_checkpoint(
         cls,
-        name: str,
-        checkpoint_id: str,
-        config: dict[str, Any],
+        ref: AdapterRef,
         created: int,
-        tenant_id: str,
         base_kind: Literal["encoder", "decoder"] | None = None,
     ) -> ModelObject:
-        """``config``: the adapter config the checkpoint's state describes
-        (``Adapter.config_dict()``'s shape)."""
-        head = config["head"]
+        """``ref``: the checkpoint as serving resolves its model name (``ref.id`` is the
+        checkpoint's id)."""
+        tenant_id, name, _ = ref.key
         return cls(
             id=name,
             created=created,
             owned_by=tenant_id,
             kind="checkpoint",
             base_kind=base_kind,
-            root=config["base_name"],
-            parent=config["base_name"],
-            checkpoint_id=checkpoint_id,
-            method=config["method"]["type"],
-            task=head["task"],
-            label_names=head.get("label_names") or None,  # as an adapter row: none, not []
+            root=ref.base_model,
+            parent=ref.base_model,
+            checkpoint_id=ref.id,
+            method=ref.method,
+            task=ref.task,
+            label_names=list(ref.label_names) or None,  # as an adapter row: none, not []
         )
 
 
