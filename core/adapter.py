@@ -19,6 +19,9 @@ from core.model import AdaptedModel
 from core.targets import BaseKind
 from core.tensors import tensor_bytes
 
+# The "format" of an adapter's config (config_dict), which a checkpoint's adapter shares.
+ADAPTER_FORMAT = "loraplex.adapter/1"
+
 
 def base_kind_of(base: FrozenBase | DecoderBase) -> BaseKind:
     return "decoder" if isinstance(base, DecoderBase) else "encoder"
@@ -136,7 +139,7 @@ class Adapter:
 
     def config_dict(self) -> dict[str, Any]:
         return {
-            "format": "loraplex.adapter/1",
+            "format": ADAPTER_FORMAT,
             "method": self.method.to_dict(),
             "head": self.head.model_dump(mode="json"),
             "base_name": self.base_name,

@@ -20,7 +20,7 @@ from safetensors.torch import save as st_save
 from torch import Tensor
 from torch.optim.lr_scheduler import LRScheduler
 
-from core.adapter import Adapter
+from core.adapter import ADAPTER_FORMAT, Adapter
 from core.errors import CoreError
 from core.heads import HeadConfig
 from core.methods import build_method, parse_method_config
@@ -178,7 +178,7 @@ def checkpoint_adapter_config(meta: Mapping[str, Any]) -> dict[str, Any]:
         step = int(meta["position"]["step"])
         last_val = meta["state"].get("last_val") or {}
         return {
-            "format": "loraplex.adapter/1",
+            "format": ADAPTER_FORMAT,
             "method": method_config.to_dict(),
             "head": head.model_dump(mode="json"),
             "base_name": str(served["base_name"]),
