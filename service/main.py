@@ -7,12 +7,12 @@ LEAD: the base model, the inference batcher and the embedded worker are started 
 appended to :data:`LIFESPAN_HOOKS` (or passed to ``create_app(hooks=...)``). A hook is a
 function ``hook(state) -> async context manager`` given the app's :class:`AppState`: it finds
 the settings and the session factory there, reports readiness through ``state.readiness``
-and sets the fields it owns::
+and sets the fields it owns (``service.serving.lifespan.serving`` is the real one; in short)::
 
     @asynccontextmanager
     async def load_base_model(state: AppState) -> AsyncIterator[None]:
         state.readiness.expect("model")
-        state.base_model = await run_in_threadpool(core.base.load, ...)
+        state.base_model = await run_in_threadpool(core.base.load_base_model, ...)
         state.readiness.ready("model")
         yield
 """

@@ -2,7 +2,7 @@
 
 The core library is the authority on what a method's parameters and the training
 hyperparameters mean: :func:`validate_method` asks ``core.methods.parse_method_config`` and
-``core.training.parse_training_config`` and turns their :class:`core.errors.ConfigError` into
+``core.training.config.parse_training_config`` and turns their :class:`core.errors.ConfigError` into
 :class:`MethodConfigError` with ``param`` relative to ``method`` (``"lora.r"``,
 ``"hyperparameters.learning_rate"``); the route answers a 422 whose ``param`` is
 ``method.<param>``. The core modules it imports are torch-free configs. Where the job's task

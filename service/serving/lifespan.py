@@ -104,7 +104,7 @@ async def serving(state: AppState) -> AsyncIterator[None]:
     state.decoder_scoring = scoring
     spare = spare_cores(settings, threads, decoders)
     if spare:
-        # The worker's cores while it and every other engine here idle (service/serving/cores).
+        # The worker's cores while it and every other engine here idle (service/serving/cores.py).
         worker = ProcessActivity(lambda: state.worker_pid)
         engines = [b for b in (batcher, *(s.batcher for s in scoring.values())) if b is not None]
         lender = CoreLender(threads, spare, [worker.busy, *(b.busy for b in engines)])
