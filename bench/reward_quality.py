@@ -1,27 +1,29 @@
 """Reward-model quality on real preference pairs: held-out pair accuracy per encoding choice.
 
 Each case trains a reward adapter with the trainer's defaults (LoRA, 3 epochs, batch 16, the
-best checkpoint on a held-out tenth of the training pairs) and scores the held-out pairs with
-the trained adapter built afresh, as it is served: pair accuracy (chosen scored above
-rejected; ties count as wrong), exact ties, pairs that were one input after encoding, the
-mean margin, training seconds and the case's peak RSS. Every case runs in its own
-subprocess, with the worker's fixed mmap threshold (service.worker.memory), so
-``peak_rss_mib`` (``ru_maxrss``) is that case's alone, training and scoring, as a worker
-would hold it. The default case is
-also scored through :class:`core.inference.InferenceEngine` (``engine_max_abs_diff``: 0 when
-the serving path encodes pairs as training did, at the adapter's trained ``max_seq_length``).
+mean of the three epochs' weights; a held-out tenth of the training pairs validates) and
+scores the held-out pairs with the trained adapter built afresh, as it is served: pair
+accuracy (chosen scored above rejected; ties count as wrong), exact ties, pairs that were
+one input after encoding, the mean margin, training seconds and the case's peak RSS. Every
+case runs in its own subprocess, with the worker's fixed mmap threshold
+(service.worker.memory), so ``peak_rss_mib`` (``ru_maxrss``) is that case's alone, training
+and scoring, as a worker would hold it. The default case is also scored through
+:class:`core.inference.InferenceEngine` (``engine_max_abs_diff``: 0 when the serving path
+encodes pairs as training did, at the adapter's trained ``max_seq_length``).
 
 Cases (the encoding choices of issue 15):
 
 * ``before``: the encoding before issue 15, reproduced here: texts as given, the
   tokenizer's own right truncation at 128 tokens (HH: whole dialogues, no prompt), features
-  pooled over every token, LoRA on query and value, dropout on.
+  pooled over every token, LoRA on query and value, dropout on, the best epoch.
 * ``default``: the trainer's defaults: (prompt, response) as a text pair, the response kept
   and the prompt cut from its start (core.pair_encoding), whole dialogues split at their
   shared turns, the head reading the mean over the response's tokens, 128 tokens, LoRA on
-  every linear layer, no dropout.
+  every linear layer, no dropout, the mean of the epochs' weights.
+* ``best_epoch``: the default, but the weights of the epoch that validated best on the
+  held-out tenth, as before reward models averaged their epochs.
 * ``qv_dropout``: the default before it trained without dropout and on every linear layer
-  (LoRA on query and value, the base's and head's dropout on).
+  (LoRA on query and value, the base's and head's dropout on, the best epoch).
 * ``pair_mean``: the default, but the head reads every token (the base's pooling).
 * ``pair_256``: the default at 256 tokens (MiniLM's own limit).
 * ``response``: the responses alone (prompts dropped after the split).
@@ -88,16 +90,23 @@ class Case:
 _WHOLE = {"pooling": "base"}
 # LoRA's targets on the encoder for other tasks, a reward model's before it took every linear.
 _QUERY_VALUE = {"target_modules": ["query", "value"]}
+_BEST_EPOCH = {"average_epochs": False}
 CASES = [
     Case(
         "before",
-        {"max_seq_length": 128, "split_shared_prefix": False, "disable_dropout": False},
+        {
+            "max_seq_length": 128,
+            "split_shared_prefix": False,
+            "disable_dropout": False,
+            **_BEST_EPOCH,
+        },
         method_params=_QUERY_VALUE,
         head=_WHOLE,
         encoding="before",
     ),
     Case("default"),
-    Case("qv_dropout", {"disable_dropout": False}, method_params=_QUERY_VALUE),
+    Case("best_epoch", _BEST_EPOCH),
+    Case("qv_dropout", {"disable_dropout": False, **_BEST_EPOCH}, method_params=_QUERY_VALUE),
     Case("pair_mean", head=_WHOLE),
     Case("pair_256", {"max_seq_length": 256}),
     Case("response", {"split_shared_prefix": False}, encoding="response"),
@@ -187,6 +196,8 @@ def run_case(
         "steps": result.steps,
         "max_seq_length": max_length,
         "val_accuracy": result.metrics.get("val_accuracy"),
+        # Epoch ends the adapter is the mean of (None: the best epoch's weights).
+        "averaged_epochs": result.metrics.get("averaged_epochs"),
         "split_rows": pairs["split_rows"] if pairs else 0,
         "test_pairs": len(data),
     }

@@ -52,8 +52,10 @@ class TrainerCallbacks:
 @dataclass
 class TrainResult:
     adapter: Adapter
-    metrics: dict[str, Any]  # val_* of the best evaluation, train_loss, steps, best_step ...
-    best_step: int
+    # val_* of the adapter's weights (the best evaluation's, or of an epoch average, whose
+    # averaged_epochs says how many), train_loss, steps, best_step ...
+    metrics: dict[str, Any]
+    best_step: int  # the step whose weights the adapter holds (an average: the last)
     history: list[EvalRecord]  # one entry per evaluation point
     stopped_early: bool = False
     steps: int = 0

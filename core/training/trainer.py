@@ -16,6 +16,7 @@ bookkeeping after each (validation, best weights, callbacks, checkpoints), ``sav
 :mod:`~core.training.inputs` (configs and rows from the caller, checked),
 :mod:`~core.training.state` (what changes while training, and how a checkpoint saves it),
 :mod:`~core.training.rng` (the run's own randomness, which makes resume bit-exact),
+:mod:`~core.training.averaging` (a reward model's result: the mean of its epochs' weights),
 :mod:`~core.training.checkpoint` (the bytes) and :mod:`~core.training.callbacks` (what the
 caller is told).
 
@@ -51,8 +52,14 @@ from core.methods import MethodConfig, build_method
 from core.model import AdaptedModel
 from core.targets import BaseKind
 from core.training import checkpoint as ckpt
+from core.training.averaging import EpochAverage
 from core.training.callbacks import ProgressEvent, TrainerCallbacks, TrainResult
-from core.training.config import TrainingConfig, parse_training_config
+from core.training.config import (
+    DPO_ONLY_SETTINGS,
+    REWARD_ONLY_SETTINGS,
+    TrainingConfig,
+    parse_training_config,
+)
 from core.training.data import (
     BucketSampler,
     EncodedData,
@@ -174,6 +181,10 @@ class Trainer:
         self._train_feats: Tensor | None = None
         self._val_feats: Tensor | None = None
         self._best_state: dict[str, Tensor] | None = None
+        # A reward model's result is the mean of its epoch ends (average_epochs), not the
+        # best of them, so no best weights are kept.
+        averaging = self.head_config.task == "reward" and cfg.average_epochs
+        self._average = EpochAverage() if averaging else None
         self.state = TrainingState()
         self._ready = True
 
@@ -287,7 +298,8 @@ class Trainer:
     # --- training ----------------------------------------------------------------------------
 
     def train(self) -> TrainResult:
-        """Run to the end (or early stop); restore the best weights; return the adapter.
+        """Run to the end (or early stop); restore the best weights (a reward model's: the mean
+        of its epochs', ``average_epochs``); return the adapter.
 
         Raises :class:`Cancelled` within one step of ``should_cancel`` returning True; the
         trainer then drops its model, optimizer and data so their memory can be freed.
@@ -322,6 +334,8 @@ class Trainer:
                 st.loss_sum += loss
                 st.loss_count += 1
                 end_of_epoch = bi + 1 == len(batches)
+                if end_of_epoch and self._average is not None:
+                    self._average.add(self.named_params, st.step)
                 # Position is normalised before anything is saved: (epoch, next batch).
                 if end_of_epoch:
                     st.epoch, st.batch_in_epoch = epoch + 1, 0
@@ -472,7 +486,8 @@ class Trainer:
             st.best_step = st.step  # without validation the last weights are the result
         else:
             val = self.evaluate()
-            if st.track_validation(val, cfg.metric_for_best, cfg.early_stopping_patience):
+            best = st.track_validation(val, cfg.metric_for_best, cfg.early_stopping_patience)
+            if best and self._average is None:
                 self._best_state = self._snapshot()
         st.record(epoch, train_loss, lr, val, time.monotonic() - t0)
         return val
@@ -494,16 +509,22 @@ class Trainer:
 
     def _finish(self) -> TrainResult:
         st = self.state
-        if self._best_state is not None and st.best_step != st.step:
-            self._load_trainable_state(self._best_state)
+        if self._average is not None:
+            result_step, val = st.step, self._load_average()
+        else:
+            if self._best_state is not None and st.best_step != st.step:
+                self._load_trainable_state(self._best_state)
+            result_step, val = st.best_step, st.best_metrics
         last_train = next(
-            (h["train_loss"] for h in reversed(st.history) if h["step"] == st.best_step), None
+            (h["train_loss"] for h in reversed(st.history) if h["step"] == result_step), None
         )
-        metrics: dict[str, Any] = {f"val_{k}": v for k, v in st.best_metrics.items()}
+        metrics: dict[str, Any] = {f"val_{k}": v for k, v in val.items()}
+        if self._average is not None:
+            metrics["averaged_epochs"] = self._average.count
         metrics.update(
             {
                 "train_loss": last_train,
-                "best_step": st.best_step,
+                "best_step": result_step,
                 "steps": st.step,
                 "epochs": self.epochs_done,
                 "trained_tokens": st.trained_tokens,
@@ -516,13 +537,27 @@ class Trainer:
         result = TrainResult(
             adapter=adapter,
             metrics=metrics,
-            best_step=st.best_step,
+            best_step=result_step,
             history=list(st.history),
             stopped_early=st.stopped_early,
             steps=st.step,
         )
         self.close()
         return result
+
+    def _load_average(self) -> dict[str, Any]:
+        """Set the weights to the mean of the epoch ends (and of the last step, when a run
+        stops within an epoch); return the mean's validation metrics (none without data)."""
+        average, st = self._average, self.state
+        assert average is not None
+        if average.step != st.step:
+            average.add(self.named_params, st.step)
+        if average.count == 1:  # the mean of one is the last weights, validated already
+            return st.last_val or {}
+        with torch.no_grad():
+            for name, weight in average.mean().items():
+                self.named_params[name].copy_(weight)
+        return self.evaluate() if self.val_data is not None else {}
 
     def _served_head(self) -> HeadConfig:
         """The head config the adapter is saved with. It records how rows were encoded, so
@@ -556,6 +591,7 @@ class Trainer:
             "optimizer",
             "scheduler",
             "_best_state",
+            "_average",
             "_train_feats",
             "_val_feats",
             "train_data",
@@ -595,6 +631,15 @@ class Trainer:
             "val_data": self.val_data.fingerprint() if self.val_data is not None else None,
         }
 
+    def _settings_read(self, training: Mapping[str, Any]) -> dict[str, Any]:
+        """The training settings this run's task reads, of a checkpoint's ``training``: a
+        setting added since for another task (``average_epochs``) does not stop a resume."""
+        task = self.head_config.task
+        unread = (REWARD_ONLY_SETTINGS if task != "reward" else frozenset()) | (
+            DPO_ONLY_SETTINGS if task != "dpo" else frozenset()
+        )
+        return {k: v for k, v in training.items() if k not in unread}
+
     def save_checkpoint(self) -> bytes:
         """The full training state as bytes (JSON + safetensors; never pickle)."""
         if not self._ready:
@@ -606,6 +651,9 @@ class Trainer:
         # Best weights other than the current ones; has_best says whether there are any.
         if self._best_state is not None and st.best_step != st.step:
             tensors.update(ckpt.prefixed("best.", self._best_state))
+        average = self._average
+        if average is not None and average.total is not None:
+            tensors.update(ckpt.prefixed("average.", average.total))
         saved = st.to_json()
         meta = {
             "format": ckpt.FORMAT,
@@ -617,6 +665,7 @@ class Trainer:
             "optimizer": optim_meta,
             "scheduler": ckpt.scheduler_to_json(self.scheduler),
             "state": {**saved["state"], "has_best": self._best_state is not None},
+            "average": None if average is None else {"epochs": average.count, "step": average.step},
             # What the adapter of these weights records besides the method and base in
             # ``identity``: ckpt.adapter_from_checkpoint serves a checkpoint as that adapter.
             "adapter": {
@@ -635,7 +684,10 @@ class Trainer:
         mine = self._identity()
         theirs = meta.get("identity", {})
         for key, value in mine.items():
-            if theirs.get(key) != value:
+            saved = theirs.get(key)
+            if key == "training" and isinstance(saved, dict):
+                value, saved = self._settings_read(value), self._settings_read(saved)
+            if saved != value:
                 raise ckpt.CheckpointError(f"checkpoint belongs to a different job: {key} differs")
         device = self.base.device
         try:
@@ -645,6 +697,11 @@ class Trainer:
             self.scheduler.load_state_dict(ckpt.scheduler_from_json(meta["scheduler"]))
             self._rng = TrainerRng.from_json(meta["rng"], device)
             self.state = TrainingState.from_json(meta)
+            if self._average is not None:
+                total = {k: v.to(device) for k, v in ckpt.unprefixed("average.", tensors).items()}
+                self._average = EpochAverage(
+                    total or None, meta["average"]["epochs"], meta["average"]["step"]
+                )
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise ckpt.CheckpointError(f"checkpoint does not fit this job: {e}") from None
         best = {k: v.to(device) for k, v in ckpt.unprefixed("best.", tensors).items()}

@@ -28,7 +28,15 @@ from tests.core.training.test_checkpoint_adapter import (
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-CFG = {"n_epochs": 2, "batch_size": 4, "learning_rate": 1e-2, "seed": 3, "validation_fraction": 0}
+# The result is the last weights: no validation, and a reward model's epochs not averaged.
+CFG = {
+    "n_epochs": 2,
+    "batch_size": 4,
+    "learning_rate": 1e-2,
+    "seed": 3,
+    "validation_fraction": 0,
+    "average_epochs": False,
+}
 METHODS = [
     {"type": "lora", "r": 4, "dropout": 0.1},
     {"type": "full"},

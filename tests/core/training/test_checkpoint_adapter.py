@@ -22,8 +22,15 @@ from core.training.trainer import ProgressEvent, Trainer, TrainerCallbacks, Trai
 from tests.core.training.conftest import preference_rows, sentiment_rows
 from tests.core.util import TEXTS
 
-# No validation: the trainer's result is its last weights, those of the final checkpoint.
-CFG = {"n_epochs": 2, "batch_size": 16, "learning_rate": 3e-2, "validation_fraction": 0.0}
+# No validation and no averaging of a reward model's epochs: the trainer's result is its last
+# weights, those of the final checkpoint.
+CFG = {
+    "n_epochs": 2,
+    "batch_size": 16,
+    "learning_rate": 3e-2,
+    "validation_fraction": 0.0,
+    "average_epochs": False,
+}
 
 
 def train_with_final_checkpoint(

@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from core.errors import Cancelled, ConfigError, DataError
-from core.training.checkpoint import MAGIC, CheckpointError, unpack
+from core.training.checkpoint import (
+    MAGIC,
+    CheckpointError,
+    adapter_from_checkpoint,
+    pack,
+    unpack,
+)
+from core.training.data import coerce_examples, encode
 from core.training.trainer import ProgressEvent, Trainer, TrainerCallbacks
 from tests.core.training.conftest import preference_rows
 
@@ -217,6 +224,29 @@ def test_checkpoint_refuses_other_data_or_config(tiny_base, easy_rows) -> None:
         Trainer.resume(data, tiny_base, easy_rows, method_config={"type": "lora", "r": 4})
     # Fields that do not change the trajectory may differ.
     Trainer.resume(data, tiny_base, easy_rows, config={"n_epochs": 1, "checkpoint_every_steps": 5})
+
+
+def _without_average_epochs(data: bytes) -> bytes:
+    """``data`` as a checkpoint saved before ``average_epochs`` existed."""
+    meta, tensors = unpack(data)
+    del meta["identity"]["training"]["average_epochs"], meta["config"]["average_epochs"]
+    return pack(meta, tensors)
+
+
+def test_a_checkpoint_from_before_a_setting_of_another_task_resumes(tiny_base, easy_rows) -> None:
+    t = Trainer(tiny_base, {"type": "lora"}, CLS, easy_rows, None, {"n_epochs": 1})
+    t.setup()
+    old = _without_average_epochs(t.save_checkpoint())
+    # A classifier reads no average_epochs: its job resumes.
+    Trainer.resume(old, tiny_base, easy_rows, config={"n_epochs": 1})
+    with pytest.raises(CheckpointError, match="training"):  # what it does read still counts
+        Trainer.resume(old, tiny_base, easy_rows, config={"n_epochs": 2})
+    rows = preference_rows(16)
+    t = Trainer(tiny_base, {"type": "lora"}, {"task": "reward"}, rows, None, {"n_epochs": 1})
+    t.setup()
+    # A reward model would average its epochs now, which it did not before: it starts over.
+    with pytest.raises(CheckpointError, match="training"):
+        Trainer.resume(_without_average_epochs(t.save_checkpoint()), tiny_base, rows)
 
 
 def test_checkpoint_callback_schedule(tiny_base, easy_rows) -> None:
@@ -497,24 +527,99 @@ def test_no_validation_returns_last_weights(tiny_base, easy_rows) -> None:
     assert "val_loss" not in r.metrics and r.metrics["train_loss"] > 0
 
 
-def test_resume_feature_extraction_reward(tiny_base) -> None:
+@pytest.mark.parametrize("method", ["feature_extraction", "lora"])
+def test_resume_a_reward_model_equals_uninterrupted(tiny_base, method: str) -> None:
+    # Cut mid-way through the second epoch: the first epoch's end is in the average by then.
     rows, val = preference_rows(40), preference_rows(16, seed=1)
-    cfg = {"n_epochs": 3, "batch_size": 8, "learning_rate": 1e-2, "margin": 0.2}
+    cfg = {
+        "n_epochs": 3,
+        "batch_size": 8,
+        "learning_rate": 1e-2,
+        "margin": 0.2,
+        "checkpoint_every_steps": 1,
+    }
     run = lambda cb=None: Trainer(  # noqa: E731
-        tiny_base, {"type": "feature_extraction"}, {"task": "reward"}, rows, val, cfg, cb
+        tiny_base, {"type": method}, {"task": "reward"}, rows, val, cfg, cb
     ).train()
     full = run()
-    saved: list[bytes] = []
+    saved: dict[int, bytes] = {}
     with pytest.raises(Cancelled):
         run(
             TrainerCallbacks(
-                on_checkpoint=lambda d, *_: saved.append(d), should_cancel=lambda: len(saved) == 2
+                on_checkpoint=lambda data, step, *_: saved.__setitem__(step, data),
+                should_cancel=lambda: 7 in saved,
             )
         )
-    result = Trainer.resume(saved[-1], tiny_base, rows, val).train()
+    result = Trainer.resume(saved[7], tiny_base, rows, val).train()
     assert _states_equal(full.adapter, result.adapter)
-    assert full.metrics == {**result.metrics}
-    assert full.adapter.method_state == {}
+    assert full.metrics == {**result.metrics} and full.metrics["averaged_epochs"] == 3
+    assert (full.adapter.method_state == {}) == (method == "feature_extraction")
+
+
+def _weights(adapter) -> dict[str, torch.Tensor]:
+    """An adapter's tensors, the head's marked."""
+    return {
+        **{f"method.{k}": v for k, v in adapter.method_state.items()},
+        **{f"head.{k}": v for k, v in adapter.head_state.items()},
+    }
+
+
+def _pair_accuracy(base, adapter, rows) -> float:
+    """Share of ``rows`` whose chosen text ``adapter`` scores above the rejected one."""
+    data = encode(coerce_examples(rows, "reward"), base.tokenizer, adapter.head.max_seq_length)
+    with torch.inference_mode():
+        out = adapter.build(base)(data.collate(list(range(len(data))), base.device))
+    return float((out[: len(data)] > out[len(data) :]).float().mean())
+
+
+def test_a_reward_model_is_the_mean_of_its_epoch_ends(tiny_base) -> None:
+    rows, val = preference_rows(48), preference_rows(24, seed=1)
+    cfg = {"n_epochs": 3, "batch_size": 8, "learning_rate": 1e-2}
+    ends: list[dict[str, torch.Tensor]] = []
+    on_epoch_end = TrainerCallbacks(
+        on_checkpoint=lambda data, *_: ends.append(
+            _weights(adapter_from_checkpoint(data, tiny_base))
+        )
+    )
+    train = lambda config, val_rows, cb=None: Trainer(  # noqa: E731
+        tiny_base, {"type": "lora"}, {"task": "reward"}, rows, val_rows, config, cb
+    ).train()
+    best = train({**cfg, "average_epochs": False}, val, on_epoch_end)
+    # The last epoch's end is not checkpointed (its weights end the run); a run without
+    # validation keeps them, and the same rows train the same way.
+    last = train({**cfg, "average_epochs": False, "validation_fraction": 0.0}, None)
+    ends.append(_weights(last.adapter))
+    averaged = train(cfg, val)
+
+    assert len(ends) == 3
+    mean = {k: (ends[0][k] + ends[1][k] + ends[2][k]) / 3 for k in ends[0]}
+    got = _weights(averaged.adapter)
+    assert got.keys() == mean.keys() and all(torch.equal(got[k], mean[k]) for k in mean)
+    assert not _states_equal(averaged.adapter, best.adapter)
+    m = averaged.metrics
+    assert m["averaged_epochs"] == 3 and m["best_step"] == m["steps"] == averaged.best_step == 18
+    # Its validation metrics are the mean's, not an epoch's.
+    assert m["val_accuracy"] == _pair_accuracy(tiny_base, averaged.adapter, val)
+    assert m["val_loss"] not in [h["val"]["loss"] for h in averaged.history]
+    # The epochs' own validation still shows in the history, as without averaging.
+    assert averaged.history == [
+        {**h, "elapsed": averaged.history[i]["elapsed"]} for i, h in enumerate(best.history)
+    ]
+
+
+def test_averaging_one_epoch_changes_nothing_and_a_cut_epoch_counts(tiny_base) -> None:
+    rows, val = preference_rows(48), preference_rows(24, seed=1)
+    cfg = {"n_epochs": 1, "batch_size": 8, "learning_rate": 1e-2}
+    train = lambda config: Trainer(  # noqa: E731
+        tiny_base, {"type": "lora"}, {"task": "reward"}, rows, val, config
+    ).train()
+    one, plain = train(cfg), train({**cfg, "average_epochs": False})
+    assert _states_equal(one.adapter, plain.adapter)
+    assert {**one.metrics, "averaged_epochs": None} == {**plain.metrics, "averaged_epochs": None}
+    # max_steps ends the run within the second epoch (6 steps an epoch): its last weights are
+    # the second sample.
+    cut = train({**cfg, "n_epochs": 3, "max_steps": 9})
+    assert cut.metrics["averaged_epochs"] == 2 and cut.best_step == 9
 
 
 def test_closed_trainer_cannot_restart(tiny_base, easy_rows) -> None:

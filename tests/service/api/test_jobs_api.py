@@ -235,7 +235,12 @@ def test_macro_f1_is_422_at_creation_on_a_preference_job(client: TestClient, aut
 
 @pytest.mark.parametrize(
     ("setting", "value"),
-    [("margin", 5.0), ("center_rewards_coefficient", 0.5), ("split_shared_prefix", False)],
+    [
+        ("margin", 5.0),
+        ("center_rewards_coefficient", 0.5),
+        ("split_shared_prefix", False),
+        ("average_epochs", False),
+    ],
 )
 def test_reward_settings_are_refused_on_a_classification_job(
     client: TestClient, auth: Headers, setting: str, value: Any
