@@ -55,6 +55,12 @@ REWARD_ONLY_SETTINGS = frozenset(
 DPO_ONLY_SETTINGS = frozenset({"beta", "label_smoothing"})
 
 
+def settings_unread_by(task: str) -> frozenset[str]:
+    """The training settings only another task reads: none of them changes a ``task`` run."""
+    unread = REWARD_ONLY_SETTINGS if task != "reward" else frozenset()
+    return unread | (DPO_ONLY_SETTINGS if task != "dpo" else frozenset())
+
+
 def batches_per_epoch(rows: int, batch_size: int) -> int:
     """Batches in one pass over ``rows`` rows; the last one may be short."""
     return -(-rows // batch_size)

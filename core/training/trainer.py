@@ -54,12 +54,7 @@ from core.targets import BaseKind
 from core.training import checkpoint as ckpt
 from core.training.averaging import EpochAverage
 from core.training.callbacks import ProgressEvent, TrainerCallbacks, TrainResult
-from core.training.config import (
-    DPO_ONLY_SETTINGS,
-    REWARD_ONLY_SETTINGS,
-    TrainingConfig,
-    parse_training_config,
-)
+from core.training.config import TrainingConfig, parse_training_config, settings_unread_by
 from core.training.data import (
     BucketSampler,
     EncodedData,
@@ -634,10 +629,7 @@ class Trainer:
     def _settings_read(self, training: Mapping[str, Any]) -> dict[str, Any]:
         """The training settings this run's task reads, of a checkpoint's ``training``: a
         setting added since for another task (``average_epochs``) does not stop a resume."""
-        task = self.head_config.task
-        unread = (REWARD_ONLY_SETTINGS if task != "reward" else frozenset()) | (
-            DPO_ONLY_SETTINGS if task != "dpo" else frozenset()
-        )
+        unread = settings_unread_by(self.head_config.task)
         return {k: v for k, v in training.items() if k not in unread}
 
     def save_checkpoint(self) -> bytes:

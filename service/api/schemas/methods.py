@@ -27,7 +27,7 @@ from pydantic.json_schema import SkipJsonSchema
 from pydantic_core import PydanticCustomError, to_jsonable_python
 
 from core.methods import METHODS
-from core.training.config import DPO_ONLY_SETTINGS, REWARD_ONLY_SETTINGS, TrainingConfig
+from core.training.config import TrainingConfig, settings_unread_by
 from service.datasets.rows import MESSAGE_KINDS, TASKS
 from service.jobs.validate import LANGUAGE_MODEL_METHODS
 
@@ -261,9 +261,7 @@ class MethodCatalog(BaseModel):
 
 
 def _task_defaults(method_type: str, task: str) -> TaskDefaults:
-    skip = set(_REFUSED_SETTINGS)
-    skip |= REWARD_ONLY_SETTINGS if task != "reward" else set()
-    skip |= DPO_ONLY_SETTINGS if task != "dpo" else set()
+    skip = set(_REFUSED_SETTINGS) | settings_unread_by(task)
     values = _defaults(TrainingConfig, skip)
     values["learning_rate"] = TrainingConfig().resolved_learning_rate(method_type)
     values["max_seq_length"] = TrainingConfig().resolved_max_seq_length(task)
