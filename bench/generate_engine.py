@@ -22,6 +22,14 @@ step in each round, ``step_ms_churn``, has one sequence's adapter replaced by on
 running (where N > B), as when one request ends and another starts under staggered traffic:
 what a change of the running set costs (hooks included in every timing).
 
+What the side path can cost at the least: ``pairs_mb``, the running adapters' LoRA pairs a
+mixed step reads (each site's gathered tables, :class:`core.generation.gathered.SiteGroup`), and
+``step_ms_read_pairs``, the median time one thread takes just to read them once, site after
+site in the step's order (``torch.sum`` of each table: the kernel that streams memory fastest,
+one call per table, as any side path makes one per site at least). ``step_ratio_ceiling`` =
+bare / (bare + that): the step ratio of a side path that did no arithmetic, on one thread
+after the base's matmuls (as the hooks run, ``SIDE_PATH_THREADS``).
+
 ``--dtype`` is the ``generation_dtype`` setting's (auto: bfloat16 on a CPU with AMX or
 avx512_bf16), the KV cache's dtype the server's; the report names both and the CPU's bf16
 flags.
@@ -70,7 +78,7 @@ def main() -> None:
 
     from core.decoder.forward import NO_HOOKS, logits
     from core.decoder.generate import greedy_generate
-    from core.generation.adapters import AdapterSlots
+    from core.generation.adapters import SIDE_PATH_THREADS, AdapterSlots, BagLoraHooks
     from core.generation.decode import decode_step
     from core.generation.kv import SlotCache
     from core.generation.sampling import SamplingParams
@@ -124,16 +132,31 @@ def main() -> None:
         which = torch.arange(b)
         tokens = torch.randint(100, cfg.vocab_size, (b,), generator=g)
         lengths = torch.full((b,), args.prompt_tokens)
-        times: dict[str, list[float]] = {"bare": [], "mixed": [], "churn": []}
+        times: dict[str, list[float]] = {"bare": [], "mixed": [], "churn": [], "read": []}
+        running = slots.hooks(torch.tensor(rows))
+        assert isinstance(running, BagLoraHooks)
+        tables = [
+            t
+            for group in running.pairs.values()
+            for t in (group.a, *(bt for _, _, bt in group.parts.values()))
+        ]
         for r in range(args.rounds):
             for case, samples in times.items():
                 if case == "churn":  # row r's request ends, the next adapter's starts
                     rows[r % b] = bank[(b + r) % args.adapters]
                 t0 = time.perf_counter()
+                if case == "read":
+                    with torch_threads(SIDE_PATH_THREADS):
+                        for table in tables:
+                            table.sum()
+                    samples.append((time.perf_counter() - t0) * 1000)
+                    continue
                 hooks = slots.hooks(torch.tensor(rows)) if case != "bare" else NO_HOOKS
                 logits(weights, decode_step(weights, cache, which, tokens, lengths, hooks))
                 samples.append((time.perf_counter() - t0) * 1000)
-        return {case: statistics.median(samples) for case, samples in times.items()}
+        result = {case: statistics.median(samples) for case, samples in times.items()}
+        result["pairs_mb"] = sum(t.numel() * t.element_size() for t in tables) / 1e6
+        return result
 
     results: list[dict[str, Any]] = []
     for b in args.batch:
@@ -158,6 +181,9 @@ def main() -> None:
             "step_ms_churn": round(ms["churn"], 1),
             "step_ratio": round(ms["bare"] / ms["mixed"], 3),
             "step_ratio_churn": round(ms["bare"] / ms["churn"], 3),
+            "pairs_mb": round(ms["pairs_mb"], 1),
+            "step_ms_read_pairs": round(ms["read"], 1),
+            "step_ratio_ceiling": round(ms["bare"] / (ms["bare"] + ms["read"]), 3),
         }
         results.append(row)
         print(json.dumps(row), flush=True)
