@@ -112,7 +112,10 @@ def sample(
 def _top_p(probs: Tensor, top_p: float) -> Tensor:
     """``probs`` kept on the smallest set of most likely tokens whose mass reaches ``top_p``."""
     sorted_p, order = probs.sort(descending=True)
-    # A token stays if the mass before it is still short of top_p (the best one always stays).
+    # A token stays if the mass before it is still short of top_p. The best one always stays,
+    # set apart: its mass before is 0, and a top_p under float32's least (1e-46) is 0 there
+    # too, which kept nothing and failed every request of the step in torch.multinomial.
     keep = (sorted_p.cumsum(0) - sorted_p) < top_p
+    keep[0] = True
     kept = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
     return kept / kept.sum()

@@ -126,6 +126,19 @@ def test_a_tiny_temperature_is_greedy_and_fails_no_row(temperature: float) -> No
     assert tokens[2] in (0, 1)  # a tie at the top: either, never a token below it
 
 
+@pytest.mark.parametrize("top_p", [1e-46, 5e-324, 1e-50, 1e-6])
+def test_a_tiny_top_p_keeps_the_best_token_and_fails_no_row(top_p: float) -> None:
+    """A top_p that is 0 in float32 kept no token: 0/0 probabilities, and torch.multinomial
+    raised for the step's every row."""
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.9], [5.0, -1.0, 0.0, 4.0]])
+    tiny = SamplingParams(max_tokens=1, temperature=1.0, top_p=top_p, seed=0)
+    other = SamplingParams(max_tokens=1, temperature=0.0, logprobs=True)
+    params = [tiny, other, tiny]
+    rows = logits[[0, 1, 1]]
+    tokens, lps = sample(rows, params, [p.generator(0, torch.device("cpu")) for p in params])
+    assert tokens == [1, 0, 0] and lps[1] is not None
+
+
 def test_adapter_pins_block_eviction_and_invalidation_waits_for_them(
     tiny_decoder: DecoderBase,
 ) -> None:
