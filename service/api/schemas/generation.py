@@ -1,9 +1,12 @@
 """Request and response bodies of ``/v1/chat/completions`` and ``/v1/completions``, in
 OpenAI's shapes (so the official SDKs work unchanged). Fields loraplex does not implement
-(tools, penalties, ``logit_bias`` ...) are refused with a 422 naming them, not ignored."""
+(tools, penalties, ``logit_bias`` ...) are refused with a 422 naming them, not ignored, unless
+sent as what leaving them out means (null, or their neutral value). Numbers and booleans are
+read strictly, as OpenAI reads them: ``"2"`` or ``true`` is no ``max_tokens``."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -14,8 +17,7 @@ from pydantic import (
     Field,
     StringConstraints,
     Tag,
-    ValidationInfo,
-    field_validator,
+    model_validator,
 )
 
 from service.names import NoControlCharacters
@@ -25,6 +27,21 @@ MAX_CONTENT_CHARS = 100_000
 MAX_STOP = 4
 MAX_STOP_CHARS = 64
 MAX_N = 16
+
+
+def _is_zero(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value == 0
+
+
+# OpenAI parameters loraplex does not implement, by the test for the value that asks for nothing:
+# sent so (some clients always send the defaults) they mean what leaving them out means.
+_NEUTRAL: dict[str, Callable[[Any], bool]] = {
+    "presence_penalty": _is_zero,
+    "frequency_penalty": _is_zero,
+    "logit_bias": lambda value: value == {},
+    "echo": lambda value: value is False,
+    "best_of": lambda value: value == 1 and not isinstance(value, bool),
+}
 
 
 def _check_stop(value: Any) -> Any:
@@ -94,7 +111,9 @@ class ChatMessage(BaseModel):
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    include_usage: bool = Field(False, description="A last chunk with `usage` (and no choices).")
+    include_usage: bool = Field(
+        False, strict=True, description="A last chunk with `usage` (and no choices)."
+    )
 
 
 class SamplingFields(BaseModel):
@@ -105,22 +124,34 @@ class SamplingFields(BaseModel):
         min_length=1, max_length=256, description=MODEL
     )
     max_tokens: int | None = Field(
-        None, ge=1, description="Tokens to generate at most; default: what the context leaves."
+        None,
+        ge=1,
+        strict=True,
+        description="Tokens to generate at most; default: what the context leaves.",
     )
-    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0: greedy.")
+    temperature: float = Field(1.0, ge=0.0, le=2.0, strict=True, description="0: greedy.")
     top_p: float = Field(
-        1.0, gt=0.0, le=1.0, description="Sample from the likeliest tokens holding this mass."
+        1.0,
+        gt=0.0,
+        le=1.0,
+        strict=True,
+        description="Sample from the likeliest tokens holding this mass.",
     )
-    n: int = Field(1, ge=1, le=MAX_N, description="Candidates, sharing one prompt prefill.")
+    n: int = Field(
+        1, ge=1, le=MAX_N, strict=True, description="Candidates, sharing one prompt prefill."
+    )
     stop: Stop = Field(None, description="Up to 4 strings that end a candidate (not returned).")
     seed: int | None = Field(
         None,
         ge=0,
         lt=2**63,
+        strict=True,
         description="Same seed and request, same text (candidate i samples with seed + i).",
     )
     stream: bool = Field(
-        False, description="Server-sent events as tokens are generated, then `data: [DONE]`."
+        False,
+        strict=True,
+        description="Server-sent events as tokens are generated, then `data: [DONE]`.",
     )
     stream_options: StreamOptions | None = Field(None, description="With `stream` only.")
     user: str | None = Field(None, max_length=256, description="Accepted and not used.")
@@ -135,16 +166,23 @@ class SamplingFields(BaseModel):
         "ignored for a base model.",
     )
 
-    @field_validator(
-        "temperature", "top_p", "n", "stream", "logprobs", mode="before", check_fields=False
-    )
+    @model_validator(mode="before")
     @classmethod
-    def _null_is_default(cls, value: Any, info: ValidationInfo) -> Any:
-        """The openai SDK sends ``null`` for a parameter set to None, which OpenAI reads as its
-        default (a 422 here broke ``create(..., temperature=None)``)."""
-        if value is None and info.field_name is not None:
-            return cls.model_fields[info.field_name].default
-        return value
+    def _drop_unset(cls, data: Any) -> Any:
+        """Drop what OpenAI reads as not set: ``null`` for any parameter but a required one
+        (the openai SDK sends null for a parameter given as None: a 422 here broke
+        ``create(..., temperature=None)`` and ``presence_penalty=None``), and an unimplemented
+        parameter's neutral value (``_NEUTRAL``)."""
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {
+            key: value
+            for key, value in data.items()
+            # A required field's null stays, for the 422 to name it.
+            if not (value is None and not (key in fields and fields[key].is_required()))
+            and not (key in _NEUTRAL and _NEUTRAL[key](value))
+        }
 
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -171,8 +209,12 @@ class ChatCompletionRequest(SamplingFields):
         max_length=MAX_MESSAGES,
         description="The conversation so far, rendered with the base's chat template.",
     )
-    max_completion_tokens: int | None = Field(None, ge=1, description="`max_tokens`' new name.")
-    logprobs: bool = Field(False, description="Return each reply token's log-probability.")
+    max_completion_tokens: int | None = Field(
+        None, ge=1, strict=True, description="`max_tokens`' new name."
+    )
+    logprobs: bool = Field(
+        False, strict=True, description="Return each reply token's log-probability."
+    )
     reward_adapter: Annotated[str | None, NoControlCharacters] = Field(
         None,
         min_length=1,
@@ -181,7 +223,9 @@ class ChatCompletionRequest(SamplingFields):
         "every candidate against the last user message; the choices come back best first, "
         "each with its `reward`. Not with `stream`.",
     )
-    top_logprobs: int | None = Field(None, ge=0, le=20, description="Needs `logprobs`.")
+    top_logprobs: int | None = Field(
+        None, ge=0, le=20, strict=True, description="Needs `logprobs`."
+    )
 
 
 class CompletionRequest(SamplingFields):
@@ -203,7 +247,11 @@ class CompletionRequest(SamplingFields):
         description="The text to continue (no chat template)."
     )
     logprobs: int | None = Field(
-        None, ge=0, le=5, description="Also return the logprobs of this many likeliest tokens."
+        None,
+        ge=0,
+        le=5,
+        strict=True,
+        description="Also return the logprobs of this many likeliest tokens.",
     )
 
 

@@ -9,6 +9,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -587,11 +588,43 @@ def test_a_tiny_temperature_is_greedy_and_null_parameters_are_defaults(server: S
     tiny = sdk.chat.completions.create(temperature=1e-40, **asked).choices[0].message.content
     assert tiny == greedy
     nulls = sdk.chat.completions.create(
-        temperature=None, top_p=None, n=None, logprobs=None, seed=3, **asked
+        temperature=None,
+        top_p=None,
+        n=None,
+        logprobs=None,
+        seed=3,
+        # Unimplemented, but asking for nothing: null (the SDK's None), or the neutral value.
+        presence_penalty=None,
+        frequency_penalty=0,
+        logit_bias={},
+        tools=None,
+        response_format=None,
+        extra_body={"mode": None},
+        **asked,
     )
     seeded = sdk.chat.completions.create(seed=3, **asked)
     assert len(nulls.choices) == 1 and nulls.choices[0].logprobs is None
     assert nulls.choices[0].message.content == seeded.choices[0].message.content
+    completion = {"model": DEFAULT_DECODER_NAME, "prompt": "Paris is", "max_tokens": 3}
+    plain = sdk.completions.create(temperature=0, **completion).choices[0].text
+    neutral = sdk.completions.create(temperature=0, echo=None, suffix=None, best_of=1, **completion)
+    assert neutral.choices[0].text == plain
+
+
+def test_a_tiny_top_p_is_greedy_and_fails_no_request_beside_it(server: Server) -> None:
+    """top_p 1e-46 is 0 in float32: it kept no token, and torch.multinomial failed the request
+    and every other one in its step with a 500."""
+    sdk = server.sdk()
+    asked = {"model": DEFAULT_DECODER_NAME, "messages": QUESTION, "max_tokens": 6}
+    greedy = sdk.chat.completions.create(temperature=0, **asked).choices[0].message.content
+    with ThreadPoolExecutor(8) as pool:
+        tiny = [
+            pool.submit(sdk.chat.completions.create, top_p=top_p, seed=i, **asked)
+            for i, top_p in enumerate((1e-46, 5e-324, 1e-46, 5e-324))
+        ]
+        beside = [pool.submit(sdk.chat.completions.create, seed=i, **asked) for i in range(4)]
+        assert [f.result().choices[0].message.content for f in tiny] == [greedy] * 4
+        assert all(f.result().choices[0].finish_reason for f in beside)
 
 
 @pytest.mark.parametrize(
@@ -600,6 +633,19 @@ def test_a_tiny_temperature_is_greedy_and_null_parameters_are_defaults(server: S
         ("completions", {"stop": ["a"] * 5}, "stop", "at most 4 stop strings"),
         ("completions", {"stop": "a" * 65}, "stop", "each stop string needs 1 to 64 characters"),
         ("completions", {"stop": [3]}, "stop", "must be a string or a list of strings"),
+        # Read strictly, as OpenAI does: these were read as 2, 1 token, a stream, greedy.
+        ("completions", {"max_tokens": "2"}, "max_tokens", "valid integer"),
+        ("completions", {"max_tokens": True}, "max_tokens", "valid integer"),
+        ("completions", {"stream": "yes"}, "stream", "valid boolean"),
+        ("completions", {"temperature": "0"}, "temperature", "valid number"),
+        ("completions", {"n": 2.0}, "n", "valid integer"),
+        (
+            "completions",
+            {"stream": True, "stream_options": {"include_usage": "yes"}},
+            "stream_options.include_usage",
+            "valid boolean",
+        ),
+        ("completions", {"presence_penalty": 0.5}, "presence_penalty", "not permitted"),
         (
             "chat/completions",
             {"content": [{"type": "image_url", "image_url": {"url": "x"}}]},
@@ -620,7 +666,7 @@ def test_a_tiny_temperature_is_greedy_and_null_parameters_are_defaults(server: S
         ),
     ],
 )
-def test_a_bad_stop_or_message_content_is_422_naming_the_field_sent(
+def test_a_bad_parameter_or_message_content_is_422_naming_the_field_sent(
     server: Server, path: str, field: dict[str, object], param: str, says: str
 ) -> None:
     if path == "completions":
