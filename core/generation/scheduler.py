@@ -90,6 +90,10 @@ MergeMode = Literal["auto", "unmerged", "merged"]
 # Figures in core.generation.merged.
 MERGE_PAYS_AFTER = 64
 
+# A sequence whose next-token scores overflowed (an adapter trained to NaN weights, say) fails
+# alone: sampling its row raised in torch.multinomial and failed every sequence of the pass.
+NOT_FINITE = "the model's next-token scores are not finite numbers (its adapter's weights overflow)"
+
 
 class QueueFull(RuntimeError):  # noqa: N818 - a state the caller answers with 503
     """The waiting queue is at its bound; the caller should retry later."""
@@ -547,6 +551,12 @@ class Scheduler:
             self._release(rest.parked)
         return rest
 
+    def _fail(self, seq: _Sequence, error: str, events: list[SequenceEvent]) -> None:
+        """A running sequence failed: it and its request's candidates yet to start."""
+        self._fail_rest(seq.request_id, error, events)
+        self._retire(seq)
+        events.append(SequenceEvent(seq.request_id, seq.index, error=error))
+
     def _fail_rest(self, request_id: int, error: str, events: list[SequenceEvent]) -> None:
         """The request failed: its candidates that have not started fail alike, and it leaves
         its owner's queue (whose head it is)."""
@@ -662,7 +672,9 @@ class Scheduler:
         for chunk in finals:
             for seq in chunk.seqs:
                 self._running[seq.slot] = seq
-        flat = [s for c in finals for s in c.seqs]
+        finite: list[bool] = []  # by final chunk: its first tokens' scores are finite
+        good: list[_Chunk] = []  # those final chunks
+        flat: list[_Sequence] = []  # their candidates
         try:
             # Each prompt's packed rows, with its adapter.
             starts = itertools.accumulate((len(c.tokens) for c in chunks), initial=0)
@@ -686,13 +698,15 @@ class Scheduler:
                 self.prefill_tokens += n_tokens
                 if finals:
                     # An unfinished prompt's row is dropped: its candidates sample nothing yet.
-                    repeats = torch.tensor([len(c.seqs) for c in finals], device=device)
                     rows = torch.tensor([i for i, c in enumerate(chunks) if c.final], device=device)
-                    first = logits(self.weights, last[rows])
-                    for chunk, row in zip(finals, first, strict=True):
+                    first, finite = _finite_rows(logits(self.weights, last[rows]))
+                    good = [c for c, ok in zip(finals, finite, strict=True) if ok]
+                    for chunk, row in zip(good, first, strict=True):
                         rest = self._rests.get(chunk.seqs[0].request_id)
                         if rest is not None:  # its later candidates' first tokens
                             rest.logits = row.clone()
+                    repeats = torch.tensor([len(c.seqs) for c in good], device=device)
+                    flat = [s for c in good for s in c.seqs]
                     tokens, lps = sample(
                         first.repeat_interleave(repeats, dim=0),
                         [s.params for s in flat],
@@ -710,7 +724,11 @@ class Scheduler:
                     events.append(SequenceEvent(seq.request_id, seq.index, error=str(exc)))
             self._chunking = None  # if one was chunking, it was in this pass and failed
             return
-        for chunk in finals:  # each prompt once: its candidates share its keys and values
+        for chunk, ok in zip(finals, finite, strict=False):  # none if no prompt finished
+            if not ok:
+                for seq in chunk.seqs:
+                    self._fail(seq, NOT_FINITE, events)
+        for chunk in good:  # each prompt once: its candidates share its keys and values
             self._remember(chunk.seqs[0])
         chunking = self._chunking
         if chunking is not None:
@@ -738,19 +756,17 @@ class Scheduler:
                 hooks = self.adapters.hooks(rows)  # copies adapters that start running
             with self._threads_for(len(seqs)):
                 hidden = decode_step(self.weights, self.cache, slots, tokens, lengths, hooks)
-                new, lps = sample(
-                    logits(self.weights, hidden),
-                    [s.params for s in seqs],
-                    [s.generator for s in seqs],
-                )
+                scores, finite = _finite_rows(logits(self.weights, hidden))
+                ok = [seq for seq, good in zip(seqs, finite, strict=True) if good]
+                new, lps = sample(scores, [s.params for s in ok], [s.generator for s in ok])
         except Exception as exc:  # nothing of this step is usable: fail its sequences
             log.exception("decode step failed for %d sequences", len(seqs))
             for seq in seqs:
-                self._fail_rest(seq.request_id, str(exc), events)
-                self._retire(seq)
-                events.append(SequenceEvent(seq.request_id, seq.index, error=str(exc)))
+                self._fail(seq, str(exc), events)
             return
-        for seq, token, lp in zip(seqs, new, lps, strict=True):
+        for seq in (s for s, good in zip(seqs, finite, strict=True) if not good):
+            self._fail(seq, NOT_FINITE, events)
+        for seq, token, lp in zip(ok, new, lps, strict=True):
             seq.length += 1
             events.append(self._accept(seq, token, lp))
 
@@ -879,3 +895,12 @@ class Scheduler:
             del self._held[seq.owner]
         if seq.adapter_slot >= 0:
             self.adapters.release(seq.adapter_slot, seq.adapter_key)
+
+
+def _finite_rows(scores: Tensor) -> tuple[Tensor, list[bool]]:
+    """``scores`` ``[B, vocab]`` without its rows holding a value that is not finite, and which
+    rows those were (False)."""
+    finite = torch.isfinite(scores).all(-1)
+    if bool(finite.all()):
+        return scores, [True] * scores.shape[0]
+    return scores[finite], finite.tolist()

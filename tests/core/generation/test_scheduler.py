@@ -11,7 +11,7 @@ from core.decoder.base import DecoderBase
 from core.errors import ConfigError
 from core.generation.adapters import LoraWeights
 from core.generation.sampling import SamplingParams
-from core.generation.scheduler import ContextLengthError, GenerationRequest, QueueFull
+from core.generation.scheduler import NOT_FINITE, ContextLengthError, GenerationRequest, QueueFull
 from tests.core.decoder.test_forward import hf_model, random_rows
 from tests.core.generation.helpers import (
     Outputs,
@@ -270,3 +270,43 @@ def test_smollm2_greedy_equals_hf_generate(real_decoder: DecoderBase) -> None:
     for rid, prompt, a in zip(ids, prompts, which, strict=True):
         assert out.tokens[(rid, 0)] == hf_greedy(real_decoder, a, prompt, 10)
     assert "Paris" in out.text[(ids[0], 0)]
+
+
+def _nan_lora(base: DecoderBase) -> LoraWeights:
+    lora = random_lora(base, "nan", 2, ("o_proj",), layers=[0], seed=9)
+    ((site, (a, b)),) = lora.pairs.items()
+    return LoraWeights("nan", {site: (a, torch.full_like(b, float("nan")))}, lora.scaling)
+
+
+@pytest.mark.parametrize("when", ["prefill", "decode"])
+def test_scores_that_are_not_finite_fail_their_sequence_alone(
+    tiny_decoder: DecoderBase, adapters: list[LoraWeights], when: str
+) -> None:
+    """An adapter whose weights overflow (NaN) fails its own requests only: torch.multinomial
+    raised on its row, and every sequence of the pass failed with it."""
+    prompts = random_rows(tiny_decoder.config.vocab_size, [9, 14, 6], seed=8)
+    sampled = SamplingParams(max_tokens=12, temperature=1.0, seed=4)
+    others = [
+        GenerationRequest(prompts[0], greedy(12)),
+        GenerationRequest(prompts[1], sampled, adapters[0], mode="unmerged"),
+    ]
+    alone_ids, alone = run_all(scheduler(tiny_decoder), others)
+    bad = _nan_lora(tiny_decoder) if when == "prefill" else adapters[2]
+    sched = scheduler(tiny_decoder)
+    ids = [sched.add(r) for r in others]
+    bad_id = sched.add(GenerationRequest(prompts[2], dataclasses.replace(sampled, n=2), bad))
+    events = sched.step()  # every prompt prefilled together, first tokens sampled
+    if when == "decode":  # the weights go bad after the prompt: the next decode step copies them
+        slot = sched.adapters.acquire(bad)
+        with torch.inference_mode():
+            for b in (pair[1] for pair in sched.adapters.bank.site_tensors().values()):
+                b[slot].fill_(float("nan"))
+        sched.adapters.release(slot, bad.key)
+    while sched.running or sched.waiting:
+        events += sched.step()
+    errors = {(e.request_id, e.index): e.error for e in events if e.error is not None}
+    assert errors == {(bad_id, 0): NOT_FINITE, (bad_id, 1): NOT_FINITE}
+    together = Outputs()
+    together.take([e for e in events if e.request_id != bad_id])
+    assert [together.tokens[(i, 0)] for i in ids] == [alone.tokens[(i, 0)] for i in alone_ids]
+    assert sched.free_slots == 8 and not sched.adapters.pins(bad.key)
