@@ -79,8 +79,11 @@ class HeadConfig(BaseModel):
 
     def window(self, base_window: int) -> int:
         """Tokens per input served: the trained length, or ``base_window`` (the base's limit
-        less the method's reserved positions) for heads saved without one."""
-        return self.max_seq_length or base_window
+        less the method's reserved positions) for heads saved without one; never more than
+        ``base_window``."""
+        # Capped: an adapter stored before imports checked its length against the base
+        # (core.io.peft.check_window) may ask for positions the base does not have.
+        return min(self.max_seq_length or base_window, base_window)
 
     @property
     def out_features(self) -> int:

@@ -133,13 +133,29 @@ def import_peft(
     return adapter
 
 
+def check_window(adapter: Adapter, base: FrozenBase | DecoderBase) -> None:
+    """Refuse a head trained at more tokens per input than ``base`` takes with the adapter's
+    method (its limit less the method's reserved positions, as training caps it): serving
+    encodes at the head's length, and every input past the base's positions would fail."""
+    wanted = adapter.head.max_seq_length
+    reserved = adapter.method.reserved_positions
+    limit = base.max_length - reserved
+    if wanted is not None and wanted > limit:
+        less = f" ({base.max_length} less the method's {reserved} positions)" if reserved else ""
+        raise AdapterFormatError(
+            f"head.max_seq_length: {wanted} is more than the base's {limit}-token window{less}"
+        )
+
+
 def check_servable(adapter: Adapter, base: FrozenBase | DecoderBase) -> None:
-    """Refuse an imported adapter whose weights or outputs are not finite numbers.
+    """Refuse an imported adapter that cannot serve on ``base``: a trained length past its
+    window (:func:`check_window`), weights or outputs that are not finite numbers.
 
     A NaN in the weights, or a scaling such as ``lora_alpha=1e308``, loads without complaint
     and then makes every prediction fail; an import is the place to say so. The weights are
     checked by name; one forward pass catches what only overflows once combined.
     """
+    check_window(adapter, base)
     for where, tensors in (("weights", adapter.method_state), ("head", adapter.head_state)):
         for key, t in tensors.items():
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):

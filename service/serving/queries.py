@@ -67,8 +67,10 @@ class AdapterRef:
     checkpoint: bool = False
 
     def window(self, base_max_length: int) -> int:
-        """Tokens per input served: as ``HeadConfig.window`` (core's, which loads torch)."""
-        return self.max_seq_length or base_max_length - self.reserved
+        """Tokens per input served: as ``HeadConfig.window`` (core's, which loads torch),
+        never beyond the base's window (an adapter imported before imports checked it)."""
+        limit = base_max_length - self.reserved
+        return min(self.max_seq_length or limit, limit)
 
 
 _REF_COLUMNS = (

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from core.base import FrozenBase
+from core.heads import HeadConfig
 from core.pair_encoding import (
     MAX_CHARS_PER_TOKEN,
     PROMPT_SHARE,
@@ -284,6 +285,14 @@ def test_wide_batches_run_in_chunks_whose_gradients_add_up(
 
     for whole, chunked in zip(grads([list(range(8))]), grads(chunks), strict=True):
         assert torch.allclose(whole, chunked, atol=1e-6)
+
+
+def test_the_window_never_exceeds_the_base_window() -> None:
+    """A head stored with a length past its base's window (imported before that was
+    refused) is served at the base's window, not past the position embeddings."""
+    assert HeadConfig(task="reward", max_seq_length=600).window(510) == 510
+    assert HeadConfig(task="reward", max_seq_length=128).window(510) == 128
+    assert HeadConfig(task="reward").window(510) == 510
 
 
 def test_serving_encodes_at_the_length_the_adapter_was_trained_at(tiny_base: FrozenBase) -> None:

@@ -951,3 +951,52 @@ def test_an_archive_head_past_the_label_limit_is_422(
     resp = upload(client, auth, export.content, name="dst")
     assert_error(resp, 422, param="file", code="too_many_labels")
     assert _adapter_names(db) == ["src"]
+
+
+def _with_head_length(files: dict[str, bytes], fmt: str, length: int) -> dict[str, bytes]:
+    """``files`` of an export with its head's ``max_seq_length`` set to ``length``."""
+    name = "loraplex_adapter.json" if fmt == "loraplex" else "adapter_config.json"
+    config = json.loads(files[name])
+    head = config["head"] if fmt == "loraplex" else config["loraplex"]["head"]
+    head["max_seq_length"] = length
+    return {**files, name: json.dumps(config).encode()}
+
+
+@pytest.mark.parametrize("fmt", ["loraplex", "peft"])
+@pytest.mark.parametrize(
+    ("method", "params"),
+    [("lora", {"r": 2}), ("prompt_tuning", {"n_virtual_tokens": 4})],
+    ids=["lora", "prompt-tuning"],
+)
+def test_a_head_longer_than_the_base_window_is_422(
+    client: TestClient,
+    auth: Headers,
+    db: sessionmaker[Session],
+    tiny_base: FrozenBase,
+    fmt: str,
+    method: str,
+    params: dict[str, Any],
+) -> None:
+    """An archive's head.max_seq_length past the base's window (less the positions the method
+    reserves) used to import; then every long /predict on it was a 500 (IndexError in the
+    position embeddings)."""
+    store_core_adapter(db, tiny_base, "src", method, **params)
+    export = client.get(f"/v1/adapters/src/export?format={fmt}", headers=auth)
+    assert export.status_code == 200, export.text
+    files = unzip(export.content)
+    window = tiny_base.max_length - params.get("n_virtual_tokens", 0)
+
+    resp = upload(client, auth, zip_bytes(_with_head_length(files, fmt, window + 1)), name="long")
+    error = assert_error(resp, 422, param="file", code="invalid_adapter")
+    says = f"head.max_seq_length: {window + 1} is more than the base's {window}-token window"
+    assert says in error["message"]
+    resp = upload(client, auth, zip_bytes(_with_head_length(files, fmt, 0)), name="none")
+    error = assert_error(resp, 422, param="file", code="invalid_adapter")
+    assert "max_seq_length" in error["message"]
+    listed = client.get("/v1/adapters", headers=auth).json()["data"]
+    assert [a["name"] for a in listed] == ["src"]
+
+    # At the window, it imports.
+    resp = upload(client, auth, zip_bytes(_with_head_length(files, fmt, window)), name="fits")
+    assert resp.status_code == 200, resp.text
+    assert stored(db, "fits").head.max_seq_length == window
