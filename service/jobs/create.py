@@ -266,6 +266,28 @@ def _check_task_settings(task: str | None, hyper: dict[str, Any]) -> None:
             )
 
 
+# Settings that act on validation alone; both default to null, which asks for none.
+_VALIDATION_SETTINGS = ("early_stopping_patience", "eval_every_steps")
+
+
+def _check_validation_settings(hyper: dict[str, Any], has_validation_file: bool) -> None:
+    """Refuse a setting that acts on validation in a job that has none (no validation_file,
+    validation_fraction 0): it was accepted and could never act."""
+    if has_validation_file or parse_training_config(dict(hyper)).validation_fraction > 0:
+        return
+    for name in _VALIDATION_SETTINGS:
+        if hyper.get(name) is None:
+            continue
+        param = f"method.hyperparameters.{name}"
+        raise invalid(
+            f"{param}: this job has no validation set (no validation_file, and "
+            f"validation_fraction is 0), so {name} would never act; give a validation_file or "
+            "a validation_fraction above 0.",
+            param,
+            "setting_not_read",
+        )
+
+
 def _reference_adapter(
     session: Session,
     tenant_id: str,
@@ -380,6 +402,7 @@ def _create_job(session: Session, tenant: Tenant, body: JobRequest, settings: Se
         param = f"method.{exc.param}" if exc.param else "method"
         raise MethodConfigError(exc.message, param=param) from exc
     _check_task_settings(task, body.hyperparameters)
+    _check_validation_settings(body.hyperparameters, body.validation_file is not None)
     with_reference = _reference_adapter(
         session, tenant.id, body.reference_adapter, task, base, body.method
     )

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import unicodedata
 from typing import ClassVar, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
@@ -44,8 +45,11 @@ class PromptTuningConfig(MethodConfig):
     @classmethod
     def _text_for_text_init(cls, v: str | None, info: ValidationInfo) -> str | None:
         init = info.data.get("init")
-        if init == "text" and not (v and v.strip()):
-            raise ValueError("init='text' needs a non-empty init_text")
+        if init == "text" and not (v and _has_a_token(v)):
+            raise ValueError(
+                "init='text' needs an init_text with a character that makes a token (spaces, "
+                "control, format and combining characters alone make none)"
+            )
         if init == "random" and v is not None:
             raise ValueError("init_text is only used with init='text'")
         return v
@@ -53,3 +57,11 @@ class PromptTuningConfig(MethodConfig):
     @property
     def reserved_positions(self) -> int:
         return self.n_virtual_tokens
+
+
+def _has_a_token(text: str) -> bool:
+    """Whether ``text`` holds a character every tokenizer keeps. An uncased WordPiece (MiniLM's)
+    drops whitespace, control and format characters (a zero-width space, a NUL) and, stripping
+    accents, combining marks: a text of those alone was queued, and the worker failed the job
+    with "init_text: tokenizes to no tokens"."""
+    return any(unicodedata.category(c)[0] not in "ZCM" for c in text)
