@@ -39,6 +39,10 @@ DEFAULT_WARMUP_RATIO = 0.1
 MetricName = Literal["loss", "accuracy", "macro_f1"]
 # Ranges of the union and tuple fields, declared on their members so they show in the schema.
 PositiveRate = Annotated[float, Field(gt=0.0, le=10.0)]
+# A preference margin (the job's, or a row's own) is at most this far from 0, in the reward
+# head's units (a logit gap: trained reward models score pairs a few units apart). It goes
+# into the float32 loss, where a finite JSON number such as 1e300 is infinite.
+MAX_ABS_MARGIN = 1_000.0
 UnfreezeCount = Annotated[int, Field(ge=0)]
 AdamBeta = Annotated[float, Field(ge=0.0, lt=1.0)]
 # Settings that only preference (reward-model) training reads.
@@ -208,6 +212,8 @@ class TrainingConfig(BaseModel):
     # + center_rewards_coefficient * mean((r_c + r_r)^2).
     margin: float = Field(
         0.0,
+        ge=-MAX_ABS_MARGIN,
+        le=MAX_ABS_MARGIN,
         description="Preference data only: the chosen response must outscore the rejected one "
         "by this much (loss -logsigmoid(r_chosen - r_rejected - margin)). A row's own margin "
         "wins.",

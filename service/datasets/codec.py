@@ -5,11 +5,12 @@ from __future__ import annotations
 import gzip
 import json
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 ENCODING = "jsonl+gzip"
 
 
-def encode_rows(rows: Iterable[dict[str, str]]) -> bytes:
+def encode_rows(rows: Iterable[dict[str, Any]]) -> bytes:
     text = "".join(
         json.dumps(row, ensure_ascii=False, separators=(",", ":")) + "\n" for row in rows
     )
@@ -17,7 +18,7 @@ def encode_rows(rows: Iterable[dict[str, str]]) -> bytes:
     return gzip.compress(text.encode("utf-8"), compresslevel=6, mtime=0)
 
 
-def iter_rows(blob: bytes, encoding: str = ENCODING) -> Iterator[dict[str, str]]:
+def iter_rows(blob: bytes, encoding: str = ENCODING) -> Iterator[dict[str, Any]]:
     if encoding != ENCODING:
         raise ValueError(f"unknown dataset row encoding {encoding!r}")
     for line in gzip.decompress(blob).decode("utf-8").split("\n"):
@@ -25,6 +26,6 @@ def iter_rows(blob: bytes, encoding: str = ENCODING) -> Iterator[dict[str, str]]
             yield json.loads(line)
 
 
-def decode_rows(blob: bytes, encoding: str = ENCODING) -> list[dict[str, str]]:
+def decode_rows(blob: bytes, encoding: str = ENCODING) -> list[dict[str, Any]]:
     """All rows of a stored dataset, as validated at upload (what the worker trains on)."""
     return list(iter_rows(blob, encoding))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import unicodedata
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from core.pair_encoding import split_shared_prefix
 
@@ -31,7 +32,7 @@ def _as_tokenized(text: str) -> str:
     return " ".join(plain.casefold().split())
 
 
-def pair_report(rows: Sequence[Mapping[str, str]]) -> dict[str, int]:
+def pair_report(rows: Sequence[Mapping[str, Any]]) -> dict[str, int]:
     """``{"split_rows", "identical_pairs"}`` of normalised preference rows."""
     split = identical = 0
     for row in rows:

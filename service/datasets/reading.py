@@ -17,6 +17,7 @@ from pydantic import StringConstraints, TypeAdapter, ValidationError
 from service.datasets.rows import (
     MESSAGE_KINDS,
     REQUIRED_FIELDS,
+    CsvRow,
     DatasetError,
     DatasetKind,
     Limits,
@@ -125,7 +126,7 @@ def _csv_items(text: str, kind: DatasetKind) -> Iterator[Item]:
                     ),
                 )
                 continue
-            yield where, dict(zip(header, cells, strict=True))
+            yield where, CsvRow(zip(header, cells, strict=True))
     except csv.Error as exc:
         # The reader cannot go on past a broken quote.
         line = Line(reader.line_num)

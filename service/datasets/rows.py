@@ -7,7 +7,8 @@ index for JSON bodies) and which field (``param``), so the API can answer a prec
 Normalised rows:
 - classification: ``{"text": str, "label": str}`` plus ``"text_pair": str`` when given;
   integer labels become strings, so ``1`` and ``"1"`` are one class.
-- preference: ``{"chosen": str, "rejected": str}`` plus ``"prompt": str`` when given.
+- preference: ``{"chosen": str, "rejected": str}`` plus ``"prompt": str`` and ``"margin":
+  float`` when given (a row's margin overrides the job's ``margin`` hyperparameter).
 - chat and dpo: OpenAI's fine-tuning rows for a decoder base (``service.datasets.messages``).
 Unknown fields (ids, metadata columns) are dropped.
 """
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from core.training.config import MAX_ABS_MARGIN
 from service.errors import ServiceError
 
 
@@ -101,6 +103,11 @@ class Record:
 
 
 Where = Line | Record
+
+
+class CsvRow(dict[str, str]):
+    """A CSV row's cells by column name: every value is text, so a number field (a
+    preference row's ``margin``) is read from its cell, which JSON would hold as a number."""
 
 
 # --- row normalisation -----------------------------------------------------------------------
@@ -188,13 +195,50 @@ def _label(obj: Mapping[str, Any], where: Where, limits: Limits) -> str:
     return label
 
 
+def _margin(obj: Mapping[str, Any], where: Where) -> float | None:
+    """A preference row's ``margin``: a finite number within ``MAX_ABS_MARGIN`` of 0, or None
+    where it has none (an empty CSV cell is none)."""
+    value = obj.get("margin")
+    if isinstance(obj, CsvRow) and isinstance(value, str):
+        if not value.strip():
+            return None
+        try:
+            value = float(value)
+        except ValueError:
+            raise where.error(
+                f"field 'margin' must be a number, got {value.strip()[:32]!r}",
+                "margin",
+                "invalid_type",
+            ) from None
+    if value is None:
+        return None
+    # bool is an int subclass, but true is no margin anyone means.
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise where.error(
+            f"field 'margin' must be a number, got {type_name(value)}", "margin", "invalid_type"
+        )
+    # Compared before float(): a JSON integer may have thousands of digits. NaN compares
+    # false, so it fails here too (a CSV cell "nan" parses as one).
+    if not -MAX_ABS_MARGIN <= value <= MAX_ABS_MARGIN:
+        # An integer may be past a float's range (JSON allows thousands of digits).
+        big = isinstance(value, int) and abs(value) >= 10**15
+        shown = f"an integer of {len(str(abs(value)))} digits" if big else f"{value:g}"
+        raise where.error(
+            f"field 'margin' must be a finite number from {-MAX_ABS_MARGIN:g} to "
+            f"{MAX_ABS_MARGIN:g}, got {shown}",
+            "margin",
+            "out_of_range",
+        )
+    return float(value)
+
+
 def normalize_row(
     kind: DatasetKind, obj: Mapping[str, Any], where: Where, limits: Limits
-) -> dict[str, str]:
+) -> dict[str, Any]:
     if kind is DatasetKind.CLASSIFICATION:
         text = _text(obj, "text", where, limits, required=True)
         assert text is not None
-        row = {"text": text, "label": _label(obj, where, limits)}
+        row: dict[str, Any] = {"text": text, "label": _label(obj, where, limits)}
         pair = _text(obj, "text_pair", where, limits, required=False)
         if pair is not None:
             row["text_pair"] = pair
@@ -209,4 +253,7 @@ def normalize_row(
     prompt = _text(obj, "prompt", where, limits, required=False)
     if prompt is not None:
         row["prompt"] = prompt
+    margin = _margin(obj, where)
+    if margin is not None:
+        row["margin"] = margin
     return row

@@ -11,7 +11,7 @@ from pydantic import BaseModel
 
 from core.errors import ConfigError
 from core.methods import METHODS, parse_method_config
-from core.training.config import TrainingConfig, parse_training_config
+from core.training.config import MAX_ABS_MARGIN, TrainingConfig, parse_training_config
 
 NON_FINITE = [math.nan, math.inf, -math.inf]
 
@@ -61,3 +61,13 @@ def test_finite_values_still_pass() -> None:
     config = parse_training_config({"margin": -1.5, "adam_epsilon": 1e300, "max_grad_norm": 0})
     assert config.margin == -1.5
     assert parse_method_config("lora", {"alpha": 1e6}).to_dict()["alpha"] == 1e6
+
+
+@pytest.mark.parametrize("margin", [1e300, -1e300, MAX_ABS_MARGIN * 1.001])
+def test_a_margin_past_what_float32_holds_usefully_is_refused(margin: float) -> None:
+    """1e300 is finite, and infinite in the float32 loss: a row's own margin has the same bound
+    (service.datasets.rows)."""
+    with pytest.raises(ConfigError) as err:
+        parse_training_config({"margin": margin})
+    assert err.value.field == "margin"
+    assert parse_training_config({"margin": -MAX_ABS_MARGIN}).margin == -MAX_ABS_MARGIN

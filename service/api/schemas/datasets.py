@@ -15,7 +15,8 @@ from service.db.types import to_unix
 
 KIND = (
     "`classification`: rows of `text`, `label` and optional `text_pair`; `preference`: rows "
-    "of `chosen`, `rejected` and optional `prompt` (trains a reward model); `chat`: OpenAI "
+    "of `chosen`, `rejected`, optional `prompt` and optional `margin` (a number within ±1000 "
+    "that overrides the job's; trains a reward model); `chat`: OpenAI "
     "chat rows of `messages` (chat SFT on a decoder base); `dpo`: OpenAI DPO rows of `input`, "
     "`preferred_output` and `non_preferred_output` (DPO on a decoder base)."
 )

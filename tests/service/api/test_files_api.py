@@ -161,6 +161,44 @@ def test_content_returns_normalised_rows(client: TestClient, auth: Headers) -> N
     assert got == [{"text": "fine", "label": "1"}, {"text": "bad", "label": "0"}]
 
 
+def test_a_preference_rows_margin_is_stored_and_returned(client: TestClient, auth: Headers) -> None:
+    """A row's own margin wins over the job's (GET /v1/methods): it was dropped on upload."""
+    rows = [{"prompt": "p", "chosen": "a", "rejected": "b", "margin": 2.5}, PREFERENCE_ROWS[1]]
+    csv = b"prompt,chosen,rejected,margin\np,a,b,2.5\n,yes,no,\n"
+    for data, filename in [(jsonl(rows), "prefs.jsonl"), (csv, "prefs.csv")]:
+        resp = _upload(client, auth, data, filename=filename)
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["kind"] == "preference"
+        content = client.get(f"{FILES}/{resp.json()['id']}/content", headers=auth)
+        assert [json.loads(line) for line in content.text.splitlines()] == [
+            {"chosen": "a", "rejected": "b", "prompt": "p", "margin": 2.5},
+            {"chosen": "yes", "rejected": "no"},
+        ]
+
+
+@pytest.mark.parametrize(
+    ("jsonl_value", "csv_cell", "code"),
+    [
+        ('"big"', "big", "invalid_type"),
+        ("true", "true", "invalid_type"),
+        ("1e6", "1e6", "out_of_range"),
+        ("-1001", "nan", "out_of_range"),
+    ],
+)
+def test_a_bad_margin_is_422_naming_the_line_and_field(
+    client: TestClient, auth: Headers, jsonl_value: str, csv_cell: str, code: str
+) -> None:
+    good = '{"chosen": "a", "rejected": "b", "margin": 1}\n'
+    bad = f'{{"chosen": "a", "rejected": "b", "margin": {jsonl_value}}}\n'
+    csv = f"chosen,rejected,margin\na,b,1\na,b,{csv_cell}\n"
+    for data, filename in [((good + bad).encode(), "p.jsonl"), (csv.encode(), "p.csv")]:
+        resp = _upload(client, auth, data, filename=filename)
+        error = assert_error(resp, 422, param="margin", code=code)
+        assert error["message"].startswith(f"line {3 if filename.endswith('csv') else 2}: ")
+        assert "'margin'" in error["message"]
+    assert client.get(FILES, headers=auth).json()["data"] == []
+
+
 def test_delete_and_in_use(client: TestClient, auth: Headers) -> None:
     file_id = _upload(client, auth, jsonl(CLASSIFICATION_ROWS)).json()["id"]
     job = client.post("/v1/fine_tuning/jobs", json=job_body(file_id), headers=auth).json()
