@@ -66,11 +66,12 @@ def save_checkpoint(
         .values(state=None)
         .execution_options(synchronize_session=False)
     )
+    # A message, as OpenAI announces its checkpoints (the SDK's event types are message and
+    # metrics); programs find the checkpoint in data.
     add_event(
         session,
         job,
-        f"Checkpoint saved at step {step}",
-        type="checkpoint",
+        f"Checkpoint created at step {step}",
         data={"checkpoint_id": ckpt.id, "step": step, "epoch": epoch},
     )
     session.commit()

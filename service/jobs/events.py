@@ -7,11 +7,16 @@ while that worker holds the job's lease.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy.orm import Session
 
 from service.db.models import Job, JobEvent
+
+# OpenAI's values, the only ones the SDK's event type takes ("warning" and "checkpoint", which
+# loraplex once wrote, fail it; migration 0009 rewrote them).
+EventLevel = Literal["info", "warn", "error"]
+EventType = Literal["message", "metrics"]
 
 
 def add_event(
@@ -19,8 +24,8 @@ def add_event(
     job: Job,
     message: str,
     *,
-    level: str = "info",
-    type: str = "message",
+    level: EventLevel = "info",
+    type: EventType = "message",
     data: dict[str, Any] | None = None,
 ) -> JobEvent:
     """Add an event to the caller's transaction (no commit)."""

@@ -33,7 +33,7 @@ from sqlalchemy.orm import Session, aliased
 
 from service.db.models import ACTIVE_STATUSES, LEASED_STATUSES, Job, JobStatus
 from service.db.types import utcnow
-from service.jobs.events import add_event
+from service.jobs.events import EventLevel, EventType, add_event
 
 
 class LeaseLostError(RuntimeError):
@@ -247,7 +247,7 @@ def requeue_expired(
         }
         if status == JobStatus.CANCEL_REQUESTED:
             values |= {"status": JobStatus.CANCELLED, "finished_at": now}
-            level, message = "warning", "Worker lost while cancelling; job cancelled"
+            level, message = "warn", "Worker lost while cancelling; job cancelled"
         elif attempts >= max_attempts:
             values |= {
                 "status": JobStatus.FAILED,
@@ -262,10 +262,7 @@ def requeue_expired(
             level, message = "error", f"Worker lost {attempts} times; job failed"
         else:
             values["status"] = JobStatus.QUEUED
-            level, message = (
-                "warning",
-                f"Worker lost (lease expired); job requeued, retry {attempts}",
-            )
+            level, message = "warn", f"Worker lost (lease expired); job requeued, retry {attempts}"
         # Same conditions again: a heartbeat or another reaper may have got there first.
         result = session.execute(
             update(Job)
@@ -319,7 +316,7 @@ def release_job(session: Session, job: Job, *, worker_id: str, reason: str) -> b
     if result.rowcount != 1:  # type: ignore[attr-defined]
         session.rollback()
         return False
-    add_event(session, job, f"Job requeued: {reason}", level="warning")
+    add_event(session, job, f"Job requeued: {reason}", level="warn")
     session.commit()
     return True
 
@@ -346,8 +343,8 @@ def add_owned_event(
     *,
     worker_id: str,
     message: str,
-    level: str = "info",
-    type: str = "message",
+    level: EventLevel = "info",
+    type: EventType = "message",
     data: dict[str, Any] | None = None,
 ) -> None:
     """A worker's event, committed only while ``worker_id`` holds the lease.

@@ -46,6 +46,7 @@ from service.db.models import AdapterRow, Dataset, Job, JobStatus
 from service.db.types import utcnow
 from service.errors import ErrorKind, ServiceError
 from service.jobs import checkpoints, outcomes, queue
+from service.jobs.events import EventLevel, EventType
 from service.worker.lease import LeaseKeeper
 from service.worker.memory import release_free_memory
 from service.worker.report import (
@@ -223,9 +224,7 @@ class JobRun:
                     **options,
                 )
             except CheckpointError as e:
-                self._event(
-                    f"Checkpoint at step {ckpt_step} unusable ({e}); starting over", "warning"
-                )
+                self._event(f"Checkpoint at step {ckpt_step} unusable ({e}); starting over", "warn")
             else:
                 # The plan was said when the run first started; its data is repeated here.
                 self._record_plan(
@@ -569,7 +568,11 @@ class JobRun:
         return self._progress.last.step if self._progress.last is not None else 0
 
     def _event(
-        self, message: str, level: str = "info", type: str = "message", data: Any = None
+        self,
+        message: str,
+        level: EventLevel = "info",
+        type: EventType = "message",
+        data: Any = None,
     ) -> None:
         """Log an event on the job, only while this worker holds its lease."""
         self._owned_write(

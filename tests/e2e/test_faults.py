@@ -372,7 +372,8 @@ def test_sigterm_checkpoints_requeues_and_exits_zero(
     events = _events(client, job_id)
     messages = _messages(events)
     i = messages.index("Job requeued: worker shutting down")
-    saved = [e for e in events[:i] if e["type"] == "checkpoint"]
+    # A checkpoint's event is a message (OpenAI's type) with the checkpoint in its data.
+    saved = [e for e in events[:i] if (e["data"] or {}).get("checkpoint_id")]
     assert saved, "a checkpoint was saved before the job was given back"
     shutdown_step = saved[-1]["data"]["step"]
     resumed = [m for m in messages[i:] if m.startswith("Resumed from checkpoint at step")]

@@ -3,7 +3,7 @@ checkpoints, OpenAI-shaped. The job object itself is in ``service.api.schemas.jo
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -12,6 +12,7 @@ from service.db.models import Checkpoint, JobEvent
 from service.db.types import to_unix
 from service.ids import EVENT
 from service.jobs.checkpoints import checkpoint_model
+from service.jobs.events import EventLevel, EventType
 
 
 def event_public_id(event_id: int) -> str:
@@ -32,6 +33,12 @@ def parse_event_id(public_id: str) -> int | None:
         return None
     number = int(digits)
     return number if number <= _MAX_EVENT_ID else None
+
+
+# Migration 0009 rewrote the stored events with these values; a process still on the code
+# before it (a rolling upgrade) may write one more, which must not fail the whole page.
+_OLD_LEVELS = {"warning": "warn"}
+_OLD_TYPES = {"checkpoint": "message"}
 
 
 class JobEventObject(BaseModel):
@@ -58,16 +65,18 @@ class JobEventObject(BaseModel):
     )
     id: str = Field(description="The event's id; a cursor for `after` and `Last-Event-ID`.")
     created_at: int = Field(description=CREATED_AT)
-    level: str = Field(description="`info`, `warning` or `error`.")
+    level: EventLevel = Field(description="`info`, `warn` or `error` (OpenAI's levels).")
     message: str = Field(description="What happened, for people.")
-    type: str = Field(
-        description="`message` (status changes and notes), `metrics` (training or validation "
-        "metrics in `data`) or `checkpoint`."
+    type: EventType = Field(
+        description="`message` (status changes, checkpoints and notes) or `metrics` (training "
+        "or validation metrics in `data`), OpenAI's types."
     )
     data: dict[str, Any] | None = Field(
         description="Machine-readable details: step, epoch and metrics for `metrics` events; "
-        "null for plain messages. `step_loss` is the step's loss; `train_loss` is the epoch's "
-        "running mean, except in a chat job's events, where it is the step's loss (OpenAI's)."
+        "`checkpoint_id`, `step` and `epoch` for a checkpoint's message (`Checkpoint created "
+        "at step N`); the attempts, code or step of some others. `step_loss` is the step's "
+        "loss; `train_loss` is the epoch's running mean, except in a chat job's events, where "
+        "it is the step's loss (OpenAI's)."
     )
 
     @classmethod
@@ -75,9 +84,10 @@ class JobEventObject(BaseModel):
         return cls(
             id=event_public_id(event.id),
             created_at=to_unix(event.created_at) or 0,
-            level=event.level,
+            # Checked by pydantic: a value neither OpenAI's nor mapped is an error.
+            level=cast(EventLevel, _OLD_LEVELS.get(event.level, event.level)),
             message=event.message,
-            type=event.type,
+            type=cast(EventType, _OLD_TYPES.get(event.type, event.type)),
             data=event.data,
         )
 

@@ -23,6 +23,7 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from core.training.config import TrainingConfig
 from service.api.schemas.common import NAME_PATTERN
 from service.api.schemas.methods import API_METHODS, METHOD_PARAMS, Hyperparameters, NotBool
 from service.db.models import Job
@@ -318,6 +319,9 @@ class JobProgress(BaseModel):
 
 # The OpenAI job object's hyperparameters, filled in from what the run resolved.
 _OPENAI_RESOLVED = ("n_epochs", "batch_size", "learning_rate")
+# Significant digits of learning_rate_multiplier, as the method block's
+# (service.jobs.openai_compat): dividing the rate by the default back is not always exact.
+_MULTIPLIER_DIGITS = 12
 
 
 class JobObject(BaseModel):
@@ -343,7 +347,12 @@ class JobObject(BaseModel):
                         "lora": {"r": 8},
                         "hyperparameters": {"n_epochs": 3, "learning_rate": 2e-3},
                     },
-                    "hyperparameters": {"n_epochs": 3, "learning_rate": 2e-3, "batch_size": 16},
+                    "hyperparameters": {
+                        "n_epochs": 3,
+                        "learning_rate": 2e-3,
+                        "batch_size": 16,
+                        "learning_rate_multiplier": 2.0,
+                    },
                     "resolved_hyperparameters": {
                         "n_epochs": 3,
                         "batch_size": 16,
@@ -416,7 +425,10 @@ class JobObject(BaseModel):
     hyperparameters: dict[str, Any] = Field(
         description="The hyperparameters sent; once a worker has set the job up, n_epochs, "
         "batch_size and learning_rate hold the values used (so OpenAI clients read numbers, "
-        'not null or "auto"). Every resolved setting is in resolved_hyperparameters.'
+        'not null or "auto"). Where a learning rate is known (sent, or once set up), '
+        "learning_rate_multiplier is OpenAI's view of it: the learning rate over the method's "
+        "default (as method.supervised.hyperparameters shows it). Every resolved setting is "
+        "in resolved_hyperparameters."
     )
     resolved_hyperparameters: dict[str, Any] | None = Field(
         description='Every training setting as the run uses it, defaults and "auto" '
@@ -469,7 +481,7 @@ class JobObject(BaseModel):
             validation_file=job.validation_file,
             adapter_name=job.adapter_name,
             method=_echoed_method(job),
-            hyperparameters=_with_resolved(job.hyperparameters, job.resolved_hyperparameters),
+            hyperparameters=_openai_hyperparameters(job),
             resolved_hyperparameters=job.resolved_hyperparameters,
             seed=job.seed,
             fine_tuned_adapter=job.fine_tuned_adapter,
@@ -503,7 +515,16 @@ def _echoed_method(job: Job) -> dict[str, Any]:
     return {"type": openai_type, openai_type: {"hyperparameters": hyperparameters}, **rest}
 
 
-def _with_resolved(sent: dict[str, Any], resolved: dict[str, Any] | None) -> dict[str, Any]:
-    if resolved is None:
-        return sent
-    return {**sent, **{k: resolved[k] for k in _OPENAI_RESOLVED if k in resolved}}
+def _openai_hyperparameters(job: Job) -> dict[str, Any]:
+    """The job object's top-level ``hyperparameters`` (see its description)."""
+    resolved = job.resolved_hyperparameters or {}
+    out = {**job.hyperparameters, **{k: resolved[k] for k in _OPENAI_RESOLVED if k in resolved}}
+    rate = out.get("learning_rate")
+    if rate == "auto":
+        out["learning_rate_multiplier"] = rate
+    elif rate is not None:
+        # The inverse of a top-level multiplier sent (openai_compat.openai_hyperparameters):
+        # the stored method type's default (supervised and dpo are stored as lora).
+        auto = TrainingConfig().resolved_learning_rate(job.method["type"])
+        out["learning_rate_multiplier"] = float(f"{float(rate) / auto:.{_MULTIPLIER_DIGITS}g}")
+    return out

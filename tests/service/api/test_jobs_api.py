@@ -8,8 +8,11 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from openai.types.fine_tuning import FineTuningJobEvent
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.api.schemas.jobs import JobCreate
+from service.api.schemas.methods import API_METHODS
 from service.db.models import Job
 from service.jobs import queue
 from service.jobs.checkpoints import save_checkpoint
@@ -59,7 +62,11 @@ def test_create_job_is_queued_and_openai_shaped(client: TestClient, auth: Header
         "lora": {"r": 8},
         "hyperparameters": {"n_epochs": 1, "learning_rate": 1e-3, "lr_scheduler": "cosine"},
     }
-    assert job["hyperparameters"] == job["method"]["hyperparameters"]
+    # As sent, and the learning rate as OpenAI's multiplier of the method's default.
+    assert job["hyperparameters"] == {
+        **job["method"]["hyperparameters"],
+        "learning_rate_multiplier": 1.0,
+    }
     assert job["fine_tuned_adapter"] is None and job["fine_tuned_model"] is None
     assert job["error"] is None and job["finished_at"] is None
     assert job["progress"] == {"step": 0, "total_steps": None, "epoch": None}
@@ -85,6 +92,22 @@ def test_generated_adapter_name_and_seed(client: TestClient, auth: Headers) -> N
     assert isinstance(job["seed"], int)
     job = _create(client, auth, job_body(train, suffix="spam"))
     assert re.fullmatch(r"lora-spam-[0-9a-f]{6}", job["adapter_name"])
+
+
+def test_every_suffix_accepted_makes_a_name_that_fits() -> None:
+    """The name generated from a suffix, ``<method type>-<suffix>-<6 hex>``, must fit the
+    adapter name's limit: a suffix longer than the room the longest method type leaves (OpenAI
+    takes 64 characters) would make a name no adapter can hold."""
+
+    def max_length(field: str) -> int:
+        (bound,) = [
+            m.max_length for m in JobCreate.model_fields[field].metadata if hasattr(m, "max_length")
+        ]
+        assert isinstance(bound, int)
+        return bound
+
+    longest = max(len(m) for m in API_METHODS)
+    assert longest + len("-") + max_length("suffix") + len("-") + 6 <= max_length("adapter_name")
 
 
 def test_unknown_training_file_is_404(client: TestClient, auth: Headers) -> None:
@@ -479,6 +502,27 @@ def test_events_pagination_and_order(
     asc = client.get(f"{url}?order=asc&limit=2", headers=auth).json()
     assert asc["data"][0]["message"].startswith("Validating")
     assert_error(client.get(f"{url}?after=bogus", headers=auth), 422, param="after")
+
+
+def test_events_stored_with_old_values_read_as_openai_s(
+    client: TestClient, auth: Headers, db: sessionmaker[Session]
+) -> None:
+    """Migration 0009 rewrote them; one a process on the old code writes meanwhile (a rolling
+    upgrade) reads with OpenAI's level and type too, rather than failing the page."""
+    job = _create(client, auth, job_body(create_dataset(client, auth)))
+    with db() as session:
+        row = session.get(Job, job["id"])
+        assert row is not None
+        add_event(session, row, "Job requeued: worker shutting down", level="warning")
+        add_event(session, row, "Checkpoint saved at step 4", type="checkpoint", data={"step": 4})
+        session.commit()
+    events = client.get(f"{JOBS}/{job['id']}/events", headers=auth).json()["data"]
+    for event in events:
+        FineTuningJobEvent.model_validate(event)
+    assert [(e["level"], e["type"], e["data"]) for e in events[:2]] == [
+        ("info", "message", {"step": 4}),
+        ("warn", "message", None),
+    ]
 
 
 def test_queued_event_says_when_training_rows_will_be_held_out(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from datetime import timedelta
 from typing import Any
 
 import openai
@@ -21,12 +22,16 @@ from openai.types.fine_tuning import (
     FineTuningJobEvent,
     SupervisedHyperparameters,
 )
+from openai.types.fine_tuning.fine_tuning_job import (
+    Hyperparameters as FineTuningJobHyperparameters,
+)
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.base import FrozenBase
 from service.config import Settings
 from service.db.models import Job, Tenant
+from service.db.types import utcnow
 from service.jobs import queue
 from service.jobs.checkpoints import save_checkpoint
 from service.jobs.outcomes import finish_cancelled, finish_success
@@ -146,6 +151,9 @@ def test_supervised_job_maps_onto_lora(sdk: openai.OpenAI, tiny_base: FrozenBase
     assert job.organization_id.startswith("tenant-") and job.result_files == []
     assert job.fine_tuned_model is None and job.error is None
     assert job.hyperparameters.n_epochs == 2
+    # The multiplier as sent, as method.supervised.hyperparameters shows it; the learning rate
+    # it maps onto beside it.
+    assert job.hyperparameters.learning_rate_multiplier == 2.0
     extra = job.model_extra or {}
     assert job.hyperparameters.model_extra == {"learning_rate": pytest.approx(2e-3)}
     assert extra["adapter_name"].startswith("lora-sdk-")
@@ -172,10 +180,13 @@ def test_a_started_job_shows_the_values_it_trains_with(
         training_file=file.id,
         method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2}}},
     )
-    assert job.hyperparameters.batch_size is None  # not sent, not resolved yet
+    # Not sent, not resolved yet.
+    assert job.hyperparameters.batch_size is None
+    assert job.hyperparameters.learning_rate_multiplier is None
     assert claimed_run(db, settings, tiny_base).run() == RunOutcome.SUCCEEDED
     done = sdk.fine_tuning.jobs.retrieve(job.id)
     assert done.hyperparameters.batch_size == 16 and done.hyperparameters.n_epochs == 2
+    assert done.hyperparameters.learning_rate_multiplier == 1.0
     # OpenAI's method block shows the values used too, as OpenAI's job object does.
     assert done.method is not None and done.method.supervised is not None
     assert done.method.supervised.hyperparameters == SupervisedHyperparameters(
@@ -238,6 +249,42 @@ def test_a_checkpoint_stored_before_openai_s_names_reads_with_them(
     (ckpt,) = sdk.fine_tuning.jobs.checkpoints.list(job.id)
     assert (ckpt.metrics.step, ckpt.metrics.train_loss) == (6.0, 0.5)
     assert ckpt.metrics.model_extra == {"val_loss": 0.4, "val_accuracy": 0.75}
+
+
+@pytest.mark.parametrize(
+    ("method_type", "multiplier", "learning_rate"),
+    [("lora", 0.5, 5e-4), ("prompt_tuning", 2.0, 6e-2), ("full", 0.2, 1e-5)],
+)
+def test_the_job_s_hyperparameters_carry_the_learning_rate_multiplier(
+    sdk: openai.OpenAI,
+    tiny_base: FrozenBase,
+    method_type: str,
+    multiplier: float,
+    learning_rate: float,
+) -> None:
+    """The job object's top-level hyperparameters carry OpenAI's learning_rate_multiplier: the
+    learning rate over the method's default, the inverse of what a multiplier sent in the
+    (deprecated) top-level block maps onto."""
+    job = sdk.fine_tuning.jobs.create(
+        model=tiny_base.name,
+        training_file=_upload(sdk).id,
+        method={"type": method_type},  # type: ignore[typeddict-item,misc]
+        hyperparameters={"learning_rate_multiplier": multiplier},
+    )
+    for echoed in (job, sdk.fine_tuning.jobs.retrieve(job.id)):
+        hyper = FineTuningJobHyperparameters.model_validate(echoed.hyperparameters.model_dump())
+        assert hyper.learning_rate_multiplier == multiplier
+        assert hyper.model_extra == {"learning_rate": pytest.approx(learning_rate)}
+    # A learning rate sent as such reads as its multiplier too.
+    sent = sdk.fine_tuning.jobs.create(
+        model=tiny_base.name,
+        training_file=_upload(sdk).id,
+        method={  # type: ignore[typeddict-item,misc]
+            "type": method_type,
+            "hyperparameters": {"learning_rate": learning_rate},
+        },
+    )
+    assert sent.hyperparameters.learning_rate_multiplier == multiplier
 
 
 def test_loraplex_method_and_extra_body(sdk: openai.OpenAI, tiny_base: FrozenBase) -> None:
@@ -410,18 +457,35 @@ def test_jobs_list_retrieve_cancel_events_checkpoints(
         save_checkpoint(
             session, claimed, worker_id="w1", step=5, epoch=0.5, state=b"S", metrics={"loss": 1}
         )
+        # Given back by a worker shutting down, then lost by the next one: both requeue it.
+        assert queue.release_job(session, claimed, worker_id="w1", reason="worker shutting down")
+        claimed = queue.claim_next_job(session, "w1", 30)
+        assert claimed is not None and claimed.id == ids[0]
+        later = utcnow() + timedelta(seconds=31)
+        assert queue.requeue_expired(session, now=later) == [ids[0]]
+        claimed = queue.claim_next_job(session, "w1", 30)
+        assert claimed is not None and claimed.id == ids[0]
     requested = sdk.fine_tuning.jobs.cancel(ids[0])
     assert requested.status == "cancel_requested"  # type: ignore[comparison-overlap]
 
     events = list(sdk.fine_tuning.jobs.list_events(ids[0], limit=2))
-    assert all(isinstance(e, FineTuningJobEvent) for e in events)
+    # The SDK builds its objects without validating them: validated here, every event (the
+    # checkpoint's, the requeue's, the lost worker's) has a level and a type it allows.
+    for event in events:
+        FineTuningJobEvent.model_validate(event.to_dict())
     messages = [e.message for e in events]
     assert messages[0].startswith("Cancellation requested")
     assert messages[-1].startswith("Validating training file")
     assert len(messages) == len(set(e.id for e in events)) >= 5
+    levels = {e.message: e.level for e in events}
+    assert levels["Job requeued: worker shutting down"] == "warn"
+    assert levels["Worker lost (lease expired); job requeued, retry 1"] == "warn"
+    (saved,) = [e for e in events if e.message.startswith("Checkpoint")]
+    assert (saved.message, saved.type) == ("Checkpoint created at step 5", "message")
 
     checkpoints = list(sdk.fine_tuning.jobs.checkpoints.list(ids[0]))
     assert [c.step_number for c in checkpoints] == [5]
+    assert saved.data == {"checkpoint_id": checkpoints[0].id, "step": 5, "epoch": 0.5}
     assert checkpoints[0].fine_tuning_job_id == ids[0]
 
     # Finished: the adapter is the fine-tuned model, and a model the SDK can retrieve.

@@ -320,3 +320,76 @@ def test_sqlite_job_echo_columns_up_and_down(tmp_path: Path) -> None:
 def test_postgres_job_echo_columns_up_and_down() -> None:
     with scratch_postgres_database() as url:
         _job_echo_columns_up_and_down(url)
+
+
+def _insert_event(url: str, level: str, type_: str, message: str) -> None:
+    with _connection(url, write=True) as conn:
+        conn.execute(
+            text(
+                "INSERT INTO job_events (job_id, tenant_id, created_at, level, message, type) "
+                "VALUES ('ftjob-old', 't1', CURRENT_TIMESTAMP, :level, :message, :type)"
+            ),
+            {"level": level, "message": message, "type": type_},
+        )
+
+
+def _event_values(url: str) -> list[tuple[str, str, str]]:
+    with _connection(url) as conn:
+        rows = conn.execute(text("SELECT message, level, type FROM job_events ORDER BY id"))
+        return [tuple(row) for row in rows]
+
+
+def _event_values_up_and_down(url: str) -> None:
+    """0009 rewrites the events stored with values OpenAI's event type refuses: level
+    "warning" becomes "warn", a checkpoint's type "checkpoint" becomes "message" (its data
+    kept); its downgrade gives them back."""
+    upgrade(url, "0008")
+    _insert_tenant(url)
+    with _connection(url, write=True) as conn:
+        conn.execute(
+            text(
+                "INSERT INTO jobs (id, tenant_id, status, model, method, hyperparameters, "
+                "training_file, adapter_name, seed, created_at) VALUES ('ftjob-old', 't1', "
+                "'queued', 'm', :method, '{}', 'file-x', 'a', 1, CURRENT_TIMESTAMP)"
+            ),
+            {"method": '{"type": "lora", "lora": {}}'},
+        )
+    before = [
+        ("Job requeued: worker shutting down", "warning", "message"),
+        ("Checkpoint saved at step 4", "info", "checkpoint"),
+        ("Step 4/8: training loss=0.5", "info", "metrics"),
+        ("Job failed: x", "error", "message"),
+        ("Checkpoint at step 4 unusable (x); starting over", "warning", "message"),
+    ]
+    for message, level, type_ in before:
+        _insert_event(url, level, type_, message)
+    upgrade(url)
+    assert current_revision(url) == head_revision()
+    _check_schema(url)
+    assert _event_values(url) == [
+        ("Job requeued: worker shutting down", "warn", "message"),
+        ("Checkpoint saved at step 4", "info", "message"),
+        ("Step 4/8: training loss=0.5", "info", "metrics"),
+        ("Job failed: x", "error", "message"),
+        ("Checkpoint at step 4 unusable (x); starting over", "warn", "message"),
+    ]
+    # What the new code writes goes back too.
+    _insert_event(url, "info", "message", "Checkpoint created at step 6")
+    command.downgrade(alembic_config(url), "0008")
+    assert current_revision(url) == "0008"
+    assert _event_values(url) == [
+        *before,
+        ("Checkpoint created at step 6", "info", "checkpoint"),
+    ]
+    upgrade(url)
+    _check_schema(url)
+
+
+def test_sqlite_event_values_up_and_down(tmp_path: Path) -> None:
+    _event_values_up_and_down(f"sqlite:///{tmp_path / 'events.db'}")
+
+
+@pytest.mark.postgres
+def test_postgres_event_values_up_and_down() -> None:
+    with scratch_postgres_database() as url:
+        _event_values_up_and_down(url)

@@ -34,6 +34,15 @@ def _events(db: Factory, job_id: str) -> list[str]:
         )
 
 
+def _levels(db: Factory, job_id: str) -> dict[str, str]:
+    """Each event's level by its message."""
+    with db() as session:
+        rows = session.execute(
+            select(JobEvent.message, JobEvent.level).where(JobEvent.job_id == job_id)
+        ).all()
+    return {message: level for message, level in rows}
+
+
 def test_claim_takes_oldest_queued_job(migrated_db: Factory) -> None:
     tenant = add_tenant(migrated_db)
     first = add_queued_job(migrated_db, tenant, "a")
@@ -173,7 +182,10 @@ def test_expired_lease_is_requeued_with_an_attempt_and_event(migrated_db: Factor
     job = _get(migrated_db, job_id)
     assert job.status == JobStatus.QUEUED and job.attempts == 1
     assert job.worker_id is None and job.lease_expires_at is None
-    assert "Worker lost (lease expired); job requeued, retry 1" in _events(migrated_db, job_id)
+    # OpenAI's levels are info, warn and error: "warning" failed the SDK's event type.
+    assert _levels(migrated_db, job_id)["Worker lost (lease expired); job requeued, retry 1"] == (
+        "warn"
+    )
     with migrated_db() as session:
         # The old worker's lease is gone: its heartbeat fails and it may not finish the job.
         assert not queue.heartbeat(session, job_id, "w1", 30)
@@ -217,6 +229,7 @@ def test_expired_cancel_requested_job_is_cancelled(migrated_db: Factory) -> None
         session.commit()
         queue.requeue_expired(session, now=utcnow() + timedelta(minutes=5))
     assert _get(migrated_db, job_id).status == JobStatus.CANCELLED
+    assert _levels(migrated_db, job_id)["Worker lost while cancelling; job cancelled"] == "warn"
 
 
 def test_finish_success_writes_adapter_and_job_together(migrated_db: Factory) -> None:
@@ -364,6 +377,7 @@ def test_release_job_requeues_without_an_attempt_or_estimate(migrated_db: Factor
         assert queue.release_job(session, job, worker_id="w1", reason="shutdown")
     job = _get(migrated_db, job_id)
     assert job.status == JobStatus.QUEUED and job.attempts == 0
+    assert _levels(migrated_db, job_id)["Job requeued: shutdown"] == "warn"
     # A queued job has no finish to expect: the estimate was the stopped worker's.
     assert job.estimated_finish is None
 
@@ -408,3 +422,19 @@ def test_checkpoints_keep_only_recent_states(migrated_db: Factory) -> None:
         with pytest.raises(queue.LeaseLostError):
             checkpoints.save_checkpoint(session, job, worker_id="other", step=40, state=b"x")
         assert session.scalar(select(func.count()).select_from(Checkpoint)) == 3
+        # Announced as OpenAI's checkpoint messages are: type "message" (the SDK's event type
+        # has no "checkpoint"), what a program needs in data.
+        saved = session.execute(
+            select(JobEvent.message, JobEvent.type, JobEvent.data)
+            .where(JobEvent.job_id == job_id, JobEvent.message.like("Checkpoint%"))
+            .order_by(JobEvent.id)
+        ).all()
+        ids = dict(session.execute(select(Checkpoint.step, Checkpoint.id)).all())
+        assert [tuple(row) for row in saved] == [
+            (
+                f"Checkpoint created at step {step}",
+                "message",
+                {"checkpoint_id": ids[step], "step": step, "epoch": step / 30},
+            )
+            for step in (10, 20, 30)
+        ]

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from openai.types.fine_tuning import FineTuningJobEvent
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -64,7 +65,12 @@ def test_a_finished_job_says_what_it_did(
 
     # What was sent stays under method; the OpenAI fields hold the values used.
     assert job["method"]["hyperparameters"] == {"n_epochs": 3}
-    assert job["hyperparameters"] == {"n_epochs": 3, "batch_size": 16, "learning_rate": 1e-3}
+    assert job["hyperparameters"] == {
+        "n_epochs": 3,
+        "batch_size": 16,
+        "learning_rate": 1e-3,
+        "learning_rate_multiplier": 1.0,
+    }
     resolved = job["resolved_hyperparameters"]
     assert resolved["validation"] == "held_out" and resolved["validation_fraction"] == 0.1
     assert resolved["held_out_examples"] == 2 and resolved["train_examples"] == 18
@@ -189,6 +195,22 @@ def test_a_resumed_job_counts_tokens_and_epochs_as_an_uninterrupted_one(
     resumed = [e for e in _events(client, auth, job_id) if e["message"].startswith("Resumed")]
     assert [e["message"] for e in resumed] == ["Resumed from checkpoint at step 3"]
     assert resumed[0]["data"]["hyperparameters"] == job["resolved_hyperparameters"]
+
+    # Every event, the checkpoints' and the requeue's among them, is one the SDK's own type
+    # accepts (its level is info, warn or error; its type message or metrics).
+    events = _events(client, auth, job_id)
+    for event in events:
+        FineTuningJobEvent.model_validate(event)
+    requeued_events = [e for e in events if e["message"] == "Job requeued: worker shutting down"]
+    assert [e["level"] for e in requeued_events] == ["warn"]
+    # A checkpoint is announced as a message; its step and id are in data.
+    saved = [e for e in events if (e["data"] or {}).get("checkpoint_id")]
+    ckpts = client.get(f"{JOBS}/{job_id}/checkpoints", headers=auth).json()["data"]
+    assert {e["data"]["checkpoint_id"] for e in saved} == {c["id"] for c in ckpts}
+    assert all(e["type"] == "message" for e in saved)
+    assert [e["message"] for e in saved if e["data"]["step"] == 3] == [
+        "Checkpoint created at step 3"
+    ]
 
 
 def test_a_failed_read_of_the_cancel_flag_does_not_fail_the_job(
