@@ -305,7 +305,9 @@ class BagLoraHooks:
             self._low = (x, group, low)  # [B·seq, R]
         start, stop, bt = part
         rank = stop - start
-        index, offsets = self._bags_of(x.shape[1], rank, 0)  # a bare token's low row is 0
+        # A bare token sums the zero row: its low row is 0, but 0 times another adapter's
+        # overflowed pair is NaN.
+        index, offsets = self._bags_of(x.shape[1], rank, bt.shape[0] - 1)
         weights = low[:, start:stop] if rank == low.shape[1] else low[:, start:stop].contiguous()
         delta = _weighted_bags(bt, index, offsets, weights.view(-1))
         y.view(delta.shape[0], -1).add_(delta)

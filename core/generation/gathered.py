@@ -48,9 +48,10 @@ class SiteGroup:
 
     ``a`` is ``[capacity·in + 1, R]``: position p's rows ``p·in .. p·in+in-1`` hold its targets'
     ``(scale · A)ᵀ`` side by side along R (the sum of their bank ranks), and the last row is
-    zeros, for tokens without an adapter. ``parts[target] = (start, stop, Bᵀ [capacity·r, out])``
-    is that target's rank range of ``a`` and its up-projection, position p at rows
-    ``p·r .. p·r+r-1``.
+    zeros, for tokens without an adapter. ``parts[target] = (start, stop, Bᵀ [capacity·r + 1,
+    out])`` is that target's rank range of ``a`` and its up-projection, position p at rows
+    ``p·r .. p·r+r-1``, and the last row zeros too: a token without an adapter must read no
+    adapter's rows, not even weighted by 0 (0 · NaN is NaN).
     """
 
     a: Tensor
@@ -155,7 +156,7 @@ class GatheredPairs:
             n_in = members[0][1].shape[2]
             parts, start = {}, 0
             for target, a, b in members:
-                bt = b.new_zeros(capacity * a.shape[1], b.shape[1])
+                bt = b.new_zeros(capacity * a.shape[1] + 1, b.shape[1])
                 parts[target] = (start, start + a.shape[1], bt)
                 start += a.shape[1]
             table = members[0][1].new_zeros(capacity * n_in + 1, rank)
@@ -164,7 +165,7 @@ class GatheredPairs:
 
     def _grow(self, capacity: int) -> None:
         """More positions: the old positions' rows copied as they are, then zeros (the new
-        positions and the tables' zero row, which moves to the new end)."""
+        positions and the tables' zero rows, which move to the new ends)."""
         grown = {}
         for key, group in self._buffers.items():
             kept = group.capacity * group.n_in
@@ -172,8 +173,8 @@ class GatheredPairs:
             a[:kept].copy_(group.a[:kept])
             parts = {}
             for target, (start, stop, bt) in group.parts.items():
-                wider = bt.new_zeros(capacity * (stop - start), bt.shape[1])
-                wider[: bt.shape[0]].copy_(bt)
+                wider = bt.new_zeros(capacity * (stop - start) + 1, bt.shape[1])
+                wider[: bt.shape[0] - 1].copy_(bt[:-1])
                 parts[target] = (start, stop, wider)
             grown[key] = SiteGroup(a, parts, group.n_in, capacity)
         self._buffers = grown

@@ -90,9 +90,13 @@ MergeMode = Literal["auto", "unmerged", "merged"]
 # Figures in core.generation.merged.
 MERGE_PAYS_AFTER = 64
 
-# A sequence whose next-token scores overflowed (an adapter trained to NaN weights, say) fails
+# A request whose next-token scores overflowed (an adapter trained to NaN weights, say) fails
 # alone: sampling its row raised in torch.multinomial and failed every sequence of the pass.
-NOT_FINITE = "the model's next-token scores are not finite numbers (its adapter's weights overflow)"
+NON_FINITE_OUTPUT = "non_finite_output"  # its events' error_code
+NOT_FINITE = (
+    "the model's next-token scores are not finite numbers (inf or NaN), as an adapter's weights "
+    "that overflow on the prompt give"
+)
 
 
 class QueueFull(RuntimeError):  # noqa: N818 - a state the caller answers with 503
@@ -139,6 +143,7 @@ class SequenceEvent:
     completion_tokens: int = 0  # so far, counting a stop token
     cached_tokens: int = 0  # on a candidate's first event: prompt tokens the prefix cache gave
     error: str | None = None  # the request failed (its other candidates fail alike)
+    error_code: str | None = None  # why, where the caller can act on it (NON_FINITE_OUTPUT)
 
 
 @dataclass
@@ -414,6 +419,9 @@ class Scheduler:
         events: list[SequenceEvent] = []
         earlier = sorted(self._running.values(), key=lambda s: s.slot)
         self._admit(events)
+        # Less those a failure while admitting retired (a request's later candidates failing
+        # to start fail its running ones).
+        earlier = [s for s in earlier if self._running.get(s.slot) is s]
         if earlier:
             self._decode(earlier, events)
         return events
@@ -535,10 +543,7 @@ class Scheduler:
             )
         except Exception as exc:  # its candidates fail alike, as in a failed prefill
             log.exception("starting %d more candidates of request %d failed", take, request_id)
-            self._fail_rest(request_id, str(exc), events)
-            for seq in [s for s in self._running.values() if s.request_id == request_id]:
-                self._retire(seq)
-                events.append(SequenceEvent(request_id, seq.index, error=str(exc)))
+            self._fail_request(request_id, str(exc), events)
             return
         for seq, token, lp in zip(seqs, tokens, lps, strict=True):
             events.append(self._accept(seq, token, lp))
@@ -551,13 +556,18 @@ class Scheduler:
             self._release(rest.parked)
         return rest
 
-    def _fail(self, seq: _Sequence, error: str, events: list[SequenceEvent]) -> None:
-        """A running sequence failed: it and its request's candidates yet to start."""
-        self._fail_rest(seq.request_id, error, events)
-        self._retire(seq)
-        events.append(SequenceEvent(seq.request_id, seq.index, error=error))
+    def _fail_request(
+        self, request_id: int, error: str, events: list[SequenceEvent], code: str | None = None
+    ) -> None:
+        """The request failed: its running candidates and those yet to start fail alike."""
+        self._fail_rest(request_id, error, events, code)
+        for seq in [s for s in self._running.values() if s.request_id == request_id]:
+            self._retire(seq)
+            events.append(SequenceEvent(request_id, seq.index, error=error, error_code=code))
 
-    def _fail_rest(self, request_id: int, error: str, events: list[SequenceEvent]) -> None:
+    def _fail_rest(
+        self, request_id: int, error: str, events: list[SequenceEvent], code: str | None = None
+    ) -> None:
         """The request failed: its candidates that have not started fail alike, and it leaves
         its owner's queue (whose head it is)."""
         rest = self._drop_rest(request_id)
@@ -565,7 +575,7 @@ class Scheduler:
             return
         self._pop_waiting(rest.request.owner)
         events.extend(
-            SequenceEvent(request_id, j, error=error)
+            SequenceEvent(request_id, j, error=error, error_code=code)
             for j in range(rest.next, rest.request.params.n)
         )
 
@@ -705,13 +715,14 @@ class Scheduler:
                         rest = self._rests.get(chunk.seqs[0].request_id)
                         if rest is not None:  # its later candidates' first tokens
                             rest.logits = row.clone()
-                    repeats = torch.tensor([len(c.seqs) for c in good], device=device)
                     flat = [s for c in good for s in c.seqs]
-                    tokens, lps = sample(
-                        first.repeat_interleave(repeats, dim=0),
-                        [s.params for s in flat],
-                        [s.generator for s in flat],
-                    )
+                    if flat:
+                        repeats = torch.tensor([len(c.seqs) for c in good], device=device)
+                        tokens, lps = sample(
+                            first.repeat_interleave(repeats, dim=0),
+                            [s.params for s in flat],
+                            [s.generator for s in flat],
+                        )
         except Exception as exc:
             log.exception("prefill of %d prompts failed", len(chunks))
             for chunk in chunks:
@@ -726,8 +737,7 @@ class Scheduler:
             return
         for chunk, ok in zip(finals, finite, strict=False):  # none if no prompt finished
             if not ok:
-                for seq in chunk.seqs:
-                    self._fail(seq, NOT_FINITE, events)
+                self._fail_request(chunk.seqs[0].request_id, NOT_FINITE, events, NON_FINITE_OUTPUT)
         for chunk in good:  # each prompt once: its candidates share its keys and values
             self._remember(chunk.seqs[0])
         chunking = self._chunking
@@ -759,14 +769,17 @@ class Scheduler:
                 scores, finite = _finite_rows(logits(self.weights, hidden))
                 ok = [seq for seq, good in zip(seqs, finite, strict=True) if good]
                 new, lps = sample(scores, [s.params for s in ok], [s.generator for s in ok])
-        except Exception as exc:  # nothing of this step is usable: fail its sequences
+        except Exception as exc:  # nothing of this step is usable: fail its sequences' requests
             log.exception("decode step failed for %d sequences", len(seqs))
-            for seq in seqs:
-                self._fail(seq, str(exc), events)
+            for request_id in dict.fromkeys(s.request_id for s in seqs):
+                self._fail_request(request_id, str(exc), events)
             return
-        for seq in (s for s, good in zip(seqs, finite, strict=True) if not good):
-            self._fail(seq, NOT_FINITE, events)
+        failed = {s.request_id for s, good in zip(seqs, finite, strict=True) if not good}
+        for request_id in failed:
+            self._fail_request(request_id, NOT_FINITE, events, NON_FINITE_OUTPUT)
         for seq, token, lp in zip(ok, new, lps, strict=True):
+            if seq.request_id in failed:  # a candidate of a request another one failed
+                continue
             seq.length += 1
             events.append(self._accept(seq, token, lp))
 

@@ -55,16 +55,13 @@ class Generation:
         self.queue: asyncio.Queue[list[SequenceEvent]] = asyncio.Queue()
 
     async def events(self) -> AsyncIterator[SequenceEvent]:
-        """Every event of the request; a failed candidate raises a 500 ServiceError."""
+        """Every event of the request; a failed candidate raises a ServiceError (a 409 where
+        the adapter's weights overflow, else a 500)."""
         open_candidates = self.n
         while open_candidates:
             for event in await self.queue.get():
                 if event.error is not None:
-                    raise ServiceError(
-                        f"generation failed: {event.error}",
-                        code="generation_failed",
-                        kind=ErrorKind.INTERNAL,
-                    )
+                    raise _failed(event)
                 if event.finish_reason is not None:
                     open_candidates -= 1
                 self.cached_tokens = max(self.cached_tokens, event.cached_tokens)
@@ -73,6 +70,23 @@ class Generation:
     def cancel(self) -> None:
         """Free the request's slots at the scheduler's next step (a client that left)."""
         self.server.cancel(self.request_id)
+
+
+def _failed(event: SequenceEvent) -> ServiceError:
+    from core.generation.scheduler import NON_FINITE_OUTPUT
+
+    if event.error_code == NON_FINITE_OUTPUT:
+        # The adapter's weights forbid the answer, not the request, as on /predict
+        # (service.serving.run's non_finite_output); the server is not at fault.
+        return ServiceError(
+            f"{event.error}: train or import the adapter again with smaller weights",
+            code=NON_FINITE_OUTPUT,
+            param="model",
+            kind=ErrorKind.CONFLICT,
+        )
+    return ServiceError(
+        f"generation failed: {event.error}", code="generation_failed", kind=ErrorKind.INTERNAL
+    )
 
 
 class GenerationServer:

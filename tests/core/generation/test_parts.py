@@ -354,8 +354,8 @@ def test_gathered_copies_dropped_sites_failures_and_memory(
     assert gathered.capacity == 3  # 2 rounded up to 8, but the bank holds 3
     cfg = tiny_decoder.config
     n_in, n_out = cfg.linear_shape("gate_proj")  # as up_proj's
-    # Aᵀ side by side [3·in + 1 zero row, 2+2], two Bᵀ [3·2, out]
-    per_layer = (3 * n_in + 1) * (2 + 2) + 2 * 3 * 2 * n_out
+    # Aᵀ side by side [3·in + 1 zero row, 2+2], two Bᵀ [3·2 + 1 zero row, out]
+    per_layer = (3 * n_in + 1) * (2 + 2) + 2 * (3 * 2 + 1) * n_out
     assert gathered.num_bytes == cfg.num_hidden_layers * per_layer * 4  # fp32
     slot_of["own"] = slots.acquire(own)  # idle, and adds o_proj sites...
     slots.release(slot_of["own"], "own")

@@ -11,7 +11,13 @@ from core.decoder.base import DecoderBase
 from core.errors import ConfigError
 from core.generation.adapters import LoraWeights
 from core.generation.sampling import SamplingParams
-from core.generation.scheduler import NOT_FINITE, ContextLengthError, GenerationRequest, QueueFull
+from core.generation.scheduler import (
+    NON_FINITE_OUTPUT,
+    NOT_FINITE,
+    ContextLengthError,
+    GenerationRequest,
+    QueueFull,
+)
 from tests.core.decoder.test_forward import hf_model, random_rows
 from tests.core.generation.helpers import (
     Outputs,
@@ -278,24 +284,44 @@ def _nan_lora(base: DecoderBase) -> LoraWeights:
     return LoraWeights("nan", {site: (a, torch.full_like(b, float("nan")))}, lora.scaling)
 
 
-@pytest.mark.parametrize("when", ["prefill", "decode"])
-def test_scores_that_are_not_finite_fail_their_sequence_alone(
+@pytest.mark.parametrize("when", ["prefill", "alone", "chunking", "decode"])
+def test_scores_that_are_not_finite_fail_their_request_alone(
     tiny_decoder: DecoderBase, adapters: list[LoraWeights], when: str
 ) -> None:
-    """An adapter whose weights overflow (NaN) fails its own requests only: torch.multinomial
-    raised on its row, and every sequence of the pass failed with it."""
-    prompts = random_rows(tiny_decoder.config.vocab_size, [9, 14, 6], seed=8)
+    """An adapter whose weights overflow (NaN) fails its own request only, all its candidates,
+    once each: torch.multinomial raised on its row, and every sequence of the pass failed with
+    it. Prefilled with others, alone, beside another owner's prompt that starts chunking in
+    the same pass, or going bad between its prompt and its next decode step."""
+    prompts = random_rows(tiny_decoder.config.vocab_size, [9, 14, 12, 40], seed=8)
     sampled = SamplingParams(max_tokens=12, temperature=1.0, seed=4)
-    others = [
-        GenerationRequest(prompts[0], greedy(12)),
-        GenerationRequest(prompts[1], sampled, adapters[0], mode="unmerged"),
-    ]
-    alone_ids, alone = run_all(scheduler(tiny_decoder), others)
-    bad = _nan_lora(tiny_decoder) if when == "prefill" else adapters[2]
-    sched = scheduler(tiny_decoder)
-    ids = [sched.add(r) for r in others]
-    bad_id = sched.add(GenerationRequest(prompts[2], dataclasses.replace(sampled, n=2), bad))
-    events = sched.step()  # every prompt prefilled together, first tokens sampled
+    others = {
+        "prefill": [
+            GenerationRequest(prompts[0], greedy(12), owner="b"),
+            GenerationRequest(prompts[1], sampled, adapters[0], mode="unmerged", owner="b"),
+        ],
+        "alone": [],
+        "chunking": [GenerationRequest(prompts[3], sampled, adapters[0], owner="b")],
+        "decode": [GenerationRequest(prompts[0], greedy(12), owner="b")],
+    }[when]
+    budget = 16 if when == "chunking" else 2048  # the long prompt starts in the bad one's pass
+    alone_ids, alone = run_all(scheduler(tiny_decoder, prefill_tokens_per_step=budget), others)
+    bad = adapters[2] if when == "decode" else _nan_lora(tiny_decoder)
+    # Decode: 3 slots, one the other's, so the third candidate waits to start.
+    num_slots = 3 if when == "decode" else 8
+    sched = scheduler(
+        tiny_decoder,
+        num_slots=num_slots,
+        prefill_tokens_per_step=budget,
+        prefix_cache_bytes=1 << 20,
+    )
+    bad_request = GenerationRequest(prompts[2], dataclasses.replace(sampled, n=3), bad, owner="a")
+    if when == "decode":
+        ids = [sched.add(r) for r in others]
+        bad_id = sched.add(bad_request)
+    else:  # first: the long prompt starts chunking on what the bad one leaves of the budget
+        bad_id = sched.add(bad_request)
+        ids = [sched.add(r) for r in others]
+    events = sched.step()  # the prompts prefilled together (the long one's first chunk)
     if when == "decode":  # the weights go bad after the prompt: the next decode step copies them
         slot = sched.adapters.acquire(bad)
         with torch.inference_mode():
@@ -304,9 +330,14 @@ def test_scores_that_are_not_finite_fail_their_sequence_alone(
         sched.adapters.release(slot, bad.key)
     while sched.running or sched.waiting:
         events += sched.step()
-    errors = {(e.request_id, e.index): e.error for e in events if e.error is not None}
-    assert errors == {(bad_id, 0): NOT_FINITE, (bad_id, 1): NOT_FINITE}
+    failed = [(e.request_id, e.index, e.error, e.error_code) for e in events if e.error]
+    assert sorted(failed) == [(bad_id, i, NOT_FINITE, NON_FINITE_OUTPUT) for i in range(3)]
     together = Outputs()
     together.take([e for e in events if e.request_id != bad_id])
     assert [together.tokens[(i, 0)] for i in ids] == [alone.tokens[(i, 0)] for i in alone_ids]
-    assert sched.free_slots == 8 and not sched.adapters.pins(bad.key)
+    # Nothing of the failed request is left: slots, pins, parked candidates, cached prefixes.
+    assert sched.free_slots == num_slots and not sched.adapters.pins(bad.key)
+    assert not sched._rests and not sched._held and not sched.waiting
+    assert sched.prefixes is not None
+    cached = sched.prefixes.lookup(bad_request.scope, prompts[2])
+    assert cached == [] if when != "decode" else cached  # (its prompt was finite then)

@@ -693,6 +693,43 @@ def _generation_metrics(server: Server) -> dict[tuple[str, str], float]:
     }
 
 
+def test_an_adapter_whose_weights_overflow_is_409_and_fails_no_request_beside_it(
+    server: Server,
+) -> None:
+    """NaN weights (stored before imports checked them, or trained so) gave NaN scores, which
+    failed every request of the step with a 500, another tenant's included."""
+    config = parse_method_config("lora", {"r": 4, "alpha": 8}, base_kind="decoder")
+    assert isinstance(config, LoraConfig)
+    lora = LoraModel(config, server.decoder)
+    with torch.no_grad():
+        lora.lora_B[0].fill_(float("nan"))
+    _store(server, "smol-nan", Adapter.from_method(lora, HeadConfig(task="chat"), 1, {}))
+    sdk = server.sdk()
+    asked = {"messages": QUESTION, "max_tokens": 6}
+    greedy = sdk.chat.completions.create(model=DEFAULT_DECODER_NAME, temperature=0, **asked)
+    with ThreadPoolExecutor(6) as pool:
+        bad = [
+            pool.submit(sdk.chat.completions.create, model="smol-nan", n=2, seed=i, **asked)
+            for i in range(3)
+        ]
+        beside = [
+            pool.submit(
+                sdk.chat.completions.create, model=DEFAULT_DECODER_NAME, temperature=0, **asked
+            )
+            for _ in range(3)
+        ]
+        for future in bad:
+            with pytest.raises(openai.APIStatusError) as failed:
+                future.result()
+            assert failed.value.status_code == 409
+            error = failed.value.body
+            assert isinstance(error, dict)
+            assert (error["code"], error["param"]) == ("non_finite_output", "model")
+            assert "not finite numbers" in error["message"]
+        texts = [f.result().choices[0].message.content for f in beside]
+    assert texts == [greedy.choices[0].message.content] * 3
+
+
 def test_mode_merged_replies_as_unmerged_and_shows_on_metrics(server: Server) -> None:
     base = server.decoder
     config = parse_method_config("lora", {"r": 4, "alpha": 8}, base_kind="decoder")
