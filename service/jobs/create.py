@@ -266,8 +266,13 @@ def _check_task_settings(task: str | None, hyper: dict[str, Any]) -> None:
             )
 
 
-# Settings that act on validation alone; both default to null, which asks for none.
-_VALIDATION_SETTINGS = ("early_stopping_patience", "eval_every_steps")
+# Settings that act on validation alone: sent (and not null) they ask for some.
+_VALIDATION_SETTINGS = (
+    "early_stopping_patience",
+    "eval_every_steps",
+    "eval_batch_size",
+    "metric_for_best",
+)
 
 
 def _check_validation_settings(hyper: dict[str, Any], has_validation_file: bool) -> None:

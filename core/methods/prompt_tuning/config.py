@@ -48,7 +48,7 @@ class PromptTuningConfig(MethodConfig):
         if init == "text" and not (v and _has_a_token(v)):
             raise ValueError(
                 "init='text' needs an init_text with a character that makes a token (spaces, "
-                "control, format and combining characters alone make none)"
+                "control, format and nonspacing characters alone make none)"
             )
         if init == "random" and v is not None:
             raise ValueError("init_text is only used with init='text'")
@@ -61,7 +61,10 @@ class PromptTuningConfig(MethodConfig):
 
 def _has_a_token(text: str) -> bool:
     """Whether ``text`` holds a character every tokenizer keeps. An uncased WordPiece (MiniLM's)
-    drops whitespace, control and format characters (a zero-width space, a NUL) and, stripping
-    accents, combining marks: a text of those alone was queued, and the worker failed the job
-    with "init_text: tokenizes to no tokens"."""
-    return any(unicodedata.category(c)[0] not in "ZCM" for c in text)
+    drops whitespace, control and format characters (a zero-width space, a NUL), U+FFFD and,
+    stripping accents, nonspacing marks: a text of those alone was queued, and the worker
+    failed the job with "init_text: tokenizes to no tokens"."""
+    return any(
+        c != "\ufffd" and unicodedata.category(c)[0] not in "ZC" and unicodedata.category(c) != "Mn"
+        for c in text
+    )

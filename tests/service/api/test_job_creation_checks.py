@@ -20,7 +20,7 @@ def _job_rows(db: sessionmaker[Session]) -> int:
         return session.scalar(select(func.count()).select_from(Job)) or 0
 
 
-@pytest.mark.parametrize("text", ["\u200b", "\u0000", "\u200b \u200b", "\u0301"])
+@pytest.mark.parametrize("text", ["\u200b", "\u0000", "\u200b \u200b", "\u0301", "\ufffd"])
 def test_an_init_text_of_no_tokens_is_422_at_creation(
     client: TestClient, auth: Headers, db: sessionmaker[Session], text: str
 ) -> None:
@@ -41,7 +41,13 @@ def test_an_init_text_of_no_tokens_is_422_at_creation(
 
 
 @pytest.mark.parametrize(
-    ("setting", "value"), [("early_stopping_patience", 2), ("eval_every_steps", 5)]
+    ("setting", "value"),
+    [
+        ("early_stopping_patience", 2),
+        ("eval_every_steps", 5),
+        ("eval_batch_size", 8),
+        ("metric_for_best", "loss"),
+    ],
 )
 def test_validation_settings_without_a_validation_set_are_refused(
     client: TestClient, auth: Headers, db: sessionmaker[Session], setting: str, value: int
