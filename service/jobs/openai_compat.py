@@ -63,6 +63,15 @@ _OPENAI_JOB_HYPERPARAMETERS: dict[str, tuple[str, ...]] = {
 _MULTIPLIER_DIGITS = 12
 
 
+def learning_rate_multiplier(rate: Any, method_type: str) -> Any:
+    """OpenAI's view of a learning rate: over ``method_type``'s default (``"auto"`` stays so),
+    the inverse of what :func:`openai_hyperparameters` maps a multiplier onto."""
+    if rate == _AUTO:
+        return rate
+    auto = TrainingConfig().resolved_learning_rate(method_type)
+    return float(f"{float(rate) / auto:.{_MULTIPLIER_DIGITS}g}")
+
+
 def openai_hyperparameters(value: Any, param: str, *, method_type: str = "lora") -> dict[str, Any]:
     """OpenAI's hyperparameter block → loraplex's (``"auto"`` values dropped).
 
@@ -133,11 +142,7 @@ def openai_job_hyperparameters(
     out: dict[str, Any] = {}
     for key in _OPENAI_JOB_HYPERPARAMETERS[openai_type]:
         if key == "learning_rate_multiplier":
-            rate = values.get("learning_rate", _AUTO)
-            if rate != _AUTO:
-                auto = TrainingConfig().resolved_learning_rate("lora")
-                rate = float(f"{float(rate) / auto:.{_MULTIPLIER_DIGITS}g}")
-            out[key] = rate
+            out[key] = learning_rate_multiplier(values.get("learning_rate", _AUTO), "lora")
         else:
             out[key] = values.get(key, _AUTO)
     return out

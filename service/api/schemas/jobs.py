@@ -23,7 +23,6 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from core.training.config import TrainingConfig
 from service.api.schemas.common import NAME_PATTERN
 from service.api.schemas.methods import API_METHODS, METHOD_PARAMS, Hyperparameters, NotBool
 from service.db.models import Job
@@ -33,6 +32,7 @@ from service.jobs.openai_compat import (
     HYPERPARAMETERS_PATH,
     OPENAI_METHOD_TYPES,
     SentPath,
+    learning_rate_multiplier,
     openai_job_hyperparameters,
     translate_job_request,
 )
@@ -319,9 +319,6 @@ class JobProgress(BaseModel):
 
 # The OpenAI job object's hyperparameters, filled in from what the run resolved.
 _OPENAI_RESOLVED = ("n_epochs", "batch_size", "learning_rate")
-# Significant digits of learning_rate_multiplier, as the method block's
-# (service.jobs.openai_compat): dividing the rate by the default back is not always exact.
-_MULTIPLIER_DIGITS = 12
 
 
 class JobObject(BaseModel):
@@ -520,11 +517,6 @@ def _openai_hyperparameters(job: Job) -> dict[str, Any]:
     resolved = job.resolved_hyperparameters or {}
     out = {**job.hyperparameters, **{k: resolved[k] for k in _OPENAI_RESOLVED if k in resolved}}
     rate = out.get("learning_rate")
-    if rate == "auto":
-        out["learning_rate_multiplier"] = rate
-    elif rate is not None:
-        # The inverse of a top-level multiplier sent (openai_compat.openai_hyperparameters):
-        # the stored method type's default (supervised and dpo are stored as lora).
-        auto = TrainingConfig().resolved_learning_rate(job.method["type"])
-        out["learning_rate_multiplier"] = float(f"{float(rate) / auto:.{_MULTIPLIER_DIGITS}g}")
+    if rate is not None:  # over the stored method type's default (supervised and dpo: lora)
+        out["learning_rate_multiplier"] = learning_rate_multiplier(rate, job.method["type"])
     return out
