@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import load as st_load
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -26,7 +27,14 @@ from core.base import FrozenBase
 from service.db.models import AdapterRow, Checkpoint, Dataset, Job, JobStatus
 from service.state import app_state
 from tests.core.inference.helpers import lora, random_adapter, reference
-from tests.service.helpers import CLASSIFICATION_ROWS, Headers, assert_error, store_adapter
+from tests.service.helpers import (
+    CLASSIFICATION_ROWS,
+    Headers,
+    add_queued_job,
+    add_tenant,
+    assert_error,
+    store_adapter,
+)
 
 TEXTS = ["a wonderful film", "dull and slow", "the plot makes no sense at all", "fun"]
 PAIRS = [{"chosen": "a good answer", "rejected": "bad"}, {"chosen": "yes", "rejected": "no"}]
@@ -426,3 +434,28 @@ def test_revoking_bs_key_does_not_touch_a(
         403,
         code="admin_required",
     )
+
+
+def test_unauthenticated_metrics_name_no_job_and_sum_the_training_speed(
+    client: TestClient, db: sessionmaker[Session]
+) -> None:
+    """/metrics answers without a key: its training speed was labelled by job id, which showed
+    every tenant's running jobs (and grew a series per job)."""
+    ids = [add_queued_job(db, add_tenant(db, name), name=name) for name in ("t1", "t2", "t3")]
+    with db() as session:
+        for job_id, rate in zip(ids[:2], (2.5, 1.5), strict=True):
+            job = session.get(Job, job_id)
+            assert job is not None
+            job.status, job.metrics = JobStatus.RUNNING, {"steps_per_second": rate}
+        session.commit()
+    text = client.get("/metrics").text
+    assert not any(job_id in text for job_id in ids)
+    samples = {
+        (s.name, s.labels.get("status", "")): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name in ("loraplex_training_steps_per_second", "loraplex_jobs")
+    }
+    assert samples[("loraplex_training_steps_per_second", "")] == 4.0
+    assert samples[("loraplex_jobs", "running")] == 2
+    assert samples[("loraplex_jobs", "queued")] == 1
