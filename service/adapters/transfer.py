@@ -123,6 +123,15 @@ def _check_labels(labels: list[str], param: str) -> None:
             param=param,
         )
     for i, label in enumerate(labels):
+        # As a dataset's labels are read (service.datasets.rows): stripped, never empty.
+        if not label.strip():
+            raise TransferError(f"label name {i} is empty", code="empty_field", param=param)
+        if label != label.strip():
+            raise TransferError(
+                f"label name {i} ({label!r}) has spaces around it; a dataset's labels have none",
+                code="invalid_value",
+                param=param,
+            )
         if len(label) > limits.max_label_chars:
             raise TransferError(
                 f"label name {i} is longer than {limits.max_label_chars} characters",

@@ -928,6 +928,11 @@ def test_label_names_of_a_headless_import_are_held_to_the_dataset_limits(
     assert_error(resp, 422, param="label_names", code="field_too_long")
     resp = upload(client, auth, data, task="classification", label_names='["a", "\\ud800"]')
     assert_error(resp, 422, param="label_names", code="invalid_unicode")
+    # Empty or spaced names, which a dataset's labels never are (they were served as such).
+    resp = upload(client, auth, data, task="classification", label_names='["", " "]')
+    assert_error(resp, 422, param="label_names", code="empty_field")
+    resp = upload(client, auth, data, task="classification", label_names='["a", "a "]')
+    assert_error(resp, 422, param="label_names", code="invalid_value")
     assert _adapter_names(db) == []
 
     # At the limits, it imports.
