@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session, undefer
 
 from service.db.models import ACTIVE_STATUSES, AdapterRow, Job, Tenant
@@ -46,9 +46,10 @@ def next_adapter_version(session: Session, tenant_id: str) -> int:
 
 def delete_adapter_row(
     session: Session, row: AdapterRow, forget: Iterable[ForgetAdapter] = ()
-) -> None:
+) -> bool:
     """Delete and commit ``row``, then tell each of ``forget`` to drop what it holds of it;
-    a conflict while a job that has not finished starts from it.
+    a conflict while a job that has not finished starts from it. False where another request
+    deleted it first (both had read it: each answered 200).
 
     Serving caches key on (tenant, name, version) and versions are never reused, so even
     before the drop a cached copy cannot be served for a later adapter of the same name;
@@ -68,7 +69,10 @@ def delete_adapter_row(
             None,
             "adapter_in_use",
         )
-    session.delete(row)
+    gone = session.execute(delete(AdapterRow).where(AdapterRow.id == row.id))
+    if not gone.rowcount:  # type: ignore[attr-defined]
+        session.rollback()
+        return False
     # Its jobs' checkpoints are models too ('<name>:ckpt-step-N'): a deleted adapter stops
     # being served under those names as well.
     drop_served_checkpoints(session, tenant_id, name)
@@ -76,3 +80,4 @@ def delete_adapter_row(
     reclaim_free_pages(session)
     for drop in forget:
         drop(tenant_id, name)
+    return True

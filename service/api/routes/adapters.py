@@ -316,5 +316,6 @@ def delete_adapter(
     again: it gets a new version, so no cached copy of the old one can answer for it."""
     row = _get_owned(session, tenant.id, name)
     deleted = AdapterDeleted(id=row.id, object="adapter", name=row.name, version=row.version)
-    delete_adapter_row(session, row, caches)
+    if not delete_adapter_row(session, row, caches):
+        raise not_found("adapter", name)
     return deleted

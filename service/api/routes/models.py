@@ -189,5 +189,6 @@ def delete_model(
         for drop in caches:
             drop(tenant.id, model_id)
         return ModelDeleted(id=model_id)
-    delete_adapter_row(session, _owned_adapter(session, tenant.id, model_id), caches)
+    if not delete_adapter_row(session, _owned_adapter(session, tenant.id, model_id), caches):
+        raise not_found("model", model_id)
     return ModelDeleted(id=model_id)

@@ -9,6 +9,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.adapters.records import delete_adapter_row
 from service.db.models import AdapterRow, Tenant
 from tests.service.helpers import (
     Headers,
@@ -61,6 +62,22 @@ def test_delete_adapter(client: TestClient, auth: Headers, db: sessionmaker[Sess
     assert body["object"] == "adapter" and body["deleted"] is True
     assert body["name"] == "gone" and body["id"].startswith("adapter-")
     assert_error(client.get("/v1/adapters/gone", headers=auth), 404, code="adapter_not_found")
+    with db() as session:
+        assert session.scalars(select(AdapterRow)).all() == []
+
+
+def test_of_two_deletes_that_both_read_the_adapter_one_deletes_it(
+    client: TestClient, db: sessionmaker[Session]
+) -> None:
+    """Both ran session.delete on their copy: the second matched no row and still answered
+    200 (two of eight concurrent DELETEs did)."""
+    _add(db, "default", "raced")
+    dropped: list[tuple[str, str]] = []
+    with db() as first, db() as second:
+        rows = [s.scalars(select(AdapterRow)).one() for s in (first, second)]
+        assert delete_adapter_row(first, rows[0], [lambda t, n: dropped.append((t, n))])
+        assert not delete_adapter_row(second, rows[1], [lambda t, n: dropped.append((t, n))])
+    assert [name for _, name in dropped] == ["raced"]  # caches told once
     with db() as session:
         assert session.scalars(select(AdapterRow)).all() == []
 
