@@ -19,6 +19,7 @@ from pydantic import (
     Tag,
     model_validator,
 )
+from pydantic.fields import FieldInfo
 
 from service.names import NoControlCharacters
 
@@ -81,6 +82,22 @@ class TextPart(BaseModel):
     )
 
 
+def _without_unset(
+    data: Any, fields: dict[str, FieldInfo], neutral: dict[str, Callable[[Any], bool]] | None = None
+) -> Any:
+    """``data`` (a request object) less its nulls, but a required field's (left for the 422 to
+    name it), and less the keys whose value ``neutral`` says asks for nothing."""
+    if not isinstance(data, dict):
+        return data
+    neutral = neutral or {}
+    return {
+        key: value
+        for key, value in data.items()
+        if not (value is None and not (key in fields and fields[key].is_required()))
+        and not (key in neutral and neutral[key](value))
+    }
+
+
 def _content_shape(value: Any) -> str | None:
     if isinstance(value, str):
         return "text"
@@ -114,6 +131,12 @@ class StreamOptions(BaseModel):
     include_usage: bool = Field(
         False, strict=True, description="A last chunk with `usage` (and no choices)."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_unset(cls, data: Any) -> Any:
+        """``null`` is its default, as at the top level (:meth:`SamplingFields._drop_unset`)."""
+        return _without_unset(data, cls.model_fields)
 
 
 class SamplingFields(BaseModel):
@@ -173,16 +196,7 @@ class SamplingFields(BaseModel):
         (the openai SDK sends null for a parameter given as None: a 422 here broke
         ``create(..., temperature=None)`` and ``presence_penalty=None``), and an unimplemented
         parameter's neutral value (``_NEUTRAL``)."""
-        if not isinstance(data, dict):
-            return data
-        fields = cls.model_fields
-        return {
-            key: value
-            for key, value in data.items()
-            # A required field's null stays, for the 422 to name it.
-            if not (value is None and not (key in fields and fields[key].is_required()))
-            and not (key in _NEUTRAL and _NEUTRAL[key](value))
-        }
+        return _without_unset(data, cls.model_fields, _NEUTRAL)
 
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:

@@ -342,7 +342,7 @@ def _event_values(url: str) -> list[tuple[str, str, str]]:
 def _event_values_up_and_down(url: str) -> None:
     """0009 rewrites the events stored with values OpenAI's event type refuses: level
     "warning" becomes "warn", a checkpoint's type "checkpoint" becomes "message" (its data
-    kept); its downgrade gives them back."""
+    kept) and its text OpenAI's "created"; its downgrade gives them back."""
     upgrade(url, "0008")
     _insert_tenant(url)
     with _connection(url, write=True) as conn:
@@ -368,7 +368,7 @@ def _event_values_up_and_down(url: str) -> None:
     _check_schema(url)
     assert _event_values(url) == [
         ("Job requeued: worker shutting down", "warn", "message"),
-        ("Checkpoint saved at step 4", "info", "message"),
+        ("Checkpoint created at step 4", "info", "message"),
         ("Step 4/8: training loss=0.5", "info", "metrics"),
         ("Job failed: x", "error", "message"),
         ("Checkpoint at step 4 unusable (x); starting over", "warn", "message"),
@@ -379,7 +379,7 @@ def _event_values_up_and_down(url: str) -> None:
     assert current_revision(url) == "0008"
     assert _event_values(url) == [
         *before,
-        ("Checkpoint created at step 6", "info", "checkpoint"),
+        ("Checkpoint saved at step 6", "info", "checkpoint"),
     ]
     upgrade(url)
     _check_schema(url)

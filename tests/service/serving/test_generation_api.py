@@ -609,6 +609,12 @@ def test_a_tiny_temperature_is_greedy_and_null_parameters_are_defaults(server: S
     plain = sdk.completions.create(temperature=0, **completion).choices[0].text
     neutral = sdk.completions.create(temperature=0, echo=None, suffix=None, best_of=1, **completion)
     assert neutral.choices[0].text == plain
+    streamed = sdk.completions.create(
+        temperature=0, stream=True, stream_options={"include_usage": None}, **completion
+    )  # a nested null too
+    chunks = list(streamed)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == plain
+    assert all(c.usage is None for c in chunks)
 
 
 def test_a_tiny_top_p_is_greedy_and_fails_no_request_beside_it(server: Server) -> None:
