@@ -273,11 +273,8 @@ def _job_columns(url: str) -> set[str]:
         return {c["name"] for c in inspect(conn).get_columns("jobs")}
 
 
-def _job_echo_columns_up_and_down(url: str) -> None:
-    """0008 adds the job's OpenAI method type and reference adapter name, null on the jobs
-    already there; its downgrade drops them and keeps the jobs."""
-    upgrade(url, "0007")
-    _insert_tenant(url)
+def _insert_job(url: str) -> None:
+    """A queued LoRA job ``ftjob-old`` of tenant ``t1``."""
     with _connection(url, write=True) as conn:
         conn.execute(
             text(
@@ -287,6 +284,14 @@ def _job_echo_columns_up_and_down(url: str) -> None:
             ),
             {"method": '{"type": "lora", "lora": {}}'},
         )
+
+
+def _job_echo_columns_up_and_down(url: str) -> None:
+    """0008 adds the job's OpenAI method type and reference adapter name, null on the jobs
+    already there; its downgrade drops them and keeps the jobs."""
+    upgrade(url, "0007")
+    _insert_tenant(url)
+    _insert_job(url)
     assert not _JOB_COLUMNS_0008 & _job_columns(url)
     upgrade(url)
     assert current_revision(url) == head_revision()
@@ -345,15 +350,7 @@ def _event_values_up_and_down(url: str) -> None:
     kept) and its text OpenAI's "created"; its downgrade gives them back."""
     upgrade(url, "0008")
     _insert_tenant(url)
-    with _connection(url, write=True) as conn:
-        conn.execute(
-            text(
-                "INSERT INTO jobs (id, tenant_id, status, model, method, hyperparameters, "
-                "training_file, adapter_name, seed, created_at) VALUES ('ftjob-old', 't1', "
-                "'queued', 'm', :method, '{}', 'file-x', 'a', 1, CURRENT_TIMESTAMP)"
-            ),
-            {"method": '{"type": "lora", "lora": {}}'},
-        )
+    _insert_job(url)
     before = [
         ("Job requeued: worker shutting down", "warning", "message"),
         ("Checkpoint saved at step 4", "info", "checkpoint"),
