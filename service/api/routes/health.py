@@ -55,3 +55,9 @@ def readyz(request: Request, factory: SessionFactoryDep) -> Any:
         body = error_body(f"Not ready: {', '.join(failing)}.", UNAVAILABLE, None, "not_ready")
         return JSONResponse({**body, "checks": checks}, status_code=503)
     return {"status": "ready", "checks": checks}
+
+
+# HEAD too, with GET's status (some load balancers and uptime checks probe with it; it was a
+# 405). Not in the OpenAPI document, where it would repeat GET's operation.
+for _path, _probe in (("/healthz", healthz), ("/readyz", readyz)):
+    router.add_api_route(_path, _probe, methods=["HEAD"], include_in_schema=False)

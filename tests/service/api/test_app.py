@@ -96,6 +96,10 @@ def test_an_app_that_has_shut_down_holds_nothing_its_hooks_started(
 
 def test_healthz_and_readyz(client: TestClient) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
+    # Probes by HEAD answer as GET does, without a body (they were 405s).
+    for path in ("/healthz", "/readyz"):
+        head = client.head(path)
+        assert (head.status_code, head.content) == (client.get(path).status_code, b"")
     assert client.get("/readyz").json() == {"status": "ready", "checks": {"database": "ok"}}
 
 
