@@ -86,6 +86,12 @@ def unsupported(message: str, param: str, code: str = "unsupported_parameter") -
     return ServiceError(message, code=code, param=param, kind=ErrorKind.UNSUPPORTED)
 
 
+def unsupported_media_type(message: str) -> ServiceError:
+    return ServiceError(
+        message, code="unsupported_media_type", kind=ErrorKind.UNSUPPORTED_MEDIA_TYPE
+    )
+
+
 def conflict(message: str, param: str | None = None, code: str = "conflict") -> ServiceError:
     return ServiceError(message, code=code, param=param, kind=ErrorKind.CONFLICT)
 

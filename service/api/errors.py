@@ -24,7 +24,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from service.errors import ErrorKind, ServiceError, invalid, unavailable
+from service.errors import ErrorKind, ServiceError, invalid, unavailable, unsupported_media_type
 
 logger = logging.getLogger(__name__)
 
@@ -176,9 +176,29 @@ async def _service_error_handler(_request: Request, exc: Exception) -> JSONRespo
     return error_response(exc)
 
 
-async def _validation_handler(_request: Request, exc: Exception) -> JSONResponse:
+def media_type(request: Request) -> str:
+    """The request's Content-Type without parameters, lower-cased."""
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+async def _validation_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    return error_response(_from_validation_errors(exc.errors(), exc.body))
+    errors = exc.errors()
+    content_type = media_type(request)
+    if (
+        errors
+        and tuple(errors[0].get("loc", ())) == ("body",)
+        and content_type  # none at all: FastAPI reads the body as JSON
+        and not (content_type == "application/json" or content_type.endswith("+json"))
+    ):
+        # A JSON body sent as another type (curl's -d alone sends a form's) was a 422 "Input
+        # should be a valid dictionary" naming nothing.
+        return error_response(
+            unsupported_media_type(
+                f"Send the body as JSON (Content-Type: application/json), not {content_type[:64]}."
+            )
+        )
+    return error_response(_from_validation_errors(errors, exc.body))
 
 
 _HTTP_CODES = {

@@ -27,8 +27,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Message
 
+from service.api.errors import media_type
 from service.api.schemas.inference import MAX_JSON_BYTES_PER_CHAR, MAX_TEXT_CHARS
-from service.api.uploads import media_type
 from service.errors import ErrorKind, ServiceError
 from service.jsonstream import JsonSyntaxError, ObjectReader, ValueTooLongError
 

@@ -11,11 +11,12 @@ from typing import Any
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
+from service.api.errors import media_type
 from service.api.middleware import limit_message
 from service.datasets.reading import MAX_NAME_CHARS
 from service.datasets.rows import DatasetKind
 from service.datasets.store import UploadDigest
-from service.errors import ErrorKind, ServiceError, invalid
+from service.errors import ErrorKind, ServiceError, invalid, unsupported_media_type
 from service.names import CONTROL_CHARACTER_CODE, CONTROL_CHARACTERS, has_control_characters
 
 _READ_CHUNK = 1024 * 1024
@@ -43,21 +44,10 @@ def dataset_upload_body(required: list[str], fields: dict[str, Any]) -> dict[str
     }
 
 
-def media_type(request: Request) -> str:
-    """The request's Content-Type without parameters, lower-cased."""
-    return request.headers.get("content-type", "").split(";")[0].strip().lower()
-
-
 def require_multipart(request: Request, what: str, fields: str) -> None:
     """415 unless the body is multipart/form-data (the upload routes read files from forms)."""
     if media_type(request) != "multipart/form-data":
         raise unsupported_media_type(f"Send the {what} as multipart/form-data ({fields}).")
-
-
-def unsupported_media_type(message: str) -> ServiceError:
-    return ServiceError(
-        message, code="unsupported_media_type", kind=ErrorKind.UNSUPPORTED_MEDIA_TYPE
-    )
 
 
 async def read_upload(upload: UploadFile, limit: int, param: str = "file") -> bytes:

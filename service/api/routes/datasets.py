@@ -18,6 +18,7 @@ from service.api.deps import (
     SessionFactoryDep,
     SettingsDep,
 )
+from service.api.errors import media_type
 from service.api.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery, keyset_page
 from service.api.params import DatasetId
 from service.api.schemas.common import DeletedResponse, ListResponse
@@ -28,9 +29,7 @@ from service.api.uploads import (
     dataset_kind,
     dataset_upload_body,
     form_text,
-    media_type,
     read_upload,
-    unsupported_media_type,
     upload_name,
 )
 from service.datasets.infer import infer_kind
@@ -50,7 +49,7 @@ from service.datasets.validation import (
     parse_json_body,
 )
 from service.db.models import Dataset
-from service.errors import invalid
+from service.errors import invalid, unsupported_media_type
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 

@@ -259,3 +259,22 @@ def test_a_lone_surrogate_in_an_inference_body_is_a_422(
     if error["code"] == "json_invalid":  # a key: named by its position
         assert "Property name is not valid Unicode" in error["message"], error
         assert "line 1 column" in error["message"], error
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded"])
+def test_a_json_body_sent_as_another_type_is_415_saying_so(
+    client: TestClient, auth: Headers, content_type: str
+) -> None:
+    """It was a 422 "Input should be a valid dictionary" naming no field (curl's -d alone
+    sends a form type)."""
+    for path, sent in (
+        ("/predict?adapter=x", {"inputs": ["fine"]}),  # a body read off the event loop
+        ("/v1/fine_tuning/jobs", {"training_file": "file-x"}),  # one FastAPI reads
+    ):
+        headers = {**auth, "Content-Type": content_type}
+        resp = client.post(path, content=json.dumps(sent), headers=headers)
+        error = assert_error(resp, 415, code="unsupported_media_type")
+        assert "application/json" in error["message"] and content_type in error["message"]
+        # The key is still checked first.
+        headers = {"Content-Type": content_type}
+        assert client.post(path, content=json.dumps(sent), headers=headers).status_code == 401
