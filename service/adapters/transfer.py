@@ -250,14 +250,20 @@ def _head_config(spec: HeadSpec, base: FrozenBase | DecoderBase) -> HeadConfig:
 
 
 def _peft_carries_head(files: dict[str, bytes]) -> bool:
-    """Whether a PEFT folder is a loraplex export (our head config and head weights)."""
-    from core.io.peft import CONFIG_FILE, EXTRA_KEY, HEAD_FILE
+    """Whether a PEFT folder is a loraplex export (our head config and head weights); True
+    where it is no PEFT folder at all (a file missing, a config that is no JSON object), for
+    core to name what is wrong rather than ask for a head."""
+    from core.io.peft import CONFIG_FILE, EXTRA_KEY, HEAD_FILE, WEIGHTS_FILE
 
+    if CONFIG_FILE not in files or WEIGHTS_FILE not in files:
+        return True
     try:
         cfg = json.loads(files[CONFIG_FILE])
     except (ValueError, UnicodeDecodeError):
-        return True  # let core report the broken JSON precisely
-    extra = cfg.get(EXTRA_KEY) if isinstance(cfg, dict) else None
+        return True
+    if not isinstance(cfg, dict):
+        return True
+    extra = cfg.get(EXTRA_KEY)
     return HEAD_FILE in files and isinstance(extra, dict) and extra.get("head") is not None
 
 

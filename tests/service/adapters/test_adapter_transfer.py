@@ -249,6 +249,13 @@ def test_a_peft_adapter_without_head_needs_a_task(
 ) -> None:
     resp = upload(client, auth, zip_bytes(peft_files))
     assert_error(resp, 422, param="task", code="head_required")
+    # A folder that is no PEFT adapter is told what it lacks first, not to send a task.
+    weightless = {k: v for k, v in peft_files.items() if k != "adapter_model.safetensors"}
+    error = assert_error(upload(client, auth, zip_bytes(weightless)), 422, param="file")
+    assert error["message"] == "adapter_model.safetensors is missing"
+    listed = zip_bytes({**peft_files, "adapter_config.json": b"[]"})
+    error = assert_error(upload(client, auth, listed), 422, param="file")
+    assert "head" not in error["message"] and "adapter_config.json" in error["message"]
     resp = upload(client, auth, zip_bytes(peft_files), task="classification")
     assert_error(resp, 422, param="label_names", code="invalid_head")
     resp = upload(client, auth, zip_bytes(peft_files), label_names=LABELS)
