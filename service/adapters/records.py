@@ -16,6 +16,7 @@ from service.db.models import ACTIVE_STATUSES, AdapterRow, Job, Tenant
 from service.db.session import reclaim_free_pages
 from service.errors import conflict
 from service.jobs.checkpoints import drop_served_checkpoints
+from service.tenants.lock import lock_tenant
 
 # Told (tenant id, adapter name) after a delete commits: what serving holds of it must go.
 ForgetAdapter = Callable[[str, str], None]
@@ -56,6 +57,9 @@ def delete_adapter_row(
     the drop frees its memory.
     """
     tenant_id, name = row.tenant_id, row.name
+    # Against a job created at the same time that pins it (job creation holds this lock to
+    # its commit), as for a dataset (service.datasets.store.delete_owned_dataset).
+    lock_tenant(session, tenant_id)
     # A job not yet finished may start from this adapter (a DPO job's reference_adapter,
     # pinned by id): deleting it would fail that job later, as deleting its dataset would.
     # The tenant's active jobs are few (its quotas bound them), so they are read whole.

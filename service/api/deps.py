@@ -9,12 +9,14 @@ on the hot path every hop and every pooled-connection checkout shows up in the t
 from __future__ import annotations
 
 import hmac
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
@@ -28,6 +30,8 @@ from service.serving.lookups import LookupCache
 from service.serving.queries import AdapterRef, KeyLookup, find_adapter, find_key_and_adapter
 from service.state import AppState, app_state
 from service.tenants.keys import hash_api_key, key_by_secret
+
+logger = logging.getLogger(__name__)
 
 
 async def get_state(request: Request) -> AppState:
@@ -53,8 +57,18 @@ SessionFactoryDep = Annotated[sessionmaker[Session], Depends(get_sessionmaker)]
 
 def get_session(factory: SessionFactoryDep) -> Iterator[Session]:
     # Routes commit explicitly; anything uncommitted is rolled back when the session closes.
-    with factory() as session:
+    session = factory()
+    try:
         yield session
+    finally:
+        try:
+            session.close()
+        except DBAPIError as exc:
+            # The connection was lost after the route's work: a read's open transaction
+            # cannot be rolled back, nor need be (the pool drops the connection). Raised
+            # here, after the answer has started, no handler could answer: the client's
+            # connection dropped.
+            logger.warning("closing a request's database session failed: %s", exc)
 
 
 SessionDep = Annotated[Session, Depends(get_session)]

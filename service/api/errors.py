@@ -19,11 +19,12 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from sqlalchemy.exc import DataError, DBAPIError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from service.db.outage import database_busy, database_unreachable
 from service.errors import ErrorKind, ServiceError, invalid, unavailable, unsupported_media_type
 
 logger = logging.getLogger(__name__)
@@ -233,38 +234,11 @@ async def _client_disconnect_handler(request: Request, exc: Exception) -> Respon
     return Response(status_code=CLIENT_CLOSED_REQUEST)
 
 
-def _database_busy(exc: Exception) -> bool:
-    """Load on the database rather than a fault: every pooled connection in use past the
-    pool's timeout, or SQLite's write lock held by another process past ``busy_timeout``."""
-    if isinstance(exc, PoolTimeoutError):
-        return True
-    return isinstance(exc, OperationalError) and "database is locked" in str(exc.orig)
-
-
-# SQLSTATEs of a session PostgreSQL ended or would not open: class 08 (connection exception),
-# and the server shut down, crashed or still starting (pg_terminate_backend ends one as 57P01).
-_CONNECTION_SQLSTATES = ("08", "57P01", "57P02", "57P03")
-
-
-def _database_unreachable(exc: Exception) -> bool:
-    """PostgreSQL out of reach: a connection it ended or that broke mid-request (SQLAlchemy
-    then invalidates it), or none to be had (refused, reset, the server going down). Not a
-    refused statement (syntax, constraint, a timeout): those stay faults."""
-    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
-        return True
-    if not isinstance(exc, OperationalError):
-        return False
-    # psycopg's errors carry a SQLSTATE, None where libpq itself failed (no connection could
-    # be opened, or the one in use broke); SQLite's have none ("").
-    sqlstate = getattr(exc.orig, "sqlstate", "")
-    return sqlstate is None or str(sqlstate).startswith(_CONNECTION_SQLSTATES)
-
-
 def _transient_database_error(exc: Exception) -> ServiceError | None:
     """The 503 for a database that is busy or out of reach for now, else None (a fault)."""
-    if _database_busy(exc):
+    if database_busy(exc):
         return unavailable("The database is busy; retry shortly.", "database_busy", retry_after=1)
-    if _database_unreachable(exc):
+    if database_unreachable(exc):
         # Longer than a lock wait: PostgreSQL restarting or failing over takes seconds.
         return unavailable(
             "The database is unreachable; retry shortly.", "database_unavailable", retry_after=5

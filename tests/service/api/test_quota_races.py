@@ -8,19 +8,27 @@ the app's thread pool at once, as a client's parallel requests do.
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from fastapi.testclient import TestClient
 from httpx import Response
+from sqlalchemy.orm import Session, sessionmaker
 
+from service.datasets.store import delete_owned_dataset
+from service.db.models import Dataset, Job, JobStatus
+from service.errors import ServiceError
 from service.state import app_state
+from service.tenants.lock import lock_tenant
 from tests.service.helpers import (
     CLASSIFICATION_ROWS,
     Headers,
     create_dataset,
     job_body,
     jsonl,
+    tenant_id_by_name,
     upload,
 )
 
@@ -73,3 +81,49 @@ def test_parallel_job_creates_take_no_more_than_the_adapter_quota(
         )
     )
     assert codes == [200] * 2 + [429] * (PARALLEL - 2)
+
+
+def test_a_dataset_delete_waits_for_a_job_create_that_holds_the_tenant(
+    client: TestClient, auth: Headers, db: sessionmaker[Session]
+) -> None:
+    """Job creation holds the tenant's lock from reading its files to its commit. A delete that
+    did not take it passed its in-use check while the create was reading the file, and the
+    job queued on a deleted file (7 of 30 raced pairs across two API processes)."""
+    dataset_id = create_dataset(client, auth)
+    tenant_id = tenant_id_by_name(db)
+    outcome: list[BaseException | None] = []
+
+    def delete() -> None:
+        with db() as session:
+            row = session.get(Dataset, dataset_id)
+            assert row is not None
+            try:
+                delete_owned_dataset(session, row)
+                outcome.append(None)
+            except ServiceError as exc:
+                outcome.append(exc)
+
+    with db() as creating:  # a create between its lock and its commit
+        lock_tenant(creating, tenant_id)
+        creating.add(
+            Job(
+                tenant_id=tenant_id,
+                status=JobStatus.QUEUED,
+                model="m",
+                method={"type": "lora", "lora": {}},
+                hyperparameters={},
+                training_file=dataset_id,
+                adapter_name="racer",
+                seed=1,
+            )
+        )
+        creating.flush()
+        deleting = threading.Thread(target=delete)
+        deleting.start()
+        time.sleep(0.5)  # for the delete to reach its check (it waits on the lock)
+        creating.commit()
+    deleting.join(30)
+    (error,) = outcome
+    assert isinstance(error, ServiceError) and error.code == "dataset_in_use"
+    with db() as session:
+        assert session.get(Dataset, dataset_id) is not None

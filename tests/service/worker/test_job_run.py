@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from core.base import FrozenBase
 from core.training.trainer import ProgressEvent
 from service.config import Settings
-from service.jobs import queue
+from service.jobs import checkpoints, outcomes, queue
 from service.worker.job_run import JobRun, RunOutcome
 from tests.core.training.conftest import sentiment_rows
 from tests.service.helpers import Headers, claimed_run, create_dataset, shutdown_at_step
@@ -235,6 +235,67 @@ def test_a_failed_read_of_the_cancel_flag_does_not_fail_the_job(
     assert claimed_run(db, settings, tiny_base).run() == RunOutcome.SUCCEEDED
     assert len(calls) > 2
     assert client.get(f"{JOBS}/{job_id}", headers=auth).json()["status"] == "succeeded"
+
+
+def _away(calls: list[str], real: Any, when: set[int]) -> Any:
+    """``real``, but a lost database on the calls numbered in ``when`` (from 1)."""
+
+    def flaky(*args: Any, **kwargs: Any) -> Any:
+        calls.append(real.__name__)
+        if sum(c == real.__name__ for c in calls) in when:
+            raise OperationalError(real.__name__, {}, Exception("database is locked"))
+        return real(*args, **kwargs)
+
+    return flaky
+
+
+def test_a_database_away_for_a_moment_while_training_fails_no_job(
+    client: TestClient,
+    auth: Headers,
+    db: sessionmaker[Session],
+    settings: Settings,
+    tiny_base: FrozenBase,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A write the run can go on without (progress, an event, a checkpoint) is skipped, and
+    the outcome's is retried: one dropped connection failed the job with internal_error."""
+    job_id = _create(client, auth, 20, {"n_epochs": 3})  # 6 steps, checkpoints at 2 and 4
+    calls: list[str] = []
+    for module, name, when in (
+        (queue, "report_progress", {1, 2}),
+        (queue, "add_owned_event", {3}),
+        (checkpoints, "save_checkpoint", {1}),
+        (outcomes, "finish_success", {1, 2}),
+    ):
+        monkeypatch.setattr(module, name, _away(calls, getattr(module, name), when))
+    assert claimed_run(db, settings, tiny_base).run() == RunOutcome.SUCCEEDED
+    assert calls.count("finish_success") == 3
+    job = client.get(f"{JOBS}/{job_id}", headers=auth).json()
+    assert job["status"] == "succeeded" and job["fine_tuned_model"]
+    assert job["progress"] == {"step": 6, "total_steps": 6, "epoch": 3.0}
+    ckpts = client.get(f"{JOBS}/{job_id}/checkpoints", headers=auth).json()["data"]
+    assert [c["step_number"] for c in ckpts] == [4]  # step 2's was not saved
+
+
+def test_a_database_away_while_a_run_starts_requeues_the_job_uncounted(
+    client: TestClient,
+    auth: Headers,
+    db: sessionmaker[Session],
+    settings: Settings,
+    tiny_base: FrozenBase,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    job_id = _create(client, auth, 20, {"n_epochs": 1})
+    calls: list[str] = []
+    flaky = _away(calls, checkpoints.latest_checkpoint, {1})
+    monkeypatch.setattr(checkpoints, "latest_checkpoint", flaky)
+    assert claimed_run(db, settings, tiny_base).run() == RunOutcome.REQUEUED
+    job = client.get(f"{JOBS}/{job_id}", headers=auth).json()
+    assert job["status"] == "queued" and job["error"] is None
+    (event,) = [e for e in _events(client, auth, job_id) if "requeued" in e["message"]]
+    assert event["message"] == "Job requeued: database unavailable (OperationalError)"
+    assert event["level"] == "warn"
+    assert claimed_run(db, settings, tiny_base).run() == RunOutcome.SUCCEEDED
 
 
 def test_a_job_past_max_job_seconds_fails_and_keeps_its_checkpoint(
