@@ -46,6 +46,8 @@ def _trained_spans(
     text = _render(tokenizer, template, messages, generation_prompt=False)
     spans = []
     for i in trained:
+        if i == 0:  # no prompt to render (uploads refuse such a row)
+            raise DataError("a trained assistant turn needs a message before it")
         prompt = _render(tokenizer, template, messages[:i], generation_prompt=True)
         with_turn = _render(tokenizer, template, messages[: i + 1], generation_prompt=False)
         if not (with_turn.startswith(prompt) and text.startswith(with_turn)):

@@ -183,6 +183,16 @@ def normalize_messages_row(
                 "messages",
                 "no_assistant_message",
             )
+        first = messages[0]
+        if first["role"] == "assistant" and first.get("weight", 1):
+            # Its prompt would be no message at all, which the chat template cannot render
+            # (the job failed with internal_error: IndexError).
+            raise where.error(
+                "field 'messages' starts with an assistant message to learn: it needs a "
+                "system or user message before it (or weight 0)",
+                "messages.0",
+                "assistant_first",
+            )
         return {"messages": messages}
     inp = obj.get("input")
     if inp is None:

@@ -54,6 +54,9 @@ def test_only_assistant_turns_are_targets(tiny_decoder: DecoderBase) -> None:
         render(tiny_decoder, [*CHAT[:2], {**CHAT[2], "weight": 0}])
     with pytest.raises(DataError, match="message 1"):
         render(tiny_decoder, [CHAT[0], {"role": "tool", "content": "x"}, CHAT[2]])
+    # A learnt assistant turn first has no prompt to render (the template raised IndexError).
+    with pytest.raises(DataError, match="needs a message before it"):
+        render(tiny_decoder, [{"role": "assistant", "content": "Hi."}, *CHAT[1:3]])
 
 
 def test_user_and_system_tokens_get_no_gradient(tiny_decoder: DecoderBase) -> None:

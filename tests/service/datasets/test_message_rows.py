@@ -64,9 +64,10 @@ def test_chat_rows_round_trip_through_the_store_into_core() -> None:
             },
         ),
         {**chat_row(), "tools": [], "id": 7},  # unknown keys are dropped
+        chat_row(bot(weight=0), user(), bot()),  # an assistant first, not learnt: its prompt
     ]
     parsed = parse_file(jsonl(rows), CHAT, JSONL)
-    assert parsed.kind is CHAT and parsed.row_count == 2
+    assert parsed.kind is CHAT and parsed.row_count == 3
     assert parsed.label_counts is None and parsed.pair_report is None
     first = parsed.rows[0]["messages"]
     assert first[0] == {"role": "system", "content": "Be brief."}
@@ -119,6 +120,9 @@ def test_dpo_rows_round_trip_through_the_store_into_core() -> None:
         (chat_row({**user(), "weight": 1}, bot()), "messages.0.weight", "invalid_weight"),
         (chat_row(user(), bot(weight=0)), "messages", "no_assistant_message"),
         (chat_row(user()), "messages", "no_assistant_message"),
+        # Its prompt would be no message at all: the job failed with IndexError.
+        (chat_row(bot()), "messages.0", "assistant_first"),
+        (chat_row(bot(), user(), bot()), "messages.0", "assistant_first"),
         (chat_row(user("\ud800"), bot()), "messages.0.content", "invalid_unicode"),
     ],
 )
