@@ -57,12 +57,17 @@ REWARD_ONLY_SETTINGS = frozenset(
 )
 # Settings that only DPO training (task "dpo" on a decoder base) reads.
 DPO_ONLY_SETTINGS = frozenset({"beta", "label_smoothing"})
+# Settings that only the tasks with a head read (classification, reward): chat and DPO train
+# the base's own output layer, so there is no head to unfreeze from.
+HEAD_ONLY_SETTINGS = frozenset({"gradual_unfreezing"})
+HEAD_TASKS = frozenset({"classification", "reward"})
 
 
 def settings_unread_by(task: str) -> frozenset[str]:
     """The training settings only another task reads: none of them changes a ``task`` run."""
     unread = REWARD_ONLY_SETTINGS if task != "reward" else frozenset()
-    return unread | (DPO_ONLY_SETTINGS if task != "dpo" else frozenset())
+    unread |= DPO_ONLY_SETTINGS if task != "dpo" else frozenset()
+    return unread | (HEAD_ONLY_SETTINGS if task not in HEAD_TASKS else frozenset())
 
 
 def batches_per_epoch(rows: int, batch_size: int) -> int:
@@ -74,6 +79,22 @@ def held_out_rows(rows: int, fraction: float) -> int:
     """Rows of one class (or of all preference rows) that ``fraction`` holds out: rounded half
     up, but at least one row of every class stays in training."""
     return min(int(rows * fraction + 0.5), rows - 1)
+
+
+def hold_out_required(config: TrainingConfig) -> bool:
+    """Whether a file too small for ``validation_fraction`` to hold out a row is an error: where
+    the fraction was asked for. The default's is not: a small file trains without validation
+    (a 4-row file failed its job)."""
+    return "validation_fraction" in config.model_fields_set
+
+
+def nothing_held_out(rows: int, fraction: float) -> str:
+    """What is wrong with a file whose ``fraction`` holds out no row (``held_out_rows`` is 0
+    for every class): said alike by job creation and the trainer's split."""
+    return (
+        f"too few rows ({rows}) to hold out {fraction:.0%} for validation: provide a "
+        "validation set, add rows, or set validation_fraction to 0"
+    )
 
 
 class _FieldError(ValueError):
@@ -201,7 +222,9 @@ class TrainingConfig(BaseModel):
         ge=0.0,
         lt=1.0,
         description="Share of the training rows held out for validation when no validation "
-        "file is given; 0 = no validation.",
+        "file is given; 0 = no validation. A file too small for the default share to hold out "
+        "a row (of each label) trains on every row without validation; a share sent that "
+        "holds out none is refused.",
     )
     bucket_by_length: bool = Field(
         True,

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from core.errors import DataError
 from core.pair_encoding import encode_responses, split_shared_prefix
-from core.training.config import batches_per_epoch, held_out_rows
+from core.training.config import batches_per_epoch, held_out_rows, nothing_held_out
 
 # How many batches' worth of rows are sorted by length together. Larger buckets pad less but
 # make batch composition less random; 50 is the usual compromise (e.g. fairseq, AllenNLP).
@@ -165,12 +165,14 @@ def has_pairs(examples: Sequence[Example]) -> int | None:
 
 
 def split_validation(
-    examples: Sequence[AnyExample], fraction: float, seed: int
+    examples: Sequence[AnyExample], fraction: float, seed: int, required: bool = True
 ) -> tuple[list[AnyExample], list[AnyExample]]:
     """Seeded split; stratified by label for classification (each class keeps its share).
 
     ``random.Random(seed)`` is used (not torch) because its shuffle is stable across versions
-    and platforms: the same job always holds out the same rows.
+    and platforms: the same job always holds out the same rows. Where ``fraction`` holds out
+    no row: a :class:`DataError`, or, not ``required`` (the default fraction, which nobody
+    asked for), every row trains and none validates.
     """
     rng = random.Random(seed)
     groups: dict[str, list[int]] = {}
@@ -184,10 +186,9 @@ def split_validation(
         n_val = held_out_rows(len(idx), fraction)
         val_idx.extend(idx[:n_val])
     if not val_idx:
-        raise DataError(
-            f"too few rows ({len(examples)}) to hold out {fraction:.0%} for validation: "
-            "provide a validation set, add rows, or set validation_fraction to 0"
-        )
+        if not required:
+            return list(examples), []
+        raise DataError(nothing_held_out(len(examples), fraction))
     held = set(val_idx)
     train = [e for i, e in enumerate(examples) if i not in held]
     val = [examples[i] for i in sorted(held)]

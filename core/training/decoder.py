@@ -52,7 +52,7 @@ from core.methods.method import AdapterMethod
 from core.methods.prompt_tuning.model import DecoderPromptTuningModel
 from core.targets import DECODER_METHODS, BaseKind
 from core.training.callbacks import ProgressEvent, TrainerCallbacks
-from core.training.config import TrainingConfig
+from core.training.config import TrainingConfig, hold_out_required
 from core.training.data import eval_batches, forward_chunks, split_validation
 from core.training.decoder_data import (
     DECODER_TASKS,
@@ -135,8 +135,10 @@ class DecoderTrainer(Trainer):
         val = coerce_decoder_examples(val_rows, task, "validation") if val_rows else None
         self.held_out_examples = 0
         if val is None and cfg.validation_fraction > 0:
-            train, val = split_validation(train, cfg.validation_fraction, cfg.seed)
-            self.held_out_examples = len(val)
+            train, held = split_validation(
+                train, cfg.validation_fraction, cfg.seed, hold_out_required(cfg)
+            )
+            self.held_out_examples, val = len(held), held or None
         self.split_rows = 0
         self.max_length = self._row_length(task)
         tok, template = self.base.tokenizer, self.base.chat_template

@@ -18,7 +18,7 @@ from core.errors import ConfigError, DataError
 from core.heads import HeadConfig
 from core.methods import MethodConfig, parse_method_config
 from core.targets import BaseKind
-from core.training.config import TrainingConfig
+from core.training.config import TrainingConfig, hold_out_required
 from core.training.data import (
     ClassificationExample,
     Example,
@@ -87,8 +87,10 @@ def prepare_inputs(
     _check_pairs(head, train, "training")
     held_out = 0
     if val is None and cfg.validation_fraction > 0:
-        train, val = split_validation(train, cfg.validation_fraction, cfg.seed)
-        held_out = len(val)
+        train, held = split_validation(
+            train, cfg.validation_fraction, cfg.seed, hold_out_required(cfg)
+        )
+        held_out, val = len(held), held or None
     elif val is not None:
         check_labels(val, head.label_names, "validation")
         _check_pairs(head, val, "validation")

@@ -20,9 +20,13 @@ from sqlalchemy.orm import Session
 from core.methods import parse_method_config
 from core.training.config import (
     DPO_ONLY_SETTINGS,
+    HEAD_ONLY_SETTINGS,
+    HEAD_TASKS,
     REWARD_ONLY_SETTINGS,
     TrainingConfig,
     held_out_rows,
+    hold_out_required,
+    nothing_held_out,
     parse_training_config,
 )
 from service import ids
@@ -173,7 +177,12 @@ def _check_steps(
             if training.kind == "classification"
             else [rows]
         )
-        rows -= sum(held_out_rows(n, config.validation_fraction) for n in groups)
+        held = sum(held_out_rows(n, config.validation_fraction) for n in groups)
+        if not held and hold_out_required(config):  # the trainer's split would fail the job
+            param = "method.hyperparameters.validation_fraction"
+            message = nothing_held_out(rows, config.validation_fraction)
+            raise invalid(f"{param}: {message}", param, "too_few_rows")
+        rows -= held
     steps = config.total_steps(rows)
     if steps <= settings.max_job_steps:
         return
@@ -253,6 +262,11 @@ def _check_task_settings(task: str | None, hyper: dict[str, Any]) -> None:
     only: list[tuple[frozenset[str], str, bool]] = [
         (DPO_ONLY_SETTINGS, "DPO on a decoder base (a dpo dataset)", task == "dpo"),
         (REWARD_ONLY_SETTINGS, "reward models (a preference dataset)", task == "reward"),
+        (
+            HEAD_ONLY_SETTINGS,
+            "a classifier or a reward model (a task with a head)",
+            task in HEAD_TASKS,
+        ),
     ]
     for names, reader, applies in only:
         for name in sorted(names & set(hyper)):

@@ -35,10 +35,11 @@ def create_fine_tuning_job(
     body: JobCreate, session: SessionDep, tenant: CurrentTenant, settings: SettingsDep
 ) -> JobObject:
     """Queues a job that trains a new adapter on the base model. The training (and
-    validation) file is checked against the method before this returns (its kind, labels and
-    planned steps); it then runs on a worker, which splits and encodes the rows: a file that
-    fails there (too few rows of a label to hold out `validation_fraction` of them) fails
-    the job with `invalid_training_data`, as OpenAI fails a job whose file does not validate.
+    validation) file is checked against the method before this returns (its kind, labels,
+    planned steps, and that a `validation_fraction` sent holds out a row; the default's, on a
+    file too small for it, validates nothing); it then runs on a worker, which encodes the
+    rows: a file that fails there fails the job with `invalid_training_data`, as OpenAI fails
+    a job whose file does not validate.
     Follow it with the events or their stream. OpenAI's request shape (method types
     `supervised` and `dpo`, top-level hyperparameters) is accepted too."""
     return JobObject.from_row(create_job(session, tenant, body.job_request(), settings))

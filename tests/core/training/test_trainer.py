@@ -482,9 +482,15 @@ def test_bad_data_errors_name_the_row(tiny_base, easy_rows) -> None:
         Trainer(tiny_base, {"type": "lora"}, CLS, easy_rows, val).setup()
     assert e.value.row == 1 and "validation" in str(e.value)
 
+    # A fraction asked for that holds out no row is an error; the default's trains every row
+    # and validates none (a 4-row file failed its job).
+    asked = {"validation_fraction": 0.1}
     with pytest.raises(DataError, match="too few rows"):
-        Trainer(tiny_base, {"type": "lora"}, CLS, easy_rows[:4]).setup()
-    # ... unless validation is switched off.
+        Trainer(tiny_base, {"type": "lora"}, CLS, easy_rows[:4], None, asked).setup()
+    small = Trainer(tiny_base, {"type": "lora"}, CLS, easy_rows[:4])
+    small.setup()
+    resolved = small.resolved_hyperparameters()
+    assert (resolved["validation"], resolved["train_examples"]) == ("none", 4)
     Trainer(
         tiny_base, {"type": "lora"}, CLS, easy_rows[:4], None, {"validation_fraction": 0}
     ).setup()

@@ -76,3 +76,22 @@ def test_validation_settings_without_a_validation_set_are_refused(
     assert client.post(JOBS, json=body, headers=auth).status_code == 200
     del body["method"]["hyperparameters"][setting]
     assert client.post(JOBS, json=body, headers=auth).status_code == 200
+
+
+def test_a_validation_fraction_that_holds_out_no_row_is_refused_only_when_sent(
+    client: TestClient, auth: Headers, db: sessionmaker[Session]
+) -> None:
+    """Two rows a label: 10% of each holds out none. Sent, that was a 200 and then a failed
+    job; by default the job trains every row and validates none."""
+    body = job_body(create_dataset(client, auth))
+    body["method"]["hyperparameters"]["validation_fraction"] = 0.1
+    error = assert_error(
+        client.post(JOBS, json=body, headers=auth),
+        422,
+        param="method.hyperparameters.validation_fraction",
+        code="too_few_rows",
+    )
+    assert "too few rows (4) to hold out 10% for validation" in error["message"]
+    assert _job_rows(db) == 0
+    del body["method"]["hyperparameters"]["validation_fraction"]
+    assert client.post(JOBS, json=body, headers=auth).status_code == 200

@@ -421,6 +421,12 @@ def test_decoder_job_creation_refuses_what_the_worker_would_fail(
             training_file=file,
             method={"type": "lora", "hyperparameters": {"metric_for_best": "macro_f1"}},
         )
+        message = refused(
+            "method.hyperparameters.gradual_unfreezing",
+            training_file=file,
+            method={"type": "lora", "hyperparameters": {"gradual_unfreezing": True}},
+        )
+        assert "a task with a head" in message
         # Generation serves LoRA adapters only.
         for other in ("full", "prompt_tuning", "adapter"):
             message = refused("method.type", training_file=file, method={"type": other})

@@ -298,6 +298,22 @@ def test_a_database_away_while_a_run_starts_requeues_the_job_uncounted(
     assert claimed_run(db, settings, tiny_base).run() == RunOutcome.SUCCEEDED
 
 
+def test_a_file_too_small_for_the_default_hold_out_trains_without_validation(
+    client: TestClient,
+    auth: Headers,
+    db: sessionmaker[Session],
+    settings: Settings,
+    tiny_base: FrozenBase,
+) -> None:
+    """4 rows, 2 a label: 10% of a label holds out none. The job failed ("too few rows")."""
+    job_id = _create(client, auth, 4, {"n_epochs": 1})
+    assert claimed_run(db, settings, tiny_base).run() == RunOutcome.SUCCEEDED
+    job = client.get(f"{JOBS}/{job_id}", headers=auth).json()
+    resolved = job["resolved_hyperparameters"]
+    assert (resolved["validation"], resolved["train_examples"]) == ("none", 4)
+    assert resolved["held_out_examples"] == 0
+
+
 def test_a_job_past_max_job_seconds_fails_and_keeps_its_checkpoint(
     client: TestClient,
     auth: Headers,
