@@ -164,7 +164,8 @@ def _adapter_name(session: Session, tenant_id: str, body: JobRequest) -> str:
 def _check_steps(
     config: TrainingConfig, training: Dataset, has_validation_file: bool, settings: Settings
 ) -> None:
-    """Refuse a job planned for more optimizer steps than ``max_job_steps``.
+    """Refuse a job planned for more optimizer steps than ``max_job_steps``, or whose
+    ``validation_fraction``, sent, holds out no row (the trainer's split would fail it).
 
     The plan is the trainer's own arithmetic (``TrainingConfig.total_steps``) on the rows it
     will train on: without a validation file, the stratified hold-out is taken out per label
