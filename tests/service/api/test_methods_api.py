@@ -21,7 +21,7 @@ from core.training.config import (
     parse_training_config,
 )
 from service.api.schemas.methods import SERVER_SETTINGS
-from tests.service.helpers import Headers, assert_error, create_dataset
+from tests.service.helpers import CLASSIFICATION_ROWS, Headers, assert_error, create_dataset
 
 JOBS = "/v1/fine_tuning/jobs"
 API_METHODS = [m for m in METHODS if m != "scratch"]  # scratch: a core baseline, not served
@@ -206,7 +206,8 @@ def test_openapi_documents_openai_method_types(openapi: dict[str, Any]) -> None:
 def test_settings_the_api_never_exposed_before_are_accepted(
     client: TestClient, auth: Headers
 ) -> None:
-    train = create_dataset(client, auth)
+    # 4 rows a label, so 20% holds out one of each (a share that holds out none is refused).
+    train = create_dataset(client, auth, CLASSIFICATION_ROWS * 2)
     hyper = {
         "warmup_steps": 3,
         "max_grad_norm": 0.5,
