@@ -5,6 +5,7 @@ its owner thread computes on."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -293,9 +294,22 @@ def test_with_the_default_split_generation_borrows_the_idle_workers_cores(
             while lender.threads() != cores and time.monotonic() < deadline:
                 time.sleep(WINDOW_S / 5)
             assert lender.threads() == cores
+            # Sampled on, as a server's steps would: a request reaching its first step over
+            # two windows after the last sample (a loaded CI machine) reads as a job that
+            # just started, and runs on the budget alone.
+            sampled = threading.Event()
+
+            def keep_sampling() -> None:
+                while not sampled.wait(WINDOW_S / 5):
+                    lender.threads()
+
+            sampler = threading.Thread(target=keep_sampling, daemon=True)
+            sampler.start()
             seen = record_step_threads(server)
             body = {"model": TINY_LLAMA_NAME, "prompt": "hi", "max_tokens": 2}
             resp = client.post("/v1/completions", json=body, headers=default_auth(app_settings))
+            sampled.set()
+            sampler.join()
             assert resp.status_code == 200, resp.text
             scrape = client.get("/metrics").text
     finally:
